@@ -1,0 +1,39 @@
+"""leanclip engine: PEFT methods on open_clip models, lean modules, trainer, data, evaluation, CLI.
+
+    import engine
+    model = open_clip.create_model("ViT-B-16", pretrained=None)
+    engine.prepare(model, "clipfit", recompute="mlp+qkv")
+    engine.save_trainable(model, "run/clipfit.safetensors")
+
+Names resolve lazily so ``import engine`` stays cheap (open_clip and sklearn load on first use).
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "prepare": "engine.methods",
+    "METHODS": "engine.methods",
+    "trainable_parameters": "engine.methods",
+    "count_trainable": "engine.methods",
+    "save_trainable": "engine.checkpoint",
+    "load_trainable": "engine.checkpoint",
+    "load_pretrained": "engine.checkpoint",
+    "image_features": "engine.features",
+    "text_features": "engine.features",
+    "class_logits": "engine.features",
+    "saved_activation_bytes": "engine.memory",
+    "train": "engine.train",
+    "TrainConfig": "engine.train",
+    "evaluate": "engine.train",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

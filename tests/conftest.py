@@ -1,0 +1,6 @@
+import os
+
+# The Triton kernels run on CPU tensors only under the interpreter, which must be chosen before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
