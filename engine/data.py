@@ -1,0 +1,872 @@
+"""Data layer: image sources, CoOp split files, few-shot sampling, base-to-new splits, datasets and loaders.
+
+Everything here is plain Python / torch (no Dassl). The protocols follow CoOp / CoCoOp, which CLIPFit and LLU reuse.
+
+Sources
+-------
+``Sample(path, label, classname)``   one image record (``path`` as found on disk, ``label`` an int, ``classname`` text).
+``ImageFolderSource(root)``          class-per-subfolder tree: sorted class folders, label = folder index.
+``read_split_file(path, image_root)``CoOp ``split_zhou_<Name>.json``:
+                                     ``{"train"|"val"|"test": [[relpath, label, classname], ...]}``.
+``find_split_file(data_root, ds)``   -> ``(split_path, image_root)``; layouts below.
+``load_dataset(data_root, ds)``      -> ``({"train", "val", "test"}, classnames)`` for every supported dataset.
+
+Supported on-disk layouts (``<D>`` is the dataset folder)
+--------------------------------------------------------
+Split-file datasets (Caltech101, OxfordPets, StanfordCars, Flowers102, Food101, SUN397, DTD, EuroSAT, UCF101 and our
+Synthetic). The split file is looked up, in this order, at::
+
+    <data_root>/<coop_dir>/split_zhou_<Name>.json     CoOp layout, e.g. <root>/oxford_pets/split_zhou_OxfordPets.json
+    <data_root>/<dataset as given>/split_zhou_<Name>.json
+    <data_root>/split_zhou_<Name>.json               flat layout: data_root is the dataset folder
+
+``<Name>`` is CoOp's file name (``OxfordFlowers`` for Flowers102, ``DescribableTextures`` for DTD) or our canonical name
+(``Flowers102``, ``DTD``) or the name as given. Images are resolved relative to the first of ``<D>/<coop image dir>``
+(e.g. ``oxford_pets/images``, ``caltech-101/101_ObjectCategories``, ``eurosat/2750``, ``stanford_cars`` itself),
+``<D>/images``, ``<D>`` in which the first listed image exists.
+
+Folder datasets as CoOp reads them (no split file): ``FGVCAircraft`` (``fgvc_aircraft/`` with ``variants.txt``,
+``images_variant_{train,val,test}.txt``, ``images/<id>.jpg``), ``ImageNet`` (``imagenet/classnames.txt`` with
+"<wnid> <name>" lines, ``images/train/<wnid>/``, ``images/val/<wnid>/``; val = test = images/val, as CoOp),
+``ImageNetSketch`` (``imagenet-sketch/images/<wnid>/``), ``ImageNetA`` (``imagenet-adversarial/imagenet-a/<wnid>/``),
+``ImageNetR`` (``imagenet-rendition/imagenet-r/<wnid>/``), ``ImageNetV2``
+(``imagenetv2/imagenetv2-matched-frequency-format-val/<0..999>/``); each variant folder holds its own
+``classnames.txt`` (CoOp copies ImageNet's). Test-only variants return empty train/val.
+
+Protocols
+---------
+``few_shot(samples, shots, seed)``                       K per class, deterministic, local RNG.
+``few_shot_cached(samples, shots, seed, cache_dir)``     the same, memoised as JSON (atomic write).
+``subsample_classes(samples_by_split, which)``           CoOp base / new split, relabelled from 0.
+
+Torch
+-----
+``ImageDataset(samples, transform)``, ``TensorImageDataset(images, labels, transform)``,
+``clip_transform(size, train)``, ``make_loader(dataset, batch_size, shuffle, seed, ...)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .templates import canonical_dataset_name, clean_classname
+
+__all__ = [
+    "Sample",
+    "IMG_EXTENSIONS",
+    "SPLITS",
+    "DatasetInfo",
+    "DATASET_INFO",
+    "ImageFolderSource",
+    "read_split_file",
+    "write_split_json",
+    "find_split_file",
+    "load_dataset",
+    "read_fgvc_aircraft",
+    "read_imagenet_folders",
+    "read_classnames_file",
+    "classnames_from_samples",
+    "few_shot",
+    "few_shot_cached",
+    "few_shot_cache_path",
+    "subsample_classes",
+    "ImageDataset",
+    "TensorImageDataset",
+    "clip_transform",
+    "make_loader",
+    "CLIP_MEAN",
+    "CLIP_STD",
+]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+SPLITS = ("train", "val", "test")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip OPENAI_DATASET_MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip OPENAI_DATASET_STD
+_MAX_REPORTED = 5  # how many missing images an error message lists
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image: `path` (as found / joined on disk), integer `label`, text `classname`."""
+
+    path: str
+    label: int
+    classname: str
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dataset registry (CoOp folder names)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    dataset_dir: str  # folder under the data root, as in CoOp
+    image_dir: str  # image folder inside dataset_dir ("" = dataset_dir itself)
+    split_name: str | None  # <Name> of split_zhou_<Name>.json; None = read from folders
+
+
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "Caltech101": DatasetInfo("caltech-101", "101_ObjectCategories", "Caltech101"),
+    "OxfordPets": DatasetInfo("oxford_pets", "images", "OxfordPets"),
+    "StanfordCars": DatasetInfo("stanford_cars", "", "StanfordCars"),
+    "Flowers102": DatasetInfo("oxford_flowers", "jpg", "OxfordFlowers"),
+    "Food101": DatasetInfo("food-101", "images", "Food101"),
+    "SUN397": DatasetInfo("sun397", "SUN397", "SUN397"),
+    "DTD": DatasetInfo("dtd", "images", "DescribableTextures"),
+    "EuroSAT": DatasetInfo("eurosat", "2750", "EuroSAT"),
+    "UCF101": DatasetInfo("ucf101", "UCF-101-midframes", "UCF101"),
+    "Synthetic": DatasetInfo("synthetic", "images", "Synthetic"),
+    "FGVCAircraft": DatasetInfo("fgvc_aircraft", "images", None),
+    "ImageNet": DatasetInfo("imagenet", "images", None),
+    "ImageNetSketch": DatasetInfo("imagenet-sketch", "images", None),
+    "ImageNetA": DatasetInfo("imagenet-adversarial", "imagenet-a", None),
+    "ImageNetR": DatasetInfo("imagenet-rendition", "imagenet-r", None),
+    "ImageNetV2": DatasetInfo("imagenetv2", "imagenetv2-matched-frequency-format-val", None),
+}
+
+
+def _canonical_or_none(dataset: str) -> str | None:
+    try:
+        return canonical_dataset_name(dataset)
+    except KeyError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image folders
+
+
+def _is_image(name: str, extensions: Sequence[str]) -> bool:
+    return not name.startswith(".") and name.lower().endswith(tuple(extensions))
+
+
+def _list_images(folder: str, extensions: Sequence[str]) -> list[str]:
+    """All image files under `folder` (recursive, hidden entries skipped), sorted for determinism."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f, extensions))
+    return out
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{what} {path!r} is not a directory")
+
+
+class ImageFolderSource:
+    """A class-per-subfolder tree: ``root/<class>/**/<image>``.
+
+    Class folders are sorted by name and labelled 0..C-1; images are found recursively and sorted. `classnames` are
+    the folder names cleaned with `clean_classname` (underscores -> spaces) unless ``clean_names=False``;
+    `classname_map` (folder name -> class name, e.g. an ImageNet wnid -> "tench") overrides that per folder.
+
+    Errors: FileNotFoundError for a missing root (naming it), ValueError when the root has no class folders or a class
+    folder holds no image (naming the class).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        extensions: Sequence[str] = IMG_EXTENSIONS,
+        clean_names: bool = True,
+        classname_map: Mapping[str, str] | None = None,
+        ignore: Iterable[str] = (),
+    ):
+        self.root = os.fspath(root)
+        _require_dir(self.root, "image folder root")
+        ignore = set(ignore)
+        folders = sorted(
+            e.name
+            for e in os.scandir(self.root)
+            if e.is_dir() and not e.name.startswith(".") and e.name not in ignore
+        )
+        if not folders:
+            raise ValueError(f"image folder root {self.root!r} has no class sub-folders")
+        samples: list[Sample] = []
+        classnames: list[str] = []
+        for label, folder in enumerate(folders):
+            if classname_map is not None and folder in classname_map:
+                name = classname_map[folder]
+            else:
+                name = clean_classname(folder) if clean_names else folder
+            files = _list_images(os.path.join(self.root, folder), extensions)
+            if not files:
+                raise ValueError(
+                    f"class folder {folder!r} in {self.root!r} holds no images (extensions {', '.join(extensions)})"
+                )
+            classnames.append(name)
+            samples.extend(Sample(f, label, name) for f in files)
+        self.class_folders: list[str] = folders
+        self.classnames: list[str] = classnames
+        self.samples: list[Sample] = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
+
+    def __repr__(self) -> str:
+        return f"ImageFolderSource({self.root!r}, classes={len(self.classnames)}, samples={len(self.samples)})"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CoOp split files
+
+
+def _check_label_names(pairs: Iterable[tuple[int, str]], where: str) -> dict[int, str]:
+    """label -> classname, checking the map is one-to-one."""
+    label2name: dict[int, str] = {}
+    name2label: dict[str, int] = {}
+    for label, name in pairs:
+        old = label2name.setdefault(label, name)
+        if old != name:
+            raise ValueError(f"{where}: label {label} is used for two class names, {old!r} and {name!r}")
+        old_label = name2label.setdefault(name, label)
+        if old_label != label:
+            raise ValueError(f"{where}: class name {name!r} has two labels, {old_label} and {label}")
+    return label2name
+
+
+def read_split_file(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    *,
+    check_exists: bool = True,
+) -> dict[str, list[Sample]]:
+    """Parse a CoOp ``split_zhou_<Name>.json`` into ``{"train": [...], "val": [...], "test": [...]}`` of Samples.
+
+    Entries are ``[relpath, label, classname]``; ``Sample.path = join(image_root, relpath)``. `image_root` defaults to
+    ``<dir of the file>/images`` when that folder exists, else the file's folder. A missing "val" key reads as an empty
+    split; "train" and "test" are required. Checks: JSON structure, int labels >= 0, one class name per label and one
+    label per class name (ValueError naming the file), and with `check_exists` that every image exists
+    (FileNotFoundError naming the split file, the number missing and the first few).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"split file {path!r} does not exist")
+    if image_root is None:
+        base = os.path.dirname(os.path.abspath(path))
+        image_root = os.path.join(base, "images") if os.path.isdir(os.path.join(base, "images")) else base
+    image_root = os.fspath(image_root)
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"split file {path!r} is not valid JSON: {e}") from e
+    return _parse_split(raw, path, image_root, check_exists)
+
+
+def _parse_split(raw, path: str, image_root: str, check_exists: bool) -> dict[str, list[Sample]]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"split file {path!r}: expected an object with train/val/test lists, got {type(raw).__name__}")
+    for key in ("train", "test"):
+        if key not in raw:
+            raise ValueError(f"split file {path!r} has no {key!r} list (keys: {sorted(raw)})")
+    out: dict[str, list[Sample]] = {}
+    pairs: list[tuple[int, str]] = []
+    missing: list[str] = []
+    n_missing = 0
+    for split in SPLITS:
+        entries = raw.get(split, [])
+        if not isinstance(entries, list):
+            raise ValueError(f"split file {path!r}: {split!r} must be a list, got {type(entries).__name__}")
+        samples = []
+        for i, entry in enumerate(entries):
+            if (
+                not isinstance(entry, (list, tuple))
+                or len(entry) != 3
+                or not isinstance(entry[0], str)
+                or isinstance(entry[1], bool)
+                or not isinstance(entry[1], int)
+                or not isinstance(entry[2], str)
+            ):
+                raise ValueError(
+                    f"split file {path!r}: {split}[{i}] = {entry!r} is not [relpath, int label, classname]"
+                )
+            rel, label, name = entry
+            if label < 0:
+                raise ValueError(f"split file {path!r}: {split}[{i}] has a negative label {label}")
+            full = os.path.join(image_root, rel)
+            if check_exists and not os.path.isfile(full):
+                n_missing += 1
+                if len(missing) < _MAX_REPORTED:
+                    missing.append(full)
+            samples.append(Sample(full, label, name))
+            pairs.append((label, name))
+        out[split] = samples
+    if n_missing:
+        raise FileNotFoundError(
+            f"split file {path!r} lists {n_missing} image(s) missing under image root {image_root!r}, e.g. "
+            + ", ".join(repr(m) for m in missing)
+        )
+    _check_label_names(pairs, f"split file {path!r}")
+    return out
+
+
+def write_split_json(
+    path: str | os.PathLike, samples_by_split: Mapping[str, Sequence[Sample]], image_root: str | os.PathLike
+) -> str:
+    """Write a CoOp split file (relpaths relative to `image_root`), atomically. Returns the path."""
+    image_root = os.fspath(image_root)
+    data = {
+        split: [[os.path.relpath(s.path, image_root), int(s.label), s.classname] for s in samples]
+        for split, samples in ((k, samples_by_split.get(k, ())) for k in SPLITS)
+    }
+    _atomic_write_json(os.fspath(path), data)
+    return os.fspath(path)
+
+
+def _split_file_names(dataset: str, canonical: str | None) -> list[str]:
+    names = []
+    if canonical is not None and DATASET_INFO.get(canonical) and DATASET_INFO[canonical].split_name:
+        names.append(DATASET_INFO[canonical].split_name)
+    if canonical is not None:
+        names.append(canonical)
+    names.append(dataset)
+    return [f"split_zhou_{n}.json" for n in dict.fromkeys(names)]
+
+
+def _locate_split(data_root: str, dataset: str) -> tuple[tuple[str, str, dict] | None, list[str]]:
+    """Find the split file and the image root -> ((split_path, image_root, parsed JSON) or None, paths tried)."""
+    canonical = _canonical_or_none(dataset)
+    info = DATASET_INFO.get(canonical) if canonical else None
+    dirs = []
+    if info is not None:
+        dirs.append(os.path.join(data_root, info.dataset_dir))
+    dirs += [os.path.join(data_root, dataset), data_root]
+    tried = []
+    for d in dict.fromkeys(dirs):
+        for fname in _split_file_names(dataset, canonical):
+            p = os.path.join(d, fname)
+            tried.append(p)
+            if not os.path.isfile(p):
+                continue
+            try:
+                with open(p, encoding="utf-8") as f:
+                    raw = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"split file {p!r} is not valid JSON: {e}") from e
+            first = None
+            if isinstance(raw, dict):
+                for split in SPLITS:
+                    entries = raw.get(split)
+                    if isinstance(entries, list) and entries and isinstance(entries[0], (list, tuple)) and entries[0]:
+                        first = entries[0][0]
+                        break
+            roots = []
+            if info is not None:
+                roots.append(os.path.join(d, info.image_dir) if info.image_dir else d)
+            roots += [os.path.join(d, "images"), d]
+            roots = [r for r in dict.fromkeys(os.path.normpath(r) for r in roots) if os.path.isdir(r)]
+            chosen = roots[0] if roots else d
+            if isinstance(first, str):
+                for r in roots:
+                    if os.path.isfile(os.path.join(r, first)):
+                        chosen = r
+                        break
+            return (p, chosen, raw), tried
+    return None, tried
+
+
+def _no_split_file(dataset: str, data_root: str, tried: list[str]) -> FileNotFoundError:
+    return FileNotFoundError(f"no split file for dataset {dataset!r} under {data_root!r}; tried: " + ", ".join(tried))
+
+
+def find_split_file(data_root: str | os.PathLike, dataset: str) -> tuple[str, str]:
+    """Locate ``split_zhou_<Name>.json`` for `dataset` under `data_root` -> ``(split_path, image_root)``.
+
+    See the module docstring for the layouts tried. FileNotFoundError lists every path tried.
+    """
+    data_root = os.fspath(data_root)
+    _require_dir(data_root, "data root")
+    found, tried = _locate_split(data_root, dataset)
+    if found is None:
+        raise _no_split_file(dataset, data_root, tried)
+    return found[0], found[1]
+
+
+def read_classnames_file(path: str | os.PathLike) -> dict[str, str]:
+    """ImageNet-style ``classnames.txt``: lines "<folder> <class name with spaces>" -> ordered {folder: name}."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class-names file {path!r} does not exist")
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split(" ", 1)
+            if len(parts) != 2 or not parts[1].strip():
+                raise ValueError(f"{path!r} line {n}: expected '<folder> <class name>', got {line!r}")
+            out[parts[0]] = parts[1].strip()
+    if not out:
+        raise ValueError(f"class-names file {path!r} is empty")
+    return out
+
+
+def read_imagenet_folders(image_dir: str | os.PathLike, classnames_file: str | os.PathLike) -> list[Sample]:
+    """CoOp's ImageNet / -Sketch / -A / -R reader: sorted <wnid> folders of `image_dir`, label = folder index,
+    class name from `classnames_file` (every folder must be listed there: KeyError otherwise)."""
+    names = read_classnames_file(classnames_file)
+    image_dir = os.fspath(image_dir)
+    _require_dir(image_dir, "image folder")
+    folders = sorted(e.name for e in os.scandir(image_dir) if e.is_dir() and not e.name.startswith("."))
+    unknown = [f for f in folders if f not in names]
+    if unknown:
+        raise KeyError(
+            f"folders of {image_dir!r} missing from {os.fspath(classnames_file)!r}: {unknown[:_MAX_REPORTED]}"
+        )
+    return ImageFolderSource(image_dir, classname_map=names).samples
+
+
+def _read_imagenet_v2(image_dir: str, classnames_file: str) -> list[Sample]:
+    """ImageNetV2 (matched-frequency format): folders "0".."999" = labels in classnames.txt order."""
+    names = list(read_classnames_file(classnames_file).values())
+    _require_dir(image_dir, "image folder")
+    samples = []
+    for label, name in enumerate(names):
+        folder = os.path.join(image_dir, str(label))
+        if os.path.isdir(folder):
+            samples.extend(Sample(p, label, name) for p in _list_images(folder, IMG_EXTENSIONS))
+    if not samples:
+        raise ValueError(f"no images under {image_dir!r} (expected folders 0..{len(names) - 1})")
+    return samples
+
+
+def read_fgvc_aircraft(dataset_dir: str | os.PathLike, *, check_exists: bool = True) -> dict[str, list[Sample]]:
+    """CoOp's FGVCAircraft reader: ``variants.txt`` gives labels (line order), ``images_variant_<split>.txt`` holds
+    "<image id> <variant>" lines, images at ``images/<id>.jpg``."""
+    d = os.fspath(dataset_dir)
+    _require_dir(d, "FGVCAircraft folder")
+    vfile = os.path.join(d, "variants.txt")
+    if not os.path.isfile(vfile):
+        raise FileNotFoundError(f"FGVCAircraft class list {vfile!r} does not exist")
+    with open(vfile, encoding="utf-8") as f:
+        classnames = [ln.strip() for ln in f if ln.strip()]
+    name2label = {c: i for i, c in enumerate(classnames)}
+    out: dict[str, list[Sample]] = {}
+    missing: list[str] = []
+    for split in SPLITS:
+        lst = os.path.join(d, f"images_variant_{split}.txt")
+        if not os.path.isfile(lst):
+            raise FileNotFoundError(f"FGVCAircraft split list {lst!r} does not exist")
+        samples = []
+        with open(lst, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                parts = line.strip().split(" ", 1)
+                if not parts[0]:
+                    continue
+                if len(parts) != 2 or parts[1] not in name2label:
+                    raise ValueError(f"{lst!r} line {n}: unknown variant in {line.strip()!r}")
+                p = os.path.join(d, "images", parts[0] + ".jpg")
+                if check_exists and not os.path.isfile(p):
+                    missing.append(p)
+                samples.append(Sample(p, name2label[parts[1]], parts[1]))
+        out[split] = samples
+    if missing:
+        raise FileNotFoundError(
+            f"FGVCAircraft lists {len(missing)} missing image(s), e.g. " + ", ".join(map(repr, missing[:_MAX_REPORTED]))
+        )
+    return out
+
+
+def load_dataset(
+    data_root: str | os.PathLike, dataset: str, *, check_exists: bool = True
+) -> tuple[dict[str, list[Sample]], list[str]]:
+    """Load any supported dataset -> (``{"train", "val", "test"}`` Sample lists, classnames indexed by label).
+
+    Split-file datasets (and any unknown name that has a ``split_zhou_<name>.json``) go through `find_split_file` /
+    `read_split_file`; FGVCAircraft and the ImageNet family are read from folders as CoOp does (module docstring).
+    """
+    data_root = os.fspath(data_root)
+    _require_dir(data_root, "data root")
+    canonical = _canonical_or_none(dataset)
+    info = DATASET_INFO.get(canonical) if canonical else None
+    if info is None or info.split_name is not None:
+        found, tried = _locate_split(data_root, dataset)
+        if found is None:
+            raise _no_split_file(dataset, data_root, tried)
+        path, image_root, raw = found
+        splits = _parse_split(raw, path, image_root, check_exists)
+        return splits, classnames_from_samples(splits)
+
+    d = _first_dir([os.path.join(data_root, info.dataset_dir), data_root])
+    if canonical == "FGVCAircraft":
+        splits = read_fgvc_aircraft(d, check_exists=check_exists)
+        with open(os.path.join(d, "variants.txt"), encoding="utf-8") as f:
+            return splits, [ln.strip() for ln in f if ln.strip()]
+    cfile = os.path.join(d, "classnames.txt")
+    if canonical == "ImageNet":
+        train = read_imagenet_folders(os.path.join(d, info.image_dir, "train"), cfile)
+        test = read_imagenet_folders(os.path.join(d, info.image_dir, "val"), cfile)
+        splits = {"train": train, "val": test, "test": test}
+    elif canonical == "ImageNetV2":
+        splits = {"train": [], "val": [], "test": _read_imagenet_v2(os.path.join(d, info.image_dir), cfile)}
+    else:  # Sketch, A, R: test-only wnid folders
+        splits = {"train": [], "val": [], "test": read_imagenet_folders(os.path.join(d, info.image_dir), cfile)}
+    if canonical == "ImageNetV2":
+        return splits, list(read_classnames_file(cfile).values())
+    return splits, classnames_from_samples(splits)
+
+
+def _first_dir(candidates: Sequence[str]) -> str:
+    for c in candidates:
+        if os.path.isdir(c):
+            return c
+    raise FileNotFoundError("none of these dataset folders exists: " + ", ".join(map(repr, candidates)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Protocols
+
+
+def _all_samples(samples_or_splits) -> list[Sample]:
+    if isinstance(samples_or_splits, Mapping):
+        return [s for v in samples_or_splits.values() for s in v]
+    return list(samples_or_splits)
+
+
+def classnames_from_samples(samples_or_splits) -> list[str]:
+    """Class names indexed by label from a Sample list or a {split: samples} dict. Labels must be 0..C-1 with no gap
+    and one name per label (ValueError otherwise)."""
+    label2name = _check_label_names(((s.label, s.classname) for s in _all_samples(samples_or_splits)), "samples")
+    if not label2name:
+        raise ValueError("no samples")
+    n = max(label2name) + 1
+    gaps = [y for y in range(n) if y not in label2name]
+    if gaps:
+        raise ValueError(f"labels are not contiguous 0..{n - 1}: no sample for label(s) {gaps[:_MAX_REPORTED]}")
+    return [label2name[y] for y in range(n)]
+
+
+def _check_shots(shots) -> int:
+    if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)):
+        raise TypeError(f"shots must be a positive int, got {shots!r}")
+    if shots < 1:
+        raise ValueError(f"shots must be a positive int, got {shots}")
+    return int(shots)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    return int(seed)
+
+
+def few_shot(samples: Sequence[Sample], shots: int, seed: int) -> list[Sample]:
+    """K = `shots` samples per class, chosen without replacement by a local ``random.Random(seed)``.
+
+    Deterministic for (sample set, shots, seed), independent of the input order: classes are visited in sorted label
+    order and each class's candidates are sorted by path before ``rng.sample``. Output: classes in label order, each
+    class's picks sorted by path. A class with fewer than K samples is a ValueError naming it and its size (CoOp
+    would silently keep fewer).
+    """
+    shots = _check_shots(shots)
+    seed = _check_seed(seed)
+    by_label: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_label.setdefault(s.label, []).append(s)
+    if not by_label:
+        raise ValueError("few_shot got no samples")
+    rng = random.Random(seed)
+    out: list[Sample] = []
+    for label in sorted(by_label):
+        items = sorted(by_label[label], key=lambda s: s.path)
+        if len(items) < shots:
+            raise ValueError(
+                f"class {items[0].classname!r} (label {label}) has only {len(items)} sample(s), "
+                f"fewer than shots={shots}"
+            )
+        out.extend(sorted(rng.sample(items, shots), key=lambda s: s.path))
+    return out
+
+
+def _relpaths(paths: Sequence[str]) -> list[str]:
+    """Paths relative to their longest common directory (so a cache survives moving the data root)."""
+    if not paths:
+        return []
+    prefix = os.path.commonprefix([min(paths), max(paths)])
+    cut = prefix.rfind(os.sep) + 1 if os.sep in prefix else 0
+    if len(paths) == 1:
+        cut = paths[0].rfind(os.sep) + 1
+    return [p[cut:] for p in paths]
+
+
+_CACHE_VERSION = 1
+
+
+def _atomic_write_json(path: str, data) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def few_shot_cache_path(samples: Sequence[Sample], shots: int, seed: int, cache_dir: str | os.PathLike) -> str:
+    """Where `few_shot_cached` keeps the selection for these arguments."""
+    shots, seed = _check_shots(shots), _check_seed(seed)
+    return _cache_file(cache_dir, shots, seed, _cache_key(list(samples), shots, seed))
+
+
+def _cache_file(cache_dir, shots: int, seed: int, key: str) -> str:
+    return os.path.join(os.fspath(cache_dir), f"fewshot_{shots}shot_seed{seed}_{key[:16]}.json")
+
+
+def _cache_key(samples: Sequence[Sample], shots: int, seed: int, rel: list[str] | None = None) -> str:
+    if rel is None:
+        rel = _relpaths([s.path for s in samples])
+    items = sorted(zip(rel, (int(s.label) for s in samples), (s.classname for s in samples)))
+    h = hashlib.sha256()
+    h.update(json.dumps({"v": _CACHE_VERSION, "shots": shots, "seed": seed}).encode())
+    for r, y, c in items:
+        h.update(json.dumps([r, y, c]).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def few_shot_cached(
+    samples: Sequence[Sample], shots: int, seed: int, cache_dir: str | os.PathLike
+) -> list[Sample]:
+    """`few_shot`, memoised in ``cache_dir/fewshot_<K>shot_seed<S>_<hash>.json``.
+
+    The key hashes the sample list (paths relative to their common folder, labels, class names; order-independent),
+    shots and seed. The file stores the chosen relpaths + labels; it is written atomically (temp file + os.replace).
+    A present, valid file is re-used; a corrupt or inconsistent one is regenerated (RuntimeWarning).
+    """
+    shots = _check_shots(shots)
+    seed = _check_seed(seed)
+    samples = list(samples)
+    rel = _relpaths([s.path for s in samples])
+    key = _cache_key(samples, shots, seed, rel)
+    path = _cache_file(cache_dir, shots, seed, key)
+    if os.path.exists(path):
+        try:
+            chosen = _load_cached_selection(path, key, shots, samples, rel)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            warnings.warn(f"few-shot cache {path!r} is unusable ({e}); regenerating", RuntimeWarning, stacklevel=2)
+        else:
+            return chosen
+    chosen = few_shot(samples, shots, seed)
+    index = {id(s): r for s, r in zip(samples, rel)}
+    data = {
+        "version": _CACHE_VERSION,
+        "key": key,
+        "shots": shots,
+        "seed": seed,
+        "n_samples": len(samples),
+        "items": [[index[id(s)], int(s.label)] for s in chosen],
+    }
+    _atomic_write_json(path, data)
+    return chosen
+
+
+def _load_cached_selection(path, key, shots, samples, rel) -> list[Sample]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("key") != key or data.get("version") != _CACHE_VERSION:
+        raise ValueError("key/version mismatch")
+    by_rel = {(r, int(s.label)): s for s, r in zip(samples, rel)}
+    chosen = [by_rel[(r, int(y))] for r, y in data["items"]]
+    counts: dict[int, int] = {}
+    for s in chosen:
+        counts[s.label] = counts.get(s.label, 0) + 1
+    labels = {s.label for s in samples}
+    if set(counts) != labels or any(c != shots for c in counts.values()) or len(set(map(id, chosen))) != len(chosen):
+        raise ValueError("selection does not hold exactly `shots` distinct samples of every class")
+    return chosen
+
+
+def subsample_classes(samples_by_split, which: str = "all"):
+    """CoOp base-to-new class split -> ``(samples_by_split, classnames)``.
+
+    The labels present (over all splits) are sorted; base = the first ceil(n/2), new = the rest; the kept classes are
+    relabelled 0..m-1 in that order and `classnames[i]` is the name of new label i. ``which="all"`` keeps every class
+    (relabelled the same way, i.e. unchanged when the labels are already 0..n-1). Accepts a {split: samples} dict
+    (returns a dict with the same keys) or a single Sample list (returns a list). ValueError for another `which`
+    or when the requested half is empty.
+    """
+    if which not in ("all", "base", "new"):
+        raise ValueError(f"which must be 'all', 'base' or 'new', got {which!r}")
+    single = not isinstance(samples_by_split, Mapping)
+    splits = {"_": list(samples_by_split)} if single else {k: list(v) for k, v in samples_by_split.items()}
+    label2name = _check_label_names(((s.label, s.classname) for v in splits.values() for s in v), "samples")
+    labels = sorted(label2name)
+    m = math.ceil(len(labels) / 2)
+    selected = labels if which == "all" else labels[:m] if which == "base" else labels[m:]
+    if not selected:
+        raise ValueError(f"subsample_classes(which={which!r}) selects no class out of {len(labels)}")
+    relabel = {y: i for i, y in enumerate(selected)}
+    def move(s: Sample) -> Sample:
+        return s if relabel[s.label] == s.label else Sample(s.path, relabel[s.label], s.classname)
+
+    out = {k: [move(s) for s in v if s.label in relabel] for k, v in splits.items()}
+    classnames = [label2name[y] for y in selected]
+    return (out["_"] if single else out), classnames
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Torch datasets, transforms and loaders
+
+
+def clip_transform(
+    image_size: int | tuple[int, int],
+    train: bool = False,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    flip: bool = True,
+):
+    """CLIP preprocessing that accepts a PIL image or a uint8/float CHW tensor (torchvision.transforms.v2).
+
+    Eval (train=False): resize the short side to `image_size` (bicubic) + centre crop + [0,1] + normalize (as
+    open_clip's preprocess on PIL input). Train: CoOp's random_resized_crop(scale) + random horizontal flip + normalize;
+    its randomness comes from torch's global RNG (seeded per worker by DataLoader, by torch.manual_seed in the main
+    process).
+    """
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import v2
+
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if train:
+        geo = [v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True)]
+        if flip:
+            geo.append(v2.RandomHorizontalFlip())
+    else:
+        geo = [v2.Resize(min(size), interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+    return v2.Compose([*geo, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+
+
+def _to_float_chw(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+class ImageDataset(Dataset):
+    """Samples -> (image, label). Images are loaded with PIL and converted to RGB; `transform` (e.g. `clip_transform`
+    or open_clip's preprocess) gets the PIL image. Without a transform the image is a float32 CHW tensor in [0,1].
+    A file that cannot be read raises OSError naming the path."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable | None = None):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        s = self.samples[i]
+        try:
+            with Image.open(s.path) as im:
+                img = im.convert("RGB")
+        except OSError as e:
+            raise OSError(f"cannot load image {s.path!r} (sample {i}, class {s.classname!r}): {e}") from e
+        if self.transform is not None:
+            return self.transform(img), s.label
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return _to_float_chw(arr), s.label
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+
+class TensorImageDataset(Dataset):
+    """In-memory images (N×3×H×W uint8 or float tensor / array, or N×H×W×3 uint8 array) + int labels.
+
+    Without `transform` an item is (float32 CHW in [0,1] — uint8 is divided by 255, float kept, label). With a
+    transform, the transform gets the stored CHW tensor as is (uint8 stays uint8: `clip_transform` handles both).
+    """
+
+    def __init__(self, images, labels, transform: Callable | None = None):
+        images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
+        if images.dim() != 4:
+            raise ValueError(f"images must be N×3×H×W (or N×H×W×3), got shape {tuple(images.shape)}")
+        if images.shape[1] != 3 and images.shape[-1] == 3:
+            images = images.permute(0, 3, 1, 2)
+        if images.shape[1] != 3:
+            raise ValueError(f"images must have 3 channels, got shape {tuple(images.shape)}")
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() != images.shape[0]:
+            raise ValueError(f"labels has {labels.numel()} entries for {images.shape[0]} images")
+        self.images = images.contiguous()
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int):
+        x = self.images[i]
+        x = self.transform(x) if self.transform is not None else _to_float_chw(x)
+        return x, int(self.labels[i])
+
+
+def _seed_worker(worker_id: int) -> None:  # runs inside each worker process only
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    *,
+    pin_memory: bool = False,
+    collate_fn: Callable | None = None,
+    persistent_workers: bool | None = None,
+) -> DataLoader:
+    """DataLoader with its own ``torch.Generator().manual_seed(seed)``: the batch order (and the workers' base seeds,
+    hence per-worker torch/numpy/random seeds) is a function of `seed` and the epoch index only."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    seed = _check_seed(seed)
+    g = torch.Generator()
+    g.manual_seed(seed)
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=g,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+        persistent_workers=persistent_workers,
+    )
