@@ -10,7 +10,6 @@ tensors raises: we never fall back silently.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import torch
@@ -27,14 +26,21 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+_triton_ok: bool | None = None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    # A plain cached flag (not functools.lru_cache), so torch.compile can trace resolve() without a warning.
+    global _triton_ok
+    if _triton_ok is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _triton_ok = True
+        except Exception:
+            _triton_ok = False
+    return _triton_ok
 
 
 def cuda_extension_loaded() -> bool:

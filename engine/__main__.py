@@ -1,0 +1,4 @@
+"""``python -m engine ...`` == the ``leanclip`` console script (engine.cli)."""
+from engine.cli import main
+
+raise SystemExit(main())

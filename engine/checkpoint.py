@@ -1,0 +1,415 @@
+"""Checkpoints: trainable-only safetensors (+ optimizer state) and local pretrained open_clip weights.
+
+``save_trainable(model, path, optimizer=..., step=..., extra_meta=...)`` writes ONE safetensors file, atomically
+(temp file in the same directory, fsync, ``os.replace``):
+
+- tensors: every trainable parameter (open_clip names, e.g. ``visual.ln_pre.weight``) and the persistent buffers of
+  modules the method added (e.g. ``llu_image.bank``); optimizer state tensors as ``optim/<param name>/<key>`` and
+  tensor-valued group hyper-parameters as ``optim_group/<i>/<key>``;
+- metadata (strings): ``format``, ``method``, ``model_name``, ``options`` (JSON), ``version``, ``param_names`` and
+  ``buffer_names`` (JSON lists), ``step``, ``extra`` (JSON of ``extra_meta``) and ``optimizer`` (JSON: class,
+  param groups with parameter names instead of indices, per-parameter non-tensor state).
+
+``load_trainable`` checks format, method, names and shapes BEFORE copying anything (ValueError, never a partial
+load), restores the optimizer exactly (SGD momentum, AdamW exp_avg / exp_avg_sq / step) and returns the metadata.
+``load_pretrained`` loads full open_clip weights from a local file only.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+
+import torch
+from torch import nn
+
+FORMAT = "leanclip-trainable/1"
+_OPT_PREFIX = "optim/"
+_GROUP_PREFIX = "optim_group/"
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def _added_modules(model: nn.Module) -> list[str]:
+    info = getattr(model, "leanclip_info", None) or {}
+    return [m for m in info.get("modules", []) if m in model._modules]
+
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _added_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Persistent, non-None buffers of the modules the method added (name -> tensor)."""
+    out = {}
+    for mod_name in _added_modules(model):
+        mod = model._modules[mod_name]
+        params = {n for n, _ in mod.named_parameters()}
+        for k, v in mod.state_dict(keep_vars=True).items():
+            if k not in params and isinstance(v, torch.Tensor):
+                out[f"{mod_name}.{k}"] = v
+    return out
+
+
+def _buffer_slot(model: nn.Module, name: str):
+    """(module, attr) of a registered buffer named ``name`` inside an added module, or None."""
+    mod_name = name.split(".")[0]
+    if mod_name not in _added_modules(model):
+        return None
+    owner_path, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_path)
+    except AttributeError:
+        return None
+    if attr in owner._buffers and attr not in owner._non_persistent_buffers_set:
+        return owner, attr
+    return None
+
+
+def _atomic_save(tensors: dict, metadata: dict, path: str) -> None:
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=d)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename durable
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _read(path):
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a leanclip trainable checkpoint (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    return meta, tensors
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def _enc(v, tensors: dict, key: str):
+    """JSON-encode an optimizer value; tensors go to ``tensors[key]``."""
+    if isinstance(v, torch.Tensor):
+        tensors[key] = _cpu(v)
+        return {"__tensor__": key}
+    if isinstance(v, tuple):
+        return {"__tuple__": [_enc(x, tensors, f"{key}/{i}") for i, x in enumerate(v)]}
+    if isinstance(v, list):
+        return [_enc(x, tensors, f"{key}/{i}") for i, x in enumerate(v)]
+    if isinstance(v, dict):
+        return {"__dict__": {str(k): _enc(x, tensors, f"{key}/{k}") for k, x in v.items()}}
+    if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+        return {"__float__": repr(v)}
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise ValueError(f"cannot save optimizer value of type {type(v).__name__} at {key}")
+
+
+def _dec(v, tensors: dict):
+    if isinstance(v, dict):
+        if "__tensor__" in v:
+            key = v["__tensor__"]
+            if key not in tensors:
+                raise ValueError(f"checkpoint lacks optimizer tensor {key!r}")
+            return tensors[key]
+        if "__tuple__" in v:
+            return tuple(_dec(x, tensors) for x in v["__tuple__"])
+        if "__dict__" in v:
+            return {k: _dec(x, tensors) for k, x in v["__dict__"].items()}
+        if "__float__" in v:
+            return float(v["__float__"])
+    if isinstance(v, list):
+        return [_dec(x, tensors) for x in v]
+    return v
+
+
+def _optimizer_names(model: nn.Module, optimizer) -> list[list[str]]:
+    id2name = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for gi, g in enumerate(optimizer.param_groups):
+        names = []
+        for p in g["params"]:
+            if id(p) not in id2name:
+                raise ValueError(f"optimizer param group {gi} holds a tensor that is not a parameter of the model")
+            names.append(id2name[id(p)])
+        groups.append(names)
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------------------- save
+def save_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer | None = None, step: int | None = None,
+                   extra_meta: dict | None = None) -> str:
+    """Save the trainable parameters (+ added-module buffers, + optimizer state and step) of a prepared model to
+    ``path`` (safetensors, atomic). Returns the path."""
+    info = getattr(model, "leanclip_info", None)
+    if not info:
+        raise ValueError("model was not prepared with engine.prepare (no model.leanclip_info)")
+    params = _trainable(model)
+    buffers = _added_buffers(model)
+    if not params and not buffers:
+        raise ValueError("model has no trainable parameters to save")
+    tensors = {n: _cpu(p) for n, p in params.items()}
+    tensors.update({n: _cpu(b) for n, b in buffers.items()})
+    meta = {
+        "format": FORMAT,
+        "method": str(info.get("method")),
+        "model_name": json.dumps(info.get("model_name")),
+        "options": json.dumps(info.get("options", {})),
+        "version": str(info.get("version")),
+        "modules": json.dumps(info.get("modules", [])),
+        "param_names": json.dumps(list(params)),
+        "buffer_names": json.dumps(list(buffers)),
+        "step": json.dumps(None if step is None else int(step)),
+        "extra": json.dumps(extra_meta if extra_meta is not None else None),
+    }
+    if optimizer is not None:
+        names = _optimizer_names(model, optimizer)
+        flat = [n for g in names for n in g]
+        not_trainable = [n for n in flat if n not in params]
+        if not_trainable:
+            raise ValueError(f"optimizer holds frozen parameters {not_trainable[:5]}: build it from the trainable ones")
+        sd = optimizer.state_dict()
+        groups = []
+        for gi, (g, gnames) in enumerate(zip(sd["param_groups"], names)):
+            hyper = {k: _enc(v, tensors, f"{_GROUP_PREFIX}{gi}/{k}") for k, v in g.items() if k != "params"}
+            groups.append({"params": gnames, "hyper": hyper})
+        state = {}
+        for idx, st in sd["state"].items():
+            name = flat[idx]
+            state[name] = {k: _enc(v, tensors, f"{_OPT_PREFIX}{name}/{k}") for k, v in st.items()}
+        meta["optimizer"] = json.dumps({"class": type(optimizer).__name__, "param_groups": groups, "state": state})
+    _atomic_save(tensors, meta, path)
+    return os.fspath(path)
+
+
+# ----------------------------------------------------------------------------------------------------------- load
+def _split_file(meta: dict, tensors: dict):
+    pnames = json.loads(meta.get("param_names", "[]"))
+    bnames = json.loads(meta.get("buffer_names", "[]"))
+    missing = [n for n in pnames + bnames if n not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint is corrupt: tensors {missing[:5]} listed in its metadata are absent")
+    return {n: tensors[n] for n in pnames}, {n: tensors[n] for n in bnames}
+
+
+def _fmt(names, k=8):
+    names = sorted(names)
+    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: bool, path) -> None:
+    """Verify every name/shape, then copy. strict: the file's parameters must be exactly the trainable ones."""
+    all_params = dict(model.named_parameters())
+    problems = []
+    if strict:
+        want = set(_trainable(model))
+        have = set(fparams)
+        if want - have:
+            problems.append(f"missing from the checkpoint: {_fmt(want - have)}")
+        if have - want:
+            problems.append(f"not trainable in the model: {_fmt(have - want)}")
+        want_b = set(_added_buffers(model))
+        missing_b = want_b - set(fbuffers)
+        if missing_b:
+            problems.append(f"buffers missing from the checkpoint: {_fmt(missing_b)}")
+    else:
+        unknown = set(fparams) - set(all_params)
+        if unknown:
+            problems.append(f"not parameters of the model: {_fmt(unknown)}")
+    slots = {}
+    for n, t in fbuffers.items():
+        slot = _buffer_slot(model, n)
+        if slot is None:
+            problems.append(f"buffer {n!r} has no place in the model")
+        else:
+            slots[n] = slot  # buffers (e.g. an LLU bank) are replaced, not copied into: their size may differ
+    for n, t in fparams.items():
+        p = all_params.get(n)
+        if p is not None and tuple(p.shape) != tuple(t.shape):
+            problems.append(f"shape mismatch for {n}: model {tuple(p.shape)}, checkpoint {tuple(t.shape)}")
+    if problems:
+        raise ValueError(f"checkpoint {os.fspath(path)} does not match the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for n, t in fparams.items():
+            all_params[n].copy_(t)
+        for n, t in fbuffers.items():
+            owner, attr = slots[n]
+            cur = owner._buffers[attr]
+            dev = cur.device if cur is not None else next(model.parameters()).device
+            owner._buffers[attr] = t.to(dev).clone()
+
+
+def load_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a ``save_trainable`` checkpoint into a model prepared with the same method (and the optimizer state
+    into ``optimizer`` when given). Everything is checked before anything is copied. Returns the metadata:
+    ``{"method", "model_name", "options", "version", "modules", "param_names", "buffer_names", "step", "extra"}``."""
+    meta, tensors = _read(path)
+    info = getattr(model, "leanclip_info", None)
+    if not info:
+        raise ValueError(f"model was not prepared: call engine.prepare(model, {meta.get('method')!r}) before loading")
+    if meta.get("method") != info.get("method"):
+        raise ValueError(f"checkpoint {os.fspath(path)} is for method {meta.get('method')!r} but the model was "
+                         f"prepared with {info.get('method')!r}")
+    saved_name, cur_name = json.loads(meta.get("model_name", "null")), info.get("model_name")
+    if saved_name and cur_name and saved_name != cur_name:
+        warnings.warn(f"checkpoint was saved from model {saved_name!r}, loading into {cur_name!r}", stacklevel=2)
+    fparams, fbuffers = _split_file(meta, tensors)
+    opt_sd = _optimizer_state(model, optimizer, meta, tensors, path) if optimizer is not None else None
+    _check_and_copy(model, fparams, fbuffers, strict=True, path=path)
+    if opt_sd is not None:
+        optimizer.load_state_dict(opt_sd)
+    return {
+        "format": meta["format"],
+        "method": meta.get("method"),
+        "model_name": saved_name,
+        "options": json.loads(meta.get("options", "{}")),
+        "version": meta.get("version"),
+        "modules": json.loads(meta.get("modules", "[]")),
+        "param_names": list(fparams),
+        "buffer_names": list(fbuffers),
+        "step": json.loads(meta.get("step", "null")),
+        "extra": json.loads(meta.get("extra", "null")),
+    }
+
+
+def _optimizer_state(model, optimizer, meta, tensors, path) -> dict:
+    if "optimizer" not in meta:
+        raise ValueError(f"checkpoint {os.fspath(path)} has no optimizer state")
+    saved = json.loads(meta["optimizer"])
+    if saved.get("class") != type(optimizer).__name__:
+        raise ValueError(f"checkpoint optimizer is {saved.get('class')}, got {type(optimizer).__name__}")
+    names = _optimizer_names(model, optimizer)
+    if len(names) != len(saved["param_groups"]):
+        raise ValueError(f"optimizer has {len(names)} param groups, checkpoint has {len(saved['param_groups'])}")
+    groups, name2idx, idx = [], {}, 0
+    for gi, (cur, sg) in enumerate(zip(names, saved["param_groups"])):
+        if set(cur) != set(sg["params"]) or len(cur) != len(sg["params"]):
+            raise ValueError(f"optimizer param group {gi} holds different parameters than the checkpoint's: "
+                             f"missing {_fmt(set(sg['params']) - set(cur))}, extra {_fmt(set(cur) - set(sg['params']))}")
+        g = {k: _dec(v, tensors) for k, v in sg["hyper"].items()}
+        g["params"] = list(range(idx, idx + len(cur)))
+        for n in cur:
+            name2idx[n] = idx
+            idx += 1
+        groups.append(g)
+    state = {}
+    for name, st in saved["state"].items():
+        if name not in name2idx:
+            raise ValueError(f"checkpoint optimizer state for {name!r}, which the optimizer does not hold")
+        state[name2idx[name]] = {k: _dec(v, tensors) for k, v in st.items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_into(model: nn.Module, path) -> dict:
+    """Copy the parameters of a trainable-only checkpoint into ``model`` whatever its method and requires_grad
+    flags ("LN as initialization", ``prepare(..., init_from=path)``). Every name must be a model parameter with
+    the same shape (ValueError otherwise; nothing is copied). Optimizer state is ignored. Returns the metadata."""
+    meta, tensors = _read(path)
+    fparams, fbuffers = _split_file(meta, tensors)
+    if fbuffers:
+        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({_fmt(fbuffers)}); "
+                         f"only parameters of the base model can initialize another method")
+    _check_and_copy(model, fparams, {}, strict=False, path=path)
+    return {"method": meta.get("method"), "param_names": list(fparams)}
+
+
+# ----------------------------------------------------------------------------------------------------------- pretrained
+_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _uses_quickgelu(model: nn.Module) -> bool:
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in model.modules())
+
+
+def load_pretrained(model: nn.Module, path) -> dict:
+    """Load full open_clip weights from a LOCAL file (safetensors, or ``torch.load(weights_only=True)``; OpenAI's
+    TorchScript archives are read with ``torch.jit.load``). Keys and shapes are checked before copying (modules a
+    PEFT method added are not expected in the file). Warns when an OpenAI checkpoint goes into a model without
+    QuickGELU (those weights were trained with QuickGELU: use a ``-quickgelu`` config). Returns
+    ``{"path", "openai", "num_tensors"}``."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a local file path, got {type(path).__name__}")
+    s = os.fspath(path)
+    if "://" in s or s.startswith("hf-hub:"):
+        raise ValueError(f"load_pretrained reads local files only (no downloads), got {s!r}")
+    if not os.path.isfile(s):
+        raise FileNotFoundError(f"no weights file at {s}")
+    if s.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(s, device="cpu")
+    else:
+        try:
+            sd = torch.load(s, map_location="cpu", weights_only=True)
+        except Exception as e:
+            try:
+                sd = torch.jit.load(s, map_location="cpu").state_dict()
+            except Exception:
+                raise ValueError(f"cannot read weights from {s}: {e}") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{s} does not hold a state dict of tensors")
+    sd = dict(sd)
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    openai = any(k in sd for k in _OPENAI_KEYS) or "openai" in os.path.basename(s).lower()
+    for k in _OPENAI_KEYS:
+        sd.pop(k, None)
+    if hasattr(model, "text") and not any(k.startswith("text.") for k in sd):
+        from open_clip.model import convert_to_custom_text_state_dict
+
+        sd = convert_to_custom_text_state_dict(sd)
+    if openai and not _uses_quickgelu(model):
+        warnings.warn(f"{os.path.basename(s)} looks like an OpenAI CLIP checkpoint (trained with QuickGELU) but the "
+                      f"model uses nn.GELU: features will be off; build the '-quickgelu' config instead",
+                      UserWarning, stacklevel=2)
+    added = set(_added_modules(model))
+    msd = model.state_dict(keep_vars=True)
+    expected = {k for k in msd if k.split(".")[0] not in added}
+    missing = expected - set(sd)
+    unexpected = set(sd) - set(msd)
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_fmt(unexpected)}")
+    for k in expected & set(sd):
+        if tuple(msd[k].shape) != tuple(sd[k].shape):
+            problems.append(f"shape mismatch for {k}: model {tuple(msd[k].shape)}, file {tuple(sd[k].shape)}")
+    if problems:
+        raise ValueError(f"weights in {s} do not match the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for k in expected:
+            msd[k].copy_(sd[k])
+    return {"path": s, "openai": openai, "num_tensors": len(expected)}

@@ -1,0 +1,528 @@
+"""``leanclip`` command line (also ``python -m engine``).
+
+    leanclip train --method clipfit --data ~/data --dataset oxford_pets --shots 16 --seed 1 --output runs/pets
+    leanclip eval --checkpoint runs/pets/checkpoint.safetensors --data ~/data --dataset oxford_pets
+    leanclip zeroshot --model ViT-B-16 --pretrained ~/weights/vit_b16.safetensors --data ~/data --dataset dtd
+    leanclip train --method ln --epochs 2            # no --data: a synthetic dataset, the tiny model (smoke run)
+
+Data: ``--data ROOT --dataset NAME`` (CoOp layouts, see ``engine.data``), ``--split-file F`` (a CoOp split JSON), or
+``--synthetic`` (procedural shapes, the default without ``--data``/``--split-file``). Protocol: K-shot sampling of the
+train split with ``--seed``, then ``--subsample base|new|all`` (CoCoOp base-to-new; training on ``base`` also reports
+the new classes and H). Models are built with ``pretrained=None`` and loaded from a LOCAL ``--pretrained`` file only.
+
+Bad input (unknown method, missing file, no GPU for ``--device cuda``, ...) prints one line on stderr and exits 2.
+Every command prints a JSON result on stdout (and writes it under ``--output`` when given).
+
+Extension hook: ``register_subcommand(name, module, help)`` (``demo`` -> ``engine.demo``, ``bench`` -> ``bench.cli``
+are pre-registered) adds a subcommand served by ``module.add_arguments(parser)`` + ``module.run(args) -> int``; it is
+listed only when the module exists and imported only when that subcommand runs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from engine import utils
+
+PROG = "leanclip"
+DEFAULT_MODEL = "leanclip-tiny"
+EXIT_USAGE = 2
+
+# name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("engine.demo", "end-to-end demo (provided by engine.demo)"),
+    "bench": ("bench.cli", "benchmarks (provided by bench.cli)"),
+}
+
+# Per-method training defaults applied when the flag is not given (CLIPFit / CoOp recipe otherwise).
+METHOD_DEFAULTS = {
+    "llu": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0},
+    "linear-probe": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0},
+}
+BASE_DEFAULTS = {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
+                 "epochs": 10}
+
+
+def register_subcommand(name: str, module: str, help: str = "") -> None:
+    """Add (or replace) an extension subcommand served by ``module`` (``add_arguments(parser)``, ``run(args)``)."""
+    if name in ("train", "eval", "zeroshot"):
+        raise ValueError(f"{name!r} is a built-in subcommand")
+    SUBCOMMANDS[name] = (module, help)
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+# --------------------------------------------------------------------------------------------------------- arguments
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"open_clip model config name (default: {DEFAULT_MODEL}, the tiny test config)")
+    g.add_argument("--pretrained", metavar="PATH", default=None,
+                   help="LOCAL weights file (safetensors / torch / OpenAI TorchScript); nothing is downloaded. "
+                        "Default: random initialisation")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input resolution (default: the model's own)")
+    g.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
+                   help="before anything else, contrastively pre-train the model for N steps on a synthetic caption "
+                        "corpus (smoke runs without weights; default 0)")
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--data", metavar="ROOT", default=None, help="data root holding the dataset (needs --dataset)")
+    src.add_argument("--split-file", metavar="F", default=None,
+                     help="CoOp split JSON {train,val,test: [[relpath, label, classname], ...]}")
+    src.add_argument("--synthetic", action="store_true",
+                     help="generate a synthetic dataset (coloured shapes); the default when neither --data nor "
+                          "--split-file is given")
+    g.add_argument("--dataset", default=None,
+                   help="dataset name under --data (e.g. oxford_pets, OxfordPets, dtd, imagenet); also picks the "
+                        "prompt template")
+    g.add_argument("--image-root", default=None, help="image folder for --split-file (default: next to the file)")
+    g.add_argument("--shots", type=int, default=16, help="K training images per class (0 = the whole train split; "
+                                                         "default 16)")
+    g.add_argument("--seed", type=int, default=1, help="few-shot sampling and training seed (default 1)")
+    g.add_argument("--subsample", choices=("all", "base", "new"), default="all",
+                   help="base-to-new protocol: keep the first half of the classes (base), the rest (new) or all")
+    g.add_argument("--eval-split", choices=("test", "val"), default="test", help="split to evaluate (default test)")
+    g.add_argument("--templates", nargs="+", default=None, metavar="T",
+                   help="prompt template(s) with '{}' for the class name, or 'ensemble' (default: the dataset's "
+                        "CoOp template)")
+    g.add_argument("--synthetic-classes", type=int, default=10, help="classes of the synthetic dataset (default 10)")
+    g.add_argument("--synthetic-dir", default=None,
+                   help="where the synthetic dataset is written (default: a cache folder under the temp dir)")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto = cuda when a GPU is visible; cuda without a GPU is an error")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; llu 256)")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
+    g.add_argument("--output", metavar="DIR", default=None, help="run directory (log, checkpoint, result JSON)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+
+
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    from engine.methods import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="leanclip: kernel-backed, memory-lean parameter-efficient fine-tuning of open_clip "
+                               "CLIP models (CLIPFit, LN, BitFit, CoOp, LLU, linear probe, ...)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    methods = sorted(METHODS)
+    t = sub.add_parser("train", help="fine-tune a model (few-shot protocol) and evaluate it",
+                       description="Fine-tune with a PEFT method; writes log.jsonl, checkpoint.safetensors (trainable "
+                                   "parameters + optimizer, each epoch) and result.json under --output.")
+    _add_model_args(t)
+    _add_data_args(t)
+    g = t.add_argument_group("method and optimisation")
+    g.add_argument("--method", default="clipfit",
+                   help=f"PEFT method: one of {', '.join(methods)}, or a '+' combination (default clipfit)")
+    g.add_argument("--tower", choices=("image", "text", "both"), default="both",
+                   help="tower for ln / bitfit (default both)")
+    g.add_argument("--recompute", choices=("none", "mlp", "mlp+qkv", "block"), default="none",
+                   help="exact activation recompute policy of the lean blocks (default none)")
+    g.add_argument("--no-lean", action="store_true", help="keep open_clip's plain modules (baseline)")
+    g.add_argument("--frozen-bf16", action="store_true", help="keep frozen tower weights in bf16")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (default 10)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-3; llu / linear-probe 1e-3)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="sgd (momentum 0.9) or adamw (default sgd; llu / linear-probe adamw)")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay (default 5e-4)")
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help="constant warm-up epochs at --warmup-lr (default 1; skipped when >= --epochs)")
+    g.add_argument("--warmup-lr", type=float, default=1e-5, help="warm-up learning rate (default 1e-5)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm (default off)")
+    g.add_argument("--kd-lambda", type=float, default=8.0, help="CLIPFit distillation weight (default 8)")
+    g.add_argument("--llu-lambda", type=float, default=1e3, help="LLU regulariser weight (default 1e3)")
+    g.add_argument("--llu-clusters", type=int, default=512,
+                   help="LLU image bank: at most this many agglomerative cluster centres (0 = all training features)")
+    g.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines (default 1)")
+    g.add_argument("--resume", metavar="PATH", default=None,
+                   help="continue from a checkpoint (file or run dir) exactly where it stopped")
+    _add_run_args(t)
+
+    e = sub.add_parser("eval", help="evaluate a fine-tuned checkpoint",
+                       description="Rebuild the model, re-apply the checkpoint's method and load its trainable "
+                                   "parameters, then report top-1 / top-5 accuracy.")
+    e.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint.safetensors written by 'leanclip train' (or its run directory)")
+    _add_model_args(e)
+    _add_data_args(e)
+    _add_run_args(e)
+
+    z = sub.add_parser("zeroshot", help="zero-shot accuracy of a (pretrained) model",
+                       description="Zero-shot CLIP classification with hand-written prompts.")
+    _add_model_args(z)
+    _add_data_args(z)
+    _add_run_args(z)
+
+    for name, (module, help_) in SUBCOMMANDS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            continue
+        sp = sub.add_parser(name, help=help_)
+        if name == selected:
+            mod = importlib.import_module(module)
+            mod.add_arguments(sp)
+            sp.set_defaults(func=mod.run)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------------- model
+def build_model(args):
+    """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size."""
+    import logging
+    import warnings
+
+    import open_clip
+
+    from engine.configs import register_tiny_config
+
+    register_tiny_config()
+    if args.model not in open_clip.list_models():
+        raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models())")
+    if args.pretrained is not None and not os.path.isfile(args.pretrained):
+        raise FileNotFoundError(f"--pretrained: no such file {args.pretrained!r} (weights are read from local files "
+                                f"only)")
+    kw = {}
+    if args.image_size is not None:
+        if args.image_size < 8:
+            raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
+        kw["force_image_size"] = args.image_size
+    logging.disable(logging.WARNING)  # open_clip logs "No pretrained weights loaded" for pretrained=None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = open_clip.create_model(args.model, pretrained=None, **kw)
+    finally:
+        logging.disable(logging.NOTSET)
+    if args.pretrained is not None:
+        from engine.checkpoint import load_pretrained
+
+        load_pretrained(model, args.pretrained)
+    tokenizer = open_clip.get_tokenizer(args.model)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    if args.pretrain_steps:
+        if args.pretrain_steps < 0:
+            raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+        pretrain_synthetic(model, tokenizer, args.pretrain_steps, size, seed=0, progress=not args.no_progress)
+    return model, tokenizer, size, (tuple(pp.get("mean", ())) or None, tuple(pp.get("std", ())) or None)
+
+
+def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: int = 0, n_images: int = 2000,
+                       batch_size: int = 64, lr: float = 3e-3, progress: bool = False) -> list[float]:
+    """Contrastive pre-training on a synthetic caption corpus (engine.synthetic + engine.contrastive): gives a tiny,
+    randomly initialised model above-chance zero-shot accuracy for smoke runs and tests. Returns the losses."""
+    import torch
+
+    from engine.contrastive import pretrain_contrastive
+    from engine.data import clip_transform
+    from engine.synthetic import make_caption_corpus
+
+    imgs, caps = make_caption_corpus(n_images, size=image_size, seed=seed)
+    tf = clip_transform(image_size)
+    x = torch.stack([tf(im) for im in imgs])
+    return pretrain_contrastive(model, x, caps, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                progress=progress)
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int) -> str:
+    key = hashlib.sha256(json.dumps([1, args.synthetic_classes, image_size, n_train, n_val, n_test]).encode())
+    base = Path(args.synthetic_dir) if args.synthetic_dir else Path(tempfile.gettempdir()) / "leanclip-synthetic"
+    root = base / f"synthetic-{key.hexdigest()[:12]}"
+    if (root / "split_zhou_Synthetic.json").is_file():
+        return str(root)
+    from engine.synthetic import make_classes, write_split_file
+
+    if args.synthetic_classes < 2:
+        raise UsageError(f"--synthetic-classes must be >= 2, got {args.synthetic_classes}")
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-synthetic-", dir=base))
+    try:
+        write_split_file(tmp, make_classes(args.synthetic_classes, seed=0), n_train, n_val, n_test, size=image_size,
+                         seed=0)
+        try:
+            os.replace(tmp, root)  # atomic publish; a concurrent writer may have won (same content)
+        except OSError:
+            if not (root / "split_zhou_Synthetic.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(root)
+
+
+def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bool = True):
+    """-> dict(train=Dataset | None, eval=Dataset, classnames, dataset, new=(Dataset, classnames) | None, ...)."""
+    from engine import data as D
+
+    if args.shots < 0:
+        raise UsageError(f"--shots must be >= 0, got {args.shots}")
+    if args.data is not None:
+        if not args.dataset:
+            raise UsageError("--data needs --dataset NAME")
+        splits, _ = D.load_dataset(args.data, args.dataset)
+        dataset = args.dataset
+    elif args.split_file is not None:
+        splits = D.read_split_file(args.split_file, args.image_root)
+        dataset = args.dataset or _split_name(args.split_file)
+    else:
+        if args.dataset:
+            raise UsageError("--dataset needs --data ROOT (or use --split-file)")
+        n_train = max(16, args.shots)
+        root = _synthetic_root(args, image_size, n_train, 4, 20)
+        splits, _ = D.load_dataset(root, "Synthetic")
+        dataset = "Synthetic"
+    train = list(splits.get("train") or [])
+    if train and args.shots:
+        cache = os.path.join(args.output, "fewshot") if getattr(args, "output", None) else None
+        train = D.few_shot_cached(train, args.shots, args.seed, cache) if cache else D.few_shot(train, args.shots,
+                                                                                                 args.seed)
+    splits = {"train": train, "val": list(splits.get("val") or []), "test": list(splits.get("test") or [])}
+    full = splits
+    splits, classnames = D.subsample_classes(full, args.subsample)
+    evals = splits[args.eval_split]
+    if not evals:
+        raise UsageError(f"the {args.eval_split} split of {dataset!r} is empty")
+    kw = {k: v for k, v in (("mean", mean), ("std", std)) if v}
+    tf_eval = D.clip_transform(image_size, train=False, **kw)
+    tf_train = D.clip_transform(image_size, train=True, **kw) if train_transform else tf_eval
+    out = {
+        "dataset": dataset,
+        "classnames": classnames,
+        "train": D.ImageDataset(splits["train"], tf_train) if splits["train"] else None,
+        "eval": D.ImageDataset(evals, tf_eval),
+        "new": None,
+    }
+    if args.subsample == "base":
+        new_splits, new_names = D.subsample_classes(full, "new")
+        if new_splits[args.eval_split]:
+            out["new"] = (D.ImageDataset(new_splits[args.eval_split], tf_eval), new_names)
+    return out
+
+
+def _split_name(path: str) -> str | None:
+    stem = Path(path).stem
+    return stem[len("split_zhou_"):] if stem.startswith("split_zhou_") else None
+
+
+def _templates(args, dataset):
+    from engine.templates import get_templates
+
+    override = args.templates
+    if override is not None and len(override) == 1:
+        override = override[0]
+    return get_templates(dataset, override)
+
+
+def _setup(args):
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return utils.resolve_device(args.device)
+
+
+def _emit(result: dict, args, name: str) -> None:
+    if getattr(args, "output", None):
+        utils.atomic_write_json(Path(args.output) / name, result)
+    print(utils.to_json(result, indent=None))
+
+
+# ---------------------------------------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    import torch
+
+    from engine.methods import parse_method, prepare
+    from engine.train import TrainConfig, train
+
+    device = _setup(args)
+    parts = parse_method(args.method)
+    method = "+".join(parts)
+    defaults = dict(BASE_DEFAULTS)
+    for p in parts:
+        defaults.update(METHOD_DEFAULTS.get(p, {}))
+    pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
+    if args.output is None:
+        args.output = os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}")
+    model, tok, size, (mean, std) = build_model(args)
+    data = load_data(args, size, mean, std, train_transform=method != "llu")
+    if data["train"] is None:
+        raise UsageError(f"the train split of {data['dataset']!r} is empty")
+    templates = _templates(args, data["dataset"])
+    prepare(model, method, lean=not args.no_lean, recompute=args.recompute, tower=args.tower,
+            classnames=data["classnames"], tokenizer=tok, model_name=args.model,
+            frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
+            **({"templates": templates} if "linear-probe" in parts else {}))
+    cfg = TrainConfig(
+        method=method, epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
+        optimizer=pick("optimizer"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),
+        warmup_lr=args.warmup_lr, grad_accum=args.grad_accum, clip_grad_norm=args.clip_grad_norm,
+        precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
+        kd_lambda=args.kd_lambda, num_workers=args.num_workers, progress=not args.no_progress,
+        llu_lambda=args.llu_lambda, llu_clusters=args.llu_clusters or None,
+        extra={"model_name": args.model, "weights_path": args.pretrained},
+    )
+    eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}
+    if data["new"] is not None and "linear-probe" not in parts:
+        eval_sets["new"] = data["new"]
+    summary = train(model, data["train"], data["classnames"], templates, tok, cfg, eval_sets=eval_sets,
+                    resume=args.resume)
+    result = {
+        "command": "train", "method": method, "model": args.model, "dataset": data["dataset"], "shots": args.shots,
+        "seed": args.seed, "subsample": args.subsample, "classes": len(data["classnames"]),
+        "train_images": len(data["train"]), "epochs": cfg.epochs, "steps": summary["steps"],
+        "final_train_loss": summary["final_train_loss"], "metrics": summary["metrics"],
+        "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
+        "checkpoint": summary.get("checkpoint"), "output": args.output,
+    }
+    _emit(result, args, "result.json")
+    return 0
+
+
+def read_checkpoint_meta(path) -> dict:
+    """Metadata of a ``engine.checkpoint.save_trainable`` file without a model: method, options (dict), model_name,
+    extra (the trainer's dict)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"--checkpoint: no such file {str(p)!r}")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:
+        raise UsageError(f"--checkpoint: {str(p)!r} is not a safetensors checkpoint ({e})") from e
+    if "method" not in meta:
+        raise UsageError(f"--checkpoint: {str(p)!r} is not a leanclip checkpoint")
+    out = {"path": str(p), "method": meta["method"]}
+    for k in ("options", "model_name", "extra"):
+        try:
+            out[k] = json.loads(meta.get(k, "null"))
+        except json.JSONDecodeError:
+            out[k] = None
+    return out
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from engine.checkpoint import load_trainable
+    from engine.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
+    from engine.train import evaluate
+
+    device = _setup(args)
+    meta = read_checkpoint_meta(args.checkpoint)
+    saved_model = meta.get("model_name")
+    if saved_model and args.model == DEFAULT_MODEL and saved_model != DEFAULT_MODEL:
+        args.model = saved_model  # the checkpoint says which architecture it belongs to
+    extra = meta.get("extra") or {}
+    opts = dict(meta.get("options") or {})
+    model, tok, size, (mean, std) = build_model(args)
+    data = load_data(args, size, mean, std, train_transform=False)
+    templates = _templates(args, data["dataset"]) if args.templates else (extra.get("templates")
+                                                                           or _templates(args, data["dataset"]))
+    parts = parse_method(meta["method"])
+    accepted = {k for p in parts for k in method_options(p)}
+    method_opts = {k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS}
+    train_names = opts.get("classnames") or extra.get("classnames") or data["classnames"]
+    fd = opts.get("frozen_dtype")
+    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
+            classnames=train_names, tokenizer=tok, model_name=saved_model or args.model,
+            frozen_dtype=getattr(torch, fd) if fd else None, **method_opts)
+    load_trainable(model, meta["path"])
+    model.to(device)
+    if "linear-probe" in parts and len(train_names) != len(data["classnames"]):
+        raise UsageError(f"linear-probe checkpoint classifies {len(train_names)} classes; the evaluation set has "
+                         f"{len(data['classnames'])} (a probe cannot evaluate new classes)")
+    res = evaluate(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,
+                   precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
+    result = {"command": "eval", "method": meta["method"], "checkpoint": meta["path"], "dataset": data["dataset"],
+              "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]), **res}
+    _emit(result, args, "eval.json")
+    return 0
+
+
+def cmd_zeroshot(args) -> int:
+    from engine.train import zeroshot
+
+    device = _setup(args)
+    model, tok, size, (mean, std) = build_model(args)
+    data = load_data(args, size, mean, std, train_transform=False)
+    templates = _templates(args, data["dataset"])
+    model.to(device)
+    res = zeroshot(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,
+                   precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
+    result = {"command": "zeroshot", "model": args.model, "pretrained": args.pretrained, "dataset": data["dataset"],
+              "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
+              "templates": templates, **res}
+    _emit(result, args, "zeroshot.json")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zeroshot": cmd_zeroshot}
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def _first_command(argv: Sequence[str]) -> str | None:
+    for a in argv:
+        if not a.startswith("-"):
+            return a
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: returns the exit code (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(_first_command(argv))
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or an argparse usage error (2, message already printed)
+            return int(e.code) if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+        func = COMMANDS.get(args.command) or getattr(args, "func", None)
+        if func is None:
+            raise UsageError(f"unknown command {args.command!r}")
+        rc = func(args)
+        return int(rc or 0)
+    except (ValueError, FileNotFoundError, TypeError, NotADirectoryError, IsADirectoryError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Small open_clip model configs registered at run time (tests, demo, benchmarks). No weights are downloaded.
+
+    from engine.configs import register_tiny_config, register_reduced_config
+    name = register_tiny_config()                       # "leanclip-tiny": E=64, ViT 2x64 patch 8 @32px, text 2x64
+    model = open_clip.create_model(name, pretrained=None)
+    name = register_reduced_config("ViT-B-16", layers=2)  # "ViT-B-16-L2": ViT-B-16 widths with 2 blocks per tower
+"""
+from __future__ import annotations
+
+import copy
+
+TINY_NAME = "leanclip-tiny"
+
+TINY_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def _registry() -> dict:
+    from open_clip import factory
+
+    return factory._MODEL_CONFIGS
+
+
+def register_config(name: str, config: dict, *, overwrite: bool = True) -> str:
+    """Register ``config`` (an open_clip model config dict) under ``name`` so ``open_clip.create_model(name)``
+    builds it. Returns ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
+        raise ValueError("config must be an open_clip model config dict with 'vision_cfg' and 'text_cfg'")
+    reg = _registry()
+    if name in reg and not overwrite and reg[name] != config:
+        raise ValueError(f"a different config is already registered as {name!r}")
+    reg[name] = copy.deepcopy(config)
+    return name
+
+
+def register_tiny_config(name: str = TINY_NAME, **overrides) -> str:
+    """Register the tiny test config (embed 64; vision width 64, 2 layers, 2 heads, patch 8, image 32; text width
+    64, 2 layers, 2 heads, context 77, vocab 49408). ``overrides`` are merged into the top level, ``vision_cfg``
+    and ``text_cfg`` dicts are merged key by key (e.g. ``quick_gelu=True``, ``vision_cfg={"ls_init_value": 0.1}``).
+    Returns the registered name."""
+    cfg = copy.deepcopy(TINY_CONFIG)
+    for k, v in overrides.items():
+        if k in ("vision_cfg", "text_cfg"):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    return register_config(name, cfg)
+
+
+def register_reduced_config(base: str = "ViT-B-16", layers: int = 2, *, text_layers: int | None = None,
+                            name: str | None = None) -> str:
+    """Register a copy of open_clip config ``base`` with ``layers`` vision blocks and ``text_layers`` (default
+    ``layers``) text blocks: same widths/heads/patches, far cheaper. Returns the name (default ``f"{base}-L{layers}"``)."""
+    from open_clip import factory
+
+    reg = _registry()
+    if base not in reg:
+        factory._rescan_model_configs()
+    if base not in reg:
+        raise ValueError(f"unknown open_clip config {base!r}")
+    if int(layers) < 1:
+        raise ValueError(f"layers must be >= 1, got {layers!r}")
+    cfg = copy.deepcopy(reg[base])
+    cfg["vision_cfg"]["layers"] = int(layers)
+    cfg["text_cfg"]["layers"] = int(text_layers if text_layers is not None else layers)
+    name = name or f"{base}-L{int(layers)}" + (f"T{int(text_layers)}" if text_layers is not None else "")
+    return register_config(name, cfg)

@@ -1,0 +1,176 @@
+"""Method-aware features and logits for a model prepared by ``engine.prepare``.
+
+    img = image_features(model, images)                          # (B, E) normalized; CLIP-Adapter applied
+    txt = text_features(model, classnames, templates, tokenizer) # (C, E) normalized; template ensemble / CoOp prompts
+    logits = class_logits(model, img, txt)                       # (B, C): logit_scale.exp() * cos, or the method head
+    teacher = frozen_text_features(model, classnames, templates, tokenizer)   # no grad: CLIPFit teacher, zero-shot
+    loss = CE(logits, y) + clipfit_kd_loss(txt, teacher, lam=8.0)
+
+Lean models (``prepare(..., lean=True)``) encode text with the EOT-truncated context (``engine.lean.encode_text_lean``,
+exact); plain ones run open_clip's ``encode_text`` over the full context (the baseline). Features come back in
+float32 whatever the frozen-weight / autocast dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import lean as _lean
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+_TOKEN_CACHE: dict = {}
+
+
+def _uses_lean(model: nn.Module) -> bool:
+    info = getattr(model, "leanclip_info", None)
+    if info and "lean" in info.get("options", {}):
+        return bool(info["options"]["lean"])
+    return _lean.is_lean(model)
+
+
+def _clean(name) -> str:
+    return " ".join(str(name).replace("_", " ").split())
+
+
+def _check_classnames(classnames) -> list[str]:
+    if classnames is None or isinstance(classnames, str):
+        raise ValueError("classnames must be a non-empty list of strings")
+    classnames = [str(c) for c in classnames]
+    if not classnames:
+        raise ValueError("classnames must be a non-empty list of strings")
+    return classnames
+
+
+def _check_templates(templates) -> list[str]:
+    if templates is None:
+        return list(DEFAULT_TEMPLATES)
+    if isinstance(templates, str):
+        templates = [templates]
+    templates = list(templates)
+    if not templates:
+        raise ValueError("templates must not be empty")
+    for t in templates:
+        if not isinstance(t, str) or "{}" not in t:
+            raise ValueError(f"every template must be a string with a '{{}}' placeholder, got {t!r}")
+    return templates
+
+
+def tokenize(tokenizer: Callable, texts: Sequence[str]) -> torch.Tensor:
+    """``tokenizer(texts)`` as a CPU LongTensor (cached: prompts repeat every training step)."""
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError("a tokenizer (callable: list[str] -> LongTensor) is needed to encode text")
+    key = (id(tokenizer), tuple(texts))
+    hit = _TOKEN_CACHE.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    tok = torch.as_tensor(tokenizer(list(texts)))
+    if tok.dim() != 2:
+        raise ValueError(f"tokenizer must return a 2-D tensor (N, L), got shape {tuple(tok.shape)}")
+    if len(_TOKEN_CACHE) >= 16:
+        _TOKEN_CACHE.clear()
+    _TOKEN_CACHE[key] = (tokenizer, tok)
+    return tok
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def encode_tokens(model: nn.Module, tokens: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+    """Unnormalized text embeddings (N, E) of ``tokens`` (lean: EOT-truncated per chunk; plain: open_clip)."""
+    tokens = tokens.to(_model_device(model))
+    lean = _uses_lean(model)
+    chunks = [tokens] if not batch_size or tokens.shape[0] <= batch_size else tokens.split(int(batch_size))
+    outs = [(_lean.encode_text_lean(model, c) if lean else model.encode_text(c)) for c in chunks]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def image_features(model: nn.Module, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """(B, E) float32 image features (L2-normalized unless ``normalize=False``); CLIP-Adapter applied when the
+    method has one. Images are cast to the patch-embedding weight's dtype (bf16 frozen weights)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    conv = getattr(model.visual, "conv1", None)
+    if conv is not None and images.dtype != conv.weight.dtype and images.is_floating_point():
+        images = images.to(conv.weight.dtype)
+    f = model.encode_image(images).float()
+    adapter = getattr(model, "clip_adapter", None)
+    if adapter is not None:
+        f = adapter(f)
+    return F.normalize(f, dim=-1) if normalize else f
+
+
+def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequence[str] | str | None = None,
+                  tokenizer: Callable | None = None, *, batch_size: int | None = None,
+                  use_prompt_learner: bool = True) -> torch.Tensor:
+    """(C, E) float32 normalized class text features.
+
+    Templates (strings with ``{}``) are ensembled: features of each prompt are normalized, averaged over the
+    templates and renormalized. A CoOp model (``model.prompt_learner``) uses its learned prompts and ignores
+    ``templates`` (unless ``use_prompt_learner=False``). Gradients flow when the text side has trainable
+    parameters. ``batch_size`` chunks the prompts through the text tower (memory; no effect on the result)."""
+    classnames = _check_classnames(classnames)
+    learner = getattr(model, "prompt_learner", None) if use_prompt_learner else None
+    if learner is not None:
+        t = _lean.text_tower(model)
+        tok = learner.tokens(classnames, tokenizer)
+        length = _lean.eot_length(model, tok) if _uses_lean(model) else tok.shape[1]
+        emb, tok = learner(t.token_embedding, classnames, tokenizer, max_len=length)
+        f = _lean.encode_text_lean(model, tok, prompt_embeddings=emb, truncate=False)
+        return F.normalize(f.float(), dim=-1)
+    templates = _check_templates(templates)
+    names = [_clean(c) for c in classnames]
+    texts = [t.replace("{}", n) for t in templates for n in names]
+    tokens = tokenize(tokenizer, texts)
+    f = F.normalize(encode_tokens(model, tokens, batch_size=batch_size).float(), dim=-1)
+    if len(templates) == 1:
+        return f
+    f = f.view(len(templates), len(names), -1).mean(0)
+    return F.normalize(f, dim=-1)
+
+
+@torch.no_grad()
+def frozen_text_features(model: nn.Module, classnames: Sequence[str], templates: Sequence[str] | str | None = None,
+                         tokenizer: Callable | None = None, *, batch_size: int | None = 256) -> torch.Tensor:
+    """Hand-crafted-prompt text features (C, E) under ``torch.no_grad`` (prompt learner ignored): the zero-shot
+    classifier and the CLIPFit teacher t^0. Compute it once, before training (it reflects the current weights)."""
+    return text_features(model, classnames, templates, tokenizer, batch_size=batch_size,
+                         use_prompt_learner=False).detach()
+
+
+def class_logits(model: nn.Module, img_feats: torch.Tensor, txt_feats: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C) float32 logits. Default: ``logit_scale.exp() * img @ txt.T`` (+ logit_bias when the model has one);
+    ``linear-probe``: the head on ``img_feats`` (``txt_feats`` unused); ``llu``: both sides through their LLU heads
+    (``model.llu_image`` / ``model.llu_text``, banks set with ``set_bank``) before the scaled cosine."""
+    probe = getattr(model, "linear_probe", None)
+    if probe is not None:
+        return probe(img_feats.float()).float()
+    if txt_feats is None:
+        raise ValueError("txt_feats is required (only linear-probe models classify without text features)")
+    img, txt = img_feats.float(), txt_feats.float()
+    if img.dim() != 2 or txt.dim() != 2 or img.shape[1] != txt.shape[1]:
+        raise ValueError(f"img_feats (B, E) and txt_feats (C, E) must share E, got {tuple(img.shape)} and "
+                         f"{tuple(txt.shape)}")
+    if hasattr(model, "llu_image"):
+        img = model.llu_image(img)
+        txt = model.llu_text(txt)
+    logits = model.logit_scale.float().exp() * (img @ txt.t())
+    if getattr(model, "logit_bias", None) is not None:
+        logits = logits + model.logit_bias.float()
+    return logits
+
+
+def clipfit_kd_loss(txt_feats: torch.Tensor, teacher_feats: torch.Tensor, lam: float = 8.0) -> torch.Tensor:
+    """CLIPFit knowledge-distillation term ``lam * (1 - mean_k cos(t_k, t0_k))``, computed in float32 (also under
+    bf16 autocast)."""
+    if txt_feats.shape != teacher_feats.shape or txt_feats.dim() != 2:
+        raise ValueError(f"txt_feats and teacher_feats must both be (C, E), got {tuple(txt_feats.shape)} and "
+                         f"{tuple(teacher_feats.shape)}")
+    with torch.autocast(device_type=txt_feats.device.type, enabled=False):
+        t = F.normalize(txt_feats.float(), dim=-1)
+        t0 = F.normalize(teacher_feats.float().detach(), dim=-1)
+        return float(lam) * (1.0 - (t * t0).sum(-1).mean())

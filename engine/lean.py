@@ -1,0 +1,532 @@
+"""Lean open_clip modules: fused ops, SDPA attention, exact recompute, EOT truncation.
+
+``apply_lean(model, recompute)`` swaps, in place and keeping every parameter name and value:
+
+- open_clip ``LayerNorm`` / ``LayerNormFp32`` -> ``LeanLayerNorm`` / ``LeanLayerNormFp32`` (``kernels.layer_norm``;
+  same dtype semantics: output in the input dtype, the Fp32 variant computes in float32);
+- every default ``ResidualAttentionBlock`` -> ``LeanResidualAttentionBlock``: the attention uses
+  ``attn.in_proj_weight/bias`` and ``attn.out_proj`` directly with ``F.scaled_dot_product_attention`` (a causal
+  text mask becomes ``is_causal=True``), projections whose weight is frozen (``attn`` in/out, ``mlp.c_fc``,
+  ``mlp.c_proj``) run through ``kernels.frozen_linear`` (input not saved, db fused); a trainable weight (``full``)
+  keeps ``F.linear``. ``ls_1``/``ls_2`` and ``batch_first`` behave as in open_clip 3.3.
+
+The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`` names, ``deepcopy`` and open_clip's
+own forward code (``encode_image``, ``encode_text``) keep working.
+
+Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
+
+    none      keep what eager PyTorch keeps: per block ~10 units of B*L*D (LN1 in 1, q/k/v 3, attn out 1, LN2 in 1,
+              GELU in 4)
+    mlp       checkpoint ln_2 -> c_fc -> gelu (c_proj stays outside: a frozen projection saves nothing): the MLP
+              keeps only its LN2 input                                                        ~6 units
+    mlp+qkv   also checkpoint ln_1 -> in_proj -> SDPA with a selective-checkpoint policy that MUST_SAVEs the SDPA
+              outputs (output + logsumexp): backward recomputes LN1 and the qkv GEMM, never the attention  ~3 units
+    block     keep only the block input (everything recomputed; c_proj again left outside)        1 unit
+
+Checkpointed branches use non-reentrant ``torch.utils.checkpoint`` so trainable LayerNorm parameters inside them get
+their gradients. ``estimate_saved_bytes`` predicts the saved bytes of a training forward; ``choose_recompute`` picks
+the fastest policy that fits a budget (``prepare(..., recompute="auto", memory_budget=...)``).
+
+``encode_text_lean(model, tokens)`` truncates the 77-token context to max(EOT position)+1 of the batch: attention is
+causal and features are read at the EOT token, so the result is exactly that of the full context.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+import kernels
+from open_clip.transformer import (
+    LayerNorm,
+    LayerNormFp32,
+    ResidualAttentionBlock,
+    Transformer,
+    VisionTransformer,
+    text_global_pool,
+)
+
+POLICIES = ("none", "mlp", "mlp+qkv", "block")  # fastest first
+RECOMPUTE_CHOICES = POLICIES + ("auto",)
+# Saved activation units (B*L*D elements) per frozen-weight block for each policy (see module docstring).
+BLOCK_UNITS = {"none": 10, "mlp": 6, "mlp+qkv": 3, "block": 1}
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def check_policy(policy, *, allow_auto: bool = False) -> str:
+    valid = RECOMPUTE_CHOICES if allow_auto else POLICIES
+    if policy not in valid:
+        raise ValueError(f"unknown recompute policy {policy!r}; valid: {', '.join(repr(p) for p in valid)}")
+    return policy
+
+
+# ----------------------------------------------------------------------------------------------------------- LayerNorm
+def _ln_param(p: torch.Tensor | None, x: torch.Tensor):
+    """kernels.layer_norm takes affine params in x's dtype or float32 (mixed precision); cast anything else."""
+    if p is None or p.dtype == x.dtype or (p.dtype == torch.float32 and x.dtype in _HALF):
+        return p
+    return p.to(x.dtype)
+
+
+class LeanLayerNorm(LayerNorm):
+    """open_clip ``LayerNorm`` through ``kernels.layer_norm`` (output cast back to the input dtype)."""
+
+    def forward(self, x: torch.Tensor):
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        y = kernels.layer_norm(x, _ln_param(self.weight, x), _ln_param(self.bias, x), self.eps)
+        return y.to(x.dtype)
+
+
+class LeanLayerNormFp32(LayerNormFp32):
+    """open_clip ``LayerNormFp32`` through ``kernels.layer_norm``: computed in float32, cast back."""
+
+    def forward(self, x: torch.Tensor):
+        if len(self.normalized_shape) != 1:
+            return super().forward(x)
+        orig = x.dtype
+        xf = x.to(torch.float32)
+        return kernels.layer_norm(xf, _ln_param(self.weight, xf), _ln_param(self.bias, xf), self.eps).to(orig)
+
+
+# ----------------------------------------------------------------------------------------------------------- projections
+def _autocast_dtype(device_type: str):
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError, AttributeError):  # older torch signatures
+        pass
+    return None
+
+
+def lean_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for a trainable weight; ``kernels.frozen_linear`` (x not saved, db fused) for a frozen one.
+    x is cast to the frozen weight's dtype (bf16 frozen weights); under autocast both go to the autocast dtype."""
+    if weight.requires_grad:
+        return F.linear(x, weight, bias)
+    ac = _autocast_dtype(x.device.type)
+    if ac is not None and weight.dtype != ac and weight.dtype.is_floating_point:
+        weight = weight.to(ac)
+    if x.dtype != weight.dtype:
+        x = x.to(weight.dtype)
+    if bias is not None and bias.dtype != x.dtype and not (bias.dtype == torch.float32 and x.dtype in _HALF):
+        bias = bias.to(x.dtype)
+    return kernels.frozen_linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------------------- masks
+_CAUSAL_CACHE: dict = {}
+
+
+def _is_causal_mask(mask: torch.Tensor | None, length: int) -> bool:
+    """Whether ``mask[:length, :length]`` is the standard additive causal mask (-inf strictly above the diagonal,
+    0 elsewhere). Cached per mask object and version (no device sync after the first check). Bool masks are never
+    causal here: open_clip's block casts them to the activation dtype (an additive 0/1 mask)."""
+    if (mask is None or mask.dim() != 2 or mask.shape[0] < length or mask.shape[1] < length
+            or not mask.is_floating_point()):
+        return False
+    key = (id(mask), length)
+    hit = _CAUSAL_CACHE.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        return hit[2]
+    m = mask[:length, :length]
+    upper = torch.ones(length, length, dtype=torch.bool, device=m.device).triu_(1)
+    ok = bool(torch.isneginf(m[upper]).all()) and bool((m[~upper] == 0).all())
+    if len(_CAUSAL_CACHE) > 64:
+        _CAUSAL_CACHE.clear()
+    _CAUSAL_CACHE[key] = (weakref.ref(mask), mask._version, ok)
+    return ok
+
+
+def _sdpa_mask(mask: torch.Tensor | None, batch: int, heads: int, length: int, dtype: torch.dtype):
+    """An open_clip block mask (2-D (L', L') with L' >= L, or 3-D (N*H, L, L)) as an SDPA additive mask in
+    ``dtype``. Like open_clip's ``ResidualAttentionBlock.attention`` the mask is cast to the activation dtype first
+    (so a bool mask acts as an additive 0/1 mask there too)."""
+    if mask is None:
+        return None
+    mask = mask.to(dtype)
+    if mask.dim() == 2:
+        mask = mask[:length, :length]
+    elif mask.dim() == 3:
+        mask = mask.reshape(batch, heads, length, length)
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------- SAC policy
+def _sdpa_ops() -> frozenset:
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_fused_attention_overrideable")
+    ops = set()
+    for n in names:
+        pkt = getattr(torch.ops.aten, n, None)
+        if pkt is not None and hasattr(pkt, "default"):
+            ops.add(pkt.default)
+    return frozenset(ops)
+
+
+SDPA_OPS = _sdpa_ops()
+
+
+def _save_sdpa_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in SDPA_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SAC_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _save_sdpa_policy)
+# Route SAC-cached tensors through outer saved_tensors_hooks (save_on_cpu, engine.memory's counter) where supported.
+_CKPT_KW = ({"respect_saved_tensors_hooks": True}
+            if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
+
+
+def _ckpt(fn, *args, rng: bool = False, sac: bool = False):
+    kw = dict(_CKPT_KW) if sac else {}
+    if sac:
+        kw["context_fn"] = _SAC_CONTEXT
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=rng, **kw)
+
+
+def _frozen(*mods_or_params) -> bool:
+    for m in mods_or_params:
+        if isinstance(m, nn.Module):
+            if any(p.requires_grad for p in m.parameters()):
+                return False
+        elif m is not None and m.requires_grad:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------- block
+class LeanResidualAttentionBlock(ResidualAttentionBlock):
+    """open_clip ``ResidualAttentionBlock`` with SDPA attention, fused frozen projections and a recompute policy
+    (``self.leanclip_recompute``). Parameters, names and math are those of the original block."""
+
+    leanclip_recompute = "none"
+
+    # -- branches (x is (B, L, D) batch-first) --
+    def _attn_core(self, x, mask, is_causal: bool):
+        attn = self.attn
+        b, n, d = x.shape
+        h = attn.num_heads
+        qkv = lean_linear(self.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        if mask is not None:
+            mask = mask.to(q.dtype)
+        p = attn.dropout if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+
+    def _attn_out(self, o):
+        b, h, n, hd = o.shape
+        o = o.transpose(1, 2).reshape(b, n, h * hd)
+        return self.ls_1(lean_linear(o, self.attn.out_proj.weight, self.attn.out_proj.bias))
+
+    def _attn(self, x, mask, is_causal: bool):
+        return self._attn_out(self._attn_core(x, mask, is_causal))
+
+    def _mlp_core(self, x):
+        return self.mlp.gelu(lean_linear(self.ln_2(x), self.mlp.c_fc.weight, self.mlp.c_fc.bias))
+
+    def _mlp_out(self, g):
+        return self.ls_2(lean_linear(g, self.mlp.c_proj.weight, self.mlp.c_proj.bias))
+
+    def _mlp(self, x):
+        return self._mlp_out(self._mlp_core(x))
+
+    def _plain(self, x, mask, is_causal: bool):
+        x = x + self._attn(x, mask, is_causal)
+        return x + self._mlp(x)
+
+    def _block_head(self, x, mask, is_causal: bool):
+        x1 = x + self._attn(x, mask, is_causal)
+        return x1, self._mlp_core(x1)
+
+    # -- forward --
+    def forward(self, q_x, k_x=None, v_x=None, attn_mask=None, is_causal: bool | None = None):
+        if k_x is not None or v_x is not None or hasattr(self, "ln_1_kv"):
+            return super().forward(q_x, k_x, v_x, attn_mask)
+        batch_first = getattr(self.attn, "batch_first", True)
+        x = q_x if batch_first else q_x.transpose(0, 1)
+        b, n, _ = x.shape
+        if is_causal is None:
+            is_causal = _is_causal_mask(attn_mask, n)
+        mask = None if is_causal else _sdpa_mask(attn_mask, b, self.attn.num_heads, n, x.dtype)
+        policy = self.leanclip_recompute
+        if policy != "none" and not (torch.is_grad_enabled() and (x.requires_grad or not _frozen(self))):
+            policy = "none"  # nothing would be saved anyway
+        rng = self.training and self.attn.dropout > 0
+        if policy == "none":
+            y = self._plain(x, mask, is_causal)
+        elif policy == "block":
+            if _frozen(self.mlp.c_proj, self.ls_2):
+                x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
+                y = x1 + self._mlp_out(g)
+            else:
+                y = _ckpt(self._plain, x, mask, is_causal, rng=rng)
+        else:
+            if policy == "mlp+qkv":
+                if _frozen(self.attn.out_proj, self.ls_1):
+                    a = self._attn_out(_ckpt(self._attn_core, x, mask, is_causal, rng=rng, sac=True))
+                else:
+                    a = _ckpt(self._attn, x, mask, is_causal, rng=rng, sac=True)
+            else:
+                a = self._attn(x, mask, is_causal)
+            x = x + a
+            if _frozen(self.mlp.c_proj, self.ls_2):
+                y = x + self._mlp_out(_ckpt(self._mlp_core, x))
+            else:
+                y = x + _ckpt(self._mlp, x)
+        return y if batch_first else y.transpose(0, 1)
+
+
+def _block_supported(blk: nn.Module) -> bool:
+    attn = getattr(blk, "attn", None)
+    mlp = getattr(blk, "mlp", None)
+    return (
+        type(blk) is ResidualAttentionBlock
+        and isinstance(attn, nn.MultiheadAttention)
+        and attn._qkv_same_embed_dim
+        and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn
+        and attn.in_proj_weight is not None
+        and isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
+        and not hasattr(blk, "ln_1_kv")
+    )
+
+
+_SWAP = {LayerNorm: LeanLayerNorm, LayerNormFp32: LeanLayerNormFp32, ResidualAttentionBlock: LeanResidualAttentionBlock}
+_UNSWAP = {v: k for k, v in _SWAP.items()}
+
+
+def apply_lean(model: nn.Module, recompute: str = "none") -> nn.Module:
+    """Swap open_clip LayerNorms and default residual blocks for their lean versions (in place; names, parameters
+    and buffers unchanged) and set the recompute policy. Returns ``model``."""
+    check_policy(recompute)
+    for m in model.modules():
+        cls = type(m)
+        if cls in (LayerNorm, LayerNormFp32):
+            m.__class__ = _SWAP[cls]
+        elif cls is ResidualAttentionBlock and _block_supported(m):
+            m.__class__ = LeanResidualAttentionBlock
+    set_recompute(model, recompute)
+    return model
+
+
+def remove_lean(model: nn.Module) -> nn.Module:
+    """Undo ``apply_lean`` (back to open_clip's plain modules). Returns ``model``."""
+    for m in model.modules():
+        cls = type(m)
+        if cls in _UNSWAP:
+            if "leanclip_recompute" in m.__dict__:
+                del m.__dict__["leanclip_recompute"]
+            m.__class__ = _UNSWAP[cls]
+    if "leanclip_recompute" in model.__dict__:
+        del model.__dict__["leanclip_recompute"]
+    return model
+
+
+def is_lean(model: nn.Module) -> bool:
+    return any(isinstance(m, LeanResidualAttentionBlock) for m in model.modules())
+
+
+def set_recompute(model: nn.Module, policy: str) -> nn.Module:
+    """Set the recompute policy (``"none"``, ``"mlp"``, ``"mlp+qkv"``, ``"block"``) of every lean block."""
+    check_policy(policy)
+    for m in model.modules():
+        if isinstance(m, LeanResidualAttentionBlock):
+            m.leanclip_recompute = policy
+    model.leanclip_recompute = policy
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------- text tower
+def text_tower(model: nn.Module) -> SimpleNamespace | None:
+    """The pieces of an open_clip text tower (``CLIP``'s flattened one or ``CustomTextCLIP.text``), or None for
+    towers this module does not handle (e.g. Hugging Face text encoders)."""
+    src, prefix = (model, "") if hasattr(model, "token_embedding") and hasattr(model, "transformer") else (
+        getattr(model, "text", None), "text.")
+    if src is None or not hasattr(src, "token_embedding") or not isinstance(getattr(src, "transformer", None),
+                                                                          Transformer):
+        return None
+    return SimpleNamespace(
+        module=src,
+        prefix=prefix,
+        token_embedding=src.token_embedding,
+        positional_embedding=src.positional_embedding,
+        transformer=src.transformer,
+        ln_final=src.ln_final,
+        text_projection=src.text_projection,
+        attn_mask=getattr(src, "attn_mask", None),
+        pool_type=getattr(src, "text_pool_type", getattr(src, "pool_type", "argmax")),
+        eos_id=getattr(src, "text_eos_id", getattr(src, "eos_id", None)),
+        cls_emb=getattr(src, "cls_emb", None),
+        pad_mask=bool(getattr(src, "use_pad_mask", False)),
+    )
+
+
+def _pool_index(tokens: torch.Tensor, pool_type: str, eos_id) -> torch.Tensor | None:
+    if pool_type == "argmax":
+        return tokens.argmax(dim=-1)
+    if pool_type == "eos" and eos_id is not None:
+        return (tokens == eos_id).int().argmax(dim=-1)
+    return None
+
+
+def eot_length(model: nn.Module, tokens: torch.Tensor) -> int:
+    """The context length ``encode_text_lean`` runs for ``tokens``: max(EOT position)+1 of the batch for causal
+    towers pooled at the EOT token (``argmax``/``eos``), else the full length."""
+    t = text_tower(model)
+    n = tokens.shape[-1]
+    if t is None or t.cls_emb is not None or t.pad_mask or t.attn_mask is None or tokens.numel() == 0:
+        return n
+    if not _is_causal_mask(t.attn_mask, n):
+        return n
+    idx = _pool_index(tokens, t.pool_type, t.eos_id)
+    if idx is None:
+        return n
+    return int(idx.max().item()) + 1
+
+
+def encode_text_lean(model: nn.Module, tokens: torch.Tensor, *, prompt_embeddings: torch.Tensor | None = None,
+                     normalize: bool = False, truncate: bool = True) -> torch.Tensor:
+    """open_clip ``encode_text`` with the context truncated to max(EOT)+1 (exact; see ``eot_length``).
+
+    ``prompt_embeddings`` (B, L, width) replaces the token embedding lookup (CoOp); ``tokens`` still give the EOT
+    positions. Works on plain and lean models; ``truncate=False`` runs the full context."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+        raise ValueError(f"tokens must be a 2-D LongTensor (B, L), got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+    t = text_tower(model)
+    if t is None or t.cls_emb is not None or t.pad_mask:
+        if prompt_embeddings is not None:
+            raise ValueError("prompt_embeddings need a standard open_clip text tower (no CLS token / pad mask)")
+        return model.encode_text(tokens, normalize=normalize)
+    n = tokens.shape[1]
+    if n > t.positional_embedding.shape[0]:
+        raise ValueError(f"tokens have {n} positions but the model's context length is "
+                         f"{t.positional_embedding.shape[0]}")
+    if prompt_embeddings is not None and (prompt_embeddings.dim() != 3 or prompt_embeddings.shape[:2] != tokens.shape):
+        raise ValueError(f"prompt_embeddings must have shape {tuple(tokens.shape)} + (width,), got "
+                         f"{tuple(prompt_embeddings.shape)}")
+    length = eot_length(model, tokens) if truncate else n
+    tokens = tokens[:, :length]
+    cast_dtype = t.transformer.get_cast_dtype()
+    x = prompt_embeddings[:, :length] if prompt_embeddings is not None else t.token_embedding(tokens)
+    x = x.to(cast_dtype) + t.positional_embedding[:length].to(cast_dtype)
+    mask = t.attn_mask
+    if mask is not None and not isinstance(t.transformer.resblocks[0], LeanResidualAttentionBlock):
+        mask = mask[:length, :length]  # plain blocks need an (L, L) mask; lean ones slice and detect causality
+    x = t.transformer(x, attn_mask=mask)
+    x = t.ln_final(x)
+    x = text_global_pool(x, tokens, t.pool_type, eos_token_id=t.eos_id)
+    if t.text_projection is not None:
+        if isinstance(t.text_projection, nn.Linear):
+            x = t.text_projection(x)
+        else:
+            x = x @ t.text_projection.to(x.dtype) if not t.text_projection.requires_grad else x @ t.text_projection
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+# ----------------------------------------------------------------------------------------------------------- estimates
+def _tower_grad_layout(model: nn.Module, prefix: str, blocks_prefix: str, n_blocks: int, pre_names, post_names,
+                       input_grad: bool):
+    """(first block index through which gradients flow or None, whether anything after the blocks is on the grad
+    path, whether the pre-block LN input is saved)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)]
+    first = 0 if input_grad or any(n[len(prefix):].split(".")[0] in pre_names for n in trainable) else None
+    if first is None:
+        for i in range(n_blocks):
+            if any(n.startswith(f"{blocks_prefix}{i}.") for n in trainable):
+                first = i
+                break
+    post = first is not None or any(n[len(prefix):].split(".")[0] in post_names for n in trainable)
+    return first, post
+
+
+def _block_extra_units(model_blocks, policy: str, first: int) -> float:
+    """Extra units for blocks whose projection weights are trainable (their inputs are saved)."""
+    extra = 0.0
+    for blk in list(model_blocks)[first:]:
+        attn, mlp = blk.attn, blk.mlp
+        if policy == "none":
+            extra += (attn.in_proj_weight.requires_grad + attn.out_proj.weight.requires_grad
+                      + mlp.c_fc.weight.requires_grad + 4 * mlp.c_proj.weight.requires_grad)
+        elif policy == "mlp":
+            extra += attn.in_proj_weight.requires_grad + attn.out_proj.weight.requires_grad
+    return extra
+
+
+def _tower_bytes(blocks, policy, first, post, batch, length, width, heads, elem, outside_units) -> int:
+    if batch == 0 or (first is None and not post):
+        return 0
+    bl = batch * length
+    unit = bl * width * elem
+    total = 0.0
+    if first is not None:
+        n = len(blocks) - first
+        stats = {"none": 2, "mlp": 1, "mlp+qkv": 0, "block": 0}[policy]  # LN mean+rstd pairs kept per block
+        lse = 0 if policy == "block" else bl * heads * 4
+        total += n * (BLOCK_UNITS[policy] * unit + stats * 8 * bl + lse)
+        total += _block_extra_units(blocks, policy, first) * unit
+    if post:
+        total += outside_units * (unit + 8 * bl)
+    return int(total)
+
+
+def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text_batch_size: int | None = None,
+                         text_len: int | None = None, dtype: torch.dtype | None = None) -> int:
+    """Predicted bytes saved for backward by one training forward of both towers under ``policy``.
+
+    Per block: ``BLOCK_UNITS[policy]`` units of B*L*D*elem (+ LN statistics and the attention logsumexp), for the
+    blocks gradients flow through (from the first block holding a trainable parameter, or all when the tower input
+    needs grad: CoOp prompts, trainable ln_pre/embeddings); plus, outside the blocks, the ln_pre input (image,
+    when on the grad path) and the ln_post / ln_final inputs. The image batch is ``batch_size`` with L = patches+1;
+    the text batch is ``text_batch_size`` (default ``batch_size``; the number of class prompts for classification)
+    with L = ``text_len`` (default: the full context, an upper bound: EOT truncation shortens it). ``dtype`` is the
+    activation dtype (default: that of the frozen block weights, i.e. bf16 with ``frozen_dtype=torch.bfloat16``)."""
+    check_policy(policy)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+        raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
+    tb = batch_size if text_batch_size is None else text_batch_size
+    if isinstance(tb, bool) or not isinstance(tb, int) or tb < 0:
+        raise ValueError(f"text_batch_size must be a non-negative int, got {text_batch_size!r}")
+    total = 0
+    vis = getattr(model, "visual", None)
+    if isinstance(vis, VisionTransformer):
+        blocks = vis.transformer.resblocks
+        elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
+        first, post = _tower_grad_layout(model, "visual.", "visual.transformer.resblocks.", len(blocks),
+                                         {"conv1", "class_embedding", "positional_embedding", "ln_pre"},
+                                         {"ln_post", "proj", "attn_pool"}, input_grad=False)
+        ln_pre_saved = first is not None and not isinstance(vis.ln_pre, nn.Identity)
+        length = vis.grid_size[0] * vis.grid_size[1] + 1
+        total += _tower_bytes(blocks, policy, first, post, batch_size, length, vis.transformer.width,
+                              blocks[0].attn.num_heads, elem, outside_units=1 + ln_pre_saved)
+    t = text_tower(model)
+    if t is not None:
+        blocks = t.transformer.resblocks
+        elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
+        input_grad = hasattr(model, "prompt_learner") and any(p.requires_grad for p in model.prompt_learner.parameters())
+        first, post = _tower_grad_layout(model, t.prefix, f"{t.prefix}transformer.resblocks.", len(blocks),
+                                         {"token_embedding", "positional_embedding"},
+                                         {"ln_final", "text_projection"}, input_grad=input_grad)
+        length = t.positional_embedding.shape[0] if text_len is None else int(text_len)
+        total += _tower_bytes(blocks, policy, first, post, tb, length, t.transformer.width,
+                              blocks[0].attn.num_heads, elem, outside_units=1)
+    return int(total)
+
+
+def choose_recompute(model: nn.Module, memory_budget: int, batch_size: int, **kw) -> str:
+    """The fastest policy (none < mlp < mlp+qkv < block) whose ``estimate_saved_bytes`` fits ``memory_budget``
+    bytes; ValueError naming the smallest prediction when none does."""
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    est = {p: estimate_saved_bytes(model, p, batch_size, **kw) for p in POLICIES}
+    for p in POLICIES:
+        if est[p] <= memory_budget:
+            return p
+    raise ValueError(f"memory_budget={int(memory_budget)} bytes is too small for batch_size={batch_size}: the "
+                     f"smallest prediction is {est['block']} bytes (recompute='block'); predictions: {est}")

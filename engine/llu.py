@@ -1,0 +1,427 @@
+"""LLU: identity-initialised affine maps on frozen CLIP embeddings, trained on cached features.
+
+Per tower, ``g(x) = W x + b`` (W = I, b = 0 at start) and a per-sample gate
+``alpha(x) = beta * exp(-gamma * (1 - max_{d in D} <x, d>))``; ``out = normalize(alpha * normalize(g(x)) + (1 - alpha) x)``
+(``engine.heads.LLUHead``; the max over the bank D is ``kernels.max_sim``: no N x M matrix). Loss::
+
+    CE(logit_scale * out_img @ out_txt.T, y) + lam * (reg(W_img, b_img) + reg(W_txt, b_txt)),  reg = ||W - I|| + ||b||
+
+The encoders never back-propagate: image features of every dataset are computed once (``FeatureCache``), class text
+features once per class set. Banks: image head D = the training image features, or (``clusters=k``) the normalized
+means of ``min(k, n)`` agglomerative clusters (complete linkage, cosine); text head D = the training classes' text
+features. At test time new classes / far-away images get a small alpha, i.e. stay close to zero-shot CLIP.
+
+    cache = FeatureCache("runs/features")
+    feats, labels = cached_image_features(model, train_set, cache)               # (N, E) fp32 normalized, (N,)
+    txt = class_text_features(model, classnames, templates, tokenizer)           # (C, E) frozen, normalized
+    summary = train_llu(model, feats, labels, txt, cfg)                          # heads trained in place
+    logits = llu_logits(model, test_feats, txt)                                  # chunked over test rows
+    run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets)  # all of the above (used by train())
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine import utils
+
+__all__ = [
+    "FeatureCache",
+    "model_fingerprint",
+    "dataset_fingerprint",
+    "feature_key",
+    "extract_image_features",
+    "cached_image_features",
+    "class_text_features",
+    "cluster_bank",
+    "llu_heads",
+    "train_llu",
+    "llu_logits",
+    "evaluate_llu",
+    "run_llu",
+]
+
+_CACHE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------------------ feature cache
+class FeatureCache:
+    """Directory of ``<sha256>.safetensors`` files, each holding the tensors of one (model, dataset, transform, dtype)
+    combination. Files are written atomically (temp file + ``os.replace``); a corrupt file is a miss and is rewritten.
+    ``hits`` / ``misses`` count lookups of this instance."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            return load_file(str(p))
+        except Exception as e:  # truncated / foreign file: treat as a miss
+            utils.get_logger().warning("feature cache: ignoring unreadable %s (%s)", p, e)
+            return None
+
+    def save(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
+        from safetensors.torch import save
+
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    metadata={"leanclip_feature_cache": str(_CACHE_VERSION), "meta": json.dumps(meta or {})})
+        return utils.atomic_write_bytes(self.path(key), data)
+
+    def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
+                       meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        got = self.load(key)
+        if got is not None:
+            self.hits += 1
+            return got
+        self.misses += 1
+        out = {k: v.detach().cpu() for k, v in compute().items()}
+        self.save(key, out, meta)
+        return out
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: torch.nn.Module, weights_path: str | os.PathLike | None = None,
+                      exclude: Sequence[str] = ("llu_",)) -> str:
+    """Identity of the frozen encoders: sha256 of the weights file (plus the parameter dtypes) when given, else of
+    every state_dict tensor's name, dtype, shape and bytes (random-init models), leaving out the LLU heads."""
+    h = hashlib.sha256()
+    if weights_path is not None:
+        h.update(b"file:" + utils.sha256_file(weights_path).encode())
+        h.update(json.dumps(sorted({str(p.dtype) for p in model.parameters()})).encode())
+        return h.hexdigest()
+    for name, t in model.state_dict().items():
+        if any(name.startswith(e) or f".{e}" in name for e in exclude):
+            continue
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset) -> str:
+    """Identity of a dataset's sample list: paths + labels for ``ImageDataset`` (``.samples``), image bytes + labels
+    for ``TensorImageDataset`` (``.images``), and the transform's repr."""
+    h = hashlib.sha256()
+    h.update(type(dataset).__name__.encode())
+    if hasattr(dataset, "samples"):
+        for s in dataset.samples:
+            h.update(json.dumps([os.fspath(getattr(s, "path", s[0])), int(getattr(s, "label", s[1]))]).encode())
+    elif hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
+        _hash_tensor(h, dataset.images)
+        _hash_tensor(h, torch.as_tensor(dataset.labels))
+    else:  # generic dataset: hash every item (slow but exact)
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            _hash_tensor(h, torch.as_tensor(x))
+            h.update(str(int(y)).encode())
+    h.update(repr(getattr(dataset, "transform", None)).encode())
+    return h.hexdigest()
+
+
+def feature_key(model_name: str, model_id: str, dataset_id: str, dtype: str, kind: str = "image") -> str:
+    blob = json.dumps({"v": _CACHE_VERSION, "kind": kind, "model": model_name, "model_id": model_id,
+                       "data": dataset_id, "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- feature extraction
+def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
+    """Frozen image-encoder features (L2-normalized, fp32). For an ``llu`` model ``engine.features.image_features``
+    is the bare encoder (the LLU heads act in ``class_logits``)."""
+    from engine.features import image_features
+
+    return image_features(model, images).float()
+
+
+@torch.no_grad()
+def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
+                           num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
+    from engine.train import _model_device, _progress, eval_loader
+
+    device = utils.resolve_device(device if device is not None else _model_device(model))
+    precision = utils.resolve_precision(precision, device)
+    was = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for images, y in _progress(eval_loader(dataset, batch_size, num_workers), progress, desc="features",
+                                   leave=False):
+            with utils.autocast(device, precision):
+                f = _encode_images(model, images.to(device, non_blocking=True))
+            feats.append(F.normalize(f.float(), dim=-1).cpu())
+            labels.append(torch.as_tensor(y).long().cpu())
+    finally:
+        model.train(was)
+    if not feats:
+        raise ValueError("extract_image_features: empty dataset")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size: int = 256, *,
+                          model_name: str | None = None, weights_path=None, device=None, precision: str = "auto",
+                          num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_image_features`, memoised in ``cache`` (None: compute)."""
+    def compute():
+        f, y = extract_image_features(model, dataset, batch_size, device=device, precision=precision,
+                                      num_workers=num_workers, progress=progress)
+        return {"features": f, "labels": y}
+
+    if cache is None:
+        out = compute()
+    else:
+        dev = utils.resolve_device(device if device is not None else next(model.parameters()).device)
+        prec = utils.resolve_precision(precision, dev)
+        name = model_name or (getattr(model, "leanclip_info", None) or {}).get("model_name") or type(model).__name__
+        key = feature_key(name, model_fingerprint(model, weights_path), dataset_fingerprint(dataset), prec)
+        out = cache.get_or_compute(key, compute, meta={"model": name, "n": len(dataset), "precision": prec})
+    return out["features"].float(), out["labels"].long()
+
+
+@torch.no_grad()
+def class_text_features(model, classnames: Sequence[str], templates: Sequence[str], tokenizer, *, device=None,
+                        precision: str = "auto") -> torch.Tensor:
+    """Frozen zero-shot class text features (C, E), fp32, L2-normalized (template-averaged as E1 defines it)."""
+    from engine.features import frozen_text_features
+    from engine.train import _model_device
+
+    device = utils.resolve_device(device if device is not None else _model_device(model))
+    precision = utils.resolve_precision(precision, device)
+    with utils.autocast(device, precision):
+        t = frozen_text_features(model, list(classnames), list(templates), tokenizer)
+    return F.normalize(t.float(), dim=-1)
+
+
+# -------------------------------------------------------------------------------------------------------------- banks
+def cluster_bank(feats: torch.Tensor, n_clusters: int | None = 512) -> torch.Tensor:
+    """The bank D: all (normalized) ``feats`` when ``n_clusters`` is None/0 or >= N, else the normalized means of
+    ``n_clusters`` agglomerative clusters (complete linkage, cosine distance). Note: sklearn holds an N x N distance
+    matrix (float64), so N is practical up to ~20k."""
+    feats = F.normalize(feats.detach().float().cpu(), dim=-1)
+    n = feats.shape[0]
+    if n == 0:
+        raise ValueError("cluster_bank: no features")
+    if not n_clusters or n_clusters >= n:
+        return feats
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1 or None, got {n_clusters}")
+    from sklearn.cluster import AgglomerativeClustering
+
+    lab = AgglomerativeClustering(n_clusters=int(n_clusters), metric="cosine", linkage="complete").fit_predict(
+        feats.double().numpy())
+    lab = torch.as_tensor(lab, dtype=torch.long)
+    sums = torch.zeros(int(n_clusters), feats.shape[1], dtype=torch.float64).index_add_(0, lab, feats.double())
+    return F.normalize(sums, dim=-1).float()
+
+
+# --------------------------------------------------------------------------------------------------------------- heads
+def llu_heads(model):
+    img, txt = getattr(model, "llu_image", None), getattr(model, "llu_text", None)
+    if img is None or txt is None:
+        raise ValueError("model has no LLU heads: call engine.prepare(model, 'llu') first")
+    return img, txt
+
+
+def _head_params(model) -> list[torch.nn.Parameter]:
+    img, txt = llu_heads(model)
+    return [p for p in list(img.parameters()) + list(txt.parameters()) if p.requires_grad]
+
+
+def _logit_scale(model) -> torch.Tensor:
+    return model.logit_scale.detach().float().exp()
+
+
+def llu_forward(model, x: torch.Tensor, class_txt: torch.Tensor) -> torch.Tensor:
+    """logits (N, C) = logit_scale * llu_image(x) @ llu_text(class_txt).T (banks from the heads' ``set_bank``)."""
+    img, txt = llu_heads(model)
+    out_i = img(x)
+    out_t = txt(class_txt)
+    return _logit_scale(model).to(out_i.device) * out_i.float() @ out_t.float().t()
+
+
+def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    img, txt = llu_heads(model)
+    logits = llu_forward(model, x, class_txt)
+    ce = F.cross_entropy(logits, y)
+    return ce + lam * (img.reg() + txt.reg()), ce, logits
+
+
+# -------------------------------------------------------------------------------------------------------------- train
+def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, class_text_feats: torch.Tensor, cfg,
+              *, bank: torch.Tensor | None = None, resume=None) -> dict:
+    """Train ``model.llu_image`` / ``model.llu_text`` on cached features (cfg: ``engine.train.TrainConfig``; uses
+    epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_*, scheduler, seed, device, llu_lambda,
+    llu_clusters, output, log_every, clip_grad_norm). Banks are set on the heads (image: ``bank`` or
+    ``cluster_bank(train_feats, cfg.llu_clusters)``; text: ``class_text_feats``). Returns the per-step history."""
+    from engine.train import CHECKPOINT_NAME, LOG_NAME, _resume, _save, build_optimizer, lr_at
+
+    cfg.validate()
+    device = utils.resolve_device(cfg.device)
+    x_all = F.normalize(train_feats.detach().float(), dim=-1).to(device)
+    y_all = torch.as_tensor(train_labels).long().to(device)
+    t_all = F.normalize(class_text_feats.detach().float(), dim=-1).to(device)
+    if x_all.dim() != 2 or x_all.shape[0] != y_all.shape[0] or x_all.shape[0] == 0:
+        raise ValueError(f"train_feats (N, E) and train_labels (N,) must match; got {tuple(x_all.shape)} and "
+                         f"{tuple(y_all.shape)}")
+    if int(y_all.max()) >= t_all.shape[0] or int(y_all.min()) < 0:
+        raise ValueError(f"train_labels must lie in [0, {t_all.shape[0]}) (one text feature per class)")
+    utils.seed_everything(cfg.seed)
+    model.to(device)
+    img_head, txt_head = llu_heads(model)
+    if bank is None:
+        bank = cluster_bank(x_all, cfg.llu_clusters)
+    img_head.set_bank(bank.to(device))
+    txt_head.set_bank(t_all)
+    params = _head_params(model)
+    if not params:
+        raise ValueError("LLU heads have no trainable parameters")
+    opt = build_optimizer(params, cfg)
+    n = x_all.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    out_dir = Path(cfg.output) if cfg.output else None
+    start_epoch, step, history = 0, 0, []
+    if resume is not None:
+        start_epoch, step, history = _resume(model, opt, resume, cfg, steps_per_epoch)
+        if out_dir is not None:
+            utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= step)
+    elif out_dir is not None and (out_dir / LOG_NAME).exists():
+        (out_dir / LOG_NAME).unlink()
+    log = utils.get_logger()
+    img_head.train()
+    txt_head.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        g = torch.Generator().manual_seed(utils.derive_seed(cfg.seed, epoch))
+        order = torch.randperm(n, generator=g).to(device)
+        for b0 in range(0, n, cfg.batch_size):
+            t0 = time.perf_counter()
+            idx = order[b0:b0 + cfg.batch_size]
+            lr = lr_at(step, cfg, steps_per_epoch)
+            for pg in opt.param_groups:
+                pg["lr"] = lr
+            loss, ce, logits = llu_loss(model, x_all[idx], y_all[idx], t_all, cfg.llu_lambda)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            opt.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "epoch": epoch + 1, "loss": float(loss.detach()), "ce": float(ce.detach()),
+                   "acc": float((logits.argmax(1) == y_all[idx]).float().mean()), "lr": lr,
+                   "img_per_s": idx.numel() / dt if dt > 0 else None}
+            mem = utils.peak_memory_bytes(device)
+            if mem is not None:
+                rec["peak_mem_bytes"] = mem
+            history.append(rec)
+            if out_dir is not None and (step % cfg.log_every == 0 or b0 + cfg.batch_size >= n):
+                utils.append_jsonl(out_dir / LOG_NAME, rec)
+        ep = [r for r in history if r["epoch"] == epoch + 1]
+        if ep and (epoch + 1 == cfg.epochs or (epoch + 1) % max(1, cfg.epochs // 10) == 0):
+            log.info("llu epoch %d/%d: loss %.4f ce %.4f acc %.3f", epoch + 1, cfg.epochs,
+                     sum(r["loss"] for r in ep) / len(ep), sum(r["ce"] for r in ep) / len(ep),
+                     sum(r["acc"] for r in ep) / len(ep))
+        if out_dir is not None:
+            _save(model, opt, out_dir / CHECKPOINT_NAME, cfg, epoch + 1, step, steps_per_epoch,
+                  cfg.extra.get("classnames", []), cfg.extra.get("templates", []))
+        if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
+            break
+    img_head.eval()
+    txt_head.eval()
+    return {"history": history, "steps": step, "bank_size": int(bank.shape[0])}
+
+
+# --------------------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def llu_logits(model, feats: torch.Tensor, class_text_feats: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+    """(N, C) logits of cached image features against class text features, ``batch_size`` rows at a time: the gate
+    goes through ``kernels.max_sim`` per chunk, so nothing N x M (M = bank size) is built."""
+    img, txt = llu_heads(model)
+    device = img.weight.device
+    out_t = txt(F.normalize(class_text_feats.float(), dim=-1).to(device)).float()
+    scale = _logit_scale(model).to(device)
+    chunks = []
+    for x in feats.split(batch_size):
+        out_i = img(F.normalize(x.float(), dim=-1).to(device)).float()
+        chunks.append((scale * out_i @ out_t.t()).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, out_t.shape[0])
+
+
+@torch.no_grad()
+def evaluate_llu(model, feats: torch.Tensor, labels: torch.Tensor, class_text_feats: torch.Tensor,
+                 batch_size: int = 8192) -> dict:
+    """top1/top5 (%) of LLU on cached features, streamed in ``batch_size`` chunks."""
+    from engine.metrics import AccuracyMeter
+
+    meter = AccuracyMeter(topk=(1, 5))
+    labels = torch.as_tensor(labels).long()
+    for x, y in zip(feats.split(batch_size), labels.split(batch_size)):
+        meter.update(llu_logits(model, x, class_text_feats, batch_size), y)
+    return {**meter.compute(), "n": meter.n}
+
+
+# ------------------------------------------------------------------------------------------------------------ pipeline
+def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=None, resume=None) -> dict:
+    """The LLU pipeline used by ``engine.train.train(method="llu")``: cached features -> ``train_llu`` -> evaluation
+    of ``eval_sets`` (``{name: dataset}`` or ``{name: (dataset, classnames)}``; "base" + "new" also give H)."""
+    from engine.train import _summary
+
+    t0 = time.perf_counter()
+    device = utils.resolve_device(cfg.device)
+    precision = utils.resolve_precision(cfg.precision, device)
+    model.to(device)
+    cache_dir = cfg.cache_dir or (str(Path(cfg.output) / "features") if cfg.output else None)
+    cache = FeatureCache(cache_dir) if cache_dir else None
+    kw = dict(model_name=cfg.extra.get("model_name"), weights_path=cfg.extra.get("weights_path"), device=device,
+              precision=precision, num_workers=cfg.num_workers, progress=cfg.progress)
+    feats, labels = cached_image_features(model, train_set, cache, cfg.eval_batch_size, **kw)
+    txt = class_text_features(model, classnames, templates, tokenizer, device=device, precision=precision)
+    cfg.extra.setdefault("classnames", list(classnames))
+    cfg.extra.setdefault("templates", list(templates))
+    res = train_llu(model, feats, labels, txt, cfg, resume=resume)
+    history = res["history"]
+    metrics = {}
+    for name, ds in (eval_sets or {}).items():
+        cn = classnames
+        if isinstance(ds, tuple):
+            ds, cn = ds
+        f, y = cached_image_features(model, ds, cache, cfg.eval_batch_size, **kw)
+        t = txt if cn is classnames else class_text_features(model, cn, templates, tokenizer, device=device,
+                                                             precision=precision)
+        metrics[name] = evaluate_llu(model, f, y, t)
+    if "base" in metrics and "new" in metrics:
+        from engine.metrics import harmonic_mean
+
+        metrics["H"] = harmonic_mean(metrics["base"]["top1"], metrics["new"]["top1"])
+    if metrics:
+        utils.get_logger().info("final eval: %s", metrics)
+    seconds = time.perf_counter() - t0
+    s = _summary(cfg, history, metrics, Path(cfg.output) if cfg.output else None, seconds,
+                 len(feats) * max(1, res["steps"] and cfg.epochs), device, precision)
+    s["bank_size"] = res["bank_size"]
+    if cache is not None:
+        s["feature_cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
+    return s

@@ -1,0 +1,472 @@
+"""The trainer: few-shot classification fine-tuning of a prepared open_clip model (CoOp / CLIPFit protocol).
+
+    import engine, open_clip
+    model = open_clip.create_model("ViT-B-16", pretrained=None)
+    engine.prepare(model, "clipfit", classnames=classnames, tokenizer=tok)
+    cfg = engine.TrainConfig(method="clipfit", epochs=10, batch_size=32, lr=2e-3, output="runs/clipfit")
+    summary = engine.train(model, train_set, classnames, templates, tok, cfg, eval_sets={"test": test_set})
+    engine.train(model, ..., cfg, resume="runs/clipfit/checkpoint.safetensors")   # continues bit-for-bit
+
+One step (``grad_accum`` micro-batches, then one optimizer step)::
+
+    img = image_features(model, images)                      # normalized, method-aware
+    txt = text_features(model, classnames, templates, tok)   # all classes; ONCE per step if the text side trains,
+                                                             # once per run if it is frozen (decided from the graph)
+    loss = CE(class_logits(model, img, txt), y)  [+ clipfit_kd_loss(txt, teacher, kd_lambda) for clipfit]
+
+Learning rate: constant ``warmup_lr`` for ``warmup_epochs`` (CoOp's ConstantWarmupScheduler), then cosine from ``lr``
+to 0 over the remaining optimizer steps (per step). Warm-up is skipped when it would take the whole run.
+
+Determinism / resume: the batch order of epoch ``e`` is a function of ``(seed, e)`` only (a fresh seeded loader per
+epoch); the checkpoint written at the end of every epoch holds the trainable parameters, the optimizer state, the step,
+the scheduler state, every RNG state and the loader position, so ``resume=`` continues exactly as an uninterrupted run
+(same per-step losses). The LLU method does not back-propagate through the encoders: ``train`` hands it to
+:func:`engine.llu.run_llu` (cached features).
+
+Outputs under ``cfg.output`` (when set): ``log.jsonl`` (one line per logged step, flushed), ``checkpoint.safetensors``
+(trainable-only, atomically replaced each epoch), ``summary.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from engine import utils
+
+__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+LOG_NAME = "log.jsonl"
+SUMMARY_NAME = "summary.json"
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass
+class TrainConfig:
+    method: str = "clipfit"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 2e-3
+    optimizer: str = "sgd"            # "sgd" | "adamw"
+    momentum: float = 0.9             # SGD momentum (AdamW: beta1 stays 0.9)
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1            # constant warm-up at warmup_lr (CoOp), skipped if >= epochs
+    warmup_lr: float = 1e-5
+    scheduler: str = "cosine"         # "cosine" | "constant"
+    grad_accum: int = 1               # micro-batches per optimizer step
+    clip_grad_norm: float | None = None
+    precision: str = "auto"           # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    device: str = "auto"              # "auto" | "cpu" | "cuda"
+    seed: int = 1
+    output: str | None = None         # run directory (log, checkpoint, summary); None = write nothing
+    log_every: int = 1                # optimizer steps between JSONL log lines
+    kd_lambda: float = 8.0            # CLIPFit's text-feature distillation weight
+    num_workers: int = 0
+    eval_batch_size: int = 256
+    eval_every: int = 0               # epochs between evaluations of eval_sets (0: only after the last epoch)
+    progress: bool = True             # tqdm bars
+    stop_after_epoch: int | None = None  # end this invocation after that epoch (checkpoint written): pre-emption/tests
+    # LLU (engine.llu): trained on cached features; the encoders never back-propagate
+    llu_lambda: float = 1e3
+    llu_clusters: int | None = 512    # D = agglomerative cluster centres (<= this many); None/0 = all training features
+    cache_dir: str | None = None      # feature cache (default <output>/features, or none without an output)
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        def pos_int(name, v, minimum=1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+        pos_int("epochs", self.epochs)
+        pos_int("batch_size", self.batch_size)
+        pos_int("grad_accum", self.grad_accum)
+        pos_int("log_every", self.log_every)
+        pos_int("warmup_epochs", self.warmup_epochs, 0)
+        pos_int("eval_every", self.eval_every, 0)
+        pos_int("num_workers", self.num_workers, 0)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "constant"):
+            raise ValueError(f"scheduler must be 'cosine' or 'constant', got {self.scheduler!r}")
+        if not (self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.precision not in utils.PRECISIONS:
+            raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ schedule, optimizer
+def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): constant warm-up, then cosine to 0 (per step)."""
+    total = cfg.epochs * steps_per_epoch
+    warm = cfg.warmup_epochs * steps_per_epoch if cfg.warmup_epochs < cfg.epochs else 0
+    if step < warm:
+        return cfg.warmup_lr
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    t = (step - warm) / max(1, total - warm)
+    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------------------- loaders
+def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0, pin_memory: bool = False):
+    """The shuffled loader of one epoch: its order (and worker seeds) are a function of ``(seed, epoch)`` only."""
+    from engine.data import make_loader
+
+    return make_loader(dataset, batch_size, shuffle=True, seed=utils.derive_seed(seed, epoch),
+                       num_workers=num_workers, drop_last=False, pin_memory=pin_memory, persistent_workers=False)
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
+    from engine.data import make_loader
+
+    return make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False,
+                       pin_memory=pin_memory, persistent_workers=False)
+
+
+def _progress(iterable, enabled: bool, **kw):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+# ------------------------------------------------------------------------------------------------------------- train
+def train(
+    model: torch.nn.Module,
+    train_set,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    tokenizer,
+    cfg: TrainConfig,
+    eval_sets: Mapping[str, Any] | None = None,
+    resume: str | os.PathLike | None = None,
+) -> dict:
+    """Fine-tune the trainable parameters of ``model`` (already ``engine.prepare``-d) on ``train_set`` (items
+    ``(image_tensor, label)``, labels index ``classnames``). ``eval_sets``: ``{name: dataset}`` evaluated with the
+    same classnames (or ``{name: (dataset, classnames)}`` for another class set, e.g. base-to-new's new classes).
+    Returns a summary dict (per-step losses, final metrics, paths, timing)."""
+    cfg.validate()
+    if cfg.method == "llu":
+        from engine.llu import run_llu
+
+        return run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=eval_sets, resume=resume)
+    from engine.features import class_logits, image_features, text_features
+
+    device = utils.resolve_device(cfg.device)
+    precision = utils.resolve_precision(cfg.precision, device)
+    classnames, templates = list(classnames), list(templates)
+    if len(train_set) == 0:
+        raise ValueError("train_set is empty")
+    out_dir = Path(cfg.output) if cfg.output else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = utils.get_logger()
+
+    utils.seed_everything(cfg.seed)
+    model.to(device)
+    params = trainable_params(model)
+    if not params:
+        raise ValueError("model has no trainable parameters: call engine.prepare(model, method) first")
+    opt = build_optimizer(params, cfg)
+    micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+
+    start_epoch, step, history = 0, 0, []
+    if resume is not None:
+        start_epoch, step, history = _resume(model, opt, resume, cfg, steps_per_epoch)
+        if out_dir is not None:  # drop log lines written after the checkpoint (a crash mid-epoch)
+            utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= step)
+    elif out_dir is not None and (out_dir / LOG_NAME).exists():
+        (out_dir / LOG_NAME).unlink()
+
+    model.train()
+    # Text side: one forward with grad enabled tells whether the text features depend on trainable parameters.
+    with utils.autocast(device, precision):
+        txt0 = text_features(model, classnames, templates, tokenizer)
+    text_trains = txt0.requires_grad
+    fixed_txt = None if text_trains else txt0.detach()
+    del txt0
+    teacher = None
+    if cfg.method == "clipfit" and cfg.kd_lambda > 0:
+        from engine.features import frozen_text_features
+
+        teacher = _frozen_teacher(frozen_text_features, model, classnames, templates, tokenizer, device, precision)
+
+    t_start, images_seen = time.perf_counter(), 0
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers, device.type == "cuda")
+        bar = _progress(loader, cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        group, t_step, acc_loss, acc_correct, acc_n, acc_parts = 0, time.perf_counter(), 0.0, 0, 0, {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i, (images, labels) in enumerate(bar):
+            group_size = min(cfg.grad_accum, micro_per_epoch - (i // cfg.grad_accum) * cfg.grad_accum)
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True)
+            with utils.autocast(device, precision):
+                img = image_features(model, images)
+                txt = text_features(model, classnames, templates, tokenizer) if text_trains else fixed_txt
+                logits = class_logits(model, img, txt).float()
+                ce = F.cross_entropy(logits, labels)
+                loss = ce
+                parts = {"ce": ce.detach()}
+                if teacher is not None:
+                    from engine.features import clipfit_kd_loss
+
+                    kd = clipfit_kd_loss(txt.float(), teacher, cfg.kd_lambda)
+                    loss = loss + kd
+                    parts["kd"] = kd.detach()
+            (loss / group_size).backward()
+            acc_loss += float(loss.detach()) * labels.numel()
+            acc_correct += int((logits.argmax(1) == labels).sum())
+            acc_n += labels.numel()
+            for k, v in parts.items():
+                acc_parts[k] = acc_parts.get(k, 0.0) + float(v) * labels.numel()
+            group += 1
+            if group < group_size:
+                continue
+            # ---- optimizer step
+            lr = lr_at(step, cfg, steps_per_epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t_step
+            rec = {"step": step, "epoch": epoch + 1, "loss": acc_loss / acc_n, "acc": acc_correct / acc_n, "lr": lr,
+                   "img_per_s": acc_n / dt if dt > 0 else None}
+            rec.update({k: v / acc_n for k, v in acc_parts.items()})
+            mem = utils.peak_memory_bytes(device)
+            if mem is not None:
+                rec["peak_mem_bytes"] = mem
+            history.append(rec)
+            images_seen += acc_n
+            if out_dir is not None and (step % cfg.log_every == 0 or i == micro_per_epoch - 1):
+                utils.append_jsonl(out_dir / LOG_NAME, rec)
+            if cfg.progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.3f}", lr=f"{lr:.2e}")
+            group, t_step, acc_loss, acc_correct, acc_n, acc_parts = 0, time.perf_counter(), 0.0, 0, 0, {}
+        if cfg.progress and hasattr(bar, "close"):
+            bar.close()
+        ep_recs = [r for r in history if r["epoch"] == epoch + 1]
+        if ep_recs:
+            log.info("epoch %d/%d: loss %.4f acc %.3f lr %.2e", epoch + 1, cfg.epochs,
+                     sum(r["loss"] for r in ep_recs) / len(ep_recs), sum(r["acc"] for r in ep_recs) / len(ep_recs),
+                     ep_recs[-1]["lr"])
+        last = epoch + 1 == cfg.epochs
+        if eval_sets and not last and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+            metrics = _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, device, precision)
+            log.info("epoch %d eval: %s", epoch + 1, metrics)
+            if out_dir is not None:
+                utils.append_jsonl(out_dir / LOG_NAME, {"step": step, "epoch": epoch + 1, "eval": metrics})
+        if out_dir is not None:  # after any evaluation, so the saved RNG state is the one epoch+1 starts from
+            _save(model, opt, out_dir / CHECKPOINT_NAME, cfg, epoch + 1, step, steps_per_epoch, classnames, templates)
+        if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and not last:
+            return _summary(cfg, history, {}, out_dir, time.perf_counter() - t_start, images_seen, device,
+                            precision, stopped_at=epoch + 1)
+
+    metrics = {}
+    if eval_sets:
+        metrics = _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, device, precision)
+        log.info("final eval: %s", metrics)
+    return _summary(cfg, history, metrics, out_dir, time.perf_counter() - t_start, images_seen, device, precision)
+
+
+def _frozen_teacher(fn, model, classnames, templates, tokenizer, device, precision) -> torch.Tensor:
+    with torch.no_grad(), utils.autocast(device, precision):
+        t = fn(model, classnames, templates, tokenizer)
+    return t.detach().float()
+
+
+def _summary(cfg, history, metrics, out_dir, seconds, images_seen, device, precision, stopped_at=None) -> dict:
+    s = {
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "device": str(device),
+        "precision": precision,
+        "steps": len(history) and history[-1]["step"],
+        "losses": [r["loss"] for r in history],
+        "accs": [r["acc"] for r in history],
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "metrics": metrics,
+        "seconds": seconds,
+        "img_per_s": images_seen / seconds if seconds > 0 else None,
+        "stopped_at_epoch": stopped_at,
+    }
+    if out_dir is not None:
+        s["checkpoint"] = str(out_dir / CHECKPOINT_NAME)
+        s["log"] = str(out_dir / LOG_NAME)
+        utils.atomic_write_json(out_dir / SUMMARY_NAME, {k: v for k, v in s.items() if k not in ("losses", "accs")})
+    return s
+
+
+# -------------------------------------------------------------------------------------------------- checkpoint/resume
+def _save(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, templates) -> None:
+    from engine.checkpoint import save_trainable
+
+    meta = {
+        "leanclip_trainer": 1,
+        "method": cfg.method,
+        "epoch": epoch,               # completed epochs
+        "position": 0,                # micro-batches consumed in epoch `epoch` (checkpoints sit on epoch boundaries)
+        "step": step,
+        "scheduler": {"kind": cfg.scheduler, "step": step, "steps_per_epoch": steps_per_epoch},
+        "rng": utils.get_rng_state(),
+        "config": cfg.to_dict(),
+        "classnames": list(classnames),
+        "templates": list(templates),
+    }
+    save_trainable(model, path, optimizer=opt, step=step, extra_meta=meta)
+
+
+def _resume(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list]:
+    from engine.checkpoint import load_trainable
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
+    meta = load_trainable(model, path, optimizer=opt)
+    meta = _meta_dict(meta)
+    if "epoch" not in meta or "rng" not in meta:
+        raise ValueError(f"resume: {str(path)!r} is not a trainer checkpoint (no epoch/rng state)")
+    sched = meta.get("scheduler", {})
+    if sched.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        raise ValueError(f"resume: checkpoint has {sched.get('steps_per_epoch')} steps per epoch, this run "
+                         f"{steps_per_epoch} (dataset or batch size changed)")
+    if int(meta.get("position", 0)) != 0:
+        raise ValueError("resume: mid-epoch checkpoints are not supported")
+    utils.set_rng_state(meta["rng"])
+    step = int(meta["step"])
+    history = []
+    if cfg.output:
+        log_path = Path(cfg.output) / LOG_NAME
+        if log_path.exists():
+            history = [r for r in utils.read_jsonl(log_path) if "loss" in r and r.get("step", 0) <= step]
+    return int(meta["epoch"]), step, history
+
+
+def _meta_dict(meta) -> dict:
+    """The ``extra_meta`` dict we saved, from ``engine.checkpoint.load_trainable``'s metadata (key ``"extra"``)."""
+    if not meta:
+        return {}
+    extra = meta.get("extra") if isinstance(meta, dict) else None
+    return dict(extra) if isinstance(extra, dict) else {}
+
+
+# -------------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    dataset,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    tokenizer,
+    batch_size: int = 256,
+    *,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+    num_workers: int = 0,
+    progress: bool = False,
+    zero_shot: bool = False,
+) -> dict:
+    """Top-1 / top-5 accuracy (in %) of ``model`` on ``dataset`` against ``classnames`` (text features computed once).
+    ``zero_shot=True`` uses the frozen zero-shot features (E1's ``frozen_text_features`` / raw encoder image features)
+    instead of the method-aware ones."""
+    from engine import features as feats
+    from engine.metrics import AccuracyMeter
+
+    device = utils.resolve_device(device if device is not None else _model_device(model))
+    precision = utils.resolve_precision(precision, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with utils.autocast(device, precision):
+            if zero_shot:
+                txt = feats.frozen_text_features(model, list(classnames), list(templates), tokenizer)
+            else:
+                txt = feats.text_features(model, list(classnames), list(templates), tokenizer)
+        meter = AccuracyMeter(topk=(1, 5))
+        for images, labels in _progress(eval_loader(dataset, batch_size, num_workers), progress, desc="eval",
+                                        leave=False):
+            images = images.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device)
+            with utils.autocast(device, precision):
+                if zero_shot:
+                    img = F.normalize(model.encode_image(images).float(), dim=-1)
+                    logits = model.logit_scale.exp().float() * img @ txt.float().t()
+                else:
+                    img = feats.image_features(model, images)
+                    logits = feats.class_logits(model, img, txt)
+            meter.update(logits.float(), labels)
+    finally:
+        model.train(was_training)
+    if meter.n == 0:
+        raise ValueError("evaluate: empty dataset")
+    return {**meter.compute(), "n": meter.n}
+
+
+def zeroshot(model, dataset, classnames, templates, tokenizer, batch_size: int = 256, **kw) -> dict:
+    """Zero-shot CLIP accuracy: frozen encoders, hand-written prompts (whatever method ``model`` was prepared for)."""
+    return evaluate(model, dataset, classnames, templates, tokenizer, batch_size, zero_shot=True, **kw)
+
+
+def base_to_new(model, base_set, base_classnames, new_set, new_classnames, templates, tokenizer,
+                batch_size: int = 256, **kw) -> dict:
+    """CoCoOp base-to-new: accuracy on the base classes, on the new classes (each set relabelled from 0) and their
+    harmonic mean H = 2BN/(B+N)."""
+    from engine.metrics import harmonic_mean
+
+    b = evaluate(model, base_set, base_classnames, templates, tokenizer, batch_size, **kw)["top1"]
+    n = evaluate(model, new_set, new_classnames, templates, tokenizer, batch_size, **kw)["top1"]
+    return {"base": b, "new": n, "H": harmonic_mean(b, n)}
+
+
+def _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, device, precision) -> dict:
+    out = {}
+    for name, ds in eval_sets.items():
+        cn = classnames
+        if isinstance(ds, tuple):
+            ds, cn = ds
+        out[name] = evaluate(model, ds, cn, templates, tokenizer, cfg.eval_batch_size, device=device,
+                             precision=precision, num_workers=cfg.num_workers)
+    if "base" in out and "new" in out:
+        from engine.metrics import harmonic_mean
+
+        out["H"] = harmonic_mean(out["base"]["top1"], out["new"]["top1"])
+    return out
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

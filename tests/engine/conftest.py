@@ -1,0 +1,70 @@
+"""Engine test fixtures. Model tests run the fused ops on the torch backend: the Triton interpreter is far too slow
+for whole models (the kernels have their own tests under tests/kernels)."""
+import copy
+import warnings
+
+import pytest
+import torch
+
+import kernels
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models + a shared 2-core box: intra-op threads only add spin-waiting (10-30x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with kernels.set_backend("torch"):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_name():
+    from engine.configs import register_tiny_config
+
+    return register_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-16")  # open_clip's bundled BPE tokenizer (no download)
+
+
+def _create(name):
+    import open_clip
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_clip.create_model(name, pretrained=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_name):
+    """A randomly initialised tiny CLIP (seed 0); tests deepcopy it (use ``fresh_tiny``)."""
+    torch.manual_seed(0)
+    m = _create(tiny_name)
+    # LayerNorms at their identity init hide bugs (weight 1 / bias 0 gradients look alike): perturb them.
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.add_(0.1 * torch.randn_like(mod.weight))
+                mod.bias.add_(0.1 * torch.randn_like(mod.bias))
+    return m
+
+
+@pytest.fixture
+def fresh_tiny(tiny_base):
+    return lambda: copy.deepcopy(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def create_model():
+    return _create
