@@ -193,7 +193,7 @@ if triton is not None:
 
         for m0 in tl.range(m_start, m_end, BLOCK_M, flatten=FLATTEN):
             cols = m0 + tl.arange(0, BLOCK_M)
-            cols_ld = tl.minimum(cols, M - 2).to(tl.int64)
+            cols_ld = tl.minimum(cols, M - 1).to(tl.int64)
             d_cols = d_ptr + cols_ld[None, :] * stride_dm  # (1, BLOCK_M): d read as its transpose (K, BLOCK_M)
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
