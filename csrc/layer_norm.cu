@@ -19,7 +19,8 @@
 namespace leanclip {
 namespace {
 
-constexpr int kElems = 16;       // elements a thread keeps in registers per row
+constexpr int kElems = 16;         // elements a thread keeps in registers per row (16-byte packs)
+constexpr int kScalarCache = 8;    // scalar path (unaligned rows): elements kept in registers per row
 constexpr int kMaxThreadsX = 512;  // threads per row group at most
 constexpr int kBlockThreads = 256; // target block size when row groups are narrow
 
@@ -258,7 +259,7 @@ void fwd_typed(const LnArgs& a, float eps, void* y, float* mean, float* rstd, cu
   if (vec)
     run_fwd<T, W, V, kElems / V>(a, eps, y, mean, rstd, stream);
   else
-    run_fwd<T, W, 1, kElems>(a, eps, y, mean, rstd, stream);
+    run_fwd<T, W, 1, kScalarCache>(a, eps, y, mean, rstd, stream);
 }
 
 template <typename T, typename W, int VEC, int CACHE>
@@ -277,7 +278,7 @@ void bwd_typed(const LnArgs& a, const LnBwdPlan& p, const float* mean, const flo
   if (p.vec)
     run_bwd<T, W, V, kElems / V>(a, p, mean, rstd, dx, part_w, part_b, stream);
   else
-    run_bwd<T, W, 1, kElems>(a, p, mean, rstd, dx, part_w, part_b, stream);
+    run_bwd<T, W, 1, kScalarCache>(a, p, mean, rstd, dx, part_w, part_b, stream);
 }
 
 template <typename F>
@@ -302,7 +303,7 @@ LnBwdPlan ln_bwd_plan(const LnArgs& a, bool need_partials, int device) {
   LnBwdPlan p;
   const int elem = a.t == DType::F32 ? 4 : 2, V = 16 / elem;
   p.vec = a.N % V == 0 && a.sx % V == 0 && a.sdy % V == 0 && aligned16(a.x) && aligned16(a.dy) && aligned16(a.w);
-  const int cache = p.vec ? kElems / V : kElems, nvec = p.vec ? a.N / V : a.N;
+  const int cache = p.vec ? kElems / V : kScalarCache, nvec = p.vec ? a.N / V : a.N;
   p.fused = !need_partials || nvec <= cache * kMaxThreadsX;
   const RowCfg cfg = row_cfg(nvec, cache);
   p.tx = cfg.tx;
@@ -321,7 +322,7 @@ LnBwdPlan ln_bwd_plan(const LnArgs& a, bool need_partials, int device) {
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ln_bwd_kernel<T, W, VV, kElems / VV>, p.tx * p.ty,
                                                       p.smem);
       else
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ln_bwd_kernel<T, W, 1, kElems>, p.tx * p.ty, p.smem);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ln_bwd_kernel<T, W, 1, kScalarCache>, p.tx * p.ty, p.smem);
     });
     p.grid = std::min(p.grid, std::max(per_sm, 1) * num_sms(device));
   }

@@ -72,7 +72,7 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int64_t ld, int rows
 }
 
 template <typename T>
-__global__ void __launch_bounds__(TTHREADS)
+__global__ void __launch_bounds__(TTHREADS, 2)
     max_sim_wmma_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ d, int64_t sd, int N, int M,
                         int K, int tiles_per_split, bool vec, float* __restrict__ out_v,
                         int64_t* __restrict__ out_i) {
@@ -130,18 +130,17 @@ __global__ void __launch_bounds__(TTHREADS)
       const T* Bs = As + TBM * TLD;
 #pragma unroll
       for (int kk = 0; kk < TBK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af[TFM];
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf[TFN];
-#pragma unroll
-        for (int fi = 0; fi < TFM; ++fi)
-          wmma::load_matrix_sync(af[fi], As + (wm * (TBM / TWARPS_M) + fi * 16) * TLD + kk, TLD);
 #pragma unroll
         for (int fj = 0; fj < TFN; ++fj)  // d tile stored [n][k] = B (k x n) in column-major order
           wmma::load_matrix_sync(bf[fj], Bs + (wn * (TBN / TWARPS_N) + fj * 16) * TLD + kk, TLD);
 #pragma unroll
-        for (int fi = 0; fi < TFM; ++fi)
+        for (int fi = 0; fi < TFM; ++fi) {  // one A fragment live at a time keeps registers under the 2-block cap
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+          wmma::load_matrix_sync(af, As + (wm * (TBM / TWARPS_M) + fi * 16) * TLD + kk, TLD);
 #pragma unroll
-          for (int fj = 0; fj < TFN; ++fj) wmma::mma_sync(acc[fi][fj], af[fi], bf[fj], acc[fi][fj]);
+          for (int fj = 0; fj < TFN; ++fj) wmma::mma_sync(acc[fi][fj], af, bf[fj], acc[fi][fj]);
+        }
       }
       __syncthreads();  // everyone is done with this stage before it is refilled
     }

@@ -61,6 +61,16 @@ def build_dir(archs: str | None = None) -> str:
     return str(Path.home() / ".cache" / "leanclip" / tag)
 
 
+def _toolkit_root(torch_guess: str | None) -> str | None:
+    """torch's CUDA_HOME if it is a real toolkit root, else $CUDA_HOME or /usr/local/cuda (torch resolves CUDA_HOME
+    once, at import, and may take /usr/local from a wrapper script /usr/local/bin/nvcc)."""
+    for home in (torch_guess, os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            return home
+    return None
+
+
 def build_jit(verbose: bool = False):
     """Compile csrc/ (incrementally) and return the loaded module.
 
@@ -71,8 +81,12 @@ def build_jit(verbose: bool = False):
     global _module
     import torch.utils.cpp_extension as cpp
 
-    if cpp.CUDA_HOME is None:
-        raise RuntimeError("building the leanclip CUDA extension needs nvcc: set CUDA_HOME (e.g. /usr/local/cuda)")
+    home = _toolkit_root(cpp.CUDA_HOME)
+    if home is None:
+        raise RuntimeError(f"building the leanclip CUDA extension needs a CUDA toolkit (bin/nvcc, include/cuda_runtime.h);"
+                           f" torch found CUDA_HOME={cpp.CUDA_HOME}: set CUDA_HOME (e.g. /usr/local/cuda)")
+    if home != cpp.CUDA_HOME:  # torch guessed from a wrapper nvcc on PATH: use the real toolkit root
+        cpp.CUDA_HOME = home
     if not cpp.is_ninja_available():
         raise RuntimeError("building the leanclip CUDA extension needs ninja: pip install ninja")
     sources = source_files()
