@@ -119,15 +119,20 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
-    from engine.methods import METHODS
-
+    """The argument parser. ``selected``: the subcommand about to run (extension modules are imported only for it;
+    the method list in ``train --help`` only then too: importing the model side costs seconds)."""
     parser = argparse.ArgumentParser(
         prog=PROG, description="leanclip: kernel-backed, memory-lean parameter-efficient fine-tuning of open_clip "
                                "CLIP models (CLIPFit, LN, BitFit, CoOp, LLU, linear probe, ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    methods = sorted(METHODS)
+    if selected == "train":
+        from engine.methods import METHODS
+
+        method_help = f"PEFT method: one of {', '.join(sorted(METHODS))}, or a '+' combination (default clipfit)"
+    else:
+        method_help = "PEFT method (default clipfit)"
     t = sub.add_parser("train", help="fine-tune a model (few-shot protocol) and evaluate it",
                        description="Fine-tune with a PEFT method; writes log.jsonl, checkpoint.safetensors (trainable "
                                    "parameters + optimizer, each epoch) and result.json under --output.")
@@ -135,7 +140,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     _add_data_args(t)
     g = t.add_argument_group("method and optimisation")
     g.add_argument("--method", default="clipfit",
-                   help=f"PEFT method: one of {', '.join(methods)}, or a '+' combination (default clipfit)")
+                   help=method_help)
     g.add_argument("--tower", choices=("image", "text", "both"), default="both",
                    help="tower for ln / bitfit (default both)")
     g.add_argument("--recompute", choices=("none", "mlp", "mlp+qkv", "block"), default="none",
@@ -160,6 +165,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--resume", metavar="PATH", default=None,
                    help="continue from a checkpoint (file or run dir) exactly where it stopped")
     _add_run_args(t)
+    from engine import lilt_cli  # --task contrastive / retrieval (LilT, LiT): engine.lilt_cli
+
+    lilt_cli.add_train_arguments(t)
 
     e = sub.add_parser("eval", help="evaluate a fine-tuned checkpoint",
                        description="Rebuild the model, re-apply the checkpoint's method and load its trainable "
@@ -169,6 +177,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_data_args(e)
     _add_run_args(e)
+    lilt_cli.add_eval_arguments(e)
 
     z = sub.add_parser("zeroshot", help="zero-shot accuracy of a (pretrained) model",
                        description="Zero-shot CLIP classification with hand-written prompts.")
@@ -198,6 +207,7 @@ def build_model(args):
     import warnings
 
     import open_clip
+    import torch
 
     from engine.configs import register_tiny_config
 
@@ -212,6 +222,7 @@ def build_model(args):
         if args.image_size < 8:
             raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
         kw["force_image_size"] = args.image_size
+    torch.manual_seed(0)  # random-init weights (no --pretrained) are then the same in train / eval / zeroshot
     logging.disable(logging.WARNING)  # open_clip logs "No pretrained weights loaded" for pretrained=None
     try:
         with warnings.catch_warnings():
@@ -251,6 +262,58 @@ def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: i
                                 progress=progress)
 
 
+def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps: int = 40, *, seed: int = 0) -> str:
+    """Path of a safetensors state dict of ``model_name`` (random init with torch seed 0) after
+    :func:`pretrain_synthetic` for ``steps`` steps, made once and cached in ``folder`` (keyed by the config, versions
+    and the code that makes it; written atomically). For tests, demos and smoke runs: ``--pretrained PATH``."""
+    import inspect
+    import logging
+    import warnings
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from engine import contrastive
+    from engine.configs import register_tiny_config
+
+    register_tiny_config()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise UsageError(f"unknown open_clip config {model_name!r}")
+    key = hashlib.sha256(json.dumps([1, model_name, cfg, steps, seed, torch.__version__, open_clip.__version__,
+                                     inspect.getsource(contrastive.pretrain_contrastive),
+                                     inspect.getsource(pretrain_synthetic)], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    folder = Path(folder)
+    path = folder / f"{model_name}-synthetic{steps}-{key}.safetensors"
+    if path.is_file():
+        return str(path)
+    torch.manual_seed(0)
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = open_clip.create_model(model_name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain_synthetic(model, open_clip.get_tokenizer(model_name), steps, size, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return str(path)
+
+
 # -------------------------------------------------------------------------------------------------------------- data
 def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int) -> str:
     key = hashlib.sha256(json.dumps([1, args.synthetic_classes, image_size, n_train, n_val, n_test]).encode())
@@ -278,8 +341,9 @@ def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int
     return str(root)
 
 
-def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bool = True):
-    """-> dict(train=Dataset | None, eval=Dataset, classnames, dataset, new=(Dataset, classnames) | None, ...)."""
+def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bool = True, need_train: bool = True):
+    """-> dict(train=Dataset | None, eval=Dataset, classnames, dataset, new=(Dataset, classnames) | None).
+    K-shot sampling (``need_train``) happens before the base/new subsampling, as in CoOp."""
     from engine import data as D
 
     if args.shots < 0:
@@ -300,7 +364,7 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
         splits, _ = D.load_dataset(root, "Synthetic")
         dataset = "Synthetic"
     train = list(splits.get("train") or [])
-    if train and args.shots:
+    if train and args.shots and need_train:
         cache = os.path.join(args.output, "fewshot") if getattr(args, "output", None) else None
         train = D.few_shot_cached(train, args.shots, args.seed, cache) if cache else D.few_shot(train, args.shots,
                                                                                                  args.seed)
@@ -316,7 +380,7 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     out = {
         "dataset": dataset,
         "classnames": classnames,
-        "train": D.ImageDataset(splits["train"], tf_train) if splits["train"] else None,
+        "train": D.ImageDataset(splits["train"], tf_train) if splits["train"] and need_train else None,
         "eval": D.ImageDataset(evals, tf_eval),
         "new": None,
     }
@@ -359,6 +423,10 @@ def _emit(result: dict, args, name: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
+    if getattr(args, "task", "classify") != "classify":
+        from engine.lilt_cli import cmd_train_contrastive
+
+        return cmd_train_contrastive(args)
     import torch
 
     from engine.methods import parse_method, prepare
@@ -389,7 +457,9 @@ def cmd_train(args) -> int:
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
         kd_lambda=args.kd_lambda, num_workers=args.num_workers, progress=not args.no_progress,
         llu_lambda=args.llu_lambda, llu_clusters=args.llu_clusters or None,
-        extra={"model_name": args.model, "weights_path": args.pretrained},
+        extra={"model_name": args.model, "weights_path": None if args.pretrain_steps else args.pretrained,
+               "pretrained": os.path.abspath(args.pretrained) if args.pretrained else None,
+               "pretrain_steps": args.pretrain_steps, "image_size": args.image_size},
     )
     eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}
     if data["new"] is not None and "linear-probe" not in parts:
@@ -435,6 +505,10 @@ def read_checkpoint_meta(path) -> dict:
 
 
 def cmd_eval(args) -> int:
+    if getattr(args, "task", "classify") != "classify":
+        from engine.lilt_cli import cmd_eval_retrieval
+
+        return cmd_eval_retrieval(args)
     import torch
 
     from engine.checkpoint import load_trainable
@@ -448,8 +522,18 @@ def cmd_eval(args) -> int:
         args.model = saved_model  # the checkpoint says which architecture it belongs to
     extra = meta.get("extra") or {}
     opts = dict(meta.get("options") or {})
+    run_cfg = (extra.get("config") or {}).get("extra") or {}  # what `leanclip train` built the model from
+    if args.pretrained is None and run_cfg.get("pretrained"):
+        if not os.path.isfile(run_cfg["pretrained"]):
+            raise FileNotFoundError(f"the checkpoint was trained from {run_cfg['pretrained']!r}, which no longer "
+                                    f"exists: pass --pretrained PATH")
+        args.pretrained = run_cfg["pretrained"]
+    if not args.pretrain_steps and run_cfg.get("pretrain_steps"):
+        args.pretrain_steps = int(run_cfg["pretrain_steps"])
+    if args.image_size is None and run_cfg.get("image_size"):
+        args.image_size = int(run_cfg["image_size"])
     model, tok, size, (mean, std) = build_model(args)
-    data = load_data(args, size, mean, std, train_transform=False)
+    data = load_data(args, size, mean, std, train_transform=False, need_train=False)
     templates = _templates(args, data["dataset"]) if args.templates else (extra.get("templates")
                                                                            or _templates(args, data["dataset"]))
     parts = parse_method(meta["method"])
@@ -478,7 +562,7 @@ def cmd_zeroshot(args) -> int:
 
     device = _setup(args)
     model, tok, size, (mean, std) = build_model(args)
-    data = load_data(args, size, mean, std, train_transform=False)
+    data = load_data(args, size, mean, std, train_transform=False, need_train=False)
     templates = _templates(args, data["dataset"])
     model.to(device)
     res = zeroshot(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,

@@ -1,7 +1,8 @@
 """LLU: identity-initialised affine maps on frozen CLIP embeddings, trained on cached features.
 
 Per tower, ``g(x) = W x + b`` (W = I, b = 0 at start) and a per-sample gate
-``alpha(x) = beta * exp(-gamma * (1 - max_{d in D} <x, d>))``; ``out = normalize(alpha * normalize(g(x)) + (1 - alpha) x)``
+``alpha(x) = beta * exp(-gamma * (1 - max_{d in D} <x, d>))``;
+``out = normalize(alpha * normalize(g(x)) + (1 - alpha) x)``
 (``engine.heads.LLUHead``; the max over the bank D is ``kernels.max_sim``: no N x M matrix). Loss::
 
     CE(logit_scale * out_img @ out_txt.T, y) + lam * (reg(W_img, b_img) + reg(W_txt, b_txt)),  reg = ||W - I|| + ||b||
@@ -129,7 +130,8 @@ def dataset_fingerprint(dataset) -> str:
     h.update(type(dataset).__name__.encode())
     if hasattr(dataset, "samples"):
         for s in dataset.samples:
-            h.update(json.dumps([os.fspath(getattr(s, "path", s[0])), int(getattr(s, "label", s[1]))]).encode())
+            path, label = (s.path, s.label) if hasattr(s, "path") else (s[0], s[1])
+            h.update(json.dumps([os.path.abspath(os.fspath(path)), int(label)]).encode())
     elif hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
         _hash_tensor(h, dataset.images)
         _hash_tensor(h, torch.as_tensor(dataset.labels))
@@ -313,6 +315,7 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     log = utils.get_logger()
     img_head.train()
     txt_head.train()
+    images_seen, t_run = 0, time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         g = torch.Generator().manual_seed(utils.derive_seed(cfg.seed, epoch))
         order = torch.randperm(n, generator=g).to(device)
@@ -329,6 +332,7 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
             opt.step()
             step += 1
+            images_seen += idx.numel()
             dt = time.perf_counter() - t0
             rec = {"step": step, "epoch": epoch + 1, "loss": float(loss.detach()), "ce": float(ce.detach()),
                    "acc": float((logits.argmax(1) == y_all[idx]).float().mean()), "lr": lr,
@@ -351,7 +355,8 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
             break
     img_head.eval()
     txt_head.eval()
-    return {"history": history, "steps": step, "bank_size": int(bank.shape[0])}
+    return {"history": history, "steps": step, "bank_size": int(bank.shape[0]), "images_seen": images_seen,
+            "seconds": time.perf_counter() - t_run}
 
 
 # --------------------------------------------------------------------------------------------------------------- eval
@@ -419,8 +424,9 @@ def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=N
     if metrics:
         utils.get_logger().info("final eval: %s", metrics)
     seconds = time.perf_counter() - t0
-    s = _summary(cfg, history, metrics, Path(cfg.output) if cfg.output else None, seconds,
-                 len(feats) * max(1, res["steps"] and cfg.epochs), device, precision)
+    s = _summary(cfg, history, metrics, Path(cfg.output) if cfg.output else None, seconds, res["images_seen"],
+                 device, precision)
+    s["train_seconds"] = res["seconds"]  # the heads alone (features cached)
     s["bank_size"] = res["bank_size"]
     if cache is not None:
         s["feature_cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}

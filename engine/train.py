@@ -7,12 +7,14 @@
     summary = engine.train(model, train_set, classnames, templates, tok, cfg, eval_sets={"test": test_set})
     engine.train(model, ..., cfg, resume="runs/clipfit/checkpoint.safetensors")   # continues bit-for-bit
 
-One step (``grad_accum`` micro-batches, then one optimizer step)::
+One optimizer step (``grad_accum`` micro-batches)::
 
-    img = image_features(model, images)                      # normalized, method-aware
-    txt = text_features(model, classnames, templates, tok)   # all classes; ONCE per step if the text side trains,
-                                                             # once per run if it is frozen (decided from the graph)
-    loss = CE(class_logits(model, img, txt), y)  [+ clipfit_kd_loss(txt, teacher, kd_lambda) for clipfit]
+    txt = text_features(model, classnames, templates, tok)   # all classes, ONCE per step when the text side trains
+                                                             # (once per run when it is frozen: decided from the graph)
+    for each micro-batch:  CE(class_logits(model, image_features(model, images), txt), y) -> backward
+    [+ clipfit_kd_loss(txt, teacher, kd_lambda) for clipfit; teacher = frozen zero-shot features, once per run]
+    the text tower back-propagates once per step (micro-batches fill the gradient of a detached copy of txt), so
+    grad_accum=k x batch b gives the same update as batch k*b.
 
 Learning rate: constant ``warmup_lr`` for ``warmup_epochs`` (CoOp's ConstantWarmupScheduler), then cosine from ``lr``
 to 0 over the remaining optimizer steps (per step). Warm-up is skipped when it would take the whole run.
@@ -51,7 +53,7 @@ OPTIMIZERS = ("sgd", "adamw")
 
 @dataclass
 class TrainConfig:
-    method: str = "clipfit"
+    method: str | None = None         # None: the method the model was prepared with
     epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3
@@ -171,6 +173,13 @@ def train(
     same classnames (or ``{name: (dataset, classnames)}`` for another class set, e.g. base-to-new's new classes).
     Returns a summary dict (per-step losses, final metrics, paths, timing)."""
     cfg.validate()
+    info = getattr(model, "leanclip_info", None)
+    if not info:
+        raise ValueError("model was not prepared: call engine.prepare(model, method) before train()")
+    if cfg.method is None:
+        cfg = dataclasses.replace(cfg, method=info["method"])
+    elif cfg.method != info["method"]:
+        raise ValueError(f"cfg.method={cfg.method!r} but the model was prepared with {info['method']!r}")
     if cfg.method == "llu":
         from engine.llu import run_llu
 
@@ -196,8 +205,16 @@ def train(
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
 
+    from engine.features import clipfit_kd_loss
+
+    teacher = None  # CLIPFit's t^0: zero-shot features of the weights we start from, so BEFORE a resume loads
+    if "clipfit" in cfg.method.split("+") and cfg.kd_lambda > 0:
+        from engine.features import frozen_text_features
+
+        teacher = _frozen_teacher(frozen_text_features, model, classnames, templates, tokenizer, device, precision)
+
     start_epoch, step, history = 0, 0, []
-    if resume is not None:
+    if resume is not None:  # model: prepared the same way from the same weights as the interrupted run
         start_epoch, step, history = _resume(model, opt, resume, cfg, steps_per_epoch)
         if out_dir is not None:  # drop log lines written after the checkpoint (a crash mid-epoch)
             utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= step)
@@ -211,47 +228,51 @@ def train(
     text_trains = txt0.requires_grad
     fixed_txt = None if text_trains else txt0.detach()
     del txt0
-    teacher = None
-    if cfg.method == "clipfit" and cfg.kd_lambda > 0:
-        from engine.features import frozen_text_features
-
-        teacher = _frozen_teacher(frozen_text_features, model, classnames, templates, tokenizer, device, precision)
 
     t_start, images_seen = time.perf_counter(), 0
+    n_data, bs, accum = len(train_set), cfg.batch_size, cfg.grad_accum
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        loader = epoch_loader(train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers, device.type == "cuda")
+        loader = epoch_loader(train_set, bs, cfg.seed, epoch, cfg.num_workers, device.type == "cuda")
         bar = _progress(loader, cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-        group, t_step, acc_loss, acc_correct, acc_n, acc_parts = 0, time.perf_counter(), 0.0, 0, 0, {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for i, (images, labels) in enumerate(bar):
-            group_size = min(cfg.grad_accum, micro_per_epoch - (i // cfg.grad_accum) * cfg.grad_accum)
+            if i % accum == 0:  # ---- a new optimizer step: its micro-batches, its class text features
+                first = i
+                last_mb = min(i + accum, micro_per_epoch)
+                group_n = sum(min(bs, n_data - j * bs) for j in range(first, last_mb))
+                sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE * n, correct, n
+                t_step = time.perf_counter()
+                if text_trains:
+                    # Text tower forward ONCE per step; micro-batches back-propagate into the detached copy, whose
+                    # gradient goes through the tower once at the end of the step (exact, any grad_accum).
+                    with utils.autocast(device, precision):
+                        txt_graph = text_features(model, classnames, templates, tokenizer)
+                    txt = txt_graph.detach().requires_grad_()
+                else:
+                    txt_graph, txt = None, fixed_txt
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
             with utils.autocast(device, precision):
                 img = image_features(model, images)
-                txt = text_features(model, classnames, templates, tokenizer) if text_trains else fixed_txt
                 logits = class_logits(model, img, txt).float()
-                ce = F.cross_entropy(logits, labels)
-                loss = ce
-                parts = {"ce": ce.detach()}
-                if teacher is not None:
-                    from engine.features import clipfit_kd_loss
-
-                    kd = clipfit_kd_loss(txt.float(), teacher, cfg.kd_lambda)
-                    loss = loss + kd
-                    parts["kd"] = kd.detach()
-            (loss / group_size).backward()
-            acc_loss += float(loss.detach()) * labels.numel()
-            acc_correct += int((logits.argmax(1) == labels).sum())
-            acc_n += labels.numel()
-            for k, v in parts.items():
-                acc_parts[k] = acc_parts.get(k, 0.0) + float(v) * labels.numel()
-            group += 1
-            if group < group_size:
+            ce = F.cross_entropy(logits, labels)
+            (ce * (labels.numel() / group_n)).backward()  # = the CE of the whole step's batch
+            with torch.no_grad():
+                sums += torch.stack([ce.detach().double() * labels.numel(),
+                                     (logits.argmax(1) == labels).sum().double(),
+                                     torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
+            if i + 1 < last_mb:
                 continue
-            # ---- optimizer step
+            # ---- end of the step: distillation term, text tower backward, optimizer
+            kd = None
+            if teacher is not None:
+                kd = clipfit_kd_loss(txt, teacher, cfg.kd_lambda)
+                if txt.requires_grad:
+                    kd.backward()
+            if txt_graph is not None and txt.grad is not None:
+                txt_graph.backward(txt.grad)
             lr = lr_at(step, cfg, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -260,20 +281,23 @@ def train(
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+            ce_sum, correct, n = sums.tolist()  # the step's only host sync
+            kd_v = float(kd.detach()) if kd is not None else None
             dt = time.perf_counter() - t_step
-            rec = {"step": step, "epoch": epoch + 1, "loss": acc_loss / acc_n, "acc": acc_correct / acc_n, "lr": lr,
-                   "img_per_s": acc_n / dt if dt > 0 else None}
-            rec.update({k: v / acc_n for k, v in acc_parts.items()})
+            rec = {"step": step, "epoch": epoch + 1, "loss": ce_sum / n + (kd_v or 0.0), "acc": correct / n,
+                   "lr": lr, "img_per_s": n / dt if dt > 0 else None, "ce": ce_sum / n}
+            if kd_v is not None:
+                rec["kd"] = kd_v
             mem = utils.peak_memory_bytes(device)
             if mem is not None:
                 rec["peak_mem_bytes"] = mem
             history.append(rec)
-            images_seen += acc_n
+            images_seen += int(n)
             if out_dir is not None and (step % cfg.log_every == 0 or i == micro_per_epoch - 1):
                 utils.append_jsonl(out_dir / LOG_NAME, rec)
             if cfg.progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.3f}", lr=f"{lr:.2e}")
-            group, t_step, acc_loss, acc_correct, acc_n, acc_parts = 0, time.perf_counter(), 0.0, 0, 0, {}
+            del txt_graph, txt
         if cfg.progress and hasattr(bar, "close"):
             bar.close()
         ep_recs = [r for r in history if r["epoch"] == epoch + 1]
@@ -407,6 +431,10 @@ def evaluate(
 
     device = utils.resolve_device(device if device is not None else _model_device(model))
     precision = utils.resolve_precision(precision, device)
+    probe = getattr(model, "linear_probe", None)
+    if probe is not None and not zero_shot and probe.num_classes != len(classnames):
+        raise ValueError(f"the linear probe classifies {probe.num_classes} classes, got {len(classnames)} class names "
+                         f"(a probe cannot score classes it was not trained on)")
     was_training = model.training
     model.eval()
     try:

@@ -192,7 +192,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, to_json(obj) + "\n")
 
 
-def atomic_write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], fieldnames: Iterable[str] | None = None) -> Path:
+def atomic_write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
+                     fieldnames: Iterable[str] | None = None) -> Path:
     if fieldnames is None:
         fieldnames = []
         for r in rows:
