@@ -128,7 +128,7 @@ def pretrain_contrastive(
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -137,3 +137,483 @@ def pretrain_contrastive(
             bar.close()
         model.eval()
     return losses
+
+
+# =====================================================================================================================
+# LilT / LiT contrastive alignment (issue 7): learnable temperature, global-batch InfoNCE, a DDP-ready training loop
+# and retrieval evaluation. (Added below the demo's code; clip_loss / pretrain_contrastive are unchanged.)
+#
+#     engine.prepare(model, "lilt-ln")                                  # adds model.lilt_temperature
+#     summary = train_contrastive(model, pairs, tokenizer, ContrastiveConfig(epochs=5, batch_size=256))
+#     evaluate_retrieval(model, test_pairs, tokenizer)                  # {"i2t_R@1", ..., "t2i_R@10", "mean"}
+#
+# Loss. With L2-normalized features, s = 1/tau and the global batch of W ranks x b pairs (features all-gathered WITH
+# gradient), rank r scores its own b images against all W*b captions and its own b captions against all W*b images:
+#
+#     L_r = 1/2 * ( CE(s * I_r T^T, y_r) + CE(s * T_r I^T, y_r) ),   y_r = r*b + arange(b)
+#
+# mean_r L_r is exactly the single-process symmetric InfoNCE of the W*b batch, and because the all-gather's backward
+# sums every rank's gradient for a slice, DDP's gradient average equals the single-process gradient.
+# =====================================================================================================================
+import dataclasses as _dc  # noqa: E402
+import os as _os  # noqa: E402
+import time as _time  # noqa: E402
+from dataclasses import dataclass as _dataclass, field as _field  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+from torch import nn as _nn  # noqa: E402
+
+__all__ += ["LearnableTemperature", "contrastive_loss", "gather_features", "ContrastiveConfig", "train_contrastive",
+            "evaluate_retrieval", "encode_pairs", "ContrastiveEncoder"]
+
+TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
+UNSUPPORTED_CONTRASTIVE = ("llu", "linear-probe", "coop")  # heads / prompts the contrastive features do not use
+CONTRASTIVE_CHECKPOINT = "checkpoint.safetensors"
+CONTRASTIVE_LOG = "log.jsonl"
+CONTRASTIVE_SUMMARY = "summary.json"
+
+
+class LearnableTemperature(_nn.Module):
+    """Learnable softmax temperature tau (ALBEF / LilT): ``temp`` starts at ``init`` (0.07) and is kept in
+    [``min``, ``max``] = [0.001, 0.5] (``clamp_()`` in place after each optimizer step; the forward clamps the value too,
+    with a straight-through gradient so a temperature sitting on a bound can still move back inside), i.e. a logit
+    scale 1/tau in [2, 1000]. ``forward()`` returns the logit scale 1/tau."""
+
+    def __init__(self, init: float = TEMPERATURE_INIT, min: float = TEMPERATURE_MIN, max: float = TEMPERATURE_MAX):
+        super().__init__()
+        for name, v in (("init", init), ("min", min), ("max", max)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"temperature {name} must be a positive finite number, got {v!r}")
+        if not min <= init <= max:
+            raise ValueError(f"temperature init={init} must lie in [min, max] = [{min}, {max}]")
+        self.min, self.max = float(min), float(max)
+        self.temp = _nn.Parameter(torch.tensor(float(init)))
+
+    def extra_repr(self) -> str:
+        return f"temp={float(self.temp):.4g}, range=[{self.min}, {self.max}]"
+
+    @torch.no_grad()
+    def clamp_(self) -> "LearnableTemperature":
+        self.temp.clamp_(self.min, self.max)
+        return self
+
+    def forward(self) -> torch.Tensor:
+        # Value clamped, gradient passed straight through: torch's clamp has a zero gradient AT the bounds, which
+        # would freeze a temperature that reached 0.001 or 0.5 for good (ALBEF clamps in place and uses temp as is).
+        t = self.temp
+        return 1.0 / (t + (t.clamp(self.min, self.max) - t).detach())
+
+
+def gather_features(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``x`` concatenated in rank order, with gradient back to each rank's slice (identity on one
+    process). See ``engine.distributed.all_gather_with_grad``."""
+    from engine.distributed import all_gather_with_grad
+
+    return all_gather_with_grad(x)
+
+
+def contrastive_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale, *,
+                     gather: bool = True) -> torch.Tensor:
+    """Symmetric InfoNCE of this rank's pairs against the GLOBAL batch (all ranks' features gathered with gradient
+    when ``gather`` and a process group with >1 rank exist; otherwise the local batch, = ``clip_loss``).
+
+    ``img_feats``, ``txt_feats``: (b, E) L2-normalized features of matching pairs; ``logit_scale``: 1/tau (tensor or
+    float). Computed in float32; returns this rank's loss (the mean over ranks is the global-batch loss)."""
+    if not isinstance(img_feats, torch.Tensor) or not isinstance(txt_feats, torch.Tensor):
+        raise TypeError("img_feats and txt_feats must be tensors")
+    if img_feats.dim() != 2 or img_feats.shape != txt_feats.shape or img_feats.shape[0] == 0:
+        raise ValueError(f"img_feats and txt_feats must be non-empty (B, E) tensors of the same shape, got "
+                         f"{tuple(img_feats.shape)} and {tuple(txt_feats.shape)}")
+    from engine import distributed as D
+
+    img, txt = img_feats.float(), txt_feats.float()
+    b = img.shape[0]
+    if gather and D.is_distributed():
+        both = gather_features(torch.cat([img, txt], dim=1))
+        all_img, all_txt = both[:, :img.shape[1]], both[:, img.shape[1]:]
+        offset = D.get_rank() * b
+    else:
+        all_img, all_txt, offset = img, txt, 0
+    labels = torch.arange(offset, offset + b, device=img.device)
+    logits_i2t = logit_scale * (img @ all_txt.t())
+    logits_t2i = logit_scale * (txt @ all_img.t())
+    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
+
+
+class ContrastiveEncoder(_nn.Module):
+    """``forward(images, tokens) -> (image features, text features, logit scale)`` of a prepared model: the unit
+    DistributedDataParallel wraps (so DDP sees the forward). Features are float32 and L2-normalized (lean models
+    encode text with the exact EOT-truncated context); the logit scale is ``model.lilt_temperature()`` when the method
+    added one, else ``model.logit_scale.exp()`` capped at 100 (open_clip)."""
+
+    def __init__(self, model: _nn.Module):
+        super().__init__()
+        self.model = model
+
+    def logit_scale(self) -> torch.Tensor:
+        temp = getattr(self.model, "lilt_temperature", None)
+        if temp is not None:
+            return temp()
+        return self.model.logit_scale.float().exp().clamp(max=100.0)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        from engine.features import encode_tokens, image_features
+
+        img = image_features(self.model, images)
+        txt = F.normalize(encode_tokens(self.model, tokens).float(), dim=-1)
+        return img, txt, self.logit_scale()
+
+
+@_dataclass
+class ContrastiveConfig:
+    epochs: int = 1
+    max_steps: int | None = None       # run length in optimizer steps, overrides epochs (None: epochs * steps per
+                                       # epoch); the cosine schedule spans it
+    stop_after_step: int | None = None  # end this invocation early (checkpoint written; the schedule is unchanged):
+                                        # pre-emption / tests, continue with resume=
+    batch_size: int = 64               # GLOBAL batch (all processes together); must divide by the world size
+    lr: float = 1e-3
+    weight_decay: float = 0.02         # on matrices only (not gains, biases, the temperature)
+    betas: tuple = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 0              # linear warm-up, then cosine to min_lr (per step)
+    min_lr: float = 0.0
+    clip_grad_norm: float | None = None
+    precision: str = "auto"            # "auto" (bf16 autocast on CUDA, fp32 on CPU) | "fp32" | "bf16"
+    device: str = "auto"
+    seed: int = 0
+    output: str | None = None          # run dir: log.jsonl, checkpoint.safetensors, summary.json (rank 0)
+    log_every: int = 1
+    progress: bool = True
+    num_workers: int = 0
+    augment: bool = False              # random resized crop (scale 0.5-1, no flip: captions say left/right)
+    gather: bool = True                # negatives from the global batch (all ranks)
+    checkpoint_every_epoch: bool = True
+    eval_batch_size: int = 256
+    extra: dict = _field(default_factory=dict)
+
+    def validate(self) -> "ContrastiveConfig":
+        def pos_int(name, v, minimum=1):
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+
+        pos_int("epochs", self.epochs)
+        pos_int("batch_size", self.batch_size)
+        pos_int("log_every", self.log_every)
+        pos_int("warmup_steps", self.warmup_steps, 0)
+        pos_int("num_workers", self.num_workers, 0)
+        pos_int("eval_batch_size", self.eval_batch_size)
+        if self.max_steps is not None:
+            pos_int("max_steps", self.max_steps)
+        if self.stop_after_step is not None:
+            pos_int("stop_after_step", self.stop_after_step)
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
+        from engine import utils
+
+        if self.precision not in utils.PRECISIONS:
+            raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return _dc.asdict(self)
+
+
+def _lr_at(step: int, cfg: ContrastiveConfig, total: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _adamw_groups(model: _nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "temperature" not in name and "logit_scale" not in name else no_decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def _default_transform(model: _nn.Module, train: bool, augment: bool):
+    from engine.data import clip_transform
+
+    size = model.visual.image_size
+    size = size if isinstance(size, int) else tuple(size)
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    kw = {k: tuple(pp[k]) for k in ("mean", "std") if pp.get(k)}
+    if train and augment:
+        return clip_transform(size, train=True, scale=(0.5, 1.0), flip=False, **kw)
+    return clip_transform(size, train=False, **kw)
+
+
+def _model_device_of(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _check_contrastive_method(model) -> str:
+    info = getattr(model, "leanclip_info", None)
+    if not info:
+        raise ValueError("model was not prepared: call engine.prepare(model, method) (e.g. 'lilt-ln') before "
+                         "train_contrastive()")
+    method = info["method"]
+    bad = [p for p in method.split("+") if p in UNSUPPORTED_CONTRASTIVE]
+    if bad:
+        raise ValueError(f"method {method!r}: {bad[0]!r} trains a classification head / prompt that contrastive "
+                         f"image-text features do not use; use lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit, "
+                         f"ln, bitfit, clipfit or full")
+    return method
+
+
+def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: ContrastiveConfig | None = None, *,
+                      eval_pairs=None, transform: Callable | None = None, resume=None) -> dict:
+    """Contrastive alignment of a prepared model on image-text ``pairs`` (an ``engine.pairs.PairSet``).
+
+    AdamW on the trainable parameters (weight decay on matrices only), linear warm-up + cosine per step, symmetric
+    InfoNCE over the global batch with the learnable temperature, seeded (the batch order of epoch e is a function
+    of (seed, e) only: ``DistributedSampler(seed=cfg.seed)`` + ``set_epoch(e)``; the last incomplete global batch is
+    dropped). Under ``torchrun`` (a process group initialised, e.g. by ``engine.distributed.init_distributed``) the
+    model runs under DistributedDataParallel with ``cfg.batch_size / world_size`` pairs per process; rank 0 writes
+    ``log.jsonl`` (one line per logged step, the loss averaged over ranks), the trainable-only checkpoint (each epoch
+    and at the end; ``engine.checkpoint.save_trainable`` with the optimizer state) and ``summary.json``.
+    ``resume``: a checkpoint of this run (file or run dir) to continue from. ``eval_pairs``: evaluated (retrieval)
+    after training on rank 0. Returns a summary dict (losses per step, timing, metrics)."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from engine import distributed as D
+    from engine import utils
+    from engine.pairs import PairDataset, PairSet
+
+    cfg = (cfg or ContrastiveConfig()).validate()
+    method = _check_contrastive_method(model)
+    if not isinstance(pairs, PairSet):
+        raise TypeError(f"pairs must be an engine.pairs.PairSet, got {type(pairs).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError("a tokenizer (callable: list[str] -> LongTensor) is needed")
+    rank, world = D.get_rank(), D.get_world_size()
+    local_bs = D.check_batch_size(cfg.batch_size, world)
+    n = len(pairs)
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n} training pairs (the last incomplete "
+                         f"global batch is dropped, so no step would run)")
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps
+    n_epochs = math.ceil(total / steps_per_epoch)
+    device = utils.resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    precision = utils.resolve_precision(cfg.precision, device)
+    main = rank == 0
+    out_dir = _Path(cfg.output) if cfg.output else None
+    if out_dir is not None and main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log = utils.get_logger()
+
+    utils.seed_everything(cfg.seed)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters: call engine.prepare(model, method) first")
+    opt = torch.optim.AdamW(_adamw_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    temp = getattr(model, "lilt_temperature", None)
+    encoder = ContrastiveEncoder(model)
+    net = D.wrap_ddp(encoder, device)
+    ds = PairDataset(pairs, transform if transform is not None else _default_transform(model, True, cfg.augment))
+
+    step, history = 0, []
+    if resume is not None:
+        step, history = _resume_contrastive(model, opt, resume, cfg, steps_per_epoch)
+    elif out_dir is not None and main and (out_dir / CONTRASTIVE_LOG).exists():
+        (out_dir / CONTRASTIVE_LOG).unlink()
+    D.barrier()
+
+    def save(epoch_done: int) -> None:
+        if out_dir is None or not main:
+            return
+        from engine.checkpoint import save_trainable
+
+        meta = {"leanclip_task": "contrastive", "method": method, "step": step, "steps_per_epoch": steps_per_epoch,
+                "epoch": epoch_done, "world_size": world, "config": cfg.to_dict(), "rng": utils.get_rng_state()}
+        meta.update(cfg.extra or {})
+        save_trainable(model, out_dir / CONTRASTIVE_CHECKPOINT, optimizer=opt, step=step, extra_meta=meta)
+
+    bar = None
+    if cfg.progress and main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=step, desc=f"contrastive {method}", leave=False)
+    t_start, pairs_seen = _time.perf_counter(), 0
+    model.train()
+    try:
+        start_epoch = step // steps_per_epoch
+        stop = total if cfg.stop_after_step is None else min(total, cfg.stop_after_step)
+        for epoch in range(start_epoch, n_epochs):
+            if step >= stop:
+                break
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                         drop_last=True)
+            sampler.set_epoch(epoch)
+            loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True,
+                                num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                persistent_workers=False)
+            skip = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+            t_step = _time.perf_counter()
+            for i, (images, captions) in enumerate(loader):
+                if i < skip:
+                    continue
+                if step >= stop or i >= steps_per_epoch:
+                    break
+                lr = _lr_at(step, cfg, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                tokens = torch.as_tensor(tokenizer(list(captions)))
+                images = images.to(device, non_blocking=True)
+                tokens = tokens.to(device, non_blocking=True)
+                with utils.autocast(device, precision):
+                    img_f, txt_f, scale = net(images, tokens)
+                loss = contrastive_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                opt.step()
+                if temp is not None:
+                    temp.clamp_()
+                step += 1
+                gloss = float(D.all_reduce_mean(loss.detach()))
+                dt = _time.perf_counter() - t_step
+                t_step = _time.perf_counter()
+                pairs_seen += cfg.batch_size
+                rec = {"step": step, "epoch": epoch + 1, "loss": gloss, "lr": lr,
+                       "temperature": float(1.0 / scale.detach().float()),
+                       "pairs_per_s": cfg.batch_size / dt if dt > 0 else None}
+                mem = utils.peak_memory_bytes(device)
+                if mem is not None:
+                    rec["peak_mem_bytes"] = mem
+                history.append(rec)
+                if main:
+                    if out_dir is not None and (step % cfg.log_every == 0 or step == stop):
+                        utils.append_jsonl(out_dir / CONTRASTIVE_LOG, rec)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{gloss:.4f}", tau=f"{rec['temperature']:.4f}", lr=f"{lr:.2e}")
+            ep = [r["loss"] for r in history if r["epoch"] == epoch + 1]
+            if ep and main:
+                log.info("epoch %d/%d: loss %.4f", epoch + 1, n_epochs, sum(ep) / len(ep))
+            if cfg.checkpoint_every_epoch and step < stop:
+                save(epoch + 1)
+                D.barrier()
+        save(math.ceil(step / steps_per_epoch))
+        D.barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        model.eval()
+    seconds = _time.perf_counter() - t_start
+    metrics = {}
+    if eval_pairs is not None and main:
+        metrics = evaluate_retrieval(model, eval_pairs, tokenizer, batch_size=cfg.eval_batch_size, device=device,
+                                     precision=cfg.precision, transform=transform)
+        log.info("retrieval: %s", metrics)
+    summary = {
+        "task": "contrastive", "method": method, "config": cfg.to_dict(), "device": str(device),
+        "precision": precision, "world_size": world, "steps": step, "steps_per_epoch": steps_per_epoch,
+        "losses": [r["loss"] for r in history], "final_loss": history[-1]["loss"] if history else None,
+        "temperature": float(1.0 / encoder.logit_scale().detach().float()), "metrics": metrics,
+        "seconds": seconds, "pairs_per_s": pairs_seen / seconds if seconds > 0 else None,
+    }
+    if out_dir is not None and main:
+        summary["checkpoint"] = str(out_dir / CONTRASTIVE_CHECKPOINT)
+        summary["log"] = str(out_dir / CONTRASTIVE_LOG)
+        utils.atomic_write_json(out_dir / CONTRASTIVE_SUMMARY, {k: v for k, v in summary.items() if k != "losses"})
+    return summary
+
+
+def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, list]:
+    from engine import utils
+    from engine.checkpoint import load_trainable
+
+    p = _Path(path)
+    if p.is_dir():
+        p = p / CONTRASTIVE_CHECKPOINT
+    if not p.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {str(p)!r}")
+    meta = load_trainable(model, p, optimizer=opt)
+    extra = meta.get("extra") or {}
+    if extra.get("leanclip_task") != "contrastive":
+        raise ValueError(f"resume: {str(p)!r} is not a contrastive-training checkpoint")
+    if int(extra.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+        raise ValueError(f"resume: checkpoint has {extra.get('steps_per_epoch')} steps per epoch, this run "
+                         f"{steps_per_epoch} (dataset or batch size changed)")
+    if "rng" in extra:
+        utils.set_rng_state(extra["rng"])
+    step = int(extra.get("step", meta.get("step") or 0))
+    history = []
+    if cfg.output:
+        lp = _Path(cfg.output) / CONTRASTIVE_LOG
+        if lp.exists():
+            utils.truncate_jsonl(lp, lambda r: r.get("step", 0) <= step)
+            history = [r for r in utils.read_jsonl(lp) if "loss" in r]
+    return step, history
+
+
+@torch.no_grad()
+def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: int = 256, device=None,
+                 precision: str = "auto", transform: Callable | None = None, progress: bool = False):
+    """(image features (N_img, E), text features (N_txt, E)), float32, L2-normalized, of a PairSet."""
+    from torch.utils.data import DataLoader
+
+    from engine import utils
+    from engine.features import encode_tokens, image_features
+    from engine.pairs import ImageListDataset, PairSet
+
+    if not isinstance(pairs, PairSet):
+        raise TypeError(f"pairs must be an engine.pairs.PairSet, got {type(pairs).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    device = utils.resolve_device(device if device is not None else _model_device_of(model))
+    precision = utils.resolve_precision(precision, device)
+    tf = transform if transform is not None else _default_transform(model, False, False)
+    was_training = model.training
+    model.eval()
+    try:
+        imgs = []
+        loader = DataLoader(ImageListDataset(pairs, tf), batch_size=batch_size, shuffle=False)
+        if progress:
+            from tqdm.auto import tqdm
+
+            loader = tqdm(loader, desc="encode images", leave=False)
+        for x in loader:
+            with utils.autocast(device, precision):
+                imgs.append(image_features(model, x.to(device)).float())
+        txts = []
+        for a in range(0, len(pairs.captions), batch_size):
+            tok = torch.as_tensor(tokenizer(list(pairs.captions[a:a + batch_size])))
+            with utils.autocast(device, precision):
+                txts.append(F.normalize(encode_tokens(model, tok.to(device)).float(), dim=-1))
+    finally:
+        model.train(was_training)
+    return torch.cat(imgs), torch.cat(txts)
+
+
+def evaluate_retrieval(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: int = 256, device=None,
+                       precision: str = "auto", transform: Callable | None = None, ks=(1, 5, 10),
+                       progress: bool = False) -> dict:
+    """Image->text and text->image recall@k (k = 1, 5, 10, in %) and their means (``engine.metrics``), over the unique
+    images of ``pairs`` against all captions (an image is a hit when any of its captions ranks in the top k)."""
+    from engine.metrics import retrieval_recall_from_features
+
+    img, txt = encode_pairs(model, pairs, tokenizer, batch_size=batch_size, device=device, precision=precision,
+                            transform=transform, progress=progress)
+    out = retrieval_recall_from_features(img, txt, torch.as_tensor(pairs.txt_to_img), ks=tuple(ks), normalize=False)
+    out["n_images"], out["n_captions"] = pairs.num_images, len(pairs)
+    return out

@@ -245,6 +245,49 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         x1 = x + self._attn(x, mask, is_causal)
         return x1, self._mlp_core(x1)
 
+    def _recompute(self, x, mask, is_causal: bool, policy: str):
+        """Forward under a recompute policy. A branch is checkpointed only when gradients flow through it (its input
+        needs grad or it holds a trainable parameter): elsewhere nothing is saved anyway and checkpointing would
+        only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
+        the checkpoints: they save nothing, so recomputing them would be wasted."""
+        attn, mlp = self.attn, self.mlp
+        rng = self.training and attn.dropout > 0
+        out_proj_outside = _frozen(attn.out_proj.weight, self.ls_1)
+        c_proj_outside = _frozen(mlp.c_proj.weight, self.ls_2)
+        if policy == "block":
+            inside = [self.ln_1, attn, self.ls_1, self.ln_2, mlp.c_fc]
+            if not c_proj_outside:
+                inside += [mlp.c_proj, self.ls_2]
+            if not (x.requires_grad or not _frozen(*inside)):
+                return self._plain(x, mask, is_causal)
+            if c_proj_outside:
+                x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
+                return x1 + self._mlp_out(g)
+            return _ckpt(self._plain, x, mask, is_causal, rng=rng)
+        # attention branch
+        if policy == "mlp+qkv":
+            core = [self.ln_1, attn.in_proj_weight, attn.in_proj_bias]
+            if out_proj_outside:
+                if x.requires_grad or not _frozen(*core):
+                    a = self._attn_out(_ckpt(self._attn_core, x, mask, is_causal, rng=rng, sac=True))
+                else:
+                    a = self._attn(x, mask, is_causal)
+            elif x.requires_grad or not _frozen(*core, attn, self.ls_1):
+                a = _ckpt(self._attn, x, mask, is_causal, rng=rng, sac=True)
+            else:
+                a = self._attn(x, mask, is_causal)
+        else:
+            a = self._attn(x, mask, is_causal)
+        x = x + a
+        # MLP branch
+        if c_proj_outside:
+            if x.requires_grad or not _frozen(self.ln_2, mlp.c_fc):
+                return x + self._mlp_out(_ckpt(self._mlp_core, x))
+            return x + self._mlp(x)
+        if x.requires_grad or not _frozen(self.ln_2, mlp, self.ls_2):
+            return x + _ckpt(self._mlp, x)
+        return x + self._mlp(x)
+
     # -- forward --
     def forward(self, q_x, k_x=None, v_x=None, attn_mask=None, is_causal: bool | None = None):
         if k_x is not None or v_x is not None or hasattr(self, "ln_1_kv"):
@@ -256,30 +299,11 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
             is_causal = _is_causal_mask(attn_mask, n)
         mask = None if is_causal else _sdpa_mask(attn_mask, b, self.attn.num_heads, n, x.dtype)
         policy = self.leanclip_recompute
-        if policy != "none" and not (torch.is_grad_enabled() and (x.requires_grad or not _frozen(self))):
-            policy = "none"  # nothing would be saved anyway
-        rng = self.training and self.attn.dropout > 0
-        if policy == "none":
+        grad = torch.is_grad_enabled()
+        if policy == "none" or not grad:
             y = self._plain(x, mask, is_causal)
-        elif policy == "block":
-            if _frozen(self.mlp.c_proj, self.ls_2):
-                x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
-                y = x1 + self._mlp_out(g)
-            else:
-                y = _ckpt(self._plain, x, mask, is_causal, rng=rng)
         else:
-            if policy == "mlp+qkv":
-                if _frozen(self.attn.out_proj, self.ls_1):
-                    a = self._attn_out(_ckpt(self._attn_core, x, mask, is_causal, rng=rng, sac=True))
-                else:
-                    a = _ckpt(self._attn, x, mask, is_causal, rng=rng, sac=True)
-            else:
-                a = self._attn(x, mask, is_causal)
-            x = x + a
-            if _frozen(self.mlp.c_proj, self.ls_2):
-                y = x + self._mlp_out(_ckpt(self._mlp_core, x))
-            else:
-                y = x + _ckpt(self._mlp, x)
+            y = self._recompute(x, mask, is_causal, policy)
         return y if batch_first else y.transpose(0, 1)
 
 
@@ -431,91 +455,124 @@ def encode_text_lean(model: nn.Module, tokens: torch.Tensor, *, prompt_embedding
 
 
 # ----------------------------------------------------------------------------------------------------------- estimates
-def _tower_grad_layout(model: nn.Module, prefix: str, blocks_prefix: str, n_blocks: int, pre_names, post_names,
-                       input_grad: bool):
-    """(first block index through which gradients flow or None, whether anything after the blocks is on the grad
-    path, whether the pre-block LN input is saved)."""
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)]
-    first = 0 if input_grad or any(n[len(prefix):].split(".")[0] in pre_names for n in trainable) else None
-    if first is None:
-        for i in range(n_blocks):
-            if any(n.startswith(f"{blocks_prefix}{i}.") for n in trainable):
-                first = i
-                break
-    post = first is not None or any(n[len(prefix):].split(".")[0] in post_names for n in trainable)
-    return first, post
+# Where gradients enter a block decides what its first grad-carrying block saves: (units, LN-stat pairs, lse?)
+# per policy, by the earliest trainable piece. Stage 0 (ln_1, or an input that needs grad) is the full table.
+_STAGES = (("ln_1.",), ("attn.in_proj",), ("attn.out_proj.", "ls_1."), ("ln_2.",), ("mlp.c_fc.",),
+           ("mlp.c_proj.", "ls_2."))
+_STAGE_COST = {
+    "none":    ((10, 2, 1), (9, 1, 1), (5, 1, 0), (5, 1, 0), (4, 0, 0), (0, 0, 0)),
+    "mlp":     ((6, 1, 1), (5, 0, 1), (1, 0, 0), (1, 0, 0), (1, 0, 0), (0, 0, 0)),
+    "mlp+qkv": ((3, 0, 1), (3, 0, 1), (1, 0, 0), (1, 0, 0), (1, 0, 0), (0, 0, 0)),
+    "block":   ((1, 0, 0), (1, 0, 0), (1, 0, 0), (1, 0, 0), (1, 0, 0), (0, 0, 0)),
+}
 
 
-def _block_extra_units(model_blocks, policy: str, first: int) -> float:
-    """Extra units for blocks whose projection weights are trainable (their inputs are saved)."""
+def _grad_layout(trainable: list[str], blocks_prefix: str, n_blocks: int, input_grad: bool):
+    """(index of the first block gradients flow through or None, the stage where they enter it)."""
+    if input_grad:
+        return 0, 0
+    for i in range(n_blocks):
+        inside = [n[len(f"{blocks_prefix}{i}."):] for n in trainable if n.startswith(f"{blocks_prefix}{i}.")]
+        if inside:
+            stage = min(next((k for k, pre in enumerate(_STAGES) if n.startswith(pre)), 0) for n in inside)
+            return i, stage
+    return None, None
+
+
+def _block_extra_units(blocks, policy: str, first: int) -> float:
+    """Extra units for blocks whose projection weights are trainable (F.linear saves their inputs; out_proj's
+    input is a view of the saved SDPA output - SDPA returns a (B, L, H, hd)-ordered tensor - so it is free)."""
     extra = 0.0
-    for blk in list(model_blocks)[first:]:
+    for blk in list(blocks)[first:]:
         attn, mlp = blk.attn, blk.mlp
         if policy == "none":
-            extra += (attn.in_proj_weight.requires_grad + attn.out_proj.weight.requires_grad
-                      + mlp.c_fc.weight.requires_grad + 4 * mlp.c_proj.weight.requires_grad)
+            extra += attn.in_proj_weight.requires_grad + mlp.c_fc.weight.requires_grad + 4 * mlp.c_proj.weight.requires_grad
         elif policy == "mlp":
-            extra += attn.in_proj_weight.requires_grad + attn.out_proj.weight.requires_grad
+            extra += attn.in_proj_weight.requires_grad
     return extra
 
 
-def _tower_bytes(blocks, policy, first, post, batch, length, width, heads, elem, outside_units) -> int:
-    if batch == 0 or (first is None and not post):
+def _tower_bytes(blocks, policy, first, stage, post_units, batch, length, width, heads, elem) -> int:
+    if batch == 0:
         return 0
     bl = batch * length
     unit = bl * width * elem
     total = 0.0
     if first is not None:
-        n = len(blocks) - first
-        stats = {"none": 2, "mlp": 1, "mlp+qkv": 0, "block": 0}[policy]  # LN mean+rstd pairs kept per block
-        lse = 0 if policy == "block" else bl * heads * 4
-        total += n * (BLOCK_UNITS[policy] * unit + stats * 8 * bl + lse)
+        for i in range(first, len(blocks)):
+            units, stats, lse = _STAGE_COST[policy][stage if i == first else 0]
+            total += units * unit + stats * 8 * bl + lse * bl * heads * 4
         total += _block_extra_units(blocks, policy, first) * unit
-    if post:
-        total += outside_units * (unit + 8 * bl)
+    total += post_units * (unit + 8 * bl)
     return int(total)
+
+
+def _trainable_names(model: nn.Module, prefix: str) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)]
+
+
+def _top(names: list[str], prefix: str) -> set:
+    return {n[len(prefix):].split(".")[0] for n in names}
 
 
 def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text_batch_size: int | None = None,
                          text_len: int | None = None, dtype: torch.dtype | None = None) -> int:
     """Predicted bytes saved for backward by one training forward of both towers under ``policy``.
 
-    Per block: ``BLOCK_UNITS[policy]`` units of B*L*D*elem (+ LN statistics and the attention logsumexp), for the
-    blocks gradients flow through (from the first block holding a trainable parameter, or all when the tower input
-    needs grad: CoOp prompts, trainable ln_pre/embeddings); plus, outside the blocks, the ln_pre input (image,
-    when on the grad path) and the ln_post / ln_final inputs. The image batch is ``batch_size`` with L = patches+1;
-    the text batch is ``text_batch_size`` (default ``batch_size``; the number of class prompts for classification)
-    with L = ``text_len`` (default: the full context, an upper bound: EOT truncation shortens it). ``dtype`` is the
-    activation dtype (default: that of the frozen block weights, i.e. bf16 with ``frozen_dtype=torch.bfloat16``)."""
+    Per block: ``BLOCK_UNITS[policy]`` units of B*L*D*elem (+ LN statistics and the attention logsumexp) for every
+    block gradients flow through - from the first block holding a trainable parameter (counting only the part of
+    it after that parameter), or all blocks when the tower input needs grad (CoOp prompts, trainable ln_pre or
+    embeddings) - plus, outside the blocks, the ln_pre input (image, when on the grad path) and the ln_post /
+    ln_final input; trainable projection weights (``full``) add the inputs F.linear keeps. The image batch is
+    ``batch_size`` with L = patches+1; the text batch is ``text_batch_size`` (default ``batch_size``; the number of
+    class prompts for classification) with L = ``text_len`` (default: the full context, an upper bound: EOT
+    truncation shortens it). ``dtype`` is the activation dtype (default: that of the frozen block weights, i.e.
+    bf16 with ``frozen_dtype=torch.bfloat16``). Matches ``engine.memory.saved_activation_bytes`` within a few %."""
     check_policy(policy)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")
     tb = batch_size if text_batch_size is None else text_batch_size
     if isinstance(tb, bool) or not isinstance(tb, int) or tb < 0:
         raise ValueError(f"text_batch_size must be a non-negative int, got {text_batch_size!r}")
+    if text_len is not None and (isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 1):
+        raise ValueError(f"text_len must be a positive int, got {text_len!r}")
     total = 0
     vis = getattr(model, "visual", None)
     if isinstance(vis, VisionTransformer):
         blocks = vis.transformer.resblocks
         elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
-        first, post = _tower_grad_layout(model, "visual.", "visual.transformer.resblocks.", len(blocks),
-                                         {"conv1", "class_embedding", "positional_embedding", "ln_pre"},
-                                         {"ln_post", "proj", "attn_pool"}, input_grad=False)
-        ln_pre_saved = first is not None and not isinstance(vis.ln_pre, nn.Identity)
+        names = _trainable_names(model, "visual.")
+        top = _top(names, "visual.")
+        input_grad = bool(top & {"conv1", "class_embedding", "positional_embedding", "ln_pre"})
+        first, stage = _grad_layout(names, "visual.transformer.resblocks.", len(blocks), input_grad)
+        on_path = first is not None or bool(top & {"ln_post", "proj"})
+        post = (first is not None and not isinstance(vis.ln_pre, nn.Identity) and
+                (input_grad and "conv1" in top or "ln_pre" in top)) + on_path
         length = vis.grid_size[0] * vis.grid_size[1] + 1
-        total += _tower_bytes(blocks, policy, first, post, batch_size, length, vis.transformer.width,
-                              blocks[0].attn.num_heads, elem, outside_units=1 + ln_pre_saved)
+        total += _tower_bytes(blocks, policy, first, stage, post, batch_size, length, vis.transformer.width,
+                              blocks[0].attn.num_heads, elem)
+        if "conv1" in top:  # the patch conv keeps its input images
+            total += batch_size * 3 * vis.image_size[0] * vis.image_size[1] * elem
+        if "proj" in top:  # pooled @ proj keeps the pooled token, a view of the whole ln_post output
+            total += batch_size * length * vis.transformer.width * elem
     t = text_tower(model)
     if t is not None:
         blocks = t.transformer.resblocks
         elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
-        input_grad = hasattr(model, "prompt_learner") and any(p.requires_grad for p in model.prompt_learner.parameters())
-        first, post = _tower_grad_layout(model, t.prefix, f"{t.prefix}transformer.resblocks.", len(blocks),
-                                         {"token_embedding", "positional_embedding"},
-                                         {"ln_final", "text_projection"}, input_grad=input_grad)
+        names = _trainable_names(model, t.prefix)
+        top = _top(names, t.prefix)
+        learner = getattr(model, "prompt_learner", None)
+        input_grad = bool(top & {"token_embedding", "positional_embedding"}) or (
+            learner is not None and any(p.requires_grad for p in learner.parameters()))
+        first, stage = _grad_layout(names, f"{t.prefix}transformer.resblocks.", len(blocks), input_grad)
+        on_path = first is not None or bool(top & {"ln_final", "text_projection"})
         length = t.positional_embedding.shape[0] if text_len is None else int(text_len)
-        total += _tower_bytes(blocks, policy, first, post, tb, length, t.transformer.width,
-                              blocks[0].attn.num_heads, elem, outside_units=1)
+        total += _tower_bytes(blocks, policy, first, stage, int(on_path), tb, length, t.transformer.width,
+                              blocks[0].attn.num_heads, elem)
+        if "token_embedding" in top:
+            total += tb * length * 8  # the embedding backward keeps the token ids
+        if "text_projection" in top:
+            total += tb * t.transformer.width * elem
     return int(total)
 
 

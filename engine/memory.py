@@ -24,16 +24,17 @@ def _storage_key(t: torch.Tensor):
 
 def _model_storage_keys(exclude) -> set:
     """Storage keys of the parameters and buffers to exclude: of ``exclude`` (module(s) / tensor(s)), or of every
-    live ``nn.Module`` when ``exclude`` is None."""
+    live ``nn.Module`` and ``nn.Parameter`` when ``exclude`` is None."""
     keys = set()
     if exclude is None:
         with warnings.catch_warnings():  # isinstance() on some lazily-deprecated objects warns
             warnings.simplefilter("ignore")
-            modules = [o for o in gc.get_objects() if isinstance(o, nn.Module)]
-        tensors = []
+            objs = gc.get_objects()
+            modules = [o for o in objs if isinstance(o, nn.Module)]
+            tensors = [o for o in objs if isinstance(o, nn.Parameter)]
     else:
         items = exclude if isinstance(exclude, (list, tuple, set)) else [exclude]
-        modules = [o for o in items if isinstance(o, nn.Module)]
+        modules = [sub for o in items if isinstance(o, nn.Module) for sub in o.modules()]
         tensors = [o for o in items if isinstance(o, torch.Tensor)]
         bad = [type(o).__name__ for o in items if not isinstance(o, (nn.Module, torch.Tensor))]
         if bad:
@@ -52,7 +53,8 @@ def _model_storage_keys(exclude) -> set:
 
 def saved_activation_bytes(fn: Callable[[], object], *, exclude: nn.Module | Iterable | None = None):
     """Run ``fn()`` and return ``(result, bytes)``: the bytes of distinct tensor storages saved for backward during
-    the call, parameters/buffers excluded (those of ``exclude``, or of every live nn.Module when None).
+    the call, parameters/buffers excluded (those of ``exclude``, or of every live nn.Module / nn.Parameter when
+    None).
 
     Only the forward needs to run inside ``fn``; the count is what the backward would have to keep alive."""
     if not callable(fn):

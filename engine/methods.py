@@ -445,3 +445,6 @@ def method_of(model: nn.Module) -> str | None:
 def method_parts(model: nn.Module) -> list[str]:
     m = method_of(model)
     return m.split("+") if m else []
+
+
+from engine import lilt as _lilt  # noqa: E402,F401  (registers lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit)

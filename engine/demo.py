@@ -1,0 +1,621 @@
+"""``leanclip demo``: the whole pipeline on procedural data, no downloads, a few minutes on a 2-core CPU.
+
+    leanclip demo [--output DIR] [--seed N] [--quick] [--threads N] [--no-progress]
+
+1. A procedural image–caption corpus (``engine.synthetic``: coloured, textured shapes; mostly the "source" domain, a
+   small share of the "shifted" one) contrastively pre-trains a small open_clip ViT CLIP from scratch
+   (``engine.contrastive``, AdamW, every parameter).
+2. Downstream task: K-shot classification in the *shifted* domain (light patterned backgrounds, colour jitter, noise),
+   CoOp base-to-new split (sorted labels, base = first ceil(n/2)); zero-shot accuracy with the model's template.
+3. ``ln``, ``bitfit``, ``clipfit``, ``llu`` and ``full`` (reference) are fine-tuned on the base classes with the lean
+   trainer (``engine.train``, ``lean=True``) and evaluated on base and new classes (H = harmonic mean).
+4. Per method, side by side in this process: the step time of the lean model relative to the same method on open_clip's
+   plain modules (``prepare(..., lean=False)``; interleaved repetitions, medians) and the bytes autograd saves for one
+   training step's forward (``engine.memory.saved_activation_bytes``; lean with the recompute policy, vs plain).
+5. One table on stdout; ``demo.json`` and ``demo.png`` under ``--output`` (atomic writes). Nothing else touches disk.
+
+Ratios are lean / plain: below 1 means faster / less memory. Every number is seeded; two runs with the same seed,
+thread count and machine give the same accuracies. A fine-tuning method that does not beat zero-shot H is reported as
+such (a NOTE line and ``"beats_zero_shot": false``), never hidden.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DemoConfig", "FULL", "QUICK", "register_demo_config", "run_demo", "add_arguments", "run", "METHODS"]
+
+METHODS = ("ln", "bitfit", "clipfit", "llu", "full")
+PEFT_METHODS = ("ln", "bitfit", "clipfit", "llu")  # must beat zero-shot H; "full" is the reference
+DEFAULT_OUTPUT = "leanclip-demo"
+
+
+@dataclass(frozen=True)
+class MethodRecipe:
+    """Fine-tuning hyper-parameters of one method (engine.train.TrainConfig fields)."""
+
+    lr: float
+    epochs: int
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    name: str = "full"
+    # model (registered as open_clip config ``model_name``)
+    model_name: str = "leanclip-demo"
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 128
+    vision_layers: int = 3
+    text_width: int = 128
+    text_layers: int = 2
+    embed_dim: int = 128
+    context_length: int = 20          # captions and prompts fit (the tokenizer truncates longer ones)
+    # pre-training corpus
+    corpus_size: int = 12000
+    shifted_fraction: float = 0.05    # share of the corpus drawn from the shifted domain
+    pretrain_steps: int = 250
+    pretrain_batch: int = 128
+    pretrain_lr: float = 1e-3
+    # downstream task
+    n_classes: int = 20
+    shots: int = 16
+    pool_per_class: int = 32          # candidate training images per class; few_shot picks `shots` of them
+    test_per_class: int = 50
+    # methods
+    methods: tuple = METHODS
+    recipes: dict = field(default_factory=lambda: {
+        "ln": MethodRecipe(lr=1e-2, epochs=20),
+        "bitfit": MethodRecipe(lr=5e-3, epochs=20),
+        "clipfit": MethodRecipe(lr=1e-2, epochs=20),
+        "llu": MethodRecipe(lr=1e-3, epochs=50, batch_size=256, warmup_epochs=0),
+        "full": MethodRecipe(lr=1e-4, epochs=20, weight_decay=1e-4),
+    })
+    recompute: str = "mlp+qkv"
+    # measurements
+    timing_reps: int = 7
+    timing_warmup: int = 2
+
+
+FULL = DemoConfig()
+QUICK = dataclasses.replace(
+    FULL,
+    name="quick",
+    model_name="leanclip-demo-quick",
+    width=64,
+    vision_layers=2,
+    text_width=64,
+    text_layers=2,
+    embed_dim=64,
+    corpus_size=1500,
+    pretrain_steps=30,
+    pretrain_batch=64,
+    pretrain_lr=2e-3,
+    n_classes=6,
+    shots=4,
+    pool_per_class=6,
+    test_per_class=8,
+    recipes={
+        "ln": MethodRecipe(lr=1e-2, epochs=2, batch_size=8),
+        "bitfit": MethodRecipe(lr=5e-3, epochs=2, batch_size=8),
+        "clipfit": MethodRecipe(lr=1e-2, epochs=2, batch_size=8),
+        "llu": MethodRecipe(lr=1e-3, epochs=3, batch_size=16, warmup_epochs=0),
+        "full": MethodRecipe(lr=1e-4, epochs=2, batch_size=8),
+    },
+    timing_reps=3,
+    timing_warmup=1,
+)
+
+
+def model_config(cfg: DemoConfig) -> dict:
+    """The open_clip model config dict of the demo model."""
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": cfg.image_size, "layers": cfg.vision_layers, "width": cfg.width,
+                       "head_width": 32, "patch_size": cfg.patch_size},
+        "text_cfg": {"context_length": cfg.context_length, "vocab_size": 49408, "width": cfg.text_width,
+                     "heads": max(1, cfg.text_width // 32), "layers": cfg.text_layers},
+    }
+
+
+def register_demo_config(cfg: DemoConfig = FULL) -> str:
+    """Register the demo model's open_clip config under ``cfg.model_name``; returns the name."""
+    from engine.configs import register_config
+
+    return register_config(cfg.model_name, model_config(cfg))
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _log(msg: str, progress: bool) -> None:
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _seed(seed: int, *parts: int) -> int:
+    from engine.utils import derive_seed
+
+    return derive_seed(seed, *parts)
+
+
+def _create_model(name: str, seed: int):
+    import open_clip
+
+    torch.manual_seed(seed)
+    logging.disable(logging.WARNING)  # "No pretrained weights loaded" (pretrained=None is the point)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    return model, open_clip.get_tokenizer(name)
+
+
+def _normalizer(model):
+    from engine.data import CLIP_MEAN, CLIP_STD
+
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    mean = torch.tensor(pp.get("mean", CLIP_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(pp.get("std", CLIP_STD), dtype=torch.float32).view(1, 3, 1, 1)
+    return lambda x: (x.float().div(255.0) - mean) / std if x.dtype == torch.uint8 else (x.float() - mean) / std
+
+
+def _machine(device: torch.device) -> dict:
+    try:
+        from bench.common import machine
+
+        info = machine()
+    except Exception:  # bench/ not importable: the essentials
+        info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                "cpu": platform.processor() or platform.machine()}
+    import open_clip
+
+    info.update(open_clip=open_clip.__version__, device_used=str(device), torch_threads=torch.get_num_threads())
+    if hasattr(os, "getloadavg"):
+        info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def _interleaved_medians(fns: dict, reps: int, warmup: int) -> dict:
+    try:
+        from bench.common import interleaved_medians
+    except Exception:  # pragma: no cover - bench/ ships with the package
+        interleaved_medians = None
+    if interleaved_medians is not None:
+        return interleaved_medians(fns, reps=reps, warmup=warmup)
+    import statistics
+
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------- the data
+def build_task(cfg: DemoConfig, seed: int, normalize: Callable) -> dict:
+    """The downstream shifted-domain task: K-shot base-class training set, base / new test sets (CoOp protocol)."""
+    from engine import data as D
+    from engine import synthetic as S
+
+    classes = S.make_classes(cfg.n_classes, seed=seed)
+    names = [c.name for c in classes]
+    pool_x, pool_y = S.make_classification_set(classes, cfg.pool_per_class, size=cfg.image_size,
+                                               seed=_seed(seed, 11), domain="shifted")
+    test_x, test_y = S.make_classification_set(classes, cfg.test_per_class, size=cfg.image_size,
+                                               seed=_seed(seed, 12), domain="shifted")
+    # Sample records whose "path" is the row index: the data layer's few-shot sampling and base/new split apply as is.
+    pool = [D.Sample(f"{i:07d}", int(y), names[int(y)]) for i, y in enumerate(pool_y)]
+    test = [D.Sample(f"{i:07d}", int(y), names[int(y)]) for i, y in enumerate(test_y)]
+    train = D.few_shot(pool, cfg.shots, seed)
+    splits = {"train": train, "test": test}
+    base, base_names = D.subsample_classes(splits, "base")
+    new, new_names = D.subsample_classes(splits, "new")
+
+    def dataset(samples, images):
+        idx = torch.tensor([int(s.path) for s in samples], dtype=torch.long)
+        return D.TensorImageDataset(normalize(images[idx]), [s.label for s in samples])
+
+    return {
+        "classnames": names,
+        "base_names": base_names,
+        "new_names": new_names,
+        "train": dataset(base["train"], pool_x),
+        "base_test": dataset(base["test"], test_x),
+        "new_test": dataset(new["test"], test_x),
+    }
+
+
+def pretrain(model, tokenizer, cfg: DemoConfig, seed: int, normalize: Callable, progress: bool) -> list[float]:
+    """Synthesise the caption corpus (mostly source domain) and contrastively pre-train ``model`` on it."""
+    from engine import synthetic as S
+    from engine.contrastive import pretrain_contrastive
+
+    n_shift = int(round(cfg.corpus_size * cfg.shifted_fraction))
+    x, caps = S.make_caption_corpus(cfg.corpus_size - n_shift, size=cfg.image_size, seed=_seed(seed, 1))
+    if n_shift:
+        x2, caps2 = S.make_caption_corpus(n_shift, size=cfg.image_size, seed=_seed(seed, 2), domain="shifted")
+        x, caps = torch.cat([x, x2]), list(caps) + list(caps2)
+    x = normalize(x)
+    device = next(model.parameters()).device
+    return pretrain_contrastive(model.to(device), x, caps, tokenizer, steps=cfg.pretrain_steps,
+                                batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, seed=_seed(seed, 3),
+                                progress=progress, desc="pre-training")
+
+
+# ----------------------------------------------------------------------------------------------------- measurements
+def _train_batch(dataset, batch_size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(dataset), generator=g)[:batch_size]
+    return dataset.images[idx].float(), dataset.labels[idx]
+
+
+def _step_fns(model, method: str, images, labels, classnames, templates, tokenizer, kd_lambda: float = 8.0):
+    """(forward_loss, train_step) closures of one training step of ``model`` as engine.train runs it (llu: the head
+    step on cached features, as engine.llu runs it)."""
+    from engine import features as Fe
+
+    device = next(model.parameters()).device
+    images, labels = images.to(device), labels.to(device)
+    model.train()
+    if method == "llu":
+        from engine import llu as L
+
+        with torch.no_grad():
+            feats = Fe.image_features(model, images)
+            txt = L.class_text_features(model, classnames, templates, tokenizer)
+        model.llu_image.set_bank(feats)
+        model.llu_text.set_bank(txt)
+
+        def forward_loss():
+            return L.llu_loss(model, feats, labels, txt, 1e3)[0]
+    else:
+        with torch.no_grad():
+            teacher = Fe.frozen_text_features(model, classnames, templates, tokenizer) if method == "clipfit" else None
+        txt0 = Fe.text_features(model, classnames, templates, tokenizer)
+        fixed_txt = None if txt0.requires_grad else txt0.detach()
+        del txt0
+
+        def forward_loss():
+            img = Fe.image_features(model, images)
+            txt = fixed_txt if fixed_txt is not None else Fe.text_features(model, classnames, templates, tokenizer)
+            loss = F.cross_entropy(Fe.class_logits(model, img, txt).float(), labels)
+            if teacher is not None:
+                loss = loss + Fe.clipfit_kd_loss(txt, teacher, kd_lambda)
+            return loss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)  # the step's cost, not its effect, is measured
+
+    def train_step():
+        loss = forward_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return forward_loss, train_step
+
+
+def measure_method(base_model, method: str, task: dict, templates, tokenizer, cfg: DemoConfig, seed: int) -> dict:
+    """Step-time ratio and saved-activation ratio of ``method``: lean (cfg.recompute) vs open_clip's plain modules."""
+    from engine.memory import saved_activation_bytes
+    from engine.methods import prepare
+
+    names = task["base_names"]
+    bs = cfg.recipes[method].batch_size if method != "llu" else cfg.recipes["ln"].batch_size
+    images, labels = _train_batch(task["train"], bs, _seed(seed, 21))
+    sides = {}
+    for side, lean in (("lean", True), ("plain", False)):
+        m = copy.deepcopy(base_model)
+        kw = {"recompute": cfg.recompute} if lean and method != "llu" else {}
+        prepare(m, method, lean=lean, classnames=names, tokenizer=tokenizer, **kw)
+        fwd, step = _step_fns(m, method, images, labels, names, templates, tokenizer)
+        _, nbytes = saved_activation_bytes(fwd, exclude=m)
+        sides[side] = {"model": m, "step": step, "saved_bytes": nbytes}
+    med = _interleaved_medians({k: v["step"] for k, v in sides.items()}, reps=cfg.timing_reps,
+                               warmup=cfg.timing_warmup)
+    lean_b, plain_b = sides["lean"]["saved_bytes"], sides["plain"]["saved_bytes"]
+    return {
+        "step_time_ratio": med["lean"] / med["plain"],
+        "step_seconds": {"lean": med["lean"], "plain": med["plain"]},
+        "saved_act_ratio": lean_b / plain_b if plain_b else None,
+        "saved_act_bytes": {"lean": lean_b, "plain": plain_b},
+        "timing_batch": int(images.shape[0]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------- outputs
+COLUMNS = ("method", "trainable params", "base acc", "new acc", "H", "step time (lean/plain)",
+           "saved act (lean/plain)")
+
+
+def _fmt_ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def format_table(results: dict) -> str:
+    rows = []
+    for name, r in results.items():
+        rows.append((
+            name,
+            "-" if r.get("trainable_params") is None else f"{r['trainable_params']:,}",
+            f"{100 * r['base_acc']:.1f}%",
+            f"{100 * r['new_acc']:.1f}%",
+            f"{100 * r['H']:.1f}%",
+            _fmt_ratio(r.get("step_time_ratio")),
+            _fmt_ratio(r.get("saved_act_ratio")),
+        ))
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in  # noqa: E731
+                                   enumerate(zip(cells, widths)))
+    out = [line(COLUMNS), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in rows]
+    return "\n".join(out)
+
+
+def write_plot(path: Path, results: dict, title: str) -> Path:
+    """Grouped bars of base / new / H accuracy per method (incl. zero-shot), atomically written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.2), dpi=110)
+    w = 0.26
+    for k, (key, label, colour) in enumerate((("base_acc", "base", "#4C72B0"), ("new_acc", "new", "#DD8452"),
+                                              ("H", "H", "#55A868"))):
+        xs = [i + (k - 1) * w for i in range(len(names))]
+        vals = [100 * results[n][key] for n in names]
+        bars = ax.bar(xs, vals, w, label=label, color=colour)
+        if key == "H":
+            for b, v in zip(bars, vals):
+                ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+    if "zero-shot" in results:
+        ax.axhline(100 * results["zero-shot"]["H"], color="#55A868", ls="--", lw=1, label="zero-shot H")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8, ncol=4)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def compare_to_zero_shot(results: dict, methods) -> list[str]:
+    """Set ``results[m]["beats_zero_shot"]`` (H strictly above zero-shot H) for every method and return one NOTE
+    line per PEFT method that does not beat zero-shot."""
+    zs_h = results["zero-shot"]["H"]
+    notes = []
+    for method in methods:
+        beats = bool(results[method]["H"] > zs_h)
+        results[method]["beats_zero_shot"] = beats
+        if method in PEFT_METHODS and not beats:
+            notes.append(f"NOTE: {method} does NOT beat zero-shot H on the shifted task "
+                         f"({100 * results[method]['H']:.1f}% <= {100 * zs_h:.1f}%)")
+    return notes
+
+
+# --------------------------------------------------------------------------------------------------------- the demo
+def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_OUTPUT, seed: int = 0, *,
+             progress: bool = True, device: str = "auto", measure: bool = True) -> dict:
+    """Run the demo; returns the ``demo.json`` payload (also written, with ``demo.png``, under ``output`` unless it
+    is None). Prints the table on stdout, progress on stderr. ``measure=False`` skips the lean-vs-plain step-time and
+    saved-activation measurements (their ratios are then None)."""
+    import kernels
+    from engine import utils
+    from engine.methods import count_trainable, prepare
+    from engine.metrics import harmonic_mean
+    from engine.templates import get_templates
+    from engine.train import TrainConfig, evaluate, train, zeroshot
+
+    t_start = time.perf_counter()
+    unknown = [m for m in cfg.methods if m not in cfg.recipes]
+    if unknown:
+        raise ValueError(f"methods without a recipe: {unknown}")
+    dev = utils.resolve_device(device)
+    # CPU: the torch reference kernels (the Triton interpreter is for tests); CUDA: automatic choice.
+    backend = kernels.set_backend("torch" if dev.type == "cpu" else None)
+    logger = logging.getLogger(utils.LOGGER_NAME)  # the trainer's per-epoch lines: the demo prints its own summary
+    log_level = logger.level
+    logger.setLevel(logging.WARNING)
+    timings: dict[str, float] = {}
+    try:
+        name = register_demo_config(cfg)
+        model, tok = _create_model(name, seed)
+        model.to(dev)
+        normalize = _normalizer(model)
+        machine = _machine(dev)
+
+        # 1. pre-training
+        t0 = time.perf_counter()
+        _log(f"[1/4] pre-training {name} ({sum(p.numel() for p in model.parameters()):,} params) on "
+             f"{cfg.corpus_size:,} synthetic image-caption pairs, {cfg.pretrain_steps} steps", progress)
+        losses = pretrain(model, tok, cfg, seed, normalize, progress)
+        model.eval()
+        timings["pretrain"] = time.perf_counter() - t0
+
+        # 2. task + zero-shot
+        t0 = time.perf_counter()
+        task = build_task(cfg, seed, normalize)
+        templates = get_templates("Synthetic")
+        base_test, new_test = task["base_test"], task["new_test"]
+        _log(f"[2/4] shifted-domain task: {cfg.n_classes} classes ({len(task['base_names'])} base / "
+             f"{len(task['new_names'])} new), {cfg.shots}-shot base training set ({len(task['train'])} images), "
+             f"templates {templates}", progress)
+        zs_b = zeroshot(model, base_test, task["base_names"], templates, tok)["top1"] / 100
+        zs_n = zeroshot(model, new_test, task["new_names"], templates, tok)["top1"] / 100
+        results = {"zero-shot": {"trainable_params": 0, "base_acc": zs_b, "new_acc": zs_n,
+                                 "H": harmonic_mean(zs_b, zs_n), "step_time_ratio": None, "saved_act_ratio": None}}
+        timings["task_and_zero_shot"] = time.perf_counter() - t0
+
+        # 3. fine-tuning
+        t0 = time.perf_counter()
+        _log(f"[3/4] fine-tuning {', '.join(cfg.methods)} (lean trainer, recompute={cfg.recompute!r})", progress)
+        for method in cfg.methods:
+            tm = time.perf_counter()
+            r = cfg.recipes[method]
+            m = copy.deepcopy(model)
+            kw = {} if method == "llu" else {"recompute": cfg.recompute}
+            prepare(m, method, lean=True, classnames=task["base_names"], tokenizer=tok, model_name=name, **kw)
+            n_train = count_trainable(m)
+            tcfg = TrainConfig(method=method, epochs=r.epochs, batch_size=r.batch_size, lr=r.lr,
+                               optimizer=r.optimizer, weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs,
+                               warmup_lr=r.warmup_lr, seed=_seed(seed, 31), output=None, progress=progress,
+                               device=str(dev), llu_clusters=None)
+            summary = train(m, task["train"], task["base_names"], templates, tok, tcfg,
+                            eval_sets={"base": base_test, "new": (new_test, task["new_names"])})
+            b = summary["metrics"]["base"]["top1"] / 100
+            n = summary["metrics"]["new"]["top1"] / 100
+            results[method] = {"trainable_params": n_train, "base_acc": b, "new_acc": n, "H": harmonic_mean(b, n),
+                               "train_steps": summary["steps"], "final_train_loss": summary["final_train_loss"],
+                               "train_seconds": round(time.perf_counter() - tm, 2),
+                               "recipe": dataclasses.asdict(r)}
+            _log(f"      {method:8s} base {100 * b:5.1f}%  new {100 * n:5.1f}%  H {100 * results[method]['H']:5.1f}%"
+                 f"  ({summary['steps']} steps, {time.perf_counter() - tm:.1f}s)", progress)
+            del m
+        timings["fine_tuning"] = time.perf_counter() - t0
+
+        # 4. lean vs plain
+        if measure:
+            t0 = time.perf_counter()
+            _log(f"[4/4] lean vs plain PyTorch: step time ({cfg.timing_reps} interleaved reps, medians) and saved "
+                 f"activations", progress)
+            from tqdm.auto import tqdm
+
+            for method in tqdm(cfg.methods, desc="lean vs plain", leave=False, disable=not progress):
+                results[method].update(measure_method(model, method, task, templates, tok, cfg, seed))
+            timings["lean_vs_plain"] = time.perf_counter() - t0
+        else:
+            for method in cfg.methods:
+                results[method].update(step_time_ratio=None, saved_act_ratio=None)
+    finally:
+        backend.__exit__(None, None, None)
+        logger.setLevel(log_level)
+
+    zs_h = results["zero-shot"]["H"]
+    notes = compare_to_zero_shot(results, cfg.methods)
+    timings["total"] = time.perf_counter() - t_start
+    payload = {
+        **{k: _public(v) for k, v in results.items()},
+        "summary": {
+            "zero_shot_H": zs_h,
+            "peft_methods_beating_zero_shot": [m for m in cfg.methods if m in PEFT_METHODS
+                                               and results[m]["beats_zero_shot"]],
+            "notes": notes,
+            "ratios": "lean / plain (open_clip modules, prepare(lean=False)); < 1 = faster / fewer saved bytes",
+        },
+        "pretrain": {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
+                     "loss_every_10": losses[::10]},
+        "task": {"classes": task["classnames"], "base": task["base_names"], "new": task["new_names"],
+                 "shots": cfg.shots, "train_images": len(task["train"]), "base_test_images": len(base_test),
+                 "new_test_images": len(new_test), "domain": "shifted", "templates": templates},
+        "config": _jsonable(dataclasses.asdict(cfg)) | {"seed": seed, "model_config": model_config(cfg)},
+        "machine": machine,
+        "seconds": {k: round(v, 2) for k, v in timings.items()},
+    }
+    table = format_table({k: results[k] for k in ["zero-shot", *cfg.methods]})
+    print(table)
+    for line in notes:
+        print(line)
+    if not notes:
+        print(f"All PEFT methods ({', '.join(m for m in cfg.methods if m in PEFT_METHODS)}) beat zero-shot H "
+              f"({100 * zs_h:.1f}%) on the shifted-domain task.")
+    print(f"ratios = lean / plain PyTorch (same method, open_clip modules); recompute={cfg.recompute!r}; "
+          f"{machine.get('device_used')}, {torch.get_num_threads()} thread(s); total {timings['total']:.0f}s")
+    if output is not None:
+        from engine.utils import atomic_write_json
+
+        out = Path(output)
+        atomic_write_json(out / "demo.json", payload)
+        write_plot(out / "demo.png", {k: results[k] for k in ["zero-shot", *cfg.methods]},
+                   f"leanclip demo ({cfg.name}, seed {seed}): {cfg.shots}-shot base-to-new, shifted domain")
+        print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}")
+    return payload
+
+
+_PUBLIC_KEYS = ("trainable_params", "base_acc", "new_acc", "H", "step_time_ratio", "saved_act_ratio",
+                "beats_zero_shot", "step_seconds", "saved_act_bytes", "timing_batch", "train_steps",
+                "final_train_loss", "train_seconds", "recipe")
+
+
+def _public(r: dict) -> dict:
+    return {k: r[k] for k in _PUBLIC_KEYS if k in r}
+
+
+def _jsonable(v):
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+# -------------------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Pre-train a small CLIP on synthetic image-caption data, then compare zero-shot with "
+                          "ln / bitfit / clipfit / llu / full fine-tuning on a shifted-domain few-shot task "
+                          "(base-to-new), with step-time and saved-activation ratios of the lean engine vs plain "
+                          "PyTorch. No downloads; a few minutes on a 2-core CPU.")
+    parser.add_argument("--output", metavar="DIR", default=DEFAULT_OUTPUT,
+                        help=f"where demo.json and demo.png go (default ./{DEFAULT_OUTPUT})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (~30 s; for tests and smoke runs)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the demo model is tiny, extra threads mostly spin on a "
+                             "shared box; results are reproducible for a given thread count). 0 = torch's default")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = cuda when a GPU is visible")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args) -> int:
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run_demo(QUICK if args.quick else FULL, args.output, args.seed, progress=not args.no_progress,
+             device=args.device)
+    return 0

@@ -1,0 +1,351 @@
+"""LilT / LiT methods for contrastive image–text alignment (Khan & Fu 2023; Zhai et al. 2022).
+
+Registered with ``engine.methods.register_method`` (this module is imported by ``engine.methods``)::
+
+    lilt-ln        every LayerNorm of both towers + the projections (visual.proj, text_projection)
+    lilt-bitfit    every bias of both towers (incl. attn.in_proj_bias, LN biases) + the projections
+    lilt-adapter   bottleneck adapters (d -> d/r -> d, GELU, residual) in the branch before ln_1 and ln_2 of every
+                   block of both towers, + every LayerNorm + the projections
+    lilt-deep      one extra transformer block appended to each tower, + every LayerNorm + the projections
+    lit            image tower locked, text tower (embeddings, blocks, ln_final, text_projection) fully trained
+    lit+lilt-*     LiT + a LilT method on the image tower: the text tower is trained fully, the image tower gets the
+                   LilT treatment (a fully trainable tower gets no adapters / extra block)
+
+Every method also adds ``model.lilt_temperature`` (``engine.contrastive.LearnableTemperature``: tau = 0.07 at start,
+clamped to [0.001, 0.5]), trained with the rest; ``engine.contrastive.train_contrastive`` uses it.
+
+Options (``engine.prepare(model, method, **opts)``): ``tower`` (``both``/``image``/``text``: which towers the LilT
+part touches), ``projections`` (default True), ``temperature`` (default 0.07), ``reduction`` (adapters, default 4),
+``deep_init`` (``copy``: the extra block starts as a copy of the tower's last block, ``random``: open_clip's init).
+
+Initialisation (both exact identities at the start, so the prepared model computes what the unprepared one did):
+
+- adapters: ``up`` (d/r -> d) weight and bias are zero, so ``adapter(x) = x + up(gelu(down(x))) = x``; ``down`` has
+  the default nn.Linear init. The gradient reaches ``up`` at once (its input gelu(down(x)) is non-zero) and ``down``
+  from the second step on (the LoRA / Houlsby-style near-identity start, made exact).
+- extra block: ``attn.out_proj`` and ``mlp.c_proj`` weights and biases are zero, so ``x + 0 + 0 = x``.
+
+Adapters live in the LayerNorm they precede: ``blk.ln_1.adapter`` (an ``Adapter``) with a forward pre-hook on
+``blk.ln_1`` (so ``ln_1(x)`` computes ``ln_1(adapter(x))``). The LayerNorm keeps its class (open_clip's or the lean
+one), its parameter names (``...ln_1.weight``) and works in both plain and lean blocks, under recompute too; adapter
+parameters are named ``...resblocks.<i>.ln_1.adapter.down.weight`` etc. The extra block is appended to
+``<tower>.transformer.resblocks`` (so it is index ``layers``: ``visual.transformer.resblocks.12.*`` on ViT-B-16),
+gets the tower's attention mask (causal for text: EOT truncation stays exact) and is swapped for the lean block like
+the others. Re-preparing with a LilT method removes previous adapters / extra blocks first; ``strip(model)`` does it
+by hand (``prepare`` with a non-LilT method leaves them in place, frozen).
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.methods import (
+    BIAS_RE,
+    TOWERS,
+    register_method,
+    tower_of,
+    unlock,
+    unlock_layernorms,
+)
+
+__all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "deep_blocks", "LILT_METHODS"]
+
+LILT_METHODS = ("lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit")
+PROJ_RE = re.compile(r"^(?:visual\.proj|(?:text\.)?text_projection(?:\.weight|\.bias)?)$")
+TEMPERATURE_NAME = "lilt_temperature"
+DEEP_INITS = ("copy", "random")
+
+
+# ----------------------------------------------------------------------------------------------------------- adapter
+class Adapter(nn.Module):
+    """Bottleneck adapter ``x + up(gelu(down(x)))`` with ``down: d -> d/reduction``, ``up: d/reduction -> d``;
+    ``up`` is zero-initialised (exact identity at the start)."""
+
+    def __init__(self, dim: int, reduction: int = 4):
+        super().__init__()
+        reduction = check_reduction(reduction, dim)
+        self.dim, self.reduction = int(dim), reduction
+        hidden = dim // reduction
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, reduction={self.reduction}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(F.gelu(self.down(x)))
+
+
+def check_reduction(reduction, dim: int) -> int:
+    if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
+        raise ValueError(f"reduction must be a positive int, got {reduction!r}")
+    if dim % reduction:
+        raise ValueError(f"reduction={reduction} does not divide the width {dim} (the adapter bottleneck is "
+                         f"width / reduction)")
+    return reduction
+
+
+def _adapter_pre_hook(module: nn.Module, args):
+    """Forward pre-hook on a LayerNorm holding ``module.adapter``: ``ln(x)`` becomes ``ln(adapter(x))``.
+    Module-level (not a closure) so ``copy.deepcopy`` and pickling keep pointing at the copy's own adapter."""
+    adapter = module._modules.get("adapter")
+    if adapter is None or not args:
+        return None
+    return (adapter(args[0]),) + tuple(args[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------- towers
+def _towers(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
+    """[(name prefix, open_clip Transformer)] of the selected towers."""
+    from engine.lean import text_tower
+
+    out = []
+    if tower in ("image", "both"):
+        out.append(("visual.transformer.", model.visual.transformer))
+    if tower in ("text", "both"):
+        t = text_tower(model)
+        if t is None:
+            raise ValueError("LilT methods need an open_clip transformer text tower")
+        out.append((f"{t.prefix}transformer.", t.transformer))
+    return out
+
+
+def _tower_fully_trainable(model: nn.Module, which: str) -> bool:
+    ps = [p for n, p in model.named_parameters() if tower_of(n) == which]
+    return bool(ps) and all(p.requires_grad for p in ps)
+
+
+def _effective_tower(model: nn.Module, tower: str) -> str:
+    """``tower`` minus any tower that is already trained in full (e.g. the text tower after ``lit``)."""
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    keep = [t for t in (("image", "text") if tower == "both" else (tower,)) if not _tower_fully_trainable(model, t)]
+    if not keep:
+        return "none"
+    return keep[0] if len(keep) == 1 else "both"
+
+
+def adapters(model: nn.Module) -> list[tuple[str, Adapter]]:
+    """(name, adapter) of every inserted adapter."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Adapter) and n.endswith(".adapter")]
+
+
+def deep_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, block) of every appended LilT block."""
+    return [(n, m) for n, m in model.named_modules() if getattr(m, "leanclip_lilt_deep", False)]
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove every LilT adapter (and its hook) and appended block. Returns ``model``."""
+    for _, m in list(model.named_modules()):
+        if isinstance(m._modules.get("adapter"), Adapter):
+            del m._modules["adapter"]
+            handle = m.__dict__.pop("_lilt_adapter_hook", None)
+            if handle is not None:
+                handle.remove()
+            for k, fn in list(m._forward_pre_hooks.items()):
+                if fn is _adapter_pre_hook:
+                    del m._forward_pre_hooks[k]
+        rb = m._modules.get("resblocks")
+        if isinstance(rb, nn.ModuleList):
+            keep = [b for b in rb if not getattr(b, "leanclip_lilt_deep", False)]
+            if len(keep) != len(rb):
+                m.resblocks = nn.ModuleList(keep)
+    return model
+
+
+def add_adapters(model: nn.Module, reduction: int = 4, tower: str = "both") -> list[Adapter]:
+    """Insert an adapter before ``ln_1`` and ``ln_2`` of every block of ``tower`` (in place); returns them."""
+    added = []
+    todo = []
+    for _, tr in _towers(model, tower):
+        for blk in tr.resblocks:
+            for ln_name in ("ln_1", "ln_2"):
+                ln = getattr(blk, ln_name, None)
+                if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
+                    raise ValueError(f"lilt-adapter needs LayerNorm {ln_name} in every block (got "
+                                     f"{type(ln).__name__})")
+                check_reduction(reduction, ln.normalized_shape[0])  # validate everything before changing anything
+                todo.append(ln)
+    for ln in todo:
+        p = ln.weight if ln.weight is not None else next(iter(ln.parameters()), None)
+        ad = Adapter(ln.normalized_shape[0], reduction)
+        if p is not None:
+            ad = ad.to(p.device)
+        ln.add_module("adapter", ad)
+        ln.__dict__["_lilt_adapter_hook"] = ln.register_forward_pre_hook(_adapter_pre_hook)
+        added.append(ad)
+    return added
+
+
+def _new_block_like(blk: nn.Module, init: str) -> nn.Module:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    if init == "copy":
+        new = copy.deepcopy(blk)
+    else:
+        width = blk.attn.embed_dim
+        heads = blk.attn.num_heads
+        mlp_ratio = blk.mlp.c_fc.out_features / width
+        ls = getattr(blk.ls_1, "gamma", None)
+        new = ResidualAttentionBlock(width, heads, mlp_ratio, ls_init_value=None if ls is None else float(ls.mean()),
+                                     act_layer=type(blk.mlp.gelu), norm_layer=_base_ln_class(blk.ln_1),
+                                     batch_first=getattr(blk.attn, "batch_first", True))
+        attn_std = width ** -0.5
+        fc_std = (2 * width) ** -0.5
+        nn.init.normal_(new.attn.in_proj_weight, std=attn_std)
+        nn.init.zeros_(new.attn.in_proj_bias)
+        nn.init.normal_(new.mlp.c_fc.weight, std=fc_std)
+        nn.init.zeros_(new.mlp.c_fc.bias)
+        ref = blk.mlp.c_fc.weight
+        new = new.to(device=ref.device, dtype=torch.float32)
+    for mod in (new.attn.out_proj, new.mlp.c_proj):
+        nn.init.zeros_(mod.weight)
+        if mod.bias is not None:
+            nn.init.zeros_(mod.bias)
+    new.float()
+    for m in new.modules():  # a copy of a block that carried adapters must not keep them
+        if isinstance(m._modules.get("adapter"), Adapter):
+            del m._modules["adapter"]
+            m._forward_pre_hooks.clear()
+            m.__dict__.pop("_lilt_adapter_hook", None)
+    new.leanclip_lilt_deep = True
+    return new
+
+
+def _base_ln_class(ln: nn.Module):
+    from engine.lean import _UNSWAP
+
+    return _UNSWAP.get(type(ln), type(ln))
+
+
+def add_deep_blocks(model: nn.Module, tower: str = "both", init: str = "copy") -> list[nn.Module]:
+    """Append one identity-initialised block to ``resblocks`` of each selected tower; returns the new blocks."""
+    if init not in DEEP_INITS:
+        raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {init!r}")
+    added = []
+    for _, tr in _towers(model, tower):
+        base = [b for b in tr.resblocks if not getattr(b, "leanclip_lilt_deep", False)]
+        if not base:
+            raise ValueError("lilt-deep needs a tower with at least one block")
+        new = _new_block_like(base[-1], init)
+        new.requires_grad_(True)
+        tr.resblocks.append(new)
+        added.append(new)
+    return added
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def unlock_projections(model: nn.Module, tower: str = "both") -> int:
+    """Unlock ``visual.proj`` (image) and ``text_projection`` (text) inside ``tower``."""
+    return unlock(model, PROJ_RE, tower)
+
+
+def _temperature_module(model: nn.Module, temperature: float) -> dict:
+    from engine.contrastive import LearnableTemperature
+
+    if TEMPERATURE_NAME in model._modules:  # a previous component of this combination added it
+        return {}
+    dev = next(model.parameters()).device
+    return {TEMPERATURE_NAME: LearnableTemperature(temperature).to(dev)}
+
+
+def _lilt(model, *, tower, projections, temperature, unlock_fn=None, adapters_r=None, deep_init=None) -> dict:
+    if not isinstance(projections, bool):
+        raise ValueError(f"projections must be True or False, got {projections!r}")
+    tw = _effective_tower(model, tower)
+    if tw != "none":
+        if adapters_r is not None:
+            add_adapters(model, adapters_r, tw)
+        if deep_init is not None:
+            add_deep_blocks(model, tw, deep_init)
+        if unlock_fn is not None:
+            unlock_fn(model, tw)
+        if projections:
+            unlock_projections(model, tw)
+    return _temperature_module(model, temperature)
+
+
+def _check_no_lilt_modules(model, tower: str, method: str) -> None:
+    names = [n for n, _ in adapters(model) + deep_blocks(model) if tower_of(n) == tower]
+    if names:
+        raise ValueError(f"{method!r} after a LilT method that added modules to the {tower} tower ({names[0]}, ...): "
+                         f"write 'lit' first (e.g. 'lit+lilt-adapter'), so the fully trained tower gets none")
+
+
+# ----------------------------------------------------------------------------------------------------------- methods
+@register_method("lilt-ln")
+def _lilt_ln(model, tower="both", projections=True, temperature=0.07):
+    """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature)."""
+    _begin(model)
+    return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms)
+
+
+@register_method("lilt-bitfit")
+def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
+    """LilT-BitFit: every bias of ``tower`` (incl. attn.in_proj_bias and LN biases) + the projections."""
+    _begin(model)
+    return _lilt(model, tower=tower, projections=projections, temperature=temperature,
+                 unlock_fn=lambda m, t: unlock(m, BIAS_RE, t))
+
+
+@register_method("lilt-adapter")
+def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperature=0.07):
+    """LilT adapters: bottleneck adapters before ln_1 / ln_2 of every block (zero-init up-projection) + every
+    LayerNorm + the projections of ``tower``."""
+    _begin(model)
+    return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms,
+                 adapters_r=reduction)
+
+
+@register_method("lilt-deep")
+def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07):
+    """LilT deep: one extra block on top of each tower (zero-init out_proj / c_proj: exact identity at the start),
+    + every LayerNorm + the projections of ``tower``."""
+    _begin(model)
+    return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms,
+                 deep_init=deep_init)
+
+
+@register_method("lit")
+def _lit(model, temperature=0.07):
+    """LiT: the image tower is locked, the whole text tower (token/positional embeddings, blocks, ln_final,
+    text_projection) is trained (+ the learnable temperature)."""
+    _begin(model)
+    _check_no_lilt_modules(model, "text", "lit")
+    n = 0
+    for name, p in model.named_parameters():
+        if tower_of(name) == "text":
+            p.requires_grad_(True)
+            n += 1
+    if n == 0:
+        raise ValueError("lit: the model has no text-tower parameters")
+    return _temperature_module(model, temperature)
+
+
+def _begin(model) -> None:
+    """Remove LilT modules left by an earlier ``prepare`` - unless an earlier component of the same combination
+    added them (``prepare`` drops the previous run's ``lilt_temperature`` before applying the first component, so its
+    presence means we are the 2nd+ component of ``a+b``)."""
+    if TEMPERATURE_NAME not in model._modules:
+        strip(model)
+
+
+# ----------------------------------------------------------------------------------------------------------- counts
+def trainable_summary(model: nn.Module) -> dict:
+    """{"trainable", "total", "percent", "image", "text", "other"}: trainable parameter counts of a prepared model
+    (``total`` counts every parameter, added ones included)."""
+    out = {"trainable": 0, "total": 0, "image": 0, "text": 0, "other": 0}
+    for n, p in model.named_parameters():
+        out["total"] += p.numel()
+        if p.requires_grad:
+            out["trainable"] += p.numel()
+            out[tower_of(n) or "other"] += p.numel()
+    out["percent"] = 100.0 * out["trainable"] / max(out["total"], 1)
+    return out

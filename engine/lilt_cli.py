@@ -1,0 +1,259 @@
+"""``leanclip train --task contrastive`` and ``leanclip eval --task retrieval`` (LilT / LiT image-text alignment).
+
+    leanclip train --task contrastive --method lilt-ln --pairs train.csv --eval-pairs test.csv --epochs 5 \\
+        --batch-size 256 --pretrained vit_b16.safetensors --model ViT-B-16 --output runs/lilt-ln
+    leanclip eval --task retrieval --checkpoint runs/lilt-ln --pairs test.csv
+    torchrun --nproc_per_node=4 -m engine train --task contrastive --method lilt-adapter --pairs coco.json ...
+    leanclip train --task contrastive --method lilt-ln --epochs 2        # no --pairs: synthetic pairs (smoke run)
+
+Hooked into ``engine.cli`` (``add_train_arguments`` / ``add_eval_arguments`` add the options, ``cmd_train`` /
+``cmd_eval`` hand over when ``--task`` is not ``classify``). This module imports nothing heavy at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+TRAIN_TASKS = ("classify", "contrastive")
+EVAL_TASKS = ("classify", "retrieval")
+SYNTHETIC_TRAIN_SEED, SYNTHETIC_EVAL_SEED = 100, 101   # not seed 0: the CLI's --pretrain-steps corpus
+DEFAULTS = {"batch_size": 64, "lr": 1e-3, "lr_full_tower": 1e-4, "weight_decay": 0.02, "epochs": 1}
+
+
+# --------------------------------------------------------------------------------------------------------- arguments
+def _add_pair_args(g, *, train: bool) -> None:
+    g.add_argument("--pairs", metavar="FILE", default=None,
+                   help="image-text pairs: CSV/TSV (columns image, caption), JSONL ({image, caption} per line) or "
+                        "JSON (Karpathy split file, COCO captions file, or a list of {image, caption}); relative "
+                        "image paths resolve against --image-root or the file's folder. Default: synthetic pairs")
+    g.add_argument("--pairs-split", metavar="SPLIT", default=None,
+                   help="keep only entries of this split (JSON/JSONL files with a 'split' field; 'train' includes "
+                        "Karpathy's 'restval'). Default: every entry")
+    g.add_argument("--synthetic-eval-pairs", type=int, default=256, metavar="N",
+                   help="size of the synthetic evaluation set when no pair file is given (default 256)")
+    if train:
+        g.add_argument("--eval-pairs", metavar="FILE", default=None,
+                       help="pairs to evaluate retrieval on before and after training (default: none with --pairs, "
+                            "a synthetic set without)")
+        g.add_argument("--eval-pairs-split", metavar="SPLIT", default=None, help="split of --eval-pairs to keep")
+        g.add_argument("--synthetic-pairs", type=int, default=1024, metavar="N",
+                       help="number of synthetic training pairs when no --pairs is given (default 1024)")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=TRAIN_TASKS, default="classify",
+                   help="classify: few-shot classification fine-tuning (default); contrastive: LilT / LiT image-text "
+                        "alignment on --pairs (symmetric InfoNCE, learnable temperature, DDP under torchrun)")
+    g = p.add_argument_group("contrastive task (--task contrastive; see docs/LILT.md)")
+    _add_pair_args(g, train=True)
+    g.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
+    g.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warm-up steps (default 0)")
+    g.add_argument("--temperature", type=float, default=None,
+                   help="initial learnable temperature of the LilT methods (default 0.07, kept in [0.001, 0.5])")
+    g.add_argument("--reduction", type=int, default=None, help="lilt-adapter bottleneck reduction r (default 4)")
+    g.add_argument("--deep-init", choices=("copy", "random"), default=None,
+                   help="lilt-deep: the extra block starts as a copy of the tower's last block (default) or "
+                        "randomly initialised; its output projections are zero either way")
+    g.add_argument("--no-projections", action="store_true",
+                   help="LilT methods: keep visual.proj / text_projection frozen")
+    g.add_argument("--augment", action="store_true", help="random resized crops (no flips) on the training images")
+    g.add_argument("--no-initial-eval", action="store_true", help="skip the retrieval evaluation before training")
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=EVAL_TASKS, default="classify",
+                   help="classify: top-1/top-5 accuracy (default); retrieval: image<->text recall@1/5/10 on --pairs")
+    g = p.add_argument_group("retrieval task (--task retrieval)")
+    _add_pair_args(g, train=False)
+
+
+# ------------------------------------------------------------------------------------------------------------ helpers
+def _usage(msg: str):
+    from engine.cli import UsageError
+
+    return UsageError(msg)
+
+
+def _reject_classify_data(args) -> None:
+    for flag, attr in (("--data", "data"), ("--split-file", "split_file"), ("--dataset", "dataset")):
+        if getattr(args, attr, None):
+            raise _usage(f"{flag} is for --task classify; give image-text pairs with --pairs FILE")
+
+
+def _load(path, root, split):
+    from engine.pairs import load_pairs
+
+    return load_pairs(path, root, split=split)
+
+
+def _image_size(model) -> int:
+    s = model.visual.image_size
+    return int(s[0] if isinstance(s, (tuple, list)) else s)
+
+
+def _synthetic(n: int, size: int, seed: int, what: str):
+    from engine.pairs import synthetic_pairs
+
+    if n < 2:
+        raise _usage(f"{what} must be >= 2, got {n}")
+    return synthetic_pairs(n, size=size, seed=seed)
+
+
+def _method_opts(args, parts) -> dict:
+    from engine.methods import method_options
+
+    accepted = {k for p in parts for k in method_options(p)}
+    given = {"temperature": args.temperature, "reduction": args.reduction, "deep_init": args.deep_init,
+             "projections": False if args.no_projections else None}
+    flags = {"temperature": "--temperature", "reduction": "--reduction", "deep_init": "--deep-init",
+             "projections": "--no-projections"}
+    opts = {}
+    for k, v in given.items():
+        if v is None:
+            continue
+        if k not in accepted:
+            raise _usage(f"{flags[k]} has no effect on method {'+'.join(parts)!r}")
+        opts[k] = v
+    return opts
+
+
+def _short(metrics: dict) -> dict:
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------ train
+def cmd_train_contrastive(args) -> int:
+    import torch
+
+    from engine import cli as C
+    from engine import distributed as D
+    from engine.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
+    from engine.methods import parse_method, prepare
+
+    _reject_classify_data(args)
+    if args.grad_accum != 1:
+        raise _usage("--grad-accum is not supported with --task contrastive (it would shrink the set of negatives); "
+                     "use more processes (torchrun) for a bigger global batch")
+    if args.optimizer not in (None, "adamw"):
+        raise _usage("--task contrastive trains with AdamW (--optimizer sgd is not supported)")
+    if args.warmup_epochs is not None:
+        raise _usage("--task contrastive: use --warmup-steps (not --warmup-epochs)")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise _usage(f"--max-steps must be >= 1, got {args.max_steps}")
+    parts = parse_method(args.method)
+    method = "+".join(parts)
+    opts = _method_opts(args, parts)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise _usage(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    info = D.init_distributed(args.device)
+    try:
+        if args.output is None:
+            args.output = os.path.join("runs", f"contrastive_{method}_seed{args.seed}")
+        model, tok, size, _ = C.build_model(args)
+        size = _image_size(model)
+        if args.pairs is not None:
+            train_pairs = _load(args.pairs, args.image_root, args.pairs_split)
+            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split)
+                          if args.eval_pairs is not None else None)
+        else:
+            if args.pairs_split is not None:
+                raise _usage("--pairs-split needs --pairs FILE")
+            train_pairs = _synthetic(args.synthetic_pairs, size, SYNTHETIC_TRAIN_SEED, "--synthetic-pairs")
+            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split) if args.eval_pairs
+                          else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED,
+                                          "--synthetic-eval-pairs"))
+        prepare(model, method, lean=not args.no_lean, recompute=args.recompute, tower=args.tower, tokenizer=tok,
+                model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **opts)
+        full_tower = any(p in ("lit", "full") for p in parts)
+        lr = args.lr if args.lr is not None else (DEFAULTS["lr_full_tower"] if full_tower else DEFAULTS["lr"])
+        cfg = ContrastiveConfig(
+            epochs=args.epochs if args.epochs is not None else DEFAULTS["epochs"], max_steps=args.max_steps,
+            batch_size=args.batch_size if args.batch_size is not None else DEFAULTS["batch_size"], lr=lr,
+            weight_decay=args.weight_decay if args.weight_decay is not None else DEFAULTS["weight_decay"],
+            warmup_steps=args.warmup_steps, clip_grad_norm=args.clip_grad_norm, precision=args.precision,
+            device=str(info.device), seed=args.seed, output=args.output, log_every=args.log_every,
+            progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment,
+            extra={"model_name": args.model,
+                   "pretrained": os.path.abspath(args.pretrained) if args.pretrained else None,
+                   "pretrain_steps": args.pretrain_steps, "image_size": args.image_size,
+                   "pairs": os.path.abspath(args.pairs) if args.pairs else None, "pairs_split": args.pairs_split})
+        cfg.validate()
+        D.check_batch_size(cfg.batch_size, info.world_size)
+        before = None
+        if eval_pairs is not None and info.is_main and not args.no_initial_eval:
+            model.to(info.device)
+            before = evaluate_retrieval(model, eval_pairs, tok, device=info.device, precision=args.precision)
+        summary = train_contrastive(model, train_pairs, tok, cfg, eval_pairs=eval_pairs, resume=args.resume)
+        if info.is_main:
+            from engine.lilt import trainable_summary
+
+            counts = trainable_summary(model)
+            result = {
+                "command": "train", "task": "contrastive", "method": method, "model": args.model,
+                "pairs": args.pairs or "synthetic", "train_pairs": len(train_pairs),
+                "train_images": train_pairs.num_images, "eval_pairs": len(eval_pairs) if eval_pairs else None,
+                "world_size": info.world_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
+                "steps": summary["steps"], "final_loss": summary["final_loss"],
+                "temperature": summary["temperature"], "trainable": counts["trainable"],
+                "trainable_percent": counts["percent"], "metrics_before": _short(before) if before else None,
+                "metrics": _short(summary["metrics"]), "seconds": round(summary["seconds"], 3),
+                "device": summary["device"], "precision": summary["precision"],
+                "checkpoint": summary.get("checkpoint"), "output": args.output,
+            }
+            C._emit(result, args, "result.json")
+        return 0
+    finally:
+        D.cleanup(info)
+
+
+# ------------------------------------------------------------------------------------------------------------- eval
+def cmd_eval_retrieval(args) -> int:
+    import torch
+
+    from engine import cli as C
+    from engine.checkpoint import load_trainable
+    from engine.contrastive import evaluate_retrieval
+    from engine.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
+
+    _reject_classify_data(args)
+    device = C._setup(args)
+    meta = C.read_checkpoint_meta(args.checkpoint)
+    extra = meta.get("extra") or {}
+    if extra.get("leanclip_task") != "contrastive":
+        raise _usage(f"--checkpoint {meta['path']!r} was not written by 'train --task contrastive' (use --task "
+                     f"classify for classification checkpoints)")
+    saved_model = meta.get("model_name")
+    if saved_model and args.model == C.DEFAULT_MODEL and saved_model != C.DEFAULT_MODEL:
+        args.model = saved_model
+    if args.pretrained is None and extra.get("pretrained") and os.path.isfile(extra["pretrained"]):
+        args.pretrained = extra["pretrained"]
+    if not args.pretrain_steps and extra.get("pretrain_steps"):
+        args.pretrain_steps = int(extra["pretrain_steps"])
+    if args.image_size is None and extra.get("image_size"):
+        args.image_size = int(extra["image_size"])
+    model, tok, size, _ = C.build_model(args)
+    size = _image_size(model)
+    if args.pairs is not None:
+        pairs = _load(args.pairs, args.image_root, args.pairs_split)
+    else:
+        if args.pairs_split is not None:
+            raise _usage("--pairs-split needs --pairs FILE")
+        pairs = _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED, "--synthetic-eval-pairs")
+    opts = dict(meta.get("options") or {})
+    parts = parse_method(meta["method"])
+    accepted = {k for p in parts for k in method_options(p)}
+    method_opts = {k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS}
+    fd = opts.get("frozen_dtype")
+    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
+            tokenizer=tok, model_name=saved_model or args.model, frozen_dtype=getattr(torch, fd) if fd else None,
+            **method_opts)
+    load_trainable(model, meta["path"])
+    model.to(device)
+    res = evaluate_retrieval(model, pairs, tok, batch_size=args.batch_size or 256, device=device,
+                             precision=args.precision, progress=not args.no_progress)
+    result = {"command": "eval", "task": "retrieval", "method": meta["method"], "checkpoint": meta["path"],
+              "pairs": args.pairs or "synthetic", **_short(res)}
+    C._emit(result, args, "eval.json")
+    return 0
