@@ -26,6 +26,10 @@ _EXPORTS = {
     "train": "engine.train",
     "TrainConfig": "engine.train",
     "evaluate": "engine.train",
+    "zeroshot": "engine.train",
+    "base_to_new": "engine.train",
+    "estimate_saved_bytes": "engine.lean",
+    "register_method": "engine.methods",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -30,7 +30,7 @@ def clip_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale) -> 
 
     ``img_feats``, ``txt_feats``: (B, E) features, L2-normalized by the caller (as open_clip's ``CLIP.forward``
     returns them); ``logit_scale``: the multiplier itself (``model.logit_scale.exp()``), a float or a scalar tensor.
-    Reductions run in float32 for 16-bit inputs; the loss is returned in float32."""
+    Computed and returned in float32 (16-bit inputs are upcast; float64 inputs stay float64, for gradcheck)."""
     if not isinstance(img_feats, torch.Tensor) or not isinstance(txt_feats, torch.Tensor):
         raise TypeError("img_feats and txt_feats must be tensors")
     if img_feats.dim() != 2 or txt_feats.dim() != 2:
@@ -40,7 +40,8 @@ def clip_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale) -> 
         raise ValueError(f"img_feats {tuple(img_feats.shape)} and txt_feats {tuple(txt_feats.shape)} must match")
     if img_feats.shape[0] == 0:
         raise ValueError("img_feats: empty batch")
-    logits = logit_scale * (img_feats.float() @ txt_feats.float().t())
+    dt = torch.float64 if torch.float64 in (img_feats.dtype, txt_feats.dtype) else torch.float32
+    logits = logit_scale * (img_feats.to(dt) @ txt_feats.to(dt).t())
     labels = torch.arange(logits.shape[0], device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
@@ -94,7 +95,11 @@ def pretrain_contrastive(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
-    opt = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = _param_groups(model, weight_decay)
+    try:  # the fused kernel is ~8x faster on CPU (one pass over the big token embedding); same update rule
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -156,7 +161,6 @@ def pretrain_contrastive(
 # sums every rank's gradient for a slice, DDP's gradient average equals the single-process gradient.
 # =====================================================================================================================
 import dataclasses as _dc  # noqa: E402
-import os as _os  # noqa: E402
 import time as _time  # noqa: E402
 from dataclasses import dataclass as _dataclass, field as _field  # noqa: E402
 from pathlib import Path as _Path  # noqa: E402
@@ -353,6 +357,21 @@ def _default_transform(model: _nn.Module, train: bool, augment: bool):
     return clip_transform(size, train=False, **kw)
 
 
+def _precision_for(model: _nn.Module, precision: str, device: torch.device) -> str:
+    """``utils.resolve_precision``, except that a model holding 16-bit frozen weights (``prepare(...,
+    frozen_dtype=torch.bfloat16)``) runs under bf16 autocast with ``auto`` (its fp32 trainable projections / adapters
+    meet bf16 activations) and is an error with an explicit ``fp32``."""
+    from engine import utils
+
+    half = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if not p.requires_grad)
+    if half and precision == "fp32":
+        raise ValueError("precision='fp32' but the model keeps frozen weights in 16 bits (frozen_dtype): use "
+                         "precision='bf16' or 'auto'")
+    if half and (precision or "auto") == "auto":
+        return "bf16"
+    return utils.resolve_precision(precision, device)
+
+
 def _model_device_of(model) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -411,7 +430,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     device = utils.resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
-    precision = utils.resolve_precision(cfg.precision, device)
+    precision = _precision_for(model, cfg.precision, device)
     main = rank == 0
     out_dir = _Path(cfg.output) if cfg.output else None
     if out_dir is not None and main:
@@ -423,7 +442,11 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters: call engine.prepare(model, method) first")
-    opt = torch.optim.AdamW(_adamw_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    groups = _adamw_groups(model, cfg.weight_decay)
+    try:  # the fused kernel (one pass per tensor) is much faster, on CPU too (LiT's token embedding); same rule
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     temp = getattr(model, "lilt_temperature", None)
     encoder = ContrastiveEncoder(model)
     net = D.wrap_ddp(encoder, device)
@@ -522,7 +545,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     metrics = {}
     if eval_pairs is not None and main:
         metrics = evaluate_retrieval(model, eval_pairs, tokenizer, batch_size=cfg.eval_batch_size, device=device,
-                                     precision=cfg.precision, transform=transform)
+                                     precision=precision, transform=transform)
         log.info("retrieval: %s", metrics)
     summary = {
         "task": "contrastive", "method": method, "config": cfg.to_dict(), "device": str(device),
@@ -581,7 +604,7 @@ def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: i
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = utils.resolve_device(device if device is not None else _model_device_of(model))
-    precision = utils.resolve_precision(precision, device)
+    precision = _precision_for(model, precision, device)
     tf = transform if transform is not None else _default_transform(model, False, False)
     was_training = model.training
     model.eval()

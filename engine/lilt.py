@@ -52,7 +52,8 @@ from engine.methods import (
     unlock_layernorms,
 )
 
-__all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "deep_blocks", "LILT_METHODS"]
+__all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "deep_blocks", "unlock_projections",
+           "trainable_summary", "check_reduction", "LILT_METHODS"]
 
 LILT_METHODS = ("lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit")
 PROJ_RE = re.compile(r"^(?:visual\.proj|(?:text\.)?text_projection(?:\.weight|\.bias)?)$")

@@ -46,7 +46,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "alignment on --pairs (symmetric InfoNCE, learnable temperature, DDP under torchrun)")
     g = p.add_argument_group("contrastive task (--task contrastive; see docs/LILT.md)")
     _add_pair_args(g, train=True)
-    g.add_argument("--max-steps", type=int, default=None, metavar="N", help="stop after N optimizer steps")
+    g.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="run length in optimizer steps (overrides --epochs; the cosine schedule spans it)")
     g.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warm-up steps (default 0)")
     g.add_argument("--temperature", type=float, default=None,
                    help="initial learnable temperature of the LilT methods (default 0.07, kept in [0.001, 0.5])")

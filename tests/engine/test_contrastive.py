@@ -157,7 +157,17 @@ def test_training_errors(tiny_model, tok, pairs64):
 def test_plain_method_uses_model_logit_scale(tiny_model, tok, pairs64):
     m = prepare(copy.deepcopy(tiny_model), "ln")  # no lilt_temperature: open_clip's logit scale (frozen)
     s = train_contrastive(m, pairs64, tok, _cfg(max_steps=2))
-    assert s["temperature"] == pytest.approx(float(1 / tiny_model.logit_scale.exp()), rel=1e-5)
+    assert s["temperature"] == pytest.approx(float(1 / tiny_model.logit_scale.detach().exp()), rel=1e-5)
+
+
+def test_frozen_bf16_runs_under_autocast(tiny_model, tok, pairs64):
+    m = prepare(copy.deepcopy(tiny_model), "lilt-adapter", frozen_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="precision='fp32'.*16 bits"):
+        train_contrastive(m, pairs64, tok, _cfg(max_steps=1, precision="fp32"))
+    s = train_contrastive(m, pairs64, tok, _cfg(max_steps=2))  # auto -> bf16 autocast (fp32 trainables)
+    assert s["precision"] == "bf16" and all(math.isfinite(x) for x in s["losses"])
+    assert m.visual.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in m.parameters() if p.requires_grad)
 
 
 def test_evaluate_retrieval_multi_caption(tiny_model, tok):
