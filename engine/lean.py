@@ -20,11 +20,18 @@ Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-
     mlp       checkpoint ln_2 -> c_fc -> gelu (c_proj stays outside: a frozen projection saves nothing): the MLP
               keeps only its LN2 input                                                        ~6 units
     mlp+qkv   also checkpoint ln_1 -> in_proj -> SDPA with a selective-checkpoint policy that MUST_SAVEs the SDPA
-              outputs (output + logsumexp): backward recomputes LN1 and the qkv GEMM, never the attention  ~3 units
-    block     keep only the block input (everything recomputed; c_proj again left outside)        1 unit
+              outputs (output + logsumexp): backward recomputes LN1 and the qkv GEMM, never the attention
+              (out_proj stays outside)                                                              ~3 units
+    block     keep only the block input (LN1, qkv, attention, out_proj, LN2, c_fc, GELU recomputed; c_proj
+              again left outside)                                                                   1 unit
+
+Measured (``engine.memory.saved_activation_bytes``; ViT-B-16, batch 8, fp32, ``ln`` on both towers, 8 class prompts):
+plain open_clip 710.5 MiB; lean none 587.3 (0.83x: EOT truncation), mlp 356.5 (0.50x), mlp+qkv 183.4 (0.26x),
+block 67.2 (0.095x). Image tower alone: 564.5 MiB plain -> 0.61x / 0.31x / 0.115x.
 
 Checkpointed branches use non-reentrant ``torch.utils.checkpoint`` so trainable LayerNorm parameters inside them get
-their gradients. ``estimate_saved_bytes`` predicts the saved bytes of a training forward; ``choose_recompute`` picks
+their gradients; a branch no gradient flows through is never checkpointed. Gradients under every policy are
+bit-identical to ``none``. ``estimate_saved_bytes`` predicts the saved bytes of a training forward; ``choose_recompute`` picks
 the fastest policy that fits a budget (``prepare(..., recompute="auto", memory_budget=...)``).
 
 ``encode_text_lean(model, tokens)`` truncates the 77-token context to max(EOT position)+1 of the batch: attention is
@@ -214,7 +221,7 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         b, n, d = x.shape
         h = attn.num_heads
         qkv = lean_linear(self.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
         if mask is not None:
             mask = mask.to(q.dtype)
         p = attn.dropout if self.training else 0.0
@@ -450,7 +457,8 @@ def encode_text_lean(model: nn.Module, tokens: torch.Tensor, *, prompt_embedding
         if isinstance(t.text_projection, nn.Linear):
             x = t.text_projection(x)
         else:
-            x = x @ t.text_projection.to(x.dtype) if not t.text_projection.requires_grad else x @ t.text_projection
+            proj = t.text_projection
+            x = x.to(proj.dtype) @ proj if proj.requires_grad else x @ proj.to(x.dtype)
     return F.normalize(x, dim=-1) if normalize else x
 
 

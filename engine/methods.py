@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from engine import heads as _heads
+from engine.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
 from engine import lean as _lean
 
 TOWERS = ("image", "text", "both")
