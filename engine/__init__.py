@@ -30,6 +30,22 @@ _EXPORTS = {
     "base_to_new": "engine.train",
     "estimate_saved_bytes": "engine.lean",
     "register_method": "engine.methods",
+    "frozen_text_features": "engine.features",
+    "clipfit_kd_loss": "engine.features",
+    "encode_text_lean": "engine.lean",
+    "apply_lean": "engine.lean",
+    "remove_lean": "engine.lean",
+    "set_recompute": "engine.lean",
+    "choose_recompute": "engine.lean",
+    "POLICIES": "engine.lean",
+    "peak_cuda_bytes": "engine.memory",
+    "LLUHead": "engine.heads",
+    "PromptLearner": "engine.heads",
+    "LinearProbe": "engine.heads",
+    "ClipAdapter": "engine.heads",
+    "register_tiny_config": "engine.configs",
+    "register_reduced_config": "engine.configs",
+    "load_into": "engine.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
