@@ -70,11 +70,11 @@ def run(args) -> int:
         if bad:
             raise ValueError(f"--policies: unknown {bad}; valid: {list(step.POLICIES)}")
         batch, classes, reps = args.batch_size, args.classes, args.reps
+        _check_names(models, methods)
         if args.quick:
             models, batch, classes, reps = ["leanclip-tiny"], min(batch, 8), min(classes, 10), 3
         if batch <= 0 or classes <= 0:
             raise ValueError("--batch-size and --classes must be positive")
-        _check_names(models, methods)
         device = None if args.device == "auto" else args.device
         res = step.run(models, methods, batch_size=batch, n_classes=classes, policies=policies, reps=reps,
                        device=device, output=args.output)

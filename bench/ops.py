@@ -137,14 +137,13 @@ def run(quick: bool = False, output: str | None = None) -> dict:
         dtypes = [torch.float32]
         mode = "cpu-references"
     results = {"machine": machine(), "mode": mode, "backend_per_op": {}, "ceilings": ceilings(device), "rows": []}
-    with kernels.set_backend(None):
-        for op in ("layer_norm", "frozen_linear", "max_sim"):
-            results["backend_per_op"][op] = kernels._backend.resolve(op, device)
-        for dtype in dtypes:
-            results["rows"] += bench_layer_norm(device, dtype, ln_shapes, timer)
-            results["rows"] += bench_frozen_linear(device, dtype, fl_shapes, timer)
-            if dtype != torch.float32 or not cuda:
-                results["rows"] += bench_max_sim(device, dtype, ms_shapes, timer)
+    for op in ("layer_norm", "frozen_linear", "max_sim"):  # the backend in force (kernels.set_backend) or auto
+        results["backend_per_op"][op] = kernels._backend.resolve(op, device)
+    for dtype in dtypes:
+        results["rows"] += bench_layer_norm(device, dtype, ln_shapes, timer)
+        results["rows"] += bench_frozen_linear(device, dtype, fl_shapes, timer)
+        if dtype != torch.float32 or not cuda:
+            results["rows"] += bench_max_sim(device, dtype, ms_shapes, timer)
     if mode == "cpu-references":
         results["note"] = "CPU box: Triton kernels cannot run at speed here; these time the torch references vs plain torch."
     if output:
