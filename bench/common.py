@@ -5,7 +5,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from typing import Callable
 
@@ -64,10 +63,7 @@ def cuda_ms(fn: Callable[[], object]) -> float:
 
 
 def write_json(path: str, payload: dict) -> str:
-    """Atomic JSON write (temp file in the same folder, then rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-    os.replace(tmp, path)
-    return path
+    """Atomic JSON write (engine.utils: temp file in the same folder, fsync, rename)."""
+    from engine.utils import atomic_write_text
+
+    return str(atomic_write_text(path, json.dumps(payload, indent=2, default=str)))

@@ -150,6 +150,12 @@ def peak_memory_bytes(device: torch.device) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------------ atomic files
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to a temp file in the same directory, fsync, then ``os.replace`` onto ``path``."""
     path = Path(path)
@@ -160,6 +166,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
