@@ -18,12 +18,6 @@ PRETRAIN_STEPS = 40
 TRAIN_METHODS = ["lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit", "lit+lilt-adapter"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_backend():  # also set by tests/engine/conftest.py; kept so this file runs on its own
-    with kernels.set_backend("torch"):
-        yield
-
-
 def _create(name):
     import open_clip
 
@@ -33,16 +27,9 @@ def _create(name):
 
 
 @pytest.fixture(scope="session")
-def tiny(tiny_name):
-    """Random tiny CLIP (seed 0) with perturbed LayerNorms (identity LNs hide bugs)."""
-    torch.manual_seed(0)
-    m = _create(tiny_name)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, torch.nn.LayerNorm):
-                mod.weight.add_(0.1 * torch.randn_like(mod.weight))
-                mod.bias.add_(0.1 * torch.randn_like(mod.bias))
-    return m
+def tiny(tiny_base):
+    """Random tiny CLIP (seed 0) with perturbed LayerNorms: the shared conftest fixture."""
+    return tiny_base
 
 
 @pytest.fixture(scope="session")
