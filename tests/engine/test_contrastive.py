@@ -43,13 +43,6 @@ def tiny_model(tiny_name):
 
 
 @pytest.fixture(scope="session")
-def tok(tiny_name):
-    import open_clip
-
-    return open_clip.get_tokenizer(tiny_name)
-
-
-@pytest.fixture(scope="session")
 def pairs64():
     return synthetic_pairs(64, size=32, seed=7)
 

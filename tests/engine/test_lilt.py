@@ -54,13 +54,6 @@ def misaligned(request, tmp_path_factory, tiny_name):
 
 
 @pytest.fixture(scope="session")
-def tok(tiny_name):
-    import open_clip
-
-    return open_clip.get_tokenizer(tiny_name)
-
-
-@pytest.fixture(scope="session")
 def train_pairs():
     return synthetic_pairs(256, size=32, seed=100)
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from engine import data, llu, synthetic
+from engine import data, llu
 from engine.checkpoint import load_trainable
 from engine.methods import prepare
 from engine.train import TrainConfig, evaluate, train, zeroshot
@@ -39,23 +39,6 @@ def pretrained_base(request, tmp_path_factory, tiny_name):
         m = open_clip.create_model(tiny_name, pretrained=None)
     load_pretrained(m, path)
     return m
-
-
-@pytest.fixture(scope="session")
-def tok(tiny_name):
-    import open_clip
-
-    return open_clip.get_tokenizer(tiny_name)
-
-
-@pytest.fixture(scope="session")
-def shapes():
-    classes = synthetic.make_classes(8, seed=0)
-    x, y = synthetic.make_classification_set(classes, 8, size=32, seed=0)
-    xt, yt = synthetic.make_classification_set(classes, 16, size=32, seed=1)
-    tf = data.clip_transform(32, train=False)
-    return {"classnames": [c.name for c in classes], "train": data.TensorImageDataset(x, y, tf),
-            "test": data.TensorImageDataset(xt, yt, tf)}
 
 
 def _cfg(**kw):

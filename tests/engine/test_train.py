@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from engine import data, synthetic, utils
+from engine import data, utils
 from engine.methods import prepare
 from engine.train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
 
@@ -50,28 +50,6 @@ def pretrained_base(pretrained_path, tiny_name):
         m = open_clip.create_model(tiny_name, pretrained=None)
     load_pretrained(m, pretrained_path)
     return m
-
-
-@pytest.fixture(scope="session")
-def tok(tiny_name):
-    import open_clip
-
-    return open_clip.get_tokenizer(tiny_name)
-
-
-@pytest.fixture(scope="session")
-def shapes():
-    """8 synthetic classes: 8 training images per class, 16 test images per class (eval transform)."""
-    classes = synthetic.make_classes(8, seed=0)
-    x, y = synthetic.make_classification_set(classes, 8, size=32, seed=0)
-    xt, yt = synthetic.make_classification_set(classes, 16, size=32, seed=1)
-    tf = data.clip_transform(32, train=False)
-    return {
-        "classnames": [c.name for c in classes],
-        "train": data.TensorImageDataset(x, y, tf),
-        "train_aug": data.TensorImageDataset(x, y, data.clip_transform(32, train=True)),
-        "test": data.TensorImageDataset(xt, yt, tf),
-    }
 
 
 def _cfg(method, **kw):
