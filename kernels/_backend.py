@@ -4,8 +4,9 @@ Backends: ``"torch"`` (the float64-checkable references, any device), ``"triton"
 when ``TRITON_INTERPRET=1`` was set before triton was imported) and ``"cuda"`` (the csrc extension, CUDA tensors).
 
 With no backend requested, each op picks per device: CUDA -> the op's CUDA default (see ``CUDA_DEFAULT``),
-CPU -> triton under the interpreter, else torch. A backend the user asked for that cannot run on the given
-tensors raises: we never fall back silently.
+CPU -> triton under the interpreter, else torch; float64 inputs always take torch, the only backend that computes
+in float64 (so ``torch.autograd.gradcheck`` runs on the public ops as they are). A backend the user asked for that
+cannot run on the given tensors raises: we never fall back silently (the kernel backends reject float64 by name).
 """
 from __future__ import annotations
 
@@ -131,13 +132,15 @@ def _can_run(backend: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}")
 
 
-def resolve(op: str, device: torch.device) -> str:
-    """The backend that runs ``op`` on tensors of ``device``."""
+def resolve(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device`` (and ``dtype``, where given)."""
     if _requested is not None:
         ok, why = _can_run(_requested, device)
         if not ok:
             raise RuntimeError(f"kernels.{op}: requested backend {_requested!r} cannot run: {why}")
         return _requested
+    if dtype == torch.float64:
+        return "torch"
     if device.type == "cuda":
         choice = CUDA_DEFAULT.get(op, "triton")
         if _can_run(choice, device)[0]:

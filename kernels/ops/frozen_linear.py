@@ -21,6 +21,9 @@ db deterministically (no atomics). When only db is wanted the GEMM is skipped an
 Two kernel flavours with the same tiling: pointer loads (any GPU, any strides) and, on Hopper+ with 16-byte aligned
 rows, TMA descriptors (out-of-bounds boxes are zero-filled, so no masks). Exact fp32 (no tf32 allowed) on CUDA routes
 dx to cuBLAS, since Triton has no tensor-core path for it.
+
+dtypes: float32/bfloat16/float16 on every backend; float64 on the torch backend only (db then accumulates in float64,
+so ``torch.autograd.gradcheck`` applies).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import _backend, _cuda_ext
-from kernels._validate import check_same, check_tensor
+from kernels._validate import check_backend_dtype, check_same, check_tensor
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -408,9 +411,14 @@ def _frozen_linear_bwd_triton(dy2d, weight, need_dx: bool, need_db: bool):
     return _dx_db_triton(dy2d, weight, need_db)
 
 
+def _db_dtype(dy_dtype: torch.dtype) -> torch.dtype:
+    """db accumulates (and is returned by the op) in float32, float64 for float64 dy (torch backend)."""
+    return torch.promote_types(dy_dtype, torch.float32)
+
+
 def _frozen_linear_bwd_torch(dy2d, weight, need_dx: bool, need_db: bool):
     dx = torch.mm(dy2d, weight) if need_dx else None
-    db = dy2d.sum(0, dtype=torch.float32) if need_db else None
+    db = dy2d.sum(0, dtype=_db_dtype(dy2d.dtype)) if need_db else None
     return dx, db
 
 
@@ -454,7 +462,7 @@ def _(x, weight, bias, backend):
 @torch.library.custom_op("leanclip::frozen_linear_bwd", mutates_args=())
 def _frozen_linear_bwd_op(dy: torch.Tensor, weight: torch.Tensor, need_dx: bool, need_db: bool,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dx of shape dy.shape[:-1] + (K,), db float32 (Nout,)); a tensor that was not asked for is empty."""
+    """(dx of shape dy.shape[:-1] + (K,), db (Nout,) in _db_dtype); a tensor that was not asked for is empty."""
     n_out = dy.shape[-1]
     k = weight.shape[1]
     m = _rows(dy)
@@ -473,14 +481,14 @@ def _frozen_linear_bwd_op(dy: torch.Tensor, weight: torch.Tensor, need_dx: bool,
         else:
             raise ValueError(f"unknown backend {backend!r}")
     dx = dx.view(*dy.shape[:-1], k) if need_dx else dy.new_empty((0,))
-    db = db if need_db else dy.new_empty((0,), dtype=torch.float32)
+    db = db if need_db else dy.new_empty((0,), dtype=_db_dtype(dy.dtype))
     return dx, db
 
 
 @_frozen_linear_bwd_op.register_fake
 def _(dy, weight, need_dx, need_db, backend):
     dx = dy.new_empty((*dy.shape[:-1], weight.shape[1])) if need_dx else dy.new_empty((0,))
-    db = dy.new_empty((dy.shape[-1],) if need_db else (0,), dtype=torch.float32)
+    db = dy.new_empty((dy.shape[-1],) if need_db else (0,), dtype=_db_dtype(dy.dtype))
     return dx, db
 
 
@@ -511,8 +519,8 @@ _frozen_linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # public API
 # ----------------------------------------------------------------------------------------------------------------
 def _validate(x, weight, bias) -> None:
-    check_tensor("x", x, min_dim=1)
-    check_tensor("weight", weight, dim=2)
+    check_tensor("x", x, min_dim=1, float64=True)
+    check_tensor("weight", weight, dim=2, float64=True)
     if weight.requires_grad:
         raise ValueError("weight must not require grad: kernels.frozen_linear never computes dW; freeze it "
                          "(weight.requires_grad_(False)) or use torch.nn.functional.linear for a trainable weight")
@@ -521,7 +529,7 @@ def _validate(x, weight, bias) -> None:
         raise ValueError(f"weight must have shape (Nout, {x.shape[-1]}) to match x's last dim, "
                          f"got {tuple(weight.shape)}")
     if bias is not None:
-        check_tensor("bias", bias, dim=1)
+        check_tensor("bias", bias, dim=1, float64=True)
         check_same("bias", bias, "x", x, dtype=False)
         if bias.dtype != x.dtype and not (bias.dtype == torch.float32 and x.dtype in _HALF_DTYPES):
             raise TypeError(f"bias must have x's dtype ({x.dtype}) or be float32 with 16-bit x, got {bias.dtype}")
@@ -531,8 +539,10 @@ def _validate(x, weight, bias) -> None:
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x·Wᵀ + b`` like ``F.linear`` for a frozen ``weight`` (must not require grad). Gradients flow to ``x`` and
-    ``bias`` only; x is not saved for backward and db is fused into the dx GEMM. x and weight share a dtype; bias
-    may be float32 with 16-bit x (then db is float32). Output has x's dtype and shape ``x.shape[:-1] + (Nout,)``."""
+    ``bias`` only; x is not saved for backward and db is fused into the dx GEMM. x and weight share a dtype
+    (float32/bfloat16/float16; float64 on the torch backend, which automatic selection picks for it); bias may be
+    float32 with 16-bit x (then db is float32). Output has x's dtype and shape ``x.shape[:-1] + (Nout,)``."""
     _validate(x, weight, bias)
-    backend = _backend.resolve("frozen_linear", x.device)
+    backend = _backend.resolve("frozen_linear", x.device, x.dtype)
+    check_backend_dtype(backend, x=x, weight=weight, bias=bias)
     return torch.ops.leanclip.frozen_linear_fwd(x, weight, bias, backend)

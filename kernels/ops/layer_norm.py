@@ -16,7 +16,11 @@ accumulates its strided set of rows into a float32 register partial and writes o
 which is then summed over G in a fixed order (no atomics), so two runs give bit-identical dγ/dβ.
 
 dtypes: x float32/bfloat16/float16; weight/bias either x's dtype or float32 (fp32 master params with a 16-bit x).
-y takes x's dtype; dγ/dβ take their parameter's dtype.
+y takes x's dtype; dγ/dβ take their parameter's dtype. The torch backend also takes float64 x (statistics and
+reductions then run in float64, so ``torch.autograd.gradcheck`` applies); the Triton and CUDA kernels do not.
+
+weight/bias may have any stride: the Triton kernels (and the csrc ones) index them as dense vectors, so the
+launchers hand them a contiguous copy when they are not (N elements; dγ/dβ go to fresh buffers either way).
 """
 from __future__ import annotations
 
@@ -63,43 +67,51 @@ def layer_norm_ref(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     return y.to(x.dtype)
 
 
+def _stats_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """dtype of mean/rstd and of the dγ/dβ accumulation: float32, or float64 for float64 x (torch backend)."""
+    return torch.promote_types(x_dtype, torch.float32)
+
+
 def _aten_ok(x2d, *params) -> bool:
-    """fp32 rows and fp32 (or absent) affine: ATen's fused kernels, whose mean/rstd are fp32 like ours."""
-    return x2d.dtype == torch.float32 and all(p is None or p.dtype == torch.float32 for p in params)
+    """fp32 or fp64 rows with an affine (where present) of the same dtype: ATen's fused kernels, whose mean/rstd
+    then have the dtype ours have."""
+    return x2d.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == x2d.dtype for p in params)
 
 
 def _fwd_torch(x2d, weight, bias, eps):
-    """[M, N] rows → (y, mean_f32, rstd_f32) — the "torch" backend: ATen's fused LayerNorm for fp32, otherwise the
-    reference math in fp32 (ATen would keep a 16-bit mean/rstd)."""
+    """[M, N] rows → (y, mean, rstd) — the "torch" backend: ATen's fused LayerNorm for fp32/fp64, otherwise the
+    reference math in _stats_dtype (ATen would keep a 16-bit mean/rstd)."""
     if _aten_ok(x2d, weight, bias):
         y, mean, rstd = torch.native_layer_norm(x2d, (x2d.shape[-1],), weight, bias, eps)
         return y, mean.view(-1), rstd.view(-1)
-    xf = x2d.float()
+    ct = _stats_dtype(x2d.dtype)
+    xf = x2d.to(ct)
     mean = xf.mean(-1)
     xc = xf - mean[:, None]
     rstd = torch.rsqrt((xc * xc).mean(-1) + eps)
     y = xc * rstd[:, None]
     if weight is not None:
-        y = y * weight.float()
+        y = y * weight.to(ct)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(ct)
     return y.to(x2d.dtype), mean, rstd
 
 
 def _bwd_torch(dy2d, x2d, weight, mean, rstd, need_dx, need_dw, need_db):
-    if _aten_ok(x2d, weight) and dy2d.dtype == torch.float32:
+    if _aten_ok(x2d, weight) and dy2d.dtype == x2d.dtype:
         n = x2d.shape[-1]
         # ATen reads only the bias's presence (to return db), never its values
-        bias = torch.empty(n, device=x2d.device) if need_db else None
+        bias = x2d.new_empty(n) if need_db else None
         dx, dw, db = torch.ops.aten.native_layer_norm_backward(
             dy2d, x2d, (n,), mean.view(-1, 1), rstd.view(-1, 1), weight, bias, [need_dx, need_dw, need_db])
         return dx, dw, db
-    dyf = dy2d.float()
+    ct = mean.dtype
+    dyf = dy2d.to(ct)
     dx = dw = db = None
     if need_dx or need_dw:
-        xhat = (x2d.float() - mean[:, None]) * rstd[:, None]
+        xhat = (x2d.to(ct) - mean[:, None]) * rstd[:, None]
     if need_dx:
-        g = dyf * weight.float() if weight is not None else dyf
+        g = dyf * weight.to(ct) if weight is not None else dyf
         c1 = (g * xhat).mean(-1, keepdim=True)
         c2 = g.mean(-1, keepdim=True)
         dx = ((g - c2 - xhat * c1) * rstd[:, None]).to(x2d.dtype)
@@ -296,8 +308,14 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
+def _dense(p: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """weight/bias as the kernels read them: unit stride (they take no stride argument for the affine)."""
+    return p.contiguous() if p is not None else None
+
+
 def _layer_norm_fwd_triton(x2d, weight, bias, eps):
     M, N = x2d.shape
+    weight, bias = _dense(weight), _dense(bias)
     y = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     mean = torch.empty(M, dtype=torch.float32, device=x2d.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x2d.device)
@@ -313,6 +331,7 @@ def _layer_norm_fwd_triton(x2d, weight, bias, eps):
 
 def _layer_norm_bwd_triton(dy2d, x2d, weight, mean, rstd, need_dx, need_dw, need_db):
     M, N = x2d.shape
+    weight = _dense(weight)
     dev = x2d.device
     block_n, single = _block_n(N)
     block_m = max(1, _BWD_TILE // block_n) if single else 1
@@ -351,12 +370,13 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("leanclip::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm forward over the last dim. Returns (y shaped like x, contiguous; mean_f32 [M]; rstd_f32 [M])."""
+    """LayerNorm forward over the last dim. Returns (y shaped like x, contiguous; mean [M]; rstd [M]), the
+    statistics in float32 (float64 for float64 x)."""
     N = x.shape[-1]
     M = math.prod(x.shape[:-1])
     if M == 0 or N == 0:
-        f32 = dict(dtype=torch.float32, device=x.device)
-        return x.new_empty(x.shape), torch.zeros(M, **f32), torch.zeros(M, **f32)
+        stats = dict(dtype=_stats_dtype(x.dtype), device=x.device)
+        return x.new_empty(x.shape), torch.zeros(M, **stats), torch.zeros(M, **stats)
     x2d = _as_rows(x)
     if backend == "torch":
         y, mean, rstd = _fwd_torch(x2d, weight, bias, eps)
@@ -374,22 +394,23 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, backend):
     M = math.prod(x.shape[:-1])
-    return (x.new_empty(x.shape), x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
+    stats = _stats_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty((M,), dtype=stats), x.new_empty((M,), dtype=stats))
 
 
 @torch.library.custom_op("leanclip::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                    rstd: torch.Tensor, need_dx: bool, need_dw: bool, need_db: bool,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm backward. Returns (dx shaped like x in x's dtype, dw_f32 [N], db_f32 [N]); a gradient not asked
-    for comes back as an empty tensor (custom ops cannot return None)."""
+    """LayerNorm backward. Returns (dx shaped like x in x's dtype, dw [N], db [N]) with dw/db in mean's dtype
+    (float32, float64 for float64 x); a gradient not asked for comes back as an empty tensor (custom ops cannot
+    return None)."""
     N = x.shape[-1]
     M = math.prod(x.shape[:-1])
-    f32 = dict(dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
         return (x.new_zeros(x.shape) if need_dx else _empty(x),
-                torch.zeros(N, **f32) if need_dw else _empty(mean),
-                torch.zeros(N, **f32) if need_db else _empty(mean))
+                mean.new_zeros(N) if need_dw else _empty(mean),
+                mean.new_zeros(N) if need_db else _empty(mean))
     x2d = _as_rows(x)
     dy2d = _as_rows(dy)
     if backend == "torch":
@@ -403,8 +424,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     else:
         raise ValueError(f"unknown backend {backend!r}")
     dx = dx.reshape(x.shape) if need_dx else _empty(x)
-    dw = dw.to(torch.float32) if need_dw else _empty(mean)
-    db = db.to(torch.float32) if need_db else _empty(mean)
+    dw = dw.to(mean.dtype) if need_dw else _empty(mean)
+    db = db.to(mean.dtype) if need_db else _empty(mean)
     return dx, dw, db
 
 
@@ -447,7 +468,7 @@ layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _check_param(name: str, p, x: torch.Tensor) -> None:
     if p is None:
         return
-    _validate.check_tensor(name, p, dim=1)
+    _validate.check_tensor(name, p, dim=1, float64=True)
     if p.shape[0] != x.shape[-1]:
         raise ValueError(f"{name}: normalized shape ({x.shape[-1]},) (last dim of x) ≠ {name} shape {tuple(p.shape)}")
     _validate.check_same(name, p, "x", x, dtype=False)
@@ -459,16 +480,18 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
                eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim of ``x`` (like ``F.layer_norm(x, (x.shape[-1],), weight, bias, eps)``).
 
-    x: float32/bfloat16/float16, any leading dims, any strides. weight/bias: optional, shape (x.shape[-1],),
-    x's dtype or float32. Gradients are computed only for inputs that require them; dγ/dβ are deterministic.
+    x: float32/bfloat16/float16 (float64 on the torch backend, which is what automatic selection picks for it),
+    any leading dims, any strides. weight/bias: optional, shape (x.shape[-1],), any stride, x's dtype or float32.
+    Gradients are computed only for inputs that require them; dγ/dβ are deterministic.
     """
-    _validate.check_tensor("x", x, min_dim=1)
+    _validate.check_tensor("x", x, min_dim=1, float64=True)
     _check_param("weight", weight, x)
     _check_param("bias", bias, x)
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     if not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-    backend = _backend.resolve("layer_norm", x.device)
+    backend = _backend.resolve("layer_norm", x.device, x.dtype)
+    _validate.check_backend_dtype(backend, x=x, weight=weight, bias=bias)
     y, _, _ = torch.ops.leanclip.layer_norm_fwd(x, weight, bias, float(eps), backend)
     return y

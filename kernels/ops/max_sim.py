@@ -5,7 +5,7 @@ Math
 For ``x`` of shape (N, K) and ``d`` of shape (M, K), M >= 1::
 
     S[n, m]  = <x[n], d[m]>                       (accumulated in float32; float64 in the reference on float64)
-    vals[n]  = max_m S[n, m]                      float32, shape (N,)
+    vals[n]  = max_m S[n, m]                      float32 (float64 for float64 inputs), shape (N,)
     idx[n]   = min { m : S[n, m] == vals[n] }     int64, shape (N,)   (ties -> the LOWEST index)
 
 NaN: if any S[n, m] is NaN, vals[n] is NaN (a plain max would silently drop it). idx[n] is then some valid index in
@@ -113,9 +113,14 @@ def max_sim_ref(x: torch.Tensor, d: torch.Tensor, chunk: int = _REF_CHUNK, row_c
     return vals, idx
 
 
+def _vals_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of vals and of the backward's arithmetic: float32, float64 for float64 inputs (torch backend only)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _max_sim_fwd_torch(x: torch.Tensor, d: torch.Tensor):
     best, idx = _max_argmax_chunked(x, d, _REF_CHUNK, _REF_ROW_CHUNK)
-    return best.to(torch.float32), idx
+    return best.to(_vals_dtype(x.dtype)), idx
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -376,7 +381,7 @@ def max_sim_fwd(x: torch.Tensor, d: torch.Tensor, backend: str, input_precision:
 @max_sim_fwd.register_fake
 def _max_sim_fwd_fake(x, d, backend, input_precision, splits):
     n = x.shape[0]
-    return x.new_empty((n,), dtype=torch.float32), x.new_empty((n,), dtype=torch.int64)
+    return x.new_empty((n,), dtype=_vals_dtype(x.dtype)), x.new_empty((n,), dtype=torch.int64)
 
 
 def _max_sim_setup_context(ctx, inputs, output):
@@ -392,12 +397,13 @@ def _max_sim_backward(ctx, dvals, didx):
     dx = dd = None
     if dvals is None:
         return dx, dd, None, None, None
-    g = dvals.to(torch.float32)[:, None]
+    ct = _vals_dtype(x.dtype)
+    g = dvals.to(ct)[:, None]
     if need_dx:
-        dx = (g * d.index_select(0, idx).to(torch.float32)).to(x.dtype)
+        dx = (g * d.index_select(0, idx).to(ct)).to(x.dtype)
     if need_dd:
-        contrib = g * x.to(torch.float32)
-        acc = torch.zeros(d.shape, dtype=torch.float32, device=d.device)
+        contrib = g * x.to(ct)
+        acc = torch.zeros(d.shape, dtype=ct, device=d.device)
         if acc.is_cuda:
             acc.index_put_((idx,), contrib, accumulate=True)  # sort-based, deterministic on CUDA
         else:
@@ -422,11 +428,12 @@ def max_sim(x: torch.Tensor, d: torch.Tensor, *, input_precision: str | None = N
     """``vals, idx = max_sim(x, d)``: for x (N, K) and d (M, K), ``vals[n] = max_m <x[n], d[m]>`` (float32) and
     ``idx[n]`` its lowest argmax (int64), without an N x M matrix in memory. ``vals`` is differentiable w.r.t. x and d.
 
-    x and d share a dtype (float32/bfloat16/float16), a device and K; M >= 1; N == 0 gives empty outputs.
+    x and d share a dtype (float32/bfloat16/float16; float64 on the torch backend, which automatic selection picks
+    for it, and then vals is float64), a device and K; M >= 1; N == 0 gives empty outputs.
     ``input_precision`` ("ieee", "tf32", "tf32x3") applies to fp32 inputs on the Triton backend; None follows
     ``torch.backends.cuda.matmul.allow_tf32``. ``_splits`` (private, tests/benchmarks) forces the M-split count."""
-    _validate.check_tensor("x", x, dim=2)
-    _validate.check_tensor("d", d, dim=2)
+    _validate.check_tensor("x", x, dim=2, float64=True)
+    _validate.check_tensor("d", d, dim=2, float64=True)
     _validate.check_same("d", d, "x", x)
     if d.shape[1] != x.shape[1]:
         raise ValueError(f"d must have {x.shape[1]} columns like x (shape {tuple(x.shape)}), "
@@ -437,5 +444,6 @@ def max_sim(x: torch.Tensor, d: torch.Tensor, *, input_precision: str | None = N
         input_precision = _default_precision(x.dtype, x.device.type)
     elif input_precision not in _PRECISIONS:
         raise ValueError(f"input_precision must be one of {_PRECISIONS} or None, got {input_precision!r}")
-    backend = _backend.resolve("max_sim", x.device)
+    backend = _backend.resolve("max_sim", x.device, x.dtype)
+    _validate.check_backend_dtype(backend, x=x, d=d)
     return max_sim_fwd(x, d, backend, input_precision, int(_splits))

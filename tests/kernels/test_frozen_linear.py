@@ -157,6 +157,55 @@ def test_non_contiguous_dy_and_1d_x(backend):
     _check(backend, x1, w, b, torch.randn(48))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_weight_and_bias(backend):
+    """The dx kernels index W through both its strides; bias/db never assume a unit stride."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 21, 64, generator=g).requires_grad_()
+    weights = [
+        (torch.randn(64, 96, generator=g) / 8).t(),  # transposed: strides (1, 96)
+        (torch.randn(96, 128, generator=g) / 8)[:, ::2],  # column stride 2
+        (torch.randn(192, 64, generator=g) / 8)[1::2],  # row stride 128, storage offset
+    ]
+    for w in weights:
+        assert not w.is_contiguous() and w.shape == (96, 64)
+        b = torch.randn(288, generator=g)[::3].requires_grad_()
+        x.grad = None
+        _check(backend, x, w, b, torch.randn(3, 21, 96, generator=g))
+
+
+# ------------------------------------------------------------------------------------------------ float64
+def test_float64_gradcheck_torch_backend():
+    """The torch backend keeps float64 (db included), so gradcheck holds on the public op."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 7, dtype=torch.float64, generator=g)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    with kernels.set_backend("torch"):
+        y = kernels.frozen_linear(x, w, b)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, frozen_linear_ref(x, w, b), rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda x, b: kernels.frozen_linear(x, w, b), (x, b))
+        assert torch.autograd.gradcheck(lambda b: kernels.frozen_linear(x.detach(), w, b), (b,))
+        assert torch.autograd.gradcheck(lambda x: kernels.frozen_linear(x, w.t().contiguous().t(), None), (x,))
+        dx, db = torch.ops.leanclip.frozen_linear_bwd(torch.randn(3, 4, dtype=torch.float64), w, True, True, "torch")
+        assert dx.dtype == db.dtype == torch.float64
+    # the fake (meta) kernels report the float64 db the torch backend returns
+    torch.library.opcheck(torch.ops.leanclip.frozen_linear_fwd.default, (x, w, b, "torch"))
+    torch.library.opcheck(torch.ops.leanclip.frozen_linear_bwd.default,
+                          (torch.randn(3, 4, dtype=torch.float64), w, True, True, "torch"))
+    # automatic selection sends float64 to torch, even where float32 would go to Triton
+    with kernels.set_backend("auto"):
+        torch.testing.assert_close(kernels.frozen_linear(x, w, b), frozen_linear_ref(x, w, b), rtol=0, atol=0)
+
+
+def test_float64_rejected_by_triton_backend():
+    x, w, b = torch.randn(3, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64), None
+    with kernels.set_backend("triton"):
+        with pytest.raises(TypeError, match=r"x must be float32, bfloat16 or float16 on the triton backend.*float64"):
+            kernels.frozen_linear(x, w, b)
+
+
 # ------------------------------------------------------------------------------------------------ kernel variants
 VARIANT_CONFIGS = [  # bypass the autotuner: tile shapes, grouping, and both ways of placing the db partial sums
     dict(BLOCK_M=16, BLOCK_K=64, BLOCK_N=32, GROUP_M=1, DB_SPREAD=False),
@@ -344,7 +393,10 @@ def _bad_inputs():
         ("int_x", (x.long(), w, b), TypeError, "x"),
         ("int_w", (x, w.int(), b), TypeError, "weight"),
         ("int_b", (x, w, b.long()), TypeError, "bias"),
-        ("f64_x", (x.double(), w.double(), b.double()), TypeError, "x"),
+        ("complex_x", (x.to(torch.complex64), w, b), TypeError, "x"),
+        ("f64_w_for_fp32_x", (x, w.double(), b), TypeError, "weight"),
+        ("f64_b_for_fp32_x", (x, w, b.double()), TypeError, "bias"),
+        ("fp32_b_for_f64_x", (x.double(), w.double(), b), TypeError, "bias"),
         ("x_0d", (torch.tensor(1.0), w, b), ValueError, "x"),
         ("w_1d", (x, w.flatten(), b), ValueError, "weight"),
         ("w_3d", (x, w[None], b), ValueError, "weight"),

@@ -147,6 +147,63 @@ def test_non_contiguous(backend):
     run_and_check(backend, x, w, b, dy=torch.randn(64, 9).t())
 
 
+def _strided_leaf(n, dtype, step, offset=0):
+    """A length-n leaf that is a strided view of a bigger buffer (stride ``step``, storage offset ``offset``)."""
+    base = torch.randn(n * step + offset, dtype=dtype) * 0.5 + 1
+    return base[offset::step][:n].detach().requires_grad_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                          (torch.float16, torch.float16)])
+def test_strided_weight_and_bias(backend, dtype, wdtype):
+    """weight/bias views with non-unit strides (and a storage offset): forward and all grads match the reference."""
+    torch.manual_seed(13)
+    n = 24
+    x, _, _ = make((5, n), dtype)
+    w = _strided_leaf(n, wdtype, 2)
+    b = _strided_leaf(n, wdtype, 3, offset=1)
+    assert w.stride() == (2,) and b.stride() == (3,)
+    run_and_check(backend, x, w, b)
+    # weight alone, a column of a matrix (stride 5); bias alone
+    w_col = (torch.randn(n, 5, dtype=wdtype) + 1)[:, 2].detach().requires_grad_()
+    run_and_check(backend, x, w_col, None)
+    run_and_check(backend, x, None, b)
+    # only dx asked for: the backward still reads weight
+    run_and_check(backend, x, w.detach(), b.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_everything(backend):
+    """x with a non-unit last stride, strided weight/bias, a transposed dy, and a stride-0 (expanded) weight."""
+    torch.manual_seed(14)
+    n = 32
+    x = torch.randn(6, 2 * n)[:, ::2].requires_grad_()
+    w, b = _strided_leaf(n, torch.float32, 2), _strided_leaf(n, torch.float32, 4, offset=3)
+    run_and_check(backend, x, w, b, dy=torch.randn(n, 6).t())
+    w_scalar = torch.randn(1).add_(1).requires_grad_()
+    w_expanded = w_scalar.expand(n)  # one value broadcast over the row: stride 0
+    with kernels.set_backend(backend):
+        y = kernels.layer_norm(x, w_expanded, b)
+    dy = torch.randn(6, n)
+    gx, gws, gb = torch.autograd.grad(y, (x, w_scalar, b), dy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w_scalar, b))
+    yr = layer_norm_ref(xd, wd.expand(n), bd)
+    assert_close("y", y, yr, torch.float32)
+    refs = torch.autograd.grad(yr, (xd, wd, bd), dy.double())
+    for name, g, r in zip(("dx", "dweight", "dbias"), (gx, gws, gb), refs):
+        assert_close(name, g, r, torch.float32)
+
+
+@pytest.mark.parametrize("n", [256, 300])
+def test_triton_column_loop_path_strided_affine(monkeypatch, n):
+    """The column-block loops (forward and backward) read weight/bias too."""
+    monkeypatch.setattr(ln_mod, "_MAX_BLOCK_N", 128)
+    torch.manual_seed(15)
+    x, _, _ = make((4, n), torch.float32)
+    run_and_check("triton", x, _strided_leaf(n, torch.float32, 2), _strided_leaf(n, torch.float32, 3, offset=2))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sum_backward_expanded_grad(backend):
     # y.sum().backward() hands the op a fully stride-0 dy
@@ -302,7 +359,9 @@ def test_requested_backend_that_cannot_run_raises():
 BAD = [
     (lambda: ([1.0, 2.0], None, None, 1e-5), TypeError, "x"),
     (lambda: (torch.arange(8).view(2, 4), None, None, 1e-5), TypeError, "x"),
-    (lambda: (torch.randn(2, 4, dtype=torch.float64), None, None, 1e-5), TypeError, "x"),
+    (lambda: (torch.randn(2, 4, dtype=torch.complex64), None, None, 1e-5), TypeError, "x"),
+    (lambda: (torch.randn(2, 4, dtype=torch.float64), torch.randn(4, dtype=torch.bfloat16), None, 1e-5),
+     TypeError, "weight"),
     (lambda: (torch.tensor(1.0), None, None, 1e-5), ValueError, "x"),
     (lambda: (torch.randn(2, 4), torch.randn(5), None, 1e-5), ValueError, "weight"),
     (lambda: (torch.randn(2, 4), torch.randn(1, 4), None, 1e-5), ValueError, "weight"),
@@ -330,3 +389,68 @@ def test_bad_inputs(backend, case):
     with kernels.set_backend(backend):
         with pytest.raises(exc, match=name):
             kernels.layer_norm(*make_args())
+
+
+# ----------------------------------------------------------------------------------------------- float64
+
+
+def test_float64_gradcheck_torch_backend():
+    """The torch backend computes in float64 for float64 inputs, so gradcheck holds on the public op."""
+    torch.manual_seed(16)
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    with kernels.set_backend("torch"):
+        y = kernels.layer_norm(x, w, b, 1e-5)
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, F.layer_norm(x, (7,), w, b, 1e-5), rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda *a: kernels.layer_norm(*a, 1e-5), (x, w, b))
+        assert torch.autograd.gradcheck(lambda a: kernels.layer_norm(a, None, None, 1e-5), (x,))
+        # strided float64 affine, and a float32 weight with float64 x (only float32 may differ from x)
+        ws = torch.randn(14, dtype=torch.float64)[::2].requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, c: kernels.layer_norm(a, c, None, 1e-5), (x, ws))
+        w32 = torch.randn(7)
+        y = kernels.layer_norm(x, w32, b)
+        torch.testing.assert_close(y, F.layer_norm(x, (7,), w32.double(), b, 1e-5), rtol=1e-12, atol=1e-12)
+
+
+def test_float64_automatic_backend_is_torch():
+    """With no backend requested, float64 runs on torch even where float32 would go to Triton."""
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with kernels.set_backend("auto"):
+        y = kernels.layer_norm(x, None, None)
+    torch.testing.assert_close(y, F.layer_norm(x, (8,)), rtol=1e-12, atol=1e-12)
+
+
+def test_float64_custom_ops_opcheck():
+    """Fake (meta) kernels report the float64 statistics and grads the torch backend returns."""
+    torch.manual_seed(17)
+    x = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(24, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.leanclip.layer_norm_fwd, (x, w, None, 1e-5, "torch"))
+    _, mean, rstd = torch.ops.leanclip.layer_norm_fwd(x.detach(), w.detach(), None, 1e-5, "torch")
+    assert mean.dtype == rstd.dtype == torch.float64
+    torch.library.opcheck(torch.ops.leanclip.layer_norm_bwd,
+                          (torch.randn(3, 24, dtype=torch.float64), x.detach(), w.detach(), mean, rstd,
+                           True, True, True, "torch"))
+
+
+def test_float64_rejected_by_triton_backend():
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with kernels.set_backend("triton"):
+        with pytest.raises(TypeError, match=r"x must be float32, bfloat16 or float16 on the triton backend.*float64"):
+            kernels.layer_norm(x, None, None)
+        with pytest.raises(TypeError, match="x must be .* on the triton backend"):
+            kernels.layer_norm(x, torch.randn(8, dtype=torch.float64), None)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_float64_rejected_by_kernel_backends_check(backend):
+    """The dtype gate every op runs once its backend is known (the cuda backend cannot run on this CPU box)."""
+    from kernels import _validate
+
+    ok = torch.randn(3)
+    _validate.check_backend_dtype(backend, x=ok, weight=None, bias=ok.half())
+    _validate.check_backend_dtype("torch", x=ok.double())
+    with pytest.raises(TypeError, match=rf"bias must be float32, bfloat16 or float16 on the {backend} backend"):
+        _validate.check_backend_dtype(backend, x=ok, bias=ok.double())

@@ -239,6 +239,8 @@ def test_bad_inputs(backend):
         ((x, torch.randn(2, 5, 8)), ValueError, "d"),
         ((x, torch.randn(5, 9)), ValueError, "d"),
         ((x, d.double()), TypeError, "d"),
+        ((x.double(), d), TypeError, "d"),
+        ((x.to(torch.complex64), d), TypeError, "x"),
         ((x, d.half()), TypeError, "d"),
         ((x.long(), d), TypeError, "x"),
         ((x, d.int()), TypeError, "d"),
@@ -295,6 +297,37 @@ def test_ref_gradcheck_float64():
     top2 = S.topk(2, dim=1).values
     assert ((top2[:, 0] - top2[:, 1]) > 1e-3).all()  # distinct maxima: the max is locally smooth
     assert torch.autograd.gradcheck(lambda a, b: max_sim_ref(a, b, chunk=3, row_chunk=2)[0], (x, d))
+
+
+def test_float64_gradcheck_torch_backend():
+    """The torch backend keeps float64 (vals and both grads), so gradcheck holds on the public op."""
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(6, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    d = torch.randn(9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    S = (x @ d.T).detach()
+    top2 = S.topk(2, dim=1).values
+    assert ((top2[:, 0] - top2[:, 1]) > 1e-3).all()  # distinct maxima: the max is locally smooth
+    with kernels.set_backend("torch"):
+        vals, idx = kernels.max_sim(x, d)
+        assert vals.dtype == torch.float64
+        torch.testing.assert_close(vals, S.max(1).values, rtol=1e-12, atol=1e-12)
+        assert torch.equal(idx, S.argmax(1))
+        assert torch.autograd.gradcheck(lambda a, b: kernels.max_sim(a, b)[0], (x, d))
+        # strided inputs (row stride 3, transposed d)
+        xs = torch.randn(18, 8, dtype=torch.float64, generator=g)[::3].requires_grad_()
+        ds = torch.randn(8, 9, dtype=torch.float64, generator=g).T.requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, b: kernels.max_sim(a, b)[0], (xs, ds))
+    with kernels.set_backend("auto"):  # automatic selection sends float64 to torch
+        assert kernels.max_sim(x, d)[0].dtype == torch.float64
+    # the fake (meta) kernel reports the float64 vals the torch backend returns
+    torch.library.opcheck(torch.ops.leanclip.max_sim_fwd.default, (x, d, "torch", "ieee", 0))
+
+
+def test_float64_rejected_by_triton_backend():
+    x, d = torch.randn(4, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)
+    with kernels.set_backend("triton"):
+        with pytest.raises(TypeError, match=r"x must be float32, bfloat16 or float16 on the triton backend.*float64"):
+            kernels.max_sim(x, d)
 
 
 class _MaxNumelMode(TorchDispatchMode):
