@@ -136,7 +136,7 @@ def test_resume_via_cli(capsys, tmp_path, synth_dir):
     (["eval", "--checkpoint", "/does/not/ckpt.safetensors"], "no such file"),
     (["train", "--shots", "-1"], "--shots"),
     (["train", "--method", "ln", "--epochs", "0", "--shots", "1"], "epochs"),
-    (["train", "--method", "ln", "--resume", "/does/not/ckpt", "--shots", "1", "--epochs", "1"], "no checkpoint"),
+    (["train", "--method", "ln", "--resume", "/does/not/ckpt", "--shots", "1", "--epochs", "1"], "no such file"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, synth_dir, argv, needle):
     rc, out, err = run(capsys, *argv, "--output", tmp_path, *data_args(synth_dir))
