@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Sequence
 
 from engine import utils
+from engine.cli_common import (EVAL_DATA_DEFAULTS, UsageError, check_backend_env, check_numbers, check_output,
+                               clear_run, data_record, restore_data, restore_weights, weights_record)
 
 PROG = "leanclip"
 DEFAULT_MODEL = "leanclip-tiny"
@@ -59,8 +61,12 @@ def register_subcommand(name: str, module: str, help: str = "") -> None:
     SUBCOMMANDS[name] = (module, help)
 
 
-class UsageError(ValueError):
-    """Bad command-line input (exit code 2)."""
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (``leanclip train: error: ...``, exit 2) instead of the usage
+    block; ``--help`` is unchanged. Sub-parsers inherit the class."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog.split(' ', 1)[-1]}: {message} (see {self.prog} --help)")
 
 
 # --------------------------------------------------------------------------------------------------------- arguments
@@ -121,7 +127,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The argument parser. ``selected``: the subcommand about to run (extension modules are imported only for it;
     the method list in ``train --help`` only then too: importing the model side costs seconds)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description="leanclip: kernel-backed, memory-lean parameter-efficient fine-tuning of open_clip "
                                "CLIP models (CLIPFit, LN, BitFit, CoOp, LLU, linear probe, ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -164,6 +170,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines (default 1)")
     g.add_argument("--resume", metavar="PATH", default=None,
                    help="continue from a checkpoint (file or run dir) exactly where it stopped")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output (without it, a folder holding a run is refused)")
     _add_run_args(t)
     from engine import lilt_cli  # --task contrastive / retrieval (LilT, LiT): engine.lilt_cli
 
@@ -177,6 +185,11 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     _add_model_args(e)
     _add_data_args(e)
     _add_run_args(e)
+    e.add_argument("--use-recorded-weights", action="store_true",
+                   help="load the weights the checkpoint records (a file only if its sha256 still matches) instead "
+                        "of naming them with --pretrained")
+    # unset data flags are filled from the checkpoint's record (engine.cli_common.restore_data)
+    e.set_defaults(**{k: None for k in EVAL_DATA_DEFAULTS})
     lilt_cli.add_eval_arguments(e)
 
     z = sub.add_parser("zeroshot", help="zero-shot accuracy of a (pretrained) model",
@@ -387,7 +400,9 @@ def _setup(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    return utils.resolve_device(args.device)
+    device = utils.resolve_device(args.device)
+    check_backend_env(device)
+    return device
 
 
 def _emit(result: dict, args, name: str) -> None:
@@ -416,7 +431,14 @@ def cmd_train(args) -> int:
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
     if args.output is None:
         args.output = os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}")
+    check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+    _check_resume(args.resume, method)
+    if args.templates is not None:
+        _templates(args, None)  # every template must hold "{}"
+    weights = weights_record(args.pretrained)
     model, tok, size, (mean, std) = build_model(args)
+    if args.overwrite:
+        clear_run(args.output)
     data = load_data(args, size, mean, std, train_transform=method != "llu")
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
@@ -432,9 +454,8 @@ def cmd_train(args) -> int:
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
         kd_lambda=args.kd_lambda, num_workers=args.num_workers, progress=not args.no_progress,
         llu_lambda=args.llu_lambda, llu_clusters=args.llu_clusters or None,
-        extra={"model_name": args.model, "weights_path": None if args.pretrain_steps else args.pretrained,
-               "pretrained": os.path.abspath(args.pretrained) if args.pretrained else None,
-               "pretrain_steps": args.pretrain_steps, "image_size": args.image_size},
+        extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
+               "image_size": args.image_size, "data": data_record(args, data["dataset"])},
     )
     eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}
     if data["new"] is not None and "linear-probe" not in parts:
@@ -453,7 +474,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def read_checkpoint_meta(path) -> dict:
+def _check_resume(resume, method: str) -> None:
+    """``--resume`` must name a leanclip checkpoint (file or run folder) of the same method, before any work."""
+    if resume is None:
+        return
+    meta = read_checkpoint_meta(resume, flag="--resume")
+    if meta["method"] != method:
+        raise UsageError(f"--resume {meta['path']!r} is a {meta['method']!r} checkpoint, not --method {method!r}")
+
+
+def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
     """Metadata of a ``engine.checkpoint.save_trainable`` file without a model: method, options (dict), model_name,
     extra (the trainer's dict)."""
     from safetensors import safe_open
@@ -462,14 +492,14 @@ def read_checkpoint_meta(path) -> dict:
     if p.is_dir():
         p = p / "checkpoint.safetensors"
     if not p.is_file():
-        raise FileNotFoundError(f"--checkpoint: no such file {str(p)!r}")
+        raise FileNotFoundError(f"{flag}: no such file {str(p)!r}")
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
     except Exception as e:
-        raise UsageError(f"--checkpoint: {str(p)!r} is not a safetensors checkpoint ({e})") from e
+        raise UsageError(f"{flag}: {str(p)!r} is not a safetensors checkpoint ({e})") from e
     if "method" not in meta:
-        raise UsageError(f"--checkpoint: {str(p)!r} is not a leanclip checkpoint")
+        raise UsageError(f"{flag}: {str(p)!r} is not a leanclip checkpoint")
     out = {"path": str(p), "method": meta["method"]}
     for k in ("options", "model_name", "extra"):
         try:
@@ -498,11 +528,8 @@ def cmd_eval(args) -> int:
     extra = meta.get("extra") or {}
     opts = dict(meta.get("options") or {})
     run_cfg = (extra.get("config") or {}).get("extra") or {}  # what `leanclip train` built the model from
-    if args.pretrained is None and run_cfg.get("pretrained"):
-        if not os.path.isfile(run_cfg["pretrained"]):
-            raise FileNotFoundError(f"the checkpoint was trained from {run_cfg['pretrained']!r}, which no longer "
-                                    f"exists: pass --pretrained PATH")
-        args.pretrained = run_cfg["pretrained"]
+    restore_weights(args, run_cfg.get("weights"), legacy_path=run_cfg.get("pretrained"))
+    restore_data(args, run_cfg.get("data"))
     if not args.pretrain_steps and run_cfg.get("pretrain_steps"):
         args.pretrain_steps = int(run_cfg["pretrain_steps"])
     if args.image_size is None and run_cfg.get("image_size"):
@@ -560,6 +587,23 @@ def _first_command(argv: Sequence[str]) -> str | None:
     return None
 
 
+# Exceptions that report a problem with the user's input or environment: one line, no traceback (set
+# LEANCLIP_TRACEBACK=1 to see it). Anything else is a bug in leanclip and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXIT_DIVERGED = 3  # the run stopped on a non-finite loss or gradient: not a usage error, not a crash
+
+
+def _diverged_error() -> type:
+    return getattr(utils, "NonFiniteLossError", ())
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return msg or type(e).__name__
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit code (0 ok, 2 bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -572,12 +616,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         func = COMMANDS.get(args.command) or getattr(args, "func", None)
         if func is None:
             raise UsageError(f"unknown command {args.command!r}")
+        check_numbers(args)
         rc = func(args)
         return int(rc or 0)
-    except (ValueError, FileNotFoundError, TypeError, NotADirectoryError, IsADirectoryError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
+    except Exception as e:
+        diverged = isinstance(e, _diverged_error())
+        if not (diverged or isinstance(e, USER_ERRORS)) or os.environ.get("LEANCLIP_TRACEBACK") == "1":
+            raise
+        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_DIVERGED if diverged else EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

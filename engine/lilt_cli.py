@@ -128,6 +128,7 @@ def cmd_train_contrastive(args) -> int:
 
     from engine import cli as C
     from engine import distributed as D
+    from engine.cli_common import check_output, clear_run, weights_record
     from engine.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
     from engine.methods import parse_method, prepare
 
@@ -152,7 +153,12 @@ def cmd_train_contrastive(args) -> int:
     try:
         if args.output is None:
             args.output = os.path.join("runs", f"contrastive_{method}_seed{args.seed}")
+        if info.is_main:
+            check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+        weights = weights_record(args.pretrained)
         model, tok, size, _ = C.build_model(args)
+        if args.overwrite and info.is_main:
+            clear_run(args.output)
         size = _image_size(model)
         if args.pairs is not None:
             train_pairs = _load(args.pairs, args.image_root, args.pairs_split)
@@ -176,8 +182,7 @@ def cmd_train_contrastive(args) -> int:
             warmup_steps=args.warmup_steps, clip_grad_norm=args.clip_grad_norm, precision=args.precision,
             device=str(info.device), seed=args.seed, output=args.output, log_every=args.log_every,
             progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment,
-            extra={"model_name": args.model,
-                   "pretrained": os.path.abspath(args.pretrained) if args.pretrained else None,
+            extra={"model_name": args.model, "weights": weights,
                    "pretrain_steps": args.pretrain_steps, "image_size": args.image_size,
                    "pairs": os.path.abspath(args.pairs) if args.pairs else None, "pairs_split": args.pairs_split})
         cfg.validate()
@@ -215,6 +220,7 @@ def cmd_eval_retrieval(args) -> int:
 
     from engine import cli as C
     from engine.checkpoint import load_trainable
+    from engine.cli_common import restore_weights
     from engine.contrastive import evaluate_retrieval
     from engine.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
 
@@ -228,8 +234,7 @@ def cmd_eval_retrieval(args) -> int:
     saved_model = meta.get("model_name")
     if saved_model and args.model == C.DEFAULT_MODEL and saved_model != C.DEFAULT_MODEL:
         args.model = saved_model
-    if args.pretrained is None and extra.get("pretrained") and os.path.isfile(extra["pretrained"]):
-        args.pretrained = extra["pretrained"]
+    restore_weights(args, extra.get("weights"), legacy_path=extra.get("pretrained"))
     if not args.pretrain_steps and extra.get("pretrain_steps"):
         args.pretrain_steps = int(extra["pretrain_steps"])
     if args.image_size is None and extra.get("image_size"):

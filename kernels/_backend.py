@@ -132,6 +132,13 @@ def _can_run(backend: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def backend_problem(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run ops on tensors of ``device`` (None when it can): lets a caller reject a requested
+    backend before any work instead of at the first op."""
+    ok, why = _can_run(backend, device)
+    return None if ok else why
+
+
 def resolve(op: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The backend that runs ``op`` on tensors of ``device`` (and ``dtype``, where given)."""
     if _requested is not None:

@@ -69,8 +69,10 @@ def test_train_then_eval_roundtrip(capsys, tmp_path, synth_dir, weights):
     ev = last_json(out)
     assert ev["method"] == "clipfit" and ev["n"] == 80
     assert ev["top1"] == pytest.approx(test_acc)  # same model, same data -> same accuracy
-    # the run directory works as --checkpoint too, and the weights the run started from are found again
-    rc, out, _ = run(capsys, "eval", "--checkpoint", out_dir, *data_args(synth_dir))
+    # the run directory works as --checkpoint too; the recorded weights are read only when asked for
+    rc, out, err = run(capsys, "eval", "--checkpoint", out_dir, *data_args(synth_dir))
+    assert rc == 2 and "--use-recorded-weights" in err and len(err.strip().splitlines()) == 1
+    rc, out, _ = run(capsys, "eval", "--checkpoint", out_dir, "--use-recorded-weights", *data_args(synth_dir))
     assert rc == 0 and last_json(out)["top1"] == pytest.approx(test_acc)
 
 
@@ -134,7 +136,7 @@ def test_resume_via_cli(capsys, tmp_path, synth_dir):
     (["eval", "--checkpoint", "/does/not/ckpt.safetensors"], "no such file"),
     (["train", "--shots", "-1"], "--shots"),
     (["train", "--method", "ln", "--epochs", "0", "--shots", "1"], "epochs"),
-    (["train", "--method", "ln", "--resume", "/does/not/ckpt", "--shots", "1", "--epochs", "1"], "no checkpoint"),
+    (["train", "--method", "ln", "--resume", "/does/not/ckpt", "--shots", "1", "--epochs", "1"], "no such file"),
 ])
 def test_bad_input_exits_2_with_one_line(capsys, tmp_path, synth_dir, argv, needle):
     rc, out, err = run(capsys, *argv, "--output", tmp_path, *data_args(synth_dir))

@@ -1,0 +1,227 @@
+"""Checks and records shared by the ``leanclip`` subcommands (``engine.cli``, ``engine.lilt_cli``).
+
+Everything here runs BEFORE any work or any write, so a rejected command leaves no trace:
+
+- :func:`check_numbers` validates every numeric flag of the parsed namespace against one table (:data:`NUMBERS`),
+  whichever subcommand defined it; NaN, infinities and out-of-range values name their flag.
+- :func:`check_backend_env` rejects a ``LEANCLIP_BACKEND`` that is unknown or cannot run on the chosen device
+  (otherwise it would fail only at the first fused op, after the model and data were built).
+- :func:`check_output` refuses an ``--output`` that is not a writable directory, or that holds another run unless
+  ``--resume`` or ``--overwrite`` is given.
+
+A run records where its inputs came from (:func:`weights_record`, :func:`data_record`) in the checkpoint, and
+``leanclip eval`` restores them (:func:`restore_weights`, :func:`restore_data`) with one rule: values (dataset name,
+shots, seed, subsample, image size) are reused, paths are not. A recorded weights file is read again only when the
+user asks for it (``--use-recorded-weights``) and its sha256 still matches; a recorded dataset must be named again on
+the command line (``--data`` / ``--split-file``) and its split file must hash to the recorded value.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from engine import utils
+
+
+class UsageError(ValueError):
+    """Bad command-line input: one line on stderr, exit code 2."""
+
+
+# dest -> (flag, kind, lowest, highest). Bounds are inclusive; None = unbounded. Floats must also be finite.
+SEED_MAX = 2 ** 32 - 1  # numpy's seed range; torch accepts more, but few-shot sampling goes through numpy
+NUMBERS: dict[str, tuple[str, type, float | None, float | None]] = {
+    "epochs": ("--epochs", int, 1, None),
+    "batch_size": ("--batch-size", int, 1, None),
+    "lr": ("--lr", float, 0.0, None),
+    "weight_decay": ("--weight-decay", float, 0.0, None),
+    "warmup_epochs": ("--warmup-epochs", int, 0, None),
+    "warmup_lr": ("--warmup-lr", float, 0.0, None),
+    "grad_accum": ("--grad-accum", int, 1, None),
+    "clip_grad_norm": ("--clip-grad-norm", float, 0.0, None),
+    "kd_lambda": ("--kd-lambda", float, 0.0, None),
+    "llu_lambda": ("--llu-lambda", float, 0.0, None),
+    "llu_clusters": ("--llu-clusters", int, 0, None),
+    "log_every": ("--log-every", int, 1, None),
+    "seed": ("--seed", int, 0, SEED_MAX),
+    "shots": ("--shots", int, 0, None),
+    "synthetic_classes": ("--synthetic-classes", int, 2, None),
+    "num_workers": ("--num-workers", int, 0, 256),
+    "threads": ("--threads", int, 1, 4096),
+    "image_size": ("--image-size", int, 8, 8192),
+    "pretrain_steps": ("--pretrain-steps", int, 0, None),
+    "max_steps": ("--max-steps", int, 1, None),
+    "warmup_steps": ("--warmup-steps", int, 0, None),
+    "temperature": ("--temperature", float, 1e-3, 0.5),
+    "reduction": ("--reduction", int, 1, None),
+    "synthetic_pairs": ("--synthetic-pairs", int, 2, None),
+    "synthetic_eval_pairs": ("--synthetic-eval-pairs", int, 2, None),
+}
+# strictly positive floats (a zero learning rate or clipping norm is a mistake, not a choice)
+POSITIVE = {"lr", "clip_grad_norm"}
+
+
+def check_numbers(args) -> None:
+    """Raise :class:`UsageError` naming the first numeric flag of ``args`` that is out of range (None = not given)."""
+    for dest, (flag, kind, lo, hi) in NUMBERS.items():
+        v = getattr(args, dest, None)
+        if v is None:
+            continue
+        if kind is float and not math.isfinite(v):
+            raise UsageError(f"{flag} must be a finite number, got {v}")
+        if dest in POSITIVE and not v > 0:
+            raise UsageError(f"{flag} must be > 0, got {v}")
+        if lo is not None and v < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise UsageError(f"{flag} must be <= {hi}, got {v}")
+
+
+def check_backend_env(device) -> None:
+    """``LEANCLIP_BACKEND`` must name a backend that runs on ``device`` (a torch.device)."""
+    from kernels import _backend
+
+    wanted = os.environ.get("LEANCLIP_BACKEND") or None
+    if wanted is None or wanted == "auto":
+        return
+    if wanted not in _backend.BACKENDS:
+        raise UsageError(f"LEANCLIP_BACKEND={wanted!r}: must be one of {', '.join(_backend.BACKENDS)} or auto")
+    problem = _backend.backend_problem(wanted, device)
+    if problem:
+        raise UsageError(f"LEANCLIP_BACKEND={wanted}: cannot run on {device.type}: {problem}")
+
+
+# ------------------------------------------------------------------------------------------------------ run folder
+RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "result.json", "summary.json")
+RUN_DIRS = ("fewshot", "features")
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output(output, *, resume, overwrite: bool) -> None:
+    """``--output`` must be (or be creatable as) a writable directory; a folder that already holds a run needs
+    ``--resume`` (continue it) or ``--overwrite`` (replace it)."""
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {str(out)!r} exists and is not a directory")
+    base = _nearest_existing(out)
+    if not base.is_dir():
+        raise UsageError(f"--output {str(out)!r}: {str(base)!r} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {str(out)!r}: {str(base)!r} is not writable")
+    held = [n for n in RUN_FILES if (out / n).exists()]
+    if held and resume is None and not overwrite:
+        raise UsageError(f"--output {str(out)!r} already holds a run ({', '.join(held)}): pass --resume "
+                         f"{str(out)!r} to continue it or --overwrite to replace it")
+
+
+def clear_run(output) -> None:
+    """Remove a previous run's files from ``output`` (``--overwrite``), so nothing of it can be mistaken for the new
+    run's if this one stops early."""
+    import shutil
+
+    out = Path(output)
+    for n in RUN_FILES:
+        (out / n).unlink(missing_ok=True)
+    for n in RUN_DIRS:
+        if (out / n).is_dir():
+            shutil.rmtree(out / n)
+
+
+# ----------------------------------------------------------------------------------------------------- provenance
+def _is_local_file(source) -> bool:
+    return isinstance(source, str) and os.path.isfile(source)
+
+
+def weights_record(pretrained) -> dict | None:
+    """What a checkpoint records of ``--pretrained``: a local file by absolute path and sha256, a name (pretrained
+    tag, ``hf-hub:`` id) as given."""
+    if pretrained is None:
+        return None
+    if _is_local_file(pretrained):
+        path = os.path.abspath(pretrained)
+        return {"source": path, "sha256": utils.sha256_file(path)}
+    return {"source": str(pretrained), "sha256": None}
+
+
+def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = None) -> None:
+    """Set ``args.pretrained`` for ``eval`` from the checkpoint's record, under the rule of the module docstring."""
+    if args.pretrained is not None:
+        return
+    if recorded is None and legacy_path:
+        recorded = {"source": legacy_path, "sha256": None}
+    if not recorded or not recorded.get("source"):
+        if getattr(args, "use_recorded_weights", False):
+            raise UsageError("--use-recorded-weights: the checkpoint records no weights (it was trained from a "
+                             "random initialisation)")
+        return
+    source = recorded["source"]
+    if not getattr(args, "use_recorded_weights", False):
+        raise UsageError(f"the checkpoint was trained from weights {source!r}: pass --pretrained {source!r} (or "
+                         f"--use-recorded-weights to read the recorded source after a hash check)")
+    if recorded.get("sha256") is None and os.path.isabs(source):
+        raise UsageError(f"--use-recorded-weights: the checkpoint records {source!r} without a hash; pass "
+                         f"--pretrained explicitly")
+    if recorded.get("sha256") is not None:
+        if not os.path.isfile(source):
+            raise UsageError(f"--use-recorded-weights: the recorded weights {source!r} no longer exist")
+        if utils.sha256_file(source) != recorded["sha256"]:
+            raise UsageError(f"--use-recorded-weights: {source!r} changed since training (sha256 differs); pass "
+                             f"--pretrained explicitly")
+    args.pretrained = source
+
+
+def split_file_of(args) -> str | None:
+    """The split JSON a classification command reads (None for synthetic data and folder-listed datasets)."""
+    if getattr(args, "split_file", None):
+        return args.split_file
+    if getattr(args, "data", None) and getattr(args, "dataset", None):
+        from engine.data import find_split_file
+
+        try:
+            return find_split_file(args.data, args.dataset)[0]
+        except FileNotFoundError:
+            return None
+    return None
+
+
+def data_record(args, dataset: str) -> dict:
+    """What a classification checkpoint records of its data: the source kind and name, the split file's hash, the
+    K-shot protocol and the synthetic settings. No path is reused by ``eval`` (see :func:`restore_data`)."""
+    split = split_file_of(args)
+    source = "data" if args.data else ("split-file" if args.split_file else "synthetic")
+    return {"source": source, "dataset": dataset, "split_sha256": utils.sha256_file(split) if split else None,
+            "shots": args.shots, "seed": args.seed, "subsample": args.subsample,
+            "synthetic_classes": args.synthetic_classes if source == "synthetic" else None}
+
+
+# eval's data flags default to None so that the checkpoint's record can fill the ones the user did not give
+EVAL_DATA_DEFAULTS = {"shots": 16, "seed": 1, "subsample": "all", "synthetic_classes": 10}
+
+
+def restore_data(args, recorded: dict | None) -> None:
+    """Fill ``eval``'s unset data flags from the checkpoint; a real dataset must be named on the command line and
+    its split file must be the one the run was trained on."""
+    recorded = recorded or {}
+    for k, default in EVAL_DATA_DEFAULTS.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, recorded.get(k) if recorded.get(k) is not None else default)
+    given = bool(args.data or args.split_file or getattr(args, "synthetic", False))
+    source = recorded.get("source")
+    if source in ("data", "split-file") and not given:
+        how = "--data ROOT --dataset " + str(recorded.get("dataset")) if source == "data" else "--split-file FILE"
+        raise UsageError(f"the checkpoint was trained on dataset {recorded.get('dataset')!r}: pass {how} "
+                         f"(eval never falls back to synthetic data for it)")
+    if args.data and not args.dataset and source == "data":
+        args.dataset = recorded.get("dataset")
+    want = recorded.get("split_sha256")
+    if want and given and source in ("data", "split-file"):
+        split = split_file_of(args)
+        if split and utils.sha256_file(split) != want:
+            raise UsageError(f"split file {split!r} differs from the one the checkpoint was trained with "
+                             f"(sha256 mismatch): evaluate on the same split")

@@ -1,0 +1,230 @@
+"""Every user error of the command line: one line naming the input on stderr, exit 2, no traceback, nothing written.
+
+Each case runs ``engine.cli.main`` in a fresh, empty working directory (so the default ``runs/`` folder would show
+up there) and checks that the folder is still empty afterwards. The cases cover flags, weights, data files, images,
+run folders, checkpoints and the environment; ``BAD_INPUTS`` is also what the closing count of the boundary work was
+measured with (``pytest tests/engine/test_bad_inputs.py``).
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from engine import cli
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_name):
+    """Bad (and a few good) input files, made once."""
+    d = tmp_path_factory.mktemp("bad-inputs")
+    f = {"dir": d}
+    (d / "empty").mkdir()
+    (d / "text.safetensors").write_text("not a safetensors file\n")
+    (d / "text.pt").write_text("not a torch file\n")
+    (d / "a_file").write_text("x")
+    f["synth"] = d / "synthetic"
+    f["synth"].mkdir(mode=0o700)
+    # a split file whose images exist, and variants of it
+    img_dir = d / "split"
+    img_dir.mkdir()
+    for c in range(2):
+        for i in range(3):
+            Image.new("RGB", (16, 16), (80 * c, 30 * i, 100)).save(img_dir / f"c{c}_{i}.png")
+    rows = [[f"c{c}_{i}.png", c, f"class{c}"] for c in range(2) for i in range(3)]
+
+    def split(name, train=rows, test=rows, raw=None):
+        p = img_dir / f"split_zhou_{name}.json"
+        p.write_text(raw if raw is not None else json.dumps({"train": train, "val": [], "test": test}))
+        return p
+
+    f["split_good"] = split("Good")
+    f["split_notjson"] = split("NotJson", raw="{not json")
+    f["split_list"] = split("List", raw="[1, 2, 3]")
+    f["split_nested"] = split("Nested", raw="[" * 100000 + "]" * 100000)
+    f["split_strlabel"] = split("StrLabel", train=[["c0_0.png", "zero", "class0"]])
+    f["split_neglabel"] = split("NegLabel", train=[["c0_0.png", -1, "class0"]] + rows[1:])
+    f["split_dotdot"] = split("DotDot", train=[["../a_file", 0, "class0"]] + rows[1:])
+    f["split_abs"] = split("Abs", train=[[str(d / "a_file"), 0, "class0"]] + rows[1:])
+    f["split_missing"] = split("Missing", train=[["nope.png", 0, "class0"]] + rows[1:])
+    f["split_emptytrain"] = split("EmptyTrain", train=[])
+    f["split_emptytest"] = split("EmptyTest", test=[])
+    (img_dir / "corrupt.png").write_bytes((img_dir / "c0_0.png").read_bytes()[:40])
+    (img_dir / "text.png").write_text("hello")
+    f["split_corrupt"] = split("Corrupt", train=[["corrupt.png", 0, "class0"]] + rows[1:])
+    f["split_textimg"] = split("TextImg", train=[["text.png", 0, "class0"]] + rows[1:])
+    # ImageNet layout with a folder that classnames.txt does not list
+    inet = d / "inet" / "imagenet"
+    for split_dir in ("train", "val"):
+        for wnid in ("n01", "n02"):
+            (inet / "images" / split_dir / wnid).mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(inet / "images" / split_dir / wnid / "a.png")
+    (inet / "classnames.txt").write_text("n01 tench\n")
+    f["inet_root"] = d / "inet"
+    # a TorchScript archive: its code must never run
+    ts = torch.jit.script(torch.nn.Linear(2, 2))
+    torch.jit.save(ts, str(d / "scripted.pt"))
+    # a run folder holding a run, and a checkpoint trained on the good split file from random init
+    run_dir = d / "run"
+    rc = cli.main(["train", "--method", "ln", "--split-file", str(f["split_good"]), "--shots", "1", "--epochs", "1",
+                   "--output", str(run_dir), "--no-progress", "--image-size", "32"])
+    assert rc == 0
+    f["run"] = run_dir
+    f["ckpt"] = run_dir / "checkpoint.safetensors"
+    f["pairs_missing_col"] = d / "pairs.csv"
+    f["pairs_missing_col"].write_text("image,text\nc0_0.png,hello\n")
+    return f
+
+
+def _cases(f):
+    """(id, argv, env, needle): needle must appear in the one error line (the flag, file or value at fault)."""
+    synth = ["--synthetic-dir", str(f["synth"]), "--no-progress"]
+    t = ["train", "--method", "ln", "--epochs", "1", "--shots", "1", *synth]
+    s = lambda k: ["--split-file", str(f[k])]  # noqa: E731
+    cases = [
+        ("no-command", [], {}, "COMMAND"),
+        ("unknown-command", ["frobnicate"], {}, "frobnicate"),
+        ("epochs-0", [*t, "--epochs", "0"], {}, "--epochs"),
+        ("epochs-neg", [*t, "--epochs", "-1"], {}, "--epochs"),
+        ("epochs-text", [*t, "--epochs", "abc"], {}, "--epochs"),
+        ("lr-0", [*t, "--lr", "0"], {}, "--lr"),
+        ("lr-neg", [*t, "--lr", "-1"], {}, "--lr"),
+        ("lr-nan", [*t, "--lr", "nan"], {}, "--lr"),
+        ("lr-inf", [*t, "--lr", "inf"], {}, "--lr"),
+        ("batch-0", [*t, "--batch-size", "0"], {}, "--batch-size"),
+        ("wd-neg", [*t, "--weight-decay", "-1"], {}, "--weight-decay"),
+        ("warmup-neg", [*t, "--warmup-epochs", "-1"], {}, "--warmup-epochs"),
+        ("warmup-lr-neg", [*t, "--warmup-lr", "-1e-5"], {}, "--warmup-lr"),
+        ("warmup-lr-nan", [*t, "--warmup-lr", "nan"], {}, "--warmup-lr"),
+        ("grad-accum-0", [*t, "--grad-accum", "0"], {}, "--grad-accum"),
+        ("clip-0", [*t, "--clip-grad-norm", "0"], {}, "--clip-grad-norm"),
+        ("clip-nan", [*t, "--clip-grad-norm", "nan"], {}, "--clip-grad-norm"),
+        ("kd-neg", [*t, "--kd-lambda", "-1"], {}, "--kd-lambda"),
+        ("kd-nan", [*t, "--kd-lambda", "nan"], {}, "--kd-lambda"),
+        ("llu-lambda-neg", [*t, "--llu-lambda", "-1"], {}, "--llu-lambda"),
+        ("llu-clusters-neg", [*t, "--llu-clusters", "-1"], {}, "--llu-clusters"),
+        ("log-every-0", [*t, "--log-every", "0"], {}, "--log-every"),
+        ("seed-neg", [*t, "--seed", "-1"], {}, "--seed"),
+        ("seed-huge", [*t, "--seed", str(2 ** 32)], {}, "--seed"),
+        ("shots-neg", [*t, "--shots", "-1"], {}, "--shots"),
+        ("synthetic-classes-1", [*t, "--synthetic-classes", "1"], {}, "--synthetic-classes"),
+        ("workers-neg", [*t, "--num-workers", "-1"], {}, "--num-workers"),
+        ("threads-0", [*t, "--threads", "0"], {}, "--threads"),
+        ("image-size-4", [*t, "--image-size", "4"], {}, "--image-size"),
+        ("image-size-text", [*t, "--image-size", "big"], {}, "--image-size"),
+        ("pretrain-steps-neg", [*t, "--pretrain-steps", "-1"], {}, "--pretrain-steps"),
+        ("method-unknown", [*t, "--method", "nope"], {}, "nope"),
+        ("method-combo-unknown", [*t, "--method", "ln+nope"], {}, "nope"),
+        ("method-empty", [*t, "--method", ""], {}, "method"),
+        ("model-unknown", [*t, "--model", "NoSuchModel"], {}, "NoSuchModel"),
+        ("device-choice", [*t, "--device", "tpu"], {}, "--device"),
+        ("precision-choice", [*t, "--precision", "fp8"], {}, "--precision"),
+        ("recompute-choice", [*t, "--recompute", "all"], {}, "--recompute"),
+        ("optimizer-choice", [*t, "--optimizer", "lion"], {}, "--optimizer"),
+        ("tower-choice", [*t, "--tower", "audio"], {}, "--tower"),
+        ("subsample-choice", [*t, "--subsample", "half"], {}, "--subsample"),
+        ("pretrained-missing", [*t, "--pretrained", str(f["dir"] / "nope.safetensors")], {}, "nope.safetensors"),
+        ("pretrained-dir", [*t, "--pretrained", str(f["dir"] / "empty")], {}, "empty"),
+        ("pretrained-text-safetensors", [*t, "--pretrained", str(f["dir"] / "text.safetensors")], {},
+         "text.safetensors"),
+        ("pretrained-text-pt", [*t, "--pretrained", str(f["dir"] / "text.pt")], {}, "text.pt"),
+        ("pretrained-torchscript", [*t, "--pretrained", str(f["dir"] / "scripted.pt")], {}, "scripted.pt"),
+        ("pretrained-hf-offline", [*t, "--pretrained", "hf-hub:nobody/nothing"], {"HF_HUB_OFFLINE": "1"},
+         "nobody/nothing"),
+        ("pretrained-ckpt-as-weights", [*t, "--pretrained", str(f["ckpt"])], {}, "checkpoint.safetensors"),
+        ("data-missing", [*t, "--data", str(f["dir"] / "nope"), "--dataset", "OxfordPets"], {}, "nope"),
+        ("data-no-dataset", [*t, "--data", str(f["dir"])], {}, "--dataset"),
+        ("dataset-no-data", [*t, "--dataset", "OxfordPets"], {}, "--data"),
+        ("data-no-split", [*t, "--data", str(f["dir"] / "empty"), "--dataset", "OxfordPets"], {}, "OxfordPets"),
+        ("data-and-split", [*t, "--data", "x", "--split-file", "y"], {}, "--split-file"),
+        ("split-missing", [*t, "--split-file", str(f["dir"] / "split_zhou_Nope.json")], {}, "split_zhou_Nope"),
+        ("split-not-json", [*t, *s("split_notjson")], {}, "NotJson"),
+        ("split-list", [*t, *s("split_list")], {}, "List"),
+        ("split-nested", [*t, *s("split_nested")], {}, "Nested"),
+        ("split-str-label", [*t, *s("split_strlabel")], {}, "StrLabel"),
+        ("split-neg-label", [*t, *s("split_neglabel")], {}, "NegLabel"),
+        ("split-dotdot", [*t, *s("split_dotdot")], {}, "a_file"),
+        ("split-abs", [*t, *s("split_abs")], {}, "a_file"),
+        ("split-missing-image", [*t, *s("split_missing")], {}, "nope.png"),
+        ("split-empty-train", [*t, *s("split_emptytrain")], {}, "train"),
+        ("split-empty-test", [*t, *s("split_emptytest")], {}, "test"),
+        ("image-corrupt", [*t, *s("split_corrupt")], {}, "corrupt.png"),
+        ("image-text", [*t, *s("split_textimg")], {}, "text.png"),
+        ("imagenet-unlisted-folder", [*t, "--data", str(f["inet_root"]), "--dataset", "imagenet"], {}, "n02"),
+        ("output-is-file", [*t, "--output", str(f["dir"] / "a_file")], {}, "a_file"),
+        ("output-under-file", [*t, "--output", str(f["dir"] / "a_file" / "run")], {}, "a_file"),
+        ("output-holds-run", [*t, "--output", str(f["run"])], {}, "--overwrite"),
+        ("resume-missing", [*t, "--resume", str(f["dir"] / "nope")], {}, "nope"),
+        ("resume-text", [*t, "--resume", str(f["dir"] / "text.safetensors")], {}, "text.safetensors"),
+        ("resume-other-method", [*t, "--method", "bitfit", "--output", str(f["run"]), "--resume", str(f["run"]),
+                                 *s("split_good"), "--image-size", "32"], {}, "method"),
+        ("templates-no-placeholder", [*t, "--templates", "a photo"], {}, "{}"),
+        ("backend-cuda-no-gpu", t, {"LEANCLIP_BACKEND": "cuda"}, "LEANCLIP_BACKEND"),
+        ("backend-unknown", t, {"LEANCLIP_BACKEND": "fast"}, "LEANCLIP_BACKEND"),
+        ("contrastive-pairs-missing", [*t, "--task", "contrastive", "--pairs", str(f["dir"] / "nope.csv")], {},
+         "nope.csv"),
+        ("contrastive-pairs-columns", [*t, "--task", "contrastive", "--pairs", str(f["pairs_missing_col"])], {},
+         "pairs.csv"),
+        ("contrastive-max-steps-0", [*t, "--task", "contrastive", "--max-steps", "0"], {}, "--max-steps"),
+        ("contrastive-temperature-0", [*t, "--task", "contrastive", "--temperature", "0"], {}, "--temperature"),
+        ("contrastive-temperature-nan", [*t, "--task", "contrastive", "--temperature", "nan"], {}, "--temperature"),
+        ("contrastive-synthetic-pairs-1", [*t, "--task", "contrastive", "--synthetic-pairs", "1"], {},
+         "--synthetic-pairs"),
+        ("contrastive-grad-accum", [*t, "--task", "contrastive", "--grad-accum", "2"], {}, "--grad-accum"),
+        ("contrastive-with-data", [*t, "--task", "contrastive", *s("split_good")], {}, "--split-file"),
+        ("eval-no-checkpoint", ["eval", *synth], {}, "--checkpoint"),
+        ("eval-checkpoint-missing", ["eval", "--checkpoint", str(f["dir"] / "nope.safetensors"), *synth], {},
+         "nope.safetensors"),
+        ("eval-checkpoint-text", ["eval", "--checkpoint", str(f["dir"] / "text.safetensors"), *synth], {},
+         "text.safetensors"),
+        ("eval-checkpoint-empty-dir", ["eval", "--checkpoint", str(f["dir"] / "empty"), *synth], {}, "empty"),
+        ("eval-real-data-without-data", ["eval", "--checkpoint", str(f["ckpt"]), *synth], {}, "Good"),
+        ("eval-other-split", ["eval", "--checkpoint", str(f["ckpt"]), *s("split_neglabel"), *synth], {},
+         "split_zhou_NegLabel"),
+        ("eval-recorded-weights-none", ["eval", "--checkpoint", str(f["ckpt"]), "--use-recorded-weights",
+                                        *s("split_good")], {}, "--use-recorded-weights"),
+        ("eval-retrieval-on-classify", ["eval", "--task", "retrieval", "--checkpoint", str(f["ckpt"]), *synth], {},
+         "contrastive"),
+        ("eval-batch-0", ["eval", "--checkpoint", str(f["ckpt"]), "--batch-size", "0", *s("split_good")], {},
+         "--batch-size"),
+        ("zeroshot-batch-0", ["zeroshot", "--batch-size", "0", *synth], {}, "--batch-size"),
+        ("zeroshot-split-choice", ["zeroshot", "--eval-split", "train", *synth], {}, "--eval-split"),
+        ("zeroshot-unknown-flag", ["zeroshot", "--bogus", *synth], {}, "--bogus"),
+        ("zeroshot-cuda", ["zeroshot", "--device", "cuda", *synth], {}, "cuda"),
+    ]
+    if torch.cuda.is_available():
+        cases = [c for c in cases if "cuda" not in c[0]]
+    return cases
+
+
+# ids are needed at collection time, before the fixture exists: a stand-in mapping gives the same list
+class _Names(dict):
+    def __missing__(self, k):
+        return Path(k)
+
+
+CASES = _cases(_Names())
+BAD_INPUTS = [c[0] for c in CASES]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2(case, files, tmp_path, monkeypatch, capsys):
+    _, argv, env, needle = next(c for c in _cases(files) if c[0] == case)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("LEANCLIP_TRACEBACK", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = sorted(p.name for p in files["dir"].iterdir())
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2, (rc, err[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("leanclip: error:"), err[-2000:]
+    assert needle in lines[0], lines[0]
+    assert not any(work.iterdir()), sorted(os.listdir(work))  # nothing written
+    assert sorted(p.name for p in files["dir"].iterdir()) == before
