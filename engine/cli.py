@@ -67,12 +67,17 @@ class UsageError(ValueError):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"open_clip model config name (default: {DEFAULT_MODEL}, the tiny test config)")
-    g.add_argument("--pretrained", metavar="PATH", default=None,
-                   help="LOCAL weights file (safetensors / torch / OpenAI TorchScript); nothing is downloaded. "
-                        "Default: random initialisation")
+                   help=f"open_clip model config name, hf-hub:ORG/REPO or local-dir:DIR (config + weights, as "
+                        f"open_clip reads them; default: {DEFAULT_MODEL}, the tiny test config)")
+    g.add_argument("--pretrained", metavar="SOURCE", default=None,
+                   help="weights: a pretrained tag of --model (e.g. laion2b_s34b_b79k, openai), hf-hub:ORG/REPO, a "
+                        "hub folder or a local safetensors / torch file; tags and hub ids are downloaded once into "
+                        "the Hugging Face cache (HF_HUB_OFFLINE=1 reads it only). Default: random initialisation")
+    g.add_argument("--trust-torchscript", action="store_true",
+                   help="allow OpenAI TorchScript .pt archives as --pretrained: loading one RUNS CODE stored in the "
+                        "file; only for files you trust (the 'openai' tag gives the same weights as safetensors)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="input resolution (default: the model's own)")
+                   help="input resolution (default: the model's own); pretrained positional embeddings are resized")
     g.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
                    help="before anything else, contrastively pre-train the model for N steps on a synthetic caption "
                         "corpus (smoke runs without weights; default 0)")
@@ -202,35 +207,32 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------------------- model
 def build_model(args):
-    """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size."""
+    """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size: built and loaded
+    by ``engine.weights.create_model`` (tags, hub ids, folders, files; no file may run code)."""
     import open_clip
 
-    from engine.configs import create_random_model, register_tiny_config
+    from engine import weights
+    from engine.configs import register_tiny_config
 
     register_tiny_config()
-    if args.model not in open_clip.list_models():
-        raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models())")
-    if args.pretrained is not None and not os.path.isfile(args.pretrained):
-        raise FileNotFoundError(f"--pretrained: no such file {args.pretrained!r} (weights are read from local files "
-                                f"only)")
-    kw = {}
-    if args.image_size is not None:
-        if args.image_size < 8:
-            raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
-        kw["force_image_size"] = args.image_size
+    schema = args.model.startswith((weights.HF_HUB_PREFIX, weights.LOCAL_DIR_PREFIX))
+    if not schema and args.model not in open_clip.list_models():
+        raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models(), or use "
+                         f"hf-hub:ORG/REPO / local-dir:DIR)")
+    if schema and args.pretrained is not None:
+        raise UsageError(f"--pretrained: --model {args.model} carries its own weights; drop --pretrained")
+    if args.image_size is not None and args.image_size < 8:
+        raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
+    if args.pretrain_steps < 0:
+        raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
     # seeded: random-init weights (no --pretrained) are then the same in train / eval / zeroshot
-    model = create_random_model(args.model, 0, **kw)
-    if args.pretrained is not None:
-        from engine.checkpoint import load_pretrained
-
-        load_pretrained(model, args.pretrained)
+    model = weights.create_model(args.model, args.pretrained, seed=0, image_size=args.image_size,
+                                 trust_torchscript=getattr(args, "trust_torchscript", False))
     tokenizer = open_clip.get_tokenizer(args.model)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     if args.pretrain_steps:
-        if args.pretrain_steps < 0:
-            raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
         pretrain_synthetic(model, tokenizer, args.pretrain_steps, size, seed=0, progress=not args.no_progress)
     return model, tokenizer, size, (tuple(pp.get("mean", ())) or None, tuple(pp.get("std", ())) or None)
 
