@@ -346,7 +346,8 @@ def _warn_activation(resolved: ResolvedWeights, trained_quickgelu: bool | None, 
     name = os.path.basename(os.path.normpath(resolved.source))
     if trained_quickgelu and not _uses_quickgelu(model):
         warnings.warn(f"{name} looks like an OpenAI CLIP checkpoint (trained with QuickGELU) but the model uses "
-                      f"nn.GELU: features will be off; build the '-quickgelu' config instead", UserWarning, stacklevel=3)
+                      f"nn.GELU: features will be off; build the '-quickgelu' config instead", UserWarning,
+                      stacklevel=3)
     elif trained_quickgelu is False and resolved.kind == "tag" and _uses_quickgelu(model):
         warnings.warn(f"pretrained tag {resolved.source!r} was trained with nn.GELU but the model uses QuickGELU: "
                       f"features will be off; build the config without '-quickgelu'", UserWarning, stacklevel=3)
