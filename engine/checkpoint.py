@@ -7,15 +7,22 @@
   modules the method added (e.g. ``llu_image.bank``); optimizer state tensors as ``optim/<param name>/<key>`` and
   tensor-valued group hyper-parameters as ``optim_group/<i>/<key>``;
 - metadata (strings): ``format``, ``method``, ``model_name``, ``options`` (JSON), ``version``, ``param_names`` and
-  ``buffer_names`` (JSON lists), ``step``, ``extra`` (JSON of ``extra_meta``) and ``optimizer`` (JSON: class,
-  param groups with parameter names instead of indices, per-parameter non-tensor state).
+  ``buffer_names`` (JSON lists), ``step``, ``extra`` (JSON of ``extra_meta``), ``optimizer`` (JSON: class,
+  param groups with parameter names instead of indices, per-parameter non-tensor state) and ``architecture``.
 
-``load_trainable`` checks format, method, names and shapes BEFORE copying anything (ValueError, never a partial
-load), restores the optimizer exactly (SGD momentum, AdamW exp_avg / exp_avg_sq / step) and returns the metadata.
-``load_pretrained`` loads full open_clip weights from a local file only.
+``architecture`` fingerprints the model the trainable tensors were trained against: the config name when known and
+a digest of the names and shapes of the FROZEN parameters (plus the shapes themselves, for the error message).
+Trainable LayerNorms of ViT-B-32 and ViT-B-16 have the same shapes; their patch embeddings and positional
+embeddings do not, so only the frozen side tells the two apart.
+
+``load_trainable`` checks format, method, names, shapes and the architecture BEFORE copying anything (ValueError,
+never a partial load; files without a fingerprint still load), restores the optimizer exactly (SGD momentum, AdamW
+exp_avg / exp_avg_sq / step) and returns the metadata. ``load_pretrained`` loads full open_clip weights from a tag,
+hub id, folder or local file (:mod:`engine.weights`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -145,6 +152,55 @@ def _optimizer_names(model: nn.Module, optimizer) -> list[list[str]]:
     return groups
 
 
+def architecture(model: nn.Module) -> dict:
+    """``{"model_name", "frozen_digest", "frozen_shapes"}`` of a prepared model: the names and shapes of its frozen
+    parameters outside the modules the method added (dtype and lean swaps do not change them)."""
+    info = getattr(model, "leanclip_info", None) or {}
+    added = set(_added_modules(model))
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()
+              if not p.requires_grad and n.split(".")[0] not in added}
+    digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
+    return {"model_name": info.get("model_name"), "frozen_digest": digest, "frozen_shapes": shapes}
+
+
+def _shape_differences(saved: dict, current: dict, k: int = 3) -> str:
+    diff = [f"{n} {tuple(saved[n])} vs {tuple(current[n])}" for n in sorted(set(saved) & set(current))
+            if list(saved[n]) != list(current[n])]
+    only_saved, only_cur = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
+    parts = diff[:k] + ([f"only in the checkpoint's: {_fmt(only_saved, k)}"] if only_saved else []) \
+        + ([f"only in the model's: {_fmt(only_cur, k)}"] if only_cur else [])
+    return "; ".join(parts) + (f" (+{len(diff) - k} more shape differences)" if len(diff) > k else "")
+
+
+def _check_architecture(model: nn.Module, meta: dict, path) -> None:
+    """The frozen tensors the checkpoint was trained against are those of ``model`` (same digest)."""
+    saved = json.loads(meta.get("architecture", "null") or "null")
+    if not saved:
+        return  # files written before the fingerprint existed
+    cur = architecture(model)
+    if saved.get("frozen_digest") == cur["frozen_digest"]:
+        return
+    raise ValueError(
+        f"checkpoint {os.fspath(path)} was trained against another architecture: checkpoint "
+        f"{saved.get('model_name') or 'unnamed model'} (frozen fingerprint {saved.get('frozen_digest')}), model "
+        f"{cur['model_name'] or 'unnamed model'} ({cur['frozen_digest']}); frozen tensors differ: "
+        f"{_shape_differences(saved.get('frozen_shapes', {}), cur['frozen_shapes'])}")
+
+
+def _check_frozen_shapes(model: nn.Module, meta: dict, path) -> None:
+    """For ``load_into`` (another method, so another frozen set): every recorded frozen tensor the model also has
+    must have the recorded shape."""
+    saved = json.loads(meta.get("architecture", "null") or "null")
+    if not saved:
+        return
+    params = {n: list(p.shape) for n, p in model.named_parameters()}
+    common = {n: s for n, s in saved.get("frozen_shapes", {}).items() if n in params}
+    if any(list(s) != params[n] for n, s in common.items()):
+        raise ValueError(f"checkpoint {os.fspath(path)} was trained against another architecture "
+                         f"({saved.get('model_name') or 'unnamed model'}): "
+                         f"{_shape_differences(common, {n: params[n] for n in common})}")
+
+
 # ----------------------------------------------------------------------------------------------------------- save
 def save_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer | None = None, step: int | None = None,
                    extra_meta: dict | None = None) -> str:
@@ -170,6 +226,7 @@ def save_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
         "buffer_names": json.dumps(list(buffers)),
         "step": json.dumps(None if step is None else int(step)),
         "extra": json.dumps(extra_meta if extra_meta is not None else None),
+        "architecture": json.dumps(architecture(model)),
     }
     if optimizer is not None:
         names = _optimizer_names(model, optimizer)
@@ -206,8 +263,9 @@ def _fmt(names, k=8):
     return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
-def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: bool, path) -> None:
-    """Verify every name/shape, then copy. strict: the file's parameters must be exactly the trainable ones."""
+def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: bool, path, then_check=None) -> None:
+    """Verify every name/shape, then ``then_check()`` (which raises to refuse), then copy. strict: the file's
+    parameters must be exactly the trainable ones."""
     all_params = dict(model.named_parameters())
     problems = []
     if strict:
@@ -238,6 +296,8 @@ def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: 
             problems.append(f"shape mismatch for {n}: model {tuple(p.shape)}, checkpoint {tuple(t.shape)}")
     if problems:
         raise ValueError(f"checkpoint {os.fspath(path)} does not match the model: " + "; ".join(problems))
+    if then_check is not None:
+        then_check()
     with torch.no_grad():
         for n, t in fparams.items():
             all_params[n].copy_(t)
@@ -264,7 +324,8 @@ def load_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
         warnings.warn(f"checkpoint was saved from model {saved_name!r}, loading into {cur_name!r}", stacklevel=2)
     fparams, fbuffers = _split_file(meta, tensors)
     opt_sd = _optimizer_state(model, optimizer, meta, tensors, path) if optimizer is not None else None
-    _check_and_copy(model, fparams, fbuffers, strict=True, path=path)
+    _check_and_copy(model, fparams, fbuffers, strict=True, path=path,
+                    then_check=lambda: _check_architecture(model, meta, path))
     if opt_sd is not None:
         optimizer.load_state_dict(opt_sd)
     return {
@@ -312,85 +373,24 @@ def _optimizer_state(model, optimizer, meta, tensors, path) -> dict:
 def load_into(model: nn.Module, path) -> dict:
     """Copy the parameters of a trainable-only checkpoint into ``model`` whatever its method and requires_grad
     flags ("LN as initialization", ``prepare(..., init_from=path)``). Every name must be a model parameter with
-    the same shape (ValueError otherwise; nothing is copied). Optimizer state is ignored. Returns the metadata."""
+    the same shape, and the frozen tensors the checkpoint records must have their recorded shapes where the model
+    has them (ValueError otherwise; nothing is copied). Optimizer state is ignored. Returns the metadata."""
     meta, tensors = _read(path)
     fparams, fbuffers = _split_file(meta, tensors)
     if fbuffers:
         raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({_fmt(fbuffers)}); "
                          f"only parameters of the base model can initialize another method")
-    _check_and_copy(model, fparams, {}, strict=False, path=path)
+    _check_and_copy(model, fparams, {}, strict=False, path=path,
+                    then_check=lambda: _check_frozen_shapes(model, meta, path))
     return {"method": meta.get("method"), "param_names": list(fparams)}
 
 
 # ----------------------------------------------------------------------------------------------------------- pretrained
-_OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
+def load_pretrained(model: nn.Module, source, *, model_name: str | None = None, cache_dir=None,
+                    trust_torchscript: bool = False) -> dict:
+    """Full open_clip weights from a local file, hub folder, ``hf-hub:`` id or (with ``model_name``) a pretrained
+    tag; no file may run code. See :func:`engine.weights.load_pretrained`."""
+    from engine import weights
 
-
-def _uses_quickgelu(model: nn.Module) -> bool:
-    from open_clip.transformer import QuickGELU
-
-    return any(isinstance(m, QuickGELU) for m in model.modules())
-
-
-def load_pretrained(model: nn.Module, path) -> dict:
-    """Load full open_clip weights from a LOCAL file (safetensors, or ``torch.load(weights_only=True)``; OpenAI's
-    TorchScript archives are read with ``torch.jit.load``). Keys and shapes are checked before copying (modules a
-    PEFT method added are not expected in the file). Warns when an OpenAI checkpoint goes into a model without
-    QuickGELU (those weights were trained with QuickGELU: use a ``-quickgelu`` config). Returns
-    ``{"path", "openai", "num_tensors"}``."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a local file path, got {type(path).__name__}")
-    s = os.fspath(path)
-    if "://" in s or s.startswith("hf-hub:"):
-        raise ValueError(f"load_pretrained reads local files only (no downloads), got {s!r}")
-    if not os.path.isfile(s):
-        raise FileNotFoundError(f"no weights file at {s}")
-    if s.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        sd = load_file(s, device="cpu")
-    else:
-        try:
-            sd = torch.load(s, map_location="cpu", weights_only=True)
-        except Exception as e:
-            try:
-                sd = torch.jit.load(s, map_location="cpu").state_dict()
-            except Exception:
-                raise ValueError(f"cannot read weights from {s}: {e}") from e
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{s} does not hold a state dict of tensors")
-    sd = dict(sd)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    openai = any(k in sd for k in _OPENAI_KEYS) or "openai" in os.path.basename(s).lower()
-    for k in _OPENAI_KEYS:
-        sd.pop(k, None)
-    if hasattr(model, "text") and not any(k.startswith("text.") for k in sd):
-        from open_clip.model import convert_to_custom_text_state_dict
-
-        sd = convert_to_custom_text_state_dict(sd)
-    if openai and not _uses_quickgelu(model):
-        warnings.warn(f"{os.path.basename(s)} looks like an OpenAI CLIP checkpoint (trained with QuickGELU) but the "
-                      f"model uses nn.GELU: features will be off; build the '-quickgelu' config instead",
-                      UserWarning, stacklevel=2)
-    added = set(_added_modules(model))
-    msd = model.state_dict(keep_vars=True)
-    expected = {k for k in msd if k.split(".")[0] not in added}
-    missing = expected - set(sd)
-    unexpected = set(sd) - set(msd)
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_fmt(unexpected)}")
-    for k in expected & set(sd):
-        if tuple(msd[k].shape) != tuple(sd[k].shape):
-            problems.append(f"shape mismatch for {k}: model {tuple(msd[k].shape)}, file {tuple(sd[k].shape)}")
-    if problems:
-        raise ValueError(f"weights in {s} do not match the model: " + "; ".join(problems))
-    with torch.no_grad():
-        for k in expected:
-            msd[k].copy_(sd[k])
-    return {"path": s, "openai": openai, "num_tensors": len(expected)}
+    return weights.load_pretrained(model, source, model_name=model_name, cache_dir=cache_dir,
+                                   trust_torchscript=trust_torchscript)

@@ -8,7 +8,8 @@
 Data: ``--data ROOT --dataset NAME`` (CoOp layouts, see ``engine.data``), ``--split-file F`` (a CoOp split JSON), or
 ``--synthetic`` (procedural shapes, the default without ``--data``/``--split-file``). Protocol: K-shot sampling of the
 train split with ``--seed``, then ``--subsample base|new|all`` (CoCoOp base-to-new; training on ``base`` also reports
-the new classes and H). Models are built with ``pretrained=None`` and loaded from a LOCAL ``--pretrained`` file only.
+the new classes and H). Weights: ``--pretrained`` takes an open_clip pretrained tag, an ``hf-hub:`` id, a hub folder or
+a local file (``engine.weights``; no file may run code).
 
 Bad input (unknown method, missing file, no GPU for ``--device cuda``, ...) prints one line on stderr and exits 2.
 Every command prints a JSON result on stdout (and writes it under ``--output`` when given).
@@ -33,7 +34,8 @@ from typing import Sequence
 
 from engine import utils
 from engine.cli_common import (EVAL_DATA_DEFAULTS, UsageError, check_backend_env, check_numbers, check_output,
-                               clear_run, data_record, restore_data, restore_weights, weights_record)
+                               clear_run, data_record, restore_data, restore_model, restore_weights,
+                               weights_record)
 
 PROG = "leanclip"
 DEFAULT_MODEL = "leanclip-tiny"
@@ -73,12 +75,17 @@ class _Parser(argparse.ArgumentParser):
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"open_clip model config name (default: {DEFAULT_MODEL}, the tiny test config)")
-    g.add_argument("--pretrained", metavar="PATH", default=None,
-                   help="LOCAL weights file (safetensors / torch / OpenAI TorchScript); nothing is downloaded. "
-                        "Default: random initialisation")
+                   help=f"open_clip model config name, hf-hub:ORG/REPO or local-dir:DIR (config + weights, as "
+                        f"open_clip reads them; default: {DEFAULT_MODEL}, the tiny test config)")
+    g.add_argument("--pretrained", metavar="SOURCE", default=None,
+                   help="weights: a pretrained tag of --model (e.g. laion2b_s34b_b79k, openai), hf-hub:ORG/REPO, a "
+                        "hub folder or a local safetensors / torch file; tags and hub ids are downloaded once into "
+                        "the Hugging Face cache (HF_HUB_OFFLINE=1 reads it only). Default: random initialisation")
+    g.add_argument("--trust-torchscript", action="store_true",
+                   help="allow OpenAI TorchScript .pt archives as --pretrained: loading one RUNS CODE stored in the "
+                        "file; only for files you trust (the 'openai' tag gives the same weights as safetensors)")
     g.add_argument("--image-size", type=int, default=None,
-                   help="input resolution (default: the model's own)")
+                   help="input resolution (default: the model's own); pretrained positional embeddings are resized")
     g.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
                    help="before anything else, contrastively pre-train the model for N steps on a synthetic caption "
                         "corpus (smoke runs without weights; default 0)")
@@ -215,35 +222,32 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------------------- model
 def build_model(args):
-    """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size."""
+    """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size: built and loaded
+    by ``engine.weights.create_model`` (tags, hub ids, folders, files; no file may run code)."""
     import open_clip
 
-    from engine.configs import create_random_model, register_tiny_config
+    from engine import weights
+    from engine.configs import register_tiny_config
 
     register_tiny_config()
-    if args.model not in open_clip.list_models():
-        raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models())")
-    if args.pretrained is not None and not os.path.isfile(args.pretrained):
-        raise FileNotFoundError(f"--pretrained: no such file {args.pretrained!r} (weights are read from local files "
-                                f"only)")
-    kw = {}
-    if args.image_size is not None:
-        if args.image_size < 8:
-            raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
-        kw["force_image_size"] = args.image_size
+    schema = args.model.startswith((weights.HF_HUB_PREFIX, weights.LOCAL_DIR_PREFIX))
+    if not schema and args.model not in open_clip.list_models():
+        raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models(), or use "
+                         f"hf-hub:ORG/REPO / local-dir:DIR)")
+    if schema and args.pretrained is not None:
+        raise UsageError(f"--pretrained: --model {args.model} carries its own weights; drop --pretrained")
+    if args.image_size is not None and args.image_size < 8:
+        raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
+    if args.pretrain_steps < 0:
+        raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
     # seeded: random-init weights (no --pretrained) are then the same in train / eval / zeroshot
-    model = create_random_model(args.model, 0, **kw)
-    if args.pretrained is not None:
-        from engine.checkpoint import load_pretrained
-
-        load_pretrained(model, args.pretrained)
+    model = weights.create_model(args.model, args.pretrained, seed=0, image_size=args.image_size,
+                                 trust_torchscript=getattr(args, "trust_torchscript", False))
     tokenizer = open_clip.get_tokenizer(args.model)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     if args.pretrain_steps:
-        if args.pretrain_steps < 0:
-            raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
         pretrain_synthetic(model, tokenizer, args.pretrain_steps, size, seed=0, progress=not args.no_progress)
     return model, tokenizer, size, (tuple(pp.get("mean", ())) or None, tuple(pp.get("std", ())) or None)
 
@@ -435,7 +439,7 @@ def cmd_train(args) -> int:
     _check_resume(args.resume, method)
     if args.templates is not None:
         _templates(args, None)  # every template must hold "{}"
-    weights = weights_record(args.pretrained)
+    weights = weights_record(args.pretrained, args.model)
     model, tok, size, (mean, std) = build_model(args)
     if args.overwrite:
         clear_run(args.output)
@@ -523,8 +527,7 @@ def cmd_eval(args) -> int:
     device = _setup(args)
     meta = read_checkpoint_meta(args.checkpoint)
     saved_model = meta.get("model_name")
-    if saved_model and args.model == DEFAULT_MODEL and saved_model != DEFAULT_MODEL:
-        args.model = saved_model  # the checkpoint says which architecture it belongs to
+    restore_model(args, saved_model, DEFAULT_MODEL)  # the checkpoint says which architecture it belongs to
     extra = meta.get("extra") or {}
     opts = dict(meta.get("options") or {})
     run_cfg = (extra.get("config") or {}).get("extra") or {}  # what `leanclip train` built the model from

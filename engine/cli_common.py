@@ -138,15 +138,30 @@ def _is_local_file(source) -> bool:
     return isinstance(source, str) and os.path.isfile(source)
 
 
-def weights_record(pretrained) -> dict | None:
-    """What a checkpoint records of ``--pretrained``: a local file by absolute path and sha256, a name (pretrained
-    tag, ``hf-hub:`` id) as given."""
+def weights_record(pretrained, model_name: str | None = None) -> dict | None:
+    """What a checkpoint records of ``--pretrained``: a local file by absolute path and sha256, a hub folder by
+    absolute path, a name (pretrained tag of ``model_name``, ``hf-hub:`` id) as given."""
     if pretrained is None:
         return None
     if _is_local_file(pretrained):
         path = os.path.abspath(pretrained)
         return {"source": path, "sha256": utils.sha256_file(path)}
-    return {"source": str(pretrained), "sha256": None}
+    from engine.weights import recordable_source
+
+    return {"source": recordable_source(pretrained, model_name), "sha256": None}
+
+
+def restore_model(args, saved_model: str | None, default_model: str) -> None:
+    """``eval`` rebuilds the checkpoint's architecture when ``--model`` is not given; a ``local-dir:`` model is a path,
+    so it must be named again."""
+    if not saved_model or args.model != default_model or saved_model == default_model:
+        return
+    from engine.weights import LOCAL_DIR_PREFIX
+
+    if saved_model.startswith(LOCAL_DIR_PREFIX):
+        raise UsageError(f"the checkpoint was trained on --model {saved_model!r}: pass --model explicitly (eval "
+                         f"never reads a path from a checkpoint on its own)")
+    args.model = saved_model
 
 
 def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = None) -> None:
@@ -165,8 +180,8 @@ def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = No
         raise UsageError(f"the checkpoint was trained from weights {source!r}: pass --pretrained {source!r} (or "
                          f"--use-recorded-weights to read the recorded source after a hash check)")
     if recorded.get("sha256") is None and os.path.isabs(source):
-        raise UsageError(f"--use-recorded-weights: the checkpoint records {source!r} without a hash; pass "
-                         f"--pretrained explicitly")
+        raise UsageError(f"--use-recorded-weights: the checkpoint records the folder {source!r}, which has no "
+                         f"hash to check; pass --pretrained {source!r} explicitly")
     if recorded.get("sha256") is not None:
         if not os.path.isfile(source):
             raise UsageError(f"--use-recorded-weights: the recorded weights {source!r} no longer exist")

@@ -155,7 +155,7 @@ def cmd_train_contrastive(args) -> int:
             args.output = os.path.join("runs", f"contrastive_{method}_seed{args.seed}")
         if info.is_main:
             check_output(args.output, resume=args.resume, overwrite=args.overwrite)
-        weights = weights_record(args.pretrained)
+        weights = weights_record(args.pretrained, args.model)
         model, tok, size, _ = C.build_model(args)
         if args.overwrite and info.is_main:
             clear_run(args.output)
@@ -220,7 +220,7 @@ def cmd_eval_retrieval(args) -> int:
 
     from engine import cli as C
     from engine.checkpoint import load_trainable
-    from engine.cli_common import restore_weights
+    from engine.cli_common import restore_model, restore_weights
     from engine.contrastive import evaluate_retrieval
     from engine.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
 
@@ -232,8 +232,7 @@ def cmd_eval_retrieval(args) -> int:
         raise _usage(f"--checkpoint {meta['path']!r} was not written by 'train --task contrastive' (use --task "
                      f"classify for classification checkpoints)")
     saved_model = meta.get("model_name")
-    if saved_model and args.model == C.DEFAULT_MODEL and saved_model != C.DEFAULT_MODEL:
-        args.model = saved_model
+    restore_model(args, saved_model, C.DEFAULT_MODEL)
     restore_weights(args, extra.get("weights"), legacy_path=extra.get("pretrained"))
     if not args.pretrain_steps and extra.get("pretrain_steps"):
         args.pretrain_steps = int(extra["pretrain_steps"])

@@ -194,11 +194,9 @@ def test_load_pretrained(fresh_tiny, tokenizer, tmp_path, create_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert checkpoint.load_pretrained(create_model(qname), op)["openai"]
-    # errors
-    with pytest.raises(ValueError, match="local files only"):
+    # errors (tags, hub ids and folders: tests/engine/test_weights.py)
+    with pytest.raises(ValueError, match="URLs are not read"):
         checkpoint.load_pretrained(fresh_tiny(), "https://example.com/w.pt")
-    with pytest.raises(ValueError, match="local files only"):
-        checkpoint.load_pretrained(fresh_tiny(), "hf-hub:org/model")
     with pytest.raises(FileNotFoundError):
         checkpoint.load_pretrained(fresh_tiny(), tmp_path / "nope.pt")
     partial = tmp_path / "partial.pt"
@@ -212,3 +210,72 @@ def test_load_pretrained(fresh_tiny, tokenizer, tmp_path, create_model):
     torch.save({"visual.proj": torch.zeros(3)}, bad)
     with pytest.raises(ValueError, match="shape mismatch for visual.proj"):
         checkpoint.load_pretrained(m, bad)
+
+
+# ----------------------------------------------------------------------------------------------------------- fingerprint
+def _patch4(create_model):
+    """The tiny config with patch 4 instead of 8: every trainable LayerNorm has the same shape, conv1 and the
+    positional embedding do not (as ViT-B-32 vs ViT-B-16)."""
+    name = register_tiny_config("leanclip-tiny-p4", vision_cfg={"patch_size": 4})
+    torch.manual_seed(0)
+    return name, create_model(name)
+
+
+def _ln_shapes(model):
+    return {n: tuple(p.shape) for n, p in methods.trainable_parameters(model)}
+
+
+def test_architecture_fingerprint_refuses_same_width_other_patch(fresh_tiny, tokenizer, tmp_path, create_model):
+    src = _prep(fresh_tiny(), "ln", tokenizer)
+    with torch.no_grad():
+        for _, p in methods.trainable_parameters(src):
+            p.add_(1.0)
+    path = checkpoint.save_trainable(src, tmp_path / "ln.safetensors")
+    arch = json.loads(checkpoint._read(path)[0]["architecture"])
+    assert arch["model_name"] == "leanclip-tiny" and arch["frozen_shapes"]["visual.conv1.weight"] == [64, 3, 8, 8]
+    assert not any(n in arch["frozen_shapes"] for n in _ln_shapes(src))  # frozen tensors only
+    name, other = _patch4(create_model)
+    torch.manual_seed(0)
+    methods.prepare(other, "ln", model_name=name)
+    assert _ln_shapes(other) == _ln_shapes(src)  # the trainable side alone cannot tell them apart
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model-name warning
+        with pytest.raises(ValueError) as err:
+            checkpoint.load_trainable(other, path)
+    msg = str(err.value)
+    assert "\n" not in msg and "another architecture" in msg
+    assert "leanclip-tiny " in msg and "leanclip-tiny-p4" in msg and "visual.conv1.weight" in msg
+    assert all(torch.equal(before[n], p) for n, p in other.named_parameters())  # nothing copied
+    # "LN as initialization" into another method of the other architecture: refused too
+    other_bitfit = methods.prepare(_patch4(create_model)[1], "bitfit", model_name=name)
+    with pytest.raises(ValueError, match="another architecture.*visual.conv1.weight"):
+        checkpoint.load_into(other_bitfit, path)
+
+
+def test_fingerprint_is_stable_and_old_files_still_load(fresh_tiny, tokenizer, tmp_path, create_model):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = _prep(fresh_tiny(), "ln", tokenizer, lean=False)
+    with torch.no_grad():
+        for _, p in methods.trainable_parameters(src):
+            p.add_(1.0)
+    path = checkpoint.save_trainable(src, tmp_path / "ln.safetensors")
+    # same architecture, lean modules and bf16 frozen weights: same fingerprint, loads
+    dst = _prep(fresh_tiny(), "ln", tokenizer, lean=True, frozen_dtype=torch.bfloat16)
+    assert checkpoint.architecture(dst)["frozen_digest"] == checkpoint.architecture(src)["frozen_digest"]
+    checkpoint.load_trainable(dst, path)
+    assert all(torch.equal(p, _params(src)[n]) for n, p in _params(dst).items())
+    # a file without the fingerprint (written before it existed) loads into any architecture whose names match
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "architecture"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    name, other = _patch4(create_model)
+    methods.prepare(other, "ln", model_name=name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checkpoint.load_trainable(other, old)
+    assert all(torch.equal(p, _params(src)[n]) for n, p in _params(other).items())
