@@ -24,7 +24,9 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import re
+import sys
 import warnings
 from typing import Callable, Iterable
 
@@ -121,8 +123,13 @@ def _check_tower(tower) -> str:
 
 
 def _notice(message: str) -> None:
-    """A one-line notice (a UserWarning: shown once per call site by default, capturable by tests and loggers)."""
-    warnings.warn(f"leanclip: {message}", UserWarning, stacklevel=4)
+    """A one-line notice: a UserWarning attributed to the first caller outside this package (capturable by tests,
+    ``logging.captureWarnings`` and ``-W error``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"leanclip: {message}", UserWarning, stacklevel=level)
 
 
 def tower_class(model: nn.Module, tower: str) -> str:
@@ -518,8 +525,6 @@ def _init_from_names(model: nn.Module, path) -> list[str]:
     """Validate a trainable-only checkpoint for ``init_from`` against ``model`` without copying anything (the
     checks ``checkpoint.load_into`` makes, on the model as prepare will see it: without the modules a previous
     prepare added). Returns the parameter names it holds."""
-    import os
-
     from engine import checkpoint as _ckpt
 
     if not isinstance(path, (str, os.PathLike)):
