@@ -11,7 +11,11 @@
   keeps ``F.linear``. ``ls_1``/``ls_2`` and ``batch_first`` behave as in open_clip 3.3.
 
 The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`` names, ``deepcopy`` and open_clip's
-own forward code (``encode_image``, ``encode_text``) keep working.
+own forward code (``encode_image``, ``encode_text``) keep working. It is never a silent no-op: a tower, block or
+attention class it does not know (timm towers, ModifiedResNet, Hugging Face text towers, open_clip's
+``CustomResidualAttentionBlock``, an attention that is not ``nn.MultiheadAttention``) is named by
+``lean_obstacles`` and ``apply_lean`` raises before changing anything; ``engine.prepare`` with the default
+``lean=None`` then keeps open_clip's modules and says why in one line.
 
 Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
 

@@ -1,8 +1,16 @@
-"""PEFT methods on open_clip ViT CLIP models: ``prepare(model, method, **opts)`` (in place).
+"""PEFT methods on open_clip CLIP models: ``prepare(model, method, **opts)`` (in place).
 
-``prepare`` freezes every parameter, optionally loads a trainable-only checkpoint (``init_from``, "LN as
-initialization"), then lets the method unlock parameters / add modules, swaps in the lean modules
-(``engine.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``.
+``prepare`` validates everything first (method names, options, each method's check, the towers, the ``init_from``
+file, whether the lean modules cover the model), then freezes every parameter, optionally loads a trainable-only
+checkpoint (``init_from``, "LN as initialization"), lets the method unlock parameters / add modules, swaps in the
+lean modules (``engine.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``. An error
+after the model was touched (e.g. no recompute policy fits the budget) restores it exactly.
+
+Towers: ViT towers of open_clip get the lean modules. Other towers (timm towers such as SigLIP / EVA / ConvNeXt,
+ModifiedResNet, Hugging Face text encoders) get every method that is defined on them with open_clip's plain modules
+(``lean=None`` falls back with a one-line notice); a method that is not defined on a tower (``clipfit`` without image
+LayerNorms or text ``mlp.c_proj.bias``, ``coop`` without open_clip token embeddings, ``lilt-adapter`` without open_clip
+blocks, ``ln`` on a tower without LayerNorms) is a ValueError naming the tower class.
 
 Method registry
 ---------------
@@ -10,9 +18,10 @@ Method registry
 (``requires_grad_(True)``) and returns the modules to add; ``prepare`` attaches each as ``model.<name>`` (their
 parameters are trainable unless ``fn`` froze some). The options a method accepts are its keyword parameters
 (``tower``, ``classnames`` and ``tokenizer`` are passed to methods that declare them); anything else is a ValueError.
-Adding a method is one registration::
+``METHOD_CHECKS`` holds an optional ``check(model, **opts)`` per method that validates option values and the towers
+without changing anything. Adding a method is one registration::
 
-    @register_method("lilt-ln")
+    @register_method("lilt-ln", check=_check_lilt_ln)
     def _lilt_ln(model, tower="both"):
         _unlock(model, ..., tower)
         return {}
