@@ -79,8 +79,9 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
     """Register ``fn(model, **opts) -> dict[str, nn.Module]`` as method ``name`` (usable as a decorator).
 
     ``check(model, **opts)`` (optional) validates the options and the model's towers for the method without
-    changing anything (ValueError); ``prepare`` runs the checks of every component before it changes the model.
-    It receives every option of ``fn`` (defaults filled in)."""
+    changing anything (ValueError) and may return one-line notices (a list of str) that ``prepare`` shows once
+    everything is validated; ``prepare`` runs the checks of every component before it changes the model. It
+    receives every option of ``fn`` (defaults filled in)."""
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise ValueError(f"method name must be lowercase letters, digits, '-' or '_' (no '+'), got {name!r}")
     if check is not None and not callable(check):
@@ -190,18 +191,17 @@ def unlock_layernorms(model: nn.Module, tower: str = "both") -> int:
     return _unlock_names(model, layernorm_names(model, tower))
 
 
-def check_coverage(model: nn.Module, method: str, names: list[str], tower: str, what: str) -> None:
+def check_coverage(model: nn.Module, method: str, names: list[str], tower: str, what: str) -> list[str]:
     """A method that trains ``what`` (the parameter ``names`` it would unlock) in ``tower``: ValueError naming the
-    tower class when a tower asked for alone (or both) has none; a notice when only one of ``both`` has none
-    (e.g. ``ln`` on a ModifiedResNet image tower, which has no LayerNorm, trains the text tower's)."""
+    tower class when a tower asked for alone (or both) has none; a notice (returned) when only one of ``both`` has
+    none (e.g. ``ln`` on a ModifiedResNet image tower, which has no LayerNorm, trains the text tower's)."""
     towers = ("image", "text") if tower == "both" else (tower,)
     empty = [t for t in towers if not any(tower_of(n) == t for n in names)]
     if len(empty) == len(towers):
         found = " and ".join(f"the {t} tower {tower_class(model, t)}" for t in empty)
         raise ValueError(f"method {method!r} trains {what}, and {found} has none")
-    for t in empty:
-        _notice(f"method {method!r}: the {t} tower {tower_class(model, t)} has no {what}; only the other "
-                f"tower's are trained")
+    return [f"method {method!r}: the {t} tower {tower_class(model, t)} has no {what}; only the other tower's are "
+            f"trained" for t in empty]
 
 
 def require_open_clip_tower(model: nn.Module, method: str, tower: str, why: str) -> None:
@@ -254,11 +254,11 @@ def _require(method: str, **values):
 # ----------------------------------------------------------------------------------------------------------- checks
 # Each runs before prepare changes anything: option values and what the method needs of the towers.
 def _check_ln(model, tower="both", **_):
-    check_coverage(model, "ln", layernorm_names(model, _check_tower(tower)), tower, "LayerNorms")
+    return check_coverage(model, "ln", layernorm_names(model, _check_tower(tower)), tower, "LayerNorms")
 
 
 def _check_bitfit(model, tower="both", **_):
-    check_coverage(model, "bitfit", _names(model, BIAS_RE, _check_tower(tower)), tower, "biases")
+    return check_coverage(model, "bitfit", _names(model, BIAS_RE, _check_tower(tower)), tower, "biases")
 
 
 def _check_clipfit(model, **_):
@@ -494,15 +494,15 @@ def _check_frozen_dtype(frozen_dtype, lean) -> None:
         raise ValueError("frozen_dtype needs lean=True (open_clip's plain modules cannot mix dtypes)")
 
 
-def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dtype) -> bool:
-    """Whether prepare swaps in the lean modules. ``lean=None`` (automatic) falls back to open_clip's plain modules
-    with a one-line notice naming what the lean modules do not cover (``engine.lean.lean_obstacles``);
+def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dtype) -> tuple[bool, list[str]]:
+    """(whether prepare swaps in the lean modules, notices). ``lean=None`` (automatic) falls back to open_clip's
+    plain modules with a one-line notice naming what the lean modules do not cover (``engine.lean.lean_obstacles``);
     ``lean=True``, a recompute policy or ``frozen_dtype`` on such a model is a ValueError naming it."""
     if lean is False:
-        return False
+        return False, []
     obstacles = _lean.lean_obstacles(model)
     if not obstacles:
-        return True
+        return True, []
     why = "; ".join(obstacles)
     if lean is True:
         raise ValueError(f"lean=True: the lean modules do not cover this model: {why} (pass lean=False, or leave lean "
@@ -511,8 +511,7 @@ def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dty
         raise ValueError(f"recompute={recompute!r} needs the lean modules, which do not cover this model: {why}")
     if frozen_dtype is not None:
         raise ValueError(f"frozen_dtype needs the lean modules, which do not cover this model: {why}")
-    _notice(f"lean=False for {_lean.class_name(model)}: {why}")
-    return False
+    return False, [f"lean=False for {_lean.class_name(model)}: {why}"]
 
 
 def _check_classnames(classnames):
@@ -523,11 +522,14 @@ def _check_classnames(classnames):
     return [str(c) for c in classnames]
 
 
-def _check_methods(model: nn.Module, parts: list[str], per_opts: list[dict]) -> None:
+def _check_methods(model: nn.Module, parts: list[str], per_opts: list[dict]) -> list[str]:
+    """Run every component's check; returns their notices."""
+    notices = []
     for p, kw in zip(parts, per_opts):
         check = METHOD_CHECKS.get(p)
         if check is not None:
-            check(model, **{**method_options(p), **kw})
+            notices += check(model, **{**method_options(p), **kw}) or []
+    return notices
 
 
 def _init_from_names(model: nn.Module, path) -> list[str]:
@@ -666,9 +668,11 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     _check_frozen_dtype(frozen_dtype, lean)
     classnames = _check_classnames(classnames)
     per_opts = _split_options(parts, method, opts, {"tower": tower, "classnames": classnames, "tokenizer": tokenizer})
-    _check_methods(model, parts, per_opts)
+    notices = _check_methods(model, parts, per_opts)
     loaded = _init_from_names(model, init_from) if init_from is not None else []
-    lean_on = _choose_lean(model, lean, recompute, frozen_dtype)
+    lean_on, lean_notices = _choose_lean(model, lean, recompute, frozen_dtype)
+    for message in notices + lean_notices:  # everything is validated: say what will differ from the usual
+        _notice(message)
     state = _ModelState(model, loaded)
     try:
         added = _apply_methods(model, parts, per_opts, init_from)
@@ -729,12 +733,12 @@ def _check_lilt_common(model, method: str, tower, projections, temperature) -> N
 
 def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, **_):
     _check_lilt_common(model, "lilt-ln", tower, projections, temperature)
-    check_coverage(model, "lilt-ln", layernorm_names(model, tower), tower, "LayerNorms")
+    return check_coverage(model, "lilt-ln", layernorm_names(model, tower), tower, "LayerNorms")
 
 
 def _check_lilt_bitfit(model, tower="both", projections=True, temperature=0.07, **_):
     _check_lilt_common(model, "lilt-bitfit", tower, projections, temperature)
-    check_coverage(model, "lilt-bitfit", _names(model, BIAS_RE, tower), tower, "biases")
+    return check_coverage(model, "lilt-bitfit", _names(model, BIAS_RE, tower), tower, "biases")
 
 
 def _check_lilt_blocks(method: str):

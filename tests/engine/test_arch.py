@@ -153,8 +153,8 @@ def test_modified_resnet_methods(rn_base, tok, method):
                                        ("lit", {})])
 def test_modified_resnet_other_methods_prepare(rn_base, tok, method, kw):
     m = copy.deepcopy(rn_base)
-    _prepare(m, method, tokenizer=tok if "coop" in method else None, **kw) if "coop" in method else \
-        _prepare(m, method, **kw)
+    extra = {"tokenizer": tok} if "coop" in method else {}
+    _prepare(m, method, **extra, **kw)
     assert m.leanclip_info["method"] == method and methods.count_trainable(m) > 0
 
 
@@ -167,11 +167,12 @@ def test_modified_resnet_other_methods_prepare(rn_base, tok, method, kw):
     ("lilt-adapter", {}, "needs an open_clip VisionTransformer.*ModifiedResNet"),
     ("lilt-ln", {}, "needs an open_clip VisionTransformer.*ModifiedResNet"),
 ])
-@pytest.mark.filterwarnings("ignore:leanclip")
 def test_modified_resnet_undefined_methods_name_the_tower(rn_base, method, kw, match):
     m = copy.deepcopy(rn_base)
-    with pytest.raises(ValueError, match=match):
-        methods.prepare(m, method, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice before a rejected call
+        with pytest.raises(ValueError, match=match):
+            methods.prepare(m, method, **kw)
     assert not hasattr(m, "leanclip_info") and methods.count_trainable(m) == methods.count_trainable(rn_base)
 
 

@@ -299,7 +299,7 @@ def test_clipfit_kd_loss():
         features.clipfit_kd_loss(t, t0[:3])
 
 
-# ----------------------------------------------------------------------------------------------------------- transactional
+# ---------------------------------------------------------------------------------------------------- transactional
 def _model_state(model):
     """Everything a failed prepare must leave as it was: tensor values and dtypes (by name), requires_grad, module
     classes and identities, each module's attribute names and plain attribute values, hooks, leanclip_info."""
