@@ -78,7 +78,11 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "open_clip_torch>=2.24",
+        # engine/lean.py calls open_clip internals: text_global_pool(..., eos_token_id=) and the towers'
+        # text_eos_id / eos_id (both first in 3.1.0; 3.0.x fails on the lean text path), plus VisionTransformer._embeds,
+        # LayerNormFp32, Transformer.batch_first and ResidualAttentionBlock.ls_1/ls_2, unchanged from 3.1.0 to 3.3.0
+        # (transformer.py and model.py identical). A 4.x may change the blocks: lean.lean_obstacles then names them.
+        "open_clip_torch>=3.1,<4",
         "numpy",
         "safetensors",
         "tqdm",

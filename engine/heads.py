@@ -35,6 +35,25 @@ def _check_real(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
     return v
 
 
+def check_llu_options(beta, gamma) -> tuple[float, float]:
+    """``(beta, gamma)`` of an ``LLUHead`` as floats: beta in [0, 1], gamma >= 0 (ValueError naming the option)."""
+    return _check_real("beta", beta, lo=0.0, hi=1.0), _check_real("gamma", gamma, lo=0.0)
+
+
+def check_adapter_options(dim, reduction, ratio) -> tuple[int, int, float]:
+    """``(dim, reduction, ratio)`` of a ``ClipAdapter``: dim // reduction >= 1 hidden units, ratio in [0, 1]."""
+    dim = _check_dim("dim", dim)
+    reduction = _check_dim("reduction", reduction)
+    if dim // reduction < 1:
+        raise ValueError(f"reduction {reduction} leaves no hidden units for dim {dim}")
+    return dim, reduction, _check_real("ratio", ratio, lo=0.0, hi=1.0)
+
+
+def check_std(std) -> float:
+    """A ``PromptLearner`` random-init standard deviation: a finite number > 0."""
+    return _check_real("std", std, lo=0.0, lo_open=True)
+
+
 # ----------------------------------------------------------------------------------------------------------- LLU
 class LLUHead(nn.Module):
     """``g(x) = W x + b`` (W = I, b = 0 at start) applied to L2-normalized embeddings ``x`` (N, E):
@@ -51,8 +70,7 @@ class LLUHead(nn.Module):
         super().__init__()
         dim = _check_dim("dim", dim)
         self.dim = dim
-        self.beta = _check_real("beta", beta, lo=0.0, hi=1.0)
-        self.gamma = _check_real("gamma", gamma, lo=0.0)
+        self.beta, self.gamma = check_llu_options(beta, gamma)
         self.weight = nn.Parameter(torch.eye(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
         self.register_buffer("bank", None)
@@ -123,7 +141,7 @@ class PromptLearner(nn.Module):
                                  f"got {tuple(init_embeddings.shape)}")
             ctx = init_embeddings.detach().to(torch.float32).clone()
         else:
-            ctx = torch.empty(self.n_ctx, self.width).normal_(0.0, _check_real("std", std, lo=0.0, lo_open=True))
+            ctx = torch.empty(self.n_ctx, self.width).normal_(0.0, check_std(std))
         self.ctx = nn.Parameter(ctx)
         self._token_cache: dict = {}
 
@@ -196,11 +214,7 @@ class ClipAdapter(nn.Module):
 
     def __init__(self, dim: int, reduction: int = 4, ratio: float = 0.2):
         super().__init__()
-        dim = _check_dim("dim", dim)
-        reduction = _check_dim("reduction", reduction)
-        if dim // reduction < 1:
-            raise ValueError(f"reduction {reduction} leaves no hidden units for dim {dim}")
-        self.ratio = _check_real("ratio", ratio, lo=0.0, hi=1.0)
+        dim, reduction, self.ratio = check_adapter_options(dim, reduction, ratio)
         self.fc = nn.Sequential(
             nn.Linear(dim, dim // reduction, bias=False),
             nn.ReLU(inplace=True),

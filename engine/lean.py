@@ -11,7 +11,11 @@
   keeps ``F.linear``. ``ls_1``/``ls_2`` and ``batch_first`` behave as in open_clip 3.3.
 
 The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`` names, ``deepcopy`` and open_clip's
-own forward code (``encode_image``, ``encode_text``) keep working.
+own forward code (``encode_image``, ``encode_text``) keep working. It is never a silent no-op: a tower, block or
+attention class it does not know (timm towers, ModifiedResNet, Hugging Face text towers, open_clip's
+``CustomResidualAttentionBlock``, an attention that is not ``nn.MultiheadAttention``) is named by
+``lean_obstacles`` and ``apply_lean`` raises before changing anything; ``engine.prepare`` with the default
+``lean=None`` then keeps open_clip's modules and says why in one line.
 
 Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
 
@@ -388,10 +392,13 @@ class LeanVisionTransformer(VisionTransformer):
 
 
 def _block_supported(blk: nn.Module) -> bool:
+    """Whether ``blk`` is a block the lean swap knows: open_clip's default ``ResidualAttentionBlock`` (or its lean
+    version) with a self-attention ``nn.MultiheadAttention`` (packed in_proj, no bias_k/v or zero-attention) and the
+    ``c_fc -> gelu -> c_proj`` MLP."""
     attn = getattr(blk, "attn", None)
     mlp = getattr(blk, "mlp", None)
     return (
-        type(blk) is ResidualAttentionBlock
+        type(blk) in (ResidualAttentionBlock, LeanResidualAttentionBlock)
         and isinstance(attn, nn.MultiheadAttention)
         and attn._qkv_same_embed_dim
         and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn
@@ -401,6 +408,56 @@ def _block_supported(blk: nn.Module) -> bool:
     )
 
 
+def class_name(obj) -> str:
+    """``module.QualName`` of ``obj``'s class (how errors and notices name a tower, block or attention)."""
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
+    blocks = getattr(transformer, "resblocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return [f"{where} {class_name(transformer)} has no resblocks"]
+    for i, blk in enumerate(blocks):
+        if not _block_supported(blk):
+            return [f"{where} block {i} is {class_name(blk)} with attn {class_name(getattr(blk, 'attn', None))}"]
+    return []
+
+
+def lean_obstacles(model: nn.Module) -> list[str]:
+    """What keeps ``model`` from running on the lean modules, one line each; empty when ``apply_lean`` covers it.
+
+    The lean modules cover open_clip ``VisionTransformer`` image towers and open_clip transformer text towers whose
+    blocks are all default ``ResidualAttentionBlock`` s with ``nn.MultiheadAttention`` (``_block_supported``). A
+    CLIP-style model (one with ``visual``) needs both towers covered: anything else (timm towers such as SigLIP or
+    EVA, ModifiedResNet, Hugging Face text encoders, open_clip's ``CustomResidualAttentionBlock`` or an attention
+    class a newer open_clip brings) is named here rather than skipped, because a half-swapped model would run slower
+    paths silently and break the memory estimates. Outside the towers (CoCa's decoder), blocks the swap does not
+    know keep open_clip's forward by design."""
+    out = []
+    if hasattr(model, "visual"):
+        vis = model.visual
+        if not isinstance(vis, VisionTransformer):
+            out.append(f"image tower {class_name(vis)} (not an open_clip VisionTransformer)")
+        else:
+            out += _block_obstacles("image tower", vis.transformer)
+        t = text_tower(model)
+        if t is None:
+            src = getattr(model, "text", None)
+            out.append(f"text tower {class_name(src if src is not None else model)} "
+                       f"(not an open_clip transformer text tower)")
+        else:
+            out += _block_obstacles("text tower", t.transformer)
+        return out
+    if type(model) in (ResidualAttentionBlock, LeanResidualAttentionBlock) and not _block_supported(model):
+        if not hasattr(model, "ln_1_kv"):  # a cross-attention block keeps open_clip's forward by design
+            out.append(f"{class_name(model)} with attn {class_name(getattr(model, 'attn', None))}")
+    for name, m in model.named_modules():  # a tower or a transformer on its own
+        if isinstance(getattr(m, "resblocks", None), nn.ModuleList):
+            out += _block_obstacles(f"{class_name(m)} {name or '<root>'}", m)
+    return out
+
+
 _SWAP = {LayerNorm: LeanLayerNorm, LayerNormFp32: LeanLayerNormFp32, ResidualAttentionBlock: LeanResidualAttentionBlock,
          VisionTransformer: LeanVisionTransformer}
 _UNSWAP = {v: k for k, v in _SWAP.items()}
@@ -408,9 +465,23 @@ _UNSWAP = {v: k for k, v in _SWAP.items()}
 
 def apply_lean(model: nn.Module, recompute: str = "none") -> nn.Module:
     """Swap open_clip LayerNorms and default residual blocks for their lean versions (in place; names, parameters
-    and buffers unchanged) and set the recompute policy. Returns ``model``."""
+    and buffers unchanged) and set the recompute policy. Returns ``model``.
+
+    Never a silent no-op: ValueError naming the class when ``lean_obstacles`` finds a tower, block or attention the
+    swap does not know, or when ``model`` holds nothing to swap at all. Nothing is changed before that check."""
     check_policy(recompute)
-    for m in model.modules():
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_lean needs an nn.Module, got {type(model).__name__}")
+    obstacles = lean_obstacles(model)
+    if obstacles:
+        raise ValueError(f"cannot make {class_name(model)} lean: {'; '.join(obstacles)} (the lean modules cover "
+                         f"open_clip ViT and transformer text towers of ResidualAttentionBlocks with "
+                         f"nn.MultiheadAttention); use lean=False")
+    todo = [m for m in model.modules() if type(m) in _SWAP or type(m) in _UNSWAP]
+    if not todo:
+        raise ValueError(f"found nothing to make lean in {class_name(model)} (no open_clip LayerNorm, "
+                         f"ResidualAttentionBlock or VisionTransformer)")
+    for m in todo:
         cls = type(m)
         if cls in (LayerNorm, LayerNormFp32, VisionTransformer):
             m.__class__ = _SWAP[cls]

@@ -1,8 +1,16 @@
-"""PEFT methods on open_clip ViT CLIP models: ``prepare(model, method, **opts)`` (in place).
+"""PEFT methods on open_clip CLIP models: ``prepare(model, method, **opts)`` (in place).
 
-``prepare`` freezes every parameter, optionally loads a trainable-only checkpoint (``init_from``, "LN as
-initialization"), then lets the method unlock parameters / add modules, swaps in the lean modules
-(``engine.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``.
+``prepare`` validates everything first (method names, options, each method's check, the towers, the ``init_from``
+file, whether the lean modules cover the model), then freezes every parameter, optionally loads a trainable-only
+checkpoint (``init_from``, "LN as initialization"), lets the method unlock parameters / add modules, swaps in the
+lean modules (``engine.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``. An error
+after the model was touched (e.g. no recompute policy fits the budget) restores it exactly.
+
+Towers: ViT towers of open_clip get the lean modules. Other towers (timm towers such as SigLIP / EVA / ConvNeXt,
+ModifiedResNet, Hugging Face text encoders) get every method that is defined on them with open_clip's plain modules
+(``lean=None`` falls back with a one-line notice); a method that is not defined on a tower (``clipfit`` without image
+LayerNorms or text ``mlp.c_proj.bias``, ``coop`` without open_clip token embeddings, ``lilt-adapter`` without open_clip
+blocks, ``ln`` on a tower without LayerNorms) is a ValueError naming the tower class.
 
 Method registry
 ---------------
@@ -10,9 +18,10 @@ Method registry
 (``requires_grad_(True)``) and returns the modules to add; ``prepare`` attaches each as ``model.<name>`` (their
 parameters are trainable unless ``fn`` froze some). The options a method accepts are its keyword parameters
 (``tower``, ``classnames`` and ``tokenizer`` are passed to methods that declare them); anything else is a ValueError.
-Adding a method is one registration::
+``METHOD_CHECKS`` holds an optional ``check(model, **opts)`` per method that validates option values and the towers
+without changing anything. Adding a method is one registration::
 
-    @register_method("lilt-ln")
+    @register_method("lilt-ln", check=_check_lilt_ln)
     def _lilt_ln(model, tower="both"):
         _unlock(model, ..., tower)
         return {}
@@ -21,9 +30,13 @@ Combinations are written ``a+b`` (e.g. ``ln+coop``): the components are applied 
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
+import os
 import re
+import sys
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -44,6 +57,8 @@ BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias)$")
 CLIPFIT_TEXT_RE = re.compile(r"^(?:text\.)?transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
 
 METHODS: dict[str, Callable[..., dict]] = {}
+# Per method: check(model, **opts) validating options and towers before prepare changes anything.
+METHOD_CHECKS: dict[str, Callable[..., None]] = {}
 # Options handled by prepare itself (not passed to method functions).
 PREPARE_OPTIONS = ("lean", "recompute", "memory_budget", "tower", "classnames", "tokenizer", "init_from",
                    "frozen_dtype", "model_name", "batch_size", "text_batch_size", "text_len")
@@ -59,10 +74,18 @@ def version() -> str:
         return "0.1.0"
 
 
-def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = False):
-    """Register ``fn(model, **opts) -> dict[str, nn.Module]`` as method ``name`` (usable as a decorator)."""
+def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = False,
+                    check: Callable | None = None):
+    """Register ``fn(model, **opts) -> dict[str, nn.Module]`` as method ``name`` (usable as a decorator).
+
+    ``check(model, **opts)`` (optional) validates the options and the model's towers for the method without
+    changing anything (ValueError) and may return one-line notices (a list of str) that ``prepare`` shows once
+    everything is validated; ``prepare`` runs the checks of every component before it changes the model. It
+    receives every option of ``fn`` (defaults filled in)."""
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise ValueError(f"method name must be lowercase letters, digits, '-' or '_' (no '+'), got {name!r}")
+    if check is not None and not callable(check):
+        raise TypeError("check must be callable")
 
     def deco(f):
         if not callable(f):
@@ -70,9 +93,22 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
         if name in METHODS and not overwrite and METHODS[name] is not f:
             raise ValueError(f"method {name!r} is already registered")
         METHODS[name] = f
+        if check is not None:
+            METHOD_CHECKS[name] = check
+        elif overwrite:
+            METHOD_CHECKS.pop(name, None)
         return f
 
     return deco(fn) if fn is not None else deco
+
+
+def set_method_check(name: str, check: Callable) -> None:
+    """Attach ``check`` (see ``register_method``) to the registered method ``name``."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}")
+    if not callable(check):
+        raise TypeError("check must be callable")
+    METHOD_CHECKS[name] = check
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -96,35 +132,107 @@ def _check_tower(tower) -> str:
     return tower
 
 
+def _notice(message: str) -> None:
+    """A one-line notice: a UserWarning attributed to the first caller outside this package (capturable by tests,
+    ``logging.captureWarnings`` and ``-W error``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(f"leanclip: {message}", UserWarning, stacklevel=level)
+
+
+def tower_class(model: nn.Module, tower: str) -> str:
+    """The class name (``module.QualName``) of ``model``'s ``"image"`` or ``"text"`` tower, as errors name it. CLIP
+    keeps its text transformer at top level, so its text tower is named by the model class."""
+    if tower == "image":
+        return _lean.class_name(getattr(model, "visual", None))
+    t = _lean.text_tower(model)
+    if t is not None:
+        return _lean.class_name(t.module) + (" (flattened text transformer)" if t.module is model else "")
+    text = getattr(model, "text", None)
+    return _lean.class_name(text if text is not None else model)
+
+
+def _names(model: nn.Module, pattern: re.Pattern, tower: str) -> list[str]:
+    return [n for n, _ in model.named_parameters() if pattern.search(n) and _in_tower(n, tower)]
+
+
+def layernorm_names(model: nn.Module, tower: str = "both") -> list[str]:
+    """Names of the weight and bias of every LayerNorm (open_clip's and timm's subclasses included) in ``tower``."""
+    params = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            for p in m.parameters(recurse=False):
+                n = params.get(id(p))
+                if n is not None and _in_tower(n, tower):
+                    out.append(n)
+    return out
+
+
+def _unlock_names(model: nn.Module, names: Iterable[str]) -> int:
+    n = 0
+    for name in names:
+        model.get_parameter(name).requires_grad_(True)
+        n += 1
+    return n
+
+
 def unlock(model: nn.Module, pattern: str | re.Pattern, tower: str = "both") -> int:
     """Set requires_grad on parameters whose name matches ``pattern`` (re.search; anchor it) inside ``tower``.
     Returns the number of tensors unlocked."""
     rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-    n = 0
-    for name, p in model.named_parameters():
-        if rx.search(name) and _in_tower(name, tower):
-            p.requires_grad_(True)
-            n += 1
-    return n
+    return _unlock_names(model, _names(model, rx, tower))
 
 
 def unlock_layernorms(model: nn.Module, tower: str = "both") -> int:
     """Unlock the weight and bias of every LayerNorm (open_clip's subclasses included) inside ``tower``."""
-    n = 0
-    for name, m in model.named_modules():
-        if isinstance(m, nn.LayerNorm):
-            for pn, p in m.named_parameters(recurse=False):
-                if _in_tower(f"{name}.{pn}", tower):
-                    p.requires_grad_(True)
-                    n += 1
-    return n
+    return _unlock_names(model, layernorm_names(model, tower))
+
+
+def check_coverage(model: nn.Module, method: str, names: list[str], tower: str, what: str) -> list[str]:
+    """A method that trains ``what`` (the parameter ``names`` it would unlock) in ``tower``: ValueError naming the
+    tower class when a tower asked for alone (or both) has none; a notice (returned) when only one of ``both`` has
+    none (e.g. ``ln`` on a ModifiedResNet image tower, which has no LayerNorm, trains the text tower's)."""
+    towers = ("image", "text") if tower == "both" else (tower,)
+    empty = [t for t in towers if not any(tower_of(n) == t for n in names)]
+    if len(empty) == len(towers):
+        found = " and ".join(f"the {t} tower {tower_class(model, t)}" for t in empty)
+        raise ValueError(f"method {method!r} trains {what}, and {found} has none")
+    return [f"method {method!r}: the {t} tower {tower_class(model, t)} has no {what}; only the other tower's are "
+            f"trained" for t in empty]
+
+
+def require_open_clip_tower(model: nn.Module, method: str, tower: str, why: str) -> None:
+    """ValueError naming the tower class unless every tower in ``tower`` is an open_clip transformer tower
+    (``VisionTransformer`` image tower, open_clip text transformer)."""
+    from open_clip.transformer import VisionTransformer
+
+    for t in ("image", "text") if tower == "both" else (tower,):
+        ok = (isinstance(getattr(model, "visual", None), VisionTransformer) if t == "image"
+              else _lean.text_tower(model) is not None)
+        if not ok:
+            kind = "an open_clip VisionTransformer" if t == "image" else "an open_clip transformer text tower"
+            raise ValueError(f"method {method!r} needs {kind} ({why}); the {t} tower is {tower_class(model, t)}")
 
 
 def embed_dim(model: nn.Module) -> int:
-    vis = getattr(model, "visual", None)
-    dim = getattr(vis, "output_dim", None)
+    """The joint embedding width: ``visual.output_dim`` (open_clip ViT and ModifiedResNet), else the width of the
+    text projection (towers without ``output_dim``, e.g. timm ones)."""
+    dim = getattr(getattr(model, "visual", None), "output_dim", None)
     if dim is None:
-        raise ValueError("cannot determine the embedding dim (model.visual.output_dim)")
+        t = _lean.text_tower(model)
+        proj = t.text_projection if t is not None else None
+        if isinstance(proj, nn.Linear):
+            dim = proj.out_features
+        elif isinstance(proj, torch.Tensor) and proj.dim() == 2:
+            dim = proj.shape[1]
+        else:
+            dim = getattr(getattr(model, "text", None), "output_dim", None)
+    if dim is None:
+        raise ValueError(f"cannot determine the embedding width of {_lean.class_name(model)} (no visual.output_dim, "
+                         f"text projection or text.output_dim); the image tower is {tower_class(model, 'image')}")
     return int(dim)
 
 
@@ -143,22 +251,88 @@ def _require(method: str, **values):
         raise ValueError(f"method {method!r} needs {' and '.join(missing)} (got None)")
 
 
+# ----------------------------------------------------------------------------------------------------------- checks
+# Each runs before prepare changes anything: option values and what the method needs of the towers.
+def _check_ln(model, tower="both", **_):
+    return check_coverage(model, "ln", layernorm_names(model, _check_tower(tower)), tower, "LayerNorms")
+
+
+def _check_bitfit(model, tower="both", **_):
+    return check_coverage(model, "bitfit", _names(model, BIAS_RE, _check_tower(tower)), tower, "biases")
+
+
+def _check_clipfit(model, **_):
+    if not layernorm_names(model, "image"):
+        raise ValueError(f"method 'clipfit' trains the image tower's LayerNorms, and the image tower "
+                         f"{tower_class(model, 'image')} has none")
+    if not _names(model, CLIPFIT_TEXT_RE, "text"):
+        raise ValueError(f"method 'clipfit' trains the text tower's transformer.resblocks.*.mlp.c_proj.bias, and the "
+                         f"text tower {tower_class(model, 'text')} has none")
+
+
+def _check_llu(model, beta=0.5, gamma=20.0, **_):
+    _heads.check_llu_options(beta, gamma)
+    embed_dim(model)
+
+
+def _probe_classes(classnames, num_classes) -> int:
+    """The number of classes of a linear probe: len(classnames) (num_classes must agree) or num_classes."""
+    if classnames is not None:
+        classnames = list(classnames)
+        if not classnames:
+            raise ValueError("classnames must not be empty")
+        if num_classes is not None and num_classes != len(classnames):
+            raise ValueError(f"num_classes={num_classes} but {len(classnames)} classnames were given")
+        c = len(classnames)
+    elif num_classes is not None:
+        c = num_classes
+    else:
+        raise ValueError("method 'linear-probe' needs classnames or num_classes")
+    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+        raise ValueError(f"num_classes must be a positive int, got {c!r}")
+    return c
+
+
+def _check_linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None, **_):
+    from engine.features import _check_templates
+
+    _probe_classes(classnames, num_classes)
+    _check_templates(templates or ["a photo of a {}."])
+    embed_dim(model)
+
+
+def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02, **_):
+    _require("coop", classnames=classnames, tokenizer=tokenizer)
+    if not list(classnames):
+        raise ValueError("classnames must not be empty")
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
+        raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+    if init_text is not None and not isinstance(init_text, str):
+        raise ValueError(f"init_text must be a string or None, got {type(init_text).__name__}")
+    _heads.check_std(std)
+    require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
+
+
+def _check_adapter(model, reduction=4, ratio=0.2, **_):
+    _heads.check_adapter_options(embed_dim(model), reduction, ratio)
+
+
 # ----------------------------------------------------------------------------------------------------------- methods
-@register_method("ln")
+@register_method("ln", check=_check_ln)
 def _ln(model, tower="both"):
     """Every LayerNorm weight+bias (ln_pre, ln_1, ln_2, ln_post, ln_final) of ``tower``."""
     unlock_layernorms(model, _check_tower(tower))
     return {}
 
 
-@register_method("bitfit")
+@register_method("bitfit", check=_check_bitfit)
 def _bitfit(model, tower="both"):
     """Every bias of ``tower``, incl. ``attn.in_proj_bias`` and the LayerNorm biases."""
     unlock(model, BIAS_RE, _check_tower(tower))
     return {}
 
 
-@register_method("clipfit")
+@register_method("clipfit", check=_check_clipfit)
 def _clipfit(model):
     """Text ``transformer.resblocks.*.mlp.c_proj.bias`` + every image LayerNorm (ln_pre, ln_1, ln_2, ln_post)."""
     unlock(model, CLIPFIT_TEXT_RE, "text")
@@ -174,56 +348,38 @@ def _full(model):
     return {}
 
 
-@register_method("llu")
+@register_method("llu", check=_check_llu)
 def _llu(model, beta=0.5, gamma=20.0):
     """Encoders frozen; identity-initialised affine maps on the image and text embeddings (``heads.LLUHead``)."""
     e = embed_dim(model)
     return {"llu_image": _heads.LLUHead(e, beta, gamma), "llu_text": _heads.LLUHead(e, beta, gamma)}
 
 
-@register_method("linear-probe")
+@register_method("linear-probe", check=_check_linear_probe)
 def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None):
     """Linear head E -> C on normalized image features, initialised from the zero-shot class text weights
     (``logit_scale.exp() * text_features``, so it starts at zero-shot accuracy) when classnames and tokenizer are
     given, else zeros. C = len(classnames) or ``num_classes``."""
-    if classnames is not None:
-        classnames = list(classnames)
-        if not classnames:
-            raise ValueError("classnames must not be empty")
-        if num_classes is not None and int(num_classes) != len(classnames):
-            raise ValueError(f"num_classes={num_classes} but {len(classnames)} classnames were given")
-        c = len(classnames)
-    elif num_classes is not None:
-        c = num_classes
-    else:
-        raise ValueError("method 'linear-probe' needs classnames or num_classes")
-    if isinstance(c, bool) or not isinstance(c, int) or c < 1:
-        raise ValueError(f"num_classes must be a positive int, got {c!r}")
+    c = _probe_classes(classnames, num_classes)
     weight = None
     if classnames is not None and tokenizer is not None:
         from engine.features import frozen_text_features
 
-        zs = frozen_text_features(model, classnames, templates or ["a photo of a {}."], tokenizer)
+        zs = frozen_text_features(model, list(classnames), templates or ["a photo of a {}."], tokenizer)
         weight = (model.logit_scale.detach().float().exp() * zs.float()).cpu()
     head = _heads.LinearProbe(embed_dim(model), c, weight=weight)
     dev = next(model.parameters()).device
     return {"linear_probe": head.to(dev)}
 
 
-@register_method("coop")
+@register_method("coop", check=_check_coop)
 def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02):
     """CoOp learned prompt context (n_ctx vectors; from the token embeddings of ``init_text`` when it has exactly
-    n_ctx tokens - "a photo of a" for n_ctx=4 - else N(0, std^2)); class names appended. Needs classnames and
-    tokenizer."""
-    _require("coop", classnames=classnames, tokenizer=tokenizer)
+    n_ctx tokens - "a photo of a" for n_ctx=4 - else N(0, std^2)); class names appended. Needs classnames, a
+    tokenizer and an open_clip transformer text tower."""
+    _check_coop(model, classnames, tokenizer, n_ctx, init_text, std)
     classnames = list(classnames)
-    if not classnames:
-        raise ValueError("classnames must not be empty")
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
     t = _lean.text_tower(model)
-    if t is None:
-        raise ValueError("coop needs an open_clip transformer text tower")
     width = t.token_embedding.weight.shape[1]
     init = None
     if init_text:
@@ -237,7 +393,7 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of
     return {"prompt_learner": learner.to(t.token_embedding.weight.device)}
 
 
-@register_method("adapter")
+@register_method("adapter", check=_check_adapter)
 def _adapter(model, reduction=4, ratio=0.2):
     """CLIP-Adapter: residual bottleneck MLP E -> E/reduction -> E (ReLU) on image features, mixed with ``ratio``."""
     e = embed_dim(model)
@@ -299,13 +455,136 @@ def _split_options(parts: list[str], method: str, opts: dict, context: dict) -> 
 
 
 def _check_supported(model: nn.Module) -> None:
-    from open_clip.transformer import VisionTransformer
-
+    """Any open_clip CLIP-style model: an image tower ``model.visual`` and a text tower (open_clip's transformer,
+    flattened in CLIP or ``model.text`` in CustomTextCLIP / CoCa, or another module such as a Hugging Face encoder).
+    Which methods and whether the lean modules apply depend on the towers (method checks, ``_choose_lean``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an open_clip model (nn.Module), got {type(model).__name__}")
-    if not isinstance(getattr(model, "visual", None), VisionTransformer) or _lean.text_tower(model) is None:
-        raise ValueError("leanclip supports open_clip CLIP / CustomTextCLIP models with a ViT image tower "
-                         "(open_clip VisionTransformer) and an open_clip transformer text tower")
+    has_text = _lean.text_tower(model) is not None or isinstance(getattr(model, "text", None), nn.Module)
+    if not isinstance(getattr(model, "visual", None), nn.Module) or not has_text:
+        raise ValueError(f"leanclip prepares open_clip CLIP models (an image tower model.visual and a text tower); "
+                         f"got {_lean.class_name(model)}")
+
+
+def _check_recompute_args(lean, recompute, memory_budget, batch_size) -> None:
+    if lean is not None and not isinstance(lean, bool):
+        raise ValueError(f"lean must be True, False or None (automatic), got {lean!r}")
+    _lean.check_policy(recompute, allow_auto=True)
+    if memory_budget is not None:
+        if recompute != "auto":
+            raise ValueError(f"memory_budget is only used with recompute='auto' (got recompute={recompute!r})")
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if recompute == "auto":
+        if memory_budget is None:
+            raise ValueError("recompute='auto' needs memory_budget= (bytes)")
+        if batch_size is None:
+            raise ValueError("recompute='auto' needs batch_size= (images per step) to predict saved bytes")
+    if lean is False and recompute != "none":
+        raise ValueError(f"recompute={recompute!r} needs lean=True (the plain model keeps what eager PyTorch keeps)")
+
+
+def _check_frozen_dtype(frozen_dtype, lean) -> None:
+    if frozen_dtype is None:
+        return
+    if frozen_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"frozen_dtype must be torch.bfloat16, torch.float16, torch.float32 or None, "
+                         f"got {frozen_dtype!r}")
+    if lean is False:
+        raise ValueError("frozen_dtype needs lean=True (open_clip's plain modules cannot mix dtypes)")
+
+
+def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dtype) -> tuple[bool, list[str]]:
+    """(whether prepare swaps in the lean modules, notices). ``lean=None`` (automatic) falls back to open_clip's
+    plain modules with a one-line notice naming what the lean modules do not cover (``engine.lean.lean_obstacles``);
+    ``lean=True``, a recompute policy or ``frozen_dtype`` on such a model is a ValueError naming it."""
+    if lean is False:
+        return False, []
+    obstacles = _lean.lean_obstacles(model)
+    if not obstacles:
+        return True, []
+    why = "; ".join(obstacles)
+    if lean is True:
+        raise ValueError(f"lean=True: the lean modules do not cover this model: {why} (pass lean=False, or leave lean "
+                         f"unset to fall back to open_clip's modules)")
+    if recompute != "none":
+        raise ValueError(f"recompute={recompute!r} needs the lean modules, which do not cover this model: {why}")
+    if frozen_dtype is not None:
+        raise ValueError(f"frozen_dtype needs the lean modules, which do not cover this model: {why}")
+    return False, [f"lean=False for {_lean.class_name(model)}: {why}"]
+
+
+def _check_classnames(classnames):
+    if classnames is None:
+        return None
+    if isinstance(classnames, str):
+        raise ValueError("classnames must be a list of strings, not one string")
+    return [str(c) for c in classnames]
+
+
+def _check_methods(model: nn.Module, parts: list[str], per_opts: list[dict]) -> list[str]:
+    """Run every component's check; returns their notices."""
+    notices = []
+    for p, kw in zip(parts, per_opts):
+        check = METHOD_CHECKS.get(p)
+        if check is not None:
+            notices += check(model, **{**method_options(p), **kw}) or []
+    return notices
+
+
+def _init_from_names(model: nn.Module, path) -> list[str]:
+    """Validate a trainable-only checkpoint for ``init_from`` against ``model`` without copying anything (the
+    checks ``checkpoint.load_into`` makes, on the model as prepare will see it: without the modules a previous
+    prepare added). Returns the parameter names it holds."""
+    from engine import checkpoint as _ckpt
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"init_from must be a file path, got {type(path).__name__}")
+    meta, tensors = _ckpt._read(path)
+    fparams, fbuffers = _ckpt._split_file(meta, tensors)
+    if fbuffers:
+        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({_ckpt._fmt(fbuffers)}); "
+                         f"only parameters of the base model can initialize another method")
+    added = set((getattr(model, "leanclip_info", None) or {}).get("modules", []))
+    params = {n: p for n, p in model.named_parameters() if n.split(".")[0] not in added}
+    unknown = set(fparams) - set(params)
+    if unknown:
+        raise ValueError(f"init_from {os.fspath(path)}: not parameters of the model: {_ckpt._fmt(unknown)}")
+    for n, t in fparams.items():
+        if tuple(params[n].shape) != tuple(t.shape):
+            raise ValueError(f"init_from {os.fspath(path)}: shape mismatch for {n}: model {tuple(params[n].shape)}, "
+                             f"checkpoint {tuple(t.shape)}")
+    return list(fparams)
+
+
+class _ModelState:
+    """What ``prepare`` may change, recorded so that a failure midway puts the model back exactly: per module its
+    class (lean swaps), attribute dict (``leanclip_info``, recompute policy, hook handles) and the contents of its
+    dict/set attributes (parameters, buffers, submodules - added or removed ones -, hooks); per parameter its tensor
+    (a ``frozen_dtype`` cast replaces ``.data``) and ``requires_grad``; copies of the values ``init_from``
+    overwrites in place. Only the init_from values are copied: the rest is references (no second model in memory)."""
+
+    def __init__(self, model: nn.Module, overwritten: Iterable[str] = ()):
+        self.modules = [(m, type(m), dict(m.__dict__),
+                         {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, (dict, set))})
+                        for m in model.modules()]
+        self.params = [(p, p.data, p.requires_grad) for p in model.parameters()]
+        self.values = [(p, p.detach().clone()) for p in map(model.get_parameter, overwritten)]
+
+    def restore(self) -> None:
+        for m, cls, attrs, containers in self.modules:
+            m.__class__ = cls
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for k, saved in containers.items():
+                attrs[k].clear()
+                attrs[k].update(saved)
+        for p, data, flag in self.params:
+            p.data = data
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for p, v in self.values:
+                p.copy_(v)
 
 
 def _jsonable(v):
@@ -333,66 +612,15 @@ def _cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(dtype)
 
 
-def prepare(model: nn.Module, method: str, *, lean: bool = True, recompute: str = "none",
-            memory_budget: int | None = None, tower: str = "both", classnames: Iterable[str] | None = None,
-            tokenizer: Callable | None = None, init_from: str | None = None,
-            frozen_dtype: torch.dtype | None = None, model_name: str | None = None, batch_size: int | None = None,
-            text_batch_size: int | None = None, text_len: int | None = None, **opts) -> nn.Module:
-    """Prepare ``model`` (an open_clip ViT CLIP model) for PEFT with ``method``, in place; returns ``model``.
-
-    method          one of ``METHODS`` (``ln``, ``bitfit``, ``clipfit``, ``llu``, ``linear-probe``, ``coop``,
-                    ``adapter``, ``full``, ...) or a ``+`` combination (``ln+linear-probe``, ``ln+coop``, ``ln+adapter``)
-    lean            swap in the fused / SDPA modules (``engine.lean``); False keeps open_clip's plain modules
-    recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` bytes and
-                    ``batch_size``; picks the fastest policy whose ``estimate_saved_bytes`` fits)
-    tower           ``image`` | ``text`` | ``both`` for methods with a tower option (``ln``, ``bitfit``)
-    classnames, tokenizer   for ``coop`` (required) and ``linear-probe`` (zero-shot init)
-    init_from       path of a trainable-only checkpoint (``save_trainable``) loaded before the method is applied
-    frozen_dtype    e.g. ``torch.bfloat16``: frozen tower weights stored in that dtype (trainable ones stay fp32)
-    model_name      recorded in ``model.leanclip_info``
-    **opts          method options (``n_ctx``, ``beta``, ``gamma``, ``num_classes``, ``reduction``, ``ratio``, ...)
-    """
-    _check_supported(model)
-    parts = parse_method(method)
-    _check_tower(tower)
-    if not isinstance(lean, bool):
-        raise ValueError(f"lean must be True or False, got {lean!r}")
-    _lean.check_policy(recompute, allow_auto=True)
-    if memory_budget is not None:
-        if recompute != "auto":
-            raise ValueError(f"memory_budget is only used with recompute='auto' (got recompute={recompute!r})")
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    if recompute == "auto":
-        if memory_budget is None:
-            raise ValueError("recompute='auto' needs memory_budget= (bytes)")
-        if batch_size is None:
-            raise ValueError("recompute='auto' needs batch_size= (images per step) to predict saved bytes")
-    if not lean and recompute != "none":
-        raise ValueError(f"recompute={recompute!r} needs lean=True (the plain model keeps what eager PyTorch keeps)")
-    if frozen_dtype is not None:
-        if frozen_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"frozen_dtype must be torch.bfloat16, torch.float16, torch.float32 or None, "
-                             f"got {frozen_dtype!r}")
-        if not lean:
-            raise ValueError("frozen_dtype needs lean=True (open_clip's plain modules cannot mix dtypes)")
-    if classnames is not None:
-        if isinstance(classnames, str):
-            raise ValueError("classnames must be a list of strings, not one string")
-        classnames = [str(c) for c in classnames]
-    context = {"tower": tower, "classnames": classnames, "tokenizer": tokenizer}
-    per_opts = _split_options(parts, method, opts, context)
-
-    # 1. start from a clean, fully frozen model
+def _apply_methods(model: nn.Module, parts: list[str], per_opts: list[dict], init_from) -> dict[str, nn.Module]:
+    """Freeze everything (dropping what a previous prepare added), load ``init_from``, apply the components."""
     _remove_added(model)
     for p in model.parameters():
         p.requires_grad_(False)
-    # 2. LN-as-initialization
-    if init_from is not None:
+    if init_from is not None:  # LN-as-initialization
         from engine.checkpoint import load_into
 
         load_into(model, init_from)
-    # 3. the method(s)
     added: dict[str, nn.Module] = {}
     for p, kw in zip(parts, per_opts):
         mods = METHODS[p](model, **kw) or {}
@@ -403,37 +631,78 @@ def prepare(model: nn.Module, method: str, *, lean: bool = True, recompute: str 
                 raise ValueError(f"method {p!r} would overwrite model attribute {name!r}")
             model.add_module(name, mod)
             added[name] = mod
-    # 4. lean modules and recompute policy
-    chosen = recompute
-    if lean:
+    return added
+
+
+def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recompute: str = "none",
+            memory_budget: int | None = None, tower: str = "both", classnames: Iterable[str] | None = None,
+            tokenizer: Callable | None = None, init_from: str | None = None,
+            frozen_dtype: torch.dtype | None = None, model_name: str | None = None, batch_size: int | None = None,
+            text_batch_size: int | None = None, text_len: int | None = None, **opts) -> nn.Module:
+    """Prepare ``model`` (an open_clip CLIP model) for PEFT with ``method``, in place; returns ``model``.
+
+    method          one of ``METHODS`` (``ln``, ``bitfit``, ``clipfit``, ``llu``, ``linear-probe``, ``coop``,
+                    ``adapter``, ``full``, ...) or a ``+`` combination (``ln+linear-probe``, ``ln+coop``, ``ln+adapter``)
+    lean            None (default): swap in the fused / SDPA modules (``engine.lean``) where they cover the model,
+                    else keep open_clip's modules with a one-line notice (timm towers, ModifiedResNet, Hugging Face
+                    text towers, unknown block types); True: lean or a ValueError naming what is not covered;
+                    False: open_clip's plain modules
+    recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` bytes and
+                    ``batch_size``; picks the fastest policy whose ``estimate_saved_bytes`` fits)
+    tower           ``image`` | ``text`` | ``both`` for methods with a tower option (``ln``, ``bitfit``)
+    classnames, tokenizer   for ``coop`` (required) and ``linear-probe`` (zero-shot init)
+    init_from       path of a trainable-only checkpoint (``save_trainable``) loaded before the method is applied
+    frozen_dtype    e.g. ``torch.bfloat16``: frozen tower weights stored in that dtype (trainable ones stay fp32)
+    model_name      recorded in ``model.leanclip_info``
+    **opts          method options (``n_ctx``, ``beta``, ``gamma``, ``num_classes``, ``reduction``, ``ratio``, ...)
+
+    Methods that are not defined on a tower (``clipfit`` on a tower without LayerNorms, ``coop`` without open_clip
+    token embeddings, ...) raise a ValueError naming the tower class. Transactional: every argument, option, the
+    towers and the ``init_from`` file are validated before the model is touched, and an error midway (e.g. no
+    recompute policy fits ``memory_budget``) restores the model exactly (``_ModelState``).
+    """
+    _check_supported(model)
+    parts = parse_method(method)
+    _check_tower(tower)
+    _check_recompute_args(lean, recompute, memory_budget, batch_size)
+    _check_frozen_dtype(frozen_dtype, lean)
+    classnames = _check_classnames(classnames)
+    per_opts = _split_options(parts, method, opts, {"tower": tower, "classnames": classnames, "tokenizer": tokenizer})
+    notices = _check_methods(model, parts, per_opts)
+    loaded = _init_from_names(model, init_from) if init_from is not None else []
+    lean_on, lean_notices = _choose_lean(model, lean, recompute, frozen_dtype)
+    for message in notices + lean_notices:  # everything is validated: say what will differ from the usual
+        _notice(message)
+    state = _ModelState(model, loaded)
+    try:
+        added = _apply_methods(model, parts, per_opts, init_from)
+        chosen = recompute
+        if lean_on:
+            if recompute == "auto":
+                chosen = _lean.choose_recompute(model, memory_budget, batch_size, text_batch_size=text_batch_size,
+                                                text_len=text_len, dtype=frozen_dtype)
+            _lean.apply_lean(model, chosen)
+        else:
+            _lean.remove_lean(model)
+        if frozen_dtype is not None:
+            _cast_frozen(model, frozen_dtype)
+        options = {k: _jsonable(v) for k, v in opts.items()}
+        options.update(lean=lean_on, recompute=chosen, tower=tower)
         if recompute == "auto":
-            chosen = _lean.choose_recompute(model, memory_budget, batch_size, text_batch_size=text_batch_size,
-                                            text_len=text_len, dtype=frozen_dtype)
-        _lean.apply_lean(model, chosen)
-    else:
-        _lean.remove_lean(model)
-    if frozen_dtype is not None:
-        _cast_frozen(model, frozen_dtype)
-    # 5. record
-    options = {k: _jsonable(v) for k, v in opts.items()}
-    options.update(lean=lean, recompute=chosen, tower=tower)
-    if recompute == "auto":
-        options.update(recompute_requested="auto", memory_budget=int(memory_budget), batch_size=batch_size,
-                       text_batch_size=text_batch_size, text_len=text_len)
-    if classnames is not None:
-        options["classnames"] = classnames
-    if frozen_dtype is not None:
-        options["frozen_dtype"] = _jsonable(frozen_dtype)
-    if init_from is not None:
-        options["init_from"] = str(init_from)
-    json.dumps(options)  # must stay serialisable (checkpoint metadata)
-    model.leanclip_info = {
-        "method": "+".join(parts),
-        "options": options,
-        "model_name": model_name,
-        "version": version(),
-        "modules": list(added),
-    }
+            options.update(recompute_requested="auto", memory_budget=int(memory_budget), batch_size=batch_size,
+                           text_batch_size=text_batch_size, text_len=text_len)
+        if classnames is not None:
+            options["classnames"] = classnames
+        if frozen_dtype is not None:
+            options["frozen_dtype"] = _jsonable(frozen_dtype)
+        if init_from is not None:
+            options["init_from"] = str(init_from)
+        json.dumps(options)  # must stay serialisable (checkpoint metadata)
+        model.leanclip_info = {"method": "+".join(parts), "options": options, "model_name": model_name,
+                               "version": version(), "modules": list(added)}
+    except BaseException:
+        state.restore()
+        raise
     return model
 
 
@@ -449,3 +718,53 @@ def method_parts(model: nn.Module) -> list[str]:
 
 
 from engine import lilt as _lilt  # noqa: E402,F401  (registers lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit)
+
+
+def _check_lilt_common(model, method: str, tower, projections, temperature) -> None:
+    from engine.contrastive import LearnableTemperature
+
+    _check_tower(tower)
+    if not isinstance(projections, bool):
+        raise ValueError(f"projections must be True or False, got {projections!r}")
+    LearnableTemperature(temperature)  # validates the value
+    if projections:
+        require_open_clip_tower(model, method, tower, "its projection visual.proj / text_projection is trained")
+
+
+def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, **_):
+    _check_lilt_common(model, "lilt-ln", tower, projections, temperature)
+    return check_coverage(model, "lilt-ln", layernorm_names(model, tower), tower, "LayerNorms")
+
+
+def _check_lilt_bitfit(model, tower="both", projections=True, temperature=0.07, **_):
+    _check_lilt_common(model, "lilt-bitfit", tower, projections, temperature)
+    return check_coverage(model, "lilt-bitfit", _names(model, BIAS_RE, tower), tower, "biases")
+
+
+def _check_lilt_blocks(method: str):
+    def check(model, tower="both", projections=True, temperature=0.07, reduction=4, deep_init="copy", **_):
+        _check_lilt_common(model, method, tower, projections, temperature)
+        require_open_clip_tower(model, method, tower, "it changes the tower's transformer blocks")
+        if method == "lilt-adapter":
+            widths = ([model.visual.transformer.width] if tower != "text" else []) + (
+                [_lean.text_tower(model).transformer.width] if tower != "image" else [])
+            for w in widths:
+                _lilt.check_reduction(reduction, w)
+        elif deep_init not in _lilt.DEEP_INITS:
+            raise ValueError(f"deep_init must be one of {_lilt.DEEP_INITS}, got {deep_init!r}")
+    return check
+
+
+def _check_lit(model, temperature=0.07, **_):
+    from engine.contrastive import LearnableTemperature
+
+    LearnableTemperature(temperature)
+    if not any(tower_of(n) == "text" for n, _ in model.named_parameters()):
+        raise ValueError(f"method 'lit' trains the text tower, and the text tower {tower_class(model, 'text')} has "
+                         f"no parameters")
+
+
+for _name, _check in (("lilt-ln", _check_lilt_ln), ("lilt-bitfit", _check_lilt_bitfit),
+                      ("lilt-adapter", _check_lilt_blocks("lilt-adapter")),
+                      ("lilt-deep", _check_lilt_blocks("lilt-deep")), ("lit", _check_lit)):
+    set_method_check(_name, _check)

@@ -147,6 +147,59 @@ def test_swap_keeps_names_and_is_reversible(fresh_tiny):
         "leanclip_recompute" not in m.transformer.resblocks[0].__dict__
 
 
+class _ForeignAttention(torch.nn.Module):
+    """Like the attention a newer open_clip puts in ResidualAttentionBlock: not an nn.MultiheadAttention (same
+    parameters and call, so open_clip's own forward still runs)."""
+
+    def __init__(self, mha):
+        super().__init__()
+        self.mha = mha
+        self.batch_first = mha.batch_first
+
+    def forward(self, q, k, v, need_weights=False, attn_mask=None):
+        return self.mha(q, k, v, need_weights=need_weights, attn_mask=attn_mask)
+
+
+@pytest.mark.parametrize("where", ["visual.transformer.resblocks.1", "transformer.resblocks.0"])
+def test_unknown_attention_is_never_a_silent_no_op(fresh_tiny, tokenizer, where):
+    m = fresh_tiny()
+    blk = m.get_submodule(where)
+    blk.attn = _ForeignAttention(blk.attn)
+    classes = {n: type(x) for n, x in m.named_modules()}
+    tower = "image" if where.startswith("visual") else "text"
+    with pytest.raises(ValueError, match=rf"{tower} tower block \d is open_clip.transformer.ResidualAttentionBlock "
+                                         rf"with attn .*_ForeignAttention"):
+        lean.apply_lean(m)
+    assert {n: type(x) for n, x in m.named_modules()} == classes  # checked before anything was swapped
+    with pytest.raises(ValueError, match="lean=True.*_ForeignAttention"):
+        methods.prepare(m, "ln", lean=True)
+    assert {n: type(x) for n, x in m.named_modules()} == classes
+    with pytest.warns(UserWarning, match=r"leanclip: lean=False for open_clip.model.CLIP: .*_ForeignAttention"):
+        methods.prepare(m, "ln")  # automatic: open_clip's modules, and a notice saying why
+    assert not lean.is_lean(m) and m.leanclip_info["options"]["lean"] is False
+    assert {n: type(x) for n, x in m.named_modules()} == classes
+    features.text_features(m, CLASSNAMES, None, tokenizer).sum().backward()
+    assert m.ln_final.weight.grad is not None
+
+
+def test_apply_lean_on_parts(fresh_tiny):
+    m = fresh_tiny()
+    blk = m.transformer.resblocks[0]
+    blk.attn = _ForeignAttention(blk.attn)
+    with pytest.raises(ValueError, match="ResidualAttentionBlock with attn .*_ForeignAttention"):
+        lean.apply_lean(blk)
+    with pytest.raises(ValueError, match=r"Transformer <root> block 0 is .*_ForeignAttention"):
+        lean.apply_lean(m.transformer)
+    with pytest.raises(ValueError, match="found nothing to make lean in torch.nn.modules.linear.Linear"):
+        lean.apply_lean(torch.nn.Linear(2, 2))
+    lean.apply_lean(m.visual)  # a supported tower on its own
+    assert type(m.visual) is lean.LeanVisionTransformer and lean.lean_obstacles(m.visual) == []
+    # a prepared lean model is covered (lean blocks count as known blocks)
+    m2 = fresh_tiny()
+    methods.prepare(m2, "ln")
+    assert lean.lean_obstacles(m2) == [] and lean.is_lean(m2)
+
+
 def test_open_clip_encode_text_on_lean_model(fresh_tiny, tokenizer):
     """open_clip's own encode_text (full 77-token mask) still works on a lean model (causal mask detected)."""
     plain, m = fresh_tiny(), fresh_tiny()

@@ -106,7 +106,7 @@ def test_auto_recompute(fresh_tiny):
     (dict(method="ln", recompute="auto", memory_budget=-5, batch_size=2), "positive"),
     (dict(method="ln", recompute="auto", memory_budget=10 ** 9), "batch_size"),
     (dict(method="ln", lean=False, recompute="mlp"), "needs lean=True"),
-    (dict(method="ln", lean="yes"), "lean must be"),
+    (dict(method="ln", lean="yes"), "lean must be True, False or None"),
     (dict(method="ln", frozen_dtype=torch.int8), "frozen_dtype"),
     (dict(method="ln", lean=False, frozen_dtype=torch.bfloat16), "needs lean=True"),
     (dict(method="coop"), "'coop' needs classnames and tokenizer"),
@@ -125,7 +125,7 @@ def test_prepare_bad_input(fresh_tiny, kwargs, match):
 
 
 def test_prepare_rejects_unsupported_models():
-    with pytest.raises(ValueError, match="ViT image tower"):
+    with pytest.raises(ValueError, match=r"image tower model.visual and a text tower.*torch.nn.modules.linear.Linear"):
         methods.prepare(nn.Linear(2, 2), "ln")
     with pytest.raises(TypeError):
         methods.prepare("ViT-B-16", "ln")
@@ -297,3 +297,113 @@ def test_clipfit_kd_loss():
     assert lb.dtype == torch.float32
     with pytest.raises(ValueError):
         features.clipfit_kd_loss(t, t0[:3])
+
+
+# ---------------------------------------------------------------------------------------------------- transactional
+def _model_state(model):
+    """Everything a failed prepare must leave as it was: tensor values and dtypes (by name), requires_grad, module
+    classes and identities, each module's attribute names and plain attribute values, hooks, leanclip_info."""
+    plain = (str, int, float, bool, type(None))
+    return {
+        "tensors": {n: (t.dtype, t.detach().clone()) for n, t in model.state_dict(keep_vars=True).items()},
+        "params": {n: (id(p), p.requires_grad, p.dtype) for n, p in model.named_parameters()},
+        "modules": [(n, id(m), type(m), sorted(m.__dict__),
+                     {k: v for k, v in m.__dict__.items() if isinstance(v, plain)},
+                     len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()],
+        "info": json.dumps(getattr(model, "leanclip_info", None), sort_keys=True),
+    }
+
+
+def _assert_same_state(a, b):
+    assert a["params"] == b["params"]
+    assert a["modules"] == b["modules"]
+    assert a["info"] == b["info"]
+    assert a["tensors"].keys() == b["tensors"].keys()
+    for n, (dtype, t) in a["tensors"].items():
+        assert b["tensors"][n][0] == dtype and torch.equal(b["tensors"][n][1], t), n
+
+
+@pytest.fixture
+def prepared_tiny(fresh_tiny, tokenizer):
+    """A lean ln+coop model with bf16 frozen weights and a recompute policy: much for a failed prepare to undo."""
+    m = fresh_tiny()
+    methods.prepare(m, "ln+coop", classnames=CLASSNAMES, tokenizer=tokenizer, recompute="mlp",
+                    frozen_dtype=torch.bfloat16)
+    with torch.no_grad():
+        m.prompt_learner.ctx.add_(1.0)
+        m.ln_final.weight.add_(0.5)
+    return m
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("ln+llu", {"beta": 2.0}),                                    # bad option value of a later component
+    ("ln+adapter", {"ratio": float("nan")}),
+    ("ln+nope", {}),                                              # unknown component
+    ("ln+coop", {"tokenizer": "TOKENIZER"}),                      # coop without classnames
+    ("ln", {"init_from": "missing.safetensors"}),                 # no such file
+    ("ln", {"init_from": "LLU"}),                                 # a checkpoint that does not fit
+    ("ln", {"init_from": "TEXT"}),                                # not a safetensors file
+    ("ln", {"recompute": "auto", "memory_budget": 1, "batch_size": 4}),  # fails after the method ran
+    ("clipfit", {"tower": "image"}),
+    ("lilt-adapter", {"reduction": 7}),
+    ("ln", {"lean": False, "frozen_dtype": torch.bfloat16}),
+])
+def test_failed_prepare_leaves_model_unchanged(prepared_tiny, fresh_tiny, tokenizer, tmp_path, method, kw):
+    other = fresh_tiny()
+    methods.prepare(other, "llu")
+    paths = {"LLU": checkpoint.save_trainable(other, tmp_path / "llu.safetensors"),
+             "missing.safetensors": tmp_path / "missing.safetensors", "TEXT": tmp_path / "notes.safetensors"}
+    paths["TEXT"].write_text("not a checkpoint")
+    kw = dict(kw)
+    if "init_from" in kw:
+        kw["init_from"] = paths[kw["init_from"]]
+    if kw.get("tokenizer") == "TOKENIZER":
+        kw["tokenizer"] = tokenizer
+    for m in (prepared_tiny, fresh_tiny()):
+        before = _model_state(m)
+        with pytest.raises((ValueError, FileNotFoundError)):
+            methods.prepare(m, method, **kw)
+        _assert_same_state(before, _model_state(m))
+
+
+def test_failed_prepare_midway_restores_everything(prepared_tiny, tokenizer):
+    """A method that fails after it changed the model (and after earlier components added modules): the model is
+    put back exactly, the previous prompt learner, lean classes, bf16 frozen weights and info included."""
+    def _breaks(model, tower="both"):
+        methods.unlock(model, r"^visual\.", tower)
+        model.visual.transformer.resblocks[0].add_module("extra", nn.Linear(2, 2))
+        model.visual.ln_post.register_forward_pre_hook(lambda mod, args: None)
+        raise RuntimeError("method failed midway")
+
+    methods.register_method("test-breaks", _breaks)
+    try:
+        before = _model_state(prepared_tiny)
+        learner = prepared_tiny.prompt_learner
+        with pytest.raises(RuntimeError, match="midway"):
+            methods.prepare(prepared_tiny, "ln+linear-probe+test-breaks", num_classes=3)
+        _assert_same_state(before, _model_state(prepared_tiny))
+        assert prepared_tiny.prompt_learner is learner and lean.is_lean(prepared_tiny)
+        assert prepared_tiny.visual.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.bfloat16
+        # and it still trains as before
+        f = features.text_features(prepared_tiny, CLASSNAMES, None, tokenizer)
+        f.sum().backward()
+        assert prepared_tiny.prompt_learner.ctx.grad is not None
+    finally:
+        methods.METHODS.pop("test-breaks", None)
+
+
+def test_prepare_validates_options_before_changing_anything(fresh_tiny, tokenizer):
+    """Bad option values of any component are found by the method checks, before the first component runs."""
+    calls = []
+    methods.register_method("test-probe", lambda model: calls.append(1) or {})
+    try:
+        m = fresh_tiny()
+        for method, kw in (("test-probe+llu", {"gamma": -1.0}), ("test-probe+coop", {"classnames": ["a"]}),
+                           ("test-probe+coop", {"classnames": ["a"], "tokenizer": tokenizer, "std": 0.0}),
+                           ("test-probe+linear-probe", {"num_classes": 2, "classnames": CLASSNAMES}),
+                           ("test-probe+adapter", {"reduction": 1000})):
+            with pytest.raises(ValueError):
+                methods.prepare(m, method, **kw)
+        assert calls == []
+    finally:
+        methods.METHODS.pop("test-probe", None)
