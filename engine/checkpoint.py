@@ -370,6 +370,31 @@ def _optimizer_state(model, optimizer, meta, tensors, path) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def check_init_from(model: nn.Module, path, *, skip_modules=()) -> list[str]:
+    """The checks :func:`load_into` makes, without copying anything: ``path`` holds only base-model parameters, each
+    a parameter of ``model`` (modules named in ``skip_modules`` left out) with the same shape, and the frozen tensors
+    it records have their recorded shapes. ``prepare(..., init_from=)`` runs it before changing the model. Returns
+    the parameter names the file holds."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"init_from must be a file path, got {type(path).__name__}")
+    meta, tensors = _read(path)
+    fparams, fbuffers = _split_file(meta, tensors)
+    if fbuffers:
+        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({_fmt(fbuffers)}); "
+                         f"only parameters of the base model can initialize another method")
+    skip = set(skip_modules)
+    params = {n: p for n, p in model.named_parameters() if n.split(".")[0] not in skip}
+    unknown = set(fparams) - set(params)
+    if unknown:
+        raise ValueError(f"init_from {os.fspath(path)}: not parameters of the model: {_fmt(unknown)}")
+    for n, t in fparams.items():
+        if tuple(params[n].shape) != tuple(t.shape):
+            raise ValueError(f"init_from {os.fspath(path)}: shape mismatch for {n}: model {tuple(params[n].shape)}, "
+                             f"checkpoint {tuple(t.shape)}")
+    _check_frozen_shapes(model, meta, path)
+    return list(fparams)
+
+
 def load_into(model: nn.Module, path) -> dict:
     """Copy the parameters of a trainable-only checkpoint into ``model`` whatever its method and requires_grad
     flags ("LN as initialization", ``prepare(..., init_from=path)``). Every name must be a model parameter with

@@ -447,7 +447,7 @@ def cmd_train(args) -> int:
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
     templates = _templates(args, data["dataset"])
-    prepare(model, method, lean=not args.no_lean, recompute=args.recompute, tower=args.tower,
+    prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
             classnames=data["classnames"], tokenizer=tok, model_name=args.model,
             frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
             **({"templates": templates} if "linear-probe" in parts else {}))

@@ -171,7 +171,7 @@ def cmd_train_contrastive(args) -> int:
             eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split) if args.eval_pairs
                           else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED,
                                           "--synthetic-eval-pairs"))
-        prepare(model, method, lean=not args.no_lean, recompute=args.recompute, tower=args.tower, tokenizer=tok,
+        prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower, tokenizer=tok,
                 model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **opts)
         full_tower = any(p in ("lit", "full") for p in parts)
         lr = args.lr if args.lr is not None else (DEFAULTS["lr_full_tower"] if full_tower else DEFAULTS["lr"])

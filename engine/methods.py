@@ -533,28 +533,12 @@ def _check_methods(model: nn.Module, parts: list[str], per_opts: list[dict]) -> 
 
 
 def _init_from_names(model: nn.Module, path) -> list[str]:
-    """Validate a trainable-only checkpoint for ``init_from`` against ``model`` without copying anything (the
-    checks ``checkpoint.load_into`` makes, on the model as prepare will see it: without the modules a previous
-    prepare added). Returns the parameter names it holds."""
-    from engine import checkpoint as _ckpt
+    """Validate a trainable-only checkpoint for ``init_from`` against ``model`` as prepare will see it (without the
+    modules a previous prepare added), copying nothing. Returns the parameter names it holds."""
+    from engine.checkpoint import check_init_from
 
-    if not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"init_from must be a file path, got {type(path).__name__}")
-    meta, tensors = _ckpt._read(path)
-    fparams, fbuffers = _ckpt._split_file(meta, tensors)
-    if fbuffers:
-        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({_ckpt._fmt(fbuffers)}); "
-                         f"only parameters of the base model can initialize another method")
-    added = set((getattr(model, "leanclip_info", None) or {}).get("modules", []))
-    params = {n: p for n, p in model.named_parameters() if n.split(".")[0] not in added}
-    unknown = set(fparams) - set(params)
-    if unknown:
-        raise ValueError(f"init_from {os.fspath(path)}: not parameters of the model: {_ckpt._fmt(unknown)}")
-    for n, t in fparams.items():
-        if tuple(params[n].shape) != tuple(t.shape):
-            raise ValueError(f"init_from {os.fspath(path)}: shape mismatch for {n}: model {tuple(params[n].shape)}, "
-                             f"checkpoint {tuple(t.shape)}")
-    return list(fparams)
+    added = (getattr(model, "leanclip_info", None) or {}).get("modules", [])
+    return check_init_from(model, path, skip_modules=added)
 
 
 class _ModelState:
