@@ -77,7 +77,10 @@ def pretrain_contrastive(
     open_clip tokenizer (list of str -> (n, context_length) int64). Batches are drawn without replacement from a
     seeded permutation (a new one each epoch), so the run is reproducible for a given ``seed`` on a given machine.
     Learning rate: linear warm-up over ``warmup`` steps (default 10% of ``steps``), then cosine decay to 0.
-    Returns the loss of every step. The model is left in eval mode."""
+    Returns the loss of every step. The model is left in eval mode. A non-finite loss or gradient raises
+    ``engine.utils.NonFiniteLossError`` before the update that would spread it."""
+    from engine import utils
+
     if images.dim() != 4:
         raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
     if len(captions) != images.shape[0]:
@@ -107,11 +110,7 @@ def pretrain_contrastive(
         t = (step - warmup) / max(1, steps - warmup)
         return 0.5 * lr * (1.0 + math.cos(math.pi * t))
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, leave=False)
+    bar = utils.Progress(steps, desc, progress)
     losses: list[float] = []
     perm, pos = torch.randperm(n, generator=gen), 0
     model.train()
@@ -130,16 +129,15 @@ def pretrain_contrastive(
             loss = clip_loss(img_f, txt_f, model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            loss_v, gn = torch.stack([loss.detach().float(), utils.grad_norm(params).float().to(loss.device)]).tolist()
+            utils.check_finite_step(loss_v, gn, step=step + 1, epoch=step * batch_size // n + 1, lr=lr_at(step))
             opt.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
-            losses.append(float(loss.detach()))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            losses.append(loss_v)
+            bar.update(1, loss=f"{loss_v:.3f}")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.eval()
     return losses
 
@@ -435,7 +433,9 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     out_dir = _Path(cfg.output) if cfg.output else None
     if out_dir is not None and main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        utils.remove_stale_temps(out_dir)
     log = utils.get_logger()
+    ckpt = out_dir / CONTRASTIVE_CHECKPOINT if out_dir is not None else None
 
     utils.seed_everything(cfg.seed)
     model.to(device)
@@ -464,16 +464,14 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
             return
         from engine.checkpoint import save_trainable
 
+        utils.check_finite_params(params, step=step, epoch=epoch_done, lr=_lr_at(max(step - 1, 0), cfg, total),
+                                  checkpoint=ckpt)
         meta = {"leanclip_task": "contrastive", "method": method, "step": step, "steps_per_epoch": steps_per_epoch,
                 "epoch": epoch_done, "world_size": world, "config": cfg.to_dict(), "rng": utils.get_rng_state()}
         meta.update(cfg.extra or {})
         save_trainable(model, out_dir / CONTRASTIVE_CHECKPOINT, optimizer=opt, step=step, extra_meta=meta)
 
-    bar = None
-    if cfg.progress and main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=step, desc=f"contrastive {method}", leave=False)
+    bar = utils.Progress(total, f"contrastive {method}", cfg.progress and main, initial=step)
     t_start, pairs_seen = _time.perf_counter(), 0
     model.train()
     try:
@@ -506,13 +504,19 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
                 loss = contrastive_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.clip_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
+                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+                else:
+                    gnorm = utils.grad_norm(params)
+                # one host sync per step, before the update; the loss is the mean over ranks and the gradients
+                # are all-reduced, so every rank sees the same values and stops together
+                gloss, gn = torch.stack([D.all_reduce_mean(loss.detach().float()),
+                                         gnorm.detach().float().to(loss.device)]).tolist()
+                utils.check_finite_step(gloss, gn, step=step + 1, epoch=epoch + 1, lr=lr, checkpoint=ckpt)
                 opt.step()
                 if temp is not None:
                     temp.clamp_()
                 step += 1
-                gloss = float(D.all_reduce_mean(loss.detach()))
                 dt = _time.perf_counter() - t_step
                 t_step = _time.perf_counter()
                 pairs_seen += cfg.batch_size
@@ -526,9 +530,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
                 if main:
                     if out_dir is not None and (step % cfg.log_every == 0 or step == stop):
                         utils.append_jsonl(out_dir / CONTRASTIVE_LOG, rec)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{gloss:.4f}", tau=f"{rec['temperature']:.4f}", lr=f"{lr:.2e}")
+                    bar.update(1, loss=f"{gloss:.4f}", tau=f"{rec['temperature']:.4f}", lr=f"{lr:.2e}")
             ep = [r["loss"] for r in history if r["epoch"] == epoch + 1]
             if ep and main:
                 log.info("epoch %d/%d: loss %.4f", epoch + 1, n_epochs, sum(ep) / len(ep))
@@ -538,8 +540,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
         save(math.ceil(step / steps_per_epoch))
         D.barrier()
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         model.eval()
     seconds = _time.perf_counter() - t_start
     metrics = {}
@@ -611,11 +612,7 @@ def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: i
     try:
         imgs = []
         loader = DataLoader(ImageListDataset(pairs, tf), batch_size=batch_size, shuffle=False)
-        if progress:
-            from tqdm.auto import tqdm
-
-            loader = tqdm(loader, desc="encode images", leave=False)
-        for x in loader:
+        for x in utils.track(loader, "encode images", progress):
             with utils.autocast(device, precision):
                 imgs.append(image_features(model, x.to(device)).float())
         txts = []

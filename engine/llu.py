@@ -163,7 +163,7 @@ def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
-    from engine.train import _model_device, _progress, eval_loader
+    from engine.train import _model_device, eval_loader
 
     device = utils.resolve_device(device if device is not None else _model_device(model))
     precision = utils.resolve_precision(precision, device)
@@ -171,8 +171,7 @@ def extract_image_features(model, dataset, batch_size: int = 256, *, device=None
     model.eval()
     feats, labels = [], []
     try:
-        for images, y in _progress(eval_loader(dataset, batch_size, num_workers), progress, desc="features",
-                                   leave=False):
+        for images, y in utils.track(eval_loader(dataset, batch_size, num_workers), "features", progress):
             with utils.autocast(device, precision):
                 f = _encode_images(model, images.to(device, non_blocking=True))
             feats.append(F.normalize(f.float(), dim=-1).cpu())
@@ -305,6 +304,7 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     n = x_all.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     out_dir = Path(cfg.output) if cfg.output else None
+    ckpt = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     start_epoch, step, history = 0, 0, []
     if resume is not None:
         start_epoch, step, history = _resume(model, opt, resume, cfg, steps_per_epoch)
@@ -328,14 +328,20 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
             loss, ce, logits = llu_loss(model, x_all[idx], y_all[idx], t_all, cfg.llu_lambda)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            else:
+                gnorm = utils.grad_norm(params)
+            acc = (logits.argmax(1) == y_all[idx]).float().mean()
+            # one host sync per step, before the update: a non-finite step never reaches the heads
+            loss_v, ce_v, acc_v, gn = torch.stack([loss.detach().float(), ce.detach().float(), acc,
+                                                   gnorm.detach().float().to(device)]).tolist()
+            utils.check_finite_step(loss_v, gn, step=step + 1, epoch=epoch + 1, lr=lr, checkpoint=ckpt)
             opt.step()
             step += 1
             images_seen += idx.numel()
             dt = time.perf_counter() - t0
-            rec = {"step": step, "epoch": epoch + 1, "loss": float(loss.detach()), "ce": float(ce.detach()),
-                   "acc": float((logits.argmax(1) == y_all[idx]).float().mean()), "lr": lr,
+            rec = {"step": step, "epoch": epoch + 1, "loss": loss_v, "ce": ce_v, "acc": acc_v, "lr": lr,
                    "img_per_s": idx.numel() / dt if dt > 0 else None}
             mem = utils.peak_memory_bytes(device)
             if mem is not None:
@@ -349,7 +355,8 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
                      sum(r["loss"] for r in ep) / len(ep), sum(r["ce"] for r in ep) / len(ep),
                      sum(r["acc"] for r in ep) / len(ep))
         if out_dir is not None:
-            _save(model, opt, out_dir / CHECKPOINT_NAME, cfg, epoch + 1, step, steps_per_epoch,
+            utils.check_finite_params(params, step=step, epoch=epoch + 1, lr=history[-1]["lr"], checkpoint=ckpt)
+            _save(model, opt, ckpt, cfg, epoch + 1, step, steps_per_epoch,
                   cfg.extra.get("classnames", []), cfg.extra.get("templates", []))
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
             break
@@ -399,6 +406,9 @@ def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=N
     precision = utils.resolve_precision(cfg.precision, device)
     model.to(device)
     cache_dir = cfg.cache_dir or (str(Path(cfg.output) / "features") if cfg.output else None)
+    for folder in (cfg.output, cache_dir):  # temps of writes killed in an earlier run (checkpoint, features)
+        if folder:
+            utils.remove_stale_temps(folder)
     cache = FeatureCache(cache_dir) if cache_dir else None
     kw = dict(model_name=cfg.extra.get("model_name"), weights_path=cfg.extra.get("weights_path"), device=device,
               precision=precision, num_workers=cfg.num_workers, progress=cfg.progress)

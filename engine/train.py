@@ -19,14 +19,18 @@ One optimizer step (``grad_accum`` micro-batches)::
 Learning rate: constant ``warmup_lr`` for ``warmup_epochs`` (CoOp's ConstantWarmupScheduler), then cosine from ``lr``
 to 0 over the remaining optimizer steps (per step). Warm-up is skipped when it would take the whole run.
 
-Determinism / resume: the batch order of epoch ``e`` is a function of ``(seed, e)`` only (a fresh seeded loader per
-epoch); the checkpoint written at the end of every epoch holds the trainable parameters, the optimizer state, the step,
+Determinism / resume: the batches of epoch ``e``, random augmentations included, are a function of ``(seed, e)``
+only (``engine.data.make_loader``: not of the worker count, of the progress display, or of the global RNG); the
+checkpoint written at the end of every epoch holds the trainable parameters, the optimizer state, the step,
 the scheduler state, every RNG state and the loader position, so ``resume=`` continues exactly as an uninterrupted run
-(same per-step losses). The LLU method does not back-propagate through the encoders: ``train`` hands it to
+(same per-step losses). A non-finite loss, gradient or weight stops the run before the optimizer step that would
+spread it (``engine.utils.NonFiniteLossError``, one line): the last checkpoint written, all finite, is kept. The LLU
+method does not back-propagate through the encoders: ``train`` hands it to
 :func:`engine.llu.run_llu` (cached features).
 
 Outputs under ``cfg.output`` (when set): ``log.jsonl`` (one line per logged step, flushed), ``checkpoint.safetensors``
-(trainable-only, atomically replaced each epoch), ``summary.json``.
+(trainable-only, atomically replaced each epoch), ``summary.json``; temp files of a write killed in an earlier
+run there are removed at the start.
 """
 from __future__ import annotations
 
@@ -74,7 +78,7 @@ class TrainConfig:
     num_workers: int = 0
     eval_batch_size: int = 256
     eval_every: int = 0               # epochs between evaluations of eval_sets (0: only after the last epoch)
-    progress: bool = True             # tqdm bars
+    progress: bool = True             # a bar on a terminal, plain log lines elsewhere (never changes the run)
     stop_after_epoch: int | None = None  # end this invocation after that epoch (checkpoint written): pre-emption/tests
     # LLU (engine.llu): trained on cached features; the encoders never back-propagate
     llu_lambda: float = 1e3
@@ -135,26 +139,19 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 # ----------------------------------------------------------------------------------------------------------- loaders
 def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0, pin_memory: bool = False):
-    """The shuffled loader of one epoch: its order (and worker seeds) are a function of ``(seed, epoch)`` only."""
+    """The shuffled loader of one epoch: its batches (order and augmentations) are a function of ``(seed, epoch)``
+    only, whichever worker count and however often it is iterated."""
     from engine.data import make_loader
 
-    return make_loader(dataset, batch_size, shuffle=True, seed=utils.derive_seed(seed, epoch),
-                       num_workers=num_workers, drop_last=False, pin_memory=pin_memory, persistent_workers=False)
+    return make_loader(dataset, batch_size, shuffle=True, seed=seed, epoch=epoch, num_workers=num_workers,
+                       drop_last=False, pin_memory=pin_memory, persistent_workers=False)
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
     from engine.data import make_loader
 
-    return make_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers, drop_last=False,
-                       pin_memory=pin_memory, persistent_workers=False)
-
-
-def _progress(iterable, enabled: bool, **kw):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
+    return make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
+                       drop_last=False, pin_memory=pin_memory, persistent_workers=False)
 
 
 # ------------------------------------------------------------------------------------------------------------- train
@@ -194,6 +191,7 @@ def train(
     out_dir = Path(cfg.output) if cfg.output else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        utils.remove_stale_temps(out_dir)
     log = utils.get_logger()
 
     utils.seed_everything(cfg.seed)
@@ -231,13 +229,14 @@ def train(
 
     t_start, images_seen = time.perf_counter(), 0
     n_data, bs, accum = len(train_set), cfg.batch_size, cfg.grad_accum
+    ckpt = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         loader = epoch_loader(train_set, bs, cfg.seed, epoch, cfg.num_workers, device.type == "cuda")
-        bar = _progress(loader, cfg.progress, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
+        bar = utils.Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        for i, (images, labels) in enumerate(bar):
+        for i, (images, labels) in enumerate(loader):
             if i % accum == 0:  # ---- a new optimizer step: its micro-batches, its class text features
                 first = i
                 last_mb = min(i + accum, micro_per_epoch)
@@ -276,17 +275,22 @@ def train(
             lr = lr_at(step, cfg, steps_per_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
-            if cfg.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            else:
+                gnorm = utils.grad_norm(params)
+            kd_t = kd.detach().double().reshape(1) if kd is not None else sums.new_zeros(1)
+            # the step's only host sync, BEFORE the update: a non-finite step never reaches the weights
+            gn_t = gnorm.detach().double().reshape(1).to(device)
+            ce_sum, correct, n, kd_v, gn = torch.cat([sums, kd_t, gn_t]).tolist()
+            utils.check_finite_step(ce_sum / n + kd_v, gn, step=step + 1, epoch=epoch + 1, lr=lr, checkpoint=ckpt)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            ce_sum, correct, n = sums.tolist()  # the step's only host sync
-            kd_v = float(kd.detach()) if kd is not None else None
             dt = time.perf_counter() - t_step
-            rec = {"step": step, "epoch": epoch + 1, "loss": ce_sum / n + (kd_v or 0.0), "acc": correct / n,
+            rec = {"step": step, "epoch": epoch + 1, "loss": ce_sum / n + kd_v, "acc": correct / n,
                    "lr": lr, "img_per_s": n / dt if dt > 0 else None, "ce": ce_sum / n}
-            if kd_v is not None:
+            if kd is not None:
                 rec["kd"] = kd_v
             mem = utils.peak_memory_bytes(device)
             if mem is not None:
@@ -295,11 +299,9 @@ def train(
             images_seen += int(n)
             if out_dir is not None and (step % cfg.log_every == 0 or i == micro_per_epoch - 1):
                 utils.append_jsonl(out_dir / LOG_NAME, rec)
-            if cfg.progress and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.3f}", lr=f"{lr:.2e}")
+            bar.update(1, loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.3f}", lr=f"{lr:.2e}")
             del txt_graph, txt
-        if cfg.progress and hasattr(bar, "close"):
-            bar.close()
+        bar.close()
         ep_recs = [r for r in history if r["epoch"] == epoch + 1]
         if ep_recs:
             log.info("epoch %d/%d: loss %.4f acc %.3f lr %.2e", epoch + 1, cfg.epochs,
@@ -312,6 +314,8 @@ def train(
             if out_dir is not None:
                 utils.append_jsonl(out_dir / LOG_NAME, {"step": step, "epoch": epoch + 1, "eval": metrics})
         if out_dir is not None:  # after any evaluation, so the saved RNG state is the one epoch+1 starts from
+            utils.check_finite_params(params, step=step, epoch=epoch + 1, checkpoint=ckpt,
+                                     lr=lr_at(max(step - 1, 0), cfg, steps_per_epoch))
             _save(model, opt, out_dir / CHECKPOINT_NAME, cfg, epoch + 1, step, steps_per_epoch, classnames, templates)
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and not last:
             return _summary(cfg, history, {}, out_dir, time.perf_counter() - t_start, images_seen, device,
@@ -444,8 +448,7 @@ def evaluate(
             else:
                 txt = feats.text_features(model, list(classnames), list(templates), tokenizer)
         meter = AccuracyMeter(topk=(1, 5))
-        for images, labels in _progress(eval_loader(dataset, batch_size, num_workers), progress, desc="eval",
-                                        leave=False):
+        for images, labels in utils.track(eval_loader(dataset, batch_size, num_workers), "eval", progress):
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device)
             with utils.autocast(device, precision):

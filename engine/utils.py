@@ -2,8 +2,12 @@
 
 - seeding and RNG state capture/restore (torch CPU + CUDA, numpy, ``random``), JSON-serialisable;
 - device / precision resolution (``"auto"`` = CUDA + bf16 autocast when a GPU exists, else CPU + fp32);
-- atomic file writes (any writer given a file name; bytes, text, JSON, CSV) and a flushed JSONL appender;
-- a package logger.
+- atomic file writes (any writer given a file name; bytes, text, JSON, CSV), a flushed JSONL appender, and the
+  removal of the temp files a killed write leaves behind;
+- JSON that is always valid: non-finite floats are written as ``null`` (never the bare ``NaN`` / ``Infinity`` that
+  Python's ``json`` emits by default and strict readers reject);
+- the guard that stops a run on a non-finite loss, gradient or weight (:class:`NonFiniteLossError`);
+- a package logger and a progress display that never touches what it reports on.
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -166,17 +172,39 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+TEMP_PREFIX, TEMP_SUFFIX = ".leanclip-tmp.", ".tmp"  # atomic_write's temp files: a name nothing else uses
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that :func:`atomic_write` calls killed mid-write left in ``folder`` (not recursive);
+    returns what was removed. A run calls it on its own folders when it starts: a temp file there belongs to a
+    write that can no longer finish (one run per folder), and a big checkpoint's temp would otherwise stay forever."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if p.name.startswith(TEMP_PREFIX) and p.name.endswith(TEMP_SUFFIX) and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    if removed:
+        get_logger().info("removed %d unfinished temp file(s) of an interrupted write in %s", len(removed), folder)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, writer: Callable[[str], object], *, sync_dir: bool = False) -> Path:
     """Create or replace ``path`` atomically with what ``writer(tmp)`` writes to the file name ``tmp``.
 
-    ``tmp`` is an empty file in ``path``'s folder named ``.<name>.<random>.tmp`` (pass an explicit format to writers
+    ``tmp`` is an empty file in ``path``'s folder named ``.leanclip-tmp.<name>.<random>.tmp`` (pass an explicit
+    format to writers
     that go by the extension). Once ``writer`` returns, the file is fsynced, given the usual mode
     (``0o666 & ~umask``) and ``os.replace``d onto ``path``; ``sync_dir=True`` also fsyncs the folder so the rename
     itself is durable. If anything fails, the temp file is removed and ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         writer(tmp)
@@ -203,19 +231,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
     if isinstance(o, (Path, torch.device, torch.dtype)):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf; Python, numpy or a tensor element) replaced by ``None`` and
+    numpy scalars / arrays and tensors turned into Python numbers and lists, ready for ``json.dumps(allow_nan=False)``.
+    A missing value is ``null`` in valid JSON; ``NaN`` is not JSON at all."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, (np.generic, np.ndarray, torch.Tensor)):
+        return finite_json(obj.tolist())
+    return obj
+
+
+def json_dumps(obj: Any, indent: int | None = None) -> str:
+    """Valid JSON text of ``obj`` (non-finite floats as ``null``; compact with ``indent=None``)."""
+    seps = (",", ":") if indent is None else None
+    return json.dumps(finite_json(obj), indent=indent, separators=seps, allow_nan=False, default=_json_default)
+
+
 def to_json(obj: Any, indent: int | None = 2) -> str:
-    return json.dumps(obj, indent=indent, sort_keys=False, default=_json_default)
+    """Valid JSON text of ``obj`` (non-finite floats as ``null``), ``indent=None``: one line."""
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False, default=_json_default)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
@@ -242,7 +288,7 @@ def atomic_write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Append one JSON line with a single ``write`` of the complete line, then flush and fsync, so a reader never
     sees a partial record (even if the process dies right after)."""
-    line = json.dumps(record, default=_json_default, separators=(",", ":")) + "\n"
+    line = json_dumps(record) + "\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -268,7 +314,7 @@ def truncate_jsonl(path: str | os.PathLike, keep: callable) -> None:
     if not path.exists():
         return
     kept = [r for r in read_jsonl(path) if keep(r)]
-    atomic_write_text(path, "".join(json.dumps(r, default=_json_default, separators=(",", ":")) + "\n" for r in kept))
+    atomic_write_text(path, "".join(json_dumps(r) + "\n" for r in kept))
 
 
 # --------------------------------------------------------------------------------------------------------- hashing
@@ -283,3 +329,118 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ non-finite guard
+class NonFiniteLossError(RuntimeError):
+    """Training met a non-finite loss, gradient or weight and stopped before the optimizer step could spread it. The
+    message is one line (step, epoch, the likely cause, which checkpoint is kept); no checkpoint, log line or
+    summary holding the non-finite values was written. The CLI prints the message and exits with ``exit_code``."""
+
+    exit_code = 3
+
+
+def grad_norm(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """The 2-norm of all gradients of ``params`` (a 0-d tensor, no host sync): non-finite iff any gradient element
+    is. One fused pass over the trainable gradients only."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def _kept_checkpoint(checkpoint: str | os.PathLike | None) -> str:
+    if checkpoint is not None and Path(checkpoint).is_file():
+        return f"the last finite checkpoint is kept at {str(checkpoint)!r}"
+    return "no checkpoint was written"
+
+
+def check_finite_step(loss: float, grad_norm_value: float | None, *, step: int, epoch: int, lr: float,
+                      checkpoint: str | os.PathLike | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` when the loss (or the gradient norm) of optimizer step ``step`` (1-based,
+    counted over the whole run, resumes included) is not finite. Call it BEFORE ``optimizer.step()``, so the
+    weights in memory stay the last finite ones too. Step 1 has made no update yet, so its cause is the inputs or
+    the weights the run started from; later, an update overshot: most often a learning rate too high."""
+    if math.isfinite(loss) and (grad_norm_value is None or math.isfinite(grad_norm_value)):
+        return
+    what = f"loss ({loss})" if not math.isfinite(loss) else f"gradient (norm {grad_norm_value})"
+    if step <= 1:
+        cause = "before any update, so the inputs or the starting weights hold NaN/Inf"
+    else:
+        cause = f"the learning rate ({lr:.3g}) is likely too high, or the inputs hold NaN/Inf"
+    raise NonFiniteLossError(f"non-finite {what} at step {step} (epoch {epoch}): {cause}; training stopped, "
+                             f"{_kept_checkpoint(checkpoint)}")
+
+
+def check_finite_params(params: Sequence[torch.nn.Parameter], *, step: int, epoch: int, lr: float,
+                        checkpoint: str | os.PathLike | None = None) -> None:
+    """Raise :class:`NonFiniteLossError` when an update left a non-finite trainable weight (a finite loss and
+    gradient can still overshoot to inf). Called before a checkpoint is written, so none ever holds NaN/Inf."""
+    if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):  # one host sync
+        return
+    raise NonFiniteLossError(f"non-finite weights after step {step} (epoch {epoch}): the learning rate ({lr:.3g}) is "
+                             f"likely too high; training stopped, {_kept_checkpoint(checkpoint)}")
+
+
+# ---------------------------------------------------------------------------------------------------------- progress
+def _stderr_is_tty() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class Progress:
+    """A progress display that is only told counts: it never holds, iterates or measures the loop's iterable, so
+    showing it or not cannot change a run (``tqdm.auto``'s asyncio class calls ``iter()`` on what it wraps, which
+    draws from a DataLoader's generator a second time). On a terminal: a tqdm bar on stderr. Elsewhere (a log file,
+    a pipe, a notebook): about ten plain log lines per bar (``[leanclip] desc: n/total k=v ...``), never carriage
+    returns. ``enabled=False``: nothing."""
+
+    LINES = 10
+
+    def __init__(self, total: int | None, desc: str, enabled: bool = True, initial: int = 0):
+        self.total, self.desc, self.n = total, desc, int(initial)
+        self._bar, self._enabled, self._postfix = None, bool(enabled), {}
+        self._every = max(1, math.ceil(total / self.LINES)) if total else 1
+        if self._enabled and _stderr_is_tty():
+            from tqdm import tqdm  # tqdm.std, the plain terminal bar
+
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False, file=sys.stderr)
+
+    def update(self, n: int = 1, **postfix) -> None:
+        if not self._enabled:
+            return
+        self.n += n
+        if self._bar is not None:
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+            self._bar.update(n)
+            return
+        self._postfix = postfix or self._postfix
+        if self.n % self._every == 0 or (self.total is not None and self.n >= self.total):
+            extra = "".join(f" {k}={v}" for k, v in self._postfix.items())
+            get_logger().info("%s: %d/%s%s", self.desc, self.n, self.total if self.total is not None else "?", extra)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def track(iterable: Iterable, desc: str, enabled: bool = True, total: int | None = None):
+    """Iterate ``iterable`` once (one ``iter()``, as a plain ``for`` loop) while a :class:`Progress` counts the items.
+    ``total`` defaults to ``len(iterable)`` when it has one (a DataLoader's length does not iterate it)."""
+    if not enabled:
+        yield from iterable
+        return
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    with Progress(total, desc) as bar:
+        for item in iterable:
+            yield item
+            bar.update()

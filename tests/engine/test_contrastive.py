@@ -302,3 +302,27 @@ def test_cli_contrastive_bad_input(capsys, tmp_path):
                       "--batch-size", 16, "--no-progress", "--no-initial-eval", "--output", tmp_path / "o")
     assert rc == 2 and "batch_size=16" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_stops_and_keeps_last_finite_checkpoint(tiny_model, tok, pairs64, tmp_path):
+    """Epoch 1 finite (checkpoint), resumed with NaN images: one line at step 5 (epoch 2), the epoch-1 checkpoint
+    and the interrupted run's summary kept byte for byte; pretrain_contrastive stops on NaN inputs at its first step."""
+    from engine import utils
+    from engine.contrastive import _default_transform, pretrain_contrastive
+
+    out = tmp_path / "run"
+    train_contrastive(prepare(copy.deepcopy(tiny_model), "lilt-ln"), pairs64, tok,
+                      _cfg(output=str(out), stop_after_step=4))
+    saved = (out / "checkpoint.safetensors").read_bytes(), (out / "summary.json").read_bytes()
+    m = prepare(copy.deepcopy(tiny_model), "lilt-ln")
+    plain = _default_transform(m, True, False)
+    with pytest.raises(utils.NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 \(epoch 2\).*kept at"):
+        train_contrastive(m, pairs64, tok, _cfg(output=str(out)), resume=out,
+                          transform=lambda im: plain(im) * float("nan"))
+    assert ((out / "checkpoint.safetensors").read_bytes(), (out / "summary.json").read_bytes()) == saved
+    assert [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+    x = torch.full((4, 3, 32, 32), float("nan"))
+    with pytest.raises(utils.NonFiniteLossError, match=r"step 1 \(epoch 1\): before any update"):
+        pretrain_contrastive(copy.deepcopy(tiny_model), x, ["a", "b", "c", "d"], tok, steps=2, batch_size=4,
+                             lr=1e-3, seed=0)

@@ -250,3 +250,34 @@ def test_llu_input_errors(pretrained_base):
     with pytest.raises(ValueError, match="prepare"):
         llu.train_llu(prepare(copy.deepcopy(pretrained_base), "ln"), _unit(4, 64), torch.zeros(4, dtype=torch.long),
                       _unit(3, 64), _cfg())
+
+
+def test_llu_non_finite_stops_and_keeps_last_finite_checkpoint(pretrained_base, tmp_path):
+    """Epoch 1 on finite features (checkpoint written), resumed on NaN features: the run stops at step 5 with one
+    line, the epoch-1 checkpoint untouched and the heads in memory as they were; a diverging lr stops before a
+    checkpoint holding inf is written."""
+    from engine import utils
+    from engine.train import CHECKPOINT_NAME, LOG_NAME
+
+    feats, labels, txt = _unit(64, 64, seed=1), torch.arange(64) % 8, _unit(8, 64, seed=2)
+    cfg = _cfg(epochs=3, output=str(tmp_path / "a"))
+    llu.train_llu(prepare(copy.deepcopy(pretrained_base), "llu"), feats, labels, txt,
+                  _cfg(epochs=3, output=str(tmp_path / "a"), stop_after_epoch=1))
+    ckpt = tmp_path / "a" / CHECKPOINT_NAME
+    saved = ckpt.read_bytes()
+    m = prepare(copy.deepcopy(pretrained_base), "llu")
+    with pytest.raises(utils.NonFiniteLossError, match=r"non-finite loss \(nan\) at step 5 \(epoch 2\).*kept at"):
+        llu.train_llu(m, torch.full_like(feats, float("nan")), labels, txt, cfg, resume=tmp_path / "a")
+    assert ckpt.read_bytes() == saved
+    m2 = prepare(copy.deepcopy(pretrained_base), "llu")
+    load_trainable(m2, ckpt)
+    for h in ("llu_image", "llu_text"):  # the resumed weights: no NaN step was applied
+        for (n, p), (_, p2) in zip(getattr(m, h).named_parameters(), getattr(m2, h).named_parameters()):
+            assert torch.equal(p, p2), (h, n)
+    assert [r["step"] for r in utils.read_jsonl(tmp_path / "a" / LOG_NAME)] == [1, 2, 3, 4]
+
+    m = prepare(copy.deepcopy(pretrained_base), "llu")
+    with pytest.raises(utils.NonFiniteLossError, match="learning rate .* too high.*no checkpoint was written"):
+        llu.train_llu(m, feats, labels, txt, _cfg(epochs=2, lr=1e30, optimizer="sgd", scheduler="constant",
+                                                  output=str(tmp_path / "b")))
+    assert not (tmp_path / "b" / CHECKPOINT_NAME).exists()
