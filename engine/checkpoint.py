@@ -159,7 +159,7 @@ def architecture(model: nn.Module) -> dict:
     added = set(_added_modules(model))
     shapes = {n: list(p.shape) for n, p in model.named_parameters()
               if not p.requires_grad and n.split(".")[0] not in added}
-    digest = hashlib.sha256(json.dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(utils.json_dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
     return {"model_name": info.get("model_name"), "frozen_digest": digest, "frozen_shapes": shapes}
 
 
@@ -218,15 +218,15 @@ def save_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
     meta = {
         "format": FORMAT,
         "method": str(info.get("method")),
-        "model_name": json.dumps(info.get("model_name")),
-        "options": json.dumps(info.get("options", {})),
+        "model_name": utils.json_dumps(info.get("model_name")),
+        "options": utils.json_dumps(info.get("options", {})),
         "version": str(info.get("version")),
-        "modules": json.dumps(info.get("modules", [])),
-        "param_names": json.dumps(list(params)),
-        "buffer_names": json.dumps(list(buffers)),
-        "step": json.dumps(None if step is None else int(step)),
-        "extra": json.dumps(extra_meta if extra_meta is not None else None),
-        "architecture": json.dumps(architecture(model)),
+        "modules": utils.json_dumps(info.get("modules", [])),
+        "param_names": utils.json_dumps(list(params)),
+        "buffer_names": utils.json_dumps(list(buffers)),
+        "step": utils.json_dumps(None if step is None else int(step)),
+        "extra": utils.json_dumps(extra_meta if extra_meta is not None else None),
+        "architecture": utils.json_dumps(architecture(model)),
     }
     if optimizer is not None:
         names = _optimizer_names(model, optimizer)
@@ -243,7 +243,7 @@ def save_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
         for idx, st in sd["state"].items():
             name = flat[idx]
             state[name] = {k: _enc(v, tensors, f"{_OPT_PREFIX}{name}/{k}") for k, v in st.items()}
-        meta["optimizer"] = json.dumps({"class": type(optimizer).__name__, "param_groups": groups, "state": state})
+        meta["optimizer"] = utils.json_dumps({"class": type(optimizer).__name__, "param_groups": groups, "state": state})
     _atomic_save(tensors, meta, path)
     return os.fspath(path)
 

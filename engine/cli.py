@@ -593,11 +593,9 @@ def _first_command(argv: Sequence[str]) -> str | None:
 # Exceptions that report a problem with the user's input or environment: one line, no traceback (set
 # LEANCLIP_TRACEBACK=1 to see it). Anything else is a bug in leanclip and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
-EXIT_DIVERGED = 3  # the run stopped on a non-finite loss or gradient: not a usage error, not a crash
+EXIT_DIVERGED = utils.NonFiniteLossError.exit_code  # a run stopped on a non-finite loss: not bad input, not a bug
 
 
-def _diverged_error() -> type:
-    return getattr(utils, "NonFiniteLossError", ())
 
 
 def _one_line(e: BaseException) -> str:
@@ -623,7 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = func(args)
         return int(rc or 0)
     except Exception as e:
-        diverged = isinstance(e, _diverged_error())
+        diverged = isinstance(e, utils.NonFiniteLossError)
         if not (diverged or isinstance(e, USER_ERRORS)) or os.environ.get("LEANCLIP_TRACEBACK") == "1":
             raise
         print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)

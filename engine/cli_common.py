@@ -29,14 +29,15 @@ class UsageError(ValueError):
 
 
 # dest -> (flag, kind, lowest, highest). Bounds are inclusive; None = unbounded. Floats must also be finite.
+LR_MAX = 1e4  # far above any useful rate; larger ones overflow the optimizers' fp32 arithmetic
 SEED_MAX = 2 ** 32 - 1  # numpy's seed range; torch accepts more, but few-shot sampling goes through numpy
 NUMBERS: dict[str, tuple[str, type, float | None, float | None]] = {
     "epochs": ("--epochs", int, 1, None),
     "batch_size": ("--batch-size", int, 1, None),
-    "lr": ("--lr", float, 0.0, None),
+    "lr": ("--lr", float, 0.0, LR_MAX),
     "weight_decay": ("--weight-decay", float, 0.0, None),
     "warmup_epochs": ("--warmup-epochs", int, 0, None),
-    "warmup_lr": ("--warmup-lr", float, 0.0, None),
+    "warmup_lr": ("--warmup-lr", float, 0.0, LR_MAX),
     "grad_accum": ("--grad-accum", int, 1, None),
     "clip_grad_norm": ("--clip-grad-norm", float, 0.0, None),
     "kd_lambda": ("--kd-lambda", float, 0.0, None),

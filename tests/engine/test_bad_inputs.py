@@ -93,6 +93,7 @@ def _cases(f):
         ("lr-neg", [*t, "--lr", "-1"], {}, "--lr"),
         ("lr-nan", [*t, "--lr", "nan"], {}, "--lr"),
         ("lr-inf", [*t, "--lr", "inf"], {}, "--lr"),
+        ("lr-huge", [*t, "--lr", "1e308"], {}, "--lr"),
         ("batch-0", [*t, "--batch-size", "0"], {}, "--batch-size"),
         ("wd-neg", [*t, "--weight-decay", "-1"], {}, "--weight-decay"),
         ("warmup-neg", [*t, "--warmup-epochs", "-1"], {}, "--warmup-epochs"),
@@ -228,3 +229,22 @@ def test_bad_input_is_one_line_exit_2(case, files, tmp_path, monkeypatch, capsys
     assert needle in lines[0], lines[0]
     assert not any(work.iterdir()), sorted(os.listdir(work))  # nothing written
     assert sorted(p.name for p in files["dir"].iterdir()) == before
+
+
+def test_diverging_run_is_one_line_exit_3(files, tmp_path, monkeypatch, capsys):
+    """A learning rate that blows up training: one line naming the step and the likely cause, exit 3, and the last
+    checkpoint on disk is a finite one (or none)."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--method", "full", "--epochs", "3", "--shots", "2", "--lr", "1e4", "--warmup-epochs", "0",
+                   "--synthetic-dir", str(files["synth"]), "--no-progress", "--output", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("[leanclip]")]
+    assert rc == 3, err[-2000:]
+    assert len(lines) == 1 and "non-finite" in lines[0] and "learning rate" in lines[0], err[-2000:]
+    assert not (out / "result.json").exists()
+    ckpt = out / "checkpoint.safetensors"
+    if ckpt.exists():
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt)).values())
