@@ -42,7 +42,15 @@ Protocols
 Torch
 -----
 ``ImageDataset(samples, transform)``, ``TensorImageDataset(images, labels, transform)``,
-``clip_transform(size, train)``, ``make_loader(dataset, batch_size, shuffle, seed, ...)``.
+``clip_transform(size, train)``, ``make_loader(dataset, batch_size, shuffle, seed, ...)``,
+``check_images(samples)`` -> (readable samples, BadImageError per unreadable one).
+
+Untrusted input
+---------------
+Split files, list files, class-name files and image folders are read as hostile: every path they lead to must
+resolve (``..`` and symlinks included) inside its image root unless ``allow_outside_root=True``; a malformed file is a
+ValueError naming the file (and line or entry); an image that cannot be decoded is a `BadImageError` (ValueError)
+naming its path, one line even when raised in a DataLoader worker.
 """
 from __future__ import annotations
 
@@ -154,12 +162,24 @@ def _is_image(name: str, extensions: Sequence[str]) -> bool:
     return not name.startswith(".") and name.lower().endswith(tuple(extensions))
 
 
-def _list_images(folder: str, extensions: Sequence[str]) -> list[str]:
-    """All image files under `folder` (recursive, hidden entries skipped), sorted for determinism."""
+def _list_images(folder: str, extensions: Sequence[str], root: _ImageRoot | None = None) -> list[str]:
+    """All image files under `folder` (recursive, hidden entries skipped), sorted for determinism.
+
+    Symlinked folders are followed, each real folder once (a link back up the tree would otherwise repeat it until
+    the path is too long); with `root`, every file must resolve inside that image root (see `_ImageRoot`)."""
     out = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f, extensions))
+        for f in sorted(filenames):
+            if _is_image(f, extensions):
+                path = os.path.join(dirpath, f)
+                out.append(root.check(path, os.path.relpath(path, root.root), "file") if root else path)
     return out
 
 
@@ -224,10 +244,13 @@ class _ImageRoot:
 
     def join(self, rel: str, entry: str) -> str:
         """``join(root, rel)``, or ValueError naming the source, the entry, the path and the root."""
-        full = os.path.join(self.root, rel)
+        return self.check(os.path.join(self.root, rel), rel, entry, absolute=os.path.isabs(rel))
+
+    def check(self, full: str, rel: str, entry: str, *, absolute: bool = False) -> str:
+        """`full` when it resolves inside the root (or outside is allowed); else the ValueError of `join`."""
         if self.allow_outside:
             return full
-        if os.path.isabs(rel) or not self._inside(full):
+        if absolute or not self._inside(full):
             raise ValueError(
                 f"{self.source}: {entry} path {rel!r} is outside the image root {self.root!r} (absolute, '..' or a "
                 f"symlink leading out); pass allow_outside_root=True / --allow-outside-root if that is intended"
@@ -256,7 +279,8 @@ class ImageFolderSource:
     `classname_map` (folder name -> class name, e.g. an ImageNet wnid -> "tench") overrides that per folder.
 
     Errors: FileNotFoundError for a missing root (naming it), ValueError when the root has no class folders or a class
-    folder holds no image (naming the class).
+    folder holds no image (naming the class), or when a symlink leads a file outside `root` (unless
+    `allow_outside_root`: the folder may come from an archive as untrusted as a split file).
     """
 
     def __init__(
@@ -267,9 +291,11 @@ class ImageFolderSource:
         clean_names: bool = True,
         classname_map: Mapping[str, str] | None = None,
         ignore: Iterable[str] = (),
+        allow_outside_root: bool = False,
     ):
         self.root = os.fspath(root)
         _require_dir(self.root, "image folder root")
+        guard = _ImageRoot(self.root, f"image folder {self.root!r}", allow_outside_root)
         ignore = set(ignore)
         folders = sorted(
             e.name
@@ -285,7 +311,7 @@ class ImageFolderSource:
                 name = classname_map[folder]
             else:
                 name = clean_classname(folder) if clean_names else folder
-            files = _list_images(os.path.join(self.root, folder), extensions)
+            files = _list_images(os.path.join(self.root, folder), extensions, guard)
             if not files:
                 raise ValueError(
                     f"class folder {folder!r} in {self.root!r} holds no images (extensions {', '.join(extensions)})"
@@ -512,9 +538,12 @@ def read_classnames_file(path: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def read_imagenet_folders(image_dir: str | os.PathLike, classnames_file: str | os.PathLike) -> list[Sample]:
+def read_imagenet_folders(
+    image_dir: str | os.PathLike, classnames_file: str | os.PathLike, *, allow_outside_root: bool = False
+) -> list[Sample]:
     """CoOp's ImageNet / -Sketch / -A / -R reader: sorted <wnid> folders of `image_dir`, label = folder index,
-    class name from `classnames_file` (every folder must be listed there: ValueError naming both otherwise)."""
+    class name from `classnames_file` (every folder must be listed there: ValueError naming both otherwise).
+    Files must resolve inside `image_dir` unless `allow_outside_root` (see `ImageFolderSource`)."""
     names = read_classnames_file(classnames_file)
     image_dir = os.fspath(image_dir)
     _require_dir(image_dir, "image folder")
@@ -525,18 +554,19 @@ def read_imagenet_folders(image_dir: str | os.PathLike, classnames_file: str | o
             f"{len(unknown)} folder(s) of {image_dir!r} are missing from class-names file "
             f"{os.fspath(classnames_file)!r}: {', '.join(unknown[:_MAX_REPORTED])}"
         )
-    return ImageFolderSource(image_dir, classname_map=names).samples
+    return ImageFolderSource(image_dir, classname_map=names, allow_outside_root=allow_outside_root).samples
 
 
-def _read_imagenet_v2(image_dir: str, classnames_file: str) -> list[Sample]:
+def _read_imagenet_v2(image_dir: str, classnames_file: str, allow_outside_root: bool = False) -> list[Sample]:
     """ImageNetV2 (matched-frequency format): folders "0".."999" = labels in classnames.txt order."""
     names = list(read_classnames_file(classnames_file).values())
     _require_dir(image_dir, "image folder")
+    guard = _ImageRoot(image_dir, f"image folder {image_dir!r}", allow_outside_root)
     samples = []
     for label, name in enumerate(names):
         folder = os.path.join(image_dir, str(label))
         if os.path.isdir(folder):
-            samples.extend(Sample(p, label, name) for p in _list_images(folder, IMG_EXTENSIONS))
+            samples.extend(Sample(p, label, name) for p in _list_images(folder, IMG_EXTENSIONS, guard))
     if not samples:
         raise ValueError(f"no images under {image_dir!r} (expected folders 0..{len(names) - 1})")
     return samples
@@ -593,7 +623,8 @@ def load_dataset(
 
     Split-file datasets (and any unknown name that has a ``split_zhou_<name>.json``) go through `find_split_file` /
     `read_split_file`; FGVCAircraft and the ImageNet family are read from folders as CoOp does (module docstring).
-    Paths named by a split or list file must stay inside the image root unless `allow_outside_root`.
+    Paths named by a split or list file, and files reached through symlinks in image folders, must stay inside
+    the image root unless `allow_outside_root`.
     """
     data_root = os.fspath(data_root)
     _require_dir(data_root, "data root")
@@ -608,18 +639,20 @@ def load_dataset(
         return splits, classnames_from_samples(splits)
 
     d = _first_dir([os.path.join(data_root, info.dataset_dir), data_root])
+    outside = allow_outside_root
     if canonical == "FGVCAircraft":
-        splits = read_fgvc_aircraft(d, check_exists=check_exists, allow_outside_root=allow_outside_root)
+        splits = read_fgvc_aircraft(d, check_exists=check_exists, allow_outside_root=outside)
         return splits, _read_fgvc_variants(d)
     cfile = os.path.join(d, "classnames.txt")
     if canonical == "ImageNet":
-        train = read_imagenet_folders(os.path.join(d, info.image_dir, "train"), cfile)
-        test = read_imagenet_folders(os.path.join(d, info.image_dir, "val"), cfile)
+        train = read_imagenet_folders(os.path.join(d, info.image_dir, "train"), cfile, allow_outside_root=outside)
+        test = read_imagenet_folders(os.path.join(d, info.image_dir, "val"), cfile, allow_outside_root=outside)
         splits = {"train": train, "val": test, "test": test}
     elif canonical == "ImageNetV2":
-        splits = {"train": [], "val": [], "test": _read_imagenet_v2(os.path.join(d, info.image_dir), cfile)}
+        splits = {"train": [], "val": [], "test": _read_imagenet_v2(os.path.join(d, info.image_dir), cfile, outside)}
     else:  # Sketch, A, R: test-only wnid folders
-        splits = {"train": [], "val": [], "test": read_imagenet_folders(os.path.join(d, info.image_dir), cfile)}
+        test = read_imagenet_folders(os.path.join(d, info.image_dir), cfile, allow_outside_root=outside)
+        splits = {"train": [], "val": [], "test": test}
     if canonical == "ImageNetV2":
         return splits, list(read_classnames_file(cfile).values())
     return splits, classnames_from_samples(splits)

@@ -752,3 +752,30 @@ def test_cached_split_dataset_checks_its_manifest(tmp_path):
     assert "no readable manifest" in S.manifest_problem(root)
     assert S.cached_split_dataset(base, 3, 16, 2, 1, 1) == root and S.manifest_problem(root) is None
     assert sorted(os.listdir(base)) == [os.path.basename(root)]  # no temp or stale folders left behind
+
+
+def test_image_folders_keep_symlinks_inside(tmp_path, classes):
+    """Folder datasets come from archives too: a symlinked class folder or file leading out of the root is refused
+    (naming it) unless allowed; a link back up the tree is walked once, not until the path is too long."""
+    outside = tmp_path / "elsewhere"
+    S.write_image_folder(outside, classes[:1], 2, size=8)
+    root = tmp_path / "tree"
+    S.write_image_folder(root, classes[1:3], 2, size=8)
+    first = sorted(p.name for p in root.iterdir())[0]
+    os.symlink(root / first, root / first / "loop")  # a cycle: tree/<first>/loop -> tree/<first>
+    assert len(D.ImageFolderSource(root)) == 4
+    os.symlink(outside / classes[0].folder, root / "zz_linked_class")
+    with pytest.raises(ValueError, match=r"image folder '.*tree'.*'zz_linked_class/0000.png'.*outside the image root"):
+        D.ImageFolderSource(root)
+    assert len(D.ImageFolderSource(root, allow_outside_root=True)) == 6
+    # the ImageNet reader (wnid folders) passes the opt-in through load_dataset
+    inet = tmp_path / "data" / "imagenet"
+    S.write_image_folder(inet / "images" / "train", classes[1:2], 2, size=8)
+    os.rename(inet / "images" / "train" / classes[1].folder, inet / "images" / "train" / "n01")
+    (inet / "images" / "val").mkdir()
+    os.symlink(outside / classes[0].folder, inet / "images" / "val" / "n01")
+    (inet / "classnames.txt").write_text("n01 tench\n")
+    with pytest.raises(ValueError, match="outside the image root"):
+        D.load_dataset(tmp_path / "data", "ImageNet")
+    splits, _ = D.load_dataset(tmp_path / "data", "ImageNet", allow_outside_root=True)
+    assert len(splits["test"]) == 2
