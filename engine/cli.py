@@ -26,9 +26,7 @@ import importlib
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -115,7 +113,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "CoOp template)")
     g.add_argument("--synthetic-classes", type=int, default=10, help="classes of the synthetic dataset (default 10)")
     g.add_argument("--synthetic-dir", default=None,
-                   help="where the synthetic dataset is written (default: a cache folder under the temp dir)")
+                   help="where the synthetic dataset is written (default: a private per-user cache, "
+                        "$LEANCLIP_CACHE_DIR or $XDG_CACHE_HOME/leanclip or ~/.cache/leanclip, under synthetic/)")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="let a split / list file name images outside the image root (absolute paths, '..', "
+                        "symlinks leading out); refused by default")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="decode every image the run uses before it starts and leave out unreadable ones (counted "
+                        "and reported); without it an unreadable image is an error naming its path")
     g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
 
 
@@ -308,45 +313,38 @@ def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps:
 
 # -------------------------------------------------------------------------------------------------------------- data
 def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int) -> str:
-    key = hashlib.sha256(json.dumps([1, args.synthetic_classes, image_size, n_train, n_val, n_test]).encode())
-    base = Path(args.synthetic_dir) if args.synthetic_dir else Path(tempfile.gettempdir()) / "leanclip-synthetic"
-    root = base / f"synthetic-{key.hexdigest()[:12]}"
-    if (root / "split_zhou_Synthetic.json").is_file():
-        return str(root)
-    from engine.synthetic import make_classes, write_split_file
+    """The cached synthetic dataset for these sizes (engine.synthetic.cached_split_dataset: hash-checked before use,
+    rebuilt atomically when it does not match). Default home: a private (0700, own, not writable by others) folder
+    in the per-user cache, never a shared temp dir where another user could plant the images; ``--synthetic-dir``
+    names another folder explicitly."""
+    from engine import synthetic
 
     if args.synthetic_classes < 2:
         raise UsageError(f"--synthetic-classes must be >= 2, got {args.synthetic_classes}")
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-synthetic-", dir=base))
-    try:
-        write_split_file(tmp, make_classes(args.synthetic_classes, seed=0), n_train, n_val, n_test, size=image_size,
-                         seed=0)
-        try:
-            os.replace(tmp, root)  # atomic publish; a concurrent writer may have won (same content)
-        except OSError:
-            if not (root / "split_zhou_Synthetic.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(root)
+    if args.synthetic_dir:
+        base = args.synthetic_dir
+    else:
+        base = synthetic.private_dir(os.path.join(synthetic.cache_dir(), "synthetic"), "synthetic-data cache")
+    return synthetic.cached_split_dataset(base, args.synthetic_classes, image_size, n_train, n_val, n_test, seed=0)
 
 
 def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bool = True, need_train: bool = True):
-    """-> dict(train=Dataset | None, eval=Dataset, classnames, dataset, new=(Dataset, classnames) | None).
-    K-shot sampling (``need_train``) happens before the base/new subsampling, as in CoOp."""
+    """-> dict(train=Dataset | None, eval=Dataset, classnames, dataset, new=(Dataset, classnames) | None,
+    bad_images=[one-line reason per image left out by --skip-bad-images]).
+    K-shot sampling (``need_train``) happens before the base/new subsampling, as in CoOp; --skip-bad-images drops
+    unreadable images after both, so it never changes which classes exist or how they are labelled."""
     from engine import data as D
 
     if args.shots < 0:
         raise UsageError(f"--shots must be >= 0, got {args.shots}")
+    outside = bool(getattr(args, "allow_outside_root", False))
     if args.data is not None:
         if not args.dataset:
             raise UsageError("--data needs --dataset NAME")
-        splits, _ = D.load_dataset(args.data, args.dataset)
+        splits, _ = D.load_dataset(args.data, args.dataset, allow_outside_root=outside)
         dataset = args.dataset
     elif args.split_file is not None:
-        splits = D.read_split_file(args.split_file, args.image_root)
+        splits = D.read_split_file(args.split_file, args.image_root, allow_outside_root=outside)
         dataset = args.dataset or _split_name(args.split_file)
     else:
         if args.dataset:
@@ -363,24 +361,40 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     splits = {"train": train, "val": list(splits.get("val") or []), "test": list(splits.get("test") or [])}
     full = splits
     splits, classnames = D.subsample_classes(full, args.subsample)
-    evals = splits[args.eval_split]
-    if not evals:
-        raise UsageError(f"the {args.eval_split} split of {dataset!r} is empty")
+    new_splits, new_names = D.subsample_classes(full, "new") if args.subsample == "base" else (None, None)
+    used = {"train": splits["train"] if need_train else [], "eval": splits[args.eval_split],
+            "new": new_splits[args.eval_split] if new_splits else []}
+    bad_images = _drop_bad_images(used) if getattr(args, "skip_bad_images", False) else []
+    if not used["eval"]:
+        raise UsageError(f"the {args.eval_split} split of {dataset!r} is "
+                         + ("empty" if not bad_images else "empty after --skip-bad-images"))
     kw = {k: v for k, v in (("mean", mean), ("std", std)) if v}
     tf_eval = D.clip_transform(image_size, train=False, **kw)
     tf_train = D.clip_transform(image_size, train=True, **kw) if train_transform else tf_eval
-    out = {
+    return {
         "dataset": dataset,
         "classnames": classnames,
-        "train": D.ImageDataset(splits["train"], tf_train) if splits["train"] and need_train else None,
-        "eval": D.ImageDataset(evals, tf_eval),
-        "new": None,
+        "train": D.ImageDataset(used["train"], tf_train) if used["train"] else None,
+        "eval": D.ImageDataset(used["eval"], tf_eval),
+        "new": (D.ImageDataset(used["new"], tf_eval), new_names) if used["new"] else None,
+        "bad_images": bad_images,
     }
-    if args.subsample == "base":
-        new_splits, new_names = D.subsample_classes(full, "new")
-        if new_splits[args.eval_split]:
-            out["new"] = (D.ImageDataset(new_splits[args.eval_split], tf_eval), new_names)
-    return out
+
+
+def _drop_bad_images(used: dict) -> list[str]:
+    """Decode every image of the sample lists in ``used`` once; drop the unreadable ones from them in place.
+    Returns one line per bad image and reports the count on stderr (one line)."""
+    from engine.data import check_images
+
+    everything = [s for samples in used.values() for s in samples]
+    _, bad = check_images(everything)
+    if bad:
+        bad_paths = {e.path for e in bad}
+        for name, samples in used.items():
+            used[name] = [s for s in samples if s.path not in bad_paths]
+        print(f"{PROG}: skipped {len(bad)} unreadable image(s) (--skip-bad-images), first: {bad[0]}",
+              file=sys.stderr)
+    return [str(e) for e in bad]
 
 
 def _split_name(path: str) -> str | None:

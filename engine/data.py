@@ -42,12 +42,21 @@ Protocols
 Torch
 -----
 ``ImageDataset(samples, transform)``, ``TensorImageDataset(images, labels, transform)``,
-``clip_transform(size, train)``, ``make_loader(dataset, batch_size, shuffle, seed, ...)``.
+``clip_transform(size, train)``, ``make_loader(dataset, batch_size, shuffle, seed, ...)``,
+``check_images(samples)`` -> (readable samples, BadImageError per unreadable one).
+
+Untrusted input
+---------------
+Split files, list files, class-name files and image folders are read as hostile: every path they lead to must
+resolve (``..`` and symlinks included) inside its image root unless ``allow_outside_root=True``; a malformed file is a
+ValueError naming the file (and line or entry); an image that cannot be decoded is a `BadImageError` (ValueError)
+naming its path, one line even when raised in a DataLoader worker.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -77,6 +86,8 @@ __all__ = [
     "read_fgvc_aircraft",
     "read_imagenet_folders",
     "read_classnames_file",
+    "BadImageError",
+    "check_images",
     "classnames_from_samples",
     "few_shot",
     "few_shot_cached",
@@ -152,12 +163,24 @@ def _is_image(name: str, extensions: Sequence[str]) -> bool:
     return not name.startswith(".") and name.lower().endswith(tuple(extensions))
 
 
-def _list_images(folder: str, extensions: Sequence[str]) -> list[str]:
-    """All image files under `folder` (recursive, hidden entries skipped), sorted for determinism."""
+def _list_images(folder: str, extensions: Sequence[str], root: _ImageRoot | None = None) -> list[str]:
+    """All image files under `folder` (recursive, hidden entries skipped), sorted for determinism.
+
+    Symlinked folders are followed, each real folder once (a link back up the tree would otherwise repeat it until
+    the path is too long); with `root`, every file must resolve inside that image root (see `_ImageRoot`)."""
     out = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f, extensions))
+        for f in sorted(filenames):
+            if _is_image(f, extensions):
+                path = os.path.join(dirpath, f)
+                out.append(root.check(path, os.path.relpath(path, root.root), "file") if root else path)
     return out
 
 
@@ -168,6 +191,87 @@ def _require_dir(path: str, what: str) -> None:
         raise NotADirectoryError(f"{what} {path!r} is not a directory")
 
 
+def _require_file(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} is not a regular file")
+
+
+def _read_text(path: str, what: str) -> str:
+    """A data file's text. Undecodable or unreadable files are ValueErrors naming the file (the CLI prints them as
+    one line) instead of a bare UnicodeDecodeError / PermissionError that does not say which file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
+
+
+def _read_json(path: str, what: str = "split file"):
+    text = _read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ValueError(f"{what} {path!r} nests too deeply to be a {what}") from None
+
+
+def _read_lines(path: str, what: str) -> list[tuple[int, str]]:
+    """(line number, stripped line) of the non-blank lines of a text list file."""
+    return [(n, ln.strip()) for n, ln in enumerate(_read_text(path, what).splitlines(), 1) if ln.strip()]
+
+
+class _ImageRoot:
+    """Resolves the image paths a data file names and keeps them inside one image root.
+
+    A split file or list file comes from the internet as often as the images do, so the paths it names are untrusted:
+    ``../``, an absolute path or a symlink must not make the engine read files outside the dataset (and train on or
+    report them). A path counts as inside when its real path (``os.path.realpath``: symlinks and ``..`` resolved)
+    lies under the real path of the root; the root itself may be a symlink. ``allow_outside=True`` switches the check
+    off for layouts that point elsewhere on purpose. Real paths of directories are memoised, so the per-file cost is
+    one ``lstat`` (ImageNet-size lists stay cheap).
+    """
+
+    def __init__(self, root: str, source: str, allow_outside: bool = False):
+        self.root = root
+        self.source = source  # e.g. "split file '/x/split_zhou_Pets.json'", for the error message
+        self.allow_outside = allow_outside
+        self._real_root = os.path.realpath(root)
+        self._real_dirs: dict[str, str] = {}
+
+    def join(self, rel: str, entry: str) -> str:
+        """``join(root, rel)``, or ValueError naming the source, the entry, the path and the root."""
+        return self.check(os.path.join(self.root, rel), rel, entry, absolute=os.path.isabs(rel))
+
+    def check(self, full: str, rel: str, entry: str, *, absolute: bool = False) -> str:
+        """`full` when it resolves inside the root (or outside is allowed); else the ValueError of `join`."""
+        if self.allow_outside:
+            return full
+        if absolute or not self._inside(full):
+            raise ValueError(
+                f"{self.source}: {entry} path {rel!r} is outside the image root {self.root!r} (absolute, '..' or a "
+                f"symlink leading out); pass allow_outside_root=True / --allow-outside-root if that is intended"
+            )
+        return full
+
+    def _inside(self, full: str) -> bool:
+        head, name = os.path.split(full)
+        if name in ("", ".", ".."):
+            real = os.path.realpath(full)
+        else:
+            real_head = self._real_dirs.get(head)
+            if real_head is None:
+                real_head = self._real_dirs[head] = os.path.realpath(head)
+            real = os.path.join(real_head, name)
+            if os.path.islink(real):
+                real = os.path.realpath(real)
+        return real == self._real_root or os.path.commonpath([real, self._real_root]) == self._real_root
+
+
 class ImageFolderSource:
     """A class-per-subfolder tree: ``root/<class>/**/<image>``.
 
@@ -176,7 +280,8 @@ class ImageFolderSource:
     `classname_map` (folder name -> class name, e.g. an ImageNet wnid -> "tench") overrides that per folder.
 
     Errors: FileNotFoundError for a missing root (naming it), ValueError when the root has no class folders or a class
-    folder holds no image (naming the class).
+    folder holds no image (naming the class), or when a symlink leads a file outside `root` (unless
+    `allow_outside_root`: the folder may come from an archive as untrusted as a split file).
     """
 
     def __init__(
@@ -187,9 +292,11 @@ class ImageFolderSource:
         clean_names: bool = True,
         classname_map: Mapping[str, str] | None = None,
         ignore: Iterable[str] = (),
+        allow_outside_root: bool = False,
     ):
         self.root = os.fspath(root)
         _require_dir(self.root, "image folder root")
+        guard = _ImageRoot(self.root, f"image folder {self.root!r}", allow_outside_root)
         ignore = set(ignore)
         folders = sorted(
             e.name
@@ -205,7 +312,7 @@ class ImageFolderSource:
                 name = classname_map[folder]
             else:
                 name = clean_classname(folder) if clean_names else folder
-            files = _list_images(os.path.join(self.root, folder), extensions)
+            files = _list_images(os.path.join(self.root, folder), extensions, guard)
             if not files:
                 raise ValueError(
                     f"class folder {folder!r} in {self.root!r} holds no images (extensions {', '.join(extensions)})"
@@ -249,36 +356,63 @@ def read_split_file(
     image_root: str | os.PathLike | None = None,
     *,
     check_exists: bool = True,
+    allow_outside_root: bool = False,
 ) -> dict[str, list[Sample]]:
     """Parse a CoOp ``split_zhou_<Name>.json`` into ``{"train": [...], "val": [...], "test": [...]}`` of Samples.
 
     Entries are ``[relpath, label, classname]``; ``Sample.path = join(image_root, relpath)``. `image_root` defaults to
     ``<dir of the file>/images`` when that folder exists, else the file's folder. A missing "val" key reads as an empty
-    split; "train" and "test" are required. Checks: JSON structure, int labels >= 0, one class name per label and one
-    label per class name (ValueError naming the file), and with `check_exists` that every image exists
-    (FileNotFoundError naming the split file, the number missing and the first few).
+    split; "train" and "test" are required. Checks, each a ValueError naming the file: text that is not UTF-8 JSON (or
+    nests too deeply to parse), the structure, int labels >= 0, one class name per label and one label per class name,
+    and every relpath resolving inside `image_root` (see `_ImageRoot`; ``allow_outside_root=True`` lifts that). With
+    `check_exists`, every image must exist (FileNotFoundError naming the split file, the number missing and the first
+    few).
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"split file {path!r} does not exist")
+    _require_file(path, "split file")
     if image_root is None:
         base = os.path.dirname(os.path.abspath(path))
         image_root = os.path.join(base, "images") if os.path.isdir(os.path.join(base, "images")) else base
     image_root = os.fspath(image_root)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"split file {path!r} is not valid JSON: {e}") from e
-    return _parse_split(raw, path, image_root, check_exists)
+    raw = _read_json(path)
+    return _parse_split(raw, path, image_root, check_exists, allow_outside_root)
 
 
-def _parse_split(raw, path: str, image_root: str, check_exists: bool) -> dict[str, list[Sample]]:
+def _split_entry(entry, where: str) -> tuple[str, int, str]:
+    """Validate one ``[relpath, label, classname]`` entry (``where`` names it in the error)."""
+    if (
+        not isinstance(entry, (list, tuple))
+        or len(entry) != 3
+        or not isinstance(entry[0], str)
+        or isinstance(entry[1], bool)
+        or not isinstance(entry[1], int)
+        or not isinstance(entry[2], str)
+    ):
+        raise ValueError(f"{where} = {_short_repr(entry)} is not [relpath, int label, classname]")
+    rel, label, name = entry
+    if not rel or "\x00" in rel:
+        raise ValueError(f"{where} has an empty path or one with a NUL byte: {rel!r}")
+    if label < 0:
+        raise ValueError(f"{where} has a negative label {label}")
+    if not name.strip():
+        raise ValueError(f"{where} has an empty class name")
+    return rel, label, name
+
+
+def _short_repr(value, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _parse_split(
+    raw, path: str, image_root: str, check_exists: bool, allow_outside_root: bool = False
+) -> dict[str, list[Sample]]:
     if not isinstance(raw, dict):
         raise ValueError(f"split file {path!r}: expected an object with train/val/test lists, got {type(raw).__name__}")
     for key in ("train", "test"):
         if key not in raw:
-            raise ValueError(f"split file {path!r} has no {key!r} list (keys: {sorted(raw)})")
+            raise ValueError(f"split file {path!r} has no {key!r} list (keys: {_short_repr(sorted(raw))})")
+    root = _ImageRoot(image_root, f"split file {path!r}", allow_outside_root)
     out: dict[str, list[Sample]] = {}
     pairs: list[tuple[int, str]] = []
     missing: list[str] = []
@@ -289,21 +423,8 @@ def _parse_split(raw, path: str, image_root: str, check_exists: bool) -> dict[st
             raise ValueError(f"split file {path!r}: {split!r} must be a list, got {type(entries).__name__}")
         samples = []
         for i, entry in enumerate(entries):
-            if (
-                not isinstance(entry, (list, tuple))
-                or len(entry) != 3
-                or not isinstance(entry[0], str)
-                or isinstance(entry[1], bool)
-                or not isinstance(entry[1], int)
-                or not isinstance(entry[2], str)
-            ):
-                raise ValueError(
-                    f"split file {path!r}: {split}[{i}] = {entry!r} is not [relpath, int label, classname]"
-                )
-            rel, label, name = entry
-            if label < 0:
-                raise ValueError(f"split file {path!r}: {split}[{i}] has a negative label {label}")
-            full = os.path.join(image_root, rel)
+            rel, label, name = _split_entry(entry, f"split file {path!r}: {split}[{i}]")
+            full = root.join(rel, f"{split}[{i}]")
             if check_exists and not os.path.isfile(full):
                 n_missing += 1
                 if len(missing) < _MAX_REPORTED:
@@ -358,11 +479,7 @@ def _locate_split(data_root: str, dataset: str) -> tuple[tuple[str, str, dict] |
             tried.append(p)
             if not os.path.isfile(p):
                 continue
-            try:
-                with open(p, encoding="utf-8") as f:
-                    raw = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"split file {p!r} is not valid JSON: {e}") from e
+            raw = _read_json(p)
             first = None
             if isinstance(raw, dict):
                 for split in SPLITS:
@@ -378,7 +495,7 @@ def _locate_split(data_root: str, dataset: str) -> tuple[tuple[str, str, dict] |
             chosen = roots[0] if roots else d
             if isinstance(first, str):
                 for r in roots:
-                    if os.path.isfile(os.path.join(r, first)):
+                    if "\x00" not in first and os.path.isfile(os.path.join(r, first)):
                         chosen = r
                         break
             return (p, chosen, raw), tried
@@ -403,83 +520,95 @@ def find_split_file(data_root: str | os.PathLike, dataset: str) -> tuple[str, st
 
 
 def read_classnames_file(path: str | os.PathLike) -> dict[str, str]:
-    """ImageNet-style ``classnames.txt``: lines "<folder> <class name with spaces>" -> ordered {folder: name}."""
+    """ImageNet-style ``classnames.txt``: lines "<folder> <class name with spaces>" -> ordered {folder: name}.
+
+    ValueError naming the file and line for a line without a name, a folder listed twice, or no line at all."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"class-names file {path!r} does not exist")
+    _require_file(path, "class-names file")
     out: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            parts = line.split(" ", 1)
-            if len(parts) != 2 or not parts[1].strip():
-                raise ValueError(f"{path!r} line {n}: expected '<folder> <class name>', got {line!r}")
-            out[parts[0]] = parts[1].strip()
+    for n, line in _read_lines(path, "class-names file"):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"class-names file {path!r} line {n}: expected '<folder> <class name>', got "
+                             f"{_short_repr(line)}")
+        if parts[0] in out:
+            raise ValueError(f"class-names file {path!r} line {n}: folder {parts[0]!r} is listed twice")
+        out[parts[0]] = parts[1].strip()
     if not out:
         raise ValueError(f"class-names file {path!r} is empty")
     return out
 
 
-def read_imagenet_folders(image_dir: str | os.PathLike, classnames_file: str | os.PathLike) -> list[Sample]:
+def read_imagenet_folders(
+    image_dir: str | os.PathLike, classnames_file: str | os.PathLike, *, allow_outside_root: bool = False
+) -> list[Sample]:
     """CoOp's ImageNet / -Sketch / -A / -R reader: sorted <wnid> folders of `image_dir`, label = folder index,
-    class name from `classnames_file` (every folder must be listed there: KeyError otherwise)."""
+    class name from `classnames_file` (every folder must be listed there: ValueError naming both otherwise).
+    Files must resolve inside `image_dir` unless `allow_outside_root` (see `ImageFolderSource`)."""
     names = read_classnames_file(classnames_file)
     image_dir = os.fspath(image_dir)
     _require_dir(image_dir, "image folder")
     folders = sorted(e.name for e in os.scandir(image_dir) if e.is_dir() and not e.name.startswith("."))
     unknown = [f for f in folders if f not in names]
     if unknown:
-        raise KeyError(
-            f"folders of {image_dir!r} missing from {os.fspath(classnames_file)!r}: {unknown[:_MAX_REPORTED]}"
+        raise ValueError(
+            f"{len(unknown)} folder(s) of {image_dir!r} are missing from class-names file "
+            f"{os.fspath(classnames_file)!r}: {', '.join(unknown[:_MAX_REPORTED])}"
         )
-    return ImageFolderSource(image_dir, classname_map=names).samples
+    return ImageFolderSource(image_dir, classname_map=names, allow_outside_root=allow_outside_root).samples
 
 
-def _read_imagenet_v2(image_dir: str, classnames_file: str) -> list[Sample]:
+def _read_imagenet_v2(image_dir: str, classnames_file: str, allow_outside_root: bool = False) -> list[Sample]:
     """ImageNetV2 (matched-frequency format): folders "0".."999" = labels in classnames.txt order."""
     names = list(read_classnames_file(classnames_file).values())
     _require_dir(image_dir, "image folder")
+    guard = _ImageRoot(image_dir, f"image folder {image_dir!r}", allow_outside_root)
     samples = []
     for label, name in enumerate(names):
         folder = os.path.join(image_dir, str(label))
         if os.path.isdir(folder):
-            samples.extend(Sample(p, label, name) for p in _list_images(folder, IMG_EXTENSIONS))
+            samples.extend(Sample(p, label, name) for p in _list_images(folder, IMG_EXTENSIONS, guard))
     if not samples:
         raise ValueError(f"no images under {image_dir!r} (expected folders 0..{len(names) - 1})")
     return samples
 
 
-def read_fgvc_aircraft(dataset_dir: str | os.PathLike, *, check_exists: bool = True) -> dict[str, list[Sample]]:
+def _read_fgvc_variants(d: str) -> list[str]:
+    vfile = os.path.join(d, "variants.txt")
+    _require_file(vfile, "FGVCAircraft class list")
+    classnames = [line for _, line in _read_lines(vfile, "FGVCAircraft class list")]
+    if not classnames:
+        raise ValueError(f"FGVCAircraft class list {vfile!r} is empty")
+    if len(set(classnames)) != len(classnames):
+        twice = sorted({c for c in classnames if classnames.count(c) > 1})
+        raise ValueError(f"FGVCAircraft class list {vfile!r} lists {twice[:_MAX_REPORTED]} more than once")
+    return classnames
+
+
+def read_fgvc_aircraft(
+    dataset_dir: str | os.PathLike, *, check_exists: bool = True, allow_outside_root: bool = False
+) -> dict[str, list[Sample]]:
     """CoOp's FGVCAircraft reader: ``variants.txt`` gives labels (line order), ``images_variant_<split>.txt`` holds
-    "<image id> <variant>" lines, images at ``images/<id>.jpg``."""
+    "<image id> <variant>" lines, images at ``images/<id>.jpg``. Image ids must resolve inside ``images/`` unless
+    `allow_outside_root` (see `read_split_file`)."""
     d = os.fspath(dataset_dir)
     _require_dir(d, "FGVCAircraft folder")
-    vfile = os.path.join(d, "variants.txt")
-    if not os.path.isfile(vfile):
-        raise FileNotFoundError(f"FGVCAircraft class list {vfile!r} does not exist")
-    with open(vfile, encoding="utf-8") as f:
-        classnames = [ln.strip() for ln in f if ln.strip()]
-    name2label = {c: i for i, c in enumerate(classnames)}
+    name2label = {c: i for i, c in enumerate(_read_fgvc_variants(d))}
     out: dict[str, list[Sample]] = {}
     missing: list[str] = []
     for split in SPLITS:
         lst = os.path.join(d, f"images_variant_{split}.txt")
-        if not os.path.isfile(lst):
-            raise FileNotFoundError(f"FGVCAircraft split list {lst!r} does not exist")
+        _require_file(lst, "FGVCAircraft split list")
+        root = _ImageRoot(os.path.join(d, "images"), f"FGVCAircraft split list {lst!r}", allow_outside_root)
         samples = []
-        with open(lst, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                parts = line.strip().split(" ", 1)
-                if not parts[0]:
-                    continue
-                if len(parts) != 2 or parts[1] not in name2label:
-                    raise ValueError(f"{lst!r} line {n}: unknown variant in {line.strip()!r}")
-                p = os.path.join(d, "images", parts[0] + ".jpg")
-                if check_exists and not os.path.isfile(p):
-                    missing.append(p)
-                samples.append(Sample(p, name2label[parts[1]], parts[1]))
+        for n, line in _read_lines(lst, "FGVCAircraft split list"):
+            parts = line.split(" ", 1)
+            if len(parts) != 2 or parts[1] not in name2label or "\x00" in parts[0]:
+                raise ValueError(f"FGVCAircraft split list {lst!r} line {n}: unknown variant in {_short_repr(line)}")
+            p = root.join(parts[0] + ".jpg", f"line {n}")
+            if check_exists and not os.path.isfile(p):
+                missing.append(p)
+            samples.append(Sample(p, name2label[parts[1]], parts[1]))
         out[split] = samples
     if missing:
         raise FileNotFoundError(
@@ -489,12 +618,14 @@ def read_fgvc_aircraft(dataset_dir: str | os.PathLike, *, check_exists: bool = T
 
 
 def load_dataset(
-    data_root: str | os.PathLike, dataset: str, *, check_exists: bool = True
+    data_root: str | os.PathLike, dataset: str, *, check_exists: bool = True, allow_outside_root: bool = False
 ) -> tuple[dict[str, list[Sample]], list[str]]:
     """Load any supported dataset -> (``{"train", "val", "test"}`` Sample lists, classnames indexed by label).
 
     Split-file datasets (and any unknown name that has a ``split_zhou_<name>.json``) go through `find_split_file` /
     `read_split_file`; FGVCAircraft and the ImageNet family are read from folders as CoOp does (module docstring).
+    Paths named by a split or list file, and files reached through symlinks in image folders, must stay inside
+    the image root unless `allow_outside_root`.
     """
     data_root = os.fspath(data_root)
     _require_dir(data_root, "data root")
@@ -505,23 +636,24 @@ def load_dataset(
         if found is None:
             raise _no_split_file(dataset, data_root, tried)
         path, image_root, raw = found
-        splits = _parse_split(raw, path, image_root, check_exists)
+        splits = _parse_split(raw, path, image_root, check_exists, allow_outside_root)
         return splits, classnames_from_samples(splits)
 
     d = _first_dir([os.path.join(data_root, info.dataset_dir), data_root])
+    outside = allow_outside_root
     if canonical == "FGVCAircraft":
-        splits = read_fgvc_aircraft(d, check_exists=check_exists)
-        with open(os.path.join(d, "variants.txt"), encoding="utf-8") as f:
-            return splits, [ln.strip() for ln in f if ln.strip()]
+        splits = read_fgvc_aircraft(d, check_exists=check_exists, allow_outside_root=outside)
+        return splits, _read_fgvc_variants(d)
     cfile = os.path.join(d, "classnames.txt")
     if canonical == "ImageNet":
-        train = read_imagenet_folders(os.path.join(d, info.image_dir, "train"), cfile)
-        test = read_imagenet_folders(os.path.join(d, info.image_dir, "val"), cfile)
+        train = read_imagenet_folders(os.path.join(d, info.image_dir, "train"), cfile, allow_outside_root=outside)
+        test = read_imagenet_folders(os.path.join(d, info.image_dir, "val"), cfile, allow_outside_root=outside)
         splits = {"train": train, "val": test, "test": test}
     elif canonical == "ImageNetV2":
-        splits = {"train": [], "val": [], "test": _read_imagenet_v2(os.path.join(d, info.image_dir), cfile)}
+        splits = {"train": [], "val": [], "test": _read_imagenet_v2(os.path.join(d, info.image_dir), cfile, outside)}
     else:  # Sketch, A, R: test-only wnid folders
-        splits = {"train": [], "val": [], "test": read_imagenet_folders(os.path.join(d, info.image_dir), cfile)}
+        test = read_imagenet_folders(os.path.join(d, info.image_dir), cfile, allow_outside_root=outside)
+        splits = {"train": [], "val": [], "test": test}
     if canonical == "ImageNetV2":
         return splits, list(read_classnames_file(cfile).values())
     return splits, classnames_from_samples(splits)
@@ -551,9 +683,9 @@ def classnames_from_samples(samples_or_splits) -> list[str]:
     if not label2name:
         raise ValueError("no samples")
     n = max(label2name) + 1
-    gaps = [y for y in range(n) if y not in label2name]
-    if gaps:
-        raise ValueError(f"labels are not contiguous 0..{n - 1}: no sample for label(s) {gaps[:_MAX_REPORTED]}")
+    if len(label2name) != n:  # labels come from data files: find the first gaps without walking range(n)
+        gaps = list(itertools.islice((y for y in itertools.count() if y not in label2name), _MAX_REPORTED))
+        raise ValueError(f"labels are not contiguous 0..{n - 1}: no sample for label(s) {gaps}")
     return [label2name[y] for y in range(n)]
 
 
@@ -672,8 +804,7 @@ def few_shot_cached(
 
 
 def _load_cached_selection(path, key, shots, samples, rel) -> list[Sample]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = _read_json(path, "few-shot cache")
     if not isinstance(data, dict) or data.get("key") != key or data.get("version") != _CACHE_VERSION:
         raise ValueError("key/version mismatch")
     by_rel = {(r, int(s.label)): s for s, r in zip(samples, rel)}
@@ -752,10 +883,85 @@ def _to_float_chw(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
+class BadImageError(ValueError):
+    """An image file that cannot be read or decoded (truncated, not an image, unreadable, a directory, ...).
+
+    The message is one line naming the path; `path` holds it. Inside a DataLoader worker, torch re-raises the error
+    in the main process as ``BadImageError(<"Caught BadImageError in DataLoader worker process N. Original
+    Traceback ...">)``; the constructor recognises that form and keeps the original line plus the worker, so the
+    error still reads as one line naming the image (the full worker traceback stays in `worker_traceback`).
+    """
+
+    def __init__(self, message: str, path: str | None = None):
+        message, self.worker_traceback = _unwrap_worker_message(str(message))
+        super().__init__(message)
+        self.path = path
+
+
+def _unwrap_worker_message(message: str) -> tuple[str, str | None]:
+    head, sep, trace = message.partition(".\nOriginal ")
+    if not (sep and head.startswith(f"Caught {BadImageError.__name__} ")):
+        return message, None
+    lines = [ln for ln in trace.splitlines() if ln.strip()]
+    tag = f"{BadImageError.__name__}: "
+    last = lines[-1] if lines else ""
+    original = last[last.index(tag) + len(tag):] if tag in last else last
+    where = head[len(f"Caught {BadImageError.__name__} "):]
+    return f"{original} ({where})", trace
+
+
+# What PIL raises for files it cannot decode: OSError (unidentified / truncated / unreadable / a directory),
+# SyntaxError and ValueError from format plugins on malformed headers, EOFError from short multi-frame files,
+# DecompressionBombError (a plain Exception) for absurd sizes.
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    return OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
+
+
+def _load_rgb(path: str, detail: str = ""):
+    """Open and fully decode `path` as an RGB PIL image, or BadImageError naming it (`detail`: context after it)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except _decode_errors() as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise BadImageError(f"cannot read image {path!r}{detail}: {reason}", path) from e
+
+
+def check_images(samples: Sequence[Sample], *, threads: int | None = None) -> tuple[list[Sample], list[BadImageError]]:
+    """Decode every image once -> (readable samples in input order, one BadImageError per unreadable one).
+
+    The check is a full decode, the same `ImageDataset` does, not ``PIL.Image.verify``: verify reads no pixel data
+    for JPEG, so a truncated JPEG passes it and would still fail mid-epoch. Dropping the bad images up front keeps a
+    run deterministic (the same images in every epoch, whatever the worker count) at the cost of one extra read of
+    the images used. Each distinct path is decoded once, on a thread pool (PIL releases the GIL while decoding).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples = list(samples)
+    paths = list(dict.fromkeys(s.path for s in samples))
+
+    def probe(path: str) -> BadImageError | None:
+        try:
+            _load_rgb(path)
+        except BadImageError as e:
+            return e
+        return None
+
+    n_threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        errors = dict(zip(paths, pool.map(probe, paths)))
+    bad = [e for e in errors.values() if e is not None]
+    return [s for s in samples if errors[s.path] is None], bad
+
+
 class ImageDataset(Dataset):
     """Samples -> (image, label). Images are loaded with PIL and converted to RGB; `transform` (e.g. `clip_transform`
     or open_clip's preprocess) gets the PIL image. Without a transform the image is a float32 CHW tensor in [0,1].
-    A file that cannot be read raises OSError naming the path."""
+    A file that cannot be read or decoded raises `BadImageError` (a ValueError) naming the path and the sample."""
 
     def __init__(self, samples: Sequence[Sample], transform: Callable | None = None):
         self.samples = list(samples)
@@ -765,14 +971,8 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         s = self.samples[i]
-        try:
-            with Image.open(s.path) as im:
-                img = im.convert("RGB")
-        except OSError as e:
-            raise OSError(f"cannot load image {s.path!r} (sample {i}, class {s.classname!r}): {e}") from e
+        img = _load_rgb(s.path, f" (sample {i}, class {s.classname!r})")
         if self.transform is not None:
             return self.transform(img), s.label
         arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)

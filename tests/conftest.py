@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # The Triton kernels run on CPU tensors only under the interpreter, which must be chosen before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -8,3 +10,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running, e.g. compiles the CUDA extension (deselect: -m 'not slow')")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leanclip_cache(tmp_path_factory):
+    """The per-user cache the CLI uses by default ($LEANCLIP_CACHE_DIR: the synthetic dataset) lives in a session
+    temp folder during tests, never in the real home; child processes inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LEANCLIP_CACHE_DIR", str(tmp_path_factory.mktemp("leanclip-cache")))
+        yield

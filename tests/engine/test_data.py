@@ -191,7 +191,7 @@ def test_load_dataset_fgvc_and_imagenet(tmp_path):
     assert len(splits["train"]) == 4 and splits["val"] == splits["test"] and len(splits["test"]) == 4
     assert {(s.label, s.classname) for s in splits["train"]} == {(0, "tench"), (1, "goldfish")}
     (inet / "classnames.txt").write_text("n01440764 tench\n")
-    with pytest.raises(KeyError, match="n01443537"):
+    with pytest.raises(ValueError, match="n01443537.*classnames.txt|classnames.txt.*n01443537"):
         D.load_dataset(tmp_path, "ImageNet")
 
 
@@ -333,7 +333,7 @@ def test_image_dataset(split_tree):
     assert xt.shape == (3, 12, 12)
     bad = root / "broken.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(OSError, match="broken.png"):
+    with pytest.raises(D.BadImageError, match="broken.png"):
         D.ImageDataset([Sample(str(bad), 0, "x")])[0]
 
 
@@ -465,3 +465,317 @@ def test_synthetic_split_roundtrip(tmp_path):
     x, y = D.ImageDataset(splits["test"])[0]
     assert x.shape == (3, 16, 16)
     assert D.find_split_file(tmp_path, "Synthetic") == (path, str(tmp_path / "images"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# untrusted data files: image paths stay inside the image root
+
+
+def _rewrite_first_train_path(path, rel):
+    raw = json.loads(open(path).read())
+    raw["train"][0][0] = rel
+    bad = os.path.join(os.path.dirname(path), "split_zhou_Edited.json")
+    with open(bad, "w") as f:
+        json.dump(raw, f)
+    return bad
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "nested_dotdot", "absolute", "symlink_file", "symlink_dir"])
+def test_split_paths_must_stay_inside_image_root(split_tree, tmp_path_factory, kind):
+    root, path = split_tree
+    images = root / "images"
+    secret_dir = tmp_path_factory.mktemp("outside")
+    secret = secret_dir / "secret.png"
+    secret.write_bytes((images / json.loads(open(path).read())["test"][0][0]).read_bytes())
+    first_class = sorted(p.name for p in images.iterdir())[0]
+    if kind == "dotdot":
+        rel = os.path.relpath(secret, images)
+    elif kind == "nested_dotdot":
+        rel = f"{first_class}/../../{os.path.relpath(secret, root)}"
+    elif kind == "absolute":
+        rel = str(secret)
+    elif kind == "symlink_file":
+        os.symlink(secret, images / "link.png")
+        rel = "link.png"
+    else:
+        os.symlink(secret_dir, images / "linkdir")
+        rel = "linkdir/secret.png"
+    bad = _rewrite_first_train_path(path, rel)
+    with pytest.raises(ValueError) as ei:
+        D.read_split_file(bad, images)
+    msg = str(ei.value)
+    assert "\n" not in msg and "split_zhou_Edited.json" in msg and "train[0]" in msg and repr(rel) in msg
+    assert repr(str(images)) in msg and "allow-outside-root" in msg
+    # the user may opt in; the sample keeps the path as joined
+    splits = D.read_split_file(bad, images, allow_outside_root=True)
+    assert splits["train"][0].path == os.path.join(str(images), rel)
+    # load_dataset (the CLI's --data path) checks the same way and passes the opt-in through
+    os.replace(bad, path)
+    with pytest.raises(ValueError, match="outside the image root"):
+        D.load_dataset(root, "Synthetic")
+    assert D.load_dataset(root, "Synthetic", allow_outside_root=True)[0]["train"][0].path.endswith(
+        os.path.basename(rel))
+
+
+def test_split_paths_inside_root_through_symlinks_are_fine(split_tree, tmp_path):
+    """Symlinks that stay inside the root, a root that is itself a symlink, and 'a/../b' inside it are accepted."""
+    root, path = split_tree
+    images = root / "images"
+    first_class = sorted(p.name for p in images.iterdir())[0]
+    os.symlink(images / first_class, images / "alias")
+    one = sorted(os.listdir(images / first_class))[0]
+    bad = _rewrite_first_train_path(path, f"alias/../{first_class}/{one}")
+    assert os.path.isfile(D.read_split_file(bad, images)["train"][0].path)
+    bad = _rewrite_first_train_path(path, f"alias/{one}")
+    assert os.path.isfile(D.read_split_file(bad, images)["train"][0].path)
+    os.symlink(images, tmp_path / "images_link")
+    assert len(D.read_split_file(path, tmp_path / "images_link")["train"]) == 30
+
+
+def test_fgvc_list_paths_must_stay_inside(tmp_path):
+    d = tmp_path / "fgvc_aircraft"
+    (d / "images").mkdir(parents=True)
+    (d / "variants.txt").write_text("707-320\n")
+    (tmp_path / "escape.jpg").write_bytes(b"")
+    (d / "images" / "1.jpg").write_bytes(b"")
+    (d / "images_variant_train.txt").write_text("../../escape 707-320\n")
+    for split in ("val", "test"):
+        (d / f"images_variant_{split}.txt").write_text("1 707-320\n")
+    with pytest.raises(ValueError, match=r"images_variant_train.txt.*line 1.*'\.\./\.\./escape\.jpg'.*image root"):
+        D.load_dataset(tmp_path, "FGVCAircraft")
+    splits, _ = D.load_dataset(tmp_path, "FGVCAircraft", allow_outside_root=True)
+    assert os.path.isfile(splits["train"][0].path)
+    (d / "variants.txt").write_text("707-320\n707-320\n")
+    with pytest.raises(ValueError, match="variants.txt.*more than once"):
+        D.load_dataset(tmp_path, "FGVCAircraft", allow_outside_root=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# malformed data files: a ValueError naming the file, never a bare Python error
+
+
+def test_split_file_malformed_text(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    p = tmp_path / "split_zhou_Bad.json"
+    p.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="split_zhou_Bad.json.*nests too deeply"):
+        D.read_split_file(p, tmp_path)
+    p.write_bytes(b'{"train": [["\xff.png", 0, "cat"]], "test": []}')
+    with pytest.raises(ValueError, match="split_zhou_Bad.json.*not UTF-8"):
+        D.read_split_file(p, tmp_path)
+    for entry, what in [(["a\x00.png", 0, "cat"], "NUL"), (["", 0, "cat"], "empty path"),
+                        (["a.png", -3, "cat"], "negative label"), (["a.png", 0, " "], "empty class name"),
+                        (["a.png", True, "cat"], "is not"), (["a.png", 1.0, "cat"], "is not")]:
+        p.write_text(json.dumps({"train": [entry], "test": []}))
+        with pytest.raises(ValueError, match=rf"split_zhou_Bad.json.*train\[0\].*{what}"):
+            D.read_split_file(p, tmp_path)
+    (tmp_path / "a_dir.json").mkdir()
+    with pytest.raises(ValueError, match="a_dir.json.*not a regular file"):
+        D.read_split_file(tmp_path / "a_dir.json", tmp_path)
+    with pytest.raises(ValueError, match="a_dir.json.*not a regular file"):
+        D.read_classnames_file(tmp_path / "a_dir.json")
+
+
+def test_classnames_file_bad_lines(tmp_path):
+    f = tmp_path / "classnames.txt"
+    f.write_text("n01 tench\nn02\n")
+    with pytest.raises(ValueError, match="classnames.txt.*line 2"):
+        D.read_classnames_file(f)
+    f.write_text("n01 tench\nn01 goldfish\n")
+    with pytest.raises(ValueError, match="classnames.txt.*line 2.*'n01' is listed twice"):
+        D.read_classnames_file(f)
+    f.write_bytes(b"n01 tench\nn02 \xff\n")
+    with pytest.raises(ValueError, match="classnames.txt.*not UTF-8"):
+        D.read_classnames_file(f)
+    f.write_text("\n\n")
+    with pytest.raises(ValueError, match="classnames.txt.*empty"):
+        D.read_classnames_file(f)
+    assert D.read_classnames_file(_write(f, "n01  tench fish\n\nn02\tgold fish\n")) == {"n01": "tench fish",
+                                                                                         "n02": "gold fish"}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+_HUGE_LABEL = """
+import resource, sys
+from engine import data as D
+vm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmSize:")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # a walk of range(n) fails fast
+try:
+    D.classnames_from_samples([D.Sample("a", 0, "a"), D.Sample("b", 10**18, "b")])
+except ValueError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc for the memory cap")
+def test_huge_label_gap_is_reported_at_once():
+    """A label of 10**18 in a data file must not make the contiguity check walk (and list) range(10**18). Run in a
+    child process under a memory cap, so that such a walk ends in a MemoryError there, not in the host's OOM killer."""
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", _HUGE_LABEL], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "no sample for label(s) [1, 2, 3, 4, 5]" in p.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bad images: BadImageError naming the path, also from DataLoader workers; check_images for --skip-bad-images
+
+
+def _bad_image_files(tmp_path, good_png: bytes) -> dict[str, str]:
+    from PIL import Image
+
+    jpg = tmp_path / "good.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg, quality=90)
+    files = {
+        "truncated_png": good_png[: len(good_png) // 2],
+        "truncated_jpeg": jpg.read_bytes()[: jpg.stat().st_size // 2],
+        "text_named_jpg": b"hello, I am not an image\n",
+        "empty": b"",
+    }
+    out = {}
+    for name, blob in files.items():
+        p = tmp_path / (name + (".png" if "png" in name else ".jpg"))
+        p.write_bytes(blob)
+        out[name] = str(p)
+    (tmp_path / "folder.jpg").mkdir()
+    out["directory"] = str(tmp_path / "folder.jpg")
+    return out
+
+
+def test_bad_images_raise_one_line_naming_the_path(split_tree, tmp_path):
+    root, path = split_tree
+    good = D.read_split_file(path)["train"][0].path
+    bad = _bad_image_files(tmp_path, open(good, "rb").read())
+    for kind, p in bad.items():
+        with pytest.raises(D.BadImageError) as ei:
+            D.ImageDataset([Sample(p, 0, "x")], D.clip_transform(16))[0]
+        msg = str(ei.value)
+        assert isinstance(ei.value, ValueError) and ei.value.path == p, kind
+        assert "\n" not in msg and repr(p) in msg, (kind, msg)
+    from PIL import Image
+
+    with Image.open(bad["truncated_jpeg"]) as im:
+        im.verify()  # passes: why check_images decodes instead of verifying
+    ok, errors = D.check_images([Sample(good, 0, "x"), *(Sample(p, 0, "x") for p in bad.values()),
+                                 Sample(good, 0, "x")], threads=2)
+    assert [s.path for s in ok] == [good, good]
+    assert sorted(e.path for e in errors) == sorted(bad.values())
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_image_is_a_bad_image(split_tree):
+    root, path = split_tree
+    good = D.read_split_file(path)["train"][0].path
+    os.chmod(good, 0)
+    try:
+        with pytest.raises(D.BadImageError, match=re.escape(repr(good))):
+            D.ImageDataset([Sample(good, 0, "x")])[0]
+    finally:
+        os.chmod(good, 0o644)
+
+
+def test_bad_image_in_a_worker_stays_one_line(tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_text("not an image")
+    loader = D.make_loader(D.ImageDataset([Sample(str(bad), 0, "x")]), 1, False, 0, num_workers=1)
+    with pytest.raises(D.BadImageError) as ei:
+        next(iter(loader))
+    msg = str(ei.value)
+    assert "\n" not in msg and msg.startswith(f"cannot read image {str(bad)!r}") and "worker process 0" in msg
+    assert "Traceback" in ei.value.worker_traceback
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# synthetic-data cache: per-user, private, hash-checked
+
+
+def test_cache_dir_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(S.CACHE_ENV, str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert S.cache_dir() == str(tmp_path / "explicit")
+    monkeypatch.delenv(S.CACHE_ENV)
+    assert S.cache_dir() == str(tmp_path / "xdg" / "leanclip")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert S.cache_dir() == str(tmp_path / "home" / ".cache" / "leanclip")
+
+
+def test_private_dir_is_created_0700_and_refuses_shared_ones(tmp_path):
+    d = S.private_dir(tmp_path / "a" / "synthetic")
+    assert os.stat(d).st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(ValueError, match=r"'.*shared'.*writable by group or others"):
+        S.private_dir(shared)
+    os.chmod(shared, 0o755)
+    assert S.private_dir(shared) == str(shared)  # readable by others is fine: nobody else can plant files
+    if os.geteuid() == 0:  # only root can give a folder away
+        os.chown(shared, os.geteuid() + 4321, -1)
+        with pytest.raises(ValueError, match="belongs to another user"):
+            S.private_dir(shared)
+
+
+def test_cached_split_dataset_checks_its_manifest(tmp_path):
+    base = tmp_path / "cache"
+    root = S.cached_split_dataset(base, 3, 16, 2, 1, 1)
+    assert S.manifest_problem(root) is None
+    manifest = json.loads(open(os.path.join(root, S.MANIFEST)).read())["files"]
+    assert "split_zhou_Synthetic.json" in manifest and len(manifest) == 1 + 3 * 4
+    splits, names = D.load_dataset(root, "Synthetic")
+    victim = splits["train"][0].path
+    original = open(victim, "rb").read()
+    mtime = os.stat(os.path.join(root, "split_zhou_Synthetic.json")).st_mtime_ns
+    assert S.cached_split_dataset(base, 3, 16, 2, 1, 1) == root  # valid: reused as is
+    assert os.stat(os.path.join(root, "split_zhou_Synthetic.json")).st_mtime_ns == mtime
+
+    with open(victim, "wb") as f:  # planted / corrupted image
+        f.write(b"planted")
+    assert "does not match its recorded sha256" in S.manifest_problem(root)
+    assert S.cached_split_dataset(base, 3, 16, 2, 1, 1) == root
+    assert open(victim, "rb").read() == original and S.manifest_problem(root) is None
+
+    open(os.path.join(root, "images", "extra.png"), "wb").close()  # unlisted file
+    assert "unlisted" in S.manifest_problem(root)
+    assert S.cached_split_dataset(base, 3, 16, 2, 1, 1) == root
+    assert not os.path.exists(os.path.join(root, "images", "extra.png"))
+
+    os.remove(os.path.join(root, S.MANIFEST))  # a cache from before manifests
+    assert "no readable manifest" in S.manifest_problem(root)
+    assert S.cached_split_dataset(base, 3, 16, 2, 1, 1) == root and S.manifest_problem(root) is None
+    assert sorted(os.listdir(base)) == [os.path.basename(root)]  # no temp or stale folders left behind
+
+
+def test_image_folders_keep_symlinks_inside(tmp_path, classes):
+    """Folder datasets come from archives too: a symlinked class folder or file leading out of the root is refused
+    (naming it) unless allowed; a link back up the tree is walked once, not until the path is too long."""
+    outside = tmp_path / "elsewhere"
+    S.write_image_folder(outside, classes[:1], 2, size=8)
+    root = tmp_path / "tree"
+    S.write_image_folder(root, classes[1:3], 2, size=8)
+    first = sorted(p.name for p in root.iterdir())[0]
+    os.symlink(root / first, root / first / "loop")  # a cycle: tree/<first>/loop -> tree/<first>
+    assert len(D.ImageFolderSource(root)) == 4
+    os.symlink(outside / classes[0].folder, root / "zz_linked_class")
+    with pytest.raises(ValueError, match=r"image folder '.*tree'.*'zz_linked_class/0000.png'.*outside the image root"):
+        D.ImageFolderSource(root)
+    assert len(D.ImageFolderSource(root, allow_outside_root=True)) == 6
+    # the ImageNet reader (wnid folders) passes the opt-in through load_dataset
+    inet = tmp_path / "data" / "imagenet"
+    S.write_image_folder(inet / "images" / "train", classes[1:2], 2, size=8)
+    os.rename(inet / "images" / "train" / classes[1].folder, inet / "images" / "train" / "n01")
+    (inet / "images" / "val").mkdir()
+    os.symlink(outside / classes[0].folder, inet / "images" / "val" / "n01")
+    (inet / "classnames.txt").write_text("n01 tench\n")
+    with pytest.raises(ValueError, match="outside the image root"):
+        D.load_dataset(tmp_path / "data", "ImageNet")
+    splits, _ = D.load_dataset(tmp_path / "data", "ImageNet", allow_outside_root=True)
+    assert len(splits["test"]) == 2
