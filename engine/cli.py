@@ -353,21 +353,18 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
         root = _synthetic_root(args, image_size, n_train, 4, 20)
         splits, _ = D.load_dataset(root, "Synthetic")
         dataset = "Synthetic"
-    train = list(splits.get("train") or [])
-    if train and args.shots and need_train:
-        cache = os.path.join(args.output, "fewshot") if getattr(args, "output", None) else None
-        train = D.few_shot_cached(train, args.shots, args.seed, cache) if cache else D.few_shot(train, args.shots,
-                                                                                                 args.seed)
+    train, record_selection = _few_shot(args, list(splits.get("train") or []), need_train)
     splits = {"train": train, "val": list(splits.get("val") or []), "test": list(splits.get("test") or [])}
     full = splits
     splits, classnames = D.subsample_classes(full, args.subsample)
     new_splits, new_names = D.subsample_classes(full, "new") if args.subsample == "base" else (None, None)
     used = {"train": splits["train"] if need_train else [], "eval": splits[args.eval_split],
             "new": new_splits[args.eval_split] if new_splits else []}
-    bad_images = _drop_bad_images(used) if getattr(args, "skip_bad_images", False) else []
+    bad_images = _drop_bad_images(used) if getattr(args, "skip_bad_images", False) else _require_images(used)
     if not used["eval"]:
         raise UsageError(f"the {args.eval_split} split of {dataset!r} is "
                          + ("empty" if not bad_images else "empty after --skip-bad-images"))
+    record_selection()  # only now that every check passed: a rejected command leaves no few-shot file behind
     kw = {k: v for k, v in (("mean", mean), ("std", std)) if v}
     tf_eval = D.clip_transform(image_size, train=False, **kw)
     tf_train = D.clip_transform(image_size, train=True, **kw) if train_transform else tf_eval
@@ -379,6 +376,36 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
         "new": (D.ImageDataset(used["new"], tf_eval), new_names) if used["new"] else None,
         "bad_images": bad_images,
     }
+
+
+def _few_shot(args, train: list, need_train: bool):
+    """K-shot selection of ``train`` -> (selection, record): ``record()`` writes the selection under the run folder
+    (``--output``/fewshot) for later runs; a selection recorded there before is reused as it is."""
+    from engine import data as D
+
+    if not (train and args.shots and need_train):
+        return train, lambda: None
+    cache = os.path.join(args.output, "fewshot") if getattr(args, "output", None) else None
+    if cache and os.path.exists(D.few_shot_cache_path(train, args.shots, args.seed, cache)):
+        return D.few_shot_cached(train, args.shots, args.seed, cache), lambda: None
+    chosen = D.few_shot(train, args.shots, args.seed)
+    if cache is None:
+        return chosen, lambda: None
+    return chosen, lambda: D.few_shot_cached(train, args.shots, args.seed, cache)
+
+
+def _require_images(used: dict) -> list[str]:
+    """Before any work: every image the command will read must at least open as an image (header read; a truncated
+    file is still found at its first full read, as a one-line error naming it). Returns [] or raises the first
+    problem, with the count."""
+    from engine.data import BadImageError, check_images
+
+    _, bad = check_images([s for samples in used.values() for s in samples], decode=False)
+    if bad:
+        more = f" (and {len(bad) - 1} more; --skip-bad-images leaves them out)" if len(bad) > 1 else \
+            " (--skip-bad-images leaves such images out)"
+        raise BadImageError(f"{bad[0]}{more}", bad[0].path)
+    return []
 
 
 def _drop_bad_images(used: dict) -> list[str]:
@@ -483,7 +510,7 @@ def cmd_train(args) -> int:
     result = {
         "command": "train", "method": method, "model": args.model, "dataset": data["dataset"], "shots": args.shots,
         "seed": args.seed, "subsample": args.subsample, "classes": len(data["classnames"]),
-        "train_images": len(data["train"]), "epochs": cfg.epochs, "steps": summary["steps"],
+        "train_images": len(data["train"]), "skipped_images": len(data["bad_images"]), "epochs": cfg.epochs, "steps": summary["steps"],
         "final_train_loss": summary["final_train_loss"], "metrics": summary["metrics"],
         "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
         "checkpoint": summary.get("checkpoint"), "output": args.output,
@@ -571,7 +598,8 @@ def cmd_eval(args) -> int:
     res = evaluate(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,
                    precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
     result = {"command": "eval", "method": meta["method"], "checkpoint": meta["path"], "dataset": data["dataset"],
-              "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]), **res}
+              "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
+              "skipped_images": len(data["bad_images"]), **res}
     _emit(result, args, "eval.json")
     return 0
 
@@ -588,7 +616,7 @@ def cmd_zeroshot(args) -> int:
                    precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
     result = {"command": "zeroshot", "model": args.model, "pretrained": args.pretrained, "dataset": data["dataset"],
               "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
-              "templates": templates, **res}
+              "templates": templates, "skipped_images": len(data["bad_images"]), **res}
     _emit(result, args, "zeroshot.json")
     return 0
 

@@ -919,6 +919,18 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     return OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
 
 
+def _open_header(path: str) -> None:
+    """Identify `path` as an image from its header, or BadImageError naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            pass
+    except _decode_errors() as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise BadImageError(f"cannot read image {path!r}: {reason}", path) from e
+
+
 def _load_rgb(path: str, detail: str = ""):
     """Open and fully decode `path` as an RGB PIL image, or BadImageError naming it (`detail`: context after it)."""
     from PIL import Image
@@ -931,8 +943,11 @@ def _load_rgb(path: str, detail: str = ""):
         raise BadImageError(f"cannot read image {path!r}{detail}: {reason}", path) from e
 
 
-def check_images(samples: Sequence[Sample], *, threads: int | None = None) -> tuple[list[Sample], list[BadImageError]]:
+def check_images(samples: Sequence[Sample], *, threads: int | None = None,
+                 decode: bool = True) -> tuple[list[Sample], list[BadImageError]]:
     """Decode every image once -> (readable samples in input order, one BadImageError per unreadable one).
+    ``decode=False`` reads only each file's header: it finds missing, unreadable and non-image files (a directory, a
+    text file named ``.jpg``, an empty file) at the cost of one small read per file, but not a truncated image.
 
     The check is a full decode, the same `ImageDataset` does, not ``PIL.Image.verify``: verify reads no pixel data
     for JPEG, so a truncated JPEG passes it and would still fail mid-epoch. Dropping the bad images up front keeps a
@@ -946,7 +961,7 @@ def check_images(samples: Sequence[Sample], *, threads: int | None = None) -> tu
 
     def probe(path: str) -> BadImageError | None:
         try:
-            _load_rgb(path)
+            _load_rgb(path) if decode else _open_header(path)
         except BadImageError as e:
             return e
         return None

@@ -53,8 +53,8 @@ def files(tmp_path_factory, tiny_name):
     f["split_emptytest"] = split("EmptyTest", test=[])
     (img_dir / "corrupt.png").write_bytes((img_dir / "c0_0.png").read_bytes()[:40])
     (img_dir / "text.png").write_text("hello")
-    f["split_corrupt"] = split("Corrupt", train=[["corrupt.png", 0, "class0"]] + rows[1:])
-    f["split_textimg"] = split("TextImg", train=[["text.png", 0, "class0"]] + rows[1:])
+    f["split_corrupt"] = split("Corrupt", test=[["corrupt.png", 0, "class0"]] + rows[1:])
+    f["split_textimg"] = split("TextImg", train=[["text.png", 0, "class0"]], test=[["text.png", 0, "class0"]] + rows)
     # ImageNet layout with a folder that classnames.txt does not list
     inet = d / "inet" / "imagenet"
     for split_dir in ("train", "val"):
