@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine import houlsby as _houlsby  # module references: engine.methods imports both this module and these
+from engine import lilt as _lilt
 from engine.methods import register_method
-from engine.houlsby import Bottleneck, add_adapters, block_widths, strip  # after engine.methods: it imports these
-from engine.lilt import check_reduction
 
 __all__ = ["SharedRule", "PHMLinear", "CompacterAdapter", "compacter_count"]
 
@@ -68,7 +68,14 @@ class PHMLinear(nn.Module):
         return x @ self.weight() + self.bias
 
 
-class CompacterAdapter(Bottleneck):
+class CompacterAdapter(nn.Module):
+    """``h + up(gelu(down(h)))`` with PHM ``down`` / ``up`` (an in-layer adapter of ``engine.houlsby``)."""
+
+    inlayer_adapter = True
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _houlsby.bottleneck(h, self.down, self.up)
+
     def __init__(self, dim: int, reduction: int, rule: SharedRule):
         super().__init__()
         hidden = dim // reduction
@@ -84,8 +91,8 @@ def compacter_count(widths_layers, reduction: int = 8, n: int = 4) -> int:
 def _check_compacter(model, reduction=8, n=4, tower="both", **_):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    for width in block_widths(model, "compacter", tower):
-        check_reduction(reduction, width)
+    for width in _houlsby.block_widths(model, "compacter", tower):
+        _lilt.check_reduction(reduction, width)
         if width % n or (width // reduction) % n:
             raise ValueError(f"n={n} must divide the width {width} and the bottleneck {width // reduction} "
                              f"(PHM layers are built from n x n blocks)")
@@ -94,8 +101,8 @@ def _check_compacter(model, reduction=8, n=4, tower="both", **_):
 @register_method("compacter", check=_check_compacter)
 def _compacter(model, reduction=8, n=4, tower="both"):
     """Compacter: Houlsby-placed adapters whose projections are LPHM layers, A_i shared across all of them."""
-    strip(model, CompacterAdapter)
+    _houlsby.strip(model, CompacterAdapter)
     rule = SharedRule(n).to(next(model.parameters()).device)
-    add_adapters(model, tower, "compacter", lambda width: CompacterAdapter(width, reduction, rule))
+    _houlsby.add_adapters(model, tower, "compacter", lambda width: CompacterAdapter(width, reduction, rule))
     return {}
 

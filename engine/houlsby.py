@@ -32,25 +32,37 @@ from torch import nn
 
 from engine import lean as _lean
 from engine.methods import _check_tower, register_method, require_open_clip_tower
-from engine.lilt import check_reduction  # after engine.methods, which imports lilt itself
+from engine import lilt as _lilt  # after engine.methods, which imports lilt (the two import each other)
 
-__all__ = ["Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
+__all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
 
 SITES = ("ls_1", "ls_2")  # after the attention, after the MLP
 
 
+def bottleneck(h: torch.Tensor, down: nn.Module, up: nn.Module) -> torch.Tensor:
+    """``h + up(gelu(down(h)))`` in float32 (the frozen stream may be bf16), result in the input dtype."""
+    return h + up(F.gelu(down(h.float()))).to(h.dtype)
+
+
+def is_adapter(module: nn.Module) -> bool:
+    """Whether ``module`` is an in-layer adapter (class attribute ``inlayer_adapter = True``: a module with ``down``
+    and ``up`` whose forward is ``bottleneck``; ``engine.compacter`` defines one without importing this class)."""
+    return getattr(type(module), "inlayer_adapter", False) is True
+
+
 class Bottleneck(nn.Module):
-    """``h + up(gelu(down(h)))`` in float32 (the frozen stream may be bf16), result in the input dtype. Subclasses
-    set ``down`` and ``up`` (any d -> m and m -> d modules, ``up`` zero at the start)."""
+    """Base of in-layer adapters: subclasses set ``down`` and ``up`` (d -> m and m -> d, ``up`` zero at start)."""
+
+    inlayer_adapter = True
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.up(F.gelu(self.down(h.float()))).to(h.dtype)
+        return bottleneck(h, self.down, self.up)
 
 
 class HoulsbyAdapter(Bottleneck):
     def __init__(self, dim: int, reduction: int):
         super().__init__()
-        hidden = dim // check_reduction(reduction, dim)
+        hidden = dim // _lilt.check_reduction(reduction, dim)
         self.down = nn.Linear(dim, hidden)
         self.up = nn.Linear(hidden, dim)
         nn.init.zeros_(self.up.weight)
@@ -58,13 +70,13 @@ class HoulsbyAdapter(Bottleneck):
 
 
 def _run_adapters(module: nn.Module, args):
-    """Forward pre-hook on ``ls_1`` / ``ls_2``: its input passes every ``Bottleneck`` child first (in insertion
+    """Forward pre-hook on ``ls_1`` / ``ls_2``: its input passes every in-layer adapter child first (in insertion
     order). Module-level (not a closure) so ``copy.deepcopy`` and pickling keep pointing at the copy's adapters."""
     if not args:
         return None
     h = args[0]
     for child in module._modules.values():
-        if isinstance(child, Bottleneck):
+        if is_adapter(child):
             h = child(h)
     return (h,) + tuple(args[1:])
 
@@ -106,18 +118,19 @@ def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Modul
     return added
 
 
-def inlayer_adapters(model: nn.Module, cls: type = Bottleneck) -> list[tuple[str, nn.Module]]:
-    """(name, adapter) of every in-layer adapter of class ``cls``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, cls)]
+def inlayer_adapters(model: nn.Module, cls: type | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, adapter) of every in-layer adapter (of class ``cls`` when given)."""
+    return [(n, m) for n, m in model.named_modules() if is_adapter(m) and (cls is None or isinstance(m, cls))]
 
 
-def strip(model: nn.Module, cls: type = Bottleneck) -> nn.Module:
-    """Remove every in-layer adapter of class ``cls`` (and the hook once a module holds none). Returns ``model``."""
+def strip(model: nn.Module, cls: type | None = None) -> nn.Module:
+    """Remove every in-layer adapter (of class ``cls`` when given) and the hook once a module holds none. Returns
+    ``model``."""
     for m in list(model.modules()):
         for name, child in list(m._modules.items()):
-            if isinstance(child, cls):
+            if is_adapter(child) and (cls is None or isinstance(child, cls)):
                 del m._modules[name]
-        if not any(isinstance(c, Bottleneck) for c in m._modules.values()):
+        if not any(is_adapter(c) for c in m._modules.values()):
             for k, fn in list(m._forward_pre_hooks.items()):
                 if fn is _run_adapters:
                     del m._forward_pre_hooks[k]
@@ -127,7 +140,7 @@ def strip(model: nn.Module, cls: type = Bottleneck) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------- method
 def _check_houlsby(model, reduction=8, tower="both", **_):
     for width in block_widths(model, "houlsby", tower):
-        check_reduction(reduction, width)
+        _lilt.check_reduction(reduction, width)
 
 
 @register_method("houlsby", check=_check_houlsby)
