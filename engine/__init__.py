@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "prepare": "engine.methods",
+    "merge": "engine.lora",
     "METHODS": "engine.methods",
     "trainable_parameters": "engine.methods",
     "count_trainable": "engine.methods",

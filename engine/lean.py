@@ -10,6 +10,10 @@
   ``mlp.c_proj``) run through ``kernels.frozen_linear`` (input not saved, db fused); a trainable weight (``full``)
   keeps ``F.linear``. ``ls_1``/``ls_2`` and ``batch_first`` behave as in open_clip 3.3.
 
+Methods that change a block's projections (LoRA) attach a ``ProjectionDelta`` child to the block: the lean block adds
+its term to each frozen projection (``in_proj``, ``out_proj``, ``c_fc``, ``c_proj``) inside the same branch functions,
+so the frozen GEMM keeps ``kernels.frozen_linear`` and every recompute policy stays exact.
+
 The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`` names, ``deepcopy`` and open_clip's
 own forward code (``encode_image``, ``encode_text``) keep working. It is never a silent no-op: a tower, block or
 attention class it does not know (timm towers, ModifiedResNet, Hugging Face text towers, open_clip's
@@ -220,6 +224,27 @@ def _frozen(*mods_or_params) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------------------- deltas
+PROJECTION_SITES = ("in_proj", "out_proj", "c_fc", "c_proj")
+
+
+class ProjectionDelta(nn.Module):
+    """A module a method attaches to a lean block (as a child, under any name) to add a trainable term to the
+    block's frozen projections: the block computes ``lean_linear(x, W, b) + delta(site, x, start, stop)`` for each
+    site of ``PROJECTION_SITES`` (``in_proj`` packs q | k | v, ``start``/``stop`` select output features of it: the
+    last block's pooled rows compute q and k|v apart). ``delta`` returns None where it adds nothing. The frozen
+    weight stays on ``kernels.frozen_linear`` (no weight gradient), and because the term is computed inside the same
+    branch functions as the projection, every recompute policy recomputes it exactly (the RNG state is preserved
+    when ``needs_rng()``). Only the lean block applies it: ``remove_lean`` refuses a block that holds one."""
+
+    def delta(self, site: str, x: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def needs_rng(self) -> bool:
+        """Whether the forward draws random numbers (dropout in training mode): recompute must replay them."""
+        return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
+
 # ----------------------------------------------------------------------------------------------------------- block
 class LeanResidualAttentionBlock(ResidualAttentionBlock):
     """open_clip ``ResidualAttentionBlock`` with SDPA attention, fused frozen projections and a recompute policy
@@ -227,12 +252,31 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
 
     leanclip_recompute = "none"
 
+    # -- projections: frozen GEMM + the deltas of attached ProjectionDelta modules --
+    def _deltas(self) -> list:
+        return [m for m in self._modules.values() if isinstance(m, ProjectionDelta)]
+
+    def _proj(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
+        """``lean_linear`` over output features [start, stop) of projection ``site``, plus every attached delta."""
+        stop = weight.shape[0] if stop is None else stop
+        if (start, stop) != (0, weight.shape[0]):
+            weight, bias = weight[start:stop], None if bias is None else bias[start:stop]
+        y = lean_linear(x, weight, bias)
+        for m in self._deltas():
+            d = m.delta(site, x, start, stop)
+            if d is not None:
+                y = y + d.to(y.dtype)
+        return y
+
+    def _needs_rng(self) -> bool:
+        return self.training and (self.attn.dropout > 0 or any(m.needs_rng() for m in self._deltas()))
+
     # -- branches (x is (B, L, D) batch-first) --
     def _attn_core(self, x, mask, is_causal: bool):
         attn = self.attn
         b, n, d = x.shape
         h = attn.num_heads
-        qkv = lean_linear(self.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+        qkv = self._proj("in_proj", self.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
         q, k, v = qkv.reshape(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
         if mask is not None:
             mask = mask.to(q.dtype)
@@ -242,16 +286,16 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
     def _attn_out(self, o):
         b, h, n, hd = o.shape
         o = o.transpose(1, 2).reshape(b, n, h * hd)
-        return self.ls_1(lean_linear(o, self.attn.out_proj.weight, self.attn.out_proj.bias))
+        return self.ls_1(self._proj("out_proj", o, self.attn.out_proj.weight, self.attn.out_proj.bias))
 
     def _attn(self, x, mask, is_causal: bool):
         return self._attn_out(self._attn_core(x, mask, is_causal))
 
     def _mlp_core(self, x):
-        return self.mlp.gelu(lean_linear(self.ln_2(x), self.mlp.c_fc.weight, self.mlp.c_fc.bias))
+        return self.mlp.gelu(self._proj("c_fc", self.ln_2(x), self.mlp.c_fc.weight, self.mlp.c_fc.bias))
 
     def _mlp_out(self, g):
-        return self.ls_2(lean_linear(g, self.mlp.c_proj.weight, self.mlp.c_proj.bias))
+        return self.ls_2(self._proj("c_proj", g, self.mlp.c_proj.weight, self.mlp.c_proj.bias))
 
     def _mlp(self, x):
         return self._mlp_out(self._mlp_core(x))
@@ -270,7 +314,7 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
         the checkpoints: they save nothing, so recomputing them would be wasted."""
         attn, mlp = self.attn, self.mlp
-        rng = self.training and attn.dropout > 0
+        rng = self._needs_rng()
         out_proj_outside = _frozen(attn.out_proj.weight, self.ls_1)
         c_proj_outside = _frozen(mlp.c_proj.weight, self.ls_2)
         if policy == "block":
@@ -317,12 +361,12 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         w, bias = attn.in_proj_weight, attn.in_proj_bias
         y = self.ln_1(x)
         pick = torch.arange(b, device=x.device), rows
-        q = lean_linear(y[pick], w[:d], None if bias is None else bias[:d]).reshape(b, h, 1, d // h)
-        kv = lean_linear(y, w[d:], None if bias is None else bias[d:])
+        q = self._proj("in_proj", y[pick], w, bias, 0, d).reshape(b, h, 1, d // h)
+        kv = self._proj("in_proj", y, w, bias, d, 3 * d)
         k, v = kv.reshape(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4).unbind(0)
         p = attn.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p).reshape(b, d)
-        x_r = x[pick] + self.ls_1(lean_linear(o, attn.out_proj.weight, attn.out_proj.bias))
+        x_r = x[pick] + self.ls_1(self._proj("out_proj", o, attn.out_proj.weight, attn.out_proj.bias))
         return x_r + self._mlp(x_r)
 
     def forward_rows(self, x: torch.Tensor, rows: torch.Tensor | None = None, attn_mask=None) -> torch.Tensor:
@@ -343,7 +387,7 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         attn = self.attn
         big = x.requires_grad or not _frozen(self.ln_1, attn.in_proj_weight, attn.in_proj_bias)
         if torch.is_grad_enabled() and big and self.leanclip_recompute in ("mlp+qkv", "block"):
-            return _ckpt(self._rows_core, x, rows, mask, rng=self.training and attn.dropout > 0)
+            return _ckpt(self._rows_core, x, rows, mask, rng=self._needs_rng())
         return self._rows_core(x, rows, mask)
 
     # -- forward --
@@ -492,7 +536,14 @@ def apply_lean(model: nn.Module, recompute: str = "none") -> nn.Module:
 
 
 def remove_lean(model: nn.Module) -> nn.Module:
-    """Undo ``apply_lean`` (back to open_clip's plain modules). Returns ``model``."""
+    """Undo ``apply_lean`` (back to open_clip's plain modules). Returns ``model``. ValueError (nothing changed) when
+    a block holds a ``ProjectionDelta``: open_clip's block would silently ignore it (``engine.merge`` folds LoRA in
+    first)."""
+    held = [f"{n} ({class_name(m)})" for n, m in model.named_modules() if isinstance(m, ProjectionDelta)]
+    if held:
+        raise ValueError(f"the lean blocks hold projection deltas that open_clip's plain blocks would ignore: "
+                         f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (they need lean=True or the "
+                         f"automatic lean; engine.merge folds LoRA into a plain model)")
     for m in model.modules():
         cls = type(m)
         if cls in _UNSWAP:

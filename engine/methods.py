@@ -702,6 +702,9 @@ def method_parts(model: nn.Module) -> list[str]:
 
 
 from engine import lilt as _lilt  # noqa: E402,F401  (registers lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit)
+from engine import lora as _lora_method  # noqa: E402,F401  (registers lora)
+from engine import houlsby as _houlsby_method  # noqa: E402,F401  (registers houlsby)
+from engine import compacter as _compacter_method  # noqa: E402,F401  (registers compacter)
 
 
 def _check_lilt_common(model, method: str, tower, projections, temperature) -> None:

@@ -90,7 +90,7 @@ def test_auto_recompute(fresh_tiny):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(method="lora"), "unknown method 'lora'.*valid methods: .*bitfit.*clipfit"),
+    (dict(method="prefix-tuning"), "unknown method 'prefix-tuning'.*valid methods: .*bitfit.*clipfit"),
     (dict(method="ln+nope"), "unknown method"),
     (dict(method=""), "non-empty"),
     (dict(method="ln+ln"), "repeats"),

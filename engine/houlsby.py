@@ -1,0 +1,152 @@
+"""Houlsby adapters (Houlsby et al. 2019): residual bottlenecks after the attention and after the MLP of every block,
+and the placement they share with ``engine.compacter``.
+
+``prepare(model, "houlsby", reduction=8, tower="both")`` gives every block of the selected towers two adapters::
+
+    x = x + ls_1(adapter_attn(attention(ln_1(x))))      adapter(h) = h + up(gelu(down(h)))
+    x = x + ls_2(adapter_mlp(mlp(ln_2(x))))             down: d -> d/reduction, up: d/reduction -> d
+
+(the sub-layer output passes the adapter before the residual add, as in the paper; ``ls_*`` is open_clip's LayerScale,
+an identity in CLIP's configs). ``up`` starts at zero (weight and bias), so the prepared model computes exactly what
+the unprepared one did; ``down`` has nn.Linear's default init. Only the adapters are trained (combine with ``ln``
+for the study's LN + adapter rows). Trainable count: 2 (2 d^2/r + d/r + d) per block; ViT-B-16 with the default
+reduction 8 (bottleneck 96 on the 768-wide image tower, 64 on the 512-wide text tower): 3,559,680 + 1,586,688 =
+5,146,368.
+
+Default ``reduction=8``: Houlsby et al. sweep bottleneck sizes 8 to 256 for BERT widths of 768 / 1024 and Kim &
+Pathak do not fix one for CLIP in anything at hand, so 8 (the width / 8 bottleneck) is this engine's choice, kept
+the same for ``compacter`` so the two rows differ only in how the projections are parameterised.
+
+Placement: an adapter is a child of the block's ``ls_1`` / ``ls_2`` module (``...resblocks.<i>.ls_1.houlsby``) with
+a forward pre-hook on that module, so it runs wherever the block calls ``ls_1(...)``: open_clip's plain block and the
+lean block alike (``lean=False`` works), every recompute policy included (the lean block checkpoints ``ls_1`` /
+``ls_2`` with the branch once it holds trainable parameters, so the adapters are recomputed exactly). The frozen
+projections stay on ``kernels.frozen_linear``. Re-preparing with ``houlsby`` replaces earlier Houlsby adapters;
+another method leaves them in place, frozen (``strip``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import lean as _lean
+from engine.methods import _check_tower, register_method, require_open_clip_tower
+from engine import lilt as _lilt  # after engine.methods, which imports lilt (the two import each other)
+
+__all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
+
+SITES = ("ls_1", "ls_2")  # after the attention, after the MLP
+
+
+def bottleneck(h: torch.Tensor, down: nn.Module, up: nn.Module) -> torch.Tensor:
+    """``h + up(gelu(down(h)))`` in float32 (the frozen stream may be bf16), result in the input dtype."""
+    return h + up(F.gelu(down(h.float()))).to(h.dtype)
+
+
+def is_adapter(module: nn.Module) -> bool:
+    """Whether ``module`` is an in-layer adapter (class attribute ``inlayer_adapter = True``: a module with ``down``
+    and ``up`` whose forward is ``bottleneck``; ``engine.compacter`` defines one without importing this class)."""
+    return getattr(type(module), "inlayer_adapter", False) is True
+
+
+class Bottleneck(nn.Module):
+    """Base of in-layer adapters: subclasses set ``down`` and ``up`` (d -> m and m -> d, ``up`` zero at start)."""
+
+    inlayer_adapter = True
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return bottleneck(h, self.down, self.up)
+
+
+class HoulsbyAdapter(Bottleneck):
+    def __init__(self, dim: int, reduction: int):
+        super().__init__()
+        hidden = dim // _lilt.check_reduction(reduction, dim)
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+
+def _run_adapters(module: nn.Module, args):
+    """Forward pre-hook on ``ls_1`` / ``ls_2``: its input passes every in-layer adapter child first (in insertion
+    order). Module-level (not a closure) so ``copy.deepcopy`` and pickling keep pointing at the copy's adapters."""
+    if not args:
+        return None
+    h = args[0]
+    for child in module._modules.values():
+        if is_adapter(child):
+            h = child(h)
+    return (h,) + tuple(args[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------- placement
+def _blocks(model: nn.Module, tower: str) -> list[nn.Module]:
+    out = []
+    if tower in ("image", "both"):
+        out += list(model.visual.transformer.resblocks)
+    if tower in ("text", "both"):
+        out += list(_lean.text_tower(model).transformer.resblocks)
+    return out
+
+
+def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
+    """The residual widths of the selected towers' blocks, after checking that they are open_clip transformer
+    towers whose blocks have ``ls_1`` / ``ls_2`` (the method's check uses it)."""
+    require_open_clip_tower(model, method, _check_tower(tower), "it inserts adapters into the transformer blocks")
+    widths = []
+    for blk in _blocks(model, tower):
+        if not all(isinstance(getattr(blk, s, None), nn.Module) for s in SITES):
+            raise ValueError(f"method {method!r} needs ls_1 / ls_2 in every block; got {_lean.class_name(blk)}")
+        widths.append(blk.attn.embed_dim)
+    return widths
+
+
+def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Module]:
+    """Insert ``make(width)`` as child ``name`` of ``ls_1`` and ``ls_2`` of every block of ``tower`` (replacing one
+    already there) and hook it in. Returns the adapters."""
+    added = []
+    for blk in _blocks(model, tower):
+        ref = blk.mlp.c_fc.weight
+        for site in SITES:
+            ls = getattr(blk, site)
+            ls.add_module(name, make(blk.attn.embed_dim).to(ref.device))
+            if _run_adapters not in ls._forward_pre_hooks.values():
+                ls.register_forward_pre_hook(_run_adapters)
+            added.append(ls._modules[name])
+    return added
+
+
+def inlayer_adapters(model: nn.Module, cls: type | None = None) -> list[tuple[str, nn.Module]]:
+    """(name, adapter) of every in-layer adapter (of class ``cls`` when given)."""
+    return [(n, m) for n, m in model.named_modules() if is_adapter(m) and (cls is None or isinstance(m, cls))]
+
+
+def strip(model: nn.Module, cls: type | None = None) -> nn.Module:
+    """Remove every in-layer adapter (of class ``cls`` when given) and the hook once a module holds none. Returns
+    ``model``."""
+    for m in list(model.modules()):
+        for name, child in list(m._modules.items()):
+            if is_adapter(child) and (cls is None or isinstance(child, cls)):
+                del m._modules[name]
+        if not any(is_adapter(c) for c in m._modules.values()):
+            for k, fn in list(m._forward_pre_hooks.items()):
+                if fn is _run_adapters:
+                    del m._forward_pre_hooks[k]
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------- method
+def _check_houlsby(model, reduction=8, tower="both", **_):
+    for width in block_widths(model, "houlsby", tower):
+        _lilt.check_reduction(reduction, width)
+
+
+@register_method("houlsby", check=_check_houlsby)
+def _houlsby(model, reduction=8, tower="both"):
+    """Houlsby bottleneck adapters (d -> d/reduction -> d, GELU, zero-init up) after the attention and the MLP of
+    every block of ``tower``."""
+    strip(model, HoulsbyAdapter)
+    add_adapters(model, tower, "houlsby", lambda width: HoulsbyAdapter(width, reduction))
+    return {}

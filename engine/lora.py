@@ -1,0 +1,198 @@
+"""LoRA on the transformer blocks of both towers (CLIP-LoRA, Zanella & Ben Ayed 2024), and ``merge`` for export.
+
+``prepare(model, "lora", rank=2, alpha=1, dropout=0.25, targets=("q", "k", "v"), tower="both")`` attaches to every
+block of the selected towers a ``LoRA`` module (``<block>.lora``) holding one low-rank pair per target::
+
+    y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T        A: (rank, in), B: (out, rank)
+
+targets ⊆ {q, k, v (slices of attn.in_proj_weight), out (attn.out_proj), fc (mlp.c_fc), proj (mlp.c_proj)}. A is
+kaiming-uniform (a=sqrt(5), as in CLIP-LoRA and Hugging Face peft), B is zero, so the prepared model computes
+exactly what the unprepared one did. Dropout acts on the LoRA input only, in training mode; q, k and v each draw
+their own mask (CLIP-LoRA's separate q/k/v layers). Parameters are named
+``visual.transformer.resblocks.<i>.lora.q.A`` / ``...lora.q.B`` (text: ``transformer.resblocks.<i>.lora...``).
+
+Trainable count: per target a d x d projection adds rank * (in + out); with the defaults (three d x d targets,
+rank 2) that is 12 d per block. ViT-B-16: image 12 blocks x 12 x 768 = 110,592, text 12 x 12 x 512 = 73,728;
+184,320 in all.
+
+The frozen weights stay on the lean path: ``LoRA`` is an ``engine.lean.ProjectionDelta``, so the lean block computes
+``kernels.frozen_linear(x, W, b)`` (no weight gradient, bf16 frozen weights allowed) plus the low-rank term, inside
+the same branch functions, which every recompute policy replays exactly. open_clip's plain blocks cannot apply it
+(``nn.MultiheadAttention`` reads ``in_proj_weight`` itself), so ``lora`` needs the lean modules: ``lean=False`` is
+a ValueError, as is a model they do not cover.
+
+``merge(model)`` returns a copy with ``W += (alpha / rank) B A`` folded into the frozen weights, the LoRA modules
+and the lean modules removed: a plain open_clip model computing the same outputs (for export). Checkpoints stay
+trainable-only (``save_trainable`` writes the A/B pairs and whatever else is trained, e.g. LayerNorms in
+``ln+lora``).
+
+Re-preparing with ``lora`` replaces earlier LoRA modules; ``prepare`` with another method leaves them in place,
+frozen (``strip`` removes them).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import lean as _lean
+from engine.methods import _check_tower, register_method, require_open_clip_tower
+
+__all__ = ["LowRank", "LoRA", "merge", "strip", "lora_modules", "TARGETS"]
+
+TARGETS = ("q", "k", "v", "out", "fc", "proj")
+_IN_PROJ = ("q", "k", "v")  # output slices 0:d, d:2d, 2d:3d of attn.in_proj_weight
+_SITE = {"out": "out_proj", "fc": "c_fc", "proj": "c_proj"}
+
+
+class LowRank(nn.Module):
+    """``x -> x A^T B^T`` with A (rank, in) kaiming-uniform and B (out, rank) zero."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.A), self.B)
+
+    def weight_delta(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
+class LoRA(_lean.ProjectionDelta):
+    """The LoRA pairs of one block (children named after their targets), applied by the lean block."""
+
+    def __init__(self, block: nn.Module, targets, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        d = block.attn.embed_dim
+        hidden = block.mlp.c_fc.out_features
+        shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "out": (d, d), "fc": (d, hidden), "proj": (hidden, d)}
+        self.targets = tuple(targets)
+        self.rank, self.alpha, self.width = rank, float(alpha), d
+        self.scaling = self.alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        for t in self.targets:
+            self.add_module(t, LowRank(*shapes[t], rank))
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, rank={self.rank}, alpha={self.alpha}"
+
+    def _term(self, target: str, x: torch.Tensor) -> torch.Tensor:
+        pair = self._modules[target]
+        return self.scaling * pair(self.dropout(x.to(pair.A.dtype)))
+
+    def delta(self, site: str, x: torch.Tensor, start: int, stop: int):
+        if site != "in_proj":
+            target = next((t for t, s in _SITE.items() if s == site), None)
+            return self._term(target, x) if target in self._modules else None
+        d = self.width
+        parts = [t for i, t in enumerate(_IN_PROJ) if start <= i * d and (i + 1) * d <= stop]
+        if not any(t in self._modules for t in parts):
+            return None
+        out = [self._term(t, x) if t in self._modules else x.new_zeros(*x.shape[:-1], d, dtype=torch.float32)
+               for t in parts]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+    @torch.no_grad()
+    def fold_into(self, block: nn.Module) -> None:
+        """Add ``scaling * B A`` to the block's frozen weights (computed in float32, stored in the weight dtype)."""
+        d = self.width
+        for t in self.targets:
+            delta = self.scaling * self._modules[t].weight_delta().float()
+            if t in _IN_PROJ:
+                i = _IN_PROJ.index(t)
+                w = block.attn.in_proj_weight[i * d:(i + 1) * d]
+            else:
+                w = {"out": block.attn.out_proj, "fc": block.mlp.c_fc, "proj": block.mlp.c_proj}[t].weight
+            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def _blocks(model: nn.Module, tower: str) -> list[nn.Module]:
+    out = []
+    if tower in ("image", "both"):
+        out += list(model.visual.transformer.resblocks)
+    if tower in ("text", "both"):
+        out += list(_lean.text_tower(model).transformer.resblocks)
+    return out
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRA]]:
+    """(name, module) of every attached LoRA module."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRA)]
+
+
+def strip(model: nn.Module) -> nn.Module:
+    """Remove every LoRA module (without folding it in). Returns ``model``."""
+    for m in list(model.modules()):
+        for name, child in list(m._modules.items()):
+            if isinstance(child, LoRA):
+                del m._modules[name]
+    return model
+
+
+def _targets(targets) -> tuple[str, ...]:
+    """``targets`` as a tuple: a list/tuple of names or one comma-separated string (``"q,k,v"``)."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise ValueError(f"targets must be a non-empty subset of {TARGETS}, got {targets!r}")
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        raise ValueError(f"unknown LoRA target(s) {bad}; valid: {', '.join(TARGETS)}")
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"targets repeat a name: {list(targets)}")
+    return tuple(targets)
+
+
+def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both", **_):
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    _targets(targets)
+    require_open_clip_tower(model, "lora", _check_tower(tower), "it adds low-rank terms to the blocks' projections")
+    obstacles = _lean.lean_obstacles(model)
+    if obstacles:
+        raise ValueError(f"method 'lora' runs in the lean blocks, which do not cover this model: "
+                         f"{'; '.join(obstacles)}")
+
+
+# ----------------------------------------------------------------------------------------------------------- method
+@register_method("lora", check=_check_lora)
+def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"):
+    """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
+    targets = _targets(targets)
+    strip(model)
+    for blk in _blocks(model, tower):
+        ref = blk.mlp.c_fc.weight
+        blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))
+    return {}
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every LoRA pair folded into its frozen weights (``W += alpha/rank * B A``: q/k/v
+    into their ``attn.in_proj_weight`` slices, out/fc/proj into ``attn.out_proj`` / ``mlp.c_fc`` / ``mlp.c_proj``)
+    and the LoRA and lean modules removed: a plain open_clip model with the same outputs, for export. ``model`` is
+    left unchanged (it can keep training). Modules other methods added stay as they are; ``leanclip_info`` is
+    dropped (the copy is no longer a prepared model)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"merge needs an nn.Module, got {type(model).__name__}")
+    if not lora_modules(model):
+        raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
+    out = copy.deepcopy(model)
+    for blk in list(out.modules()):
+        held = blk._modules.get("lora")
+        if isinstance(held, LoRA):
+            held.fold_into(blk)
+            del blk._modules["lora"]
+    _lean.remove_lean(out)
+    out.__dict__.pop("leanclip_info", None)
+    return out
