@@ -82,21 +82,12 @@ def _run_adapters(module: nn.Module, args):
 
 
 # ----------------------------------------------------------------------------------------------------------- placement
-def _blocks(model: nn.Module, tower: str) -> list[nn.Module]:
-    out = []
-    if tower in ("image", "both"):
-        out += list(model.visual.transformer.resblocks)
-    if tower in ("text", "both"):
-        out += list(_lean.text_tower(model).transformer.resblocks)
-    return out
-
-
 def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
     """The residual widths of the selected towers' blocks, after checking that they are open_clip transformer
     towers whose blocks have ``ls_1`` / ``ls_2`` (the method's check uses it)."""
     require_open_clip_tower(model, method, _check_tower(tower), "it inserts adapters into the transformer blocks")
     widths = []
-    for blk in _blocks(model, tower):
+    for blk in _lean.tower_blocks(model, tower):
         if not all(isinstance(getattr(blk, s, None), nn.Module) for s in SITES):
             raise ValueError(f"method {method!r} needs ls_1 / ls_2 in every block; got {_lean.class_name(blk)}")
         widths.append(blk.attn.embed_dim)
@@ -107,7 +98,7 @@ def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Modul
     """Insert ``make(width)`` as child ``name`` of ``ls_1`` and ``ls_2`` of every block of ``tower`` (replacing one
     already there) and hook it in. Returns the adapters."""
     added = []
-    for blk in _blocks(model, tower):
+    for blk in _lean.tower_blocks(model, tower):
         ref = blk.mlp.c_fc.weight
         for site in SITES:
             ls = getattr(blk, site)

@@ -594,6 +594,17 @@ def text_tower(model: nn.Module) -> SimpleNamespace | None:
     )
 
 
+def tower_blocks(model: nn.Module, tower: str) -> list[nn.Module]:
+    """The residual blocks of the image and/or text tower (``tower``: image, text or both), image first: where the
+    in-layer methods (LoRA, Houlsby, Compacter) attach."""
+    out = []
+    if tower in ("image", "both"):
+        out += list(model.visual.transformer.resblocks)
+    if tower in ("text", "both"):
+        out += list(text_tower(model).transformer.resblocks)
+    return out
+
+
 def _pools_at_eot(pool_type: str, eos_id) -> bool:
     """Whether a text tower reads one token per sequence, at the position ``_pool_index`` finds."""
     return pool_type == "argmax" or (pool_type == "eos" and eos_id is not None)

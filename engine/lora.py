@@ -113,15 +113,6 @@ class LoRA(_lean.ProjectionDelta):
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def _blocks(model: nn.Module, tower: str) -> list[nn.Module]:
-    out = []
-    if tower in ("image", "both"):
-        out += list(model.visual.transformer.resblocks)
-    if tower in ("text", "both"):
-        out += list(_lean.text_tower(model).transformer.resblocks)
-    return out
-
-
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRA]]:
     """(name, module) of every attached LoRA module."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRA)]
@@ -171,7 +162,7 @@ def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)
     strip(model)
-    for blk in _blocks(model, tower):
+    for blk in _lean.tower_blocks(model, tower):
         ref = blk.mlp.c_fc.weight
         blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))
     return {}

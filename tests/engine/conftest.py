@@ -92,3 +92,10 @@ def shapes():
         "test": data.TensorImageDataset(xt, yt, tf),
     }
 
+
+
+@pytest.fixture
+def batch(tok):
+    """Three images and captions for feature-level checks of the in-layer methods (tests/engine/peft_checks.py)."""
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(3, 3, 32, 32, generator=g), tok(["a photo of a cat", "a dog", "two red cubes on a table"])

@@ -4,28 +4,9 @@ import pytest
 import torch
 
 from engine import compacter, houlsby, lean
-from engine.checkpoint import load_trainable, save_trainable
+from engine.checkpoint import save_trainable
 from engine.methods import count_trainable, layernorm_names, prepare, trainable_parameters
-
-
-@pytest.fixture
-def batch(tok):
-    g = torch.Generator().manual_seed(3)
-    return torch.randn(3, 3, 32, 32, generator=g), tok(["a photo of a cat", "a dog", "two red cubes on a table"])
-
-
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in trainable_parameters(model):
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _loss(model, images, tokens, plain=False):
-    img = model.encode_image(images, normalize=True)
-    txt = model.encode_text(tokens, normalize=True) if plain else lean.encode_text_lean(model, tokens, normalize=True)
-    g = torch.Generator().manual_seed(7)
-    return (img * torch.randn(img.shape, generator=g)).sum() + (txt * torch.randn(txt.shape, generator=g)).sum()
+from tests.engine import peft_checks as checks
 
 
 def _compacter_count(width, layers, reduction, n=4):
@@ -63,68 +44,32 @@ def test_rule_is_shared_by_every_layer(fresh_tiny):
 
 @pytest.mark.parametrize("lean_on", [True, False])
 def test_identity_at_init(fresh_tiny, batch, lean_on):
-    base = fresh_tiny().eval()
-    m = prepare(fresh_tiny(), "compacter", lean=lean_on).eval()
-    with torch.no_grad():
-        for a, b in zip((base.encode_image(batch[0]), base.encode_text(batch[1])),
-                        (m.encode_image(batch[0]), m.encode_text(batch[1]))):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    checks.assert_identity_at_init(fresh_tiny, batch, "compacter", lean_on)
 
 
 @pytest.mark.parametrize("policy", lean.POLICIES)
 def test_lean_grads_match_plain(fresh_tiny, batch, policy):
-    plain = prepare(fresh_tiny(), "compacter", lean=False)
-    _randomize(plain)
-    m = prepare(fresh_tiny(), "compacter", recompute=policy)
-    _randomize(m)
-    assert not lean.is_lean(plain) and lean.is_lean(m)
-    _loss(plain.train(), *batch, plain=True).backward()
-    _loss(m.train(), *batch).backward()
-    ref = dict(trainable_parameters(plain))
-    for n, p in trainable_parameters(m):
-        assert ref[n].grad.abs().sum() > 0, n  # A_i gets the gradient of every layer
-        torch.testing.assert_close(p.grad, ref[n].grad, atol=1e-5, rtol=1e-4, msg=n)
-    assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
+    checks.assert_lean_grads_match_plain(fresh_tiny, batch, "compacter", policy)
 
 
 def test_training_step_changes_only_adapters(fresh_tiny, batch):
-    m = prepare(fresh_tiny(), "compacter")
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    opt = torch.optim.SGD([p for _, p in trainable_parameters(m)], lr=0.5)
-    for _ in range(2):  # up's t and bias move on step 1, everything from step 2 on
-        opt.zero_grad()
-        _loss(m.train(), *batch).backward()
-        opt.step()
-    for n, p in m.named_parameters():
-        assert (not torch.equal(before[n], p)) == p.requires_grad, n
+    checks.assert_steps_change_only_trainable(prepare(fresh_tiny(), "compacter"), batch)
 
 
 def test_classification_training(fresh_tiny, shapes, tok):
-    from engine.train import TrainConfig, train
-
-    m = prepare(fresh_tiny(), "compacter", reduction=4)
-    train(m, shapes["train"], shapes["classnames"], ["a photo of a {}."], tok,
-          TrainConfig(epochs=1, batch_size=16, lr=1e-3, warmup_epochs=0))
-    assert any(p.abs().sum() > 0 for n, p in trainable_parameters(m) if n.endswith("up.t"))
+    checks.assert_classification_trains(fresh_tiny, shapes, tok, "compacter", "up.t", reduction=4)
 
 
 def test_checkpoint_round_trip(fresh_tiny, tmp_path, batch):
-    m = prepare(fresh_tiny(), "compacter")
-    _randomize(m)
-    path = tmp_path / "h.safetensors"
-    save_trainable(m, path)
-    other = prepare(fresh_tiny(), "compacter")
-    load_trainable(other, path)
-    with torch.no_grad():
-        torch.testing.assert_close(m.eval().encode_image(batch[0]), other.eval().encode_image(batch[0]))
+    checks.assert_checkpoint_round_trip(fresh_tiny, tmp_path, batch, "compacter")
 
 
 def test_ln_plus_compacter_and_ln_as_initialization(fresh_tiny, tmp_path, batch):
     m = prepare(fresh_tiny(), "ln+compacter")
     assert set(layernorm_names(m)) < {n for n, _ in trainable_parameters(m)}
     assert count_trainable(m) == count_trainable(prepare(fresh_tiny(), "ln")) + 2 * _compacter_count(64, 2, 8) + 64
-    _randomize(m)
-    _loss(m.train(), *batch).backward()
+    checks.randomize_trainable(m)
+    checks.projection_loss(*checks.features(m.train(), *batch)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable_parameters(m))
     ln_model = prepare(fresh_tiny(), "ln")
     with torch.no_grad():

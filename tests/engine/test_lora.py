@@ -8,14 +8,7 @@ import engine
 from engine import lean, lora
 from engine.checkpoint import load_trainable, save_trainable
 from engine.methods import count_trainable, prepare, trainable_parameters
-
-
-@pytest.fixture
-def batch(tok):
-    g = torch.Generator().manual_seed(3)
-    images = torch.randn(3, 3, 32, 32, generator=g)
-    tokens = tok(["a photo of a cat", "a dog", "two red cubes on a table"])
-    return images, tokens
+from tests.engine import peft_checks as checks
 
 
 def _blocks(model):
@@ -29,18 +22,6 @@ def _randomize_lora(model, seed=0):
         for _, m in lora.lora_modules(model):
             for p in m.parameters():
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def _features(model, images, tokens, plain: bool):
-    """Normalized image and text features (the lean model reads the text tower at the EOT rows only)."""
-    img = model.encode_image(images, normalize=True)
-    txt = model.encode_text(tokens, normalize=True) if plain else lean.encode_text_lean(model, tokens, normalize=True)
-    return img, txt
-
-
-def _loss(img, txt):
-    g = torch.Generator().manual_seed(7)
-    return (img * torch.randn(img.shape, generator=g)).sum() + (txt * torch.randn(txt.shape, generator=g)).sum()
 
 
 def _reference_grads(base, prepared, images, tokens):
@@ -61,7 +42,7 @@ def _reference_grads(base, prepared, images, tokens):
             if t in pairs:
                 weights[prefix + name] = base.get_parameter(prefix + name) + m.scaling * pairs[t][1] @ pairs[t][0]
     out = functional_call(base, weights, args=(images, tokens))  # CLIP.forward: normalized features
-    loss = _loss(out[0], out[1])
+    loss = checks.projection_loss(out[0], out[1])
     names = list(leaves)
     return dict(zip(names, torch.autograd.grad(loss, [leaves[n] for n in names])))
 
@@ -90,7 +71,7 @@ def test_identity_at_init(fresh_tiny, batch):
     base = fresh_tiny().eval()
     m = prepare(fresh_tiny(), "lora", targets=lora.TARGETS).eval()
     with torch.no_grad():
-        for a, b in zip(_features(base, *batch, plain=True), _features(m, *batch, plain=False)):
+        for a, b in zip(checks.features(base, *batch, plain=True), checks.features(m, *batch, plain=False)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -101,7 +82,7 @@ def test_lean_grads_match_plain_reference(fresh_tiny, batch, policy, targets):
     m = prepare(fresh_tiny(), "lora", dropout=0.0, targets=targets, recompute=policy)
     _randomize_lora(m)
     m.train()
-    loss = _loss(*_features(m, *batch, plain=False))
+    loss = checks.projection_loss(*checks.features(m, *batch, plain=False))
     loss.backward()
     ref = _reference_grads(base.train(), m, *batch)
     got = dict(trainable_parameters(m))
@@ -118,7 +99,7 @@ def test_dropout_is_seeded_and_replayed_by_recompute(fresh_tiny, batch):
         _randomize_lora(m)
         m.train()
         torch.manual_seed(11)
-        _loss(*_features(m, *batch, plain=False)).backward()
+        checks.projection_loss(*checks.features(m, *batch, plain=False)).backward()
         g = torch.cat([p.grad.flatten() for _, p in trainable_parameters(m)])
         for prev in grads.values():
             torch.testing.assert_close(g, prev, atol=1e-6, rtol=1e-5)
@@ -131,16 +112,7 @@ def test_dropout_is_seeded_and_replayed_by_recompute(fresh_tiny, batch):
 
 
 def test_training_step_changes_only_lora(fresh_tiny, batch):
-    m = prepare(fresh_tiny(), "lora")
-    before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    opt = torch.optim.SGD([p for _, p in trainable_parameters(m)], lr=0.5)
-    for _ in range(2):  # B moves on step 1, A from step 2 on
-        opt.zero_grad()
-        _loss(*_features(m.train(), *batch, plain=False)).backward()
-        opt.step()
-    for n, p in m.named_parameters():
-        changed = not torch.equal(before[n], p)
-        assert changed == p.requires_grad, n
+    checks.assert_steps_change_only_trainable(prepare(fresh_tiny(), "lora"), batch)  # B moves first, A next
 
 
 def test_bf16_frozen_weights(fresh_tiny, batch):
@@ -149,7 +121,7 @@ def test_bf16_frozen_weights(fresh_tiny, batch):
     assert m.visual.transformer.resblocks[0].lora.q.A.dtype == torch.float32
     _randomize_lora(m)
     images, tokens = batch
-    _loss(*[f.float() for f in _features(m.train(), images.bfloat16(), tokens, plain=False)]).backward()
+    checks.projection_loss(*[f.float() for f in checks.features(m.train(), images.bfloat16(), tokens, plain=False)]).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for _, p in trainable_parameters(m))
 
 
@@ -163,7 +135,7 @@ def test_merge_folds_into_a_plain_model(fresh_tiny, batch):
     assert sorted(n for n, _ in merged.named_parameters()) == sorted(n for n, _ in fresh_tiny().named_parameters())
     assert lora.lora_modules(m) and lean.is_lean(m)  # the trained model is untouched
     with torch.no_grad():
-        for a, b in zip(_features(m.eval(), *batch, plain=False), _features(merged.eval(), *batch, plain=True)):
+        for a, b in zip(checks.features(m.eval(), *batch, plain=False), checks.features(merged.eval(), *batch, plain=True)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no LoRA"):
         engine.merge(fresh_tiny())
@@ -197,7 +169,7 @@ def test_ln_plus_lora_trains_both(fresh_tiny, batch):
     assert ln < names and all(".lora." in n for n in names - ln)
     assert count_trainable(m) == count_trainable(prepare(fresh_tiny(), "ln")) + 2 * 2 * 3 * 2 * 128
     _randomize_lora(m)
-    _loss(*_features(m.train(), *batch, plain=False)).backward()
+    checks.projection_loss(*checks.features(m.train(), *batch, plain=False)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable_parameters(m))
 
 
