@@ -143,8 +143,8 @@ def pretrain_contrastive(
 
 
 # =====================================================================================================================
-# LilT / LiT contrastive alignment (issue 7): learnable temperature, global-batch InfoNCE, a DDP-ready training loop
-# and retrieval evaluation. (Added below the demo's code; clip_loss / pretrain_contrastive are unchanged.)
+# LilT / LiT contrastive alignment: learnable temperature, global-batch InfoNCE, a DDP-ready training loop and
+# retrieval evaluation (clip_loss / pretrain_contrastive above serve the synthetic pre-training of the demo).
 #
 #     engine.prepare(model, "lilt-ln")                                  # adds model.lilt_temperature
 #     summary = train_contrastive(model, pairs, tokenizer, ContrastiveConfig(epochs=5, batch_size=256))
