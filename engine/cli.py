@@ -45,11 +45,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("bench.cli", "benchmarks (provided by bench.cli)"),
 }
 
-# Per-method training defaults applied when the flag is not given (CLIPFit / CoOp recipe otherwise).
-METHOD_DEFAULTS = {
-    "llu": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0},
-    "linear-probe": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0},
-}
+# Training defaults when the flag is not given: the CLIPFit / CoOp recipe, replaced by what the method declares
+# (engine.methods.MethodTraits.train_defaults).
 BASE_DEFAULTS = {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
                  "epochs": 10}
 
@@ -464,15 +461,14 @@ def cmd_train(args) -> int:
         return cmd_train_contrastive(args)
     import torch
 
-    from engine.methods import parse_method, prepare
+    from engine.methods import (is_closed_set, method_options, method_train_defaults, method_trainer, parse_method,
+                                prepare)
     from engine.train import TrainConfig, train
 
     device = _setup(args)
     parts = parse_method(args.method)
     method = "+".join(parts)
-    defaults = dict(BASE_DEFAULTS)
-    for p in parts:
-        defaults.update(METHOD_DEFAULTS.get(p, {}))
+    defaults = {**BASE_DEFAULTS, **method_train_defaults(method)}
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
     if args.output is None:
         args.output = os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}")
@@ -484,14 +480,14 @@ def cmd_train(args) -> int:
     model, tok, size, (mean, std) = build_model(args)
     if args.overwrite:
         clear_run(args.output)
-    data = load_data(args, size, mean, std, train_transform=method != "llu")
+    data = load_data(args, size, mean, std, train_transform=method_trainer(method) != "cached")
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
     templates = _templates(args, data["dataset"])
     prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
             classnames=data["classnames"], tokenizer=tok, model_name=args.model,
             frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
-            **({"templates": templates} if "linear-probe" in parts else {}))
+            **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
     cfg = TrainConfig(
         method=method, epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
         optimizer=pick("optimizer"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),
@@ -503,7 +499,7 @@ def cmd_train(args) -> int:
                "image_size": args.image_size, "data": data_record(args, data["dataset"])},
     )
     eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}
-    if data["new"] is not None and "linear-probe" not in parts:
+    if data["new"] is not None and not is_closed_set(method):
         eval_sets["new"] = data["new"]
     summary = train(model, data["train"], data["classnames"], templates, tok, cfg, eval_sets=eval_sets,
                     resume=args.resume)
@@ -562,7 +558,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from engine.checkpoint import load_trainable
-    from engine.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
+    from engine.methods import PREPARE_OPTIONS, is_closed_set, method_options, parse_method, prepare
     from engine.train import evaluate
 
     device = _setup(args)
@@ -592,7 +588,7 @@ def cmd_eval(args) -> int:
             frozen_dtype=getattr(torch, fd) if fd else None, **method_opts)
     load_trainable(model, meta["path"])
     model.to(device)
-    if "linear-probe" in parts and len(train_names) != len(data["classnames"]):
+    if is_closed_set(meta["method"]) and len(train_names) != len(data["classnames"]):
         raise UsageError(f"linear-probe checkpoint classifies {len(train_names)} classes; the evaluation set has "
                          f"{len(data['classnames'])} (a probe cannot evaluate new classes)")
     res = evaluate(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,

@@ -169,7 +169,6 @@ __all__ += ["LearnableTemperature", "contrastive_loss", "gather_features", "Cont
             "evaluate_retrieval", "encode_pairs", "ContrastiveEncoder"]
 
 TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
-UNSUPPORTED_CONTRASTIVE = ("llu", "linear-probe", "coop")  # heads / prompts the contrastive features do not use
 CONTRASTIVE_CHECKPOINT = "checkpoint.safetensors"
 CONTRASTIVE_LOG = "log.jsonl"
 CONTRASTIVE_SUMMARY = "summary.json"
@@ -381,12 +380,10 @@ def _check_contrastive_method(model) -> str:
     if not info:
         raise ValueError("model was not prepared: call engine.prepare(model, method) (e.g. 'lilt-ln') before "
                          "train_contrastive()")
+    from engine.methods import check_task
+
     method = info["method"]
-    bad = [p for p in method.split("+") if p in UNSUPPORTED_CONTRASTIVE]
-    if bad:
-        raise ValueError(f"method {method!r}: {bad[0]!r} trains a classification head / prompt that contrastive "
-                         f"image-text features do not use; use lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit, "
-                         f"ln, bitfit, clipfit or full")
+    check_task(method, "contrastive")
     return method
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import lean as _lean
-from engine.methods import _check_tower, register_method, require_open_clip_tower
+from engine.methods import check_tower, register_method, require_open_clip_tower
 from engine import lilt as _lilt  # after engine.methods, which imports lilt (the two import each other)
 
 __all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
@@ -85,7 +85,7 @@ def _run_adapters(module: nn.Module, args):
 def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
     """The residual widths of the selected towers' blocks, after checking that they are open_clip transformer
     towers whose blocks have ``ls_1`` / ``ls_2`` (the method's check uses it)."""
-    require_open_clip_tower(model, method, _check_tower(tower), "it inserts adapters into the transformer blocks")
+    require_open_clip_tower(model, method, check_tower(tower), "it inserts adapters into the transformer blocks")
     widths = []
     for blk in _lean.tower_blocks(model, tower):
         if not all(isinstance(getattr(blk, s, None), nn.Module) for s in SITES):

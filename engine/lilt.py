@@ -43,10 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import lean as _lean
 from engine.methods import (
     BIAS_RE,
     TOWERS,
+    check_coverage,
+    check_tower,
+    layernorm_names,
+    names_matching,
     register_method,
+    require_open_clip_tower,
+    tower_class,
     tower_of,
     unlock,
     unlock_layernorms,
@@ -280,15 +287,60 @@ def _check_no_lilt_modules(model, tower: str, method: str) -> None:
                          f"write 'lit' first (e.g. 'lit+lilt-adapter'), so the fully trained tower gets none")
 
 
+# ----------------------------------------------------------------------------------------------------------- checks
+def _check_lilt_common(model, method: str, tower, projections, temperature) -> None:
+    from engine.contrastive import LearnableTemperature
+
+    check_tower(tower)
+    if not isinstance(projections, bool):
+        raise ValueError(f"projections must be True or False, got {projections!r}")
+    LearnableTemperature(temperature)  # validates the value
+    if projections:
+        require_open_clip_tower(model, method, tower, "its projection visual.proj / text_projection is trained")
+
+
+def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, **_):
+    _check_lilt_common(model, "lilt-ln", tower, projections, temperature)
+    return check_coverage(model, "lilt-ln", layernorm_names(model, tower), tower, "LayerNorms")
+
+
+def _check_lilt_bitfit(model, tower="both", projections=True, temperature=0.07, **_):
+    _check_lilt_common(model, "lilt-bitfit", tower, projections, temperature)
+    return check_coverage(model, "lilt-bitfit", names_matching(model, BIAS_RE, tower), tower, "biases")
+
+
+def _check_lilt_blocks(method: str):
+    def check(model, tower="both", projections=True, temperature=0.07, reduction=4, deep_init="copy", **_):
+        _check_lilt_common(model, method, tower, projections, temperature)
+        require_open_clip_tower(model, method, tower, "it changes the tower's transformer blocks")
+        if method == "lilt-adapter":
+            widths = ([model.visual.transformer.width] if tower != "text" else []) + (
+                [_lean.text_tower(model).transformer.width] if tower != "image" else [])
+            for w in widths:
+                check_reduction(reduction, w)
+        elif deep_init not in DEEP_INITS:
+            raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {deep_init!r}")
+    return check
+
+
+def _check_lit(model, temperature=0.07, **_):
+    from engine.contrastive import LearnableTemperature
+
+    LearnableTemperature(temperature)
+    if not any(tower_of(n) == "text" for n, _ in model.named_parameters()):
+        raise ValueError(f"method 'lit' trains the text tower, and the text tower {tower_class(model, 'text')} has "
+                         f"no parameters")
+
+
 # ----------------------------------------------------------------------------------------------------------- methods
-@register_method("lilt-ln")
+@register_method("lilt-ln", check=_check_lilt_ln)
 def _lilt_ln(model, tower="both", projections=True, temperature=0.07):
     """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature)."""
     _begin(model)
     return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms)
 
 
-@register_method("lilt-bitfit")
+@register_method("lilt-bitfit", check=_check_lilt_bitfit)
 def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
     """LilT-BitFit: every bias of ``tower`` (incl. attn.in_proj_bias and LN biases) + the projections."""
     _begin(model)
@@ -296,7 +348,7 @@ def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
                  unlock_fn=lambda m, t: unlock(m, BIAS_RE, t))
 
 
-@register_method("lilt-adapter")
+@register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"))
 def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperature=0.07):
     """LilT adapters: bottleneck adapters before ln_1 / ln_2 of every block (zero-init up-projection) + every
     LayerNorm + the projections of ``tower``."""
@@ -305,7 +357,7 @@ def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperatur
                  adapters_r=reduction)
 
 
-@register_method("lilt-deep")
+@register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"))
 def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07):
     """LilT deep: one extra block on top of each tower (zero-init out_proj / c_proj: exact identity at the start),
     + every LayerNorm + the projections of ``tower``."""
@@ -314,7 +366,7 @@ def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperat
                  deep_init=deep_init)
 
 
-@register_method("lit")
+@register_method("lit", check=_check_lit)
 def _lit(model, temperature=0.07):
     """LiT: the image tower is locked, the whole text tower (token/positional embeddings, blocks, ln_final,
     text_projection) is trained (+ the learnable temperature)."""

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import lean as _lean
-from engine.methods import _check_tower, register_method, require_open_clip_tower
+from engine.methods import check_tower, register_method, require_open_clip_tower
 
 __all__ = ["LowRank", "LoRA", "merge", "strip", "lora_modules", "TARGETS"]
 
@@ -149,7 +149,7 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     _targets(targets)
-    require_open_clip_tower(model, "lora", _check_tower(tower), "it adds low-rank terms to the blocks' projections")
+    require_open_clip_tower(model, "lora", check_tower(tower), "it adds low-rank terms to the blocks' projections")
     obstacles = _lean.lean_obstacles(model)
     if obstacles:
         raise ValueError(f"method 'lora' runs in the lean blocks, which do not cover this model: "

@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -57,6 +58,33 @@ BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias)$")
 CLIPFIT_TEXT_RE = re.compile(r"^(?:text\.)?transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
 
 METHODS: dict[str, Callable[..., dict]] = {}
+TRAINERS = ("backprop", "cached")
+TASKS = ("classify", "contrastive")
+
+
+@dataclass(frozen=True)
+class MethodTraits:
+    """What the rest of the engine needs to know about a method, declared where it is registered.
+
+    trainer: ``"backprop"`` (gradients flow through the towers: ``engine.train``) or ``"cached"`` (the towers stay
+        frozen and their features are computed once: ``engine.llu.run_llu``).
+    tasks: the tasks whose features use what the method trains (a classification head or a prompt means nothing to
+        contrastive image-text alignment).
+    alone: cannot be combined with another component (``full`` already trains everything; a cached-feature method
+        cannot share a run with one that back-propagates through the towers).
+    train_defaults: optimisation defaults (``optimizer``, ``lr``, ``weight_decay``, ``batch_size``,
+        ``warmup_epochs``) that replace the CoOp / CLIPFit recipe for this method when the user gives none.
+    closed_set: classifies only the classes it was trained on (a linear head), so it cannot be evaluated on others
+        (base-to-new's new classes).
+    """
+    trainer: str = "backprop"
+    tasks: tuple = TASKS
+    alone: bool = False
+    train_defaults: dict = field(default_factory=dict)
+    closed_set: bool = False
+
+
+METHOD_TRAITS: dict[str, MethodTraits] = {}
 # Per method: check(model, **opts) validating options and towers before prepare changes anything.
 METHOD_CHECKS: dict[str, Callable[..., None]] = {}
 # Options handled by prepare itself (not passed to method functions).
@@ -75,13 +103,17 @@ def version() -> str:
 
 
 def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = False,
-                    check: Callable | None = None):
+                    check: Callable | None = None, traits: MethodTraits | None = None):
     """Register ``fn(model, **opts) -> dict[str, nn.Module]`` as method ``name`` (usable as a decorator).
 
     ``check(model, **opts)`` (optional) validates the options and the model's towers for the method without
     changing anything (ValueError) and may return one-line notices (a list of str) that ``prepare`` shows once
     everything is validated; ``prepare`` runs the checks of every component before it changes the model. It
-    receives every option of ``fn`` (defaults filled in)."""
+    receives every option of ``fn`` (defaults filled in). ``traits`` (:class:`MethodTraits`, default: a backprop
+    method for every task) tells the trainers and the CLI how to run it."""
+    traits = traits or MethodTraits()
+    if traits.trainer not in TRAINERS or not set(traits.tasks) <= set(TASKS):
+        raise ValueError(f"traits of {name!r}: trainer must be one of {TRAINERS}, tasks a subset of {TASKS}")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise ValueError(f"method name must be lowercase letters, digits, '-' or '_' (no '+'), got {name!r}")
     if check is not None and not callable(check):
@@ -93,6 +125,7 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
         if name in METHODS and not overwrite and METHODS[name] is not f:
             raise ValueError(f"method {name!r} is already registered")
         METHODS[name] = f
+        METHOD_TRAITS[name] = traits
         if check is not None:
             METHOD_CHECKS[name] = check
         elif overwrite:
@@ -126,7 +159,7 @@ def _in_tower(name: str, tower: str) -> bool:
     return t is not None and (tower == "both" or t == tower)
 
 
-def _check_tower(tower) -> str:
+def check_tower(tower) -> str:
     if tower not in TOWERS:
         raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
     return tower
@@ -154,7 +187,7 @@ def tower_class(model: nn.Module, tower: str) -> str:
     return _lean.class_name(text if text is not None else model)
 
 
-def _names(model: nn.Module, pattern: re.Pattern, tower: str) -> list[str]:
+def names_matching(model: nn.Module, pattern: re.Pattern, tower: str) -> list[str]:
     return [n for n, _ in model.named_parameters() if pattern.search(n) and _in_tower(n, tower)]
 
 
@@ -183,7 +216,7 @@ def unlock(model: nn.Module, pattern: str | re.Pattern, tower: str = "both") -> 
     """Set requires_grad on parameters whose name matches ``pattern`` (re.search; anchor it) inside ``tower``.
     Returns the number of tensors unlocked."""
     rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-    return _unlock_names(model, _names(model, rx, tower))
+    return _unlock_names(model, names_matching(model, rx, tower))
 
 
 def unlock_layernorms(model: nn.Module, tower: str = "both") -> int:
@@ -254,18 +287,18 @@ def _require(method: str, **values):
 # ----------------------------------------------------------------------------------------------------------- checks
 # Each runs before prepare changes anything: option values and what the method needs of the towers.
 def _check_ln(model, tower="both", **_):
-    return check_coverage(model, "ln", layernorm_names(model, _check_tower(tower)), tower, "LayerNorms")
+    return check_coverage(model, "ln", layernorm_names(model, check_tower(tower)), tower, "LayerNorms")
 
 
 def _check_bitfit(model, tower="both", **_):
-    return check_coverage(model, "bitfit", _names(model, BIAS_RE, _check_tower(tower)), tower, "biases")
+    return check_coverage(model, "bitfit", names_matching(model, BIAS_RE, check_tower(tower)), tower, "biases")
 
 
 def _check_clipfit(model, **_):
     if not layernorm_names(model, "image"):
         raise ValueError(f"method 'clipfit' trains the image tower's LayerNorms, and the image tower "
                          f"{tower_class(model, 'image')} has none")
-    if not _names(model, CLIPFIT_TEXT_RE, "text"):
+    if not names_matching(model, CLIPFIT_TEXT_RE, "text"):
         raise ValueError(f"method 'clipfit' trains the text tower's transformer.resblocks.*.mlp.c_proj.bias, and the "
                          f"text tower {tower_class(model, 'text')} has none")
 
@@ -321,14 +354,14 @@ def _check_adapter(model, reduction=4, ratio=0.2, **_):
 @register_method("ln", check=_check_ln)
 def _ln(model, tower="both"):
     """Every LayerNorm weight+bias (ln_pre, ln_1, ln_2, ln_post, ln_final) of ``tower``."""
-    unlock_layernorms(model, _check_tower(tower))
+    unlock_layernorms(model, check_tower(tower))
     return {}
 
 
 @register_method("bitfit", check=_check_bitfit)
 def _bitfit(model, tower="both"):
     """Every bias of ``tower``, incl. ``attn.in_proj_bias`` and the LayerNorm biases."""
-    unlock(model, BIAS_RE, _check_tower(tower))
+    unlock(model, BIAS_RE, check_tower(tower))
     return {}
 
 
@@ -340,7 +373,7 @@ def _clipfit(model):
     return {}
 
 
-@register_method("full")
+@register_method("full", traits=MethodTraits(alone=True))
 def _full(model):
     """Every parameter (the baseline)."""
     for p in model.parameters():
@@ -348,14 +381,18 @@ def _full(model):
     return {}
 
 
-@register_method("llu", check=_check_llu)
+@register_method("llu", check=_check_llu, traits=MethodTraits(
+    trainer="cached", tasks=("classify",), alone=True,
+    train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0}))
 def _llu(model, beta=0.5, gamma=20.0):
     """Encoders frozen; identity-initialised affine maps on the image and text embeddings (``heads.LLUHead``)."""
     e = embed_dim(model)
     return {"llu_image": _heads.LLUHead(e, beta, gamma), "llu_text": _heads.LLUHead(e, beta, gamma)}
 
 
-@register_method("linear-probe", check=_check_linear_probe)
+@register_method("linear-probe", check=_check_linear_probe, traits=MethodTraits(
+    tasks=("classify",), closed_set=True,
+    train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0}))
 def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None):
     """Linear head E -> C on normalized image features, initialised from the zero-shot class text weights
     (``logit_scale.exp() * text_features``, so it starts at zero-shot accuracy) when classnames and tokenizer are
@@ -372,7 +409,7 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
     return {"linear_probe": head.to(dev)}
 
 
-@register_method("coop", check=_check_coop)
+@register_method("coop", check=_check_coop, traits=MethodTraits(tasks=("classify",)))
 def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02):
     """CoOp learned prompt context (n_ctx vectors; from the token embeddings of ``init_text`` when it has exactly
     n_ctx tokens - "a photo of a" for n_ctx=4 - else N(0, std^2)); class names appended. Needs classnames, a
@@ -413,9 +450,40 @@ def parse_method(method) -> list[str]:
                          f"{', '.join(sorted(METHODS))} and combinations joined with '+' (e.g. 'ln+coop')")
     if len(set(parts)) != len(parts):
         raise ValueError(f"method {method!r} repeats a component")
-    if "full" in parts and len(parts) > 1:
-        raise ValueError("'full' already trains everything; it cannot be combined")
+    alone = [p for p in parts if METHOD_TRAITS[p].alone]
+    if alone and len(parts) > 1:
+        why = ("trains on features computed once from frozen towers" if METHOD_TRAITS[alone[0]].trainer == "cached"
+               else "already trains everything")
+        raise ValueError(f"method {method!r}: {alone[0]!r} {why}; it cannot be combined with another component")
     return parts
+
+
+def method_trainer(method) -> str:
+    """``"backprop"`` or ``"cached"``: which trainer runs ``method`` (a name or ``a+b``; see :class:`MethodTraits`)."""
+    parts = parse_method(method)
+    return "cached" if any(METHOD_TRAITS[p].trainer == "cached" for p in parts) else "backprop"
+
+
+def method_train_defaults(method) -> dict:
+    """The optimisation defaults the components of ``method`` declare (later components win)."""
+    out = {}
+    for p in parse_method(method):
+        out.update(METHOD_TRAITS[p].train_defaults)
+    return out
+
+
+def is_closed_set(method) -> bool:
+    """Whether ``method`` classifies only its training classes (see :class:`MethodTraits`)."""
+    return any(METHOD_TRAITS[p].closed_set for p in parse_method(method))
+
+
+def check_task(method, task: str) -> None:
+    """ValueError unless every component of ``method`` supports ``task`` (``classify`` or ``contrastive``)."""
+    bad = [p for p in parse_method(method) if task not in METHOD_TRAITS[p].tasks]
+    if bad:
+        ok = sorted(n for n, t in METHOD_TRAITS.items() if task in t.tasks)
+        raise ValueError(f"method {method!r}: {bad[0]!r} trains something the {task} task does not use; methods for "
+                         f"{task}: {', '.join(ok)}")
 
 
 def method_options(name: str) -> dict:
@@ -647,7 +715,7 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     """
     _check_supported(model)
     parts = parse_method(method)
-    _check_tower(tower)
+    check_tower(tower)
     _check_recompute_args(lean, recompute, memory_budget, batch_size)
     _check_frozen_dtype(frozen_dtype, lean)
     classnames = _check_classnames(classnames)
@@ -705,53 +773,3 @@ from engine import lilt as _lilt  # noqa: E402,F401  (registers lilt-ln, lilt-bi
 from engine import lora as _lora_method  # noqa: E402,F401  (registers lora)
 from engine import houlsby as _houlsby_method  # noqa: E402,F401  (registers houlsby)
 from engine import compacter as _compacter_method  # noqa: E402,F401  (registers compacter)
-
-
-def _check_lilt_common(model, method: str, tower, projections, temperature) -> None:
-    from engine.contrastive import LearnableTemperature
-
-    _check_tower(tower)
-    if not isinstance(projections, bool):
-        raise ValueError(f"projections must be True or False, got {projections!r}")
-    LearnableTemperature(temperature)  # validates the value
-    if projections:
-        require_open_clip_tower(model, method, tower, "its projection visual.proj / text_projection is trained")
-
-
-def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, **_):
-    _check_lilt_common(model, "lilt-ln", tower, projections, temperature)
-    return check_coverage(model, "lilt-ln", layernorm_names(model, tower), tower, "LayerNorms")
-
-
-def _check_lilt_bitfit(model, tower="both", projections=True, temperature=0.07, **_):
-    _check_lilt_common(model, "lilt-bitfit", tower, projections, temperature)
-    return check_coverage(model, "lilt-bitfit", _names(model, BIAS_RE, tower), tower, "biases")
-
-
-def _check_lilt_blocks(method: str):
-    def check(model, tower="both", projections=True, temperature=0.07, reduction=4, deep_init="copy", **_):
-        _check_lilt_common(model, method, tower, projections, temperature)
-        require_open_clip_tower(model, method, tower, "it changes the tower's transformer blocks")
-        if method == "lilt-adapter":
-            widths = ([model.visual.transformer.width] if tower != "text" else []) + (
-                [_lean.text_tower(model).transformer.width] if tower != "image" else [])
-            for w in widths:
-                _lilt.check_reduction(reduction, w)
-        elif deep_init not in _lilt.DEEP_INITS:
-            raise ValueError(f"deep_init must be one of {_lilt.DEEP_INITS}, got {deep_init!r}")
-    return check
-
-
-def _check_lit(model, temperature=0.07, **_):
-    from engine.contrastive import LearnableTemperature
-
-    LearnableTemperature(temperature)
-    if not any(tower_of(n) == "text" for n, _ in model.named_parameters()):
-        raise ValueError(f"method 'lit' trains the text tower, and the text tower {tower_class(model, 'text')} has "
-                         f"no parameters")
-
-
-for _name, _check in (("lilt-ln", _check_lilt_ln), ("lilt-bitfit", _check_lilt_bitfit),
-                      ("lilt-adapter", _check_lilt_blocks("lilt-adapter")),
-                      ("lilt-deep", _check_lilt_blocks("lilt-deep")), ("lit", _check_lit)):
-    set_method_check(_name, _check)

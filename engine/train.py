@@ -177,7 +177,9 @@ def train(
         cfg = dataclasses.replace(cfg, method=info["method"])
     elif cfg.method != info["method"]:
         raise ValueError(f"cfg.method={cfg.method!r} but the model was prepared with {info['method']!r}")
-    if cfg.method == "llu":
+    from engine.methods import method_trainer
+
+    if method_trainer(cfg.method) == "cached":
         from engine.llu import run_llu
 
         return run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=eval_sets, resume=resume)

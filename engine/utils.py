@@ -32,11 +32,27 @@ LOGGER_NAME = "leanclip"
 
 
 # ----------------------------------------------------------------------------------------------------------- logging
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (not the stream of the first call), so a
+    redirected or replaced stderr (a test's capture, a notebook, a wrapper) always gets the log."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def get_logger(name: str = LOGGER_NAME, level: int | None = None) -> logging.Logger:
     """The package logger (one stderr handler, ``[leanclip] message`` format), created once."""
     log = logging.getLogger(name)
     if not log.handlers:
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         log.addHandler(h)
         log.propagate = False

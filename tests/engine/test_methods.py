@@ -407,3 +407,25 @@ def test_prepare_validates_options_before_changing_anything(fresh_tiny, tokenize
         assert calls == []
     finally:
         methods.METHODS.pop("test-probe", None)
+
+
+def test_traits_decide_combinations_trainer_tasks_and_defaults():
+    from engine.methods import (METHOD_TRAITS, check_task, is_closed_set, method_train_defaults, method_trainer,
+                                parse_method)
+
+    for combo, needle in (("ln+llu", "frozen towers"), ("llu+bitfit", "frozen towers"), ("full+ln", "everything")):
+        with pytest.raises(ValueError, match=needle):
+            parse_method(combo)
+    assert method_trainer("llu") == "cached" and method_trainer("ln+coop") == "backprop"
+    assert method_train_defaults("llu")["batch_size"] == 256 and method_train_defaults("ln") == {}
+    assert method_train_defaults("ln+linear-probe")["optimizer"] == "adamw"
+    assert is_closed_set("ln+linear-probe") and not is_closed_set("coop")
+    check_task("lilt-ln+ln", "contrastive")
+    with pytest.raises(ValueError, match="'coop' trains something the contrastive task does not use"):
+        check_task("ln+coop", "contrastive")
+    assert all(t.trainer in ("backprop", "cached") for t in METHOD_TRAITS.values())
+
+
+def test_cached_feature_method_cannot_share_a_run(fresh_tiny):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        methods.prepare(fresh_tiny(), "ln+llu")
