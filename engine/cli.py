@@ -63,7 +63,8 @@ class _Parser(argparse.ArgumentParser):
     block; ``--help`` is unchanged. Sub-parsers inherit the class."""
 
     def error(self, message):
-        raise UsageError(f"{self.prog.split(' ', 1)[-1]}: {message} (see {self.prog} --help)")
+        sub = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        raise UsageError(f"{sub}{message} (see {self.prog} --help)")
 
 
 # --------------------------------------------------------------------------------------------------------- arguments

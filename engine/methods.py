@@ -446,7 +446,8 @@ def parse_method(method) -> list[str]:
     parts = [p.strip() for p in method.split("+")]
     unknown = [p for p in parts if p not in METHODS]
     if unknown:
-        raise ValueError(f"unknown method {method!r} ({', '.join(map(repr, unknown))}); valid methods: "
+        which = f" ({', '.join(map(repr, unknown))})" if len(parts) > 1 else ""
+        raise ValueError(f"unknown method {method!r}{which}; valid methods: "
                          f"{', '.join(sorted(METHODS))} and combinations joined with '+' (e.g. 'ln+coop')")
     if len(set(parts)) != len(parts):
         raise ValueError(f"method {method!r} repeats a component")
