@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Sequence
 
 from engine import utils
-from engine.cli_common import (EVAL_DATA_DEFAULTS, UsageError, check_backend_env, check_numbers, check_output,
-                               clear_run, data_record, restore_data, restore_model, restore_weights,
+from engine.cli_common import (EVAL_DATA_DEFAULTS, UsageError, check_backend_env, check_numbers, clear_run,
+                               run_folder, data_record, restore_data, restore_model, restore_weights,
                                weights_record)
 
 PROG = "leanclip"
@@ -464,23 +464,19 @@ def cmd_train(args) -> int:
 
     from engine.methods import (is_closed_set, method_options, method_train_defaults, method_trainer, parse_method,
                                 prepare)
-    from engine.train import TrainConfig, train
+    from engine.trainer import TrainConfig, train
 
     device = _setup(args)
     parts = parse_method(args.method)
     method = "+".join(parts)
     defaults = {**BASE_DEFAULTS, **method_train_defaults(method)}
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
-    if args.output is None:
-        args.output = os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}")
-    check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+    run_folder(args, os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}"))
     _check_resume(args.resume, method)
     if args.templates is not None:
         _templates(args, None)  # every template must hold "{}"
     weights = weights_record(args.pretrained, args.model)
     model, tok, size, (mean, std) = build_model(args)
-    if args.overwrite:
-        clear_run(args.output)
     data = load_data(args, size, mean, std, train_transform=method_trainer(method) != "cached")
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
@@ -502,18 +498,30 @@ def cmd_train(args) -> int:
     eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}
     if data["new"] is not None and not is_closed_set(method):
         eval_sets["new"] = data["new"]
+    if args.warmup_epochs is not None:
+        _warmup_notice(cfg)
+    if args.overwrite:  # only now that every input was checked: a rejected command keeps the old run
+        clear_run(args.output)
     summary = train(model, data["train"], data["classnames"], templates, tok, cfg, eval_sets=eval_sets,
                     resume=args.resume)
     result = {
         "command": "train", "method": method, "model": args.model, "dataset": data["dataset"], "shots": args.shots,
         "seed": args.seed, "subsample": args.subsample, "classes": len(data["classnames"]),
-        "train_images": len(data["train"]), "skipped_images": len(data["bad_images"]), "epochs": cfg.epochs, "steps": summary["steps"],
+        "train_images": len(data["train"]), "skipped_images": len(data["bad_images"]), "epochs": cfg.epochs,
+        "steps": summary["steps"],
         "final_train_loss": summary["final_train_loss"], "metrics": summary["metrics"],
         "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
         "checkpoint": summary.get("checkpoint"), "output": args.output,
     }
     _emit(result, args, "result.json")
     return 0
+
+
+def _warmup_notice(cfg) -> None:
+    """A warm-up as long as the run is skipped (engine.trainer.lr_at): say so when the user asked for one."""
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        utils.get_logger().warning("notice: --warmup-epochs %d >= --epochs %d: the run skips the warm-up",
+                                   cfg.warmup_epochs, cfg.epochs)
 
 
 def _check_resume(resume, method: str) -> None:
@@ -560,7 +568,7 @@ def cmd_eval(args) -> int:
 
     from engine.checkpoint import load_trainable
     from engine.methods import PREPARE_OPTIONS, is_closed_set, method_options, parse_method, prepare
-    from engine.train import evaluate
+    from engine.trainer import evaluate
 
     device = _setup(args)
     meta = read_checkpoint_meta(args.checkpoint)
@@ -602,7 +610,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_zeroshot(args) -> int:
-    from engine.train import zeroshot
+    from engine.trainer import zeroshot
 
     device = _setup(args)
     model, tok, size, (mean, std) = build_model(args)
@@ -644,8 +652,23 @@ def _one_line(e: BaseException) -> str:
     return msg or type(e).__name__
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (notices such as a fallback to open_clip's plain modules) as one ``leanclip: warning:`` line."""
+    text = " ".join(str(message).split())
+    text = text[len(PROG) + 2:] if text.startswith(f"{PROG}: ") else text
+    print(f"{PROG}: warning: {text}", file=file or sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: returns the exit code (0 ok, 2 bad input)."""
+    """Entry point: returns the exit code (0 ok, 2 bad input, 3 a run stopped on a non-finite loss)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = build_parser(_first_command(argv))

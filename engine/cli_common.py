@@ -94,7 +94,7 @@ def check_backend_env(device) -> None:
 
 # ------------------------------------------------------------------------------------------------------ run folder
 RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "result.json", "summary.json")
-RUN_DIRS = ("fewshot", "features")
+RUN_DIRS = ("features",)  # the few-shot records are keyed by shots, seed and data: a new run reuses or adds its own
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -102,6 +102,22 @@ def _nearest_existing(path: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
+
+
+def run_folder(args, default: str) -> str:
+    """``--output`` for a training command: as given, else the folder ``--resume`` names (a run continues where it
+    lives), else ``default``; then :func:`check_output`."""
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: --resume continues the run in --output, "
+                         "--overwrite deletes it")
+    if args.output is None:
+        if args.resume is not None:
+            resume = Path(args.resume)
+            args.output = str(resume if resume.is_dir() else resume.parent)
+        else:
+            args.output = default
+    check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+    return args.output
 
 
 def check_output(output, *, resume, overwrite: bool) -> None:
@@ -231,8 +247,9 @@ def restore_data(args, recorded: dict | None) -> None:
     source = recorded.get("source")
     if source in ("data", "split-file") and not given:
         how = "--data ROOT --dataset " + str(recorded.get("dataset")) if source == "data" else "--split-file FILE"
-        raise UsageError(f"the checkpoint was trained on dataset {recorded.get('dataset')!r}: pass {how} "
-                         f"(eval never falls back to synthetic data for it)")
+        what = f"dataset {recorded['dataset']!r}" if recorded.get("dataset") else "a split file"
+        raise UsageError(f"the checkpoint was trained on {what}: pass {how} (eval never falls back to synthetic "
+                         f"data for it)")
     if args.data and not args.dataset and source == "data":
         args.dataset = recorded.get("dataset")
     want = recorded.get("split_sha256")

@@ -8,7 +8,7 @@
 2. Downstream task: K-shot classification in the *shifted* domain (light patterned backgrounds, colour jitter, noise),
    CoOp base-to-new split (sorted labels, base = first ceil(n/2)); zero-shot accuracy with the model's template.
 3. ``ln``, ``bitfit``, ``clipfit``, ``llu`` and ``full`` (reference) are fine-tuned on the base classes with the lean
-   trainer (``engine.train``, ``lean=True``) and evaluated on base and new classes (H = harmonic mean).
+   trainer (``engine.trainer``, ``lean=True``) and evaluated on base and new classes (H = harmonic mean).
 4. Per method, side by side in this process: the step time of the lean model relative to the same method on open_clip's
    plain modules (``prepare(..., lean=False)``; interleaved repetitions, medians) and the bytes autograd saves for one
    training step's forward (``engine.memory.saved_activation_bytes``; lean with the recompute policy, vs plain).
@@ -45,7 +45,7 @@ DEFAULT_OUTPUT = "leanclip-demo"
 
 @dataclass(frozen=True)
 class MethodRecipe:
-    """Fine-tuning hyper-parameters of one method (engine.train.TrainConfig fields)."""
+    """Fine-tuning hyper-parameters of one method (engine.trainer.TrainConfig fields)."""
 
     lr: float
     epochs: int
@@ -287,7 +287,7 @@ def _train_batch(dataset, batch_size: int, seed: int):
 
 def _step_fns(model, method: str, images, labels, classnames, templates, tokenizer, kd_lambda: float = 8.0,
               llu_lambda: float = 1e3):
-    """(forward_loss, train_step) closures of one training step of ``model`` as engine.train runs it (llu: the head
+    """(forward_loss, train_step) closures of one training step of ``model`` as engine.trainer runs it (llu: the head
     step on cached features, as engine.llu runs it)."""
     from engine import features as Fe
 
@@ -470,7 +470,7 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
     from engine.methods import count_trainable, prepare
     from engine.metrics import harmonic_mean
     from engine.templates import get_templates
-    from engine.train import TrainConfig, train, zeroshot
+    from engine.trainer import TrainConfig, train, zeroshot
 
     t_start = time.perf_counter()
     unknown = [m for m in cfg.methods if m not in cfg.recipes]

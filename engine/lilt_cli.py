@@ -128,7 +128,7 @@ def cmd_train_contrastive(args) -> int:
 
     from engine import cli as C
     from engine import distributed as D
-    from engine.cli_common import check_output, clear_run, weights_record
+    from engine.cli_common import clear_run, run_folder, weights_record
     from engine.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
     from engine.methods import parse_method, prepare
 
@@ -151,14 +151,12 @@ def cmd_train_contrastive(args) -> int:
         torch.set_num_threads(args.threads)
     info = D.init_distributed(args.device)
     try:
-        if args.output is None:
-            args.output = os.path.join("runs", f"contrastive_{method}_seed{args.seed}")
         if info.is_main:
-            check_output(args.output, resume=args.resume, overwrite=args.overwrite)
+            run_folder(args, os.path.join("runs", f"contrastive_{method}_seed{args.seed}"))
+        elif args.output is None:
+            args.output = os.path.join("runs", f"contrastive_{method}_seed{args.seed}")
         weights = weights_record(args.pretrained, args.model)
         model, tok, size, _ = C.build_model(args)
-        if args.overwrite and info.is_main:
-            clear_run(args.output)
         size = _image_size(model)
         if args.pairs is not None:
             train_pairs = _load(args.pairs, args.image_root, args.pairs_split)
@@ -171,8 +169,9 @@ def cmd_train_contrastive(args) -> int:
             eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split) if args.eval_pairs
                           else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED,
                                           "--synthetic-eval-pairs"))
-        prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower, tokenizer=tok,
-                model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **opts)
+        prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
+                tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
+                **opts)
         full_tower = any(p in ("lit", "full") for p in parts)
         lr = args.lr if args.lr is not None else (DEFAULTS["lr_full_tower"] if full_tower else DEFAULTS["lr"])
         cfg = ContrastiveConfig(
@@ -191,6 +190,8 @@ def cmd_train_contrastive(args) -> int:
         if eval_pairs is not None and info.is_main and not args.no_initial_eval:
             model.to(info.device)
             before = evaluate_retrieval(model, eval_pairs, tok, device=info.device, precision=args.precision)
+        if args.overwrite and info.is_main:  # only now that every input was checked
+            clear_run(args.output)
         summary = train_contrastive(model, train_pairs, tok, cfg, eval_pairs=eval_pairs, resume=args.resume)
         if info.is_main:
             from engine.lilt import trainable_summary

@@ -163,7 +163,7 @@ def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
-    from engine.train import _model_device, eval_loader
+    from engine.trainer import _model_device, eval_loader
 
     device = utils.resolve_device(device if device is not None else _model_device(model))
     precision = utils.resolve_precision(precision, device)
@@ -208,7 +208,7 @@ def class_text_features(model, classnames: Sequence[str], templates: Sequence[st
                         precision: str = "auto") -> torch.Tensor:
     """Frozen zero-shot class text features (C, E), fp32, L2-normalized (template-averaged as E1 defines it)."""
     from engine.features import frozen_text_features
-    from engine.train import _model_device
+    from engine.trainer import _model_device
 
     device = utils.resolve_device(device if device is not None else _model_device(model))
     precision = utils.resolve_precision(precision, device)
@@ -274,11 +274,11 @@ def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Te
 # -------------------------------------------------------------------------------------------------------------- train
 def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, class_text_feats: torch.Tensor, cfg,
               *, bank: torch.Tensor | None = None, resume=None) -> dict:
-    """Train ``model.llu_image`` / ``model.llu_text`` on cached features (cfg: ``engine.train.TrainConfig``; uses
+    """Train ``model.llu_image`` / ``model.llu_text`` on cached features (cfg: ``engine.trainer.TrainConfig``; uses
     epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_*, scheduler, seed, device, llu_lambda,
     llu_clusters, output, log_every, clip_grad_norm). Banks are set on the heads (image: ``bank`` or
     ``cluster_bank(train_feats, cfg.llu_clusters)``; text: ``class_text_feats``). Returns the per-step history."""
-    from engine.train import CHECKPOINT_NAME, LOG_NAME, _resume, _save, build_optimizer, lr_at
+    from engine.trainer import CHECKPOINT_NAME, LOG_NAME, _resume, _save, build_optimizer, lr_at
 
     cfg.validate()
     device = utils.resolve_device(cfg.device)
@@ -397,9 +397,9 @@ def evaluate_llu(model, feats: torch.Tensor, labels: torch.Tensor, class_text_fe
 
 # ------------------------------------------------------------------------------------------------------------ pipeline
 def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=None, resume=None) -> dict:
-    """The LLU pipeline used by ``engine.train.train(method="llu")``: cached features -> ``train_llu`` -> evaluation
+    """The LLU pipeline used by ``engine.trainer.train(method="llu")``: cached features -> ``train_llu`` -> evaluation
     of ``eval_sets`` (``{name: dataset}`` or ``{name: (dataset, classnames)}``; "base" + "new" also give H)."""
-    from engine.train import _summary
+    from engine.trainer import _summary
 
     t0 = time.perf_counter()
     device = utils.resolve_device(cfg.device)

@@ -173,7 +173,8 @@ def merge(model: nn.Module) -> nn.Module:
     into their ``attn.in_proj_weight`` slices, out/fc/proj into ``attn.out_proj`` / ``mlp.c_fc`` / ``mlp.c_proj``)
     and the LoRA and lean modules removed: a plain open_clip model with the same outputs, for export. ``model`` is
     left unchanged (it can keep training). Modules other methods added stay as they are; ``leanclip_info`` is
-    dropped (the copy is no longer a prepared model)."""
+    dropped (the copy is no longer a prepared model). Frozen weights that ``prepare(frozen_dtype=...)`` kept in 16
+    bits come back in the trainable parameters' dtype, since open_clip's plain modules cannot mix dtypes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge needs an nn.Module, got {type(model).__name__}")
     if not lora_modules(model):
@@ -185,5 +186,8 @@ def merge(model: nn.Module) -> nn.Module:
             held.fold_into(blk)
             del blk._modules["lora"]
     _lean.remove_lean(out)
+    if (getattr(model, "leanclip_info", None) or {}).get("options", {}).get("frozen_dtype"):
+        dtype = next(p.dtype for _, m in lora_modules(model) for p in m.parameters())
+        out.to(dtype)
     out.__dict__.pop("leanclip_info", None)
     return out

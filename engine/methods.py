@@ -66,7 +66,7 @@ TASKS = ("classify", "contrastive")
 class MethodTraits:
     """What the rest of the engine needs to know about a method, declared where it is registered.
 
-    trainer: ``"backprop"`` (gradients flow through the towers: ``engine.train``) or ``"cached"`` (the towers stay
+    trainer: ``"backprop"`` (gradients flow through the towers: ``engine.trainer``) or ``"cached"`` (the towers stay
         frozen and their features are computed once: ``engine.llu.run_llu``).
     tasks: the tasks whose features use what the method trains (a classification head or a prompt means nothing to
         contrastive image-text alignment).

@@ -79,8 +79,8 @@ def assert_checkpoint_round_trip(fresh_tiny, tmp_path, batch, method: str) -> No
 
 
 def assert_classification_trains(fresh_tiny, shapes, tok, method: str, moved_suffix: str, **opts) -> None:
-    """One epoch of ``engine.train`` on the shapes task moves the parameters named ``*moved_suffix``."""
-    from engine.train import TrainConfig, train
+    """One epoch of ``engine.trainer`` on the shapes task moves the parameters named ``*moved_suffix``."""
+    from engine.trainer import TrainConfig, train
 
     m = prepare(fresh_tiny(), method, **opts)
     train(m, shapes["train"], shapes["classnames"], ["a photo of a {}."], tok,

@@ -248,3 +248,34 @@ def test_diverging_run_is_one_line_exit_3(files, tmp_path, monkeypatch, capsys):
     ckpt = out / "checkpoint.safetensors"
     if ckpt.exists():
         assert all(torch.isfinite(t).all() for t in load_file(str(ckpt)).values())
+
+
+def test_rejected_overwrite_keeps_the_old_run(files, tmp_path, monkeypatch, capsys):
+    """--overwrite deletes the previous run only once every input of the new command was checked; --resume with
+    --overwrite is refused before anything is touched."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(files["run"], run)
+    before = sorted(p.name for p in run.iterdir())
+    monkeypatch.chdir(tmp_path)
+    for extra in (["--split-file", str(files["split_dotdot"])], ["--split-file", str(files["split_corrupt"])],
+                  ["--resume", str(run)]):
+        rc = cli.main(["train", "--method", "ln", "--epochs", "1", "--shots", "1", "--no-progress", "--image-size",
+                       "32", "--output", str(run), "--overwrite", *extra])
+        assert rc == 2, capsys.readouterr().err
+        assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_resume_without_output_continues_in_the_resumed_folder(files, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(files["run"], run)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["train", "--method", "ln", "--epochs", "2", "--shots", "1", "--no-progress", "--image-size", "32",
+                   "--split-file", str(files["split_good"]), "--resume", str(run)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert json.loads(out.strip().splitlines()[-1])["output"] == str(run)
+    assert not (tmp_path / "runs").exists()

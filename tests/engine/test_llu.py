@@ -11,7 +11,7 @@ import kernels
 from engine import data, llu
 from engine.checkpoint import load_trainable
 from engine.methods import prepare
-from engine.train import TrainConfig, evaluate, train, zeroshot
+from engine.trainer import TrainConfig, evaluate, train, zeroshot
 
 TEMPLATES = ["a photo of a {}."]
 
@@ -257,7 +257,7 @@ def test_llu_non_finite_stops_and_keeps_last_finite_checkpoint(pretrained_base, 
     line, the epoch-1 checkpoint untouched and the heads in memory as they were; a diverging lr stops before a
     checkpoint holding inf is written."""
     from engine import utils
-    from engine.train import CHECKPOINT_NAME, LOG_NAME
+    from engine.trainer import CHECKPOINT_NAME, LOG_NAME
 
     feats, labels, txt = _unit(64, 64, seed=1), torch.arange(64) % 8, _unit(8, 64, seed=2)
     cfg = _cfg(epochs=3, output=str(tmp_path / "a"))

@@ -207,3 +207,13 @@ def test_string_targets_and_reprepare(fresh_tiny):
     assert m.visual.transformer.resblocks[0].lora.targets == ("q", "v")
     prepare(m, "lora", rank=1)  # replaces the earlier modules
     assert count_trainable(m) == 2 * 2 * 3 * 1 * 128
+
+
+def test_merge_of_bf16_frozen_weights_is_a_plain_fp32_model(fresh_tiny, batch):
+    m = prepare(fresh_tiny(), "lora", frozen_dtype=torch.bfloat16)
+    _randomize_lora(m)
+    merged = engine.merge(m)
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    with torch.no_grad():
+        torch.testing.assert_close(merged.eval().encode_image(batch[0]),
+                                   engine.image_features(m.eval(), batch[0], normalize=False), atol=2e-2, rtol=2e-2)

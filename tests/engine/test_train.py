@@ -10,7 +10,7 @@ import torch
 import kernels
 from engine import data, utils
 from engine.methods import prepare
-from engine.train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
+from engine.trainer import CHECKPOINT_NAME, LOG_NAME, TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
 
 TEMPLATES = ["a photo of a {}."]
 PRETRAIN_STEPS = 40
@@ -302,7 +302,7 @@ def test_same_seed_same_run_whatever_display_workers_or_resume(fresh_tiny, tok, 
 def test_epoch_loader_is_a_function_of_seed_and_epoch():
     """Same (seed, epoch) => same batches and augmentations however often iter() is called (a dropped iterator, as
     tqdm.auto makes, included) and in how many workers; the global RNG is neither read nor advanced."""
-    from engine.train import epoch_loader
+    from engine.trainer import epoch_loader
 
     class Noisy(torch.utils.data.Dataset):  # each item's "augmentation" draws from the global RNGs
         def __len__(self):
