@@ -402,3 +402,18 @@ def test_stale_temps_removed_at_start(fresh_tiny, tok, shapes, tmp_path):
     train(m, shapes["train"], shapes["classnames"], TEMPLATES, tok, _cfg("ln", epochs=1, output=str(tmp_path)))
     assert not stale.exists() and (tmp_path / CHECKPOINT_NAME).is_file()
     assert _strict_json((tmp_path / "summary.json").read_text())["steps"] == 4
+
+
+def test_package_exports_stay_what_they_name():
+    """engine.train is the function whatever was read first (no submodule shares an exported name)."""
+    import importlib
+    import types
+
+    import engine
+
+    for name in engine.__all__:
+        if name.startswith("__"):
+            continue
+        importlib.import_module(engine._EXPORTS[name])
+        assert not isinstance(getattr(engine, name), types.ModuleType), name
+    assert callable(engine.train) and engine.train is train
