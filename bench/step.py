@@ -21,7 +21,8 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
                    a lower bound for any exact step of a method that trains image-tower parameters
 
 Time: all modes of a run are timed side by side in one process (interleaved, medians); the first calls (compiling,
-for compiled modes) are timed apart as ``warmup_seconds``. Memory: ``peak_step_bytes`` is what one step adds on top of
+for compiled modes) are timed apart as ``warmup_seconds``, and a compiled mode's ``graph_breaks`` say how much of
+its step dynamo left to eager. Memory: ``peak_step_bytes`` is what one step adds on top of
 the resident model, optimizer state and gradients (``bench.common.step_peak_bytes``: CUDA allocator peak, or peak RSS
 on CPU), the one measure that works for every mode. ``isolate=True`` runs each mode in its own process
 (``python -m engine bench step --modes X --json``), which the CPU figure needs; the times then are each process's own
@@ -242,14 +243,23 @@ def _prepare_mode(mode, model_name, method, *, device, tokenizer, **kw):
     from engine.memory import saved_activation_bytes
 
     step, forward, model = make_step(model_name, method, mode, device=device, tokenizer=tokenizer, **kw)
+    breaks = _graph_breaks()
     warm = _warm_up(step, device)
     spec = parse_mode(mode)
+    breaks = _graph_breaks() - breaks if spec["compile"] else None
     saved = None
     if not (spec["gc"] or spec["compile"]):
         with _budget_context(spec["budget"]):
             saved = saved_activation_bytes(forward, exclude=model)[1]
     peak, how = step_peak_bytes(step, device)
-    return step, saved, warm, peak, how
+    return step, saved, warm, peak, how, breaks
+
+
+def _graph_breaks() -> int:
+    """Graph breaks dynamo has counted in this process so far (a compiled mode that breaks runs partly eager)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def _ratios(values: dict, base: str) -> dict:
@@ -261,10 +271,10 @@ def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps,
     import open_clip
 
     tokenizer = open_clip.get_tokenizer(model_name)
-    steps, saved, peak, warmup, failed, how = {}, {}, {}, {}, {}, None
+    steps, saved, peak, warmup, failed, breaks, how = {}, {}, {}, {}, {}, {}, None
     for mode in modes:
         try:
-            step, saved[mode], warmup[mode], peak[mode], how = _prepare_mode(
+            step, saved[mode], warmup[mode], peak[mode], how, breaks[mode] = _prepare_mode(
                 mode, model_name, method, device=device, tokenizer=tokenizer, batch_size=batch_size,
                 n_classes=n_classes, precision=precision, scope=scope)
         except Exception as exc:  # noqa: BLE001 - a compiled mode that does not trace is a result, not a crash
@@ -278,7 +288,7 @@ def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps,
            "precision": precision, "scope": scope,
            "seconds": times, "images_per_s": {k: batch_size / v for k, v in times.items()},
            "warmup_seconds": warmup, "peak_step_bytes": peak, "peak_method": how,
-           "saved_bytes": saved, "failed": failed}
+           "saved_bytes": saved, "graph_breaks": breaks, "failed": failed}
     return finish_row(row)
 
 
@@ -330,8 +340,8 @@ def _child_env():
 
 def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
     """Each mode in its own process (``--json``); the per-mode numbers gathered into one row."""
-    row = {"seconds": {}, "images_per_s": {}, "warmup_seconds": {}, "peak_step_bytes": {}, "saved_bytes": {},
-           "failed": {}}
+    keys = ("seconds", "images_per_s", "warmup_seconds", "peak_step_bytes", "saved_bytes", "graph_breaks", "failed")
+    row = {k: {} for k in keys}
     for mode in modes:
         argv = _child_argv(model_name, method, mode, threads=threads, **kw)
         proc = subprocess.run(argv, capture_output=True, text=True, env=_child_env())
@@ -342,7 +352,7 @@ def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
             row["failed"][mode] = tail
             continue
         child = json.loads(proc.stdout.strip().splitlines()[-1])["rows"][0]
-        for key in ("seconds", "images_per_s", "warmup_seconds", "peak_step_bytes", "saved_bytes", "failed"):
+        for key in keys:
             row[key].update(child[key])
         row.update({k: child[k] for k in ("model", "method", "batch_size", "n_classes", "precision", "scope",
                                           "peak_method")})
@@ -438,16 +448,17 @@ def summarize(res) -> str:
     for r in res["rows"]:
         lines += [f"**{r['model']} {r['method']}** batch {r['batch_size']}, {r['n_classes']} classes, "
                   f"{r['precision']}, scope {r['scope']}; memory: {r.get('peak_method')}", "",
-                  "| mode | s/step | time / plain | step MiB | memory / plain | saved MiB | warm-up s |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                  "| mode | s/step | time / plain | step MiB | memory / plain | saved MiB | warm-up s | graph breaks |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for mode, sec in r["seconds"].items():
             lines.append(f"| {mode} | {sec:.4f} | {_fmt(r['time_ratio_vs_plain'][mode], '.2f')} | "
                          f"{_fmt(r['peak_step_bytes'].get(mode), '.1f', 2**20)} | "
                          f"{_fmt(r['peak_ratio_vs_plain'].get(mode), '.2f')} | "
                          f"{_fmt(r['saved_bytes'].get(mode), '.1f', 2**20)} | "
-                         f"{_fmt((r['warmup_seconds'].get(mode) or [None])[0], '.1f')} |")
+                         f"{_fmt((r['warmup_seconds'].get(mode) or [None])[0], '.1f')} | "
+                         f"{_fmt(r.get('graph_breaks', {}).get(mode), 'd')} |")
         for mode, why in r["failed"].items():
-            lines.append(f"| {mode} | did not run: {why} | | | | | |")
+            lines.append(f"| {mode} | did not run: {why} | | | | | | |")
         lines += ["", "| lean mode | fastest peer at <= its memory | lean time / peer | "
                       "least-memory peer at <= its time | lean memory / peer |", "|---|---|---:|---|---:|"]
         for lean, b in r["best_peer"].items():

@@ -143,7 +143,7 @@ def test_bench_step_peers_json_and_table(tmp_path, capsys):
     assert set(row["best_peer"]) == {"lean:none"}
     assert set(row["best_peer"]["lean:none"]) == {"fastest_peer_within_memory", "time_ratio_vs_that_peer",
                                                   "least_memory_peer_within_time", "memory_ratio_vs_that_peer"}
-    assert row["failed"] == {}
+    assert row["failed"] == {} and row["graph_breaks"] == {"plain": None, "plain+gc": None, "lean:none": None}
 
 
 def test_plain_gc_checkpoints_and_matches_plain_gradients():
@@ -231,3 +231,4 @@ def test_compiled_peers_run_on_cpu(tmp_path):
     assert set(row["seconds"]) | set(row["failed"]) == {"plain+compile+budget:0.5", "lean:none+compile"}
     for mode in row["seconds"]:
         assert len(row["warmup_seconds"][mode]) == 2 and row["peak_step_bytes"][mode] is not None
+        assert row["graph_breaks"][mode] >= 0
