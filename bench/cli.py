@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = sub.add_parser("ops", help="fused ops vs torch eager / torch.compile / Liger (CUDA); references on CPU")
     o.add_argument("--quick", action="store_true", help="smallest shapes")
     o.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for JSON results (default: %(default)s)")
-    s = sub.add_parser("step", help="train-step time and memory: leanclip vs plain, grad checkpointing and torch.compile peers")
+    s = sub.add_parser("step", help="train-step time and memory: leanclip vs plain, open_clip grad checkpointing "
+                                    "and torch.compile peers")
     s.add_argument("--models", default="ViT-B-32,ViT-B-16", help="comma-separated open_clip names")
     s.add_argument("--methods", default="ln,clipfit,bitfit", help="comma-separated PEFT methods")
     s.add_argument("--batch-size", type=int, default=8, help="images per step")
