@@ -437,7 +437,7 @@ def plot_rows(rows, path):
 
 
 def _fmt(v, spec, scale=1.0):
-    return "" if v is None else format(v / scale, spec)
+    return "" if v is None else format(v if scale == 1.0 else v / scale, spec)
 
 
 def summarize(res) -> str:

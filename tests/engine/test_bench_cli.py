@@ -216,14 +216,32 @@ def test_isolate_runs_each_mode_in_its_own_process(tmp_path):
     assert "lean:none" in row["best_peer"]
 
 
+def test_summarize_prints_compiled_rows_with_graph_breaks():
+    """The markdown table of an isolated run: numbers come back from JSON, graph breaks are integers."""
+    from bench.step import finish_row, summarize
+
+    row = finish_row({"model": "m", "method": "ln", "batch_size": 2, "n_classes": 3, "precision": "fp32",
+                      "scope": "image", "peak_method": "rss", "seconds": {"plain": 2.0, "lean:block+compile": 1.0},
+                      "images_per_s": {}, "warmup_seconds": {"plain": [1.0, 1.0], "lean:block+compile": [30.0, 1.0]},
+                      "peak_step_bytes": {"plain": 2**21, "lean:block+compile": 2**20},
+                      "saved_bytes": {"plain": 2**20, "lean:block+compile": None},
+                      "graph_breaks": {"plain": None, "lean:block+compile": 3}, "failed": {}})
+    res = {"machine": {"device": "cpu", "cpu": "x", "torch": torch.__version__}, "rows": [row], "threads": 1,
+           "time_source": "t"}
+    text = summarize(res)
+    assert "| lean:block+compile | 1.0000 | 0.50 | 1.0 | 0.50 |  | 30.0 | 3 |" in text
+    assert "| lean:block+compile | none |  | none |  |" in text  # plain is both bigger and slower
+
+
 @pytest.mark.slow
-def test_compiled_peers_run_on_cpu(tmp_path):
+def test_compiled_peers_run_on_cpu(tmp_path, capsys):
     """torch.compile peers (one with an activation memory budget) and lean under torch.compile, on the tiny image
     tower: each either runs (warm-up timed apart) or is reported with its reason. Compiling takes about a minute per
     mode on a 2-core CPU, hence slow and the smallest set."""
     rc = main(["bench", "step", "--quick", "--methods", "ln", "--scope", "image", "--batch-size", "2", "--reps", "1",
                "--modes", "plain+compile+budget:0.5,lean:none+compile", "--output", str(tmp_path)])
     assert rc == 0
+    assert "| plain+compile+budget:0.5 |" in capsys.readouterr().out
     (js,) = tmp_path.glob("step-*.json")
     row = json.loads(js.read_text())["rows"][0]
     assert "plain+compile+budget:0.5" in row["seconds"]
