@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = sub.add_parser("ops", help="fused ops vs torch eager / torch.compile / Liger (CUDA); references on CPU")
     o.add_argument("--quick", action="store_true", help="smallest shapes")
     o.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for JSON results (default: %(default)s)")
-    s = sub.add_parser("step", help="train-step throughput, saved activations and peak memory vs plain PyTorch")
+    s = sub.add_parser("step", help="train-step time and memory: leanclip vs plain, open_clip grad checkpointing "
+                                    "and torch.compile peers")
     s.add_argument("--models", default="ViT-B-32,ViT-B-16", help="comma-separated open_clip names")
     s.add_argument("--methods", default="ln,clipfit,bitfit", help="comma-separated PEFT methods")
     s.add_argument("--batch-size", type=int, default=8, help="images per step")
@@ -26,6 +27,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "CUDA, fp32 on CPU")
     s.add_argument("--floor", action="store_true",
                    help="also time the image tower's forward+backward alone (lower bound of any exact step)")
+    s.add_argument("--modes", default=None,
+                   help="comma-separated modes to run instead of the default set: plain, plain+gc, plain+compile, "
+                        "plain+compile+budget:<b>, lean:<policy>, lean:<policy>+compile, floor:image")
+    s.add_argument("--compile", action="store_true",
+                   help="add the torch.compile peers (plain, plain with each --budgets, lean) to the default modes "
+                        "(on by default on CUDA; a CPU compile of a ViT takes minutes, reported as warm-up)")
+    s.add_argument("--budgets", default="0.1,0.5",
+                   help="activation_memory_budget values for the compiled plain peers (default: %(default)s)")
+    s.add_argument("--scope", default="full", choices=["full", "image"],
+                   help="image: train the image tower alone against fixed class text features")
+    s.add_argument("--isolate", action="store_true",
+                   help="run each mode in its own process: clean per-mode memory (peak RSS on CPU); times are then "
+                        "per-process medians")
+    s.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    s.add_argument("--json", action="store_true",
+                   help="print the result as one JSON line on stdout and write no files (used by --isolate)")
     s.add_argument("--quick", action="store_true", help="tiny model and sizes: ~2 minutes on a 2-core CPU")
     s.add_argument("--output", default=DEFAULT_OUTPUT, help="folder for JSON + PNG (default: %(default)s)")
     f = sub.add_parser("fit", help="largest batch under a memory cap, plain vs leanclip (CUDA)")
@@ -53,6 +70,65 @@ def _check_names(models, methods):
         raise ValueError(f"--methods: unknown method(s) {bad}; valid: {sorted(METHODS)}")
 
 
+def _step_modes(args, step, policies, device) -> list[str]:
+    """The mode list from --modes or the defaults (--policies, --compile, --budgets, --floor), each validated."""
+    if args.modes is not None:
+        modes = [m for m in args.modes.split(",") if m]
+        if not modes:
+            raise ValueError("--modes: give at least one mode")
+        for mode in modes:
+            step.parse_mode(mode)
+        return modes
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b]
+    except ValueError:
+        raise ValueError(f"--budgets: expected comma-separated numbers, got {args.budgets!r}") from None
+    if not all(0.0 < b <= 1.0 for b in budgets):
+        raise ValueError(f"--budgets: each budget must be in (0, 1], got {args.budgets!r}")
+    use_compile = args.compile or (device == "cuda" or (device is None and _cuda()))
+    return step.default_modes(policies, compile=use_compile, budgets=budgets, floor=args.floor)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_step(args) -> int:
+    import json
+
+    from bench import step
+
+    if args.device == "cuda" and not _cuda():
+        raise ValueError("--device cuda: no CUDA device is available")
+    models = [m for m in args.models.split(",") if m]
+    methods = [m for m in args.methods.split(",") if m]
+    policies = [p for p in args.policies.split(",") if p]
+    bad = [p for p in policies if p not in step.POLICIES]
+    if bad:
+        raise ValueError(f"--policies: unknown {bad}; valid: {list(step.POLICIES)}")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
+    device = None if args.device == "auto" else args.device
+    modes = _step_modes(args, step, policies, device)
+    batch, classes, reps = args.batch_size, args.classes, args.reps
+    _check_names(models, methods)
+    if args.quick:
+        models, batch, classes, reps = ["leanclip-tiny"], min(batch, 8), min(classes, 10), min(reps, 3)
+    if batch <= 0 or classes <= 0 or reps <= 0:
+        raise ValueError("--batch-size, --classes and --reps must be positive")
+    res = step.run(models, methods, batch_size=batch, n_classes=classes, modes=modes, reps=reps, device=device,
+                   output=None if args.json else args.output, precision=None if args.precision == "auto"
+                   else args.precision, scope=args.scope, isolate=args.isolate, threads=args.threads)
+    if args.json:
+        print(json.dumps(res, default=str))
+        return 0
+    print(step.summarize(res))
+    print(f"wrote {res['path']}" + (f" and {res['plot']}" if res.get("plot") else ""))
+    return 0
+
+
 def run(args) -> int:
     import torch
 
@@ -66,29 +142,7 @@ def run(args) -> int:
         print(f"wrote {res['path']}")
         return 0
     if args.bench_cmd == "step":
-        from bench import step
-
-        if args.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
-        models = [m for m in args.models.split(",") if m]
-        methods = [m for m in args.methods.split(",") if m]
-        policies = [p for p in args.policies.split(",") if p]
-        bad = [p for p in policies if p not in step.POLICIES]
-        if bad:
-            raise ValueError(f"--policies: unknown {bad}; valid: {list(step.POLICIES)}")
-        batch, classes, reps = args.batch_size, args.classes, args.reps
-        _check_names(models, methods)
-        if args.quick:
-            models, batch, classes, reps = ["leanclip-tiny"], min(batch, 8), min(classes, 10), 3
-        if batch <= 0 or classes <= 0:
-            raise ValueError("--batch-size and --classes must be positive")
-        device = None if args.device == "auto" else args.device
-        res = step.run(models, methods, batch_size=batch, n_classes=classes, policies=policies, reps=reps,
-                       device=device, output=args.output, floor=args.floor,
-                       precision=None if args.precision == "auto" else args.precision)
-        print(step.summarize(res))
-        print(f"wrote {res['path']}" + (f" and {res['plot']}" if res.get("plot") else ""))
-        return 0
+        return _run_step(args)
     if args.bench_cmd == "fit":
         from bench import fit
 

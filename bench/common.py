@@ -67,3 +67,65 @@ def write_json(path: str, payload: dict) -> str:
     from engine.utils import atomic_write_text
 
     return str(atomic_write_text(path, json.dumps(payload, indent=2, default=str)))
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so the resident set before a step holds what
+    is live rather than what earlier steps freed into malloc's arenas; without it a step that reuses those pages
+    shows no RSS growth at all."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_rss_peak() -> bool:
+    """Reset this process's peak resident set (VmHWM) to the current one (Linux ``clear_refs`` value 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def step_peak_bytes(step: Callable[[], object], device: torch.device) -> tuple[int | None, str]:
+    """Memory one call of ``step`` adds on top of what is resident before it: (bytes, how it was measured).
+
+    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the step (the allocator's own count). CPU: the
+    peak resident set (VmHWM, reset just before) minus the resident set before the step, after returning freed heap
+    pages to the OS. Both count what the step keeps alive for backward plus its transient workspace, and work for
+    every kind of step (eager, grad checkpointing, compiled graphs), unlike saved-tensor hooks. The CPU figure is
+    only meaningful when the step runs in a process of its own (``--isolate``): otherwise pages other modes left
+    mapped blur it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, "cuda max_memory_allocated - allocated before"
+    _release_free_heap()
+    if not _reset_rss_peak():
+        return None, "unavailable: no writable /proc/self/clear_refs to reset the peak resident set"
+    before = _proc_status_bytes("VmRSS")
+    step()
+    peak = _proc_status_bytes("VmHWM")
+    return peak - before, "peak RSS (VmHWM, reset before the step) - RSS before the step"

@@ -1,32 +1,89 @@
-"""Train-step benchmark: plain PyTorch eager (and torch.compile) vs leanclip with each recompute policy.
+"""Train-step benchmark: leanclip against what a user would pick instead, side by side.
 
 One training step = image features of a batch + class text features of every class prompt (the text tower runs over
-all classes each step when it is trainable) + CE (+ CLIPFit's KD term) + backward + SGD update.
+all classes each step when it is trainable) + CE (+ CLIPFit's KD term) + backward + SGD update. ``scope="image"``
+trains the image tower alone against fixed class text features (the text side computed once).
 
-    plain        open_clip as is, ``requires_grad_`` on the method's parameters; CLIPFit runs its teacher (a frozen
-                 copy of the text tower) every step at 77 tokens, as the reference implementation does
-    plain+compile  the same step under ``torch.compile`` (CUDA only: a CPU compile of a ViT takes minutes here)
+Modes (``--modes``; the grammar is checked by ``parse_mode``):
+
+    plain          open_clip as is, ``requires_grad_`` on the method's parameters; CLIPFit runs its teacher (a frozen
+                   copy of the text tower) every step at 77 tokens, as the reference implementation does
+    plain+gc       the same with open_clip's own ``model.set_grad_checkpointing(True)`` (every block recomputed)
+    plain+compile  the plain step's forward under ``torch.compile`` (CPU or CUDA; compiling is timed apart from the
+                   step)
+    plain+compile+budget:<b>  the same with ``torch._functorch.config.activation_memory_budget = b`` (0 < b <= 1), the
+                   compiler's automatic selective recompute; set only while that mode runs
     lean:<policy>  ``engine.prepare(model, method, recompute=policy)``: fused ops, EOT-truncated text, teacher
-                 features computed once
-    floor:image  (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
-                 a lower bound for any exact step of a method that trains image-tower parameters (CLIPFit's
-                 image LayerNorms), so plain / floor bounds the speed-up reachable by making the text side cheaper
+                   features computed once
+    lean:<policy>+compile  the lean step's forward under ``torch.compile``; a mode that does not trace is reported
+                   with its reason under ``failed`` instead of stopping the run
+    floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
+                   a lower bound for any exact step of a method that trains image-tower parameters
 
-Everything runs side by side in one process (interleaved, medians). Saved-activation bytes come from
-``engine.memory.saved_activation_bytes`` (deterministic, any device); peak memory from CUDA's allocator.
+Time: all modes of a run are timed side by side in one process (interleaved, medians); the first calls (compiling,
+for compiled modes) are timed apart as ``warmup_seconds``, and a compiled mode's ``graph_breaks`` say how much of
+its step dynamo left to eager. Memory: ``peak_step_bytes`` is what one step adds on top of
+the resident model, optimizer state and gradients (``bench.common.step_peak_bytes``: CUDA allocator peak, or peak RSS
+on CPU), the one measure that works for every mode. ``isolate=True`` runs each mode in its own process
+(``python -m engine bench step --modes X --json``), which the CPU figure needs; the times then are each process's own
+medians, measured one mode after another. ``saved_bytes`` (``engine.memory.saved_activation_bytes``) counts tensors
+saved through autograd's saved-tensor hooks: exact for eager modes, not defined for compiled graphs and grad
+checkpointing (None there).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
+import re
+import subprocess
+import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import interleaved_medians, machine, write_json
+from bench.common import interleaved_medians, machine, step_peak_bytes, write_json
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")
+SCOPES = ("full", "image")
+DEFAULT_BUDGETS = (0.1, 0.5)
+_MODE = re.compile(r"^(?:(plain)(\+gc)?(\+compile(?:\+budget:([0-9.eE+-]+))?)?"
+                   r"|lean:([a-z+]+?)(\+compile)?|(floor:image))$")
+
+
+def parse_mode(mode: str) -> dict:
+    """``{"kind": plain|lean|floor, "policy", "gc", "compile", "budget"}`` of a mode name; ValueError naming the
+    mode when it is not one of the forms in this module's docstring."""
+    m = _MODE.match(mode)
+    if not m or (m.group(5) and m.group(5) not in POLICIES):
+        raise ValueError(f"--modes: unknown mode {mode!r}; valid: plain, plain+gc, plain+compile, "
+                         f"plain+compile+budget:<0..1>, lean:<policy>, lean:<policy>+compile, floor:image "
+                         f"(policies: {', '.join(POLICIES)})")
+    budget = None
+    if m.group(4) is not None:
+        try:
+            budget = float(m.group(4))
+        except ValueError:
+            budget = float("nan")
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"--modes: {mode!r}: the activation memory budget must be in (0, 1]")
+    kind = "plain" if m.group(1) else ("lean" if m.group(5) else "floor")
+    return {"kind": kind, "policy": m.group(5) or "none", "gc": bool(m.group(2)),
+            "compile": bool(m.group(3) or m.group(6)), "budget": budget}
+
+
+def default_modes(policies=POLICIES, *, compile=False, budgets=DEFAULT_BUDGETS, floor=False) -> list[str]:
+    """The peers a user would reach for, then leanclip's policies (each also compiled when ``compile``)."""
+    modes = ["plain", "plain+gc"]
+    if compile:
+        modes += ["plain+compile"] + [f"plain+compile+budget:{b:g}" for b in budgets]
+    modes += [f"lean:{p}" for p in policies]
+    if compile:
+        modes += [f"lean:{p}+compile" for p in policies]
+    return modes + (["floor:image"] if floor else [])
 
 
 def _classnames(n):
@@ -39,7 +96,6 @@ PRECISIONS = ("fp32", "bf16")
 def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None):
     import open_clip
 
-    import engine
     from engine.methods import prepare
 
     torch.manual_seed(0)
@@ -47,25 +103,89 @@ def _build(model_name, method, lean, policy, device, classnames, tokenizer, froz
     prepare(model, method, lean=lean, recompute=policy if lean else "none", classnames=classnames,
             tokenizer=tokenizer, model_name=model_name, frozen_dtype=frozen_dtype)
     model.train()
-    return model, engine
+    return model
 
 
-def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokenizer, precision="fp32"):
-    """Return (step_fn, forward_fn, model) for mode ``plain``, ``plain+compile``, ``lean:<policy>`` or
-    ``floor:image``. ``precision="bf16"``: every mode under bf16 autocast (plain = PyTorch AMP with fp32 weights);
-    lean modes also keep their frozen weights in bf16 (trainable ones and the optimizer state stay fp32)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    amp = precision == "bf16"
+def _compiled(fn, mode):
+    """``torch.compile`` of a fresh copy of ``fn``'s code: dynamo caches compiled graphs per code object, and every
+    mode builds its forward from the same source, so without the copy a budgeted mode could run the graph another
+    mode compiled under a different budget."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{re.sub(r'[^0-9A-Za-z]', '_', mode)}")
+    return torch.compile(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__))
+
+
+def _budget_context(budget):
+    """The compiler's activation memory budget for one mode only (restored on exit, so other modes never see it)."""
+    if budget is None:
+        return contextlib.nullcontext()
+    import torch._functorch.config as functorch_config
+
+    return functorch_config.patch(activation_memory_budget=budget)
+
+
+def _plain_forward(model, method, images, labels, tokens, scope):
+    if scope == "image":
+        with torch.no_grad():
+            fixed = F.normalize(model.encode_text(tokens), dim=-1)
+
+        def forward():
+            img = F.normalize(model.encode_image(images), dim=-1)
+            return F.cross_entropy(model.logit_scale.exp() * img @ fixed.T, labels)
+        return forward
+    frozen = copy.deepcopy(model).requires_grad_(False) if method == "clipfit" else None
+
+    def forward():
+        img = F.normalize(model.encode_image(images), dim=-1)
+        txt = F.normalize(model.encode_text(tokens), dim=-1)
+        loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels)
+        if frozen is not None:  # reference CLIPFit: the teacher text tower runs every step
+            with torch.no_grad():
+                t0 = F.normalize(frozen.encode_text(tokens), dim=-1)
+            loss = loss + 8.0 * (1 - (txt * t0).sum(-1).mean())
+        return loss
+    return forward
+
+
+def _lean_forward(model, method, images, labels, classnames, tokenizer, image_only):
     from engine import features as feats
 
-    classnames = _classnames(n_classes)
     templates = ["a photo of a {}."]
-    floor = mode == "floor:image"
-    lean = mode.startswith("lean") or floor
-    policy = mode.split(":", 1)[1] if mode.startswith("lean") else "none"
-    model, _ = _build(model_name, method, lean, policy, device, classnames, tokenizer,
-                      frozen_dtype=torch.bfloat16 if amp and lean else None)
+    if image_only:
+        fixed = feats.frozen_text_features(model, classnames, templates, tokenizer)
+
+        def forward():
+            return F.cross_entropy(feats.class_logits(model, feats.image_features(model, images), fixed), labels)
+        return forward
+    teacher = feats.frozen_text_features(model, classnames, templates, tokenizer) if method == "clipfit" else None
+
+    def forward():
+        img = feats.image_features(model, images)
+        txt = feats.text_features(model, classnames, templates, tokenizer)
+        loss = F.cross_entropy(feats.class_logits(model, img, txt), labels)
+        if teacher is not None:
+            loss = loss + feats.clipfit_kd_loss(txt, teacher)
+        return loss
+    return forward
+
+
+def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokenizer, precision="fp32",
+              scope="full"):
+    """Return (step_fn, forward_fn, model) for one mode (see ``parse_mode``). ``precision="bf16"``: every mode under
+    bf16 autocast (plain = PyTorch AMP with fp32 weights); lean modes also keep their frozen weights in bf16
+    (trainable ones and the optimizer state stay fp32). ``scope="image"``: the image tower alone is trained, against
+    class text features computed once."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    spec = parse_mode(mode)
+    amp = precision == "bf16"
+    classnames = [f"class number {i}" for i in range(n_classes)]
+    lean = spec["kind"] != "plain"
+    model = _build(model_name, method, lean, spec["policy"], device, classnames, tokenizer,
+                   frozen_dtype=torch.bfloat16 if amp and lean else None)
+    if spec["gc"]:
+        model.set_grad_checkpointing(True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(0)
@@ -73,38 +193,14 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
     size = size if isinstance(size, int) else size[0]
     images = torch.randn(batch_size, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, n_classes, (batch_size,), generator=g).to(device)
-    tokens = tokenizer([templates[0].format(c) for c in classnames]).to(device)
-    is_clipfit = method == "clipfit"
-
-    if floor:
-        fixed = feats.frozen_text_features(model, classnames, templates, tokenizer)
-
-        def forward():
-            return F.cross_entropy(feats.class_logits(model, feats.image_features(model, images), fixed), labels)
-    elif lean:
-        teacher = feats.frozen_text_features(model, classnames, templates, tokenizer) if is_clipfit else None
-
-        def forward():
-            img = feats.image_features(model, images)
-            txt = feats.text_features(model, classnames, templates, tokenizer)
-            loss = F.cross_entropy(feats.class_logits(model, img, txt), labels)
-            if is_clipfit:
-                loss = loss + feats.clipfit_kd_loss(txt, teacher)
-            return loss
+    if lean:
+        image_only = spec["kind"] == "floor" or scope == "image"
+        forward = _lean_forward(model, method, images, labels, classnames, tokenizer, image_only)
     else:
-        frozen = copy.deepcopy(model).requires_grad_(False) if is_clipfit else None
-
-        def forward():
-            img = F.normalize(model.encode_image(images), dim=-1)
-            txt = F.normalize(model.encode_text(tokens), dim=-1)
-            loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels)
-            if is_clipfit:  # reference CLIPFit: the teacher text tower runs every step
-                with torch.no_grad():
-                    t0 = F.normalize(frozen.encode_text(tokens), dim=-1)
-                loss = loss + 8.0 * (1 - (txt * t0).sum(-1).mean())
-            return loss
-        if mode == "plain+compile":
-            forward = torch.compile(forward)
+        tokens = tokenizer([f"a photo of a {c}." for c in classnames]).to(device)
+        forward = _plain_forward(model, method, images, labels, tokens, scope)
+    if spec["compile"]:
+        forward = _compiled(forward, mode)
     if amp:
         inner = forward
 
@@ -113,73 +209,198 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
                 return inner()
 
     def step():
-        opt.zero_grad(set_to_none=True)
-        loss = forward()
-        loss.backward()
-        opt.step()
+        with _budget_context(spec["budget"]):
+            opt.zero_grad(set_to_none=True)
+            loss = forward()
+            loss.backward()
+            opt.step()
         return loss.detach()
 
     return step, forward, model
 
 
-def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps, precision="fp32"):
+def _first_lines(exc: BaseException, n: int = 3) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    return " | ".join(line.strip() for line in text[:n] if line.strip())[:600]
+
+
+def _warm_up(step, device):
+    """Two untimed-in-the-medians calls (the first compiles a compiled mode's forward and backward); their seconds."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    out = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        loss = step()
+        sync()
+        out.append(time.perf_counter() - t0)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()}")
+    return out
+
+
+def _prepare_mode(mode, model_name, method, *, device, tokenizer, **kw):
+    """Build and warm up one mode: (step, saved bytes or None, warm-up seconds, peak bytes, how peak was measured)."""
+    from engine.memory import saved_activation_bytes
+
+    step, forward, model = make_step(model_name, method, mode, device=device, tokenizer=tokenizer, **kw)
+    breaks = _graph_breaks()
+    warm = _warm_up(step, device)
+    spec = parse_mode(mode)
+    breaks = _graph_breaks() - breaks if spec["compile"] else None
+    saved = None
+    if not (spec["gc"] or spec["compile"]):
+        with _budget_context(spec["budget"]):
+            saved = saved_activation_bytes(forward, exclude=model)[1]
+    peak, how = step_peak_bytes(step, device)
+    return step, saved, warm, peak, how, breaks
+
+
+def _graph_breaks() -> int:
+    """Graph breaks dynamo has counted in this process so far (a compiled mode that breaks runs partly eager)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def _ratios(values: dict, base: str) -> dict:
+    ref = values.get(base)
+    return {k: (v / ref if v is not None and ref else None) for k, v in values.items()}
+
+
+def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps, precision="fp32", scope="full"):
     import open_clip
 
-    from engine.memory import peak_cuda_bytes, saved_activation_bytes
-
     tokenizer = open_clip.get_tokenizer(model_name)
-    steps, saved, peak = {}, {}, {}
+    steps, saved, peak, warmup, failed, breaks, how = {}, {}, {}, {}, {}, {}, None
     for mode in modes:
-        # every mode's model stays resident for the interleaved timing: peaks count from what was there before it
-        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        step, forward, model = make_step(model_name, method, mode, batch_size=batch_size, n_classes=n_classes,
-                                         device=device, tokenizer=tokenizer, precision=precision)
-        _, saved[mode] = saved_activation_bytes(forward, exclude=model)
-        if device.type == "cuda":
-            step()
-            _, p = peak_cuda_bytes(step)
-            peak[mode] = p - resident
+        try:
+            step, saved[mode], warmup[mode], peak[mode], how, breaks[mode] = _prepare_mode(
+                mode, model_name, method, device=device, tokenizer=tokenizer, batch_size=batch_size,
+                n_classes=n_classes, precision=precision, scope=scope)
+        except Exception as exc:  # noqa: BLE001 - a compiled mode that does not trace is a result, not a crash
+            if not parse_mode(mode)["compile"]:
+                raise
+            failed[mode] = _first_lines(exc)
+            continue
         steps[mode] = step
-    times = interleaved_medians(steps, reps=reps, warmup=1)
-    base = "plain"
+    times = interleaved_medians(steps, reps=reps, warmup=0)
     row = {"model": model_name, "method": method, "batch_size": batch_size, "n_classes": n_classes,
-           "precision": precision,
+           "precision": precision, "scope": scope,
            "seconds": times, "images_per_s": {k: batch_size / v for k, v in times.items()},
-           "saved_bytes": saved, "peak_cuda_bytes": peak or None,
-           "time_ratio_vs_plain": {k: v / times[base] for k, v in times.items()},
-           "saved_ratio_vs_plain": {k: v / saved[base] for k, v in saved.items()}}
+           "warmup_seconds": warmup, "peak_step_bytes": peak, "peak_method": how,
+           "saved_bytes": saved, "graph_breaks": breaks, "failed": failed}
+    return finish_row(row)
+
+
+def finish_row(row: dict) -> dict:
+    """Ratios against ``plain`` and the best-peer comparison, from a row's raw per-mode numbers."""
+    row["time_ratio_vs_plain"] = _ratios(row["seconds"], "plain")
+    row["peak_ratio_vs_plain"] = _ratios(row["peak_step_bytes"], "plain")
+    row["saved_ratio_vs_plain"] = _ratios(row["saved_bytes"], "plain")
+    row["best_peer"] = best_peers(row["seconds"], row["peak_step_bytes"])
     return row
 
 
-def run(models, methods, *, batch_size, n_classes, policies=POLICIES, compile_plain=None, reps=5, device=None,
-        output=None, plot=True, floor=False, precision=None):
+def best_peers(seconds: dict, peak: dict) -> dict:
+    """For each lean mode: the fastest peer (a ``plain*`` mode) whose step memory is <= lean's, and the peer with the
+    least memory whose time is <= lean's, each with lean/peer ratios (None when no peer qualifies)."""
+    known = {m for m in seconds if peak.get(m) is not None}
+    peers = [m for m in known if m.startswith("plain")]
+    out = {}
+    for lean in sorted(m for m in known if m.startswith("lean:")):
+        t, mem = seconds[lean], peak[lean]
+        within_mem = [p for p in peers if peak[p] <= mem]
+        within_time = [p for p in peers if seconds[p] <= t]
+        fast = min(within_mem, key=lambda p: seconds[p], default=None)
+        small = min(within_time, key=lambda p: peak[p], default=None)
+        out[lean] = {
+            "fastest_peer_within_memory": fast,
+            "time_ratio_vs_that_peer": t / seconds[fast] if fast else None,
+            "least_memory_peer_within_time": small,
+            "memory_ratio_vs_that_peer": (mem / peak[small] if small and peak[small] else None),
+        }
+    return out
+
+
+def _child_argv(model_name, method, mode, *, batch_size, n_classes, device, reps, precision, scope, threads):
+    argv = [sys.executable, "-m", "engine", "bench", "step", "--models", model_name, "--methods", method,
+            "--modes", mode, "--batch-size", str(batch_size), "--classes", str(n_classes), "--reps", str(reps),
+            "--device", device.type, "--precision", precision, "--scope", scope, "--json"]
+    return argv + (["--threads", str(threads)] if threads else [])
+
+
+def _child_env():
+    """The parent's environment with the folder holding ``bench`` and ``engine`` first on the path, so the child
+    imports the same code the parent runs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
+    """Each mode in its own process (``--json``); the per-mode numbers gathered into one row."""
+    keys = ("seconds", "images_per_s", "warmup_seconds", "peak_step_bytes", "saved_bytes", "graph_breaks", "failed")
+    row = {k: {} for k in keys}
+    for mode in modes:
+        argv = _child_argv(model_name, method, mode, threads=threads, **kw)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=_child_env())
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            if not parse_mode(mode)["compile"]:
+                raise RuntimeError(f"bench step --modes {mode} failed in its own process: {tail}")
+            row["failed"][mode] = tail
+            continue
+        child = json.loads(proc.stdout.strip().splitlines()[-1])["rows"][0]
+        for key in keys:
+            row[key].update(child[key])
+        row.update({k: child[k] for k in ("model", "method", "batch_size", "n_classes", "precision", "scope",
+                                          "peak_method")})
+    return finish_row(row)
+
+
+def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES, compile_plain=None, reps=5,
+        device=None, output=None, plot=True, floor=False, precision=None, scope="full", isolate=False,
+        threads=None):
     from engine.configs import register_tiny_config
 
     register_tiny_config()
+    if threads:
+        torch.set_num_threads(threads)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if compile_plain is None:
         compile_plain = device.type == "cuda"
     precision = precision or ("bf16" if device.type == "cuda" else "fp32")
-    modes = (["plain"] + (["plain+compile"] if compile_plain else []) + [f"lean:{p}" for p in policies]
-             + (["floor:image"] if floor else []))
+    modes = list(modes) if modes else default_modes(policies, compile=compile_plain, floor=floor)
+    for mode in modes:
+        parse_mode(mode)
+    from tqdm import tqdm
+
+    kw = dict(batch_size=batch_size, n_classes=n_classes, device=device, reps=reps, precision=precision,
+              scope=scope)
     rows = []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = lambda x, **k: x
-    combos = [(m, me) for m in models for me in methods]
-    for model_name, method in tqdm(combos, desc="bench step"):
-        rows.append(bench_one(model_name, method, modes, batch_size=batch_size, n_classes=n_classes, device=device,
-                              reps=reps, precision=precision))
+    for model_name, method in tqdm([(m, me) for m in models for me in methods], desc="bench step", disable=None):
+        if isolate:
+            rows.append(bench_isolated(model_name, method, modes, threads=threads, **kw))
+        else:
+            rows.append(bench_one(model_name, method, modes, **kw))
+    return _result(rows, modes, device, precision, isolate, threads, output, plot)
+
+
+def _result(rows, modes, device, precision, isolate, threads, output, plot):
     from engine.lean import SAC_CACHE_COUNTED
 
-    res = {"machine": machine(), "device": str(device), "modes": modes, "rows": rows,
-           "precision": precision,
-           "note": "ratios are medians measured side by side (interleaved) in one process; peak_cuda_bytes is each "
-                   "mode's own peak (its weights, optimizer state, activations, workspace)"}
+    res = {"machine": machine(), "device": str(device), "modes": modes, "rows": rows, "precision": precision,
+           "isolate": isolate, "threads": threads or torch.get_num_threads(),
+           "time_source": ("per-process medians: each mode alone in its own process, one after another" if isolate
+                           else "medians measured side by side (interleaved) in one process"),
+           "memory_note": "peak_step_bytes: what one step adds on top of the resident model, optimizer state and "
+                          "gradients (see peak_method); on CPU only --isolate gives each mode a clean process",
+           "saved_bytes_note": "saved-tensor-hook bytes; None for compiled and grad-checkpointed modes, whose "
+                               "saved tensors do not pass through those hooks"}
     if not SAC_CACHE_COUNTED:
-        res["saved_bytes_note"] = ("this torch's checkpoint has no respect_saved_tensors_hooks: saved_bytes of "
-                                   "lean:mlp+qkv miss the attention outputs its selective checkpoint caches")
+        res["saved_bytes_note"] += ("; this torch's checkpoint has no respect_saved_tensors_hooks: saved_bytes of "
+                                    "lean:mlp+qkv miss the attention outputs its selective checkpoint caches")
     if output:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"step-{res['machine']['device'].replace(' ', '_')}-{stamp}"
@@ -195,14 +416,15 @@ def plot_rows(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 + 0.5 * len(rows) * len(rows[0]["seconds"])), squeeze=False)
+    n = sum(len(r["seconds"]) for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.6 + 0.5 * n), squeeze=False)
     labels, t, s = [], [], []
     for r in rows:
         for mode in r["seconds"]:
             labels.append(f"{r['model']} {r['method']} {mode}")
-            t.append(r["time_ratio_vs_plain"][mode])
-            s.append(r["saved_ratio_vs_plain"][mode])
-    for ax, vals, title in ((axes[0][0], t, "step time / plain"), (axes[0][1], s, "saved activations / plain")):
+            t.append(r["time_ratio_vs_plain"][mode] or float("nan"))
+            s.append(r["peak_ratio_vs_plain"].get(mode) or float("nan"))
+    for ax, vals, title in ((axes[0][0], t, "step time / plain"), (axes[0][1], s, "step memory / plain")):
         ax.barh(range(len(vals)), vals)
         ax.set_yticks(range(len(vals)), labels, fontsize=7)
         ax.axvline(1.0, color="k", lw=0.8)
@@ -214,14 +436,35 @@ def plot_rows(rows, path):
     return path
 
 
+def _fmt(v, spec, scale=1.0):
+    return "" if v is None else format(v if scale == 1.0 else v / scale, spec)
+
+
 def summarize(res) -> str:
-    lines = [f"device: {res['machine']['device']} ({res['machine']['cpu']}), torch {res['machine']['torch']}"]
-    lines.append(f"{'model':<14}{'method':<9}{'mode':<16}{'img/s':>9}{'time/plain':>12}{'saved MiB':>11}"
-                 f"{'saved/plain':>12}{'peak MiB':>10}")
+    """Markdown: one table of every mode, one of each lean mode against the best peer."""
+    m = res["machine"]
+    lines = [f"device: {m['device']} ({m['cpu']}), torch {m['torch']}, threads {res.get('threads')}; "
+             f"time: {res.get('time_source')}", ""]
     for r in res["rows"]:
+        lines += [f"**{r['model']} {r['method']}** batch {r['batch_size']}, {r['n_classes']} classes, "
+                  f"{r['precision']}, scope {r['scope']}; memory: {r.get('peak_method')}", "",
+                  "| mode | s/step | time / plain | step MiB | memory / plain | saved MiB | warm-up s | graph breaks |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for mode, sec in r["seconds"].items():
-            peak = (r["peak_cuda_bytes"] or {}).get(mode)
-            lines.append(f"{r['model']:<14}{r['method']:<9}{mode:<16}{r['images_per_s'][mode]:>9.1f}"
-                         f"{r['time_ratio_vs_plain'][mode]:>12.2f}{r['saved_bytes'][mode] / 2**20:>11.1f}"
-                         f"{r['saved_ratio_vs_plain'][mode]:>12.2f}{'' if peak is None else f'{peak / 2**20:.0f}':>10}")
+            lines.append(f"| {mode} | {sec:.4f} | {_fmt(r['time_ratio_vs_plain'][mode], '.2f')} | "
+                         f"{_fmt(r['peak_step_bytes'].get(mode), '.1f', 2**20)} | "
+                         f"{_fmt(r['peak_ratio_vs_plain'].get(mode), '.2f')} | "
+                         f"{_fmt(r['saved_bytes'].get(mode), '.1f', 2**20)} | "
+                         f"{_fmt((r['warmup_seconds'].get(mode) or [None])[0], '.1f')} | "
+                         f"{_fmt(r.get('graph_breaks', {}).get(mode), 'd')} |")
+        for mode, why in r["failed"].items():
+            lines.append(f"| {mode} | did not run: {why} | | | | | | |")
+        lines += ["", "| lean mode | fastest peer at <= its memory | lean time / peer | "
+                      "least-memory peer at <= its time | lean memory / peer |", "|---|---|---:|---|---:|"]
+        for lean, b in r["best_peer"].items():
+            lines.append(f"| {lean} | {b['fastest_peer_within_memory'] or 'none'} | "
+                         f"{_fmt(b['time_ratio_vs_that_peer'], '.2f')} | "
+                         f"{b['least_memory_peer_within_time'] or 'none'} | "
+                         f"{_fmt(b['memory_ratio_vs_that_peer'], '.2f')} |")
+        lines.append("")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ def test_bench_step_quick_writes_json_and_plot(tmp_path):
     res = json.loads(js.read_text())
     assert png.stat().st_size > 0
     row = res["rows"][0]
-    assert res["modes"] == ["plain", "lean:none", "lean:mlp+qkv", "floor:image"]
+    assert res["modes"] == ["plain", "plain+gc", "lean:none", "lean:mlp+qkv", "floor:image"]
     assert set(row["seconds"]) == set(res["modes"])
     assert row["saved_ratio_vs_plain"]["plain"] == 1.0
     # recompute keeps strictly less for backward than the eager baseline (byte counts are deterministic)
@@ -40,6 +40,13 @@ def test_bench_ops_quick_cpu(tmp_path):
     (["bench", "step", "--models", "ViT-Nope", "--quick"], None),
     (["bench", "step", "--models", "ViT-B-16", "--methods", "nope"], "--methods"),
     (["bench", "step", "--policies", "sometimes"], "--policies"),
+    (["bench", "step", "--modes", "lean:sometimes"], "--modes"),
+    (["bench", "step", "--modes", "plain+compile+budget:2"], "--modes"),
+    (["bench", "step", "--modes", "plain+gc+budget:0.1"], "--modes"),
+    (["bench", "step", "--modes", ","], "--modes"),
+    (["bench", "step", "--budgets", "half"], "--budgets"),
+    (["bench", "step", "--budgets", "0"], "--budgets"),
+    (["bench", "step", "--threads", "0"], "--threads"),
     (["bench", "fit", "--mem-cap", "lots"], None),
     (["bench", "fit", "--batch", "0"], "--batch"),
 ])
@@ -81,3 +88,165 @@ def test_step_bf16_precision_runs_on_cpu():
     with pytest.raises(ValueError, match="precision"):
         make_step(name, "clipfit", "plain", batch_size=2, n_classes=3, device=torch.device("cpu"), tokenizer=tok,
                   precision="fp8")
+
+
+def test_parse_mode_grammar():
+    from bench.step import default_modes, parse_mode
+
+    assert parse_mode("plain") == {"kind": "plain", "policy": "none", "gc": False, "compile": False, "budget": None}
+    assert parse_mode("plain+gc")["gc"]
+    assert parse_mode("plain+compile+budget:0.25") == {"kind": "plain", "policy": "none", "gc": False,
+                                                        "compile": True, "budget": 0.25}
+    assert parse_mode("lean:mlp+qkv+compile") == {"kind": "lean", "policy": "mlp+qkv", "gc": False, "compile": True,
+                                                  "budget": None}
+    assert parse_mode("lean:mlp+qkv")["policy"] == "mlp+qkv" and not parse_mode("lean:mlp+qkv")["compile"]
+    for bad in ("plain+budget:0.1", "lean:block+gc", "lean:", "plain+compile+budget:nan", "floor:text", "PLAIN"):
+        with pytest.raises(ValueError, match="--modes"):
+            parse_mode(bad)
+    assert default_modes(["none"]) == ["plain", "plain+gc", "lean:none"]
+    assert default_modes(["block"], compile=True, budgets=[0.1]) == [
+        "plain", "plain+gc", "plain+compile", "plain+compile+budget:0.1", "lean:block", "lean:block+compile"]
+
+
+def test_best_peers_picks_fastest_within_memory_and_smallest_within_time():
+    from bench.step import best_peers
+
+    seconds = {"plain": 1.0, "plain+gc": 1.3, "plain+compile+budget:0.1": 1.4, "lean:block": 1.1, "lean:none": 0.9}
+    peak = {"plain": 100, "plain+gc": 13, "plain+compile+budget:0.1": 10, "lean:block": 12, "lean:none": 94}
+    out = best_peers(seconds, peak)
+    # lean:block holds 12: only the budgeted compile (10) fits under it; no peer is as fast as 1.1 except plain
+    assert out["lean:block"]["fastest_peer_within_memory"] == "plain+compile+budget:0.1"
+    assert out["lean:block"]["time_ratio_vs_that_peer"] == pytest.approx(1.1 / 1.4)
+    assert out["lean:block"]["least_memory_peer_within_time"] == "plain"
+    assert out["lean:block"]["memory_ratio_vs_that_peer"] == pytest.approx(0.12)
+    # lean:none holds 94: gc (13) and the budget (10) fit, gc is faster; no peer is as fast as 0.9
+    assert out["lean:none"]["fastest_peer_within_memory"] == "plain+gc"
+    assert out["lean:none"]["least_memory_peer_within_time"] is None
+    assert out["lean:none"]["memory_ratio_vs_that_peer"] is None
+    assert set(out) == {"lean:block", "lean:none"}
+
+
+def test_bench_step_peers_json_and_table(tmp_path, capsys):
+    rc = main(["bench", "step", "--quick", "--methods", "ln", "--modes", "plain,plain+gc,lean:none", "--reps", "1",
+               "--output", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| mode |" in out and "| lean mode |" in out and "| plain+gc |" in out
+    (js,) = tmp_path.glob("step-*.json")
+    res = json.loads(js.read_text())
+    row = res["rows"][0]
+    assert res["modes"] == ["plain", "plain+gc", "lean:none"] and res["isolate"] is False
+    assert set(row["peak_step_bytes"]) == set(res["modes"]) == set(row["warmup_seconds"])
+    assert row["saved_bytes"]["plain+gc"] is None and row["saved_bytes"]["plain"] > 0
+    if torch.cuda.is_available() or row["peak_method"].startswith("peak RSS"):
+        assert all(v > 0 for v in row["peak_step_bytes"].values())
+    assert set(row["best_peer"]) == {"lean:none"}
+    assert set(row["best_peer"]["lean:none"]) == {"fastest_peer_within_memory", "time_ratio_vs_that_peer",
+                                                  "least_memory_peer_within_time", "memory_ratio_vs_that_peer"}
+    assert row["failed"] == {} and row["graph_breaks"] == {"plain": None, "plain+gc": None, "lean:none": None}
+
+
+def test_plain_gc_checkpoints_and_matches_plain_gradients():
+    """open_clip's own grad checkpointing is on in plain+gc, and the trained LayerNorms get plain's gradients."""
+    import open_clip
+
+    from bench.step import make_step
+    from engine.configs import register_tiny_config
+
+    name = register_tiny_config()
+    tok = open_clip.get_tokenizer("ViT-B-16")
+    grads = {}
+    for mode in ("plain", "plain+gc"):
+        _, fwd, model = make_step(name, "ln", mode, batch_size=2, n_classes=3, device=torch.device("cpu"),
+                                  tokenizer=tok)
+        assert model.visual.transformer.grad_checkpointing is (mode == "plain+gc")
+        fwd().backward()
+        grads[mode] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads["plain"].keys() == grads["plain+gc"].keys() and grads["plain"]
+    for n, g in grads["plain"].items():
+        assert g is not None and grads["plain+gc"][n] is not None, n
+        torch.testing.assert_close(grads["plain+gc"][n], g, msg=n)
+
+
+def test_budget_is_set_only_inside_its_mode():
+    import torch._functorch.config as functorch_config
+
+    from bench.step import _budget_context
+
+    before = functorch_config.activation_memory_budget
+    with _budget_context(0.1):
+        assert functorch_config.activation_memory_budget == 0.1
+    assert functorch_config.activation_memory_budget == before
+    with _budget_context(None):
+        assert functorch_config.activation_memory_budget == before
+
+
+def test_compiled_mode_that_fails_is_reported_not_raised(monkeypatch):
+    """A compiled mode that does not trace becomes a ``failed`` entry with its reason; the other modes still run."""
+    import bench.step as step
+
+    real = step.make_step
+
+    def make_step(model_name, method, mode, **kw):
+        if mode.endswith("+compile"):
+            raise RuntimeError("Unsupported: cannot trace this\nsecond line")
+        return real(model_name, method, mode, **kw)
+
+    monkeypatch.setattr(step, "make_step", make_step)
+    res = step.run(["leanclip-tiny"], ["ln"], batch_size=2, n_classes=3, modes=["plain", "lean:none+compile"],
+                   reps=1, device="cpu", output=None)
+    row = res["rows"][0]
+    assert list(row["seconds"]) == ["plain"]
+    assert row["failed"] == {"lean:none+compile": "RuntimeError: Unsupported: cannot trace this | second line"}
+    assert "did not run" in step.summarize(res)
+
+
+def test_isolate_runs_each_mode_in_its_own_process(tmp_path):
+    rc = main(["bench", "step", "--quick", "--methods", "ln", "--modes", "plain,lean:none", "--reps", "1",
+               "--batch-size", "2", "--classes", "3", "--isolate", "--output", str(tmp_path)])
+    assert rc == 0
+    (js,) = tmp_path.glob("step-*.json")
+    res = json.loads(js.read_text())
+    row = res["rows"][0]
+    assert res["isolate"] is True and "own process" in res["time_source"]
+    assert list(row["seconds"]) == ["plain", "lean:none"] and row["model"] == "leanclip-tiny"
+    assert row["batch_size"] == 2 and row["n_classes"] == 3
+    assert all(v is not None for v in row["peak_step_bytes"].values())
+    assert row["time_ratio_vs_plain"]["plain"] == 1.0
+    assert "lean:none" in row["best_peer"]
+
+
+def test_summarize_prints_compiled_rows_with_graph_breaks():
+    """The markdown table of an isolated run: numbers come back from JSON, graph breaks are integers."""
+    from bench.step import finish_row, summarize
+
+    row = finish_row({"model": "m", "method": "ln", "batch_size": 2, "n_classes": 3, "precision": "fp32",
+                      "scope": "image", "peak_method": "rss", "seconds": {"plain": 2.0, "lean:block+compile": 1.0},
+                      "images_per_s": {}, "warmup_seconds": {"plain": [1.0, 1.0], "lean:block+compile": [30.0, 1.0]},
+                      "peak_step_bytes": {"plain": 2**21, "lean:block+compile": 2**20},
+                      "saved_bytes": {"plain": 2**20, "lean:block+compile": None},
+                      "graph_breaks": {"plain": None, "lean:block+compile": 3}, "failed": {}})
+    res = {"machine": {"device": "cpu", "cpu": "x", "torch": torch.__version__}, "rows": [row], "threads": 1,
+           "time_source": "t"}
+    text = summarize(res)
+    assert "| lean:block+compile | 1.0000 | 0.50 | 1.0 | 0.50 |  | 30.0 | 3 |" in text
+    assert "| lean:block+compile | none |  | none |  |" in text  # plain is both bigger and slower
+
+
+@pytest.mark.slow
+def test_compiled_peers_run_on_cpu(tmp_path, capsys):
+    """torch.compile peers (one with an activation memory budget) and lean under torch.compile, on the tiny image
+    tower: each either runs (warm-up timed apart) or is reported with its reason. Compiling takes about a minute per
+    mode on a 2-core CPU, hence slow and the smallest set."""
+    rc = main(["bench", "step", "--quick", "--methods", "ln", "--scope", "image", "--batch-size", "2", "--reps", "1",
+               "--modes", "plain+compile+budget:0.5,lean:none+compile", "--output", str(tmp_path)])
+    assert rc == 0
+    assert "| plain+compile+budget:0.5 |" in capsys.readouterr().out
+    (js,) = tmp_path.glob("step-*.json")
+    row = json.loads(js.read_text())["rows"][0]
+    assert "plain+compile+budget:0.5" in row["seconds"]
+    assert row["saved_bytes"]["plain+compile+budget:0.5"] is None
+    assert set(row["seconds"]) | set(row["failed"]) == {"plain+compile+budget:0.5", "lean:none+compile"}
+    for mode in row["seconds"]:
+        assert len(row["warmup_seconds"][mode]) == 2 and row["peak_step_bytes"][mode] is not None
+        assert row["graph_breaks"][mode] >= 0
