@@ -10,10 +10,12 @@ import os
 from setuptools import find_packages, setup
 
 VERSION = "0.1.0"
+PACKAGE_DIRS = {"engine": "leanclip", "kernels": "leanclip.kernels", "bench": "leanclip.bench"}  # folder -> package
+PACKAGE_DIRS_BY_PACKAGE = {package: folder for folder, package in PACKAGE_DIRS.items()}
 
 
 def cuda_extensions():
-    """The optional csrc/ extension ``kernels._C``: ([ext], cmdclass), or ([], {}) for a pure-Python install.
+    """The optional csrc/ extension ``leanclip.kernels._C``: ([ext], cmdclass), or ([], {}) for a pure-Python install.
 
     LEANCLIP_CUDA=1 forces it (a missing torch/nvcc or a failed compile is an error), LEANCLIP_CUDA=0 skips it;
     by default it is built when torch is importable at build time and nvcc exists, and a failed compile only warns.
@@ -42,7 +44,7 @@ def cuda_extensions():
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     ext = CUDAExtension(
-        "kernels._C",
+        "leanclip.kernels._C",
         sources,
         include_dirs=[os.path.join(here, "csrc")],
         # torch picks the C++ standard (C++20 for torch 2.14); no --use_fast_math: LayerNorm keeps IEEE division
@@ -74,7 +76,11 @@ setup(
     name="leanclip",
     version=VERSION,
     description="Fused-kernel, memory-lean parameter-efficient fine-tuning for open_clip models",
-    packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "bench", "bench.*"]),
+    # One import namespace, `leanclip`, over the repository's folders: engine/ is the package itself, kernels/ and
+    # bench/ its subpackages (top-level `kernels` is Hugging Face's kernel hub and `engine` a common module name).
+    packages=[name.replace(folder, package, 1) for folder, package in PACKAGE_DIRS.items()
+              for name in find_packages(include=[folder, folder + ".*"])],
+    package_dir=PACKAGE_DIRS_BY_PACKAGE,
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -91,7 +97,7 @@ setup(
         "ftfy",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "ninja"], "triton": ["triton"]},
-    entry_points={"console_scripts": ["leanclip=engine.cli:main"]},
+    entry_points={"console_scripts": ["leanclip=leanclip.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

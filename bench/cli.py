@@ -57,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_names(models, methods):
     import open_clip
 
-    from engine.configs import register_tiny_config
-    from engine.methods import METHODS
+    from leanclip.configs import register_tiny_config
+    from leanclip.methods import METHODS
 
     register_tiny_config()
     known = set(open_clip.list_models())
@@ -98,7 +98,7 @@ def _cuda() -> bool:
 def _run_step(args) -> int:
     import json
 
-    from bench import step
+    from leanclip.bench import step
 
     if args.device == "cuda" and not _cuda():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -132,10 +132,10 @@ def _run_step(args) -> int:
 def run(args) -> int:
     import torch
 
-    from bench.common import write_json
+    from leanclip.bench.common import write_json
 
     if args.bench_cmd == "ops":
-        from bench import ops
+        from leanclip.bench import ops
 
         res = ops.run(quick=args.quick, output=args.output)
         print(ops.summarize(res))
@@ -144,7 +144,7 @@ def run(args) -> int:
     if args.bench_cmd == "step":
         return _run_step(args)
     if args.bench_cmd == "fit":
-        from bench import fit
+        from leanclip.bench import fit
 
         _check_names([args.model], [args.method])
         cap = fit.parse_bytes(args.mem_cap)

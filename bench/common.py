@@ -63,8 +63,8 @@ def cuda_ms(fn: Callable[[], object]) -> float:
 
 
 def write_json(path: str, payload: dict) -> str:
-    """Atomic JSON write (engine.utils: temp file in the same folder, fsync, rename)."""
-    from engine.utils import atomic_write_text
+    """Atomic JSON write (leanclip.utils: temp file in the same folder, fsync, rename)."""
+    from leanclip.utils import atomic_write_text
 
     return str(atomic_write_text(path, json.dumps(payload, indent=2, default=str)))
 

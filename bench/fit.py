@@ -24,7 +24,7 @@ def parse_bytes(text: str) -> int:
 
 
 def _fits(model_name, method, mode, batch, n_classes, tokenizer, precision="bf16") -> bool:
-    from bench.step import make_step
+    from leanclip.bench.step import make_step
 
     try:
         step, _, model = make_step(model_name, method, mode, batch_size=batch, n_classes=n_classes,

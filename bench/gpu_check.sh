@@ -11,10 +11,12 @@ set -uo pipefail
 OUT=${OUT:-./gpu-out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
+    && export PYTHONPATH=/tmp/site
 fi
+# the repository's folders are the `leanclip` package only once installed (setup.py maps them); the CUDA extension is
+# JIT-built at first use (LEANCLIP_CUDA_JIT=1), not at install
+LEANCLIP_CUDA=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+  || { echo "gpu_check: cannot install leanclip from $PWD"; exit 2; }
 export TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 LEANCLIP_CUDA_JIT=1
 STAGE=${1:-all}
 run() { [ "$STAGE" = all ] || [ "$STAGE" = "$1" ]; }
@@ -26,17 +28,17 @@ if run tests; then
     2>&1 | tee "$OUT/tests_bench.log"
 fi
 if run ops; then
-  python3 -m bench.ops --output "$OUT" 2>&1 | tee "$OUT/bench_ops.log"
+  python3 -m leanclip.bench.ops --output "$OUT" 2>&1 | tee "$OUT/bench_ops.log"
 fi
 if run step; then
-  python3 -m engine bench step --models ViT-B-16,ViT-L-14 --methods clipfit,ln --batch-size 64 \
+  python3 -m leanclip bench step --models ViT-B-16,ViT-L-14 --methods clipfit,ln --batch-size 64 \
     --policies none,mlp+qkv,block --reps 5 --output "$OUT" 2>&1 | tee "$OUT/bench_step.log"
 fi
 if run fit; then
-  python3 -m engine bench fit --model ViT-L-14 --method clipfit --mem-cap 16GiB --output "$OUT" 2>&1 \
+  python3 -m leanclip bench fit --model ViT-L-14 --method clipfit --mem-cap 16GiB --output "$OUT" 2>&1 \
     | tee "$OUT/bench_fit.log"
 fi
 if run bigg; then
-  python3 -m engine bench fit --model ViT-bigG-14 --method clipfit --batch 32 --mem-cap 40GB --output "$OUT" 2>&1 \
+  python3 -m leanclip bench fit --model ViT-bigG-14 --method clipfit --batch 32 --mem-cap 40GB --output "$OUT" 2>&1 \
     | tee "$OUT/bench_bigg.log"
 fi

@@ -1,7 +1,7 @@
 """Op benchmarks: kernels.* against torch eager, torch.compile and (if installed) Liger, with device ceilings.
 
-    python -m bench.ops                      # CUDA: full CLIP shapes; CPU: references only, small shapes
-    python -m bench.ops --output bench/results --quick
+    python -m leanclip.bench.ops                      # CUDA: full CLIP shapes; CPU: references only, small shapes
+    python -m leanclip.bench.ops --output bench/results --quick
 
 Floors (MEASURING.md): layer_norm fwd+bwd moves ~5*M*N*elem bytes -> GB/s vs a measured device copy;
 frozen_linear backward should cost one dx GEMM (db rides along) -> ratio vs bare ``dy @ W``;
@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
-from bench.common import cuda_ms, interleaved_medians, machine, write_json
+from leanclip import kernels
+from leanclip.bench.common import cuda_ms, interleaved_medians, machine, write_json
 
 
 def _timer(cuda: bool):

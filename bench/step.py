@@ -13,7 +13,7 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
                    step)
     plain+compile+budget:<b>  the same with ``torch._functorch.config.activation_memory_budget = b`` (0 < b <= 1), the
                    compiler's automatic selective recompute; set only while that mode runs
-    lean:<policy>  ``engine.prepare(model, method, recompute=policy)``: fused ops, EOT-truncated text, teacher
+    lean:<policy>  ``leanclip.prepare(model, method, recompute=policy)``: fused ops, EOT-truncated text, teacher
                    features computed once
     lean:<policy>+compile  the lean step's forward under ``torch.compile``; a mode that does not trace is reported
                    with its reason under ``failed`` instead of stopping the run
@@ -23,10 +23,10 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
 Time: all modes of a run are timed side by side in one process (interleaved, medians); the first calls (compiling,
 for compiled modes) are timed apart as ``warmup_seconds``, and a compiled mode's ``graph_breaks`` say how much of
 its step dynamo left to eager. Memory: ``peak_step_bytes`` is what one step adds on top of
-the resident model, optimizer state and gradients (``bench.common.step_peak_bytes``: CUDA allocator peak, or peak RSS
+the resident model, optimizer state and gradients (``leanclip.bench.common.step_peak_bytes``: CUDA allocator peak, or peak RSS
 on CPU), the one measure that works for every mode. ``isolate=True`` runs each mode in its own process
-(``python -m engine bench step --modes X --json``), which the CPU figure needs; the times then are each process's own
-medians, measured one mode after another. ``saved_bytes`` (``engine.memory.saved_activation_bytes``) counts tensors
+(``python -m leanclip bench step --modes X --json``), which the CPU figure needs; the times then are each process's own
+medians, measured one mode after another. ``saved_bytes`` (``leanclip.memory.saved_activation_bytes``) counts tensors
 saved through autograd's saved-tensor hooks: exact for eager modes, not defined for compiled graphs and grad
 checkpointing (None there).
 """
@@ -45,7 +45,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from bench.common import interleaved_medians, machine, step_peak_bytes, write_json
+from leanclip.bench.common import interleaved_medians, machine, step_peak_bytes, write_json
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")
 SCOPES = ("full", "image")
@@ -96,7 +96,7 @@ PRECISIONS = ("fp32", "bf16")
 def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None):
     import open_clip
 
-    from engine.methods import prepare
+    from leanclip.methods import prepare
 
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, pretrained=None).to(device)
@@ -147,7 +147,7 @@ def _plain_forward(model, method, images, labels, tokens, scope):
 
 
 def _lean_forward(model, method, images, labels, classnames, tokenizer, image_only):
-    from engine import features as feats
+    from leanclip import features as feats
 
     templates = ["a photo of a {}."]
     if image_only:
@@ -240,7 +240,7 @@ def _warm_up(step, device):
 
 def _prepare_mode(mode, model_name, method, *, device, tokenizer, **kw):
     """Build and warm up one mode: (step, saved bytes or None, warm-up seconds, peak bytes, how peak was measured)."""
-    from engine.memory import saved_activation_bytes
+    from leanclip.memory import saved_activation_bytes
 
     step, forward, model = make_step(model_name, method, mode, device=device, tokenizer=tokenizer, **kw)
     breaks = _graph_breaks()
@@ -323,15 +323,15 @@ def best_peers(seconds: dict, peak: dict) -> dict:
 
 
 def _child_argv(model_name, method, mode, *, batch_size, n_classes, device, reps, precision, scope, threads):
-    argv = [sys.executable, "-m", "engine", "bench", "step", "--models", model_name, "--methods", method,
+    argv = [sys.executable, "-m", "leanclip", "bench", "step", "--models", model_name, "--methods", method,
             "--modes", mode, "--batch-size", str(batch_size), "--classes", str(n_classes), "--reps", str(reps),
             "--device", device.type, "--precision", precision, "--scope", scope, "--json"]
     return argv + (["--threads", str(threads)] if threads else [])
 
 
 def _child_env():
-    """The parent's environment with the folder holding ``bench`` and ``engine`` first on the path, so the child
-    imports the same code the parent runs."""
+    """The parent's environment with the repository root first on the path (the installed ``leanclip`` package
+    maps its folders), so the child runs the same code as the parent."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -362,7 +362,7 @@ def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
 def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES, compile_plain=None, reps=5,
         device=None, output=None, plot=True, floor=False, precision=None, scope="full", isolate=False,
         threads=None):
-    from engine.configs import register_tiny_config
+    from leanclip.configs import register_tiny_config
 
     register_tiny_config()
     if threads:
@@ -388,7 +388,7 @@ def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES
 
 
 def _result(rows, modes, device, precision, isolate, threads, output, plot):
-    from engine.lean import SAC_CACHE_COUNTED
+    from leanclip.lean import SAC_CACHE_COUNTED
 
     res = {"machine": machine(), "device": str(device), "modes": modes, "rows": rows, "precision": precision,
            "isolate": isolate, "threads": threads or torch.get_num_threads(),

@@ -1,4 +1,4 @@
-// Python bindings: module kernels._C (pybind11) and the torch.ops.leanclip_cuda.* operators.
+// Python bindings: module leanclip.kernels._C (pybind11) and the torch.ops.leanclip_cuda.* operators.
 // The ops get CUDA kernels, Meta kernels (shapes only, for torch.compile / fake tensors) and CPU kernels that raise
 // the same "needs CUDA tensors" error as the direct calls.
 // Deliberately not <torch/extension.h>: it pulls in the whole C++ frontend (torch/all.h) and triples the build time.

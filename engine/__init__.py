@@ -1,53 +1,53 @@
-"""leanclip engine: PEFT methods on open_clip models, lean modules, trainer, data, evaluation, CLI.
+"""leanclip: PEFT methods on open_clip models, lean modules, trainer, data, evaluation, CLI.
 
-    import engine
+    import leanclip
     model = open_clip.create_model("ViT-B-16", pretrained=None)
-    engine.prepare(model, "clipfit", recompute="mlp+qkv")
-    engine.save_trainable(model, "run/clipfit.safetensors")
+    leanclip.prepare(model, "clipfit", recompute="mlp+qkv")
+    leanclip.save_trainable(model, "run/clipfit.safetensors")
 
-Names resolve lazily so ``import engine`` stays cheap (open_clip and sklearn load on first use).
+Names resolve lazily so ``import leanclip`` stays cheap (open_clip and sklearn load on first use).
 """
 import importlib
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "prepare": "engine.methods",
-    "merge": "engine.lora",
-    "METHODS": "engine.methods",
-    "trainable_parameters": "engine.methods",
-    "count_trainable": "engine.methods",
-    "save_trainable": "engine.checkpoint",
-    "load_trainable": "engine.checkpoint",
-    "load_pretrained": "engine.weights",
-    "resolve_pretrained": "engine.weights",
-    "image_features": "engine.features",
-    "text_features": "engine.features",
-    "class_logits": "engine.features",
-    "saved_activation_bytes": "engine.memory",
-    "train": "engine.trainer",
-    "TrainConfig": "engine.trainer",
-    "evaluate": "engine.trainer",
-    "zeroshot": "engine.trainer",
-    "base_to_new": "engine.trainer",
-    "estimate_saved_bytes": "engine.lean",
-    "register_method": "engine.methods",
-    "frozen_text_features": "engine.features",
-    "clipfit_kd_loss": "engine.features",
-    "encode_text_lean": "engine.lean",
-    "apply_lean": "engine.lean",
-    "remove_lean": "engine.lean",
-    "set_recompute": "engine.lean",
-    "choose_recompute": "engine.lean",
-    "POLICIES": "engine.lean",
-    "peak_cuda_bytes": "engine.memory",
-    "LLUHead": "engine.heads",
-    "PromptLearner": "engine.heads",
-    "LinearProbe": "engine.heads",
-    "ClipAdapter": "engine.heads",
-    "register_tiny_config": "engine.configs",
-    "register_reduced_config": "engine.configs",
-    "load_into": "engine.checkpoint",
+    "prepare": "leanclip.methods",
+    "merge": "leanclip.lora",
+    "METHODS": "leanclip.methods",
+    "trainable_parameters": "leanclip.methods",
+    "count_trainable": "leanclip.methods",
+    "save_trainable": "leanclip.checkpoint",
+    "load_trainable": "leanclip.checkpoint",
+    "load_pretrained": "leanclip.weights",
+    "resolve_pretrained": "leanclip.weights",
+    "image_features": "leanclip.features",
+    "text_features": "leanclip.features",
+    "class_logits": "leanclip.features",
+    "saved_activation_bytes": "leanclip.memory",
+    "train": "leanclip.trainer",
+    "TrainConfig": "leanclip.trainer",
+    "evaluate": "leanclip.trainer",
+    "zeroshot": "leanclip.trainer",
+    "base_to_new": "leanclip.trainer",
+    "estimate_saved_bytes": "leanclip.lean",
+    "register_method": "leanclip.methods",
+    "frozen_text_features": "leanclip.features",
+    "clipfit_kd_loss": "leanclip.features",
+    "encode_text_lean": "leanclip.lean",
+    "apply_lean": "leanclip.lean",
+    "remove_lean": "leanclip.lean",
+    "set_recompute": "leanclip.lean",
+    "choose_recompute": "leanclip.lean",
+    "POLICIES": "leanclip.lean",
+    "peak_cuda_bytes": "leanclip.memory",
+    "LLUHead": "leanclip.heads",
+    "PromptLearner": "leanclip.heads",
+    "LinearProbe": "leanclip.heads",
+    "ClipAdapter": "leanclip.heads",
+    "register_tiny_config": "leanclip.configs",
+    "register_reduced_config": "leanclip.configs",
+    "load_into": "leanclip.checkpoint",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -58,4 +58,4 @@ def __getattr__(name):
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    raise AttributeError(f"module 'leanclip' has no attribute {name!r}")

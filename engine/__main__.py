@@ -1,4 +1,4 @@
-"""``python -m engine ...`` == the ``leanclip`` console script (engine.cli)."""
-from engine.cli import main
+"""``python -m leanclip ...`` == the ``leanclip`` console script (leanclip.cli)."""
+from leanclip.cli import main
 
 raise SystemExit(main())

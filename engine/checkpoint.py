@@ -1,7 +1,7 @@
 """Checkpoints: trainable-only safetensors (+ optimizer state) and local pretrained open_clip weights.
 
 ``save_trainable(model, path, optimizer=..., step=..., extra_meta=...)`` writes ONE safetensors file, atomically
-(``engine.utils.atomic_write``: temp file in the same directory, fsync, ``os.replace``):
+(``leanclip.utils.atomic_write``: temp file in the same directory, fsync, ``os.replace``):
 
 - tensors: every trainable parameter (open_clip names, e.g. ``visual.ln_pre.weight``) and the persistent buffers of
   modules the method added (e.g. ``llu_image.bank``); optimizer state tensors as ``optim/<param name>/<key>`` and
@@ -18,7 +18,7 @@ embeddings do not, so only the frozen side tells the two apart.
 ``load_trainable`` checks format, method, names, shapes and the architecture BEFORE copying anything (ValueError,
 never a partial load; files without a fingerprint still load), restores the optimizer exactly (SGD momentum, AdamW
 exp_avg / exp_avg_sq / step) and returns the metadata. ``load_pretrained`` loads full open_clip weights from a tag,
-hub id, folder or local file (:mod:`engine.weights`).
+hub id, folder or local file (:mod:`leanclip.weights`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import nn
 
-from engine import utils
+from leanclip import utils
 
 FORMAT = "leanclip-trainable/1"
 _OPT_PREFIX = "optim/"
@@ -75,7 +75,7 @@ def _buffer_slot(model: nn.Module, name: str):
 
 
 def _atomic_save(tensors: dict, metadata: dict, path: str) -> None:
-    """``save_file`` through :func:`engine.utils.atomic_write`, folder fsynced too so the rename is durable."""
+    """``save_file`` through :func:`leanclip.utils.atomic_write`, folder fsynced too so the rename is durable."""
     from safetensors.torch import save_file
 
     utils.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), sync_dir=True)
@@ -208,7 +208,7 @@ def save_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
     ``path`` (safetensors, atomic). Returns the path."""
     info = getattr(model, "leanclip_info", None)
     if not info:
-        raise ValueError("model was not prepared with engine.prepare (no model.leanclip_info)")
+        raise ValueError("model was not prepared with leanclip.prepare (no model.leanclip_info)")
     params = _trainable(model)
     buffers = _added_buffers(model)
     if not params and not buffers:
@@ -315,7 +315,7 @@ def load_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
     meta, tensors = _read(path)
     info = getattr(model, "leanclip_info", None)
     if not info:
-        raise ValueError(f"model was not prepared: call engine.prepare(model, {meta.get('method')!r}) before loading")
+        raise ValueError(f"model was not prepared: call leanclip.prepare(model, {meta.get('method')!r}) before loading")
     if meta.get("method") != info.get("method"):
         raise ValueError(f"checkpoint {os.fspath(path)} is for method {meta.get('method')!r} but the model was "
                          f"prepared with {info.get('method')!r}")
@@ -414,8 +414,8 @@ def load_into(model: nn.Module, path) -> dict:
 def load_pretrained(model: nn.Module, source, *, model_name: str | None = None, cache_dir=None,
                     trust_torchscript: bool = False) -> dict:
     """Full open_clip weights from a local file, hub folder, ``hf-hub:`` id or (with ``model_name``) a pretrained
-    tag; no file may run code. See :func:`engine.weights.load_pretrained`."""
-    from engine import weights
+    tag; no file may run code. See :func:`leanclip.weights.load_pretrained`."""
+    from leanclip import weights
 
     return weights.load_pretrained(model, source, model_name=model_name, cache_dir=cache_dir,
                                    trust_torchscript=trust_torchscript)

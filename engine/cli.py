@@ -1,20 +1,20 @@
-"""``leanclip`` command line (also ``python -m engine``).
+"""``leanclip`` command line (also ``python -m leanclip``).
 
     leanclip train --method clipfit --data ~/data --dataset oxford_pets --shots 16 --seed 1 --output runs/pets
     leanclip eval --checkpoint runs/pets/checkpoint.safetensors --data ~/data --dataset oxford_pets
     leanclip zeroshot --model ViT-B-16 --pretrained ~/weights/vit_b16.safetensors --data ~/data --dataset dtd
     leanclip train --method ln --epochs 2            # no --data: a synthetic dataset, the tiny model (smoke run)
 
-Data: ``--data ROOT --dataset NAME`` (CoOp layouts, see ``engine.data``), ``--split-file F`` (a CoOp split JSON), or
+Data: ``--data ROOT --dataset NAME`` (CoOp layouts, see ``leanclip.data``), ``--split-file F`` (a CoOp split JSON), or
 ``--synthetic`` (procedural shapes, the default without ``--data``/``--split-file``). Protocol: K-shot sampling of the
 train split with ``--seed``, then ``--subsample base|new|all`` (CoCoOp base-to-new; training on ``base`` also reports
 the new classes and H). Weights: ``--pretrained`` takes an open_clip pretrained tag, an ``hf-hub:`` id, a hub folder or
-a local file (``engine.weights``; no file may run code).
+a local file (``leanclip.weights``; no file may run code).
 
 Bad input (unknown method, missing file, no GPU for ``--device cuda``, ...) prints one line on stderr and exits 2.
 Every command prints a JSON result on stdout (and writes it under ``--output`` when given).
 
-Extension hook: ``register_subcommand(name, module, help)`` (``demo`` -> ``engine.demo``, ``bench`` -> ``bench.cli``
+Extension hook: ``register_subcommand(name, module, help)`` (``demo`` -> ``leanclip.demo``, ``bench`` -> ``leanclip.bench.cli``
 are pre-registered) adds a subcommand served by ``module.add_arguments(parser)`` + ``module.run(args) -> int``; it is
 listed only when the module exists and imported only when that subcommand runs.
 """
@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from engine import utils
-from engine.cli_common import (EVAL_DATA_DEFAULTS, UsageError, check_backend_env, check_numbers, clear_run,
+from leanclip import utils
+from leanclip.cli_common import (EVAL_DATA_DEFAULTS, UsageError, check_backend_env, check_numbers, clear_run,
                                run_folder, data_record, restore_data, restore_model, restore_weights,
                                weights_record)
 
@@ -41,12 +41,12 @@ EXIT_USAGE = 2
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("engine.demo", "end-to-end demo (provided by engine.demo)"),
-    "bench": ("bench.cli", "benchmarks (provided by bench.cli)"),
+    "demo": ("leanclip.demo", "end-to-end demo (provided by leanclip.demo)"),
+    "bench": ("leanclip.bench.cli", "benchmarks (provided by bench.cli)"),
 }
 
 # Training defaults when the flag is not given: the CLIPFit / CoOp recipe, replaced by what the method declares
-# (engine.methods.MethodTraits.train_defaults).
+# (leanclip.methods.MethodTraits.train_defaults).
 BASE_DEFAULTS = {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
                  "epochs": 10}
 
@@ -144,7 +144,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     sub.required = True
 
     if selected == "train":
-        from engine.methods import METHODS
+        from leanclip.methods import METHODS
 
         method_help = f"PEFT method: one of {', '.join(sorted(METHODS))}, or a '+' combination (default clipfit)"
     else:
@@ -183,7 +183,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output (without it, a folder holding a run is refused)")
     _add_run_args(t)
-    from engine import lilt_cli  # --task contrastive / retrieval (LilT, LiT): engine.lilt_cli
+    from leanclip import lilt_cli  # --task contrastive / retrieval (LilT, LiT): leanclip.lilt_cli
 
     lilt_cli.add_train_arguments(t)
 
@@ -198,7 +198,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     e.add_argument("--use-recorded-weights", action="store_true",
                    help="load the weights the checkpoint records (a file only if its sha256 still matches) instead "
                         "of naming them with --pretrained")
-    # unset data flags are filled from the checkpoint's record (engine.cli_common.restore_data)
+    # unset data flags are filled from the checkpoint's record (leanclip.cli_common.restore_data)
     e.set_defaults(**{k: None for k in EVAL_DATA_DEFAULTS})
     lilt_cli.add_eval_arguments(e)
 
@@ -226,11 +226,11 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------------------------------- model
 def build_model(args):
     """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size: built and loaded
-    by ``engine.weights.create_model`` (tags, hub ids, folders, files; no file may run code)."""
+    by ``leanclip.weights.create_model`` (tags, hub ids, folders, files; no file may run code)."""
     import open_clip
 
-    from engine import weights
-    from engine.configs import register_tiny_config
+    from leanclip import weights
+    from leanclip.configs import register_tiny_config
 
     register_tiny_config()
     schema = args.model.startswith((weights.HF_HUB_PREFIX, weights.LOCAL_DIR_PREFIX))
@@ -257,13 +257,13 @@ def build_model(args):
 
 def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: int = 0, n_images: int = 2000,
                        batch_size: int = 64, lr: float = 3e-3, progress: bool = False) -> list[float]:
-    """Contrastive pre-training on a synthetic caption corpus (engine.synthetic + engine.contrastive): gives a tiny,
+    """Contrastive pre-training on a synthetic caption corpus (leanclip.synthetic + leanclip.contrastive): gives a tiny,
     randomly initialised model above-chance zero-shot accuracy for smoke runs and tests. Returns the losses."""
     import torch
 
-    from engine.contrastive import pretrain_contrastive
-    from engine.data import clip_transform
-    from engine.synthetic import make_caption_corpus
+    from leanclip.contrastive import pretrain_contrastive
+    from leanclip.data import clip_transform
+    from leanclip.synthetic import make_caption_corpus
 
     imgs, caps = make_caption_corpus(n_images, size=image_size, seed=seed)
     tf = clip_transform(image_size)
@@ -283,8 +283,8 @@ def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps:
     import torch
     from safetensors.torch import save_file
 
-    from engine import contrastive
-    from engine.configs import create_random_model, register_tiny_config
+    from leanclip import contrastive
+    from leanclip.configs import create_random_model, register_tiny_config
 
     register_tiny_config()
     cfg = open_clip.get_model_config(model_name)
@@ -311,11 +311,11 @@ def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps:
 
 # -------------------------------------------------------------------------------------------------------------- data
 def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int) -> str:
-    """The cached synthetic dataset for these sizes (engine.synthetic.cached_split_dataset: hash-checked before use,
+    """The cached synthetic dataset for these sizes (leanclip.synthetic.cached_split_dataset: hash-checked before use,
     rebuilt atomically when it does not match). Default home: a private (0700, own, not writable by others) folder
     in the per-user cache, never a shared temp dir where another user could plant the images; ``--synthetic-dir``
     names another folder explicitly."""
-    from engine import synthetic
+    from leanclip import synthetic
 
     if args.synthetic_classes < 2:
         raise UsageError(f"--synthetic-classes must be >= 2, got {args.synthetic_classes}")
@@ -331,7 +331,7 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     bad_images=[one-line reason per image left out by --skip-bad-images]).
     K-shot sampling (``need_train``) happens before the base/new subsampling, as in CoOp; --skip-bad-images drops
     unreadable images after both, so it never changes which classes exist or how they are labelled."""
-    from engine import data as D
+    from leanclip import data as D
 
     if args.shots < 0:
         raise UsageError(f"--shots must be >= 0, got {args.shots}")
@@ -379,7 +379,7 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
 def _few_shot(args, train: list, need_train: bool):
     """K-shot selection of ``train`` -> (selection, record): ``record()`` writes the selection under the run folder
     (``--output``/fewshot) for later runs; a selection recorded there before is reused as it is."""
-    from engine import data as D
+    from leanclip import data as D
 
     if not (train and args.shots and need_train):
         return train, lambda: None
@@ -396,7 +396,7 @@ def _require_images(used: dict) -> list[str]:
     """Before any work: every image the command will read must at least open as an image (header read; a truncated
     file is still found at its first full read, as a one-line error naming it). Returns [] or raises the first
     problem, with the count."""
-    from engine.data import BadImageError, check_images
+    from leanclip.data import BadImageError, check_images
 
     _, bad = check_images([s for samples in used.values() for s in samples], decode=False)
     if bad:
@@ -409,7 +409,7 @@ def _require_images(used: dict) -> list[str]:
 def _drop_bad_images(used: dict) -> list[str]:
     """Decode every image of the sample lists in ``used`` once; drop the unreadable ones from them in place.
     Returns one line per bad image and reports the count on stderr (one line)."""
-    from engine.data import check_images
+    from leanclip.data import check_images
 
     everything = [s for samples in used.values() for s in samples]
     _, bad = check_images(everything)
@@ -428,7 +428,7 @@ def _split_name(path: str) -> str | None:
 
 
 def _templates(args, dataset):
-    from engine.templates import get_templates
+    from leanclip.templates import get_templates
 
     override = args.templates
     if override is not None and len(override) == 1:
@@ -457,14 +457,14 @@ def _emit(result: dict, args, name: str) -> None:
 # ---------------------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     if getattr(args, "task", "classify") != "classify":
-        from engine.lilt_cli import cmd_train_contrastive
+        from leanclip.lilt_cli import cmd_train_contrastive
 
         return cmd_train_contrastive(args)
     import torch
 
-    from engine.methods import (is_closed_set, method_options, method_train_defaults, method_trainer, parse_method,
+    from leanclip.methods import (is_closed_set, method_options, method_train_defaults, method_trainer, parse_method,
                                 prepare)
-    from engine.trainer import TrainConfig, train
+    from leanclip.trainer import TrainConfig, train
 
     device = _setup(args)
     parts = parse_method(args.method)
@@ -518,7 +518,7 @@ def cmd_train(args) -> int:
 
 
 def _warmup_notice(cfg) -> None:
-    """A warm-up as long as the run is skipped (engine.trainer.lr_at): say so when the user asked for one."""
+    """A warm-up as long as the run is skipped (leanclip.trainer.lr_at): say so when the user asked for one."""
     if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
         utils.get_logger().warning("notice: --warmup-epochs %d >= --epochs %d: the run skips the warm-up",
                                    cfg.warmup_epochs, cfg.epochs)
@@ -534,7 +534,7 @@ def _check_resume(resume, method: str) -> None:
 
 
 def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
-    """Metadata of a ``engine.checkpoint.save_trainable`` file without a model: method, options (dict), model_name,
+    """Metadata of a ``leanclip.checkpoint.save_trainable`` file without a model: method, options (dict), model_name,
     extra (the trainer's dict)."""
     from safetensors import safe_open
 
@@ -561,14 +561,14 @@ def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
 
 def cmd_eval(args) -> int:
     if getattr(args, "task", "classify") != "classify":
-        from engine.lilt_cli import cmd_eval_retrieval
+        from leanclip.lilt_cli import cmd_eval_retrieval
 
         return cmd_eval_retrieval(args)
     import torch
 
-    from engine.checkpoint import load_trainable
-    from engine.methods import PREPARE_OPTIONS, is_closed_set, method_options, parse_method, prepare
-    from engine.trainer import evaluate
+    from leanclip.checkpoint import load_trainable
+    from leanclip.methods import PREPARE_OPTIONS, is_closed_set, method_options, parse_method, prepare
+    from leanclip.trainer import evaluate
 
     device = _setup(args)
     meta = read_checkpoint_meta(args.checkpoint)
@@ -610,7 +610,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_zeroshot(args) -> int:
-    from engine.trainer import zeroshot
+    from leanclip.trainer import zeroshot
 
     device = _setup(args)
     model, tok, size, (mean, std) = build_model(args)

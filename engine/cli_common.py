@@ -1,4 +1,4 @@
-"""Checks and records shared by the ``leanclip`` subcommands (``engine.cli``, ``engine.lilt_cli``).
+"""Checks and records shared by the ``leanclip`` subcommands (``leanclip.cli``, ``leanclip.lilt_cli``).
 
 Everything here runs BEFORE any work or any write, so a rejected command leaves no trace:
 
@@ -21,7 +21,7 @@ import math
 import os
 from pathlib import Path
 
-from engine import utils
+from leanclip import utils
 
 
 class UsageError(ValueError):
@@ -80,7 +80,7 @@ def check_numbers(args) -> None:
 
 def check_backend_env(device) -> None:
     """``LEANCLIP_BACKEND`` must name a backend that runs on ``device`` (a torch.device)."""
-    from kernels import _backend
+    from leanclip.kernels import _backend
 
     wanted = os.environ.get("LEANCLIP_BACKEND") or None
     if wanted is None or wanted == "auto":
@@ -163,7 +163,7 @@ def weights_record(pretrained, model_name: str | None = None) -> dict | None:
     if _is_local_file(pretrained):
         path = os.path.abspath(pretrained)
         return {"source": path, "sha256": utils.sha256_file(path)}
-    from engine.weights import recordable_source
+    from leanclip.weights import recordable_source
 
     return {"source": recordable_source(pretrained, model_name), "sha256": None}
 
@@ -173,7 +173,7 @@ def restore_model(args, saved_model: str | None, default_model: str) -> None:
     so it must be named again."""
     if not saved_model or args.model != default_model or saved_model == default_model:
         return
-    from engine.weights import LOCAL_DIR_PREFIX
+    from leanclip.weights import LOCAL_DIR_PREFIX
 
     if saved_model.startswith(LOCAL_DIR_PREFIX):
         raise UsageError(f"the checkpoint was trained on --model {saved_model!r}: pass --model explicitly (eval "
@@ -213,7 +213,7 @@ def split_file_of(args) -> str | None:
     if getattr(args, "split_file", None):
         return args.split_file
     if getattr(args, "data", None) and getattr(args, "dataset", None):
-        from engine.data import find_split_file
+        from leanclip.data import find_split_file
 
         try:
             return find_split_file(args.data, args.dataset)[0]

@@ -1,6 +1,6 @@
 """Small open_clip model configs registered at run time (tests, demo, benchmarks). No weights are downloaded.
 
-    from engine.configs import register_tiny_config, register_reduced_config
+    from leanclip.configs import register_tiny_config, register_reduced_config
     name = register_tiny_config()                       # "leanclip-tiny": E=64, ViT 2x64 patch 8 @32px, text 2x64
     model = open_clip.create_model(name, pretrained=None)
     name = register_reduced_config("ViT-B-16", layers=2)  # "ViT-B-16-L2": ViT-B-16 widths with 2 blocks per tower

@@ -78,8 +78,8 @@ def pretrain_contrastive(
     seeded permutation (a new one each epoch), so the run is reproducible for a given ``seed`` on a given machine.
     Learning rate: linear warm-up over ``warmup`` steps (default 10% of ``steps``), then cosine decay to 0.
     Returns the loss of every step. The model is left in eval mode. A non-finite loss or gradient raises
-    ``engine.utils.NonFiniteLossError`` before the update that would spread it."""
-    from engine import utils
+    ``leanclip.utils.NonFiniteLossError`` before the update that would spread it."""
+    from leanclip import utils
 
     if images.dim() != 4:
         raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
@@ -146,7 +146,7 @@ def pretrain_contrastive(
 # LilT / LiT contrastive alignment: learnable temperature, global-batch InfoNCE, a DDP-ready training loop and
 # retrieval evaluation (clip_loss / pretrain_contrastive above serve the synthetic pre-training of the demo).
 #
-#     engine.prepare(model, "lilt-ln")                                  # adds model.lilt_temperature
+#     leanclip.prepare(model, "lilt-ln")                                  # adds model.lilt_temperature
 #     summary = train_contrastive(model, pairs, tokenizer, ContrastiveConfig(epochs=5, batch_size=256))
 #     evaluate_retrieval(model, test_pairs, tokenizer)                  # {"i2t_R@1", ..., "t2i_R@10", "mean"}
 #
@@ -207,8 +207,8 @@ class LearnableTemperature(_nn.Module):
 
 def gather_features(x: torch.Tensor) -> torch.Tensor:
     """All ranks' ``x`` concatenated in rank order, with gradient back to each rank's slice (identity on one
-    process). See ``engine.distributed.all_gather_with_grad``."""
-    from engine.distributed import all_gather_with_grad
+    process). See ``leanclip.distributed.all_gather_with_grad``."""
+    from leanclip.distributed import all_gather_with_grad
 
     return all_gather_with_grad(x)
 
@@ -225,7 +225,7 @@ def contrastive_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_sca
     if img_feats.dim() != 2 or img_feats.shape != txt_feats.shape or img_feats.shape[0] == 0:
         raise ValueError(f"img_feats and txt_feats must be non-empty (B, E) tensors of the same shape, got "
                          f"{tuple(img_feats.shape)} and {tuple(txt_feats.shape)}")
-    from engine import distributed as D
+    from leanclip import distributed as D
 
     img, txt = img_feats.float(), txt_feats.float()
     b = img.shape[0]
@@ -258,7 +258,7 @@ class ContrastiveEncoder(_nn.Module):
         return self.model.logit_scale.float().exp().clamp(max=100.0)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
-        from engine.features import encode_tokens, image_features
+        from leanclip.features import encode_tokens, image_features
 
         img = image_features(self.model, images)
         txt = F.normalize(encode_tokens(self.model, tokens).float(), dim=-1)
@@ -316,7 +316,7 @@ class ContrastiveConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
-        from engine import utils
+        from leanclip import utils
 
         if self.precision not in utils.PRECISIONS:
             raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
@@ -343,7 +343,7 @@ def _adamw_groups(model: _nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _default_transform(model: _nn.Module, train: bool, augment: bool):
-    from engine.data import clip_transform
+    from leanclip.data import clip_transform
 
     size = model.visual.image_size
     size = size if isinstance(size, int) else tuple(size)
@@ -358,7 +358,7 @@ def _precision_for(model: _nn.Module, precision: str, device: torch.device) -> s
     """``utils.resolve_precision``, except that a model holding 16-bit frozen weights (``prepare(...,
     frozen_dtype=torch.bfloat16)``) runs under bf16 autocast with ``auto`` (its fp32 trainable projections / adapters
     meet bf16 activations) and is an error with an explicit ``fp32``."""
-    from engine import utils
+    from leanclip import utils
 
     half = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if not p.requires_grad)
     if half and precision == "fp32":
@@ -378,9 +378,9 @@ def _model_device_of(model) -> torch.device:
 def _check_contrastive_method(model) -> str:
     info = getattr(model, "leanclip_info", None)
     if not info:
-        raise ValueError("model was not prepared: call engine.prepare(model, method) (e.g. 'lilt-ln') before "
+        raise ValueError("model was not prepared: call leanclip.prepare(model, method) (e.g. 'lilt-ln') before "
                          "train_contrastive()")
-    from engine.methods import check_task
+    from leanclip.methods import check_task
 
     method = info["method"]
     check_task(method, "contrastive")
@@ -389,28 +389,28 @@ def _check_contrastive_method(model) -> str:
 
 def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: ContrastiveConfig | None = None, *,
                       eval_pairs=None, transform: Callable | None = None, resume=None) -> dict:
-    """Contrastive alignment of a prepared model on image-text ``pairs`` (an ``engine.pairs.PairSet``).
+    """Contrastive alignment of a prepared model on image-text ``pairs`` (an ``leanclip.pairs.PairSet``).
 
     AdamW on the trainable parameters (weight decay on matrices only), linear warm-up + cosine per step, symmetric
     InfoNCE over the global batch with the learnable temperature, seeded (the batch order of epoch e is a function
     of (seed, e) only: ``DistributedSampler(seed=cfg.seed)`` + ``set_epoch(e)``; the last incomplete global batch is
-    dropped). Under ``torchrun`` (a process group initialised, e.g. by ``engine.distributed.init_distributed``) the
+    dropped). Under ``torchrun`` (a process group initialised, e.g. by ``leanclip.distributed.init_distributed``) the
     model runs under DistributedDataParallel with ``cfg.batch_size / world_size`` pairs per process; rank 0 writes
     ``log.jsonl`` (one line per logged step, the loss averaged over ranks), the trainable-only checkpoint (each epoch
-    and at the end; ``engine.checkpoint.save_trainable`` with the optimizer state) and ``summary.json``.
+    and at the end; ``leanclip.checkpoint.save_trainable`` with the optimizer state) and ``summary.json``.
     ``resume``: a checkpoint of this run (file or run dir) to continue from. ``eval_pairs``: evaluated (retrieval)
     after training on rank 0. Returns a summary dict (losses per step, timing, metrics)."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
-    from engine import distributed as D
-    from engine import utils
-    from engine.pairs import PairDataset, PairSet
+    from leanclip import distributed as D
+    from leanclip import utils
+    from leanclip.pairs import PairDataset, PairSet
 
     cfg = (cfg or ContrastiveConfig()).validate()
     method = _check_contrastive_method(model)
     if not isinstance(pairs, PairSet):
-        raise TypeError(f"pairs must be an engine.pairs.PairSet, got {type(pairs).__name__}")
+        raise TypeError(f"pairs must be an leanclip.pairs.PairSet, got {type(pairs).__name__}")
     if tokenizer is None or not callable(tokenizer):
         raise ValueError("a tokenizer (callable: list[str] -> LongTensor) is needed")
     rank, world = D.get_rank(), D.get_world_size()
@@ -438,7 +438,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("model has no trainable parameters: call engine.prepare(model, method) first")
+        raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
     groups = _adamw_groups(model, cfg.weight_decay)
     try:  # the fused kernel (one pass per tensor) is much faster, on CPU too (LiT's token embedding); same rule
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
@@ -459,7 +459,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     def save(epoch_done: int) -> None:
         if out_dir is None or not main:
             return
-        from engine.checkpoint import save_trainable
+        from leanclip.checkpoint import save_trainable
 
         utils.check_finite_params(params, step=step, epoch=epoch_done, lr=_lr_at(max(step - 1, 0), cfg, total),
                                   checkpoint=ckpt)
@@ -560,8 +560,8 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
 
 
 def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, list]:
-    from engine import utils
-    from engine.checkpoint import load_trainable
+    from leanclip import utils
+    from leanclip.checkpoint import load_trainable
 
     p = _Path(path)
     if p.is_dir():
@@ -593,12 +593,12 @@ def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: i
     """(image features (N_img, E), text features (N_txt, E)), float32, L2-normalized, of a PairSet."""
     from torch.utils.data import DataLoader
 
-    from engine import utils
-    from engine.features import encode_tokens, image_features
-    from engine.pairs import ImageListDataset, PairSet
+    from leanclip import utils
+    from leanclip.features import encode_tokens, image_features
+    from leanclip.pairs import ImageListDataset, PairSet
 
     if not isinstance(pairs, PairSet):
-        raise TypeError(f"pairs must be an engine.pairs.PairSet, got {type(pairs).__name__}")
+        raise TypeError(f"pairs must be an leanclip.pairs.PairSet, got {type(pairs).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     device = utils.resolve_device(device if device is not None else _model_device_of(model))
@@ -625,9 +625,9 @@ def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: i
 def evaluate_retrieval(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: int = 256, device=None,
                        precision: str = "auto", transform: Callable | None = None, ks=(1, 5, 10),
                        progress: bool = False) -> dict:
-    """Image->text and text->image recall@k (k = 1, 5, 10, in %) and their means (``engine.metrics``), over the unique
+    """Image->text and text->image recall@k (k = 1, 5, 10, in %) and their means (``leanclip.metrics``), over the unique
     images of ``pairs`` against all captions (an image is a hit when any of its captions ranks in the top k)."""
-    from engine.metrics import retrieval_recall_from_features
+    from leanclip.metrics import retrieval_recall_from_features
 
     img, txt = encode_pairs(model, pairs, tokenizer, batch_size=batch_size, device=device, precision=precision,
                             transform=transform, progress=progress)

@@ -2,16 +2,16 @@
 
     leanclip demo [--output DIR] [--seed N] [--quick] [--threads N] [--no-progress]
 
-1. A procedural image–caption corpus (``engine.synthetic``: coloured, textured shapes; mostly the "source" domain, a
+1. A procedural image–caption corpus (``leanclip.synthetic``: coloured, textured shapes; mostly the "source" domain, a
    small share of the "shifted" one) contrastively pre-trains a small open_clip ViT CLIP from scratch
-   (``engine.contrastive``, AdamW, every parameter).
+   (``leanclip.contrastive``, AdamW, every parameter).
 2. Downstream task: K-shot classification in the *shifted* domain (light patterned backgrounds, colour jitter, noise),
    CoOp base-to-new split (sorted labels, base = first ceil(n/2)); zero-shot accuracy with the model's template.
 3. ``ln``, ``bitfit``, ``clipfit``, ``llu`` and ``full`` (reference) are fine-tuned on the base classes with the lean
-   trainer (``engine.trainer``, ``lean=True``) and evaluated on base and new classes (H = harmonic mean).
+   trainer (``leanclip.trainer``, ``lean=True``) and evaluated on base and new classes (H = harmonic mean).
 4. Per method, side by side in this process: the step time of the lean model relative to the same method on open_clip's
    plain modules (``prepare(..., lean=False)``; interleaved repetitions, medians) and the bytes autograd saves for one
-   training step's forward (``engine.memory.saved_activation_bytes``; lean with the recompute policy, vs plain).
+   training step's forward (``leanclip.memory.saved_activation_bytes``; lean with the recompute policy, vs plain).
 5. One table on stdout; ``demo.json`` and ``demo.png`` under ``--output`` (atomic writes). Nothing else touches disk.
 
 Ratios are lean / plain: below 1 means faster / less memory. Every number is seeded; two runs with the same seed,
@@ -45,7 +45,7 @@ DEFAULT_OUTPUT = "leanclip-demo"
 
 @dataclass(frozen=True)
 class MethodRecipe:
-    """Fine-tuning hyper-parameters of one method (engine.trainer.TrainConfig fields)."""
+    """Fine-tuning hyper-parameters of one method (leanclip.trainer.TrainConfig fields)."""
 
     lr: float
     epochs: int
@@ -145,7 +145,7 @@ def model_config(cfg: DemoConfig) -> dict:
 
 def register_demo_config(cfg: DemoConfig = FULL) -> str:
     """Register the demo model's open_clip config under ``cfg.model_name``; returns the name."""
-    from engine.configs import register_config
+    from leanclip.configs import register_config
 
     return register_config(cfg.model_name, model_config(cfg))
 
@@ -161,7 +161,7 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def _seed(seed: int, *parts: int) -> int:
-    from engine.utils import derive_seed
+    from leanclip.utils import derive_seed
 
     return derive_seed(seed, *parts)
 
@@ -169,13 +169,13 @@ def _seed(seed: int, *parts: int) -> int:
 def _create_model(name: str, seed: int):
     import open_clip
 
-    from engine.configs import create_random_model
+    from leanclip.configs import create_random_model
 
     return create_random_model(name, seed), open_clip.get_tokenizer(name)
 
 
 def _normalizer(model):
-    from engine.data import CLIP_MEAN, CLIP_STD
+    from leanclip.data import CLIP_MEAN, CLIP_STD
 
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = torch.tensor(pp.get("mean", CLIP_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
@@ -192,7 +192,7 @@ def _normalizer(model):
 
 def _machine(device: torch.device) -> dict:
     try:
-        from bench.common import machine
+        from leanclip.bench.common import machine
 
         info = machine()
     except Exception:  # bench/ not importable: the essentials
@@ -208,7 +208,7 @@ def _machine(device: torch.device) -> dict:
 
 def _interleaved_medians(fns: dict, reps: int, warmup: int) -> dict:
     try:
-        from bench.common import interleaved_medians
+        from leanclip.bench.common import interleaved_medians
     except Exception:  # pragma: no cover - bench/ ships with the package
         interleaved_medians = None
     if interleaved_medians is not None:
@@ -230,8 +230,8 @@ def _interleaved_medians(fns: dict, reps: int, warmup: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------- the data
 def build_task(cfg: DemoConfig, seed: int, normalize: Callable) -> dict:
     """The downstream shifted-domain task: K-shot base-class training set, base / new test sets (CoOp protocol)."""
-    from engine import data as D
-    from engine import synthetic as S
+    from leanclip import data as D
+    from leanclip import synthetic as S
 
     classes = S.make_classes(cfg.n_classes, seed=seed)
     names = [c.name for c in classes]
@@ -263,8 +263,8 @@ def build_task(cfg: DemoConfig, seed: int, normalize: Callable) -> dict:
 
 def pretrain(model, tokenizer, cfg: DemoConfig, seed: int, normalize: Callable, progress: bool) -> list[float]:
     """Synthesise the caption corpus (mostly source domain) and contrastively pre-train ``model`` on it."""
-    from engine import synthetic as S
-    from engine.contrastive import pretrain_contrastive
+    from leanclip import synthetic as S
+    from leanclip.contrastive import pretrain_contrastive
 
     n_shift = int(round(cfg.corpus_size * cfg.shifted_fraction))
     x, caps = S.make_caption_corpus(cfg.corpus_size - n_shift, size=cfg.image_size, seed=_seed(seed, 1))
@@ -287,15 +287,15 @@ def _train_batch(dataset, batch_size: int, seed: int):
 
 def _step_fns(model, method: str, images, labels, classnames, templates, tokenizer, kd_lambda: float = 8.0,
               llu_lambda: float = 1e3):
-    """(forward_loss, train_step) closures of one training step of ``model`` as engine.trainer runs it (llu: the head
-    step on cached features, as engine.llu runs it)."""
-    from engine import features as Fe
+    """(forward_loss, train_step) closures of one training step of ``model`` as leanclip.trainer runs it (llu: the head
+    step on cached features, as leanclip.llu runs it)."""
+    from leanclip import features as Fe
 
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     model.train()
     if method == "llu":
-        from engine import llu as L
+        from leanclip import llu as L
 
         with torch.no_grad():
             feats = Fe.image_features(model, images)
@@ -344,8 +344,8 @@ def measure_method(base_model, method: str, task: dict, templates, tokenizer, cf
     modules (``prepare(..., lean=False)``), same batch, same starting weights. Also times the lean model without
     recompute (``lean_no_recompute``), to show what the recompute costs. llu trains its heads on cached features, so
     both sides run the same head step (its ratios are 1 up to timing noise)."""
-    from engine.memory import saved_activation_bytes
-    from engine.methods import prepare
+    from leanclip.memory import saved_activation_bytes
+    from leanclip.methods import prepare
 
     names = task["base_names"]
     r = cfg.recipes[method]
@@ -417,7 +417,7 @@ def write_plot(path: Path, results: dict, title: str) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from engine.utils import atomic_write
+    from leanclip.utils import atomic_write
 
     names = list(results)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.2), dpi=110)
@@ -465,12 +465,12 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
     """Run the demo; returns the ``demo.json`` payload (also written, with ``demo.png``, under ``output`` unless it
     is None). Prints the table on stdout, progress on stderr. ``measure=False`` skips the lean-vs-plain step-time and
     saved-activation measurements (their ratios are then None)."""
-    import kernels
-    from engine import utils
-    from engine.methods import count_trainable, prepare
-    from engine.metrics import harmonic_mean
-    from engine.templates import get_templates
-    from engine.trainer import TrainConfig, train, zeroshot
+    from leanclip import kernels
+    from leanclip import utils
+    from leanclip.methods import count_trainable, prepare
+    from leanclip.metrics import harmonic_mean
+    from leanclip.templates import get_templates
+    from leanclip.trainer import TrainConfig, train, zeroshot
 
     t_start = time.perf_counter()
     unknown = [m for m in cfg.methods if m not in cfg.recipes]
@@ -597,7 +597,7 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
         print("llu trains its heads on cached features: lean and plain run the same step (ratios ~1 by design)")
     print(f"{machine.get('device_used')}, {torch.get_num_threads()} thread(s); total {timings['total']:.0f}s")
     if output is not None:
-        from engine.utils import atomic_write_json
+        from leanclip.utils import atomic_write_json
 
         out = Path(output)
         atomic_write_json(out / "demo.json", payload)

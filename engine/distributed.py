@@ -1,6 +1,6 @@
 """Multi-process (DistributedDataParallel) helpers for contrastive training.
 
-    torchrun --nproc_per_node=4 -m engine train --task contrastive --method lilt-ln --pairs coco.json ...
+    torchrun --nproc_per_node=4 -m leanclip train --task contrastive --method lilt-ln --pairs coco.json ...
 
 ``init_distributed()`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and joins the process group (NCCL on GPUs, gloo on CPU); without those variables it is a no-op
@@ -85,7 +85,7 @@ def init_distributed(device: str | torch.device = "auto", backend: str | None = 
     ``device``: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``; on CUDA each process uses GPU ``LOCAL_RANK``.
     ``backend``: default ``nccl`` for CUDA, ``gloo`` for CPU. Returns a ``DistInfo``; call ``cleanup(info)`` at the
     end (it destroys the group only when this call created it)."""
-    from engine.utils import resolve_device
+    from leanclip.utils import resolve_device
 
     dev = resolve_device(device)
     world = _env_int("WORLD_SIZE", 1)

@@ -1,4 +1,4 @@
-"""Method-aware features and logits for a model prepared by ``engine.prepare``.
+"""Method-aware features and logits for a model prepared by ``leanclip.prepare``.
 
     img = image_features(model, images)                          # (B, E) normalized; CLIP-Adapter applied
     txt = text_features(model, classnames, templates, tokenizer) # (C, E) normalized; template ensemble / CoOp prompts
@@ -6,7 +6,7 @@
     teacher = frozen_text_features(model, classnames, templates, tokenizer)   # no grad: CLIPFit teacher, zero-shot
     loss = CE(logits, y) + clipfit_kd_loss(txt, teacher, lam=8.0)
 
-Lean models (``prepare(..., lean=True)``) encode text with the EOT-truncated context (``engine.lean.encode_text_lean``,
+Lean models (``prepare(..., lean=True)``) encode text with the EOT-truncated context (``leanclip.lean.encode_text_lean``,
 exact); plain ones run open_clip's ``encode_text`` over the full context (the baseline). Features come back in
 float32 whatever the frozen-weight / autocast dtype.
 """
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import lean as _lean
+from leanclip import lean as _lean
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 _TOKEN_CACHE: dict = {}

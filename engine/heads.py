@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-
-
+from leanclip import kernels
 def _check_dim(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -63,7 +61,7 @@ class LLUHead(nn.Module):
         out[n]  = normalize(alpha[n] * normalize(g(x[n])) + (1 - alpha[n]) * x[n])
 
     ``D`` (M, E) is the bank of (normalized) training features or cluster centres: pass it to ``forward`` or store
-    it once with ``set_bank`` (kept as a buffer, saved by ``engine.checkpoint.save_trainable``).
+    it once with ``set_bank`` (kept as a buffer, saved by ``leanclip.checkpoint.save_trainable``).
     ``reg()`` = mean((W - I)^2) + mean(b^2) (the loss adds ``lam * reg()``; the authors' lambda is 1e3)."""
 
     def __init__(self, dim: int, beta: float = 0.5, gamma: float = 20.0):

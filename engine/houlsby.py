@@ -1,5 +1,5 @@
 """Houlsby adapters (Houlsby et al. 2019): residual bottlenecks after the attention and after the MLP of every block,
-and the placement they share with ``engine.compacter``.
+and the placement they share with ``leanclip.compacter``.
 
 ``prepare(model, "houlsby", reduction=8, tower="both")`` gives every block of the selected towers two adapters::
 
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import lean as _lean
-from engine.methods import check_tower, register_method, require_open_clip_tower
-from engine import lilt as _lilt  # after engine.methods, which imports lilt (the two import each other)
+from leanclip import lean as _lean
+from leanclip.methods import check_tower, register_method, require_open_clip_tower
+from leanclip import lilt as _lilt  # after leanclip.methods, which imports lilt (the two import each other)
 
 __all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
 
@@ -46,7 +46,7 @@ def bottleneck(h: torch.Tensor, down: nn.Module, up: nn.Module) -> torch.Tensor:
 
 def is_adapter(module: nn.Module) -> bool:
     """Whether ``module`` is an in-layer adapter (class attribute ``inlayer_adapter = True``: a module with ``down``
-    and ``up`` whose forward is ``bottleneck``; ``engine.compacter`` defines one without importing this class)."""
+    and ``up`` whose forward is ``bottleneck``; ``leanclip.compacter`` defines one without importing this class)."""
     return getattr(type(module), "inlayer_adapter", False) is True
 
 

@@ -18,7 +18,7 @@ The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`
 own forward code (``encode_image``, ``encode_text``) keep working. It is never a silent no-op: a tower, block or
 attention class it does not know (timm towers, ModifiedResNet, Hugging Face text towers, open_clip's
 ``CustomResidualAttentionBlock``, an attention that is not ``nn.MultiheadAttention``) is named by
-``lean_obstacles`` and ``apply_lean`` raises before changing anything; ``engine.prepare`` with the default
+``lean_obstacles`` and ``apply_lean`` raises before changing anything; ``leanclip.prepare`` with the default
 ``lean=None`` then keeps open_clip's modules and says why in one line.
 
 Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
@@ -33,7 +33,7 @@ Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-
     block     keep only the block input (LN1, qkv, attention, out_proj, LN2, c_fc, GELU recomputed; c_proj
               again left outside)                                                                   1 unit
 
-Measured (``engine.memory.saved_activation_bytes``; ViT-B-16, batch 8, fp32, ``ln`` on both towers, 8 class prompts):
+Measured (``leanclip.memory.saved_activation_bytes``; ViT-B-16, batch 8, fp32, ``ln`` on both towers, 8 class prompts):
 plain open_clip 710.5 MiB; lean none 545.5 (0.77x: EOT truncation, pooled-row last blocks), mlp 335.3 (0.47x),
 mlp+qkv 167.8 (0.24x), block 62.0 (0.09x).
 
@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-import kernels
+from leanclip import kernels
 from open_clip.transformer import (
     LayerNorm,
     LayerNormFp32,
@@ -200,10 +200,10 @@ def _save_sdpa_policy(ctx, op, *args, **kwargs):
 
 
 _SAC_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _save_sdpa_policy)
-# Route SAC-cached tensors through outer saved_tensors_hooks (save_on_cpu, engine.memory's counter) where supported.
+# Route SAC-cached tensors through outer saved_tensors_hooks (save_on_cpu, leanclip.memory's counter) where supported.
 _CKPT_KW = ({"respect_saved_tensors_hooks": True}
             if "respect_saved_tensors_hooks" in inspect.signature(checkpoint).parameters else {})
-# Whether engine.memory's counter sees what mlp+qkv's selective checkpoint caches (not on torch 2.11's checkpoint)
+# Whether leanclip.memory's counter sees what mlp+qkv's selective checkpoint caches (not on torch 2.11's checkpoint)
 SAC_CACHE_COUNTED = bool(_CKPT_KW)
 
 
@@ -537,13 +537,13 @@ def apply_lean(model: nn.Module, recompute: str = "none") -> nn.Module:
 
 def remove_lean(model: nn.Module) -> nn.Module:
     """Undo ``apply_lean`` (back to open_clip's plain modules). Returns ``model``. ValueError (nothing changed) when
-    a block holds a ``ProjectionDelta``: open_clip's block would silently ignore it (``engine.merge`` folds LoRA in
+    a block holds a ``ProjectionDelta``: open_clip's block would silently ignore it (``leanclip.merge`` folds LoRA in
     first)."""
     held = [f"{n} ({class_name(m)})" for n, m in model.named_modules() if isinstance(m, ProjectionDelta)]
     if held:
         raise ValueError(f"the lean blocks hold projection deltas that open_clip's plain blocks would ignore: "
                          f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (they need lean=True or the "
-                         f"automatic lean; engine.merge folds LoRA into a plain model)")
+                         f"automatic lean; leanclip.merge folds LoRA into a plain model)")
     for m in model.modules():
         cls = type(m)
         if cls in _UNSWAP:
@@ -771,7 +771,7 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
     ``batch_size`` with L = patches+1; the text batch is ``text_batch_size`` (default ``batch_size``; the number of
     class prompts for classification) with L = ``text_len`` (default: the full context, an upper bound: EOT
     truncation shortens it). ``dtype`` is the activation dtype (default: that of the frozen block weights, i.e.
-    bf16 with ``frozen_dtype=torch.bfloat16``). Matches ``engine.memory.saved_activation_bytes`` within a few %."""
+    bf16 with ``frozen_dtype=torch.bfloat16``). Matches ``leanclip.memory.saved_activation_bytes`` within a few %."""
     check_policy(policy)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
         raise ValueError(f"batch_size must be a non-negative int, got {batch_size!r}")

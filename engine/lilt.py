@@ -1,6 +1,6 @@
 """LilT / LiT methods for contrastive image–text alignment (Khan & Fu 2023; Zhai et al. 2022).
 
-Registered with ``engine.methods.register_method`` (this module is imported by ``engine.methods``)::
+Registered with ``leanclip.methods.register_method`` (this module is imported by ``leanclip.methods``)::
 
     lilt-ln        every LayerNorm of both towers + the projections (visual.proj, text_projection)
     lilt-bitfit    every bias of both towers (incl. attn.in_proj_bias, LN biases) + the projections
@@ -11,10 +11,10 @@ Registered with ``engine.methods.register_method`` (this module is imported by `
     lit+lilt-*     LiT + a LilT method on the image tower: the text tower is trained fully, the image tower gets the
                    LilT treatment (a fully trainable tower gets no adapters / extra block)
 
-Every method also adds ``model.lilt_temperature`` (``engine.contrastive.LearnableTemperature``: tau = 0.07 at start,
-clamped to [0.001, 0.5]), trained with the rest; ``engine.contrastive.train_contrastive`` uses it.
+Every method also adds ``model.lilt_temperature`` (``leanclip.contrastive.LearnableTemperature``: tau = 0.07 at start,
+clamped to [0.001, 0.5]), trained with the rest; ``leanclip.contrastive.train_contrastive`` uses it.
 
-Options (``engine.prepare(model, method, **opts)``): ``tower`` (``both``/``image``/``text``: which towers the LilT
+Options (``leanclip.prepare(model, method, **opts)``): ``tower`` (``both``/``image``/``text``: which towers the LilT
 part touches), ``projections`` (default True), ``temperature`` (default 0.07), ``reduction`` (adapters, default 4),
 ``deep_init`` (``copy``: the extra block starts as a copy of the tower's last block, ``random``: open_clip's init).
 
@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import lean as _lean
-from engine.methods import (
+from leanclip import lean as _lean
+from leanclip.methods import (
     BIAS_RE,
     TOWERS,
     check_coverage,
@@ -111,7 +111,7 @@ def _adapter_pre_hook(module: nn.Module, args):
 # ----------------------------------------------------------------------------------------------------------- towers
 def _towers(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
     """[(name prefix, open_clip Transformer)] of the selected towers."""
-    from engine.lean import text_tower
+    from leanclip.lean import text_tower
 
     out = []
     if tower in ("image", "both"):
@@ -228,7 +228,7 @@ def _new_block_like(blk: nn.Module, init: str) -> nn.Module:
 
 
 def _base_ln_class(ln: nn.Module):
-    from engine.lean import _UNSWAP
+    from leanclip.lean import _UNSWAP
 
     return _UNSWAP.get(type(ln), type(ln))
 
@@ -256,7 +256,7 @@ def unlock_projections(model: nn.Module, tower: str = "both") -> int:
 
 
 def _temperature_module(model: nn.Module, temperature: float) -> dict:
-    from engine.contrastive import LearnableTemperature
+    from leanclip.contrastive import LearnableTemperature
 
     if TEMPERATURE_NAME in model._modules:  # a previous component of this combination added it
         return {}
@@ -289,7 +289,7 @@ def _check_no_lilt_modules(model, tower: str, method: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------- checks
 def _check_lilt_common(model, method: str, tower, projections, temperature) -> None:
-    from engine.contrastive import LearnableTemperature
+    from leanclip.contrastive import LearnableTemperature
 
     check_tower(tower)
     if not isinstance(projections, bool):
@@ -324,7 +324,7 @@ def _check_lilt_blocks(method: str):
 
 
 def _check_lit(model, temperature=0.07, **_):
-    from engine.contrastive import LearnableTemperature
+    from leanclip.contrastive import LearnableTemperature
 
     LearnableTemperature(temperature)
     if not any(tower_of(n) == "text" for n, _ in model.named_parameters()):

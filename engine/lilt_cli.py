@@ -3,10 +3,10 @@
     leanclip train --task contrastive --method lilt-ln --pairs train.csv --eval-pairs test.csv --epochs 5 \\
         --batch-size 256 --pretrained vit_b16.safetensors --model ViT-B-16 --output runs/lilt-ln
     leanclip eval --task retrieval --checkpoint runs/lilt-ln --pairs test.csv
-    torchrun --nproc_per_node=4 -m engine train --task contrastive --method lilt-adapter --pairs coco.json ...
+    torchrun --nproc_per_node=4 -m leanclip train --task contrastive --method lilt-adapter --pairs coco.json ...
     leanclip train --task contrastive --method lilt-ln --epochs 2        # no --pairs: synthetic pairs (smoke run)
 
-Hooked into ``engine.cli`` (``add_train_arguments`` / ``add_eval_arguments`` add the options, ``cmd_train`` /
+Hooked into ``leanclip.cli`` (``add_train_arguments`` / ``add_eval_arguments`` add the options, ``cmd_train`` /
 ``cmd_eval`` hand over when ``--task`` is not ``classify``). This module imports nothing heavy at import time.
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _usage(msg: str):
-    from engine.cli import UsageError
+    from leanclip.cli import UsageError
 
     return UsageError(msg)
 
@@ -82,7 +82,7 @@ def _reject_classify_data(args) -> None:
 
 
 def _load(path, root, split):
-    from engine.pairs import load_pairs
+    from leanclip.pairs import load_pairs
 
     return load_pairs(path, root, split=split)
 
@@ -93,7 +93,7 @@ def _image_size(model) -> int:
 
 
 def _synthetic(n: int, size: int, seed: int, what: str):
-    from engine.pairs import synthetic_pairs
+    from leanclip.pairs import synthetic_pairs
 
     if n < 2:
         raise _usage(f"{what} must be >= 2, got {n}")
@@ -101,7 +101,7 @@ def _synthetic(n: int, size: int, seed: int, what: str):
 
 
 def _method_opts(args, parts) -> dict:
-    from engine.methods import method_options
+    from leanclip.methods import method_options
 
     accepted = {k for p in parts for k in method_options(p)}
     given = {"temperature": args.temperature, "reduction": args.reduction, "deep_init": args.deep_init,
@@ -126,11 +126,11 @@ def _short(metrics: dict) -> dict:
 def cmd_train_contrastive(args) -> int:
     import torch
 
-    from engine import cli as C
-    from engine import distributed as D
-    from engine.cli_common import clear_run, run_folder, weights_record
-    from engine.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
-    from engine.methods import parse_method, prepare
+    from leanclip import cli as C
+    from leanclip import distributed as D
+    from leanclip.cli_common import clear_run, run_folder, weights_record
+    from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
+    from leanclip.methods import parse_method, prepare
 
     _reject_classify_data(args)
     if args.grad_accum != 1:
@@ -194,7 +194,7 @@ def cmd_train_contrastive(args) -> int:
             clear_run(args.output)
         summary = train_contrastive(model, train_pairs, tok, cfg, eval_pairs=eval_pairs, resume=args.resume)
         if info.is_main:
-            from engine.lilt import trainable_summary
+            from leanclip.lilt import trainable_summary
 
             counts = trainable_summary(model)
             result = {
@@ -219,11 +219,11 @@ def cmd_train_contrastive(args) -> int:
 def cmd_eval_retrieval(args) -> int:
     import torch
 
-    from engine import cli as C
-    from engine.checkpoint import load_trainable
-    from engine.cli_common import restore_model, restore_weights
-    from engine.contrastive import evaluate_retrieval
-    from engine.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
+    from leanclip import cli as C
+    from leanclip.checkpoint import load_trainable
+    from leanclip.cli_common import restore_model, restore_weights
+    from leanclip.contrastive import evaluate_retrieval
+    from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
 
     _reject_classify_data(args)
     device = C._setup(args)

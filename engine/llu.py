@@ -3,7 +3,7 @@
 Per tower, ``g(x) = W x + b`` (W = I, b = 0 at start) and a per-sample gate
 ``alpha(x) = beta * exp(-gamma * (1 - max_{d in D} <x, d>))``;
 ``out = normalize(alpha * normalize(g(x)) + (1 - alpha) x)``
-(``engine.heads.LLUHead``; the max over the bank D is ``kernels.max_sim``: no N x M matrix). Loss::
+(``leanclip.heads.LLUHead``; the max over the bank D is ``kernels.max_sim``: no N x M matrix). Loss::
 
     CE(logit_scale * out_img @ out_txt.T, y) + lam * (reg(W_img, b_img) + reg(W_txt, b_txt)),  reg = mean((W-I)^2) + mean(b^2)
 
@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine import utils
+from leanclip import utils
 
 __all__ = [
     "FeatureCache",
@@ -152,9 +152,9 @@ def feature_key(model_name: str, model_id: str, dataset_id: str, dtype: str, kin
 
 # -------------------------------------------------------------------------------------------------- feature extraction
 def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
-    """Frozen image-encoder features (L2-normalized, fp32). For an ``llu`` model ``engine.features.image_features``
+    """Frozen image-encoder features (L2-normalized, fp32). For an ``llu`` model ``leanclip.features.image_features``
     is the bare encoder (the LLU heads act in ``class_logits``)."""
-    from engine.features import image_features
+    from leanclip.features import image_features
 
     return image_features(model, images).float()
 
@@ -163,7 +163,7 @@ def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
-    from engine.trainer import _model_device, eval_loader
+    from leanclip.trainer import _model_device, eval_loader
 
     device = utils.resolve_device(device if device is not None else _model_device(model))
     precision = utils.resolve_precision(precision, device)
@@ -207,8 +207,8 @@ def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size
 def class_text_features(model, classnames: Sequence[str], templates: Sequence[str], tokenizer, *, device=None,
                         precision: str = "auto") -> torch.Tensor:
     """Frozen zero-shot class text features (C, E), fp32, L2-normalized (template-averaged as E1 defines it)."""
-    from engine.features import frozen_text_features
-    from engine.trainer import _model_device
+    from leanclip.features import frozen_text_features
+    from leanclip.trainer import _model_device
 
     device = utils.resolve_device(device if device is not None else _model_device(model))
     precision = utils.resolve_precision(precision, device)
@@ -243,7 +243,7 @@ def cluster_bank(feats: torch.Tensor, n_clusters: int | None = 512) -> torch.Ten
 def llu_heads(model):
     img, txt = getattr(model, "llu_image", None), getattr(model, "llu_text", None)
     if img is None or txt is None:
-        raise ValueError("model has no LLU heads: call engine.prepare(model, 'llu') first")
+        raise ValueError("model has no LLU heads: call leanclip.prepare(model, 'llu') first")
     return img, txt
 
 
@@ -274,11 +274,11 @@ def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Te
 # -------------------------------------------------------------------------------------------------------------- train
 def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, class_text_feats: torch.Tensor, cfg,
               *, bank: torch.Tensor | None = None, resume=None) -> dict:
-    """Train ``model.llu_image`` / ``model.llu_text`` on cached features (cfg: ``engine.trainer.TrainConfig``; uses
+    """Train ``model.llu_image`` / ``model.llu_text`` on cached features (cfg: ``leanclip.trainer.TrainConfig``; uses
     epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_*, scheduler, seed, device, llu_lambda,
     llu_clusters, output, log_every, clip_grad_norm). Banks are set on the heads (image: ``bank`` or
     ``cluster_bank(train_feats, cfg.llu_clusters)``; text: ``class_text_feats``). Returns the per-step history."""
-    from engine.trainer import CHECKPOINT_NAME, LOG_NAME, _resume, _save, build_optimizer, lr_at
+    from leanclip.trainer import CHECKPOINT_NAME, LOG_NAME, _resume, _save, build_optimizer, lr_at
 
     cfg.validate()
     device = utils.resolve_device(cfg.device)
@@ -386,7 +386,7 @@ def llu_logits(model, feats: torch.Tensor, class_text_feats: torch.Tensor, batch
 def evaluate_llu(model, feats: torch.Tensor, labels: torch.Tensor, class_text_feats: torch.Tensor,
                  batch_size: int = 8192) -> dict:
     """top1/top5 (%) of LLU on cached features, streamed in ``batch_size`` chunks."""
-    from engine.metrics import AccuracyMeter
+    from leanclip.metrics import AccuracyMeter
 
     meter = AccuracyMeter(topk=(1, 5))
     labels = torch.as_tensor(labels).long()
@@ -397,9 +397,9 @@ def evaluate_llu(model, feats: torch.Tensor, labels: torch.Tensor, class_text_fe
 
 # ------------------------------------------------------------------------------------------------------------ pipeline
 def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=None, resume=None) -> dict:
-    """The LLU pipeline used by ``engine.trainer.train(method="llu")``: cached features -> ``train_llu`` -> evaluation
+    """The LLU pipeline used by ``leanclip.trainer.train(method="llu")``: cached features -> ``train_llu`` -> evaluation
     of ``eval_sets`` (``{name: dataset}`` or ``{name: (dataset, classnames)}``; "base" + "new" also give H)."""
-    from engine.trainer import _summary
+    from leanclip.trainer import _summary
 
     t0 = time.perf_counter()
     device = utils.resolve_device(cfg.device)
@@ -428,7 +428,7 @@ def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=N
                                                              precision=precision)
         metrics[name] = evaluate_llu(model, f, y, t)
     if "base" in metrics and "new" in metrics:
-        from engine.metrics import harmonic_mean
+        from leanclip.metrics import harmonic_mean
 
         metrics["H"] = harmonic_mean(metrics["base"]["top1"], metrics["new"]["top1"])
     if metrics:

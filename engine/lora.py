@@ -15,7 +15,7 @@ Trainable count: per target a d x d projection adds rank * (in + out); with the 
 rank 2) that is 12 d per block. ViT-B-16: image 12 blocks x 12 x 768 = 110,592, text 12 x 12 x 512 = 73,728;
 184,320 in all.
 
-The frozen weights stay on the lean path: ``LoRA`` is an ``engine.lean.ProjectionDelta``, so the lean block computes
+The frozen weights stay on the lean path: ``LoRA`` is an ``leanclip.lean.ProjectionDelta``, so the lean block computes
 ``kernels.frozen_linear(x, W, b)`` (no weight gradient, bf16 frozen weights allowed) plus the low-rank term, inside
 the same branch functions, which every recompute policy replays exactly. open_clip's plain blocks cannot apply it
 (``nn.MultiheadAttention`` reads ``in_proj_weight`` itself), so ``lora`` needs the lean modules: ``lean=False`` is
@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import lean as _lean
-from engine.methods import check_tower, register_method, require_open_clip_tower
+from leanclip import lean as _lean
+from leanclip.methods import check_tower, register_method, require_open_clip_tower
 
 __all__ = ["LowRank", "LoRA", "merge", "strip", "lora_modules", "TARGETS"]
 

@@ -2,7 +2,7 @@
 
 ``saved_activation_bytes(fn)`` counts the bytes autograd keeps for backward while ``fn()`` runs (device-independent,
 works on CPU): every tensor packed by ``torch.autograd.graph.saved_tensors_hooks`` - which includes the inputs that
-non-reentrant ``torch.utils.checkpoint`` keeps and, with ``respect_saved_tensors_hooks=True`` (what engine.lean
+non-reentrant ``torch.utils.checkpoint`` keeps and, with ``respect_saved_tensors_hooks=True`` (what leanclip.lean
 passes), the outputs a selective-checkpoint policy caches - deduplicated by untyped storage (a storage is counted
 once, whole, however many views of it are saved) and excluding parameter and buffer storages (a stride-0 expanded
 view of a weight would otherwise count as gigabytes). If ``checkpoint`` has no ``respect_saved_tensors_hooks``

@@ -3,7 +3,7 @@
 ``prepare`` validates everything first (method names, options, each method's check, the towers, the ``init_from``
 file, whether the lean modules cover the model), then freezes every parameter, optionally loads a trainable-only
 checkpoint (``init_from``, "LN as initialization"), lets the method unlock parameters / add modules, swaps in the
-lean modules (``engine.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``. An error
+lean modules (``leanclip.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``. An error
 after the model was touched (e.g. no recompute policy fits the budget) restores it exactly.
 
 Towers: ViT towers of open_clip get the lean modules. Other towers (timm towers such as SigLIP / EVA / ConvNeXt,
@@ -43,9 +43,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from engine import heads as _heads
-from engine.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
-from engine import lean as _lean
+from leanclip import heads as _heads
+from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
+from leanclip import lean as _lean
 
 TOWERS = ("image", "text", "both")
 
@@ -66,8 +66,8 @@ TASKS = ("classify", "contrastive")
 class MethodTraits:
     """What the rest of the engine needs to know about a method, declared where it is registered.
 
-    trainer: ``"backprop"`` (gradients flow through the towers: ``engine.trainer``) or ``"cached"`` (the towers stay
-        frozen and their features are computed once: ``engine.llu.run_llu``).
+    trainer: ``"backprop"`` (gradients flow through the towers: ``leanclip.trainer``) or ``"cached"`` (the towers stay
+        frozen and their features are computed once: ``leanclip.llu.run_llu``).
     tasks: the tasks whose features use what the method trains (a classification head or a prompt means nothing to
         contrastive image-text alignment).
     alone: cannot be combined with another component (``full`` already trains everything; a cached-feature method
@@ -95,9 +95,8 @@ _CONTEXT_ARGS = ("tower", "classnames", "tokenizer")
 
 def version() -> str:
     try:
-        import engine
-
-        return str(engine.__version__)
+        import leanclip
+        return str(leanclip.__version__)
     except Exception:  # pragma: no cover
         return "0.1.0"
 
@@ -327,7 +326,7 @@ def _probe_classes(classnames, num_classes) -> int:
 
 
 def _check_linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None, **_):
-    from engine.features import _check_templates
+    from leanclip.features import _check_templates
 
     _probe_classes(classnames, num_classes)
     _check_templates(templates or ["a photo of a {}."])
@@ -400,7 +399,7 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
     c = _probe_classes(classnames, num_classes)
     weight = None
     if classnames is not None and tokenizer is not None:
-        from engine.features import frozen_text_features
+        from leanclip.features import frozen_text_features
 
         zs = frozen_text_features(model, list(classnames), templates or ["a photo of a {}."], tokenizer)
         weight = (model.logit_scale.detach().float().exp() * zs.float()).cpu()
@@ -565,7 +564,7 @@ def _check_frozen_dtype(frozen_dtype, lean) -> None:
 
 def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dtype) -> tuple[bool, list[str]]:
     """(whether prepare swaps in the lean modules, notices). ``lean=None`` (automatic) falls back to open_clip's
-    plain modules with a one-line notice naming what the lean modules do not cover (``engine.lean.lean_obstacles``);
+    plain modules with a one-line notice naming what the lean modules do not cover (``leanclip.lean.lean_obstacles``);
     ``lean=True``, a recompute policy or ``frozen_dtype`` on such a model is a ValueError naming it."""
     if lean is False:
         return False, []
@@ -604,7 +603,7 @@ def _check_methods(model: nn.Module, parts: list[str], per_opts: list[dict]) -> 
 def _init_from_names(model: nn.Module, path) -> list[str]:
     """Validate a trainable-only checkpoint for ``init_from`` against ``model`` as prepare will see it (without the
     modules a previous prepare added), copying nothing. Returns the parameter names it holds."""
-    from engine.checkpoint import check_init_from
+    from leanclip.checkpoint import check_init_from
 
     added = (getattr(model, "leanclip_info", None) or {}).get("modules", [])
     return check_init_from(model, path, skip_modules=added)
@@ -671,7 +670,7 @@ def _apply_methods(model: nn.Module, parts: list[str], per_opts: list[dict], ini
     for p in model.parameters():
         p.requires_grad_(False)
     if init_from is not None:  # LN-as-initialization
-        from engine.checkpoint import load_into
+        from leanclip.checkpoint import load_into
 
         load_into(model, init_from)
     added: dict[str, nn.Module] = {}
@@ -696,7 +695,7 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
 
     method          one of ``METHODS`` (``ln``, ``bitfit``, ``clipfit``, ``llu``, ``linear-probe``, ``coop``,
                     ``adapter``, ``full``, ...) or a ``+`` combination (``ln+linear-probe``, ``ln+coop``, ``ln+adapter``)
-    lean            None (default): swap in the fused / SDPA modules (``engine.lean``) where they cover the model,
+    lean            None (default): swap in the fused / SDPA modules (``leanclip.lean``) where they cover the model,
                     else keep open_clip's modules with a one-line notice (timm towers, ModifiedResNet, Hugging Face
                     text towers, unknown block types); True: lean or a ValueError naming what is not covered;
                     False: open_clip's plain modules
@@ -770,7 +769,7 @@ def method_parts(model: nn.Module) -> list[str]:
     return m.split("+") if m else []
 
 
-from engine import lilt as _lilt  # noqa: E402,F401  (registers lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit)
-from engine import lora as _lora_method  # noqa: E402,F401  (registers lora)
-from engine import houlsby as _houlsby_method  # noqa: E402,F401  (registers houlsby)
-from engine import compacter as _compacter_method  # noqa: E402,F401  (registers compacter)
+from leanclip import lilt as _lilt  # noqa: E402,F401  (registers lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit)
+from leanclip import lora as _lora_method  # noqa: E402,F401  (registers lora)
+from leanclip import houlsby as _houlsby_method  # noqa: E402,F401  (registers houlsby)
+from leanclip import compacter as _compacter_method  # noqa: E402,F401  (registers compacter)

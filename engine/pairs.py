@@ -340,8 +340,8 @@ def from_lists(images: Sequence, captions: Sequence, source: str | None = None) 
 
 def synthetic_pairs(n: int, size: int = 32, seed: int = 0, *, captions_per_image: int = 1,
                     domain: str = "source") -> PairSet:
-    """``n`` procedural images (``engine.synthetic.make_caption_corpus``, uint8 CHW tensors) with their captions."""
-    from engine.synthetic import make_caption_corpus
+    """``n`` procedural images (``leanclip.synthetic.make_caption_corpus``, uint8 CHW tensors) with their captions."""
+    from leanclip.synthetic import make_caption_corpus
 
     imgs, caps = make_caption_corpus(n, size=size, seed=seed, domain=domain, captions_per_image=captions_per_image)
     return from_lists(list(imgs), caps, source=f"synthetic(n={n}, size={size}, seed={seed})")

@@ -476,7 +476,7 @@ def write_split_file(
     """Write a CoOp-style dataset: images at ``root/<image_dir>/<class folder>/<split>_<i:04d>.png`` and
     ``root/split_zhou_<name>.json`` (relpaths relative to ``root/<image_dir>``, labels = index in `classes`, class
     names = ``spec.name``). `test_domain` (default `domain`) renders the test split in another domain. Returns the
-    split-file path; ``engine.data.load_dataset(root, name)`` / ``find_split_file(root, name)`` read it back."""
+    split-file path; ``leanclip.data.load_dataset(root, name)`` / ``find_split_file(root, name)`` read it back."""
     from .data import Sample, write_split_json
 
     root = os.fspath(root)
@@ -596,7 +596,7 @@ def cached_split_dataset(
     base: str | os.PathLike, n_classes: int, size: int, n_train: int, n_val: int, n_test: int, *, seed: int = 0
 ) -> str:
     """Folder under `base` holding the `write_split_file` dataset of ``make_classes(n_classes, seed)`` (read it
-    with ``engine.data.load_dataset(root, "Synthetic")``), built on first use and checked on every use.
+    with ``leanclip.data.load_dataset(root, "Synthetic")``), built on first use and checked on every use.
 
     The folder name hashes the arguments. A dataset is built in a temp folder, given a manifest (`write_manifest`)
     and published with one rename, so readers never see half a dataset. Before use, the files are checked against

@@ -1,11 +1,11 @@
 """The trainer: few-shot classification fine-tuning of a prepared open_clip model (CoOp / CLIPFit protocol).
 
-    import engine, open_clip
+    import leanclip, open_clip
     model = open_clip.create_model("ViT-B-16", pretrained=None)
-    engine.prepare(model, "clipfit", classnames=classnames, tokenizer=tok)
-    cfg = engine.TrainConfig(method="clipfit", epochs=10, batch_size=32, lr=2e-3, output="runs/clipfit")
-    summary = engine.train(model, train_set, classnames, templates, tok, cfg, eval_sets={"test": test_set})
-    engine.train(model, ..., cfg, resume="runs/clipfit/checkpoint.safetensors")   # continues bit-for-bit
+    leanclip.prepare(model, "clipfit", classnames=classnames, tokenizer=tok)
+    cfg = leanclip.TrainConfig(method="clipfit", epochs=10, batch_size=32, lr=2e-3, output="runs/clipfit")
+    summary = leanclip.train(model, train_set, classnames, templates, tok, cfg, eval_sets={"test": test_set})
+    leanclip.train(model, ..., cfg, resume="runs/clipfit/checkpoint.safetensors")   # continues bit-for-bit
 
 One optimizer step (``grad_accum`` micro-batches)::
 
@@ -20,13 +20,13 @@ Learning rate: constant ``warmup_lr`` for ``warmup_epochs`` (CoOp's ConstantWarm
 to 0 over the remaining optimizer steps (per step). Warm-up is skipped when it would take the whole run.
 
 Determinism / resume: the batches of epoch ``e``, random augmentations included, are a function of ``(seed, e)``
-only (``engine.data.make_loader``: not of the worker count, of the progress display, or of the global RNG); the
+only (``leanclip.data.make_loader``: not of the worker count, of the progress display, or of the global RNG); the
 checkpoint written at the end of every epoch holds the trainable parameters, the optimizer state, the step,
 the scheduler state, every RNG state and the loader position, so ``resume=`` continues exactly as an uninterrupted run
 (same per-step losses). A non-finite loss, gradient or weight stops the run before the optimizer step that would
-spread it (``engine.utils.NonFiniteLossError``, one line): the last checkpoint written, all finite, is kept. The LLU
+spread it (``leanclip.utils.NonFiniteLossError``, one line): the last checkpoint written, all finite, is kept. The LLU
 method does not back-propagate through the encoders: ``train`` hands it to
-:func:`engine.llu.run_llu` (cached features).
+:func:`leanclip.llu.run_llu` (cached features).
 
 Outputs under ``cfg.output`` (when set): ``log.jsonl`` (one line per logged step, flushed), ``checkpoint.safetensors``
 (trainable-only, atomically replaced each epoch), ``summary.json``; temp files of a write killed in an earlier
@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine import utils
+from leanclip import utils
 
 __all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
 
@@ -80,7 +80,7 @@ class TrainConfig:
     eval_every: int = 0               # epochs between evaluations of eval_sets (0: only after the last epoch)
     progress: bool = True             # a bar on a terminal, plain log lines elsewhere (never changes the run)
     stop_after_epoch: int | None = None  # end this invocation after that epoch (checkpoint written): pre-emption/tests
-    # LLU (engine.llu): trained on cached features; the encoders never back-propagate
+    # LLU (leanclip.llu): trained on cached features; the encoders never back-propagate
     llu_lambda: float = 1e3
     llu_clusters: int | None = 512    # D = agglomerative cluster centres (<= this many); None/0 = all training features
     cache_dir: str | None = None      # feature cache (default <output>/features, or none without an output)
@@ -141,14 +141,14 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0, pin_memory: bool = False):
     """The shuffled loader of one epoch: its batches (order and augmentations) are a function of ``(seed, epoch)``
     only, whichever worker count and however often it is iterated."""
-    from engine.data import make_loader
+    from leanclip.data import make_loader
 
     return make_loader(dataset, batch_size, shuffle=True, seed=seed, epoch=epoch, num_workers=num_workers,
                        drop_last=False, pin_memory=pin_memory, persistent_workers=False)
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
-    from engine.data import make_loader
+    from leanclip.data import make_loader
 
     return make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
                        drop_last=False, pin_memory=pin_memory, persistent_workers=False)
@@ -165,25 +165,25 @@ def train(
     eval_sets: Mapping[str, Any] | None = None,
     resume: str | os.PathLike | None = None,
 ) -> dict:
-    """Fine-tune the trainable parameters of ``model`` (already ``engine.prepare``-d) on ``train_set`` (items
+    """Fine-tune the trainable parameters of ``model`` (already ``leanclip.prepare``-d) on ``train_set`` (items
     ``(image_tensor, label)``, labels index ``classnames``). ``eval_sets``: ``{name: dataset}`` evaluated with the
     same classnames (or ``{name: (dataset, classnames)}`` for another class set, e.g. base-to-new's new classes).
     Returns a summary dict (per-step losses, final metrics, paths, timing)."""
     cfg.validate()
     info = getattr(model, "leanclip_info", None)
     if not info:
-        raise ValueError("model was not prepared: call engine.prepare(model, method) before train()")
+        raise ValueError("model was not prepared: call leanclip.prepare(model, method) before train()")
     if cfg.method is None:
         cfg = dataclasses.replace(cfg, method=info["method"])
     elif cfg.method != info["method"]:
         raise ValueError(f"cfg.method={cfg.method!r} but the model was prepared with {info['method']!r}")
-    from engine.methods import method_trainer
+    from leanclip.methods import method_trainer
 
     if method_trainer(cfg.method) == "cached":
-        from engine.llu import run_llu
+        from leanclip.llu import run_llu
 
         return run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=eval_sets, resume=resume)
-    from engine.features import class_logits, image_features, text_features
+    from leanclip.features import class_logits, image_features, text_features
 
     device = utils.resolve_device(cfg.device)
     precision = utils.resolve_precision(cfg.precision, device)
@@ -200,16 +200,16 @@ def train(
     model.to(device)
     params = trainable_params(model)
     if not params:
-        raise ValueError("model has no trainable parameters: call engine.prepare(model, method) first")
+        raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
     opt = build_optimizer(params, cfg)
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
 
-    from engine.features import clipfit_kd_loss
+    from leanclip.features import clipfit_kd_loss
 
     teacher = None  # CLIPFit's t^0: zero-shot features of the weights we start from, so BEFORE a resume loads
     if "clipfit" in cfg.method.split("+") and cfg.kd_lambda > 0:
-        from engine.features import frozen_text_features
+        from leanclip.features import frozen_text_features
 
         teacher = _frozen_teacher(frozen_text_features, model, classnames, templates, tokenizer, device, precision)
 
@@ -360,7 +360,7 @@ def _summary(cfg, history, metrics, out_dir, seconds, images_seen, device, preci
 
 # -------------------------------------------------------------------------------------------------- checkpoint/resume
 def _save(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, templates) -> None:
-    from engine.checkpoint import save_trainable
+    from leanclip.checkpoint import save_trainable
 
     meta = {
         "leanclip_trainer": 1,
@@ -378,7 +378,7 @@ def _save(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, templ
 
 
 def _resume(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list]:
-    from engine.checkpoint import load_trainable
+    from leanclip.checkpoint import load_trainable
 
     path = Path(path)
     if path.is_dir():
@@ -406,7 +406,7 @@ def _resume(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list]:
 
 
 def _meta_dict(meta) -> dict:
-    """The ``extra_meta`` dict we saved, from ``engine.checkpoint.load_trainable``'s metadata (key ``"extra"``)."""
+    """The ``extra_meta`` dict we saved, from ``leanclip.checkpoint.load_trainable``'s metadata (key ``"extra"``)."""
     if not meta:
         return {}
     extra = meta.get("extra") if isinstance(meta, dict) else None
@@ -432,8 +432,8 @@ def evaluate(
     """Top-1 / top-5 accuracy (in %) of ``model`` on ``dataset`` against ``classnames`` (text features computed once).
     ``zero_shot=True`` uses the frozen zero-shot features (E1's ``frozen_text_features`` / raw encoder image features)
     instead of the method-aware ones."""
-    from engine import features as feats
-    from engine.metrics import AccuracyMeter
+    from leanclip import features as feats
+    from leanclip.metrics import AccuracyMeter
 
     device = utils.resolve_device(device if device is not None else _model_device(model))
     precision = utils.resolve_precision(precision, device)
@@ -477,7 +477,7 @@ def base_to_new(model, base_set, base_classnames, new_set, new_classnames, templ
                 batch_size: int = 256, **kw) -> dict:
     """CoCoOp base-to-new: accuracy on the base classes, on the new classes (each set relabelled from 0) and their
     harmonic mean H = 2BN/(B+N)."""
-    from engine.metrics import harmonic_mean
+    from leanclip.metrics import harmonic_mean
 
     b = evaluate(model, base_set, base_classnames, templates, tokenizer, batch_size, **kw)["top1"]
     n = evaluate(model, new_set, new_classnames, templates, tokenizer, batch_size, **kw)["top1"]
@@ -493,7 +493,7 @@ def _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, devi
         out[name] = evaluate(model, ds, cn, templates, tokenizer, cfg.eval_batch_size, device=device,
                              precision=precision, num_workers=cfg.num_workers)
     if "base" in out and "new" in out:
-        from engine.metrics import harmonic_mean
+        from leanclip.metrics import harmonic_mean
 
         out["H"] = harmonic_mean(out["base"]["top1"], out["new"]["top1"])
     return out

@@ -371,7 +371,7 @@ def _apply_preprocess(model: nn.Module, resolved: ResolvedWeights) -> None:
 
 def _check_and_copy(model: nn.Module, sd: dict, where: str) -> int:
     """Every key of the model (but modules a PEFT method added) present with its shape, no extra keys; then copy."""
-    from engine.checkpoint import _added_modules, _fmt
+    from leanclip.checkpoint import _added_modules, _fmt
 
     added = set(_added_modules(model))
     msd = model.state_dict(keep_vars=True)
@@ -443,12 +443,12 @@ def _schema_model(model_name: str, pretrained, cache_dir) -> str | None:
 def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size: int | None = None, cache_dir=None,
                  trust_torchscript: bool = False, **kw) -> nn.Module:
     """Build ``model_name`` (an open_clip config name, ``hf-hub:org/repo`` or ``local-dir:DIR``) with seeded random
-    init (``engine.configs.create_random_model``), then load ``pretrained`` (any form :func:`resolve_pretrained`
+    init (``leanclip.configs.create_random_model``), then load ``pretrained`` (any form :func:`resolve_pretrained`
     accepts) or the weights an ``hf-hub:``/``local-dir:`` name carries through :func:`load_pretrained`.
     ``image_size`` overrides the input resolution; the positional embedding of the weights is resized to it."""
     import open_clip
 
-    from engine.configs import create_random_model
+    from leanclip.configs import create_random_model
 
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model must be an open_clip config name, hf-hub: id or local-dir: path, got {model_name!r}")

@@ -72,7 +72,7 @@ def triton_importable() -> bool:
 
 
 def cuda_extension_loaded() -> bool:
-    from kernels import _cuda_ext
+    from leanclip.kernels import _cuda_ext
 
     return _cuda_ext.load() is not None
 

@@ -3,7 +3,7 @@
 Where the module comes from, in order:
 
 1. a copy already loaded in this process (the ``leanclip_cuda`` op namespace can be registered only once);
-2. the prebuilt ``kernels._C`` (``LEANCLIP_CUDA=1 pip install -e . --no-build-isolation``, or any install with nvcc);
+2. the prebuilt ``leanclip.kernels._C`` (``LEANCLIP_CUDA=1 pip install -e . --no-build-isolation``, or any install with nvcc);
 3. a JIT build (``build_jit``), only when ``LEANCLIP_CUDA_JIT=1`` and a CUDA device is visible, or when
    ``LEANCLIP_CUDA_JIT=force``. ``load()`` never compiles otherwise.
 
@@ -126,7 +126,7 @@ def load():
             return _module
         _tried = True
         try:
-            from kernels import _C  # built by setup.py
+            from leanclip.kernels import _C  # built by setup.py
 
             _module = _C
             return _module

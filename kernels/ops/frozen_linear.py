@@ -34,8 +34,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import _backend, _cuda_ext
-from kernels._validate import check_backend_dtype, check_same, check_tensor
+from leanclip.kernels import _backend, _cuda_ext
+from leanclip.kernels._validate import check_backend_dtype, check_same, check_tensor
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 

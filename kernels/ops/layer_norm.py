@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import _backend, _validate
+from leanclip.kernels import _backend, _validate
 
 # Largest column block held in registers at once. Rows up to this width run single-pass (one read of x in the
 # forward, one read of x and dy in the backward); wider rows loop over column blocks (3 reads of x forward,
@@ -383,7 +383,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Option
     elif backend == "triton":
         y, mean, rstd = _layer_norm_fwd_triton(x2d, weight, bias, eps)
     elif backend == "cuda":
-        from kernels import _cuda_ext
+        from leanclip.kernels import _cuda_ext
 
         y, mean, rstd = _cuda_ext.load().layer_norm_fwd(x2d, weight, bias, eps)
     else:
@@ -418,7 +418,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     elif backend == "triton":
         dx, dw, db = _layer_norm_bwd_triton(dy2d, x2d, weight, mean, rstd, need_dx, need_dw, need_db)
     elif backend == "cuda":
-        from kernels import _cuda_ext
+        from leanclip.kernels import _cuda_ext
 
         dx, dw, db = _cuda_ext.load().layer_norm_bwd(dy2d, x2d, weight, mean, rstd, need_dx, need_dw, need_db)
     else:

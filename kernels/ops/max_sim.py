@@ -53,7 +53,7 @@ import math
 
 import torch
 
-from kernels import _backend, _validate
+from leanclip.kernels import _backend, _validate
 
 __all__ = ["max_sim", "max_sim_ref"]
 
@@ -352,7 +352,7 @@ def _max_sim_fwd_triton(x: torch.Tensor, d: torch.Tensor, input_precision: str =
 
 
 def _max_sim_fwd_cuda_ext(x: torch.Tensor, d: torch.Tensor):
-    from kernels import _cuda_ext
+    from leanclip.kernels import _cuda_ext
 
     ext = _cuda_ext.load()
     if ext is None:

@@ -20,9 +20,9 @@ def _benchmark_only(config) -> bool:
 
 def pytest_configure(config):
     # tests/conftest.py turns the Triton interpreter on (setdefault) for the CPU kernel tests. Triton reads it when
-    # the kernels are decorated, i.e. on `import kernels`: on a GPU, benchmark the compiled kernels instead. If
+    # the kernels are decorated, i.e. on `from leanclip import kernels`: on a GPU, benchmark the compiled kernels instead. If
     # kernels was imported already, test_ops_benchmark.py skips the CUDA benchmarks and says why.
-    if _benchmark_only(config) and "kernels" not in sys.modules:
+    if _benchmark_only(config) and "leanclip.kernels" not in sys.modules:
         import torch
 
         if torch.cuda.is_available():

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import _backend
-from kernels.ops.frozen_linear import frozen_linear_bwd_ref, frozen_linear_ref
-from kernels.ops.layer_norm import layer_norm_ref
-from kernels.ops.max_sim import max_sim_ref
+from leanclip import kernels
+from leanclip.kernels import _backend
+from leanclip.kernels.ops.frozen_linear import frozen_linear_bwd_ref, frozen_linear_ref
+from leanclip.kernels.ops.layer_norm import layer_norm_ref
+from leanclip.kernels.ops.max_sim import max_sim_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

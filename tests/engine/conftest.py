@@ -6,8 +6,8 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from engine import data, synthetic
+from leanclip import kernels
+from leanclip import data, synthetic
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,7 +27,7 @@ def _torch_backend():
 
 @pytest.fixture(scope="session")
 def tiny_name():
-    from engine.configs import register_tiny_config
+    from leanclip.configs import register_tiny_config
 
     return register_tiny_config()
 

@@ -2,9 +2,9 @@
 them with its name and options, so a new method's tests state only what is particular to it."""
 import torch
 
-from engine import lean
-from engine.checkpoint import load_trainable, save_trainable
-from engine.methods import prepare, trainable_parameters
+from leanclip import lean
+from leanclip.checkpoint import load_trainable, save_trainable
+from leanclip.methods import prepare, trainable_parameters
 
 
 def randomize_trainable(model, seed: int = 0) -> None:
@@ -79,8 +79,8 @@ def assert_checkpoint_round_trip(fresh_tiny, tmp_path, batch, method: str) -> No
 
 
 def assert_classification_trains(fresh_tiny, shapes, tok, method: str, moved_suffix: str, **opts) -> None:
-    """One epoch of ``engine.trainer`` on the shapes task moves the parameters named ``*moved_suffix``."""
-    from engine.trainer import TrainConfig, train
+    """One epoch of ``leanclip.trainer`` on the shapes task moves the parameters named ``*moved_suffix``."""
+    from leanclip.trainer import TrainConfig, train
 
     m = prepare(fresh_tiny(), method, **opts)
     train(m, shapes["train"], shapes["classnames"], ["a photo of a {}."], tok,

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from torch import nn
 
-from engine import lean, methods
-from engine.configs import create_random_model, register_tiny_config
+from leanclip import lean, methods
+from leanclip.configs import create_random_model, register_tiny_config
 
 CLASSNAMES = ["cat", "dog"]
 

@@ -1,6 +1,6 @@
 """Every user error of the command line: one line naming the input on stderr, exit 2, no traceback, nothing written.
 
-Each case runs ``engine.cli.main`` in a fresh, empty working directory (so the default ``runs/`` folder would show
+Each case runs ``leanclip.cli.main`` in a fresh, empty working directory (so the default ``runs/`` folder would show
 up there) and checks that the folder is still empty afterwards. The cases cover flags, weights, data files, images,
 run folders, checkpoints and the environment; ``BAD_INPUTS`` is also what the closing count of the boundary work was
 measured with (``pytest tests/engine/test_bad_inputs.py``).
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import cli
+from leanclip import cli
 
 
 @pytest.fixture(scope="module")

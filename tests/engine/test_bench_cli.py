@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from engine.cli import main
+from leanclip.cli import main
 
 
 def test_bench_step_quick_writes_json_and_plot(tmp_path):
@@ -67,13 +67,13 @@ def test_bench_cuda_without_gpu_exits_2(argv, capsys):
 
 def test_step_bf16_precision_runs_on_cpu():
     """bf16: plain under autocast (AMP), lean with bf16 frozen weights; both train and lean keeps fewer bytes."""
-    from bench.step import make_step
-    from engine.configs import register_tiny_config
+    from leanclip.bench.step import make_step
+    from leanclip.configs import register_tiny_config
     import open_clip
 
     name = register_tiny_config()
     tok = open_clip.get_tokenizer("ViT-B-16")
-    from engine.memory import saved_activation_bytes
+    from leanclip.memory import saved_activation_bytes
 
     saved = {}
     for mode in ("plain", "lean:none"):
@@ -91,7 +91,7 @@ def test_step_bf16_precision_runs_on_cpu():
 
 
 def test_parse_mode_grammar():
-    from bench.step import default_modes, parse_mode
+    from leanclip.bench.step import default_modes, parse_mode
 
     assert parse_mode("plain") == {"kind": "plain", "policy": "none", "gc": False, "compile": False, "budget": None}
     assert parse_mode("plain+gc")["gc"]
@@ -109,7 +109,7 @@ def test_parse_mode_grammar():
 
 
 def test_best_peers_picks_fastest_within_memory_and_smallest_within_time():
-    from bench.step import best_peers
+    from leanclip.bench.step import best_peers
 
     seconds = {"plain": 1.0, "plain+gc": 1.3, "plain+compile+budget:0.1": 1.4, "lean:block": 1.1, "lean:none": 0.9}
     peak = {"plain": 100, "plain+gc": 13, "plain+compile+budget:0.1": 10, "lean:block": 12, "lean:none": 94}
@@ -150,8 +150,8 @@ def test_plain_gc_checkpoints_and_matches_plain_gradients():
     """open_clip's own grad checkpointing is on in plain+gc, and the trained LayerNorms get plain's gradients."""
     import open_clip
 
-    from bench.step import make_step
-    from engine.configs import register_tiny_config
+    from leanclip.bench.step import make_step
+    from leanclip.configs import register_tiny_config
 
     name = register_tiny_config()
     tok = open_clip.get_tokenizer("ViT-B-16")
@@ -171,7 +171,7 @@ def test_plain_gc_checkpoints_and_matches_plain_gradients():
 def test_budget_is_set_only_inside_its_mode():
     import torch._functorch.config as functorch_config
 
-    from bench.step import _budget_context
+    from leanclip.bench.step import _budget_context
 
     before = functorch_config.activation_memory_budget
     with _budget_context(0.1):
@@ -218,7 +218,7 @@ def test_isolate_runs_each_mode_in_its_own_process(tmp_path):
 
 def test_summarize_prints_compiled_rows_with_graph_breaks():
     """The markdown table of an isolated run: numbers come back from JSON, graph breaks are integers."""
-    from bench.step import finish_row, summarize
+    from leanclip.bench.step import finish_row, summarize
 
     row = finish_row({"model": "m", "method": "ln", "batch_size": 2, "n_classes": 3, "precision": "fp32",
                       "scope": "image", "peak_method": "rss", "seconds": {"plain": 2.0, "lean:block+compile": 1.0},
@@ -237,9 +237,10 @@ def test_summarize_prints_compiled_rows_with_graph_breaks():
 def test_compiled_peers_run_on_cpu(tmp_path, capsys):
     """torch.compile peers (one with an activation memory budget) and lean under torch.compile, on the tiny image
     tower: each either runs (warm-up timed apart) or is reported with its reason. Compiling takes about a minute per
-    mode on a 2-core CPU, hence slow and the smallest set."""
+    mode on a 2-core CPU, hence slow and the smallest set. Each mode compiles in its own process (--isolate): a
+    compile leaves dynamo state behind that would change later tests in this process."""
     rc = main(["bench", "step", "--quick", "--methods", "ln", "--scope", "image", "--batch-size", "2", "--reps", "1",
-               "--modes", "plain+compile+budget:0.5,lean:none+compile", "--output", str(tmp_path)])
+               "--modes", "plain+compile+budget:0.5,lean:none+compile", "--isolate", "--output", str(tmp_path)])
     assert rc == 0
     assert "| plain+compile+budget:0.5 |" in capsys.readouterr().out
     (js,) = tmp_path.glob("step-*.json")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import checkpoint, features, methods
-from engine.configs import register_tiny_config
+from leanclip import checkpoint, features, methods
+from leanclip.configs import register_tiny_config
 
 CLASSNAMES = ["cat", "dog", "bird"]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from engine import cli
+from leanclip import kernels
+from leanclip import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -193,13 +193,13 @@ def test_extension_subcommands_are_lazy(capsys, monkeypatch, tmp_path):
 def test_python_dash_m_engine():
     """The module entry point exits with main()'s code (one interpreter start: ~5 s, torch import)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "engine", "zeroshot", "--device", "nope"], cwd=REPO, env=env,
+    p = subprocess.run([sys.executable, "-m", "leanclip", "zeroshot", "--device", "nope"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "invalid choice" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_split_file_and_data_root(capsys, tmp_path):
-    from engine.synthetic import make_classes, write_split_file
+    from leanclip.synthetic import make_classes, write_split_file
 
     root = tmp_path / "shapes"
     split = write_split_file(root, make_classes(3, seed=1), 4, 1, 3, size=32, seed=0, name="Shapes")

@@ -3,9 +3,9 @@ against open_clip's plain blocks, a training step, checkpoints, classification, 
 import pytest
 import torch
 
-from engine import compacter, houlsby, lean
-from engine.checkpoint import save_trainable
-from engine.methods import count_trainable, layernorm_names, prepare, trainable_parameters
+from leanclip import compacter, houlsby, lean
+from leanclip.checkpoint import save_trainable
+from leanclip.methods import count_trainable, layernorm_names, prepare, trainable_parameters
 from tests.engine import peft_checks as checks
 
 
@@ -23,7 +23,7 @@ def test_count_tiny_and_vit_b16_formula(fresh_tiny, create_model):
     assert count_trainable(m) == compacter.compacter_count([(64, 2), (64, 2)], 8, 4)
     m = prepare(fresh_tiny(), "compacter", reduction=4, n=2, tower="text")
     assert count_trainable(m) == _compacter_count(64, 2, 4, n=2) + 2 ** 3
-    from engine.configs import register_reduced_config
+    from leanclip.configs import register_reduced_config
 
     b16 = prepare(create_model(register_reduced_config("ViT-B-16", layers=2)), "compacter")
     per_block = (count_trainable(b16) - 64) // 2

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
-from engine import cli
-from engine.contrastive import (
+from leanclip import kernels
+from leanclip import cli
+from leanclip.contrastive import (
     ContrastiveConfig,
     LearnableTemperature,
     clip_loss,
@@ -21,9 +21,9 @@ from engine.contrastive import (
     evaluate_retrieval,
     train_contrastive,
 )
-from engine.distributed import check_batch_size
-from engine.methods import prepare
-from engine.pairs import PairDataset, from_lists, load_pairs, synthetic_pairs
+from leanclip.distributed import check_batch_size
+from leanclip.methods import prepare
+from leanclip.pairs import PairDataset, from_lists, load_pairs, synthetic_pairs
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +111,7 @@ def test_training_deterministic_and_outputs(tiny_model, tok, pairs64, tmp_path):
     assert [r["step"] for r in log] == list(range(1, 7)) and {r["epoch"] for r in log} == {1, 2}
     assert all(0.001 <= r["temperature"] <= 0.5 for r in log)
     assert (out / "checkpoint.safetensors").is_file() and (out / "summary.json").is_file()
-    from engine.checkpoint import load_trainable
+    from leanclip.checkpoint import load_trainable
 
     m2 = prepare(copy.deepcopy(tiny_model), "lilt-adapter")
     meta = load_trainable(m2, out / "checkpoint.safetensors")
@@ -307,8 +307,8 @@ def test_cli_contrastive_bad_input(capsys, tmp_path):
 def test_non_finite_loss_stops_and_keeps_last_finite_checkpoint(tiny_model, tok, pairs64, tmp_path):
     """Epoch 1 finite (checkpoint), resumed with NaN images: one line at step 5 (epoch 2), the epoch-1 checkpoint
     and the interrupted run's summary kept byte for byte; pretrain_contrastive stops on NaN inputs at its first step."""
-    from engine import utils
-    from engine.contrastive import _default_transform, pretrain_contrastive
+    from leanclip import utils
+    from leanclip.contrastive import _default_transform, pretrain_contrastive
 
     out = tmp_path / "run"
     train_contrastive(prepare(copy.deepcopy(tiny_model), "lilt-ln"), pairs64, tok,

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import data as D
-from engine import synthetic as S
-from engine import templates as T
-from engine.data import Sample
+from leanclip import data as D
+from leanclip import synthetic as S
+from leanclip import templates as T
+from leanclip.data import Sample
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -601,7 +601,7 @@ def _write(path, text):
 
 _HUGE_LABEL = """
 import resource, sys
-from engine import data as D
+from leanclip import data as D
 vm = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmSize:")) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))  # a walk of range(n) fails fast
 try:

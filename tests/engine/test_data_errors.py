@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-import kernels
-from engine import cli
-from engine import synthetic as S
+from leanclip import kernels
+from leanclip import cli
+from leanclip import synthetic as S
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Multi-process training: `torchrun --nproc_per_node=2 -m engine train --task contrastive` (gloo, CPU) follows the
+"""Multi-process training: `torchrun --nproc_per_node=2 -m leanclip train --task contrastive` (gloo, CPU) follows the
 same loss trajectory as one process with the same global batch, across an epoch boundary (DistributedSampler +
 set_epoch), with rank-0-only logging / checkpointing. Bounded in time; MASTER_PORT is picked free."""
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from engine import cli
-from engine.distributed import all_gather_with_grad, find_free_port, is_distributed
+from leanclip import kernels
+from leanclip import cli
+from leanclip.distributed import all_gather_with_grad, find_free_port, is_distributed
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
@@ -38,7 +38,7 @@ def test_two_process_gloo_matches_one_process(tmp_path, capsys):
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "-m", "engine", *ARGS,
+           "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "-m", "leanclip", *ARGS,
            "--device", "cpu", "--output", str(tmp_path / "ddp")]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)

@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from engine import cli, demo
-from engine.contrastive import clip_loss, pretrain_contrastive
+from leanclip import kernels
+from leanclip import cli, demo
+from leanclip.contrastive import clip_loss, pretrain_contrastive
 
 PER_METHOD_KEYS = {"trainable_params", "base_acc", "new_acc", "H", "step_time_ratio", "saved_act_ratio"}
 
@@ -65,7 +65,7 @@ def test_quick_demo_writes_json_and_png(quick_run):
 def test_quick_demo_trainable_params_match_a_fresh_prepare(quick_run):
     import open_clip
 
-    from engine.methods import count_trainable, prepare
+    from leanclip.methods import count_trainable, prepare
 
     _, res = quick_run
     name = demo.register_demo_config(demo.QUICK)
@@ -156,7 +156,7 @@ def test_clip_loss_gradient_and_errors():
 def _pretrain(create_model, name, seed, steps=3):
     import open_clip
 
-    from engine.synthetic import make_caption_corpus
+    from leanclip.synthetic import make_caption_corpus
 
     torch.manual_seed(0)
     model = create_model(name)

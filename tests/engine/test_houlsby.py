@@ -3,9 +3,9 @@ against open_clip's plain blocks, a training step, checkpoints, classification, 
 import pytest
 import torch
 
-from engine import houlsby, lean
-from engine.checkpoint import save_trainable
-from engine.methods import count_trainable, layernorm_names, prepare, trainable_parameters
+from leanclip import houlsby, lean
+from leanclip.checkpoint import save_trainable
+from leanclip.methods import count_trainable, layernorm_names, prepare, trainable_parameters
 from tests.engine import peft_checks as checks
 
 
@@ -20,7 +20,7 @@ def test_count_tiny_and_vit_b16_formula(fresh_tiny, create_model):
     assert all(".ls_1.houlsby." in n or ".ls_2.houlsby." in n for n, _ in trainable_parameters(m))
     m = prepare(fresh_tiny(), "houlsby", reduction=4, tower="text")
     assert count_trainable(m) == _houlsby_count(64, 2, 4)
-    from engine.configs import register_reduced_config
+    from leanclip.configs import register_reduced_config
 
     b16 = prepare(create_model(register_reduced_config("ViT-B-16", layers=2)), "houlsby")
     assert count_trainable(b16) * 6 == _houlsby_count(768, 12, 8) + _houlsby_count(512, 12, 8) == 5_146_368

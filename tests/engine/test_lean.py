@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import features, lean, methods
-from engine.configs import register_reduced_config, register_tiny_config
+from leanclip import features, kernels, lean, methods
+from leanclip.configs import register_reduced_config, register_tiny_config
 
 CLASSNAMES = ["cat", "golden retriever", "airbus a320 aircraft"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of the {}, a type of thing."]
@@ -407,10 +407,10 @@ def test_recompute_is_exact(fresh_tiny, tokenizer, autocast):
         assert all(torch.equal(grads[n], ref[1][n]) for n in grads), policy
 
 
-@pytest.mark.skipif("triton" not in __import__("kernels").available_backends(), reason="needs triton")
+@pytest.mark.skipif("triton" not in kernels.available_backends(), reason="needs triton")
 def test_lean_block_on_triton_kernels():
     """One small lean block through the real Triton kernels (interpreter on CPU): mixed trainable params, SAC."""
-    import kernels
+    from leanclip import kernels
     from open_clip.transformer import ResidualAttentionBlock
 
     torch.manual_seed(0)

@@ -7,12 +7,12 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from engine import lilt
-from engine.checkpoint import load_trainable, save_trainable
-from engine.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
-from engine.methods import METHODS, prepare
-from engine.pairs import synthetic_pairs
+from leanclip import kernels
+from leanclip import lilt
+from leanclip.checkpoint import load_trainable, save_trainable
+from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
+from leanclip.methods import METHODS, prepare
+from leanclip.pairs import synthetic_pairs
 
 PRETRAIN_STEPS = 40
 TRAIN_METHODS = ["lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit", "lit+lilt-adapter"]
@@ -37,8 +37,8 @@ def misaligned(request, tmp_path_factory, tiny_name):
     """"Unimodally pre-trained, not aligned": a tiny CLIP contrastively pre-trained on synthetic captions (cached in
     pytest's cache, shared with the CLI / trainer tests) whose projections are then re-drawn at random, so retrieval
     starts near chance and alignment has to be learned again."""
-    from engine.checkpoint import load_pretrained
-    from engine.cli import synthetic_pretrained_weights
+    from leanclip.checkpoint import load_pretrained
+    from leanclip.cli import synthetic_pretrained_weights
 
     try:
         folder = request.config.cache.mkdir("leanclip-tiny-pretrained")
@@ -64,7 +64,7 @@ def test_pairs():
 
 
 def _feats(model, tok, n=6):
-    from engine.features import encode_tokens, image_features
+    from leanclip.features import encode_tokens, image_features
 
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, 3, 32, 32, generator=g)
@@ -180,7 +180,7 @@ def test_deepcopy_keeps_own_adapters(tiny, tok):
 @pytest.mark.parametrize("method", ["lilt-adapter", "lilt-deep"])
 def test_lean_gradients_match_plain(method, tiny, tok):
     """Adapters / the extra block inside lean blocks (with recompute) give the plain open_clip gradients."""
-    from engine.features import encode_tokens, image_features
+    from leanclip.features import encode_tokens, image_features
 
     torch.manual_seed(3)
     plain = prepare(copy.deepcopy(tiny), method, lean=False)

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from engine import data, llu
-from engine.checkpoint import load_trainable
-from engine.methods import prepare
-from engine.trainer import TrainConfig, evaluate, train, zeroshot
+from leanclip import kernels
+from leanclip import data, llu
+from leanclip.checkpoint import load_trainable
+from leanclip.methods import prepare
+from leanclip.trainer import TrainConfig, evaluate, train, zeroshot
 
 TEMPLATES = ["a photo of a {}."]
 
@@ -26,8 +26,8 @@ def _torch_backend():
 def pretrained_base(request, tmp_path_factory, tiny_name):
     import open_clip
 
-    from engine.checkpoint import load_pretrained
-    from engine.cli import synthetic_pretrained_weights
+    from leanclip.checkpoint import load_pretrained
+    from leanclip.cli import synthetic_pretrained_weights
 
     try:
         folder = request.config.cache.mkdir("leanclip-tiny-pretrained")
@@ -66,7 +66,7 @@ def test_identity_at_init(pretrained_base):
 
 
 def test_alpha_is_per_sample():
-    from engine.heads import LLUHead
+    from leanclip.heads import LLUHead
 
     head = LLUHead(16, beta=0.5, gamma=20.0)
     d = _unit(9, 16, 3)
@@ -256,8 +256,8 @@ def test_llu_non_finite_stops_and_keeps_last_finite_checkpoint(pretrained_base, 
     """Epoch 1 on finite features (checkpoint written), resumed on NaN features: the run stops at step 5 with one
     line, the epoch-1 checkpoint untouched and the heads in memory as they were; a diverging lr stops before a
     checkpoint holding inf is written."""
-    from engine import utils
-    from engine.trainer import CHECKPOINT_NAME, LOG_NAME
+    from leanclip import utils
+    from leanclip.trainer import CHECKPOINT_NAME, LOG_NAME
 
     feats, labels, txt = _unit(64, 64, seed=1), torch.arange(64) % 8, _unit(8, 64, seed=2)
     cfg = _cfg(epochs=3, output=str(tmp_path / "a"))

@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-import engine
-from engine import lean, lora
-from engine.checkpoint import load_trainable, save_trainable
-from engine.methods import count_trainable, prepare, trainable_parameters
+import leanclip
+from leanclip import lean, lora
+from leanclip.checkpoint import load_trainable, save_trainable
+from leanclip.methods import count_trainable, prepare, trainable_parameters
 from tests.engine import peft_checks as checks
 
 
@@ -59,7 +59,7 @@ def test_count_tiny_default_and_all_targets(fresh_tiny):
 
 
 def test_count_vit_b16_default(create_model):
-    from engine.configs import register_reduced_config
+    from leanclip.configs import register_reduced_config
 
     m = create_model(register_reduced_config("ViT-B-16", layers=2))
     prepare(m, "lora")
@@ -129,7 +129,7 @@ def test_bf16_frozen_weights(fresh_tiny, batch):
 def test_merge_folds_into_a_plain_model(fresh_tiny, batch):
     m = prepare(fresh_tiny(), "lora", targets=lora.TARGETS, rank=3, alpha=2.0)
     _randomize_lora(m)
-    merged = engine.merge(m)
+    merged = leanclip.merge(m)
     assert not lean.is_lean(merged) and not lora.lora_modules(merged)
     assert not any(isinstance(x, lean.ProjectionDelta) for x in merged.modules())
     assert sorted(n for n, _ in merged.named_parameters()) == sorted(n for n, _ in fresh_tiny().named_parameters())
@@ -138,7 +138,7 @@ def test_merge_folds_into_a_plain_model(fresh_tiny, batch):
         for a, b in zip(checks.features(m.eval(), *batch, plain=False), checks.features(merged.eval(), *batch, plain=True)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="no LoRA"):
-        engine.merge(fresh_tiny())
+        leanclip.merge(fresh_tiny())
 
 
 # ----------------------------------------------------------------------------------------------------------- checkpoints
@@ -161,7 +161,7 @@ def test_checkpoint_round_trip(fresh_tiny, tmp_path, batch):
 
 # ----------------------------------------------------------------------------------------------------------- with ln
 def test_ln_plus_lora_trains_both(fresh_tiny, batch):
-    from engine.methods import layernorm_names
+    from leanclip.methods import layernorm_names
 
     m = prepare(fresh_tiny(), "ln+lora")
     ln = set(layernorm_names(m))
@@ -212,8 +212,8 @@ def test_string_targets_and_reprepare(fresh_tiny):
 def test_merge_of_bf16_frozen_weights_is_a_plain_fp32_model(fresh_tiny, batch):
     m = prepare(fresh_tiny(), "lora", frozen_dtype=torch.bfloat16)
     _randomize_lora(m)
-    merged = engine.merge(m)
+    merged = leanclip.merge(m)
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
     with torch.no_grad():
         torch.testing.assert_close(merged.eval().encode_image(batch[0]),
-                                   engine.image_features(m.eval(), batch[0], normalize=False), atol=2e-2, rtol=2e-2)
+                                   leanclip.image_features(m.eval(), batch[0], normalize=False), atol=2e-2, rtol=2e-2)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from engine import features, lean, methods
-from engine.configs import register_reduced_config
-from engine.memory import peak_cuda_bytes, saved_activation_bytes
+from leanclip import features, lean, methods
+from leanclip.configs import register_reduced_config
+from leanclip.memory import peak_cuda_bytes, saved_activation_bytes
 
 CLASSNAMES = ["cat", "dog", "golden retriever", "airbus a320", "red-winged blackbird"]
 

@@ -1,4 +1,4 @@
-"""engine.prepare: trainable sets and counts (ViT-B-16), registry, options, bad input, heads and features."""
+"""leanclip.prepare: trainable sets and counts (ViT-B-16), registry, options, bad input, heads and features."""
 import json
 import re
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import checkpoint, features, heads, lean, methods
+from leanclip import checkpoint, features, heads, lean, methods
 
 CLASSNAMES = ["cat", "dog", "golden_retriever"]
 
@@ -410,7 +410,7 @@ def test_prepare_validates_options_before_changing_anything(fresh_tiny, tokenize
 
 
 def test_traits_decide_combinations_trainer_tasks_and_defaults():
-    from engine.methods import (METHOD_TRAITS, check_task, is_closed_set, method_train_defaults, method_trainer,
+    from leanclip.methods import (METHOD_TRAITS, check_task, is_closed_set, method_train_defaults, method_trainer,
                                 parse_method)
 
     for combo, needle in (("ln+llu", "frozen towers"), ("llu+bitfit", "frozen towers"), ("full+ln", "everything")):

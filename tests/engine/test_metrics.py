@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import metrics as M
+from leanclip import metrics as M
 
 
 def test_accuracy_hand_example():

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 
-import kernels
-from engine import data, utils
-from engine.methods import prepare
-from engine.trainer import CHECKPOINT_NAME, LOG_NAME, TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
+from leanclip import kernels
+from leanclip import data, utils
+from leanclip.methods import prepare
+from leanclip.trainer import CHECKPOINT_NAME, LOG_NAME, TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
 
 TEMPLATES = ["a photo of a {}."]
 PRETRAIN_STEPS = 40
@@ -25,7 +25,7 @@ def _torch_backend():  # also set by tests/engine/conftest.py; kept so this file
 def pretrained_tiny_file(cache, tmp_path_factory, name: str) -> str:
     """A tiny CLIP contrastively pre-trained for PRETRAIN_STEPS steps on synthetic captions (~20 s once), cached in
     pytest's cache dir. Zero-shot accuracy on the synthetic shapes ~70%."""
-    from engine.cli import synthetic_pretrained_weights
+    from leanclip.cli import synthetic_pretrained_weights
 
     try:
         folder = cache.mkdir("leanclip-tiny-pretrained")
@@ -43,7 +43,7 @@ def pretrained_path(request, tmp_path_factory, tiny_name):
 def pretrained_base(pretrained_path, tiny_name):
     import open_clip
 
-    from engine.checkpoint import load_pretrained
+    from leanclip.checkpoint import load_pretrained
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -87,7 +87,7 @@ def test_method_learns(method, pretrained_base, tok, shapes):
 def test_text_features_once_when_text_frozen(pretrained_base, tok, shapes, monkeypatch):
     """ln on the image tower: the text side is frozen, so class text features are computed once per run; clipfit
     trains text biases, so once per step (+ the teacher once)."""
-    import engine.features as F
+    import leanclip.features as F
 
     calls = {"n": 0}
     real = F.text_features
@@ -302,7 +302,7 @@ def test_same_seed_same_run_whatever_display_workers_or_resume(fresh_tiny, tok, 
 def test_epoch_loader_is_a_function_of_seed_and_epoch():
     """Same (seed, epoch) => same batches and augmentations however often iter() is called (a dropped iterator, as
     tqdm.auto makes, included) and in how many workers; the global RNG is neither read nor advanced."""
-    from engine.trainer import epoch_loader
+    from leanclip.trainer import epoch_loader
 
     class Noisy(torch.utils.data.Dataset):  # each item's "augmentation" draws from the global RNGs
         def __len__(self):
@@ -366,7 +366,7 @@ def test_non_finite_loss_stops_and_keeps_last_finite_checkpoint(clip, fresh_tiny
     assert "\n" not in msg and "non-finite loss (nan) at step 5 (epoch 2)" in msg
     assert "learning rate" in msg and "last finite checkpoint is kept" in msg and CHECKPOINT_NAME in msg
     # the checkpoint is epoch 1's, and the model in memory holds those same weights (no NaN step taken)
-    from engine.checkpoint import load_trainable
+    from leanclip.checkpoint import load_trainable
 
     m2 = prepare(fresh_tiny(), "ln")
     meta = load_trainable(m2, tmp_path / CHECKPOINT_NAME)
@@ -405,15 +405,14 @@ def test_stale_temps_removed_at_start(fresh_tiny, tok, shapes, tmp_path):
 
 
 def test_package_exports_stay_what_they_name():
-    """engine.train is the function whatever was read first (no submodule shares an exported name)."""
+    """leanclip.train is the function whatever was read first (no submodule shares an exported name)."""
     import importlib
     import types
 
-    import engine
-
-    for name in engine.__all__:
+    import leanclip
+    for name in leanclip.__all__:
         if name.startswith("__"):
             continue
-        importlib.import_module(engine._EXPORTS[name])
-        assert not isinstance(getattr(engine, name), types.ModuleType), name
-    assert callable(engine.train) and engine.train is train
+        importlib.import_module(leanclip._EXPORTS[name])
+        assert not isinstance(getattr(leanclip, name), types.ModuleType), name
+    assert callable(leanclip.train) and leanclip.train is train

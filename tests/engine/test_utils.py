@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from engine import utils
+from leanclip import utils
 
 
 def _umask() -> int:
@@ -85,7 +85,7 @@ def test_json_writers_write_null_for_non_finite_floats(tmp_path):
 # ------------------------------------------------------------------------------------------- stale temp files
 _KILLED_WRITER = """
 import os, signal, sys
-from engine import utils
+from leanclip import utils
 
 def writer(tmp):
     with open(tmp, "wb") as f:

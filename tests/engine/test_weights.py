@@ -16,8 +16,8 @@ from typing import Tuple
 import pytest
 import torch
 
-from engine import checkpoint, cli, weights
-from engine.configs import TINY_CONFIG, create_random_model
+from leanclip import checkpoint, cli, weights
+from leanclip.configs import TINY_CONFIG, create_random_model
 
 REPO = Path(__file__).resolve().parents[2]
 TAG = "tinytag"
@@ -101,7 +101,7 @@ def test_hf_hub_id_from_the_offline_cache(hf_cache, tiny_name):
     assert _same(model, made)
     assert info["kind"] == "hf-hub" and info["path"] == str(snap / "open_clip_model.safetensors")
     assert tuple(model.visual.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)  # the repo config's preprocessing
-    # engine.checkpoint.load_pretrained is the same entry point
+    # leanclip.checkpoint.load_pretrained is the same entry point
     model = create_random_model(tiny_name)
     checkpoint.load_pretrained(model, "hf-hub:org/tiny")
     assert _same(model, made)
@@ -183,7 +183,7 @@ def test_env_variables_reach_a_fresh_process(tmp_path, tiny_name):
     cache = tmp_path / "hf" / "hub"
     lay_out_repo(cache, "org/tiny", made)
     _save_safetensors(made, tmp_path / "made.safetensors")
-    code = ("import torch; from engine import weights; from engine.configs import register_tiny_config;"
+    code = ("import torch; from leanclip import weights; from leanclip.configs import register_tiny_config;"
             "from safetensors.torch import load_file; register_tiny_config();"
             "m = weights.create_model('hf-hub:org/tiny'); made = load_file(r'%s');"
             "assert all(torch.equal(m.state_dict()[k], v) for k, v in made.items()); print('ok')"

@@ -27,9 +27,9 @@ BUILD_TIMEOUT_S = int(os.environ.get("LEANCLIP_CUDA_BUILD_TIMEOUT", "1200"))
 
 
 def _ext_module():
-    """kernels._cuda_ext, or the same file loaded on its own when the kernels package does not import."""
+    """leanclip.kernels._cuda_ext, or the same file loaded on its own when the kernels package does not import."""
     try:
-        from kernels import _cuda_ext
+        from leanclip.kernels import _cuda_ext
 
         return _cuda_ext
     except ImportError:
@@ -236,7 +236,7 @@ def _rows(M: int, N: int, dtype, layout: str, scale: float = 1.0, shift: float =
 
 def _project_ref(module: str, name: str):
     try:
-        return getattr(importlib.import_module(f"kernels.ops.{module}"), name)
+        return getattr(importlib.import_module(f"leanclip.kernels.ops.{module}"), name)
     except (ImportError, AttributeError):
         return None
 
@@ -386,7 +386,7 @@ def test_cuda_backend_matches_triton(dtype):
     """The public ops under backend "cuda" vs "triton" (forward and gradients)."""
     _module()
     try:
-        import kernels
+        from leanclip import kernels
     except ImportError as e:
         pytest.skip(f"kernels package not importable: {e}")
     if "cuda" not in kernels.available_backends() or "triton" not in kernels.available_backends():

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels.ops import frozen_linear as fl_mod
-from kernels.ops.frozen_linear import frozen_linear_bwd_ref, frozen_linear_ref
+from leanclip import kernels
+from leanclip.kernels.ops import frozen_linear as fl_mod
+from leanclip.kernels.ops.frozen_linear import frozen_linear_bwd_ref, frozen_linear_ref
 
 BACKENDS = [b for b in ("torch", "triton") if b in kernels.available_backends()]
 TOL = {torch.float32: {"torch": 1e-5, "triton": 5e-4}, torch.bfloat16: 1e-2, torch.float16: 1e-2}

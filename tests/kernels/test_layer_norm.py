@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-import kernels.ops.layer_norm as ln_mod
-from kernels.ops.layer_norm import layer_norm_ref
+from leanclip import kernels
+import leanclip.kernels.ops.layer_norm as ln_mod
+from leanclip.kernels.ops.layer_norm import layer_norm_ref
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -447,7 +447,7 @@ def test_float64_rejected_by_triton_backend():
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_float64_rejected_by_kernel_backends_check(backend):
     """The dtype gate every op runs once its backend is known (the cuda backend cannot run on this CPU box)."""
-    from kernels import _validate
+    from leanclip.kernels import _validate
 
     ok = torch.randn(3)
     _validate.check_backend_dtype(backend, x=ok, weight=None, bias=ok.half())

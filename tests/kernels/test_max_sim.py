@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels
-from kernels.ops import max_sim as ms_mod
-from kernels.ops.max_sim import max_sim_ref
+from leanclip import kernels
+from leanclip.kernels.ops import max_sim as ms_mod
+from leanclip.kernels.ops.max_sim import max_sim_ref
 
 BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
