@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Sequence
 
 from leanclip import utils
-from leanclip.cli_common import (EVAL_DATA_DEFAULTS, UsageError, check_backend_env, check_numbers, clear_run,
-                               run_folder, data_record, restore_data, restore_model, restore_weights,
-                               weights_record)
+from leanclip.cli_common import (DEFAULT_MODEL, EVAL_DATA_DEFAULTS, UsageError, build_model, check_numbers,
+                                 clear_run, data_record, emit, pretrain_synthetic, read_checkpoint_meta,
+                                 restore_data, restore_model, restore_weights, run_folder, setup_device,
+                                 weights_record)
 
 PROG = "leanclip"
-DEFAULT_MODEL = "leanclip-tiny"
 EXIT_USAGE = 2
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
@@ -224,54 +224,6 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------------------- model
-def build_model(args):
-    """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size: built and loaded
-    by ``leanclip.weights.create_model`` (tags, hub ids, folders, files; no file may run code)."""
-    import open_clip
-
-    from leanclip import weights
-    from leanclip.configs import register_tiny_config
-
-    register_tiny_config()
-    schema = args.model.startswith((weights.HF_HUB_PREFIX, weights.LOCAL_DIR_PREFIX))
-    if not schema and args.model not in open_clip.list_models():
-        raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models(), or use "
-                         f"hf-hub:ORG/REPO / local-dir:DIR)")
-    if schema and args.pretrained is not None:
-        raise UsageError(f"--pretrained: --model {args.model} carries its own weights; drop --pretrained")
-    if args.image_size is not None and args.image_size < 8:
-        raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
-    if args.pretrain_steps < 0:
-        raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
-    # seeded: random-init weights (no --pretrained) are then the same in train / eval / zeroshot
-    model = weights.create_model(args.model, args.pretrained, seed=0, image_size=args.image_size,
-                                 trust_torchscript=getattr(args, "trust_torchscript", False))
-    tokenizer = open_clip.get_tokenizer(args.model)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    pp = getattr(model.visual, "preprocess_cfg", None) or {}
-    if args.pretrain_steps:
-        pretrain_synthetic(model, tokenizer, args.pretrain_steps, size, seed=0, progress=not args.no_progress)
-    return model, tokenizer, size, (tuple(pp.get("mean", ())) or None, tuple(pp.get("std", ())) or None)
-
-
-def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: int = 0, n_images: int = 2000,
-                       batch_size: int = 64, lr: float = 3e-3, progress: bool = False) -> list[float]:
-    """Contrastive pre-training on a synthetic caption corpus (leanclip.synthetic + leanclip.contrastive): gives a tiny,
-    randomly initialised model above-chance zero-shot accuracy for smoke runs and tests. Returns the losses."""
-    import torch
-
-    from leanclip.contrastive import pretrain_contrastive
-    from leanclip.data import clip_transform
-    from leanclip.synthetic import make_caption_corpus
-
-    imgs, caps = make_caption_corpus(n_images, size=image_size, seed=seed)
-    tf = clip_transform(image_size)
-    x = torch.stack([tf(im) for im in imgs])
-    return pretrain_contrastive(model, x, caps, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                                progress=progress)
-
-
 def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps: int = 40, *, seed: int = 0) -> str:
     """Path of a safetensors state dict of ``model_name`` (random init with torch seed 0) after
     :func:`pretrain_synthetic` for ``steps`` steps, made once and cached in ``folder`` (keyed by the config, versions
@@ -436,24 +388,6 @@ def _templates(args, dataset):
     return get_templates(dataset, override)
 
 
-def _setup(args):
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    device = utils.resolve_device(args.device)
-    check_backend_env(device)
-    return device
-
-
-def _emit(result: dict, args, name: str) -> None:
-    if getattr(args, "output", None):
-        utils.atomic_write_json(Path(args.output) / name, result)
-    print(utils.to_json(result, indent=None))
-
-
 # ---------------------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     if getattr(args, "task", "classify") != "classify":
@@ -466,7 +400,7 @@ def cmd_train(args) -> int:
                                 prepare)
     from leanclip.trainer import TrainConfig, train
 
-    device = _setup(args)
+    device = setup_device(args)
     parts = parse_method(args.method)
     method = "+".join(parts)
     defaults = {**BASE_DEFAULTS, **method_train_defaults(method)}
@@ -513,7 +447,7 @@ def cmd_train(args) -> int:
         "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
         "checkpoint": summary.get("checkpoint"), "output": args.output,
     }
-    _emit(result, args, "result.json")
+    emit(result, args, "result.json")
     return 0
 
 
@@ -533,32 +467,6 @@ def _check_resume(resume, method: str) -> None:
         raise UsageError(f"--resume {meta['path']!r} is a {meta['method']!r} checkpoint, not --method {method!r}")
 
 
-def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
-    """Metadata of a ``leanclip.checkpoint.save_trainable`` file without a model: method, options (dict), model_name,
-    extra (the trainer's dict)."""
-    from safetensors import safe_open
-
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint.safetensors"
-    if not p.is_file():
-        raise FileNotFoundError(f"{flag}: no such file {str(p)!r}")
-    try:
-        with safe_open(str(p), framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:
-        raise UsageError(f"{flag}: {str(p)!r} is not a safetensors checkpoint ({e})") from e
-    if "method" not in meta:
-        raise UsageError(f"{flag}: {str(p)!r} is not a leanclip checkpoint")
-    out = {"path": str(p), "method": meta["method"]}
-    for k in ("options", "model_name", "extra"):
-        try:
-            out[k] = json.loads(meta.get(k, "null"))
-        except json.JSONDecodeError:
-            out[k] = None
-    return out
-
-
 def cmd_eval(args) -> int:
     if getattr(args, "task", "classify") != "classify":
         from leanclip.lilt_cli import cmd_eval_retrieval
@@ -570,7 +478,7 @@ def cmd_eval(args) -> int:
     from leanclip.methods import PREPARE_OPTIONS, is_closed_set, method_options, parse_method, prepare
     from leanclip.trainer import evaluate
 
-    device = _setup(args)
+    device = setup_device(args)
     meta = read_checkpoint_meta(args.checkpoint)
     saved_model = meta.get("model_name")
     restore_model(args, saved_model, DEFAULT_MODEL)  # the checkpoint says which architecture it belongs to
@@ -605,14 +513,14 @@ def cmd_eval(args) -> int:
     result = {"command": "eval", "method": meta["method"], "checkpoint": meta["path"], "dataset": data["dataset"],
               "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
               "skipped_images": len(data["bad_images"]), **res}
-    _emit(result, args, "eval.json")
+    emit(result, args, "eval.json")
     return 0
 
 
 def cmd_zeroshot(args) -> int:
     from leanclip.trainer import zeroshot
 
-    device = _setup(args)
+    device = setup_device(args)
     model, tok, size, (mean, std) = build_model(args)
     data = load_data(args, size, mean, std, train_transform=False, need_train=False)
     templates = _templates(args, data["dataset"])
@@ -622,7 +530,7 @@ def cmd_zeroshot(args) -> int:
     result = {"command": "zeroshot", "model": args.model, "pretrained": args.pretrained, "dataset": data["dataset"],
               "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
               "templates": templates, "skipped_images": len(data["bad_images"]), **res}
-    _emit(result, args, "zeroshot.json")
+    emit(result, args, "zeroshot.json")
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Checks and records shared by the ``leanclip`` subcommands (``leanclip.cli``, ``leanclip.lilt_cli``).
+"""What the ``leanclip`` subcommands share (``leanclip.cli``, ``leanclip.lilt_cli``): checks, run records, the model
+built from ``--model`` / ``--pretrained``, the device, checkpoint metadata and result output. The subcommand modules
+import this one, never each other's internals.
 
 Everything here runs BEFORE any work or any write, so a rejected command leaves no trace:
 
@@ -17,11 +19,15 @@ the command line (``--data`` / ``--split-file``) and its split file must hash to
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 
 from leanclip import utils
+
+
+DEFAULT_MODEL = "leanclip-tiny"
 
 
 class UsageError(ValueError):
@@ -258,3 +264,98 @@ def restore_data(args, recorded: dict | None) -> None:
         if split and utils.sha256_file(split) != want:
             raise UsageError(f"split file {split!r} differs from the one the checkpoint was trained with "
                              f"(sha256 mismatch): evaluate on the same split")
+
+
+# ----------------------------------------------------------------------------------------------------- model, device
+def build_model(args):
+    """(model, tokenizer, image_size, transform mean/std) for --model / --pretrained / --image-size: built and loaded
+    by ``leanclip.weights.create_model`` (tags, hub ids, folders, files; no file may run code)."""
+    import open_clip
+
+    from leanclip import weights
+    from leanclip.configs import register_tiny_config
+
+    register_tiny_config()
+    schema = args.model.startswith((weights.HF_HUB_PREFIX, weights.LOCAL_DIR_PREFIX))
+    if not schema and args.model not in open_clip.list_models():
+        raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models(), or use "
+                         f"hf-hub:ORG/REPO / local-dir:DIR)")
+    if schema and args.pretrained is not None:
+        raise UsageError(f"--pretrained: --model {args.model} carries its own weights; drop --pretrained")
+    if args.image_size is not None and args.image_size < 8:
+        raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
+    if args.pretrain_steps < 0:
+        raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
+    # seeded: random-init weights (no --pretrained) are then the same in train / eval / zeroshot
+    model = weights.create_model(args.model, args.pretrained, seed=0, image_size=args.image_size,
+                                 trust_torchscript=getattr(args, "trust_torchscript", False))
+    tokenizer = open_clip.get_tokenizer(args.model)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    if args.pretrain_steps:
+        pretrain_synthetic(model, tokenizer, args.pretrain_steps, size, seed=0, progress=not args.no_progress)
+    return model, tokenizer, size, (tuple(pp.get("mean", ())) or None, tuple(pp.get("std", ())) or None)
+
+
+def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: int = 0, n_images: int = 2000,
+                       batch_size: int = 64, lr: float = 3e-3, progress: bool = False) -> list[float]:
+    """Contrastive pre-training on a synthetic caption corpus (leanclip.synthetic + leanclip.contrastive): gives a tiny,
+    randomly initialised model above-chance zero-shot accuracy for smoke runs and tests. Returns the losses."""
+    import torch
+
+    from leanclip.contrastive import pretrain_contrastive
+    from leanclip.data import clip_transform
+    from leanclip.synthetic import make_caption_corpus
+
+    imgs, caps = make_caption_corpus(n_images, size=image_size, seed=seed)
+    tf = clip_transform(image_size)
+    x = torch.stack([tf(im) for im in imgs])
+    return pretrain_contrastive(model, x, caps, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                progress=progress)
+
+
+def setup_device(args):
+    """``--threads`` and ``--device`` applied; ``LEANCLIP_BACKEND`` checked against the device. Returns the device."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    device = utils.resolve_device(args.device)
+    check_backend_env(device)
+    return device
+
+
+def emit(result: dict, args, name: str) -> None:
+    """Print ``result`` as one JSON line and write it as ``name`` under ``--output`` when given."""
+    if getattr(args, "output", None):
+        utils.atomic_write_json(Path(args.output) / name, result)
+    print(utils.to_json(result, indent=None))
+
+
+def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
+    """Metadata of a ``leanclip.checkpoint.save_trainable`` file without a model: method, options (dict), model_name,
+    extra (the trainer's dict)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "checkpoint.safetensors"
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag}: no such file {str(p)!r}")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:
+        raise UsageError(f"{flag}: {str(p)!r} is not a safetensors checkpoint ({e})") from e
+    if "method" not in meta:
+        raise UsageError(f"{flag}: {str(p)!r} is not a leanclip checkpoint")
+    out = {"path": str(p), "method": meta["method"]}
+    for k in ("options", "model_name", "extra"):
+        try:
+            out[k] = json.loads(meta.get(k, "null"))
+        except json.JSONDecodeError:
+            out[k] = None
+    return out

@@ -70,7 +70,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _usage(msg: str):
-    from leanclip.cli import UsageError
+    from leanclip.cli_common import UsageError
 
     return UsageError(msg)
 
@@ -126,9 +126,8 @@ def _short(metrics: dict) -> dict:
 def cmd_train_contrastive(args) -> int:
     import torch
 
-    from leanclip import cli as C
     from leanclip import distributed as D
-    from leanclip.cli_common import clear_run, run_folder, weights_record
+    from leanclip.cli_common import build_model, clear_run, emit, run_folder, weights_record
     from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
     from leanclip.methods import parse_method, prepare
 
@@ -156,7 +155,7 @@ def cmd_train_contrastive(args) -> int:
         elif args.output is None:
             args.output = os.path.join("runs", f"contrastive_{method}_seed{args.seed}")
         weights = weights_record(args.pretrained, args.model)
-        model, tok, size, _ = C.build_model(args)
+        model, tok, size, _ = build_model(args)
         size = _image_size(model)
         if args.pairs is not None:
             train_pairs = _load(args.pairs, args.image_root, args.pairs_split)
@@ -209,7 +208,7 @@ def cmd_train_contrastive(args) -> int:
                 "device": summary["device"], "precision": summary["precision"],
                 "checkpoint": summary.get("checkpoint"), "output": args.output,
             }
-            C._emit(result, args, "result.json")
+            emit(result, args, "result.json")
         return 0
     finally:
         D.cleanup(info)
@@ -219,27 +218,27 @@ def cmd_train_contrastive(args) -> int:
 def cmd_eval_retrieval(args) -> int:
     import torch
 
-    from leanclip import cli as C
     from leanclip.checkpoint import load_trainable
-    from leanclip.cli_common import restore_model, restore_weights
+    from leanclip.cli_common import (DEFAULT_MODEL, build_model, emit, read_checkpoint_meta, restore_model,
+                                     restore_weights, setup_device)
     from leanclip.contrastive import evaluate_retrieval
     from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
 
     _reject_classify_data(args)
-    device = C._setup(args)
-    meta = C.read_checkpoint_meta(args.checkpoint)
+    device = setup_device(args)
+    meta = read_checkpoint_meta(args.checkpoint)
     extra = meta.get("extra") or {}
     if extra.get("leanclip_task") != "contrastive":
         raise _usage(f"--checkpoint {meta['path']!r} was not written by 'train --task contrastive' (use --task "
                      f"classify for classification checkpoints)")
     saved_model = meta.get("model_name")
-    restore_model(args, saved_model, C.DEFAULT_MODEL)
+    restore_model(args, saved_model, DEFAULT_MODEL)
     restore_weights(args, extra.get("weights"), legacy_path=extra.get("pretrained"))
     if not args.pretrain_steps and extra.get("pretrain_steps"):
         args.pretrain_steps = int(extra["pretrain_steps"])
     if args.image_size is None and extra.get("image_size"):
         args.image_size = int(extra["image_size"])
-    model, tok, size, _ = C.build_model(args)
+    model, tok, size, _ = build_model(args)
     size = _image_size(model)
     if args.pairs is not None:
         pairs = _load(args.pairs, args.image_root, args.pairs_split)
@@ -261,5 +260,5 @@ def cmd_eval_retrieval(args) -> int:
                              precision=args.precision, progress=not args.no_progress)
     result = {"command": "eval", "task": "retrieval", "method": meta["method"], "checkpoint": meta["path"],
               "pairs": args.pairs or "synthetic", **_short(res)}
-    C._emit(result, args, "eval.json")
+    emit(result, args, "eval.json")
     return 0
