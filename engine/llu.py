@@ -163,9 +163,9 @@ def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
-    from leanclip.trainer import _model_device, eval_loader
+    from leanclip.training import eval_loader, model_device
 
-    device = utils.resolve_device(device if device is not None else _model_device(model))
+    device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     was = model.training
     model.eval()
@@ -208,9 +208,9 @@ def class_text_features(model, classnames: Sequence[str], templates: Sequence[st
                         precision: str = "auto") -> torch.Tensor:
     """Frozen zero-shot class text features (C, E), fp32, L2-normalized (template-averaged as E1 defines it)."""
     from leanclip.features import frozen_text_features
-    from leanclip.trainer import _model_device
+    from leanclip.training import model_device
 
-    device = utils.resolve_device(device if device is not None else _model_device(model))
+    device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     with utils.autocast(device, precision):
         t = frozen_text_features(model, list(classnames), list(templates), tokenizer)
@@ -278,7 +278,7 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_*, scheduler, seed, device, llu_lambda,
     llu_clusters, output, log_every, clip_grad_norm). Banks are set on the heads (image: ``bank`` or
     ``cluster_bank(train_feats, cfg.llu_clusters)``; text: ``class_text_feats``). Returns the per-step history."""
-    from leanclip.trainer import CHECKPOINT_NAME, LOG_NAME, _resume, _save, build_optimizer, lr_at
+    from leanclip.training import CHECKPOINT_NAME, LOG_NAME, build_optimizer, lr_at, resume_state, save_state
 
     cfg.validate()
     device = utils.resolve_device(cfg.device)
@@ -307,7 +307,7 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     ckpt = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     start_epoch, step, history = 0, 0, []
     if resume is not None:
-        start_epoch, step, history = _resume(model, opt, resume, cfg, steps_per_epoch)
+        start_epoch, step, history = resume_state(model, opt, resume, cfg, steps_per_epoch)
         if out_dir is not None:
             utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= step)
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
@@ -356,7 +356,7 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
                      sum(r["acc"] for r in ep) / len(ep))
         if out_dir is not None:
             utils.check_finite_params(params, step=step, epoch=epoch + 1, lr=history[-1]["lr"], checkpoint=ckpt)
-            _save(model, opt, ckpt, cfg, epoch + 1, step, steps_per_epoch,
+            save_state(model, opt, ckpt, cfg, epoch + 1, step, steps_per_epoch,
                   cfg.extra.get("classnames", []), cfg.extra.get("templates", []))
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
             break
@@ -399,7 +399,7 @@ def evaluate_llu(model, feats: torch.Tensor, labels: torch.Tensor, class_text_fe
 def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=None, resume=None) -> dict:
     """The LLU pipeline used by ``leanclip.trainer.train(method="llu")``: cached features -> ``train_llu`` -> evaluation
     of ``eval_sets`` (``{name: dataset}`` or ``{name: (dataset, classnames)}``; "base" + "new" also give H)."""
-    from leanclip.trainer import _summary
+    from leanclip.training import run_summary
 
     t0 = time.perf_counter()
     device = utils.resolve_device(cfg.device)
@@ -434,7 +434,7 @@ def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=N
     if metrics:
         utils.get_logger().info("final eval: %s", metrics)
     seconds = time.perf_counter() - t0
-    s = _summary(cfg, history, metrics, Path(cfg.output) if cfg.output else None, seconds, res["images_seen"],
+    s = run_summary(cfg, history, metrics, Path(cfg.output) if cfg.output else None, seconds, res["images_seen"],
                  device, precision)
     s["train_seconds"] = res["seconds"]  # the heads alone (features cached)
     s["bank_size"] = res["bank_size"]

@@ -46,12 +46,11 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import utils
+from leanclip.training import (CHECKPOINT_NAME, LOG_NAME, build_optimizer, epoch_loader, eval_loader, lr_at,
+                               model_device, resume_state, run_summary, save_state, trainable_params)
 
-__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
+__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]  # lr_at and the names: leanclip.training
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-LOG_NAME = "log.jsonl"
-SUMMARY_NAME = "summary.json"
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -115,45 +114,6 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------------ schedule, optimizer
-def lr_at(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): constant warm-up, then cosine to 0 (per step)."""
-    total = cfg.epochs * steps_per_epoch
-    warm = cfg.warmup_epochs * steps_per_epoch if cfg.warmup_epochs < cfg.epochs else 0
-    if step < warm:
-        return cfg.warmup_lr
-    if cfg.scheduler == "constant":
-        return cfg.lr
-    t = (step - warm) / max(1, total - warm)
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
-def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-# ----------------------------------------------------------------------------------------------------------- loaders
-def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0, pin_memory: bool = False):
-    """The shuffled loader of one epoch: its batches (order and augmentations) are a function of ``(seed, epoch)``
-    only, whichever worker count and however often it is iterated."""
-    from leanclip.data import make_loader
-
-    return make_loader(dataset, batch_size, shuffle=True, seed=seed, epoch=epoch, num_workers=num_workers,
-                       drop_last=False, pin_memory=pin_memory, persistent_workers=False)
-
-
-def eval_loader(dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
-    from leanclip.data import make_loader
-
-    return make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
-                       drop_last=False, pin_memory=pin_memory, persistent_workers=False)
-
-
 # ------------------------------------------------------------------------------------------------------------- train
 def train(
     model: torch.nn.Module,
@@ -215,7 +175,7 @@ def train(
 
     start_epoch, step, history = 0, 0, []
     if resume is not None:  # model: prepared the same way from the same weights as the interrupted run
-        start_epoch, step, history = _resume(model, opt, resume, cfg, steps_per_epoch)
+        start_epoch, step, history = resume_state(model, opt, resume, cfg, steps_per_epoch)
         if out_dir is not None:  # drop log lines written after the checkpoint (a crash mid-epoch)
             utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= step)
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
@@ -318,99 +278,22 @@ def train(
         if out_dir is not None:  # after any evaluation, so the saved RNG state is the one epoch+1 starts from
             utils.check_finite_params(params, step=step, epoch=epoch + 1, checkpoint=ckpt,
                                      lr=lr_at(max(step - 1, 0), cfg, steps_per_epoch))
-            _save(model, opt, out_dir / CHECKPOINT_NAME, cfg, epoch + 1, step, steps_per_epoch, classnames, templates)
+            save_state(model, opt, out_dir / CHECKPOINT_NAME, cfg, epoch + 1, step, steps_per_epoch, classnames, templates)
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and not last:
-            return _summary(cfg, history, {}, out_dir, time.perf_counter() - t_start, images_seen, device,
+            return run_summary(cfg, history, {}, out_dir, time.perf_counter() - t_start, images_seen, device,
                             precision, stopped_at=epoch + 1)
 
     metrics = {}
     if eval_sets:
         metrics = _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, device, precision)
         log.info("final eval: %s", metrics)
-    return _summary(cfg, history, metrics, out_dir, time.perf_counter() - t_start, images_seen, device, precision)
+    return run_summary(cfg, history, metrics, out_dir, time.perf_counter() - t_start, images_seen, device, precision)
 
 
 def _frozen_teacher(fn, model, classnames, templates, tokenizer, device, precision) -> torch.Tensor:
     with torch.no_grad(), utils.autocast(device, precision):
         t = fn(model, classnames, templates, tokenizer)
     return t.detach().float()
-
-
-def _summary(cfg, history, metrics, out_dir, seconds, images_seen, device, precision, stopped_at=None) -> dict:
-    s = {
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-        "device": str(device),
-        "precision": precision,
-        "steps": len(history) and history[-1]["step"],
-        "losses": [r["loss"] for r in history],
-        "accs": [r["acc"] for r in history],
-        "final_train_loss": history[-1]["loss"] if history else None,
-        "metrics": metrics,
-        "seconds": seconds,
-        "img_per_s": images_seen / seconds if seconds > 0 else None,
-        "stopped_at_epoch": stopped_at,
-    }
-    if out_dir is not None:
-        s["checkpoint"] = str(out_dir / CHECKPOINT_NAME)
-        s["log"] = str(out_dir / LOG_NAME)
-        utils.atomic_write_json(out_dir / SUMMARY_NAME, {k: v for k, v in s.items() if k not in ("losses", "accs")})
-    return s
-
-
-# -------------------------------------------------------------------------------------------------- checkpoint/resume
-def _save(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, templates) -> None:
-    from leanclip.checkpoint import save_trainable
-
-    meta = {
-        "leanclip_trainer": 1,
-        "method": cfg.method,
-        "epoch": epoch,               # completed epochs
-        "position": 0,                # micro-batches consumed in epoch `epoch` (checkpoints sit on epoch boundaries)
-        "step": step,
-        "scheduler": {"kind": cfg.scheduler, "step": step, "steps_per_epoch": steps_per_epoch},
-        "rng": utils.get_rng_state(),
-        "config": cfg.to_dict(),
-        "classnames": list(classnames),
-        "templates": list(templates),
-    }
-    save_trainable(model, path, optimizer=opt, step=step, extra_meta=meta)
-
-
-def _resume(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list]:
-    from leanclip.checkpoint import load_trainable
-
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
-    meta = load_trainable(model, path, optimizer=opt)
-    meta = _meta_dict(meta)
-    if "epoch" not in meta or "rng" not in meta:
-        raise ValueError(f"resume: {str(path)!r} is not a trainer checkpoint (no epoch/rng state)")
-    sched = meta.get("scheduler", {})
-    if sched.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise ValueError(f"resume: checkpoint has {sched.get('steps_per_epoch')} steps per epoch, this run "
-                         f"{steps_per_epoch} (dataset or batch size changed)")
-    if int(meta.get("position", 0)) != 0:
-        raise ValueError("resume: mid-epoch checkpoints are not supported")
-    utils.set_rng_state(meta["rng"])
-    step = int(meta["step"])
-    history = []
-    if cfg.output:
-        log_path = Path(cfg.output) / LOG_NAME
-        if log_path.exists():
-            history = [r for r in utils.read_jsonl(log_path) if "loss" in r and r.get("step", 0) <= step]
-    return int(meta["epoch"]), step, history
-
-
-def _meta_dict(meta) -> dict:
-    """The ``extra_meta`` dict we saved, from ``leanclip.checkpoint.load_trainable``'s metadata (key ``"extra"``)."""
-    if not meta:
-        return {}
-    extra = meta.get("extra") if isinstance(meta, dict) else None
-    return dict(extra) if isinstance(extra, dict) else {}
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -435,7 +318,7 @@ def evaluate(
     from leanclip import features as feats
     from leanclip.metrics import AccuracyMeter
 
-    device = utils.resolve_device(device if device is not None else _model_device(model))
+    device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     probe = getattr(model, "linear_probe", None)
     if probe is not None and not zero_shot and probe.num_classes != len(classnames):
@@ -497,9 +380,3 @@ def _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, devi
 
         out["H"] = harmonic_mean(out["base"]["top1"], out["new"]["top1"])
     return out
-
-
-def _model_device(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
