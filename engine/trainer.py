@@ -49,7 +49,7 @@ from leanclip import utils
 from leanclip.training import (CHECKPOINT_NAME, LOG_NAME, build_optimizer, epoch_loader, eval_loader, lr_at,
                                model_device, resume_state, run_summary, save_state, trainable_params)
 
-__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]  # lr_at and the names: leanclip.training
+__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
 
 OPTIMIZERS = ("sgd", "adamw")
 
