@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanclip import houlsby as _houlsby  # module references: leanclip.methods imports both this module and these
+from leanclip import houlsby as _houlsby
 from leanclip import lilt as _lilt
-from leanclip.methods import register_method
+from leanclip.registry import register_method
 
 __all__ = ["SharedRule", "PHMLinear", "CompacterAdapter", "compacter_count"]
 

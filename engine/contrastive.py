@@ -380,7 +380,7 @@ def _check_contrastive_method(model) -> str:
     if not info:
         raise ValueError("model was not prepared: call leanclip.prepare(model, method) (e.g. 'lilt-ln') before "
                          "train_contrastive()")
-    from leanclip.methods import check_task
+    from leanclip.registry import check_task
 
     method = info["method"]
     check_task(method, "contrastive")

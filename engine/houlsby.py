@@ -31,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
-from leanclip.methods import check_tower, register_method, require_open_clip_tower
-from leanclip import lilt as _lilt  # after leanclip.methods, which imports lilt (the two import each other)
+from leanclip import lilt as _lilt
+from leanclip.registry import register_method
+from leanclip.select import check_tower, require_open_clip_tower
 
 __all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
 

@@ -1,6 +1,6 @@
 """LilT / LiT methods for contrastive image–text alignment (Khan & Fu 2023; Zhai et al. 2022).
 
-Registered with ``leanclip.methods.register_method`` (this module is imported by ``leanclip.methods``)::
+Registered with ``leanclip.registry.register_method`` (``leanclip.methods`` imports this module)::
 
     lilt-ln        every LayerNorm of both towers + the projections (visual.proj, text_projection)
     lilt-bitfit    every bias of both towers (incl. attn.in_proj_bias, LN biases) + the projections
@@ -44,14 +44,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
-from leanclip.methods import (
+from leanclip.registry import register_method
+from leanclip.select import (
     BIAS_RE,
     TOWERS,
     check_coverage,
     check_tower,
     layernorm_names,
     names_matching,
-    register_method,
     require_open_clip_tower,
     tower_class,
     tower_of,

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
-from leanclip.methods import check_tower, register_method, require_open_clip_tower
+from leanclip.registry import register_method
+from leanclip.select import check_tower, require_open_clip_tower
 
 __all__ = ["LowRank", "LoRA", "merge", "strip", "lora_modules", "TARGETS"]
 

@@ -33,60 +33,27 @@ from __future__ import annotations
 import copy
 import inspect
 import json
-import os
-import re
-import sys
-import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+# the method modules register themselves on import; they depend on the registry and the selection, not on this module
+from leanclip import compacter, houlsby, lilt, lora  # noqa: F401
 from leanclip import heads as _heads
-from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
 from leanclip import lean as _lean
+from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
+# the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
+from leanclip.registry import (  # noqa: F401
+    METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, check_task, is_closed_set, method_options,
+    method_train_defaults, method_trainer, parse_method, register_method, set_method_check,
+)
+from leanclip.select import (  # noqa: F401
+    BIAS_RE, CLIPFIT_TEXT_RE, IMAGE_RE, TEXT_RE, TOWERS, check_coverage, check_tower, count_trainable, embed_dim,
+    in_tower, layernorm_names, names_matching, notice, require_open_clip_tower, require_options, tower_class,
+    tower_of, trainable_parameters, unlock, unlock_layernorms, unlock_names,
+)
 
-TOWERS = ("image", "text", "both")
-
-# Anchored parameter-name patterns (open_clip names; CLIP flattens the text tower at top level, CustomTextCLIP
-# keeps it under "text.").
-IMAGE_RE = re.compile(r"^visual\.")
-TEXT_RE = re.compile(r"^(?:text\.|transformer\.|token_embedding\.|positional_embedding$|ln_final\.|"
-                     r"text_projection(?:$|\.))")
-BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias)$")
-CLIPFIT_TEXT_RE = re.compile(r"^(?:text\.)?transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
-
-METHODS: dict[str, Callable[..., dict]] = {}
-TRAINERS = ("backprop", "cached")
-TASKS = ("classify", "contrastive")
-
-
-@dataclass(frozen=True)
-class MethodTraits:
-    """What the rest of the engine needs to know about a method, declared where it is registered.
-
-    trainer: ``"backprop"`` (gradients flow through the towers: ``leanclip.trainer``) or ``"cached"`` (the towers stay
-        frozen and their features are computed once: ``leanclip.llu.run_llu``).
-    tasks: the tasks whose features use what the method trains (a classification head or a prompt means nothing to
-        contrastive image-text alignment).
-    alone: cannot be combined with another component (``full`` already trains everything; a cached-feature method
-        cannot share a run with one that back-propagates through the towers).
-    train_defaults: optimisation defaults (``optimizer``, ``lr``, ``weight_decay``, ``batch_size``,
-        ``warmup_epochs``) that replace the CoOp / CLIPFit recipe for this method when the user gives none.
-    closed_set: classifies only the classes it was trained on (a linear head), so it cannot be evaluated on others
-        (base-to-new's new classes).
-    """
-    trainer: str = "backprop"
-    tasks: tuple = TASKS
-    alone: bool = False
-    train_defaults: dict = field(default_factory=dict)
-    closed_set: bool = False
-
-
-METHOD_TRAITS: dict[str, MethodTraits] = {}
-# Per method: check(model, **opts) validating options and towers before prepare changes anything.
-METHOD_CHECKS: dict[str, Callable[..., None]] = {}
 # Options handled by prepare itself (not passed to method functions).
 PREPARE_OPTIONS = ("lean", "recompute", "memory_budget", "tower", "classnames", "tokenizer", "init_from",
                    "frozen_dtype", "model_name", "batch_size", "text_batch_size", "text_len")
@@ -99,188 +66,6 @@ def version() -> str:
         return str(leanclip.__version__)
     except Exception:  # pragma: no cover
         return "0.1.0"
-
-
-def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = False,
-                    check: Callable | None = None, traits: MethodTraits | None = None):
-    """Register ``fn(model, **opts) -> dict[str, nn.Module]`` as method ``name`` (usable as a decorator).
-
-    ``check(model, **opts)`` (optional) validates the options and the model's towers for the method without
-    changing anything (ValueError) and may return one-line notices (a list of str) that ``prepare`` shows once
-    everything is validated; ``prepare`` runs the checks of every component before it changes the model. It
-    receives every option of ``fn`` (defaults filled in). ``traits`` (:class:`MethodTraits`, default: a backprop
-    method for every task) tells the trainers and the CLI how to run it."""
-    traits = traits or MethodTraits()
-    if traits.trainer not in TRAINERS or not set(traits.tasks) <= set(TASKS):
-        raise ValueError(f"traits of {name!r}: trainer must be one of {TRAINERS}, tasks a subset of {TASKS}")
-    if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
-        raise ValueError(f"method name must be lowercase letters, digits, '-' or '_' (no '+'), got {name!r}")
-    if check is not None and not callable(check):
-        raise TypeError("check must be callable")
-
-    def deco(f):
-        if not callable(f):
-            raise TypeError("a method must be callable")
-        if name in METHODS and not overwrite and METHODS[name] is not f:
-            raise ValueError(f"method {name!r} is already registered")
-        METHODS[name] = f
-        METHOD_TRAITS[name] = traits
-        if check is not None:
-            METHOD_CHECKS[name] = check
-        elif overwrite:
-            METHOD_CHECKS.pop(name, None)
-        return f
-
-    return deco(fn) if fn is not None else deco
-
-
-def set_method_check(name: str, check: Callable) -> None:
-    """Attach ``check`` (see ``register_method``) to the registered method ``name``."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}")
-    if not callable(check):
-        raise TypeError("check must be callable")
-    METHOD_CHECKS[name] = check
-
-
-# ----------------------------------------------------------------------------------------------------------- helpers
-def tower_of(name: str) -> str | None:
-    """``"image"``, ``"text"`` or None (logit_scale, added heads) for an open_clip parameter/module name."""
-    if IMAGE_RE.match(name):
-        return "image"
-    if TEXT_RE.match(name):
-        return "text"
-    return None
-
-
-def _in_tower(name: str, tower: str) -> bool:
-    t = tower_of(name)
-    return t is not None and (tower == "both" or t == tower)
-
-
-def check_tower(tower) -> str:
-    if tower not in TOWERS:
-        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
-    return tower
-
-
-def _notice(message: str) -> None:
-    """A one-line notice: a UserWarning attributed to the first caller outside this package (capturable by tests,
-    ``logging.captureWarnings`` and ``-W error``)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    level, frame = 2, sys._getframe(1)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(f"leanclip: {message}", UserWarning, stacklevel=level)
-
-
-def tower_class(model: nn.Module, tower: str) -> str:
-    """The class name (``module.QualName``) of ``model``'s ``"image"`` or ``"text"`` tower, as errors name it. CLIP
-    keeps its text transformer at top level, so its text tower is named by the model class."""
-    if tower == "image":
-        return _lean.class_name(getattr(model, "visual", None))
-    t = _lean.text_tower(model)
-    if t is not None:
-        return _lean.class_name(t.module) + (" (flattened text transformer)" if t.module is model else "")
-    text = getattr(model, "text", None)
-    return _lean.class_name(text if text is not None else model)
-
-
-def names_matching(model: nn.Module, pattern: re.Pattern, tower: str) -> list[str]:
-    return [n for n, _ in model.named_parameters() if pattern.search(n) and _in_tower(n, tower)]
-
-
-def layernorm_names(model: nn.Module, tower: str = "both") -> list[str]:
-    """Names of the weight and bias of every LayerNorm (open_clip's and timm's subclasses included) in ``tower``."""
-    params = {id(p): n for n, p in model.named_parameters()}
-    out = []
-    for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
-            for p in m.parameters(recurse=False):
-                n = params.get(id(p))
-                if n is not None and _in_tower(n, tower):
-                    out.append(n)
-    return out
-
-
-def _unlock_names(model: nn.Module, names: Iterable[str]) -> int:
-    n = 0
-    for name in names:
-        model.get_parameter(name).requires_grad_(True)
-        n += 1
-    return n
-
-
-def unlock(model: nn.Module, pattern: str | re.Pattern, tower: str = "both") -> int:
-    """Set requires_grad on parameters whose name matches ``pattern`` (re.search; anchor it) inside ``tower``.
-    Returns the number of tensors unlocked."""
-    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-    return _unlock_names(model, names_matching(model, rx, tower))
-
-
-def unlock_layernorms(model: nn.Module, tower: str = "both") -> int:
-    """Unlock the weight and bias of every LayerNorm (open_clip's subclasses included) inside ``tower``."""
-    return _unlock_names(model, layernorm_names(model, tower))
-
-
-def check_coverage(model: nn.Module, method: str, names: list[str], tower: str, what: str) -> list[str]:
-    """A method that trains ``what`` (the parameter ``names`` it would unlock) in ``tower``: ValueError naming the
-    tower class when a tower asked for alone (or both) has none; a notice (returned) when only one of ``both`` has
-    none (e.g. ``ln`` on a ModifiedResNet image tower, which has no LayerNorm, trains the text tower's)."""
-    towers = ("image", "text") if tower == "both" else (tower,)
-    empty = [t for t in towers if not any(tower_of(n) == t for n in names)]
-    if len(empty) == len(towers):
-        found = " and ".join(f"the {t} tower {tower_class(model, t)}" for t in empty)
-        raise ValueError(f"method {method!r} trains {what}, and {found} has none")
-    return [f"method {method!r}: the {t} tower {tower_class(model, t)} has no {what}; only the other tower's are "
-            f"trained" for t in empty]
-
-
-def require_open_clip_tower(model: nn.Module, method: str, tower: str, why: str) -> None:
-    """ValueError naming the tower class unless every tower in ``tower`` is an open_clip transformer tower
-    (``VisionTransformer`` image tower, open_clip text transformer)."""
-    from open_clip.transformer import VisionTransformer
-
-    for t in ("image", "text") if tower == "both" else (tower,):
-        ok = (isinstance(getattr(model, "visual", None), VisionTransformer) if t == "image"
-              else _lean.text_tower(model) is not None)
-        if not ok:
-            kind = "an open_clip VisionTransformer" if t == "image" else "an open_clip transformer text tower"
-            raise ValueError(f"method {method!r} needs {kind} ({why}); the {t} tower is {tower_class(model, t)}")
-
-
-def embed_dim(model: nn.Module) -> int:
-    """The joint embedding width: ``visual.output_dim`` (open_clip ViT and ModifiedResNet), else the width of the
-    text projection (towers without ``output_dim``, e.g. timm ones)."""
-    dim = getattr(getattr(model, "visual", None), "output_dim", None)
-    if dim is None:
-        t = _lean.text_tower(model)
-        proj = t.text_projection if t is not None else None
-        if isinstance(proj, nn.Linear):
-            dim = proj.out_features
-        elif isinstance(proj, torch.Tensor) and proj.dim() == 2:
-            dim = proj.shape[1]
-        else:
-            dim = getattr(getattr(model, "text", None), "output_dim", None)
-    if dim is None:
-        raise ValueError(f"cannot determine the embedding width of {_lean.class_name(model)} (no visual.output_dim, "
-                         f"text projection or text.output_dim); the image tower is {tower_class(model, 'image')}")
-    return int(dim)
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs that require grad, in ``named_parameters`` order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for _, p in trainable_parameters(model))
-
-
-def _require(method: str, **values):
-    missing = [k for k, v in values.items() if v is None]
-    if missing:
-        raise ValueError(f"method {method!r} needs {' and '.join(missing)} (got None)")
 
 
 # ----------------------------------------------------------------------------------------------------------- checks
@@ -334,7 +119,7 @@ def _check_linear_probe(model, classnames=None, tokenizer=None, num_classes=None
 
 
 def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02, **_):
-    _require("coop", classnames=classnames, tokenizer=tokenizer)
+    require_options("coop", classnames=classnames, tokenizer=tokenizer)
     if not list(classnames):
         raise ValueError("classnames must not be empty")
     if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
@@ -438,61 +223,6 @@ def _adapter(model, reduction=4, ratio=0.2):
 
 
 # ----------------------------------------------------------------------------------------------------------- prepare
-def parse_method(method) -> list[str]:
-    """Split ``"a+b"`` into registered component names; ValueError listing the valid ones otherwise."""
-    if not isinstance(method, str) or not method.strip():
-        raise ValueError(f"method must be a non-empty string; valid: {', '.join(sorted(METHODS))}")
-    parts = [p.strip() for p in method.split("+")]
-    unknown = [p for p in parts if p not in METHODS]
-    if unknown:
-        which = f" ({', '.join(map(repr, unknown))})" if len(parts) > 1 else ""
-        raise ValueError(f"unknown method {method!r}{which}; valid methods: "
-                         f"{', '.join(sorted(METHODS))} and combinations joined with '+' (e.g. 'ln+coop')")
-    if len(set(parts)) != len(parts):
-        raise ValueError(f"method {method!r} repeats a component")
-    alone = [p for p in parts if METHOD_TRAITS[p].alone]
-    if alone and len(parts) > 1:
-        why = ("trains on features computed once from frozen towers" if METHOD_TRAITS[alone[0]].trainer == "cached"
-               else "already trains everything")
-        raise ValueError(f"method {method!r}: {alone[0]!r} {why}; it cannot be combined with another component")
-    return parts
-
-
-def method_trainer(method) -> str:
-    """``"backprop"`` or ``"cached"``: which trainer runs ``method`` (a name or ``a+b``; see :class:`MethodTraits`)."""
-    parts = parse_method(method)
-    return "cached" if any(METHOD_TRAITS[p].trainer == "cached" for p in parts) else "backprop"
-
-
-def method_train_defaults(method) -> dict:
-    """The optimisation defaults the components of ``method`` declare (later components win)."""
-    out = {}
-    for p in parse_method(method):
-        out.update(METHOD_TRAITS[p].train_defaults)
-    return out
-
-
-def is_closed_set(method) -> bool:
-    """Whether ``method`` classifies only its training classes (see :class:`MethodTraits`)."""
-    return any(METHOD_TRAITS[p].closed_set for p in parse_method(method))
-
-
-def check_task(method, task: str) -> None:
-    """ValueError unless every component of ``method`` supports ``task`` (``classify`` or ``contrastive``)."""
-    bad = [p for p in parse_method(method) if task not in METHOD_TRAITS[p].tasks]
-    if bad:
-        ok = sorted(n for n, t in METHOD_TRAITS.items() if task in t.tasks)
-        raise ValueError(f"method {method!r}: {bad[0]!r} trains something the {task} task does not use; methods for "
-                         f"{task}: {', '.join(ok)}")
-
-
-def method_options(name: str) -> dict:
-    """The options (keyword parameters with defaults) method ``name`` accepts."""
-    sig = inspect.signature(METHODS[name])
-    return {k: (None if v.default is inspect.Parameter.empty else v.default)
-            for k, v in list(sig.parameters.items())[1:] if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
-
-
 def _accepts_any(name: str) -> bool:
     return any(v.kind == v.VAR_KEYWORD for v in inspect.signature(METHODS[name]).parameters.values())
 
@@ -724,7 +454,7 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     loaded = _init_from_names(model, init_from) if init_from is not None else []
     lean_on, lean_notices = _choose_lean(model, lean, recompute, frozen_dtype)
     for message in notices + lean_notices:  # everything is validated: say what will differ from the usual
-        _notice(message)
+        notice(message)
     state = _ModelState(model, loaded)
     try:
         added = _apply_methods(model, parts, per_opts, init_from)
@@ -767,9 +497,3 @@ def method_of(model: nn.Module) -> str | None:
 def method_parts(model: nn.Module) -> list[str]:
     m = method_of(model)
     return m.split("+") if m else []
-
-
-from leanclip import lilt as _lilt  # noqa: E402,F401  (registers lilt-ln, lilt-bitfit, lilt-adapter, lilt-deep, lit)
-from leanclip import lora as _lora_method  # noqa: E402,F401  (registers lora)
-from leanclip import houlsby as _houlsby_method  # noqa: E402,F401  (registers houlsby)
-from leanclip import compacter as _compacter_method  # noqa: E402,F401  (registers compacter)

@@ -137,7 +137,7 @@ def train(
         cfg = dataclasses.replace(cfg, method=info["method"])
     elif cfg.method != info["method"]:
         raise ValueError(f"cfg.method={cfg.method!r} but the model was prepared with {info['method']!r}")
-    from leanclip.methods import method_trainer
+    from leanclip.registry import method_trainer
 
     if method_trainer(cfg.method) == "cached":
         from leanclip.llu import run_llu
