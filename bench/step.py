@@ -45,6 +45,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from leanclip import utils
 from leanclip.bench.common import interleaved_medians, machine, step_peak_bytes, write_json
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")
@@ -374,12 +375,10 @@ def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES
     modes = list(modes) if modes else default_modes(policies, compile=compile_plain, floor=floor)
     for mode in modes:
         parse_mode(mode)
-    from tqdm import tqdm
-
     kw = dict(batch_size=batch_size, n_classes=n_classes, device=device, reps=reps, precision=precision,
               scope=scope)
     rows = []
-    for model_name, method in tqdm([(m, me) for m in models for me in methods], desc="bench step", disable=None):
+    for model_name, method in utils.track([(m, me) for m in models for me in methods], "bench step"):
         if isolate:
             rows.append(bench_isolated(model_name, method, modes, threads=threads, **kw))
         else:

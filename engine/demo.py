@@ -36,6 +36,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from leanclip import utils
+
 __all__ = ["DemoConfig", "FULL", "QUICK", "register_demo_config", "run_demo", "add_arguments", "run", "METHODS"]
 
 METHODS = ("ln", "bitfit", "clipfit", "llu", "full")
@@ -152,8 +154,9 @@ def register_demo_config(cfg: DemoConfig = FULL) -> str:
 
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _log(msg: str, progress: bool) -> None:
-    if progress:
-        from tqdm.auto import tqdm
+    """A line on stderr that does not break a progress bar on a terminal."""
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm
 
         tqdm.write(msg, file=sys.stderr)
     else:
@@ -466,7 +469,6 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
     is None). Prints the table on stdout, progress on stderr. ``measure=False`` skips the lean-vs-plain step-time and
     saved-activation measurements (their ratios are then None)."""
     from leanclip import kernels
-    from leanclip import utils
     from leanclip.methods import count_trainable, prepare
     from leanclip.metrics import harmonic_mean
     from leanclip.templates import get_templates
@@ -544,9 +546,7 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
             t0 = time.perf_counter()
             _log(f"[4/4] lean vs plain PyTorch: step time (>= {cfg.timing_reps} interleaved reps, medians) and saved "
                  f"activations", progress)
-            from tqdm.auto import tqdm
-
-            for method in tqdm(cfg.methods, desc="lean vs plain", leave=False, disable=not progress):
+            for method in utils.track(cfg.methods, "lean vs plain", enabled=progress):
                 results[method].update(measure_method(model, method, task, templates, tok, cfg, seed))
             timings["lean_vs_plain"] = time.perf_counter() - t0
         else:
