@@ -38,11 +38,6 @@ _GROUP_PREFIX = "optim_group/"
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def _added_modules(model: nn.Module) -> list[str]:
-    info = getattr(model, "leanclip_info", None) or {}
-    return [m for m in info.get("modules", []) if m in model._modules]
-
-
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -50,7 +45,7 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 def _added_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Persistent, non-None buffers of the modules the method added (name -> tensor)."""
     out = {}
-    for mod_name in _added_modules(model):
+    for mod_name in utils.added_modules(model):
         mod = model._modules[mod_name]
         params = {n for n, _ in mod.named_parameters()}
         for k, v in mod.state_dict(keep_vars=True).items():
@@ -62,7 +57,7 @@ def _added_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
 def _buffer_slot(model: nn.Module, name: str):
     """(module, attr) of a registered buffer named ``name`` inside an added module, or None."""
     mod_name = name.split(".")[0]
-    if mod_name not in _added_modules(model):
+    if mod_name not in utils.added_modules(model):
         return None
     owner_path, _, attr = name.rpartition(".")
     try:
@@ -156,7 +151,7 @@ def architecture(model: nn.Module) -> dict:
     """``{"model_name", "frozen_digest", "frozen_shapes"}`` of a prepared model: the names and shapes of its frozen
     parameters outside the modules the method added (dtype and lean swaps do not change them)."""
     info = getattr(model, "leanclip_info", None) or {}
-    added = set(_added_modules(model))
+    added = set(utils.added_modules(model))
     shapes = {n: list(p.shape) for n, p in model.named_parameters()
               if not p.requires_grad and n.split(".")[0] not in added}
     digest = hashlib.sha256(utils.json_dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
@@ -167,8 +162,8 @@ def _shape_differences(saved: dict, current: dict, k: int = 3) -> str:
     diff = [f"{n} {tuple(saved[n])} vs {tuple(current[n])}" for n in sorted(set(saved) & set(current))
             if list(saved[n]) != list(current[n])]
     only_saved, only_cur = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
-    parts = diff[:k] + ([f"only in the checkpoint's: {_fmt(only_saved, k)}"] if only_saved else []) \
-        + ([f"only in the model's: {_fmt(only_cur, k)}"] if only_cur else [])
+    parts = diff[:k] + ([f"only in the checkpoint's: {utils.name_list(only_saved, k)}"] if only_saved else []) \
+        + ([f"only in the model's: {utils.name_list(only_cur, k)}"] if only_cur else [])
     return "; ".join(parts) + (f" (+{len(diff) - k} more shape differences)" if len(diff) > k else "")
 
 
@@ -258,11 +253,6 @@ def _split_file(meta: dict, tensors: dict):
     return {n: tensors[n] for n in pnames}, {n: tensors[n] for n in bnames}
 
 
-def _fmt(names, k=8):
-    names = sorted(names)
-    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
-
-
 def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: bool, path, then_check=None) -> None:
     """Verify every name/shape, then ``then_check()`` (which raises to refuse), then copy. strict: the file's
     parameters must be exactly the trainable ones."""
@@ -272,17 +262,17 @@ def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: 
         want = set(_trainable(model))
         have = set(fparams)
         if want - have:
-            problems.append(f"missing from the checkpoint: {_fmt(want - have)}")
+            problems.append(f"missing from the checkpoint: {utils.name_list(want - have)}")
         if have - want:
-            problems.append(f"not trainable in the model: {_fmt(have - want)}")
+            problems.append(f"not trainable in the model: {utils.name_list(have - want)}")
         want_b = set(_added_buffers(model))
         missing_b = want_b - set(fbuffers)
         if missing_b:
-            problems.append(f"buffers missing from the checkpoint: {_fmt(missing_b)}")
+            problems.append(f"buffers missing from the checkpoint: {utils.name_list(missing_b)}")
     else:
         unknown = set(fparams) - set(all_params)
         if unknown:
-            problems.append(f"not parameters of the model: {_fmt(unknown)}")
+            problems.append(f"not parameters of the model: {utils.name_list(unknown)}")
     slots = {}
     for n, t in fbuffers.items():
         slot = _buffer_slot(model, n)
@@ -355,7 +345,7 @@ def _optimizer_state(model, optimizer, meta, tensors, path) -> dict:
     for gi, (cur, sg) in enumerate(zip(names, saved["param_groups"])):
         if set(cur) != set(sg["params"]) or len(cur) != len(sg["params"]):
             raise ValueError(f"optimizer param group {gi} holds different parameters than the checkpoint's: "
-                             f"missing {_fmt(set(sg['params']) - set(cur))}, extra {_fmt(set(cur) - set(sg['params']))}")
+                             f"missing {utils.name_list(set(sg['params']) - set(cur))}, extra {utils.name_list(set(cur) - set(sg['params']))}")
         g = {k: _dec(v, tensors) for k, v in sg["hyper"].items()}
         g["params"] = list(range(idx, idx + len(cur)))
         for n in cur:
@@ -380,13 +370,13 @@ def check_init_from(model: nn.Module, path, *, skip_modules=()) -> list[str]:
     meta, tensors = _read(path)
     fparams, fbuffers = _split_file(meta, tensors)
     if fbuffers:
-        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({_fmt(fbuffers)}); "
+        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({utils.name_list(fbuffers)}); "
                          f"only parameters of the base model can initialize another method")
     skip = set(skip_modules)
     params = {n: p for n, p in model.named_parameters() if n.split(".")[0] not in skip}
     unknown = set(fparams) - set(params)
     if unknown:
-        raise ValueError(f"init_from {os.fspath(path)}: not parameters of the model: {_fmt(unknown)}")
+        raise ValueError(f"init_from {os.fspath(path)}: not parameters of the model: {utils.name_list(unknown)}")
     for n, t in fparams.items():
         if tuple(params[n].shape) != tuple(t.shape):
             raise ValueError(f"init_from {os.fspath(path)}: shape mismatch for {n}: model {tuple(params[n].shape)}, "
@@ -403,7 +393,7 @@ def load_into(model: nn.Module, path) -> dict:
     meta, tensors = _read(path)
     fparams, fbuffers = _split_file(meta, tensors)
     if fbuffers:
-        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({_fmt(fbuffers)}); "
+        raise ValueError(f"checkpoint {os.fspath(path)} holds buffers of added modules ({utils.name_list(fbuffers)}); "
                          f"only parameters of the base model can initialize another method")
     _check_and_copy(model, fparams, {}, strict=False, path=path,
                     then_check=lambda: _check_frozen_shapes(model, meta, path))

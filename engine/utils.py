@@ -460,3 +460,16 @@ def track(iterable: Iterable, desc: str, enabled: bool = True, total: int | None
         for item in iterable:
             yield item
             bar.update()
+
+
+# ----------------------------------------------------------------------------------------------------------- models
+def added_modules(model) -> list[str]:
+    """Names of the top-level modules a PEFT method added to ``model`` (``model.leanclip_info["modules"]``)."""
+    info = getattr(model, "leanclip_info", None) or {}
+    return [m for m in info.get("modules", []) if m in model._modules]
+
+
+def name_list(names, k: int = 8) -> str:
+    """At most ``k`` of ``names``, sorted, for a one-line message (``[...] (+N more)``)."""
+    names = sorted(names)
+    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")

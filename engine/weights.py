@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from leanclip import utils
+
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
 _OPENAI_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -371,16 +373,15 @@ def _apply_preprocess(model: nn.Module, resolved: ResolvedWeights) -> None:
 
 def _check_and_copy(model: nn.Module, sd: dict, where: str) -> int:
     """Every key of the model (but modules a PEFT method added) present with its shape, no extra keys; then copy."""
-    from leanclip.checkpoint import _added_modules, _fmt
 
-    added = set(_added_modules(model))
+    added = set(utils.added_modules(model))
     msd = model.state_dict(keep_vars=True)
     expected = {k for k in msd if k.split(".")[0] not in added}
     problems = []
     if expected - set(sd):
-        problems.append(f"missing keys {_fmt(expected - set(sd))}")
+        problems.append(f"missing keys {utils.name_list(expected - set(sd))}")
     if set(sd) - set(msd):
-        problems.append(f"unexpected keys {_fmt(set(sd) - set(msd))}")
+        problems.append(f"unexpected keys {utils.name_list(set(sd) - set(msd))}")
     for k in sorted(expected & set(sd)):
         if tuple(msd[k].shape) != tuple(sd[k].shape):
             problems.append(f"shape mismatch for {k}: model {tuple(msd[k].shape)}, file {tuple(sd[k].shape)}")
