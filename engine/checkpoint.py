@@ -285,7 +285,8 @@ def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: 
         if p is not None and tuple(p.shape) != tuple(t.shape):
             problems.append(f"shape mismatch for {n}: model {tuple(p.shape)}, checkpoint {tuple(t.shape)}")
     if problems:
-        raise ValueError(f"checkpoint {os.fspath(path)} does not match the model: " + "; ".join(problems))
+        more = f"; (+{len(problems) - 4} more)" if len(problems) > 4 else ""
+        raise ValueError(f"checkpoint {os.fspath(path)} does not match the model: " + "; ".join(problems[:4]) + more)
     if then_check is not None:
         then_check()
     with torch.no_grad():
@@ -313,9 +314,15 @@ def load_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
     if saved_name and cur_name and saved_name != cur_name:
         warnings.warn(f"checkpoint was saved from model {saved_name!r}, loading into {cur_name!r}", stacklevel=2)
     fparams, fbuffers = _split_file(meta, tensors)
-    opt_sd = _optimizer_state(model, optimizer, meta, tensors, path) if optimizer is not None else None
-    _check_and_copy(model, fparams, fbuffers, strict=True, path=path,
-                    then_check=lambda: _check_architecture(model, meta, path))
+    try:
+        opt_sd = _optimizer_state(model, optimizer, meta, tensors, path) if optimizer is not None else None
+        _check_and_copy(model, fparams, fbuffers, strict=True, path=path,
+                        then_check=lambda: _check_architecture(model, meta, path))
+    except ValueError as e:
+        if saved_name and cur_name and saved_name != cur_name:  # the likely cause first
+            raise ValueError(f"checkpoint {os.fspath(path)} was trained on model {saved_name!r}, not {cur_name!r}: "
+                             f"{e}") from e
+        raise
     if opt_sd is not None:
         optimizer.load_state_dict(opt_sd)
     return {

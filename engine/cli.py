@@ -501,7 +501,7 @@ def cmd_eval(args) -> int:
     train_names = opts.get("classnames") or extra.get("classnames") or data["classnames"]
     fd = opts.get("frozen_dtype")
     prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
-            classnames=train_names, tokenizer=tok, model_name=saved_model or args.model,
+            classnames=train_names, tokenizer=tok, model_name=args.model,
             frozen_dtype=getattr(torch, fd) if fd else None, **method_opts)
     load_trainable(model, meta["path"])
     model.to(device)

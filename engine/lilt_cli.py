@@ -252,7 +252,7 @@ def cmd_eval_retrieval(args) -> int:
     method_opts = {k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS}
     fd = opts.get("frozen_dtype")
     prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
-            tokenizer=tok, model_name=saved_model or args.model, frozen_dtype=getattr(torch, fd) if fd else None,
+            tokenizer=tok, model_name=args.model, frozen_dtype=getattr(torch, fd) if fd else None,
             **method_opts)
     load_trainable(model, meta["path"])
     model.to(device)

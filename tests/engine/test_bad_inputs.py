@@ -279,3 +279,11 @@ def test_resume_without_output_continues_in_the_resumed_folder(files, tmp_path, 
     assert rc == 0
     assert json.loads(out.strip().splitlines()[-1])["output"] == str(run)
     assert not (tmp_path / "runs").exists()
+
+
+def test_eval_on_another_model_names_both(files, capsys):
+    rc = cli.main(["eval", "--checkpoint", str(files["ckpt"]), "--model", "ViT-B-32", "--split-file",
+                   str(files["split_good"]), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "trained on model 'leanclip-tiny', not 'ViT-B-32'" in err and len(err) < 1500
