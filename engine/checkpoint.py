@@ -311,8 +311,6 @@ def load_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
         raise ValueError(f"checkpoint {os.fspath(path)} is for method {meta.get('method')!r} but the model was "
                          f"prepared with {info.get('method')!r}")
     saved_name, cur_name = json.loads(meta.get("model_name", "null")), info.get("model_name")
-    if saved_name and cur_name and saved_name != cur_name:
-        warnings.warn(f"checkpoint was saved from model {saved_name!r}, loading into {cur_name!r}", stacklevel=2)
     fparams, fbuffers = _split_file(meta, tensors)
     try:
         opt_sd = _optimizer_state(model, optimizer, meta, tensors, path) if optimizer is not None else None
@@ -323,6 +321,8 @@ def load_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
             raise ValueError(f"checkpoint {os.fspath(path)} was trained on model {saved_name!r}, not {cur_name!r}: "
                              f"{e}") from e
         raise
+    if saved_name and cur_name and saved_name != cur_name:  # same shapes under another config name
+        warnings.warn(f"checkpoint was saved from model {saved_name!r}, loaded into {cur_name!r}", stacklevel=2)
     if opt_sd is not None:
         optimizer.load_state_dict(opt_sd)
     return {
