@@ -405,6 +405,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
 
     from leanclip import distributed as D
     from leanclip import utils
+    from leanclip.data import ItemSeeds, seeded_dataset
     from leanclip.pairs import PairDataset, PairSet
 
     cfg = (cfg or ContrastiveConfig()).validate()
@@ -447,7 +448,9 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     temp = getattr(model, "lilt_temperature", None)
     encoder = ContrastiveEncoder(model)
     net = D.wrap_ddp(encoder, device)
-    ds = PairDataset(pairs, transform if transform is not None else _default_transform(model, True, cfg.augment))
+    # a random augmentation must not be cached: each pass draws its own crops (seeded per item and epoch)
+    ds = PairDataset(pairs, transform if transform is not None else _default_transform(model, True, cfg.augment),
+                     cache=False if cfg.augment else None)
 
     step, history = 0, []
     if resume is not None:
@@ -480,9 +483,10 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
             sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
                                          drop_last=True)
             sampler.set_epoch(epoch)
-            loader = DataLoader(ds, batch_size=local_bs, sampler=sampler, drop_last=True,
-                                num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                persistent_workers=False)
+            # augmentations seeded per (seed, epoch, pair): the run does not depend on the worker count
+            loader = DataLoader(seeded_dataset(ds), batch_size=local_bs, sampler=ItemSeeds(sampler, cfg.seed, epoch),
+                                drop_last=True, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                                persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
             skip = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
             t_step = _time.perf_counter()
             for i, (images, captions) in enumerate(loader):

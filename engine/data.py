@@ -1096,6 +1096,30 @@ class _SeededItems(Dataset):
             return self.dataset[index]
 
 
+class ItemSeeds(torch.utils.data.Sampler):
+    """Gives the indices of another sampler (e.g. a ``DistributedSampler`` at its epoch) their item seeds,
+    ``(index, derive_seed(seed, epoch, index))``, for a dataset wrapped with :func:`seeded_dataset`: then a random
+    augmentation depends on the item and the pass only, not on the worker count or the global RNG."""
+
+    def __init__(self, sampler, seed: int, epoch: int):
+        self.sampler, self.seed, self.epoch = sampler, _check_seed(seed), _check_seed(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        from .utils import derive_seed
+
+        for i in self.sampler:
+            yield i, derive_seed(self.seed, self.epoch, i)
+
+
+def seeded_dataset(dataset: Dataset) -> Dataset:
+    """``dataset`` read by ``(index, item_seed)`` keys (:class:`ItemSeeds`), each item under RNGs seeded from its
+    seed (the caller's RNG states restored afterwards)."""
+    return _SeededItems(dataset)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

@@ -120,6 +120,17 @@ def test_training_deterministic_and_outputs(tiny_model, tok, pairs64, tmp_path):
     assert log[0]["lr"] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(0))) and log[-1]["lr"] < log[0]["lr"]
 
 
+def test_augmented_run_does_not_depend_on_workers_or_the_global_rng(tiny_model, tok, pairs64):
+    """Random crops are seeded per (seed, epoch, pair): 0 or 2 loader workers, and whatever the global RNG holds,
+    give the same losses (an augmentation cached in one process but not in the workers would break this)."""
+    runs = []
+    for workers, global_seed in ((0, 0), (2, 0), (0, 123)):
+        torch.manual_seed(global_seed)
+        m = prepare(copy.deepcopy(tiny_model), "lilt-ln")
+        runs.append(train_contrastive(m, pairs64, tok, _cfg(augment=True, num_workers=workers, epochs=2))["losses"])
+    assert runs[0] == runs[1] == runs[2]
+
+
 def test_resume_is_exact(tiny_model, tok, pairs64, tmp_path):
     full = train_contrastive(prepare(copy.deepcopy(tiny_model), "lilt-ln"), pairs64, tok,
                              _cfg(output=str(tmp_path / "full")))
