@@ -11,11 +11,12 @@ train split with ``--seed``, then ``--subsample base|new|all`` (CoCoOp base-to-n
 the new classes and H). Weights: ``--pretrained`` takes an open_clip pretrained tag, an ``hf-hub:`` id, a hub folder or
 a local file (``leanclip.weights``; no file may run code).
 
-Bad input (unknown method, missing file, no GPU for ``--device cuda``, ...) prints one line on stderr and exits 2.
-Every command prints a JSON result on stdout (and writes it under ``--output`` when given).
+Bad input (unknown method, missing file, no GPU for ``--device cuda``, ...) prints one line on stderr and exits 2,
+before any work or write; a run stopped by a non-finite loss exits 3. Every command prints a JSON result on stdout (and
+writes it under ``--output`` when given).
 
-Extension hook: ``register_subcommand(name, module, help)`` (``demo`` -> ``leanclip.demo``, ``bench`` -> ``leanclip.bench.cli``
-are pre-registered) adds a subcommand served by ``module.add_arguments(parser)`` + ``module.run(args) -> int``; it is
+Extension hook: ``register_subcommand(name, module, help)`` (``demo`` -> ``leanclip.demo``, ``bench`` ->
+``leanclip.bench.cli`` are pre-registered) adds a subcommand served by ``module.add_arguments(parser)`` + ``module.run(args) -> int``; it is
 listed only when the module exists and imported only when that subcommand runs.
 """
 from __future__ import annotations
