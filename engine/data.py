@@ -163,11 +163,11 @@ def _is_image(name: str, extensions: Sequence[str]) -> bool:
     return not name.startswith(".") and name.lower().endswith(tuple(extensions))
 
 
-def _list_images(folder: str, extensions: Sequence[str], root: _ImageRoot | None = None) -> list[str]:
+def _list_images(folder: str, extensions: Sequence[str], root: ImageRoot | None = None) -> list[str]:
     """All image files under `folder` (recursive, hidden entries skipped), sorted for determinism.
 
     Symlinked folders are followed, each real folder once (a link back up the tree would otherwise repeat it until
-    the path is too long); with `root`, every file must resolve inside that image root (see `_ImageRoot`)."""
+    the path is too long); with `root`, every file must resolve inside that image root (see `ImageRoot`)."""
     out = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -225,7 +225,7 @@ def _read_lines(path: str, what: str) -> list[tuple[int, str]]:
     return [(n, ln.strip()) for n, ln in enumerate(_read_text(path, what).splitlines(), 1) if ln.strip()]
 
 
-class _ImageRoot:
+class ImageRoot:
     """Resolves the image paths a data file names and keeps them inside one image root.
 
     A split file or list file comes from the internet as often as the images do, so the paths it names are untrusted:
@@ -296,7 +296,7 @@ class ImageFolderSource:
     ):
         self.root = os.fspath(root)
         _require_dir(self.root, "image folder root")
-        guard = _ImageRoot(self.root, f"image folder {self.root!r}", allow_outside_root)
+        guard = ImageRoot(self.root, f"image folder {self.root!r}", allow_outside_root)
         ignore = set(ignore)
         folders = sorted(
             e.name
@@ -364,7 +364,7 @@ def read_split_file(
     ``<dir of the file>/images`` when that folder exists, else the file's folder. A missing "val" key reads as an empty
     split; "train" and "test" are required. Checks, each a ValueError naming the file: text that is not UTF-8 JSON (or
     nests too deeply to parse), the structure, int labels >= 0, one class name per label and one label per class name,
-    and every relpath resolving inside `image_root` (see `_ImageRoot`; ``allow_outside_root=True`` lifts that). With
+    and every relpath resolving inside `image_root` (see `ImageRoot`; ``allow_outside_root=True`` lifts that). With
     `check_exists`, every image must exist (FileNotFoundError naming the split file, the number missing and the first
     few).
     """
@@ -412,7 +412,7 @@ def _parse_split(
     for key in ("train", "test"):
         if key not in raw:
             raise ValueError(f"split file {path!r} has no {key!r} list (keys: {_short_repr(sorted(raw))})")
-    root = _ImageRoot(image_root, f"split file {path!r}", allow_outside_root)
+    root = ImageRoot(image_root, f"split file {path!r}", allow_outside_root)
     out: dict[str, list[Sample]] = {}
     pairs: list[tuple[int, str]] = []
     missing: list[str] = []
@@ -562,7 +562,7 @@ def _read_imagenet_v2(image_dir: str, classnames_file: str, allow_outside_root: 
     """ImageNetV2 (matched-frequency format): folders "0".."999" = labels in classnames.txt order."""
     names = list(read_classnames_file(classnames_file).values())
     _require_dir(image_dir, "image folder")
-    guard = _ImageRoot(image_dir, f"image folder {image_dir!r}", allow_outside_root)
+    guard = ImageRoot(image_dir, f"image folder {image_dir!r}", allow_outside_root)
     samples = []
     for label, name in enumerate(names):
         folder = os.path.join(image_dir, str(label))
@@ -599,7 +599,7 @@ def read_fgvc_aircraft(
     for split in SPLITS:
         lst = os.path.join(d, f"images_variant_{split}.txt")
         _require_file(lst, "FGVCAircraft split list")
-        root = _ImageRoot(os.path.join(d, "images"), f"FGVCAircraft split list {lst!r}", allow_outside_root)
+        root = ImageRoot(os.path.join(d, "images"), f"FGVCAircraft split list {lst!r}", allow_outside_root)
         samples = []
         for n, line in _read_lines(lst, "FGVCAircraft split list"):
             parts = line.split(" ", 1)

@@ -81,10 +81,10 @@ def _reject_classify_data(args) -> None:
             raise _usage(f"{flag} is for --task classify; give image-text pairs with --pairs FILE")
 
 
-def _load(path, root, split):
+def _load(path, root, split, allow_outside_root=False):
     from leanclip.pairs import load_pairs
 
-    return load_pairs(path, root, split=split)
+    return load_pairs(path, root, split=split, allow_outside_root=allow_outside_root)
 
 
 def _image_size(model) -> int:
@@ -158,16 +158,16 @@ def cmd_train_contrastive(args) -> int:
         model, tok, size, _ = build_model(args)
         size = _image_size(model)
         if args.pairs is not None:
-            train_pairs = _load(args.pairs, args.image_root, args.pairs_split)
-            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split)
+            train_pairs = _load(args.pairs, args.image_root, args.pairs_split, args.allow_outside_root)
+            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
                           if args.eval_pairs is not None else None)
         else:
             if args.pairs_split is not None:
                 raise _usage("--pairs-split needs --pairs FILE")
             train_pairs = _synthetic(args.synthetic_pairs, size, SYNTHETIC_TRAIN_SEED, "--synthetic-pairs")
-            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split) if args.eval_pairs
-                          else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED,
-                                          "--synthetic-eval-pairs"))
+            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
+                          if args.eval_pairs
+                          else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED, "--synthetic-eval-pairs"))
         prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
                 tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
                 **opts)
@@ -241,7 +241,7 @@ def cmd_eval_retrieval(args) -> int:
     model, tok, size, _ = build_model(args)
     size = _image_size(model)
     if args.pairs is not None:
-        pairs = _load(args.pairs, args.image_root, args.pairs_split)
+        pairs = _load(args.pairs, args.image_root, args.pairs_split, args.allow_outside_root)
     else:
         if args.pairs_split is not None:
             raise _usage("--pairs-split needs --pairs FILE")

@@ -103,8 +103,12 @@ class PairSet:
 
 # ----------------------------------------------------------------------------------------------------------- builders
 class _Builder:
-    def __init__(self, source: str, root: str, check_exists: bool):
+    def __init__(self, source: str, root: str, check_exists: bool, allow_outside_root: bool = False):
+        from leanclip.data import ImageRoot
+
         self.source, self.root, self.check = source, root, check_exists
+        # image paths of a pair file are untrusted: they must stay inside the image root (leanclip.data.ImageRoot)
+        self.inside = ImageRoot(root, f"pair file {source!r}", allow_outside_root)
         self.images: list = []
         self.index: dict = {}
         self.captions: list[str] = []
@@ -125,7 +129,9 @@ class _Builder:
                 raise ValueError(f"{where}: caption must be a string, got {type(c).__name__}")
             if not c.strip():
                 raise ValueError(f"{where}: empty caption")
-        path = os.path.normpath(os.path.join(self.root, os.path.expanduser(image)))
+        if "\x00" in image:
+            raise ValueError(f"{where}: image path holds a NUL byte")
+        path = os.path.normpath(self.inside.join(image, where))
         i = self.index.get(path)
         if i is None:
             if self.check and not os.path.isfile(path):
@@ -161,12 +167,13 @@ def _check_file(path) -> str:
 
 # ----------------------------------------------------------------------------------------------------------- readers
 def read_pairs_csv(path, root=None, *, image_key: str = IMAGE_KEY, caption_key: str = CAPTION_KEY,
-                   check_exists: bool = True, delimiter: str | None = None) -> PairSet:
+                   check_exists: bool = True, delimiter: str | None = None,
+                   allow_outside_root: bool = False) -> PairSet:
     """One pair per row of a CSV (TSV for ``.tsv``) file with a header naming ``image_key`` and ``caption_key``."""
     path = _check_file(path)
     if delimiter is None:
         delimiter = "\t" if path.lower().endswith(".tsv") else ","
-    b = _Builder(path, _root_of(path, root), check_exists)
+    b = _Builder(path, _root_of(path, root), check_exists, allow_outside_root)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         cols = reader.fieldnames or []
@@ -183,11 +190,12 @@ def read_pairs_csv(path, root=None, *, image_key: str = IMAGE_KEY, caption_key: 
 
 
 def read_pairs_jsonl(path, root=None, *, image_key: str = IMAGE_KEY, caption_key: str = CAPTION_KEY,
-                     check_exists: bool = True, split: str | None = None) -> PairSet:
+                     check_exists: bool = True, split: str | None = None,
+                     allow_outside_root: bool = False) -> PairSet:
     """One JSON object per line: ``{image_key: path, caption_key: str | [str, ...]}`` (blank lines skipped;
     with ``split``, only objects whose ``"split"`` matches)."""
     path = _check_file(path)
-    b = _Builder(path, _root_of(path, root), check_exists)
+    b = _Builder(path, _root_of(path, root), check_exists, allow_outside_root)
     splits_seen = set()
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -225,7 +233,8 @@ def _split_note(split, seen) -> str:
 
 
 def read_pairs_json(path, root=None, *, split: str | None = None, image_key: str = IMAGE_KEY,
-                    caption_key: str = CAPTION_KEY, check_exists: bool = True) -> PairSet:
+                    caption_key: str = CAPTION_KEY, check_exists: bool = True,
+                    allow_outside_root: bool = False) -> PairSet:
     """A Karpathy split file, a COCO captions file or a JSON list of entries (see the module docstring)."""
     path = _check_file(path)
     try:
@@ -233,7 +242,7 @@ def read_pairs_json(path, root=None, *, split: str | None = None, image_key: str
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON (line {e.lineno}: {e.msg})") from None
-    b = _Builder(path, _root_of(path, root), check_exists)
+    b = _Builder(path, _root_of(path, root), check_exists, allow_outside_root)
     seen: set = set()
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         if split is not None:

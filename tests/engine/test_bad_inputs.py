@@ -73,6 +73,8 @@ def files(tmp_path_factory, tiny_name):
     assert rc == 0
     f["run"] = run_dir
     f["ckpt"] = run_dir / "checkpoint.safetensors"
+    f["pairs_outside"] = img_dir / "outside.csv"
+    f["pairs_outside"].write_text("image,caption\nc0_0.png,a shape\n../a_file,escape\n")
     f["pairs_missing_col"] = d / "pairs.csv"
     f["pairs_missing_col"].write_text("image,text\nc0_0.png,hello\n")
     return f
@@ -168,6 +170,8 @@ def _cases(f):
          "nope.csv"),
         ("contrastive-pairs-columns", [*t, "--task", "contrastive", "--pairs", str(f["pairs_missing_col"])], {},
          "pairs.csv"),
+        ("contrastive-pairs-outside-root", [*t, "--task", "contrastive", "--pairs", str(f["pairs_outside"])], {},
+         "outside the image root"),
         ("contrastive-max-steps-0", [*t, "--task", "contrastive", "--max-steps", "0"], {}, "--max-steps"),
         ("contrastive-temperature-0", [*t, "--task", "contrastive", "--temperature", "0"], {}, "--temperature"),
         ("contrastive-temperature-nan", [*t, "--task", "contrastive", "--temperature", "nan"], {}, "--temperature"),

@@ -212,6 +212,21 @@ def test_csv_and_jsonl(tmp_path):
     assert p.img_to_txt == [[0, 1], [2]]
 
 
+def test_pair_file_paths_stay_inside_the_image_root(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    _png(root / "a.png")
+    _png(tmp_path / "outside.png")
+    (root / "link.png").symlink_to(tmp_path / "outside.png")
+    for name, image in (("dotdot", "../outside.png"), ("abs", str(tmp_path / "outside.png")),
+                        ("link", "link.png"), ("nested", "x/../../outside.png")):
+        f = root / f"{name}.csv"
+        f.write_text(f"image,caption\na.png,fine\n{image},escape\n")
+        with pytest.raises(ValueError, match=r"line 3 path .* is outside the image root"):
+            load_pairs(f)
+        assert len(load_pairs(f, allow_outside_root=True)) == 2
+
+
 def test_pair_file_errors(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "missing.csv").write_text("image,caption\na.png,fine\nnope.png,a caption\n")
