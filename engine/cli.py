@@ -34,11 +34,12 @@ from typing import Sequence
 from leanclip import utils
 from leanclip.cli_common import (DEFAULT_MODEL, EVAL_DATA_DEFAULTS, UsageError, build_model, check_numbers,
                                  clear_run, data_record, emit, pretrain_synthetic, read_checkpoint_meta,
-                                 restore_data, restore_model, restore_weights, run_folder, setup_device,
+                                 recorded_frozen_dtype, restore_data, restore_model, restore_weights, run_folder, setup_device,
                                  weights_record)
 
 PROG = "leanclip"
 EXIT_USAGE = 2
+SYNTHETIC_MAX_SHOTS = 1000  # images per class the synthetic dataset may be asked to draw (and cache)
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -273,7 +274,7 @@ def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int
     if args.synthetic_classes < 2:
         raise UsageError(f"--synthetic-classes must be >= 2, got {args.synthetic_classes}")
     if args.synthetic_dir:
-        base = args.synthetic_dir
+        base = synthetic.private_dir(args.synthetic_dir, "--synthetic-dir")
     else:
         base = synthetic.private_dir(os.path.join(synthetic.cache_dir(), "synthetic"), "synthetic-data cache")
     return synthetic.cached_split_dataset(base, args.synthetic_classes, image_size, n_train, n_val, n_test, seed=0)
@@ -300,6 +301,9 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     else:
         if args.dataset:
             raise UsageError("--dataset needs --data ROOT (or use --split-file)")
+        if args.shots > SYNTHETIC_MAX_SHOTS:
+            raise UsageError(f"--shots {args.shots}: the synthetic dataset has {SYNTHETIC_MAX_SHOTS} training images "
+                             f"per class at most")
         n_train = max(16, args.shots)
         root = _synthetic_root(args, image_size, n_train, 4, 20)
         splits, _ = D.load_dataset(root, "Synthetic")
@@ -473,8 +477,6 @@ def cmd_eval(args) -> int:
         from leanclip.lilt_cli import cmd_eval_retrieval
 
         return cmd_eval_retrieval(args)
-    import torch
-
     from leanclip.checkpoint import load_trainable
     from leanclip.methods import PREPARE_OPTIONS, is_closed_set, method_options, parse_method, prepare
     from leanclip.trainer import evaluate
@@ -500,10 +502,9 @@ def cmd_eval(args) -> int:
     accepted = {k for p in parts for k in method_options(p)}
     method_opts = {k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS}
     train_names = opts.get("classnames") or extra.get("classnames") or data["classnames"]
-    fd = opts.get("frozen_dtype")
     prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
             classnames=train_names, tokenizer=tok, model_name=args.model,
-            frozen_dtype=getattr(torch, fd) if fd else None, **method_opts)
+            frozen_dtype=recorded_frozen_dtype(opts), **method_opts)
     load_trainable(model, meta["path"])
     model.to(device)
     if is_closed_set(meta["method"]) and len(train_names) != len(data["classnames"]):

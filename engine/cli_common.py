@@ -51,9 +51,9 @@ NUMBERS: dict[str, tuple[str, type, float | None, float | None]] = {
     "llu_clusters": ("--llu-clusters", int, 0, None),
     "log_every": ("--log-every", int, 1, None),
     "seed": ("--seed", int, 0, SEED_MAX),
-    "shots": ("--shots", int, 0, None),
+    "shots": ("--shots", int, 0, 100_000),
     "synthetic_classes": ("--synthetic-classes", int, 2, None),
-    "num_workers": ("--num-workers", int, 0, 256),
+    "num_workers": ("--num-workers", int, 0, 64),
     "threads": ("--threads", int, 1, 4096),
     "image_size": ("--image-size", int, 8, 8192),
     "pretrain_steps": ("--pretrain-steps", int, 0, None),
@@ -137,6 +137,12 @@ def check_output(output, *, resume, overwrite: bool) -> None:
         raise UsageError(f"--output {str(out)!r}: {str(base)!r} is not a directory")
     if not os.access(base, os.W_OK | os.X_OK):
         raise UsageError(f"--output {str(out)!r}: {str(base)!r} is not writable")
+    try:  # what access() cannot tell (a root user on /proc, a read-only mount): a folder made and removed at once
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".leanclip-probe-", dir=base))
+    except OSError as e:
+        raise UsageError(f"--output {str(out)!r}: cannot create folders under {str(base)!r} ({e.strerror})") from e
     held = [n for n in RUN_FILES if (out / n).exists()]
     if held and resume is None and not overwrite:
         raise UsageError(f"--output {str(out)!r} already holds a run ({', '.join(held)}): pass --resume "
@@ -202,16 +208,53 @@ def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = No
     if not getattr(args, "use_recorded_weights", False):
         raise UsageError(f"the checkpoint was trained from weights {source!r}: pass --pretrained {source!r} (or "
                          f"--use-recorded-weights to read the recorded source after a hash check)")
-    if recorded.get("sha256") is None and os.path.isabs(source):
-        raise UsageError(f"--use-recorded-weights: the checkpoint records the folder {source!r}, which has no "
-                         f"hash to check; pass --pretrained {source!r} explicitly")
-    if recorded.get("sha256") is not None:
-        if not os.path.isfile(source):
-            raise UsageError(f"--use-recorded-weights: the recorded weights {source!r} no longer exist")
-        if utils.sha256_file(source) != recorded["sha256"]:
-            raise UsageError(f"--use-recorded-weights: {source!r} changed since training (sha256 differs); pass "
-                             f"--pretrained explicitly")
+    if not isinstance(source, str) or not (_hashed_file(source, recorded.get("sha256"))
+                                           or _named_weights(source, args.model)):
+        raise UsageError(f"--use-recorded-weights: the checkpoint records {source!r}, which is neither a file with "
+                         f"its sha256 nor an hf-hub: id or pretrained tag of --model {args.model}; pass --pretrained "
+                         f"explicitly")
     args.pretrained = source
+
+
+def _hashed_file(source: str, sha256) -> bool:
+    """An absolute path recorded with its hash: True when the file still has it (UsageError when it changed)."""
+    if not (isinstance(sha256, str) and os.path.isabs(source)):
+        return False
+    if not os.path.isfile(source):
+        raise UsageError(f"--use-recorded-weights: the recorded weights {source!r} no longer exist")
+    if utils.sha256_file(source) != sha256:
+        raise UsageError(f"--use-recorded-weights: {source!r} changed since training (sha256 differs); pass "
+                         f"--pretrained explicitly")
+    return True
+
+
+def _named_weights(source: str, model_name: str) -> bool:
+    """An ``hf-hub:`` id or a pretrained tag of ``model_name``: resolved by open_clip, never a local path."""
+    from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
+
+    if source.startswith(HF_HUB_PREFIX):
+        return "/" in source[len(HF_HUB_PREFIX):] and ".." not in source and not os.path.isabs(source[7:])
+    if model_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        return False
+    from open_clip.pretrained import is_pretrained_cfg
+
+    return bool(is_pretrained_cfg(model_name.replace("/", "-"), source))
+
+
+FROZEN_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def recorded_frozen_dtype(options: dict):
+    """The ``frozen_dtype`` a checkpoint's options record, as a torch dtype (None when absent); checkpoint metadata
+    is untrusted, so only the dtypes ``prepare`` accepts are looked up."""
+    import torch
+
+    name = (options or {}).get("frozen_dtype")
+    if name is None:
+        return None
+    if name not in FROZEN_DTYPES:
+        raise UsageError(f"--checkpoint: recorded frozen_dtype {name!r} is not one of {', '.join(FROZEN_DTYPES)}")
+    return getattr(torch, name)
 
 
 def split_file_of(args) -> str | None:

@@ -216,11 +216,9 @@ def cmd_train_contrastive(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------------- eval
 def cmd_eval_retrieval(args) -> int:
-    import torch
-
     from leanclip.checkpoint import load_trainable
-    from leanclip.cli_common import (DEFAULT_MODEL, build_model, emit, read_checkpoint_meta, restore_model,
-                                     restore_weights, setup_device)
+    from leanclip.cli_common import (DEFAULT_MODEL, build_model, emit, read_checkpoint_meta, recorded_frozen_dtype,
+                                     restore_model, restore_weights, setup_device)
     from leanclip.contrastive import evaluate_retrieval
     from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
 
@@ -250,9 +248,8 @@ def cmd_eval_retrieval(args) -> int:
     parts = parse_method(meta["method"])
     accepted = {k for p in parts for k in method_options(p)}
     method_opts = {k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS}
-    fd = opts.get("frozen_dtype")
     prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
-            tokenizer=tok, model_name=args.model, frozen_dtype=getattr(torch, fd) if fd else None,
+            tokenizer=tok, model_name=args.model, frozen_dtype=recorded_frozen_dtype(opts),
             **method_opts)
     load_trainable(model, meta["path"])
     model.to(device)

@@ -465,6 +465,9 @@ def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size:
         kw["force_image_size"] = image_size
     if cache_dir is not None:
         kw["cache_dir"] = cache_dir
+    # never let open_clip fetch tower weights a config names (timm / Hugging Face towers): those readers are not
+    # leanclip's, and the weights come from `pretrained` below
+    kw.update(pretrained_image=False, pretrained_text=False)
     model = create_random_model(model_name, seed, **kw)
     if pretrained is not None:
         load_pretrained(model, pretrained, model_name=config_name, cache_dir=cache_dir,

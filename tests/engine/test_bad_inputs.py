@@ -27,6 +27,9 @@ def files(tmp_path_factory, tiny_name):
     (d / "a_file").write_text("x")
     f["synth"] = d / "synthetic"
     f["synth"].mkdir(mode=0o700)
+    f["synth_open"] = d / "synthetic-open"
+    f["synth_open"].mkdir()
+    f["synth_open"].chmod(0o777)
     # a split file whose images exist, and variants of it
     img_dir = d / "split"
     img_dir.mkdir()
@@ -112,6 +115,9 @@ def _cases(f):
         ("seed-neg", [*t, "--seed", "-1"], {}, "--seed"),
         ("seed-huge", [*t, "--seed", str(2 ** 32)], {}, "--seed"),
         ("shots-neg", [*t, "--shots", "-1"], {}, "--shots"),
+        ("shots-huge-synthetic", [*t, "--shots", "5000"], {}, "--shots 5000"),
+        ("synthetic-dir-open", [*t, "--synthetic-dir", str(f["synth_open"])], {}, "writable by group or others"),
+        ("output-in-proc", [*t, "--output", "/proc/leanclip-out"], {}, "/proc"),
         ("synthetic-classes-1", [*t, "--synthetic-classes", "1"], {}, "--synthetic-classes"),
         ("workers-neg", [*t, "--num-workers", "-1"], {}, "--num-workers"),
         ("threads-0", [*t, "--threads", "0"], {}, "--threads"),
@@ -291,3 +297,32 @@ def test_eval_on_another_model_names_both(files, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "trained on model 'leanclip-tiny', not 'ViT-B-32'" in err and len(err) < 1500
+
+
+def test_recorded_weights_only_hashed_files_or_names(tmp_path, monkeypatch):
+    """--use-recorded-weights never reads a recorded path without its hash (a checkpoint is untrusted metadata)."""
+    import argparse
+
+    from leanclip.cli_common import recorded_frozen_dtype, restore_weights
+
+    def restore(source, sha256=None, model="ViT-B-32"):
+        args = argparse.Namespace(pretrained=None, use_recorded_weights=True, model=model)
+        restore_weights(args, {"source": source, "sha256": sha256})
+        return args.pretrained
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.safetensors").write_bytes(b"weights")
+    for planted in ("~/w.safetensors", "w.safetensors", str(tmp_path / "w.safetensors"), "../w.safetensors"):
+        with pytest.raises(ValueError, match="neither a file with its sha256"):
+            restore(planted)
+    from leanclip.utils import sha256_file
+
+    good = str(tmp_path / "w.safetensors")
+    assert restore(good, sha256_file(good)) == good
+    with pytest.raises(ValueError, match="changed since training"):
+        restore(good, "0" * 64)
+    assert restore("laion2b_s34b_b79k") == "laion2b_s34b_b79k"
+    assert restore("hf-hub:org/repo") == "hf-hub:org/repo"
+    assert recorded_frozen_dtype({"frozen_dtype": "bfloat16"}) == torch.bfloat16
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        recorded_frozen_dtype({"frozen_dtype": "nn"})
