@@ -34,7 +34,7 @@ from typing import Sequence
 from leanclip import utils
 from leanclip.cli_common import (DEFAULT_MODEL, EVAL_DATA_DEFAULTS, UsageError, build_model, check_numbers,
                                  clear_run, data_record, emit, pretrain_synthetic, read_checkpoint_meta,
-                                 recorded_frozen_dtype, restore_data, restore_model, restore_weights, run_folder, setup_device,
+                                 method_opts_from_flags, recorded_frozen_dtype, restore_data, restore_model, restore_weights, run_folder, setup_device,
                                  weights_record)
 
 PROG = "leanclip"
@@ -159,6 +159,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     g = t.add_argument_group("method and optimisation")
     g.add_argument("--method", default="clipfit",
                    help=method_help)
+    g.add_argument("--opt", action="append", default=None, metavar="KEY=VALUE",
+                   help="a method option, repeatable (e.g. --opt rank=4 --opt targets=q,v for lora, --opt beta=0.5 "
+                        "for llu, --opt reduction=16 for houlsby); checked against the options the method declares")
     g.add_argument("--tower", choices=("image", "text", "both"), default="both",
                    help="tower for ln / bitfit (default both)")
     g.add_argument("--recompute", choices=("none", "mlp", "mlp+qkv", "block"), default="none",
@@ -282,7 +285,8 @@ def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int
 
 def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bool = True, need_train: bool = True):
     """-> dict(train=Dataset | None, eval=Dataset, classnames, dataset, new=(Dataset, classnames) | None,
-    bad_images=[one-line reason per image left out by --skip-bad-images]).
+    bad_images=[one-line reason per image left out by --skip-bad-images], record_selection=callable writing the
+    K-shot selection under --output, for the caller to run once nothing else can reject the command).
     K-shot sampling (``need_train``) happens before the base/new subsampling, as in CoOp; --skip-bad-images drops
     unreadable images after both, so it never changes which classes exist or how they are labelled."""
     from leanclip import data as D
@@ -319,7 +323,6 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     if not used["eval"]:
         raise UsageError(f"the {args.eval_split} split of {dataset!r} is "
                          + ("empty" if not bad_images else "empty after --skip-bad-images"))
-    record_selection()  # only now that every check passed: a rejected command leaves no few-shot file behind
     kw = {k: v for k, v in (("mean", mean), ("std", std)) if v}
     tf_eval = D.clip_transform(image_size, train=False, **kw)
     tf_train = D.clip_transform(image_size, train=True, **kw) if train_transform else tf_eval
@@ -330,6 +333,8 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
         "eval": D.ImageDataset(used["eval"], tf_eval),
         "new": (D.ImageDataset(used["new"], tf_eval), new_names) if used["new"] else None,
         "bad_images": bad_images,
+        # writes the few-shot selection under --output: the caller runs it once every check (prepare's too) passed
+        "record_selection": record_selection,
     }
 
 
@@ -410,6 +415,7 @@ def cmd_train(args) -> int:
     method = "+".join(parts)
     defaults = {**BASE_DEFAULTS, **method_train_defaults(method)}
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
+    method_opts = method_opts_from_flags(parts, args.opt)
     run_folder(args, os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}"))
     _check_resume(args.resume, method)
     if args.templates is not None:
@@ -422,8 +428,9 @@ def cmd_train(args) -> int:
     templates = _templates(args, data["dataset"])
     prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
             classnames=data["classnames"], tokenizer=tok, model_name=args.model,
-            frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
+            frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
             **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
+    data["record_selection"]()  # every input was checked: a rejected command leaves no few-shot file behind
     cfg = TrainConfig(
         method=method, epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
         optimizer=pick("optimizer"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),

@@ -241,6 +241,52 @@ def _named_weights(source: str, model_name: str) -> bool:
     return bool(is_pretrained_cfg(model_name.replace("/", "-"), source))
 
 
+# options a method declares that the command line sets elsewhere (or that name Python objects)
+_NOT_FROM_OPT = ("tower", "classnames", "tokenizer", "templates")
+
+
+def method_opts_from_flags(parts: list[str], pairs) -> dict:
+    """``--opt KEY=VALUE`` (repeatable) -> keyword options for ``prepare``: each key must be an option one of the
+    method's components declares (``leanclip.registry.method_options``), and each value is read with the type of
+    that option's default (int, float, true/false, or a comma-separated list where the default is a tuple)."""
+    from leanclip.registry import method_options
+
+    declared = {}
+    for p in parts:
+        declared.update({k: v for k, v in method_options(p).items() if k not in _NOT_FROM_OPT})
+    out = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"--opt {pair!r}: expected KEY=VALUE")
+        if key not in declared:
+            raise UsageError(f"--opt {pair!r}: method {'+'.join(parts)!r} has no option {key!r} (options: "
+                             f"{', '.join(sorted(declared)) or 'none'})")
+        out[key] = _option_value(pair, raw.strip(), declared[key])
+    return out
+
+
+def _option_value(pair: str, raw: str, default):
+    try:
+        if isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+        if isinstance(default, (tuple, list)):
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--opt {pair!r}: expected {type(default).__name__} like the default {default!r}") from None
+    return raw  # a string option (or one without a default): the method's own check validates it
+
+
 FROZEN_DTYPES = ("bfloat16", "float16", "float32")
 
 

@@ -143,7 +143,9 @@ def cmd_train_contrastive(args) -> int:
         raise _usage(f"--max-steps must be >= 1, got {args.max_steps}")
     parts = parse_method(args.method)
     method = "+".join(parts)
-    opts = _method_opts(args, parts)
+    from leanclip.cli_common import method_opts_from_flags
+
+    opts = {**method_opts_from_flags(parts, args.opt), **_method_opts(args, parts)}
     if args.threads is not None:
         if args.threads < 1:
             raise _usage(f"--threads must be >= 1, got {args.threads}")

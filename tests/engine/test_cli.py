@@ -214,3 +214,24 @@ def test_split_file_and_data_root(capsys, tmp_path):
                        "--no-progress")
     assert rc == 0, err
     assert last_json(out)["n"] == 3 and last_json(out)["split"] == "val"
+
+
+def test_method_options_from_the_command_line(capsys, tmp_path, synth_dir):
+    """--opt KEY=VALUE reaches prepare with the option's type, is recorded, and eval re-applies it."""
+    from safetensors import safe_open
+
+    out = tmp_path / "lora"
+    rc, o, err = run(capsys, "train", "--method", "lora", "--opt", "rank=4", "--opt", "targets=q,v", "--shots", 1,
+                     "--epochs", 1, "--output", out, *data_args(synth_dir))
+    assert rc == 0, err
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        opts = json.loads(f.metadata()["options"])
+    assert opts["rank"] == 4 and list(opts["targets"]) == ["q", "v"]
+    assert any(n.endswith("lora.q.A") for n in names) and not any(n.endswith("lora.k.A") for n in names)
+    with safe_open(str(out / "checkpoint.safetensors"), framework="pt") as f:
+        assert f.get_slice(next(n for n in names if n.endswith("lora.q.A"))).get_shape()[0] == 4
+    acc = last_json(o)["metrics"]["test"]["top1"]
+    rc, o, err = run(capsys, "eval", "--checkpoint", out, *data_args(synth_dir))
+    assert rc == 0, err
+    assert last_json(o)["top1"] == pytest.approx(acc)
