@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Sequence
 
 from leanclip import utils
-from leanclip.cli_common import (DEFAULT_MODEL, EVAL_DATA_DEFAULTS, UsageError, build_model, check_numbers,
-                                 clear_run, data_record, emit, pretrain_synthetic, read_checkpoint_meta,
-                                 method_opts_from_flags, recorded_frozen_dtype, restore_data, restore_model, restore_weights, run_folder, setup_device,
-                                 weights_record)
+from leanclip.cli_common import (DATA_DEFAULTS, DEFAULT_MODEL, UsageError, build_model, check_numbers, clear_run,
+                                 data_record, emit, method_opts_from_flags, pretrain_synthetic, read_checkpoint_meta,
+                                 recorded_frozen_dtype, restore_data, restore_model, restore_weights, run_folder,
+                                 setup_device, weights_record)
 
 PROG = "leanclip"
 EXIT_USAGE = 2
@@ -102,16 +102,18 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="dataset name under --data (e.g. oxford_pets, OxfordPets, dtd, imagenet); also picks the "
                         "prompt template")
     g.add_argument("--image-root", default=None, help="image folder for --split-file (default: next to the file)")
-    g.add_argument("--shots", type=int, default=16, help="K training images per class (0 = the whole train split; "
-                                                         "default 16)")
-    g.add_argument("--seed", type=int, default=1, help="few-shot sampling and training seed (default 1)")
-    g.add_argument("--subsample", choices=("all", "base", "new"), default="all",
+    g.add_argument("--shots", type=int, default=DATA_DEFAULTS["shots"],
+                   help=f"K training images per class (0 = the whole train split; default {DATA_DEFAULTS['shots']})")
+    g.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
+                   help=f"few-shot sampling and training seed (default {DATA_DEFAULTS['seed']})")
+    g.add_argument("--subsample", choices=("all", "base", "new"), default=DATA_DEFAULTS["subsample"],
                    help="base-to-new protocol: keep the first half of the classes (base), the rest (new) or all")
     g.add_argument("--eval-split", choices=("test", "val"), default="test", help="split to evaluate (default test)")
     g.add_argument("--templates", nargs="+", default=None, metavar="T",
                    help="prompt template(s) with '{}' for the class name, or 'ensemble' (default: the dataset's "
                         "CoOp template)")
-    g.add_argument("--synthetic-classes", type=int, default=10, help="classes of the synthetic dataset (default 10)")
+    g.add_argument("--synthetic-classes", type=int, default=DATA_DEFAULTS["synthetic_classes"],
+                   help=f"classes of the synthetic dataset (default {DATA_DEFAULTS['synthetic_classes']})")
     g.add_argument("--synthetic-dir", default=None,
                    help="where the synthetic dataset is written (default: a private per-user cache, "
                         "$LEANCLIP_CACHE_DIR or $XDG_CACHE_HOME/leanclip or ~/.cache/leanclip, under synthetic/)")
@@ -204,7 +206,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                    help="load the weights the checkpoint records (a file only if its sha256 still matches) instead "
                         "of naming them with --pretrained")
     # unset data flags are filled from the checkpoint's record (leanclip.cli_common.restore_data)
-    e.set_defaults(**{k: None for k in EVAL_DATA_DEFAULTS})
+    e.set_defaults(**{k: None for k in DATA_DEFAULTS})
     lilt_cli.add_eval_arguments(e)
 
     z = sub.add_parser("zeroshot", help="zero-shot accuracy of a (pretrained) model",
@@ -274,8 +276,6 @@ def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int
     names another folder explicitly."""
     from leanclip import synthetic
 
-    if args.synthetic_classes < 2:
-        raise UsageError(f"--synthetic-classes must be >= 2, got {args.synthetic_classes}")
     if args.synthetic_dir:
         base = synthetic.private_dir(args.synthetic_dir, "--synthetic-dir")
     else:
@@ -291,8 +291,6 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     unreadable images after both, so it never changes which classes exist or how they are labelled."""
     from leanclip import data as D
 
-    if args.shots < 0:
-        raise UsageError(f"--shots must be >= 0, got {args.shots}")
     outside = bool(getattr(args, "allow_outside_root", False))
     if args.data is not None:
         if not args.dataset:

@@ -233,7 +233,8 @@ def _named_weights(source: str, model_name: str) -> bool:
     from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
 
     if source.startswith(HF_HUB_PREFIX):
-        return "/" in source[len(HF_HUB_PREFIX):] and ".." not in source and not os.path.isabs(source[7:])
+        repo = source[len(HF_HUB_PREFIX):]
+        return "/" in repo and ".." not in repo and not os.path.isabs(repo)
     if model_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         return False
     from open_clip.pretrained import is_pretrained_cfg
@@ -327,15 +328,16 @@ def data_record(args, dataset: str) -> dict:
             "synthetic_classes": args.synthetic_classes if source == "synthetic" else None}
 
 
-# eval's data flags default to None so that the checkpoint's record can fill the ones the user did not give
-EVAL_DATA_DEFAULTS = {"shots": 16, "seed": 1, "subsample": "all", "synthetic_classes": 10}
+# the data flags' defaults (leanclip.cli's parser); eval's parser sets them to None so that the checkpoint's record
+# fills the ones the user did not give, and these the rest
+DATA_DEFAULTS = {"shots": 16, "seed": 1, "subsample": "all", "synthetic_classes": 10}
 
 
 def restore_data(args, recorded: dict | None) -> None:
     """Fill ``eval``'s unset data flags from the checkpoint; a real dataset must be named on the command line and
     its split file must be the one the run was trained on."""
     recorded = recorded or {}
-    for k, default in EVAL_DATA_DEFAULTS.items():
+    for k, default in DATA_DEFAULTS.items():
         if getattr(args, k, None) is None:
             setattr(args, k, recorded.get(k) if recorded.get(k) is not None else default)
     given = bool(args.data or args.split_file or getattr(args, "synthetic", False))
@@ -371,10 +373,6 @@ def build_model(args):
                          f"hf-hub:ORG/REPO / local-dir:DIR)")
     if schema and args.pretrained is not None:
         raise UsageError(f"--pretrained: --model {args.model} carries its own weights; drop --pretrained")
-    if args.image_size is not None and args.image_size < 8:
-        raise UsageError(f"--image-size must be >= 8, got {args.image_size}")
-    if args.pretrain_steps < 0:
-        raise UsageError(f"--pretrain-steps must be >= 0, got {args.pretrain_steps}")
     # seeded: random-init weights (no --pretrained) are then the same in train / eval / zeroshot
     model = weights.create_model(args.model, args.pretrained, seed=0, image_size=args.image_size,
                                  trust_torchscript=getattr(args, "trust_torchscript", False))
@@ -406,9 +404,7 @@ def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: i
 
 def setup_device(args):
     """``--threads`` and ``--device`` applied; ``LEANCLIP_BACKEND`` checked against the device. Returns the device."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # its range: check_numbers
         import torch
 
         torch.set_num_threads(args.threads)

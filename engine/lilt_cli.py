@@ -92,11 +92,9 @@ def _image_size(model) -> int:
     return int(s[0] if isinstance(s, (tuple, list)) else s)
 
 
-def _synthetic(n: int, size: int, seed: int, what: str):
+def _synthetic(n: int, size: int, seed: int):
     from leanclip.pairs import synthetic_pairs
 
-    if n < 2:
-        raise _usage(f"{what} must be >= 2, got {n}")
     return synthetic_pairs(n, size=size, seed=seed)
 
 
@@ -139,16 +137,12 @@ def cmd_train_contrastive(args) -> int:
         raise _usage("--task contrastive trains with AdamW (--optimizer sgd is not supported)")
     if args.warmup_epochs is not None:
         raise _usage("--task contrastive: use --warmup-steps (not --warmup-epochs)")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise _usage(f"--max-steps must be >= 1, got {args.max_steps}")
     parts = parse_method(args.method)
     method = "+".join(parts)
     from leanclip.cli_common import method_opts_from_flags
 
     opts = {**method_opts_from_flags(parts, args.opt), **_method_opts(args, parts)}
-    if args.threads is not None:
-        if args.threads < 1:
-            raise _usage(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None:  # its range: check_numbers
         torch.set_num_threads(args.threads)
     info = D.init_distributed(args.device)
     try:
@@ -166,10 +160,10 @@ def cmd_train_contrastive(args) -> int:
         else:
             if args.pairs_split is not None:
                 raise _usage("--pairs-split needs --pairs FILE")
-            train_pairs = _synthetic(args.synthetic_pairs, size, SYNTHETIC_TRAIN_SEED, "--synthetic-pairs")
+            train_pairs = _synthetic(args.synthetic_pairs, size, SYNTHETIC_TRAIN_SEED)
             eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
                           if args.eval_pairs
-                          else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED, "--synthetic-eval-pairs"))
+                          else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED))
         prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
                 tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
                 **opts)
@@ -245,7 +239,7 @@ def cmd_eval_retrieval(args) -> int:
     else:
         if args.pairs_split is not None:
             raise _usage("--pairs-split needs --pairs FILE")
-        pairs = _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED, "--synthetic-eval-pairs")
+        pairs = _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED)
     opts = dict(meta.get("options") or {})
     parts = parse_method(meta["method"])
     accepted = {k for p in parts for k in method_options(p)}
