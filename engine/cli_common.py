@@ -288,20 +288,18 @@ def _option_value(pair: str, raw: str, default):
     return raw  # a string option (or one without a default): the method's own check validates it
 
 
-FROZEN_DTYPES = ("bfloat16", "float16", "float32")
-
-
 def recorded_frozen_dtype(options: dict):
     """The ``frozen_dtype`` a checkpoint's options record, as a torch dtype (None when absent); checkpoint metadata
-    is untrusted, so only the dtypes ``prepare`` accepts are looked up."""
-    import torch
+    is untrusted, so the name is matched against the dtypes ``prepare`` accepts, never looked up in torch."""
+    from leanclip.methods import FROZEN_DTYPES
 
     name = (options or {}).get("frozen_dtype")
     if name is None:
         return None
-    if name not in FROZEN_DTYPES:
-        raise UsageError(f"--checkpoint: recorded frozen_dtype {name!r} is not one of {', '.join(FROZEN_DTYPES)}")
-    return getattr(torch, name)
+    by_name = {str(d).removeprefix("torch."): d for d in FROZEN_DTYPES}
+    if name not in by_name:
+        raise UsageError(f"--checkpoint: recorded frozen_dtype {name!r} is not one of {', '.join(by_name)}")
+    return by_name[name]
 
 
 def split_file_of(args) -> str | None:

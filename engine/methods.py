@@ -282,10 +282,13 @@ def _check_recompute_args(lean, recompute, memory_budget, batch_size) -> None:
         raise ValueError(f"recompute={recompute!r} needs lean=True (the plain model keeps what eager PyTorch keeps)")
 
 
+FROZEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what frozen weights may be kept in
+
+
 def _check_frozen_dtype(frozen_dtype, lean) -> None:
     if frozen_dtype is None:
         return
-    if frozen_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if frozen_dtype not in FROZEN_DTYPES:
         raise ValueError(f"frozen_dtype must be torch.bfloat16, torch.float16, torch.float32 or None, "
                          f"got {frozen_dtype!r}")
     if lean is False:
