@@ -6,16 +6,16 @@ trains the image tower alone against fixed class text features (the text side co
 
 Modes (``--modes``; the grammar is checked by ``parse_mode``):
 
-    plain          open_clip as is, ``requires_grad_`` on the method's parameters; CLIPFit runs its teacher (a frozen
-                   copy of the text tower) every step at 77 tokens, as the reference implementation does
+    plain          open_clip as is, ``requires_grad_`` on the method's parameters, both towers at the full 77-token
+                   context every step; the method's extra loss terms (CLIPFit's distillation) as leanclip builds them
     plain+gc       the same with open_clip's own ``model.set_grad_checkpointing(True)`` (every block recomputed)
     plain+compile  the plain step's forward under ``torch.compile`` (CPU or CUDA; compiling is timed apart from the
                    step)
     plain+compile+budget:<b>  the same with ``torch._functorch.config.activation_memory_budget = b`` (0 < b <= 1), the
                    compiler's automatic selective recompute; set only while that mode runs
-    lean:<policy>  ``leanclip.prepare(model, method, recompute=policy)``: fused ops, EOT-truncated text, teacher
-                   features computed once
-    lean:<policy>+compile  the lean step's forward under ``torch.compile``; a mode that does not trace is reported
+    lean:<policy>  ``leanclip.prepare(model, method, recompute=policy)`` and the trainer's own step
+                   (``leanclip.step.ClassifyStep``): fused ops, EOT-truncated text, text tower once per step
+    lean:<policy>+compile  the same step with its image-side forward under ``torch.compile``; a mode that does not trace is reported
                    with its reason under ``failed`` instead of stopping the run
     floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
                    a lower bound for any exact step of a method that trains image-tower parameters
@@ -33,7 +33,6 @@ checkpointing (None there).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import re
@@ -46,9 +45,12 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import utils
+from leanclip.registry import method_loss_terms
+from leanclip.step import ClassifyStep, StepContext
 from leanclip.bench.common import interleaved_medians, machine, step_peak_bytes, write_json
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")
+TEMPLATES = ("a photo of a {}.",)
 SCOPES = ("full", "image")
 DEFAULT_BUDGETS = (0.1, 0.5)
 _MODE = re.compile(r"^(?:(plain)(\+gc)?(\+compile(?:\+budget:([0-9.eE+-]+))?)?"
@@ -124,7 +126,9 @@ def _budget_context(budget):
     return functorch_config.patch(activation_memory_budget=budget)
 
 
-def _plain_forward(model, method, images, labels, tokens, scope):
+def _plain_forward(model, method, images, labels, tokens, scope, classnames, tokenizer):
+    """What a user writes with open_clip alone: both towers at the full context every step, CE on the scaled
+    cosine (+ the method's extra loss terms, built as leanclip builds them)."""
     if scope == "image":
         with torch.no_grad():
             fixed = F.normalize(model.encode_text(tokens), dim=-1)
@@ -133,39 +137,14 @@ def _plain_forward(model, method, images, labels, tokens, scope):
             img = F.normalize(model.encode_image(images), dim=-1)
             return F.cross_entropy(model.logit_scale.exp() * img @ fixed.T, labels)
         return forward
-    frozen = copy.deepcopy(model).requires_grad_(False) if method == "clipfit" else None
+    ctx = StepContext(model, classnames, list(TEMPLATES), tokenizer, None, images.device, "fp32")
+    terms = [t for t in (make(ctx) for make in method_loss_terms(method)) if t is not None]
 
     def forward():
         img = F.normalize(model.encode_image(images), dim=-1)
         txt = F.normalize(model.encode_text(tokens), dim=-1)
         loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels)
-        if frozen is not None:  # reference CLIPFit: the teacher text tower runs every step
-            with torch.no_grad():
-                t0 = F.normalize(frozen.encode_text(tokens), dim=-1)
-            loss = loss + 8.0 * (1 - (txt * t0).sum(-1).mean())
-        return loss
-    return forward
-
-
-def _lean_forward(model, method, images, labels, classnames, tokenizer, image_only):
-    from leanclip import features as feats
-
-    templates = ["a photo of a {}."]
-    if image_only:
-        fixed = feats.frozen_text_features(model, classnames, templates, tokenizer)
-
-        def forward():
-            return F.cross_entropy(feats.class_logits(model, feats.image_features(model, images), fixed), labels)
-        return forward
-    teacher = feats.frozen_text_features(model, classnames, templates, tokenizer) if method == "clipfit" else None
-
-    def forward():
-        img = feats.image_features(model, images)
-        txt = feats.text_features(model, classnames, templates, tokenizer)
-        loss = F.cross_entropy(feats.class_logits(model, img, txt), labels)
-        if teacher is not None:
-            loss = loss + feats.clipfit_kd_loss(txt, teacher)
-        return loss
+        return loss + sum(term(txt)[1] for term in terms)
     return forward
 
 
@@ -194,12 +173,20 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
     size = size if isinstance(size, int) else size[0]
     images = torch.randn(batch_size, 3, size, size, generator=g).to(device)
     labels = torch.randint(0, n_classes, (batch_size,), generator=g).to(device)
-    if lean:
-        image_only = spec["kind"] == "floor" or scope == "image"
-        forward = _lean_forward(model, method, images, labels, classnames, tokenizer, image_only)
-    else:
-        tokens = tokenizer([f"a photo of a {c}." for c in classnames]).to(device)
-        forward = _plain_forward(model, method, images, labels, tokens, scope)
+    if lean:  # the trainer's own step
+        cstep = ClassifyStep(model, classnames, list(TEMPLATES), tokenizer, device=device, precision=precision,
+                             compile=spec["compile"], fixed_text=spec["kind"] == "floor" or scope == "image")
+
+        def step():
+            with _budget_context(spec["budget"]):
+                opt.zero_grad(set_to_none=True)
+                loss = cstep(images, labels)
+                opt.step()
+            return loss
+
+        return step, (lambda: cstep.loss(images, labels)), model
+    tokens = tokenizer([t.format(c) for t in TEMPLATES for c in classnames]).to(device)
+    forward = _plain_forward(model, method, images, labels, tokens, scope, classnames, tokenizer)
     if spec["compile"]:
         forward = _compiled(forward, mode)
     if amp:

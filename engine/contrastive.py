@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from leanclip.registry import method_hooks
+
 __all__ = ["clip_loss", "pretrain_contrastive"]
 
 _MAX_LOGIT_SCALE = math.log(100.0)
@@ -252,7 +254,7 @@ class ContrastiveEncoder(_nn.Module):
         self.model = model
 
     def logit_scale(self) -> torch.Tensor:
-        temp = getattr(self.model, "lilt_temperature", None)
+        temp = method_hooks(self.model).get("temperature")
         if temp is not None:
             return temp()
         return self.model.logit_scale.float().exp().clamp(max=100.0)
@@ -445,7 +447,7 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
     except (RuntimeError, TypeError, ValueError):
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    temp = getattr(model, "lilt_temperature", None)
+    temp = method_hooks(model).get("temperature")
     encoder = ContrastiveEncoder(model)
     net = D.wrap_ddp(encoder, device)
     # a random augmentation must not be cached: each pass draws its own crops (seeded per item and epoch)

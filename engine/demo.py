@@ -26,17 +26,32 @@ import dataclasses
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import open_clip
 import torch
-import torch.nn.functional as F
 
-from leanclip import utils
+from leanclip import data as D
+from leanclip import kernels, utils
+from leanclip import synthetic as S
+from leanclip.bench.common import interleaved_medians, machine
+from leanclip.configs import create_random_model, register_config
+from leanclip.data import CLIP_MEAN, CLIP_STD
+from leanclip.contrastive import pretrain_contrastive
+from leanclip.features import image_features
+from leanclip.llu import class_text_features, llu_loss
+from leanclip.memory import saved_activation_bytes
+from leanclip.methods import count_trainable, prepare
+from leanclip.metrics import harmonic_mean
+from leanclip.registry import method_trainer
+from leanclip.step import ClassifyStep
+from leanclip.templates import get_templates
+from leanclip.trainer import TrainConfig, train, zeroshot
+from leanclip.utils import atomic_write, atomic_write_json, derive_seed
 
 __all__ = ["DemoConfig", "FULL", "QUICK", "register_demo_config", "run_demo", "add_arguments", "run", "METHODS"]
 
@@ -147,8 +162,6 @@ def model_config(cfg: DemoConfig) -> dict:
 
 def register_demo_config(cfg: DemoConfig = FULL) -> str:
     """Register the demo model's open_clip config under ``cfg.model_name``; returns the name."""
-    from leanclip.configs import register_config
-
     return register_config(cfg.model_name, model_config(cfg))
 
 
@@ -164,22 +177,14 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def _seed(seed: int, *parts: int) -> int:
-    from leanclip.utils import derive_seed
-
     return derive_seed(seed, *parts)
 
 
 def _create_model(name: str, seed: int):
-    import open_clip
-
-    from leanclip.configs import create_random_model
-
     return create_random_model(name, seed), open_clip.get_tokenizer(name)
 
 
 def _normalizer(model):
-    from leanclip.data import CLIP_MEAN, CLIP_STD
-
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     mean = torch.tensor(pp.get("mean", CLIP_MEAN), dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(pp.get("std", CLIP_STD), dtype=torch.float32).view(1, 3, 1, 1)
@@ -194,47 +199,15 @@ def _normalizer(model):
 
 
 def _machine(device: torch.device) -> dict:
-    try:
-        from leanclip.bench.common import machine
-
-        info = machine()
-    except Exception:  # bench/ not importable: the essentials
-        info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-                "cpu": platform.processor() or platform.machine()}
-    import open_clip
-
+    info = machine()
     info.update(open_clip=open_clip.__version__, device_used=str(device), torch_threads=torch.get_num_threads())
     if hasattr(os, "getloadavg"):
         info["load_avg_1m_at_start"] = round(os.getloadavg()[0], 2)
     return info
 
 
-def _interleaved_medians(fns: dict, reps: int, warmup: int) -> dict:
-    try:
-        from leanclip.bench.common import interleaved_medians
-    except Exception:  # pragma: no cover - bench/ ships with the package
-        interleaved_medians = None
-    if interleaved_medians is not None:
-        return interleaved_medians(fns, reps=reps, warmup=warmup)
-    import statistics
-
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------- the data
 def build_task(cfg: DemoConfig, seed: int, normalize: Callable) -> dict:
     """The downstream shifted-domain task: K-shot base-class training set, base / new test sets (CoOp protocol)."""
-    from leanclip import data as D
-    from leanclip import synthetic as S
 
     classes = S.make_classes(cfg.n_classes, seed=seed)
     names = [c.name for c in classes]
@@ -266,8 +239,6 @@ def build_task(cfg: DemoConfig, seed: int, normalize: Callable) -> dict:
 
 def pretrain(model, tokenizer, cfg: DemoConfig, seed: int, normalize: Callable, progress: bool) -> list[float]:
     """Synthesise the caption corpus (mostly source domain) and contrastively pre-train ``model`` on it."""
-    from leanclip import synthetic as S
-    from leanclip.contrastive import pretrain_contrastive
 
     n_shift = int(round(cfg.corpus_size * cfg.shifted_fraction))
     x, caps = S.make_caption_corpus(cfg.corpus_size - n_shift, size=cfg.image_size, seed=_seed(seed, 1))
@@ -290,50 +261,39 @@ def _train_batch(dataset, batch_size: int, seed: int):
 
 def _step_fns(model, method: str, images, labels, classnames, templates, tokenizer, kd_lambda: float = 8.0,
               llu_lambda: float = 1e3):
-    """(forward_loss, train_step) closures of one training step of ``model`` as leanclip.trainer runs it (llu: the head
-    step on cached features, as leanclip.llu runs it)."""
-    from leanclip import features as Fe
-
+    """(forward_loss, train_step) closures of one training step of ``model``: the trainer's own step
+    (``leanclip.step.ClassifyStep``), or for a cached-feature method the head step on cached features
+    (``leanclip.llu.llu_loss``, as ``leanclip.llu`` runs it)."""
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     model.train()
-    if method == "llu":
-        from leanclip import llu as L
-
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)  # the step's cost, not its effect, is measured
+    if method_trainer(method) == "cached":
         with torch.no_grad():
-            feats = Fe.image_features(model, images)
-            txt = L.class_text_features(model, classnames, templates, tokenizer)
+            feats = image_features(model, images)
+            txt = class_text_features(model, classnames, templates, tokenizer)
         model.llu_image.set_bank(feats)
         model.llu_text.set_bank(txt)
 
         def forward_loss():
-            return L.llu_loss(model, feats, labels, txt, llu_lambda)[0]
-    else:
-        with torch.no_grad():
-            teacher = Fe.frozen_text_features(model, classnames, templates, tokenizer) if method == "clipfit" else None
-        txt0 = Fe.text_features(model, classnames, templates, tokenizer)
-        fixed_txt = None if txt0.requires_grad else txt0.detach()
-        del txt0
+            return llu_loss(model, feats, labels, txt, llu_lambda)[0]
 
-        def forward_loss():
-            img = Fe.image_features(model, images)
-            txt = fixed_txt if fixed_txt is not None else Fe.text_features(model, classnames, templates, tokenizer)
-            loss = F.cross_entropy(Fe.class_logits(model, img, txt).float(), labels)
-            if teacher is not None:
-                loss = loss + Fe.clipfit_kd_loss(txt, teacher, kd_lambda)
+        def train_step():
+            loss = forward_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
             return loss
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)  # the step's cost, not its effect, is measured
+        return forward_loss, train_step
+    step = ClassifyStep(model, classnames, templates, tokenizer, cfg=TrainConfig(kd_lambda=kd_lambda), device=device)
 
     def train_step():
-        loss = forward_loss()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = step(images, labels)
         opt.step()
         return loss
-
-    return forward_loss, train_step
+    return (lambda: step.loss(images, labels)), train_step
 
 
 def _time_once(fn) -> float:
@@ -347,21 +307,19 @@ def measure_method(base_model, method: str, task: dict, templates, tokenizer, cf
     modules (``prepare(..., lean=False)``), same batch, same starting weights. Also times the lean model without
     recompute (``lean_no_recompute``), to show what the recompute costs. llu trains its heads on cached features, so
     both sides run the same head step (its ratios are 1 up to timing noise)."""
-    from leanclip.memory import saved_activation_bytes
-    from leanclip.methods import prepare
-
     names = task["base_names"]
     r = cfg.recipes[method]
-    bs = r.batch_size if method != "llu" else cfg.recipes["ln"].batch_size
+    cached = method_trainer(method) == "cached"
+    bs = r.batch_size if not cached else cfg.recipes["ln"].batch_size
     images, labels = _train_batch(task["train"], bs, _seed(seed, 21))
     variants = {"lean": (True, cfg.recompute), "plain": (False, "none")}
-    if method != "llu" and cfg.recompute != "none":
+    if not cached and cfg.recompute != "none":
         variants["lean_no_recompute"] = (True, "none")
     sides = {}
     for side, (lean, policy) in variants.items():
         m = copy.deepcopy(base_model)
         kw = dict(r.options)
-        if lean and method != "llu":
+        if lean and not cached:
             kw["recompute"] = policy
         prepare(m, method, lean=lean, classnames=names, tokenizer=tokenizer, **kw)
         fwd, step = _step_fns(m, method, images, labels, names, templates, tokenizer, llu_lambda=r.llu_lambda)
@@ -369,7 +327,7 @@ def measure_method(base_model, method: str, task: dict, templates, tokenizer, cf
         sides[side] = {"model": m, "step": step, "saved_bytes": nbytes}
     one = max(_time_once(v["step"]) for v in sides.values())
     reps = int(min(200, max(cfg.timing_reps, math.ceil(cfg.timing_min_seconds / max(one, 1e-6)))))
-    med = _interleaved_medians({k: v["step"] for k, v in sides.items()}, reps=reps, warmup=cfg.timing_warmup)
+    med = interleaved_medians({k: v["step"] for k, v in sides.items()}, reps=reps, warmup=cfg.timing_warmup)
     saved = {k: v["saved_bytes"] for k, v in sides.items()}
     out = {
         "step_time_ratio": med["lean"] / med["plain"],
@@ -420,7 +378,6 @@ def write_plot(path: Path, results: dict, title: str) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from leanclip.utils import atomic_write
 
     names = list(results)
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 4.2), dpi=110)
@@ -462,18 +419,45 @@ def compare_to_zero_shot(results: dict, methods) -> list[str]:
     return notes
 
 
+def zero_shot_row(model, task: dict, templates, tok) -> dict:
+    """Zero-shot base / new accuracy and H of the pre-trained model."""
+    b = zeroshot(model, task["base_test"], task["base_names"], templates, tok)["top1"] / 100
+    n = zeroshot(model, task["new_test"], task["new_names"], templates, tok)["top1"] / 100
+    return {"trainable_params": 0, "base_acc": b, "new_acc": n, "H": harmonic_mean(b, n), "step_time_ratio": None,
+            "saved_act_ratio": None}
+
+
+def finetune(model, method: str, task: dict, templates, tok, cfg: DemoConfig, seed: int, model_name: str,
+             device: str, progress: bool) -> dict:
+    """Fine-tune a copy of ``model`` with ``method``'s recipe on the task's base classes with the lean trainer;
+    its trainable count, base / new accuracy and H."""
+    tm = time.perf_counter()
+    r = cfg.recipes[method]
+    m = copy.deepcopy(model)
+    kw = dict(r.options) if method_trainer(method) == "cached" else {"recompute": cfg.recompute, **r.options}
+    prepare(m, method, lean=True, classnames=task["base_names"], tokenizer=tok, model_name=model_name, **kw)
+    tcfg = TrainConfig(method=method, epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer,
+                       weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs, warmup_lr=r.warmup_lr,
+                       seed=_seed(seed, 31), output=None, progress=progress, device=device, llu_lambda=r.llu_lambda,
+                       llu_clusters=None)
+    summary = train(m, task["train"], task["base_names"], templates, tok, tcfg,
+                    eval_sets={"base": task["base_test"], "new": (task["new_test"], task["new_names"])})
+    b = summary["metrics"]["base"]["top1"] / 100
+    n = summary["metrics"]["new"]["top1"] / 100
+    out = {"trainable_params": count_trainable(m), "base_acc": b, "new_acc": n, "H": harmonic_mean(b, n),
+           "train_steps": summary["steps"], "final_train_loss": summary["final_train_loss"],
+           "train_seconds": round(time.perf_counter() - tm, 2), "recipe": dataclasses.asdict(r)}
+    _log(f"      {method:8s} base {100 * b:5.1f}%  new {100 * n:5.1f}%  H {100 * out['H']:5.1f}%"
+         f"  ({summary['steps']} steps, {time.perf_counter() - tm:.1f}s)", progress)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------- the demo
 def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_OUTPUT, seed: int = 0, *,
              progress: bool = True, device: str = "auto", measure: bool = True) -> dict:
     """Run the demo; returns the ``demo.json`` payload (also written, with ``demo.png``, under ``output`` unless it
     is None). Prints the table on stdout, progress on stderr. ``measure=False`` skips the lean-vs-plain step-time and
     saved-activation measurements (their ratios are then None)."""
-    from leanclip import kernels
-    from leanclip.methods import count_trainable, prepare
-    from leanclip.metrics import harmonic_mean
-    from leanclip.templates import get_templates
-    from leanclip.trainer import TrainConfig, train, zeroshot
-
     t_start = time.perf_counter()
     unknown = [m for m in cfg.methods if m not in cfg.recipes]
     if unknown:
@@ -504,41 +488,17 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
         t0 = time.perf_counter()
         task = build_task(cfg, seed, normalize)
         templates = get_templates("Synthetic")
-        base_test, new_test = task["base_test"], task["new_test"]
         _log(f"[2/4] shifted-domain task: {cfg.n_classes} classes ({len(task['base_names'])} base / "
              f"{len(task['new_names'])} new), {cfg.shots}-shot base training set ({len(task['train'])} images), "
              f"templates {templates}", progress)
-        zs_b = zeroshot(model, base_test, task["base_names"], templates, tok)["top1"] / 100
-        zs_n = zeroshot(model, new_test, task["new_names"], templates, tok)["top1"] / 100
-        results = {"zero-shot": {"trainable_params": 0, "base_acc": zs_b, "new_acc": zs_n,
-                                 "H": harmonic_mean(zs_b, zs_n), "step_time_ratio": None, "saved_act_ratio": None}}
+        results = {"zero-shot": zero_shot_row(model, task, templates, tok)}
         timings["task_and_zero_shot"] = time.perf_counter() - t0
 
         # 3. fine-tuning
         t0 = time.perf_counter()
         _log(f"[3/4] fine-tuning {', '.join(cfg.methods)} (lean trainer, recompute={cfg.recompute!r})", progress)
         for method in cfg.methods:
-            tm = time.perf_counter()
-            r = cfg.recipes[method]
-            m = copy.deepcopy(model)
-            kw = dict(r.options) if method == "llu" else {"recompute": cfg.recompute, **r.options}
-            prepare(m, method, lean=True, classnames=task["base_names"], tokenizer=tok, model_name=name, **kw)
-            n_train = count_trainable(m)
-            tcfg = TrainConfig(method=method, epochs=r.epochs, batch_size=r.batch_size, lr=r.lr,
-                               optimizer=r.optimizer, weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs,
-                               warmup_lr=r.warmup_lr, seed=_seed(seed, 31), output=None, progress=progress,
-                               device=str(dev), llu_lambda=r.llu_lambda, llu_clusters=None)
-            summary = train(m, task["train"], task["base_names"], templates, tok, tcfg,
-                            eval_sets={"base": base_test, "new": (new_test, task["new_names"])})
-            b = summary["metrics"]["base"]["top1"] / 100
-            n = summary["metrics"]["new"]["top1"] / 100
-            results[method] = {"trainable_params": n_train, "base_acc": b, "new_acc": n, "H": harmonic_mean(b, n),
-                               "train_steps": summary["steps"], "final_train_loss": summary["final_train_loss"],
-                               "train_seconds": round(time.perf_counter() - tm, 2),
-                               "recipe": dataclasses.asdict(r)}
-            _log(f"      {method:8s} base {100 * b:5.1f}%  new {100 * n:5.1f}%  H {100 * results[method]['H']:5.1f}%"
-                 f"  ({summary['steps']} steps, {time.perf_counter() - tm:.1f}s)", progress)
-            del m
+            results[method] = finetune(model, method, task, templates, tok, cfg, seed, name, str(dev), progress)
         timings["fine_tuning"] = time.perf_counter() - t0
 
         # 4. lean vs plain
@@ -556,13 +516,25 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
         backend.__exit__(None, None, None)
         logger.setLevel(log_level)
 
-    zs_h = results["zero-shot"]["H"]
-    notes = compare_to_zero_shot(results, cfg.methods)
     timings["total"] = time.perf_counter() - t_start
-    payload = {
+    payload = _payload(results, cfg, seed, losses, task, templates, machine, timings)
+    _print_report(results, payload, cfg, measure)
+    if output is not None:
+        out = Path(output)
+        atomic_write_json(out / "demo.json", payload)
+        write_plot(out / "demo.png", {k: results[k] for k in ["zero-shot", *cfg.methods]},
+                   f"leanclip demo ({cfg.name}, seed {seed}): {cfg.shots}-shot base-to-new, shifted domain")
+        print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}")
+    return payload
+
+
+def _payload(results, cfg: DemoConfig, seed: int, losses, task, templates, machine, timings) -> dict:
+    """The ``demo.json`` payload (notes on methods that do not beat zero-shot included)."""
+    notes = compare_to_zero_shot(results, cfg.methods)
+    return {
         **{k: _public(v) for k, v in results.items()},
         "summary": {
-            "zero_shot_H": zs_h,
+            "zero_shot_H": results["zero-shot"]["H"],
             "peft_methods_beating_zero_shot": [m for m in cfg.methods if m in PEFT_METHODS
                                                and results[m]["beats_zero_shot"]],
             "notes": notes,
@@ -572,14 +544,18 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
         "pretrain": {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
                      "loss_every_10": losses[::10]},
         "task": {"classes": task["classnames"], "base": task["base_names"], "new": task["new_names"],
-                 "shots": cfg.shots, "train_images": len(task["train"]), "base_test_images": len(base_test),
-                 "new_test_images": len(new_test), "domain": "shifted", "templates": templates},
+                 "shots": cfg.shots, "train_images": len(task["train"]), "base_test_images": len(task["base_test"]),
+                 "new_test_images": len(task["new_test"]), "domain": "shifted", "templates": templates},
         "config": _jsonable(dataclasses.asdict(cfg)) | {"seed": seed, "model_config": model_config(cfg)},
         "machine": machine,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
     }
-    table = format_table({k: results[k] for k in ["zero-shot", *cfg.methods]})
-    print(table)
+
+
+def _print_report(results, payload, cfg: DemoConfig, measure: bool) -> None:
+    """The table and the notes on stdout."""
+    zs_h, notes = payload["summary"]["zero_shot_H"], payload["summary"]["notes"]
+    print(format_table({k: results[k] for k in ["zero-shot", *cfg.methods]}))
     for line in notes:
         print(line)
     if cfg.name == "quick":
@@ -593,18 +569,11 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
              if results[m].get("step_time_ratio_no_recompute") is not None]
     if no_rc:
         print(f"step time of the lean model without recompute: {', '.join(no_rc)}")
-    if "llu" in cfg.methods and measure:
-        print("llu trains its heads on cached features: lean and plain run the same step (ratios ~1 by design)")
-    print(f"{machine.get('device_used')}, {torch.get_num_threads()} thread(s); total {timings['total']:.0f}s")
-    if output is not None:
-        from leanclip.utils import atomic_write_json
-
-        out = Path(output)
-        atomic_write_json(out / "demo.json", payload)
-        write_plot(out / "demo.png", {k: results[k] for k in ["zero-shot", *cfg.methods]},
-                   f"leanclip demo ({cfg.name}, seed {seed}): {cfg.shots}-shot base-to-new, shifted domain")
-        print(f"wrote {out / 'demo.json'} and {out / 'demo.png'}")
-    return payload
+    if any(method_trainer(m) == "cached" for m in cfg.methods) and measure:
+        print("cached-feature methods (llu) train their heads on cached features: lean and plain run the same step "
+              "(ratios ~1 by design)")
+    machine = payload["machine"]
+    print(f"{machine.get('device_used')}, {torch.get_num_threads()} thread(s); total {payload['seconds']['total']:.0f}s")
 
 
 _PUBLIC_KEYS = ("trainable_params", "base_acc", "new_acc", "H", "step_time_ratio", "saved_act_ratio",

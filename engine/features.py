@@ -1,6 +1,6 @@
 """Method-aware features and logits for a model prepared by ``leanclip.prepare``.
 
-    img = image_features(model, images)                          # (B, E) normalized; CLIP-Adapter applied
+    img = image_features(model, images)                          # (B, E) normalized; the method's feature hook
     txt = text_features(model, classnames, templates, tokenizer) # (C, E) normalized; template ensemble / CoOp prompts
     logits = class_logits(model, img, txt)                       # (B, C): logit_scale.exp() * cos, or the method head
     teacher = frozen_text_features(model, classnames, templates, tokenizer)   # no grad: CLIPFit teacher, zero-shot
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.registry import method_hooks
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 _TOKEN_CACHE: dict = {}
@@ -98,7 +99,7 @@ def image_features(model: nn.Module, images: torch.Tensor, *, normalize: bool = 
     if conv is not None and images.dtype != conv.weight.dtype and images.is_floating_point():
         images = images.to(conv.weight.dtype)
     f = model.encode_image(images).float()
-    adapter = getattr(model, "clip_adapter", None)
+    adapter = method_hooks(model).get("image_features")
     if adapter is not None:
         f = adapter(f)
     return F.normalize(f, dim=-1) if normalize else f
@@ -110,11 +111,11 @@ def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequen
     """(C, E) float32 normalized class text features.
 
     Templates (strings with ``{}``) are ensembled: features of each prompt are normalized, averaged over the
-    templates and renormalized. A CoOp model (``model.prompt_learner``) uses its learned prompts and ignores
+    templates and renormalized. A model whose method adds a ``prompts`` hook (CoOp) uses its learned prompts and ignores
     ``templates`` (unless ``use_prompt_learner=False``). Gradients flow when the text side has trainable
     parameters. ``batch_size`` chunks the prompts through the text tower (memory; no effect on the result)."""
     classnames = _check_classnames(classnames)
-    learner = getattr(model, "prompt_learner", None) if use_prompt_learner else None
+    learner = method_hooks(model).get("prompts") if use_prompt_learner else None
     if learner is not None:
         t = _lean.text_tower(model)
         tok = learner.tokens(classnames, tokenizer)
@@ -144,9 +145,11 @@ def frozen_text_features(model: nn.Module, classnames: Sequence[str], templates:
 
 def class_logits(model: nn.Module, img_feats: torch.Tensor, txt_feats: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C) float32 logits. Default: ``logit_scale.exp() * img @ txt.T`` (+ logit_bias when the model has one);
-    ``linear-probe``: the head on ``img_feats`` (``txt_feats`` unused); ``llu``: both sides through their LLU heads
-    (``model.llu_image`` / ``model.llu_text``, banks set with ``set_bank``) before the scaled cosine."""
-    probe = getattr(model, "linear_probe", None)
+    a method's ``logits`` hook (linear probe): the head on ``img_feats`` (``txt_feats`` unused); its
+    ``image_logit`` / ``text_logit`` hooks (LLU): each side through its map before the scaled cosine (see
+    ``leanclip.registry.HOOK_ROLES``)."""
+    hooks = method_hooks(model)
+    probe = hooks.get("logits")
     if probe is not None:
         return probe(img_feats.float()).float()
     if txt_feats is None:
@@ -155,9 +158,10 @@ def class_logits(model: nn.Module, img_feats: torch.Tensor, txt_feats: torch.Ten
     if img.dim() != 2 or txt.dim() != 2 or img.shape[1] != txt.shape[1]:
         raise ValueError(f"img_feats (B, E) and txt_feats (C, E) must share E, got {tuple(img.shape)} and "
                          f"{tuple(txt.shape)}")
-    if hasattr(model, "llu_image"):
-        img = model.llu_image(img)
-        txt = model.llu_text(txt)
+    if "image_logit" in hooks:
+        img = hooks["image_logit"](img)
+    if "text_logit" in hooks:
+        txt = hooks["text_logit"](txt)
     logits = model.logit_scale.float().exp() * (img @ txt.t())
     if getattr(model, "logit_bias", None) is not None:
         logits = logits + model.logit_bias.float()

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
-from leanclip.registry import register_method
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import (
     BIAS_RE,
     TOWERS,
@@ -65,6 +65,10 @@ __all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "d
 LILT_METHODS = ("lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit")
 PROJ_RE = re.compile(r"^(?:visual\.proj|(?:text\.)?text_projection(?:\.weight|\.bias)?)$")
 TEMPERATURE_NAME = "lilt_temperature"
+# the learnable temperature is the contrastive logit scale (leanclip.contrastive reads the hook, not the name)
+LILT_TRAITS = MethodTraits(hooks={"temperature": TEMPERATURE_NAME})
+# a whole tower trains: the lower learning rate of LiT
+FULL_TOWER_TRAITS = MethodTraits(hooks={"temperature": TEMPERATURE_NAME}, contrastive_defaults={"lr": 1e-4})
 DEEP_INITS = ("copy", "random")
 
 
@@ -333,14 +337,14 @@ def _check_lit(model, temperature=0.07, **_):
 
 
 # ----------------------------------------------------------------------------------------------------------- methods
-@register_method("lilt-ln", check=_check_lilt_ln)
+@register_method("lilt-ln", check=_check_lilt_ln, traits=LILT_TRAITS)
 def _lilt_ln(model, tower="both", projections=True, temperature=0.07):
     """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature)."""
     _begin(model)
     return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms)
 
 
-@register_method("lilt-bitfit", check=_check_lilt_bitfit)
+@register_method("lilt-bitfit", check=_check_lilt_bitfit, traits=LILT_TRAITS)
 def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
     """LilT-BitFit: every bias of ``tower`` (incl. attn.in_proj_bias and LN biases) + the projections."""
     _begin(model)
@@ -348,7 +352,7 @@ def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
                  unlock_fn=lambda m, t: unlock(m, BIAS_RE, t))
 
 
-@register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"))
+@register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"), traits=LILT_TRAITS)
 def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperature=0.07):
     """LilT adapters: bottleneck adapters before ln_1 / ln_2 of every block (zero-init up-projection) + every
     LayerNorm + the projections of ``tower``."""
@@ -357,7 +361,7 @@ def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperatur
                  adapters_r=reduction)
 
 
-@register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"))
+@register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"), traits=LILT_TRAITS)
 def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07):
     """LilT deep: one extra block on top of each tower (zero-init out_proj / c_proj: exact identity at the start),
     + every LayerNorm + the projections of ``tower``."""
@@ -366,7 +370,7 @@ def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperat
                  deep_init=deep_init)
 
 
-@register_method("lit", check=_check_lit)
+@register_method("lit", check=_check_lit, traits=FULL_TOWER_TRAITS)
 def _lit(model, temperature=0.07):
     """LiT: the image tower is locked, the whole text tower (token/positional embeddings, blocks, ln_final,
     text_projection) is trained (+ the learnable temperature)."""

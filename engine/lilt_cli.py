@@ -17,7 +17,7 @@ import os
 TRAIN_TASKS = ("classify", "contrastive")
 EVAL_TASKS = ("classify", "retrieval")
 SYNTHETIC_TRAIN_SEED, SYNTHETIC_EVAL_SEED = 100, 101   # not seed 0: the CLI's --pretrain-steps corpus
-DEFAULTS = {"batch_size": 64, "lr": 1e-3, "lr_full_tower": 1e-4, "weight_decay": 0.02, "epochs": 1}
+DEFAULTS = {"batch_size": 64, "lr": 1e-3, "weight_decay": 0.02, "epochs": 1}  # a method may declare its own lr
 
 
 # --------------------------------------------------------------------------------------------------------- arguments
@@ -127,7 +127,7 @@ def cmd_train_contrastive(args) -> int:
     from leanclip import distributed as D
     from leanclip.cli_common import build_model, clear_run, emit, run_folder, weights_record
     from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
-    from leanclip.methods import parse_method, prepare
+    from leanclip.methods import method_contrastive_defaults, parse_method, prepare
 
     _reject_classify_data(args)
     if args.grad_accum != 1:
@@ -167,8 +167,7 @@ def cmd_train_contrastive(args) -> int:
         prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
                 tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
                 **opts)
-        full_tower = any(p in ("lit", "full") for p in parts)
-        lr = args.lr if args.lr is not None else (DEFAULTS["lr_full_tower"] if full_tower else DEFAULTS["lr"])
+        lr = args.lr if args.lr is not None else method_contrastive_defaults(method).get("lr", DEFAULTS["lr"])
         cfg = ContrastiveConfig(
             epochs=args.epochs if args.epochs is not None else DEFAULTS["epochs"], max_steps=args.max_steps,
             batch_size=args.batch_size if args.batch_size is not None else DEFAULTS["batch_size"], lr=lr,

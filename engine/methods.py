@@ -42,10 +42,12 @@ from torch import nn
 from leanclip import compacter, houlsby, lilt, lora  # noqa: F401
 from leanclip import heads as _heads
 from leanclip import lean as _lean
+from leanclip import utils
+from leanclip.features import clipfit_kd_loss, frozen_text_features
 from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
-    METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, check_task, is_closed_set, method_options,
+    METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, check_task, is_closed_set, method_contrastive_defaults, method_hooks, method_loss_terms, method_options,
     method_train_defaults, method_trainer, parse_method, register_method, set_method_check,
 )
 from leanclip.select import (  # noqa: F401
@@ -149,7 +151,18 @@ def _bitfit(model, tower="both"):
     return {}
 
 
-@register_method("clipfit", check=_check_clipfit)
+def _clipfit_distillation(ctx):
+    """CLIPFit's loss term ``kd_lambda * (1 - mean_k cos(t_k, t0_k))``, t0 the zero-shot class text features of the
+    weights the run starts from (constant: computed once)."""
+    lam = getattr(ctx.cfg, "kd_lambda", 8.0)
+    if not lam:
+        return None
+    with torch.no_grad(), utils.autocast(ctx.device, ctx.precision):
+        teacher = frozen_text_features(ctx.model, ctx.classnames, ctx.templates, ctx.tokenizer).detach().float()
+    return lambda txt: ("kd", clipfit_kd_loss(txt, teacher, lam))
+
+
+@register_method("clipfit", check=_check_clipfit, traits=MethodTraits(loss_terms=(_clipfit_distillation,)))
 def _clipfit(model):
     """Text ``transformer.resblocks.*.mlp.c_proj.bias`` + every image LayerNorm (ln_pre, ln_1, ln_2, ln_post)."""
     unlock(model, CLIPFIT_TEXT_RE, "text")
@@ -157,7 +170,7 @@ def _clipfit(model):
     return {}
 
 
-@register_method("full", traits=MethodTraits(alone=True))
+@register_method("full", traits=MethodTraits(alone=True, contrastive_defaults={"lr": 1e-4}))
 def _full(model):
     """Every parameter (the baseline)."""
     for p in model.parameters():
@@ -166,7 +179,7 @@ def _full(model):
 
 
 @register_method("llu", check=_check_llu, traits=MethodTraits(
-    trainer="cached", tasks=("classify",), alone=True,
+    trainer="cached", tasks=("classify",), alone=True, hooks={"image_logit": "llu_image", "text_logit": "llu_text"},
     train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0}))
 def _llu(model, beta=0.5, gamma=20.0):
     """Encoders frozen; identity-initialised affine maps on the image and text embeddings (``heads.LLUHead``)."""
@@ -175,7 +188,7 @@ def _llu(model, beta=0.5, gamma=20.0):
 
 
 @register_method("linear-probe", check=_check_linear_probe, traits=MethodTraits(
-    tasks=("classify",), closed_set=True,
+    tasks=("classify",), closed_set=True, hooks={"logits": "linear_probe"},
     train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0}))
 def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None):
     """Linear head E -> C on normalized image features, initialised from the zero-shot class text weights
@@ -184,8 +197,6 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
     c = _probe_classes(classnames, num_classes)
     weight = None
     if classnames is not None and tokenizer is not None:
-        from leanclip.features import frozen_text_features
-
         zs = frozen_text_features(model, list(classnames), templates or ["a photo of a {}."], tokenizer)
         weight = (model.logit_scale.detach().float().exp() * zs.float()).cpu()
     head = _heads.LinearProbe(embed_dim(model), c, weight=weight)
@@ -193,7 +204,7 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
     return {"linear_probe": head.to(dev)}
 
 
-@register_method("coop", check=_check_coop, traits=MethodTraits(tasks=("classify",)))
+@register_method("coop", check=_check_coop, traits=MethodTraits(tasks=("classify",), hooks={"prompts": "prompt_learner"}))
 def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02):
     """CoOp learned prompt context (n_ctx vectors; from the token embeddings of ``init_text`` when it has exactly
     n_ctx tokens - "a photo of a" for n_ctx=4 - else N(0, std^2)); class names appended. Needs classnames, a
@@ -214,7 +225,7 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of
     return {"prompt_learner": learner.to(t.token_embedding.weight.device)}
 
 
-@register_method("adapter", check=_check_adapter)
+@register_method("adapter", check=_check_adapter, traits=MethodTraits(hooks={"image_features": "clip_adapter"}))
 def _adapter(model, reduction=4, ratio=0.2):
     """CLIP-Adapter: residual bottleneck MLP E -> E/reduction -> E (ReLU) on image features, mixed with ``ratio``."""
     e = embed_dim(model)

@@ -14,6 +14,13 @@ from typing import Callable
 METHODS: dict[str, Callable[..., dict]] = {}
 TRAINERS = ("backprop", "cached")
 TASKS = ("classify", "contrastive")
+# Where a module a method adds plugs into the features (``leanclip.features``, ``leanclip.contrastive``):
+#   image_features  f -> f on the (unnormalized) image features (CLIP-Adapter)
+#   prompts         the class prompts of the text tower (a CoOp prompt learner)
+#   logits          image features -> class logits, replacing the cosine classifier (a linear probe)
+#   image_logit, text_logit   a map on each side before the scaled cosine (LLU)
+#   temperature     the contrastive logit scale (LilT's learnable temperature)
+HOOK_ROLES = ("image_features", "prompts", "logits", "image_logit", "text_logit", "temperature")
 
 
 @dataclass(frozen=True)
@@ -30,12 +37,22 @@ class MethodTraits:
         ``warmup_epochs``) that replace the CoOp / CLIPFit recipe for this method when the user gives none.
     closed_set: classifies only the classes it was trained on (a linear head), so it cannot be evaluated on others
         (base-to-new's new classes).
+    hooks: ``{role: name}``: the module the method adds as ``model.<name>`` plays ``role`` (one of ``HOOK_ROLES``)
+        in the features and logits; a combination may give each role to one component only.
+    loss_terms: factories ``make(ctx) -> term | None`` of extra loss terms: ``ctx`` holds the model, classnames,
+        templates, tokenizer, the train config, device and precision at the start of a run (before a resume loads
+        the weights); ``term(txt) -> (name, scalar tensor)`` is added to every optimizer step's loss, ``txt`` being
+        that step's class text features (CLIPFit's distillation to the zero-shot features).
+    contrastive_defaults: optimisation defaults for the contrastive task (``lr``), as ``train_defaults``.
     """
     trainer: str = "backprop"
     tasks: tuple = TASKS
     alone: bool = False
     train_defaults: dict = field(default_factory=dict)
     closed_set: bool = False
+    hooks: dict = field(default_factory=dict)
+    loss_terms: tuple = ()
+    contrastive_defaults: dict = field(default_factory=dict)
 
 
 METHOD_TRAITS: dict[str, MethodTraits] = {}
@@ -55,6 +72,8 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
     traits = traits or MethodTraits()
     if traits.trainer not in TRAINERS or not set(traits.tasks) <= set(TASKS):
         raise ValueError(f"traits of {name!r}: trainer must be one of {TRAINERS}, tasks a subset of {TASKS}")
+    if not set(traits.hooks) <= set(HOOK_ROLES) or not all(callable(f) for f in traits.loss_terms):
+        raise ValueError(f"traits of {name!r}: hook roles must be among {HOOK_ROLES}, loss terms callables")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise ValueError(f"method name must be lowercase letters, digits, '-' or '_' (no '+'), got {name!r}")
     if check is not None and not callable(check):
@@ -102,7 +121,42 @@ def parse_method(method) -> list[str]:
         why = ("trains on features computed once from frozen towers" if METHOD_TRAITS[alone[0]].trainer == "cached"
                else "already trains everything")
         raise ValueError(f"method {method!r}: {alone[0]!r} {why}; it cannot be combined with another component")
+    roles: dict[str, str] = {}
+    for p in parts:
+        for role in METHOD_TRAITS[p].hooks:
+            if role in roles and role != "temperature":  # one shared temperature: the components add it once
+                raise ValueError(f"method {method!r}: {roles[role]!r} and {p!r} both replace the {role} "
+                                 "of the model; combine at most one of them")
+            roles.setdefault(role, p)
     return parts
+
+
+def method_hooks(model) -> dict:
+    """``{role: module}`` of the modules the method ``model`` was prepared with plays in the features (see
+    :class:`MethodTraits`); empty for a model ``prepare`` never saw."""
+    info = getattr(model, "leanclip_info", None)
+    if not info or not info.get("method"):
+        return {}
+    out = {}
+    for p in parse_method(info["method"]):
+        for role, name in METHOD_TRAITS[p].hooks.items():
+            module = getattr(model, name, None)
+            if module is not None:
+                out.setdefault(role, module)
+    return out
+
+
+def method_loss_terms(method) -> list:
+    """The extra-loss factories the components of ``method`` declare (see :class:`MethodTraits`), in order."""
+    return [make for p in parse_method(method) for make in METHOD_TRAITS[p].loss_terms]
+
+
+def method_contrastive_defaults(method) -> dict:
+    """The contrastive-task optimisation defaults the components of ``method`` declare (later components win)."""
+    out = {}
+    for p in parse_method(method):
+        out.update(METHOD_TRAITS[p].contrastive_defaults)
+    return out
 
 
 def method_trainer(method) -> str:

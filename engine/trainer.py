@@ -45,7 +45,12 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from leanclip import features as feats
 from leanclip import utils
+from leanclip.llu import run_llu
+from leanclip.metrics import AccuracyMeter, harmonic_mean
+from leanclip.registry import method_hooks, method_trainer
+from leanclip.step import ClassifyStep
 from leanclip.training import (CHECKPOINT_NAME, LOG_NAME, build_optimizer, epoch_loader, eval_loader, lr_at,
                                model_device, resume_state, run_summary, save_state, trainable_params)
 
@@ -137,25 +142,72 @@ def train(
         cfg = dataclasses.replace(cfg, method=info["method"])
     elif cfg.method != info["method"]:
         raise ValueError(f"cfg.method={cfg.method!r} but the model was prepared with {info['method']!r}")
-    from leanclip.registry import method_trainer
-
     if method_trainer(cfg.method) == "cached":
-        from leanclip.llu import run_llu
-
         return run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=eval_sets, resume=resume)
-    from leanclip.features import class_logits, image_features, text_features
-
-    device = utils.resolve_device(cfg.device)
-    precision = utils.resolve_precision(cfg.precision, device)
-    classnames, templates = list(classnames), list(templates)
     if len(train_set) == 0:
         raise ValueError("train_set is empty")
+    run = _start_run(model, train_set, list(classnames), list(templates), tokenizer, cfg, resume)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        _train_epoch(run, epoch)
+        last = epoch + 1 == cfg.epochs
+        if eval_sets and not last and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
+            metrics = _evaluate_sets(model, eval_sets, run.classnames, run.templates, tokenizer, cfg, run.device,
+                                     run.precision)
+            utils.get_logger().info("epoch %d eval: %s", epoch + 1, metrics)
+            if run.out_dir is not None:
+                utils.append_jsonl(run.out_dir / LOG_NAME, {"step": run.step, "epoch": epoch + 1, "eval": metrics})
+        if run.out_dir is not None:  # after any evaluation, so the saved RNG state is the one epoch+1 starts from
+            utils.check_finite_params(run.params, step=run.step, epoch=epoch + 1, checkpoint=run.checkpoint,
+                                      lr=lr_at(max(run.step - 1, 0), cfg, run.steps_per_epoch))
+            save_state(model, run.opt, run.checkpoint, cfg, epoch + 1, run.step, run.steps_per_epoch, run.classnames,
+                       run.templates)
+        if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and not last:
+            return run_summary(cfg, run.history, {}, run.out_dir, time.perf_counter() - run.t_start, run.images_seen,
+                               run.device, run.precision, stopped_at=epoch + 1)
+    metrics = {}
+    if eval_sets:
+        metrics = _evaluate_sets(model, eval_sets, run.classnames, run.templates, tokenizer, cfg, run.device,
+                                 run.precision)
+        utils.get_logger().info("final eval: %s", metrics)
+    return run_summary(cfg, run.history, metrics, run.out_dir, time.perf_counter() - run.t_start, run.images_seen,
+                       run.device, run.precision)
+
+
+@dataclass
+class _Run:
+    """What one training run carries from epoch to epoch."""
+    model: torch.nn.Module
+    train_set: Any
+    classnames: list
+    templates: list
+    cfg: TrainConfig
+    device: torch.device
+    precision: str
+    params: list
+    opt: torch.optim.Optimizer
+    step_fn: ClassifyStep
+    micro_per_epoch: int
+    steps_per_epoch: int
+    out_dir: Path | None
+    start_epoch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    images_seen: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+
+
+def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainConfig, resume) -> _Run:
+    """Seed, optimizer, the step, and the state of an interrupted run when resuming."""
+    device = utils.resolve_device(cfg.device)
+    precision = utils.resolve_precision(cfg.precision, device)
     out_dir = Path(cfg.output) if cfg.output else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         utils.remove_stale_temps(out_dir)
-    log = utils.get_logger()
-
     utils.seed_everything(cfg.seed)
     model.to(device)
     params = trainable_params(model)
@@ -163,137 +215,79 @@ def train(
         raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
     opt = build_optimizer(params, cfg)
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-
-    from leanclip.features import clipfit_kd_loss
-
-    teacher = None  # CLIPFit's t^0: zero-shot features of the weights we start from, so BEFORE a resume loads
-    if "clipfit" in cfg.method.split("+") and cfg.kd_lambda > 0:
-        from leanclip.features import frozen_text_features
-
-        teacher = _frozen_teacher(frozen_text_features, model, classnames, templates, tokenizer, device, precision)
-
-    start_epoch, step, history = 0, 0, []
+    model.train()
+    # the step's extra loss terms start from the weights the run starts from, so BEFORE a resume loads any
+    step_fn = ClassifyStep(model, classnames, templates, tokenizer, cfg=cfg, device=device, precision=precision)
+    run = _Run(model, train_set, classnames, templates, cfg, device, precision, params, opt, step_fn,
+               micro_per_epoch, math.ceil(micro_per_epoch / cfg.grad_accum), out_dir)
     if resume is not None:  # model: prepared the same way from the same weights as the interrupted run
-        start_epoch, step, history = resume_state(model, opt, resume, cfg, steps_per_epoch)
+        run.start_epoch, run.step, run.history = resume_state(model, opt, resume, cfg, run.steps_per_epoch)
         if out_dir is not None:  # drop log lines written after the checkpoint (a crash mid-epoch)
-            utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= step)
+            utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= run.step)
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
         (out_dir / LOG_NAME).unlink()
-
-    model.train()
-    # Text side: one forward with grad enabled tells whether the text features depend on trainable parameters.
-    with utils.autocast(device, precision):
-        txt0 = text_features(model, classnames, templates, tokenizer)
-    text_trains = txt0.requires_grad
-    fixed_txt = None if text_trains else txt0.detach()
-    del txt0
-
-    t_start, images_seen = time.perf_counter(), 0
-    n_data, bs, accum = len(train_set), cfg.batch_size, cfg.grad_accum
-    ckpt = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        loader = epoch_loader(train_set, bs, cfg.seed, epoch, cfg.num_workers, device.type == "cuda")
-        bar = utils.Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i, (images, labels) in enumerate(loader):
-            if i % accum == 0:  # ---- a new optimizer step: its micro-batches, its class text features
-                first = i
-                last_mb = min(i + accum, micro_per_epoch)
-                group_n = sum(min(bs, n_data - j * bs) for j in range(first, last_mb))
-                sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE * n, correct, n
-                t_step = time.perf_counter()
-                if text_trains:
-                    # Text tower forward ONCE per step; micro-batches back-propagate into the detached copy, whose
-                    # gradient goes through the tower once at the end of the step (exact, any grad_accum).
-                    with utils.autocast(device, precision):
-                        txt_graph = text_features(model, classnames, templates, tokenizer)
-                    txt = txt_graph.detach().requires_grad_()
-                else:
-                    txt_graph, txt = None, fixed_txt
-            images = images.to(device, non_blocking=True)
-            labels = torch.as_tensor(labels).to(device, non_blocking=True)
-            with utils.autocast(device, precision):
-                img = image_features(model, images)
-                logits = class_logits(model, img, txt).float()
-            ce = F.cross_entropy(logits, labels)
-            (ce * (labels.numel() / group_n)).backward()  # = the CE of the whole step's batch
-            with torch.no_grad():
-                sums += torch.stack([ce.detach().double() * labels.numel(),
-                                     (logits.argmax(1) == labels).sum().double(),
-                                     torch.tensor(float(labels.numel()), dtype=torch.float64, device=device)])
-            if i + 1 < last_mb:
-                continue
-            # ---- end of the step: distillation term, text tower backward, optimizer
-            kd = None
-            if teacher is not None:
-                kd = clipfit_kd_loss(txt, teacher, cfg.kd_lambda)
-                if txt.requires_grad:
-                    kd.backward()
-            if txt_graph is not None and txt.grad is not None:
-                txt_graph.backward(txt.grad)
-            lr = lr_at(step, cfg, steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            else:
-                gnorm = utils.grad_norm(params)
-            kd_t = kd.detach().double().reshape(1) if kd is not None else sums.new_zeros(1)
-            # the step's only host sync, BEFORE the update: a non-finite step never reaches the weights
-            gn_t = gnorm.detach().double().reshape(1).to(device)
-            ce_sum, correct, n, kd_v, gn = torch.cat([sums, kd_t, gn_t]).tolist()
-            utils.check_finite_step(ce_sum / n + kd_v, gn, step=step + 1, epoch=epoch + 1, lr=lr, checkpoint=ckpt)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t_step
-            rec = {"step": step, "epoch": epoch + 1, "loss": ce_sum / n + kd_v, "acc": correct / n,
-                   "lr": lr, "img_per_s": n / dt if dt > 0 else None, "ce": ce_sum / n}
-            if kd is not None:
-                rec["kd"] = kd_v
-            mem = utils.peak_memory_bytes(device)
-            if mem is not None:
-                rec["peak_mem_bytes"] = mem
-            history.append(rec)
-            images_seen += int(n)
-            if out_dir is not None and (step % cfg.log_every == 0 or i == micro_per_epoch - 1):
-                utils.append_jsonl(out_dir / LOG_NAME, rec)
-            bar.update(1, loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.3f}", lr=f"{lr:.2e}")
-            del txt_graph, txt
-        bar.close()
-        ep_recs = [r for r in history if r["epoch"] == epoch + 1]
-        if ep_recs:
-            log.info("epoch %d/%d: loss %.4f acc %.3f lr %.2e", epoch + 1, cfg.epochs,
-                     sum(r["loss"] for r in ep_recs) / len(ep_recs), sum(r["acc"] for r in ep_recs) / len(ep_recs),
-                     ep_recs[-1]["lr"])
-        last = epoch + 1 == cfg.epochs
-        if eval_sets and not last and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0:
-            metrics = _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, device, precision)
-            log.info("epoch %d eval: %s", epoch + 1, metrics)
-            if out_dir is not None:
-                utils.append_jsonl(out_dir / LOG_NAME, {"step": step, "epoch": epoch + 1, "eval": metrics})
-        if out_dir is not None:  # after any evaluation, so the saved RNG state is the one epoch+1 starts from
-            utils.check_finite_params(params, step=step, epoch=epoch + 1, checkpoint=ckpt,
-                                     lr=lr_at(max(step - 1, 0), cfg, steps_per_epoch))
-            save_state(model, opt, out_dir / CHECKPOINT_NAME, cfg, epoch + 1, step, steps_per_epoch, classnames, templates)
-        if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and not last:
-            return run_summary(cfg, history, {}, out_dir, time.perf_counter() - t_start, images_seen, device,
-                            precision, stopped_at=epoch + 1)
-
-    metrics = {}
-    if eval_sets:
-        metrics = _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, device, precision)
-        log.info("final eval: %s", metrics)
-    return run_summary(cfg, history, metrics, out_dir, time.perf_counter() - t_start, images_seen, device, precision)
+    run.t_start = time.perf_counter()
+    return run
 
 
-def _frozen_teacher(fn, model, classnames, templates, tokenizer, device, precision) -> torch.Tensor:
-    with torch.no_grad(), utils.autocast(device, precision):
-        t = fn(model, classnames, templates, tokenizer)
-    return t.detach().float()
+def _train_epoch(run: _Run, epoch: int) -> None:
+    """One epoch of optimizer steps of ``grad_accum`` micro-batches each."""
+    cfg, device = run.cfg, run.device
+    run.model.train()
+    loader = epoch_loader(run.train_set, cfg.batch_size, cfg.seed, epoch, cfg.num_workers, device.type == "cuda")
+    bar = utils.Progress(run.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    n_data, bs, accum = len(run.train_set), cfg.batch_size, cfg.grad_accum
+    for i, (images, labels) in enumerate(loader):
+        if i % accum == 0:  # a new optimizer step: its micro-batches, its class text features
+            last_mb = min(i + accum, run.micro_per_epoch)
+            group_n = sum(min(bs, n_data - j * bs) for j in range(i, last_mb))
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE * n, correct, n
+            t_step = time.perf_counter()
+            run.step_fn.begin()
+        sums += run.step_fn.micro(images, labels, weight=len(labels) / group_n)
+        if i + 1 == last_mb:
+            rec = _finish_step(run, epoch, sums, t_step)
+            if run.out_dir is not None and (run.step % cfg.log_every == 0 or i == run.micro_per_epoch - 1):
+                utils.append_jsonl(run.out_dir / LOG_NAME, rec)
+            bar.update(1, loss=f"{rec['loss']:.4f}", acc=f"{rec['acc']:.3f}", lr=f"{rec['lr']:.2e}")
+    bar.close()
+    recs = [r for r in run.history if r["epoch"] == epoch + 1]
+    if recs:
+        utils.get_logger().info("epoch %d/%d: loss %.4f acc %.3f lr %.2e", epoch + 1, cfg.epochs,
+                                sum(r["loss"] for r in recs) / len(recs), sum(r["acc"] for r in recs) / len(recs),
+                                recs[-1]["lr"])
+
+
+def _finish_step(run: _Run, epoch: int, sums: torch.Tensor, t_step: float) -> dict:
+    """End an optimizer step: extra loss terms and the text tower's backward, the finiteness check (the step's only
+    host sync, BEFORE the update: a non-finite step never reaches the weights), the update; returns its log record."""
+    terms = run.step_fn.finish()
+    lr = lr_at(run.step, run.cfg, run.steps_per_epoch)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    if run.cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
+        gnorm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.clip_grad_norm)
+    else:
+        gnorm = utils.grad_norm(run.params)
+    extra_t = torch.stack([v.double() for v in terms.values()]).reshape(-1) if terms else sums.new_zeros(0)
+    gn_t = gnorm.detach().double().reshape(1).to(run.device)
+    ce_sum, correct, n, *extra, gn = torch.cat([sums, extra_t, gn_t]).tolist()
+    loss = ce_sum / n + sum(extra)
+    utils.check_finite_step(loss, gn, step=run.step + 1, epoch=epoch + 1, lr=lr, checkpoint=run.checkpoint)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.step += 1
+    dt = time.perf_counter() - t_step
+    rec = {"step": run.step, "epoch": epoch + 1, "loss": loss, "acc": correct / n, "lr": lr,
+           "img_per_s": n / dt if dt > 0 else None, "ce": ce_sum / n, **dict(zip(terms, extra))}
+    mem = utils.peak_memory_bytes(run.device)
+    if mem is not None:
+        rec["peak_mem_bytes"] = mem
+    run.history.append(rec)
+    run.images_seen += int(n)
+    return rec
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation
@@ -315,13 +309,10 @@ def evaluate(
     """Top-1 / top-5 accuracy (in %) of ``model`` on ``dataset`` against ``classnames`` (text features computed once).
     ``zero_shot=True`` uses the frozen zero-shot features (E1's ``frozen_text_features`` / raw encoder image features)
     instead of the method-aware ones."""
-    from leanclip import features as feats
-    from leanclip.metrics import AccuracyMeter
-
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
-    probe = getattr(model, "linear_probe", None)
-    if probe is not None and not zero_shot and probe.num_classes != len(classnames):
+    probe = method_hooks(model).get("logits")
+    if probe is not None and not zero_shot and getattr(probe, "num_classes", len(classnames)) != len(classnames):
         raise ValueError(f"the linear probe classifies {probe.num_classes} classes, got {len(classnames)} class names "
                          f"(a probe cannot score classes it was not trained on)")
     was_training = model.training
@@ -360,8 +351,6 @@ def base_to_new(model, base_set, base_classnames, new_set, new_classnames, templ
                 batch_size: int = 256, **kw) -> dict:
     """CoCoOp base-to-new: accuracy on the base classes, on the new classes (each set relabelled from 0) and their
     harmonic mean H = 2BN/(B+N)."""
-    from leanclip.metrics import harmonic_mean
-
     b = evaluate(model, base_set, base_classnames, templates, tokenizer, batch_size, **kw)["top1"]
     n = evaluate(model, new_set, new_classnames, templates, tokenizer, batch_size, **kw)["top1"]
     return {"base": b, "new": n, "H": harmonic_mean(b, n)}
@@ -376,7 +365,5 @@ def _evaluate_sets(model, eval_sets, classnames, templates, tokenizer, cfg, devi
         out[name] = evaluate(model, ds, cn, templates, tokenizer, cfg.eval_batch_size, device=device,
                              precision=precision, num_workers=cfg.num_workers)
     if "base" in out and "new" in out:
-        from leanclip.metrics import harmonic_mean
-
         out["H"] = harmonic_mean(out["base"]["top1"], out["new"]["top1"])
     return out

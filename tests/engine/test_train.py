@@ -88,6 +88,7 @@ def test_text_features_once_when_text_frozen(pretrained_base, tok, shapes, monke
     """ln on the image tower: the text side is frozen, so class text features are computed once per run; clipfit
     trains text biases, so once per step (+ the teacher once)."""
     import leanclip.features as F
+    import leanclip.step as S
 
     calls = {"n": 0}
     real = F.text_features
@@ -96,7 +97,8 @@ def test_text_features_once_when_text_frozen(pretrained_base, tok, shapes, monke
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(F, "text_features", spy)
+    monkeypatch.setattr(F, "text_features", spy)  # the teacher, through frozen_text_features
+    monkeypatch.setattr(S, "text_features", spy)  # the step's
     cn = shapes["classnames"]
     model = prepare(copy.deepcopy(pretrained_base), "ln", tower="image")
     s = train(model, shapes["train"], cn, TEMPLATES, tok, _cfg("ln", epochs=1))

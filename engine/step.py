@@ -1,0 +1,131 @@
+"""One optimizer step of classification fine-tuning: the unit the trainer, the demo and ``leanclip bench step`` run.
+
+    step = ClassifyStep(model, classnames, templates, tokenizer, device=device, precision="fp32")
+    step.begin()                                   # the step's class text features: one text-tower forward
+    for images, labels in micro_batches:           # CE of each micro-batch, back-propagated with its batch share
+        stats = step.micro(images, labels, weight=len(labels) / step_batch)
+    terms = step.finish()                          # the method's extra loss terms, then the text tower's backward
+    optimizer.step()
+
+    loss = step(images, labels)                    # the same for one micro-batch (returns the step's loss, detached)
+
+The text tower runs forward once per step and backward once per step whatever the number of micro-batches: the
+micro-batches back-propagate into a detached copy of the class text features, whose gradient goes through the tower
+at ``finish`` (exact, so ``grad_accum=k`` at batch ``b`` is the update of batch ``k*b``). When nothing on the text side
+trains (decided from the autograd graph of one forward, not from the method's name) the features are computed once.
+
+Extra loss terms come from the method's declaration (``MethodTraits.loss_terms``, e.g. CLIPFit's distillation to
+its zero-shot text features); they are built when the step is, i.e. from the weights the run starts from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from leanclip import utils
+from leanclip.features import class_logits, image_features, text_features
+from leanclip.registry import method_loss_terms
+
+__all__ = ["StepContext", "ClassifyStep"]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a method's loss-term factory sees (``MethodTraits.loss_terms``)."""
+    model: torch.nn.Module
+    classnames: list
+    templates: list
+    tokenizer: Callable
+    cfg: Any
+    device: torch.device
+    precision: str
+
+
+class ClassifyStep:
+    """Forward and backward of one optimizer step of ``model`` (prepared by ``leanclip.prepare``) on class logits
+    against ``classnames`` (see the module docstring). ``cfg``: the run's config, passed to the loss-term factories
+    (e.g. ``kd_lambda``). ``compile=True`` runs the image-side forward (features, logits, CE) under
+    ``torch.compile``. ``fixed_text=True`` trains the image side alone against class text features computed once
+    (no gradient reaches the text side). The optimizer update and zeroing the gradients are the caller's."""
+
+    def __init__(self, model, classnames: Sequence[str], templates: Sequence[str], tokenizer, *, cfg=None,
+                 device=None, precision: str = "fp32", compile: bool = False, fixed_text: bool = False):
+        info = getattr(model, "leanclip_info", None)
+        if not info:
+            raise ValueError("model was not prepared: call leanclip.prepare(model, method) first")
+        self.model = model
+        self.classnames, self.templates, self.tokenizer = list(classnames), list(templates), tokenizer
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.precision = precision
+        ctx = StepContext(model, self.classnames, self.templates, tokenizer, cfg, self.device, precision)
+        self.terms = [t for t in (make(ctx) for make in method_loss_terms(info["method"])) if t is not None]
+        with torch.set_grad_enabled(not fixed_text), utils.autocast(self.device, precision):
+            txt0 = self._text()
+        self.text_trains = txt0.requires_grad
+        self.fixed_txt = None if self.text_trains else txt0.detach()
+        del txt0
+        self._image_ce = torch.compile(self._image_ce_eager) if compile else self._image_ce_eager
+        self._txt_graph = self._txt = None
+
+    def _text(self) -> torch.Tensor:
+        return text_features(self.model, self.classnames, self.templates, self.tokenizer)
+
+    def _image_ce_eager(self, images, labels, txt):
+        with utils.autocast(self.device, self.precision):
+            logits = class_logits(self.model, image_features(self.model, images), txt).float()
+        return F.cross_entropy(logits, labels), logits
+
+    def begin(self) -> None:
+        """Start a step: the class text features it uses (one text-tower forward when the text side trains)."""
+        if self.text_trains:
+            with utils.autocast(self.device, self.precision):
+                self._txt_graph = self._text()
+            self._txt = self._txt_graph.detach().requires_grad_()
+        else:
+            self._txt_graph, self._txt = None, self.fixed_txt
+
+    def micro(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+        """CE of one micro-batch, back-propagated scaled by ``weight`` (its share of the step's batch). Returns
+        float64 ``[CE * n, correct, n]`` on the device (no host sync)."""
+        images = images.to(self.device, non_blocking=True)
+        labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
+        ce, logits = self._image_ce(images, labels, self._txt)
+        (ce * weight).backward()
+        with torch.no_grad():
+            n = labels.numel()
+            return torch.stack([ce.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
+                                torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """End the step: the extra loss terms on this step's text features (back-propagated), then the text tower's
+        backward. Returns ``{term name: detached value}``."""
+        txt, values = self._txt, {}
+        for term in self.terms:
+            name, value = term(txt)
+            if value.requires_grad:
+                value.backward()
+            values[name] = value.detach()
+        if self._txt_graph is not None and txt.grad is not None:
+            self._txt_graph.backward(txt.grad)
+        self._txt_graph = self._txt = None
+        return values
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """A whole step on one batch (gradients accumulated into ``.grad``); returns its loss, detached."""
+        self.begin()
+        stats = self.micro(images, labels)
+        extra = self.finish()
+        return stats[0] / stats[2] + sum((v.double() for v in extra.values()), torch.zeros((), dtype=torch.float64,
+                                                                                          device=self.device))
+
+    def loss(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The step's loss on one batch as one graph (forward only; e.g. to measure what it saves for backward)."""
+        txt = self.fixed_txt
+        if self.text_trains:
+            with utils.autocast(self.device, self.precision):
+                txt = self._text()
+        ce, _ = self._image_ce_eager(images.to(self.device), torch.as_tensor(labels).to(self.device), txt)
+        return ce + sum((term(txt)[1] for term in self.terms), torch.zeros((), device=self.device))
