@@ -237,7 +237,7 @@ def _named_weights(source: str, model_name: str) -> bool:
         return "/" in repo and ".." not in repo and not os.path.isabs(repo)
     if model_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         return False
-    from open_clip.pretrained import is_pretrained_cfg
+    from leanclip.models.openclip import is_pretrained_cfg
 
     return bool(is_pretrained_cfg(model_name.replace("/", "-"), source))
 

@@ -19,9 +19,9 @@ TINY_CONFIG = {
 
 
 def _registry() -> dict:
-    from open_clip import factory
+    from leanclip.models.openclip import model_configs
 
-    return factory._MODEL_CONFIGS
+    return model_configs()
 
 
 def register_config(name: str, config: dict, *, overwrite: bool = True) -> str:
@@ -56,11 +56,11 @@ def register_reduced_config(base: str = "ViT-B-16", layers: int = 2, *, text_lay
                             name: str | None = None) -> str:
     """Register a copy of open_clip config ``base`` with ``layers`` vision blocks and ``text_layers`` (default
     ``layers``) text blocks: same widths/heads/patches, far cheaper. Returns the name (default ``f"{base}-L{layers}"``)."""
-    from open_clip import factory
+    from leanclip.models.openclip import rescan_model_configs
 
     reg = _registry()
     if base not in reg:
-        factory._rescan_model_configs()
+        rescan_model_configs()
     if base not in reg:
         raise ValueError(f"unknown open_clip config {base!r}")
     if int(layers) < 1:

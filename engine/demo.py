@@ -43,7 +43,7 @@ from leanclip.configs import create_random_model, register_config
 from leanclip.data import CLIP_MEAN, CLIP_STD
 from leanclip.contrastive import pretrain_contrastive
 from leanclip.features import image_features
-from leanclip.llu import class_text_features, llu_loss
+from leanclip.llu import class_text_features, llu_heads, llu_loss
 from leanclip.memory import saved_activation_bytes
 from leanclip.methods import count_trainable, prepare
 from leanclip.metrics import harmonic_mean
@@ -273,8 +273,9 @@ def _step_fns(model, method: str, images, labels, classnames, templates, tokeniz
         with torch.no_grad():
             feats = image_features(model, images)
             txt = class_text_features(model, classnames, templates, tokenizer)
-        model.llu_image.set_bank(feats)
-        model.llu_text.set_bank(txt)
+        image_head, text_head = llu_heads(model)
+        image_head.set_bank(feats)
+        text_head.set_bank(txt)
 
         def forward_loss():
             return llu_loss(model, feats, labels, txt, llu_lambda)[0]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.models.openclip import text_tower
 from leanclip.registry import method_hooks
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -117,7 +118,7 @@ def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequen
     classnames = _check_classnames(classnames)
     learner = method_hooks(model).get("prompts") if use_prompt_learner else None
     if learner is not None:
-        t = _lean.text_tower(model)
+        t = text_tower(model)
         tok = learner.tokens(classnames, tokenizer)
         length = _lean.eot_length(model, tok) if _uses_lean(model) else tok.shape[1]
         emb, tok = learner(t.token_embedding, classnames, tokenizer, max_len=length)

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip import lean as _lean
 from leanclip import lilt as _lilt
+from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.registry import register_method
 from leanclip.select import check_tower, require_open_clip_tower
 
@@ -88,9 +88,9 @@ def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
     towers whose blocks have ``ls_1`` / ``ls_2`` (the method's check uses it)."""
     require_open_clip_tower(model, method, check_tower(tower), "it inserts adapters into the transformer blocks")
     widths = []
-    for blk in _lean.tower_blocks(model, tower):
+    for blk in tower_blocks(model, tower):
         if not all(isinstance(getattr(blk, s, None), nn.Module) for s in SITES):
-            raise ValueError(f"method {method!r} needs ls_1 / ls_2 in every block; got {_lean.class_name(blk)}")
+            raise ValueError(f"method {method!r} needs ls_1 / ls_2 in every block; got {class_name(blk)}")
         widths.append(blk.attn.embed_dim)
     return widths
 
@@ -99,7 +99,7 @@ def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Modul
     """Insert ``make(width)`` as child ``name`` of ``ls_1`` and ``ls_2`` of every block of ``tower`` (replacing one
     already there) and hook it in. Returns the adapters."""
     added = []
-    for blk in _lean.tower_blocks(model, tower):
+    for blk in tower_blocks(model, tower):
         ref = blk.mlp.c_fc.weight
         for site in SITES:
             ls = getattr(blk, site)

@@ -56,7 +56,6 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +63,10 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from leanclip import kernels
-from open_clip.transformer import (
-    LayerNorm,
-    LayerNormFp32,
-    ResidualAttentionBlock,
-    Transformer,
-    VisionTransformer,
-    text_global_pool,
+from leanclip.registry import method_hooks
+from leanclip.models.openclip import (  # noqa: F401  (text_tower, tower_blocks, class_name: re-exported)
+    LayerNorm, LayerNormFp32, ResidualAttentionBlock, Transformer, VisionTransformer, block_supported, class_name,
+    pool_index, pools_at_eot, text_global_pool, text_tower, tower_blocks,
 )
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")  # fastest first
@@ -249,6 +245,7 @@ class ProjectionDelta(nn.Module):
 class LeanResidualAttentionBlock(ResidualAttentionBlock):
     """open_clip ``ResidualAttentionBlock`` with SDPA attention, fused frozen projections and a recompute policy
     (``self.leanclip_recompute``). Parameters, names and math are those of the original block."""
+    lean_block = True  # the layout leanclip.models.openclip.block_supported accepts
 
     leanclip_recompute = "none"
 
@@ -435,35 +432,12 @@ class LeanVisionTransformer(VisionTransformer):
         return pooled @ self.proj if self.proj is not None else pooled
 
 
-def _block_supported(blk: nn.Module) -> bool:
-    """Whether ``blk`` is a block the lean swap knows: open_clip's default ``ResidualAttentionBlock`` (or its lean
-    version) with a self-attention ``nn.MultiheadAttention`` (packed in_proj, no bias_k/v or zero-attention) and the
-    ``c_fc -> gelu -> c_proj`` MLP."""
-    attn = getattr(blk, "attn", None)
-    mlp = getattr(blk, "mlp", None)
-    return (
-        type(blk) in (ResidualAttentionBlock, LeanResidualAttentionBlock)
-        and isinstance(attn, nn.MultiheadAttention)
-        and attn._qkv_same_embed_dim
-        and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn
-        and attn.in_proj_weight is not None
-        and isinstance(mlp, nn.Sequential) and list(mlp._modules) == ["c_fc", "gelu", "c_proj"]
-        and not hasattr(blk, "ln_1_kv")
-    )
-
-
-def class_name(obj) -> str:
-    """``module.QualName`` of ``obj``'s class (how errors and notices name a tower, block or attention)."""
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
     blocks = getattr(transformer, "resblocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         return [f"{where} {class_name(transformer)} has no resblocks"]
     for i, blk in enumerate(blocks):
-        if not _block_supported(blk):
+        if not block_supported(blk):
             return [f"{where} block {i} is {class_name(blk)} with attn {class_name(getattr(blk, 'attn', None))}"]
     return []
 
@@ -493,7 +467,7 @@ def lean_obstacles(model: nn.Module) -> list[str]:
         else:
             out += _block_obstacles("text tower", t.transformer)
         return out
-    if type(model) in (ResidualAttentionBlock, LeanResidualAttentionBlock) and not _block_supported(model):
+    if type(model) in (ResidualAttentionBlock, LeanResidualAttentionBlock) and not block_supported(model):
         if not hasattr(model, "ln_1_kv"):  # a cross-attention block keeps open_clip's forward by design
             out.append(f"{class_name(model)} with attn {class_name(getattr(model, 'attn', None))}")
     for name, m in model.named_modules():  # a tower or a transformer on its own
@@ -529,7 +503,7 @@ def apply_lean(model: nn.Module, recompute: str = "none") -> nn.Module:
         cls = type(m)
         if cls in (LayerNorm, LayerNormFp32, VisionTransformer):
             m.__class__ = _SWAP[cls]
-        elif cls is ResidualAttentionBlock and _block_supported(m):
+        elif cls is ResidualAttentionBlock and block_supported(m):
             m.__class__ = LeanResidualAttentionBlock
     set_recompute(model, recompute)
     return model
@@ -570,52 +544,6 @@ def set_recompute(model: nn.Module, policy: str) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------------- text tower
-def text_tower(model: nn.Module) -> SimpleNamespace | None:
-    """The pieces of an open_clip text tower (``CLIP``'s flattened one or ``CustomTextCLIP.text``), or None for
-    towers this module does not handle (e.g. Hugging Face text encoders)."""
-    src, prefix = (model, "") if hasattr(model, "token_embedding") and hasattr(model, "transformer") else (
-        getattr(model, "text", None), "text.")
-    if src is None or not hasattr(src, "token_embedding") or not isinstance(getattr(src, "transformer", None),
-                                                                          Transformer):
-        return None
-    return SimpleNamespace(
-        module=src,
-        prefix=prefix,
-        token_embedding=src.token_embedding,
-        positional_embedding=src.positional_embedding,
-        transformer=src.transformer,
-        ln_final=src.ln_final,
-        text_projection=src.text_projection,
-        attn_mask=getattr(src, "attn_mask", None),
-        pool_type=getattr(src, "text_pool_type", getattr(src, "pool_type", "argmax")),
-        eos_id=getattr(src, "text_eos_id", getattr(src, "eos_id", None)),
-        cls_emb=getattr(src, "cls_emb", None),
-        pad_mask=bool(getattr(src, "use_pad_mask", False)),
-    )
-
-
-def tower_blocks(model: nn.Module, tower: str) -> list[nn.Module]:
-    """The residual blocks of the image and/or text tower (``tower``: image, text or both), image first: where the
-    in-layer methods (LoRA, Houlsby, Compacter) attach."""
-    out = []
-    if tower in ("image", "both"):
-        out += list(model.visual.transformer.resblocks)
-    if tower in ("text", "both"):
-        out += list(text_tower(model).transformer.resblocks)
-    return out
-
-
-def _pools_at_eot(pool_type: str, eos_id) -> bool:
-    """Whether a text tower reads one token per sequence, at the position ``_pool_index`` finds."""
-    return pool_type == "argmax" or (pool_type == "eos" and eos_id is not None)
-
-
-def _pool_index(tokens: torch.Tensor, pool_type: str, eos_id) -> torch.Tensor | None:
-    if not _pools_at_eot(pool_type, eos_id):
-        return None
-    return tokens.argmax(dim=-1) if pool_type == "argmax" else (tokens == eos_id).int().argmax(dim=-1)
-
-
 def eot_length(model: nn.Module, tokens: torch.Tensor) -> int:
     """The context length ``encode_text_lean`` runs for ``tokens``: max(EOT position)+1 of the batch for causal
     towers pooled at the EOT token (``argmax``/``eos``), else the full length."""
@@ -625,7 +553,7 @@ def eot_length(model: nn.Module, tokens: torch.Tensor) -> int:
         return n
     if not _is_causal_mask(t.attn_mask, n):
         return n
-    idx = _pool_index(tokens, t.pool_type, t.eos_id)
+    idx = pool_index(tokens, t.pool_type, t.eos_id)
     if idx is None:
         return n
     return int(idx.max().item()) + 1
@@ -660,7 +588,7 @@ def encode_text_lean(model: nn.Module, tokens: torch.Tensor, *, prompt_embedding
     mask = t.attn_mask
     if mask is not None and not isinstance(t.transformer.resblocks[0], LeanResidualAttentionBlock):
         mask = mask[:length, :length]  # plain blocks need an (L, L) mask; lean ones slice and detect causality
-    rows = _pool_index(tokens, t.pool_type, t.eos_id)
+    rows = pool_index(tokens, t.pool_type, t.eos_id)
     if rows is not None and rows_ok(t.transformer):  # the last block only at the EOT rows
         blocks = t.transformer.resblocks
         for blk in blocks[:-1]:
@@ -810,13 +738,13 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
         elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
         names = _trainable_names(model, t.prefix)
         top = _top(names, t.prefix)
-        learner = getattr(model, "prompt_learner", None)
+        learner = method_hooks(model).get("prompts")
         input_grad = bool(top & {"token_embedding", "positional_embedding"}) or (
             learner is not None and any(p.requires_grad for p in learner.parameters()))
         first, stage = _grad_layout(names, f"{t.prefix}transformer.resblocks.", len(blocks), input_grad)
         on_path = first is not None or bool(top & {"ln_final", "text_projection"})
         length = t.positional_embedding.shape[0] if text_len is None else int(text_len)
-        rows = t.cls_emb is None and not t.pad_mask and _pools_at_eot(t.pool_type, t.eos_id) and rows_ok(t.transformer)
+        rows = t.cls_emb is None and not t.pad_mask and pools_at_eot(t.pool_type, t.eos_id) and rows_ok(t.transformer)
         total += _tower_bytes(blocks, policy, first, stage, int(on_path), tb, length, t.transformer.width,
                               blocks[0].attn.num_heads, elem, rows_last=rows)
         if "token_embedding" in top:

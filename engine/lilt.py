@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.models.openclip import ResidualAttentionBlock, text_tower
 from leanclip.registry import MethodTraits, register_method
 from leanclip.select import (
     BIAS_RE,
@@ -115,8 +116,6 @@ def _adapter_pre_hook(module: nn.Module, args):
 # ----------------------------------------------------------------------------------------------------------- towers
 def _towers(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
     """[(name prefix, open_clip Transformer)] of the selected towers."""
-    from leanclip.lean import text_tower
-
     out = []
     if tower in ("image", "both"):
         out.append(("visual.transformer.", model.visual.transformer))
@@ -197,8 +196,6 @@ def add_adapters(model: nn.Module, reduction: int = 4, tower: str = "both") -> l
 
 
 def _new_block_like(blk: nn.Module, init: str) -> nn.Module:
-    from open_clip.transformer import ResidualAttentionBlock
-
     if init == "copy":
         new = copy.deepcopy(blk)
     else:
@@ -319,7 +316,7 @@ def _check_lilt_blocks(method: str):
         require_open_clip_tower(model, method, tower, "it changes the tower's transformer blocks")
         if method == "lilt-adapter":
             widths = ([model.visual.transformer.width] if tower != "text" else []) + (
-                [_lean.text_tower(model).transformer.width] if tower != "image" else [])
+                [text_tower(model).transformer.width] if tower != "image" else [])
             for w in widths:
                 check_reduction(reduction, w)
         elif deep_init not in DEEP_INITS:

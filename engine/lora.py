@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.models.openclip import tower_blocks
 from leanclip.registry import register_method
 from leanclip.select import check_tower, require_open_clip_tower
 
@@ -163,7 +164,7 @@ def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)
     strip(model)
-    for blk in _lean.tower_blocks(model, tower):
+    for blk in tower_blocks(model, tower):
         ref = blk.mlp.c_fc.weight
         blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))
     return {}

@@ -43,12 +43,14 @@ from leanclip import compacter, houlsby, lilt, lora  # noqa: F401
 from leanclip import heads as _heads
 from leanclip import lean as _lean
 from leanclip import utils
-from leanclip.features import clipfit_kd_loss, frozen_text_features
 from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
+from leanclip.features import clipfit_kd_loss, frozen_text_features
+from leanclip.models.openclip import class_name, text_tower
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
-    METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, check_task, is_closed_set, method_contrastive_defaults, method_hooks, method_loss_terms, method_options,
-    method_train_defaults, method_trainer, parse_method, register_method, set_method_check,
+    METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, check_task, is_closed_set,
+    method_contrastive_defaults, method_hooks, method_loss_terms, method_options, method_train_defaults,
+    method_trainer, parse_method, register_method, set_method_check,
 )
 from leanclip.select import (  # noqa: F401
     BIAS_RE, CLIPFIT_TEXT_RE, IMAGE_RE, TEXT_RE, TOWERS, check_coverage, check_tower, count_trainable, embed_dim,
@@ -211,7 +213,7 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of
     tokenizer and an open_clip transformer text tower."""
     _check_coop(model, classnames, tokenizer, n_ctx, init_text, std)
     classnames = list(classnames)
-    t = _lean.text_tower(model)
+    t = text_tower(model)
     width = t.token_embedding.weight.shape[1]
     init = None
     if init_text:
@@ -269,10 +271,10 @@ def _check_supported(model: nn.Module) -> None:
     Which methods and whether the lean modules apply depend on the towers (method checks, ``_choose_lean``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an open_clip model (nn.Module), got {type(model).__name__}")
-    has_text = _lean.text_tower(model) is not None or isinstance(getattr(model, "text", None), nn.Module)
+    has_text = text_tower(model) is not None or isinstance(getattr(model, "text", None), nn.Module)
     if not isinstance(getattr(model, "visual", None), nn.Module) or not has_text:
         raise ValueError(f"leanclip prepares open_clip CLIP models (an image tower model.visual and a text tower); "
-                         f"got {_lean.class_name(model)}")
+                         f"got {class_name(model)}")
 
 
 def _check_recompute_args(lean, recompute, memory_budget, batch_size) -> None:
@@ -323,7 +325,7 @@ def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dty
         raise ValueError(f"recompute={recompute!r} needs the lean modules, which do not cover this model: {why}")
     if frozen_dtype is not None:
         raise ValueError(f"frozen_dtype needs the lean modules, which do not cover this model: {why}")
-    return False, [f"lean=False for {_lean.class_name(model)}: {why}"]
+    return False, [f"lean=False for {class_name(model)}: {why}"]
 
 
 def _check_classnames(classnames):

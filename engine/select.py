@@ -1,5 +1,6 @@
-"""Which parameters a method touches: the towers, anchored open_clip parameter-name patterns, unlocking, and the
-checks that a tower has what a method needs (naming the tower class when it does not). Shared by every method module.
+"""Which parameters a method touches: the towers (their name patterns come from ``leanclip.models.openclip``),
+unlocking, and the checks that a tower has what a method needs (naming the tower class when it does not). Shared by
+every method module.
 """
 from __future__ import annotations
 
@@ -9,32 +10,17 @@ import sys
 import warnings
 from typing import Iterable
 
-import torch
 from torch import nn
 
-from leanclip import lean as _lean
+from leanclip.models.openclip import (  # noqa: F401  (the patterns are re-exported for the method modules)
+    BIAS_RE, CLIPFIT_TEXT_RE, IMAGE_RE, TEXT_RE, class_name, is_vit_image_tower, text_tower, tower_class, tower_of,
+)
+from leanclip.models.openclip import embed_dim as _embed_dim
 
 TOWERS = ("image", "text", "both")
 
-# Anchored parameter-name patterns (open_clip names; CLIP flattens the text tower at top level, CustomTextCLIP
-# keeps it under "text.").
-IMAGE_RE = re.compile(r"^visual\.")
-TEXT_RE = re.compile(r"^(?:text\.|transformer\.|token_embedding\.|positional_embedding$|ln_final\.|"
-                     r"text_projection(?:$|\.))")
-BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias)$")
-CLIPFIT_TEXT_RE = re.compile(r"^(?:text\.)?transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
-
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def tower_of(name: str) -> str | None:
-    """``"image"``, ``"text"`` or None (logit_scale, added heads) for an open_clip parameter/module name."""
-    if IMAGE_RE.match(name):
-        return "image"
-    if TEXT_RE.match(name):
-        return "text"
-    return None
-
-
 def in_tower(name: str, tower: str) -> bool:
     t = tower_of(name)
     return t is not None and (tower == "both" or t == tower)
@@ -54,18 +40,6 @@ def notice(message: str) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
         frame, level = frame.f_back, level + 1
     warnings.warn(f"leanclip: {message}", UserWarning, stacklevel=level)
-
-
-def tower_class(model: nn.Module, tower: str) -> str:
-    """The class name (``module.QualName``) of ``model``'s ``"image"`` or ``"text"`` tower, as errors name it. CLIP
-    keeps its text transformer at top level, so its text tower is named by the model class."""
-    if tower == "image":
-        return _lean.class_name(getattr(model, "visual", None))
-    t = _lean.text_tower(model)
-    if t is not None:
-        return _lean.class_name(t.module) + (" (flattened text transformer)" if t.module is model else "")
-    text = getattr(model, "text", None)
-    return _lean.class_name(text if text is not None else model)
 
 
 def names_matching(model: nn.Module, pattern: re.Pattern, tower: str) -> list[str]:
@@ -121,33 +95,20 @@ def check_coverage(model: nn.Module, method: str, names: list[str], tower: str, 
 def require_open_clip_tower(model: nn.Module, method: str, tower: str, why: str) -> None:
     """ValueError naming the tower class unless every tower in ``tower`` is an open_clip transformer tower
     (``VisionTransformer`` image tower, open_clip text transformer)."""
-    from open_clip.transformer import VisionTransformer
-
     for t in ("image", "text") if tower == "both" else (tower,):
-        ok = (isinstance(getattr(model, "visual", None), VisionTransformer) if t == "image"
-              else _lean.text_tower(model) is not None)
+        ok = is_vit_image_tower(model) if t == "image" else text_tower(model) is not None
         if not ok:
             kind = "an open_clip VisionTransformer" if t == "image" else "an open_clip transformer text tower"
             raise ValueError(f"method {method!r} needs {kind} ({why}); the {t} tower is {tower_class(model, t)}")
 
 
 def embed_dim(model: nn.Module) -> int:
-    """The joint embedding width: ``visual.output_dim`` (open_clip ViT and ModifiedResNet), else the width of the
-    text projection (towers without ``output_dim``, e.g. timm ones)."""
-    dim = getattr(getattr(model, "visual", None), "output_dim", None)
+    """The joint embedding width (``leanclip.models.openclip.embed_dim``); ValueError when the model does not say."""
+    dim = _embed_dim(model)
     if dim is None:
-        t = _lean.text_tower(model)
-        proj = t.text_projection if t is not None else None
-        if isinstance(proj, nn.Linear):
-            dim = proj.out_features
-        elif isinstance(proj, torch.Tensor) and proj.dim() == 2:
-            dim = proj.shape[1]
-        else:
-            dim = getattr(getattr(model, "text", None), "output_dim", None)
-    if dim is None:
-        raise ValueError(f"cannot determine the embedding width of {_lean.class_name(model)} (no visual.output_dim, "
+        raise ValueError(f"cannot determine the embedding width of {class_name(model)} (no visual.output_dim, "
                          f"text projection or text.output_dim); the image tower is {tower_class(model, 'image')}")
-    return int(dim)
+    return dim
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -1,0 +1,6 @@
+"""Model families the engine runs on. Each module here is the only place that touches its library's internals
+(module classes, parameter names, tower layout, weight-file helpers); the rest of the engine goes through it.
+
+``openclip``: open_clip's CLIP / CustomTextCLIP models (ViT and ModifiedResNet image towers, open_clip text
+transformers; timm and Hugging Face towers are recognised as "not ours" and get the plain-module path).
+"""
