@@ -5,6 +5,9 @@ import argparse
 import os
 import time
 
+from leanclip.configs import register_tiny_config
+from leanclip.methods import METHODS
+
 DEFAULT_OUTPUT = "bench/results"
 
 
@@ -56,9 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_names(models, methods):
     import open_clip
-
-    from leanclip.configs import register_tiny_config
-    from leanclip.methods import METHODS
 
     register_tiny_config()
     known = set(open_clip.list_models())

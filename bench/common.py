@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from leanclip.utils import atomic_write_text
+
 
 def machine() -> dict:
     info = {
@@ -64,8 +66,6 @@ def cuda_ms(fn: Callable[[], object]) -> float:
 
 def write_json(path: str, payload: dict) -> str:
     """Atomic JSON write (leanclip.utils: temp file in the same folder, fsync, rename)."""
-    from leanclip.utils import atomic_write_text
-
     return str(atomic_write_text(path, json.dumps(payload, indent=2, default=str)))
 
 

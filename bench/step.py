@@ -15,16 +15,16 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
                    compiler's automatic selective recompute; set only while that mode runs
     lean:<policy>  ``leanclip.prepare(model, method, recompute=policy)`` and the trainer's own step
                    (``leanclip.step.ClassifyStep``): fused ops, EOT-truncated text, text tower once per step
-    lean:<policy>+compile  the same step with its image-side forward under ``torch.compile``; a mode that does not trace is reported
-                   with its reason under ``failed`` instead of stopping the run
+    lean:<policy>+compile  the same step with its image-side forward under ``torch.compile``; a mode that does not
+                   trace is reported with its reason under ``failed`` instead of stopping the run
     floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
                    a lower bound for any exact step of a method that trains image-tower parameters
 
 Time: all modes of a run are timed side by side in one process (interleaved, medians); the first calls (compiling,
 for compiled modes) are timed apart as ``warmup_seconds``, and a compiled mode's ``graph_breaks`` say how much of
-its step dynamo left to eager. Memory: ``peak_step_bytes`` is what one step adds on top of
-the resident model, optimizer state and gradients (``leanclip.bench.common.step_peak_bytes``: CUDA allocator peak, or peak RSS
-on CPU), the one measure that works for every mode. ``isolate=True`` runs each mode in its own process
+its step dynamo left to eager. Memory: ``peak_step_bytes`` is what one step adds on top of the resident model,
+optimizer state and gradients (``leanclip.bench.common.step_peak_bytes``: CUDA allocator peak, or peak RSS on CPU),
+the one measure that works for every mode. ``isolate=True`` runs each mode in its own process
 (``python -m leanclip bench step --modes X --json``), which the CPU figure needs; the times then are each process's own
 medians, measured one mode after another. ``saved_bytes`` (``leanclip.memory.saved_activation_bytes``) counts tensors
 saved through autograd's saved-tensor hooks: exact for eager modes, not defined for compiled graphs and grad
@@ -45,9 +45,13 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import utils
+from leanclip.bench.common import interleaved_medians, machine, step_peak_bytes, write_json
+from leanclip.configs import register_tiny_config
+from leanclip.lean import SAC_CACHE_COUNTED
+from leanclip.memory import saved_activation_bytes
+from leanclip.methods import prepare
 from leanclip.registry import method_loss_terms
 from leanclip.step import ClassifyStep, StepContext
-from leanclip.bench.common import interleaved_medians, machine, step_peak_bytes, write_json
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")
 TEMPLATES = ("a photo of a {}.",)
@@ -98,8 +102,6 @@ PRECISIONS = ("fp32", "bf16")
 
 def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None):
     import open_clip
-
-    from leanclip.methods import prepare
 
     torch.manual_seed(0)
     model = open_clip.create_model(model_name, pretrained=None).to(device)
@@ -228,8 +230,6 @@ def _warm_up(step, device):
 
 def _prepare_mode(mode, model_name, method, *, device, tokenizer, **kw):
     """Build and warm up one mode: (step, saved bytes or None, warm-up seconds, peak bytes, how peak was measured)."""
-    from leanclip.memory import saved_activation_bytes
-
     step, forward, model = make_step(model_name, method, mode, device=device, tokenizer=tokenizer, **kw)
     breaks = _graph_breaks()
     warm = _warm_up(step, device)
@@ -350,8 +350,6 @@ def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
 def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES, compile_plain=None, reps=5,
         device=None, output=None, plot=True, floor=False, precision=None, scope="full", isolate=False,
         threads=None):
-    from leanclip.configs import register_tiny_config
-
     register_tiny_config()
     if threads:
         torch.set_num_threads(threads)
@@ -374,8 +372,6 @@ def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES
 
 
 def _result(rows, modes, device, precision, isolate, threads, output, plot):
-    from leanclip.lean import SAC_CACHE_COUNTED
-
     res = {"machine": machine(), "device": str(device), "modes": modes, "rows": rows, "precision": precision,
            "isolate": isolate, "threads": threads or torch.get_num_threads(),
            "time_source": ("per-process medians: each mode alone in its own process, one after another" if isolate

@@ -30,7 +30,7 @@ import warnings
 import torch
 from torch import nn
 
-from leanclip import utils
+from leanclip import utils, weights
 
 FORMAT = "leanclip-trainable/1"
 _OPT_PREFIX = "optim/"
@@ -412,7 +412,5 @@ def load_pretrained(model: nn.Module, source, *, model_name: str | None = None, 
                     trust_torchscript: bool = False) -> dict:
     """Full open_clip weights from a local file, hub folder, ``hf-hub:`` id or (with ``model_name``) a pretrained
     tag; no file may run code. See :func:`leanclip.weights.load_pretrained`."""
-    from leanclip import weights
-
     return weights.load_pretrained(model, source, model_name=model_name, cache_dir=cache_dir,
                                    trust_torchscript=trust_torchscript)

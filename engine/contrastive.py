@@ -20,7 +20,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from leanclip.registry import method_hooks
+from leanclip import utils
+from leanclip import distributed as D
+from leanclip.checkpoint import load_trainable, save_trainable
+from leanclip.data import ItemSeeds, clip_transform, seeded_dataset
+from leanclip.distributed import all_gather_with_grad
+from leanclip.metrics import retrieval_recall_from_features
+from leanclip.pairs import ImageListDataset, PairDataset, PairSet
+from leanclip.registry import check_task, method_hooks
 
 __all__ = ["clip_loss", "pretrain_contrastive"]
 
@@ -81,8 +88,6 @@ def pretrain_contrastive(
     Learning rate: linear warm-up over ``warmup`` steps (default 10% of ``steps``), then cosine decay to 0.
     Returns the loss of every step. The model is left in eval mode. A non-finite loss or gradient raises
     ``leanclip.utils.NonFiniteLossError`` before the update that would spread it."""
-    from leanclip import utils
-
     if images.dim() != 4:
         raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
     if len(captions) != images.shape[0]:
@@ -210,8 +215,6 @@ class LearnableTemperature(_nn.Module):
 def gather_features(x: torch.Tensor) -> torch.Tensor:
     """All ranks' ``x`` concatenated in rank order, with gradient back to each rank's slice (identity on one
     process). See ``leanclip.distributed.all_gather_with_grad``."""
-    from leanclip.distributed import all_gather_with_grad
-
     return all_gather_with_grad(x)
 
 
@@ -227,8 +230,6 @@ def contrastive_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_sca
     if img_feats.dim() != 2 or img_feats.shape != txt_feats.shape or img_feats.shape[0] == 0:
         raise ValueError(f"img_feats and txt_feats must be non-empty (B, E) tensors of the same shape, got "
                          f"{tuple(img_feats.shape)} and {tuple(txt_feats.shape)}")
-    from leanclip import distributed as D
-
     img, txt = img_feats.float(), txt_feats.float()
     b = img.shape[0]
     if gather and D.is_distributed():
@@ -318,8 +319,6 @@ class ContrastiveConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
-        from leanclip import utils
-
         if self.precision not in utils.PRECISIONS:
             raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
         return self
@@ -345,8 +344,6 @@ def _adamw_groups(model: _nn.Module, weight_decay: float) -> list[dict]:
 
 
 def _default_transform(model: _nn.Module, train: bool, augment: bool):
-    from leanclip.data import clip_transform
-
     size = model.visual.image_size
     size = size if isinstance(size, int) else tuple(size)
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
@@ -360,8 +357,6 @@ def _precision_for(model: _nn.Module, precision: str, device: torch.device) -> s
     """``utils.resolve_precision``, except that a model holding 16-bit frozen weights (``prepare(...,
     frozen_dtype=torch.bfloat16)``) runs under bf16 autocast with ``auto`` (its fp32 trainable projections / adapters
     meet bf16 activations) and is an error with an explicit ``fp32``."""
-    from leanclip import utils
-
     half = any(p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters() if not p.requires_grad)
     if half and precision == "fp32":
         raise ValueError("precision='fp32' but the model keeps frozen weights in 16 bits (frozen_dtype): use "
@@ -382,8 +377,6 @@ def _check_contrastive_method(model) -> str:
     if not info:
         raise ValueError("model was not prepared: call leanclip.prepare(model, method) (e.g. 'lilt-ln') before "
                          "train_contrastive()")
-    from leanclip.registry import check_task
-
     method = info["method"]
     check_task(method, "contrastive")
     return method
@@ -404,11 +397,6 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     after training on rank 0. Returns a summary dict (losses per step, timing, metrics)."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
-
-    from leanclip import distributed as D
-    from leanclip import utils
-    from leanclip.data import ItemSeeds, seeded_dataset
-    from leanclip.pairs import PairDataset, PairSet
 
     cfg = (cfg or ContrastiveConfig()).validate()
     method = _check_contrastive_method(model)
@@ -464,8 +452,6 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     def save(epoch_done: int) -> None:
         if out_dir is None or not main:
             return
-        from leanclip.checkpoint import save_trainable
-
         utils.check_finite_params(params, step=step, epoch=epoch_done, lr=_lr_at(max(step - 1, 0), cfg, total),
                                   checkpoint=ckpt)
         meta = {"leanclip_task": "contrastive", "method": method, "step": step, "steps_per_epoch": steps_per_epoch,
@@ -566,9 +552,6 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
 
 
 def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, list]:
-    from leanclip import utils
-    from leanclip.checkpoint import load_trainable
-
     p = _Path(path)
     if p.is_dir():
         p = p / CONTRASTIVE_CHECKPOINT
@@ -599,10 +582,7 @@ def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: i
     """(image features (N_img, E), text features (N_txt, E)), float32, L2-normalized, of a PairSet."""
     from torch.utils.data import DataLoader
 
-    from leanclip import utils
     from leanclip.features import encode_tokens, image_features
-    from leanclip.pairs import ImageListDataset, PairSet
-
     if not isinstance(pairs, PairSet):
         raise TypeError(f"pairs must be an leanclip.pairs.PairSet, got {type(pairs).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -633,8 +613,6 @@ def evaluate_retrieval(model: _nn.Module, pairs, tokenizer: Callable, *, batch_s
                        progress: bool = False) -> dict:
     """Image->text and text->image recall@k (k = 1, 5, 10, in %) and their means (``leanclip.metrics``), over the unique
     images of ``pairs`` against all captions (an image is a hit when any of its captions ranks in the top k)."""
-    from leanclip.metrics import retrieval_recall_from_features
-
     img, txt = encode_pairs(model, pairs, tokenizer, batch_size=batch_size, device=device, precision=precision,
                             transform=transform, progress=progress)
     out = retrieval_recall_from_features(img, txt, torch.as_tensor(pairs.txt_to_img), ks=tuple(ks), normalize=False)

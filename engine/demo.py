@@ -574,7 +574,8 @@ def _print_report(results, payload, cfg: DemoConfig, measure: bool) -> None:
         print("cached-feature methods (llu) train their heads on cached features: lean and plain run the same step "
               "(ratios ~1 by design)")
     machine = payload["machine"]
-    print(f"{machine.get('device_used')}, {torch.get_num_threads()} thread(s); total {payload['seconds']['total']:.0f}s")
+    print(f"{machine.get('device_used')}, {torch.get_num_threads()} thread(s); "
+          f"total {payload['seconds']['total']:.0f}s")
 
 
 _PUBLIC_KEYS = ("trainable_params", "base_acc", "new_acc", "H", "step_time_ratio", "saved_act_ratio",

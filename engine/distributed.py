@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from leanclip.utils import resolve_device
+
 __all__ = ["DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size", "is_main",
            "barrier", "all_reduce_mean", "all_gather_with_grad", "check_batch_size", "wrap_ddp", "find_free_port",
            "current"]
@@ -85,8 +87,6 @@ def init_distributed(device: str | torch.device = "auto", backend: str | None = 
     ``device``: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``; on CUDA each process uses GPU ``LOCAL_RANK``.
     ``backend``: default ``nccl`` for CUDA, ``gloo`` for CPU. Returns a ``DistInfo``; call ``cleanup(info)`` at the
     end (it destroys the group only when this call created it)."""
-    from leanclip.utils import resolve_device
-
     dev = resolve_device(device)
     world = _env_int("WORLD_SIZE", 1)
     if world < 1:

@@ -206,7 +206,8 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
     return {"linear_probe": head.to(dev)}
 
 
-@register_method("coop", check=_check_coop, traits=MethodTraits(tasks=("classify",), hooks={"prompts": "prompt_learner"}))
+@register_method("coop", check=_check_coop,
+                 traits=MethodTraits(tasks=("classify",), hooks={"prompts": "prompt_learner"}))
 def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02):
     """CoOp learned prompt context (n_ctx vectors; from the token embeddings of ``init_text`` when it has exactly
     n_ctx tokens - "a photo of a" for n_ctx=4 - else N(0, std^2)); class names appended. Needs classnames, a

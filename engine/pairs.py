@@ -33,6 +33,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from leanclip.data import ImageRoot
+from leanclip.synthetic import make_caption_corpus
+
 __all__ = ["PairSet", "PairDataset", "ImageListDataset", "load_pairs", "read_pairs_csv", "read_pairs_jsonl",
            "read_pairs_json", "synthetic_pairs", "from_lists"]
 
@@ -104,8 +107,6 @@ class PairSet:
 # ----------------------------------------------------------------------------------------------------------- builders
 class _Builder:
     def __init__(self, source: str, root: str, check_exists: bool, allow_outside_root: bool = False):
-        from leanclip.data import ImageRoot
-
         self.source, self.root, self.check = source, root, check_exists
         # image paths of a pair file are untrusted: they must stay inside the image root (leanclip.data.ImageRoot)
         self.inside = ImageRoot(root, f"pair file {source!r}", allow_outside_root)
@@ -350,8 +351,6 @@ def from_lists(images: Sequence, captions: Sequence, source: str | None = None) 
 def synthetic_pairs(n: int, size: int = 32, seed: int = 0, *, captions_per_image: int = 1,
                     domain: str = "source") -> PairSet:
     """``n`` procedural images (``leanclip.synthetic.make_caption_corpus``, uint8 CHW tensors) with their captions."""
-    from leanclip.synthetic import make_caption_corpus
-
     imgs, caps = make_caption_corpus(n, size=size, seed=seed, domain=domain, captions_per_image=captions_per_image)
     return from_lists(list(imgs), caps, source=f"synthetic(n={n}, size={size}, seed={seed})")
 

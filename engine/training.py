@@ -10,6 +10,8 @@ from typing import Sequence
 import torch
 
 from leanclip import utils
+from leanclip.checkpoint import load_trainable, save_trainable
+from leanclip.data import make_loader
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LOG_NAME = "log.jsonl"
@@ -45,16 +47,12 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 def epoch_loader(dataset, batch_size: int, seed: int, epoch: int, num_workers: int = 0, pin_memory: bool = False):
     """The shuffled loader of one epoch: its batches (order and augmentations) are a function of ``(seed, epoch)``
     only, whichever worker count and however often it is iterated."""
-    from leanclip.data import make_loader
-
     return make_loader(dataset, batch_size, shuffle=True, seed=seed, epoch=epoch, num_workers=num_workers,
                        drop_last=False, pin_memory=pin_memory, persistent_workers=False)
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int = 0, pin_memory: bool = False):
     """The loader of an evaluation set, in order."""
-    from leanclip.data import make_loader
-
     return make_loader(dataset, batch_size, shuffle=False, seed=0, epoch=0, num_workers=num_workers,
                        drop_last=False, pin_memory=pin_memory, persistent_workers=False)
 
@@ -85,8 +83,6 @@ def run_summary(cfg, history, metrics, out_dir, seconds, images_seen, device, pr
 # -------------------------------------------------------------------------------------------------- checkpoint/resume
 def save_state(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, templates) -> None:
     """The end-of-epoch checkpoint: trainable parameters, optimizer, step, schedule, every RNG state, the config."""
-    from leanclip.checkpoint import save_trainable
-
     meta = {
         "leanclip_trainer": 1,
         "method": cfg.method,
@@ -104,8 +100,6 @@ def save_state(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, 
 
 def resume_state(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list]:
     """Load a :func:`save_state` checkpoint into ``model`` / ``opt`` and the RNGs -> (epoch, step, logged history)."""
-    from leanclip.checkpoint import load_trainable
-
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from leanclip import utils
+from leanclip.configs import create_random_model
 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -446,8 +447,6 @@ def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size:
     accepts) or the weights an ``hf-hub:``/``local-dir:`` name carries through :func:`load_pretrained`.
     ``image_size`` overrides the input resolution; the positional embedding of the weights is resized to it."""
     import open_clip
-
-    from leanclip.configs import create_random_model
 
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model must be an open_clip config name, hf-hub: id or local-dir: path, got {model_name!r}")

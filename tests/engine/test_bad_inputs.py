@@ -307,7 +307,7 @@ def test_recorded_weights_only_hashed_files_or_names(tmp_path, monkeypatch):
     """--use-recorded-weights never reads a recorded path without its hash (a checkpoint is untrusted metadata)."""
     import argparse
 
-    from leanclip.cli_common import recorded_frozen_dtype, restore_weights
+    from leanclip.cli.common import recorded_frozen_dtype, restore_weights
 
     def restore(source, sha256=None, model="ViT-B-32"):
         args = argparse.Namespace(pretrained=None, use_recorded_weights=True, model=model)

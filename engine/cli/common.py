@@ -1,6 +1,7 @@
-"""What the ``leanclip`` subcommands share (``leanclip.cli``, ``leanclip.lilt_cli``): checks, run records, the model
-built from ``--model`` / ``--pretrained``, the device, checkpoint metadata and result output. The subcommand modules
-import this one, never each other's internals.
+"""What the ``leanclip`` subcommands share (``leanclip.cli.classify``, ``leanclip.cli.contrastive``): checks, run
+records, the model built from ``--model`` / ``--pretrained``, the device, checkpoint metadata, the one restore path of
+``eval`` (``restore_inputs`` + ``prepare_from_checkpoint``) and result output. The subcommand modules import this one,
+never each other's internals.
 
 Everything here runs BEFORE any work or any write, so a rejected command leaves no trace:
 
@@ -24,10 +25,21 @@ import math
 import os
 from pathlib import Path
 
-from leanclip import utils
+from leanclip import utils, weights
+from leanclip.checkpoint import load_trainable
+from leanclip.configs import register_tiny_config
+from leanclip.contrastive import pretrain_contrastive
+from leanclip.data import clip_transform
+from leanclip.registry import method_options
+from leanclip.synthetic import make_caption_corpus
+from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source
 
 
 DEFAULT_MODEL = "leanclip-tiny"
+
+
+PROG = "leanclip"
+EXIT_USAGE = 2
 
 
 class UsageError(ValueError):
@@ -175,8 +187,6 @@ def weights_record(pretrained, model_name: str | None = None) -> dict | None:
     if _is_local_file(pretrained):
         path = os.path.abspath(pretrained)
         return {"source": path, "sha256": utils.sha256_file(path)}
-    from leanclip.weights import recordable_source
-
     return {"source": recordable_source(pretrained, model_name), "sha256": None}
 
 
@@ -185,8 +195,6 @@ def restore_model(args, saved_model: str | None, default_model: str) -> None:
     so it must be named again."""
     if not saved_model or args.model != default_model or saved_model == default_model:
         return
-    from leanclip.weights import LOCAL_DIR_PREFIX
-
     if saved_model.startswith(LOCAL_DIR_PREFIX):
         raise UsageError(f"the checkpoint was trained on --model {saved_model!r}: pass --model explicitly (eval "
                          f"never reads a path from a checkpoint on its own)")
@@ -216,6 +224,35 @@ def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = No
     args.pretrained = source
 
 
+def restore_inputs(args, meta: dict, record: dict) -> None:
+    """What ``eval`` takes from the run a checkpoint belongs to when the flag is not given: the architecture, the
+    weights (under the rule of the module docstring), the synthetic pre-training steps and the image size."""
+    restore_model(args, meta.get("model_name"), DEFAULT_MODEL)
+    restore_weights(args, record.get("weights"), legacy_path=record.get("pretrained"))
+    if not args.pretrain_steps and record.get("pretrain_steps"):
+        args.pretrain_steps = int(record["pretrain_steps"])
+    if args.image_size is None and record.get("image_size"):
+        args.image_size = int(record["image_size"])
+
+
+def prepare_from_checkpoint(model, meta: dict, tokenizer, model_name: str, *, classnames=None) -> None:
+    """Re-apply the checkpoint's method with the options it recorded (its ``init_from`` weights too), then load its
+    trainable parameters: the one restore path of ``eval`` for every task."""
+    from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
+
+    opts = dict(meta.get("options") or {})
+    accepted = {k for p in parse_method(meta["method"]) for k in method_options(p)}
+    method_opts = {k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS}
+    init_from = opts.get("init_from")
+    if init_from is not None and not os.path.isfile(init_from):
+        raise UsageError(f"--checkpoint {meta['path']!r} was trained from --init-from {init_from!r}, which is gone: "
+                         f"its frozen initial weights are needed to evaluate it")
+    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
+            classnames=classnames, tokenizer=tokenizer, model_name=model_name, init_from=init_from,
+            frozen_dtype=recorded_frozen_dtype(opts), **method_opts)
+    load_trainable(model, meta["path"])
+
+
 def _hashed_file(source: str, sha256) -> bool:
     """An absolute path recorded with its hash: True when the file still has it (UsageError when it changed)."""
     if not (isinstance(sha256, str) and os.path.isabs(source)):
@@ -230,8 +267,6 @@ def _hashed_file(source: str, sha256) -> bool:
 
 def _named_weights(source: str, model_name: str) -> bool:
     """An ``hf-hub:`` id or a pretrained tag of ``model_name``: resolved by open_clip, never a local path."""
-    from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX
-
     if source.startswith(HF_HUB_PREFIX):
         repo = source[len(HF_HUB_PREFIX):]
         return "/" in repo and ".." not in repo and not os.path.isabs(repo)
@@ -250,8 +285,6 @@ def method_opts_from_flags(parts: list[str], pairs) -> dict:
     """``--opt KEY=VALUE`` (repeatable) -> keyword options for ``prepare``: each key must be an option one of the
     method's components declares (``leanclip.registry.method_options``), and each value is read with the type of
     that option's default (int, float, true/false, or a comma-separated list where the default is a tuple)."""
-    from leanclip.registry import method_options
-
     declared = {}
     for p in parts:
         declared.update({k: v for k, v in method_options(p).items() if k not in _NOT_FROM_OPT})
@@ -361,9 +394,6 @@ def build_model(args):
     by ``leanclip.weights.create_model`` (tags, hub ids, folders, files; no file may run code)."""
     import open_clip
 
-    from leanclip import weights
-    from leanclip.configs import register_tiny_config
-
     register_tiny_config()
     schema = args.model.startswith((weights.HF_HUB_PREFIX, weights.LOCAL_DIR_PREFIX))
     if not schema and args.model not in open_clip.list_models():
@@ -388,10 +418,6 @@ def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: i
     """Contrastive pre-training on a synthetic caption corpus (leanclip.synthetic + leanclip.contrastive): gives a tiny,
     randomly initialised model above-chance zero-shot accuracy for smoke runs and tests. Returns the losses."""
     import torch
-
-    from leanclip.contrastive import pretrain_contrastive
-    from leanclip.data import clip_transform
-    from leanclip.synthetic import make_caption_corpus
 
     imgs, caps = make_caption_corpus(n_images, size=image_size, seed=seed)
     tf = clip_transform(image_size)

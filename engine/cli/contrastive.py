@@ -14,6 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from leanclip import distributed as D
+from leanclip.cli.common import (
+    UsageError, build_model, clear_run, emit, method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta,
+    restore_inputs, run_folder, setup_device, weights_record,
+)
+from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
+from leanclip.pairs import load_pairs, synthetic_pairs
+
 TRAIN_TASKS = ("classify", "contrastive")
 EVAL_TASKS = ("classify", "retrieval")
 SYNTHETIC_TRAIN_SEED, SYNTHETIC_EVAL_SEED = 100, 101   # not seed 0: the CLI's --pretrain-steps corpus
@@ -70,8 +78,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _usage(msg: str):
-    from leanclip.cli_common import UsageError
-
     return UsageError(msg)
 
 
@@ -82,8 +88,6 @@ def _reject_classify_data(args) -> None:
 
 
 def _load(path, root, split, allow_outside_root=False):
-    from leanclip.pairs import load_pairs
-
     return load_pairs(path, root, split=split, allow_outside_root=allow_outside_root)
 
 
@@ -93,8 +97,6 @@ def _image_size(model) -> int:
 
 
 def _synthetic(n: int, size: int, seed: int):
-    from leanclip.pairs import synthetic_pairs
-
     return synthetic_pairs(n, size=size, seed=seed)
 
 
@@ -124,9 +126,6 @@ def _short(metrics: dict) -> dict:
 def cmd_train_contrastive(args) -> int:
     import torch
 
-    from leanclip import distributed as D
-    from leanclip.cli_common import build_model, clear_run, emit, run_folder, weights_record
-    from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
     from leanclip.methods import method_contrastive_defaults, parse_method, prepare
 
     _reject_classify_data(args)
@@ -139,8 +138,6 @@ def cmd_train_contrastive(args) -> int:
         raise _usage("--task contrastive: use --warmup-steps (not --warmup-epochs)")
     parts = parse_method(args.method)
     method = "+".join(parts)
-    from leanclip.cli_common import method_opts_from_flags
-
     opts = {**method_opts_from_flags(parts, args.opt), **_method_opts(args, parts)}
     if args.threads is not None:  # its range: check_numbers
         torch.set_num_threads(args.threads)
@@ -211,12 +208,6 @@ def cmd_train_contrastive(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------------- eval
 def cmd_eval_retrieval(args) -> int:
-    from leanclip.checkpoint import load_trainable
-    from leanclip.cli_common import (DEFAULT_MODEL, build_model, emit, read_checkpoint_meta, recorded_frozen_dtype,
-                                     restore_model, restore_weights, setup_device)
-    from leanclip.contrastive import evaluate_retrieval
-    from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
-
     _reject_classify_data(args)
     device = setup_device(args)
     meta = read_checkpoint_meta(args.checkpoint)
@@ -224,13 +215,7 @@ def cmd_eval_retrieval(args) -> int:
     if extra.get("leanclip_task") != "contrastive":
         raise _usage(f"--checkpoint {meta['path']!r} was not written by 'train --task contrastive' (use --task "
                      f"classify for classification checkpoints)")
-    saved_model = meta.get("model_name")
-    restore_model(args, saved_model, DEFAULT_MODEL)
-    restore_weights(args, extra.get("weights"), legacy_path=extra.get("pretrained"))
-    if not args.pretrain_steps and extra.get("pretrain_steps"):
-        args.pretrain_steps = int(extra["pretrain_steps"])
-    if args.image_size is None and extra.get("image_size"):
-        args.image_size = int(extra["image_size"])
+    restore_inputs(args, meta, extra)
     model, tok, size, _ = build_model(args)
     size = _image_size(model)
     if args.pairs is not None:
@@ -239,14 +224,7 @@ def cmd_eval_retrieval(args) -> int:
         if args.pairs_split is not None:
             raise _usage("--pairs-split needs --pairs FILE")
         pairs = _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED)
-    opts = dict(meta.get("options") or {})
-    parts = parse_method(meta["method"])
-    accepted = {k for p in parts for k in method_options(p)}
-    method_opts = {k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS}
-    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
-            tokenizer=tok, model_name=args.model, frozen_dtype=recorded_frozen_dtype(opts),
-            **method_opts)
-    load_trainable(model, meta["path"])
+    prepare_from_checkpoint(model, meta, tok, args.model)
     model.to(device)
     res = evaluate_retrieval(model, pairs, tok, batch_size=args.batch_size or 256, device=device,
                              precision=args.precision, progress=not args.no_progress)

@@ -1,0 +1,310 @@
+"""``leanclip train`` / ``eval`` / ``zeroshot`` for classification (the few-shot protocol), and the data and synthetic
+weights they share; ``--task contrastive`` / ``retrieval`` hand over to ``leanclip.cli.contrastive``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from leanclip import contrastive, synthetic, utils
+from leanclip import data as D
+from leanclip.cli import contrastive as contrastive_cli
+from leanclip.cli.common import (
+    DEFAULT_MODEL, PROG, UsageError, build_model, clear_run, data_record, emit, method_opts_from_flags,
+    prepare_from_checkpoint, pretrain_synthetic, read_checkpoint_meta, restore_data, restore_inputs, run_folder,
+    setup_device, weights_record,
+)
+from leanclip.configs import create_random_model, register_tiny_config
+from leanclip.data import BadImageError, check_images
+from leanclip.templates import get_templates
+
+SYNTHETIC_MAX_SHOTS = 1000  # images per class the synthetic dataset may be asked to draw (and cache)
+
+# Training defaults when the flag is not given: the CLIPFit / CoOp recipe, replaced by what the method declares
+# (leanclip.methods.MethodTraits.train_defaults).
+BASE_DEFAULTS = {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
+                 "epochs": 10}
+
+
+# ------------------------------------------------------------------------------------------------------------- model
+def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps: int = 40, *, seed: int = 0) -> str:
+    """Path of a safetensors state dict of ``model_name`` (random init with torch seed 0) after
+    :func:`pretrain_synthetic` for ``steps`` steps, made once and cached in ``folder`` (keyed by the config, versions
+    and the code that makes it; written atomically). For tests, demos and smoke runs: ``--pretrained PATH``."""
+    import inspect
+    import warnings
+
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    register_tiny_config()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise UsageError(f"unknown open_clip config {model_name!r}")
+    key = hashlib.sha256(json.dumps([1, model_name, cfg, steps, seed, torch.__version__, open_clip.__version__,
+                                     inspect.getsource(contrastive.pretrain_contrastive),
+                                     inspect.getsource(pretrain_synthetic)], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    folder = Path(folder)
+    path = folder / f"{model_name}-synthetic{steps}-{key}.safetensors"
+    if path.is_file():
+        return str(path)
+    model = create_random_model(model_name, 0)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pretrain_synthetic(model, open_clip.get_tokenizer(model_name), steps, size, seed=seed)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    utils.atomic_write(path, lambda tmp: save_file(state, tmp))
+    return str(path)
+
+
+# -------------------------------------------------------------------------------------------------------------- data
+def _synthetic_root(args, image_size: int, n_train: int, n_val: int, n_test: int) -> str:
+    """The cached synthetic dataset for these sizes (leanclip.synthetic.cached_split_dataset: hash-checked before use,
+    rebuilt atomically when it does not match). Default home: a private (0700, own, not writable by others) folder
+    in the per-user cache, never a shared temp dir where another user could plant the images; ``--synthetic-dir``
+    names another folder explicitly."""
+    if args.synthetic_dir:
+        base = synthetic.private_dir(args.synthetic_dir, "--synthetic-dir")
+    else:
+        base = synthetic.private_dir(os.path.join(synthetic.cache_dir(), "synthetic"), "synthetic-data cache")
+    return synthetic.cached_split_dataset(base, args.synthetic_classes, image_size, n_train, n_val, n_test, seed=0)
+
+
+def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bool = True, need_train: bool = True):
+    """-> dict(train=Dataset | None, eval=Dataset, classnames, dataset, new=(Dataset, classnames) | None,
+    bad_images=[one-line reason per image left out by --skip-bad-images], record_selection=callable writing the
+    K-shot selection under --output, for the caller to run once nothing else can reject the command).
+    K-shot sampling (``need_train``) happens before the base/new subsampling, as in CoOp; --skip-bad-images drops
+    unreadable images after both, so it never changes which classes exist or how they are labelled."""
+    outside = bool(getattr(args, "allow_outside_root", False))
+    if args.data is not None:
+        if not args.dataset:
+            raise UsageError("--data needs --dataset NAME")
+        splits, _ = D.load_dataset(args.data, args.dataset, allow_outside_root=outside)
+        dataset = args.dataset
+    elif args.split_file is not None:
+        splits = D.read_split_file(args.split_file, args.image_root, allow_outside_root=outside)
+        dataset = args.dataset or _split_name(args.split_file)
+    else:
+        if args.dataset:
+            raise UsageError("--dataset needs --data ROOT (or use --split-file)")
+        if args.shots > SYNTHETIC_MAX_SHOTS:
+            raise UsageError(f"--shots {args.shots}: the synthetic dataset has {SYNTHETIC_MAX_SHOTS} training images "
+                             f"per class at most")
+        n_train = max(16, args.shots)
+        root = _synthetic_root(args, image_size, n_train, 4, 20)
+        splits, _ = D.load_dataset(root, "Synthetic")
+        dataset = "Synthetic"
+    train, record_selection = _few_shot(args, list(splits.get("train") or []), need_train)
+    splits = {"train": train, "val": list(splits.get("val") or []), "test": list(splits.get("test") or [])}
+    full = splits
+    splits, classnames = D.subsample_classes(full, args.subsample)
+    new_splits, new_names = D.subsample_classes(full, "new") if args.subsample == "base" else (None, None)
+    used = {"train": splits["train"] if need_train else [], "eval": splits[args.eval_split],
+            "new": new_splits[args.eval_split] if new_splits else []}
+    bad_images = _drop_bad_images(used) if getattr(args, "skip_bad_images", False) else _require_images(used)
+    if not used["eval"]:
+        raise UsageError(f"the {args.eval_split} split of {dataset!r} is "
+                         + ("empty" if not bad_images else "empty after --skip-bad-images"))
+    kw = {k: v for k, v in (("mean", mean), ("std", std)) if v}
+    tf_eval = D.clip_transform(image_size, train=False, **kw)
+    tf_train = D.clip_transform(image_size, train=True, **kw) if train_transform else tf_eval
+    return {
+        "dataset": dataset,
+        "classnames": classnames,
+        "train": D.ImageDataset(used["train"], tf_train) if used["train"] else None,
+        "eval": D.ImageDataset(used["eval"], tf_eval),
+        "new": (D.ImageDataset(used["new"], tf_eval), new_names) if used["new"] else None,
+        "bad_images": bad_images,
+        # writes the few-shot selection under --output: the caller runs it once every check (prepare's too) passed
+        "record_selection": record_selection,
+    }
+
+
+def _few_shot(args, train: list, need_train: bool):
+    """K-shot selection of ``train`` -> (selection, record): ``record()`` writes the selection under the run folder
+    (``--output``/fewshot) for later runs; a selection recorded there before is reused as it is."""
+    if not (train and args.shots and need_train):
+        return train, lambda: None
+    cache = os.path.join(args.output, "fewshot") if getattr(args, "output", None) else None
+    if cache and os.path.exists(D.few_shot_cache_path(train, args.shots, args.seed, cache)):
+        return D.few_shot_cached(train, args.shots, args.seed, cache), lambda: None
+    chosen = D.few_shot(train, args.shots, args.seed)
+    if cache is None:
+        return chosen, lambda: None
+    return chosen, lambda: D.few_shot_cached(train, args.shots, args.seed, cache)
+
+
+def _require_images(used: dict) -> list[str]:
+    """Before any work: every image the command will read must at least open as an image (header read; a truncated
+    file is still found at its first full read, as a one-line error naming it). Returns [] or raises the first
+    problem, with the count."""
+    _, bad = check_images([s for samples in used.values() for s in samples], decode=False)
+    if bad:
+        more = f" (and {len(bad) - 1} more; --skip-bad-images leaves them out)" if len(bad) > 1 else \
+            " (--skip-bad-images leaves such images out)"
+        raise BadImageError(f"{bad[0]}{more}", bad[0].path)
+    return []
+
+
+def _drop_bad_images(used: dict) -> list[str]:
+    """Decode every image of the sample lists in ``used`` once; drop the unreadable ones from them in place.
+    Returns one line per bad image and reports the count on stderr (one line)."""
+    everything = [s for samples in used.values() for s in samples]
+    _, bad = check_images(everything)
+    if bad:
+        bad_paths = {e.path for e in bad}
+        for name, samples in used.items():
+            used[name] = [s for s in samples if s.path not in bad_paths]
+        print(f"{PROG}: skipped {len(bad)} unreadable image(s) (--skip-bad-images), first: {bad[0]}",
+              file=sys.stderr)
+    return [str(e) for e in bad]
+
+
+def _split_name(path: str) -> str | None:
+    stem = Path(path).stem
+    return stem[len("split_zhou_"):] if stem.startswith("split_zhou_") else None
+
+
+def _templates(args, dataset):
+    override = args.templates
+    if override is not None and len(override) == 1:
+        override = override[0]
+    return get_templates(dataset, override)
+
+
+# ---------------------------------------------------------------------------------------------------------- commands
+def cmd_train(args) -> int:
+    if getattr(args, "task", "classify") != "classify":
+        return contrastive_cli.cmd_train_contrastive(args)
+    import torch
+
+    from leanclip.methods import (is_closed_set, method_options, method_train_defaults, method_trainer, parse_method,
+                                prepare)
+    from leanclip.trainer import TrainConfig, train
+
+    device = setup_device(args)
+    parts = parse_method(args.method)
+    method = "+".join(parts)
+    defaults = {**BASE_DEFAULTS, **method_train_defaults(method)}
+    pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
+    method_opts = method_opts_from_flags(parts, args.opt)
+    run_folder(args, os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}"))
+    _check_resume(args.resume, method)
+    if args.templates is not None:
+        _templates(args, None)  # every template must hold "{}"
+    weights = weights_record(args.pretrained, args.model)
+    model, tok, size, (mean, std) = build_model(args)
+    data = load_data(args, size, mean, std, train_transform=method_trainer(method) != "cached")
+    if data["train"] is None:
+        raise UsageError(f"the train split of {data['dataset']!r} is empty")
+    templates = _templates(args, data["dataset"])
+    prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
+            classnames=data["classnames"], tokenizer=tok, model_name=args.model,
+            frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
+            **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
+    data["record_selection"]()  # every input was checked: a rejected command leaves no few-shot file behind
+    cfg = TrainConfig(
+        method=method, epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
+        optimizer=pick("optimizer"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),
+        warmup_lr=args.warmup_lr, grad_accum=args.grad_accum, clip_grad_norm=args.clip_grad_norm,
+        precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
+        kd_lambda=args.kd_lambda, num_workers=args.num_workers, progress=not args.no_progress,
+        llu_lambda=args.llu_lambda, llu_clusters=args.llu_clusters or None,
+        extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
+               "image_size": args.image_size, "data": data_record(args, data["dataset"])},
+    )
+    eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}
+    if data["new"] is not None and not is_closed_set(method):
+        eval_sets["new"] = data["new"]
+    if args.warmup_epochs is not None:
+        _warmup_notice(cfg)
+    if args.overwrite:  # only now that every input was checked: a rejected command keeps the old run
+        clear_run(args.output)
+    summary = train(model, data["train"], data["classnames"], templates, tok, cfg, eval_sets=eval_sets,
+                    resume=args.resume)
+    result = {
+        "command": "train", "method": method, "model": args.model, "dataset": data["dataset"], "shots": args.shots,
+        "seed": args.seed, "subsample": args.subsample, "classes": len(data["classnames"]),
+        "train_images": len(data["train"]), "skipped_images": len(data["bad_images"]), "epochs": cfg.epochs,
+        "steps": summary["steps"],
+        "final_train_loss": summary["final_train_loss"], "metrics": summary["metrics"],
+        "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
+        "checkpoint": summary.get("checkpoint"), "output": args.output,
+    }
+    emit(result, args, "result.json")
+    return 0
+
+
+def _warmup_notice(cfg) -> None:
+    """A warm-up as long as the run is skipped (leanclip.trainer.lr_at): say so when the user asked for one."""
+    if cfg.warmup_epochs and cfg.warmup_epochs >= cfg.epochs:
+        utils.get_logger().warning("notice: --warmup-epochs %d >= --epochs %d: the run skips the warm-up",
+                                   cfg.warmup_epochs, cfg.epochs)
+
+
+def _check_resume(resume, method: str) -> None:
+    """``--resume`` must name a leanclip checkpoint (file or run folder) of the same method, before any work."""
+    if resume is None:
+        return
+    meta = read_checkpoint_meta(resume, flag="--resume")
+    if meta["method"] != method:
+        raise UsageError(f"--resume {meta['path']!r} is a {meta['method']!r} checkpoint, not --method {method!r}")
+
+
+def cmd_eval(args) -> int:
+    if getattr(args, "task", "classify") != "classify":
+        return contrastive_cli.cmd_eval_retrieval(args)
+    from leanclip.methods import is_closed_set
+    from leanclip.trainer import evaluate
+
+    device = setup_device(args)
+    meta = read_checkpoint_meta(args.checkpoint)
+    extra = meta.get("extra") or {}
+    run_cfg = (extra.get("config") or {}).get("extra") or {}  # what `leanclip train` built the model from
+    restore_inputs(args, meta, run_cfg)
+    restore_data(args, run_cfg.get("data"))
+    model, tok, size, (mean, std) = build_model(args)
+    data = load_data(args, size, mean, std, train_transform=False, need_train=False)
+    templates = _templates(args, data["dataset"]) if args.templates else (extra.get("templates")
+                                                                           or _templates(args, data["dataset"]))
+    opts = meta.get("options") or {}
+    train_names = opts.get("classnames") or extra.get("classnames") or data["classnames"]
+    prepare_from_checkpoint(model, meta, tok, args.model, classnames=train_names)
+    model.to(device)
+    if is_closed_set(meta["method"]) and len(train_names) != len(data["classnames"]):
+        raise UsageError(f"linear-probe checkpoint classifies {len(train_names)} classes; the evaluation set has "
+                         f"{len(data['classnames'])} (a probe cannot evaluate new classes)")
+    res = evaluate(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,
+                   precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
+    result = {"command": "eval", "method": meta["method"], "checkpoint": meta["path"], "dataset": data["dataset"],
+              "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
+              "skipped_images": len(data["bad_images"]), **res}
+    emit(result, args, "eval.json")
+    return 0
+
+
+def cmd_zeroshot(args) -> int:
+    from leanclip.trainer import zeroshot
+
+    device = setup_device(args)
+    model, tok, size, (mean, std) = build_model(args)
+    data = load_data(args, size, mean, std, train_transform=False, need_train=False)
+    templates = _templates(args, data["dataset"])
+    model.to(device)
+    res = zeroshot(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,
+                   precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
+    result = {"command": "zeroshot", "model": args.model, "pretrained": args.pretrained, "dataset": data["dataset"],
+              "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
+              "templates": templates, "skipped_images": len(data["bad_images"]), **res}
+    emit(result, args, "zeroshot.json")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "zeroshot": cmd_zeroshot}
