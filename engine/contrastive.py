@@ -1,179 +1,50 @@
-"""Contrastive image–text training (CLIP objective).
+"""LilT / LiT contrastive alignment: learnable temperature, global-batch InfoNCE, a DDP-ready training loop and
+retrieval evaluation.
 
-    loss = clip_loss(img_feats, txt_feats, logit_scale)          # symmetric InfoNCE on a batch of pairs
-    losses = pretrain_contrastive(model, images, captions, tokenizer, steps=300, batch_size=64, lr=1e-3, seed=0)
+    leanclip.prepare(model, "lilt-ln")                                  # adds the learnable temperature
+    summary = train_contrastive(model, pairs, tokenizer, ContrastiveConfig(epochs=5, batch_size=256))
+    evaluate_retrieval(model, test_pairs, tokenizer)                  # {"i2t_R@1", ..., "t2i_R@10", "mean"}
 
-``clip_loss`` is the loss of Radford et al. (2021): with ``S = logit_scale · I·Tᵀ`` for L2-normalized image features
-``I`` (B×E) and text features ``T`` (B×E), pair ``i`` is the positive of row ``i`` and column ``i``:
+Loss. With L2-normalized features, s = 1/tau and the global batch of W ranks x b pairs (features all-gathered WITH
+gradient), rank r scores its own b images against all W*b captions and its own b captions against all W*b images:
 
-    L = ½ · ( CE(S, arange(B)) + CE(Sᵀ, arange(B)) )
+    L_r = 1/2 * ( CE(s * I_r T^T, y_r) + CE(s * T_r I^T, y_r) ),   y_r = r*b + arange(b)
 
-``pretrain_contrastive`` is a plain, seeded full-training loop (AdamW, linear warm-up then cosine decay, logit scale
-clamped at 100 as in open_clip) that every parameter of ``model`` takes part in. It is meant for small in-memory
-corpora (the demo's synthetic one); it does not change which parameters are trainable.
+mean_r L_r is exactly the single-process symmetric InfoNCE of the W*b batch, and because the all-gather's backward
+sums every rank's gradient for a slice, DDP's gradient average equals the single-process gradient.
+
+The loop uses the shared training components (``leanclip.training``: schedule, AdamW with decay on matrices,
+checkpoint state with every RNG, run log); ``clip_loss`` and ``pretrain_contrastive`` (``leanclip.pretrain``) are
+re-exported here.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable, Sequence
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 
-from leanclip import utils
 from leanclip import distributed as D
-from leanclip.checkpoint import load_trainable, save_trainable
+from leanclip import utils
 from leanclip.data import ItemSeeds, clip_transform, seeded_dataset
 from leanclip.distributed import all_gather_with_grad
 from leanclip.metrics import retrieval_recall_from_features
 from leanclip.pairs import ImageListDataset, PairDataset, PairSet
+from leanclip.pretrain import clip_loss, pretrain_contrastive  # noqa: F401  (re-exported)
 from leanclip.registry import check_task, method_hooks
+from leanclip.training import (cosine_lr, load_run_state, matrix_decay_adamw, model_device, resume_log,
+                               save_run_state, set_lr)
 
-__all__ = ["clip_loss", "pretrain_contrastive"]
-
-_MAX_LOGIT_SCALE = math.log(100.0)
-
-
-def clip_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale) -> torch.Tensor:
-    """Symmetric InfoNCE of a batch of matching pairs (row ``i`` of each is one pair).
-
-    ``img_feats``, ``txt_feats``: (B, E) features, L2-normalized by the caller (as open_clip's ``CLIP.forward``
-    returns them); ``logit_scale``: the multiplier itself (``model.logit_scale.exp()``), a float or a scalar tensor.
-    Computed and returned in float32 (16-bit inputs are upcast; float64 inputs stay float64, for gradcheck)."""
-    if not isinstance(img_feats, torch.Tensor) or not isinstance(txt_feats, torch.Tensor):
-        raise TypeError("img_feats and txt_feats must be tensors")
-    if img_feats.dim() != 2 or txt_feats.dim() != 2:
-        raise ValueError(f"img_feats and txt_feats must be 2-D (B, E); got {tuple(img_feats.shape)} and "
-                         f"{tuple(txt_feats.shape)}")
-    if img_feats.shape != txt_feats.shape:
-        raise ValueError(f"img_feats {tuple(img_feats.shape)} and txt_feats {tuple(txt_feats.shape)} must match")
-    if img_feats.shape[0] == 0:
-        raise ValueError("img_feats: empty batch")
-    dt = torch.float64 if torch.float64 in (img_feats.dtype, txt_feats.dtype) else torch.float32
-    logits = logit_scale * (img_feats.to(dt) @ txt_feats.to(dt).t())
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only (not on gains, biases, embeddings' scalars or the logit scale)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def pretrain_contrastive(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    captions: Sequence[str],
-    tokenizer: Callable,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    *,
-    weight_decay: float = 0.1,
-    warmup: int | None = None,
-    progress: bool = False,
-    desc: str = "pretrain",
-) -> list[float]:
-    """Train ``model`` (an open_clip CLIP) on ``(images[i], captions[i])`` pairs for ``steps`` AdamW steps.
-
-    ``images``: (N, 3, H, W) float tensor, already normalized for the model; ``captions``: N strings; ``tokenizer``:
-    open_clip tokenizer (list of str -> (n, context_length) int64). Batches are drawn without replacement from a
-    seeded permutation (a new one each epoch), so the run is reproducible for a given ``seed`` on a given machine.
-    Learning rate: linear warm-up over ``warmup`` steps (default 10% of ``steps``), then cosine decay to 0.
-    Returns the loss of every step. The model is left in eval mode. A non-finite loss or gradient raises
-    ``leanclip.utils.NonFiniteLossError`` before the update that would spread it."""
-    if images.dim() != 4:
-        raise ValueError(f"images must be (N, 3, H, W); got {tuple(images.shape)}")
-    if len(captions) != images.shape[0]:
-        raise ValueError(f"captions: {len(captions)} captions for {images.shape[0]} images")
-    if steps < 1 or batch_size < 2:
-        raise ValueError(f"steps must be >= 1 and batch_size >= 2; got steps={steps}, batch_size={batch_size}")
-    n = images.shape[0]
-    batch_size = min(batch_size, n)
-    device = next(model.parameters()).device
-    tokens = tokenizer(list(captions))
-    warmup = max(1, int(0.1 * steps)) if warmup is None else max(0, warmup)
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters")
-    groups = _param_groups(model, weight_decay)
-    try:  # the fused kernel is ~8x faster on CPU (one pass over the big token embedding); same update rule
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.5 * lr * (1.0 + math.cos(math.pi * t))
-
-    bar = utils.Progress(steps, desc, progress)
-    losses: list[float] = []
-    perm, pos = torch.randperm(n, generator=gen), 0
-    model.train()
-    try:
-        for step in range(steps):
-            if pos + batch_size > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos:pos + batch_size]
-            pos += batch_size
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            img = images[idx].to(device, non_blocking=True)
-            txt = tokens[idx].to(device, non_blocking=True)
-            img_f = F.normalize(model.encode_image(img), dim=-1)
-            txt_f = F.normalize(model.encode_text(txt), dim=-1)
-            loss = clip_loss(img_f, txt_f, model.logit_scale.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_v, gn = torch.stack([loss.detach().float(), utils.grad_norm(params).float().to(loss.device)]).tolist()
-            utils.check_finite_step(loss_v, gn, step=step + 1, epoch=step * batch_size // n + 1, lr=lr_at(step))
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
-            losses.append(loss_v)
-            bar.update(1, loss=f"{loss_v:.3f}")
-    finally:
-        bar.close()
-        model.eval()
-    return losses
-
-
-# =====================================================================================================================
-# LilT / LiT contrastive alignment: learnable temperature, global-batch InfoNCE, a DDP-ready training loop and
-# retrieval evaluation (clip_loss / pretrain_contrastive above serve the synthetic pre-training of the demo).
-#
-#     leanclip.prepare(model, "lilt-ln")                                  # adds model.lilt_temperature
-#     summary = train_contrastive(model, pairs, tokenizer, ContrastiveConfig(epochs=5, batch_size=256))
-#     evaluate_retrieval(model, test_pairs, tokenizer)                  # {"i2t_R@1", ..., "t2i_R@10", "mean"}
-#
-# Loss. With L2-normalized features, s = 1/tau and the global batch of W ranks x b pairs (features all-gathered WITH
-# gradient), rank r scores its own b images against all W*b captions and its own b captions against all W*b images:
-#
-#     L_r = 1/2 * ( CE(s * I_r T^T, y_r) + CE(s * T_r I^T, y_r) ),   y_r = r*b + arange(b)
-#
-# mean_r L_r is exactly the single-process symmetric InfoNCE of the W*b batch, and because the all-gather's backward
-# sums every rank's gradient for a slice, DDP's gradient average equals the single-process gradient.
-# =====================================================================================================================
-import dataclasses as _dc  # noqa: E402
-import time as _time  # noqa: E402
-from dataclasses import dataclass as _dataclass, field as _field  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-
-from torch import nn as _nn  # noqa: E402
-
-__all__ += ["LearnableTemperature", "contrastive_loss", "gather_features", "ContrastiveConfig", "train_contrastive",
-            "evaluate_retrieval", "encode_pairs", "ContrastiveEncoder"]
+__all__ = ["clip_loss", "pretrain_contrastive", "LearnableTemperature", "contrastive_loss", "gather_features",
+           "ContrastiveConfig", "train_contrastive", "evaluate_retrieval", "encode_pairs", "ContrastiveEncoder"]
 
 TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
 CONTRASTIVE_CHECKPOINT = "checkpoint.safetensors"
@@ -181,7 +52,7 @@ CONTRASTIVE_LOG = "log.jsonl"
 CONTRASTIVE_SUMMARY = "summary.json"
 
 
-class LearnableTemperature(_nn.Module):
+class LearnableTemperature(nn.Module):
     """Learnable softmax temperature tau (ALBEF / LilT): ``temp`` starts at ``init`` (0.07) and is kept in
     [``min``, ``max``] = [0.001, 0.5] (``clamp_()`` in place after each optimizer step; the forward clamps the value too,
     with a straight-through gradient so a temperature sitting on a bound can still move back inside), i.e. a logit
@@ -195,7 +66,7 @@ class LearnableTemperature(_nn.Module):
         if not min <= init <= max:
             raise ValueError(f"temperature init={init} must lie in [min, max] = [{min}, {max}]")
         self.min, self.max = float(min), float(max)
-        self.temp = _nn.Parameter(torch.tensor(float(init)))
+        self.temp = nn.Parameter(torch.tensor(float(init)))
 
     def extra_repr(self) -> str:
         return f"temp={float(self.temp):.4g}, range=[{self.min}, {self.max}]"
@@ -244,13 +115,13 @@ def contrastive_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_sca
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
-class ContrastiveEncoder(_nn.Module):
+class ContrastiveEncoder(nn.Module):
     """``forward(images, tokens) -> (image features, text features, logit scale)`` of a prepared model: the unit
     DistributedDataParallel wraps (so DDP sees the forward). Features are float32 and L2-normalized (lean models
     encode text with the exact EOT-truncated context); the logit scale is ``model.lilt_temperature()`` when the method
     added one, else ``model.logit_scale.exp()`` capped at 100 (open_clip)."""
 
-    def __init__(self, model: _nn.Module):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -268,7 +139,7 @@ class ContrastiveEncoder(_nn.Module):
         return img, txt, self.logit_scale()
 
 
-@_dataclass
+@dataclass
 class ContrastiveConfig:
     epochs: int = 1
     max_steps: int | None = None       # run length in optimizer steps, overrides epochs (None: epochs * steps per
@@ -294,7 +165,7 @@ class ContrastiveConfig:
     gather: bool = True                # negatives from the global batch (all ranks)
     checkpoint_every_epoch: bool = True
     eval_batch_size: int = 256
-    extra: dict = _field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "ContrastiveConfig":
         def pos_int(name, v, minimum=1):
@@ -324,26 +195,10 @@ class ContrastiveConfig:
         return self
 
     def to_dict(self) -> dict:
-        return _dc.asdict(self)
+        return dataclasses.asdict(self)
 
 
-def _lr_at(step: int, cfg: ContrastiveConfig, total: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
-def _adamw_groups(model: _nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "temperature" not in name and "logit_scale" not in name else no_decay).append(p)
-    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
-            if g["params"]]
-
-
-def _default_transform(model: _nn.Module, train: bool, augment: bool):
+def _default_transform(model: nn.Module, train: bool, augment: bool):
     size = model.visual.image_size
     size = size if isinstance(size, int) else tuple(size)
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
@@ -353,7 +208,7 @@ def _default_transform(model: _nn.Module, train: bool, augment: bool):
     return clip_transform(size, train=False, **kw)
 
 
-def _precision_for(model: _nn.Module, precision: str, device: torch.device) -> str:
+def _precision_for(model: nn.Module, precision: str, device: torch.device) -> str:
     """``utils.resolve_precision``, except that a model holding 16-bit frozen weights (``prepare(...,
     frozen_dtype=torch.bfloat16)``) runs under bf16 autocast with ``auto`` (its fp32 trainable projections / adapters
     meet bf16 activations) and is an error with an explicit ``fp32``."""
@@ -366,12 +221,6 @@ def _precision_for(model: _nn.Module, precision: str, device: torch.device) -> s
     return utils.resolve_precision(precision, device)
 
 
-def _model_device_of(model) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def _check_contrastive_method(model) -> str:
     info = getattr(model, "leanclip_info", None)
     if not info:
@@ -382,7 +231,7 @@ def _check_contrastive_method(model) -> str:
     return method
 
 
-def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: ContrastiveConfig | None = None, *,
+def train_contrastive(model: nn.Module, pairs, tokenizer: Callable, cfg: ContrastiveConfig | None = None, *,
                       eval_pairs=None, transform: Callable | None = None, resume=None) -> dict:
     """Contrastive alignment of a prepared model on image-text ``pairs`` (an ``leanclip.pairs.PairSet``).
 
@@ -395,199 +244,245 @@ def train_contrastive(model: _nn.Module, pairs, tokenizer: Callable, cfg: Contra
     and at the end; ``leanclip.checkpoint.save_trainable`` with the optimizer state) and ``summary.json``.
     ``resume``: a checkpoint of this run (file or run dir) to continue from. ``eval_pairs``: evaluated (retrieval)
     after training on rank 0. Returns a summary dict (losses per step, timing, metrics)."""
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
     cfg = (cfg or ContrastiveConfig()).validate()
     method = _check_contrastive_method(model)
     if not isinstance(pairs, PairSet):
         raise TypeError(f"pairs must be an leanclip.pairs.PairSet, got {type(pairs).__name__}")
     if tokenizer is None or not callable(tokenizer):
         raise ValueError("a tokenizer (callable: list[str] -> LongTensor) is needed")
-    rank, world = D.get_rank(), D.get_world_size()
-    local_bs = D.check_batch_size(cfg.batch_size, world)
-    n = len(pairs)
-    steps_per_epoch = n // cfg.batch_size
+    run = _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume)
+    model.train()
+    try:
+        for epoch in range(run.step // run.steps_per_epoch, run.n_epochs):
+            if run.step >= run.stop:
+                break
+            _contrastive_epoch(run, epoch)
+            if cfg.checkpoint_every_epoch and run.step < run.stop:
+                _save_contrastive(run, epoch + 1)
+                D.barrier()
+        _save_contrastive(run, math.ceil(run.step / run.steps_per_epoch))
+        D.barrier()
+    finally:
+        run.bar.close()
+        model.eval()
+    return _contrastive_summary(run, eval_pairs, transform)
+
+
+@dataclass
+class _ContrastiveRun:
+    """What one contrastive run carries from step to step."""
+    model: nn.Module
+    method: str
+    tokenizer: Callable
+    cfg: ContrastiveConfig
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    local_batch: int
+    steps_per_epoch: int
+    total: int
+    n_epochs: int
+    stop: int
+    out_dir: Path | None
+    params: list
+    opt: torch.optim.Optimizer
+    encoder: ContrastiveEncoder
+    net: nn.Module
+    dataset: Any
+    bar: Any = None
+    step: int = 0
+    history: list = field(default_factory=list)
+    pairs_seen: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return self.out_dir / CONTRASTIVE_CHECKPOINT if self.out_dir is not None else None
+
+
+def _run_length(cfg: ContrastiveConfig, n_pairs: int) -> tuple[int, int, int, int]:
+    """(steps per epoch, total steps, epochs, steps of this invocation) for ``n_pairs`` pairs."""
+    steps_per_epoch = n_pairs // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n} training pairs (the last incomplete "
-                         f"global batch is dropped, so no step would run)")
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n_pairs} training pairs (the last "
+                         f"incomplete global batch is dropped, so no step would run)")
     total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else cfg.max_steps
-    n_epochs = math.ceil(total / steps_per_epoch)
+    stop = total if cfg.stop_after_step is None else min(total, cfg.stop_after_step)
+    return steps_per_epoch, total, math.ceil(total / steps_per_epoch), stop
+
+
+def _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume) -> _ContrastiveRun:
+    """Device, seed, optimizer, the DDP-wrapped encoder, the dataset, and the state of an interrupted run."""
+    rank, world = D.get_rank(), D.get_world_size()
+    local_batch = D.check_batch_size(cfg.batch_size, world)
+    steps_per_epoch, total, n_epochs, stop = _run_length(cfg, len(pairs))
     device = utils.resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     precision = _precision_for(model, cfg.precision, device)
-    main = rank == 0
-    out_dir = _Path(cfg.output) if cfg.output else None
-    if out_dir is not None and main:
+    out_dir = Path(cfg.output) if cfg.output else None
+    if out_dir is not None and rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         utils.remove_stale_temps(out_dir)
-    log = utils.get_logger()
-    ckpt = out_dir / CONTRASTIVE_CHECKPOINT if out_dir is not None else None
-
     utils.seed_everything(cfg.seed)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
-    groups = _adamw_groups(model, cfg.weight_decay)
-    try:  # the fused kernel (one pass per tensor) is much faster, on CPU too (LiT's token embedding); same rule
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    temp = method_hooks(model).get("temperature")
+    opt = matrix_decay_adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     encoder = ContrastiveEncoder(model)
-    net = D.wrap_ddp(encoder, device)
     # a random augmentation must not be cached: each pass draws its own crops (seeded per item and epoch)
     ds = PairDataset(pairs, transform if transform is not None else _default_transform(model, True, cfg.augment),
                      cache=False if cfg.augment else None)
-
-    step, history = 0, []
+    run = _ContrastiveRun(model, method, tokenizer, cfg, device, precision, rank, world, local_batch,
+                          steps_per_epoch, total, n_epochs, stop, out_dir, params, opt, encoder,
+                          D.wrap_ddp(encoder, device), ds)
     if resume is not None:
-        step, history = _resume_contrastive(model, opt, resume, cfg, steps_per_epoch)
-    elif out_dir is not None and main and (out_dir / CONTRASTIVE_LOG).exists():
+        run.step, run.history = _resume_contrastive(model, opt, resume, cfg, steps_per_epoch)
+    elif out_dir is not None and rank == 0 and (out_dir / CONTRASTIVE_LOG).exists():
         (out_dir / CONTRASTIVE_LOG).unlink()
     D.barrier()
+    run.bar = utils.Progress(total, f"contrastive {method}", cfg.progress and rank == 0, initial=run.step)
+    run.t_start = time.perf_counter()
+    return run
 
-    def save(epoch_done: int) -> None:
-        if out_dir is None or not main:
-            return
-        utils.check_finite_params(params, step=step, epoch=epoch_done, lr=_lr_at(max(step - 1, 0), cfg, total),
-                                  checkpoint=ckpt)
-        meta = {"leanclip_task": "contrastive", "method": method, "step": step, "steps_per_epoch": steps_per_epoch,
-                "epoch": epoch_done, "world_size": world, "config": cfg.to_dict(), "rng": utils.get_rng_state()}
-        meta.update(cfg.extra or {})
-        save_trainable(model, out_dir / CONTRASTIVE_CHECKPOINT, optimizer=opt, step=step, extra_meta=meta)
 
-    bar = utils.Progress(total, f"contrastive {method}", cfg.progress and main, initial=step)
-    t_start, pairs_seen = _time.perf_counter(), 0
-    model.train()
-    try:
-        start_epoch = step // steps_per_epoch
-        stop = total if cfg.stop_after_step is None else min(total, cfg.stop_after_step)
-        for epoch in range(start_epoch, n_epochs):
-            if step >= stop:
-                break
-            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
-                                         drop_last=True)
-            sampler.set_epoch(epoch)
-            # augmentations seeded per (seed, epoch, pair): the run does not depend on the worker count
-            loader = DataLoader(seeded_dataset(ds), batch_size=local_bs, sampler=ItemSeeds(sampler, cfg.seed, epoch),
-                                drop_last=True, num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-                                persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
-            skip = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
-            t_step = _time.perf_counter()
-            for i, (images, captions) in enumerate(loader):
-                if i < skip:
-                    continue
-                if step >= stop or i >= steps_per_epoch:
-                    break
-                lr = _lr_at(step, cfg, total)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                tokens = torch.as_tensor(tokenizer(list(captions)))
-                images = images.to(device, non_blocking=True)
-                tokens = tokens.to(device, non_blocking=True)
-                with utils.autocast(device, precision):
-                    img_f, txt_f, scale = net(images, tokens)
-                loss = contrastive_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
-                    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-                else:
-                    gnorm = utils.grad_norm(params)
-                # one host sync per step, before the update; the loss is the mean over ranks and the gradients
-                # are all-reduced, so every rank sees the same values and stops together
-                gloss, gn = torch.stack([D.all_reduce_mean(loss.detach().float()),
-                                         gnorm.detach().float().to(loss.device)]).tolist()
-                utils.check_finite_step(gloss, gn, step=step + 1, epoch=epoch + 1, lr=lr, checkpoint=ckpt)
-                opt.step()
-                if temp is not None:
-                    temp.clamp_()
-                step += 1
-                dt = _time.perf_counter() - t_step
-                t_step = _time.perf_counter()
-                pairs_seen += cfg.batch_size
-                rec = {"step": step, "epoch": epoch + 1, "loss": gloss, "lr": lr,
-                       "temperature": float(1.0 / scale.detach().float()),
-                       "pairs_per_s": cfg.batch_size / dt if dt > 0 else None}
-                mem = utils.peak_memory_bytes(device)
-                if mem is not None:
-                    rec["peak_mem_bytes"] = mem
-                history.append(rec)
-                if main:
-                    if out_dir is not None and (step % cfg.log_every == 0 or step == stop):
-                        utils.append_jsonl(out_dir / CONTRASTIVE_LOG, rec)
-                    bar.update(1, loss=f"{gloss:.4f}", tau=f"{rec['temperature']:.4f}", lr=f"{lr:.2e}")
-            ep = [r["loss"] for r in history if r["epoch"] == epoch + 1]
-            if ep and main:
-                log.info("epoch %d/%d: loss %.4f", epoch + 1, n_epochs, sum(ep) / len(ep))
-            if cfg.checkpoint_every_epoch and step < stop:
-                save(epoch + 1)
-                D.barrier()
-        save(math.ceil(step / steps_per_epoch))
-        D.barrier()
-    finally:
-        bar.close()
-        model.eval()
-    seconds = _time.perf_counter() - t_start
-    metrics = {}
-    if eval_pairs is not None and main:
-        metrics = evaluate_retrieval(model, eval_pairs, tokenizer, batch_size=cfg.eval_batch_size, device=device,
-                                     precision=precision, transform=transform)
-        log.info("retrieval: %s", metrics)
-    summary = {
-        "task": "contrastive", "method": method, "config": cfg.to_dict(), "device": str(device),
-        "precision": precision, "world_size": world, "steps": step, "steps_per_epoch": steps_per_epoch,
-        "losses": [r["loss"] for r in history], "final_loss": history[-1]["loss"] if history else None,
-        "temperature": float(1.0 / encoder.logit_scale().detach().float()), "metrics": metrics,
-        "seconds": seconds, "pairs_per_s": pairs_seen / seconds if seconds > 0 else None,
-    }
-    if out_dir is not None and main:
-        summary["checkpoint"] = str(out_dir / CONTRASTIVE_CHECKPOINT)
-        summary["log"] = str(out_dir / CONTRASTIVE_LOG)
-        utils.atomic_write_json(out_dir / CONTRASTIVE_SUMMARY, {k: v for k, v in summary.items() if k != "losses"})
-    return summary
+def _epoch_loader(run: _ContrastiveRun, epoch: int) -> DataLoader:
+    """This rank's batches of ``epoch``: a function of (seed, epoch) only, whatever the worker count."""
+    cfg = run.cfg
+    sampler = DistributedSampler(run.dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=cfg.seed,
+                                 drop_last=True)
+    sampler.set_epoch(epoch)
+    return DataLoader(seeded_dataset(run.dataset), batch_size=run.local_batch,
+                      sampler=ItemSeeds(sampler, cfg.seed, epoch), drop_last=True, num_workers=cfg.num_workers,
+                      pin_memory=run.device.type == "cuda", persistent_workers=False,
+                      generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _contrastive_epoch(run: _ContrastiveRun, epoch: int) -> None:
+    skip = run.step - epoch * run.steps_per_epoch  # > 0 only when resuming mid-epoch
+    t_step = time.perf_counter()
+    for i, (images, captions) in enumerate(_epoch_loader(run, epoch)):
+        if i < skip:
+            continue
+        if run.step >= run.stop or i >= run.steps_per_epoch:
+            break
+        rec = _contrastive_step(run, epoch, images, captions, t_step)
+        t_step = time.perf_counter()
+        if run.main:
+            if run.out_dir is not None and (run.step % run.cfg.log_every == 0 or run.step == run.stop):
+                utils.append_jsonl(run.out_dir / CONTRASTIVE_LOG, rec)
+            run.bar.update(1, loss=f"{rec['loss']:.4f}", tau=f"{rec['temperature']:.4f}", lr=f"{rec['lr']:.2e}")
+    losses = [r["loss"] for r in run.history if r["epoch"] == epoch + 1]
+    if losses and run.main:
+        utils.get_logger().info("epoch %d/%d: loss %.4f", epoch + 1, run.n_epochs, sum(losses) / len(losses))
+
+
+def _contrastive_step(run: _ContrastiveRun, epoch: int, images, captions, t_step: float) -> dict:
+    """One optimizer step on a batch; the finiteness check is its one host sync, before the update. The loss is the
+    mean over ranks and the gradients are all-reduced, so every rank sees the same values and stops together."""
+    cfg, device = run.cfg, run.device
+    lr = cosine_lr(run.step, run.total, cfg.lr, warmup=cfg.warmup_steps, min_lr=cfg.min_lr)
+    set_lr(run.opt, lr)
+    tokens = torch.as_tensor(run.tokenizer(list(captions))).to(device, non_blocking=True)
+    images = images.to(device, non_blocking=True)
+    with utils.autocast(device, run.precision):
+        img_f, txt_f, scale = run.net(images, tokens)
+    loss = contrastive_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
+        gnorm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip_grad_norm)
+    else:
+        gnorm = utils.grad_norm(run.params)
+    gloss, gn = torch.stack([D.all_reduce_mean(loss.detach().float()),
+                             gnorm.detach().float().to(loss.device)]).tolist()
+    utils.check_finite_step(gloss, gn, step=run.step + 1, epoch=epoch + 1, lr=lr, checkpoint=run.checkpoint)
+    run.opt.step()
+    temp = method_hooks(run.model).get("temperature")
+    if temp is not None:
+        temp.clamp_()
+    run.step += 1
+    dt = time.perf_counter() - t_step
+    run.pairs_seen += cfg.batch_size
+    rec = {"step": run.step, "epoch": epoch + 1, "loss": gloss, "lr": lr,
+           "temperature": float(1.0 / scale.detach().float()),
+           "pairs_per_s": cfg.batch_size / dt if dt > 0 else None}
+    mem = utils.peak_memory_bytes(device)
+    if mem is not None:
+        rec["peak_mem_bytes"] = mem
+    run.history.append(rec)
+    return rec
+
+
+def _save_contrastive(run: _ContrastiveRun, epoch_done: int) -> None:
+    """Rank 0's checkpoint (``leanclip.training.save_run_state``), all weights finite."""
+    if run.out_dir is None or not run.main:
+        return
+    cfg = run.cfg
+    utils.check_finite_params(run.params, step=run.step, epoch=epoch_done, checkpoint=run.checkpoint,
+                              lr=cosine_lr(max(run.step - 1, 0), run.total, cfg.lr, warmup=cfg.warmup_steps,
+                                           min_lr=cfg.min_lr))
+    meta = {"leanclip_task": "contrastive", "method": run.method, "step": run.step,
+            "steps_per_epoch": run.steps_per_epoch, "epoch": epoch_done, "world_size": run.world,
+            "config": cfg.to_dict(), **(cfg.extra or {})}
+    save_run_state(run.model, run.opt, run.checkpoint, run.step, meta)
 
 
 def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, list]:
-    p = _Path(path)
-    if p.is_dir():
-        p = p / CONTRASTIVE_CHECKPOINT
-    if not p.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {str(p)!r}")
-    meta = load_trainable(model, p, optimizer=opt)
-    extra = meta.get("extra") or {}
-    if extra.get("leanclip_task") != "contrastive":
-        raise ValueError(f"resume: {str(p)!r} is not a contrastive-training checkpoint")
-    if int(extra.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
-        raise ValueError(f"resume: checkpoint has {extra.get('steps_per_epoch')} steps per epoch, this run "
+    meta = load_run_state(model, opt, path, CONTRASTIVE_CHECKPOINT)
+    if meta.get("leanclip_task") != "contrastive":
+        raise ValueError(f"resume: {meta['path']!r} is not a contrastive-training checkpoint")
+    if int(meta.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
+        raise ValueError(f"resume: checkpoint has {meta.get('steps_per_epoch')} steps per epoch, this run "
                          f"{steps_per_epoch} (dataset or batch size changed)")
-    if "rng" in extra:
-        utils.set_rng_state(extra["rng"])
-    step = int(extra.get("step", meta.get("step") or 0))
-    history = []
-    if cfg.output:
-        lp = _Path(cfg.output) / CONTRASTIVE_LOG
-        if lp.exists():
-            utils.truncate_jsonl(lp, lambda r: r.get("step", 0) <= step)
-            history = [r for r in utils.read_jsonl(lp) if "loss" in r]
-    return step, history
+    if "rng" in meta:
+        utils.set_rng_state(meta["rng"])
+    step = int(meta.get("step") or 0)
+    return step, resume_log(cfg.output, step, CONTRASTIVE_LOG)
+
+
+def _contrastive_summary(run: _ContrastiveRun, eval_pairs, transform) -> dict:
+    """Retrieval on ``eval_pairs`` (rank 0) and the run's summary (also ``summary.json``)."""
+    seconds = time.perf_counter() - run.t_start
+    metrics = {}
+    if eval_pairs is not None and run.main:
+        metrics = evaluate_retrieval(run.model, eval_pairs, run.tokenizer, batch_size=run.cfg.eval_batch_size,
+                                     device=run.device, precision=run.precision, transform=transform)
+        utils.get_logger().info("retrieval: %s", metrics)
+    history = run.history
+    summary = {
+        "task": "contrastive", "method": run.method, "config": run.cfg.to_dict(), "device": str(run.device),
+        "precision": run.precision, "world_size": run.world, "steps": run.step,
+        "steps_per_epoch": run.steps_per_epoch, "losses": [r["loss"] for r in history],
+        "final_loss": history[-1]["loss"] if history else None,
+        "temperature": float(1.0 / run.encoder.logit_scale().detach().float()), "metrics": metrics,
+        "seconds": seconds, "pairs_per_s": run.pairs_seen / seconds if seconds > 0 else None,
+    }
+    if run.out_dir is not None and run.main:
+        summary["checkpoint"] = str(run.checkpoint)
+        summary["log"] = str(run.out_dir / CONTRASTIVE_LOG)
+        utils.atomic_write_json(run.out_dir / CONTRASTIVE_SUMMARY,
+                                {k: v for k, v in summary.items() if k != "losses"})
+    return summary
 
 
 @torch.no_grad()
-def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: int = 256, device=None,
+def encode_pairs(model: nn.Module, pairs, tokenizer: Callable, *, batch_size: int = 256, device=None,
                  precision: str = "auto", transform: Callable | None = None, progress: bool = False):
     """(image features (N_img, E), text features (N_txt, E)), float32, L2-normalized, of a PairSet."""
-    from torch.utils.data import DataLoader
-
     from leanclip.features import encode_tokens, image_features
+
     if not isinstance(pairs, PairSet):
         raise TypeError(f"pairs must be an leanclip.pairs.PairSet, got {type(pairs).__name__}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    device = utils.resolve_device(device if device is not None else _model_device_of(model))
+    device = utils.resolve_device(device if device is not None else model_device(model))
     precision = _precision_for(model, precision, device)
     tf = transform if transform is not None else _default_transform(model, False, False)
     was_training = model.training
@@ -608,7 +503,7 @@ def encode_pairs(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: i
     return torch.cat(imgs), torch.cat(txts)
 
 
-def evaluate_retrieval(model: _nn.Module, pairs, tokenizer: Callable, *, batch_size: int = 256, device=None,
+def evaluate_retrieval(model: nn.Module, pairs, tokenizer: Callable, *, batch_size: int = 256, device=None,
                        precision: str = "auto", transform: Callable | None = None, ks=(1, 5, 10),
                        progress: bool = False) -> dict:
     """Image->text and text->image recall@k (k = 1, 5, 10, in %) and their means (``leanclip.metrics``), over the unique

@@ -35,18 +35,18 @@ from typing import Callable
 import open_clip
 import torch
 
-from leanclip import data as D
 from leanclip import kernels, utils
+from leanclip import data as D
 from leanclip import synthetic as S
 from leanclip.bench.common import interleaved_medians, machine
 from leanclip.configs import create_random_model, register_config
 from leanclip.data import CLIP_MEAN, CLIP_STD
-from leanclip.contrastive import pretrain_contrastive
 from leanclip.features import image_features
 from leanclip.llu import class_text_features, llu_heads, llu_loss
 from leanclip.memory import saved_activation_bytes
 from leanclip.methods import count_trainable, prepare
 from leanclip.metrics import harmonic_mean
+from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_trainer
 from leanclip.step import ClassifyStep
 from leanclip.templates import get_templates

@@ -222,8 +222,6 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
                micro_per_epoch, math.ceil(micro_per_epoch / cfg.grad_accum), out_dir)
     if resume is not None:  # model: prepared the same way from the same weights as the interrupted run
         run.start_epoch, run.step, run.history = resume_state(model, opt, resume, cfg, run.steps_per_epoch)
-        if out_dir is not None:  # drop log lines written after the checkpoint (a crash mid-epoch)
-            utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= run.step)
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
         (out_dir / LOG_NAME).unlink()
     run.t_start = time.perf_counter()

@@ -1,6 +1,7 @@
 """Training components shared by the loops (``leanclip.trainer`` for back-propagating methods, ``leanclip.llu`` for
-cached-feature ones): the learning-rate schedule, the optimizer, the loaders, the end-of-epoch checkpoint with every
-RNG state (save / exact resume) and the run summary. A loop uses these, never another loop's internals."""
+cached-feature ones, ``leanclip.contrastive`` for image-text alignment, ``leanclip.pretrain`` for the synthetic
+pre-training): the learning-rate schedule, the optimizers, the loaders, the checkpoint with every RNG state (save /
+exact resume), the run log and the run summary. A loop uses these, never another loop's internals."""
 from __future__ import annotations
 
 import math
@@ -19,16 +20,24 @@ SUMMARY_NAME = "summary.json"
 
 
 # ----------------------------------------------------------------------------------------------- schedule, optimizer
+def cosine_lr(step: int, total: int, lr: float, *, warmup: int = 0, warmup_lr: float | None = None,
+              min_lr: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``: during the first ``warmup`` steps constant at
+    ``warmup_lr`` (CoOp's ConstantWarmupScheduler) or, without one, linear up to ``lr``; then cosine from ``lr`` to
+    ``min_lr`` over the remaining steps."""
+    if step < warmup:
+        return warmup_lr if warmup_lr is not None else lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
 def lr_at(step: int, cfg, steps_per_epoch: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): constant warm-up, then cosine to 0 (per step)."""
-    total = cfg.epochs * steps_per_epoch
+    """Learning rate of the classification trainer's step ``step``: constant warm-up for ``cfg.warmup_epochs`` (skipped
+    when it would take the whole run), then cosine to 0 per step, or constant (``cfg.scheduler``)."""
     warm = cfg.warmup_epochs * steps_per_epoch if cfg.warmup_epochs < cfg.epochs else 0
-    if step < warm:
-        return cfg.warmup_lr
-    if cfg.scheduler == "constant":
+    if cfg.scheduler == "constant" and step >= warm:
         return cfg.lr
-    t = (step - warm) / max(1, total - warm)
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * min(1.0, t)))
+    return cosine_lr(step, cfg.epochs * steps_per_epoch, cfg.lr, warmup=warm, warmup_lr=cfg.warmup_lr)
 
 
 def build_optimizer(params: Sequence[torch.nn.Parameter], cfg) -> torch.optim.Optimizer:
@@ -36,6 +45,28 @@ def build_optimizer(params: Sequence[torch.nn.Parameter], cfg) -> torch.optim.Op
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def matrix_decay_adamw(model: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98),
+                       eps: float = 1e-6) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model`` with weight decay on matrices only (not on gains, biases,
+    the logit scale or a temperature), CLIP's recipe; the fused kernel where torch has one for the device (one pass
+    per tensor, much faster on CPU too), the same update rule either way."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "temperature" not in name and "logit_scale" not in name else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -81,8 +112,38 @@ def run_summary(cfg, history, metrics, out_dir, seconds, images_seen, device, pr
 
 
 # -------------------------------------------------------------------------------------------------- checkpoint/resume
+def save_run_state(model, opt, path, step: int, meta: dict) -> None:
+    """A loop's checkpoint: trainable parameters, optimizer state, ``step``, every RNG state and the loop's ``meta``
+    (written atomically)."""
+    save_trainable(model, path, optimizer=opt, step=step, extra_meta={**meta, "rng": utils.get_rng_state()})
+
+
+def load_run_state(model, opt, path, name: str = CHECKPOINT_NAME) -> dict:
+    """Load a :func:`save_run_state` checkpoint (a file, or a run folder holding ``name``) into ``model`` and ``opt``;
+    returns the loop's meta (the RNG states are the caller's to restore once it accepted the meta)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
+    return {**trainer_meta(load_trainable(model, path, optimizer=opt)), "path": str(path)}
+
+
+def resume_log(out_dir, step: int, name: str = LOG_NAME) -> list:
+    """The run log of an interrupted run, cut back to its checkpoint's ``step`` (lines a crash wrote after it are
+    dropped from the file too): the logged step records it keeps."""
+    if out_dir is None:
+        return []
+    log_path = Path(out_dir) / name
+    if not log_path.exists():
+        return []
+    utils.truncate_jsonl(log_path, lambda r: r.get("step", 0) <= step)
+    return [r for r in utils.read_jsonl(log_path) if "loss" in r]
+
+
 def save_state(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, templates) -> None:
-    """The end-of-epoch checkpoint: trainable parameters, optimizer, step, schedule, every RNG state, the config."""
+    """The trainer's end-of-epoch checkpoint: trainable parameters, optimizer, step, schedule, every RNG state, the
+    config."""
     meta = {
         "leanclip_trainer": 1,
         "method": cfg.method,
@@ -90,23 +151,18 @@ def save_state(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, 
         "position": 0,                # micro-batches consumed in epoch `epoch` (checkpoints sit on epoch boundaries)
         "step": step,
         "scheduler": {"kind": cfg.scheduler, "step": step, "steps_per_epoch": steps_per_epoch},
-        "rng": utils.get_rng_state(),
         "config": cfg.to_dict(),
         "classnames": list(classnames),
         "templates": list(templates),
     }
-    save_trainable(model, path, optimizer=opt, step=step, extra_meta=meta)
+    save_run_state(model, opt, path, step, meta)
 
 
 def resume_state(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list]:
-    """Load a :func:`save_state` checkpoint into ``model`` / ``opt`` and the RNGs -> (epoch, step, logged history)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
-    meta = load_trainable(model, path, optimizer=opt)
-    meta = trainer_meta(meta)
+    """Load a :func:`save_state` checkpoint into ``model`` / ``opt`` and the RNGs -> (epoch, step, logged history;
+    the log file is cut back to the checkpoint)."""
+    meta = load_run_state(model, opt, path)
+    path = meta["path"]
     if "epoch" not in meta or "rng" not in meta:
         raise ValueError(f"resume: {str(path)!r} is not a trainer checkpoint (no epoch/rng state)")
     sched = meta.get("scheduler", {})
@@ -117,12 +173,7 @@ def resume_state(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list
         raise ValueError("resume: mid-epoch checkpoints are not supported")
     utils.set_rng_state(meta["rng"])
     step = int(meta["step"])
-    history = []
-    if cfg.output:
-        log_path = Path(cfg.output) / LOG_NAME
-        if log_path.exists():
-            history = [r for r in utils.read_jsonl(log_path) if "loss" in r and r.get("step", 0) <= step]
-    return int(meta["epoch"]), step, history
+    return int(meta["epoch"]), step, resume_log(cfg.output, step)
 
 
 def trainer_meta(meta) -> dict:

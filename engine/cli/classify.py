@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from leanclip import contrastive, synthetic, utils
+from leanclip import pretrain, synthetic, utils
 from leanclip import data as D
 from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
@@ -45,7 +45,7 @@ def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps:
     if cfg is None:
         raise UsageError(f"unknown open_clip config {model_name!r}")
     key = hashlib.sha256(json.dumps([1, model_name, cfg, steps, seed, torch.__version__, open_clip.__version__,
-                                     inspect.getsource(contrastive.pretrain_contrastive),
+                                     inspect.getsource(pretrain.pretrain_contrastive),
                                      inspect.getsource(pretrain_synthetic)], sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
     folder = Path(folder)

@@ -28,8 +28,8 @@ from pathlib import Path
 from leanclip import utils, weights
 from leanclip.checkpoint import load_trainable
 from leanclip.configs import register_tiny_config
-from leanclip.contrastive import pretrain_contrastive
 from leanclip.data import clip_transform
+from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_options
 from leanclip.synthetic import make_caption_corpus
 from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source
