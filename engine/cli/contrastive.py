@@ -122,11 +122,60 @@ def _short(metrics: dict) -> dict:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
+def _train_and_eval_pairs(args, size: int):
+    """The training pairs and the pairs evaluated before and after training (synthetic ones without ``--pairs``)."""
+    if args.pairs is not None:
+        train_pairs = _load(args.pairs, args.image_root, args.pairs_split, args.allow_outside_root)
+    elif args.pairs_split is not None:
+        raise _usage("--pairs-split needs --pairs FILE")
+    else:
+        train_pairs = _synthetic(args.synthetic_pairs, size, SYNTHETIC_TRAIN_SEED)
+    given = args.eval_pairs is not None if args.pairs is not None else bool(args.eval_pairs)
+    if given:
+        return train_pairs, _load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
+    return train_pairs, None if args.pairs is not None else _synthetic(args.synthetic_eval_pairs, size,
+                                                                      SYNTHETIC_EVAL_SEED)
+
+
+def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig:
+    """The run's config from the flags, the method's declared defaults and the task's (``DEFAULTS``)."""
+    from leanclip.methods import method_contrastive_defaults
+
+    pick = lambda k: getattr(args, k) if getattr(args, k) is not None else DEFAULTS[k]  # noqa: E731
+    lr = args.lr if args.lr is not None else method_contrastive_defaults(method).get("lr", DEFAULTS["lr"])
+    return ContrastiveConfig(
+        epochs=pick("epochs"), max_steps=args.max_steps, batch_size=pick("batch_size"), lr=lr,
+        weight_decay=pick("weight_decay"), warmup_steps=args.warmup_steps, clip_grad_norm=args.clip_grad_norm,
+        precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
+        progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment,
+        extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
+               "image_size": args.image_size, "pairs": os.path.abspath(args.pairs) if args.pairs else None,
+               "pairs_split": args.pairs_split})
+
+
+def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, world_size) -> dict:
+    """The JSON result of ``train --task contrastive``."""
+    from leanclip.lilt import trainable_summary
+
+    counts = trainable_summary(model)
+    return {
+        "command": "train", "task": "contrastive", "method": method, "model": args.model,
+        "pairs": args.pairs or "synthetic", "train_pairs": len(train_pairs), "train_images": train_pairs.num_images,
+        "eval_pairs": len(eval_pairs) if eval_pairs else None, "world_size": world_size,
+        "batch_size": cfg.batch_size, "epochs": cfg.epochs, "steps": summary["steps"],
+        "final_loss": summary["final_loss"], "temperature": summary["temperature"],
+        "trainable": counts["trainable"], "trainable_percent": counts["percent"],
+        "metrics_before": _short(before) if before else None, "metrics": _short(summary["metrics"]),
+        "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
+        "checkpoint": summary.get("checkpoint"), "output": args.output,
+    }
+
+
 # ------------------------------------------------------------------------------------------------------------ train
 def cmd_train_contrastive(args) -> int:
     import torch
 
-    from leanclip.methods import method_contrastive_defaults, parse_method, prepare
+    from leanclip.methods import parse_method, prepare
 
     _reject_classify_data(args)
     if args.grad_accum != 1:
@@ -150,31 +199,11 @@ def cmd_train_contrastive(args) -> int:
         weights = weights_record(args.pretrained, args.model)
         model, tok, size, _ = build_model(args)
         size = _image_size(model)
-        if args.pairs is not None:
-            train_pairs = _load(args.pairs, args.image_root, args.pairs_split, args.allow_outside_root)
-            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
-                          if args.eval_pairs is not None else None)
-        else:
-            if args.pairs_split is not None:
-                raise _usage("--pairs-split needs --pairs FILE")
-            train_pairs = _synthetic(args.synthetic_pairs, size, SYNTHETIC_TRAIN_SEED)
-            eval_pairs = (_load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
-                          if args.eval_pairs
-                          else _synthetic(args.synthetic_eval_pairs, size, SYNTHETIC_EVAL_SEED))
+        train_pairs, eval_pairs = _train_and_eval_pairs(args, size)
         prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
                 tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
                 **opts)
-        lr = args.lr if args.lr is not None else method_contrastive_defaults(method).get("lr", DEFAULTS["lr"])
-        cfg = ContrastiveConfig(
-            epochs=args.epochs if args.epochs is not None else DEFAULTS["epochs"], max_steps=args.max_steps,
-            batch_size=args.batch_size if args.batch_size is not None else DEFAULTS["batch_size"], lr=lr,
-            weight_decay=args.weight_decay if args.weight_decay is not None else DEFAULTS["weight_decay"],
-            warmup_steps=args.warmup_steps, clip_grad_norm=args.clip_grad_norm, precision=args.precision,
-            device=str(info.device), seed=args.seed, output=args.output, log_every=args.log_every,
-            progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment,
-            extra={"model_name": args.model, "weights": weights,
-                   "pretrain_steps": args.pretrain_steps, "image_size": args.image_size,
-                   "pairs": os.path.abspath(args.pairs) if args.pairs else None, "pairs_split": args.pairs_split})
+        cfg = _contrastive_config(args, method, info.device, weights)
         cfg.validate()
         D.check_batch_size(cfg.batch_size, info.world_size)
         before = None
@@ -185,22 +214,8 @@ def cmd_train_contrastive(args) -> int:
             clear_run(args.output)
         summary = train_contrastive(model, train_pairs, tok, cfg, eval_pairs=eval_pairs, resume=args.resume)
         if info.is_main:
-            from leanclip.lilt import trainable_summary
-
-            counts = trainable_summary(model)
-            result = {
-                "command": "train", "task": "contrastive", "method": method, "model": args.model,
-                "pairs": args.pairs or "synthetic", "train_pairs": len(train_pairs),
-                "train_images": train_pairs.num_images, "eval_pairs": len(eval_pairs) if eval_pairs else None,
-                "world_size": info.world_size, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
-                "steps": summary["steps"], "final_loss": summary["final_loss"],
-                "temperature": summary["temperature"], "trainable": counts["trainable"],
-                "trainable_percent": counts["percent"], "metrics_before": _short(before) if before else None,
-                "metrics": _short(summary["metrics"]), "seconds": round(summary["seconds"], 3),
-                "device": summary["device"], "precision": summary["precision"],
-                "checkpoint": summary.get("checkpoint"), "output": args.output,
-            }
-            emit(result, args, "result.json")
+            emit(_train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, info.world_size),
+                 args, "result.json")
         return 0
     finally:
         D.cleanup(info)

@@ -112,7 +112,14 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
                                "CLIP models (CLIPFit, LN, BitFit, CoOp, LLU, linear probe, ...)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_train_parser(sub, selected)
+    _add_eval_parser(sub)
+    _add_zeroshot_parser(sub)
+    _add_extensions(sub, selected)
+    return parser
 
+
+def _add_train_parser(sub, selected: str | None) -> None:
     if selected == "train":
         from leanclip.methods import METHODS
 
@@ -158,6 +165,8 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     _add_run_args(t)
     contrastive.add_train_arguments(t)  # --task contrastive (LilT, LiT)
 
+
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a fine-tuned checkpoint",
                        description="Rebuild the model, re-apply the checkpoint's method and load its trainable "
                                    "parameters, then report top-1 / top-5 accuracy.")
@@ -173,12 +182,17 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     e.set_defaults(**{k: None for k in DATA_DEFAULTS})
     contrastive.add_eval_arguments(e)  # --task retrieval
 
+
+def _add_zeroshot_parser(sub) -> None:
     z = sub.add_parser("zeroshot", help="zero-shot accuracy of a (pretrained) model",
                        description="Zero-shot CLIP classification with hand-written prompts.")
     _add_model_args(z)
     _add_data_args(z)
     _add_run_args(z)
 
+
+def _add_extensions(sub, selected: str | None) -> None:
+    """The registered extension subcommands whose module exists; only ``selected``'s module is imported."""
     for name, (module, help_) in SUBCOMMANDS.items():
         try:
             found = importlib.util.find_spec(module) is not None
@@ -191,4 +205,3 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
             mod = importlib.import_module(module)
             mod.add_arguments(sp)
             sp.set_defaults(func=mod.run)
-    return parser
