@@ -49,8 +49,8 @@ from leanclip.models.openclip import class_name, text_tower
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
     METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, check_task, is_closed_set,
-    method_contrastive_defaults, method_hooks, method_loss_terms, method_options, method_train_defaults,
-    method_trainer, parse_method, register_method, set_method_check,
+    method_contrastive_defaults, method_hooks, method_loss_terms, method_options, method_template_set,
+    method_train_defaults, method_trainer, parse_method, register_method, set_method_check,
 )
 from leanclip.select import (  # noqa: F401
     BIAS_RE, CLIPFIT_TEXT_RE, IMAGE_RE, TEXT_RE, TOWERS, check_coverage, check_tower, count_trainable, embed_dim,
@@ -82,11 +82,18 @@ def _check_bitfit(model, tower="both", **_):
     return check_coverage(model, "bitfit", names_matching(model, BIAS_RE, check_tower(tower)), tower, "biases")
 
 
-def _check_clipfit(model, **_):
-    if not layernorm_names(model, "image"):
+def _check_clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0, **_):
+    for name, v in (("text_bias", text_bias), ("image_ln", image_ln)):
+        if not isinstance(v, bool):
+            raise ValueError(f"method 'clipfit': {name} must be true or false, got {v!r}")
+    if not (text_bias or image_ln):
+        raise ValueError("method 'clipfit': text_bias=false and image_ln=false leave nothing to train")
+    if isinstance(l2_reg, bool) or not isinstance(l2_reg, (int, float)) or not 0 <= l2_reg < float("inf"):
+        raise ValueError(f"method 'clipfit': l2_reg must be a finite number >= 0, got {l2_reg!r}")
+    if image_ln and not layernorm_names(model, "image"):
         raise ValueError(f"method 'clipfit' trains the image tower's LayerNorms, and the image tower "
                          f"{tower_class(model, 'image')} has none")
-    if not names_matching(model, CLIPFIT_TEXT_RE, "text"):
+    if text_bias and not names_matching(model, CLIPFIT_TEXT_RE, "text"):
         raise ValueError(f"method 'clipfit' trains the text tower's transformer.resblocks.*.mlp.c_proj.bias, and the "
                          f"text tower {tower_class(model, 'text')} has none")
 
@@ -164,11 +171,36 @@ def _clipfit_distillation(ctx):
     return lambda txt: ("kd", clipfit_kd_loss(txt, teacher, lam))
 
 
-@register_method("clipfit", check=_check_clipfit, traits=MethodTraits(loss_terms=(_clipfit_distillation,)))
-def _clipfit(model):
-    """Text ``transformer.resblocks.*.mlp.c_proj.bias`` + every image LayerNorm (ln_pre, ln_1, ln_2, ln_post)."""
-    unlock(model, CLIPFIT_TEXT_RE, "text")
-    unlock_layernorms(model, "image")
+def _clipfit_l2(ctx):
+    """CLIPFit's second regulariser: ``l2_reg * sum_g mean_{t in g} ||t - t0||^2`` over its three parameter groups
+    (text ``c_proj`` biases, image LayerNorm biases, image LayerNorm weights), t0 the values the run starts from."""
+    lam = float((ctx.model.leanclip_info.get("options") or {}).get("l2_reg", 0.0))
+    if not lam:
+        return None
+    groups: dict[str, list] = {}
+    image_ln = set(layernorm_names(ctx.model, "image"))
+    for name, p in ctx.model.named_parameters():
+        if p.requires_grad and (CLIPFIT_TEXT_RE.search(name) or name in image_ln):
+            key = "text_bias" if CLIPFIT_TEXT_RE.search(name) else f"image_ln_{name.rsplit('.', 1)[-1]}"
+            groups.setdefault(key, []).append((p, p.detach().clone()))
+
+    def term(txt):
+        total = sum(torch.stack([(p.float() - p0.float()).pow(2).sum() for p, p0 in g]).mean()
+                    for g in groups.values())
+        return "l2", lam * total
+    return term
+
+
+@register_method("clipfit", check=_check_clipfit,
+                 traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit"))
+def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):
+    """Text ``transformer.resblocks.*.mlp.c_proj.bias`` (``text_bias``) + every image LayerNorm (ln_pre, ln_1, ln_2,
+    ln_post; ``image_ln``): either alone is the paper's ablation. ``l2_reg``: weight of the L2 penalty on each
+    trainable group's distance from its starting values (0 = off, the paper's default recipe)."""
+    if text_bias:
+        unlock(model, CLIPFIT_TEXT_RE, "text")
+    if image_ln:
+        unlock_layernorms(model, "image")
     return {}
 
 

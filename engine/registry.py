@@ -44,6 +44,8 @@ class MethodTraits:
         the weights); ``term(txt) -> (name, scalar tensor)`` is added to every optimizer step's loss, ``txt`` being
         that step's class text features (CLIPFit's distillation to the zero-shot features).
     contrastive_defaults: optimisation defaults for the contrastive task (``lr``), as ``train_defaults``.
+    template_set: the per-dataset prompt templates its paper's code trains with (``leanclip.templates.TEMPLATE_SETS``);
+        None: CoOp's.
     """
     trainer: str = "backprop"
     tasks: tuple = TASKS
@@ -53,6 +55,7 @@ class MethodTraits:
     hooks: dict = field(default_factory=dict)
     loss_terms: tuple = ()
     contrastive_defaults: dict = field(default_factory=dict)
+    template_set: str | None = None
 
 
 METHOD_TRAITS: dict[str, MethodTraits] = {}
@@ -149,6 +152,12 @@ def method_hooks(model) -> dict:
 def method_loss_terms(method) -> list:
     """The extra-loss factories the components of ``method`` declare (see :class:`MethodTraits`), in order."""
     return [make for p in parse_method(method) for make in METHOD_TRAITS[p].loss_terms]
+
+
+def method_template_set(method) -> str | None:
+    """The prompt-template set the components of ``method`` declare (the last one that declares one), or None."""
+    sets = [METHOD_TRAITS[p].template_set for p in parse_method(method) if METHOD_TRAITS[p].template_set]
+    return sets[-1] if sets else None
 
 
 def method_contrastive_defaults(method) -> dict:

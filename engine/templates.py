@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 __all__ = [
     "DEFAULT_TEMPLATE",
     "DATASET_TEMPLATES",
+    "CLIPFIT_TEMPLATES",
+    "TEMPLATE_SETS",
     "IMAGENET_ENSEMBLE",
     "DATASET_NAMES",
     "canonical_dataset_name",
@@ -57,6 +59,12 @@ DATASET_TEMPLATES: dict[str, str] = {
 }
 
 DATASET_NAMES: tuple[str, ...] = tuple(DATASET_TEMPLATES)
+
+# CLIPFit's code (CUSTOM_TEMPLATES in its trainers/ClipFit.py) trains with CoOp's templates except for DTD.
+CLIPFIT_TEMPLATES: dict[str, str] = {**DATASET_TEMPLATES, "DTD": "a photo of a {}, a type of texture."}
+
+# Per-dataset template sets, by name: "coop" (the default) and "clipfit".
+TEMPLATE_SETS: dict[str, dict[str, str]] = {"coop": DATASET_TEMPLATES, "clipfit": CLIPFIT_TEMPLATES}
 
 # CoOp's IMAGENET_TEMPLATES_SELECT: 7 of CLIP's 80 ImageNet templates.
 IMAGENET_ENSEMBLE: list[str] = [
@@ -138,15 +146,18 @@ def get_templates(
     override: Sequence[str] | str | None = None,
     *,
     strict: bool = False,
+    template_set: str = "coop",
 ) -> list[str]:
     """Templates for `dataset`.
 
     - `override` wins when given: a template string, a list of template strings, or a named set ("ensemble" =
       IMAGENET_ENSEMBLE, "default"). Every template must hold "{}" (ValueError otherwise); an empty list is an error.
-    - else the dataset's single CoOp template; an unknown dataset (or None) gets DEFAULT_TEMPLATE, or a KeyError
-      when `strict=True`.
+    - else the dataset's single template of `template_set` ("coop": CoOp's, "clipfit": CLIPFit's code, which differs
+      on DTD only); an unknown dataset (or None) gets DEFAULT_TEMPLATE, or a KeyError when `strict=True`.
     Returns a new list.
     """
+    if template_set not in TEMPLATE_SETS:
+        raise ValueError(f"template_set must be one of {', '.join(TEMPLATE_SETS)}, got {template_set!r}")
     if override is not None:
         if isinstance(override, str):
             named = _NAMED_SETS.get(_norm(override)) if "{}" not in override else None
@@ -166,7 +177,7 @@ def get_templates(
         if strict:
             raise
         return [DEFAULT_TEMPLATE]
-    return [DATASET_TEMPLATES[name]]
+    return [TEMPLATE_SETS[template_set][name]]
 
 
 def clean_classname(name: str) -> str:

@@ -33,6 +33,10 @@ from leanclip.cli.classify import (  # noqa: F401  (re-exported)
 from leanclip.cli.common import EXIT_USAGE, PROG, UsageError, build_model, check_numbers  # noqa: F401
 from leanclip.cli.parser import SUBCOMMANDS, build_parser, register_subcommand  # noqa: F401
 
+__all__ = ["main", "build_parser", "register_subcommand", "SUBCOMMANDS", "UsageError", "build_model", "load_data",
+           "synthetic_pretrained_weights", "cmd_train", "cmd_eval", "cmd_zeroshot", "COMMANDS", "BASE_DEFAULTS",
+           "PROG", "EXIT_USAGE"]
+
 # -------------------------------------------------------------------------------------------------------------- main
 def _first_command(argv: Sequence[str]) -> str | None:
     for a in argv:

@@ -172,11 +172,13 @@ def _split_name(path: str) -> str | None:
     return stem[len("split_zhou_"):] if stem.startswith("split_zhou_") else None
 
 
-def _templates(args, dataset):
+def _templates(args, dataset, template_set: str | None = None):
+    """``--templates``, else the dataset's template of ``--template-set`` (else ``template_set``, else CoOp's)."""
     override = args.templates
     if override is not None and len(override) == 1:
         override = override[0]
-    return get_templates(dataset, override)
+    chosen = getattr(args, "template_set", None) or template_set or "coop"
+    return get_templates(dataset, override, template_set=chosen)
 
 
 # ---------------------------------------------------------------------------------------------------------- commands
@@ -185,8 +187,8 @@ def cmd_train(args) -> int:
         return contrastive_cli.cmd_train_contrastive(args)
     import torch
 
-    from leanclip.methods import (is_closed_set, method_options, method_train_defaults, method_trainer, parse_method,
-                                prepare)
+    from leanclip.methods import (is_closed_set, method_options, method_template_set, method_train_defaults,
+                                  method_trainer, parse_method, prepare)
     from leanclip.trainer import TrainConfig, train
 
     device = setup_device(args)
@@ -197,6 +199,7 @@ def cmd_train(args) -> int:
     method_opts = method_opts_from_flags(parts, args.opt)
     run_folder(args, os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}"))
     _check_resume(args.resume, method)
+    init_from = _init_from(args.init_from)
     if args.templates is not None:
         _templates(args, None)  # every template must hold "{}"
     weights = weights_record(args.pretrained, args.model)
@@ -204,9 +207,9 @@ def cmd_train(args) -> int:
     data = load_data(args, size, mean, std, train_transform=method_trainer(method) != "cached")
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
-    templates = _templates(args, data["dataset"])
+    templates = _templates(args, data["dataset"], method_template_set(method))
     prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
-            classnames=data["classnames"], tokenizer=tok, model_name=args.model,
+            classnames=data["classnames"], tokenizer=tok, model_name=args.model, init_from=init_from,
             frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
             **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
     data["record_selection"]()  # every input was checked: a rejected command leaves no few-shot file behind
@@ -249,6 +252,14 @@ def _warmup_notice(cfg) -> None:
                                    cfg.warmup_epochs, cfg.epochs)
 
 
+def _init_from(run) -> str | None:
+    """``--init-from``: the absolute path of a leanclip checkpoint (file or run folder), checked before any work;
+    ``prepare`` checks that it belongs to this architecture."""
+    if run is None:
+        return None
+    return os.path.abspath(read_checkpoint_meta(run, flag="--init-from")["path"])
+
+
 def _check_resume(resume, method: str) -> None:
     """``--resume`` must name a leanclip checkpoint (file or run folder) of the same method, before any work."""
     if resume is None:
@@ -272,8 +283,9 @@ def cmd_eval(args) -> int:
     restore_data(args, run_cfg.get("data"))
     model, tok, size, (mean, std) = build_model(args)
     data = load_data(args, size, mean, std, train_transform=False, need_train=False)
-    templates = _templates(args, data["dataset"]) if args.templates else (extra.get("templates")
-                                                                           or _templates(args, data["dataset"]))
+    given = args.templates or args.template_set
+    templates = _templates(args, data["dataset"]) if given else (extra.get("templates")
+                                                                 or _templates(args, data["dataset"]))
     opts = meta.get("options") or {}
     train_names = opts.get("classnames") or extra.get("classnames") or data["classnames"]
     prepare_from_checkpoint(model, meta, tok, args.model, classnames=train_names)

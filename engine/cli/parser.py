@@ -13,6 +13,7 @@ import importlib.util
 
 from leanclip.cli import contrastive
 from leanclip.cli.common import DATA_DEFAULTS, DEFAULT_MODEL, PROG, UsageError
+from leanclip.templates import TEMPLATE_SETS
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -77,7 +78,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-split", choices=("test", "val"), default="test", help="split to evaluate (default test)")
     g.add_argument("--templates", nargs="+", default=None, metavar="T",
                    help="prompt template(s) with '{}' for the class name, or 'ensemble' (default: the dataset's "
-                        "CoOp template)")
+                        "template of --template-set)")
+    g.add_argument("--template-set", choices=tuple(TEMPLATE_SETS), default=None,
+                   help="the per-dataset templates: coop (CoOp's) or clipfit (CLIPFit's code; differs on DTD). "
+                        "Default: the one the method's paper trains with (clipfit for clipfit, else coop)")
     g.add_argument("--synthetic-classes", type=int, default=DATA_DEFAULTS["synthetic_classes"],
                    help=f"classes of the synthetic dataset (default {DATA_DEFAULTS['synthetic_classes']})")
     g.add_argument("--synthetic-dir", default=None,
@@ -158,6 +162,10 @@ def _add_train_parser(sub, selected: str | None) -> None:
     g.add_argument("--llu-clusters", type=int, default=512,
                    help="LLU image bank: at most this many agglomerative cluster centres (0 = all training features)")
     g.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines (default 1)")
+    g.add_argument("--init-from", metavar="RUN", default=None,
+                   help="start from the trainable weights of another run (checkpoint or run dir), e.g. LN-tuned "
+                        "LayerNorms as initialisation: they stay frozen unless --method trains them too "
+                        "(--method coop keeps them, --method ln+coop trains them further); recorded, eval re-applies it")
     g.add_argument("--resume", metavar="PATH", default=None,
                    help="continue from a checkpoint (file or run dir) exactly where it stopped")
     g.add_argument("--overwrite", action="store_true",

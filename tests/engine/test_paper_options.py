@@ -1,0 +1,191 @@
+"""The papers' variants from the command line: LN-tuned weights as initialisation (--init-from, recorded and
+re-applied by eval), CLIPFit's parameter-group ablations and L2 regulariser, and its prompt-template set."""
+import copy
+import json
+
+import open_clip
+import pytest
+import torch
+
+from leanclip import cli, kernels, utils
+from leanclip.methods import count_trainable, prepare
+from leanclip.step import ClassifyStep
+from leanclip.templates import CLIPFIT_TEMPLATES, DATASET_TEMPLATES, get_templates
+from leanclip.trainer import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend():
+    with kernels.set_backend("torch"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def synth_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def weights(request, tmp_path_factory, tiny_name):
+    try:
+        folder = request.config.cache.mkdir("leanclip-tiny-pretrained")
+    except Exception:
+        folder = tmp_path_factory.mktemp("tiny-pretrained")
+    return cli.synthetic_pretrained_weights(folder, tiny_name, 40)
+
+
+def run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def common(synth_dir, weights):
+    return ["--pretrained", weights, "--synthetic-classes", 4, "--synthetic-dir", synth_dir, "--no-progress",
+            "--threads", 1, "--shots", 4, "--batch-size", 8, "--optimizer", "adamw", "--lr", 0.01]
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ LN as initialisation
+def test_init_from_is_recorded_and_reapplied_by_eval(capsys, tmp_path, synth_dir, weights, tiny_name, tok):
+    ln_run, coop_run = tmp_path / "ln", tmp_path / "coop"
+    rc, _, err = run(capsys, "train", "--method", "ln", "--epochs", 2, "--output", ln_run,
+                     *common(synth_dir, weights))
+    assert rc == 0, err
+    rc, out, err = run(capsys, "train", "--method", "coop", "--epochs", 1, "--init-from", ln_run, "--output",
+                       coop_run, *common(synth_dir, weights))
+    assert rc == 0, err
+    trained = last_json(out)["metrics"]["test"]["top1"]
+    meta = cli.common.read_checkpoint_meta(coop_run)
+    assert meta["options"]["init_from"] == str((ln_run / "checkpoint.safetensors").resolve())
+    rc, out, err = run(capsys, "eval", "--checkpoint", coop_run, "--pretrained", weights,
+                       "--synthetic-classes", 4, "--synthetic-dir", synth_dir, "--no-progress")
+    assert rc == 0, err
+    assert last_json(out)["top1"] == pytest.approx(trained)
+    # eval's restore path brings the LN-tuned LayerNorms back (frozen in this run, so not in its checkpoint)
+    from safetensors.torch import load_file
+
+    from leanclip.weights import load_pretrained
+
+    model = open_clip.create_model(tiny_name)
+    load_pretrained(model, weights)
+    cli.common.prepare_from_checkpoint(model, meta, tok, tiny_name, classnames=meta["options"]["classnames"])
+    ln_tuned = load_file(str(ln_run / "checkpoint.safetensors"))
+    key = next(k for k in ln_tuned if k.endswith("visual.ln_post.weight"))
+    torch.testing.assert_close(model.visual.ln_post.weight.detach(), ln_tuned[key])
+    (ln_run / "checkpoint.safetensors").unlink()
+    rc, _, err = run(capsys, "eval", "--checkpoint", coop_run, "--pretrained", weights,
+                     "--synthetic-classes", 4, "--synthetic-dir", synth_dir, "--no-progress")
+    assert rc == 2 and "init-from" in err and len(err.strip().splitlines()) == 1
+
+
+def test_init_from_frozen_or_trained(tiny_base, tok, tmp_path):
+    """LN-tuned weights as initialisation: ``coop`` keeps them frozen, ``ln+coop`` trains them further."""
+    from leanclip.checkpoint import save_trainable
+
+    tuned = prepare(copy.deepcopy(tiny_base), "ln")
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(0.25)
+    save_trainable(tuned, tmp_path / "ln.safetensors")
+    names = ["cube", "ball", "cone"]
+    frozen = prepare(copy.deepcopy(tiny_base), "coop", classnames=names, tokenizer=tok,
+                     init_from=str(tmp_path / "ln.safetensors"))
+    trained = prepare(copy.deepcopy(tiny_base), "ln+coop", classnames=names, tokenizer=tok,
+                      init_from=str(tmp_path / "ln.safetensors"))
+    ln_name = "visual.ln_post.weight"
+    for m in (frozen, trained):
+        torch.testing.assert_close(dict(m.named_parameters())[ln_name], dict(tuned.named_parameters())[ln_name])
+    assert not dict(frozen.named_parameters())[ln_name].requires_grad
+    assert dict(trained.named_parameters())[ln_name].requires_grad
+
+
+def test_init_from_bad_input(capsys, tmp_path, synth_dir, weights):
+    rc, _, err = run(capsys, "train", "--method", "coop", "--init-from", tmp_path / "nope", "--output",
+                     tmp_path / "out", *common(synth_dir, weights))
+    assert rc == 2 and "--init-from" in err and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------ CLIPFit
+def test_clipfit_group_ablations(tiny_base):
+    both = count_trainable(prepare(copy.deepcopy(tiny_base), "clipfit"))
+    text = count_trainable(prepare(copy.deepcopy(tiny_base), "clipfit", image_ln=False))
+    image = count_trainable(prepare(copy.deepcopy(tiny_base), "clipfit", text_bias=False))
+    assert text > 0 and image > 0 and text + image == both
+    image_only = prepare(copy.deepcopy(tiny_base), "clipfit", text_bias=False)
+    assert all(n.startswith("visual.") for n, p in image_only.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="nothing to train"):
+        prepare(copy.deepcopy(tiny_base), "clipfit", text_bias=False, image_ln=False)
+    with pytest.raises(ValueError, match="l2_reg"):
+        prepare(copy.deepcopy(tiny_base), "clipfit", l2_reg=-1.0)
+
+
+def test_clipfit_l2_term_is_the_distance_from_the_start(tiny_base, tok):
+    """l2 = lam * sum over the three groups of the mean squared distance of its tensors from their start values;
+    its gradient is 2 * lam * (t - t0) / |group| on every trainable tensor."""
+    lam = 0.5
+    model = prepare(copy.deepcopy(tiny_base), "clipfit", l2_reg=lam)
+    cfg = TrainConfig(kd_lambda=0.0)
+    step = ClassifyStep(model, ["cube", "ball"], ["a photo of a {}."], tok, cfg=cfg)
+    (term,) = step.terms
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    start = {n: p.detach().clone() for n, p in named.items()}
+    with torch.no_grad():
+        for i, p in enumerate(named.values()):
+            p.add_(0.01 * (i + 1))
+    groups = {}
+    for n in named:
+        key = "text" if n.startswith("transformer.") else n.rsplit(".", 1)[-1]
+        groups.setdefault(key, []).append(n)
+    assert set(groups) == {"text", "weight", "bias"}
+    expected = lam * sum(sum(float((named[n] - start[n]).double().pow(2).sum()) for n in g) / len(g)
+                         for g in groups.values())
+    name, value = term(None)
+    assert name == "l2" and float(value) == pytest.approx(expected, rel=1e-6)
+    value.backward()
+    for g in groups.values():
+        for n in g:
+            torch.testing.assert_close(named[n].grad, 2 * lam * (named[n] - start[n]).detach() / len(g))
+
+
+def test_clipfit_l2_is_logged_by_the_trainer(capsys, tmp_path, synth_dir, weights):
+    rc, _, err = run(capsys, "train", "--method", "clipfit", "--opt", "l2_reg=10", "--opt", "image_ln=false",
+                     "--epochs", 1, "--output", tmp_path / "run", *common(synth_dir, weights))
+    assert rc == 0, err
+    recs = utils.read_jsonl(tmp_path / "run" / "log.jsonl")
+    assert recs[0]["l2"] == 0.0 and recs[-1]["l2"] > 0
+    assert all(r["loss"] == pytest.approx(r["ce"] + r["kd"] + r["l2"], rel=1e-6) for r in recs)
+    meta = cli.common.read_checkpoint_meta(tmp_path / "run")
+    assert meta["options"]["l2_reg"] == 10.0 and meta["options"]["image_ln"] is False
+
+
+def test_template_sets():
+    assert get_templates("dtd", template_set="clipfit") == ["a photo of a {}, a type of texture."]
+    assert get_templates("dtd") == ["{} texture."]  # CoOp's
+    assert {k for k in DATASET_TEMPLATES if DATASET_TEMPLATES[k] != CLIPFIT_TEMPLATES[k]} == {"DTD"}
+    with pytest.raises(ValueError, match="template_set"):
+        get_templates("dtd", template_set="nope")
+
+
+@pytest.mark.parametrize("method,flag,expected", [
+    ("clipfit", [], "clipfit"), ("ln", [], "coop"), ("clipfit", ["--template-set", "coop"], "coop")])
+def test_cli_template_set_follows_the_method(method, flag, expected, capsys, tmp_path, synth_dir, weights,
+                                             monkeypatch):
+    seen = {}
+    import leanclip.cli.classify as classify
+
+    real = classify.get_templates
+
+    def spy(dataset, override=None, **kw):
+        seen["set"] = kw.get("template_set")
+        return real(dataset, override, **kw)
+
+    monkeypatch.setattr(classify, "get_templates", spy)
+    rc, _, err = run(capsys, "train", "--method", method, *flag, "--epochs", 1, "--output", tmp_path / "r",
+                     *common(synth_dir, weights))
+    assert rc == 0, err
+    assert seen["set"] == expected
