@@ -162,6 +162,7 @@ class ContrastiveConfig:
     progress: bool = True
     num_workers: int = 0
     augment: bool = False              # random resized crop (scale 0.5-1, no flip: captions say left/right)
+    randaugment: bool = False          # + RandAugment (LilT's recipe; with augment)
     gather: bool = True                # negatives from the global batch (all ranks)
     checkpoint_every_epoch: bool = True
     eval_batch_size: int = 256
@@ -198,13 +199,13 @@ class ContrastiveConfig:
         return dataclasses.asdict(self)
 
 
-def _default_transform(model: nn.Module, train: bool, augment: bool):
+def _default_transform(model: nn.Module, train: bool, augment: bool, randaugment: bool = False):
     size = model.visual.image_size
     size = size if isinstance(size, int) else tuple(size)
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     kw = {k: tuple(pp[k]) for k in ("mean", "std") if pp.get(k)}
     if train and augment:
-        return clip_transform(size, train=True, scale=(0.5, 1.0), flip=False, **kw)
+        return clip_transform(size, train=True, scale=(0.5, 1.0), flip=False, randaugment=randaugment, **kw)
     return clip_transform(size, train=False, **kw)
 
 
@@ -337,8 +338,8 @@ def _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume) 
     opt = matrix_decay_adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
     encoder = ContrastiveEncoder(model)
     # a random augmentation must not be cached: each pass draws its own crops (seeded per item and epoch)
-    ds = PairDataset(pairs, transform if transform is not None else _default_transform(model, True, cfg.augment),
-                     cache=False if cfg.augment else None)
+    tf = transform if transform is not None else _default_transform(model, True, cfg.augment, cfg.randaugment)
+    ds = PairDataset(pairs, tf, cache=False if cfg.augment else None)
     run = _ContrastiveRun(model, method, tokenizer, cfg, device, precision, rank, world, local_batch,
                           steps_per_epoch, total, n_epochs, stop, out_dir, params, opt, encoder,
                           D.wrap_ddp(encoder, device), ds)

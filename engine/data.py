@@ -858,11 +858,13 @@ def clip_transform(
     *,
     scale: tuple[float, float] = (0.08, 1.0),
     flip: bool = True,
+    randaugment: bool = False,
 ):
     """CLIP preprocessing that accepts a PIL image or a uint8/float CHW tensor (torchvision.transforms.v2).
 
     Eval (train=False): resize the short side to `image_size` (bicubic) + centre crop + [0,1] + normalize (as
-    open_clip's preprocess on PIL input). Train: CoOp's random_resized_crop(scale) + random horizontal flip + normalize;
+    open_clip's preprocess on PIL input). Train: CoOp's random_resized_crop(scale) + random horizontal flip (+ RandAugment
+    with ``randaugment``) + normalize;
     its randomness comes from torch's global RNG (seeded per worker by DataLoader, by torch.manual_seed in the main
     process).
     """
@@ -876,7 +878,9 @@ def clip_transform(
             geo.append(v2.RandomHorizontalFlip())
     else:
         geo = [v2.Resize(min(size), interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
-    return v2.Compose([*geo, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))])
+    colour = [v2.RandAugment()] if train and randaugment else []
+    return v2.Compose([*geo, v2.ToImage(), *colour, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std))])
 
 
 def _to_float_chw(x: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,19 @@ class PairSet:
                 where.append(self._where(j))
         return PairSet([self.images[i] for i in idx], caps, t2i, self.source, where)
 
+    def subset(self, n_pairs: int, seed: int = 0) -> "PairSet":
+        """A seeded random subset of ``n_pairs`` (image, caption) pairs (every pair if there are fewer), for
+        data-scaling runs: the same ``(n_pairs, seed)`` gives the same pairs; a smaller ``n_pairs`` gives a subset of
+        a larger one's pairs."""
+        if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 1:
+            raise ValueError(f"n_pairs must be a positive int, got {n_pairs!r}")
+        order = np.random.default_rng(seed).permutation(len(self))[:n_pairs]
+        keep = sorted(int(j) for j in order)
+        images = sorted({int(self.txt_to_img[j]) for j in keep})
+        remap = {old: new for new, old in enumerate(images)}
+        return PairSet([self.images[i] for i in images], [self.captions[j] for j in keep],
+                       [remap[int(self.txt_to_img[j])] for j in keep], self.source, [self._where(j) for j in keep])
+
     def __repr__(self) -> str:
         return (f"PairSet({self.num_images} images, {len(self)} captions"
                 + (f", from {self.source!r}" if self.source else "") + ")")

@@ -75,6 +75,8 @@ NUMBERS: dict[str, tuple[str, type, float | None, float | None]] = {
     "reduction": ("--reduction", int, 1, None),
     "synthetic_pairs": ("--synthetic-pairs", int, 2, None),
     "synthetic_eval_pairs": ("--synthetic-eval-pairs", int, 2, None),
+    "min_lr": ("--min-lr", float, 0.0, LR_MAX),
+    "max_pairs": ("--max-pairs", int, 2, None),
 }
 # strictly positive floats (a zero learning rate or clipping norm is a mistake, not a choice)
 POSITIVE = {"lr", "clip_grad_norm"}

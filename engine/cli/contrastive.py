@@ -57,6 +57,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="run length in optimizer steps (overrides --epochs; the cosine schedule spans it)")
     g.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warm-up steps (default 0)")
+    g.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule ends at this rate (default 0)")
+    g.add_argument("--max-pairs", type=int, default=None, metavar="N",
+                   help="train on a seeded subset of N training pairs (data-scaling runs; default: all)")
+    g.add_argument("--randaugment", action="store_true",
+                   help="RandAugment after the random crops on the training images (LilT's recipe; implies "
+                        "--augment)")
     g.add_argument("--temperature", type=float, default=None,
                    help="initial learnable temperature of the LilT methods (default 0.07, kept in [0.001, 0.5])")
     g.add_argument("--reduction", type=int, default=None, help="lilt-adapter bottleneck reduction r (default 4)")
@@ -130,6 +136,8 @@ def _train_and_eval_pairs(args, size: int):
         raise _usage("--pairs-split needs --pairs FILE")
     else:
         train_pairs = _synthetic(args.synthetic_pairs, size, SYNTHETIC_TRAIN_SEED)
+    if args.max_pairs is not None:
+        train_pairs = train_pairs.subset(args.max_pairs, seed=args.seed)
     given = args.eval_pairs is not None if args.pairs is not None else bool(args.eval_pairs)
     if given:
         return train_pairs, _load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
@@ -145,12 +153,14 @@ def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig
     lr = args.lr if args.lr is not None else method_contrastive_defaults(method).get("lr", DEFAULTS["lr"])
     return ContrastiveConfig(
         epochs=pick("epochs"), max_steps=args.max_steps, batch_size=pick("batch_size"), lr=lr,
-        weight_decay=pick("weight_decay"), warmup_steps=args.warmup_steps, clip_grad_norm=args.clip_grad_norm,
+        weight_decay=pick("weight_decay"), warmup_steps=args.warmup_steps, min_lr=args.min_lr,
+        clip_grad_norm=args.clip_grad_norm,
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
-        progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment,
+        progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment or args.randaugment,
+        randaugment=args.randaugment,
         extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
                "image_size": args.image_size, "pairs": os.path.abspath(args.pairs) if args.pairs else None,
-               "pairs_split": args.pairs_split})
+               "pairs_split": args.pairs_split, "max_pairs": args.max_pairs})
 
 
 def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, world_size) -> dict:

@@ -189,3 +189,35 @@ def test_cli_template_set_follows_the_method(method, flag, expected, capsys, tmp
                      *common(synth_dir, weights))
     assert rc == 0, err
     assert seen["set"] == expected
+
+
+# --------------------------------------------------------------------------------------------------- LilT's recipe
+def test_pair_subset_is_seeded_and_nested():
+    from leanclip.pairs import synthetic_pairs
+
+    pairs = synthetic_pairs(40, size=16, seed=0)
+    a, b = pairs.subset(10, seed=3), pairs.subset(10, seed=3)
+    assert len(a) == 10 and a.captions == b.captions and a.num_images <= 10
+    small, large = pairs.subset(5, seed=3), pairs.subset(20, seed=3)
+    assert set(small.captions) <= set(large.captions)
+    assert pairs.subset(1000, seed=0).captions == pairs.captions
+    for j, i in enumerate(a.txt_to_img):  # every kept caption still points at its own image
+        k = pairs.captions.index(a.captions[j])
+        assert torch.equal(a.images[i], pairs.images[pairs.txt_to_img[k]])
+
+
+def test_contrastive_recipe_flags(capsys, tmp_path, weights):
+    rc, out, err = run(capsys, "train", "--task", "contrastive", "--method", "lilt-ln", "--pretrained", weights,
+                       "--synthetic-pairs", 64, "--max-pairs", 32, "--batch-size", 8, "--epochs", 1, "--min-lr",
+                       1e-5, "--randaugment", "--synthetic-eval-pairs", 16, "--no-initial-eval", "--no-progress",
+                       "--threads", 1, "--output", tmp_path / "lilt")
+    assert rc == 0, err
+    res = last_json(out)
+    assert res["train_pairs"] == 32 and res["steps"] == 4
+    cfg = json.loads((tmp_path / "lilt" / "summary.json").read_text())["config"]
+    assert cfg["min_lr"] == 1e-5 and cfg["randaugment"] and cfg["augment"]
+    recs = utils.read_jsonl(tmp_path / "lilt" / "log.jsonl")
+    assert recs[-1]["lr"] > 1e-5  # cosine towards min_lr, never below it
+    rc, _, err = run(capsys, "train", "--task", "contrastive", "--method", "lilt-ln", "--max-pairs", 1,
+                     "--output", tmp_path / "bad")
+    assert rc == 2 and "--max-pairs" in err
