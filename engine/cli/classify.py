@@ -185,6 +185,7 @@ def _templates(args, dataset, template_set: str | None = None):
 def cmd_train(args) -> int:
     if getattr(args, "task", "classify") != "classify":
         return contrastive_cli.cmd_train_contrastive(args)
+    contrastive_cli.reject_contrastive_flags(args)
     import torch
 
     from leanclip.methods import (is_closed_set, method_options, method_template_set, method_train_defaults,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
     UsageError, build_model, clear_run, emit, method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta,
@@ -21,6 +22,7 @@ from leanclip.cli.common import (
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
+from leanclip.templates import get_templates
 
 TRAIN_TASKS = ("classify", "contrastive")
 EVAL_TASKS = ("classify", "retrieval")
@@ -60,6 +62,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule ends at this rate (default 0)")
     g.add_argument("--max-pairs", type=int, default=None, metavar="N",
                    help="train on a seeded subset of N training pairs (data-scaling runs; default: all)")
+    g.add_argument("--zeroshot-data", metavar="ROOT", default=None,
+                   help="after training, zero-shot classification accuracy (top-1/5) on the test split of "
+                        "--zeroshot-dataset under ROOT (e.g. ImageNetV2), with the dataset's template")
+    g.add_argument("--zeroshot-dataset", metavar="NAME", default=None, help="the dataset of --zeroshot-data")
     g.add_argument("--randaugment", action="store_true",
                    help="RandAugment after the random crops on the training images (LilT's recipe; implies "
                         "--augment)")
@@ -85,6 +91,25 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _usage(msg: str):
     return UsageError(msg)
+
+
+# flags of the contrastive task (dest, flag, default): given with --task classify they would change nothing
+_CONTRASTIVE_ONLY = (("pairs", "--pairs", None), ("pairs_split", "--pairs-split", None),
+                     ("eval_pairs", "--eval-pairs", None), ("eval_pairs_split", "--eval-pairs-split", None),
+                     ("max_steps", "--max-steps", None), ("warmup_steps", "--warmup-steps", 0),
+                     ("min_lr", "--min-lr", 0.0), ("max_pairs", "--max-pairs", None),
+                     ("zeroshot_data", "--zeroshot-data", None), ("zeroshot_dataset", "--zeroshot-dataset", None),
+                     ("randaugment", "--randaugment", False), ("temperature", "--temperature", None),
+                     ("reduction", "--reduction", None), ("deep_init", "--deep-init", None),
+                     ("no_projections", "--no-projections", False), ("augment", "--augment", False),
+                     ("no_initial_eval", "--no-initial-eval", False))
+
+
+def reject_contrastive_flags(args) -> None:
+    """A contrastive-task flag given to ``train --task classify`` is a usage error, not silently ignored."""
+    for dest, flag, default in _CONTRASTIVE_ONLY:
+        if getattr(args, dest, default) != default:
+            raise _usage(f"{flag} is for --task contrastive")
 
 
 def _reject_classify_data(args) -> None:
@@ -143,6 +168,34 @@ def _train_and_eval_pairs(args, size: int):
         return train_pairs, _load(args.eval_pairs, args.image_root, args.eval_pairs_split, args.allow_outside_root)
     return train_pairs, None if args.pairs is not None else _synthetic(args.synthetic_eval_pairs, size,
                                                                       SYNTHETIC_EVAL_SEED)
+
+
+def _zeroshot_set(args, model):
+    """``--zeroshot-data`` / ``--zeroshot-dataset``: (dataset name, test images, classnames), read and checked before
+    any training; None when not asked for."""
+    if (args.zeroshot_data is None) != (args.zeroshot_dataset is None):
+        raise _usage("--zeroshot-data and --zeroshot-dataset go together")
+    if args.zeroshot_data is None:
+        return None
+    splits, classnames = D_data.load_dataset(args.zeroshot_data, args.zeroshot_dataset,
+                                             allow_outside_root=args.allow_outside_root)
+    if not splits.get("test"):
+        raise _usage(f"--zeroshot-dataset {args.zeroshot_dataset!r} has no test split under {args.zeroshot_data!r}")
+    pp = getattr(model.visual, "preprocess_cfg", None) or {}
+    kw = {k: tuple(pp[k]) for k in ("mean", "std") if pp.get(k)}
+    images = D_data.ImageDataset(splits["test"], D_data.clip_transform(_image_size(model), train=False, **kw))
+    return args.zeroshot_dataset, images, classnames
+
+
+def _zeroshot(model, zs_set, tok, device, args) -> dict:
+    """Zero-shot top-1 / top-5 of the aligned model (the method's features, hand-written prompts)."""
+    from leanclip.trainer import evaluate
+
+    name, images, classnames = zs_set
+    templates = get_templates(name)
+    res = evaluate(model, images, classnames, templates, tok, args.batch_size or 256, device=device,
+                   precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
+    return {"dataset": name, "templates": templates, **_short(res)}
 
 
 def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig:
@@ -210,6 +263,7 @@ def cmd_train_contrastive(args) -> int:
         model, tok, size, _ = build_model(args)
         size = _image_size(model)
         train_pairs, eval_pairs = _train_and_eval_pairs(args, size)
+        zs_set = _zeroshot_set(args, model)
         prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
                 tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
                 **opts)
@@ -224,8 +278,11 @@ def cmd_train_contrastive(args) -> int:
             clear_run(args.output)
         summary = train_contrastive(model, train_pairs, tok, cfg, eval_pairs=eval_pairs, resume=args.resume)
         if info.is_main:
-            emit(_train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, info.world_size),
-                 args, "result.json")
+            result = _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before,
+                                   info.world_size)
+            if zs_set is not None:
+                result["zeroshot"] = _zeroshot(model, zs_set, tok, info.device, args)
+            emit(result, args, "result.json")
         return 0
     finally:
         D.cleanup(info)

@@ -221,3 +221,40 @@ def test_contrastive_recipe_flags(capsys, tmp_path, weights):
     rc, _, err = run(capsys, "train", "--task", "contrastive", "--method", "lilt-ln", "--max-pairs", 1,
                      "--output", tmp_path / "bad")
     assert rc == 2 and "--max-pairs" in err
+
+
+def _coop_layout(root, n_classes=3, per_class=2):
+    """A tiny CoOp-layout dataset (split file + PNGs) the data layer reads."""
+    import numpy as np
+    from PIL import Image
+
+    items = []
+    for c in range(n_classes):
+        for k in range(per_class):
+            rel = f"images/c{c}_{k}.png"
+            (root / "images").mkdir(parents=True, exist_ok=True)
+            colour = np.zeros((16, 16, 3), dtype=np.uint8)
+            colour[..., c % 3] = 200
+            Image.fromarray(colour).save(root / rel)
+            items.append([rel, c, f"colour {c}"])
+    (root / "split_zhou_Tiny.json").write_text(json.dumps({"train": items, "val": items, "test": items}))
+    return root
+
+
+def test_contrastive_run_reports_zero_shot_accuracy(capsys, tmp_path, weights):
+    root = _coop_layout(tmp_path / "zs")
+    rc, out, err = run(capsys, "train", "--task", "contrastive", "--method", "lilt-ln", "--pretrained", weights,
+                       "--synthetic-pairs", 16, "--batch-size", 8, "--epochs", 1, "--synthetic-eval-pairs", 8,
+                       "--no-initial-eval", "--no-progress", "--threads", 1, "--zeroshot-data", root,
+                       "--zeroshot-dataset", "Tiny", "--output", tmp_path / "run")
+    assert rc == 0, err
+    zs = last_json(out)["zeroshot"]
+    assert zs["dataset"] == "Tiny" and zs["n"] == 6 and 0.0 <= zs["top1"] <= 100.0 and zs["top5"] == 100.0
+    rc, _, err = run(capsys, "train", "--task", "contrastive", "--method", "lilt-ln", "--zeroshot-data", root,
+                     "--output", tmp_path / "bad")
+    assert rc == 2 and "go together" in err
+
+
+def test_contrastive_flags_refused_for_classification(capsys, tmp_path):
+    rc, _, err = run(capsys, "train", "--method", "ln", "--randaugment", "--output", tmp_path / "x")
+    assert rc == 2 and "--randaugment is for --task contrastive" in err and not (tmp_path / "x").exists()
