@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+
+import torch
 
 from leanclip.configs import register_tiny_config
 from leanclip.methods import METHODS
@@ -90,14 +93,10 @@ def _step_modes(args, step, policies, device) -> list[str]:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def _run_step(args) -> int:
-    import json
-
     from leanclip.bench import step
 
     if args.device == "cuda" and not _cuda():
@@ -130,8 +129,6 @@ def _run_step(args) -> int:
 
 
 def run(args) -> int:
-    import torch
-
     from leanclip.bench.common import write_json
 
     if args.bench_cmd == "ops":

@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: machine description, side-by-side timing, JSON + plot output."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -87,8 +88,6 @@ def _release_free_heap() -> None:
     shows no RSS growth at all."""
     import ctypes
     import ctypes.util
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)

@@ -42,7 +42,9 @@ import time
 import types
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from leanclip import utils
 from leanclip.bench.common import interleaved_medians, machine, step_peak_bytes, write_json
@@ -123,8 +125,6 @@ def _budget_context(budget):
     """The compiler's activation memory budget for one mode only (restored on exit, so other modes never see it)."""
     if budget is None:
         return contextlib.nullcontext()
-    import torch._functorch.config as functorch_config
-
     return functorch_config.patch(activation_memory_budget=budget)
 
 
@@ -245,8 +245,6 @@ def _prepare_mode(mode, model_name, method, *, device, tokenizer, **kw):
 
 def _graph_breaks() -> int:
     """Graph breaks dynamo has counted in this process so far (a compiled mode that breaks runs partly eager)."""
-    from torch._dynamo.utils import counters
-
     return sum(counters["graph_break"].values())
 
 

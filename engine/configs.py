@@ -8,6 +8,10 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
+
+import torch
 
 TINY_NAME = "leanclip-tiny"
 
@@ -75,12 +79,7 @@ def register_reduced_config(base: str = "ViT-B-16", layers: int = 2, *, text_lay
 def create_random_model(name: str, seed: int = 0, **kw):
     """``open_clip.create_model(name, pretrained=None, **kw)`` after ``torch.manual_seed(seed)`` (the same random
     weights every time), without open_clip's "No pretrained weights loaded" log and warnings: random init is meant."""
-    import logging
-    import warnings
-
     import open_clip
-    import torch
-
     torch.manual_seed(seed)
     logging.disable(logging.WARNING)
     try:

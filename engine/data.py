@@ -63,6 +63,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -868,8 +869,7 @@ def clip_transform(
     its randomness comes from torch's global RNG (seeded per worker by DataLoader, by torch.manual_seed in the main
     process).
     """
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
 
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if train:
@@ -958,8 +958,6 @@ def check_images(samples: Sequence[Sample], *, threads: int | None = None,
     run deterministic (the same images in every epoch, whatever the worker count) at the cost of one extra read of
     the images used. Each distinct path is decoded once, on a thread pool (PIL releases the GIL while decoding).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     samples = list(samples)
     paths = list(dict.fromkeys(s.path for s in samples))
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from leanclip.utils import resolve_device
 
@@ -185,8 +186,6 @@ def wrap_ddp(module: torch.nn.Module, device: torch.device, *, find_unused_param
     are not re-broadcast each step), else ``module`` itself."""
     if not is_distributed():
         return module
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     if not any(p.requires_grad for p in module.parameters()):
         raise ValueError("the model has no trainable parameters to synchronise")
     kw = {"device_ids": [device.index]} if device.type == "cuda" else {}

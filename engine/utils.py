@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -335,8 +336,6 @@ def truncate_jsonl(path: str | os.PathLike, keep: callable) -> None:
 
 # --------------------------------------------------------------------------------------------------------- hashing
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:

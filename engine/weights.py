@@ -32,6 +32,7 @@ import os
 import warnings
 import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -106,8 +107,6 @@ def hub_file(model_id: str, filename: str | None = None, *, cache_dir=None, what
 def folder_weights(folder) -> str:
     """The weights file open_clip picks in a hub-style folder (``open_clip_model.safetensors`` first, then
     ``open_clip_pytorch_model.bin``, ...; ``open_clip.factory._find_checkpoint_in_dir``)."""
-    from pathlib import Path
-
     from leanclip.models.openclip import find_checkpoint_in_dir
 
     found = find_checkpoint_in_dir(Path(folder))

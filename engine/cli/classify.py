@@ -3,13 +3,17 @@ weights they share; ``--task contrastive`` / ``retrieval`` hand over to ``leancl
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
-from leanclip import pretrain, synthetic, utils
+import torch
+
 from leanclip import data as D
+from leanclip import pretrain, synthetic, utils
 from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
     DEFAULT_MODEL, PROG, UsageError, build_model, clear_run, data_record, emit, method_opts_from_flags,
@@ -33,11 +37,7 @@ def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps:
     """Path of a safetensors state dict of ``model_name`` (random init with torch seed 0) after
     :func:`pretrain_synthetic` for ``steps`` steps, made once and cached in ``folder`` (keyed by the config, versions
     and the code that makes it; written atomically). For tests, demos and smoke runs: ``--pretrained PATH``."""
-    import inspect
-    import warnings
-
     import open_clip
-    import torch
     from safetensors.torch import save_file
 
     register_tiny_config()
@@ -186,10 +186,10 @@ def cmd_train(args) -> int:
     if getattr(args, "task", "classify") != "classify":
         return contrastive_cli.cmd_train_contrastive(args)
     contrastive_cli.reject_contrastive_flags(args)
-    import torch
-
-    from leanclip.methods import (is_closed_set, method_options, method_template_set, method_train_defaults,
-                                  method_trainer, parse_method, prepare)
+    from leanclip.methods import (
+        is_closed_set, method_options, method_template_set, method_train_defaults, method_trainer, parse_method,
+        prepare,
+    )
     from leanclip.trainer import TrainConfig, train
 
     device = setup_device(args)

@@ -23,7 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
+
+import torch
 
 from leanclip import utils, weights
 from leanclip.checkpoint import load_trainable
@@ -33,7 +36,6 @@ from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_options
 from leanclip.synthetic import make_caption_corpus
 from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source
-
 
 DEFAULT_MODEL = "leanclip-tiny"
 
@@ -166,8 +168,6 @@ def check_output(output, *, resume, overwrite: bool) -> None:
 def clear_run(output) -> None:
     """Remove a previous run's files from ``output`` (``--overwrite``), so nothing of it can be mistaken for the new
     run's if this one stops early."""
-    import shutil
-
     out = Path(output)
     for n in RUN_FILES:
         (out / n).unlink(missing_ok=True)
@@ -419,8 +419,6 @@ def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: i
                        batch_size: int = 64, lr: float = 3e-3, progress: bool = False) -> list[float]:
     """Contrastive pre-training on a synthetic caption corpus (leanclip.synthetic + leanclip.contrastive): gives a tiny,
     randomly initialised model above-chance zero-shot accuracy for smoke runs and tests. Returns the losses."""
-    import torch
-
     imgs, caps = make_caption_corpus(n_images, size=image_size, seed=seed)
     tf = clip_transform(image_size)
     x = torch.stack([tf(im) for im in imgs])

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import torch
+
 from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
@@ -236,8 +238,6 @@ def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, be
 
 # ------------------------------------------------------------------------------------------------------------ train
 def cmd_train_contrastive(args) -> int:
-    import torch
-
     from leanclip.methods import parse_method, prepare
 
     _reject_classify_data(args)
