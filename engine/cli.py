@@ -181,7 +181,9 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm (default off)")
     g.add_argument("--kd-lambda", type=float, default=8.0, help="CLIPFit distillation weight (default 8)")
-    g.add_argument("--llu-lambda", type=float, default=1e3, help="LLU regulariser weight on mean((W-I)^2)+mean(b^2) (default 1e3, the authors' value)")
+    g.add_argument("--llu-lambda", type=float, default=1e3,
+                   help="LLU regulariser weight (default 1e3, the authors' value) on mean((W-I)^2)+mean(b^2), the "
+                        "authors' code's form and the default; --opt reg=norm uses the paper's ||W-I||+||b||")
     g.add_argument("--llu-clusters", type=int, default=512,
                    help="LLU image bank: at most this many agglomerative cluster centres (0 = all training features)")
     g.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines (default 1)")
