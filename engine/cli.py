@@ -45,6 +45,7 @@ SYNTHETIC_MAX_SHOTS = 1000  # images per class the synthetic dataset may be aske
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("leanclip.demo", "end-to-end demo (provided by leanclip.demo)"),
     "bench": ("leanclip.bench.cli", "benchmarks (provided by bench.cli)"),
+    "analyze": ("leanclip.analyze", "parameter change between runs / from the initial weights (LN shift per layer)"),
 }
 
 # Training defaults when the flag is not given: the CLIPFit / CoOp recipe, replaced by what the method declares
