@@ -233,7 +233,7 @@ def _load_run(spec: str, flag: str) -> dict:
     shapes.update({n: list(t.shape) for n, t in params.items()})
     return {"flag": flag, "path": head["path"], "method": meta.get("method"), "model_name": head.get("model_name"),
             "options": head.get("options") or {}, "added": set(_json(meta, "modules", [])), "params": params,
-            "shapes": shapes, "record": (extra.get("config") or {}).get("extra") or extra}
+            "shapes": shapes, "extra": extra}
 
 
 def _check_same_architecture(a: dict, b_shapes: dict, b_name, b_what: str) -> None:
@@ -253,23 +253,20 @@ def _initial_params(run_: dict, args) -> dict[str, torch.Tensor]:
     """The run's base-model parameters as they were before training: the recorded model and weights, rebuilt."""
     import argparse
 
-    from leanclip.cli_common import build_model, restore_model, restore_weights
+    from leanclip.cli_common import build_recorded_model
 
     init_from = run_["options"].get("init_from")
     if init_from:
         raise UsageError(f"RUN_A {run_['path']!r} was initialised from another checkpoint ({init_from!r}): compare "
                          f"against it by naming both runs (leanclip analyze INIT_RUN RUN)")
-    rec = run_["record"] or {}
-    ns = argparse.Namespace(model=args.model or DEFAULT_MODEL, pretrained=args.pretrained,
-                            use_recorded_weights=args.use_recorded_weights, image_size=rec.get("image_size"),
-                            pretrain_steps=int(rec.get("pretrain_steps") or 0), trust_torchscript=False,
-                            no_progress=True)
-    restore_model(ns, run_["model_name"], DEFAULT_MODEL)
-    if run_["model_name"] and ns.model != run_["model_name"]:
-        raise UsageError(f"--model {ns.model}: RUN_A {run_['path']!r} is a {run_['model_name']} run: runs of "
+    model_name = run_["model_name"]
+    if model_name and args.model and args.model != model_name:
+        raise UsageError(f"--model {args.model}: RUN_A {run_['path']!r} is a {model_name} run: runs of "
                          f"different architectures cannot be compared")
-    restore_weights(ns, rec.get("weights"), legacy_path=rec.get("pretrained"))
-    model = build_model(ns)[0]
+    ns = argparse.Namespace(model=args.model or DEFAULT_MODEL, pretrained=args.pretrained,
+                            use_recorded_weights=args.use_recorded_weights, image_size=None, pretrain_steps=0,
+                            trust_torchscript=False, no_progress=True)
+    model = build_recorded_model(ns, {"model_name": model_name, "extra": run_["extra"]})[0]
     current = dict(model.named_parameters())
     _check_same_architecture(run_, {n: list(p.shape) for n, p in current.items()}, ns.model, f"--model {ns.model}")
     base = [n for n in run_["params"] if n.split(".")[0] not in run_["added"]]

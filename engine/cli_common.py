@@ -442,3 +442,25 @@ def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
         except json.JSONDecodeError:
             out[k] = None
     return out
+
+
+def run_record(meta: dict) -> dict:
+    """What a checkpoint records of how its model was built (weights, pretrain_steps, image_size): the trainer's
+    config ``extra`` for classification runs, the top-level extra for contrastive runs."""
+    extra = meta.get("extra") or {}
+    return (extra.get("config") or {}).get("extra") or extra
+
+
+def build_recorded_model(args, meta: dict):
+    """``build_model`` for the architecture and starting weights a checkpoint records, under the rules of
+    ``leanclip eval`` (:func:`restore_model`, :func:`restore_weights`; the recorded ``--pretrain-steps`` and
+    ``--image-size`` unless given). ``args`` needs model, pretrained, use_recorded_weights, image_size,
+    pretrain_steps, trust_torchscript and no_progress."""
+    restore_model(args, meta.get("model_name"), DEFAULT_MODEL)
+    rec = run_record(meta)
+    restore_weights(args, rec.get("weights"), legacy_path=rec.get("pretrained"))
+    if not args.pretrain_steps and rec.get("pretrain_steps"):
+        args.pretrain_steps = int(rec["pretrain_steps"])
+    if args.image_size is None and rec.get("image_size"):
+        args.image_size = int(rec["image_size"])
+    return build_model(args)
