@@ -46,7 +46,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("leanclip.demo", "end-to-end demo (provided by leanclip.demo)"),
     "bench": ("leanclip.bench.cli", "benchmarks (provided by bench.cli)"),
     "analyze": ("leanclip.analyze", "parameter change between runs / from the initial weights (LN shift per layer)"),
-    "episodes": ("leanclip.episodes", "N-way K-shot episodic evaluation (mean accuracy +- 95% CI over episodes)"),
+    "episodes": ("leanclip.episodes", "N-way K-shot episodic evaluation (mean accuracy, 95 percent CI)"),
+    "wilds": ("leanclip.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
 }
 
 # Training defaults when the flag is not given: the CLIPFit / CoOp recipe, replaced by what the method declares

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from leanclip import utils
 from leanclip.cli_common import UsageError
 
-__all__ = ["Episode", "sample_episodes", "prototype_logits", "mean_ci95", "episode_accuracies", "split_features",
+__all__ = ["Episode", "sample_episodes", "eligible_classes", "prototype_logits", "mean_ci95", "episode_accuracies",
+           "split_features", "add_model_arguments", "add_run_arguments", "check_model_arguments", "template_override",
            "add_arguments", "run"]
 
 Z95 = 1.96  # two-sided 95% quantile of the normal distribution
@@ -153,12 +154,11 @@ def split_features(model, dataset, classnames, templates, tokenizer, *, batch_si
 
 
 # ---------------------------------------------------------------------------------------------------- command
-def add_arguments(p) -> None:
+def add_model_arguments(p) -> None:
+    """--checkpoint / --model / --pretrained / --use-recorded-weights / --image-size / --pretrain-steps (the model
+    an evaluation command scores: a run's, or a plain CLIP)."""
     from leanclip.cli_common import DEFAULT_MODEL
 
-    p.description = ("N-way K-shot episodic evaluation: mean accuracy and 95%% confidence interval over episodes of "
-                     "a text (zero-shot) and a prototype (support-mean) classifier. Prints JSON (also episodes.json "
-                     "under --output).")
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", metavar="RUN", default=None,
                    help="a run folder or checkpoint of 'leanclip train': its method and trained parameters are "
@@ -171,6 +171,40 @@ def add_arguments(p) -> None:
     g.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's own)")
     g.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
                    help="synthetic contrastive pre-training steps before use (smoke runs; default 0)")
+    g.add_argument("--templates", nargs="+", default=None, metavar="T",
+                   help="prompt template(s) with '{}' for the text classifier, or 'ensemble'")
+
+
+def add_run_arguments(p, result_name: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    g.add_argument("--batch-size", type=int, default=None, help="images per feature batch (default 256)")
+    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads")
+    g.add_argument("--output", metavar="DIR", default=None, help=f"also write {result_name} here")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_model_arguments(args) -> None:
+    """The model flags' combinations and templates, before any work."""
+    if args.use_recorded_weights and not args.checkpoint:
+        raise UsageError("--use-recorded-weights needs --checkpoint")
+    if args.templates is not None:
+        from leanclip.templates import get_templates
+
+        get_templates(None, template_override(args))
+
+
+def template_override(args):
+    return args.templates[0] if args.templates and len(args.templates) == 1 else args.templates
+
+
+def add_arguments(p) -> None:
+    p.description = ("N-way K-shot episodic evaluation: mean accuracy and 95 percent confidence interval over "
+                     "episodes of a text (zero-shot) and a prototype (support-mean) classifier. Prints JSON (also episodes.json "
+                     "under --output).")
+    add_model_arguments(p)
     g = p.add_argument_group("data")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--data", metavar="ROOT", default=None, help="data root holding --dataset")
@@ -180,8 +214,6 @@ def add_arguments(p) -> None:
     g.add_argument("--image-root", default=None, help="image folder for --split-file (default: next to the file)")
     g.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="the split episodes are drawn from (default test)")
-    g.add_argument("--templates", nargs="+", default=None, metavar="T",
-                   help="prompt template(s) with '{}' for the text classifier, or 'ensemble'")
     g.add_argument("--synthetic-classes", type=int, default=10, help="classes of the synthetic dataset (default 10)")
     g.add_argument("--synthetic-dir", default=None, help="where the synthetic dataset lives (default: the cache)")
     g.add_argument("--allow-outside-root", action="store_true",
@@ -192,14 +224,7 @@ def add_arguments(p) -> None:
     g.add_argument("--queries", type=int, default=15, help="Q query images per class (default 15)")
     g.add_argument("--episodes", type=int, default=600, help="number of episodes E (default 600)")
     g.add_argument("--seed", type=int, default=1, help="episode sampling seed (default 1)")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    g.add_argument("--batch-size", type=int, default=None, help="images per feature batch (default 256)")
-    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
-    g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads")
-    g.add_argument("--output", metavar="DIR", default=None, help="also write episodes.json here")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_run_arguments(p, "episodes.json")
 
 
 def _check_args(args) -> None:
@@ -214,12 +239,7 @@ def _check_args(args) -> None:
         raise UsageError("--data needs --dataset NAME")
     if args.dataset and not (args.data or args.split_file):
         raise UsageError("--dataset needs --data ROOT")
-    if args.use_recorded_weights and not args.checkpoint:
-        raise UsageError("--use-recorded-weights needs --checkpoint")
-    if args.templates is not None:
-        from leanclip.templates import get_templates
-
-        get_templates(None, args.templates[0] if len(args.templates) == 1 else args.templates)
+    check_model_arguments(args)
 
 
 def _split_samples(args) -> tuple[list, list[str], str]:
@@ -250,43 +270,10 @@ def _split_samples(args) -> tuple[list, list[str], str]:
     return samples, classnames, name
 
 
-def _check_checkpoint(meta: dict | None, classnames: list[str]) -> list[str] | None:
-    """The class names a checkpoint's method was prepared with; a closed-set head (linear probe) must cover the
-    split's classes."""
-    if meta is None:
-        return None
-    from leanclip.methods import is_closed_set
-
-    train_names = (meta.get("options") or {}).get("classnames") or (meta.get("extra") or {}).get("classnames") \
-        or classnames
-    if is_closed_set(meta["method"]) and len(train_names) != len(classnames):
-        raise UsageError(f"--checkpoint: a {meta['method']} run classifies its {len(train_names)} training classes; "
-                         f"the split has {len(classnames)}")
-    return list(train_names)
-
-
-def _model(args, meta: dict | None, train_names: list[str] | None):
-    """(model, tokenizer, image size, (mean, std)): the checkpoint's method re-applied, else the plain model."""
-    from leanclip.cli_common import build_model, build_recorded_model, recorded_frozen_dtype
-
-    if meta is None:
-        return build_model(args)
-    from leanclip.checkpoint import load_trainable
-    from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
-
-    model, tok, size, norm = build_recorded_model(args, meta)
-    opts = dict(meta.get("options") or {})
-    accepted = {k for p in parse_method(meta["method"]) for k in method_options(p)}
-    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
-            classnames=train_names, tokenizer=tok, model_name=args.model, frozen_dtype=recorded_frozen_dtype(opts),
-            **{k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS})
-    load_trainable(model, meta["path"])
-    return model, tok, size, norm
-
-
 def run(args) -> int:
     from leanclip import data as D
-    from leanclip.cli_common import check_output, emit, read_checkpoint_meta, setup_device
+    from leanclip.cli_common import (check_output, checkpoint_classnames, emit, eval_model, read_checkpoint_meta,
+                                     setup_device)
     from leanclip.templates import get_templates
 
     t0 = time.perf_counter()
@@ -296,15 +283,14 @@ def run(args) -> int:
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
     device = setup_device(args)
     samples, classnames, name = _split_samples(args)
-    train_names = _check_checkpoint(meta, classnames)
+    train_names = checkpoint_classnames(meta, classnames)
     eps = sample_episodes([s.label for s in samples], args.ways, args.shots, args.queries, args.episodes, args.seed)
     used = sorted(set(torch.cat([torch.cat([e.support, e.query]) for e in eps]).tolist()))
     _, bad = D.check_images([samples[i] for i in used], decode=False)
     if bad:
         raise bad[0]
-    override = args.templates[0] if args.templates and len(args.templates) == 1 else args.templates
-    templates = get_templates(name, override)
-    model, tok, size, (mean, std) = _model(args, meta, train_names)
+    templates = get_templates(name, template_override(args))
+    model, tok, size, (mean, std) = eval_model(args, meta, train_names)
     model.to(device)
     tf = D.clip_transform(size, train=False, **{k: v for k, v in (("mean", mean), ("std", std)) if v})
     feats, logits, _ = split_features(model, D.ImageDataset([samples[i] for i in used], tf), classnames, templates,

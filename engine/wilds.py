@@ -15,7 +15,7 @@ Layouts and official splits (as the ``wilds`` loaders define them):
   split train / val / test before 2013; "seq" rows are not used. Labels index the 62 fMoW categories (sorted).
   Metric: average and worst-region accuracy (over the regions with samples, "Other" excluded).
 - Camelyon17 (``camelyon17_v1.0``): ``metadata.csv`` (patient, node, x_coord, y_coord, tumor, center, split; patient as
-  written in the file); image ``patches/patient_{patient}_node_{node}/patch_patient_{patient}_node_{node}_x_{x}_y_{y}.png``.
+  written in the file); image ``patches/patient_{p}_node_{n}/patch_patient_{p}_node_{n}_x_{x}_y_{y}.png``.
   val = center 1, test = center 2, else split 0 = train and 1 = id_val. Label: tumor (0 normal, 1 tumor). Metric:
   average accuracy (per-hospital accuracy alongside).
 - iWildCam (``iwildcam_v2.0``): ``metadata.csv`` (split, y, filename, location_remapped) and ``categories.csv`` (y,
@@ -286,3 +286,69 @@ def export_split_file(data: WildsData, path, *, val: str = "val", test: str = "t
             raise ValueError(f"{flag} must be one of {', '.join(WILDS_SPLITS)}, got {v!r}")
     return write_split_json(path, {"train": data.splits["train"], "val": data.splits[val],
                                    "test": data.splits[test]}, data.root)
+
+
+# ---------------------------------------------------------------------------------------------------- command
+def add_arguments(p) -> None:
+    from leanclip.episodes import add_model_arguments, add_run_arguments
+
+    p.description = ("Evaluate on a WILDS dataset (FMoW, Camelyon17, iWildCam) read from the wilds package's layout, "
+                     "with its official metrics (FMoW worst-region accuracy, iWildCam macro F1, per-group "
+                     "accuracy); or export it as a CoOp split file for the other commands.")
+    add_model_arguments(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", metavar="ROOT", required=True,
+                   help="the folder holding fmow_v1.1/, camelyon17_v1.0/ or iwildcam_v2.0/ (or that folder)")
+    g.add_argument("--dataset", required=True, choices=sorted(READERS))
+    g.add_argument("--split", choices=WILDS_SPLITS, default="test", help="the split to evaluate (default test)")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="let the metadata name images outside the dataset folder")
+    g.add_argument("--export-split", metavar="FILE", default=None,
+                   help="write a CoOp split file (train, --export-val, --export-test) and stop; use it with "
+                        "--split-file FILE --image-root <dataset folder>")
+    g.add_argument("--export-val", choices=WILDS_SPLITS, default="val", help="the split exported as val")
+    g.add_argument("--export-test", choices=WILDS_SPLITS, default="test", help="the split exported as test")
+    add_run_arguments(p, "wilds.json")
+
+
+def run(args) -> int:
+    from leanclip import data as D
+    from leanclip.cli_common import (UsageError, check_output, checkpoint_classnames, emit, eval_model,
+                                     read_checkpoint_meta, setup_device)
+    from leanclip.episodes import check_model_arguments, split_features, template_override
+    from leanclip.templates import get_templates
+
+    check_model_arguments(args)
+    if args.export_split and (args.checkpoint or args.pretrained):
+        raise UsageError("--export-split writes a split file only: drop --checkpoint / --pretrained")
+    if args.output is not None:
+        check_output(args.output, resume=None, overwrite=True)
+    meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
+    data = load_wilds(args.data, args.dataset, allow_outside_root=args.allow_outside_root)
+    counts = {s: len(v) for s, v in data.splits.items()}
+    if args.export_split:
+        path = export_split_file(data, args.export_split, val=args.export_val, test=args.export_test)
+        emit({"command": "wilds", "dataset": data.name, "export": path, "image_root": data.root, "splits": counts},
+             args, "wilds.json")
+        return 0
+    samples, groups = data.splits[args.split], data.groups[args.split]
+    if not samples:
+        raise UsageError(f"the {args.split} split of {data.name} at {data.root!r} is empty")
+    train_names = checkpoint_classnames(meta, data.classnames)
+    _, bad = D.check_images(samples, decode=False)
+    if bad:
+        raise bad[0]
+    templates = get_templates(None, template_override(args))
+    device = setup_device(args)
+    model, tok, size, (mean, std) = eval_model(args, meta, train_names)
+    model.to(device)
+    tf = D.clip_transform(size, train=False, **{k: v for k, v in (("mean", mean), ("std", std)) if v})
+    _, logits, labels = split_features(model, D.ImageDataset(samples, tf), data.classnames, templates, tok,
+                                       batch_size=args.batch_size or 256, device=device, precision=args.precision,
+                                       num_workers=args.num_workers, progress=not args.no_progress)
+    result = {"command": "wilds", "dataset": data.name, "split": args.split, "model": args.model,
+              "checkpoint": meta["path"] if meta else None, "method": meta["method"] if meta else None,
+              "n": len(samples), "classes": len(data.classnames), "templates": templates,
+              "group_field": data.group_field, **wilds_metrics(data.name, logits, labels, groups)}
+    emit(result, args, "wilds.json")
+    return 0

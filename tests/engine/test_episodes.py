@@ -143,3 +143,13 @@ def test_cli_bad_args_exit_2_without_writes(capsys, synth_dir, tmp_path, flags, 
     rc, out, err = _run(capsys, "episodes", *_common(synth_dir), *flags, "--output", tmp_path / "out")
     assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_help_of_the_new_commands(capsys):
+    """argparse %-formats help strings: the top-level list and each command's --help must render."""
+    assert cli.main(["--help"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("analyze", "episodes", "wilds"):
+        assert name in listing
+        assert cli.main([name, "--help"]) == 0
+        assert f"leanclip {name}" in capsys.readouterr().out

@@ -93,7 +93,8 @@ def test_iwildcam_layout_and_path_containment(tmp_path):
         _png(str(d / "train" / f))
     data = wilds.load_wilds(tmp_path, "iwildcam")
     assert data.classnames == ["empty", "zebra", "lion"]
-    assert [(s.classname, g) for s, g in zip(data.splits["id_test"], data.groups["id_test"])] == [("lion", "location 3")]
+    pairs = [(s.classname, g) for s, g in zip(data.splits["id_test"], data.groups["id_test"])]
+    assert pairs == [("lion", "location 3")]
     _csv(d / "metadata.csv", ["split", "location_remapped", "y", "filename"], [("train", 0, 1, "../../secret.jpg")])
     with pytest.raises(ValueError, match="outside the image root"):
         wilds.read_iwildcam(tmp_path, check_exists=False)
@@ -135,3 +136,71 @@ def test_export_split_file_reads_back(fmow, tmp_path):
     assert [s.label for s in back["val"]] == [s.label for s in data.splits["id_val"]]
     with pytest.raises(ValueError, match="val must be one of"):
         wilds.export_split_file(data, tmp_path / "x.json", val="dev")
+
+
+# ------------------------------------------------------------------------------------------------ command
+def _run(capsys, *argv):
+    from leanclip import cli
+
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_fmow_metrics_match_evaluate(capsys, fmow, weights, tmp_path):
+    import json
+
+    import open_clip
+
+    from leanclip.checkpoint import load_pretrained
+    from leanclip.configs import create_random_model
+    from leanclip.trainer import evaluate
+
+    rc, out, err = _run(capsys, "wilds", "--data", fmow, "--dataset", "fmow", "--pretrained", weights, "--split",
+                        "test", "--no-progress", "--threads", 1, "--output", tmp_path / "o")
+    assert rc == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["n"] == 2 and set(res["per_group"]) == {"Americas", "Other"} and res["group_field"] == "region"
+    assert res["acc_worst_region"] == res["per_group"]["Americas"]["acc"]  # "Other" is not a region to rank
+    assert json.loads((tmp_path / "o" / "wilds.json").read_text()) == res
+    data = wilds.load_wilds(fmow, "fmow")
+    model = create_random_model("leanclip-tiny", 0)
+    load_pretrained(model, weights)
+    ds = D.ImageDataset(data.splits["test"], D.clip_transform(32, train=False))
+    want = evaluate(model, ds, data.classnames, ["a photo of a {}."], open_clip.get_tokenizer("leanclip-tiny"))
+    assert res["acc_avg"] == pytest.approx(want["top1"])
+
+
+def test_cli_export_reads_back_through_split_file(capsys, tmp_path, weights):
+    import json
+
+    d = tmp_path / "camelyon17_v1.0"
+    rows = [(f"{p:03d}", 0, 10 * i, 20 * i, i % 2, c, s) for i, (p, c, s) in
+            enumerate([(1, 0, 0), (1, 0, 0), (2, 3, 1), (5, 1, 0), (6, 2, 0), (6, 2, 0)])]
+    _csv(d / "metadata.csv", ["patient", "node", "x_coord", "y_coord", "tumor", "center", "split"], rows)
+    for p, n, x, y, *_ in rows:
+        _png(str(d / "patches" / f"patient_{p}_node_{n}" / f"patch_patient_{p}_node_{n}_x_{x}_y_{y}.png"))
+    split = tmp_path / "split_zhou_Camelyon17.json"
+    rc, out, err = _run(capsys, "wilds", "--data", tmp_path, "--dataset", "camelyon17", "--export-split", split)
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["splits"] == {"train": 2, "id_val": 1, "id_test": 0, "val": 1,
+                                                                  "test": 2}
+    rc, out, err = _run(capsys, "zeroshot", "--split-file", split, "--image-root", d, "--pretrained", weights,
+                        "--no-progress", "--threads", 1)
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["n"] == 2
+    rc, out, err = _run(capsys, "wilds", "--data", tmp_path, "--dataset", "camelyon17", "--split", "id_test")
+    assert rc == 2 and "id_test split of camelyon17" in err and out == ""
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--data", "{tmp}/nope", "--dataset", "fmow"], "not a directory"),
+    (["--data", "{tmp}", "--dataset", "mnist"], "invalid choice"),
+    (["--data", "{tmp}", "--dataset", "fmow"], "rgb_metadata.csv"),
+    (["--data", "{tmp}", "--dataset", "fmow", "--export-split", "{tmp}/s.json", "--pretrained", "x"], "drop"),
+    (["--data", "{tmp}", "--dataset", "fmow", "--checkpoint", "{tmp}/nope"], "--checkpoint"),
+])
+def test_cli_bad_input_exit_2(capsys, tmp_path, flags, needle):
+    rc, out, err = _run(capsys, "wilds", *[f.format(tmp=tmp_path) for f in flags], "--output", tmp_path / "out")
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "s.json").exists()
