@@ -88,7 +88,7 @@ def test_regulariser_forms_float64(form):
     assert torch.allclose(h.weight.grad, gw, rtol=1e-10) and torch.allclose(h.bias.grad, gb, rtol=1e-10)
     at_identity = heads.LLUHead(e, reg=form)
     at_identity.reg().backward()  # subgradient 0 at (I, 0), not NaN
-    assert float(at_identity.reg()) == 0.0 and not at_identity.weight.grad.any()
+    assert float(at_identity.reg().detach()) == 0.0 and not at_identity.weight.grad.any()
 
 
 def test_shared_map_one_parameter_set(fresh_tiny, tmp_path):
