@@ -253,6 +253,15 @@ def _split_file(meta: dict, tensors: dict):
     return {n: tensors[n] for n in pnames}, {n: tensors[n] for n in bnames}
 
 
+def read_trainable(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(metadata, {name: tensor})`` of a ``save_trainable`` file without a model: the trainable parameters only
+    (no buffers, no optimizer state); metadata values are the raw strings (JSON where :func:`save_trainable` wrote
+    JSON). For analyses that compare runs (``leanclip.analyze``)."""
+    meta, tensors = _read(path)
+    params, _ = _split_file(meta, tensors)
+    return meta, params
+
+
 def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: bool, path, then_check=None) -> None:
     """Verify every name/shape, then ``then_check()`` (which raises to refuse), then copy. strict: the file's
     parameters must be exactly the trainable ones."""

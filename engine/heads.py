@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import kernels
+
+
 def _check_dim(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -33,8 +35,28 @@ def _check_real(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
     return v
 
 
-def check_llu_options(beta, gamma) -> tuple[float, float]:
-    """``(beta, gamma)`` of an ``LLUHead`` as floats: beta in [0, 1], gamma >= 0 (ValueError naming the option)."""
+LLU_GATES = ("exp", "dirac", "none")
+LLU_INITS = ("identity", "random")
+LLU_REGS = ("mse", "norm")
+
+
+def _check_choice(name: str, v, choices) -> str:
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def check_llu_options(beta, gamma, gate="exp", threshold=0.1, init="identity", reg="mse",
+                      init_seed=0) -> tuple[float, float]:
+    """Validate the options of an ``LLUHead`` (ValueError naming the option); returns ``(beta, gamma)`` as floats:
+    beta in [0, 1], gamma >= 0, gate / init / reg one of their choices, threshold a cosine distance in [0, 2],
+    init_seed an int >= 0."""
+    _check_choice("gate", gate, LLU_GATES)
+    _check_choice("init", init, LLU_INITS)
+    _check_choice("reg", reg, LLU_REGS)
+    _check_real("threshold", threshold, lo=0.0, hi=2.0)
+    if isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0:
+        raise ValueError(f"init_seed must be an int >= 0, got {init_seed!r}")
     return _check_real("beta", beta, lo=0.0, hi=1.0), _check_real("gamma", gamma, lo=0.0)
 
 
@@ -54,27 +76,56 @@ def check_std(std) -> float:
 
 # ----------------------------------------------------------------------------------------------------------- LLU
 class LLUHead(nn.Module):
-    """``g(x) = W x + b`` (W = I, b = 0 at start) applied to L2-normalized embeddings ``x`` (N, E):
+    """``g(x) = W x + b`` applied to L2-normalized embeddings ``x`` (N, E), blended with ``x`` by a per-sample gate:
 
         vals[n] = max_{d in D} <x[n], d>                      (kernels.max_sim: no N x M matrix)
-        alpha[n] = beta * exp(-gamma * (1 - vals[n]))          (one gate per sample)
+        alpha[n] = beta * exp(-gamma * (1 - vals[n]))          gate="exp" (the method)
+                 = 1 if 1 - vals[n] <= threshold else 0         gate="dirac" (ablation: a hard mask, beta/gamma unused)
+                 = 1                                            gate="none" (ablation: no gate, no bank needed)
         out[n]  = normalize(alpha[n] * normalize(g(x[n])) + (1 - alpha[n]) * x[n])
+
+    ``init="identity"`` starts at W = I, b = 0 (the output is then x for any gate); ``init="random"`` (ablation)
+    draws W and b from U(-1/sqrt(E), 1/sqrt(E)) (``nn.Linear``'s default) with ``generator``. ``gate="none"`` with
+    ``init="random"`` is the paper's "linear" ablation. ``tie_to(other)`` shares W and b with another head (the
+    shared-map ablation g_I = g_T); each head keeps its own bank.
 
     ``D`` (M, E) is the bank of (normalized) training features or cluster centres: pass it to ``forward`` or store
     it once with ``set_bank`` (kept as a buffer, saved by ``leanclip.checkpoint.save_trainable``).
-    ``reg()`` = mean((W - I)^2) + mean(b^2) (the loss adds ``lam * reg()``; the authors' lambda is 1e3)."""
+    ``reg()`` is the regulariser the loss weights by lambda, always measured from (I, 0):
+    ``reg="mse"``: mean((W - I)^2) + mean(b^2), the authors' code (``F.mse_loss``; their lambda 1e3 is a gentle pull
+    at this scale); ``reg="norm"``: ||W - I||_F + ||b||_2, the paper's formula (subgradient 0 at the identity)."""
 
-    def __init__(self, dim: int, beta: float = 0.5, gamma: float = 20.0):
+    def __init__(self, dim: int, beta: float = 0.5, gamma: float = 20.0, *, gate: str = "exp",
+                 threshold: float = 0.1, init: str = "identity", reg: str = "mse",
+                 generator: torch.Generator | None = None):
         super().__init__()
         dim = _check_dim("dim", dim)
         self.dim = dim
-        self.beta, self.gamma = check_llu_options(beta, gamma)
-        self.weight = nn.Parameter(torch.eye(dim))
-        self.bias = nn.Parameter(torch.zeros(dim))
+        self.beta, self.gamma = check_llu_options(beta, gamma, gate, threshold, init, reg)
+        self.gate, self.threshold, self.init, self.reg_form = gate, float(threshold), init, reg
+        self.tied = False
+        if init == "identity":
+            w, b = torch.eye(dim), torch.zeros(dim)
+        else:
+            bound = 1.0 / math.sqrt(dim)
+            w = torch.empty(dim, dim).uniform_(-bound, bound, generator=generator)
+            b = torch.empty(dim).uniform_(-bound, bound, generator=generator)
+        self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(b)
         self.register_buffer("bank", None)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, beta={self.beta}, gamma={self.gamma}"
+        gate = {"exp": f"beta={self.beta}, gamma={self.gamma}", "dirac": f"dirac threshold={self.threshold}",
+                "none": "no gate"}[self.gate]
+        return f"dim={self.dim}, {gate}, init={self.init}, reg={self.reg_form}" + (", tied" if self.tied else "")
+
+    def tie_to(self, other: "LLUHead") -> "LLUHead":
+        """Share ``other``'s W and b (one set of parameters, counted and saved once under ``other``'s name)."""
+        if not isinstance(other, LLUHead) or other.dim != self.dim:
+            raise ValueError("tie_to needs an LLUHead of the same dim")
+        self.weight, self.bias = other.weight, other.bias
+        self.tied = True
+        return self
 
     @torch.no_grad()
     def set_bank(self, d: torch.Tensor, normalize: bool = True) -> None:
@@ -87,10 +138,17 @@ class LLUHead(nn.Module):
         self.bank = F.normalize(d, dim=-1) if normalize else d.clone()
 
     def alpha(self, x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample gate (N,) = beta * exp(-gamma * (1 - max_sim(x, D)))."""
+        """Per-sample gate (N,) of ``self.gate`` (see the class docstring)."""
+        if self.gate == "none":
+            if x.dim() != 2 or x.shape[1] != self.dim:
+                raise ValueError(f"x must have shape (N, {self.dim}), got {tuple(x.shape)}")
+            return torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
         d = self._bank(d, x)
         vals, _ = kernels.max_sim(x, d.to(x.dtype))
-        return self.beta * torch.exp(-self.gamma * (1.0 - vals.float()))
+        dist = 1.0 - vals.float()
+        if self.gate == "dirac":
+            return (dist <= self.threshold).float()
+        return self.beta * torch.exp(-self.gamma * dist)
 
     def _bank(self, d, x):
         d = self.bank if d is None else d
@@ -113,9 +171,10 @@ class LLUHead(nn.Module):
         return F.normalize(a * g + (1.0 - a) * xf, dim=-1)
 
     def reg(self) -> torch.Tensor:
-        """mean((W - I)^2) + mean(b^2): the authors' code (``F.mse_loss`` against I and 0), for which their
-        lambda = 1e3 is a gentle pull (a non-squared norm would pin the map at identity)."""
+        """The regulariser of ``reg_form`` (class docstring): distance of (W, b) from (I, 0)."""
         eye = torch.eye(self.dim, device=self.weight.device, dtype=self.weight.dtype)
+        if self.reg_form == "norm":
+            return torch.linalg.matrix_norm(self.weight - eye) + torch.linalg.vector_norm(self.bias)
         return F.mse_loss(self.weight, eye) + self.bias.square().mean()
 
 

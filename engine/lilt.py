@@ -7,7 +7,9 @@ Registered with ``leanclip.registry.register_method`` (``leanclip.methods`` impo
     lilt-adapter   bottleneck adapters (d -> d/r -> d, GELU, residual) in the branch before ln_1 and ln_2 of every
                    block of both towers, + every LayerNorm + the projections
     lilt-deep      one extra transformer block appended to each tower, + every LayerNorm + the projections
+    lilt-proj      the projections only (visual.proj, text_projection)
     lit            image tower locked, text tower (embeddings, blocks, ln_final, text_projection) fully trained
+                   (``locked="text"``: LiT reversed, the image tower trained in full)
     lit+lilt-*     LiT + a LilT method on the image tower: the text tower is trained fully, the image tower gets the
                    LilT treatment (a fully trainable tower gets no adapters / extra block)
 
@@ -16,7 +18,12 @@ clamped to [0.001, 0.5]), trained with the rest; ``leanclip.contrastive.train_co
 
 Options (``leanclip.prepare(model, method, **opts)``): ``tower`` (``both``/``image``/``text``: which towers the LilT
 part touches), ``projections`` (default True), ``temperature`` (default 0.07), ``reduction`` (adapters, default 4),
-``deep_init`` (``copy``: the extra block starts as a copy of the tower's last block, ``random``: open_clip's init).
+``deep_init`` (``copy``: the extra block starts as a copy of the tower's last block, ``random``: open_clip's init),
+``ln_tower`` (``lilt-adapter`` / ``lilt-deep``: whose LayerNorms are unlocked, separately from where the adapters or
+the block go: ``same`` = ``tower`` (default), ``both``, ``image``, ``text``, ``none``), ``bitfit`` (``lilt-adapter``:
+also every non-LayerNorm bias of ``tower``), ``locked`` (``lit``: ``image`` (default) or ``text``). The ablation rows
+of the paper are these options (adapters without LN: ``ln_tower=none``; BitFit + adapters without LN:
+``ln_tower=none, bitfit=True``; LN of one tower: ``ln_tower=text`` / ``image``), ``lilt-proj`` and ``locked="text"``.
 
 Initialisation (both exact identities at the start, so the prepared model computes what the unprepared one did):
 
@@ -58,12 +65,13 @@ from leanclip.select import (
     tower_of,
     unlock,
     unlock_layernorms,
+    unlock_names,
 )
 
 __all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "deep_blocks", "unlock_projections",
            "trainable_summary", "check_reduction", "LILT_METHODS"]
 
-LILT_METHODS = ("lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit")
+LILT_METHODS = ("lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lilt-proj", "lit")
 PROJ_RE = re.compile(r"^(?:visual\.proj|(?:text\.)?text_projection(?:\.weight|\.bias)?)$")
 TEMPERATURE_NAME = "lilt_temperature"
 # the learnable temperature is the contrastive logit scale (leanclip.contrastive reads the hook, not the name)
@@ -71,6 +79,7 @@ LILT_TRAITS = MethodTraits(hooks={"temperature": TEMPERATURE_NAME})
 # a whole tower trains: the lower learning rate of LiT
 FULL_TOWER_TRAITS = MethodTraits(hooks={"temperature": TEMPERATURE_NAME}, contrastive_defaults={"lr": 1e-4})
 DEEP_INITS = ("copy", "random")
+LN_TOWERS = ("same", "both", "image", "text", "none")  # ln_tower: "same" = the towers the adapters / block go to
 
 
 # ----------------------------------------------------------------------------------------------------------- adapter
@@ -265,10 +274,21 @@ def _temperature_module(model: nn.Module, temperature: float) -> dict:
     return {TEMPERATURE_NAME: LearnableTemperature(temperature).to(dev)}
 
 
-def _lilt(model, *, tower, projections, temperature, unlock_fn=None, adapters_r=None, deep_init=None) -> dict:
+def _non_ln_biases(model: nn.Module, tower: str) -> list[str]:
+    """Every bias of ``tower`` (``attn.in_proj_bias`` included) except the LayerNorms' (BitFit without LN)."""
+    ln = set(layernorm_names(model, tower))
+    return [n for n in names_matching(model, BIAS_RE, tower) if n not in ln]
+
+
+def _lilt(model, *, tower, projections, temperature, unlock_fn=None, adapters_r=None, deep_init=None,
+          ln_tower=None, bitfit=False) -> dict:
+    """The LilT recipe on ``tower`` (a tower already trained in full is left out): adapters / an extra block,
+    ``unlock_fn``, the non-LayerNorm biases (``bitfit``), the projections; LayerNorms of ``ln_tower`` ("same":
+    ``tower``; None: not this method's business)."""
     if not isinstance(projections, bool):
         raise ValueError(f"projections must be True or False, got {projections!r}")
     tw = _effective_tower(model, tower)
+    lt = "none" if ln_tower in (None, "none") else _effective_tower(model, tower if ln_tower == "same" else ln_tower)
     if tw != "none":
         if adapters_r is not None:
             add_adapters(model, adapters_r, tw)
@@ -276,8 +296,12 @@ def _lilt(model, *, tower, projections, temperature, unlock_fn=None, adapters_r=
             add_deep_blocks(model, tw, deep_init)
         if unlock_fn is not None:
             unlock_fn(model, tw)
+        if bitfit:
+            unlock_names(model, _non_ln_biases(model, tw))
         if projections:
             unlock_projections(model, tw)
+    if lt != "none":
+        unlock_layernorms(model, lt)
     return _temperature_module(model, temperature)
 
 
@@ -311,8 +335,13 @@ def _check_lilt_bitfit(model, tower="both", projections=True, temperature=0.07, 
 
 
 def _check_lilt_blocks(method: str):
-    def check(model, tower="both", projections=True, temperature=0.07, reduction=4, deep_init="copy", **_):
+    def check(model, tower="both", projections=True, temperature=0.07, reduction=4, deep_init="copy",
+              ln_tower="same", bitfit=False, **_):
         _check_lilt_common(model, method, tower, projections, temperature)
+        if ln_tower not in LN_TOWERS:
+            raise ValueError(f"ln_tower must be one of {', '.join(LN_TOWERS)}, got {ln_tower!r}")
+        if not isinstance(bitfit, bool):
+            raise ValueError(f"bitfit must be true or false, got {bitfit!r}")
         require_open_clip_tower(model, method, tower, "it changes the tower's transformer blocks")
         if method == "lilt-adapter":
             widths = ([model.visual.transformer.width] if tower != "text" else []) + (
@@ -324,13 +353,20 @@ def _check_lilt_blocks(method: str):
     return check
 
 
-def _check_lit(model, temperature=0.07, **_):
+def _check_proj(model, tower="both", temperature=0.07, **_):
+    _check_lilt_common(model, "lilt-proj", tower, True, temperature)
+
+
+def _check_lit(model, temperature=0.07, locked="image", **_):
     from leanclip.contrastive import LearnableTemperature
 
     LearnableTemperature(temperature)
-    if not any(tower_of(n) == "text" for n, _ in model.named_parameters()):
-        raise ValueError(f"method 'lit' trains the text tower, and the text tower {tower_class(model, 'text')} has "
-                         f"no parameters")
+    if locked not in ("image", "text"):
+        raise ValueError(f"locked must be image or text, got {locked!r}")
+    trained = "text" if locked == "image" else "image"
+    if not any(tower_of(n) == trained for n, _ in model.named_parameters()):
+        raise ValueError(f"method 'lit' with locked={locked} trains the {trained} tower, and the {trained} tower "
+                         f"{tower_class(model, trained)} has no parameters")
 
 
 # ----------------------------------------------------------------------------------------------------------- methods
@@ -350,36 +386,47 @@ def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
 
 
 @register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"), traits=LILT_TRAITS)
-def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperature=0.07):
-    """LilT adapters: bottleneck adapters before ln_1 / ln_2 of every block (zero-init up-projection) + every
-    LayerNorm + the projections of ``tower``."""
+def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperature=0.07, ln_tower="same",
+                  bitfit=False):
+    """LilT adapters: bottleneck adapters before ln_1 / ln_2 of every block (zero-init up-projection) + the
+    projections of ``tower``, + the LayerNorms of ``ln_tower`` ("same": ``tower``; "none": adapters without LN,
+    "image" / "text": one tower's, whatever ``tower`` is); ``bitfit``: also every non-LayerNorm bias of ``tower``."""
     _begin(model)
-    return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms,
-                 adapters_r=reduction)
+    return _lilt(model, tower=tower, projections=projections, temperature=temperature, adapters_r=reduction,
+                 ln_tower=ln_tower, bitfit=bitfit)
 
 
 @register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"), traits=LILT_TRAITS)
-def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07):
+def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07, ln_tower="same"):
     """LilT deep: one extra block on top of each tower (zero-init out_proj / c_proj: exact identity at the start),
-    + every LayerNorm + the projections of ``tower``."""
+    + the projections of ``tower`` + the LayerNorms of ``ln_tower`` (as for ``lilt-adapter``)."""
     _begin(model)
-    return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms,
-                 deep_init=deep_init)
+    return _lilt(model, tower=tower, projections=projections, temperature=temperature, deep_init=deep_init,
+                 ln_tower=ln_tower)
+
+
+@register_method("lilt-proj", check=_check_proj, traits=LILT_TRAITS)
+def _lilt_proj(model, tower="both", temperature=0.07):
+    """Projections only (LilT's row c): ``visual.proj`` / ``text_projection`` of ``tower`` + the temperature."""
+    _begin(model)
+    return _lilt(model, tower=tower, projections=True, temperature=temperature)
 
 
 @register_method("lit", check=_check_lit, traits=FULL_TOWER_TRAITS)
-def _lit(model, temperature=0.07):
-    """LiT: the image tower is locked, the whole text tower (token/positional embeddings, blocks, ln_final,
-    text_projection) is trained (+ the learnable temperature)."""
+def _lit(model, temperature=0.07, locked="image"):
+    """LiT: the ``locked`` tower (default image) stays frozen, the other one is trained in full (text: token /
+    positional embeddings, blocks, ln_final, text_projection; image: every visual parameter) (+ the learnable
+    temperature). ``locked="text"`` is LiT reversed (LilT's row m)."""
     _begin(model)
-    _check_no_lilt_modules(model, "text", "lit")
+    trained = "text" if locked == "image" else "image"
+    _check_no_lilt_modules(model, trained, "lit")
     n = 0
     for name, p in model.named_parameters():
-        if tower_of(name) == "text":
+        if tower_of(name) == trained:
             p.requires_grad_(True)
             n += 1
     if n == 0:
-        raise ValueError("lit: the model has no text-tower parameters")
+        raise ValueError(f"lit: the model has no {trained}-tower parameters")
     return _temperature_module(model, temperature)
 
 

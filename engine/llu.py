@@ -5,7 +5,12 @@ Per tower, ``g(x) = W x + b`` (W = I, b = 0 at start) and a per-sample gate
 ``out = normalize(alpha * normalize(g(x)) + (1 - alpha) x)``
 (``leanclip.heads.LLUHead``; the max over the bank D is ``kernels.max_sim``: no N x M matrix). Loss::
 
-    CE(logit_scale * out_img @ out_txt.T, y) + lam * (reg(W_img, b_img) + reg(W_txt, b_txt)),  reg = mean((W-I)^2) + mean(b^2)
+    CE(logit_scale * out_img @ out_txt.T, y) + lam * (reg(W_img, b_img) + reg(W_txt, b_txt))
+
+with ``reg = mean((W-I)^2) + mean(b^2)`` (the authors' code; the default) or, with the method option ``reg=norm``,
+``||W-I||_F + ||b||_2`` (the paper's formula). The ablations of the paper are method options of ``llu`` (see
+``leanclip.heads.LLUHead``): ``gate=dirac`` / ``gate=none``, ``init=random``, ``shared=true`` (one map, one
+regulariser term).
 
 The encoders never back-propagate: image features of every dataset are computed once (``FeatureCache``), class text
 features once per class set. Banks: image head D = the training image features, or (``clusters=k``) the normalized
@@ -44,6 +49,7 @@ __all__ = [
     "class_text_features",
     "cluster_bank",
     "llu_heads",
+    "llu_reg",
     "train_llu",
     "llu_logits",
     "evaluate_llu",
@@ -248,8 +254,21 @@ def llu_heads(model):
 
 
 def _head_params(model) -> list[torch.nn.Parameter]:
+    """The heads' trainable parameters, each once (a shared map's W and b belong to both heads)."""
     img, txt = llu_heads(model)
-    return [p for p in list(img.parameters()) + list(txt.parameters()) if p.requires_grad]
+    out, seen = [], set()
+    for p in list(img.parameters()) + list(txt.parameters()):
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def llu_reg(model) -> torch.Tensor:
+    """The regulariser of both heads; a shared map (``shared=True``: the text head is tied to the image head) is
+    one map and counts once."""
+    img, txt = llu_heads(model)
+    return img.reg() if txt.tied else img.reg() + txt.reg()
 
 
 def _logit_scale(model) -> torch.Tensor:
@@ -265,10 +284,9 @@ def llu_forward(model, x: torch.Tensor, class_txt: torch.Tensor) -> torch.Tensor
 
 
 def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    img, txt = llu_heads(model)
     logits = llu_forward(model, x, class_txt)
     ce = F.cross_entropy(logits, y)
-    return ce + lam * (img.reg() + txt.reg()), ce, logits
+    return ce + lam * llu_reg(model), ce, logits
 
 
 # -------------------------------------------------------------------------------------------------------------- train

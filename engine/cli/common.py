@@ -468,3 +468,59 @@ def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
         except json.JSONDecodeError:
             out[k] = None
     return out
+
+
+def run_record(meta: dict) -> dict:
+    """What a checkpoint records of how its model was built (weights, pretrain_steps, image_size): the trainer's
+    config ``extra`` for classification runs, the top-level extra for contrastive runs."""
+    extra = meta.get("extra") or {}
+    return (extra.get("config") or {}).get("extra") or extra
+
+
+def build_recorded_model(args, meta: dict):
+    """``build_model`` for the architecture and starting weights a checkpoint records, under the rules of
+    ``leanclip eval`` (:func:`restore_model`, :func:`restore_weights`; the recorded ``--pretrain-steps`` and
+    ``--image-size`` unless given). ``args`` needs model, pretrained, use_recorded_weights, image_size,
+    pretrain_steps, trust_torchscript and no_progress."""
+    restore_model(args, meta.get("model_name"), DEFAULT_MODEL)
+    rec = run_record(meta)
+    restore_weights(args, rec.get("weights"), legacy_path=rec.get("pretrained"))
+    if not args.pretrain_steps and rec.get("pretrain_steps"):
+        args.pretrain_steps = int(rec["pretrain_steps"])
+    if args.image_size is None and rec.get("image_size"):
+        args.image_size = int(rec["image_size"])
+    return build_model(args)
+
+
+def checkpoint_classnames(meta: dict | None, classnames: list[str]) -> list[str] | None:
+    """The class names a checkpoint's method was prepared with (None without a checkpoint); a closed-set head
+    (linear probe) must cover ``classnames``, the classes the command scores. Before any work."""
+    if meta is None:
+        return None
+    from leanclip.methods import is_closed_set
+
+    train_names = (meta.get("options") or {}).get("classnames") or (meta.get("extra") or {}).get("classnames") \
+        or classnames
+    if is_closed_set(meta["method"]) and len(train_names) != len(classnames):
+        raise UsageError(f"--checkpoint: a {meta['method']} run classifies its {len(train_names)} training classes; "
+                         f"the split has {len(classnames)}")
+    return list(train_names)
+
+
+def eval_model(args, meta: dict | None, train_names: list[str] | None):
+    """(model, tokenizer, image size, (mean, std)) an evaluation command scores: the checkpoint's model (rebuilt as
+    ``eval`` rebuilds it, its method re-applied with the recorded options, its trained parameters loaded), else the
+    plain ``--model`` / ``--pretrained`` model."""
+    if meta is None:
+        return build_model(args)
+    from leanclip.checkpoint import load_trainable
+    from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
+
+    model, tok, size, norm = build_recorded_model(args, meta)
+    opts = dict(meta.get("options") or {})
+    accepted = {k for p in parse_method(meta["method"]) for k in method_options(p)}
+    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
+            classnames=train_names, tokenizer=tok, model_name=args.model, frozen_dtype=recorded_frozen_dtype(opts),
+            **{k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS})
+    load_trainable(model, meta["path"])
+    return model, tok, size, norm

@@ -19,6 +19,9 @@ from leanclip.templates import TEMPLATE_SETS
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("leanclip.demo", "end-to-end demo (provided by leanclip.demo)"),
     "bench": ("leanclip.bench.cli", "benchmarks (provided by bench.cli)"),
+    "analyze": ("leanclip.analyze", "parameter change between runs / from the initial weights (LN shift per layer)"),
+    "episodes": ("leanclip.episodes", "N-way K-shot episodic evaluation (mean accuracy, 95 percent CI)"),
+    "wilds": ("leanclip.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
 }
 
 def register_subcommand(name: str, module: str, help: str = "") -> None:
@@ -158,7 +161,9 @@ def _add_train_parser(sub, selected: str | None) -> None:
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm (default off)")
     g.add_argument("--kd-lambda", type=float, default=8.0, help="CLIPFit distillation weight (default 8)")
-    g.add_argument("--llu-lambda", type=float, default=1e3, help="LLU regulariser weight on mean((W-I)^2)+mean(b^2) (default 1e3, the authors' value)")
+    g.add_argument("--llu-lambda", type=float, default=1e3,
+                   help="LLU regulariser weight (default 1e3, the authors' value) on mean((W-I)^2)+mean(b^2), the "
+                        "authors' code's form and the default; --opt reg=norm uses the paper's ||W-I||+||b||")
     g.add_argument("--llu-clusters", type=int, default=512,
                    help="LLU image bank: at most this many agglomerative cluster centres (0 = all training features)")
     g.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines (default 1)")

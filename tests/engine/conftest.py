@@ -33,6 +33,19 @@ def tiny_name():
 
 
 @pytest.fixture(scope="session")
+def weights(request, tmp_path_factory, tiny_name):
+    """Path of the tiny model's weights after a short synthetic contrastive pre-training (above-chance zero-shot),
+    made once and kept in pytest's cache."""
+    from leanclip import cli
+
+    try:
+        folder = request.config.cache.mkdir("leanclip-tiny-pretrained")
+    except Exception:  # cache provider disabled
+        folder = tmp_path_factory.mktemp("tiny-pretrained")
+    return cli.synthetic_pretrained_weights(folder, tiny_name, 40)
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     import open_clip
 

@@ -25,15 +25,6 @@ def synth_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("synthetic"))
 
 
-@pytest.fixture(scope="session")
-def weights(request, tmp_path_factory, tiny_name):
-    try:
-        folder = request.config.cache.mkdir("leanclip-tiny-pretrained")
-    except Exception:
-        folder = tmp_path_factory.mktemp("tiny-pretrained")
-    return cli.synthetic_pretrained_weights(folder, tiny_name, 40)
-
-
 def run(capsys, *argv):
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -300,3 +300,69 @@ def test_method_raises_retrieval_recall(method, misaligned, tok, train_pairs, te
     assert _r1(after) >= _r1(before) + 3.0, (before, after)
     assert after["mean"] >= before["mean"] + 15.0, (before, after)
     assert 0.001 <= s["temperature"] <= 0.5
+
+
+# --------------------------------------------------------------------------------------------------- ablation rows
+def _trainable(m):
+    return {n for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_ablation_rows_trainable_sets(tiny):
+    ln_all = {n for n in _trainable(prepare(copy.deepcopy(tiny), "ln"))}
+    ln_img = {n for n in ln_all if n.startswith("visual.")}
+    ln_txt = ln_all - ln_img
+    proj = {"visual.proj", "text_projection", "lilt_temperature.temp"}
+    assert _trainable(prepare(copy.deepcopy(tiny), "lilt-proj")) == proj
+    assert _trainable(prepare(copy.deepcopy(tiny), "lilt-proj", tower="text")) == {"text_projection",
+                                                                                   "lilt_temperature.temp"}
+    full = prepare(copy.deepcopy(tiny), "lilt-adapter")
+    ad = {n for n in _trainable(full) if ".adapter." in n}
+    assert ad and _trainable(full) == ad | ln_all | proj  # the default is unchanged
+    no_ln = prepare(copy.deepcopy(tiny), "lilt-adapter", ln_tower="none")  # rows f, h
+    assert _trainable(no_ln) == ad | proj
+    assert _trainable(prepare(copy.deepcopy(tiny), "lilt-adapter", ln_tower="text")) == ad | ln_txt | proj
+    img_ad = prepare(copy.deepcopy(tiny), "lilt-adapter", tower="image", ln_tower="text")  # placement != LN choice
+    assert {n.split(".")[0] for n in _trainable(img_ad) if ".adapter." in n} == {"visual"}
+    assert _trainable(img_ad) & ln_all == ln_txt
+    bias = {n for n, _ in tiny.named_parameters() if n.endswith("bias") and n not in ln_all and n != "logit_scale"}
+    bf = prepare(copy.deepcopy(tiny), "lilt-adapter", ln_tower="none", bitfit=True)  # rows j, k
+    assert _trainable(bf) == ad | proj | bias and "visual.transformer.resblocks.0.attn.in_proj_bias" in bias
+    deep = prepare(copy.deepcopy(tiny), "lilt-deep", ln_tower="image")
+    base_ln = {n for n in _trainable(deep) & ln_all}
+    assert base_ln == ln_img and lilt.deep_blocks(deep)
+
+
+def test_lit_reversed(tiny):
+    m = prepare(copy.deepcopy(tiny), "lit", locked="text")  # row m
+    s = lilt.trainable_summary(m)
+    assert s["text"] == 0 and s["image"] == _n(tiny, lambda n, p: n.startswith("visual."))
+    m = prepare(copy.deepcopy(tiny), "lit+lilt-adapter", locked="text")
+    assert {n.split(".")[0] for n, _ in lilt.adapters(m)} == {"transformer"}  # the LilT part goes to the text tower
+    with pytest.raises(ValueError, match="locked"):
+        prepare(copy.deepcopy(tiny), "lit", locked="both")
+    with pytest.raises(ValueError, match="ln_tower"):
+        prepare(copy.deepcopy(tiny), "lilt-adapter", ln_tower="left")
+    with pytest.raises(ValueError, match="bitfit"):
+        prepare(copy.deepcopy(tiny), "lilt-adapter", bitfit="yes")
+
+
+def test_ablation_options_through_the_cli(capsys, tmp_path):
+    """--opt sets the ablation options; the checkpoint records them and eval re-applies them (its strict load would
+    refuse a model prepared with other trainable parameters)."""
+    import json
+
+    from leanclip import cli
+    from leanclip.cli.common import read_checkpoint_meta
+
+    small = ["--synthetic-eval-pairs", 16, "--no-progress", "--threads", 1]
+    argv = ["train", "--task", "contrastive", "--method", "lit+lilt-adapter", "--opt", "locked=text", "--opt",
+            "ln_tower=none", "--opt", "bitfit=true", "--epochs", 1, "--batch-size", 16, "--output", tmp_path,
+            "--synthetic-pairs", 32, *small]
+    assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    opts = read_checkpoint_meta(tmp_path)["options"]
+    assert (opts["locked"], opts["ln_tower"], opts["bitfit"]) == ("text", "none", True)
+    capsys.readouterr()
+    rc = cli.main([str(a) for a in ["eval", "--task", "retrieval", "--checkpoint", tmp_path, *small]])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["method"] == "lit+lilt-adapter"
