@@ -6,8 +6,7 @@ import warnings
 import pytest
 import torch
 
-from leanclip import kernels
-from leanclip import data, synthetic
+from leanclip import data, kernels, synthetic
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,6 +29,12 @@ def tiny_name():
     from leanclip.configs import register_tiny_config
 
     return register_tiny_config()
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """A folder for the synthetic dataset the CLI tests read (made once per session)."""
+    return str(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from leanclip import analyze, cli, kernels
 from leanclip.configs import register_tiny_config
+from tests.engine.cli_checks import run as _run
 
 L3 = "leanclip-tiny-L3"
 
@@ -84,11 +85,6 @@ def test_layernorm_profile_and_groups_float64():
 
 
 # ------------------------------------------------------------------------------------------------ command
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, weights):

@@ -67,9 +67,10 @@ def test_bench_cuda_without_gpu_exits_2(argv, capsys):
 
 def test_step_bf16_precision_runs_on_cpu():
     """bf16: plain under autocast (AMP), lean with bf16 frozen weights; both train and lean keeps fewer bytes."""
+    import open_clip
+
     from leanclip.bench.step import make_step
     from leanclip.configs import register_tiny_config
-    import open_clip
 
     name = register_tiny_config()
     tok = open_clip.get_tokenizer("ViT-B-16")

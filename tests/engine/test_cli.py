@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanclip import kernels
-from leanclip import cli
+from leanclip import cli, kernels
+from tests.engine.cli_checks import last_json, run
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -20,24 +20,9 @@ def _torch_backend():
         yield
 
 
-@pytest.fixture(scope="session")
-def synth_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic"))
-
-
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def data_args(synth_dir, classes=4):
     return ["--synthetic-classes", classes, "--synthetic-dir", synth_dir, "--no-progress",
             "--threads", 1]
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_train_then_eval_roundtrip(capsys, tmp_path, synth_dir, weights):

@@ -12,18 +12,13 @@ import pytest
 import torch
 
 from leanclip import kernels
-from leanclip import cli
 from leanclip.contrastive import (
-    ContrastiveConfig,
-    LearnableTemperature,
-    clip_loss,
-    contrastive_loss,
-    evaluate_retrieval,
-    train_contrastive,
+    ContrastiveConfig, LearnableTemperature, clip_loss, contrastive_loss, evaluate_retrieval, train_contrastive,
 )
 from leanclip.distributed import check_batch_size
 from leanclip.methods import prepare
 from leanclip.pairs import PairDataset, from_lists, load_pairs, synthetic_pairs
+from tests.engine.cli_checks import run as _run
 
 
 @pytest.fixture(autouse=True)
@@ -293,11 +288,6 @@ def test_from_lists_validation():
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
 
 def test_cli_train_contrastive_then_eval_retrieval(capsys, tmp_path):
     common = ["--synthetic-eval-pairs", 32, "--threads", 1, "--no-progress"]

@@ -12,7 +12,6 @@ from leanclip import synthetic as S
 from leanclip import templates as T
 from leanclip.data import Sample
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers / fixtures
 

@@ -8,8 +8,8 @@ import stat
 import pytest
 
 from leanclip import kernels
-from leanclip import cli
 from leanclip import synthetic as S
+from tests.engine.cli_checks import run
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +29,6 @@ def tree(tmp_path):
     """A 3-class CoOp tree: tmp/shapes/split_zhou_Shapes.json + tmp/shapes/images/<class>/<split>_i.png."""
     path = S.write_split_file(tmp_path / "shapes", S.make_classes(3, seed=1), 2, 1, 2, size=16, name="Shapes")
     return tmp_path / "shapes", path
-
-
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def train(capsys, tmp_path, *data):

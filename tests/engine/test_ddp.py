@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanclip import kernels
-from leanclip import cli
+from leanclip import cli, kernels
 from leanclip.distributed import all_gather_with_grad, find_free_port, is_distributed
 
 REPO = Path(__file__).resolve().parents[2]

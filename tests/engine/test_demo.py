@@ -9,8 +9,7 @@ import warnings
 import pytest
 import torch
 
-from leanclip import kernels
-from leanclip import cli, demo
+from leanclip import cli, demo, kernels
 from leanclip.contrastive import clip_loss, pretrain_contrastive
 
 PER_METHOD_KEYS = {"trainable_params", "base_acc", "new_acc", "H", "step_time_ratio", "saved_act_ratio"}

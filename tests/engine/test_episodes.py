@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import cli, episodes
+from tests.engine.cli_checks import run as _run
 
 
 def _labels(counts):
@@ -70,16 +71,6 @@ def test_prototype_and_text_accuracy_against_direct_computation():
 
 
 # ------------------------------------------------------------------------------------------------ command
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic"))
-
 
 def _common(synth_dir, *more):
     return ["--synthetic-dir", synth_dir, "--synthetic-classes", 5, "--no-progress", "--threads", 1, *more]

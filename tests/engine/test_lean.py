@@ -410,8 +410,9 @@ def test_recompute_is_exact(fresh_tiny, tokenizer, autocast):
 @pytest.mark.skipif("triton" not in kernels.available_backends(), reason="needs triton")
 def test_lean_block_on_triton_kernels():
     """One small lean block through the real Triton kernels (interpreter on CPU): mixed trainable params, SAC."""
-    from leanclip import kernels
     from open_clip.transformer import ResidualAttentionBlock
+
+    from leanclip import kernels
 
     torch.manual_seed(0)
     blk = ResidualAttentionBlock(32, 2)

@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from leanclip import kernels
-from leanclip import lilt
+from leanclip import kernels, lilt
 from leanclip.checkpoint import load_trainable, save_trainable
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.methods import METHODS, prepare

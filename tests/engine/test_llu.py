@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leanclip import kernels
-from leanclip import data, llu
+from leanclip import data, kernels, llu
 from leanclip.checkpoint import load_trainable
 from leanclip.methods import prepare
 from leanclip.trainer import TrainConfig, evaluate, train, zeroshot

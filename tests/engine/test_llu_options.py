@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from leanclip import cli, heads, llu
 from leanclip.checkpoint import load_trainable, save_trainable
 from leanclip.methods import prepare
+from tests.engine.cli_checks import run as _run
 
 
 def _unit(n, e, seed):
@@ -129,17 +130,6 @@ def test_bad_options_rejected_before_any_change(fresh_tiny, opts, needle):
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic"))
-
-
-def _run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 ABLATIONS = {
     "paper-reg": ["reg=norm"],
     "random-init": ["init=random", "init_seed=3"],

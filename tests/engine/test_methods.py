@@ -410,8 +410,9 @@ def test_prepare_validates_options_before_changing_anything(fresh_tiny, tokenize
 
 
 def test_traits_decide_combinations_trainer_tasks_and_defaults():
-    from leanclip.methods import (METHOD_TRAITS, check_task, is_closed_set, method_train_defaults, method_trainer,
-                                parse_method)
+    from leanclip.methods import (
+        METHOD_TRAITS, check_task, is_closed_set, method_train_defaults, method_trainer, parse_method,
+    )
 
     for combo, needle in (("ln+llu", "frozen towers"), ("llu+bitfit", "frozen towers"), ("full+ln", "everything")):
         with pytest.raises(ValueError, match=needle):

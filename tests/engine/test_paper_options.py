@@ -12,6 +12,7 @@ from leanclip.methods import count_trainable, prepare
 from leanclip.step import ClassifyStep
 from leanclip.templates import CLIPFIT_TEMPLATES, DATASET_TEMPLATES, get_templates
 from leanclip.trainer import TrainConfig
+from tests.engine.cli_checks import last_json, run
 
 
 @pytest.fixture(autouse=True)
@@ -20,33 +21,9 @@ def _torch_backend():
         yield
 
 
-@pytest.fixture(scope="module")
-def synth_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(scope="module")
-def weights(request, tmp_path_factory, tiny_name):
-    try:
-        folder = request.config.cache.mkdir("leanclip-tiny-pretrained")
-    except Exception:
-        folder = tmp_path_factory.mktemp("tiny-pretrained")
-    return cli.synthetic_pretrained_weights(folder, tiny_name, 40)
-
-
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def common(synth_dir, weights):
     return ["--pretrained", weights, "--synthetic-classes", 4, "--synthetic-dir", synth_dir, "--no-progress",
             "--threads", 1, "--shots", 4, "--batch-size", 8, "--optimizer", "adamw", "--lr", 0.01]
-
-
-def last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------------------------ LN as initialisation

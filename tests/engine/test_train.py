@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from leanclip import kernels
-from leanclip import data, utils
+from leanclip import data, kernels, utils
 from leanclip.methods import prepare
 from leanclip.trainer import CHECKPOINT_NAME, LOG_NAME, TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from leanclip import data as D
 from leanclip import wilds
+from tests.engine.cli_checks import run as _run
 
 
 def _png(path):
@@ -139,14 +140,6 @@ def test_export_split_file_reads_back(fmow, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ command
-def _run(capsys, *argv):
-    from leanclip import cli
-
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def test_cli_fmow_metrics_match_evaluate(capsys, fmow, weights, tmp_path):
     import json
 
