@@ -38,6 +38,11 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import utils
+from leanclip.metrics import AccuracyMeter
+from leanclip.training import (
+    CHECKPOINT_NAME, LOG_NAME, build_optimizer, eval_loader, lr_at, model_device, resume_state, run_summary, save_state,
+    set_lr,
+)
 
 __all__ = [
     "FeatureCache",
@@ -169,8 +174,6 @@ def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
-    from leanclip.training import eval_loader, model_device
-
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     was = model.training
@@ -214,8 +217,6 @@ def class_text_features(model, classnames: Sequence[str], templates: Sequence[st
                         precision: str = "auto") -> torch.Tensor:
     """Frozen zero-shot class text features (C, E), fp32, L2-normalized (template-averaged as E1 defines it)."""
     from leanclip.features import frozen_text_features
-    from leanclip.training import model_device
-
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     with utils.autocast(device, precision):
@@ -296,18 +297,9 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_*, scheduler, seed, device, llu_lambda,
     llu_clusters, output, log_every, clip_grad_norm). Banks are set on the heads (image: ``bank`` or
     ``cluster_bank(train_feats, cfg.llu_clusters)``; text: ``class_text_feats``). Returns the per-step history."""
-    from leanclip.training import CHECKPOINT_NAME, LOG_NAME, build_optimizer, lr_at, resume_state, save_state
-
     cfg.validate()
     device = utils.resolve_device(cfg.device)
-    x_all = F.normalize(train_feats.detach().float(), dim=-1).to(device)
-    y_all = torch.as_tensor(train_labels).long().to(device)
-    t_all = F.normalize(class_text_feats.detach().float(), dim=-1).to(device)
-    if x_all.dim() != 2 or x_all.shape[0] != y_all.shape[0] or x_all.shape[0] == 0:
-        raise ValueError(f"train_feats (N, E) and train_labels (N,) must match; got {tuple(x_all.shape)} and "
-                         f"{tuple(y_all.shape)}")
-    if int(y_all.max()) >= t_all.shape[0] or int(y_all.min()) < 0:
-        raise ValueError(f"train_labels must lie in [0, {t_all.shape[0]}) (one text feature per class)")
+    x_all, y_all, t_all = _checked_features(train_feats, train_labels, class_text_feats, device)
     utils.seed_everything(cfg.seed)
     model.to(device)
     img_head, txt_head = llu_heads(model)
@@ -326,11 +318,8 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     start_epoch, step, history = 0, 0, []
     if resume is not None:
         start_epoch, step, history = resume_state(model, opt, resume, cfg, steps_per_epoch)
-        if out_dir is not None:
-            utils.truncate_jsonl(out_dir / LOG_NAME, lambda r: r.get("step", 0) <= step)
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
         (out_dir / LOG_NAME).unlink()
-    log = utils.get_logger()
     img_head.train()
     txt_head.train()
     images_seen, t_run = 0, time.perf_counter()
@@ -338,50 +327,72 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
         g = torch.Generator().manual_seed(utils.derive_seed(cfg.seed, epoch))
         order = torch.randperm(n, generator=g).to(device)
         for b0 in range(0, n, cfg.batch_size):
-            t0 = time.perf_counter()
             idx = order[b0:b0 + cfg.batch_size]
-            lr = lr_at(step, cfg, steps_per_epoch)
-            for pg in opt.param_groups:
-                pg["lr"] = lr
-            loss, ce, logits = llu_loss(model, x_all[idx], y_all[idx], t_all, cfg.llu_lambda)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            else:
-                gnorm = utils.grad_norm(params)
-            acc = (logits.argmax(1) == y_all[idx]).float().mean()
-            # one host sync per step, before the update: a non-finite step never reaches the heads
-            loss_v, ce_v, acc_v, gn = torch.stack([loss.detach().float(), ce.detach().float(), acc,
-                                                   gnorm.detach().float().to(device)]).tolist()
-            utils.check_finite_step(loss_v, gn, step=step + 1, epoch=epoch + 1, lr=lr, checkpoint=ckpt)
-            opt.step()
-            step += 1
-            images_seen += idx.numel()
-            dt = time.perf_counter() - t0
-            rec = {"step": step, "epoch": epoch + 1, "loss": loss_v, "ce": ce_v, "acc": acc_v, "lr": lr,
-                   "img_per_s": idx.numel() / dt if dt > 0 else None}
-            mem = utils.peak_memory_bytes(device)
-            if mem is not None:
-                rec["peak_mem_bytes"] = mem
+            rec = _llu_step(model, opt, params, x_all[idx], y_all[idx], t_all, cfg,
+                            lr_at(step, cfg, steps_per_epoch), step, epoch, ckpt)
+            step, images_seen = step + 1, images_seen + idx.numel()
             history.append(rec)
             if out_dir is not None and (step % cfg.log_every == 0 or b0 + cfg.batch_size >= n):
                 utils.append_jsonl(out_dir / LOG_NAME, rec)
-        ep = [r for r in history if r["epoch"] == epoch + 1]
-        if ep and (epoch + 1 == cfg.epochs or (epoch + 1) % max(1, cfg.epochs // 10) == 0):
-            log.info("llu epoch %d/%d: loss %.4f ce %.4f acc %.3f", epoch + 1, cfg.epochs,
-                     sum(r["loss"] for r in ep) / len(ep), sum(r["ce"] for r in ep) / len(ep),
-                     sum(r["acc"] for r in ep) / len(ep))
+        _log_epoch(history, epoch, cfg.epochs)
         if out_dir is not None:
             utils.check_finite_params(params, step=step, epoch=epoch + 1, lr=history[-1]["lr"], checkpoint=ckpt)
             save_state(model, opt, ckpt, cfg, epoch + 1, step, steps_per_epoch,
-                  cfg.extra.get("classnames", []), cfg.extra.get("templates", []))
+                       cfg.extra.get("classnames", []), cfg.extra.get("templates", []))
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and epoch + 1 < cfg.epochs:
             break
     img_head.eval()
     txt_head.eval()
     return {"history": history, "steps": step, "bank_size": int(bank.shape[0]), "images_seen": images_seen,
             "seconds": time.perf_counter() - t_run}
+
+
+def _checked_features(train_feats, train_labels, class_text_feats, device):
+    """Normalized image features, labels and class text features on ``device``; ValueError when they disagree."""
+    x_all = F.normalize(train_feats.detach().float(), dim=-1).to(device)
+    y_all = torch.as_tensor(train_labels).long().to(device)
+    t_all = F.normalize(class_text_feats.detach().float(), dim=-1).to(device)
+    if x_all.dim() != 2 or x_all.shape[0] != y_all.shape[0] or x_all.shape[0] == 0:
+        raise ValueError(f"train_feats (N, E) and train_labels (N,) must match; got {tuple(x_all.shape)} and "
+                         f"{tuple(y_all.shape)}")
+    if int(y_all.max()) >= t_all.shape[0] or int(y_all.min()) < 0:
+        raise ValueError(f"train_labels must lie in [0, {t_all.shape[0]}) (one text feature per class)")
+    return x_all, y_all, t_all
+
+
+def _llu_step(model, opt, params, x, y, t_all, cfg, lr: float, step: int, epoch: int, ckpt) -> dict:
+    """One optimizer step of the heads on a batch of cached features; its log record. The one host sync comes
+    before the update: a non-finite step never reaches the heads."""
+    t0 = time.perf_counter()
+    set_lr(opt, lr)
+    loss, ce, logits = llu_loss(model, x, y, t_all, cfg.llu_lambda)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+    else:
+        gnorm = utils.grad_norm(params)
+    acc = (logits.argmax(1) == y).float().mean()
+    loss_v, ce_v, acc_v, gn = torch.stack([loss.detach().float(), ce.detach().float(), acc,
+                                           gnorm.detach().float().to(x.device)]).tolist()
+    utils.check_finite_step(loss_v, gn, step=step + 1, epoch=epoch + 1, lr=lr, checkpoint=ckpt)
+    opt.step()
+    dt = time.perf_counter() - t0
+    rec = {"step": step + 1, "epoch": epoch + 1, "loss": loss_v, "ce": ce_v, "acc": acc_v, "lr": lr,
+           "img_per_s": y.numel() / dt if dt > 0 else None}
+    mem = utils.peak_memory_bytes(x.device)
+    if mem is not None:
+        rec["peak_mem_bytes"] = mem
+    return rec
+
+
+def _log_epoch(history: list, epoch: int, epochs: int) -> None:
+    """About ten progress lines per run."""
+    ep = [r for r in history if r["epoch"] == epoch + 1]
+    if ep and (epoch + 1 == epochs or (epoch + 1) % max(1, epochs // 10) == 0):
+        utils.get_logger().info("llu epoch %d/%d: loss %.4f ce %.4f acc %.3f", epoch + 1, epochs,
+                                sum(r["loss"] for r in ep) / len(ep), sum(r["ce"] for r in ep) / len(ep),
+                                sum(r["acc"] for r in ep) / len(ep))
 
 
 # --------------------------------------------------------------------------------------------------------------- eval
@@ -404,8 +415,6 @@ def llu_logits(model, feats: torch.Tensor, class_text_feats: torch.Tensor, batch
 def evaluate_llu(model, feats: torch.Tensor, labels: torch.Tensor, class_text_feats: torch.Tensor,
                  batch_size: int = 8192) -> dict:
     """top1/top5 (%) of LLU on cached features, streamed in ``batch_size`` chunks."""
-    from leanclip.metrics import AccuracyMeter
-
     meter = AccuracyMeter(topk=(1, 5))
     labels = torch.as_tensor(labels).long()
     for x, y in zip(feats.split(batch_size), labels.split(batch_size)):
@@ -417,8 +426,6 @@ def evaluate_llu(model, feats: torch.Tensor, labels: torch.Tensor, class_text_fe
 def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=None, resume=None) -> dict:
     """The LLU pipeline used by ``leanclip.trainer.train(method="llu")``: cached features -> ``train_llu`` -> evaluation
     of ``eval_sets`` (``{name: dataset}`` or ``{name: (dataset, classnames)}``; "base" + "new" also give H)."""
-    from leanclip.training import run_summary
-
     t0 = time.perf_counter()
     device = utils.resolve_device(cfg.device)
     precision = utils.resolve_precision(cfg.precision, device)
