@@ -119,7 +119,7 @@ def test_clipfit_l2_term_is_the_distance_from_the_start(tiny_base, tok):
         key = "text" if n.startswith("transformer.") else n.rsplit(".", 1)[-1]
         groups.setdefault(key, []).append(n)
     assert set(groups) == {"text", "weight", "bias"}
-    expected = lam * sum(sum(float((named[n] - start[n]).double().pow(2).sum()) for n in g) / len(g)
+    expected = lam * sum(sum(float((named[n] - start[n]).detach().double().pow(2).sum()) for n in g) / len(g)
                          for g in groups.values())
     name, value = term(None)
     assert name == "l2" and float(value) == pytest.approx(expected, rel=1e-6)
@@ -235,3 +235,25 @@ def test_contrastive_run_reports_zero_shot_accuracy(capsys, tmp_path, weights):
 def test_contrastive_flags_refused_for_classification(capsys, tmp_path):
     rc, _, err = run(capsys, "train", "--method", "ln", "--randaugment", "--output", tmp_path / "x")
     assert rc == 2 and "--randaugment is for --task contrastive" in err and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------------------ recipes
+@pytest.mark.parametrize("shots,dataset,epochs", [(16, None, 200), (8, "DTD", 200), (4, None, 100), (2, None, 100),
+                                                   (1, None, 50), (16, "ImageNet", 50), (0, None, 200)])
+def test_coop_preset_epochs(shots, dataset, epochs):
+    from leanclip.cli.classify import coop_epochs
+
+    assert coop_epochs(shots, dataset) == epochs
+
+
+def test_coop_preset_replaces_the_method_defaults(capsys, tmp_path, synth_dir, weights):
+    """llu declares AdamW at 1e-3, batch 256; --preset coop gives CoOp's recipe; an explicit flag still wins."""
+    data = ["--pretrained", weights, "--synthetic-classes", 4, "--synthetic-dir", synth_dir, "--no-progress",
+            "--threads", 1, "--shots", 1]
+    rc, _, err = run(capsys, "train", "--method", "llu", "--preset", "coop", "--epochs", 2, "--output",
+                     tmp_path / "r", *data)
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "r" / "summary.json").read_text())["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["weight_decay"], cfg["warmup_epochs"]) == \
+        ("sgd", 2e-3, 32, 5e-4, 1)
+    assert cfg["epochs"] == 2  # given explicitly
