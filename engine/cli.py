@@ -45,6 +45,8 @@ SYNTHETIC_MAX_SHOTS = 1000  # images per class the synthetic dataset may be aske
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("leanclip.demo", "end-to-end demo (provided by leanclip.demo)"),
     "bench": ("leanclip.bench.cli", "benchmarks (provided by bench.cli)"),
+    "sweep": ("leanclip.sweep", "run a protocol grid (methods x datasets x shots x seeds) as resumable cells"),
+    "report": ("leanclip.report", "tables (Markdown, CSV, PNG) of a sweep: mean +- std over seeds"),
 }
 
 # Training defaults when the flag is not given: the CLIPFit / CoOp recipe, replaced by what the method declares
