@@ -1,0 +1,196 @@
+"""`leanclip sweep` / `leanclip report` on CPU: a small grid over the synthetic dataset and a CoOp-layout dataset the
+test writes, interrupted and resumed; every cell equals a run of that cell alone; the report's numbers are the
+cells' numbers; the shared image-feature cache is counted and keyed by the weights."""
+import csv
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from leanclip import cli, sweep
+from leanclip import feature_cache as fc
+from leanclip.data import Sample, write_split_json
+
+TOY_CLASSES = ["red", "green", "blue", "yellow", "purple", "orange"]
+COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (150, 30, 160), (240, 140, 20)]
+SEEDS = "1,2"
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory, tiny_name):
+    return cli.synthetic_pretrained_weights(tmp_path_factory.mktemp("weights"), tiny_name, 40)
+
+
+def _png(path: Path, colour, rng) -> None:
+    from PIL import Image
+
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    px = np.clip(np.array(colour)[None, None] + rng.integers(-40, 40, (32, 32, 3)), 0, 255).astype("uint8")
+    Image.fromarray(px).save(path)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A CoOp split-file dataset ``Toy`` (root/Toy/split_zhou_Toy.json + images) and an ImageNet-layout pair
+    (imagenet/ with train + val, imagenet-sketch/) for the dg protocol; 32 px PNGs coloured by class."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    splits = {"train": [], "val": [], "test": []}
+    for label, (name, colour) in enumerate(zip(TOY_CLASSES, COLOURS)):
+        for split, n in (("train", 4), ("val", 1), ("test", 3)):
+            for i in range(n):
+                p = root / "Toy" / "images" / name / f"{split}{i}.png"
+                _png(p, colour, rng)
+                splits[split].append(Sample(str(p), label, name))
+    write_split_json(root / "Toy" / "split_zhou_Toy.json", splits, root / "Toy" / "images")
+    wnids = [f"n{i:08d}" for i in range(4)]
+    for folder, parts in (("imagenet", ["images/train", "images/val"]), ("imagenet-sketch", ["images"])):
+        (root / folder).mkdir()
+        (root / folder / "classnames.txt").write_text("".join(f"{w} {c}\n" for w, c in zip(wnids, TOY_CLASSES)))
+        for part in parts:
+            for w, colour in zip(wnids, COLOURS):
+                for i in range(3):
+                    _png(root / folder / part / w / f"{i}.png", colour, rng)
+    return root
+
+
+def _main(argv, capsys=None) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return rc, out, err
+
+
+def _grid(out, weights, data_root, *extra):
+    return ["sweep", "--protocol", "base2new", "--methods", "coop,llu,ln,zeroshot", "--datasets", "synthetic,Toy",
+            "--data", data_root, "--shots", "2", "--seeds", SEEDS, "--epochs", "2", "--batch-size", "8",
+            "--pretrained", weights, "--output", out, *extra]
+
+
+def _manifest(out) -> dict:
+    return json.loads((Path(out) / "sweep.json").read_text())
+
+
+def _alone(cell_line: str, scratch: Path) -> list[dict]:
+    """Run a `--plan` line's commands in this process with --output moved to ``scratch`` and no feature cache."""
+    results = []
+    for command in cell_line.split(" && "):
+        words = shlex.split(command)
+        assert words[0].startswith(f"{fc.ENV_VAR}=") and words[1] == "leanclip"
+        argv = words[2:]
+        for flag in ("--output", "--checkpoint", "--resume"):
+            if flag in argv:
+                i = argv.index(flag) + 1
+                argv[i] = str(scratch / Path(argv[i]).relative_to(Path(argv[i]).anchor))
+        assert cli.main(argv) == 0
+        out = Path(argv[argv.index("--output") + 1])
+        results.append(json.loads((out / sweep.RESULT_FILES[argv[0]]).read_text()))
+    return results
+
+
+def _same(a: dict, b: dict) -> None:
+    """Equal results: metrics, losses, counts (not paths or timings)."""
+    for k in ("metrics", "final_train_loss", "steps", "train_images", "top1", "top5", "n", "classes"):
+        assert a.get(k) == b.get(k), k
+
+
+def _interrupt_one_cell(out: Path, cell_id: str, monkeypatch) -> None:
+    """What a SIGKILL after the first epoch's checkpoint leaves: checkpoint + log, no result, state 'running'."""
+    import leanclip.trainer as trainer
+
+    real = trainer.train
+
+    def first_epoch_only(*a, **kw):
+        a[5].stop_after_epoch = 1
+        return real(*a, **kw)
+
+    line = next(l for l in _plan_lines(out) if f"/{cell_id} " in l + " ")
+    argv = shlex.split(line)[2:]
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer, "train", first_epoch_only)
+        mp.setenv(fc.ENV_VAR, str(out / "features"))
+        assert cli.main(argv) == 0
+    for name in ("result.json", "summary.json"):
+        (out / cell_id / name).unlink()
+    manifest = _manifest(out)
+    manifest["cells"][cell_id]["state"] = "running"
+    (out / "sweep.json").write_text(json.dumps(manifest))
+
+
+def _plan_lines(out) -> list[str]:
+    m = _manifest(out)
+    spec = sweep.spec_from_manifest(Path(out), "base2new", m["protocols"]["base2new"])
+    return [sweep.plan_line(c, spec) for c in sweep.cells_of(spec) if m["cells"][c.id]["state"] != "done"]
+
+
+def test_sweep_interrupted_and_resumed_equals_cells_alone(tmp_path, weights, data_root, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    monkeypatch.delenv(fc.ENV_VAR, raising=False)
+    # 1. stopped after 3 cells
+    rc, stdout, err = _main(_grid(out, weights, data_root, "--workers", "0", "--max-cells", "3"), capsys)
+    assert rc == 0, err
+    assert json.loads(stdout)["done"] == 3
+    states = [c["state"] for c in _manifest(out)["cells"].values()]
+    assert len(states) == 14 and states.count("done") == 3 and states.count("pending") == 11
+    # 2. one cell killed after its first epoch's checkpoint, one before any checkpoint (a log line only)
+    _interrupt_one_cell(out, "base2new/Toy/coop/shots2_seed1", monkeypatch)
+    early = out / "base2new/Toy/ln/shots2_seed2"
+    early.mkdir(parents=True)
+    (early / "log.jsonl").write_text('{"step": 1, "epoch": 1, "loss": 9.0}\n')
+    capsys.readouterr()
+    # 3. resumed: every cell done, the interrupted one continued from its checkpoint, the early one restarted
+    rc, stdout, err = _main(_grid(out, weights, data_root, "--workers", "0"), capsys)
+    summary = json.loads(stdout)
+    assert rc == 0 and summary["done"] == 14 and summary["ran"] == 11
+    assert "--resume" in (out / "base2new/Toy/coop/shots2_seed1/sweep.log").read_text()
+    assert "--overwrite" in (early / "sweep.log").read_text()
+    # nothing left to do: a finished cell is never rerun
+    rc, stdout, _ = _main(_grid(out, weights, data_root, "--workers", "0"), capsys)
+    assert rc == 0 and json.loads(stdout)["ran"] == 0
+    # 4. every cell equals the same commands run alone (fresh folder, no feature cache)
+    manifest = _manifest(out)
+    spec = sweep.spec_from_manifest(out, "base2new", manifest["protocols"]["base2new"])
+    for cell in sweep.cells_of(spec):
+        alone = _alone(sweep.plan_line(cell, _fresh(spec)), tmp_path / "alone")
+        for step, mine in zip(sweep.steps_of(cell, spec), alone):
+            _same(sweep.read_result(step), mine)
+    # 5. feature cache: one image-tower pass per (tower, split); frozen-tower cells reuse it
+    events = [json.loads(l) for l in (out / "features" / fc.EVENTS_NAME).read_text().splitlines()]
+    passes = [e["key"] for e in events if e["event"] == "pass"]
+    assert len(passes) == len(set(passes))  # write-once: no key computed twice
+    # per dataset: base + new test sets for the zero-shot (plain) tower and for the prepared (lean) tower shared by
+    # coop and llu, + llu's K-shot train set per seed; ln trains the image tower: never cached
+    assert len(passes) == 2 * (2 + 2 + 2)
+    test_passes = [e for e in events if e["event"] == "pass" and e["n"] in (9, 100)]  # Toy / Synthetic test halves
+    assert len(test_passes) == 2 * 2 * 2  # without the cache: (2 methods x 2 seeds + zero-shot) x 2 halves x 2 sets
+    assert manifest["feature_cache"]["passes"] == len(passes) and manifest["feature_cache"]["hits"] > 0
+    # 6. the report's numbers are the cells' numbers
+    rc, stdout, _ = _main(["report", out], capsys)
+    assert rc == 0 and "base-to-new" in stdout and "cells without a result" not in stdout
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    for ds in ("Synthetic", "Toy"):
+        for method in ("coop", "llu", "ln"):
+            base = [manifest["cells"][f"base2new/{ds}/{method}/shots2_seed{s}"]["metrics"]["base"] for s in (1, 2)]
+            row = next(r for r in rows if r["dataset"] == ds and r["method"] == method and r["column"] == "base")
+            assert float(row["mean"]) == pytest.approx(sum(base) / 2, abs=1e-9) and row["n"] == "2"
+            results = [json.loads((out / f"base2new/{ds}/{method}/shots2_seed{s}/result.json").read_text())
+                       for s in (1, 2)]
+            assert base == [r["metrics"]["base"]["top1"] for r in results]
+    assert (out / "report_base2new.png").stat().st_size > 0 and (out / "report.md").read_text().startswith("#")
+
+
+def _fresh(spec):
+    """``spec`` as if nothing had run: plan lines without --resume / --overwrite."""
+    import dataclasses
+
+    return dataclasses.replace(spec, output=spec.output.parent / "never-written")
