@@ -194,3 +194,82 @@ def _fresh(spec):
     import dataclasses
 
     return dataclasses.replace(spec, output=spec.output.parent / "never-written")
+
+
+def _bad_cases(data_root, weights):
+    base = ["--protocol", "base2new", "--methods", "coop", "--datasets", "synthetic", "--seeds", "1"]
+    swap = lambda flag, value: [value if i > 0 and base[i - 1] == flag else w for i, w in enumerate(base)]  # noqa
+    return {
+        "unknown protocol": swap("--protocol", "fewshots"),
+        "unknown method": swap("--methods", "coop,nosuch"),
+        "method twice": swap("--methods", "coop,coop"),
+        "closed set in base2new": swap("--methods", "linear-probe"),
+        "seed twice": swap("--seeds", "1,1"),
+        "seed not a number": swap("--seeds", "1,x"),
+        "negative shots": [*base, "--shots", "-1"],
+        "dataset without --data": swap("--datasets", "Toy"),
+        "missing dataset": [*swap("--datasets", "DTD"), "--data", data_root],
+        "missing data root": [*base, "--data", data_root / "nope"],
+        "split-file source for dg": ["--protocol", "dg", "--methods", "coop", "--source", "Toy", "--datasets",
+                                     "ImageNetSketch", "--data", data_root],
+        "source for base2new": [*base, "--source", "ImageNet"],
+        "opt nobody declares": [*base, "--opt", "rank=4"],
+        "opt of another method": [*base, "--opt", "lora:rank=4"],
+        "opt badly typed": [*base, "--opt", "n_ctx=four"],
+        "epochs 0": [*base, "--epochs", "0"],
+        "nan lr": [*base, "--lr", "nan"],
+        "missing weights": [*base, "--pretrained", data_root / "nope.safetensors"],
+        "workers": [*base, "--workers", "-1"],
+        "devices in process": [*base, "--workers", "0", "--devices", "0"],
+        "more workers than devices": [*base, "--workers", "2", "--devices", "0"],
+        "max cells": [*base, "--max-cells", "0"],
+        "contrastive flag": [*base, "--task", "contrastive"],
+    }
+
+
+def test_bad_arguments_exit_2_before_any_write(tmp_path, data_root, weights, capsys):
+    for name, argv in _bad_cases(data_root, weights).items():
+        out = tmp_path / name.replace(" ", "_")
+        rc, stdout, err = _main(["sweep", *argv, "--output", out, "--plan"], capsys)  # --plan: never runs a cell
+        assert rc == 2 and stdout == "" and err.startswith("leanclip: error:") and err.count("\n") == 1, (name, err)
+        assert not out.exists(), name
+    rc, _, err = _main(["report", tmp_path], capsys)
+    assert rc == 2 and "sweep.json" in err and err.count("\n") == 1
+
+
+def test_settings_of_a_sweep_folder_are_fixed(tmp_path, weights, data_root, capsys):
+    out = tmp_path / "s"
+    common = ["sweep", "--protocol", "fewshot", "--methods", "coop", "--seeds", "1", "--shots", "1", "--output", out,
+              "--plan"]
+    assert _main([*common, "--epochs", "1"], capsys)[0] == 0
+    before = (out / "sweep.json").read_text()
+    rc, _, err = _main([*common, "--epochs", "2"], capsys)  # other settings: refused, nothing changed
+    assert rc == 2 and "other flags" in err and (out / "sweep.json").read_text() == before
+    rc, stdout, _ = _main([*common, "--epochs", "1", "--seeds", "1,2"], capsys)  # the grid may grow
+    assert rc == 0 and len(stdout.splitlines()) == 2 and _manifest(out)["protocols"]["fewshot"]["seeds"] == [1, 2]
+
+
+def test_feature_cache_counts_passes_and_follows_the_weights(tmp_path, fresh_tiny, tok):
+    from leanclip import prepare
+    from leanclip.data import TensorImageDataset
+
+    model = fresh_tiny()
+    prepare(model, "coop", classnames=["a", "b"], tokenizer=tok)
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    ds = TensorImageDataset(images, torch.tensor([0, 1] * 3))
+    cache = fc.SharedFeatureCache(tmp_path)
+    kw = dict(device=torch.device("cpu"), precision="fp32", cache=cache)
+    first, labels = fc.encoder_features(model, ds, 4, **kw)
+    again, _ = fc.encoder_features(model, ds, 4, **kw)
+    assert torch.equal(first, again) and labels.tolist() == [0, 1] * 3
+    assert fc.count_events(tmp_path) == {"passes": 1, "hits": 1}
+    model.eval()
+    with torch.no_grad():  # what the encoder gives for the same batches (the batch size is part of the key)
+        assert torch.equal(first, torch.cat([model.encode_image(x).float() for x in images.split(4)]))
+    with torch.no_grad():  # other weights: another entry, computed anew
+        model.visual.conv1.weight.mul_(1.5)
+    changed, _ = fc.encoder_features(model, ds, 4, **kw)
+    assert not torch.equal(changed, first) and fc.count_events(tmp_path) == {"passes": 2, "hits": 1}
+    model.visual.ln_post.weight.requires_grad_(True)  # a training image tower is never cached
+    assert fc.encoder_features(model, ds, 4, **kw) is None
+    assert fc.encoder_features(model, ds, 4, encoder_only=True, **kw) is not None  # zero-shot reads the encoder
