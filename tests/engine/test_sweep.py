@@ -273,3 +273,55 @@ def test_feature_cache_counts_passes_and_follows_the_weights(tmp_path, fresh_tin
     model.visual.ln_post.weight.requires_grad_(True)  # a training image tower is never cached
     assert fc.encoder_features(model, ds, 4, **kw) is None
     assert fc.encoder_features(model, ds, 4, encoder_only=True, **kw) is not None  # zero-shot reads the encoder
+
+
+def test_plan_lines_run_in_a_shell_and_parallel_workers_survive_a_kill(tmp_path, weights, capsys):
+    out = tmp_path / "s"
+    grid = ["sweep", "--protocol", "fewshot", "--methods", "linear-probe,coop", "--shots", "1", "--seeds", SEEDS,
+            "--epochs", "1", "--pretrained", weights, "--output", out]
+    rc, stdout, _ = _main([*grid, "--plan"], capsys)
+    lines = stdout.splitlines()
+    assert rc == 0 and len(lines) == 4 and all(l.count(" leanclip train ") == 1 for l in lines)
+    shim = tmp_path / "bin" / "leanclip"  # `leanclip` on PATH, as an installed package provides it
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m leanclip \"$@\"\n")
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", lines[0]], env=env, check=True, capture_output=True)
+    # two worker processes; the sweep and its cells are killed once one more cell is done
+    proc = subprocess.Popen([sys.executable, "-m", "leanclip", *map(str, grid), "--workers", "2"], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None:
+            cells = _manifest(out)["cells"].values() if (out / "sweep.json").exists() else []
+            if sum(c["state"] == "done" for c in cells) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    rc, stdout, _ = _main([*grid, "--workers", "0"], capsys)
+    summary = json.loads(stdout)
+    assert rc == 0 and summary["done"] == 4 and summary["ran"] <= 2
+    assert _main(["report", out], capsys)[0] == 0
+    rows = [r for r in csv.DictReader(open(out / "report.csv")) if r["dataset"] == "Synthetic"]
+    assert {r["method"] for r in rows} == {"linear-probe", "coop"} and all(r["n"] == "2" for r in rows)
+
+
+def test_dg_protocol_trains_on_the_source_and_evaluates_the_targets(tmp_path, weights, data_root, capsys):
+    out = tmp_path / "dg"
+    rc, stdout, err = _main(["sweep", "--protocol", "dg", "--methods", "zeroshot,coop", "--datasets",
+                             "ImageNetSketch", "--data", data_root, "--shots", "2", "--seeds", "1", "--epochs", "1",
+                             "--pretrained", weights, "--output", out, "--workers", "0"], capsys)
+    assert rc == 0 and json.loads(stdout)["done"] == 2, err
+    cell = out / "dg/ImageNet/coop/shots2_seed1"
+    target = json.loads((cell / "eval/ImageNetSketch/eval.json").read_text())
+    metrics = _manifest(out)["cells"]["dg/ImageNet/coop/shots2_seed1"]["metrics"]
+    assert metrics == {"ImageNet": json.loads((cell / "result.json").read_text())["metrics"]["test"]["top1"],
+                       "ImageNetSketch": target["top1"]}
+    rc, stdout, _ = _main(["report", out], capsys)
+    assert rc == 0 and "| ImageNet | ImageNetSketch | targets avg |" in stdout
+    row = next(r for r in csv.DictReader(open(out / "report.csv"))
+               if r["method"] == "coop" and r["column"] == "targets avg")
+    assert float(row["mean"]) == target["top1"]
