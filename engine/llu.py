@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from leanclip import utils
 from leanclip.metrics import AccuracyMeter
 from leanclip.training import (
-    CHECKPOINT_NAME, LOG_NAME, build_optimizer, eval_loader, lr_at, model_device, resume_state, run_summary, save_state,
+    CHECKPOINT_NAME, LOG_NAME, build_optimizer, lr_at, model_device, resume_state, run_summary, save_state,
     set_lr,
 )
 
@@ -174,28 +174,28 @@ def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
+    from leanclip.feature_cache import encoder_pass
+
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
-    was = model.training
-    model.eval()
-    feats, labels = [], []
-    try:
-        for images, y in utils.track(eval_loader(dataset, batch_size, num_workers), "features", progress):
-            with utils.autocast(device, precision):
-                f = _encode_images(model, images.to(device, non_blocking=True))
-            feats.append(F.normalize(f.float(), dim=-1).cpu())
-            labels.append(torch.as_tensor(y).long().cpu())
-    finally:
-        model.train(was)
-    if not feats:
-        raise ValueError("extract_image_features: empty dataset")
-    return torch.cat(feats), torch.cat(labels)
+    return encoder_pass(model, dataset, batch_size, device=device, precision=precision, num_workers=num_workers,
+                        progress=progress, encode=_encode_images, post=lambda f: F.normalize(f.float(), dim=-1))
 
 
 def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size: int = 256, *,
                           model_name: str | None = None, weights_path=None, device=None, precision: str = "auto",
                           num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`extract_image_features`, memoised in ``cache`` (None: compute)."""
+    """:func:`extract_image_features`, memoised in ``cache`` (None: compute), or derived from the shared encoder
+    features when ``$LEANCLIP_FEATURE_CACHE`` is set (``leanclip.feature_cache``: one pass per weights and split)."""
+    from leanclip.feature_cache import encoder_features
+
+    dev = utils.resolve_device(device if device is not None else next(model.parameters()).device)
+    shared = encoder_features(model, dataset, batch_size, device=dev, num_workers=num_workers, progress=progress,
+                              precision=utils.resolve_precision(precision, dev))
+    if shared is not None:  # what extract_image_features computes (on the device) from the same encoder output
+        raw, labels = shared
+        return F.normalize(F.normalize(raw.to(dev), dim=-1), dim=-1).cpu(), labels
+
     def compute():
         f, y = extract_image_features(model, dataset, batch_size, device=device, precision=precision,
                                       num_workers=num_workers, progress=progress)

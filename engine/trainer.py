@@ -307,6 +307,8 @@ def evaluate(
     """Top-1 / top-5 accuracy (in %) of ``model`` on ``dataset`` against ``classnames`` (text features computed once).
     ``zero_shot=True`` uses the frozen zero-shot features (E1's ``frozen_text_features`` / raw encoder image features)
     instead of the method-aware ones."""
+    from leanclip.feature_cache import cached_batches
+
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     probe = method_hooks(model).get("logits")
@@ -322,11 +324,19 @@ def evaluate(
             else:
                 txt = feats.text_features(model, list(classnames), list(templates), tokenizer)
         meter = AccuracyMeter(topk=(1, 5))
-        for images, labels in utils.track(eval_loader(dataset, batch_size, num_workers), "eval", progress):
+        # a frozen image tower's features of this dataset, once per weights (leanclip.feature_cache; None: no cache)
+        cached = cached_batches(model, dataset, batch_size, device=device, precision=precision,
+                                num_workers=num_workers, progress=progress, encoder_only=zero_shot)
+        batches = cached if cached is not None else utils.track(eval_loader(dataset, batch_size, num_workers), "eval", progress)
+        for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device)
             with utils.autocast(device, precision):
-                if zero_shot:
+                if cached is not None:  # ``images`` are the encoder's features of the batch
+                    img = F.normalize(images.float(), dim=-1)
+                    logits = (model.logit_scale.exp().float() * img @ txt.float().t() if zero_shot
+                              else feats.class_logits(model, img, txt))
+                elif zero_shot:
                     img = F.normalize(model.encode_image(images).float(), dim=-1)
                     logits = model.logit_scale.exp().float() * img @ txt.float().t()
                 else:

@@ -21,6 +21,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("leanclip.bench.cli", "benchmarks (provided by bench.cli)"),
     "analyze": ("leanclip.analyze", "parameter change between runs / from the initial weights (LN shift per layer)"),
     "episodes": ("leanclip.episodes", "N-way K-shot episodic evaluation (mean accuracy, 95 percent CI)"),
+    "sweep": ("leanclip.sweep", "run a protocol grid (methods x datasets x shots x seeds) as resumable cells"),
+    "report": ("leanclip.report", "tables (Markdown, CSV, PNG) of a sweep: mean +- std over seeds"),
     "wilds": ("leanclip.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
 }
 
