@@ -299,12 +299,15 @@ def cmd_eval(args) -> int:
     extra = meta.get("extra") or {}
     run_cfg = (extra.get("config") or {}).get("extra") or {}  # what `leanclip train` built the model from
     restore_inputs(args, meta, run_cfg)
-    restore_data(args, run_cfg.get("data"))
+    cross_dataset = restore_data(args, run_cfg.get("data"))
     model, tok, size, (mean, std) = build_model(args)
     data = load_data(args, size, mean, std, train_transform=False, need_train=False)
-    given = args.templates or args.template_set
-    templates = _templates(args, data["dataset"]) if given else (extra.get("templates")
-                                                                 or _templates(args, data["dataset"]))
+    from leanclip.methods import method_template_set
+
+    if args.templates or args.template_set or cross_dataset:  # another dataset: its own template
+        templates = _templates(args, data["dataset"], method_template_set(meta["method"]))
+    else:
+        templates = extra.get("templates") or _templates(args, data["dataset"])
     opts = meta.get("options") or {}
     train_names = opts.get("classnames") or extra.get("classnames") or data["classnames"]
     prepare_from_checkpoint(model, meta, tok, args.model, classnames=train_names)
@@ -315,6 +318,7 @@ def cmd_eval(args) -> int:
     res = evaluate(model, data["eval"], data["classnames"], templates, tok, args.batch_size or 256, device=device,
                    precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
     result = {"command": "eval", "method": meta["method"], "checkpoint": meta["path"], "dataset": data["dataset"],
+              "cross_dataset": cross_dataset,
               "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
               "skipped_images": len(data["bad_images"]), **res}
     emit(result, args, "eval.json")

@@ -35,6 +35,7 @@ from leanclip.data import clip_transform
 from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_options
 from leanclip.synthetic import make_caption_corpus
+from leanclip.templates import canonical_dataset_name
 from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source
 
 DEFAULT_MODEL = "leanclip-tiny"
@@ -366,9 +367,10 @@ def data_record(args, dataset: str) -> dict:
 DATA_DEFAULTS = {"shots": 16, "seed": 1, "subsample": "all", "synthetic_classes": 10}
 
 
-def restore_data(args, recorded: dict | None) -> None:
-    """Fill ``eval``'s unset data flags from the checkpoint; a real dataset must be named on the command line and
-    its split file must be the one the run was trained on."""
+def restore_data(args, recorded: dict | None) -> bool:
+    """Fill ``eval``'s unset data flags from the checkpoint; a real dataset must be named on the command line, and
+    when it is the dataset the run was trained on, its split file must be the one the run used. Returns whether the
+    evaluation is on another dataset than the training one (the cross-dataset protocol)."""
     recorded = recorded or {}
     for k, default in DATA_DEFAULTS.items():
         if getattr(args, k, None) is None:
@@ -382,12 +384,23 @@ def restore_data(args, recorded: dict | None) -> None:
                          f"data for it)")
     if args.data and not args.dataset and source == "data":
         args.dataset = recorded.get("dataset")
+    other = bool(args.data and source == "data" and recorded.get("dataset")
+                 and _dataset_key(args.dataset) != _dataset_key(recorded["dataset"]))
     want = recorded.get("split_sha256")
-    if want and given and source in ("data", "split-file"):
+    if want and given and source in ("data", "split-file") and not other:
         split = split_file_of(args)
         if split and utils.sha256_file(split) != want:
             raise UsageError(f"split file {split!r} differs from the one the checkpoint was trained with "
                              f"(sha256 mismatch): evaluate on the same split")
+    return other
+
+
+def _dataset_key(name) -> str:
+    """A dataset name as the data layer's aliases compare it (``oxford_pets`` == ``OxfordPets``)."""
+    try:
+        return canonical_dataset_name(str(name))
+    except KeyError:
+        return str(name)
 
 
 # ----------------------------------------------------------------------------------------------------- model, device

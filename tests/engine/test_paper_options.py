@@ -200,7 +200,7 @@ def test_contrastive_recipe_flags(capsys, tmp_path, weights):
     assert rc == 2 and "--max-pairs" in err
 
 
-def _coop_layout(root, n_classes=3, per_class=2):
+def _coop_layout(root, n_classes=3, per_class=2, name="Tiny"):
     """A tiny CoOp-layout dataset (split file + PNGs) the data layer reads."""
     import numpy as np
     from PIL import Image
@@ -214,7 +214,7 @@ def _coop_layout(root, n_classes=3, per_class=2):
             colour[..., c % 3] = 200
             Image.fromarray(colour).save(root / rel)
             items.append([rel, c, f"colour {c}"])
-    (root / "split_zhou_Tiny.json").write_text(json.dumps({"train": items, "val": items, "test": items}))
+    (root / f"split_zhou_{name}.json").write_text(json.dumps({"train": items, "val": items, "test": items}))
     return root
 
 
@@ -257,3 +257,24 @@ def test_coop_preset_replaces_the_method_defaults(capsys, tmp_path, synth_dir, w
     assert (cfg["optimizer"], cfg["lr"], cfg["batch_size"], cfg["weight_decay"], cfg["warmup_epochs"]) == \
         ("sgd", 2e-3, 32, 5e-4, 1)
     assert cfg["epochs"] == 2  # given explicitly
+
+
+def test_eval_on_another_dataset(capsys, tmp_path, weights):
+    """Cross-dataset protocol: a run trained on one dataset is evaluated on another (its classes, its template);
+    on the training dataset itself the split file must still be the one the run used."""
+    root = _coop_layout(tmp_path / "data", n_classes=3, name="Tiny")
+    _coop_layout(tmp_path / "data", n_classes=2, name="Other")
+    rc, _, err = run(capsys, "train", "--method", "ln", "--pretrained", weights, "--data", root, "--dataset", "Tiny",
+                     "--shots", 2, "--epochs", 1, "--batch-size", 4, "--no-progress", "--threads", 1, "--output",
+                     tmp_path / "run")
+    assert rc == 0, err
+    rc, out, err = run(capsys, "eval", "--checkpoint", tmp_path / "run", "--pretrained", weights, "--data", root,
+                       "--dataset", "Other", "--no-progress")
+    assert rc == 0, err
+    res = last_json(out)
+    assert res["cross_dataset"] and res["dataset"] == "Other" and res["classes"] == 2 and res["n"] == 4
+    split = root / "split_zhou_Tiny.json"
+    split.write_text(split.read_text().replace('"val"', '"val" ', 1))
+    rc, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "run", "--pretrained", weights, "--data", root,
+                     "--dataset", "Tiny", "--no-progress")
+    assert rc == 2 and "differs from the one the checkpoint was trained with" in err
