@@ -2,7 +2,8 @@
 preprocessing, split, precision, batch size), reused by every run that leaves the image tower frozen.
 
     export LEANCLIP_FEATURE_CACHE=sweep/features      # what `leanclip sweep` sets for its cells
-    got = encoder_features(model, test_set, 256)      # (raw (N, E) fp32 CPU, labels (N,)) or None (no cache / tower trains)
+    got = encoder_features(model, test_set, 256, device=dev, precision="fp32")
+    # -> (raw (N, E) fp32 on CPU, labels (N,)), or None (no cache, or the image tower trains)
 
 What is stored is ``model.encode_image(images).float()`` per sample, before any normalisation or method head, so the
 callers (``leanclip.trainer.evaluate``, ``leanclip.llu.cached_image_features``) apply exactly the operations they
