@@ -352,3 +352,23 @@ def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"process group {pgid} still alive")
+
+
+def test_a_failed_cell_is_recorded_listed_and_retried_on_request(tmp_path, weights, capsys):
+    out = tmp_path / "f"
+    grid = ["sweep", "--protocol", "fewshot", "--methods", "coop,linear-probe", "--shots", "1", "--seeds", "1",
+            "--epochs", "1", "--pretrained", weights, "--output", out, "--workers", "0",
+            "--opt", "coop:n_ctx=100"]  # typed right, but longer than the text context: the cell fails when it runs
+    rc, stdout, _ = _main(grid, capsys)
+    assert rc == 1 and json.loads(stdout)["failed"] == 1 and json.loads(stdout)["done"] == 1
+    failed = _manifest(out)["cells"]["fewshot/Synthetic/coop/shots1_seed1"]
+    assert failed["state"] == "failed" and failed["error"].startswith("train exited 2: leanclip: error:")
+    rc, stdout, _ = _main(grid, capsys)  # not retried unless asked
+    assert rc == 1 and json.loads(stdout)["ran"] == 0
+    rc, stdout, _ = _main([*grid, "--retry-failed"], capsys)
+    assert rc == 1 and json.loads(stdout)["ran"] == 1
+    rc, stdout, _ = _main(["report", out], capsys)
+    assert rc == 0 and "cells without a result (1, not averaged)" in stdout
+    assert f"`fewshot/Synthetic/coop/shots1_seed1`: failed: {failed['error']}" in stdout
+    coop = next(l for l in stdout.splitlines() if l.startswith("| coop |"))
+    assert coop == "| coop | — |"  # nothing averaged in its place
