@@ -316,8 +316,8 @@ def evaluate(
     ``zero_shot=True`` uses the frozen zero-shot features (E1's ``frozen_text_features`` / raw encoder image features)
     instead of the method-aware ones."""
     from leanclip import features as feats
-    from leanclip.metrics import AccuracyMeter
     from leanclip.feature_cache import cached_batches
+    from leanclip.metrics import AccuracyMeter
 
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
@@ -337,7 +337,8 @@ def evaluate(
         # a frozen image tower's features of this dataset, once per weights (leanclip.feature_cache; None: no cache)
         cached = cached_batches(model, dataset, batch_size, device=device, precision=precision,
                                 num_workers=num_workers, progress=progress, encoder_only=zero_shot)
-        batches = cached if cached is not None else utils.track(eval_loader(dataset, batch_size, num_workers), "eval", progress)
+        batches = cached if cached is not None else utils.track(eval_loader(dataset, batch_size, num_workers),
+                                                                "eval", progress)
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device)
