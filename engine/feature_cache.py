@@ -2,14 +2,15 @@
 preprocessing, split, precision, batch size), reused by every run that leaves the image tower frozen.
 
     export LEANCLIP_FEATURE_CACHE=sweep/features      # what `leanclip sweep` sets for its cells
-    got = encoder_features(model, test_set, 256)      # (raw (N, E) fp32 CPU, labels (N,)) or None (no cache / tower trains)
+    got = encoder_features(model, test_set, 256, device=dev, precision="fp32")
+    # -> (raw (N, E) fp32 on CPU, labels (N,)), or None (no cache, or the image tower trains)
 
 What is stored is ``model.encode_image(images).float()`` per sample, before any normalisation or method head, so the
 callers (``leanclip.trainer.evaluate``, ``leanclip.llu.cached_image_features``) apply exactly the operations they
 apply to a fresh batch: a run reading the cache computes the same numbers as one that does not.
 
 Key: sha256 of the image tower (its ``repr``, i.e. structure and hyper-parameters, lean or plain modules, plus every
-state tensor's name, dtype, shape and bytes), of the dataset (``leanclip.llu.dataset_fingerprint``: paths, labels and
+state tensor's name, dtype, shape and bytes), of the dataset (``dataset_fingerprint``: paths, labels and
 the transform's repr), the autocast precision and the batch size. Changing any of them is a different entry, so
 weights that change invalidate by construction; nothing is ever served for other weights.
 
@@ -21,15 +22,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from leanclip import utils
 from leanclip.registry import method_hooks
-from leanclip.llu import FeatureCache, _hash_tensor, dataset_fingerprint, feature_key
 
 ENV_VAR = "LEANCLIP_FEATURE_CACHE"
 EVENTS_NAME = "events.jsonl"
@@ -38,8 +39,110 @@ __all__ = ["ENV_VAR", "SharedFeatureCache", "active_cache", "image_tower_frozen"
            "encoder_pass", "encoder_features", "cached_batches", "count_events"]
 
 
+_CACHE_VERSION = 1
+
+
+class FeatureCache:
+    """Directory of ``<sha256>.safetensors`` files, each holding the tensors of one (model, dataset, transform, dtype)
+    combination. Files are written atomically (temp file + ``os.replace``); a corrupt file is a miss and is rewritten.
+    ``hits`` / ``misses`` count lookups of this instance."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.hits = 0
+        self.misses = 0
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}.safetensors"
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        p = self.path(key)
+        if not p.is_file():
+            return None
+        try:
+            return load_file(str(p))
+        except Exception as e:  # truncated / foreign file: treat as a miss
+            utils.get_logger().warning("feature cache: ignoring unreadable %s (%s)", p, e)
+            return None
+
+    def save(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
+        from safetensors.torch import save
+
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                    metadata={"leanclip_feature_cache": str(_CACHE_VERSION), "meta": json.dumps(meta or {})})
+        return utils.atomic_write_bytes(self.path(key), data)
+
+    def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
+                       meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        got = self.load(key)
+        if got is not None:
+            self.hits += 1
+            return got
+        self.misses += 1
+        out = {k: v.detach().cpu() for k, v in compute().items()}
+        self.save(key, out, meta)
+        return out
+
+
+def _hash_tensor(h, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def model_fingerprint(model: torch.nn.Module, weights_path: str | os.PathLike | None = None,
+                      exclude: Sequence[str] = ("llu_",)) -> str:
+    """Identity of the frozen encoders: sha256 of the weights file (plus the parameter dtypes) when given, else of
+    every state_dict tensor's name, dtype, shape and bytes (random-init models), leaving out the LLU heads."""
+    h = hashlib.sha256()
+    if weights_path is not None:
+        h.update(b"file:" + utils.sha256_file(weights_path).encode())
+        h.update(json.dumps(sorted({str(p.dtype) for p in model.parameters()})).encode())
+        return h.hexdigest()
+    for name, t in model.state_dict().items():
+        if any(name.startswith(e) or f".{e}" in name for e in exclude):
+            continue
+        h.update(name.encode())
+        if isinstance(t, torch.Tensor):
+            _hash_tensor(h, t)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset) -> str:
+    """Identity of a dataset's sample list: paths + labels for ``ImageDataset`` (``.samples``), image bytes + labels
+    for ``TensorImageDataset`` (``.images``), and the transform's repr."""
+    h = hashlib.sha256()
+    h.update(type(dataset).__name__.encode())
+    if hasattr(dataset, "samples"):
+        for s in dataset.samples:
+            path, label = (s.path, s.label) if hasattr(s, "path") else (s[0], s[1])
+            h.update(json.dumps([os.path.abspath(os.fspath(path)), int(label)]).encode())
+    elif hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
+        _hash_tensor(h, dataset.images)
+        _hash_tensor(h, torch.as_tensor(dataset.labels))
+    else:  # generic dataset: hash every item (slow but exact)
+        for i in range(len(dataset)):
+            x, y = dataset[i]
+            _hash_tensor(h, torch.as_tensor(x))
+            h.update(str(int(y)).encode())
+    h.update(repr(getattr(dataset, "transform", None)).encode())
+    return h.hexdigest()
+
+
+def feature_key(model_name: str, model_id: str, dataset_id: str, dtype: str, kind: str = "image") -> str:
+    blob = json.dumps({"v": _CACHE_VERSION, "kind": kind, "model": model_name, "model_id": model_id,
+                       "data": dataset_id, "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------- feature extraction
+
+
 class SharedFeatureCache(FeatureCache):
-    """:class:`leanclip.llu.FeatureCache` made safe for concurrent processes (a lock per key, write-once) and
+    """:class:`FeatureCache` made safe for concurrent processes (a lock per key, write-once) and
     counted (``events.jsonl``)."""
 
     def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],

@@ -26,18 +26,18 @@ features. At test time new classes / far-away images get a small alpha, i.e. sta
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from leanclip import utils
+from leanclip.feature_cache import (  # noqa: F401  (the per-run cache, re-exported)
+    FeatureCache, dataset_fingerprint, encoder_features, encoder_pass, feature_key, model_fingerprint,
+)
 from leanclip.metrics import AccuracyMeter
 from leanclip.training import (
     CHECKPOINT_NAME, LOG_NAME, build_optimizer, lr_at, model_device, resume_state, run_summary, save_state,
@@ -61,107 +61,9 @@ __all__ = [
     "run_llu",
 ]
 
-_CACHE_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------------ feature cache
-class FeatureCache:
-    """Directory of ``<sha256>.safetensors`` files, each holding the tensors of one (model, dataset, transform, dtype)
-    combination. Files are written atomically (temp file + ``os.replace``); a corrupt file is a miss and is rewritten.
-    ``hits`` / ``misses`` count lookups of this instance."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.hits = 0
-        self.misses = 0
-
-    def path(self, key: str) -> Path:
-        return self.root / f"{key}.safetensors"
-
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
-
-        p = self.path(key)
-        if not p.is_file():
-            return None
-        try:
-            return load_file(str(p))
-        except Exception as e:  # truncated / foreign file: treat as a miss
-            utils.get_logger().warning("feature cache: ignoring unreadable %s (%s)", p, e)
-            return None
-
-    def save(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
-        from safetensors.torch import save
-
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                    metadata={"leanclip_feature_cache": str(_CACHE_VERSION), "meta": json.dumps(meta or {})})
-        return utils.atomic_write_bytes(self.path(key), data)
-
-    def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
-                       meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        got = self.load(key)
-        if got is not None:
-            self.hits += 1
-            return got
-        self.misses += 1
-        out = {k: v.detach().cpu() for k, v in compute().items()}
-        self.save(key, out, meta)
-        return out
-
-
-def _hash_tensor(h, t: torch.Tensor) -> None:
-    t = t.detach().cpu().contiguous()
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def model_fingerprint(model: torch.nn.Module, weights_path: str | os.PathLike | None = None,
-                      exclude: Sequence[str] = ("llu_",)) -> str:
-    """Identity of the frozen encoders: sha256 of the weights file (plus the parameter dtypes) when given, else of
-    every state_dict tensor's name, dtype, shape and bytes (random-init models), leaving out the LLU heads."""
-    h = hashlib.sha256()
-    if weights_path is not None:
-        h.update(b"file:" + utils.sha256_file(weights_path).encode())
-        h.update(json.dumps(sorted({str(p.dtype) for p in model.parameters()})).encode())
-        return h.hexdigest()
-    for name, t in model.state_dict().items():
-        if any(name.startswith(e) or f".{e}" in name for e in exclude):
-            continue
-        h.update(name.encode())
-        if isinstance(t, torch.Tensor):
-            _hash_tensor(h, t)
-    return h.hexdigest()
-
-
-def dataset_fingerprint(dataset) -> str:
-    """Identity of a dataset's sample list: paths + labels for ``ImageDataset`` (``.samples``), image bytes + labels
-    for ``TensorImageDataset`` (``.images``), and the transform's repr."""
-    h = hashlib.sha256()
-    h.update(type(dataset).__name__.encode())
-    if hasattr(dataset, "samples"):
-        for s in dataset.samples:
-            path, label = (s.path, s.label) if hasattr(s, "path") else (s[0], s[1])
-            h.update(json.dumps([os.path.abspath(os.fspath(path)), int(label)]).encode())
-    elif hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
-        _hash_tensor(h, dataset.images)
-        _hash_tensor(h, torch.as_tensor(dataset.labels))
-    else:  # generic dataset: hash every item (slow but exact)
-        for i in range(len(dataset)):
-            x, y = dataset[i]
-            _hash_tensor(h, torch.as_tensor(x))
-            h.update(str(int(y)).encode())
-    h.update(repr(getattr(dataset, "transform", None)).encode())
-    return h.hexdigest()
-
-
-def feature_key(model_name: str, model_id: str, dataset_id: str, dtype: str, kind: str = "image") -> str:
-    blob = json.dumps({"v": _CACHE_VERSION, "kind": kind, "model": model_name, "model_id": model_id,
-                       "data": dataset_id, "dtype": dtype}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-# -------------------------------------------------------------------------------------------------- feature extraction
 def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
     """Frozen image-encoder features (L2-normalized, fp32). For an ``llu`` model ``leanclip.features.image_features``
     is the bare encoder (the LLU heads act in ``class_logits``)."""
@@ -174,8 +76,6 @@ def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
-    from leanclip.feature_cache import encoder_pass
-
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     return encoder_pass(model, dataset, batch_size, device=device, precision=precision, num_workers=num_workers,
@@ -187,8 +87,6 @@ def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size
                           num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`extract_image_features`, memoised in ``cache`` (None: compute), or derived from the shared encoder
     features when ``$LEANCLIP_FEATURE_CACHE`` is set (``leanclip.feature_cache``: one pass per weights and split)."""
-    from leanclip.feature_cache import encoder_features
-
     dev = utils.resolve_device(device if device is not None else next(model.parameters()).device)
     shared = encoder_features(model, dataset, batch_size, device=dev, num_workers=num_workers, progress=progress,
                               precision=utils.resolve_precision(precision, dev))

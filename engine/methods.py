@@ -142,6 +142,10 @@ def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a ph
         raise ValueError(f"init_text must be a string or None, got {type(init_text).__name__}")
     _heads.check_std(std)
     require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
+    context = text_tower(model).positional_embedding.shape[0]
+    if n_ctx > context - 3:  # [SOS] ctx_1..ctx_n, at least one class-name token, [EOT]
+        raise ValueError(f"n_ctx={n_ctx} leaves no room for a class name in the text tower's {context}-token "
+                         f"context (at most {context - 3})")
 
 
 def _check_adapter(model, reduction=4, ratio=0.2, **_):

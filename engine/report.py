@@ -44,7 +44,7 @@ def stat(values: list[float], expected: int) -> dict:
 def fmt(st: dict | None) -> str:
     if st is None or st["mean"] is None:
         return DASH
-    text = f"{st['mean']:.2f} ± {st['std']:.2f}"
+    text = f"{st['mean']:.2f}" + (f" ± {st['std']:.2f}" if st["std"] is not None else "")
     return text + (f" [{st['n']}/{st['expected']}]" if st["n"] < st["expected"] else "")
 
 
@@ -177,7 +177,8 @@ def markdown(protocol: str, data: dict, tabs: list[dict]) -> str:
     for t in tabs:
         lines += [f"### {t['title']}", "", "| method | " + " | ".join(t["columns"]) + " |",
                   "|---|" + "---:|" * len(t["columns"])]
-        lines += [f"| {m} | " + " | ".join(fmt(row.get(c)) for c in t["columns"]) + " |" for m, row in t["rows"].items()]
+        lines += [f"| {m} | " + " | ".join(fmt(row.get(c)) for c in t["columns"]) + " |"
+                  for m, row in t["rows"].items()]
         lines.append("")
     if data["missing"]:
         lines += [f"### cells without a result ({len(data['missing'])}, not averaged)", ""]

@@ -118,17 +118,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocol", required=True, choices=PROTOCOLS,
                    help="fewshot (accuracy per shot count), base2new (train on base classes; base / new / H), xd "
                         "(train on --source, evaluate on the --datasets), dg (the same with ImageNet variants)")
-    g.add_argument("--methods", required=True, type=_names,
+    g.add_argument("--methods", required=True, type=_names, metavar="M,M,...",
                    help="comma-separated methods (any `leanclip train --method`, '+' combinations, and "
                         "'zeroshot' for the zero-shot CLIP row)")
-    g.add_argument("--datasets", type=_names, default=None,
-                   help=f"comma-separated datasets under --data, 'synthetic', or a named set ({', '.join(DATASET_SETS)})"
-                        f"; xd / dg: the targets (default {DEFAULT_TARGETS['xd']} / {DEFAULT_TARGETS['dg']}); "
+    g.add_argument("--datasets", type=_names, default=None, metavar="D,D,...",
+                   help=f"comma-separated datasets under --data, 'synthetic', or a named set "
+                        f"({', '.join(DATASET_SETS)}); xd / dg: the targets (default {DEFAULT_TARGETS['xd']} / {DEFAULT_TARGETS['dg']}); "
                         f"default for fewshot / base2new: coop11 with --data, synthetic without")
     g.add_argument("--source", default=None, help="xd / dg: the training dataset (default ImageNet)")
-    g.add_argument("--shots", dest="shot_list", type=_ints("--shots", 0, 100_000), default=None,
+    g.add_argument("--shots", dest="shot_list", type=_ints("--shots", 0, 100_000), default=None, metavar="K,K,...",
                    help="comma-separated K (0 = whole train split; default 1,2,4,8,16 for fewshot, 16 otherwise)")
-    g.add_argument("--seeds", type=_ints("--seeds", 0, SEED_MAX), default=[1, 2, 3],
+    g.add_argument("--seeds", type=_ints("--seeds", 0, SEED_MAX), default=[1, 2, 3], metavar="S,S,...",
                    help="comma-separated seeds (default 1,2,3)")
     g.add_argument("--data", metavar="ROOT", default=None, help="data root holding the datasets (CoOp layouts)")
     g.add_argument("--opt", action="append", default=None, metavar="[METHOD:]KEY=VALUE",
@@ -137,9 +137,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--output", required=True, metavar="SWEEP", help="sweep folder (created; reused to resume)")
     r.add_argument("--plan", action="store_true",
                    help="print one self-contained shell command per pending cell (for a scheduler) and exit")
-    r.add_argument("--workers", type=int, default=1,
+    r.add_argument("--workers", type=int, default=1, metavar="N",
                    help="cells run at once, each in its own process (default 1; 0 = in this process)")
-    r.add_argument("--devices", type=_ints("--devices", 0, 1023), default=None,
+    r.add_argument("--devices", type=_ints("--devices", 0, 1023), default=None, metavar="I,I,...",
                    help="comma-separated CUDA device indices, one per worker (CUDA_VISIBLE_DEVICES of each cell)")
     r.add_argument("--retry-failed", action="store_true", help="run failed cells again")
     r.add_argument("--max-cells", type=int, default=None, metavar="N",
@@ -411,10 +411,10 @@ def steps_of(cell: Cell, spec: Spec) -> list[Step]:
     if cell.method == ZEROSHOT:
         runs = {"fewshot": [("all", cell.dataset)], "base2new": [("base", cell.dataset), ("new", cell.dataset)]}
         runs = runs.get(cell.protocol) or [("all", ds) for ds in [cell.dataset, *targets]]
-        return [Step("zeroshot", ["zeroshot", "--subsample", sub, *_data_argv(spec, ds), "--output",
-                                  str(d / (sub if cell.protocol == "base2new" else ds)), "--no-progress",
-                                  *_flag_argv(spec.flags, "zeroshot")], d / (sub if cell.protocol == "base2new" else ds))
-                for sub, ds in runs]
+        folders = [d / (sub if cell.protocol == "base2new" else ds) for sub, ds in runs]
+        return [Step("zeroshot", ["zeroshot", "--subsample", sub, *_data_argv(spec, ds), "--output", str(folder),
+                                  "--no-progress", *_flag_argv(spec.flags, "zeroshot")], folder)
+                for (sub, ds), folder in zip(runs, folders)]
     opts = [w for kv in spec.opts.get(cell.method, []) for w in ("--opt", kv)]
     sub = "base" if cell.protocol == "base2new" else "all"
     out = [Step("train", ["train", "--method", cell.method, "--shots", str(cell.shots), "--seed", str(cell.seed),
@@ -667,9 +667,10 @@ def run(args) -> int:
     with _FolderLock(spec.output) as lock:
         manifest = load_manifest(spec.output)
         whole = merge(manifest, spec)
+        whole.features = spec.features  # a choice of this invocation, not a setting of the folder
         reconcile(manifest, whole, args.retry_failed)
-        todo = [c for c in cells_of(whole) if c in set(cells_of(spec))
-                and manifest["cells"][c.id]["state"] == "pending"]
+        asked = set(cells_of(spec))
+        todo = [c for c in cells_of(whole) if c in asked and manifest["cells"][c.id]["state"] == "pending"]
         write_manifest(manifest, spec.output)
         if args.plan:
             for cell in todo:

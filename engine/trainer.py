@@ -47,6 +47,7 @@ import torch.nn.functional as F
 
 from leanclip import features as feats
 from leanclip import utils
+from leanclip.feature_cache import cached_batches
 from leanclip.llu import run_llu
 from leanclip.metrics import AccuracyMeter, harmonic_mean
 from leanclip.registry import method_hooks, method_trainer
@@ -307,8 +308,6 @@ def evaluate(
     """Top-1 / top-5 accuracy (in %) of ``model`` on ``dataset`` against ``classnames`` (text features computed once).
     ``zero_shot=True`` uses the frozen zero-shot features (E1's ``frozen_text_features`` / raw encoder image features)
     instead of the method-aware ones."""
-    from leanclip.feature_cache import cached_batches
-
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     probe = method_hooks(model).get("logits")
@@ -327,7 +326,8 @@ def evaluate(
         # a frozen image tower's features of this dataset, once per weights (leanclip.feature_cache; None: no cache)
         cached = cached_batches(model, dataset, batch_size, device=device, precision=precision,
                                 num_workers=num_workers, progress=progress, encoder_only=zero_shot)
-        batches = cached if cached is not None else utils.track(eval_loader(dataset, batch_size, num_workers), "eval", progress)
+        batches = cached if cached is not None else utils.track(eval_loader(dataset, batch_size, num_workers),
+                                                                "eval", progress)
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device)

@@ -278,3 +278,9 @@ def test_eval_on_another_dataset(capsys, tmp_path, weights):
     rc, _, err = run(capsys, "eval", "--checkpoint", tmp_path / "run", "--pretrained", weights, "--data", root,
                      "--dataset", "Tiny", "--no-progress")
     assert rc == 2 and "differs from the one the checkpoint was trained with" in err
+
+
+def test_coop_context_longer_than_the_text_tower_is_refused_before_work(capsys, tmp_path, synth_dir, weights):
+    rc, _, err = run(capsys, "train", "--method", "coop", "--opt", "n_ctx=100", "--output", tmp_path / "r",
+                     *common(synth_dir, weights))
+    assert rc == 2 and "n_ctx=100" in err and not (tmp_path / "r").exists()

@@ -278,7 +278,7 @@ def test_feature_cache_counts_passes_and_follows_the_weights(tmp_path, fresh_tin
 def test_plan_lines_run_in_a_shell_and_parallel_workers_survive_a_kill(tmp_path, weights, capsys):
     out = tmp_path / "s"
     grid = ["sweep", "--protocol", "fewshot", "--methods", "linear-probe,coop", "--shots", "1", "--seeds", SEEDS,
-            "--epochs", "1", "--pretrained", weights, "--output", out]
+            "--epochs", "2", "--pretrained", weights, "--output", out, "--threads", "1"]  # 2 workers, 2 cores
     rc, stdout, _ = _main([*grid, "--plan"], capsys)
     lines = stdout.splitlines()
     assert rc == 0 and len(lines) == 4 and all(l.count(" leanclip train ") == 1 for l in lines)
@@ -286,24 +286,39 @@ def test_plan_lines_run_in_a_shell_and_parallel_workers_survive_a_kill(tmp_path,
     shim.parent.mkdir()
     shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -m leanclip \"$@\"\n")
     shim.chmod(0o755)
-    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}"}
+    # the cells' processes run the torch backend, as this process does (engine conftest), not the Triton interpreter
+    env = {**os.environ, "PATH": f"{shim.parent}{os.pathsep}{os.environ['PATH']}", "LEANCLIP_BACKEND": "torch",
+           "TRITON_INTERPRET": "0"}
     subprocess.run(["bash", "-c", lines[0]], env=env, check=True, capture_output=True)
-    # two worker processes; the sweep and its cells are killed once one more cell is done
+    # two worker processes; the sweep and its cells are SIGKILLed once a cell has its first epoch's checkpoint
     proc = subprocess.Popen([sys.executable, "-m", "leanclip", *map(str, grid), "--workers", "2"], env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cut, killed = [], False
     try:
-        while proc.poll() is None:
-            cells = _manifest(out)["cells"].values() if (out / "sweep.json").exists() else []
-            if sum(c["state"] == "done" for c in cells) >= 2:
-                break
-            time.sleep(0.2)
+        while proc.poll() is None and not cut:
+            cut = [p.parent for p in out.glob("fewshot/*/*/*/checkpoint.safetensors")
+                   if not (p.parent / "result.json").exists()]
+            time.sleep(0.05)
     finally:
-        if proc.poll() is None:
+        killed = proc.poll() is None
+        if killed:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        _wait_group_gone(proc.pid)  # the cells hold the folder's lock until they are gone
+    assert killed, "the sweep ended before a cell had a checkpoint and no result"
+    states = {i: c["state"] for i, c in _manifest(out)["cells"].items()}
+    assert all(states[str(f.relative_to(out))] == "running" for f in cut)
     rc, stdout, _ = _main([*grid, "--workers", "0"], capsys)
     summary = json.loads(stdout)
-    assert rc == 0 and summary["done"] == 4 and summary["ran"] <= 2
+    assert rc == 0 and summary["done"] == 4 and summary["ran"] == list(states.values()).count("running") + list(
+        states.values()).count("pending")
+    for folder in cut:  # killed mid-cell: continued from its checkpoint
+        assert "--resume" in (folder / "sweep.log").read_text()
+    # the cell the shell ran (its own process) equals the same cell run inside this process
+    first = json.loads((Path(shlex.split(lines[0])[shlex.split(lines[0]).index("--output") + 1]) / "result.json")
+                       .read_text())
+    _same(first, _alone(lines[0], tmp_path / "alone")[0])
+    capsys.readouterr()
     assert _main(["report", out], capsys)[0] == 0
     rows = [r for r in csv.DictReader(open(out / "report.csv")) if r["dataset"] == "Synthetic"]
     assert {r["method"] for r in rows} == {"linear-probe", "coop"} and all(r["n"] == "2" for r in rows)
@@ -313,8 +328,9 @@ def test_dg_protocol_trains_on_the_source_and_evaluates_the_targets(tmp_path, we
     out = tmp_path / "dg"
     rc, stdout, err = _main(["sweep", "--protocol", "dg", "--methods", "zeroshot,coop", "--datasets",
                              "ImageNetSketch", "--data", data_root, "--shots", "2", "--seeds", "1", "--epochs", "1",
-                             "--pretrained", weights, "--output", out, "--workers", "0"], capsys)
+                             "--pretrained", weights, "--output", out, "--workers", "0", "--no-feature-cache"], capsys)
     assert rc == 0 and json.loads(stdout)["done"] == 2, err
+    assert not (out / "features").exists()  # --no-feature-cache: every cell computes its own features
     cell = out / "dg/ImageNet/coop/shots2_seed1"
     target = json.loads((cell / "eval/ImageNetSketch/eval.json").read_text())
     metrics = _manifest(out)["cells"]["dg/ImageNet/coop/shots2_seed1"]["metrics"]
@@ -325,3 +341,34 @@ def test_dg_protocol_trains_on_the_source_and_evaluates_the_targets(tmp_path, we
     row = next(r for r in csv.DictReader(open(out / "report.csv"))
                if r["method"] == "coop" and r["column"] == "targets avg")
     assert float(row["mean"]) == target["top1"]
+
+
+def _wait_group_gone(pgid: int, timeout: float = 30.0) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process group {pgid} still alive")
+
+
+def test_a_failed_cell_is_recorded_listed_and_retried_on_request(tmp_path, weights, capsys):
+    out = tmp_path / "f"
+    grid = ["sweep", "--protocol", "fewshot", "--methods", "coop,linear-probe", "--shots", "1", "--seeds", "1",
+            "--epochs", "1", "--pretrained", weights, "--output", out, "--workers", "0",
+            "--opt", "coop:n_ctx=100"]  # typed right, but longer than the text context: the cell fails when it runs
+    rc, stdout, _ = _main(grid, capsys)
+    assert rc == 1 and json.loads(stdout)["failed"] == 1 and json.loads(stdout)["done"] == 1
+    failed = _manifest(out)["cells"]["fewshot/Synthetic/coop/shots1_seed1"]
+    assert failed["state"] == "failed" and failed["error"].startswith("train exited 2: leanclip: error:")
+    rc, stdout, _ = _main(grid, capsys)  # not retried unless asked
+    assert rc == 1 and json.loads(stdout)["ran"] == 0
+    rc, stdout, _ = _main([*grid, "--retry-failed"], capsys)
+    assert rc == 1 and json.loads(stdout)["ran"] == 1
+    rc, stdout, _ = _main(["report", out], capsys)
+    assert rc == 0 and "cells without a result (1, not averaged)" in stdout
+    assert f"`fewshot/Synthetic/coop/shots1_seed1`: failed: {failed['error']}" in stdout
+    coop = next(l for l in stdout.splitlines() if l.startswith("| coop |"))
+    assert coop == "| coop | — |"  # nothing averaged in its place
