@@ -191,9 +191,13 @@ def test_lilt_deep_names_the_tower(base):
     assert not hasattr(m, "leanclip_info")
 
 
-def test_lean_true_names_the_towers(base):
+def test_lean_only_options_name_the_towers(base):
     with pytest.raises(ValueError, match="lean=True.*TimmModel"):
         methods.prepare(copy.deepcopy(base), "lilt-ln", lean=True)
+    with pytest.raises(ValueError, match="recompute='mlp' needs the lean modules.*TimmModel"):
+        methods.prepare(copy.deepcopy(base), "lilt-adapter", recompute="mlp")
+    with pytest.raises(ValueError, match="frozen_dtype needs the lean modules.*TimmModel"):
+        methods.prepare(copy.deepcopy(base), "lilt-bitfit", frozen_dtype=torch.bfloat16)
 
 
 def test_options_on_custom_towers(base):
