@@ -13,6 +13,11 @@ Registered with ``leanclip.registry.register_method`` (``leanclip.methods`` impo
     lit+lilt-*     LiT + a LilT method on the image tower: the text tower is trained fully, the image tower gets the
                    LilT treatment (a fully trainable tower gets no adapters / extra block)
 
+On open_clip's custom towers (LilT's unaligned setting, ``leanclip.configs.register_unaligned_config``: a timm image
+tower and a Hugging Face text tower) the projections are the fresh ``visual.head.*`` and ``text.proj.*``
+(``projection_names``), ``lilt-adapter`` puts an adapter before every LayerNorm inside each timm / Hugging Face block,
+and ``lilt-deep`` (an appended open_clip block) is a ValueError naming the tower; they run on plain modules.
+
 Every method also adds ``model.lilt_temperature`` (``leanclip.contrastive.LearnableTemperature``: tau = 0.07 at start,
 clamped to [0.001, 0.5]), trained with the rest; ``leanclip.contrastive.train_contrastive`` uses it.
 
