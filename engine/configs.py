@@ -4,6 +4,8 @@
     name = register_tiny_config()                       # "leanclip-tiny": E=64, ViT 2x64 patch 8 @32px, text 2x64
     model = open_clip.create_model(name, pretrained=None)
     name = register_reduced_config("ViT-B-16", layers=2)  # "ViT-B-16-L2": ViT-B-16 widths with 2 blocks per tower
+    name = register_unaligned_config("deit-bert", timm_model="deit_base_patch16_224",
+                                     hf_text="bert-base-uncased", pretrained=True)  # LilT's unaligned towers
 """
 from __future__ import annotations
 
@@ -42,18 +44,23 @@ def register_config(name: str, config: dict, *, overwrite: bool = True) -> str:
     return name
 
 
+def _merged(cfg: dict, overrides: dict) -> dict:
+    """``cfg`` with ``overrides`` merged into its top level; ``vision_cfg`` / ``text_cfg`` dicts key by key."""
+    for k, v in overrides.items():
+        if k in ("vision_cfg", "text_cfg"):
+            cfg[k].update(v)
+        else:
+            cfg[k] = v
+    return cfg
+
+
 def register_tiny_config(name: str = TINY_NAME, **overrides) -> str:
     """Register the tiny test config (embed 64; vision width 64, 2 layers, 2 heads, patch 8, image 32; text width
     64, 2 layers, 2 heads, context 77, vocab 49408). ``overrides`` are merged into the top level, ``vision_cfg``
     and ``text_cfg`` dicts are merged key by key (e.g. ``quick_gelu=True``, ``vision_cfg={"ls_init_value": 0.1}``).
     Returns the registered name."""
     cfg = copy.deepcopy(TINY_CONFIG)
-    for k, v in overrides.items():
-        if k in ("vision_cfg", "text_cfg"):
-            cfg[k].update(v)
-        else:
-            cfg[k] = v
-    return register_config(name, cfg)
+    return register_config(name, _merged(cfg, overrides))
 
 
 def register_reduced_config(base: str = "ViT-B-16", layers: int = 2, *, text_layers: int | None = None,
@@ -76,10 +83,42 @@ def register_reduced_config(base: str = "ViT-B-16", layers: int = 2, *, text_lay
     return register_config(name, cfg)
 
 
+def register_unaligned_config(name: str, *, timm_model: str, hf_text: str, embed_dim: int = 256,
+                              image_size: int = 224, context_length: int = 64, pretrained: bool = False,
+                              timm_pool: str = "token", timm_proj: str = "linear",
+                              hf_pooler: str = "cls_last_hidden_state_pooler", hf_proj: str = "linear",
+                              **overrides) -> str:
+    """Register an open_clip custom-tower config (``CustomTextCLIP``): the timm image model ``timm_model`` (e.g.
+    ``deit_base_patch16_224``, DINO's ``vit_base_patch16_224.dino``) and the Hugging Face text model ``hf_text`` (a
+    hub id such as ``bert-base-uncased``, ``princeton-nlp/unsup-simcse-bert-base-uncased``,
+    ``bert-base-multilingual-cased``, or a local folder with config.json and the tokenizer files), joined by fresh
+    projections to ``embed_dim`` (``visual.head.proj``, ``text.proj``) - LilT's unaligned-towers setting.
+
+    ``pretrained``: the towers' own pretrained weights (timm ``timm_model_pretrained`` / transformers
+    ``hf_model_pretrained``), downloaded by timm and transformers when the model is built (``create_model(name,
+    pretrained=None)``: there is no joint checkpoint, the projections start random). Without it both towers are
+    randomly initialised from their configs (tests). ``timm_pool`` "token" reads the ViT's CLS token (DeiT / DINO),
+    ``hf_pooler`` "cls_last_hidden_state_pooler" BERT's [CLS] (open_clip's poolers: ``mean_pooler``, ``cls_pooler``
+    - BERT's pooler layer, ...); ``timm_proj`` / ``hf_proj`` "linear" or "mlp". The tokenizer is ``hf_text``'s
+    (``open_clip.get_tokenizer(name)``), ``context_length`` tokens. ``overrides`` go into the top level of the config
+    as in ``register_tiny_config``. Returns ``name``."""
+    cfg = {
+        "embed_dim": int(embed_dim),
+        "vision_cfg": {"image_size": int(image_size), "timm_model_name": timm_model,
+                       "timm_model_pretrained": bool(pretrained), "timm_pool": timm_pool, "timm_proj": timm_proj},
+        "text_cfg": {"context_length": int(context_length), "hf_model_name": hf_text, "hf_tokenizer_name": hf_text,
+                     "hf_model_pretrained": bool(pretrained), "hf_pooler_type": hf_pooler, "hf_proj_type": hf_proj},
+        "custom_text": True,
+    }
+    return register_config(name, _merged(cfg, overrides))
+
+
 def create_random_model(name: str, seed: int = 0, **kw):
     """``open_clip.create_model(name, pretrained=None, **kw)`` after ``torch.manual_seed(seed)`` (the same random
     weights every time), without open_clip's "No pretrained weights loaded" log and warnings: random init is meant."""
     import open_clip
+    kw.setdefault("pretrained_image", False)  # random: no timm / Hugging Face tower weights either
+    kw.setdefault("pretrained_text", False)
     torch.manual_seed(seed)
     logging.disable(logging.WARNING)
     try:

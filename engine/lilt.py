@@ -13,6 +13,11 @@ Registered with ``leanclip.registry.register_method`` (``leanclip.methods`` impo
     lit+lilt-*     LiT + a LilT method on the image tower: the text tower is trained fully, the image tower gets the
                    LilT treatment (a fully trainable tower gets no adapters / extra block)
 
+On open_clip's custom towers (LilT's unaligned setting, ``leanclip.configs.register_unaligned_config``: a timm image
+tower and a Hugging Face text tower) the projections are the fresh ``visual.head.*`` and ``text.proj.*``
+(``projection_names``), ``lilt-adapter`` puts an adapter before every LayerNorm inside each timm / Hugging Face block,
+and ``lilt-deep`` (an appended open_clip block) is a ValueError naming the tower; they run on plain modules.
+
 Every method also adds ``model.lilt_temperature`` (``leanclip.contrastive.LearnableTemperature``: tau = 0.07 at start,
 clamped to [0.001, 0.5]), trained with the rest; ``leanclip.contrastive.train_contrastive`` uses it.
 
@@ -50,8 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip import lean as _lean
-from leanclip.models.openclip import ResidualAttentionBlock, text_tower
+from leanclip.models.openclip import (
+    ResidualAttentionBlock, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
+    text_tower, timm_image_tower,
+)
 from leanclip.registry import MethodTraits, register_method
 from leanclip.select import (
     BIAS_RE,
@@ -69,7 +76,7 @@ from leanclip.select import (
 )
 
 __all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "deep_blocks", "unlock_projections",
-           "trainable_summary", "check_reduction", "LILT_METHODS"]
+           "projection_names", "trainable_summary", "check_reduction", "LILT_METHODS"]
 
 LILT_METHODS = ("lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lilt-proj", "lit")
 PROJ_RE = re.compile(r"^(?:visual\.proj|(?:text\.)?text_projection(?:\.weight|\.bias)?)$")
@@ -180,19 +187,40 @@ def strip(model: nn.Module) -> nn.Module:
     return model
 
 
+def _adapter_layernorms(model: nn.Module, tower: str) -> list[nn.Module]:
+    """The LayerNorms an adapter goes before, in ``tower``: ``ln_1`` / ``ln_2`` of every open_clip block; on a timm
+    image tower or a Hugging Face text tower (open_clip custom towers), every LayerNorm inside each transformer block
+    (timm ViT: ``norm1`` / ``norm2``, pre-LN as open_clip's; BERT: ``attention.output.LayerNorm`` /
+    ``output.LayerNorm``, post-LN: there the adapter acts on the residual sum the LayerNorm normalises)."""
+    out = []
+    for t in ("image", "text") if tower == "both" else (tower,):
+        if (t == "image" and is_vit_image_tower(model)) or (t == "text" and text_tower(model) is not None):
+            for _, tr in _towers(model, t):
+                for blk in tr.resblocks:
+                    for ln_name in ("ln_1", "ln_2"):
+                        ln = getattr(blk, ln_name, None)
+                        if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
+                            raise ValueError(f"lilt-adapter needs LayerNorm {ln_name} in every block (got "
+                                             f"{type(ln).__name__})")
+                        out.append(ln)
+            continue
+        blocks = custom_tower_blocks(model, t)
+        lns = [[m for m in blk.modules() if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
+               for _, blk in blocks]
+        if not blocks or not all(lns):
+            raise ValueError(f"method 'lilt-adapter' needs transformer blocks with LayerNorms (an open_clip tower, a "
+                             f"timm ViT or a Hugging Face encoder); the {t} tower is {tower_class(model, t)}")
+        out += [ln for group in lns for ln in group]
+    return out
+
+
 def add_adapters(model: nn.Module, reduction: int = 4, tower: str = "both") -> list[Adapter]:
-    """Insert an adapter before ``ln_1`` and ``ln_2`` of every block of ``tower`` (in place); returns them."""
+    """Insert an adapter before ``ln_1`` and ``ln_2`` of every block of ``tower`` (in place; on timm / Hugging Face
+    towers before every LayerNorm of each block); returns them."""
     added = []
-    todo = []
-    for _, tr in _towers(model, tower):
-        for blk in tr.resblocks:
-            for ln_name in ("ln_1", "ln_2"):
-                ln = getattr(blk, ln_name, None)
-                if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
-                    raise ValueError(f"lilt-adapter needs LayerNorm {ln_name} in every block (got "
-                                     f"{type(ln).__name__})")
-                check_reduction(reduction, ln.normalized_shape[0])  # validate everything before changing anything
-                todo.append(ln)
+    todo = _adapter_layernorms(model, tower)
+    for ln in todo:
+        check_reduction(reduction, ln.normalized_shape[0])  # validate everything before changing anything
     for ln in todo:
         p = ln.weight if ln.weight is not None else next(iter(ln.parameters()), None)
         ad = Adapter(ln.normalized_shape[0], reduction)
@@ -260,9 +288,20 @@ def add_deep_blocks(model: nn.Module, tower: str = "both", init: str = "copy") -
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
+def projection_names(model: nn.Module, tower: str = "both") -> list[str]:
+    """The projection parameters of ``tower``: ``visual.proj`` / ``text_projection`` on open_clip towers; the fresh
+    ``visual.head.*`` of a timm image tower and ``text.proj.*`` of a Hugging Face text tower (open_clip custom
+    towers)."""
+    out = names_matching(model, PROJ_RE, tower)
+    params = {id(p): n for n, p in model.named_parameters()}
+    for _, mod in custom_projection_modules(model, tower):
+        out += [params[id(p)] for p in mod.parameters() if id(p) in params]
+    return out
+
+
 def unlock_projections(model: nn.Module, tower: str = "both") -> int:
-    """Unlock ``visual.proj`` (image) and ``text_projection`` (text) inside ``tower``."""
-    return unlock(model, PROJ_RE, tower)
+    """Unlock the projections of ``tower`` (``projection_names``)."""
+    return unlock_names(model, projection_names(model, tower))
 
 
 def _temperature_module(model: nn.Module, temperature: float) -> dict:
@@ -321,7 +360,22 @@ def _check_lilt_common(model, method: str, tower, projections, temperature) -> N
         raise ValueError(f"projections must be True or False, got {projections!r}")
     LearnableTemperature(temperature)  # validates the value
     if projections:
-        require_open_clip_tower(model, method, tower, "its projection visual.proj / text_projection is trained")
+        _require_projection(model, method, tower)
+
+
+def _require_projection(model, method: str, tower: str) -> None:
+    """ValueError naming the tower class unless each tower of ``tower`` has a projection LilT trains: an open_clip
+    transformer tower (``visual.proj`` / ``text_projection``), a timm image tower (``visual.head``) or a Hugging Face
+    text tower (``text.proj``)."""
+    for t in ("image", "text") if tower == "both" else (tower,):
+        custom = timm_image_tower(model) if t == "image" else hf_text_tower(model)
+        if custom is not None:
+            if not projection_names(model, t):
+                raise ValueError(f"method {method!r} trains the {t} tower's projection, and the {t} tower "
+                                 f"{tower_class(model, t)} has none (timm_proj / hf_proj_type none): pass "
+                                 f"projections=False")
+            continue
+        require_open_clip_tower(model, method, t, "its projection visual.proj / text_projection is trained")
 
 
 def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, **_):
@@ -342,13 +396,13 @@ def _check_lilt_blocks(method: str):
             raise ValueError(f"ln_tower must be one of {', '.join(LN_TOWERS)}, got {ln_tower!r}")
         if not isinstance(bitfit, bool):
             raise ValueError(f"bitfit must be true or false, got {bitfit!r}")
-        require_open_clip_tower(model, method, tower, "it changes the tower's transformer blocks")
         if method == "lilt-adapter":
-            widths = ([model.visual.transformer.width] if tower != "text" else []) + (
-                [text_tower(model).transformer.width] if tower != "image" else [])
-            for w in widths:
+            for w in sorted({ln.normalized_shape[0] for ln in _adapter_layernorms(model, tower)}):
                 check_reduction(reduction, w)
-        elif deep_init not in DEEP_INITS:
+            return
+        require_open_clip_tower(model, method, tower, "it appends an open_clip transformer block to the tower; "
+                                "timm and Hugging Face towers take lilt-adapter")
+        if deep_init not in DEEP_INITS:
             raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {deep_init!r}")
     return check
 

@@ -461,9 +461,14 @@ def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size:
         kw["force_image_size"] = image_size
     if cache_dir is not None:
         kw["cache_dir"] = cache_dir
-    # never let open_clip fetch tower weights a config names (timm / Hugging Face towers): those readers are not
-    # leanclip's, and the weights come from `pretrained` below
-    kw.update(pretrained_image=False, pretrained_text=False)
+    # open_clip never fetches tower weights a config merely names (timm / Hugging Face towers): those readers are not
+    # leanclip's, and the weights come from `pretrained` below. A registered config that asks for them explicitly
+    # ("timm_model_pretrained": true / "hf_model_pretrained": true, leanclip.configs.register_unaligned_config(...,
+    # pretrained=True): LilT's separately pretrained towers) gets them from timm / transformers when no joint
+    # weights are given.
+    cfg = open_clip.get_model_config(config_name) if config_name and pretrained is None else None
+    kw.update(pretrained_image=bool(cfg and cfg.get("vision_cfg", {}).get("timm_model_pretrained") is True),
+              pretrained_text=bool(cfg and cfg.get("text_cfg", {}).get("hf_model_pretrained") is True))
     model = create_random_model(model_name, seed, **kw)
     if pretrained is not None:
         load_pretrained(model, pretrained, model_name=config_name, cache_dir=cache_dir,

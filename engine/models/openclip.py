@@ -102,6 +102,69 @@ def tower_blocks(model: nn.Module, tower: str) -> list[nn.Module]:
     return out
 
 
+# --------------------------------------------------------------------------------------------------- custom towers
+# open_clip's custom towers (CustomTextCLIP with vision_cfg.timm_model_name / text_cfg.hf_model_name): a timm image
+# tower (open_clip.timm_model.TimmModel: ``visual.trunk`` + a fresh ``visual.head``) and a Hugging Face text tower
+# (open_clip.hf_model.HFTextEncoder: ``text.transformer`` + a fresh ``text.proj``). Both modules import without timm /
+# transformers installed; only building them needs the packages.
+def timm_image_tower(model: nn.Module) -> nn.Module | None:
+    """``model.visual`` when it is open_clip's ``TimmModel`` (a timm image tower), else None."""
+    from open_clip.timm_model import TimmModel
+
+    v = getattr(model, "visual", None)
+    return v if isinstance(v, TimmModel) else None
+
+
+def hf_text_tower(model: nn.Module) -> nn.Module | None:
+    """``model.text`` when it is open_clip's ``HFTextEncoder`` (a Hugging Face text tower), else None."""
+    from open_clip.hf_model import HFTextEncoder
+
+    t = getattr(model, "text", None)
+    return t if isinstance(t, HFTextEncoder) else None
+
+
+def custom_projection_modules(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
+    """(prefix, module) of the fresh projection of a timm image tower (``visual.head``: its linear / MLP projection;
+    with ``timm_proj="none"`` the trunk's classifier sized to the embedding) or a Hugging Face text tower
+    (``text.proj``), for ``tower`` in image / text / both; empty for other towers."""
+    out = []
+    v = timm_image_tower(model) if tower in ("image", "both") else None
+    if v is not None:
+        head = getattr(v, "head", None)
+        if head is not None and any(True for _ in head.parameters()):
+            out.append(("visual.head.", head))
+        elif hasattr(v.trunk, "get_classifier"):
+            for n, m in v.trunk.named_modules():
+                if m is v.trunk.get_classifier():
+                    out.append((f"visual.trunk.{n}.", m))
+                    break
+    t = hf_text_tower(model) if tower in ("text", "both") else None
+    if t is not None and getattr(t, "proj", None) is not None:
+        out.append(("text.proj.", t.proj))
+    return out
+
+
+def custom_tower_blocks(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
+    """(name, block) of the transformer blocks of a timm image tower (``visual.trunk.blocks``) and / or a Hugging
+    Face text tower (its encoder layer list, from open_clip's ``hf_configs.arch_dict``); empty for other towers."""
+    out = []
+    v = timm_image_tower(model) if tower in ("image", "both") else None
+    if v is not None and isinstance(getattr(v.trunk, "blocks", None), (nn.Sequential, nn.ModuleList)):
+        out += [(f"visual.trunk.blocks.{i}", b) for i, b in enumerate(v.trunk.blocks)]
+    t = hf_text_tower(model) if tower in ("text", "both") else None
+    if t is not None:
+        from open_clip.hf_configs import arch_dict
+
+        names = arch_dict.get(t.config.model_type, {}).get("config_names", {})
+        enc_name = "encoder" if hasattr(t.transformer, "encoder") else None
+        enc = t.transformer.encoder if enc_name else t.transformer
+        layers = getattr(enc, names.get("layer_attr", "layer"), None)
+        if isinstance(layers, (nn.Sequential, nn.ModuleList)):
+            pre = "text.transformer." + (f"{enc_name}." if enc_name else "") + names.get("layer_attr", "layer")
+            out += [(f"{pre}.{i}", b) for i, b in enumerate(layers)]
+    return out
+
+
 def block_supported(blk: nn.Module) -> bool:
     """Whether ``blk`` has the layout the lean block implements: open_clip's default ``ResidualAttentionBlock`` (or
     a lean subclass that marks itself with ``lean_block = True``) with a self-attention ``nn.MultiheadAttention``

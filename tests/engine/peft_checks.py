@@ -1,8 +1,11 @@
 """Checks shared by the tests of the in-layer PEFT methods (houlsby, compacter, lora): each method's test file calls
 them with its name and options, so a new method's tests state only what is particular to it."""
-import torch
+import warnings
 
-from leanclip import lean
+import torch
+import torch.nn.functional as F
+
+from leanclip import lean, methods
 from leanclip.checkpoint import load_trainable, save_trainable
 from leanclip.methods import prepare, trainable_parameters
 
@@ -86,3 +89,20 @@ def assert_classification_trains(fresh_tiny, shapes, tok, method: str, moved_suf
     train(m, shapes["train"], shapes["classnames"], ["a photo of a {}."], tok,
           TrainConfig(epochs=1, batch_size=16, lr=1e-3, warmup_epochs=0))
     assert any(p.abs().sum() > 0 for n, p in trainable_parameters(m) if n.endswith(moved_suffix))
+
+
+def prepare_with_notices(model, method: str, **kw) -> list[str]:
+    """``prepare(model, method, **kw)``; returns the messages of the warnings (notices) it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        methods.prepare(model, method, **kw)
+    return [str(w.message) for w in caught]
+
+
+def clip_loss(model, images, tokens):
+    """Symmetric InfoNCE with the model's own logit_scale, on plain encode_image / encode_text (any towers)."""
+    img = F.normalize(model.encode_image(images), dim=-1)
+    txt = F.normalize(model.encode_text(tokens), dim=-1)
+    logits = model.logit_scale.exp() * img @ txt.t()
+    y = torch.arange(len(images))
+    return F.cross_entropy(logits, y) + F.cross_entropy(logits.t(), y)

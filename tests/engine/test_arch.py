@@ -14,6 +14,7 @@ from torch import nn
 
 from leanclip import lean, methods
 from leanclip.configs import create_random_model, register_tiny_config
+from tests.engine.peft_checks import clip_loss, prepare_with_notices
 
 CLASSNAMES = ["cat", "dog"]
 
@@ -89,21 +90,6 @@ def hf_base(tiny_name):
     return m
 
 
-def _prepare(model, method, **kw):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        methods.prepare(model, method, **kw)
-    return [str(w.message) for w in caught]
-
-
-def _loss(model, images, tokens):
-    img = F.normalize(model.encode_image(images), dim=-1)
-    txt = F.normalize(model.encode_text(tokens), dim=-1)
-    logits = model.logit_scale.exp() * img @ txt.t()
-    y = torch.arange(len(images))
-    return F.cross_entropy(logits, y) + F.cross_entropy(logits.t(), y)
-
-
 def _check_grads(base, prepared, tok):
     """Gradients of the prepared model's trainable parameters equal plain autograd on an unprepared copy in which
     every parameter requires grad; frozen parameters get none."""
@@ -112,10 +98,10 @@ def _check_grads(base, prepared, tok):
     tokens = tok(["a cat", "a dog on grass", "a bird"])
     ref = copy.deepcopy(base).eval()
     ref.requires_grad_(True)
-    _loss(ref, images, tokens).backward()
+    clip_loss(ref, images, tokens).backward()
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     prepared.eval()
-    _loss(prepared, images, tokens).backward()
+    clip_loss(prepared, images, tokens).backward()
     trainable = 0
     for n, p in prepared.named_parameters():
         if p.requires_grad:
@@ -132,7 +118,7 @@ def _check_grads(base, prepared, tok):
 @pytest.mark.parametrize("method", ["ln", "bitfit", "full"])
 def test_modified_resnet_methods(rn_base, tok, method):
     m = copy.deepcopy(rn_base)
-    notes = _prepare(m, method)
+    notes = prepare_with_notices(m, method)
     assert any("lean=False" in s and "open_clip.modified_resnet.ModifiedResNet" in s for s in notes), notes
     assert all(len(s.splitlines()) == 1 for s in notes)
     assert m.leanclip_info["options"]["lean"] is False and not lean.is_lean(m)
@@ -151,10 +137,10 @@ def test_modified_resnet_methods(rn_base, tok, method):
 @pytest.mark.parametrize("method,kw", [("llu", {}), ("adapter", {}), ("linear-probe", {"num_classes": 3}),
                                        ("coop", {"classnames": CLASSNAMES}), ("ln+coop", {"classnames": CLASSNAMES}),
                                        ("lit", {})])
-def test_modified_resnet_other_methods_prepare(rn_base, tok, method, kw):
+def test_modified_resnet_other_methodsprepare_with_notices(rn_base, tok, method, kw):
     m = copy.deepcopy(rn_base)
     extra = {"tokenizer": tok} if "coop" in method else {}
-    _prepare(m, method, **extra, **kw)
+    prepare_with_notices(m, method, **extra, **kw)
     assert m.leanclip_info["method"] == method and methods.count_trainable(m) > 0
 
 
@@ -178,7 +164,7 @@ def test_modified_resnet_undefined_methods_name_the_tower(rn_base, method, kw, m
 
 def test_modified_resnet_lilt_ln_without_projections_on_text(rn_base):
     m = copy.deepcopy(rn_base)
-    _prepare(m, "lilt-ln", tower="text")
+    prepare_with_notices(m, "lilt-ln", tower="text")
     assert all(not n.startswith("visual.") for n, _ in methods.trainable_parameters(m))
 
 
@@ -186,7 +172,7 @@ def test_modified_resnet_lilt_ln_without_projections_on_text(rn_base):
 @pytest.mark.parametrize("method", ["ln", "bitfit", "full"])
 def test_timm_tower_methods(timm_base, tok, method):
     m = copy.deepcopy(timm_base)
-    notes = _prepare(m, method)
+    notes = prepare_with_notices(m, method)
     assert any("lean=False" in s and "TinyTimmModel" in s for s in notes), notes
     names = {n for n, _ in methods.trainable_parameters(m)}
     if method == "ln":
@@ -196,10 +182,10 @@ def test_timm_tower_methods(timm_base, tok, method):
 
 def test_timm_tower_clipfit_and_coop(timm_base, tok):
     m = copy.deepcopy(timm_base)
-    _prepare(m, "clipfit")
+    prepare_with_notices(m, "clipfit")
     names = {n for n, _ in methods.trainable_parameters(m)}
     assert "visual.trunk.norm.bias" in names and "transformer.resblocks.1.mlp.c_proj.bias" in names
-    _prepare(m, "ln+coop", classnames=CLASSNAMES, tokenizer=tok)
+    prepare_with_notices(m, "ln+coop", classnames=CLASSNAMES, tokenizer=tok)
     assert m.prompt_learner.ctx.requires_grad and m.visual.trunk.norm.weight.requires_grad
     assert methods.embed_dim(m) == 64  # from the text projection: TimmModel has no output_dim
     with pytest.raises(ValueError, match="lean=True.*TinyTimmModel"):
@@ -209,7 +195,7 @@ def test_timm_tower_clipfit_and_coop(timm_base, tok):
 # ----------------------------------------------------------------------------------------------------------- HF text
 def test_hf_text_tower(hf_base, tok):
     m = copy.deepcopy(hf_base)
-    notes = _prepare(m, "ln")
+    notes = prepare_with_notices(m, "ln")
     assert any("text tower" in s and "HFTextEncoder" in s for s in notes), notes
     assert "text.ln.weight" in {n for n, _ in methods.trainable_parameters(m)}
     _check_grads(hf_base, m, tok)
@@ -231,6 +217,6 @@ def test_custom_block_type_is_named(tok):
         lean.apply_lean(m)
     assert not any(type(x).__name__.startswith("Lean") for x in m.modules())
     base = copy.deepcopy(m)
-    notes = _prepare(m, "ln")
+    notes = prepare_with_notices(m, "ln")
     assert any("CustomResidualAttentionBlock" in s for s in notes) and not lean.is_lean(m)
     _check_grads(base, m, tok)
