@@ -244,7 +244,10 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
     run = _Run(model, train_set, classnames, templates, cfg, device, precision, params, opt, step_fn,
                micro_per_epoch, math.ceil(micro_per_epoch / cfg.grad_accum), out_dir, rank, world)
     if resume is not None:  # model: prepared the same way from the same weights as the interrupted run
-        run.start_epoch, run.step, run.history = resume_state(model, opt, resume, cfg, run.steps_per_epoch)
+        # every process loads the checkpoint; rank 0 alone cuts the log back to it (the others keep no history)
+        run.start_epoch, run.step, run.history = resume_state(
+            model, opt, resume, cfg if rank == 0 else dataclasses.replace(cfg, output=None), run.steps_per_epoch)
+        D.barrier()
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
         (out_dir / LOG_NAME).unlink()
     run.t_start = time.perf_counter()

@@ -4,6 +4,7 @@ ends at the same trainable weights as one process with the same global batch; a 
 (and a short last batch) included; rank 0 alone writes. Bounded in time; MASTER_PORT is picked free."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,19 +35,13 @@ def _losses(out_dir: Path) -> list[float]:
             if "loss" in json.loads(line)]
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_two_process_classify_matches_one_process(tmp_path, capsys):
-    syn = ["--synthetic-dir", str(tmp_path / "syn")]
-    # one process first (it also builds the synthetic dataset, so the two processes only read it)
-    assert cli.main([*ARGS, *syn, "--output", str(tmp_path / "one")]) == 0
-    capsys.readouterr()
+def _torchrun(args: list) -> dict:
     pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, LEANCLIP_BACKEND="torch", TRITON_INTERPRET="0", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([*pythonpath, str(REPO)]))  # a staged leanclip first, as in this process
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "-m", "leanclip", *ARGS, *syn,
-           "--output", str(tmp_path / "ddp")]
+           "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "-m", "leanclip", *args]
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
@@ -54,17 +49,43 @@ def test_two_process_classify_matches_one_process(tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1 and results[0]["world_size"] == 2  # only rank 0 prints / writes
-    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "ddp")
-    assert len(one) == len(two) == 10  # ceil(32 / 7) = 5 steps per epoch, 2 epochs
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    return results[0]
+
+
+def _same_weights(one: Path, two: Path) -> None:
     from safetensors.torch import load_file  # the same trainable tensors, written once (rank 0)
 
-    a, b = load_file(tmp_path / "one" / "checkpoint.safetensors"), load_file(tmp_path / "ddp" / "checkpoint.safetensors")
+    a, b = load_file(one / "checkpoint.safetensors"), load_file(two / "checkpoint.safetensors")
     assert set(a) == set(b)
     for k in a:
         if not k.startswith("optim"):
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_two_process_classify_matches_one_process(tmp_path, capsys):
+    syn = ["--synthetic-dir", str(tmp_path / "syn")]
+    # one process first (it also builds the synthetic dataset, so the two processes only read it)
+    assert cli.main([*ARGS, *syn, "--output", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    _torchrun([*ARGS, *syn, "--output", str(tmp_path / "ddp")])
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "ddp")
+    assert len(one) == len(two) == 10  # ceil(32 / 7) = 5 steps per epoch, 2 epochs
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
+    assert one[-1] < one[0]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    _same_weights(tmp_path / "one", tmp_path / "ddp")
+
+    # resume: both continue the one-process run's checkpoint for a third epoch; every process loads it
+    for name in ("one_r", "ddp_r"):
+        shutil.copytree(tmp_path / "one", tmp_path / name)
+    assert cli.main([*ARGS, *syn, "--epochs", "3", "--resume", str(tmp_path / "one_r")]) == 0
+    capsys.readouterr()
+    _torchrun([*ARGS, *syn, "--epochs", "3", "--resume", str(tmp_path / "ddp_r")])
+    one, two = _losses(tmp_path / "one_r"), _losses(tmp_path / "ddp_r")
+    assert len(one) == len(two) == 15
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
+    _same_weights(tmp_path / "one_r", tmp_path / "ddp_r")
 
 
 def test_llu_refuses_torchrun(monkeypatch, capsys):
