@@ -99,14 +99,15 @@ class ClassifyStep:
             return torch.stack([ce.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
                                 torch.tensor(float(n), dtype=torch.float64, device=self.device)])
 
-    def finish(self) -> dict[str, torch.Tensor]:
-        """End the step: the extra loss terms on this step's text features (back-propagated), then the text tower's
-        backward. Returns ``{term name: detached value}``."""
+    def finish(self, term_weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """End the step: the extra loss terms on this step's text features (back-propagated scaled by
+        ``term_weight``: ``1/W`` when W processes each compute them and their gradients are summed), then the text
+        tower's backward. Returns ``{term name: detached value}`` (unscaled)."""
         txt, values = self._txt, {}
         for term in self.terms:
             name, value = term(txt)
             if value.requires_grad:
-                value.backward()
+                (value * term_weight if term_weight != 1.0 else value).backward()
             values[name] = value.detach()
         if self._txt_graph is not None and txt.grad is not None:
             self._txt_graph.backward(txt.grad)

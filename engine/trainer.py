@@ -28,6 +28,18 @@ spread it (``leanclip.utils.NonFiniteLossError``, one line): the last checkpoint
 method does not back-propagate through the encoders: ``train`` hands it to
 :func:`leanclip.llu.run_llu` (cached features).
 
+Multi-process (``torchrun``, full-data runs as well as few-shot): ``cfg.batch_size`` is the GLOBAL batch. Every
+process iterates the same seeded epoch loader and keeps its contiguous share of each batch (rank ``r`` of ``W``: rows
+``[r*ceil(b/W), (r+1)*ceil(b/W))``, possibly empty for a short last batch) with the micro weight
+``len(share)/step_batch``; after the step's backward the trainable gradients are summed over the processes (one
+flattened all-reduce), the method's extra loss terms (computed identically everywhere) back-propagate scaled by
+``1/W``, and the step's statistics are summed before its one host sync, so every process applies the update of one
+process with the whole batch (same losses, same weights, up to float summation order) and a non-finite stop is
+collective. Known cost: each process loads and augments the WHOLE global batch and keeps its share (the loader stays a
+function of ``(seed, epoch)`` only); the text tower also runs on every process. Rank 0 alone writes the log, the
+checkpoints and the summary (the others wait at a barrier after each checkpoint); ``resume=`` is read by every
+process. The LLU trainer (cached features) is single-process.
+
 Outputs under ``cfg.output`` (when set): ``log.jsonl`` (one line per logged step, flushed), ``checkpoint.safetensors``
 (trainable-only, atomically replaced each epoch), ``summary.json``; temp files of a write killed in an earlier
 run there are removed at the start.
@@ -45,6 +57,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from leanclip import distributed as D
 from leanclip import features as feats
 from leanclip import utils
 from leanclip.feature_cache import cached_batches
@@ -144,6 +157,9 @@ def train(
     elif cfg.method != info["method"]:
         raise ValueError(f"cfg.method={cfg.method!r} but the model was prepared with {info['method']!r}")
     if method_trainer(cfg.method) == "cached":
+        if D.get_world_size() > 1:
+            raise ValueError(f"method {cfg.method!r} trains on cached features in one process: run it without "
+                             f"torchrun (world size {D.get_world_size()})")
         return run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=eval_sets, resume=resume)
     if len(train_set) == 0:
         raise ValueError("train_set is empty")
@@ -157,16 +173,19 @@ def train(
             utils.get_logger().info("epoch %d eval: %s", epoch + 1, metrics)
             if run.out_dir is not None:
                 utils.append_jsonl(run.out_dir / LOG_NAME, {"step": run.step, "epoch": epoch + 1, "eval": metrics})
-        if run.out_dir is not None:  # after any evaluation, so the saved RNG state is the one epoch+1 starts from
+        if cfg.output:  # after any evaluation, so the saved RNG state is the one epoch+1 starts from
+            # every process checks (the weights are the same everywhere: a stop is collective); rank 0 writes
             utils.check_finite_params(run.params, step=run.step, epoch=epoch + 1, checkpoint=run.checkpoint,
                                       lr=lr_at(max(run.step - 1, 0), cfg, run.steps_per_epoch))
-            save_state(model, run.opt, run.checkpoint, cfg, epoch + 1, run.step, run.steps_per_epoch, run.classnames,
-                       run.templates)
+            if run.out_dir is not None:
+                save_state(model, run.opt, run.checkpoint, cfg, epoch + 1, run.step, run.steps_per_epoch,
+                           run.classnames, run.templates)
+            D.barrier()
         if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch and not last:
             return run_summary(cfg, run.history, {}, run.out_dir, time.perf_counter() - run.t_start, run.images_seen,
                                run.device, run.precision, stopped_at=epoch + 1)
     metrics = {}
-    if eval_sets:
+    if eval_sets and run.rank == 0:  # the final evaluation: rank 0 alone (the others' summaries have no metrics)
         metrics = _evaluate_sets(model, eval_sets, run.classnames, run.templates, tokenizer, cfg, run.device,
                                  run.precision)
         utils.get_logger().info("final eval: %s", metrics)
@@ -189,7 +208,9 @@ class _Run:
     step_fn: ClassifyStep
     micro_per_epoch: int
     steps_per_epoch: int
-    out_dir: Path | None
+    out_dir: Path | None              # where this process writes: None on ranks other than 0
+    rank: int = 0
+    world: int = 1
     start_epoch: int = 0
     step: int = 0
     history: list = field(default_factory=list)
@@ -198,14 +219,15 @@ class _Run:
 
     @property
     def checkpoint(self) -> Path | None:
-        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+        return Path(self.cfg.output) / CHECKPOINT_NAME if self.cfg.output else None
 
 
 def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainConfig, resume) -> _Run:
     """Seed, optimizer, the step, and the state of an interrupted run when resuming."""
     device = utils.resolve_device(cfg.device)
     precision = utils.resolve_precision(cfg.precision, device)
-    out_dir = Path(cfg.output) if cfg.output else None
+    rank, world = D.get_rank(), D.get_world_size()
+    out_dir = Path(cfg.output) if cfg.output and rank == 0 else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         utils.remove_stale_temps(out_dir)
@@ -220,9 +242,12 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
     # the step's extra loss terms start from the weights the run starts from, so BEFORE a resume loads any
     step_fn = ClassifyStep(model, classnames, templates, tokenizer, cfg=cfg, device=device, precision=precision)
     run = _Run(model, train_set, classnames, templates, cfg, device, precision, params, opt, step_fn,
-               micro_per_epoch, math.ceil(micro_per_epoch / cfg.grad_accum), out_dir)
+               micro_per_epoch, math.ceil(micro_per_epoch / cfg.grad_accum), out_dir, rank, world)
     if resume is not None:  # model: prepared the same way from the same weights as the interrupted run
-        run.start_epoch, run.step, run.history = resume_state(model, opt, resume, cfg, run.steps_per_epoch)
+        # every process loads the checkpoint; rank 0 alone cuts the log back to it (the others keep no history)
+        run.start_epoch, run.step, run.history = resume_state(
+            model, opt, resume, cfg if rank == 0 else dataclasses.replace(cfg, output=None), run.steps_per_epoch)
+        D.barrier()
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
         (out_dir / LOG_NAME).unlink()
     run.t_start = time.perf_counter()
@@ -245,7 +270,12 @@ def _train_epoch(run: _Run, epoch: int) -> None:
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE * n, correct, n
             t_step = time.perf_counter()
             run.step_fn.begin()
-        sums += run.step_fn.micro(images, labels, weight=len(labels) / group_n)
+        if run.world > 1:  # this process's contiguous share of the global batch (possibly empty: no micro)
+            share = -(-len(labels) // run.world)
+            lo, hi = min(run.rank * share, len(labels)), min((run.rank + 1) * share, len(labels))
+            images, labels = images[lo:hi], labels[lo:hi]
+        if len(labels):
+            sums += run.step_fn.micro(images, labels, weight=len(labels) / group_n)
         if i + 1 == last_mb:
             rec = _finish_step(run, epoch, sums, t_step)
             if run.out_dir is not None and (run.step % cfg.log_every == 0 or i == run.micro_per_epoch - 1):
@@ -262,7 +292,9 @@ def _train_epoch(run: _Run, epoch: int) -> None:
 def _finish_step(run: _Run, epoch: int, sums: torch.Tensor, t_step: float) -> dict:
     """End an optimizer step: extra loss terms and the text tower's backward, the finiteness check (the step's only
     host sync, BEFORE the update: a non-finite step never reaches the weights), the update; returns its log record."""
-    terms = run.step_fn.finish()
+    terms = run.step_fn.finish(term_weight=1.0 / run.world)
+    if run.world > 1:
+        _all_reduce_grads(run.params, sums)
     lr = lr_at(run.step, run.cfg, run.steps_per_epoch)
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -287,6 +319,32 @@ def _finish_step(run: _Run, epoch: int, sums: torch.Tensor, t_step: float) -> di
     run.history.append(rec)
     run.images_seen += int(n)
     return rec
+
+
+def _all_reduce_grads(params: list, sums: torch.Tensor) -> None:
+    """Sum the gradients of ``params`` and the step's statistics ``sums`` (in place) over the processes: the
+    gradients as one flattened buffer; the statistics and which parameters have a gradient in float64. A parameter
+    no process has a gradient for keeps ``grad=None`` (as in one process, so the optimizer skips it: no weight decay
+    on it either)."""
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    has = torch.tensor([float(p.grad is not None) for p in params], dtype=torch.float64, device=sums.device)
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
+                      for p in params])
+    torch.distributed.all_reduce(flat)
+    both = torch.cat([sums, has])  # float64: exact counts, CE sums in double
+    torch.distributed.all_reduce(both)
+    sums.copy_(both[:sums.numel()])
+    present = both[sums.numel():] > 0
+    off = 0
+    for p, keep in zip(params, present.tolist()):
+        n = p.numel()
+        if keep:
+            g = flat[off:off + n].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+        off += n
 
 
 # -------------------------------------------------------------------------------------------------------- evaluation

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from leanclip import data as D
+from leanclip import distributed as dist
 from leanclip import pretrain, synthetic, utils
 from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
@@ -186,19 +187,39 @@ def cmd_train(args) -> int:
     if getattr(args, "task", "classify") != "classify":
         return contrastive_cli.cmd_train_contrastive(args)
     contrastive_cli.reject_contrastive_flags(args)
+    from leanclip.methods import method_trainer, parse_method
+
+    setup_device(args)  # --threads, and LEANCLIP_BACKEND checked against --device
+    parts = parse_method(args.method)
+    method = "+".join(parts)
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > 1 and method_trainer(method) == "cached":
+        raise UsageError(f"--method {method} trains on cached features in one process: run it without torchrun "
+                         f"(WORLD_SIZE={world})")
+    info = dist.init_distributed(args.device)  # world size 1 (a no-op) outside torchrun
+    try:
+        return _train_classify(args, info, parts, method)
+    finally:
+        dist.cleanup(info)
+
+
+def _train_classify(args, info, parts, method) -> int:
+    """The classification run of ``leanclip train`` in this process (``info``: its place among torchrun's)."""
     from leanclip.methods import (
-        is_closed_set, method_options, method_template_set, method_train_defaults, method_trainer, parse_method,
-        prepare,
+        is_closed_set, method_options, method_template_set, method_train_defaults, method_trainer, prepare,
     )
     from leanclip.trainer import TrainConfig, train
 
-    device = setup_device(args)
-    parts = parse_method(args.method)
-    method = "+".join(parts)
+    device = info.device
     defaults = {**BASE_DEFAULTS, **method_train_defaults(method), **preset_defaults(args.preset, args)}
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
     method_opts = method_opts_from_flags(parts, args.opt)
-    run_folder(args, os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}"))
+    default_out = os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}")
+    if info.is_main:
+        run_folder(args, default_out)
+    elif args.output is None:  # rank 0 checked the folder (and alone writes there); the others only need its name
+        resume = Path(args.resume) if args.resume is not None else None
+        args.output = default_out if resume is None else str(resume if resume.is_dir() else resume.parent)
     _check_resume(args.resume, method)
     init_from = _init_from(args.init_from)
     if args.templates is not None:
@@ -213,7 +234,8 @@ def cmd_train(args) -> int:
             classnames=data["classnames"], tokenizer=tok, model_name=args.model, init_from=init_from,
             frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
             **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
-    data["record_selection"]()  # every input was checked: a rejected command leaves no few-shot file behind
+    if info.is_main:
+        data["record_selection"]()  # every input was checked: a rejected command leaves no few-shot file behind
     cfg = TrainConfig(
         method=method, epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
         optimizer=pick("optimizer"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),
@@ -229,8 +251,9 @@ def cmd_train(args) -> int:
         eval_sets["new"] = data["new"]
     if args.warmup_epochs is not None:
         _warmup_notice(cfg)
-    if args.overwrite:  # only now that every input was checked: a rejected command keeps the old run
+    if args.overwrite and info.is_main:  # only now that every input was checked: a rejected command keeps the old run
         clear_run(args.output)
+    dist.barrier()
     summary = train(model, data["train"], data["classnames"], templates, tok, cfg, eval_sets=eval_sets,
                     resume=args.resume)
     result = {
@@ -242,7 +265,10 @@ def cmd_train(args) -> int:
         "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
         "checkpoint": summary.get("checkpoint"), "output": args.output,
     }
-    emit(result, args, "result.json")
+    if info.world_size > 1:
+        result["world_size"] = info.world_size
+    if info.is_main:
+        emit(result, args, "result.json")
     return 0
 
 
