@@ -23,6 +23,7 @@ What is measured, for every parameter both sides hold (``delta = after - before`
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -210,8 +211,6 @@ def analyze_params(before: dict[str, torch.Tensor], after: dict[str, torch.Tenso
 
 # ---------------------------------------------------------------------------------------------------- runs
 def _json(meta: dict, key: str, default=None):
-    import json
-
     try:
         v = json.loads(meta.get(key) or "null")
     except ValueError:

@@ -31,6 +31,7 @@ import torch
 
 from leanclip import utils
 from leanclip.registry import method_hooks
+from leanclip.training import eval_loader
 
 ENV_VAR = "LEANCLIP_FEATURE_CACHE"
 EVENTS_NAME = "events.jsonl"
@@ -222,8 +223,6 @@ def encoder_pass(model, dataset, batch_size: int, *, device, precision: str, num
                  progress: bool = False, encode: Callable = _encode, post: Callable | None = None):
     """One pass of the image tower over ``dataset`` in order (eval mode, no grad): ``encode(model, images)`` per
     batch under autocast, then ``post`` (outside autocast) -> ``(features (N, E) on CPU, labels (N,) int64)``."""
-    from leanclip.training import eval_loader
-
     was = model.training
     model.eval()
     feats, labels = [], []

@@ -61,18 +61,8 @@ from leanclip.models.openclip import (
 )
 from leanclip.registry import MethodTraits, register_method
 from leanclip.select import (
-    BIAS_RE,
-    TOWERS,
-    check_coverage,
-    check_tower,
-    layernorm_names,
-    names_matching,
-    require_open_clip_tower,
-    tower_class,
-    tower_of,
-    unlock,
-    unlock_layernorms,
-    unlock_names,
+    BIAS_RE, TOWERS, check_coverage, check_tower, layernorm_names, names_matching, require_open_clip_tower, tower_class,
+    tower_of, unlock, unlock_layernorms, unlock_names,
 )
 
 __all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "deep_blocks", "unlock_projections",

@@ -40,8 +40,7 @@ from leanclip.feature_cache import (  # noqa: F401  (the per-run cache, re-expor
 )
 from leanclip.metrics import AccuracyMeter
 from leanclip.training import (
-    CHECKPOINT_NAME, LOG_NAME, build_optimizer, lr_at, model_device, resume_state, run_summary, save_state,
-    set_lr,
+    CHECKPOINT_NAME, LOG_NAME, build_optimizer, lr_at, model_device, resume_state, run_summary, save_state, set_lr,
 )
 
 __all__ = [

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from leanclip import utils
 from leanclip.cli.common import UsageError
+from leanclip.metrics import harmonic_mean
+from leanclip.sweep import ZEROSHOT, cell_metrics, cells_of, load_manifest, spec_from_manifest
 
 DASH = "—"
 
@@ -49,8 +51,6 @@ def fmt(st: dict | None) -> str:
 
 
 def _h(b: float, n: float) -> float:
-    from leanclip.metrics import harmonic_mean
-
     return harmonic_mean(b, n)
 
 
@@ -64,8 +64,6 @@ def per_seed_average(groups: list[dict], seeds: list) -> dict | None:
 # ------------------------------------------------------------------------------------------------------- collection
 def collect(sweep: Path) -> dict:
     """``{protocol: {"spec", "values": {(dataset, method, shots): {seed: metrics}}, "missing": [...]}}``."""
-    from leanclip.sweep import ZEROSHOT, cell_metrics, cells_of, load_manifest, spec_from_manifest
-
     if not (sweep / "sweep.json").is_file():
         raise UsageError(f"{str(sweep)!r} holds no sweep.json (make one with leanclip sweep)")
     manifest = load_manifest(sweep)
@@ -89,8 +87,6 @@ def collect(sweep: Path) -> dict:
 
 
 def _seeds(spec, method: str) -> list:
-    from leanclip.sweep import ZEROSHOT
-
     return [0] if method == ZEROSHOT else list(spec.seeds)
 
 

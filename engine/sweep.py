@@ -22,16 +22,32 @@ Every argument is checked before anything is written (one line, exit 2). Exit 0 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import os
 import shlex
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from leanclip import utils
-from leanclip.cli.common import UsageError
+from leanclip.cli import build_parser, main
+from leanclip.cli.common import (
+    DEFAULT_MODEL, RUN_FILES, SEED_MAX, UsageError, check_numbers, check_output, method_opts_from_flags,
+)
+from leanclip.data import DATASET_INFO, find_split_file
+from leanclip.feature_cache import ENV_VAR, count_events
+from leanclip.metrics import harmonic_mean
+from leanclip.registry import method_options
+from leanclip.templates import canonical_dataset_name
+from leanclip.training import CHECKPOINT_NAME
+from leanclip.weights import recordable_source, resolve_pretrained
 
 PROG = "leanclip"
 PROTOCOLS = ("fewshot", "base2new", "xd", "dg")
@@ -79,8 +95,6 @@ def _names(text: str) -> list[str]:
 
 def _subparser(kind: str) -> argparse.ArgumentParser:
     """A fresh ``leanclip <kind>`` parser."""
-    from leanclip.cli import build_parser
-
     sub = next(a for a in build_parser(kind)._actions if isinstance(a, argparse._SubParsersAction))
     return sub.choices[kind]
 
@@ -104,14 +118,10 @@ def _subcommand_dests(kind: str) -> frozenset:
 
 @functools.lru_cache(maxsize=None)
 def _parser(kind: str) -> argparse.ArgumentParser:
-    from leanclip.cli import build_parser
-
     return build_parser(kind)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from leanclip.cli.common import SEED_MAX
-
     p.description = ("Run a protocol grid as resumable cells (one run directory each) and record it in "
                      "SWEEP/sweep.json; `leanclip report SWEEP` prints its tables.")
     g = p.add_argument_group("grid")
@@ -202,8 +212,6 @@ def cells_of(spec: Spec) -> list[Cell]:
 # ------------------------------------------------------------------------------------------------------- validation
 def build_spec(args) -> Spec:
     """Check every argument (no write, no model built) and return the request."""
-    from leanclip.cli.common import check_output
-
     data = os.path.abspath(os.path.expanduser(args.data)) if args.data else None
     if data is not None and not os.path.isdir(data):
         raise UsageError(f"--data {args.data!r} is not a directory")
@@ -259,9 +267,6 @@ def _check_methods(methods: list[str], protocol: str) -> list[str]:
 
 def _dataset_names(names: list[str], data: str | None, flag: str) -> list[str]:
     """Named sets expanded, spellings made canonical, each dataset found under ``data`` (split file or folder)."""
-    from leanclip.data import DATASET_INFO, find_split_file
-    from leanclip.templates import canonical_dataset_name
-
     out = []
     for name in [n for given in names for n in DATASET_SETS.get(given.lower(), [given])]:
         try:
@@ -291,8 +296,6 @@ def _dataset_names(names: list[str], data: str | None, flag: str) -> list[str]:
 def _check_xd_source(spec: Spec) -> None:
     """``leanclip eval`` evaluates a checkpoint on another dataset only when the source was read from folders
     (ImageNet layout): a split-file source records its split's hash, and eval then refuses other splits."""
-    from leanclip.data import DATASET_INFO
-
     info = DATASET_INFO.get(spec.source)
     if info is None or info.split_name is not None:
         raise UsageError(f"--source {spec.source}: the {spec.protocol} protocol trains on a folder-layout dataset "
@@ -302,9 +305,6 @@ def _check_xd_source(spec: Spec) -> None:
 def _check_weights(pretrained: str, model: str | None) -> str:
     """``--pretrained`` resolved once here (a tag or hub id is fetched before the cells start), recorded in the form
     that resolves the same from any folder (absolute path for a file)."""
-    from leanclip.cli.common import DEFAULT_MODEL
-    from leanclip.weights import recordable_source, resolve_pretrained
-
     model = model or DEFAULT_MODEL
     try:
         resolve_pretrained(pretrained, model)
@@ -316,9 +316,6 @@ def _check_weights(pretrained: str, model: str | None) -> str:
 def _method_opts(methods: list[str], pairs) -> dict:
     """``--opt [METHOD:]KEY=VALUE`` -> ``{method: ["KEY=VALUE", ...]}``, each checked against what the method
     declares; an unscoped KEY goes to every method that declares it (at least one must)."""
-    from leanclip.cli.common import method_opts_from_flags
-    from leanclip.registry import method_options
-
     out: dict[str, list[str]] = {m: [] for m in methods if m != ZEROSHOT}
     for pair in pairs or []:
         scope, sep, rest = pair.partition(":")
@@ -350,8 +347,6 @@ def _check_workers(args) -> None:
         raise UsageError("--devices needs cells in their own processes (--workers >= 1)")
     if args.workers > len(args.devices):
         raise UsageError(f"--workers {args.workers} > {len(args.devices)} --devices: one device per worker")
-    import torch
-
     visible = torch.cuda.device_count()
     if max(args.devices) >= visible:
         raise UsageError(f"--devices {','.join(map(str, args.devices))}: {visible} CUDA device(s) visible")
@@ -359,8 +354,6 @@ def _check_workers(args) -> None:
 
 def _check_argv(argv: list[str]) -> None:
     """``argv`` parses as a ``leanclip`` command with in-range numbers (what the cell will check first)."""
-    from leanclip.cli.common import check_numbers
-
     try:
         args = _parser(argv[0]).parse_args(argv)
     except SystemExit:  # pragma: no cover - the parser raises UsageError; --help never appears in a cell
@@ -429,8 +422,6 @@ def steps_of(cell: Cell, spec: Spec) -> list[Step]:
 
 def read_result(step: Step) -> dict | None:
     """The step's result JSON when it finished (parsed), else None."""
-    import json
-
     try:
         with open(step.result, encoding="utf-8") as f:
             res = json.load(f)
@@ -442,9 +433,6 @@ def read_result(step: Step) -> dict | None:
 def resume_words(step: Step) -> list[str]:
     """What a train step needs to continue an interrupted run in its folder: ``--resume`` from its checkpoint, or
     ``--overwrite`` when it stopped before the first one (the folder holds only a log)."""
-    from leanclip.cli.common import RUN_FILES
-    from leanclip.training import CHECKPOINT_NAME
-
     if step.kind != "train":
         return []
     if (step.out / CHECKPOINT_NAME).is_file():
@@ -455,8 +443,6 @@ def resume_words(step: Step) -> list[str]:
 def cell_metrics(cell: Cell, spec: Spec) -> dict | None:
     """Top-1 accuracies (%) of a finished cell: ``{"acc"}`` (fewshot), ``{"base", "new", "H"}`` (base2new), ``{dataset:
     acc}`` for the source and every target (xd, dg); None while a step has no result."""
-    from leanclip.metrics import harmonic_mean
-
     results = [(s, read_result(s)) for s in steps_of(cell, spec)]
     if any(r is None for _, r in results):
         return None
@@ -477,8 +463,6 @@ def cell_metrics(cell: Cell, spec: Spec) -> dict | None:
 
 # --------------------------------------------------------------------------------------------------------- manifest
 def load_manifest(output: Path) -> dict:
-    import json
-
     path = output / MANIFEST
     if not path.is_file():
         return {"version": 1, "protocols": {}, "cells": {}}
@@ -536,8 +520,6 @@ def reconcile(manifest: dict, whole: Spec, retry_failed: bool) -> None:
 
 
 def write_manifest(manifest: dict, output: Path) -> None:
-    from leanclip.feature_cache import count_events
-
     if (output / FEATURES).is_dir():
         manifest["feature_cache"] = {"dir": FEATURES, **count_events(output / FEATURES)}
     utils.atomic_write_json(output / MANIFEST, manifest)
@@ -584,8 +566,6 @@ class Runner:
     """Runs one ``leanclip`` command: in this process (``workers == 0``) or as a child process on ``device``."""
 
     def __init__(self, spec: Spec, in_process: bool, lock_fd: int | None):
-        from leanclip.feature_cache import ENV_VAR
-
         self.env = {ENV_VAR: str(spec.output / FEATURES) if spec.features else ""}
         self.in_process, self.lock_fd = in_process, lock_fd
         self.children: set = set()
@@ -599,10 +579,7 @@ class Runner:
             return self._in_process(argv, f) if self.in_process else self._child(argv, f, device)
 
     def _in_process(self, argv, f) -> int:
-        import contextlib
         import traceback
-
-        from leanclip.cli import main
 
         saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
@@ -619,8 +596,6 @@ class Runner:
                 os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
     def _child(self, argv, f, device) -> int:
-        import subprocess
-
         env = {**os.environ, **self.env, **({"CUDA_VISIBLE_DEVICES": str(device)} if device is not None else {})}
         proc = subprocess.Popen([sys.executable, "-m", "leanclip", *argv], stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, pass_fds=(self.lock_fd,) if self.lock_fd else ())
@@ -653,8 +628,6 @@ def run_cell(cell: Cell, spec: Spec, runner: Runner, device: int | None) -> str 
 
 def plan_line(cell: Cell, spec: Spec) -> str:
     """One shell line that makes ``cell`` (its pending steps joined with ``&&``)."""
-    from leanclip.feature_cache import ENV_VAR
-
     env = f"{ENV_VAR}={shlex.quote(str(spec.output / FEATURES)) if spec.features else ''} "
     return " && ".join(env + shlex.join([PROG, *s.argv, *resume_words(s)])
                        for s in steps_of(cell, spec) if read_result(s) is None)
@@ -693,8 +666,6 @@ def _run_cells(todo: list[Cell], spec: Spec, manifest: dict, args, lock_fd: int)
     import queue
     import signal
     import threading
-    from concurrent.futures import ThreadPoolExecutor
-
     runner = Runner(spec, args.workers == 0, lock_fd)
     guard = threading.Lock()
     devices = queue.Queue()

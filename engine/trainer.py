@@ -65,8 +65,10 @@ from leanclip.llu import run_llu
 from leanclip.metrics import AccuracyMeter, harmonic_mean
 from leanclip.registry import method_hooks, method_trainer
 from leanclip.step import ClassifyStep
-from leanclip.training import (CHECKPOINT_NAME, LOG_NAME, build_optimizer, epoch_loader, eval_loader, lr_at,
-                               model_device, resume_state, run_summary, save_state, trainable_params)
+from leanclip.training import (
+    CHECKPOINT_NAME, LOG_NAME, build_optimizer, epoch_loader, eval_loader, lr_at, model_device, resume_state,
+    run_summary, save_state, trainable_params,
+)
 
 __all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
 
