@@ -107,7 +107,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="auto = cuda when a GPU is visible; cuda without a GPU is an error")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    g.add_argument("--batch-size", type=int, default=None, help="images per step (default 32; llu 256)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step, the global batch under torchrun (default 32; llu 256)")
     g.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")
     g.add_argument("--output", metavar="DIR", default=None, help="run directory (log, checkpoint, result JSON)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
