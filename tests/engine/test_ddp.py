@@ -2,9 +2,6 @@
 same loss trajectory as one process with the same global batch, across an epoch boundary (DistributedSampler +
 set_epoch), with rank-0-only logging / checkpointing. Bounded in time; MASTER_PORT is picked free."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +9,7 @@ import torch
 
 from leanclip import cli, kernels
 from leanclip.distributed import all_gather_with_grad, find_free_port, is_distributed
+from tests.engine.cli_checks import torchrun_two
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 240
@@ -33,19 +31,7 @@ def _losses(out_dir: Path) -> list[float]:
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_process_gloo_matches_one_process(tmp_path, capsys):
     # 2 processes x 8 pairs (torchrun, gloo on CPU, global-batch negatives via the all-gather with gradient) ...
-    env = dict(os.environ, LEANCLIP_BACKEND="torch", TRITON_INTERPRET="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "-m", "leanclip", *ARGS,
-           "--device", "cpu", "--output", str(tmp_path / "ddp")]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s: {(e.stderr or '')[-2000:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 1 and results[0]["world_size"] == 2  # only rank 0 prints / writes
+    torchrun_two([*ARGS, "--device", "cpu", "--output", tmp_path / "ddp"], TIMEOUT_S)
     # ... vs one process x 16 pairs, in this process
     assert cli.main([*ARGS, "--output", str(tmp_path / "one")]) == 0
     capsys.readouterr()

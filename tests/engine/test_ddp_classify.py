@@ -3,17 +3,14 @@
 ends at the same trainable weights as one process with the same global batch; a batch size that does not split evenly
 (and a short last batch) included; rank 0 alone writes. Bounded in time; MASTER_PORT is picked free."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from leanclip import cli, kernels
-from leanclip.distributed import find_free_port
+from tests.engine.cli_checks import torchrun_two
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 300
@@ -36,20 +33,7 @@ def _losses(out_dir: Path) -> list[float]:
 
 
 def _torchrun(args: list) -> dict:
-    pythonpath = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, LEANCLIP_BACKEND="torch", TRITON_INTERPRET="0", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([*pythonpath, str(REPO)]))  # a staged leanclip first, as in this process
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={find_free_port()}", "-m", "leanclip", *args]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S} s: {(e.stderr or '')[-2000:]}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 1 and results[0]["world_size"] == 2  # only rank 0 prints / writes
-    return results[0]
+    return torchrun_two(args, TIMEOUT_S)
 
 
 def _same_weights(one: Path, two: Path) -> None:
