@@ -34,13 +34,13 @@ from leanclip import data as D
 from leanclip import utils
 from leanclip.cli.common import (
     DEFAULT_MODEL, UsageError, check_output, checkpoint_classnames, emit, eval_model, read_checkpoint_meta,
-    setup_device,
+    setup_device, template_override,
 )
 from leanclip.templates import get_templates
 from leanclip.training import eval_loader, model_device
 
 __all__ = ["Episode", "sample_episodes", "eligible_classes", "prototype_logits", "mean_ci95", "episode_accuracies",
-           "split_features", "add_model_arguments", "add_run_arguments", "check_model_arguments", "template_override",
+           "split_features", "add_model_arguments", "add_run_arguments", "check_model_arguments",
            "add_arguments", "run"]
 
 Z95 = 1.96  # two-sided 95% quantile of the normal distribution
@@ -196,10 +196,6 @@ def check_model_arguments(args) -> None:
         from leanclip.templates import get_templates
 
         get_templates(None, template_override(args))
-
-
-def template_override(args):
-    return args.templates[0] if args.templates and len(args.templates) == 1 else args.templates
 
 
 def add_arguments(p) -> None:

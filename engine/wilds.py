@@ -38,11 +38,10 @@ import torch
 from leanclip import data as D
 from leanclip.cli.common import (
     UsageError, check_output, checkpoint_classnames, emit, eval_model, read_checkpoint_meta, setup_device,
+    template_override,
 )
 from leanclip.data import ImageRoot, Sample, write_split_json
-from leanclip.episodes import (
-    add_model_arguments, add_run_arguments, check_model_arguments, split_features, template_override,
-)
+from leanclip.episodes import add_model_arguments, add_run_arguments, check_model_arguments, split_features
 from leanclip.templates import get_templates
 
 __all__ = ["WILDS_SPLITS", "FMOW_CATEGORIES", "WildsData", "load_wilds", "read_fmow", "read_camelyon17",

@@ -19,7 +19,7 @@ from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
     DEFAULT_MODEL, PROG, UsageError, build_model, clear_run, data_record, emit, method_opts_from_flags,
     prepare_from_checkpoint, pretrain_synthetic, read_checkpoint_meta, restore_data, restore_inputs, run_folder,
-    setup_device, weights_record,
+    setup_device, template_override, weights_record,
 )
 from leanclip.configs import create_random_model, register_tiny_config
 from leanclip.data import BadImageError, check_images
@@ -175,11 +175,8 @@ def _split_name(path: str) -> str | None:
 
 def _templates(args, dataset, template_set: str | None = None):
     """``--templates``, else the dataset's template of ``--template-set`` (else ``template_set``, else CoOp's)."""
-    override = args.templates
-    if override is not None and len(override) == 1:
-        override = override[0]
     chosen = getattr(args, "template_set", None) or template_set or "coop"
-    return get_templates(dataset, override, template_set=chosen)
+    return get_templates(dataset, template_override(args), template_set=chosen)
 
 
 # ---------------------------------------------------------------------------------------------------------- commands

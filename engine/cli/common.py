@@ -367,6 +367,11 @@ def data_record(args, dataset: str) -> dict:
 DATA_DEFAULTS = {"shots": 16, "seed": 1, "subsample": "all", "synthetic_classes": 10}
 
 
+def template_override(args):
+    """``--templates``: one template (or a named set) as a string, several as a list, or None."""
+    return args.templates[0] if args.templates and len(args.templates) == 1 else args.templates
+
+
 def restore_data(args, recorded: dict | None) -> bool:
     """Fill ``eval``'s unset data flags from the checkpoint; a real dataset must be named on the command line, and
     when it is the dataset the run was trained on, its split file must be the one the run used. Returns whether the
