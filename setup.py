@@ -10,8 +10,17 @@ import os
 from setuptools import find_packages, setup
 
 VERSION = "0.1.0"
-PACKAGE_DIRS = {"engine": "leanclip", "kernels": "leanclip.kernels", "bench": "leanclip.bench"}  # folder -> package
+# folder -> package. kernels/ itself carries no __init__.py: its sources sit one level down in kernels/src, so Python
+# started from the repository root never finds a regular package named `kernels` there and imports Hugging Face's
+# `kernels` distribution (transformers >= 5.25 requires it) instead.
+PACKAGE_DIRS = {"engine": "leanclip", "kernels/src": "leanclip.kernels", "bench": "leanclip.bench"}
 PACKAGE_DIRS_BY_PACKAGE = {package: folder for folder, package in PACKAGE_DIRS.items()}
+
+
+def packages() -> list[str]:
+    """Every package under each mapped folder, named in the leanclip namespace."""
+    return [package + ("." + sub if sub else "") for folder, package in PACKAGE_DIRS.items()
+            for sub in [""] + find_packages(where=folder)]
 
 
 def cuda_extensions():
@@ -76,10 +85,9 @@ setup(
     name="leanclip",
     version=VERSION,
     description="Fused-kernel, memory-lean parameter-efficient fine-tuning for open_clip models",
-    # One import namespace, `leanclip`, over the repository's folders: engine/ is the package itself, kernels/ and
+    # One import namespace, `leanclip`, over the repository's folders: engine/ is the package itself, kernels/src and
     # bench/ its subpackages (top-level `kernels` is Hugging Face's kernel hub and `engine` a common module name).
-    packages=[name.replace(folder, package, 1) for folder, package in PACKAGE_DIRS.items()
-              for name in find_packages(include=[folder, folder + ".*"])],
+    packages=packages(),
     package_dir=PACKAGE_DIRS_BY_PACKAGE,
     python_requires=">=3.10",
     install_requires=[

@@ -33,7 +33,7 @@ def _ext_module():
 
         return _cuda_ext
     except ImportError:
-        spec = importlib.util.spec_from_file_location("leanclip_cuda_ext_standalone", REPO / "kernels" / "_cuda_ext.py")
+        spec = importlib.util.spec_from_file_location("leanclip_cuda_ext_standalone", REPO / "kernels" / "src" / "_cuda_ext.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
@@ -128,7 +128,7 @@ def test_jit_build():
         pytest.skip("ninja is not installed")
     script = textwrap.dedent(f"""
         import importlib.util, sys
-        spec = importlib.util.spec_from_file_location("cuda_ext", {str(REPO / "kernels" / "_cuda_ext.py")!r})
+        spec = importlib.util.spec_from_file_location("cuda_ext", {str(REPO / "kernels" / "src" / "_cuda_ext.py")!r})
         ext = importlib.util.module_from_spec(spec); spec.loader.exec_module(ext)
         try:
             mod = ext.build_jit(verbose=False)
@@ -157,7 +157,7 @@ def test_load_never_compiles_implicitly(tmp_path):
     """Without LEANCLIP_CUDA_JIT (and, for =1, without a GPU) load() builds nothing."""
     script = textwrap.dedent(f"""
         import importlib.util, os
-        spec = importlib.util.spec_from_file_location("cuda_ext", {str(REPO / "kernels" / "_cuda_ext.py")!r})
+        spec = importlib.util.spec_from_file_location("cuda_ext", {str(REPO / "kernels" / "src" / "_cuda_ext.py")!r})
         ext = importlib.util.module_from_spec(spec); spec.loader.exec_module(ext)
         m = ext.load()
         import torch

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 JIT_NAME = "leanclip_cuda_jit"
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"  # kernels/src/_cuda_ext.py -> the checkout's csrc/
 DEFAULT_ARCHS = "8.0;9.0"
 CUDA_FLAGS = ["-O3", "-lineinfo"]  # torch adds the C++ standard it needs (C++20 for torch 2.14)
 CXX_FLAGS = ["-O3"]
