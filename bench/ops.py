@@ -3,7 +3,7 @@
     python -m leanclip.bench.ops                      # CUDA: full CLIP shapes; CPU: references only, small shapes
     python -m leanclip.bench.ops --output bench/results --quick
 
-Floors (MEASURING.md): layer_norm fwd+bwd moves ~5*M*N*elem bytes -> GB/s vs a measured device copy;
+Floors (docs/MEASURING.md): layer_norm fwd+bwd moves ~5*M*N*elem bytes -> GB/s vs a measured device copy;
 frozen_linear backward should cost one dx GEMM (db rides along) -> ratio vs bare ``dy @ W``;
 max_sim does 2*N*M*K flops -> TFLOP/s vs a measured bf16 matmul.
 On a CPU box the Triton kernels cannot run (the interpreter is a test tool, not a speed), so the CPU run times the

@@ -9,7 +9,7 @@ against the op's ``*_ref`` in float64, so a broken op fails instead of winning.
 
 CUDA: CLIP shapes, bf16 and fp32, a ``torch.cuda.synchronize()`` inside every timed call. CPU: small fp32 shapes on
 the torch backend (never the Triton interpreter, which is a test tool, not a speed), so the run takes seconds; as
-MEASURING.md says, only the ratios within a group mean anything on a shared CPU box.
+docs/MEASURING.md says, only the ratios within a group mean anything on a shared CPU box.
 """
 import pytest
 import torch
@@ -36,7 +36,7 @@ else:
     MS_SHAPES = [(256, 8192, 512)]
     DTYPES = [torch.float32]
 
-# ‖out − ref‖ / ‖ref‖ against float64 (MEASURING.md): fp32 far below 1e-4 (tf32 ~3e-4), bf16 1e-3 .. 1e-2
+# ‖out − ref‖ / ‖ref‖ against float64 (docs/MEASURING.md): fp32 far below 1e-4 (tf32 ~3e-4), bf16 1e-3 .. 1e-2
 TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 _DT = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
