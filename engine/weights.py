@@ -415,9 +415,12 @@ def load_pretrained(model: nn.Module, source, *, model_name: str | None = None, 
 
 
 # ------------------------------------------------------------------------------------------------------ building
-def _schema_model(model_name: str, pretrained, cache_dir) -> str | None:
-    """For ``hf-hub:``/``local-dir:`` model names: check the config is reachable (one-line errors) and return the
-    weights source the name carries."""
+CONFIG_FILE_MAX_BYTES = 1 << 20  # an open_clip_config.json is a few KB; a larger one is not a config
+
+
+def _schema_model(model_name: str, pretrained, cache_dir) -> tuple[str, str]:
+    """For ``hf-hub:``/``local-dir:`` model names: (the weights source the name carries, its config file), both
+    checked to exist (one-line errors) before anything is built."""
     from leanclip.models.openclip import HF_CONFIG_NAME
 
     if pretrained is not None:
@@ -427,16 +430,64 @@ def _schema_model(model_name: str, pretrained, cache_dir) -> str | None:
         model_id = model_name[len(HF_HUB_PREFIX):].strip("/")
         if not model_id:
             raise ValueError(f"model {model_name!r}: empty hub id after 'hf-hub:'")
-        hub_file(model_id, HF_CONFIG_NAME, cache_dir=cache_dir, what=f"model {model_name!r}")
-        return f"{HF_HUB_PREFIX}{model_id}"
+        config = hub_file(model_id, HF_CONFIG_NAME, cache_dir=cache_dir, what=f"model {model_name!r}")
+        hub_file(model_id, cache_dir=cache_dir, what=f"model {model_name!r}")  # its weights, before the build
+        return f"{HF_HUB_PREFIX}{model_id}", config
     folder = os.path.expanduser(model_name[len(LOCAL_DIR_PREFIX):])
     if not folder:
         raise ValueError(f"model {model_name!r}: empty path after 'local-dir:'")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model {model_name!r}: no such folder {folder}")
-    if not os.path.isfile(os.path.join(folder, HF_CONFIG_NAME)):
+    config = os.path.join(folder, HF_CONFIG_NAME)
+    if not os.path.isfile(config):
         raise FileNotFoundError(f"model {model_name!r}: the folder has no {HF_CONFIG_NAME}")
-    return folder
+    folder_weights(folder)  # the weights the name carries, before the build
+    return folder, config
+
+
+def read_model_config(path: str) -> dict:
+    """The ``model_cfg`` of an open_clip_config.json, read as untrusted input (size, JSON, nesting, an object)."""
+    try:
+        if os.path.getsize(path) > CONFIG_FILE_MAX_BYTES:
+            raise ValueError(f"model config {path} is over {CONFIG_FILE_MAX_BYTES} bytes: not an open_clip config")
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read model config {path}: {_first_line(e)}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"model config {path} is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise ValueError(f"model config {path} nests too deeply to be an open_clip config") from None
+    cfg = raw.get("model_cfg") if isinstance(raw, dict) else None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model config {path} has no model_cfg object (open_clip's open_clip_config.json layout)")
+    return cfg
+
+
+def check_config(cfg: dict, image_size, where: str) -> None:
+    """``cfg`` (an open_clip model config) with ``image_size`` applied as open_clip applies it, within the bounds
+    of ``leanclip.models.openclip_config``; ValueError prefixed with ``where`` otherwise."""
+    from leanclip.models.openclip_config import check_model_config
+
+    if image_size is not None:
+        cfg = {**cfg, "vision_cfg": {**(cfg.get("vision_cfg") or {}), "image_size": image_size}}
+    try:
+        check_model_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _build(model_name: str, seed: int, config_file: str | None, kw: dict) -> nn.Module:
+    """``create_random_model``; a config file open_clip still cannot build (a timm model name timm does not know, a
+    pooling type open_clip rejects, ...) is a ValueError naming the file rather than open_clip's traceback."""
+    if config_file is None:
+        return create_random_model(model_name, seed, **kw)
+    try:
+        return create_random_model(model_name, seed, **kw)
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError, ZeroDivisionError, RuntimeError, OSError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else "an assertion inside open_clip failed"
+        raise ValueError(f"model {model_name!r}: open_clip cannot build the config in {config_file}: "
+                         f"{type(e).__name__}: {detail}") from None
 
 
 def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size: int | None = None, cache_dir=None,
@@ -444,19 +495,24 @@ def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size:
     """Build ``model_name`` (an open_clip config name, ``hf-hub:org/repo`` or ``local-dir:DIR``) with seeded random
     init (``leanclip.configs.create_random_model``), then load ``pretrained`` (any form :func:`resolve_pretrained`
     accepts) or the weights an ``hf-hub:``/``local-dir:`` name carries through :func:`load_pretrained`.
-    ``image_size`` overrides the input resolution; the positional embedding of the weights is resized to it."""
+    ``image_size`` overrides the input resolution; the positional embedding of the weights is resized to it.
+    The config (a file's above all) is checked field by field and its size bounded before anything is built
+    (:func:`check_config`)."""
     import open_clip
 
     if not isinstance(model_name, str) or not model_name:
         raise ValueError(f"model must be an open_clip config name, hf-hub: id or local-dir: path, got {model_name!r}")
+    config_file = None
     if model_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
-        pretrained = _schema_model(model_name, pretrained, cache_dir)
+        pretrained, config_file = _schema_model(model_name, pretrained, cache_dir)
+        check_config(read_model_config(config_file), image_size, f"model {model_name!r}: {config_file}")
         kw["load_weights"] = False  # open_clip would read the weights itself; leanclip's reader does it below
         config_name = None
     else:
         config_name = model_name.replace("/", "-")
         if open_clip.get_model_config(config_name) is None:
             raise ValueError(f"unknown open_clip model config {model_name!r} (see open_clip.list_models())")
+        check_config(open_clip.get_model_config(config_name), image_size, f"model {model_name!r}")
     if image_size is not None:
         kw["force_image_size"] = image_size
     if cache_dir is not None:
@@ -469,7 +525,7 @@ def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size:
     cfg = open_clip.get_model_config(config_name) if config_name and pretrained is None else None
     kw.update(pretrained_image=bool(cfg and cfg.get("vision_cfg", {}).get("timm_model_pretrained") is True),
               pretrained_text=bool(cfg and cfg.get("text_cfg", {}).get("hf_model_pretrained") is True))
-    model = create_random_model(model_name, seed, **kw)
+    model = _build(model_name, seed, config_file, kw)
     if pretrained is not None:
         load_pretrained(model, pretrained, model_name=config_name, cache_dir=cache_dir,
                         trust_torchscript=trust_torchscript)

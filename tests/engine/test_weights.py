@@ -321,3 +321,105 @@ def test_image_size_resizes_the_positional_embedding_as_open_clip_does(tmp_path,
     assert torch.equal(model.visual.positional_embedding[0], made["visual.positional_embedding"][0])
     info = weights.load_pretrained(create_random_model(tiny_name, force_image_size=48), path)
     assert info["resized_pos_embed"] == [(17, 64), (37, 64)]
+
+
+# --------------------------------------------------------------------------------------------------------- hostile configs
+# (change to the tiny config, what the one error line names): each would allocate without bound or end in a traceback
+# inside open_clip / torch if it reached the build
+HOSTILE_CONFIGS = [
+    ({"vision_cfg": {"width": 10 ** 7}}, "vision_cfg.width"),
+    ({"text_cfg": {"layers": 10 ** 6}}, "text_cfg.layers"),
+    ({"vision_cfg": {"width": -64}}, "vision_cfg.width"),
+    ({"text_cfg": {"width": 64.5}}, "text_cfg.width"),
+    ({"text_cfg": {"heads": 0}}, "text_cfg.heads"),
+    ({"text_cfg": {"heads": 3}}, "text_cfg.heads"),  # does not divide the width: open_clip asserts
+    ({"vision_cfg": {"patch_size": 0}}, "vision_cfg.patch_size"),
+    ({"vision_cfg": {"image_size": 10 ** 9}}, "vision_cfg.image_size"),
+    ({"text_cfg": {"context_length": 10 ** 6}}, "text_cfg.context_length"),
+    ({"text_cfg": {"vocab_size": 10 ** 12}}, "text_cfg.vocab_size"),
+    ({"embed_dim": 10 ** 8}, "embed_dim"),
+    ({"text_cfg": {"mlp_ratio": float("nan")}}, "text_cfg.mlp_ratio"),  # JSON's NaN literal
+    ({"vision_cfg": {"mlp_ratio": 1e308}}, "vision_cfg.mlp_ratio"),
+    ({"vision_cfg": {"width": 16384, "head_width": 64, "layers": 256}}, "parameters"),  # each field fits, the total not
+    ({"vision_cfg": {"bogus": 1}}, "vision_cfg.bogus"),
+]
+
+
+def _hostile(change: dict) -> dict:
+    cfg = _open_clip_config()
+    for k, v in change.items():
+        cfg["model_cfg"][k] = {**cfg["model_cfg"][k], **v} if isinstance(v, dict) else v
+    return cfg
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Building a model fails the test: a hostile config must be refused before anything is allocated."""
+    def refuse(*a, **k):
+        raise AssertionError("the model was built")
+    monkeypatch.setattr(weights, "create_random_model", refuse)
+
+
+def _one_error_line(capsys, argv, cwd) -> str:
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("leanclip: error:"), err[-2000:]
+    assert not any(cwd.iterdir())  # nothing written
+    return lines[0]
+
+
+@pytest.mark.parametrize("change,field", HOSTILE_CONFIGS, ids=[f for _, f in HOSTILE_CONFIGS])
+def test_hostile_local_dir_config_is_refused_before_the_build(change, field, tmp_path, tiny_name, no_build, capsys,
+                                                             monkeypatch):
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    _save_safetensors(_made(tiny_name), folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps(_hostile(change)))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    line = _one_error_line(capsys, ["zeroshot", "--model", f"local-dir:{folder}", "--no-progress", "--synthetic-dir",
+                                    tmp_path / "synth"], cwd)
+    assert f"{folder / 'open_clip_config.json'}: " in line and field in line, line
+    with pytest.raises(ValueError, match=field):
+        weights.create_model(f"local-dir:{folder}")
+
+
+@pytest.mark.parametrize("change,field", HOSTILE_CONFIGS[:3] + HOSTILE_CONFIGS[-2:],
+                         ids=[f for _, f in HOSTILE_CONFIGS[:3] + HOSTILE_CONFIGS[-2:]])
+def test_hostile_hub_config_is_refused_before_the_build(change, field, hf_cache, tmp_path, tiny_name, no_build,
+                                                       capsys, monkeypatch):
+    snap = lay_out_repo(hf_cache, "org/hostile", _made(tiny_name), config=_hostile(change))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    line = _one_error_line(capsys, ["zeroshot", "--model", "hf-hub:org/hostile", "--no-progress", "--synthetic-dir",
+                                    tmp_path / "synth"], cwd)
+    assert f"{snap / 'open_clip_config.json'}: " in line and field in line, line
+
+
+def test_unreadable_configs_and_missing_weights_are_refused_before_the_build(tmp_path, tiny_name, no_build):
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    config = folder / "open_clip_config.json"
+    config.write_text(json.dumps(_open_clip_config()))
+    with pytest.raises(FileNotFoundError, match="no weights file in folder"):  # open_clip would build it randomly
+        weights.create_model(f"local-dir:{folder}")
+    _save_safetensors(_made(tiny_name), folder / "open_clip_model.safetensors")
+    for text, needle in (("{not json", "not valid JSON"), ("[" * 100000 + "]" * 100000, "nests too deeply"),
+                         ("[1, 2]", "no model_cfg object"), (json.dumps({"model_cfg": 3}), "no model_cfg object"),
+                         (" " * (weights.CONFIG_FILE_MAX_BYTES + 1) + "{}", "over")):
+        config.write_text(text)
+        with pytest.raises(ValueError, match=needle) as e:
+            weights.create_model(f"local-dir:{folder}")
+        assert str(config) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_config_open_clip_still_rejects_is_one_line_naming_the_file(tmp_path, tiny_name):
+    folder = tmp_path / "exported"
+    folder.mkdir()
+    _save_safetensors(_made(tiny_name), folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps(_hostile({"text_cfg": {"pool_type": "nonsense"}})))
+    with pytest.raises(ValueError, match="open_clip cannot build the config in .*open_clip_config.json"):
+        weights.create_model(f"local-dir:{folder}")
