@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: machine description, side-by-side timing, JSON + plot output."""
+"""Shared benchmark plumbing: machine description, side-by-side timing and its spread, whether a machine was quiet
+enough to trust the ratios, JSON + plot output."""
 from __future__ import annotations
 
 import gc
@@ -6,12 +7,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+import warnings
 from typing import Callable
 
 import torch
 
-from leanclip.utils import atomic_write_text
+from leanclip.utils import atomic_write, atomic_write_text
 
 
 def machine() -> dict:
@@ -39,10 +42,11 @@ def machine() -> dict:
     return info
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 7, warmup: int = 1) -> dict[str, float]:
-    """Run each callable in turn (A B C A B C ...) and return the median seconds of each.
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int = 7, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each callable in turn (A B C A B C ...) and return every timed call's seconds, per callable.
 
-    Interleaving spreads the noise of a shared CPU box evenly over the contenders, so their ratios are fair."""
+    Interleaving spreads the noise of a shared CPU box evenly over the contenders, so their ratios are fair; the
+    samples themselves show how noisy the box was (``spread``)."""
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
@@ -55,7 +59,67 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 7, war
             fn()
             sync()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int = 7, warmup: int = 1) -> dict[str, float]:
+    """The median seconds of each callable, timed as in :func:`interleaved_times`."""
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, reps, warmup).items()}
+
+
+def spread(samples: list[float]) -> dict:
+    """``{"reps", "min", "median", "max"}`` of one contender's timed calls (seconds)."""
+    return {"reps": len(samples), "min": min(samples), "median": statistics.median(samples), "max": max(samples)}
+
+
+# A contender whose slowest repetition took this much longer than its fastest was disturbed while it ran: its median,
+# and every ratio built on it, may be off by as much. 1.25 sits above the run-to-run wobble of a quiet CPU box
+# (a few percent) and well below what a neighbour's job does to it (2x and more).
+MAX_SPREAD = 1.25
+# The 1-minute load average counts this run's own threads too: a box running this benchmark alone reads about
+# min(threads, cores). Half a core above that means other work shared the CPU while the ratios were taken.
+LOAD_MARGIN = 0.5
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def reliability_warnings(spreads: dict[str, dict], load_start: float | None, load_end: float | None,
+                         threads: int, cpu_count: int | None, *, what: str = "") -> list[str]:
+    """At most two messages, one per reason a benchmark's ratios cannot be trusted; empty when there is none.
+
+    ``spreads``: contender -> :func:`spread`; every contender whose max / min exceeds ``MAX_SPREAD`` is named with
+    its spread. Load: a 1-minute load average at the start or the end above min(threads, cores) + ``LOAD_MARGIN``
+    means other work ran beside the benchmark (more threads than cores reads the same: the run fights itself).
+    Pure: numbers in, messages out, so the rule is testable without timing anything."""
+    prefix = f"{what}: " if what else ""
+    out = []
+    wide = {name: s["max"] / s["min"] for name, s in spreads.items()
+            if s and s.get("min") and s["max"] / s["min"] > MAX_SPREAD}
+    if wide:
+        reps = max(spreads[name]["reps"] for name in wide)
+        named = "; ".join(f"{name} {x:.2g}x" for name, x in wide.items())
+        out.append(f"{prefix}slowest / fastest of {reps} repetitions above {MAX_SPREAD:g}x in {named}: those times "
+                   f"and every ratio built on them are unreliable; rerun on a quiet machine")
+    limit = min(threads, cpu_count or threads) + LOAD_MARGIN
+    high = [f"{load:.2f} at the {when}" for when, load in (("start", load_start), ("end", load_end))
+            if load is not None and load > limit]
+    if high:
+        out.append(f"{prefix}load average {' and '.join(high)}, above {limit:g} ({threads} threads, {cpu_count} "
+                   f"cores): other work shared the CPU, every time ratio is unreliable")
+    return out
+
+
+def warn_all(messages: list[str]) -> None:
+    """Each message as a warning (the CLI prints one ``leanclip: warning:`` line per message)."""
+    sys.stdout.flush()  # the warnings follow the table they qualify, also when stdout is a pipe
+    for msg in messages:
+        warnings.warn(msg, stacklevel=2)
 
 
 def cuda_ms(fn: Callable[[], object]) -> float:
@@ -65,9 +129,21 @@ def cuda_ms(fn: Callable[[], object]) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
+def cuda_samples_ms(fn: Callable[[], object]) -> list[float]:
+    """Every timed call's milliseconds on CUDA (the samples behind :func:`cuda_ms`'s median)."""
+    import triton.testing
+
+    return [float(t) for t in triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="all")]
+
+
 def write_json(path: str, payload: dict) -> str:
     """Atomic JSON write (leanclip.utils: temp file in the same folder, fsync, rename)."""
     return str(atomic_write_text(path, json.dumps(payload, indent=2, default=str)))
+
+
+def write_png(path: str, fig) -> str:
+    """Atomic write of a matplotlib figure: a reader never sees half a PNG."""
+    return str(atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110)))
 
 
 def _proc_status_bytes(field: str) -> int | None:

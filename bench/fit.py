@@ -74,3 +74,17 @@ def run(model_name, method, mem_cap: int, *, n_classes=100, modes=("plain", "lea
     out = {m: largest_batch(model_name, method, m, n_classes, tokenizer, precision=precision) for m in modes}
     return {**head, "largest_batch": out,
             "ratio_vs_plain": {m: (v / out["plain"] if out["plain"] else None) for m, v in out.items()}}
+
+
+def summarize(res: dict) -> str:
+    """Markdown: per mode, the largest batch (and its ratio to plain) or whether the asked batch fits."""
+    head = (f"{res['model']} {res['method']}, {res['precision']}, {res['n_classes']} classes, memory cap "
+            f"{res['mem_cap_bytes'] / 2**30:.3g} GiB")
+    if "fits" in res:
+        lines = [f"{head}, batch {res['batch_size']}", "", "| mode | fits |", "|---|---|"]
+        return "\n".join(lines + [f"| {m} | {'yes' if ok else 'no'} |" for m, ok in res["fits"].items()])
+    lines = [head, "", "| mode | largest batch (images) | batch / plain |", "|---|---:|---:|"]
+    for m, n in res["largest_batch"].items():
+        ratio = res["ratio_vs_plain"].get(m)
+        lines.append(f"| {m} | {n} | {'' if ratio is None else format(ratio, '.3g')} |")
+    return "\n".join(lines)

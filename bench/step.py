@@ -20,11 +20,13 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
     floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
                    a lower bound for any exact step of a method that trains image-tower parameters
 
-Time: all modes of a run are timed side by side in one process (interleaved, medians); the first calls (compiling,
-for compiled modes) are timed apart as ``warmup_seconds``, and a compiled mode's ``graph_breaks`` say how much of
-its step dynamo left to eager. Memory: ``peak_step_bytes`` is what one step adds on top of the resident model,
-optimizer state and gradients (``leanclip.bench.common.step_peak_bytes``: CUDA allocator peak, or peak RSS on CPU),
-the one measure that works for every mode. ``isolate=True`` runs each mode in its own process
+Time: all modes of a run are timed side by side in one process (interleaved, medians, with each mode's min and max
+under ``spread``); the 1-minute load average at the start and the end of the run is recorded, and ``warnings`` says
+when a mode's repetitions spread too far or the machine was loaded (``leanclip.bench.common.reliability_warnings``);
+the first calls (compiling, for compiled modes) are timed apart as ``warmup_seconds``, and a compiled mode's
+``graph_breaks`` say how much of its step dynamo left to eager. Memory: ``peak_step_bytes`` is what one step adds on
+top of the resident model, optimizer state and gradients (``leanclip.bench.common.step_peak_bytes``: CUDA allocator
+peak, or peak RSS on CPU), the one measure that works for every mode. ``isolate=True`` runs each mode in its own process
 (``python -m leanclip bench step --modes X --json``), which the CPU figure needs; the times then are each process's own
 medians, measured one mode after another. ``saved_bytes`` (``leanclip.memory.saved_activation_bytes``) counts tensors
 saved through autograd's saved-tensor hooks: exact for eager modes, not defined for compiled graphs and grad
@@ -36,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -47,11 +50,14 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from leanclip import utils
-from leanclip.bench.common import interleaved_medians, machine, step_peak_bytes, write_json
+from leanclip.bench.common import (
+    interleaved_times, load_average, machine, reliability_warnings, spread, step_peak_bytes, write_json, write_png,
+)
 from leanclip.configs import register_tiny_config
 from leanclip.lean import SAC_CACHE_COUNTED
 from leanclip.memory import saved_activation_bytes
 from leanclip.methods import prepare
+from leanclip.models.openclip import random_init
 from leanclip.registry import method_loss_terms
 from leanclip.step import ClassifyStep, StepContext
 
@@ -106,7 +112,9 @@ def _build(model_name, method, lean, policy, device, classnames, tokenizer, froz
     import open_clip
 
     torch.manual_seed(0)
-    model = open_clip.create_model(model_name, pretrained=None).to(device)
+    with random_init():  # random weights are the point: no "No pretrained weights loaded" line per mode
+        model = open_clip.create_model(model_name, pretrained=None)
+    model = model.to(device)
     prepare(model, method, lean=lean, recompute=policy if lean else "none", classnames=classnames,
             tokenizer=tokenizer, model_name=model_name, frozen_dtype=frozen_dtype)
     model.train()
@@ -269,10 +277,12 @@ def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps,
             failed[mode] = _first_lines(exc)
             continue
         steps[mode] = step
-    times = interleaved_medians(steps, reps=reps, warmup=0)
+    samples = interleaved_times(steps, reps=reps, warmup=0)
+    times = {k: statistics.median(v) for k, v in samples.items()}
     row = {"model": model_name, "method": method, "batch_size": batch_size, "n_classes": n_classes,
-           "precision": precision, "scope": scope,
-           "seconds": times, "images_per_s": {k: batch_size / v for k, v in times.items()},
+           "precision": precision, "scope": scope, "seconds": times,
+           "spread": {k: spread(v) for k, v in samples.items()},
+           "images_per_s": {k: batch_size / v for k, v in times.items()},
            "warmup_seconds": warmup, "peak_step_bytes": peak, "peak_method": how,
            "saved_bytes": saved, "graph_breaks": breaks, "failed": failed}
     return finish_row(row)
@@ -326,7 +336,8 @@ def _child_env():
 
 def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
     """Each mode in its own process (``--json``); the per-mode numbers gathered into one row."""
-    keys = ("seconds", "images_per_s", "warmup_seconds", "peak_step_bytes", "saved_bytes", "graph_breaks", "failed")
+    keys = ("seconds", "spread", "images_per_s", "warmup_seconds", "peak_step_bytes", "saved_bytes", "graph_breaks",
+            "failed")
     row = {k: {} for k in keys}
     for mode in modes:
         argv = _child_argv(model_name, method, mode, threads=threads, **kw)
@@ -339,7 +350,7 @@ def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
             continue
         child = json.loads(proc.stdout.strip().splitlines()[-1])["rows"][0]
         for key in keys:
-            row[key].update(child[key])
+            row[key].update(child.get(key, {}))
         row.update({k: child[k] for k in ("model", "method", "batch_size", "n_classes", "precision", "scope",
                                           "peak_method")})
     return finish_row(row)
@@ -360,18 +371,19 @@ def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES
         parse_mode(mode)
     kw = dict(batch_size=batch_size, n_classes=n_classes, device=device, reps=reps, precision=precision,
               scope=scope)
-    rows = []
+    rows, load_start = [], load_average()
     for model_name, method in utils.track([(m, me) for m in models for me in methods], "bench step"):
         if isolate:
             rows.append(bench_isolated(model_name, method, modes, threads=threads, **kw))
         else:
             rows.append(bench_one(model_name, method, modes, **kw))
-    return _result(rows, modes, device, precision, isolate, threads, output, plot)
+    load = {"start": load_start, "end": load_average()}
+    return _result(rows, modes, device, precision, isolate, threads, output, plot, reps=reps, load=load)
 
 
-def _result(rows, modes, device, precision, isolate, threads, output, plot):
+def _result(rows, modes, device, precision, isolate, threads, output, plot, *, reps, load):
     res = {"machine": machine(), "device": str(device), "modes": modes, "rows": rows, "precision": precision,
-           "isolate": isolate, "threads": threads or torch.get_num_threads(),
+           "isolate": isolate, "threads": threads or torch.get_num_threads(), "reps": reps, "load_average": load,
            "time_source": ("per-process medians: each mode alone in its own process, one after another" if isolate
                            else "medians measured side by side (interleaved) in one process"),
            "memory_note": "peak_step_bytes: what one step adds on top of the resident model, optimizer state and "
@@ -381,6 +393,7 @@ def _result(rows, modes, device, precision, isolate, threads, output, plot):
     if not SAC_CACHE_COUNTED:
         res["saved_bytes_note"] += ("; this torch's checkpoint has no respect_saved_tensors_hooks: saved_bytes of "
                                     "lean:mlp+qkv miss the attention outputs its selective checkpoint caches")
+    res["warnings"] = timing_warnings(res)
     if output:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"step-{res['machine']['device'].replace(' ', '_')}-{stamp}"
@@ -388,6 +401,18 @@ def _result(rows, modes, device, precision, isolate, threads, output, plot):
         if plot:
             res["plot"] = plot_rows(rows, os.path.join(output, name + ".png"))
     return res
+
+
+def timing_warnings(res: dict) -> list[str]:
+    """Why a result's time ratios may be off: a mode whose repetitions spread too far, or a loaded machine
+    (``leanclip.bench.common.reliability_warnings``). With several rows, a message names the model and method."""
+    load = res.get("load_average") or {}
+    spreads = {}
+    for r in res["rows"]:
+        where = f"{r['model']} {r['method']} " if len(res["rows"]) > 1 else ""
+        spreads.update({where + mode: sp for mode, sp in (r.get("spread") or {}).items()})
+    return reliability_warnings(spreads, load.get("start"), load.get("end"), res["threads"],
+                                res["machine"].get("cpu_count"), what="bench step")
 
 
 def plot_rows(rows, path):
@@ -411,9 +436,10 @@ def plot_rows(rows, path):
         ax.set_title(title)
         ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return write_png(path, fig)
+    finally:
+        plt.close(fig)
 
 
 def _fmt(v, spec, scale=1.0):
@@ -423,22 +449,28 @@ def _fmt(v, spec, scale=1.0):
 def summarize(res) -> str:
     """Markdown: one table of every mode, one of each lean mode against the best peer."""
     m = res["machine"]
-    lines = [f"device: {m['device']} ({m['cpu']}), torch {m['torch']}, threads {res.get('threads')}; "
-             f"time: {res.get('time_source')}", ""]
+    load = res.get("load_average") or {}
+    lines = [f"device: {m['device']} ({m['cpu']}), torch {m['torch']}, threads {res.get('threads')}, "
+             f"{m.get('cpu_count')} cores; load average {_fmt(load.get('start'), '.2f')} at start, "
+             f"{_fmt(load.get('end'), '.2f')} at end",
+             f"time: {res.get('time_source')}, {res.get('reps')} repetitions per mode", ""]
     for r in res["rows"]:
         lines += [f"**{r['model']} {r['method']}** batch {r['batch_size']}, {r['n_classes']} classes, "
                   f"{r['precision']}, scope {r['scope']}; memory: {r.get('peak_method')}", "",
-                  "| mode | s/step | time / plain | step MiB | memory / plain | saved MiB | warm-up s | graph breaks |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| mode | median s/step | min s | max s | time / plain | step MiB | memory / plain | saved MiB | "
+                  "warm-up s | graph breaks |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for mode, sec in r["seconds"].items():
-            lines.append(f"| {mode} | {sec:.4f} | {_fmt(r['time_ratio_vs_plain'][mode], '.2f')} | "
+            sp = (r.get("spread") or {}).get(mode) or {}
+            lines.append(f"| {mode} | {sec:.4f} | {_fmt(sp.get('min'), '.4f')} | {_fmt(sp.get('max'), '.4f')} | "
+                         f"{_fmt(r['time_ratio_vs_plain'][mode], '.2f')} | "
                          f"{_fmt(r['peak_step_bytes'].get(mode), '.1f', 2**20)} | "
                          f"{_fmt(r['peak_ratio_vs_plain'].get(mode), '.2f')} | "
                          f"{_fmt(r['saved_bytes'].get(mode), '.1f', 2**20)} | "
                          f"{_fmt((r['warmup_seconds'].get(mode) or [None])[0], '.1f')} | "
                          f"{_fmt(r.get('graph_breaks', {}).get(mode), 'd')} |")
         for mode, why in r["failed"].items():
-            lines.append(f"| {mode} | did not run: {why} | | | | | | |")
+            lines.append(f"| {mode} | did not run: {why} | | | | | | | | |")
         lines += ["", "| lean mode | fastest peer at <= its memory | lean time / peer | "
                       "least-memory peer at <= its time | lean memory / peer |", "|---|---|---:|---|---:|"]
         for lean, b in r["best_peer"].items():

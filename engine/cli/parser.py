@@ -17,12 +17,12 @@ from leanclip.templates import TEMPLATE_SETS
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("leanclip.demo", "end-to-end demo (provided by leanclip.demo)"),
-    "bench": ("leanclip.bench.cli", "benchmarks (provided by bench.cli)"),
-    "analyze": ("leanclip.analyze", "parameter change between runs / from the initial weights (LN shift per layer)"),
-    "episodes": ("leanclip.episodes", "N-way K-shot episodic evaluation (mean accuracy, 95 percent CI)"),
+    "demo": ("leanclip.demo", "train and compare methods on synthetic data, end to end (no downloads)"),
+    "bench": ("leanclip.bench.cli", "time and memory benchmarks: fused ops, train steps, largest batch"),
+    "analyze": ("leanclip.analyze", "parameter change between runs or from the initial weights (LN shift per layer)"),
+    "episodes": ("leanclip.episodes", "evaluate on N-way K-shot episodes (mean accuracy, 95 percent CI)"),
     "sweep": ("leanclip.sweep", "run a protocol grid (methods x datasets x shots x seeds) as resumable cells"),
-    "report": ("leanclip.report", "tables (Markdown, CSV, PNG) of a sweep: mean +- std over seeds"),
+    "report": ("leanclip.report", "tabulate a sweep (Markdown, CSV, PNG): mean +- std over seeds"),
     "wilds": ("leanclip.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
 }
 

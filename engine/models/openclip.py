@@ -9,12 +9,15 @@ methods, the lean modules or the weights loader. What lives here:
 - tower access: ``text_tower`` (CLIP's flattened text tower or ``CustomTextCLIP.text``), ``tower_blocks``,
   ``embed_dim``, how the text tower pools (``pools_at_eot`` / ``pool_index``), how errors name a tower;
 - the weight-file helpers of open_clip leanclip reuses (pretrained-tag tables, hub download, state-dict conversions,
-  positional-embedding resizing, preprocessing config) and its model-config registry.
+  positional-embedding resizing, preprocessing config) and its model-config registry;
+- ``random_init``: building a model on purpose without weights, minus open_clip's "No pretrained weights loaded" log.
 
 Public open_clip API (``open_clip.create_model``, ``get_tokenizer``, ``list_models``) is called where it is used.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 from types import SimpleNamespace
 
@@ -235,3 +238,33 @@ def rescan_model_configs() -> None:
 def find_checkpoint_in_dir(folder) -> str | None:
     """The weights file open_clip would pick in a hub folder (``open_clip_model.safetensors`` first)."""
     return _factory._find_checkpoint_in_dir(folder)
+
+
+# -------------------------------------------------------------------------------------------- random init, on purpose
+_NO_WEIGHTS_PREFIX = "No pretrained weights loaded for model "
+
+
+class _NoWeightsNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model ..." record and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_NO_WEIGHTS_PREFIX)
+
+
+@contextlib.contextmanager
+def random_init():
+    """Around ``open_clip.create_model(name, pretrained=None)`` where random weights are the point (tiny test configs,
+    benchmark models): open_clip logs "No pretrained weights loaded" on every such build, which reads like a failed
+    download to a newcomer. The filter drops that one record; every other open_clip log line and Python warning
+    passes. open_clip's factory logs through the root logger (``logging.warning``); its module logger
+    (``open_clip.factory``) carries the filter too, for a release that logs there. A logger's filter sees only the
+    records logged on that logger, and sees them before any handler (a terminal, pytest's log capture) does."""
+    loggers = [logging.getLogger(), logging.getLogger(_factory.__name__)]
+    notice = _NoWeightsNotice()
+    for lg in loggers:
+        lg.addFilter(notice)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(notice)

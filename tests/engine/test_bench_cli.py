@@ -1,5 +1,6 @@
 """`leanclip bench` CLI paths at tiny sizes (timings are never asserted: only that the JSON/plot are written)."""
 import json
+import os
 
 import pytest
 import torch
@@ -25,15 +26,86 @@ def test_bench_step_quick_writes_json_and_plot(tmp_path):
     assert res["machine"]["device"] in ("cpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 
 
-def test_bench_ops_quick_cpu(tmp_path):
+def test_bench_ops_quick_cpu_table_and_default_folder(tmp_path, monkeypatch, capsys):
+    """Without --output the JSON goes to ./leanclip-bench/ of the working directory; the table names every
+    contender, gives ratios to 3 significant digits and keeps the raw numbers for the JSON."""
     if torch.cuda.is_available():
         pytest.skip("the CUDA op benchmark is long; run it through bench/gpu_check.sh")
-    rc = main(["bench", "ops", "--quick", "--output", str(tmp_path)])
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", "ops", "--quick"])
     assert rc == 0
-    (js,) = tmp_path.glob("ops-*.json")
+    out = capsys.readouterr().out
+    (js,) = (tmp_path / "leanclip-bench").glob("ops-*.json")
+    assert out.strip().splitlines()[-1] == f"wrote {os.path.join('leanclip-bench', js.name)}"
     res = json.loads(js.read_text())
     assert res["mode"] == "cpu-references"
     assert {r["op"] for r in res["rows"]} == {"layer_norm_fwd_bwd", "frozen_linear_bwd", "max_sim"}
+    for needle in ("| leanclip (torch reference) |", "| torch eager |", "| dy @ W alone (the GEMM floor) |",
+                   "| torch eager (x @ d.T).max |", "median ms", "min / max ms", "GB/s |", "TFLOP/s |"):
+        assert needle in out, needle
+    assert "{" not in out  # no Python dicts
+    assert "| 1.00 |" in out  # the baseline's own ratio, 3 significant digits
+    row = res["rows"][0]
+    ratio = row["seconds"]["leanclip"] / row["seconds"]["torch"]
+    assert f"| {_sig3(ratio)} |" in out and repr(ratio) not in out  # the JSON keeps the full-precision number
+    assert set(row["spread"]) == set(row["seconds"]) and row["spread"]["torch"]["reps"] == res["reps"] == 5
+    assert row["spread"]["torch"]["min"] <= row["seconds"]["torch"] <= row["spread"]["torch"]["max"]
+    assert set(res["load_average"]) == {"start", "end"} and isinstance(res["warnings"], list)
+
+
+def _spread(lo, hi, reps=5):
+    return {"reps": reps, "min": lo, "median": (lo + hi) / 2, "max": hi}
+
+
+def test_reliability_warnings_name_the_noisy_modes():
+    from leanclip.bench.common import reliability_warnings
+
+    quiet = {"plain": _spread(1.0, 1.2), "lean:block": _spread(0.5, 0.55)}
+    assert reliability_warnings(quiet, 1.0, 2.4, threads=2, cpu_count=2) == []
+    noisy = {**quiet, "plain+gc": _spread(1.0, 29.6), "lean:none": _spread(1.0, 1.3)}
+    (msg,) = reliability_warnings(noisy, 0.1, 0.2, threads=2, cpu_count=2, what="bench step")
+    assert msg.startswith("bench step: ") and "plain+gc 30x" in msg and "lean:none 1.3x" in msg
+    assert "plain " not in msg.replace("plain+gc", "") and "lean:block" not in msg and "5 repetitions" in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("start, end, threads, cpus, flagged", [
+    (0.2, 2.4, 2, 2, None),          # the run alone fills its 2 threads: no warning
+    (0.2, 2.6, 2, 2, "end"),         # half a core more than the run itself: someone else
+    (3.0, 2.0, 2, 16, "start"),      # a 16-core box, but more busy cores than this run's 2 threads
+    (3.0, 3.0, 8, 2, "start"),       # more threads than cores: the cores bound it
+    (None, None, 2, None, None),     # no load average on this OS
+])
+def test_reliability_warnings_flag_a_loaded_machine(start, end, threads, cpus, flagged):
+    from leanclip.bench.common import reliability_warnings
+
+    out = reliability_warnings({}, start, end, threads=threads, cpu_count=cpus)
+    if flagged is None:
+        assert out == []
+    else:
+        (msg,) = out
+        assert f"at the {flagged}" in msg and "load average" in msg
+
+
+def test_step_timing_warnings_name_model_and_method_when_there_are_several_rows():
+    from leanclip.bench.step import timing_warnings
+
+    rows = [{"model": "m", "method": me, "spread": {"plain": _spread(1.0, hi)}} for me, hi in (("ln", 1.1),
+                                                                                               ("bitfit", 2))]
+    res = {"rows": rows, "threads": 1, "machine": {"cpu_count": 4}, "load_average": {"start": 0.5, "end": 1.2}}
+    (msg,) = timing_warnings(res)
+    assert "m bitfit plain 2x" in msg and "m ln " not in msg
+
+
+def _sig3(v: float) -> str:
+    return f"{v:#.3g}".rstrip(".")
+
+
+def test_bench_output_that_is_a_file_exits_2(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("x")
+    assert main(["bench", "ops", "--output", str(taken)]) == 2
+    assert "--output" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -127,15 +199,33 @@ def test_best_peers_picks_fastest_within_memory_and_smallest_within_time():
     assert set(out) == {"lean:block", "lean:none"}
 
 
-def test_bench_step_peers_json_and_table(tmp_path, capsys):
-    rc = main(["bench", "step", "--quick", "--methods", "ln", "--modes", "plain,plain+gc,lean:none", "--reps", "1",
-               "--output", str(tmp_path)])
+def test_bench_step_peers_json_and_table(tmp_path, monkeypatch, capsys):
+    """Default folder, the min / max columns, and a loaded machine named in one warning line (the load average is
+    faked: the rule itself is tested on numbers in test_reliability_warnings_*)."""
+    import leanclip.bench.step as step
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(step, "load_average", lambda: 99.0)
+    rc = main(["bench", "step", "--quick", "--methods", "ln", "--modes", "plain,plain+gc,lean:none", "--reps", "2"])
     assert rc == 0
-    out = capsys.readouterr().out
-    assert "| mode |" in out and "| lean mode |" in out and "| plain+gc |" in out
-    (js,) = tmp_path.glob("step-*.json")
+    out, err = capsys.readouterr()
+    assert "| mode | median s/step | min s | max s | time / plain |" in out and "| lean mode |" in out
+    assert "| plain+gc |" in out and "2 repetitions per mode" in out and "load average" in out
+    assert "No pretrained weights loaded" not in err
+    load_lines = [line for line in err.splitlines() if "load average" in line]
+    assert len(load_lines) == 1 and load_lines[0].startswith("leanclip: warning: bench step: load average 99.00 at "
+                                                            "the start and 99.00 at the end")
+    (js,) = (tmp_path / "leanclip-bench").glob("step-*.json")
+    (png,) = (tmp_path / "leanclip-bench").glob("step-*.png")
+    assert out.strip().splitlines()[-1] == (f"wrote {os.path.join('leanclip-bench', js.name)} and "
+                                            f"{os.path.join('leanclip-bench', png.name)}")
     res = json.loads(js.read_text())
+    assert res["reps"] == 2 and res["load_average"] == {"start": 99.0, "end": 99.0}
+    assert any("load average 99.00" in w for w in res["warnings"])
+    assert not [p.name for p in (tmp_path / "leanclip-bench").iterdir() if p.name.startswith(".")]  # no temp left
     row = res["rows"][0]
+    for mode, sp in row["spread"].items():
+        assert sp["reps"] == 2 and sp["min"] <= row["seconds"][mode] <= sp["max"]
     assert res["modes"] == ["plain", "plain+gc", "lean:none"] and res["isolate"] is False
     assert set(row["peak_step_bytes"]) == set(res["modes"]) == set(row["warmup_seconds"])
     assert row["saved_bytes"]["plain+gc"] is None and row["saved_bytes"]["plain"] > 0
@@ -230,7 +320,7 @@ def test_summarize_prints_compiled_rows_with_graph_breaks():
     res = {"machine": {"device": "cpu", "cpu": "x", "torch": torch.__version__}, "rows": [row], "threads": 1,
            "time_source": "t"}
     text = summarize(res)
-    assert "| lean:block+compile | 1.0000 | 0.50 | 1.0 | 0.50 |  | 30.0 | 3 |" in text
+    assert "| lean:block+compile | 1.0000 |  |  | 0.50 | 1.0 | 0.50 |  | 30.0 | 3 |" in text  # no spread recorded
     assert "| lean:block+compile | none |  | none |  |" in text  # plain is both bigger and slower
 
 
