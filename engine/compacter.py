@@ -30,7 +30,7 @@ from torch import nn
 
 from leanclip import houlsby as _houlsby
 from leanclip import lilt as _lilt
-from leanclip.registry import register_method
+from leanclip.registry import OptionRange, register_method
 
 __all__ = ["SharedRule", "PHMLinear", "CompacterAdapter", "compacter_count"]
 
@@ -88,9 +88,12 @@ def compacter_count(widths_layers, reduction: int = 8, n: int = 4) -> int:
     return sum(2 * layers * (3 * d + 3 * (d // reduction)) for d, layers in widths_layers) + n ** 3
 
 
+# n: the shared rule holds n^3 parameters (262,144 at 64) and every PHM layer is built from n x n blocks; n is a
+# handful in practice (4 by default), and the check holds it to the widths it must divide
+N_RANGE = OptionRange(int, 1, 64)
+
+
 def _check_compacter(model, reduction=8, n=4, tower="both", **_):
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
     for width in _houlsby.block_widths(model, "compacter", tower):
         _lilt.check_reduction(reduction, width)
         if width % n or (width // reduction) % n:
@@ -98,7 +101,8 @@ def _check_compacter(model, reduction=8, n=4, tower="both", **_):
                              f"(PHM layers are built from n x n blocks)")
 
 
-@register_method("compacter", check=_check_compacter)
+@register_method("compacter", check=_check_compacter,
+                 ranges={"reduction": _houlsby.REDUCTION_RANGE, "n": N_RANGE})
 def _compacter(model, reduction=8, n=4, tower="both"):
     """Compacter: Houlsby-placed adapters whose projections are LPHM layers, A_i shared across all of them."""
     _houlsby.strip(model, CompacterAdapter)

@@ -36,6 +36,11 @@ def _check_real(name: str, v, *, lo=None, hi=None, lo_open=False) -> float:
 
 
 LLU_GATES = ("exp", "dirac", "none")
+# The gate beta * exp(-gamma * d) reads cosine distances d that fp32 resolves to about 2.4e-7 (a sample's distance to
+# itself comes out anywhere in +-2.4e-7). Up to gamma 1e4 that rounding moves the gate by under 0.3%; far beyond it the
+# gate measures rounding noise, and past about 3.7e8 exp() of a rounded-negative distance overflows to inf (NaN in
+# the blend), as gamma itself does in fp32 past 3.4e38. The papers' gamma is a few tens.
+LLU_GAMMA_MAX = 1e4
 LLU_INITS = ("identity", "random")
 LLU_REGS = ("mse", "norm")
 
@@ -49,7 +54,8 @@ def _check_choice(name: str, v, choices) -> str:
 def check_llu_options(beta, gamma, gate="exp", threshold=0.1, init="identity", reg="mse",
                       init_seed=0) -> tuple[float, float]:
     """Validate the options of an ``LLUHead`` (ValueError naming the option); returns ``(beta, gamma)`` as floats:
-    beta in [0, 1], gamma >= 0, gate / init / reg one of their choices, threshold a cosine distance in [0, 2],
+    beta in [0, 1], gamma in [0, ``LLU_GAMMA_MAX``], gate / init / reg one of their choices, threshold a cosine
+    distance in [0, 2],
     init_seed an int >= 0."""
     _check_choice("gate", gate, LLU_GATES)
     _check_choice("init", init, LLU_INITS)
@@ -57,7 +63,7 @@ def check_llu_options(beta, gamma, gate="exp", threshold=0.1, init="identity", r
     _check_real("threshold", threshold, lo=0.0, hi=2.0)
     if isinstance(init_seed, bool) or not isinstance(init_seed, int) or init_seed < 0:
         raise ValueError(f"init_seed must be an int >= 0, got {init_seed!r}")
-    return _check_real("beta", beta, lo=0.0, hi=1.0), _check_real("gamma", gamma, lo=0.0)
+    return _check_real("beta", beta, lo=0.0, hi=1.0), _check_real("gamma", gamma, lo=0.0, hi=LLU_GAMMA_MAX)
 
 
 def check_adapter_options(dim, reduction, ratio) -> tuple[int, int, float]:
@@ -145,7 +151,7 @@ class LLUHead(nn.Module):
             return torch.ones(x.shape[0], device=x.device, dtype=torch.float32)
         d = self._bank(d, x)
         vals, _ = kernels.max_sim(x, d.to(x.dtype))
-        dist = 1.0 - vals.float()
+        dist = (1.0 - vals.float()).clamp_min(0.0)  # a cosine distance; below 0 only by rounding
         if self.gate == "dirac":
             return (dist <= self.threshold).float()
         return self.beta * torch.exp(-self.gamma * dist)

@@ -32,12 +32,15 @@ from torch import nn
 
 from leanclip import lilt as _lilt
 from leanclip.models.openclip import class_name, tower_blocks
-from leanclip.registry import register_method
+from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
+from leanclip.registry import OptionRange, register_method
 from leanclip.select import check_tower, require_open_clip_tower
 
 __all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
 
 SITES = ("ls_1", "ls_2")  # after the attention, after the MLP
+# the bottleneck is width / reduction: no reduction beyond the widest tower a model config may have divides a width
+REDUCTION_RANGE = OptionRange(int, 1, CONFIG_WIDTH_MAX)
 
 
 def bottleneck(h: torch.Tensor, down: nn.Module, up: nn.Module) -> torch.Tensor:
@@ -135,7 +138,7 @@ def _check_houlsby(model, reduction=8, tower="both", **_):
         _lilt.check_reduction(reduction, width)
 
 
-@register_method("houlsby", check=_check_houlsby)
+@register_method("houlsby", check=_check_houlsby, ranges={"reduction": REDUCTION_RANGE})
 def _houlsby(model, reduction=8, tower="both"):
     """Houlsby bottleneck adapters (d -> d/reduction -> d, GELU, zero-init up) after the attention and the MLP of
     every block of ``tower``."""

@@ -59,7 +59,8 @@ from leanclip.models.openclip import (
     ResidualAttentionBlock, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
     text_tower, timm_image_tower,
 )
-from leanclip.registry import MethodTraits, register_method
+from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
+from leanclip.registry import MethodTraits, OptionRange, register_method
 from leanclip.select import (
     BIAS_RE, TOWERS, check_coverage, check_tower, layernorm_names, names_matching, require_open_clip_tower, tower_class,
     tower_of, unlock, unlock_layernorms, unlock_names,
@@ -77,6 +78,10 @@ LILT_TRAITS = MethodTraits(hooks={"temperature": TEMPERATURE_NAME})
 FULL_TOWER_TRAITS = MethodTraits(hooks={"temperature": TEMPERATURE_NAME}, contrastive_defaults={"lr": 1e-4})
 DEEP_INITS = ("copy", "random")
 LN_TOWERS = ("same", "both", "image", "text", "none")  # ln_tower: "same" = the towers the adapters / block go to
+# temperature: where LearnableTemperature keeps it (leanclip.contrastive.TEMPERATURE_MIN / _MAX; lilt does not import
+# the training module); reduction: no reduction beyond the widest tower a model config may have divides a width
+TEMPERATURE_RANGE = {"temperature": OptionRange(float, 0.001, 0.5)}
+ADAPTER_RANGES = {**TEMPERATURE_RANGE, "reduction": OptionRange(int, 1, CONFIG_WIDTH_MAX)}
 
 
 # ----------------------------------------------------------------------------------------------------------- adapter
@@ -414,14 +419,14 @@ def _check_lit(model, temperature=0.07, locked="image", **_):
 
 
 # ----------------------------------------------------------------------------------------------------------- methods
-@register_method("lilt-ln", check=_check_lilt_ln, traits=LILT_TRAITS)
+@register_method("lilt-ln", check=_check_lilt_ln, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
 def _lilt_ln(model, tower="both", projections=True, temperature=0.07):
     """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature)."""
     _begin(model)
     return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms)
 
 
-@register_method("lilt-bitfit", check=_check_lilt_bitfit, traits=LILT_TRAITS)
+@register_method("lilt-bitfit", check=_check_lilt_bitfit, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
 def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
     """LilT-BitFit: every bias of ``tower`` (incl. attn.in_proj_bias and LN biases) + the projections."""
     _begin(model)
@@ -429,7 +434,7 @@ def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
                  unlock_fn=lambda m, t: unlock(m, BIAS_RE, t))
 
 
-@register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"), traits=LILT_TRAITS)
+@register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"), traits=LILT_TRAITS, ranges=ADAPTER_RANGES)
 def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperature=0.07, ln_tower="same",
                   bitfit=False):
     """LilT adapters: bottleneck adapters before ln_1 / ln_2 of every block (zero-init up-projection) + the
@@ -440,7 +445,7 @@ def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperatur
                  ln_tower=ln_tower, bitfit=bitfit)
 
 
-@register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"), traits=LILT_TRAITS)
+@register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"), traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
 def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07, ln_tower="same"):
     """LilT deep: one extra block on top of each tower (zero-init out_proj / c_proj: exact identity at the start),
     + the projections of ``tower`` + the LayerNorms of ``ln_tower`` (as for ``lilt-adapter``)."""
@@ -449,14 +454,14 @@ def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperat
                  ln_tower=ln_tower)
 
 
-@register_method("lilt-proj", check=_check_proj, traits=LILT_TRAITS)
+@register_method("lilt-proj", check=_check_proj, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
 def _lilt_proj(model, tower="both", temperature=0.07):
     """Projections only (LilT's row c): ``visual.proj`` / ``text_projection`` of ``tower`` + the temperature."""
     _begin(model)
     return _lilt(model, tower=tower, projections=True, temperature=temperature)
 
 
-@register_method("lit", check=_check_lit, traits=FULL_TOWER_TRAITS)
+@register_method("lit", check=_check_lit, traits=FULL_TOWER_TRAITS, ranges=TEMPERATURE_RANGE)
 def _lit(model, temperature=0.07, locked="image"):
     """LiT: the ``locked`` tower (default image) stays frozen, the other one is trained in full (text: token /
     positional embeddings, blocks, ln_final, text_projection; image: every visual parameter) (+ the learnable

@@ -40,7 +40,7 @@ from torch import nn
 
 from leanclip import lean as _lean
 from leanclip.models.openclip import tower_blocks
-from leanclip.registry import register_method
+from leanclip.registry import OptionRange, register_method
 from leanclip.select import check_tower, require_open_clip_tower
 
 __all__ = ["LowRank", "LoRA", "merge", "strip", "lora_modules", "TARGETS"]
@@ -143,23 +143,32 @@ def _targets(targets) -> tuple[str, ...]:
     return tuple(targets)
 
 
+# rank: above every real CLIP width (ViT-e-14's 1792 is the widest open_clip ships), so a larger one is not low-rank
+# anywhere; the check then holds it to the targeted projections' own width. alpha: the pair's output is scaled by
+# alpha / rank, and recipes use alpha of 1 to 2 x rank. dropout: a probability of dropping, 1 would drop everything.
+LORA_RANGES = {"rank": OptionRange(int, 1, 4096), "alpha": OptionRange(float, 0.0, 1e4, lo_open=True),
+               "dropout": OptionRange(float, 0.0, 1.0, hi_open=True)}
+
+
 def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both", **_):
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    _targets(targets)
+    """The options' ranges are declared (``LORA_RANGES``) and checked by ``prepare`` first; here what depends on
+    the towers: open_clip blocks the lean modules cover, and a rank no larger than the narrowest targeted
+    projection (a pair of rank min(in, out) already spans every update of that projection)."""
+    targets = _targets(targets)
     require_open_clip_tower(model, "lora", check_tower(tower), "it adds low-rank terms to the blocks' projections")
     obstacles = _lean.lean_obstacles(model)
     if obstacles:
         raise ValueError(f"method 'lora' runs in the lean blocks, which do not cover this model: "
                          f"{'; '.join(obstacles)}")
+    widths = {min(blk.attn.embed_dim, blk.mlp.c_fc.out_features) if {"fc", "proj"} & set(targets)
+              else blk.attn.embed_dim for blk in tower_blocks(model, tower)}
+    if widths and rank > min(widths):
+        raise ValueError(f"method 'lora': rank={rank} exceeds the width {min(widths)} of the targeted projections "
+                         f"(a LoRA pair of that rank is no longer low-rank)")
 
 
 # ----------------------------------------------------------------------------------------------------------- method
-@register_method("lora", check=_check_lora)
+@register_method("lora", check=_check_lora, ranges=LORA_RANGES)
 def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"):
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)

@@ -48,7 +48,8 @@ from leanclip.features import clipfit_kd_loss, frozen_text_features
 from leanclip.models.openclip import class_name, text_tower
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
-    METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, check_task, is_closed_set,
+    METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, OptionRange, check_option_ranges,
+    check_task, is_closed_set,
     method_contrastive_defaults, method_hooks, method_loss_terms, method_options, method_template_set,
     method_train_defaults, method_trainer, parse_method, register_method, set_method_check,
 )
@@ -132,20 +133,53 @@ def _check_linear_probe(model, classnames=None, tokenizer=None, num_classes=None
     embed_dim(model)
 
 
-def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02, **_):
+COOP_INIT_TEXT = "a photo of a"  # CoOp's initialisation for its 4-token context
+COOP_STD = 0.02  # CoOp's random initialisation, N(0, 0.02^2): the scale of CLIP's token embeddings
+# n_ctx: the check holds it to the text tower's context, which a model config bounds (leanclip.models.openclip_config);
+# std: a random start beyond 1 is 50x the scale of the token embeddings the context sits among
+COOP_RANGES = {"n_ctx": OptionRange(int, 1, 4096), "std": OptionRange(float, 0.0, 1.0, lo_open=True)}
+
+
+def _coop_init_text(n_ctx: int, init_text) -> str:
+    """The text the context starts from ("" = a random start): ``init_text`` as given, else CoOp's rule - "a photo
+    of a" for its 4-token context, a random start for any other length."""
+    if init_text is not None:
+        return init_text
+    return COOP_INIT_TEXT if n_ctx == len(COOP_INIT_TEXT.split()) else ""
+
+
+def _init_text_tokens(tokenizer, text: str) -> tuple[torch.Tensor, int, bool]:
+    """(token ids (1, L), how many tokens lie between [SOS] and [EOT], whether [EOT] sits in the last slot: the
+    tokenizer cuts a longer text there)."""
+    tok = torch.as_tensor(tokenizer([text]))
+    eot = int(tok[0].argmax())
+    return tok, eot - 1, eot == tok.shape[1] - 1
+
+
+def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None, **_):
     require_options("coop", classnames=classnames, tokenizer=tokenizer)
     if not list(classnames):
         raise ValueError("classnames must not be empty")
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
     if init_text is not None and not isinstance(init_text, str):
         raise ValueError(f"init_text must be a string or None, got {type(init_text).__name__}")
-    _heads.check_std(std)
     require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
     context = text_tower(model).positional_embedding.shape[0]
     if n_ctx > context - 3:  # [SOS] ctx_1..ctx_n, at least one class-name token, [EOT]
         raise ValueError(f"n_ctx={n_ctx} leaves no room for a class name in the text tower's {context}-token "
                          f"context (at most {context - 3})")
+    text = _coop_init_text(n_ctx, init_text)
+    if not text:
+        return
+    if std is not None:
+        raise ValueError(f"std={std} has no effect: the context starts from the token embeddings of init_text "
+                         f"{text!r} (init_text= empty for a random start with std)")
+    _, count, cut = _init_text_tokens(tokenizer, text)
+    if count != n_ctx:  # it would be ignored: say so rather than start from random vectors unasked
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        size = f"longer than the tokenizer's {count + 2}-token context" if cut else f"{count} tokens"
+        instead = f"an init_text of {n_ctx} tokens" + ("" if cut else f", n_ctx={count}")
+        raise ValueError(f"init_text {shown!r} is {size}, n_ctx={n_ctx}: the context starts from init_text only "
+                         f"when it has exactly n_ctx tokens (give {instead}, or init_text= empty for a random start)")
 
 
 def _check_adapter(model, reduction=4, ratio=0.2, **_):
@@ -198,7 +232,8 @@ def _clipfit_l2(ctx):
     return term
 
 
-@register_method("clipfit", check=_check_clipfit,
+# l2_reg weighs a sum of squared parameter shifts against a cross-entropy of order 1
+@register_method("clipfit", check=_check_clipfit, ranges={"l2_reg": OptionRange(float, 0.0, 1e6)},
                  traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit"))
 def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):
     """Text ``transformer.resblocks.*.mlp.c_proj.bias`` (``text_bias``) + every image LayerNorm (ln_pre, ln_1, ln_2,
@@ -219,7 +254,12 @@ def _full(model):
     return {}
 
 
-@register_method("llu", check=_check_llu, traits=MethodTraits(
+# gamma: see heads.LLU_GAMMA_MAX; init_seed: numpy's seed range, as --seed
+LLU_RANGES = {"beta": OptionRange(float, 0.0, 1.0), "gamma": OptionRange(float, 0.0, _heads.LLU_GAMMA_MAX),
+              "threshold": OptionRange(float, 0.0, 2.0), "init_seed": OptionRange(int, 0, 2 ** 32 - 1)}
+
+
+@register_method("llu", check=_check_llu, ranges=LLU_RANGES, traits=MethodTraits(
     trainer="cached", tasks=("classify",), alone=True, hooks={"image_logit": "llu_image", "text_logit": "llu_text"},
     train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0}))
 def _llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity", reg="mse", shared=False,
@@ -236,9 +276,10 @@ def _llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity"
     return {"llu_image": img, "llu_text": txt.tie_to(img) if shared else txt}
 
 
-@register_method("linear-probe", check=_check_linear_probe, traits=MethodTraits(
-    tasks=("classify",), closed_set=True, hooks={"logits": "linear_probe"},
-    train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "warmup_epochs": 0}))
+@register_method("linear-probe", check=_check_linear_probe, ranges={"num_classes": OptionRange(int, 1, 10 ** 6)},
+                 traits=MethodTraits(tasks=("classify",), closed_set=True, hooks={"logits": "linear_probe"},
+                                     train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0,
+                                                     "warmup_epochs": 0}))
 def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None):
     """Linear head E -> C on normalized image features, initialised from the zero-shot class text weights
     (``logit_scale.exp() * text_features``, so it starts at zero-shot accuracy) when classnames and tokenizer are
@@ -253,29 +294,31 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
     return {"linear_probe": head.to(dev)}
 
 
-@register_method("coop", check=_check_coop,
+@register_method("coop", check=_check_coop, ranges=COOP_RANGES,
                  traits=MethodTraits(tasks=("classify",), hooks={"prompts": "prompt_learner"}))
-def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text="a photo of a", std=0.02):
-    """CoOp learned prompt context (n_ctx vectors; from the token embeddings of ``init_text`` when it has exactly
-    n_ctx tokens - "a photo of a" for n_ctx=4 - else N(0, std^2)); class names appended. Needs classnames, a
-    tokenizer and an open_clip transformer text tower."""
+def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None):
+    """CoOp learned prompt context: n_ctx vectors, class names appended. They start from the token embeddings of
+    ``init_text``, which must have exactly n_ctx tokens, or from N(0, std^2) (``std`` default 0.02) when
+    ``init_text`` is empty; unset, CoOp's rule applies: "a photo of a" for n_ctx=4, a random start otherwise. An
+    option that would have no effect (an init_text of another length, a std beside an init_text) is refused. Needs
+    classnames, a tokenizer and an open_clip transformer text tower."""
     _check_coop(model, classnames, tokenizer, n_ctx, init_text, std)
     classnames = list(classnames)
     t = text_tower(model)
     width = t.token_embedding.weight.shape[1]
     init = None
-    if init_text:
-        tok = torch.as_tensor(tokenizer([init_text]))
-        eot = int(tok[0].argmax())
-        if eot - 1 == n_ctx:
-            with torch.no_grad():
-                init = t.token_embedding(tok.to(t.token_embedding.weight.device))[0, 1:1 + n_ctx].float().cpu()
-    learner = _heads.PromptLearner(n_ctx, width, init_embeddings=init, std=std)
+    text = _coop_init_text(n_ctx, init_text)
+    if text:
+        tok, _, _ = _init_text_tokens(tokenizer, text)
+        with torch.no_grad():
+            init = t.token_embedding(tok.to(t.token_embedding.weight.device))[0, 1:1 + n_ctx].float().cpu()
+    learner = _heads.PromptLearner(n_ctx, width, init_embeddings=init, std=COOP_STD if std is None else std)
     learner.classnames = classnames
     return {"prompt_learner": learner.to(t.token_embedding.weight.device)}
 
 
-@register_method("adapter", check=_check_adapter, traits=MethodTraits(hooks={"image_features": "clip_adapter"}))
+@register_method("adapter", check=_check_adapter, traits=MethodTraits(hooks={"image_features": "clip_adapter"}),
+                 ranges={"reduction": houlsby.REDUCTION_RANGE, "ratio": OptionRange(float, 0.0, 1.0)})
 def _adapter(model, reduction=4, ratio=0.2):
     """CLIP-Adapter: residual bottleneck MLP E -> E/reduction -> E (ReLU) on image features, mixed with ``ratio``."""
     e = embed_dim(model)
@@ -388,6 +431,7 @@ def _check_methods(model: nn.Module, parts: list[str], per_opts: list[dict]) -> 
     """Run every component's check; returns their notices."""
     notices = []
     for p, kw in zip(parts, per_opts):
+        check_option_ranges(p, kw)  # declared with the method: before its check reads any of them
         check = METHOD_CHECKS.get(p)
         if check is not None:
             notices += check(model, **{**method_options(p), **kw}) or []

@@ -7,6 +7,7 @@ It imports no other leanclip module, so every method module can register itself 
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -63,16 +64,56 @@ METHOD_TRAITS: dict[str, MethodTraits] = {}
 METHOD_CHECKS: dict[str, Callable[..., None]] = {}
 
 
+@dataclass(frozen=True)
+class OptionRange:
+    """The values a numeric method option may take, declared with the method (``register_method(ranges=...)``):
+    ``kind`` int or float, bounds ``lo`` / ``hi`` (inclusive unless ``lo_open`` / ``hi_open``); a float must also be
+    finite, and a bool is neither. None passes (the option's "not given"). The ranges hold what needs no model:
+    every size an option can make must be bounded here, so that the command line refuses it before the model is
+    built; what depends on the towers (a LoRA rank against the width) stays in the method's check."""
+    kind: type
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __str__(self) -> str:
+        name, lo, hi = ("an int", int(self.lo), int(self.hi)) if self.kind is int else \
+            ("a finite number", f"{self.lo:g}", f"{self.hi:g}")
+        return f"{name} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+    def admits(self, value) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
+            return False
+        if self.kind is float and not math.isfinite(value):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+
+# Per method: {option: OptionRange}; prepare checks them before the method's check, the command line when it reads
+# ``--opt KEY=VALUE``.
+METHOD_RANGES: dict[str, dict[str, OptionRange]] = {}
+
+
 def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = False,
-                    check: Callable | None = None, traits: MethodTraits | None = None):
+                    check: Callable | None = None, traits: MethodTraits | None = None,
+                    ranges: dict[str, OptionRange] | None = None):
     """Register ``fn(model, **opts) -> dict[str, nn.Module]`` as method ``name`` (usable as a decorator).
 
     ``check(model, **opts)`` (optional) validates the options and the model's towers for the method without
     changing anything (ValueError) and may return one-line notices (a list of str) that ``prepare`` shows once
     everything is validated; ``prepare`` runs the checks of every component before it changes the model. It
     receives every option of ``fn`` (defaults filled in). ``traits`` (:class:`MethodTraits`, default: a backprop
-    method for every task) tells the trainers and the CLI how to run it."""
+    method for every task) tells the trainers and the CLI how to run it. ``ranges`` (``{option: OptionRange}``)
+    bounds its numeric options (:func:`check_option_ranges`)."""
     traits = traits or MethodTraits()
+    ranges = dict(ranges or {})
+    if not all(isinstance(r, OptionRange) for r in ranges.values()):
+        raise TypeError(f"ranges of {name!r}: each must be an OptionRange")
     if traits.trainer not in TRAINERS or not set(traits.tasks) <= set(TASKS):
         raise ValueError(f"traits of {name!r}: trainer must be one of {TRAINERS}, tasks a subset of {TASKS}")
     if not set(traits.hooks) <= set(HOOK_ROLES) or not all(callable(f) for f in traits.loss_terms):
@@ -87,8 +128,12 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
             raise TypeError("a method must be callable")
         if name in METHODS and not overwrite and METHODS[name] is not f:
             raise ValueError(f"method {name!r} is already registered")
+        undeclared = sorted(set(ranges) - set(_keyword_options(f)))
+        if undeclared:
+            raise ValueError(f"ranges of {name!r} name options the method does not take: {undeclared}")
         METHODS[name] = f
         METHOD_TRAITS[name] = traits
+        METHOD_RANGES[name] = ranges
         if check is not None:
             METHOD_CHECKS[name] = check
         elif overwrite:
@@ -196,8 +241,25 @@ def check_task(method, task: str) -> None:
                          f"{task}: {', '.join(ok)}")
 
 
-def method_options(name: str) -> dict:
-    """The options (keyword parameters with defaults) method ``name`` accepts."""
-    sig = inspect.signature(METHODS[name])
+def _keyword_options(fn: Callable) -> dict:
+    sig = inspect.signature(fn)
     return {k: (None if v.default is inspect.Parameter.empty else v.default)
             for k, v in list(sig.parameters.items())[1:] if v.kind not in (v.VAR_POSITIONAL, v.VAR_KEYWORD)}
+
+
+def method_options(name: str) -> dict:
+    """The options (keyword parameters with defaults) method ``name`` accepts."""
+    return _keyword_options(METHODS[name])
+
+
+def option_range(name: str, option: str) -> OptionRange | None:
+    """The range method ``name`` declares for ``option`` (None: undeclared)."""
+    return METHOD_RANGES.get(name, {}).get(option)
+
+
+def check_option_ranges(name: str, opts: dict) -> None:
+    """ValueError naming the first option of ``opts`` outside the range method ``name`` declares for it."""
+    for option, value in opts.items():
+        r = option_range(name, option)
+        if r is not None and not r.admits(value):
+            raise ValueError(f"method {name!r}: {option} must be {r}, got {value!r}")

@@ -33,7 +33,7 @@ from leanclip.checkpoint import load_trainable
 from leanclip.configs import register_tiny_config
 from leanclip.data import clip_transform
 from leanclip.pretrain import pretrain_contrastive
-from leanclip.registry import method_options
+from leanclip.registry import method_options, option_range
 from leanclip.synthetic import make_caption_corpus
 from leanclip.templates import canonical_dataset_name
 from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source
@@ -287,7 +287,9 @@ _NOT_FROM_OPT = ("tower", "classnames", "tokenizer", "templates")
 def method_opts_from_flags(parts: list[str], pairs) -> dict:
     """``--opt KEY=VALUE`` (repeatable) -> keyword options for ``prepare``: each key must be an option one of the
     method's components declares (``leanclip.registry.method_options``), and each value is read with the type of
-    that option's default (int, float, true/false, or a comma-separated list where the default is a tuple)."""
+    that option's default (int, float, true/false, or a comma-separated list where the default is a tuple; the kind
+    of its declared range where the default is None) and must lie in the range every component declaring it gives
+    (``leanclip.registry.OptionRange``): all before the model is built."""
     declared = {}
     for p in parts:
         declared.update({k: v for k, v in method_options(p).items() if k not in _NOT_FROM_OPT})
@@ -300,19 +302,24 @@ def method_opts_from_flags(parts: list[str], pairs) -> dict:
         if key not in declared:
             raise UsageError(f"--opt {pair!r}: method {'+'.join(parts)!r} has no option {key!r} (options: "
                              f"{', '.join(sorted(declared)) or 'none'})")
-        out[key] = _option_value(pair, raw.strip(), declared[key])
+        ranges = [(p, r) for p in parts if (r := option_range(p, key)) is not None]
+        out[key] = _option_value(pair, raw.strip(), declared[key], ranges[0][1].kind if ranges else None)
+        for p, r in ranges:
+            if not r.admits(out[key]):
+                raise UsageError(f"--opt {pair!r}: {key} of method {p!r} must be {r}")
     return out
 
 
-def _option_value(pair: str, raw: str, default):
+def _option_value(pair: str, raw: str, default, kind=None):
+    """``raw`` as the type of ``default``, or as ``kind`` (the option's declared range) where the default is None."""
     try:
         if isinstance(default, bool):
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(raw)
             return raw.lower() in ("true", "1", "yes")
-        if isinstance(default, int):
+        if isinstance(default, int) or (default is None and kind is int):
             return int(raw)
-        if isinstance(default, float):
+        if isinstance(default, float) or (default is None and kind is float):
             value = float(raw)
             if not math.isfinite(value):
                 raise ValueError(raw)
@@ -320,7 +327,8 @@ def _option_value(pair: str, raw: str, default):
         if isinstance(default, (tuple, list)):
             return tuple(x.strip() for x in raw.split(",") if x.strip())
     except ValueError:
-        raise UsageError(f"--opt {pair!r}: expected {type(default).__name__} like the default {default!r}") from None
+        like = f" like the default {default!r}" if default is not None else ""
+        raise UsageError(f"--opt {pair!r}: expected {(kind or type(default)).__name__}{like}") from None
     return raw  # a string option (or one without a default): the method's own check validates it
 
 

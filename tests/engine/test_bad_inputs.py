@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from leanclip import cli
+from leanclip.configs import TINY_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,17 @@ def files(tmp_path_factory, tiny_name):
     f["pairs_outside"].write_text("image,caption\nc0_0.png,a shape\n../a_file,escape\n")
     f["pairs_missing_col"] = d / "pairs.csv"
     f["pairs_missing_col"].write_text("image,text\nc0_0.png,hello\n")
+    # model folders (--model local-dir:) whose open_clip_config.json open_clip would turn into a traceback
+    for key, change in (("width_neg", {"vision_cfg": {"width": -64}}), ("heads", {"text_cfg": {"heads": 3}}),
+                        ("field", {"vision_cfg": {"bogus": 1}}), ("nested", None)):
+        folder = f[f"cfg_{key}"] = d / f"model-{key}"
+        folder.mkdir()
+        cfg = json.loads(json.dumps(TINY_CONFIG))
+        for section, values in (change or {}).items():
+            cfg[section].update(values)
+        text = "[" * 100000 + "]" * 100000 if change is None else json.dumps({"model_cfg": cfg})
+        (folder / "open_clip_config.json").write_text(text)
+        save_file({"x": torch.zeros(1)}, str(folder / "open_clip_model.safetensors"))
     return f
 
 
@@ -128,6 +141,31 @@ def _cases(f):
         ("opt-no-value", [*t, "--method", "lora", "--opt", "rank"], {}, "KEY=VALUE"),
         ("opt-bad-type", [*t, "--method", "lora", "--opt", "rank=abc"], {}, "expected int"),
         ("opt-bad-value", [*t, "--method", "lora", "--opt", "rank=0"], {}, "rank"),
+        # every method option within its declared range (leanclip.registry.OptionRange), before the model is built
+        ("lora-rank-huge", [*t, "--method", "lora", "--opt", "rank=99999999999999999999"], {}, "rank"),
+        ("lora-rank-over-width", [*t, "--method", "lora", "--opt", "rank=65"], {}, "rank=65 exceeds the width 64"),
+        ("lora-alpha-huge", [*t, "--method", "lora", "--opt", "alpha=1e300"], {}, "alpha"),
+        ("lora-dropout-1", [*t, "--method", "lora", "--opt", "dropout=1"], {}, "dropout"),
+        ("houlsby-reduction-huge", [*t, "--method", "houlsby", "--opt", "reduction=" + "9" * 30], {}, "reduction"),
+        ("compacter-n-huge", [*t, "--method", "compacter", "--opt", "n=4096"], {}, "n of method 'compacter'"),
+        ("adapter-ratio-2", [*t, "--method", "adapter", "--opt", "ratio=2"], {}, "ratio"),
+        ("llu-gamma-huge", [*t, "--method", "llu", "--opt", "gamma=1e308"], {}, "gamma"),
+        ("llu-init-seed-huge", [*t, "--method", "llu", "--opt", f"init_seed={2 ** 70}"], {}, "init_seed"),
+        ("coop-n-ctx-huge", [*t, "--method", "coop", "--opt", "n_ctx=" + "9" * 20], {}, "n_ctx"),
+        ("coop-std-huge", [*t, "--method", "coop", "--opt", "init_text=", "--opt", "std=1e308"], {}, "std"),
+        ("coop-std-unused", [*t, "--method", "coop", "--opt", "std=0.5"], {}, "std=0.5 has no effect"),
+        ("coop-init-text-long", [*t, "--method", "coop", "--opt", "init_text=" + " ".join(["photo"] * 4000)], {},
+         "longer than the tokenizer's 77-token context"),
+        ("coop-init-text-other-length", [*t, "--method", "coop", "--opt", "init_text=a photo"], {},
+         "init_text 'a photo' is 2 tokens, n_ctx=4"),
+        # hostile model configs (--model local-dir:DIR): one line naming the file and the field, before any build
+        ("model-config-width-neg", [*t, "--model", f"local-dir:{f['cfg_width_neg']}"], {},
+         f"{f['cfg_width_neg'] / 'open_clip_config.json'}: vision_cfg.width"),
+        ("model-config-heads", [*t, "--model", f"local-dir:{f['cfg_heads']}"], {},
+         f"{f['cfg_heads'] / 'open_clip_config.json'}: text_cfg.heads"),
+        ("model-config-unknown-field", [*t, "--model", f"local-dir:{f['cfg_field']}"], {},
+         f"{f['cfg_field'] / 'open_clip_config.json'}: vision_cfg.bogus"),
+        ("model-config-nested", [*t, "--model", f"local-dir:{f['cfg_nested']}"], {}, "nests too deeply"),
         ("method-unknown", [*t, "--method", "nope"], {}, "nope"),
         ("method-combo-unknown", [*t, "--method", "ln+nope"], {}, "nope"),
         ("method-empty", [*t, "--method", ""], {}, "method"),

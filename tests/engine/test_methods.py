@@ -112,9 +112,9 @@ def test_auto_recompute(fresh_tiny):
     (dict(method="coop"), "'coop' needs classnames and tokenizer"),
     (dict(method="coop", classnames=["a"]), "needs tokenizer"),
     (dict(method="linear-probe"), "classnames or num_classes"),
-    (dict(method="linear-probe", num_classes=0), "positive int"),
+    (dict(method="linear-probe", num_classes=0), r"num_classes must be an int in \[1, "),
     (dict(method="linear-probe", classnames="cat"), "list of strings"),
-    (dict(method="llu", beta=2.0), "beta must be <= 1"),
+    (dict(method="llu", beta=2.0), r"beta must be a finite number in \[0, 1\]"),
     (dict(method="adapter", reduction=0), "reduction"),
 ])
 def test_prepare_bad_input(fresh_tiny, kwargs, match):
