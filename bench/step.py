@@ -15,6 +15,8 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
                    compiler's automatic selective recompute; set only while that mode runs
     lean:<policy>  ``leanclip.prepare(model, method, recompute=policy)`` and the trainer's own step
                    (``leanclip.step.ClassifyStep``): fused ops, EOT-truncated text, text tower once per step
+    lean:block/<c> the ``block`` policy over chunks of c samples (``leanclip.lean.set_recompute(..., chunk=c)``): a
+                   block's backward holds one chunk's activations instead of the batch's
     lean:<policy>+compile  the same step with its image-side forward under ``torch.compile``; a mode that does not
                    trace is reported with its reason under ``failed`` instead of stopping the run
     floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
@@ -54,7 +56,7 @@ from leanclip.bench.common import (
     interleaved_times, load_average, machine, reliability_warnings, spread, step_peak_bytes, write_json, write_png,
 )
 from leanclip.configs import register_tiny_config
-from leanclip.lean import SAC_CACHE_COUNTED
+from leanclip.lean import SAC_CACHE_COUNTED, set_recompute
 from leanclip.memory import saved_activation_bytes
 from leanclip.methods import prepare
 from leanclip.models.openclip import random_init
@@ -67,16 +69,18 @@ SCOPES = ("full", "image")
 DEFAULT_BUDGETS = (0.1, 0.5)
 _MODE = re.compile(r"^(?:(plain)(\+gc)?(\+compile(?:\+budget:([0-9.eE+-]+))?)?"
                    r"|lean:([a-z+]+?)(\+compile)?|(floor:image))$")
+_CHUNK = re.compile(r"^lean:block/([0-9]+)")  # lean:block/<samples per chunk>[+compile]
 
 
 def parse_mode(mode: str) -> dict:
     """``{"kind": plain|lean|floor, "policy", "gc", "compile", "budget"}`` of a mode name; ValueError naming the
     mode when it is not one of the forms in this module's docstring."""
-    m = _MODE.match(mode)
-    if not m or (m.group(5) and m.group(5) not in POLICIES):
+    chunk = _CHUNK.match(mode)
+    m = _MODE.match(_CHUNK.sub("lean:block", mode))
+    if not m or (m.group(5) and m.group(5) not in POLICIES) or (chunk and int(chunk.group(1)) < 1):
         raise ValueError(f"--modes: unknown mode {mode!r}; valid: plain, plain+gc, plain+compile, "
-                         f"plain+compile+budget:<0..1>, lean:<policy>, lean:<policy>+compile, floor:image "
-                         f"(policies: {', '.join(POLICIES)})")
+                         f"plain+compile+budget:<0..1>, lean:<policy>, lean:block/<chunk>, lean:<policy>+compile, "
+                         f"floor:image (policies: {', '.join(POLICIES)}; chunk: samples per chunk, at least 1)")
     budget = None
     if m.group(4) is not None:
         try:
@@ -87,7 +91,8 @@ def parse_mode(mode: str) -> dict:
             raise ValueError(f"--modes: {mode!r}: the activation memory budget must be in (0, 1]")
     kind = "plain" if m.group(1) else ("lean" if m.group(5) else "floor")
     return {"kind": kind, "policy": m.group(5) or "none", "gc": bool(m.group(2)),
-            "compile": bool(m.group(3) or m.group(6)), "budget": budget}
+            "compile": bool(m.group(3) or m.group(6)), "budget": budget,
+            "chunk": int(chunk.group(1)) if chunk else None}
 
 
 def default_modes(policies=POLICIES, *, compile=False, budgets=DEFAULT_BUDGETS, floor=False) -> list[str]:
@@ -176,6 +181,8 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
                    frozen_dtype=torch.bfloat16 if amp and lean else None)
     if spec["gc"]:
         model.set_grad_checkpointing(True)
+    if spec["chunk"] is not None:
+        set_recompute(model, "block", chunk=spec["chunk"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(0)

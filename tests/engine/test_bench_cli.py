@@ -166,14 +166,18 @@ def test_step_bf16_precision_runs_on_cpu():
 def test_parse_mode_grammar():
     from leanclip.bench.step import default_modes, parse_mode
 
-    assert parse_mode("plain") == {"kind": "plain", "policy": "none", "gc": False, "compile": False, "budget": None}
+    assert parse_mode("plain") == {"kind": "plain", "policy": "none", "gc": False, "compile": False, "budget": None,
+                                   "chunk": None}
     assert parse_mode("plain+gc")["gc"]
     assert parse_mode("plain+compile+budget:0.25") == {"kind": "plain", "policy": "none", "gc": False,
-                                                        "compile": True, "budget": 0.25}
+                                                        "compile": True, "budget": 0.25, "chunk": None}
     assert parse_mode("lean:mlp+qkv+compile") == {"kind": "lean", "policy": "mlp+qkv", "gc": False, "compile": True,
-                                                  "budget": None}
+                                                  "budget": None, "chunk": None}
+    assert parse_mode("lean:block/4+compile") == {"kind": "lean", "policy": "block", "gc": False, "compile": True,
+                                                  "budget": None, "chunk": 4}
     assert parse_mode("lean:mlp+qkv")["policy"] == "mlp+qkv" and not parse_mode("lean:mlp+qkv")["compile"]
-    for bad in ("plain+budget:0.1", "lean:block+gc", "lean:", "plain+compile+budget:nan", "floor:text", "PLAIN"):
+    for bad in ("plain+budget:0.1", "lean:block+gc", "lean:", "plain+compile+budget:nan", "floor:text", "PLAIN",
+                "lean:block/0", "lean:mlp/2", "lean:block/", "plain/2"):
         with pytest.raises(ValueError, match="--modes"):
             parse_mode(bad)
     assert default_modes(["none"]) == ["plain", "plain+gc", "lean:none"]
@@ -342,3 +346,24 @@ def test_compiled_peers_run_on_cpu(tmp_path, capsys):
     for mode in row["seconds"]:
         assert len(row["warmup_seconds"][mode]) == 2 and row["peak_step_bytes"][mode] is not None
         assert row["graph_breaks"][mode] >= 0
+
+
+def test_chunked_block_mode_trains_like_block():
+    """``lean:block/<c>`` sets the chunk on every lean block, and its step's loss and gradients are the block's."""
+    import open_clip
+
+    from leanclip.bench.step import make_step
+    from leanclip.configs import register_tiny_config
+
+    name, tok = register_tiny_config(), open_clip.get_tokenizer("ViT-B-16")
+    grads = {}
+    for mode in ("lean:block", "lean:block/1"):
+        step, _, model = make_step(name, "ln", mode, batch_size=3, n_classes=3, device=torch.device("cpu"),
+                                   tokenizer=tok)
+        assert {b.leanclip_chunk for b in model.visual.transformer.resblocks} == {None if mode == "lean:block" else 1}
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        grads[mode] = (step(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (la, ga), (lb, gb) = grads["lean:block"], grads["lean:block/1"]
+    assert torch.allclose(la, lb, rtol=1e-5) and ga.keys() == gb.keys() and ga
+    assert all(torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-7) for n in ga)
