@@ -15,6 +15,15 @@ import os
 
 import torch
 
+# Triton is optional: without it (or with an install that fails to import) the torch backend runs everything on CPU
+# and the csrc extension on CUDA. This is the one place that imports it; the ops take ``triton`` / ``tl`` from here
+# and define their kernels only when it is not None.
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001  (ImportError, or a broken install failing in its own import)
+    triton = tl = None
+
 BACKENDS = ("torch", "triton", "cuda")
 
 # Per-op default on CUDA devices. Changed only from committed benchmark results (bench/results/).
@@ -54,21 +63,9 @@ def _fix_interpreter_scalar_index() -> None:
 
 _fix_interpreter_scalar_index()
 
-_triton_ok: bool | None = None
-
-
 def triton_importable() -> bool:
-    # A plain cached flag (not functools.lru_cache), so torch.compile can trace resolve() without a warning.
-    global _triton_ok
-    if _triton_ok is None:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _triton_ok = True
-        except Exception:
-            _triton_ok = False
-    return _triton_ok
+    """Whether triton imported (``leanclip.kernels._backend.triton`` is the module, else None)."""
+    return triton is not None
 
 
 def cuda_extension_loaded() -> bool:

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from leanclip.kernels import _backend, _cuda_ext
+from leanclip.kernels._backend import tl, triton  # None without triton: only the torch backend runs
 from leanclip.kernels._validate import check_backend_dtype, check_same, check_tensor
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -67,20 +68,13 @@ def frozen_linear_bwd_ref(dy: torch.Tensor, weight: torch.Tensor, need_db: bool 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------
-try:
-    import triton
-    import triton.language as tl
-
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - triton is optional
-    _HAS_TRITON = False
 
 # Set LEANCLIP_FROZEN_LINEAR_TMA=0 to force the pointer-based kernel on Hopper+ GPUs.
 _TMA_ENABLED = os.environ.get("LEANCLIP_FROZEN_LINEAR_TMA", "1") != "0"
 _SMEM_BUDGET = 227 * 1024  # bytes of shared memory per block on H100; configs whose operand tiles exceed it are pruned
 
 
-if _HAS_TRITON:
+if triton is not None:
 
     def _set_tma_block_shapes(nargs):
         """Autotune pre-hook: the host-side TMA descriptors take their box size from the chosen config."""

@@ -30,10 +30,9 @@ import numbers
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
 
 from leanclip.kernels import _backend, _validate
+from leanclip.kernels._backend import tl, triton
 
 # Largest column block held in registers at once. Rows up to this width run single-pass (one read of x in the
 # forward, one read of x and dy in the backward); wider rows loop over column blocks (3 reads of x forward,
@@ -123,184 +122,184 @@ def _bwd_torch(dy2d, x2d, weight, mean, rstd, need_dx, need_dw, need_db):
 
 
 # ----------------------------------------------------------------------------------------------- Triton
+if triton is not None:  # optional (leanclip.kernels._backend): without it the torch backend runs
 
-
-@triton.jit
-def _ln_fwd_kernel(
-    X, Y, W, B, MEAN, RSTD,
-    stride_x, stride_y, N, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
-):
-    """One row per program. SINGLE_PASS: the whole row sits in registers (BLOCK_N >= N); else loop over
-    column blocks: sum -> mean, sum of squared deviations -> var, then normalise and write."""
-    row = tl.program_id(0).to(tl.int64)
-    X += row * stride_x
-    Y += row * stride_y
-    if SINGLE_PASS:
-        cols = tl.arange(0, BLOCK_N)
-        mask = cols < N
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(xc * xc, axis=0) / N
-        rstd = tl.rsqrt(var + eps)
-        y = xc * rstd
-        if HAS_WEIGHT:
-            y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    else:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for off in range(0, N, BLOCK_N):
-            cols = off + tl.arange(0, BLOCK_N)
-            acc += tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=0) / N
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for off in range(0, N, BLOCK_N):
-            cols = off + tl.arange(0, BLOCK_N)
+    @triton.jit
+    def _ln_fwd_kernel(
+        X, Y, W, B, MEAN, RSTD,
+        stride_x, stride_y, N, eps,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ):
+        """One row per program. SINGLE_PASS: the whole row sits in registers (BLOCK_N >= N); else loop over
+        column blocks: sum -> mean, sum of squared deviations -> var, then normalise and write."""
+        row = tl.program_id(0).to(tl.int64)
+        X += row * stride_x
+        Y += row * stride_y
+        if SINGLE_PASS:
+            cols = tl.arange(0, BLOCK_N)
             mask = cols < N
             x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=0) / N
             xc = tl.where(mask, x - mean, 0.0)
-            acc += xc * xc
-        var = tl.sum(acc, axis=0) / N
-        rstd = tl.rsqrt(var + eps)
-        for off in range(0, N, BLOCK_N):
-            cols = off + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean) * rstd
+            var = tl.sum(xc * xc, axis=0) / N
+            rstd = tl.rsqrt(var + eps)
+            y = xc * rstd
             if HAS_WEIGHT:
                 y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
-
-
-@triton.jit
-def _ln_bwd_kernel(
-    DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART,
-    stride_dy, stride_x, stride_dx, M, N,
-    HAS_WEIGHT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    NEED_XHAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
-):
-    """Persistent grid: program p handles row tiles p, p+G, p+2G, ... (BLOCK_M rows each) and writes its
-    float32 dγ/dβ partial to row p of DW_PART/DB_PART ([G, N]). SINGLE_PASS keeps whole rows in registers and
-    the partials in a [BLOCK_M, BLOCK_N] register accumulator. Otherwise (BLOCK_M == 1, rows wider than
-    BLOCK_N): per row, one pass for the two row sums, a second for dx, and the partials accumulate in the
-    program's own (zero-initialised) row of DW_PART/DB_PART — owned by one program, so no races."""
-    pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    if SINGLE_PASS:
-        _ln_bwd_rows_in_registers(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N,
-                                  pid, n_prog, HAS_WEIGHT, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, NEED_XHAT, BLOCK_M,
-                                  BLOCK_N)
-    else:
-        _ln_bwd_wide_rows(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N, pid,
-                          n_prog, HAS_WEIGHT, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, NEED_XHAT, BLOCK_N)
-
-
-@triton.jit
-def _ln_bwd_rows_in_registers(
-    DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N, pid, n_prog,
-    HAS_WEIGHT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    NEED_XHAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """Tiles of BLOCK_M whole rows; the program's dγ/dβ partials in a [BLOCK_M, BLOCK_N] register accumulator,
-    summed over rows into its row of DW_PART/DB_PART at the end."""
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for start in range(pid * BLOCK_M, M, n_prog * BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        rows64 = rows.to(tl.int64)
-        mask = rmask[:, None] & cmask[None, :]
-        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if COMPUTE_DB:
-            db_acc += dy
-        if NEED_XHAT:
-            x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
-            rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
-            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-            if COMPUTE_DW:
-                dw_acc += dy * xhat
-            if COMPUTE_DX:
-                if HAS_WEIGHT:
-                    g = dy * w[None, :]
-                else:
-                    g = dy
-                c1 = tl.sum(xhat * g, axis=1) / N
-                c2 = tl.sum(g, axis=1) / N
-                dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-                tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if COMPUTE_DW:
-        tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
-    if COMPUTE_DB:
-        tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=cmask)
-
-
-@triton.jit
-def _ln_bwd_wide_rows(
-    DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N, pid, n_prog,
-    HAS_WEIGHT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    NEED_XHAT: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One row at a time, BLOCK_N columns per pass: the two row sums, then dx; the partials accumulate in the
-    program's own (zero-initialised) row of DW_PART/DB_PART."""
-    for row in range(pid, M, n_prog):
-        row64 = tl.cast(row, tl.int64)
-        dy_row = DY + row64 * stride_dy
-        x_row = X + row64 * stride_x
-        if NEED_XHAT:
-            mean = tl.load(MEAN + row)
-            rstd = tl.load(RSTD + row)
-        c1 = 0.0
-        c2 = 0.0
-        if COMPUTE_DX:
-            acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-            acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for off in range(0, N, BLOCK_N):
+                cols = off + tl.arange(0, BLOCK_N)
+                acc += tl.load(X + cols, mask=cols < N, other=0.0).to(tl.float32)
+            mean = tl.sum(acc, axis=0) / N
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for off in range(0, N, BLOCK_N):
                 cols = off + tl.arange(0, BLOCK_N)
                 mask = cols < N
-                dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                xc = tl.where(mask, x - mean, 0.0)
+                acc += xc * xc
+            var = tl.sum(acc, axis=0) / N
+            rstd = tl.rsqrt(var + eps)
+            for off in range(0, N, BLOCK_N):
+                cols = off + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+                y = (x - mean) * rstd
                 if HAS_WEIGHT:
-                    g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    g = dy
-                acc1 += xhat * g
-                acc2 += g
-            c1 = tl.sum(acc1, axis=0) / N
-            c2 = tl.sum(acc2, axis=0) / N
-        for off in range(0, N, BLOCK_N):
-            cols = off + tl.arange(0, BLOCK_N)
-            mask = cols < N
-            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+
+    @triton.jit
+    def _ln_bwd_kernel(
+        DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART,
+        stride_dy, stride_x, stride_dx, M, N,
+        HAS_WEIGHT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        NEED_XHAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ):
+        """Persistent grid: program p handles row tiles p, p+G, p+2G, ... (BLOCK_M rows each) and writes its
+        float32 dγ/dβ partial to row p of DW_PART/DB_PART ([G, N]). SINGLE_PASS keeps whole rows in registers and
+        the partials in a [BLOCK_M, BLOCK_N] register accumulator. Otherwise (BLOCK_M == 1, rows wider than
+        BLOCK_N): per row, one pass for the two row sums, a second for dx, and the partials accumulate in the
+        program's own (zero-initialised) row of DW_PART/DB_PART — owned by one program, so no races."""
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        if SINGLE_PASS:
+            _ln_bwd_rows_in_registers(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N,
+                                      pid, n_prog, HAS_WEIGHT, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, NEED_XHAT, BLOCK_M,
+                                      BLOCK_N)
+        else:
+            _ln_bwd_wide_rows(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N, pid,
+                              n_prog, HAS_WEIGHT, COMPUTE_DX, COMPUTE_DW, COMPUTE_DB, NEED_XHAT, BLOCK_N)
+
+
+    @triton.jit
+    def _ln_bwd_rows_in_registers(
+        DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N, pid, n_prog,
+        HAS_WEIGHT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        NEED_XHAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Tiles of BLOCK_M whole rows; the program's dγ/dβ partials in a [BLOCK_M, BLOCK_N] register accumulator,
+        summed over rows into its row of DW_PART/DB_PART at the end."""
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(pid * BLOCK_M, M, n_prog * BLOCK_M):
+            rows = start + tl.arange(0, BLOCK_M)
+            rmask = rows < M
+            rows64 = rows.to(tl.int64)
+            mask = rmask[:, None] & cmask[None, :]
+            dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             if COMPUTE_DB:
-                part = DB_PART + pid * N + cols
-                tl.store(part, tl.load(part, mask=mask, other=0.0) + dy, mask=mask)
+                db_acc += dy
             if NEED_XHAT:
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+                rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+                xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
                 if COMPUTE_DW:
-                    part = DW_PART + pid * N + cols
-                    tl.store(part, tl.load(part, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                    dw_acc += dy * xhat
                 if COMPUTE_DX:
+                    if HAS_WEIGHT:
+                        g = dy * w[None, :]
+                    else:
+                        g = dy
+                    c1 = tl.sum(xhat * g, axis=1) / N
+                    c2 = tl.sum(g, axis=1) / N
+                    dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+                    tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            tl.store(DW_PART + pid * N + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+        if COMPUTE_DB:
+            tl.store(DB_PART + pid * N + cols, tl.sum(db_acc, axis=0), mask=cmask)
+
+
+    @triton.jit
+    def _ln_bwd_wide_rows(
+        DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, stride_dy, stride_x, stride_dx, M, N, pid, n_prog,
+        HAS_WEIGHT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+        NEED_XHAT: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """One row at a time, BLOCK_N columns per pass: the two row sums, then dx; the partials accumulate in the
+        program's own (zero-initialised) row of DW_PART/DB_PART."""
+        for row in range(pid, M, n_prog):
+            row64 = tl.cast(row, tl.int64)
+            dy_row = DY + row64 * stride_dy
+            x_row = X + row64 * stride_x
+            if NEED_XHAT:
+                mean = tl.load(MEAN + row)
+                rstd = tl.load(RSTD + row)
+            c1 = 0.0
+            c2 = 0.0
+            if COMPUTE_DX:
+                acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+                acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for off in range(0, N, BLOCK_N):
+                    cols = off + tl.arange(0, BLOCK_N)
+                    mask = cols < N
+                    dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
                     if HAS_WEIGHT:
                         g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
                     else:
                         g = dy
-                    dx = (g - (xhat * c1 + c2)) * rstd
-                    tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+                    acc1 += xhat * g
+                    acc2 += g
+                c1 = tl.sum(acc1, axis=0) / N
+                c2 = tl.sum(acc2, axis=0) / N
+            for off in range(0, N, BLOCK_N):
+                cols = off + tl.arange(0, BLOCK_N)
+                mask = cols < N
+                dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+                if COMPUTE_DB:
+                    part = DB_PART + pid * N + cols
+                    tl.store(part, tl.load(part, mask=mask, other=0.0) + dy, mask=mask)
+                if NEED_XHAT:
+                    x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                    if COMPUTE_DW:
+                        part = DW_PART + pid * N + cols
+                        tl.store(part, tl.load(part, mask=mask, other=0.0) + dy * xhat, mask=mask)
+                    if COMPUTE_DX:
+                        if HAS_WEIGHT:
+                            g = dy * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+                        else:
+                            g = dy
+                        dx = (g - (xhat * c1 + c2)) * rstd
+                        tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------- launchers

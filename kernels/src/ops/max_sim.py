@@ -54,6 +54,7 @@ import math
 import torch
 
 from leanclip.kernels import _backend, _validate
+from leanclip.kernels._backend import tl, triton  # None without triton: only the torch backend runs
 
 __all__ = ["max_sim", "max_sim_ref"]
 
@@ -126,11 +127,6 @@ def _max_sim_fwd_torch(x: torch.Tensor, d: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------------------
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - triton missing: only the torch backend can run
-    triton = None
 
 if triton is not None:
 
