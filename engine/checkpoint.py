@@ -15,6 +15,15 @@ a digest of the names and shapes of the FROZEN parameters (plus the shapes thems
 Trainable LayerNorms of ViT-B-32 and ViT-B-16 have the same shapes; their patch embeddings and positional
 embeddings do not, so only the frozen side tells the two apart.
 
+``sha256`` (metadata) is :func:`leanclip.utils.tensors_sha256` of every tensor and every other metadata string,
+recorded at save time and checked by every reader (:func:`verify`, ``load_trainable``, ``load_into``,
+``read_trainable``, ``init_from``): a file damaged anywhere after its header (a torn copy, a bad disk sector, a
+corrupted tail) is a one-line ValueError naming it, never numbers silently used. It lives in the header, written
+in the same atomic write as the tensors, so no second file can get out of step with the checkpoint, and a damaged
+tail cannot take the digest with it (a damaged header is not a readable safetensors file at all). A checkpoint
+written before the digest existed (no ``sha256`` key) still loads, with a warning that its integrity cannot be
+checked: refusing would strand every earlier run, and such a file is no less trustworthy than it was before.
+
 ``load_trainable`` checks format, method, names, shapes and the architecture BEFORE copying anything (ValueError,
 never a partial load; files without a fingerprint still load), restores the optimizer exactly (SGD momentum, AdamW
 exp_avg / exp_avg_sq / step) and returns the metadata. ``load_pretrained`` loads full open_clip weights from a tag,
@@ -69,14 +78,46 @@ def _buffer_slot(model: nn.Module, name: str):
     return None
 
 
+def _digest(tensors: dict, metadata: dict) -> str:
+    """The ``sha256`` a checkpoint records: its tensors and its other metadata strings (in key order)."""
+    rest = json.dumps(sorted((k, v) for k, v in metadata.items() if k != "sha256"))
+    return utils.tensors_sha256(tensors, rest)
+
+
 def _atomic_save(tensors: dict, metadata: dict, path: str) -> None:
-    """``save_file`` through :func:`leanclip.utils.atomic_write`, folder fsynced too so the rename is durable."""
+    """``save_file`` through :func:`leanclip.utils.atomic_write`, folder fsynced too so the rename is durable; the
+    metadata gets the payload's ``sha256``."""
     from safetensors.torch import save_file
 
+    metadata = {**metadata, "sha256": _digest(tensors, metadata)}
     utils.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), sync_dir=True)
 
 
+def _check_format(path: str, meta: dict) -> None:
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a leanclip trainable checkpoint (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+
+
+def read_metadata(path) -> dict:
+    """The metadata strings of a :func:`save_trainable` file, from its header alone: no tensor is read and the
+    digest is not checked (for checks that come before any work; a load checks everything)."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    _check_format(path, meta)
+    return meta
+
+
 def _read(path):
+    """``(metadata, tensors)`` of a checkpoint whose payload matches its recorded ``sha256``."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -88,10 +129,20 @@ def _read(path):
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a leanclip trainable checkpoint (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+    _check_format(path, meta)
+    if "sha256" not in meta:
+        warnings.warn(f"checkpoint {path} records no sha256 (written before leanclip recorded one): its integrity "
+                      f"cannot be checked", stacklevel=3)
+    elif meta["sha256"] != _digest(tensors, meta):
+        raise ValueError(f"checkpoint {path} is damaged: its contents do not match the sha256 recorded when it was "
+                         f"written")
     return meta, tensors
+
+
+def verify(path) -> None:
+    """ValueError (FileNotFoundError) unless ``path`` is a readable :func:`save_trainable` file whose tensors and
+    metadata match the ``sha256`` it recorded when it was written (see the module docstring for files without one)."""
+    _read(path)
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

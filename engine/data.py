@@ -690,6 +690,15 @@ def classnames_from_samples(samples_or_splits) -> list[str]:
     return [label2name[y] for y in range(n)]
 
 
+def check_classes(classnames: Sequence[str], what: str) -> None:
+    """ValueError naming ``what`` (a split, a subsample, an argument) when it holds fewer than 2 classes: with one
+    class every prediction is right (100% top-1) and the loss has nothing to separate, so a run on it would report
+    a number that means nothing."""
+    if len(classnames) < 2:
+        names = ", ".join(repr(c) for c in classnames) or "none"
+        raise ValueError(f"{what} has {len(classnames)} class ({names}): classification needs at least 2")
+
+
 def _check_shots(shots) -> int:
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)):
         raise TypeError(f"shots must be a positive int, got {shots!r}")

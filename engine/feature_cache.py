@@ -10,9 +10,20 @@ callers (``leanclip.trainer.evaluate``, ``leanclip.llu.cached_image_features``) 
 apply to a fresh batch: a run reading the cache computes the same numbers as one that does not.
 
 Key: sha256 of the image tower (its ``repr``, i.e. structure and hyper-parameters, lean or plain modules, plus every
-state tensor's name, dtype, shape and bytes), of the dataset (``dataset_fingerprint``: paths, labels and
-the transform's repr), the autocast precision and the batch size. Changing any of them is a different entry, so
-weights that change invalidate by construction; nothing is ever served for other weights.
+state tensor's name, dtype, shape and bytes), of the dataset (``dataset_fingerprint``: paths, each image file's size
+and mtime_ns, labels and the transform's repr), the autocast precision and the batch size. Changing any of them is a
+different entry, so weights that change, and images rewritten in place, invalidate by construction; nothing is ever
+served for other weights or other image bytes.
+
+Trust: an entry is used only when it is what it claims to be. Each file records its key and the sha256 of its
+tensors and metadata (``leanclip.utils.tensors_sha256``, written with them); a read checks both, and checks the
+entry against the dataset asking for it: one row per sample, and the labels the dataset states. An entry that fails
+any check (damaged, truncated, planted under another key, rows or labels that do not match) is discarded with a
+one-line warning and recomputed, and the correct entry replaces it: recomputing costs one pass, while refusing
+would stop a sweep over a file the cache can repair itself, and a wrong entry is never used either way. The digest
+finds damage, not forgery (whoever can write the folder can write a matching digest), so the folder itself must be
+private: it is created 0700 and one that another user owns or that group / others may write is refused
+(``leanclip.synthetic.private_dir``, the synthetic-data cache's check), before any work.
 
 Concurrency: one ``flock``-ed lock file per key; the first process computes and writes (temp + rename), the others
 wait and read. Every forward pass over a dataset and every reuse is appended as one line to ``events.jsonl`` in the
@@ -31,21 +42,23 @@ import torch
 
 from leanclip import utils
 from leanclip.registry import method_hooks
-from leanclip.training import eval_loader
+from leanclip.synthetic import private_dir
+from leanclip.training import dataset_labels, eval_loader
 
 ENV_VAR = "LEANCLIP_FEATURE_CACHE"
 EVENTS_NAME = "events.jsonl"
 
-__all__ = ["ENV_VAR", "SharedFeatureCache", "active_cache", "image_tower_frozen", "image_tower_fingerprint",
-           "encoder_pass", "encoder_features", "cached_batches", "count_events"]
+__all__ = ["ENV_VAR", "FeatureCache", "SharedFeatureCache", "active_cache", "expected_entry", "image_tower_frozen",
+           "image_tower_fingerprint", "encoder_pass", "encoder_features", "cached_batches", "count_events"]
 
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: entries record their key and sha256; the dataset key covers each image's size and mtime
 
 
 class FeatureCache:
     """Directory of ``<sha256>.safetensors`` files, each holding the tensors of one (model, dataset, transform, dtype)
-    combination. Files are written atomically (temp file + ``os.replace``); a corrupt file is a miss and is rewritten.
+    combination. Files are written atomically (temp file + ``os.replace``) with their key and digest; an entry that
+    does not pass :meth:`load`'s checks is a miss and is rewritten. The folder must be private (module docstring).
     ``hits`` / ``misses`` count lookups of this instance."""
 
     def __init__(self, root: str | os.PathLike):
@@ -53,31 +66,48 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
 
+    def check_root(self) -> Path:
+        """Create the folder (0700) if needed; ValueError when another user owns it or others may write to it."""
+        private_dir(self.root, "feature cache")
+        return self.root
+
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
-        from safetensors.torch import load_file
+    def load(self, key: str, expect: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, or None (a miss) when there is none or it fails a check: readable, its recorded key
+        and sha256, and ``expect`` (:func:`expected_entry`: rows, labels). A failed check is one warning line."""
+        from safetensors import safe_open
 
         p = self.path(key)
         if not p.is_file():
             return None
         try:
-            return load_file(str(p))
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # truncated / foreign file: treat as a miss
-            utils.get_logger().warning("feature cache: ignoring unreadable %s (%s)", p, e)
+            utils.get_logger().warning("feature cache: discarding unreadable %s (%s); recomputing it", p, e)
             return None
+        problem = _entry_problem(key, tensors, metadata, expect or {})
+        if problem:
+            utils.get_logger().warning("feature cache: discarding %s: %s; recomputing it", p, problem)
+            return None
+        return tensors
 
     def save(self, key: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
         from safetensors.torch import save
 
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                    metadata={"leanclip_feature_cache": str(_CACHE_VERSION), "meta": json.dumps(meta or {})})
-        return utils.atomic_write_bytes(self.path(key), data)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        metadata = {"leanclip_feature_cache": str(_CACHE_VERSION), "key": key, "meta": json.dumps(meta or {})}
+        metadata["sha256"] = _entry_digest(tensors, metadata)
+        return utils.atomic_write_bytes(self.path(key), save(tensors, metadata=metadata))
 
     def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
-                       meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        got = self.load(key)
+                       meta: Mapping[str, Any] | None = None,
+                       expect: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        self.check_root()
+        got = self.load(key, expect)
         if got is not None:
             self.hits += 1
             return got
@@ -85,6 +115,34 @@ class FeatureCache:
         out = {k: v.detach().cpu() for k, v in compute().items()}
         self.save(key, out, meta)
         return out
+
+
+def _entry_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
+    """What an entry records as ``sha256``: its tensors and its other metadata strings."""
+    rest = json.dumps(sorted((k, v) for k, v in metadata.items() if k != "sha256"))
+    return utils.tensors_sha256(tensors, rest)
+
+
+def expected_entry(dataset) -> dict:
+    """What an entry of ``dataset``'s features must match: one row per sample, and the labels when the dataset
+    states them (``leanclip.training.dataset_labels``)."""
+    return {"rows": len(dataset), "labels": dataset_labels(dataset)}
+
+
+def _entry_problem(key: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                   expect: Mapping[str, Any]) -> str | None:
+    """Why an entry read for ``key`` cannot be used, or None."""
+    if metadata.get("leanclip_feature_cache") != str(_CACHE_VERSION) or metadata.get("key") != key:
+        return "it was not written for this key"
+    if metadata.get("sha256") != _entry_digest(tensors, metadata):
+        return "its contents do not match the sha256 recorded when it was written"
+    rows = expect.get("rows")
+    if rows is not None and any(t.dim() == 0 or t.shape[0] != rows for t in tensors.values()):
+        return f"it holds {[tuple(t.shape) for t in tensors.values()]} rows, the dataset {rows} samples"
+    labels = expect.get("labels")
+    if labels is not None and not ("labels" in tensors and torch.equal(tensors["labels"].long().reshape(-1), labels)):
+        return "its labels are not the dataset's"
+    return None
 
 
 def _hash_tensor(h, t: torch.Tensor) -> None:
@@ -112,15 +170,25 @@ def model_fingerprint(model: torch.nn.Module, weights_path: str | os.PathLike | 
     return h.hexdigest()
 
 
+def _file_identity(path) -> list | None:
+    """``[size, mtime_ns]`` of an image file (None when it cannot be read): an image rewritten at the same path gets
+    another dataset key, without reading every image's bytes at each lookup."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
 def dataset_fingerprint(dataset) -> str:
-    """Identity of a dataset's sample list: paths + labels for ``ImageDataset`` (``.samples``), image bytes + labels
-    for ``TensorImageDataset`` (``.images``), and the transform's repr."""
+    """Identity of a dataset's sample list: paths, file sizes and mtimes + labels for ``ImageDataset``
+    (``.samples``), image bytes + labels for ``TensorImageDataset`` (``.images``), and the transform's repr."""
     h = hashlib.sha256()
     h.update(type(dataset).__name__.encode())
     if hasattr(dataset, "samples"):
         for s in dataset.samples:
             path, label = (s.path, s.label) if hasattr(s, "path") else (s[0], s[1])
-            h.update(json.dumps([os.path.abspath(os.fspath(path)), int(label)]).encode())
+            h.update(json.dumps([os.path.abspath(os.fspath(path)), int(label), _file_identity(path)]).encode())
     elif hasattr(dataset, "images") and isinstance(dataset.images, torch.Tensor):
         _hash_tensor(h, dataset.images)
         _hash_tensor(h, torch.as_tensor(dataset.labels))
@@ -147,10 +215,10 @@ class SharedFeatureCache(FeatureCache):
     counted (``events.jsonl``)."""
 
     def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
-                       meta: Mapping | None = None) -> dict[str, torch.Tensor]:
-        self.root.mkdir(parents=True, exist_ok=True)
+                       meta: Mapping | None = None, expect: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        self.check_root()
         with _locked(self.root / f"{key}.lock"):
-            got = self.load(key)
+            got = self.load(key, expect)
             if got is not None:
                 self.hits += 1
                 utils.append_jsonl(self.root / EVENTS_NAME, {"event": "hit", "key": key, **(meta or {})})
@@ -179,9 +247,13 @@ def _locked(path: Path):
 
 
 def active_cache() -> SharedFeatureCache | None:
-    """The cache ``$LEANCLIP_FEATURE_CACHE`` names (created if needed), or None when it is unset or empty."""
+    """The cache ``$LEANCLIP_FEATURE_CACHE`` names (created 0700 if needed), or None when it is unset or empty;
+    ValueError naming the variable when the folder is not private (another user's, or writable by others)."""
     root = os.environ.get(ENV_VAR)
-    return SharedFeatureCache(root) if root else None
+    if not root:
+        return None
+    private_dir(root, f"feature cache ${ENV_VAR}")
+    return SharedFeatureCache(root)
 
 
 def count_events(root) -> dict:
@@ -258,7 +330,7 @@ def encoder_features(model, dataset, batch_size: int, *, device, precision: str,
                             progress=progress)
         return {"features": f, "labels": y}
 
-    out = cache.get_or_compute(key, compute, meta)
+    out = cache.get_or_compute(key, compute, meta, expect=expected_entry(dataset))
     return out["features"].float(), out["labels"].long()
 
 

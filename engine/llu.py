@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from leanclip import utils
 from leanclip.feature_cache import (  # noqa: F401  (the per-run cache, re-exported)
-    FeatureCache, dataset_fingerprint, encoder_features, encoder_pass, feature_key, model_fingerprint,
+    FeatureCache, dataset_fingerprint, encoder_features, encoder_pass, expected_entry, feature_key, model_fingerprint,
 )
 from leanclip.metrics import AccuracyMeter
 from leanclip.training import (
@@ -105,7 +105,8 @@ def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size
         prec = utils.resolve_precision(precision, dev)
         name = model_name or (getattr(model, "leanclip_info", None) or {}).get("model_name") or type(model).__name__
         key = feature_key(name, model_fingerprint(model, weights_path), dataset_fingerprint(dataset), prec)
-        out = cache.get_or_compute(key, compute, meta={"model": name, "n": len(dataset), "precision": prec})
+        out = cache.get_or_compute(key, compute, meta={"model": name, "n": len(dataset), "precision": prec},
+                                   expect=expected_entry(dataset))
     return out["features"].float(), out["labels"].long()
 
 

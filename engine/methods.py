@@ -555,6 +555,9 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     parts = parse_method(method)
     check_tower(tower)
     _check_recompute_args(lean, recompute, memory_budget, batch_size)
+    for name, size in (("batch_size", batch_size), ("text_batch_size", text_batch_size), ("text_len", text_len)):
+        if size is not None:  # an int >= 1, the range the command line's --batch-size has (leanclip.utils)
+            utils.check_number(name, size, kind_of="batch_size")
     _check_frozen_dtype(frozen_dtype, lean)
     classnames = _check_classnames(classnames)
     per_opts = _split_options(parts, method, opts, {"tower": tower, "classnames": classnames, "tokenizer": tokenizer})

@@ -60,14 +60,16 @@ import torch.nn.functional as F
 from leanclip import distributed as D
 from leanclip import features as feats
 from leanclip import utils
+from leanclip.data import check_classes
 from leanclip.feature_cache import cached_batches
 from leanclip.llu import run_llu
 from leanclip.metrics import AccuracyMeter, harmonic_mean
 from leanclip.registry import method_hooks, method_trainer
 from leanclip.step import ClassifyStep
 from leanclip.training import (
-    CHECKPOINT_NAME, LOG_NAME, build_optimizer, epoch_loader, eval_loader, lr_at, model_device, resume_state,
-    run_summary, save_state, trainable_params,
+    CHECKPOINT_NAME, LOG_NAME, build_optimizer, check_labels, check_resume, dataset_labels,
+    epoch_loader, eval_loader, lr_at, model_device, resume_state, run_summary, save_state, steps_per_epoch,
+    trainable_params,
 )
 
 __all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
@@ -107,27 +109,25 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
-        def pos_int(name, v, minimum=1):
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-
-        pos_int("epochs", self.epochs)
-        pos_int("batch_size", self.batch_size)
-        pos_int("grad_accum", self.grad_accum)
-        pos_int("log_every", self.log_every)
-        pos_int("warmup_epochs", self.warmup_epochs, 0)
-        pos_int("eval_every", self.eval_every, 0)
-        pos_int("num_workers", self.num_workers, 0)
+        """ValueError naming the first field out of range: the numbers the command line also takes are checked
+        against its table (``leanclip.utils.NUMBER_RANGES``), so the API accepts exactly what the CLI accepts."""
+        for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "grad_accum",
+                     "kd_lambda", "llu_lambda", "log_every", "seed", "num_workers"):
+            utils.check_number(name, getattr(self, name))
+        for name in ("clip_grad_norm", "llu_clusters"):  # None: off
+            if getattr(self, name) is not None:
+                utils.check_number(name, getattr(self, name))
+        utils.check_number("eval_batch_size", self.eval_batch_size, kind_of="batch_size")
+        utils.check_number("eval_every", self.eval_every, kind_of="warmup_epochs")  # an int >= 0
+        if self.stop_after_epoch is not None:
+            utils.check_number("stop_after_epoch", self.stop_after_epoch, kind_of="epochs")
+        utils.check_number("momentum", self.momentum, kind_of="weight_decay")  # a finite float >= 0
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {self.scheduler!r}")
-        if not (self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.precision not in utils.PRECISIONS:
             raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -149,7 +149,8 @@ def train(
     """Fine-tune the trainable parameters of ``model`` (already ``leanclip.prepare``-d) on ``train_set`` (items
     ``(image_tensor, label)``, labels index ``classnames``). ``eval_sets``: ``{name: dataset}`` evaluated with the
     same classnames (or ``{name: (dataset, classnames)}`` for another class set, e.g. base-to-new's new classes).
-    Returns a summary dict (per-step losses, final metrics, paths, timing)."""
+    Returns a summary dict (per-step losses, final metrics, paths, timing). Every check (the config, the classes
+    and labels, a resume's checkpoint) comes before the run's first write under ``cfg.output``."""
     cfg.validate()
     info = getattr(model, "leanclip_info", None)
     if not info:
@@ -158,10 +159,13 @@ def train(
         cfg = dataclasses.replace(cfg, method=info["method"])
     elif cfg.method != info["method"]:
         raise ValueError(f"cfg.method={cfg.method!r} but the model was prepared with {info['method']!r}")
+    _check_train_inputs(train_set, classnames, eval_sets)
     if method_trainer(cfg.method) == "cached":
         if D.get_world_size() > 1:
             raise ValueError(f"method {cfg.method!r} trains on cached features in one process: run it without "
                              f"torchrun (world size {D.get_world_size()})")
+        if resume is not None:  # before the feature cache and the log are written
+            check_resume(resume, cfg, steps_per_epoch(len(train_set), cfg))
         return run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=eval_sets, resume=resume)
     if len(train_set) == 0:
         raise ValueError("train_set is empty")
@@ -193,6 +197,21 @@ def train(
         utils.get_logger().info("final eval: %s", metrics)
     return run_summary(cfg, run.history, metrics, run.out_dir, time.perf_counter() - run.t_start, run.images_seen,
                        run.device, run.precision)
+
+
+def _check_train_inputs(train_set, classnames, eval_sets) -> None:
+    """At least 2 classes, and every label a dataset states (``training.dataset_labels``) a class index; the labels
+    of datasets that do not state them are checked batch by batch."""
+    check_classes(classnames, "classnames")
+    labels = dataset_labels(train_set)
+    if labels is not None:
+        check_labels(labels, len(classnames), "train_set")
+    for name, ds in (eval_sets or {}).items():
+        ds, cn = ds if isinstance(ds, tuple) else (ds, classnames)
+        check_classes(cn, f"eval_sets[{name!r}]")
+        labels = dataset_labels(ds)
+        if labels is not None:
+            check_labels(labels, len(cn), f"eval_sets[{name!r}]")
 
 
 @dataclass
@@ -229,6 +248,10 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
     device = utils.resolve_device(cfg.device)
     precision = utils.resolve_precision(cfg.precision, device)
     rank, world = D.get_rank(), D.get_world_size()
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
+    if resume is not None:  # before the first write: a refused resume leaves the run folder as it was
+        check_resume(resume, cfg, steps_per_epoch(len(train_set), cfg))
     out_dir = Path(cfg.output) if cfg.output and rank == 0 else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,15 +259,13 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
     utils.seed_everything(cfg.seed)
     model.to(device)
     params = trainable_params(model)
-    if not params:
-        raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
     opt = build_optimizer(params, cfg)
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     model.train()
     # the step's extra loss terms start from the weights the run starts from, so BEFORE a resume loads any
     step_fn = ClassifyStep(model, classnames, templates, tokenizer, cfg=cfg, device=device, precision=precision)
     run = _Run(model, train_set, classnames, templates, cfg, device, precision, params, opt, step_fn,
-               micro_per_epoch, math.ceil(micro_per_epoch / cfg.grad_accum), out_dir, rank, world)
+               micro_per_epoch, steps_per_epoch(len(train_set), cfg), out_dir, rank, world)
     if resume is not None:  # model: prepared the same way from the same weights as the interrupted run
         # every process loads the checkpoint; rank 0 alone cuts the log back to it (the others keep no history)
         run.start_epoch, run.step, run.history = resume_state(
@@ -277,6 +298,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
             lo, hi = min(run.rank * share, len(labels)), min((run.rank + 1) * share, len(labels))
             images, labels = images[lo:hi], labels[lo:hi]
         if len(labels):
+            check_labels(labels, len(run.classnames), "train_set")  # a dataset that does not state its labels
             sums += run.step_fn.micro(images, labels, weight=len(labels) / group_n)
         if i + 1 == last_mb:
             rec = _finish_step(run, epoch, sums, t_step)
@@ -368,6 +390,11 @@ def evaluate(
     """Top-1 / top-5 accuracy (in %) of ``model`` on ``dataset`` against ``classnames`` (text features computed once).
     ``zero_shot=True`` uses the frozen zero-shot features (E1's ``frozen_text_features`` / raw encoder image features)
     instead of the method-aware ones."""
+    utils.check_number("batch_size", batch_size)
+    check_classes(classnames, "classnames")
+    labels = dataset_labels(dataset)
+    if labels is not None:
+        check_labels(labels, len(classnames), "dataset")
     device = utils.resolve_device(device if device is not None else model_device(model))
     precision = utils.resolve_precision(precision, device)
     probe = method_hooks(model).get("logits")
@@ -389,6 +416,7 @@ def evaluate(
         batches = cached if cached is not None else utils.track(eval_loader(dataset, batch_size, num_workers),
                                                                 "eval", progress)
         for images, labels in batches:
+            check_labels(labels, len(classnames), "dataset")  # a dataset that does not state its labels
             images = images.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device)
             with utils.autocast(device, precision):

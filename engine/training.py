@@ -4,6 +4,7 @@ pre-training): the learning-rate schedule, the optimizers, the loaders, the chec
 exact resume), the run log and the run summary. A loop uses these, never another loop's internals."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Sequence
@@ -11,8 +12,9 @@ from typing import Sequence
 import torch
 
 from leanclip import utils
-from leanclip.checkpoint import load_trainable, save_trainable
+from leanclip.checkpoint import load_trainable, read_metadata, save_trainable
 from leanclip.data import make_loader
+from leanclip.registry import method_trainer
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LOG_NAME = "log.jsonl"
@@ -69,9 +71,38 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+def steps_per_epoch(n_train: int, cfg) -> int:
+    """Optimizer steps of one epoch over ``n_train`` items under ``cfg`` (a ``TrainConfig``): one per batch for the
+    cached-feature trainer (LLU), one per ``grad_accum`` batches for the back-propagating one."""
+    batches = math.ceil(n_train / cfg.batch_size)
+    return batches if method_trainer(cfg.method) == "cached" else math.ceil(batches / cfg.grad_accum)
+
+
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters with ``requires_grad``, in module order (the optimizer's and the checkpoint's order)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------------------------ labels
+def dataset_labels(dataset) -> torch.Tensor | None:
+    """The labels of ``dataset`` as an int64 tensor without loading an image (``ImageDataset`` and
+    ``TensorImageDataset`` know them), or None for a dataset that does not say."""
+    labels = getattr(dataset, "labels", None)
+    if labels is None or callable(labels):
+        return None
+    return torch.as_tensor(labels if isinstance(labels, torch.Tensor) else list(labels)).long().reshape(-1)
+
+
+def check_labels(labels, n_classes: int, what: str) -> None:
+    """ValueError naming ``what`` when a label is not a class index in ``[0, n_classes)`` (labels index the class
+    names): an out-of-range label would otherwise surface as an IndexError deep in the loss, or not at all."""
+    y = torch.as_tensor(labels)
+    if y.numel() == 0:
+        return
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= n_classes:
+        raise ValueError(f"{what}: label {lo if lo < 0 else hi} is out of range for {n_classes} class names "
+                         f"(labels must lie in [0, {n_classes}))")
 
 
 # ----------------------------------------------------------------------------------------------------------- loaders
@@ -158,19 +189,45 @@ def save_state(model, opt, path, cfg, epoch, step, steps_per_epoch, classnames, 
     save_run_state(model, opt, path, step, meta)
 
 
+_OPTIMIZER_CLASSES = {"sgd": "SGD", "adamw": "AdamW"}  # cfg.optimizer -> the class build_optimizer makes
+
+
+def check_resume(path, cfg, steps_per_epoch: int, name: str = CHECKPOINT_NAME) -> str:
+    """The checks of :func:`resume_state` that need no model, from the checkpoint's header alone: ``path`` (a file,
+    or a run folder holding ``name``) is a trainer checkpoint of ``cfg.method`` saved at an epoch boundary, holding
+    the state of the optimizer ``cfg.optimizer`` builds, with ``steps_per_epoch`` steps per epoch (same data, batch
+    size and grad_accum). A run calls it before its first write, so a refused resume leaves the run folder as it
+    was. Returns the checkpoint file's path."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {str(path)!r}")
+    meta = read_metadata(path)
+    where = f"resume: {str(path)!r}"
+    extra = json.loads(meta.get("extra") or "null")
+    if not isinstance(extra, dict) or "epoch" not in extra or "rng" not in extra:
+        raise ValueError(f"{where} is not a trainer checkpoint (no epoch/rng state)")
+    if cfg.method is not None and meta.get("method") != cfg.method:
+        raise ValueError(f"{where} is a {meta.get('method')!r} checkpoint, this run trains {cfg.method!r}")
+    saved_opt = (json.loads(meta.get("optimizer") or "null") or {}).get("class")
+    if saved_opt != _OPTIMIZER_CLASSES.get(cfg.optimizer):
+        raise ValueError(f"{where} holds {saved_opt} optimizer state, this run's optimizer is {cfg.optimizer!r}")
+    saved_steps = (extra.get("scheduler") or {}).get("steps_per_epoch", steps_per_epoch)
+    if saved_steps != steps_per_epoch:
+        raise ValueError(f"{where} has {saved_steps} steps per epoch, this run {steps_per_epoch} (dataset, batch "
+                         f"size or grad_accum changed)")
+    if int(extra.get("position", 0)) != 0:
+        raise ValueError(f"{where}: mid-epoch checkpoints are not supported")
+    return str(path)
+
+
 def resume_state(model, opt, path, cfg, steps_per_epoch) -> tuple[int, int, list]:
     """Load a :func:`save_state` checkpoint into ``model`` / ``opt`` and the RNGs -> (epoch, step, logged history;
-    the log file is cut back to the checkpoint)."""
+    the log file is cut back to the checkpoint). :func:`check_resume` first: nothing is loaded from a checkpoint
+    this run cannot continue."""
+    check_resume(path, cfg, steps_per_epoch)
     meta = load_run_state(model, opt, path)
-    path = meta["path"]
-    if "epoch" not in meta or "rng" not in meta:
-        raise ValueError(f"resume: {str(path)!r} is not a trainer checkpoint (no epoch/rng state)")
-    sched = meta.get("scheduler", {})
-    if sched.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-        raise ValueError(f"resume: checkpoint has {sched.get('steps_per_epoch')} steps per epoch, this run "
-                         f"{steps_per_epoch} (dataset or batch size changed)")
-    if int(meta.get("position", 0)) != 0:
-        raise ValueError("resume: mid-epoch checkpoints are not supported")
     utils.set_rng_state(meta["rng"])
     step = int(meta["step"])
     return int(meta["epoch"]), step, resume_log(cfg.output, step)

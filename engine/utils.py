@@ -7,6 +7,10 @@
 - JSON that is always valid: non-finite floats are written as ``null`` (never the bare ``NaN`` / ``Infinity`` that
   Python's ``json`` emits by default and strict readers reject);
 - the guard that stops a run on a non-finite loss, gradient or weight (:class:`NonFiniteLossError`);
+- the one table of the ranges of the numbers a run takes (:data:`NUMBER_RANGES`, :func:`check_number`), read by the
+  library's configs and by the command line alike;
+- sha256 digests of files and of named tensors (:func:`tensors_sha256`: what checkpoints and cached features record
+  to find a damaged file);
 - a package logger and a progress display that never touches what it reports on.
 """
 from __future__ import annotations
@@ -344,6 +348,89 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor], *texts: str) -> str:
+    """sha256 of named tensors (in name order: each name, dtype, shape and bytes) and of ``texts``: what a file of
+    tensors records when it is written and is checked against when it is read. It covers the payload as it comes out
+    of the file, whatever the container's layout, so any damaged byte of a tensor or of the covered text shows."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer as it is: no copy
+    for text in texts:
+        h.update(b"\0" + text.encode("utf-8"))
+    return h.hexdigest()
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first floating-point tensor of ``named`` (``model.named_parameters()``, a state dict's items)
+    that holds NaN or +-inf, or None."""
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ number ranges
+LR_MAX = 1e4  # far above any useful rate; larger ones overflow the optimizers' fp32 arithmetic
+SEED_MAX = 2 ** 32 - 1  # numpy's seed range; torch accepts more, but few-shot sampling goes through numpy
+# name -> (kind, lowest, highest): bounds inclusive, None = unbounded; floats must also be finite. The one table of
+# these ranges: the configs of the library (leanclip.trainer.TrainConfig, prepare's sizes) check their fields with
+# it, and the command line checks each flag whose destination has a row here (leanclip.cli.common.check_numbers),
+# so the API never accepts what the command line refuses.
+NUMBER_RANGES: dict[str, tuple[type, float | None, float | None]] = {
+    "epochs": (int, 1, None),
+    "batch_size": (int, 1, None),
+    "lr": (float, 0.0, LR_MAX),
+    "weight_decay": (float, 0.0, None),
+    "warmup_epochs": (int, 0, None),
+    "warmup_lr": (float, 0.0, LR_MAX),
+    "grad_accum": (int, 1, None),
+    "clip_grad_norm": (float, 0.0, None),
+    "kd_lambda": (float, 0.0, None),
+    "llu_lambda": (float, 0.0, None),
+    "llu_clusters": (int, 0, None),
+    "log_every": (int, 1, None),
+    "seed": (int, 0, SEED_MAX),
+    "shots": (int, 0, 100_000),
+    "synthetic_classes": (int, 2, None),
+    "num_workers": (int, 0, 64),
+    "threads": (int, 1, 4096),
+    "image_size": (int, 8, 8192),
+    "pretrain_steps": (int, 0, None),
+    "max_steps": (int, 1, None),
+    "warmup_steps": (int, 0, None),
+    "temperature": (float, 1e-3, 0.5),
+    "reduction": (int, 1, None),
+    "synthetic_pairs": (int, 2, None),
+    "synthetic_eval_pairs": (int, 2, None),
+    "min_lr": (float, 0.0, LR_MAX),
+    "max_pairs": (int, 2, None),
+}
+# strictly positive floats (a zero learning rate or clipping norm is a mistake, not a choice)
+POSITIVE_NUMBERS = frozenset({"lr", "clip_grad_norm"})
+
+
+def check_number(name: str, value, *, label: str | None = None, kind_of: str | None = None) -> None:
+    """ValueError naming ``label`` (default ``name``) when ``value`` is not a number of row ``kind_of`` (default
+    ``name``) of :data:`NUMBER_RANGES`: an int (not a bool) for int rows, a finite int or float for float rows, > 0
+    for :data:`POSITIVE_NUMBERS`, within the row's bounds."""
+    row = kind_of or name
+    kind, lo, hi = NUMBER_RANGES[row]
+    label = label or name
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer) if kind is int else (int, float, np.number)):
+        raise ValueError(f"{label} must be {'an int' if kind is int else 'a number'}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{label} must be a finite number, got {value}")
+    if row in POSITIVE_NUMBERS and not value > 0:
+        raise ValueError(f"{label} must be > 0, got {value}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{label} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ValueError(f"{label} must be <= {hi}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------ non-finite guard

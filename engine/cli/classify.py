@@ -25,6 +25,7 @@ from leanclip.configs import create_random_model, register_tiny_config
 from leanclip.data import BadImageError, check_images
 from leanclip.templates import get_templates
 
+FEWSHOT_DIR = "fewshot"  # under --output: the few-shot selections a run made, reused by later runs there
 SYNTHETIC_MAX_SHOTS = 1000  # images per class the synthetic dataset may be asked to draw (and cache)
 
 # Training defaults when the flag is not given: the CLIPFit / CoOp recipe, replaced by what the method declares
@@ -110,6 +111,7 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     used = {"train": splits["train"] if need_train else [], "eval": splits[args.eval_split],
             "new": new_splits[args.eval_split] if new_splits else []}
     bad_images = _drop_bad_images(used) if getattr(args, "skip_bad_images", False) else _require_images(used)
+    _check_classes(args, dataset, classnames, used["train"], new_names)
     if not used["eval"]:
         raise UsageError(f"the {args.eval_split} split of {dataset!r} is "
                          + ("empty" if not bad_images else "empty after --skip-bad-images"))
@@ -128,12 +130,23 @@ def load_data(args, image_size: int, mean=None, std=None, *, train_transform: bo
     }
 
 
+def _check_classes(args, dataset, classnames, train, new_names) -> None:
+    """At least 2 classes in what the command classifies (the classes of --subsample), in what it trains on and in
+    the new classes a base run also scores: with one, every prediction is right and the result means nothing."""
+    D.check_classes(classnames, f"dataset {dataset!r}" + (f" (--subsample {args.subsample})"
+                                                          if args.subsample != "all" else ""))
+    if train:
+        D.check_classes(sorted({s.label: s.classname for s in train}.values()), f"the train split of {dataset!r}")
+    if new_names is not None:
+        D.check_classes(new_names, f"dataset {dataset!r} (the new classes of --subsample base)")
+
+
 def _few_shot(args, train: list, need_train: bool):
     """K-shot selection of ``train`` -> (selection, record): ``record()`` writes the selection under the run folder
     (``--output``/fewshot) for later runs; a selection recorded there before is reused as it is."""
     if not (train and args.shots and need_train):
         return train, lambda: None
-    cache = os.path.join(args.output, "fewshot") if getattr(args, "output", None) else None
+    cache = os.path.join(args.output, FEWSHOT_DIR) if getattr(args, "output", None) else None
     if cache and os.path.exists(D.few_shot_cache_path(train, args.shots, args.seed, cache)):
         return D.few_shot_cached(train, args.shots, args.seed, cache), lambda: None
     chosen = D.few_shot(train, args.shots, args.seed)
@@ -231,8 +244,6 @@ def _train_classify(args, info, parts, method) -> int:
             classnames=data["classnames"], tokenizer=tok, model_name=args.model, init_from=init_from,
             frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
             **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
-    if info.is_main:
-        data["record_selection"]()  # every input was checked: a rejected command leaves no few-shot file behind
     cfg = TrainConfig(
         method=method, epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),
         optimizer=pick("optimizer"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),
@@ -248,8 +259,8 @@ def _train_classify(args, info, parts, method) -> int:
         eval_sets["new"] = data["new"]
     if args.warmup_epochs is not None:
         _warmup_notice(cfg)
-    if args.overwrite and info.is_main:  # only now that every input was checked: a rejected command keeps the old run
-        clear_run(args.output)
+    _last_checks(args, model, cfg, data)
+    _start_run_folder(args, info, data)
     dist.barrier()
     summary = train(model, data["train"], data["classnames"], templates, tok, cfg, eval_sets=eval_sets,
                     resume=args.resume)
@@ -267,6 +278,33 @@ def _train_classify(args, info, parts, method) -> int:
     if info.is_main:
         emit(result, args, "result.json")
     return 0
+
+
+def _last_checks(args, model, cfg, data) -> None:
+    """The checks that need the prepared model or the config, before the run folder's first write: the starting
+    weights are finite, the config is valid, a --resume checkpoint can continue this run."""
+    from leanclip.training import check_resume, steps_per_epoch
+
+    bad = utils.first_non_finite(model.named_parameters())
+    if bad is not None:
+        source = f"--pretrained {args.pretrained!r}" if args.pretrained else "the starting weights"
+        raise UsageError(f"{source}: {bad} holds NaN/Inf (training would stop at its first step)")
+    cfg.validate()
+    if args.resume is not None:
+        check_resume(args.resume, cfg, steps_per_epoch(len(data["train"]), cfg))
+
+
+def _start_run_folder(args, info, data) -> None:
+    """The run folder's first writes, on rank 0, once every check passed (a refused command leaves the folder as it
+    was): --overwrite's clearing, the temp files of writes an earlier run was killed in (the folder and its few-shot
+    records: the trainer cleans only the folder itself), the few-shot record."""
+    if not info.is_main:
+        return
+    if args.overwrite:
+        clear_run(args.output)
+    for folder in (args.output, os.path.join(args.output, FEWSHOT_DIR)):
+        utils.remove_stale_temps(folder)
+    data["record_selection"]()
 
 
 def _warmup_notice(cfg) -> None:

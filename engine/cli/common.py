@@ -30,8 +30,10 @@ import torch
 
 from leanclip import utils, weights
 from leanclip.checkpoint import load_trainable
+from leanclip.checkpoint import verify as verify_checkpoint
 from leanclip.configs import register_tiny_config
 from leanclip.data import clip_transform
+from leanclip.feature_cache import active_cache as active_feature_cache
 from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_options, option_range
 from leanclip.synthetic import make_caption_corpus
@@ -49,56 +51,23 @@ class UsageError(ValueError):
     """Bad command-line input: one line on stderr, exit code 2."""
 
 
-# dest -> (flag, kind, lowest, highest). Bounds are inclusive; None = unbounded. Floats must also be finite.
-LR_MAX = 1e4  # far above any useful rate; larger ones overflow the optimizers' fp32 arithmetic
-SEED_MAX = 2 ** 32 - 1  # numpy's seed range; torch accepts more, but few-shot sampling goes through numpy
+# dest -> (flag, kind, lowest, highest), from the library's one table of ranges (leanclip.utils.NUMBER_RANGES, which
+# the API's configs check too): every flag is its destination with dashes. Bounds are inclusive; None = unbounded.
+LR_MAX, SEED_MAX = utils.LR_MAX, utils.SEED_MAX
 NUMBERS: dict[str, tuple[str, type, float | None, float | None]] = {
-    "epochs": ("--epochs", int, 1, None),
-    "batch_size": ("--batch-size", int, 1, None),
-    "lr": ("--lr", float, 0.0, LR_MAX),
-    "weight_decay": ("--weight-decay", float, 0.0, None),
-    "warmup_epochs": ("--warmup-epochs", int, 0, None),
-    "warmup_lr": ("--warmup-lr", float, 0.0, LR_MAX),
-    "grad_accum": ("--grad-accum", int, 1, None),
-    "clip_grad_norm": ("--clip-grad-norm", float, 0.0, None),
-    "kd_lambda": ("--kd-lambda", float, 0.0, None),
-    "llu_lambda": ("--llu-lambda", float, 0.0, None),
-    "llu_clusters": ("--llu-clusters", int, 0, None),
-    "log_every": ("--log-every", int, 1, None),
-    "seed": ("--seed", int, 0, SEED_MAX),
-    "shots": ("--shots", int, 0, 100_000),
-    "synthetic_classes": ("--synthetic-classes", int, 2, None),
-    "num_workers": ("--num-workers", int, 0, 64),
-    "threads": ("--threads", int, 1, 4096),
-    "image_size": ("--image-size", int, 8, 8192),
-    "pretrain_steps": ("--pretrain-steps", int, 0, None),
-    "max_steps": ("--max-steps", int, 1, None),
-    "warmup_steps": ("--warmup-steps", int, 0, None),
-    "temperature": ("--temperature", float, 1e-3, 0.5),
-    "reduction": ("--reduction", int, 1, None),
-    "synthetic_pairs": ("--synthetic-pairs", int, 2, None),
-    "synthetic_eval_pairs": ("--synthetic-eval-pairs", int, 2, None),
-    "min_lr": ("--min-lr", float, 0.0, LR_MAX),
-    "max_pairs": ("--max-pairs", int, 2, None),
-}
-# strictly positive floats (a zero learning rate or clipping norm is a mistake, not a choice)
-POSITIVE = {"lr", "clip_grad_norm"}
+    dest: ("--" + dest.replace("_", "-"), *row) for dest, row in utils.NUMBER_RANGES.items()}
 
 
 def check_numbers(args) -> None:
     """Raise :class:`UsageError` naming the first numeric flag of ``args`` that is out of range (None = not given)."""
-    for dest, (flag, kind, lo, hi) in NUMBERS.items():
+    for dest, (flag, *_) in NUMBERS.items():
         v = getattr(args, dest, None)
         if v is None:
             continue
-        if kind is float and not math.isfinite(v):
-            raise UsageError(f"{flag} must be a finite number, got {v}")
-        if dest in POSITIVE and not v > 0:
-            raise UsageError(f"{flag} must be > 0, got {v}")
-        if lo is not None and v < lo:
-            raise UsageError(f"{flag} must be >= {lo}, got {v}")
-        if hi is not None and v > hi:
-            raise UsageError(f"{flag} must be <= {hi}, got {v}")
+        try:
+            utils.check_number(dest, v, label=flag)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def check_backend_env(device) -> None:
@@ -453,13 +422,15 @@ def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: i
 
 
 def setup_device(args):
-    """``--threads`` and ``--device`` applied; ``LEANCLIP_BACKEND`` checked against the device. Returns the device."""
+    """``--threads`` and ``--device`` applied; ``LEANCLIP_BACKEND`` checked against the device and
+    ``LEANCLIP_FEATURE_CACHE`` for a private folder. Returns the device."""
     if args.threads is not None:  # its range: check_numbers
         import torch
 
         torch.set_num_threads(args.threads)
     device = utils.resolve_device(args.device)
     check_backend_env(device)
+    active_feature_cache()  # $LEANCLIP_FEATURE_CACHE must name a private folder: refused before any work
     return device
 
 
@@ -472,7 +443,7 @@ def emit(result: dict, args, name: str) -> None:
 
 def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
     """Metadata of a ``leanclip.checkpoint.save_trainable`` file without a model: method, options (dict), model_name,
-    extra (the trainer's dict)."""
+    extra (the trainer's dict); the file's payload is checked against its recorded sha256 first."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -487,6 +458,7 @@ def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
         raise UsageError(f"{flag}: {str(p)!r} is not a safetensors checkpoint ({e})") from e
     if "method" not in meta:
         raise UsageError(f"{flag}: {str(p)!r} is not a leanclip checkpoint")
+    verify_checkpoint(p)  # a damaged file is refused before any work, not found once the model is built
     out = {"path": str(p), "method": meta["method"]}
     for k in ("options", "model_name", "extra"):
         try:

@@ -60,6 +60,8 @@ def files(tmp_path_factory, tiny_name):
     (img_dir / "text.png").write_text("hello")
     f["split_corrupt"] = split("Corrupt", test=[["corrupt.png", 0, "class0"]] + rows[1:])
     f["split_textimg"] = split("TextImg", train=[["text.png", 0, "class0"]], test=[["text.png", 0, "class0"]] + rows)
+    one_class = [r for r in rows if r[1] == 0]
+    f["split_oneclass"] = split("OneClass", train=one_class, test=one_class)
     # ImageNet layout with a folder that classnames.txt does not list
     inet = d / "inet" / "imagenet"
     for split_dir in ("train", "val"):
@@ -78,6 +80,18 @@ def files(tmp_path_factory, tiny_name):
     assert rc == 0
     f["run"] = run_dir
     f["ckpt"] = run_dir / "checkpoint.safetensors"
+    raw = bytearray(f["ckpt"].read_bytes())  # the checkpoint with its last 64 bytes (tensor data) damaged
+    raw[-64:] = bytes(b ^ 0xFF for b in raw[-64:])
+    f["ckpt_damaged"] = d / "damaged.safetensors"
+    f["ckpt_damaged"].write_bytes(bytes(raw))
+    # the tiny model's weights with a NaN tensor
+    from safetensors.torch import save_file
+
+    from leanclip.configs import create_random_model
+    state = {k: v.contiguous() for k, v in create_random_model(tiny_name, 0).state_dict().items()}
+    state["visual.conv1.weight"] = torch.full_like(state["visual.conv1.weight"], float("nan"))
+    f["nan_weights"] = d / "nan.safetensors"
+    save_file(state, str(f["nan_weights"]))
     f["pairs_outside"] = img_dir / "outside.csv"
     f["pairs_outside"].write_text("image,caption\nc0_0.png,a shape\n../a_file,escape\n")
     f["pairs_missing_col"] = d / "pairs.csv"
@@ -203,6 +217,18 @@ def _cases(f):
         ("split-empty-test", [*t, *s("split_emptytest")], {}, "test"),
         ("image-corrupt", [*t, *s("split_corrupt")], {}, "corrupt.png"),
         ("image-text", [*t, *s("split_textimg")], {}, "text.png"),
+        ("split-one-class", [*t, *s("split_oneclass")], {}, "OneClass"),
+        ("subsample-base-one-class", [*t, *s("split_good"), "--subsample", "base"], {}, "--subsample base"),
+        ("zeroshot-one-class", ["zeroshot", *s("split_oneclass"), "--no-progress"], {}, "OneClass"),
+        ("pretrained-nan", [*t, "--pretrained", str(f["nan_weights"])], {}, "nan.safetensors"),
+        ("init-from-damaged", [*t, "--init-from", str(f["ckpt_damaged"])], {}, "damaged.safetensors"),
+        ("eval-checkpoint-damaged", ["eval", "--checkpoint", str(f["ckpt_damaged"]), *s("split_good")], {},
+         "damaged.safetensors"),
+        ("resume-other-batch", [*t, "--output", str(f["run"]), "--resume", str(f["run"]), *s("split_good"),
+                                "--image-size", "32", "--batch-size", "1"], {}, "steps per epoch"),
+        ("resume-other-optimizer", [*t, "--output", str(f["run"]), "--resume", str(f["run"]), *s("split_good"),
+                                    "--image-size", "32", "--optimizer", "adamw"], {}, "optimizer"),
+        ("feature-cache-open", t, {"LEANCLIP_FEATURE_CACHE": str(f["synth_open"])}, "LEANCLIP_FEATURE_CACHE"),
         ("imagenet-unlisted-folder", [*t, "--data", str(f["inet_root"]), "--dataset", "imagenet"], {}, "n02"),
         ("output-is-file", [*t, "--output", str(f["dir"] / "a_file")], {}, "a_file"),
         ("output-under-file", [*t, "--output", str(f["dir"] / "a_file" / "run")], {}, "a_file"),
@@ -368,3 +394,29 @@ def test_recorded_weights_only_hashed_files_or_names(tmp_path, monkeypatch):
     assert recorded_frozen_dtype({"frozen_dtype": "bfloat16"}) == torch.bfloat16
     with pytest.raises(ValueError, match="frozen_dtype"):
         recorded_frozen_dtype({"frozen_dtype": "nn"})
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_refused_run_leaves_its_folder_as_it_was(files, tmp_path, monkeypatch, capsys):
+    """Checks that need the prepared model or the config (a resume that cannot continue, NaN starting weights) come
+    before the run's first write: no few-shot record, no cleared run, no new folder."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(files["run"], run)
+    before = _tree(run)
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--method", "ln", "--epochs", "2", "--shots", "2", "--no-progress", "--image-size", "32",
+             "--split-file", str(files["split_good"])]  # 2 shots: a few-shot record the run does not hold yet
+    for extra, needle in ((["--resume", str(run), "--batch-size", "1"], "steps per epoch"),
+                          (["--resume", str(run), "--optimizer", "adamw"], "optimizer"),
+                          (["--output", str(run), "--overwrite", "--pretrained", str(files["nan_weights"])], "NaN"),
+                          (["--output", str(tmp_path / "new"), "--pretrained", str(files["nan_weights"])], "NaN")):
+        rc = cli.main([*train, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and needle in err, err[-2000:]
+        assert _tree(run) == before and sorted(os.listdir(tmp_path)) == ["run"]

@@ -267,9 +267,10 @@ def test_fingerprint_is_stable_and_old_files_still_load(fresh_tiny, tokenizer, t
     assert checkpoint.architecture(dst)["frozen_digest"] == checkpoint.architecture(src)["frozen_digest"]
     checkpoint.load_trainable(dst, path)
     assert all(torch.equal(p, _params(src)[n]) for n, p in _params(dst).items())
-    # a file without the fingerprint (written before it existed) loads into any architecture whose names match
+    # a file without the fingerprint and the digest (written before they existed) loads into any architecture whose
+    # names match
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "architecture"}
+        meta = {k: v for k, v in f.metadata().items() if k not in ("architecture", "sha256")}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     old = tmp_path / "old.safetensors"
     save_file(tensors, str(old), metadata=meta)
@@ -279,3 +280,53 @@ def test_fingerprint_is_stable_and_old_files_still_load(fresh_tiny, tokenizer, t
         warnings.simplefilter("ignore")
         checkpoint.load_trainable(other, old)
     assert all(torch.equal(p, _params(src)[n]) for n, p in _params(other).items())
+
+
+def _damage_tail(path, n=64):
+    """Flip the last ``n`` bytes of a file: tensor bytes of a safetensors file (the header still parses)."""
+    raw = bytearray(open(path, "rb").read())
+    raw[-n:] = bytes(b ^ 0xFF for b in raw[-n:])
+    open(path, "wb").write(bytes(raw))
+
+
+def test_a_damaged_checkpoint_is_refused_by_every_reader(fresh_tiny, tokenizer, tmp_path):
+    src = _prep(fresh_tiny(), "ln", tokenizer)
+    opt = torch.optim.SGD([p for _, p in methods.trainable_parameters(src)], lr=0.1, momentum=0.9)
+    _train(src, opt, tokenizer, steps=1)
+    path = checkpoint.save_trainable(src, tmp_path / "ln.safetensors", optimizer=opt, step=1)
+    checkpoint.verify(path)
+    _damage_tail(path)
+    dst = _prep(fresh_tiny(), "ln", tokenizer)
+    before = _params(dst)
+    readers = {
+        "verify": lambda: checkpoint.verify(path),
+        "load_trainable": lambda: checkpoint.load_trainable(dst, path),
+        "read_trainable": lambda: checkpoint.read_trainable(path),
+        "load_into": lambda: checkpoint.load_into(dst, path),
+        "check_init_from": lambda: checkpoint.check_init_from(dst, path),
+        "init_from": lambda: methods.prepare(fresh_tiny(), "bitfit", init_from=str(path)),
+    }
+    for name, read in readers.items():
+        with pytest.raises(ValueError, match=rf"checkpoint {path} is damaged: .*sha256"):
+            read()
+    assert all(torch.equal(p, before[n]) for n, p in _params(dst).items())  # nothing was copied
+
+
+def test_metadata_is_covered_by_the_digest_and_old_files_warn(fresh_tiny, tokenizer, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = _prep(fresh_tiny(), "ln", tokenizer)
+    path = checkpoint.save_trainable(src, tmp_path / "ln.safetensors", step=3)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert len(meta["sha256"]) == 64
+    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata={**meta, "step": "4"})
+    with pytest.raises(ValueError, match="is damaged"):
+        checkpoint.verify(tmp_path / "edited.safetensors")
+    old = tmp_path / "old.safetensors"  # written before checkpoints recorded a digest: loads, with a warning
+    save_file(tensors, str(old), metadata={k: v for k, v in meta.items() if k != "sha256"})
+    dst = _prep(fresh_tiny(), "ln", tokenizer)
+    with pytest.warns(UserWarning, match=rf"checkpoint {old} records no sha256"):
+        checkpoint.load_trainable(dst, old)
+    assert all(torch.equal(p, _params(src)[n]) for n, p in _params(dst).items())

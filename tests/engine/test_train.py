@@ -380,11 +380,11 @@ def test_non_finite_loss_stops_and_keeps_last_finite_checkpoint(clip, fresh_tiny
 
 
 def test_diverging_lr_stops_before_a_checkpoint(fresh_tiny, tok, shapes, tmp_path):
-    m = prepare(fresh_tiny(), "ln")
-    with pytest.raises(utils.NonFiniteLossError, match=r"learning rate \(1e\+30\) is likely too high.*no checkpoint "
+    m = prepare(fresh_tiny(), "full")
+    with pytest.raises(utils.NonFiniteLossError, match=r"learning rate \(1e\+04\) is likely too high.*no checkpoint "
                                                        r"was written"):
-        train(m, shapes["train"], shapes["classnames"], TEMPLATES, tok,
-              _cfg("ln", epochs=2, lr=1e30, optimizer="sgd", scheduler="constant", output=str(tmp_path)))
+        train(m, shapes["train"], shapes["classnames"], TEMPLATES, tok,  # the highest rate the config accepts
+              _cfg("full", epochs=2, lr=utils.LR_MAX, optimizer="sgd", scheduler="constant", output=str(tmp_path)))
     assert not (tmp_path / CHECKPOINT_NAME).exists() and not (tmp_path / "summary.json").exists()
     for line in (tmp_path / LOG_NAME).read_text().splitlines():
         assert math.isfinite(_strict_json(line)["loss"])
@@ -417,3 +417,53 @@ def test_package_exports_stay_what_they_name():
         importlib.import_module(leanclip._EXPORTS[name])
         assert not isinstance(getattr(leanclip, name), types.ModuleType), name
     assert callable(leanclip.train) and leanclip.train is train
+
+
+# ---------------------------------------------------------------------------------------- the API checks as the CLI
+@pytest.mark.parametrize("field,value", [
+    ("weight_decay", -1.0), ("warmup_lr", -1e-5), ("warmup_lr", float("nan")), ("kd_lambda", -1.0),
+    ("llu_lambda", float("nan")), ("llu_clusters", -1), ("seed", -1), ("seed", 2 ** 32), ("lr", float("inf")),
+    ("lr", 1e308), ("clip_grad_norm", float("inf")), ("momentum", -0.1), ("eval_batch_size", 0), ("batch_size", 0),
+    ("epochs", 1.5), ("num_workers", -1), ("grad_accum", True),
+])
+def test_config_refuses_what_the_command_line_refuses(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be"):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_prepare_refuses_batch_sizes_below_1(fresh_tiny):
+    for name in ("batch_size", "text_batch_size", "text_len"):
+        with pytest.raises(ValueError, match=rf"^{name} must be >= 1, got 0"):
+            prepare(fresh_tiny(), "ln", recompute="auto", memory_budget=10 ** 9, **{"batch_size": 8, name: 0})
+
+
+class _Unlabelled(torch.utils.data.Dataset):
+    """The wrapped dataset without its ``labels`` attribute: its labels are seen only batch by batch."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return self.ds[i]
+
+
+def test_labels_out_of_range_and_one_class_are_named_errors(fresh_tiny, tok, shapes):
+    cn = shapes["classnames"]
+    images = shapes["test"].images[:16]
+    bad = data.TensorImageDataset(images, torch.tensor([0] * 15 + [len(cn)]), shapes["test"].transform)
+    m = prepare(fresh_tiny(), "ln")
+    for ds in (bad, _Unlabelled(bad)):
+        with pytest.raises(ValueError, match=rf"^train_set: label {len(cn)} is out of range for {len(cn)} class"):
+            train(m, ds, cn, TEMPLATES, tok, _cfg("ln", epochs=1))
+        with pytest.raises(ValueError, match=rf"^dataset: label {len(cn)} is out of range"):
+            evaluate(m, ds, cn, TEMPLATES, tok, 8)
+    with pytest.raises(ValueError, match=r"eval_sets\['test'\]: label"):
+        train(m, shapes["train"], cn, TEMPLATES, tok, _cfg("ln", epochs=1), eval_sets={"test": bad})
+    one = data.TensorImageDataset(images, torch.zeros(16, dtype=torch.long), shapes["test"].transform)
+    with pytest.raises(ValueError, match=r"^classnames has 1 class \('.*'\): classification needs at least 2"):
+        train(m, one, cn[:1], TEMPLATES, tok, _cfg("ln", epochs=1))
+    with pytest.raises(ValueError, match=r"^classnames has 1 class"):
+        evaluate(m, one, cn[:1], TEMPLATES, tok, 8)
