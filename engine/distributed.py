@@ -8,6 +8,10 @@
 every rank's own slice, so an InfoNCE loss sees the global batch as negatives. ``wrap_ddp`` puts a module under
 ``DistributedDataParallel``: DDP only buckets and all-reduces parameters that require grad, so with a PEFT method
 only the trainable parameters travel. Rank 0 logs and writes checkpoints; ``barrier()`` keeps the others in step.
+
+Bad input under torchrun: every rank checks its inputs, and ``inputs_checked`` makes them stop together. A rank that
+gave up on its own (rank 0 alone checks the run folder) would leave the others waiting in their next collective until
+the connection dropped, each ending in a traceback instead of the one-line error.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,7 +29,7 @@ from leanclip.utils import resolve_device
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size", "is_main",
            "barrier", "all_reduce_mean", "all_gather_with_grad", "check_batch_size", "wrap_ddp", "find_free_port",
-           "current"]
+           "current", "inputs_checked"]
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -37,6 +42,7 @@ class DistInfo:
     backend: str | None = None
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    inputs_agreed: bool = False  # this rank passed the last inputs_checked (or stopped at one)
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +123,29 @@ def cleanup(info: DistInfo | None = None) -> None:
     """Destroy the process group if ``init_distributed`` created it."""
     if info is not None and info.initialized_here and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def inputs_checked(info: DistInfo, *, final: bool = False, error: BaseException | None = None,
+                   describe: Callable[[BaseException], str] = str) -> None:
+    """A point of a torchrun run where the ranks agree that their inputs are good, before work a refusal must not
+    follow (building the model, the run folder's first write). Every rank reaches the same points in the same order:
+    a rank calls it there with ``error=None``, or from the handler of the user error that stopped it before the next
+    point (``error``); the last point passes ``final=True``. Each call is one collective (all_gather of every rank's
+    message or None). When any rank failed, every rank raises: the first failing one its own error, the others a
+    ValueError with that error's message as ``describe`` words it, so each prints the same line. A no-op outside
+    torchrun and after the last point (a failure in training is not an input's)."""
+    if not info.distributed or info.inputs_agreed:
+        return
+    info.inputs_agreed = final or error is not None
+    messages = [None] * info.world_size
+    dist.all_gather_object(messages, None if error is None else describe(error))
+    first = next((rank for rank, m in enumerate(messages) if m is not None), None)
+    if first is None:
+        return
+    info.inputs_agreed = True  # every rank stops here: no further point to meet at
+    if first == info.rank:
+        raise error
+    raise ValueError(messages[first])
 
 
 def barrier() -> None:

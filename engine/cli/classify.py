@@ -19,7 +19,7 @@ from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
     DEFAULT_MODEL, PROG, UsageError, build_model, clear_run, data_record, emit, method_opts_from_flags,
     prepare_from_checkpoint, pretrain_synthetic, read_checkpoint_meta, restore_data, restore_inputs, run_folder,
-    setup_device, template_override, weights_record,
+    setup_device, stop_together, template_override, weights_record,
 )
 from leanclip.configs import create_random_model, register_tiny_config
 from leanclip.data import BadImageError, check_images
@@ -209,6 +209,9 @@ def cmd_train(args) -> int:
     info = dist.init_distributed(args.device)  # world size 1 (a no-op) outside torchrun
     try:
         return _train_classify(args, info, parts, method)
+    except Exception as e:
+        stop_together(info, e)
+        raise
     finally:
         dist.cleanup(info)
 
@@ -234,6 +237,7 @@ def _train_classify(args, info, parts, method) -> int:
     init_from = _init_from(args.init_from)
     if args.templates is not None:
         _templates(args, None)  # every template must hold "{}"
+    dist.inputs_checked(info)  # the run folder only rank 0 checks: every rank stops here when it was refused
     weights = weights_record(args.pretrained, args.model)
     model, tok, size, (mean, std) = build_model(args)
     data = load_data(args, size, mean, std, train_transform=method_trainer(method) != "cached")
@@ -260,6 +264,7 @@ def _train_classify(args, info, parts, method) -> int:
     if args.warmup_epochs is not None:
         _warmup_notice(cfg)
     _last_checks(args, model, cfg, data)
+    dist.inputs_checked(info, final=True)
     _start_run_folder(args, info, data)
     dist.barrier()
     summary = train(model, data["train"], data["classnames"], templates, tok, cfg, eval_sets=eval_sets,

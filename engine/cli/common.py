@@ -434,6 +434,17 @@ def setup_device(args):
     return device
 
 
+def stop_together(info, error: BaseException) -> None:
+    """Under torchrun, a user error raised before the ranks agreed on their inputs
+    (``leanclip.distributed.inputs_checked``): every rank learns of it and raises one, each printing the same line.
+    Nothing otherwise: the caller re-raises ``error``."""
+    from leanclip import distributed
+    from leanclip.cli import USER_ERRORS, _one_line
+
+    if isinstance(error, USER_ERRORS):
+        distributed.inputs_checked(info, error=error, describe=_one_line)
+
+
 def emit(result: dict, args, name: str) -> None:
     """Print ``result`` as one JSON line and write it as ``name`` under ``--output`` when given."""
     if getattr(args, "output", None):

@@ -20,7 +20,7 @@ from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
     UsageError, build_model, clear_run, emit, method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta,
-    restore_inputs, run_folder, setup_device, weights_record,
+    restore_inputs, run_folder, setup_device, stop_together, weights_record,
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
@@ -259,6 +259,7 @@ def cmd_train_contrastive(args) -> int:
             run_folder(args, os.path.join("runs", f"contrastive_{method}_seed{args.seed}"))
         elif args.output is None:
             args.output = os.path.join("runs", f"contrastive_{method}_seed{args.seed}")
+        D.inputs_checked(info)  # the run folder only rank 0 checks: every rank stops here when it was refused
         weights = weights_record(args.pretrained, args.model)
         model, tok, size, _ = build_model(args)
         size = _image_size(model)
@@ -270,6 +271,7 @@ def cmd_train_contrastive(args) -> int:
         cfg = _contrastive_config(args, method, info.device, weights)
         cfg.validate()
         D.check_batch_size(cfg.batch_size, info.world_size)
+        D.inputs_checked(info, final=True)
         before = None
         if eval_pairs is not None and info.is_main and not args.no_initial_eval:
             model.to(info.device)
@@ -284,6 +286,9 @@ def cmd_train_contrastive(args) -> int:
                 result["zeroshot"] = _zeroshot(model, zs_set, tok, info.device, args)
             emit(result, args, "result.json")
         return 0
+    except Exception as e:
+        stop_together(info, e)
+        raise
     finally:
         D.cleanup(info)
 
