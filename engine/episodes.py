@@ -171,8 +171,10 @@ def add_model_arguments(p) -> None:
     g.add_argument("--use-recorded-weights", action="store_true",
                    help="with --checkpoint: read the weights it records (a file only if its sha256 still matches)")
     g.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's own)")
-    g.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
-                   help="synthetic contrastive pre-training steps before use (smoke runs; default 0)")
+    g.add_argument("--pretrain-steps", type=int, default=None, metavar="N",
+                   help="synthetic contrastive pre-training steps (as for 'leanclip train'; default 40 on synthetic "
+                        "data with the default model and no --pretrained, else 0; with --checkpoint: the recorded "
+                        "number)")
     g.add_argument("--templates", nargs="+", default=None, metavar="T",
                    help="prompt template(s) with '{}' for the text classifier, or 'ensemble'")
 

@@ -28,9 +28,11 @@ from typing import Sequence
 
 from leanclip import utils
 from leanclip.cli.classify import (  # noqa: F401  (re-exported)
-    BASE_DEFAULTS, COMMANDS, cmd_eval, cmd_train, cmd_zeroshot, load_data, synthetic_pretrained_weights,
+    BASE_DEFAULTS, COMMANDS, cmd_eval, cmd_train, cmd_zeroshot, load_data,
 )
-from leanclip.cli.common import EXIT_USAGE, PROG, UsageError, build_model, check_numbers  # noqa: F401
+from leanclip.cli.common import (  # noqa: F401  (re-exported)
+    EXIT_USAGE, PROG, UsageError, build_model, check_numbers, synthetic_pretrained_weights,
+)
 from leanclip.cli.parser import SUBCOMMANDS, build_parser, register_subcommand  # noqa: F401
 
 __all__ = ["main", "build_parser", "register_subcommand", "SUBCOMMANDS", "UsageError", "build_model", "load_data",

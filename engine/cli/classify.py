@@ -1,27 +1,22 @@
-"""``leanclip train`` / ``eval`` / ``zeroshot`` for classification (the few-shot protocol), and the data and synthetic
-weights they share; ``--task contrastive`` / ``retrieval`` hand over to ``leanclip.cli.contrastive``."""
+"""``leanclip train`` / ``eval`` / ``zeroshot`` for classification (the few-shot protocol) and the data they share;
+``--task contrastive`` / ``retrieval`` hand over to ``leanclip.cli.contrastive``."""
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 from leanclip import data as D
 from leanclip import distributed as dist
-from leanclip import pretrain, synthetic, utils
+from leanclip import synthetic, utils
 from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
-    DEFAULT_MODEL, PROG, UsageError, build_model, clear_run, data_record, emit, method_opts_from_flags,
-    prepare_from_checkpoint, pretrain_synthetic, read_checkpoint_meta, restore_data, restore_inputs, run_folder,
-    setup_device, stop_together, template_override, weights_record,
+    PROG, UsageError, build_model, clear_run, data_record, emit, method_opts_from_flags, prepare_from_checkpoint,
+    read_checkpoint_meta, restore_data, restore_inputs, run_folder, setup_device, stop_together, template_override,
+    weights_record,
 )
-from leanclip.configs import create_random_model, register_tiny_config
 from leanclip.data import BadImageError, check_images
 from leanclip.templates import get_templates
 
@@ -32,37 +27,6 @@ SYNTHETIC_MAX_SHOTS = 1000  # images per class the synthetic dataset may be aske
 # (leanclip.methods.MethodTraits.train_defaults).
 BASE_DEFAULTS = {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
                  "epochs": 10}
-
-
-# ------------------------------------------------------------------------------------------------------------- model
-def synthetic_pretrained_weights(folder, model_name: str = DEFAULT_MODEL, steps: int = 40, *, seed: int = 0) -> str:
-    """Path of a safetensors state dict of ``model_name`` (random init with torch seed 0) after
-    :func:`pretrain_synthetic` for ``steps`` steps, made once and cached in ``folder`` (keyed by the config, versions
-    and the code that makes it; written atomically). For tests, demos and smoke runs: ``--pretrained PATH``."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    register_tiny_config()
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise UsageError(f"unknown open_clip config {model_name!r}")
-    key = hashlib.sha256(json.dumps([1, model_name, cfg, steps, seed, torch.__version__, open_clip.__version__,
-                                     inspect.getsource(pretrain.pretrain_contrastive),
-                                     inspect.getsource(pretrain_synthetic)], sort_keys=True,
-                                    default=str).encode()).hexdigest()[:16]
-    folder = Path(folder)
-    path = folder / f"{model_name}-synthetic{steps}-{key}.safetensors"
-    if path.is_file():
-        return str(path)
-    model = create_random_model(model_name, 0)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else int(size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pretrain_synthetic(model, open_clip.get_tokenizer(model_name), steps, size, seed=seed)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    utils.atomic_write(path, lambda tmp: save_file(state, tmp))
-    return str(path)
 
 
 # -------------------------------------------------------------------------------------------------------------- data

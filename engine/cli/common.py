@@ -36,7 +36,7 @@ from leanclip.data import clip_transform
 from leanclip.feature_cache import active_cache as active_feature_cache
 from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_options, option_range
-from leanclip.synthetic import make_caption_corpus
+from leanclip.synthetic import cache_dir, make_caption_corpus, private_dir
 from leanclip.templates import canonical_dataset_name
 from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source
 
@@ -181,8 +181,9 @@ def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = No
         recorded = {"source": legacy_path, "sha256": None}
     if not recorded or not recorded.get("source"):
         if getattr(args, "use_recorded_weights", False):
-            raise UsageError("--use-recorded-weights: the checkpoint records no weights (it was trained from a "
-                             "random initialisation)")
+            raise UsageError("--use-recorded-weights: the checkpoint records no weights (it started from the "
+                             "seeded initialisation of its model and the synthetic pre-training steps it records, "
+                             "rebuilt without the flag)")
         return
     source = recorded["source"]
     if not getattr(args, "use_recorded_weights", False):
@@ -201,8 +202,8 @@ def restore_inputs(args, meta: dict, record: dict) -> None:
     weights (under the rule of the module docstring), the synthetic pre-training steps and the image size."""
     restore_model(args, meta.get("model_name"), DEFAULT_MODEL)
     restore_weights(args, record.get("weights"), legacy_path=record.get("pretrained"))
-    if not args.pretrain_steps and record.get("pretrain_steps"):
-        args.pretrain_steps = int(record["pretrain_steps"])
+    if args.pretrain_steps is None:  # the recorded number (0 for a run that records none), never the default
+        args.pretrain_steps = int(record.get("pretrain_steps") or 0)
     if args.image_size is None and record.get("image_size"):
         args.image_size = int(record["image_size"])
 
@@ -398,16 +399,46 @@ def build_model(args):
                          f"hf-hub:ORG/REPO / local-dir:DIR)")
     if schema and args.pretrained is not None:
         raise UsageError(f"--pretrained: --model {args.model} carries its own weights; drop --pretrained")
+    steps = resolve_pretrain_steps(args)
+    # the synthetic pre-training of a random init is made once per user and loaded from the cache; on top of named
+    # weights (or a model carrying its own) it runs here
+    cached = bool(steps) and args.pretrained is None and not schema
+    source = synthetic_pretrained_weights(None, args.model, steps, image_size=args.image_size,
+                                          progress=not args.no_progress) if cached else args.pretrained
     # seeded: random-init weights (no --pretrained) are then the same in train / eval / zeroshot
-    model = weights.create_model(args.model, args.pretrained, seed=0, image_size=args.image_size,
+    model = weights.create_model(args.model, source, seed=0, image_size=args.image_size,
                                  trust_torchscript=getattr(args, "trust_torchscript", False))
     tokenizer = open_clip.get_tokenizer(args.model)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
-    if args.pretrain_steps:
-        pretrain_synthetic(model, tokenizer, args.pretrain_steps, size, seed=0, progress=not args.no_progress)
+    if steps and not cached:
+        pretrain_synthetic(model, tokenizer, steps, size, seed=0, progress=not args.no_progress)
     return model, tokenizer, size, (tuple(pp.get("mean", ())) or None, tuple(pp.get("std", ())) or None)
+
+
+# Smoke runs (synthetic data, the default tiny model, no --pretrained) start from this many steps of synthetic
+# contrastive pre-training instead of a random init, so that their accuracies are far above chance and tell a working
+# pipeline from a broken one. 40 steps: the tests' weights; about 10 s on one CPU core, once per user (cached).
+SMOKE_PRETRAIN_STEPS = 40
+
+
+def default_pretrain_steps(model: str, pretrained, synthetic_data: bool, task: str = "classify") -> int:
+    """``--pretrain-steps`` when it is not given: :data:`SMOKE_PRETRAIN_STEPS` for a classification smoke run
+    (synthetic data, ``model`` the default tiny one, no weights), else 0 (``model`` as it is built)."""
+    smoke = synthetic_data and pretrained is None and model == DEFAULT_MODEL and task == "classify"
+    return SMOKE_PRETRAIN_STEPS if smoke else 0
+
+
+def resolve_pretrain_steps(args) -> int:
+    """``args.pretrain_steps``: as given (or as ``eval`` restored it from a checkpoint), else
+    :func:`default_pretrain_steps` of the command's model, weights and data. Stored back in ``args``: a run records
+    the number it was built with, so ``eval`` rebuilds the same model whatever the defaults are then."""
+    if getattr(args, "pretrain_steps", None) is None:
+        synthetic_data = not (getattr(args, "data", None) or getattr(args, "split_file", None))
+        args.pretrain_steps = default_pretrain_steps(args.model, args.pretrained, synthetic_data,
+                                                     getattr(args, "task", "classify"))
+    return args.pretrain_steps
 
 
 def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: int = 0, n_images: int = 2000,
@@ -419,6 +450,50 @@ def pretrain_synthetic(model, tokenizer, steps: int, image_size: int, *, seed: i
     x = torch.stack([tf(im) for im in imgs])
     return pretrain_contrastive(model, x, caps, tokenizer, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                                 progress=progress)
+
+
+def synthetic_pretrained_weights(folder=None, model_name: str = DEFAULT_MODEL, steps: int = SMOKE_PRETRAIN_STEPS, *,
+                                 seed: int = 0, image_size: int | None = None, progress: bool = False) -> str:
+    """Path of a safetensors state dict of ``model_name`` as :func:`build_model` makes it without weights (seeded
+    random init at ``image_size``) after :func:`pretrain_synthetic` for ``steps`` steps: made once and kept in
+    ``folder`` (default: ``synthetic-weights`` in leanclip's private per-user cache, next to the synthetic data),
+    keyed by the config, the versions and the code that makes it, written atomically. Made on one CPU thread, so
+    the file does not depend on the caller's thread count. For smoke runs (the default weights of synthetic runs),
+    tests and demos (``--pretrained PATH``)."""
+    import hashlib
+    import inspect
+    import warnings
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    register_tiny_config()
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise UsageError(f"unknown open_clip config {model_name!r}")
+    key = hashlib.sha256(json.dumps([2, model_name, cfg, steps, seed, image_size, torch.__version__,
+                                     open_clip.__version__, inspect.getsource(pretrain_contrastive),
+                                     inspect.getsource(pretrain_synthetic)], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    if folder is None:
+        folder = private_dir(os.path.join(cache_dir(), "synthetic-weights"), "synthetic-weights cache")
+    path = Path(folder) / f"{model_name.replace('/', '-')}-synthetic{steps}-{key}.safetensors"
+    if path.is_file():
+        return str(path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = weights.create_model(model_name, None, seed=0, image_size=image_size)
+        size = model.visual.image_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pretrain_synthetic(model, open_clip.get_tokenizer(model_name), steps,
+                               size[0] if isinstance(size, (tuple, list)) else int(size), seed=seed, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    utils.atomic_write(path, lambda tmp: save_file(state, tmp))
+    return str(path)
 
 
 def setup_device(args):
@@ -494,8 +569,8 @@ def build_recorded_model(args, meta: dict):
     restore_model(args, meta.get("model_name"), DEFAULT_MODEL)
     rec = run_record(meta)
     restore_weights(args, rec.get("weights"), legacy_path=rec.get("pretrained"))
-    if not args.pretrain_steps and rec.get("pretrain_steps"):
-        args.pretrain_steps = int(rec["pretrain_steps"])
+    if args.pretrain_steps is None:  # the recorded number (0 for a run that records none), never the default
+        args.pretrain_steps = int(rec.get("pretrain_steps") or 0)
     if args.image_size is None and rec.get("image_size"):
         args.image_size = int(rec["image_size"])
     return build_model(args)

@@ -56,9 +56,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "file; only for files you trust (the 'openai' tag gives the same weights as safetensors)")
     g.add_argument("--image-size", type=int, default=None,
                    help="input resolution (default: the model's own); pretrained positional embeddings are resized")
-    g.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
-                   help="before anything else, contrastively pre-train the model for N steps on a synthetic caption "
-                        "corpus (smoke runs without weights; default 0)")
+    g.add_argument("--pretrain-steps", type=int, default=None, metavar="N",
+                   help="start from N steps of contrastive pre-training on a synthetic caption corpus (made once, "
+                        "cached per user). Default: 40 for smoke runs (synthetic data, the default model, no "
+                        "--pretrained), so that their accuracy tells whether the pipeline works; 0 otherwise. "
+                        "0 = the random initialisation; eval: the number the checkpoint records")
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
