@@ -7,8 +7,10 @@ CLIPFit's parameter-change analysis).
 
 A run is a run folder or its ``checkpoint.safetensors`` (trainable parameters only, ``leanclip.checkpoint``). With one
 run the reference is its initial weights: the model and weights the run records, rebuilt as ``leanclip eval`` rebuilds
-them (``--pretrained`` or ``--use-recorded-weights``, the recorded ``--pretrain-steps`` and ``--image-size``); modules a
-method added (LLU heads, adapters, ...) have no pretrained value and are listed as not compared. A run initialised
+them (``--pretrained`` or ``--use-recorded-weights``, the recorded ``--pretrain-steps`` and ``--image-size``). A run
+trained without ``--pretrained`` (a smoke run) records no weights: its start, the seeded init plus the synthetic
+pre-training it records, is rebuilt with or without ``--use-recorded-weights``. Modules a method added (LLU heads,
+adapters, ...) have no pretrained value and are listed as not compared. A run initialised
 from another run (``init_from``) is compared with that run by naming both.
 
 What is measured, for every parameter both sides hold (``delta = after - before``, float64):
@@ -33,7 +35,7 @@ import torch
 from leanclip import utils
 from leanclip.checkpoint import read_trainable
 from leanclip.cli.common import (
-    DEFAULT_MODEL, UsageError, build_recorded_model, check_output, emit, read_checkpoint_meta,
+    DEFAULT_MODEL, UsageError, build_recorded_model, check_output, emit, read_checkpoint_meta, run_record,
 )
 
 __all__ = ["analyze_params", "pearson", "spearman", "layernorm_position", "param_group", "add_arguments", "run"]
@@ -260,10 +262,15 @@ def _initial_params(run_: dict, args) -> dict[str, torch.Tensor]:
     if model_name and args.model and args.model != model_name:
         raise UsageError(f"--model {args.model}: RUN_A {run_['path']!r} is a {model_name} run: runs of "
                          f"different architectures cannot be compared")
+    meta = {"model_name": model_name, "extra": run_["extra"]}
+    rec = run_record(meta)
+    # a run that records no weights started from its model's seeded init plus the synthetic pre-training steps it
+    # records: that start is what --use-recorded-weights asks for, and it is rebuilt without reading any file
+    recorded = bool((rec.get("weights") or {}).get("source") or rec.get("pretrained"))
     ns = argparse.Namespace(model=args.model or DEFAULT_MODEL, pretrained=args.pretrained,
-                            use_recorded_weights=args.use_recorded_weights, image_size=None, pretrain_steps=0,
-                            trust_torchscript=False, no_progress=True)
-    model = build_recorded_model(ns, {"model_name": model_name, "extra": run_["extra"]})[0]
+                            use_recorded_weights=args.use_recorded_weights and recorded, image_size=None,
+                            pretrain_steps=None, trust_torchscript=False, no_progress=True)
+    model = build_recorded_model(ns, meta)[0]
     current = dict(model.named_parameters())
     _check_same_architecture(run_, {n: list(p.shape) for n, p in current.items()}, ns.model, f"--model {ns.model}")
     base = [n for n in run_["params"] if n.split(".")[0] not in run_["added"]]

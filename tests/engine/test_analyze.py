@@ -88,14 +88,14 @@ def test_layernorm_profile_and_groups_float64():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, weights):
-    """Two ln runs of a 3-block tiny model (random init), and one ln and one llu run of the tiny model trained
-    from the pre-trained weights."""
+    """Two ln runs of a 3-block tiny model (random init), one ln and one llu run of the tiny model trained from the
+    pre-trained weights, and a smoke run (no --pretrained: the default synthetic pre-training)."""
     register_tiny_config(L3, vision_cfg={"layers": 3}, text_cfg={"layers": 3})
     root = tmp_path_factory.mktemp("analyze")
     common = ["--shots", 2, "--epochs", 1, "--lr", 0.05, "--optimizer", "adamw", "--synthetic-classes", 4,
               "--synthetic-dir", root / "syn", "--no-progress", "--threads", 1]
     spec = {"a": ["--model", L3, "--seed", 1], "b": ["--model", L3, "--seed", 2],
-            "pre": ["--pretrained", weights], "llu": ["--pretrained", weights, "--method", "llu"]}
+            "pre": ["--pretrained", weights], "llu": ["--pretrained", weights, "--method", "llu"], "smoke": []}
     with kernels.set_backend("torch"):  # a module fixture runs outside conftest's per-test backend choice
         for name, args in spec.items():
             method = [] if "--method" in args else ["--method", "ln"]
@@ -142,6 +142,25 @@ def test_one_run_against_initial_weights(capsys, runs, weights):
     res = json.loads(out.strip().splitlines()[-1])
     assert res["compared"] == 0 and res["not_compared"] == ["llu_image.bias", "llu_image.weight", "llu_text.bias",
                                                              "llu_text.weight"]
+
+
+def test_smoke_run_against_its_recorded_start(capsys, runs, tiny_name):
+    """A run trained without --pretrained records no weights: its start (seeded init + the recorded synthetic
+    pre-training) is rebuilt, with or without --use-recorded-weights (as docs/PAPERS.md writes the command)."""
+    from leanclip.cli.common import SMOKE_PRETRAIN_STEPS
+
+    init = load_file(cli.synthetic_pretrained_weights(None, tiny_name, SMOKE_PRETRAIN_STEPS))
+    run = load_file(str(runs / "smoke" / "checkpoint.safetensors"))
+    want = float((run["visual.ln_post.bias"].double() - init["visual.ln_post.bias"].double()).abs().sum())
+    results = []
+    for flags in (["--use-recorded-weights"], []):
+        rc, out, err = _run(capsys, "analyze", runs / "smoke", *flags)
+        assert rc == 0, err
+        res = json.loads(out.strip().splitlines()[-1])
+        entry = next(e for e in res["layernorm"]["image"]["layers"] if e["module"] == "visual.ln_post")
+        assert entry["beta_l1"] == pytest.approx(want, rel=1e-9) and want > 0
+        results.append(res)
+    assert results[0] == results[1]
 
 
 def test_random_init_run_against_its_start(capsys, runs):
