@@ -9,7 +9,9 @@ Per protocol, per dataset and averaged over datasets, mean ± std over seeds (po
 
 A group with fewer results than seeds shows how many it averages (``[2/3]``); an average over datasets is given
 only when every dataset has every seed (else ``—``). Every cell without a result is listed with its state and
-error line. Writes ``report.md`` (also printed), ``report.csv`` (one row per number) and ``report_<protocol>.png``
+error line. What the report reads is checked first: a malformed sweep.json is one line naming the file and the field
+(exit 2); a result file whose accuracy is not a finite number in [0, 100] makes its cell ``invalid`` (listed with
+the file and the field, never averaged), so one damaged cell does not hide the rest of the grid. Writes ``report.md`` (also printed), ``report.csv`` (one row per number) and ``report_<protocol>.png``
 into SWEEP (or ``--output``). Exit 2 when SWEEP holds no sweep.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from leanclip import utils
 from leanclip.cli.common import UsageError
 from leanclip.metrics import harmonic_mean
-from leanclip.sweep import ZEROSHOT, cell_metrics, cells_of, load_manifest, spec_from_manifest
+from leanclip.sweep import ZEROSHOT, InvalidResult, cell_metrics, cells_of, load_manifest, spec_from_manifest
 
 DASH = "—"
 
@@ -72,7 +74,11 @@ def collect(sweep: Path) -> dict:
         spec = spec_from_manifest(sweep, protocol, entry)
         values, missing = {}, []
         for cell in cells_of(spec):
-            metrics = cell_metrics(cell, spec)
+            try:
+                metrics = cell_metrics(cell, spec)
+            except InvalidResult as e:
+                missing.append({"cell": cell.id, "state": "invalid", "error": str(e)})
+                continue
             if metrics is None:
                 recorded = manifest["cells"].get(cell.id, {})
                 state = recorded.get("state", "pending")

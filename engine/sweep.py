@@ -25,7 +25,9 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -39,7 +41,8 @@ import torch
 from leanclip import utils
 from leanclip.cli import build_parser, main
 from leanclip.cli.common import (
-    DEFAULT_MODEL, RUN_FILES, SEED_MAX, UsageError, check_numbers, check_output, method_opts_from_flags,
+    DEFAULT_MODEL, RUN_FILES, SEED_MAX, UsageError, check_numbers, check_output, default_pretrain_steps,
+    method_opts_from_flags, synthetic_pretrained_weights,
 )
 from leanclip.data import DATASET_INFO, find_split_file
 from leanclip.feature_cache import ENV_VAR, count_events
@@ -47,7 +50,7 @@ from leanclip.metrics import harmonic_mean
 from leanclip.registry import method_options
 from leanclip.templates import canonical_dataset_name
 from leanclip.training import CHECKPOINT_NAME
-from leanclip.weights import recordable_source, resolve_pretrained
+from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source, resolve_pretrained
 
 PROG = "leanclip"
 PROTOCOLS = ("fewshot", "base2new", "xd", "dg")
@@ -63,6 +66,9 @@ DATASET_SETS = {"coop11": ["ImageNet", *COOP10], "coop10": COOP10, "imagenet-var
 DEFAULT_SHOTS = {"fewshot": [1, 2, 4, 8, 16], "base2new": [16], "xd": [16], "dg": [16]}
 DEFAULT_TARGETS = {"xd": "coop10", "dg": "imagenet-variants"}
 RESULT_FILES = {"train": "result.json", "zeroshot": "zeroshot.json", "eval": "eval.json"}
+# a method, dataset or protocol name becomes a folder of the sweep: one path component that cannot climb out of it
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
+STATES = ("pending", "running", "done", "failed")
 # train flags the grid sets per cell, and the contrastive-task flags (a sweep classifies): not taken from the user
 GRID_DESTS = {"help", "method", "shots", "seed", "subsample", "data", "dataset", "split_file", "synthetic", "output",
               "resume", "overwrite", "eval_split", "image_root", "no_progress", "opt", "task", "augment", "deep_init",
@@ -243,11 +249,26 @@ def build_spec(args) -> Spec:
     return spec
 
 
+def plain_name(name, what: str) -> str:
+    """``name`` when it is one plain path component (:data:`PLAIN_NAME`: no separator, no ``..``, no leading dot);
+    UsageError naming ``what`` otherwise."""
+    if not isinstance(name, str) or not PLAIN_NAME.match(name):
+        raise UsageError(f"{what}: {_short(name)} is not a plain name (letters, digits and . _ + - , starting with a "
+                         f"letter or digit): it names a folder of the sweep")
+    return name
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _check_methods(methods: list[str], protocol: str) -> list[str]:
     from leanclip.methods import check_task, is_closed_set, parse_method
 
     out = []
     for m in methods:
+        plain_name(m, "--methods")
         if m == ZEROSHOT:
             name = m
         else:
@@ -261,7 +282,7 @@ def _check_methods(methods: list[str], protocol: str) -> list[str]:
                                  f"evaluates other classes (use it with --protocol fewshot)")
         if name in out:
             raise UsageError(f"--methods: {name!r} is listed twice")
-        out.append(name)
+        out.append(plain_name(name, "--methods"))
     return out
 
 
@@ -269,6 +290,7 @@ def _dataset_names(names: list[str], data: str | None, flag: str) -> list[str]:
     """Named sets expanded, spellings made canonical, each dataset found under ``data`` (split file or folder)."""
     out = []
     for name in [n for given in names for n in DATASET_SETS.get(given.lower(), [given])]:
+        plain_name(name, flag)  # before any file is looked up with it
         try:
             canonical = canonical_dataset_name(name)
         except KeyError:
@@ -289,7 +311,7 @@ def _dataset_names(names: list[str], data: str | None, flag: str) -> list[str]:
                     raise UsageError(f"{flag}: {e}") from None
         if (canonical or name) in out:
             raise UsageError(f"{flag}: dataset {canonical or name!r} is listed twice")
-        out.append(canonical or name)
+        out.append(plain_name(canonical or name, flag))
     return out
 
 
@@ -397,8 +419,22 @@ def _data_argv(spec: Spec, dataset: str) -> list[str]:
     return ["--synthetic"] if dataset == SYNTHETIC else ["--data", spec.data, "--dataset", dataset]
 
 
+def _inside(output: Path, folder: Path) -> Path:
+    """``folder`` when it resolves (symlinks followed) to a place strictly under ``output``; UsageError otherwise.
+    The names that make a cell's folders are plain (:func:`plain_name`): this is the check that does not rely on it."""
+    root, resolved = output.resolve(), folder.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise UsageError(f"cell folder {str(folder)!r} resolves to {str(resolved)!r}, outside the sweep folder "
+                         f"{str(root)!r}")
+    return folder
+
+
 def steps_of(cell: Cell, spec: Spec) -> list[Step]:
-    """The commands that make ``cell``, in order."""
+    """The commands that make ``cell``, in order; every folder they write is checked to lie under the sweep folder."""
+    return [Step(s.kind, s.argv, _inside(spec.output, s.out)) for s in _steps(cell, spec)]
+
+
+def _steps(cell: Cell, spec: Spec) -> list[Step]:
     d = spec.output / cell.id
     targets = spec.datasets if cell.protocol in ("xd", "dg") else []
     if cell.method == ZEROSHOT:
@@ -440,29 +476,51 @@ def resume_words(step: Step) -> list[str]:
     return ["--overwrite"] if any((step.out / n).exists() for n in RUN_FILES) else []
 
 
+class InvalidResult(ValueError):
+    """A cell's result file holds a value that is not an accuracy: the cell has no usable result (the sweep records
+    it as failed, the report lists it as invalid), never a number in a table."""
+
+
+def _accuracy(result: dict, keys: tuple, path: Path) -> float:
+    """``result[keys[0]][keys[1]]...``: a top-1 accuracy, a finite number in [0, 100] (InvalidResult otherwise)."""
+    value = result
+    for k in keys:
+        value = value.get(k) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= 100:
+        raise InvalidResult(f"invalid result {str(path)!r}: {'.'.join(keys)} is {_short(value)}, expected a "
+                            f"number in [0, 100] (remove the cell's folder to run it again)")
+    return float(value)
+
+
 def cell_metrics(cell: Cell, spec: Spec) -> dict | None:
     """Top-1 accuracies (%) of a finished cell: ``{"acc"}`` (fewshot), ``{"base", "new", "H"}`` (base2new), ``{dataset:
-    acc}`` for the source and every target (xd, dg); None while a step has no result."""
+    acc}`` for the source and every target (xd, dg); None while a step has no result; InvalidResult when a result
+    file holds something else than accuracies where they belong."""
     results = [(s, read_result(s)) for s in steps_of(cell, spec)]
     if any(r is None for _, r in results):
         return None
     if cell.method == ZEROSHOT:
-        top1 = [r["top1"] for _, r in results]
+        top1 = [_accuracy(r, ("top1",), s.result) for s, r in results]
         if cell.protocol == "fewshot":
             return {"acc": top1[0]}
         if cell.protocol == "base2new":
             return {"base": top1[0], "new": top1[1], "H": harmonic_mean(top1[0], top1[1])}
         return dict(zip([cell.dataset, *spec.datasets], top1))
-    m = results[0][1]["metrics"]
+    train, res = results[0]
     if cell.protocol == "fewshot":
-        return {"acc": m["test"]["top1"]}
+        return {"acc": _accuracy(res, ("metrics", "test", "top1"), train.result)}
     if cell.protocol == "base2new":
-        return {"base": m["base"]["top1"], "new": m["new"]["top1"], "H": m["H"]}
-    return {cell.dataset: m["test"]["top1"], **{s.out.name: r["top1"] for s, r in results[1:]}}
+        return {"base": _accuracy(res, ("metrics", "base", "top1"), train.result),
+                "new": _accuracy(res, ("metrics", "new", "top1"), train.result),
+                "H": _accuracy(res, ("metrics", "H"), train.result)}
+    return {cell.dataset: _accuracy(res, ("metrics", "test", "top1"), train.result),
+            **{s.out.name: _accuracy(r, ("top1",), s.result) for s, r in results[1:]}}
 
 
 # --------------------------------------------------------------------------------------------------------- manifest
 def load_manifest(output: Path) -> dict:
+    """SWEEP/sweep.json, checked field by field (:func:`check_manifest`); an empty manifest when there is none."""
     path = output / MANIFEST
     if not path.is_file():
         return {"version": 1, "protocols": {}, "cells": {}}
@@ -471,9 +529,71 @@ def load_manifest(output: Path) -> dict:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: not a readable sweep manifest ({e})") from None
+    check_manifest(manifest, path)
+    return manifest
+
+
+def check_manifest(manifest, path) -> None:
+    """Every field a sweep or a report reads from a manifest, typed and bounded (the names plain, the numbers in
+    range); UsageError naming the file and the first bad field. The file is input like any other: it may be
+    hand-edited, truncated or another program's."""
+    def bad(field: str, problem: str):
+        raise UsageError(f"{path}: {field} {problem}")
+
     if not isinstance(manifest, dict) or manifest.get("version") != 1:
         raise UsageError(f"{path}: not a version-1 leanclip sweep manifest")
-    return manifest
+    for key in ("protocols", "cells"):
+        if not isinstance(manifest.get(key), dict):
+            bad(key, f"must be an object, got {_short(manifest.get(key))}")
+    for protocol, entry in manifest["protocols"].items():
+        if protocol not in PROTOCOLS:
+            bad("protocols", f"holds {_short(protocol)}, not one of {', '.join(PROTOCOLS)}")
+        if not isinstance(entry, dict):
+            bad(f"protocols.{protocol}", f"must be an object, got {_short(entry)}")
+        _check_grid_entry(entry, f"protocols.{protocol}", protocol in ("xd", "dg"), bad)
+    for cell_id, entry in manifest["cells"].items():
+        where = f"cells[{_short(cell_id)}]"
+        if not isinstance(entry, dict):
+            bad(where, f"must be an object, got {_short(entry)}")
+        if entry.get("state") not in STATES:
+            bad(f"{where}.state", f"must be one of {', '.join(STATES)}, got {_short(entry.get('state'))}")
+        if not isinstance(entry.get("error"), (str, type(None))):
+            bad(f"{where}.error", f"must be a string or null, got {_short(entry.get('error'))}")
+
+
+def _check_grid_entry(entry: dict, where: str, cross: bool, bad) -> None:
+    """One protocol's grid and settings in a manifest (see :func:`check_manifest`)."""
+    def names(v) -> bool:
+        return isinstance(v, list) and bool(v) and len(set(map(str, v))) == len(v) \
+            and all(isinstance(n, str) and PLAIN_NAME.match(n) for n in v)
+
+    def ints(v, hi: int) -> bool:
+        return isinstance(v, list) and bool(v) and len(set(map(str, v))) == len(v) \
+            and all(type(n) is int and 0 <= n <= hi for n in v)
+
+    def value(v) -> bool:
+        if isinstance(v, list):
+            return all(isinstance(x, str) for x in v)
+        return v is None or isinstance(v, (str, bool, int)) or (isinstance(v, float) and math.isfinite(v))
+
+    checks = [("methods", names, "a list of distinct plain names"),
+              ("datasets", names, "a list of distinct plain names"),
+              ("source", (lambda v: isinstance(v, str) and bool(PLAIN_NAME.match(v))) if cross else
+               (lambda v: v is None), "a plain name" if cross else "null"),
+              ("shots", lambda v: ints(v, 100_000), "a list of distinct integers in [0, 100000]"),
+              ("seeds", lambda v: ints(v, SEED_MAX), f"a list of distinct integers in [0, {SEED_MAX}]"),
+              ("data", lambda v: v is None or isinstance(v, str), "a string or null"),
+              ("flags", lambda v: isinstance(v, dict) and all(k in _passed_flags() and value(x) for k, x in v.items()),
+               "an object of `leanclip train` options (dest: number, string, switch or list of strings)"),
+              ("opts", lambda v: isinstance(v, dict) and all(
+                  isinstance(k, str) and k in entry.get("methods", ()) and isinstance(x, list)
+                  and all(isinstance(kv, str) for kv in x) for k, x in v.items()),
+               "an object {method: [\"KEY=VALUE\", ...]} over the grid's methods")]
+    for key, ok, what in checks:
+        if key not in entry:
+            bad(f"{where}.{key}", "is missing")
+        if not ok(entry[key]):
+            bad(f"{where}.{key}", f"must be {what}, got {_short(entry[key])}")
 
 
 def _grid_entry(spec: Spec) -> dict:
@@ -507,12 +627,17 @@ def merge(manifest: dict, spec: Spec) -> Spec:
 
 def reconcile(manifest: dict, whole: Spec, retry_failed: bool) -> None:
     """Each cell's state from what is on disk: done when every step has its result; an interrupted (running) or
-    new cell is pending; a failed one stays failed unless ``retry_failed``."""
+    new cell is pending; a failed one stays failed unless ``retry_failed``; one whose result file holds no valid
+    accuracy is failed with the file and field as its error."""
     for cell in cells_of(whole):
         entry = manifest["cells"].setdefault(cell.id, {"protocol": cell.protocol, "dataset": cell.dataset,
                                                        "method": cell.method, "shots": cell.shots,
                                                        "seed": cell.seed, "state": "pending", "error": None})
-        metrics = cell_metrics(cell, whole)
+        try:
+            metrics = cell_metrics(cell, whole)
+        except InvalidResult as e:  # rerunning would not touch the file: recorded, reported, the grid goes on
+            entry.update(state="failed", error=str(e))
+            continue
         if metrics is not None:
             entry.update(state="done", error=None, metrics=metrics)
         elif entry["state"] != "failed" or retry_failed:
@@ -651,6 +776,7 @@ def run(args) -> int:
             return 0
         todo = todo[:args.max_cells] if args.max_cells else todo
         t0 = time.perf_counter()
+        _smoke_weights(todo, whole)
         _run_cells(todo, whole, manifest, args, lock.fd)
         write_manifest(manifest, spec.output)
     states = [manifest["cells"][c.id]["state"] for c in cells_of(whole)]
@@ -659,6 +785,20 @@ def run(args) -> int:
                "seconds": round(time.perf_counter() - t0, 3), "feature_cache": manifest.get("feature_cache")}
     print(utils.to_json(summary, indent=None))
     return 1 if summary["failed"] else 0
+
+
+def _smoke_weights(todo: list[Cell], spec: Spec) -> None:
+    """The cached synthetic pre-training that cells without ``--pretrained`` start from (``--pretrain-steps``, or
+    the smoke-run default on synthetic data: ``leanclip.cli.common.default_pretrain_steps``), made once here before
+    the cells start, rather than by each of N workers at the same time."""
+    model, flags = spec.flags.get("model", DEFAULT_MODEL), spec.flags
+    if flags.get("pretrained") is not None or model.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+        return  # named weights (pre-trained further in each cell) or a model that carries its own
+    for synthetic in sorted({c.dataset == SYNTHETIC for c in todo}):
+        steps = flags.get("pretrain_steps")
+        steps = default_pretrain_steps(model, None, synthetic) if steps is None else steps
+        if steps:
+            synthetic_pretrained_weights(None, model, steps, image_size=flags.get("image_size"))
 
 
 def _run_cells(todo: list[Cell], spec: Spec, manifest: dict, args, lock_fd: int) -> None:
@@ -680,7 +820,12 @@ def _run_cells(todo: list[Cell], spec: Spec, manifest: dict, args, lock_fd: int)
                 manifest["cells"][cell.id].update(state="running", error=None)
                 write_manifest(manifest, spec.output)
             t = time.perf_counter()
-            error = run_cell(cell, spec, runner, device)
+            error, metrics = run_cell(cell, spec, runner, device), None
+            if not error:
+                try:
+                    metrics = cell_metrics(cell, spec)
+                except InvalidResult as e:
+                    error = str(e)
             with guard:
                 entry = manifest["cells"][cell.id]
                 if runner.stopping:  # stopped by us: resumable, not failed
@@ -689,7 +834,7 @@ def _run_cells(todo: list[Cell], spec: Spec, manifest: dict, args, lock_fd: int)
                 entry.update(state="failed" if error else "done", error=error,
                              seconds=round(time.perf_counter() - t, 3))
                 if not error:
-                    entry["metrics"] = cell_metrics(cell, spec)
+                    entry["metrics"] = metrics
                 write_manifest(manifest, spec.output)
             log.info("sweep: %s %s%s", cell.id, entry["state"], f" ({error})" if error else "")
         finally:

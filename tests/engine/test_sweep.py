@@ -24,8 +24,9 @@ SEEDS = "1,2"
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, tiny_name):
-    return cli.synthetic_pretrained_weights(tmp_path_factory.mktemp("weights"), tiny_name, 40)
+def weights(tiny_name):
+    """The weights a smoke run starts from by default (the per-user cache: made once per test session)."""
+    return cli.synthetic_pretrained_weights(None, tiny_name, 40)
 
 
 def _png(path: Path, colour, rng) -> None:
@@ -381,3 +382,53 @@ def test_a_failed_cell_is_recorded_listed_and_retried_on_request(tmp_path, weigh
     assert f"`fewshot/Synthetic/coop/shots1_seed1`: failed: {failed['error']}" in stdout
     coop = next(l for l in stdout.splitlines() if l.startswith("| coop |"))
     assert coop == "| coop | — |"  # nothing averaged in its place
+
+
+def test_names_that_would_leave_the_sweep_folder_are_refused_before_any_write(tmp_path, weights, capsys):
+    from leanclip import data, synthetic
+
+    root = tmp_path / "root"
+    (root / "split_zhou_..").mkdir(parents=True)  # split_zhou_../../esc.json resolves to root/esc.json
+    split = synthetic.write_split_file(tmp_path / "toy", synthetic.make_classes(3, seed=1), 2, 1, 2, size=16,
+                                       name="Toy")
+    (root / "esc.json").write_text(Path(split).read_text())
+    (root / "images").symlink_to(Path(split).parent / "images")
+    assert data.find_split_file(root, "../../esc")[0] == str(root / "split_zhou_../../esc.json")  # found: only the
+    out = tmp_path / "a" / "b" / "sweep"                                                         # name check stops it
+    base = ["sweep", "--protocol", "fewshot", "--methods", "coop", "--shots", "1", "--seeds", "1", "--epochs", "1",
+            "--pretrained", weights, "--workers", "0", "--output", out]
+    for argv, needle in (([*base, "--datasets", "../../esc", "--data", root], "--datasets: '../../esc'"),
+                         ([*base, "--methods", "../coop"], "--methods: '../coop'"),
+                         ([*base, "--datasets", "Toy/..", "--data", root], "--datasets: 'Toy/..'"),
+                         ([*base[:2], "xd", *base[3:], "--source", "../ImageNet", "--data", root, "--datasets",
+                           "esc"], "--source: '../ImageNet'")):
+        rc, stdout, err = _main(argv, capsys)
+        assert rc == 2 and stdout == "" and needle in err and err.count("\n") == 1, err
+        assert not (tmp_path / "a").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["root", "toy"]
+    # a folder of the sweep that is a link to elsewhere: the cells would be written there; refused, nothing written
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out.mkdir(parents=True)
+    (out / "fewshot").symlink_to(elsewhere)
+    rc, _, err = _main([*base, "--datasets", "synthetic"], capsys)
+    assert rc == 2 and "outside the sweep folder" in err and err.count("\n") == 1, err
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["fewshot"]
+    with pytest.raises(cli.UsageError, match="outside the sweep folder"):
+        sweep._inside(out, out / "x" / ".." / ".." / "y")
+    assert sweep._inside(out, out / "x" / ".." / "y") == out / "x" / ".." / "y"
+
+
+def test_a_smoke_sweep_starts_from_the_cached_synthetic_pretraining(tmp_path, weights, capsys):
+    """No --data, no --pretrained: the cells start from the smoke runs' default weights (not chance level), the same
+    as naming the cached file with --pretrained."""
+    grid = ["sweep", "--protocol", "fewshot", "--methods", "zeroshot,coop", "--shots", "1", "--seeds", "1",
+            "--epochs", "1", "--workers", "0", "--no-feature-cache"]
+    rc, stdout, err = _main([*grid, "--output", tmp_path / "default"], capsys)
+    assert rc == 0 and json.loads(stdout)["done"] == 2, err
+    rc, stdout, err = _main([*grid, "--pretrained", weights, "--output", tmp_path / "named"], capsys)
+    assert rc == 0 and json.loads(stdout)["done"] == 2, err
+    default, named = (_manifest(tmp_path / n)["cells"] for n in ("default", "named"))
+    assert {c: e["metrics"] for c, e in default.items()} == {c: e["metrics"] for c, e in named.items()}
+    assert default["fewshot/Synthetic/zeroshot/shots0_seed0"]["metrics"]["acc"] > 40  # 10 classes: chance is 10
+    result = json.loads((tmp_path / "default/fewshot/Synthetic/coop/shots1_seed1/result.json").read_text())
+    assert result["metrics"]["test"]["top1"] > 40
