@@ -3,4 +3,6 @@
 
 ``openclip``: open_clip's CLIP / CustomTextCLIP models (ViT and ModifiedResNet image towers, open_clip text
 transformers; timm and Hugging Face towers are recognised as "not ours" and get the plain-module path).
+``openclip_config``: open_clip model configs as untrusted input (the fields open_clip accepts, the bounds of every size
+and of the whole model), checked before a config from a file is built.
 """
