@@ -180,7 +180,8 @@ def config_param_count(cfg: dict) -> int:
             n += ((ih // 32) * (iw // 32) + 1) * feat + 3 * feat * feat + feat * e
         else:
             ph, pw = _pair(v.get("patch_size", 16))
-            n += 3 * ph * pw * w + ((ih // ph) * (iw // pw) + 1) * w + w * e + _blocks(w, layers, v.get("mlp_ratio", 4.0))
+            n += 3 * ph * pw * w + ((ih // ph) * (iw // pw) + 1) * w + w * e
+            n += _blocks(w, layers, v.get("mlp_ratio", 4.0))
             if v.get("attentional_pool"):
                 n += v.get("attn_pooler_queries", 256) * e + 4 * e * e
     for sec, cross in ((cfg["text_cfg"], False), (cfg.get("multimodal_cfg") or {}, True)):

@@ -323,7 +323,7 @@ def test_image_size_resizes_the_positional_embedding_as_open_clip_does(tmp_path,
     assert info["resized_pos_embed"] == [(17, 64), (37, 64)]
 
 
-# --------------------------------------------------------------------------------------------------------- hostile configs
+# ---------------------------------------------------------------------------------------------------- hostile configs
 # (change to the tiny config, what the one error line names): each would allocate without bound or end in a traceback
 # inside open_clip / torch if it reached the build
 HOSTILE_CONFIGS = [
