@@ -24,10 +24,11 @@ from types import SimpleNamespace
 import torch
 from open_clip import factory as _factory
 from open_clip import pretrained as pretrained_tables  # noqa: F401  (tag tables: get_pretrained_cfg, ...)
+from open_clip.coca_model import CoCa, MultimodalCfg  # noqa: F401  (the config fields openclip_config checks)
 from open_clip.constants import HF_CONFIG_NAME  # noqa: F401
 from open_clip.convert import convert_state_dict  # noqa: F401
 from open_clip.model import (  # noqa: F401
-    convert_to_custom_text_state_dict, get_model_preprocess_cfg, resize_pos_embed, resize_text_pos_embed,
+    CLIP, CLIPTextCfg, CLIPVisionCfg, convert_to_custom_text_state_dict, get_model_preprocess_cfg, resize_pos_embed, resize_text_pos_embed,
     set_model_preprocess_cfg,
 )
 from open_clip.pretrained import (  # noqa: F401

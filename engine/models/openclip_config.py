@@ -54,8 +54,7 @@ _SECTIONS = ("vision_cfg", "text_cfg", "multimodal_cfg")
 def config_fields() -> dict:
     """section ("" for the top level) -> {field: declared type} of what open_clip's model classes accept: the
     keywords of CLIP / CoCa and the fields of CLIPVisionCfg, CLIPTextCfg and CoCa's MultimodalCfg."""
-    from open_clip.coca_model import CoCa, MultimodalCfg
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from leanclip.models.openclip import CLIP, CLIPTextCfg, CLIPVisionCfg, CoCa, MultimodalCfg
 
     top = {k: None for c in (CLIP, CoCa) for k in list(inspect.signature(c.__init__).parameters)[1:]}
     top.pop("cast_dtype", None)  # the precision is leanclip's to set

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = {"engine": "leanclip", "kernels": "leanclip.kernels", "bench": "leanclip.bench"}
+PACKAGES = {"engine": "leanclip", "kernels/src": "leanclip.kernels", "bench": "leanclip.bench"}
 BOUNDARY = ROOT / "engine" / "models" / "openclip.py"
 PUBLIC_OPEN_CLIP = {"create_model", "get_tokenizer", "list_models", "get_model_config", "__version__"}
 
