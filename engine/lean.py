@@ -565,13 +565,15 @@ _SWAP = {LayerNorm: LeanLayerNorm, LayerNormFp32: LeanLayerNormFp32, ResidualAtt
 _UNSWAP = {v: k for k, v in _SWAP.items()}
 
 
-def apply_lean(model: nn.Module, recompute: str = "none") -> nn.Module:
+def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = None) -> nn.Module:
     """Swap open_clip LayerNorms and default residual blocks for their lean versions (in place; names, parameters
-    and buffers unchanged) and set the recompute policy. Returns ``model``.
+    and buffers unchanged) and set the recompute policy (and the chunk of ``block``, :func:`set_recompute`).
+    Returns ``model``.
 
     Never a silent no-op: ValueError naming the class when ``lean_obstacles`` finds a tower, block or attention the
     swap does not know, or when ``model`` holds nothing to swap at all. Nothing is changed before that check."""
     check_policy(recompute)
+    check_chunk(recompute, chunk)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lean needs an nn.Module, got {type(model).__name__}")
     obstacles = lean_obstacles(model)
@@ -589,7 +591,7 @@ def apply_lean(model: nn.Module, recompute: str = "none") -> nn.Module:
             m.__class__ = _SWAP[cls]
         elif cls is ResidualAttentionBlock and block_supported(m):
             m.__class__ = LeanResidualAttentionBlock
-    set_recompute(model, recompute)
+    set_recompute(model, recompute, chunk)
     return model
 
 

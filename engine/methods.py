@@ -60,7 +60,7 @@ from leanclip.select import (  # noqa: F401
 )
 
 # Options handled by prepare itself (not passed to method functions).
-PREPARE_OPTIONS = ("lean", "recompute", "memory_budget", "tower", "classnames", "tokenizer", "init_from",
+PREPARE_OPTIONS = ("lean", "recompute", "recompute_chunk", "memory_budget", "tower", "classnames", "tokenizer", "init_from",
                    "frozen_dtype", "model_name", "batch_size", "text_batch_size", "text_len")
 _CONTEXT_ARGS = ("tower", "classnames", "tokenizer")
 
@@ -368,10 +368,11 @@ def _check_supported(model: nn.Module) -> None:
                          f"got {class_name(model)}")
 
 
-def _check_recompute_args(lean, recompute, memory_budget, batch_size) -> None:
+def _check_recompute_args(lean, recompute, memory_budget, batch_size, recompute_chunk=None) -> None:
     if lean is not None and not isinstance(lean, bool):
         raise ValueError(f"lean must be True, False or None (automatic), got {lean!r}")
     _lean.check_policy(recompute, allow_auto=True)
+    _lean.check_chunk(recompute, recompute_chunk)
     if memory_budget is not None:
         if recompute != "auto":
             raise ValueError(f"memory_budget is only used with recompute='auto' (got recompute={recompute!r})")
@@ -525,7 +526,7 @@ def _apply_methods(model: nn.Module, parts: list[str], per_opts: list[dict], ini
 
 
 def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recompute: str = "none",
-            memory_budget: int | None = None, tower: str = "both", classnames: Iterable[str] | None = None,
+            recompute_chunk: int | None = None, memory_budget: int | None = None, tower: str = "both", classnames: Iterable[str] | None = None,
             tokenizer: Callable | None = None, init_from: str | None = None,
             frozen_dtype: torch.dtype | None = None, model_name: str | None = None, batch_size: int | None = None,
             text_batch_size: int | None = None, text_len: int | None = None, **opts) -> nn.Module:
@@ -539,6 +540,8 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
                     False: open_clip's plain modules
     recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` bytes and
                     ``batch_size``; picks the fastest policy whose ``estimate_saved_bytes`` fits)
+    recompute_chunk with ``recompute="block"``: samples per chunk of each block's forward and backward, so the
+                    backward holds one chunk's activations instead of the batch's (None: the whole batch)
     tower           ``image`` | ``text`` | ``both`` for methods with a tower option (``ln``, ``bitfit``)
     classnames, tokenizer   for ``coop`` (required) and ``linear-probe`` (zero-shot init)
     init_from       path of a trainable-only checkpoint (``save_trainable``) loaded before the method is applied
@@ -554,7 +557,7 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     _check_supported(model)
     parts = parse_method(method)
     check_tower(tower)
-    _check_recompute_args(lean, recompute, memory_budget, batch_size)
+    _check_recompute_args(lean, recompute, memory_budget, batch_size, recompute_chunk)
     for name, size in (("batch_size", batch_size), ("text_batch_size", text_batch_size), ("text_len", text_len)):
         if size is not None:  # an int >= 1, the range the command line's --batch-size has (leanclip.utils)
             utils.check_number(name, size, kind_of="batch_size")
@@ -574,13 +577,15 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
             if recompute == "auto":
                 chosen = _lean.choose_recompute(model, memory_budget, batch_size, text_batch_size=text_batch_size,
                                                 text_len=text_len, dtype=frozen_dtype)
-            _lean.apply_lean(model, chosen)
+            _lean.apply_lean(model, chosen, recompute_chunk)
         else:
             _lean.remove_lean(model)
         if frozen_dtype is not None:
             _cast_frozen(model, frozen_dtype)
         options = {k: _jsonable(v) for k, v in opts.items()}
         options.update(lean=lean_on, recompute=chosen, tower=tower)
+        if recompute_chunk is not None:
+            options["recompute_chunk"] = recompute_chunk
         if recompute == "auto":
             options.update(recompute_requested="auto", memory_budget=int(memory_budget), batch_size=batch_size,
                            text_batch_size=text_batch_size, text_len=text_len)

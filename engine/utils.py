@@ -409,6 +409,7 @@ NUMBER_RANGES: dict[str, tuple[type, float | None, float | None]] = {
     "synthetic_eval_pairs": (int, 2, None),
     "min_lr": (float, 0.0, LR_MAX),
     "max_pairs": (int, 2, None),
+    "recompute_chunk": (int, 1, None),
 }
 # strictly positive floats (a zero learning rate or clipping norm is a mistake, not a choice)
 POSITIVE_NUMBERS = frozenset({"lr", "clip_grad_norm"})

@@ -13,9 +13,9 @@ from leanclip import distributed as dist
 from leanclip import synthetic, utils
 from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
-    PROG, UsageError, build_model, clear_run, data_record, emit, method_opts_from_flags, prepare_from_checkpoint,
-    read_checkpoint_meta, restore_data, restore_inputs, run_folder, setup_device, stop_together, template_override,
-    weights_record,
+    PROG, UsageError, build_model, check_recompute_flags, clear_run, data_record, emit, method_opts_from_flags,
+    prepare_from_checkpoint, read_checkpoint_meta, restore_data, restore_inputs, run_folder, setup_device,
+    stop_together, template_override, weights_record,
 )
 from leanclip.data import BadImageError, check_images
 from leanclip.templates import get_templates
@@ -158,6 +158,7 @@ def _templates(args, dataset, template_set: str | None = None):
 
 # ---------------------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
+    check_recompute_flags(args)
     if getattr(args, "task", "classify") != "classify":
         return contrastive_cli.cmd_train_contrastive(args)
     contrastive_cli.reject_contrastive_flags(args)
@@ -208,9 +209,9 @@ def _train_classify(args, info, parts, method) -> int:
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
     templates = _templates(args, data["dataset"], method_template_set(method))
-    prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
-            classnames=data["classnames"], tokenizer=tok, model_name=args.model, init_from=init_from,
-            frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
+    prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute,
+            recompute_chunk=args.recompute_chunk, tower=args.tower, classnames=data["classnames"], tokenizer=tok,
+            model_name=args.model, init_from=init_from, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
             **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
     cfg = TrainConfig(
         method=method, epochs=pick("epochs"), batch_size=pick("batch_size"), lr=pick("lr"),

@@ -70,6 +70,13 @@ def check_numbers(args) -> None:
             raise UsageError(str(e)) from None
 
 
+def check_recompute_flags(args) -> None:
+    """``--recompute-chunk`` splits the ``block`` policy's work; with any other policy it would do nothing."""
+    if args.recompute_chunk is not None and args.recompute != "block":
+        raise UsageError(f"--recompute-chunk runs a block's forward and backward over chunks of samples; it needs "
+                         f"--recompute block, got --recompute {args.recompute}")
+
+
 def check_backend_env(device) -> None:
     """``LEANCLIP_BACKEND`` must name a backend that runs on ``device`` (a torch.device)."""
     from leanclip.kernels import _backend

@@ -265,8 +265,8 @@ def cmd_train_contrastive(args) -> int:
         size = _image_size(model)
         train_pairs, eval_pairs = _train_and_eval_pairs(args, size)
         zs_set = _zeroshot_set(args, model)
-        prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute, tower=args.tower,
-                tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
+        prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute,
+                recompute_chunk=args.recompute_chunk, tower=args.tower, tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
                 **opts)
         cfg = _contrastive_config(args, method, info.device, weights)
         cfg.validate()

@@ -152,6 +152,10 @@ def _add_train_parser(sub, selected: str | None) -> None:
                    help="tower for ln / bitfit (default both)")
     g.add_argument("--recompute", choices=("none", "mlp", "mlp+qkv", "block"), default="none",
                    help="exact activation recompute policy of the lean blocks (default none)")
+    g.add_argument("--recompute-chunk", type=int, default=None, metavar="N",
+                   help="with --recompute block: run each block's forward and backward N samples at a time, so the "
+                        "backward holds one chunk's activations instead of the batch's (same gradients; default: "
+                        "the whole batch)")
     g.add_argument("--no-lean", action="store_true", help="keep open_clip's plain modules (baseline)")
     g.add_argument("--frozen-bf16", action="store_true", help="keep frozen tower weights in bf16")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 10)")

@@ -88,3 +88,13 @@ def test_chunk_needs_block_and_a_positive_size(fresh_tiny):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="positive number of samples"):
             lean.set_recompute(m, "block", chunk=bad)
+
+
+def test_prepare_takes_and_records_the_chunk(fresh_tiny):
+    m = methods.prepare(fresh_tiny(), "ln", lean=True, recompute="block", recompute_chunk=2, classnames=CLASSNAMES)
+    assert {b.leanclip_chunk for b in m.modules() if isinstance(b, lean.LeanResidualAttentionBlock)} == {2}
+    assert m.leanclip_info["options"]["recompute_chunk"] == 2
+    for policy in ("none", "auto"):
+        with pytest.raises(ValueError, match="needs recompute='block'"):
+            methods.prepare(fresh_tiny(), "ln", recompute=policy, recompute_chunk=2, memory_budget=10**9,
+                            batch_size=4)
