@@ -599,19 +599,12 @@ def checkpoint_classnames(meta: dict | None, classnames: list[str]) -> list[str]
 
 
 def eval_model(args, meta: dict | None, train_names: list[str] | None):
-    """(model, tokenizer, image size, (mean, std)) an evaluation command scores: the checkpoint's model (rebuilt as
-    ``eval`` rebuilds it, its method re-applied with the recorded options, its trained parameters loaded), else the
-    plain ``--model`` / ``--pretrained`` model."""
+    """(model, tokenizer, image size, (mean, std)) an evaluation command scores: the checkpoint's model, rebuilt
+    through ``eval``'s one restore path (:func:`prepare_from_checkpoint`: the method re-applied with the recorded
+    options, the ``--init-from`` weights it started from, its trained parameters), else the plain ``--model`` /
+    ``--pretrained`` model."""
     if meta is None:
         return build_model(args)
-    from leanclip.checkpoint import load_trainable
-    from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
-
     model, tok, size, norm = build_recorded_model(args, meta)
-    opts = dict(meta.get("options") or {})
-    accepted = {k for p in parse_method(meta["method"]) for k in method_options(p)}
-    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
-            classnames=train_names, tokenizer=tok, model_name=args.model, frozen_dtype=recorded_frozen_dtype(opts),
-            **{k: v for k, v in opts.items() if k in accepted and k not in PREPARE_OPTIONS})
-    load_trainable(model, meta["path"])
+    prepare_from_checkpoint(model, meta, tok, args.model, classnames=train_names)
     return model, tok, size, norm

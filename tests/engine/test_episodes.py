@@ -144,3 +144,26 @@ def test_help_of_the_new_commands(capsys):
         assert name in listing
         assert cli.main([name, "--help"]) == 0
         assert f"leanclip {name}" in capsys.readouterr().out
+
+
+def test_checkpoint_trained_from_init_from_is_scored_with_those_weights(capsys, weights, synth_dir, tmp_path,
+                                                                        monkeypatch):
+    """A run trained with --init-from keeps only its own parameters; episodes (and wilds, through the same
+    leanclip.cli.common.eval_model) must load the starting weights it recorded before them, as eval does."""
+    from safetensors.torch import load_file
+
+    ln_run, coop_run = tmp_path / "ln", tmp_path / "coop"
+    for argv in (["--method", "ln", "--output", ln_run],
+                 ["--method", "coop", "--init-from", ln_run, "--output", coop_run]):
+        rc, _, err = _run(capsys, "train", *argv, "--pretrained", weights, "--shots", 2, "--epochs", 1,
+                          *_common(synth_dir))
+        assert rc == 0, err
+    scored = []
+    real = episodes.eval_model
+    monkeypatch.setattr(episodes, "eval_model", lambda *a, **k: scored.append(real(*a, **k)) or scored[-1])
+    rc, _, err = _run(capsys, "episodes", "--checkpoint", coop_run, "--pretrained", weights, "--ways", 2, "--shots", 1,
+                      "--queries", 2, "--episodes", 2, *_common(synth_dir))
+    assert rc == 0, err
+    state = dict(scored[0][0].named_parameters())
+    ln_trained = {k: v for k, v in load_file(str(ln_run / "checkpoint.safetensors")).items() if k in state}
+    assert ln_trained and all(torch.equal(state[k].detach(), v) for k, v in ln_trained.items())
