@@ -106,10 +106,6 @@ def default_modes(policies=POLICIES, *, compile=False, budgets=DEFAULT_BUDGETS, 
     return modes + (["floor:image"] if floor else [])
 
 
-def _classnames(n):
-    return [f"class number {i}" for i in range(n)]
-
-
 PRECISIONS = ("fp32", "bf16")
 
 

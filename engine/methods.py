@@ -602,14 +602,3 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
         state.restore()
         raise
     return model
-
-
-def method_of(model: nn.Module) -> str | None:
-    """The method ``prepare`` applied (``model.leanclip_info["method"]``), or None."""
-    info = getattr(model, "leanclip_info", None)
-    return info.get("method") if info else None
-
-
-def method_parts(model: nn.Module) -> list[str]:
-    m = method_of(model)
-    return m.split("+") if m else []
