@@ -6,6 +6,7 @@ Without it the package installs and runs on the Triton and torch backends.
 """
 import glob
 import os
+import runpy
 
 from setuptools import find_packages, setup
 
@@ -28,7 +29,7 @@ def cuda_extensions():
 
     LEANCLIP_CUDA=1 forces it (a missing torch/nvcc or a failed compile is an error), LEANCLIP_CUDA=0 skips it;
     by default it is built when torch is importable at build time and nvcc exists, and a failed compile only warns.
-    Archs: TORCH_CUDA_ARCH_LIST, default "8.0;9.0" (A100, H100).
+    Archs: TORCH_CUDA_ARCH_LIST, default ``DEFAULT_ARCHS`` of kernels/src/_build.py (the JIT build's settings too).
     """
     flag = os.environ.get("LEANCLIP_CUDA")
     if flag == "0":
@@ -51,13 +52,13 @@ def cuda_extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu"))
     if not sources:
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    build = runpy.run_path(os.path.join(here, "kernels", "src", "_build.py"))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build["DEFAULT_ARCHS"])
     ext = CUDAExtension(
         "leanclip.kernels._C",
         sources,
         include_dirs=[os.path.join(here, "csrc")],
-        # torch picks the C++ standard (C++20 for torch 2.14); no --use_fast_math: LayerNorm keeps IEEE division
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": build["CXX_FLAGS"], "nvcc": build["CUDA_FLAGS"]},
     )
 
     class BuildExt(BuildExtension.with_options(use_ninja=True)):

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import glob
 import os
+import runpy
 import threading
 import warnings
 from pathlib import Path
 
 JIT_NAME = "leanclip_cuda_jit"
 SOURCE_DIR = Path(__file__).resolve().parents[2] / "csrc"  # kernels/src/_cuda_ext.py -> the checkout's csrc/
-DEFAULT_ARCHS = "8.0;9.0"
-CUDA_FLAGS = ["-O3", "-lineinfo"]  # torch adds the C++ standard it needs (C++20 for torch 2.14)
-CXX_FLAGS = ["-O3"]
+# the compile settings setup.py uses too, read by path as setup.py reads them (this file also loads on its own)
+_BUILD = runpy.run_path(str(Path(__file__).with_name("_build.py")))
+DEFAULT_ARCHS, CXX_FLAGS, CUDA_FLAGS = _BUILD["DEFAULT_ARCHS"], _BUILD["CXX_FLAGS"], _BUILD["CUDA_FLAGS"]
 
 _lock = threading.RLock()
 _module = None
