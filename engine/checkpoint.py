@@ -99,9 +99,9 @@ def _check_format(path: str, meta: dict) -> None:
                          f"expected {FORMAT!r})")
 
 
-def read_metadata(path) -> dict:
-    """The metadata strings of a :func:`save_trainable` file, from its header alone: no tensor is read and the
-    digest is not checked (for checks that come before any work; a load checks everything)."""
+def _open(path, *, tensors: bool) -> tuple[dict, dict]:
+    """``(metadata, tensors)`` of a safetensors file whose metadata has the checkpoint format (tensors read only when
+    asked); FileNotFoundError / ValueError naming ``path`` otherwise."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -110,26 +110,22 @@ def read_metadata(path) -> dict:
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
+            read = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
     _check_format(path, meta)
-    return meta
+    return meta, read
+
+
+def read_metadata(path) -> dict:
+    """The metadata strings of a :func:`save_trainable` file, from its header alone: no tensor is read and the
+    digest is not checked (for checks that come before any work; a load checks everything)."""
+    return _open(path, tensors=False)[0]
 
 
 def _read(path):
     """``(metadata, tensors)`` of a checkpoint whose payload matches its recorded ``sha256``."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    _check_format(path, meta)
+    meta, tensors = _open(path, tensors=True)
     if "sha256" not in meta:
         warnings.warn(f"checkpoint {path} records no sha256 (written before leanclip recorded one): its integrity "
                       f"cannot be checked", stacklevel=3)
