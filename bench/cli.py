@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also time the image tower's forward+backward alone (lower bound of any exact step)")
     s.add_argument("--modes", default=None,
                    help="comma-separated modes to run instead of the default set: plain, plain+gc, plain+compile, "
-                        "plain+compile+budget:<b>, lean:<policy>, lean:<policy>+compile, floor:image")
+                        "plain+compile+budget:<b>, lean:<policy>, lean:block/<c> (block over chunks of c samples), "
+                        "lean:<policy>+compile, floor:image")
     s.add_argument("--compile", action="store_true",
                    help="add the torch.compile peers (plain, plain with each --budgets, lean) to the default modes "
                         "(on by default on CUDA; a CPU compile of a ViT takes minutes, reported as warm-up)")
