@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 
@@ -63,12 +62,37 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--quick", action="store_true", help="tiny model and sizes: ~2 minutes on a 2-core CPU")
     s.add_argument("--output", metavar="DIR", default=DEFAULT_OUTPUT,
                    help="folder for the JSON result and its plot, created if needed (default: ./%(default)s)")
-    f = sub.add_parser("fit", help="largest batch under a memory cap, plain vs leanclip (CUDA)")
+    _add_fit_arguments(sub)
+
+
+def _add_fit_arguments(sub) -> None:
+    from leanclip.bench.fit import DEFAULT_MAX_BATCH, DEFAULT_MODES
+
+    f = sub.add_parser("fit", help="largest batch whose training step fits a memory cap, per mode (CPU: peak RSS "
+                                   "of the step's process; CUDA: allocator peak)")
     f.add_argument("--model", default="ViT-L-14", help="open_clip model name")
     f.add_argument("--method", default="clipfit", help="PEFT method")
-    f.add_argument("--mem-cap", default="16GiB", help="allocator cap, e.g. 16GiB")
+    f.add_argument("--mem-cap", default="16GiB",
+                   help="the cap, e.g. 3GiB, 16GiB, 8000MiB. Compared with the peak memory of the second training "
+                        "step: on CPU its process's peak RSS (what is resident before the step: runtime, model, "
+                        "optimizer state, inputs; plus the step's peak growth), on CUDA max_memory_allocated")
+    f.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help="comma-separated modes as for bench step (default: %(default)s)")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda when available, else cpu")
+    f.add_argument("--scope", default="full", choices=["full", "image"],
+                   help="image: train the image tower alone against fixed class text features")
+    f.add_argument("--classes", type=int, default=100, help="class prompts the text tower encodes per step")
+    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="as for bench step (auto: bf16 on CUDA, fp32 on CPU)")
+    f.add_argument("--threads", type=int, default=None, help="torch intra-op threads per probe (default: torch's)")
+    f.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help="largest batch probed: a mode that fits it is reported as fitting at least it "
+                        "(default: %(default)s)")
     f.add_argument("--batch", type=int, default=None, help="only check whether this batch fits (no search)")
-    f.add_argument("--precision", default="bf16", choices=["fp32", "bf16"], help="as for bench step")
+    f.add_argument("--probe", type=int, default=None, metavar="BATCH",
+                   help="measure one CPU probe (the one mode of --modes at this batch) in this process and print it "
+                        "as one JSON line; what each probe process of a CPU search runs")
     f.add_argument("--output", metavar="DIR", default=DEFAULT_OUTPUT,
                    help="folder for the JSON result, created if needed (default: ./%(default)s)")
 
@@ -152,6 +176,39 @@ def _run_step(args) -> int:
     return 0
 
 
+def _run_fit(args) -> int:
+    from leanclip.bench import fit
+
+    cap = fit.parse_bytes(args.mem_cap)
+    for flag, v in (("--batch", args.batch), ("--probe", args.probe), ("--max-batch", args.max_batch),
+                    ("--threads", args.threads), ("--classes", args.classes)):
+        if v is not None and v <= 0:
+            raise ValueError(f"{flag} must be positive, got {v}")
+    modes = [m for m in args.modes.split(",") if m]
+    if args.device == "cuda" and not _cuda():
+        raise ValueError("--device cuda: no CUDA device is available")
+    device = ("cuda" if _cuda() else "cpu") if args.device == "auto" else args.device
+    fit.check_inputs(device, cap, modes)
+    _check_names([args.model], [args.method])
+    precision = None if args.precision == "auto" else args.precision
+    if args.probe is not None:  # one probe process of a CPU search: its record is its stdout
+        if device != "cpu" or len(modes) != 1:
+            raise ValueError("--probe measures one mode on CPU: give --device cpu and one mode in --modes")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        print(json.dumps(fit.measure_here(args.model, args.method, modes[0], args.probe, cap=cap,
+                                          n_classes=args.classes, precision=precision or "fp32",
+                                          scope=args.scope)), flush=True)
+        return 0
+    output = _output_folder(args.output)
+    res = fit.run(args.model, args.method, cap, modes=modes, device=device, n_classes=args.classes,
+                  precision=precision, scope=args.scope, threads=args.threads, max_batch=args.max_batch,
+                  batch=args.batch)
+    print(fit.summarize(res))
+    print(f"wrote {write_json(os.path.join(output, fit.result_name(res, args.mem_cap)), res)}")
+    return 0
+
+
 def run(args) -> int:
     if args.bench_cmd == "ops":
         from leanclip.bench import ops
@@ -164,18 +221,5 @@ def run(args) -> int:
     if args.bench_cmd == "step":
         return _run_step(args)
     if args.bench_cmd == "fit":
-        from leanclip.bench import fit
-
-        _check_names([args.model], [args.method])
-        cap = fit.parse_bytes(args.mem_cap)
-        if args.batch is not None and args.batch <= 0:
-            raise ValueError(f"--batch must be positive, got {args.batch}")
-        if not _cuda():
-            raise ValueError("bench fit needs a CUDA device (none is available)")
-        output = _output_folder(args.output)
-        res = fit.run(args.model, args.method, cap, precision=args.precision, batch=args.batch)
-        print(fit.summarize(res))
-        name = f"fit-{torch.cuda.get_device_name().replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        print(f"wrote {write_json(os.path.join(output, name), res)}")
-        return 0
+        return _run_fit(args)
     raise ValueError(f"unknown bench command {args.bench_cmd!r}")

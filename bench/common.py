@@ -197,10 +197,20 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device) -> tuple[i
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before, "cuda max_memory_allocated - allocated before"
+    measured = rss_step_peak(step)
+    if measured is None:
+        return None, "unavailable: no writable /proc/self/clear_refs to reset the peak resident set"
+    before, peak = measured
+    return peak - before, "peak RSS (VmHWM, reset before the step) - RSS before the step"
+
+
+def rss_step_peak(step: Callable[[], object]) -> tuple[int, int] | None:
+    """(resident bytes before, peak resident bytes during) one call of ``step`` on CPU, or None where the peak cannot
+    be reset (no writable /proc/self/clear_refs). Freed heap pages go back to the OS first, so "before" is what is
+    live rather than what earlier steps freed into malloc's arenas."""
     _release_free_heap()
     if not _reset_rss_peak():
-        return None, "unavailable: no writable /proc/self/clear_refs to reset the peak resident set"
+        return None
     before = _proc_status_bytes("VmRSS")
     step()
-    peak = _proc_status_bytes("VmHWM")
-    return peak - before, "peak RSS (VmHWM, reset before the step) - RSS before the step"
+    return before, _proc_status_bytes("VmHWM")

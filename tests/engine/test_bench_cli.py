@@ -131,7 +131,7 @@ def test_bench_bad_input_exits_2(argv, needle, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
-@pytest.mark.parametrize("argv", [["bench", "step", "--device", "cuda"], ["bench", "fit"]])
+@pytest.mark.parametrize("argv", [["bench", "step", "--device", "cuda"], ["bench", "fit", "--device", "cuda"]])
 def test_bench_cuda_without_gpu_exits_2(argv, capsys):
     assert main(argv) == 2
     assert "CUDA" in capsys.readouterr().err
