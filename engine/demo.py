@@ -51,7 +51,7 @@ from leanclip.registry import method_trainer
 from leanclip.step import ClassifyStep
 from leanclip.templates import get_templates
 from leanclip.trainer import TrainConfig, train, zeroshot
-from leanclip.utils import atomic_write, atomic_write_json, derive_seed
+from leanclip.utils import SEED_MAX, atomic_write, atomic_write_json, derive_seed
 
 __all__ = ["DemoConfig", "FULL", "QUICK", "register_demo_config", "run_demo", "add_arguments", "run", "METHODS"]
 
@@ -177,7 +177,8 @@ def _log(msg: str, progress: bool) -> None:
 
 
 def _seed(seed: int, *parts: int) -> int:
-    return derive_seed(seed, *parts)
+    """A seed derived from ``seed`` and ``parts``, within the range every seed the API takes has (utils.SEED_MAX)."""
+    return derive_seed(seed, *parts) & SEED_MAX
 
 
 def _create_model(name: str, seed: int):
