@@ -181,6 +181,14 @@ def cmd_train(args) -> int:
         dist.cleanup(info)
 
 
+def _memory_record(model) -> dict:
+    """How the run held its memory, as ``prepare`` recorded it: lean modules, recompute policy (and chunk), and the
+    dtype of the frozen weights (that of the loaded model unless ``--frozen-bf16``)."""
+    opts = model.leanclip_info["options"]
+    return {"lean": opts.get("lean"), "recompute": opts.get("recompute"), "recompute_chunk": opts.get("recompute_chunk"),
+            "frozen_dtype": opts.get("frozen_dtype", "as loaded")}
+
+
 def _train_classify(args, info, parts, method) -> int:
     """The classification run of ``leanclip train`` in this process (``info``: its place among torchrun's)."""
     from leanclip.methods import (
@@ -241,7 +249,7 @@ def _train_classify(args, info, parts, method) -> int:
         "steps": summary["steps"],
         "final_train_loss": summary["final_train_loss"], "metrics": summary["metrics"],
         "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
-        "checkpoint": summary.get("checkpoint"), "output": args.output,
+        **_memory_record(model), "checkpoint": summary.get("checkpoint"), "output": args.output,
     }
     if info.world_size > 1:
         result["world_size"] = info.world_size

@@ -98,3 +98,17 @@ def test_prepare_takes_and_records_the_chunk(fresh_tiny):
         with pytest.raises(ValueError, match="needs recompute='block'"):
             methods.prepare(fresh_tiny(), "ln", recompute=policy, recompute_chunk=2, memory_budget=10**9,
                             batch_size=4)
+
+
+def test_train_result_records_how_memory_was_held(tmp_path, capsys):
+    import json
+
+    from leanclip import cli
+
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--method", "ln", "--epochs", "1", "--shots", "1", "--recompute", "block",
+                   "--recompute-chunk", "4", "--frozen-bf16", "--no-progress", "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    res = json.loads((out / "result.json").read_text())
+    assert (res["lean"], res["recompute"], res["recompute_chunk"], res["frozen_dtype"]) == (True, "block", 4,
+                                                                                          "bfloat16")
