@@ -61,6 +61,7 @@ FMOW_CATEGORIES = (
     "toll_booth", "tower", "tunnel_opening", "waste_disposal", "water_treatment_facility", "wind_farm", "zoo",
 )
 _FOLDERS = {"fmow": "fmow_v1.1", "camelyon17": "camelyon17_v1.0", "iwildcam": "iwildcam_v2.0"}
+_METADATA = {"fmow": "rgb_metadata.csv", "camelyon17": "metadata.csv", "iwildcam": "metadata.csv"}
 _MAX_REPORTED = 5
 
 
@@ -80,7 +81,12 @@ def _dataset_dir(root, name: str) -> str:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"WILDS root {root!r} is not a directory")
     inner = os.path.join(root, _FOLDERS[name])
-    return inner if os.path.isdir(inner) else root
+    if os.path.isdir(inner):
+        return inner
+    if not os.path.isfile(os.path.join(root, _METADATA[name])):
+        raise FileNotFoundError(f"WILDS root {root!r} holds no {_FOLDERS[name]}/ folder (and is not that folder: it "
+                                f"has no {_METADATA[name]})")
+    return root
 
 
 def _read_csv(path: str, need: tuple[str, ...]) -> list[dict]:

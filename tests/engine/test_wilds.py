@@ -189,7 +189,7 @@ def test_cli_export_reads_back_through_split_file(capsys, tmp_path, weights):
 @pytest.mark.parametrize("flags,needle", [
     (["--data", "{tmp}/nope", "--dataset", "fmow"], "not a directory"),
     (["--data", "{tmp}", "--dataset", "mnist"], "invalid choice"),
-    (["--data", "{tmp}", "--dataset", "fmow"], "rgb_metadata.csv"),
+    (["--data", "{tmp}", "--dataset", "fmow"], "holds no fmow_v1.1/ folder"),
     (["--data", "{tmp}", "--dataset", "fmow", "--export-split", "{tmp}/s.json", "--pretrained", "x"], "drop"),
     (["--data", "{tmp}", "--dataset", "fmow", "--checkpoint", "{tmp}/nope"], "--checkpoint"),
 ])
