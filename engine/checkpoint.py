@@ -303,7 +303,7 @@ def _split_file(meta: dict, tensors: dict):
 def read_trainable(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(metadata, {name: tensor})`` of a ``save_trainable`` file without a model: the trainable parameters only
     (no buffers, no optimizer state); metadata values are the raw strings (JSON where :func:`save_trainable` wrote
-    JSON). For analyses that compare runs (``leanclip.analyze``)."""
+    JSON). For analyses that compare runs (``leanclip.cli.analyze``)."""
     meta, tensors = _read(path)
     params, _ = _split_file(meta, tensors)
     return meta, params

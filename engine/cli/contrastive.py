@@ -220,7 +220,7 @@ def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig
 
 def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, world_size) -> dict:
     """The JSON result of ``train --task contrastive``."""
-    from leanclip.lilt import trainable_summary
+    from leanclip.methods.lilt import trainable_summary
 
     counts = trainable_summary(model)
     return {

@@ -1,7 +1,7 @@
 """The ``leanclip`` argument parser: one parser for every subcommand, the argument groups they share (model, data,
 run), and extension subcommands.
 
-Extension hook: ``register_subcommand(name, module, help)`` (``demo`` -> ``leanclip.demo``, ``bench`` ->
+Extension hook: ``register_subcommand(name, module, help)`` (``demo`` -> ``leanclip.cli.demo``, ``bench`` ->
 ``leanclip.bench.cli`` are pre-registered) adds a subcommand served by ``module.add_arguments(parser)`` +
 ``module.run(args) -> int``; it is listed only when the module exists and imported only when that subcommand runs.
 """
@@ -17,13 +17,13 @@ from leanclip.templates import TEMPLATE_SETS
 
 # name -> (module, help). The module provides add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("leanclip.demo", "train and compare methods on synthetic data, end to end (no downloads)"),
+    "demo": ("leanclip.cli.demo", "train and compare methods on synthetic data, end to end (no downloads)"),
     "bench": ("leanclip.bench.cli", "time and memory benchmarks: fused ops, train steps, largest batch"),
-    "analyze": ("leanclip.analyze", "parameter change between runs or from the initial weights (LN shift per layer)"),
-    "episodes": ("leanclip.episodes", "evaluate on N-way K-shot episodes (mean accuracy, 95 percent CI)"),
-    "sweep": ("leanclip.sweep", "run a protocol grid (methods x datasets x shots x seeds) as resumable cells"),
-    "report": ("leanclip.report", "tabulate a sweep (Markdown, CSV, PNG): mean +- std over seeds"),
-    "wilds": ("leanclip.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
+    "analyze": ("leanclip.cli.analyze", "parameter change between runs or from the initial weights (LN shift per layer)"),
+    "episodes": ("leanclip.cli.episodes", "evaluate on N-way K-shot episodes (mean accuracy, 95 percent CI)"),
+    "sweep": ("leanclip.cli.sweep", "run a protocol grid (methods x datasets x shots x seeds) as resumable cells"),
+    "report": ("leanclip.cli.report", "tabulate a sweep (Markdown, CSV, PNG): mean +- std over seeds"),
+    "wilds": ("leanclip.cli.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
 }
 
 def register_subcommand(name: str, module: str, help: str = "") -> None:

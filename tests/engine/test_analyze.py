@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from leanclip import analyze, cli, kernels
+from leanclip import cli, kernels
+from leanclip.cli import analyze
 from leanclip.configs import register_tiny_config
 from tests.engine.cli_checks import run as _run
 

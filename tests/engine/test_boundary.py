@@ -76,3 +76,41 @@ def test_no_import_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+# The commands: the application side. The library (every other leanclip module) never imports one, at module level or
+# inside a function, so that a method, a loop or the lean engine can be used without the command line.
+COMMAND_PACKAGES = ("leanclip.cli", "leanclip.bench")
+ENTRY_POINTS = {"leanclip.__main__"}  # ``python -m leanclip`` is the command line itself
+
+
+def _is_command(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in COMMAND_PACKAGES)
+
+
+def _all_imports(path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, a.name) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.lineno, node.module
+            yield from ((node.lineno, f"{node.module}.{a.name}") for a in node.names)
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and node.value.startswith("leanclip.") and " " not in node.value):
+            yield node.lineno, node.value  # lazy imports by name (importlib.import_module, the re-export table)
+
+
+LIBRARY = sorted(n for n in MODULES if not _is_command(n) and n not in ENTRY_POINTS)
+
+
+@pytest.mark.parametrize("name", LIBRARY)
+def test_library_imports_no_command(name):
+    found = [f"{name}:{line} imports {target}" for line, target in _all_imports(MODULES[name])
+             if target in MODULES and _is_command(target)]
+    assert not found, "; ".join(found)
+
+
+def test_the_library_check_can_fail(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from leanclip.cli import sweep\n")
+    assert [t for _, t in _all_imports(probe) if _is_command(t)] == ["leanclip.cli", "leanclip.cli.sweep"]

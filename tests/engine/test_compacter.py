@@ -3,7 +3,8 @@ against open_clip's plain blocks, a training step, checkpoints, classification, 
 import pytest
 import torch
 
-from leanclip import compacter, houlsby, lean
+from leanclip import lean
+from leanclip.methods import compacter, houlsby
 from leanclip.checkpoint import save_trainable
 from leanclip.methods import count_trainable, layernorm_names, prepare, trainable_parameters
 from tests.engine import peft_checks as checks

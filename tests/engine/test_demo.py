@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from leanclip import cli, demo, kernels
+from leanclip import cli, kernels
+from leanclip.cli import demo
 from leanclip.contrastive import clip_loss, pretrain_contrastive
 
 PER_METHOD_KEYS = {"trainable_params", "base_acc", "new_acc", "H", "step_time_ratio", "saved_act_ratio"}

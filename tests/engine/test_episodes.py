@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leanclip import cli, episodes
+from leanclip import cli
+from leanclip.cli import episodes
 from tests.engine.cli_checks import run as _run
 
 

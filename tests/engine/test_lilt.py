@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from leanclip import kernels, lilt
+from leanclip import kernels
+from leanclip.methods import lilt
 from leanclip.checkpoint import load_trainable, save_trainable
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.methods import METHODS, prepare

@@ -5,7 +5,8 @@ import torch
 from torch.func import functional_call
 
 import leanclip
-from leanclip import lean, lora
+from leanclip import lean
+from leanclip.methods import lora
 from leanclip.checkpoint import load_trainable, save_trainable
 from leanclip.methods import count_trainable, prepare, trainable_parameters
 from tests.engine import peft_checks as checks

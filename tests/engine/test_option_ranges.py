@@ -28,7 +28,7 @@ def test_every_numeric_option_declares_its_range():
 
 def test_lilt_temperature_range_is_the_one_the_module_keeps():
     from leanclip.contrastive import TEMPERATURE_MAX, TEMPERATURE_MIN
-    from leanclip.lilt import LILT_METHODS
+    from leanclip.methods.lilt import LILT_METHODS
 
     for name in LILT_METHODS:
         r = option_range(name, "temperature")

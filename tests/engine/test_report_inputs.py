@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leanclip import sweep
+from leanclip.cli import sweep
 from tests.engine.cli_checks import run
 
 CELL = "fewshot/Synthetic/coop/shots1_seed{}"

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from leanclip import cli, sweep
+from leanclip import cli
+from leanclip.cli import sweep
 from leanclip import feature_cache as fc
 from leanclip.data import Sample, write_split_json
 

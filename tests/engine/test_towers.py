@@ -23,7 +23,8 @@ import torch  # noqa: E402
 timm = pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from leanclip import lean, lilt, methods  # noqa: E402
+from leanclip import lean, methods  # noqa: E402
+from leanclip.methods import lilt
 from leanclip.configs import create_random_model, register_unaligned_config  # noqa: E402
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive  # noqa: E402
 from leanclip.pairs import synthetic_pairs  # noqa: E402

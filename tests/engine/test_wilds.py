@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from leanclip import data as D
-from leanclip import wilds
+from leanclip.cli import wilds
 from tests.engine.cli_checks import run as _run
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 # the method modules register themselves on import; they depend on the registry and the selection, not on this module
-from leanclip import compacter, houlsby, lilt, lora  # noqa: F401
+from leanclip.methods import compacter, houlsby, lilt, lora  # noqa: F401
 from leanclip import heads as _heads
 from leanclip import lean as _lean
 from leanclip import utils

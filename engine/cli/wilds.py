@@ -41,7 +41,7 @@ from leanclip.cli.common import (
     template_override,
 )
 from leanclip.data import ImageRoot, Sample, write_split_json
-from leanclip.episodes import add_model_arguments, add_run_arguments, check_model_arguments, split_features
+from leanclip.cli.episodes import add_model_arguments, add_run_arguments, check_model_arguments, split_features
 from leanclip.templates import get_templates
 
 __all__ = ["WILDS_SPLITS", "FMOW_CATEGORIES", "WildsData", "load_wilds", "read_fmow", "read_camelyon17",

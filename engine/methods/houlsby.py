@@ -1,5 +1,5 @@
 """Houlsby adapters (Houlsby et al. 2019): residual bottlenecks after the attention and after the MLP of every block,
-and the placement they share with ``leanclip.compacter``.
+and the placement they share with ``leanclip.methods.compacter``.
 
 ``prepare(model, "houlsby", reduction=8, tower="both")`` gives every block of the selected towers two adapters::
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip import lilt as _lilt
+from leanclip.methods import lilt as _lilt
 from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import OptionRange, register_method
@@ -50,7 +50,7 @@ def bottleneck(h: torch.Tensor, down: nn.Module, up: nn.Module) -> torch.Tensor:
 
 def is_adapter(module: nn.Module) -> bool:
     """Whether ``module`` is an in-layer adapter (class attribute ``inlayer_adapter = True``: a module with ``down``
-    and ``up`` whose forward is ``bottleneck``; ``leanclip.compacter`` defines one without importing this class)."""
+    and ``up`` whose forward is ``bottleneck``; ``leanclip.methods.compacter`` defines one without importing this class)."""
     return getattr(type(module), "inlayer_adapter", False) is True
 
 

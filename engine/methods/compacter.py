@@ -1,7 +1,7 @@
 """Compacter (Karimi Mahabadi et al. 2021): Houlsby's placement with low-rank PHM projections.
 
 ``prepare(model, "compacter", reduction=8, n=4, tower="both")`` puts an adapter ``h + up(gelu(down(h)))`` after the
-attention and after the MLP of every block (the placement of ``leanclip.houlsby``, which also explains how it runs in
+attention and after the MLP of every block (the placement of ``leanclip.methods.houlsby``, which also explains how it runs in
 plain and lean blocks under every recompute policy). ``down`` (d -> m, m = d / reduction) and ``up`` (m -> d) are
 low-rank parameterised hypercomplex multiplication (LPHM) layers ``y = x W + b`` with::
 
@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanclip import houlsby as _houlsby
-from leanclip import lilt as _lilt
+from leanclip.methods import houlsby as _houlsby
+from leanclip.methods import lilt as _lilt
 from leanclip.registry import OptionRange, register_method
 
 __all__ = ["SharedRule", "PHMLinear", "CompacterAdapter", "compacter_count"]
@@ -69,7 +69,7 @@ class PHMLinear(nn.Module):
 
 
 class CompacterAdapter(nn.Module):
-    """``h + up(gelu(down(h)))`` with PHM ``down`` / ``up`` (an in-layer adapter of ``leanclip.houlsby``)."""
+    """``h + up(gelu(down(h)))`` with PHM ``down`` / ``up`` (an in-layer adapter of ``leanclip.methods.houlsby``)."""
 
     inlayer_adapter = True
 

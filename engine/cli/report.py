@@ -1,4 +1,4 @@
-"""``leanclip report SWEEP``: the papers' tables of a sweep (``leanclip.sweep``), from the cells' own result files.
+"""``leanclip report SWEEP``: the papers' tables of a sweep (``leanclip.cli.sweep``), from the cells' own result files.
 
 Per protocol, per dataset and averaged over datasets, mean ± std over seeds (population std, as CoOp's parse script):
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from leanclip import utils
 from leanclip.cli.common import UsageError
 from leanclip.metrics import harmonic_mean
-from leanclip.sweep import ZEROSHOT, InvalidResult, cell_metrics, cells_of, load_manifest, spec_from_manifest
+from leanclip.cli.sweep import ZEROSHOT, InvalidResult, cell_metrics, cells_of, load_manifest, spec_from_manifest
 
 DASH = "—"
 
