@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from leanclip.bench.common import _proc_status_bytes, load_average, machine, rss_step_peak
+from leanclip import utils
 from leanclip.utils import get_logger
 
 DEFAULT_MODES = ("plain", "plain+gc", "plain+compile+budget:0.1", "lean:block", "lean:block/4")
@@ -57,19 +58,8 @@ COMPARED_CUDA = "torch.cuda.max_memory_allocated over the second training step (
 
 
 def parse_bytes(text: str) -> int:
-    units = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-    s = str(text).strip().lower()
-    num = s.rstrip("abgikm")
-    unit = s[len(num):]
-    if unit not in units or not num:
-        raise ValueError(f"--mem-cap: cannot read {text!r} (use e.g. 16GiB, 40GB, 8000MiB)")
-    try:
-        value = float(num) * units[unit]
-    except ValueError:
-        raise ValueError(f"--mem-cap: cannot read {text!r} (use e.g. 16GiB, 40GB, 8000MiB)") from None
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"--mem-cap must be positive, got {text!r}")
-    return int(value)
+    """``--mem-cap``: a size such as ``16GiB``, ``40GB`` or ``8000MiB`` in bytes."""
+    return utils.parse_bytes(text, "--mem-cap")
 
 
 # ---------------------------------------------------------------------------------------------------------- search

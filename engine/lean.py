@@ -37,7 +37,7 @@ Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-
 Unchunked, a block's backward recomputes the whole batch's activations (~10 units) before it can differentiate them;
 that transient, not what is kept, sets the step's peak. The tower's weights are frozen, so there is no weight
 gradient that needs the whole batch, and attention mixes tokens only within a sample: the forward and the backward
-of the block can run over chunks of C samples (``_ChunkedBlock``). The block keeps its input (1 unit), and the
+of the block can run over chunks of C samples (``_Chunked``). The block keeps its input (1 unit), and the
 transient is one chunk's activations plus the incoming and outgoing gradients. The trainable parameters inside the
 block (LayerNorm, biases, LoRA, adapters) receive the sum of their chunks' gradients: exact in float64, equal to
 float32 rounding in float32 (the sum is taken in another order). Dropout is replayed per chunk from its RNG state.
@@ -48,8 +48,9 @@ mlp+qkv 167.8 (0.24x), block 62.0 (0.09x).
 
 Checkpointed branches use non-reentrant ``torch.utils.checkpoint`` so trainable LayerNorm parameters inside them get
 their gradients; a branch no gradient flows through is never checkpointed. Gradients under every policy are
-bit-identical to ``none``. ``estimate_saved_bytes`` predicts the saved bytes of a training forward; ``choose_recompute`` picks
-the fastest policy that fits a budget (``prepare(..., recompute="auto", memory_budget=...)``).
+bit-identical to ``none``. ``estimate_saved_bytes`` predicts the saved bytes of a training forward; ``leanclip.budget``
+predicts a step's peak from it and plans, per block, the policy and chunk that fit a budget
+(``prepare(..., recompute="auto", memory_budget=...)``).
 
 ``encode_text_lean(model, tokens)`` truncates the 77-token context to max(EOT position)+1 of the batch: attention is
 causal and features are read at the EOT token, so the result is exactly that of the full context.
@@ -278,38 +279,47 @@ def _replayed_rng(states, device: torch.device):
     return replay()
 
 
-class _ChunkedBlock(torch.autograd.Function):
-    """``block._plain(x)`` over chunks of ``chunk`` samples, keeping only ``x``; the backward recomputes and
-    differentiates one chunk at a time. ``params`` are the block's trainable parameters (its children included: LoRA,
-    adapters), passed in so that autograd returns their gradients, summed over the chunks."""
+class _Chunked(torch.autograd.Function):
+    """``forward(xc, start, stop)`` over chunks of ``chunk`` samples of ``x``, keeping only ``x``; the backward
+    recomputes and differentiates one chunk at a time. ``recompute(xc, start, stop, grad_yc) -> (outputs,
+    grad_outputs)`` (optional) gives the tensors to differentiate for a chunk and their incoming gradients, when that
+    is cheaper than re-running ``forward`` (a frozen last projection: its input's gradient needs no forward GEMM).
+    ``params`` are the trainable parameters ``forward`` reads (children included: LoRA, adapters), passed in so
+    that autograd returns their gradients, summed over the chunks."""
 
     @staticmethod
-    def forward(ctx, block, x, mask, is_causal, chunk, rng, *params):
+    def forward(ctx, forward, recompute, x, chunk, rng, *params):
         batch = x.shape[0]
-        y = torch.empty_like(x)
+        y = None
         ctx.rng_states = []
         for start in range(0, batch, chunk):
             stop = min(start + chunk, batch)
             ctx.rng_states.append(_rng_states(x.device) if rng else None)
-            y[start:stop] = block._plain(x[start:stop], _mask_rows(mask, start, stop, batch), is_causal)
-        ctx.block, ctx.mask, ctx.is_causal, ctx.chunk = block, mask, is_causal, chunk
+            yc = forward(x[start:stop], start, stop)
+            if y is None:
+                y = yc.new_empty((batch, *yc.shape[1:]))
+            y[start:stop] = yc
+        ctx.fns, ctx.chunk = (forward, recompute), chunk
         ctx.save_for_backward(x, *params)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, *params = ctx.saved_tensors
-        need_x = ctx.needs_input_grad[1]
-        wanted = [p for p, need in zip(params, ctx.needs_input_grad[6:]) if need]
+        forward, recompute = ctx.fns
+        need_x = ctx.needs_input_grad[2]
+        wanted = [p for p, need in zip(params, ctx.needs_input_grad[5:]) if need]
         grad_x = torch.empty_like(x) if need_x else None
         grad_params = [None] * len(wanted)
-        batch = x.shape[0]
-        for i, start in enumerate(range(0, batch, ctx.chunk)):
-            stop = min(start + ctx.chunk, batch)
+        for i, start in enumerate(range(0, x.shape[0], ctx.chunk)):
+            stop = min(start + ctx.chunk, x.shape[0])
             xc = x[start:stop].detach().requires_grad_(need_x)
             with torch.enable_grad(), _replayed_rng(ctx.rng_states[i], x.device):
-                yc = ctx.block._plain(xc, _mask_rows(ctx.mask, start, stop, batch), ctx.is_causal)
-            grads = torch.autograd.grad(yc, ([xc] if need_x else []) + wanted, grad_y[start:stop], allow_unused=True)
+                if recompute is None:
+                    outs, grad_outs = [forward(xc, start, stop)], [grad_y[start:stop]]
+                else:
+                    outs, grad_outs = recompute(xc, start, stop, grad_y[start:stop])
+            grads = torch.autograd.grad(outs, ([xc] if need_x else []) + wanted, grad_outs, allow_unused=True)
             if need_x:
                 grad_x[start:stop] = grads[0]
                 grads = grads[1:]
@@ -317,8 +327,8 @@ class _ChunkedBlock(torch.autograd.Function):
                 if g is not None:
                     grad_params[j] = g if grad_params[j] is None else grad_params[j] + g
         it = iter(grad_params)
-        per_param = [next(it) if need else None for need in ctx.needs_input_grad[6:]]
-        return (None, grad_x, None, None, None, None, *per_param)
+        per_param = [next(it) if need else None for need in ctx.needs_input_grad[5:]]
+        return (None, None, grad_x, None, None, *per_param)
 
 
 # ----------------------------------------------------------------------------------------------------------- block
@@ -402,8 +412,7 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
             if not (x.requires_grad or not _frozen(*inside)):
                 return self._plain(x, mask, is_causal)
             if self.leanclip_chunk is not None and x.shape[0] > self.leanclip_chunk:
-                trainable = [p for p in self.parameters() if p.requires_grad]
-                return _ChunkedBlock.apply(self, x, mask, is_causal, self.leanclip_chunk, rng, *trainable)
+                return self._chunked(x, mask, is_causal, rng)
             if c_proj_outside:
                 x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
                 return x1 + self._mlp_out(g)
@@ -431,6 +440,42 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         if x.requires_grad or not _frozen(self.ln_2, mlp, self.ls_2):
             return x + _ckpt(self._mlp, x)
         return x + self._mlp(x)
+
+    # -- chunks of samples (``block`` with ``leanclip_chunk``) --
+    def _c_proj_skippable(self) -> bool:
+        """Whether a chunk's backward may skip the c_proj forward GEMM: c_proj (weight and bias) and ls_2 frozen, ls_2
+        an Identity or a LayerScale, and no delta that could add a term at c_proj."""
+        ls = self.ls_2
+        return (_frozen(self.mlp.c_proj, ls) and not self._deltas()
+                and (isinstance(ls, nn.Identity) or isinstance(getattr(ls, "gamma", None), torch.Tensor)))
+
+    def _c_proj_input_grad(self, grad_y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """d loss / d g for ``y = x1 + ls_2(c_proj(g))`` with c_proj and ls_2 frozen: the product autograd's backward
+        of ``lean_linear`` forms (in the dtype the forward's GEMM ran in), without re-running the forward GEMM, whose
+        output no gradient needs."""
+        ls = self.ls_2
+        gy = grad_y if isinstance(ls, nn.Identity) else grad_y * ls.gamma
+        w = self.mlp.c_proj.weight
+        ac = _autocast_dtype(gy.device.type)
+        if ac is not None and w.dtype != ac and w.dtype.is_floating_point:
+            w = w.to(ac)
+        return (gy.to(w.dtype) @ w).to(g.dtype)
+
+    def _chunked(self, x, mask, is_causal: bool, rng: bool):
+        """The block over chunks of ``leanclip_chunk`` samples (``_Chunked``): the transient of its backward is one
+        chunk's activations. Where c_proj is frozen, a chunk's recompute stops at c_proj's input."""
+        batch = x.shape[0]
+
+        def forward(xc, start, stop):
+            return self._plain(xc, _mask_rows(mask, start, stop, batch), is_causal)
+
+        def recompute(xc, start, stop, grad_yc):
+            x1, g = self._block_head(xc, _mask_rows(mask, start, stop, batch), is_causal)
+            return (x1, g), (grad_yc, self._c_proj_input_grad(grad_yc, g))
+
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return _Chunked.apply(forward, recompute if self._c_proj_skippable() else None, x, self.leanclip_chunk, rng,
+                              *trainable)
 
     # -- the last block, at one query position per sample --
     def _rows_core(self, x, rows, mask):
@@ -468,6 +513,12 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         attn = self.attn
         big = x.requires_grad or not _frozen(self.ln_1, attn.in_proj_weight, attn.in_proj_bias)
         if torch.is_grad_enabled() and big and self.leanclip_recompute in ("mlp+qkv", "block"):
+            chunk = self.leanclip_chunk if self.leanclip_recompute == "block" else None
+            if chunk is not None and b > chunk:  # the recompute's k, v and their gradients: one chunk at a time
+                trainable = [p for p in self.parameters() if p.requires_grad]
+                return _Chunked.apply(lambda xc, start, stop: self._rows_core(xc, rows[start:stop],
+                                                                              _mask_rows(mask, start, stop, b)),
+                                      None, x, chunk, self._needs_rng(), *trainable)
             return _ckpt(self._rows_core, x, rows, mask, rng=self._needs_rng())
         return self._rows_core(x, rows, mask)
 
@@ -859,16 +910,3 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
                 proj.shape[1] if proj is not None else t.transformer.width)
             total += tb * (out_dim * 4 + 8)
     return int(total)
-
-
-def choose_recompute(model: nn.Module, memory_budget: int, batch_size: int, **kw) -> str:
-    """The fastest policy (none < mlp < mlp+qkv < block) whose ``estimate_saved_bytes`` fits ``memory_budget``
-    bytes; ValueError naming the smallest prediction when none does."""
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-    est = {p: estimate_saved_bytes(model, p, batch_size, **kw) for p in POLICIES}
-    for p in POLICIES:
-        if est[p] <= memory_budget:
-            return p
-    raise ValueError(f"memory_budget={int(memory_budget)} bytes is too small for batch_size={batch_size}: the "
-                     f"smallest prediction is {est['block']} bytes (recompute='block'); predictions: {est}")

@@ -560,3 +560,22 @@ def name_list(names, k: int = 8) -> str:
     """At most ``k`` of ``names``, sorted, for a one-line message (``[...] (+N more)``)."""
     names = sorted(names)
     return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+BYTE_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+              "gb": 10**9, "tb": 10**12}
+
+
+def parse_bytes(text, name: str) -> int:
+    """A memory size such as ``16GiB``, ``40GB``, ``8000MiB`` or a plain number of bytes, as an int; ValueError
+    naming ``name`` (the argument) when it cannot be read or is not positive."""
+    s = str(text).strip().lower()
+    num = s.rstrip("abgikmt")
+    unit = s[len(num):]
+    try:
+        value = float(num) * BYTE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"{name}: cannot read {text!r} (use e.g. 16GiB, 40GB, 8000MiB)") from None
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be positive, got {text!r}")
+    return int(value)

@@ -13,7 +13,7 @@ from leanclip import distributed as dist
 from leanclip import synthetic, utils
 from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
-    PROG, UsageError, build_model, check_recompute_flags, clear_run, data_record, emit, method_opts_from_flags,
+    PROG, UsageError, build_model, check_recompute_flags, clear_run, recompute_kwargs, data_record, emit, method_opts_from_flags,
     prepare_from_checkpoint, read_checkpoint_meta, restore_data, restore_inputs, run_folder, setup_device,
     stop_together, template_override, weights_record,
 )
@@ -185,8 +185,11 @@ def _memory_record(model) -> dict:
     """How the run held its memory, as ``prepare`` recorded it: lean modules, recompute policy (and chunk), and the
     dtype of the frozen weights (that of the loaded model unless ``--frozen-bf16``)."""
     opts = model.leanclip_info["options"]
-    return {"lean": opts.get("lean"), "recompute": opts.get("recompute"), "recompute_chunk": opts.get("recompute_chunk"),
-            "frozen_dtype": opts.get("frozen_dtype", "as loaded")}
+    record = {"lean": opts.get("lean"), "recompute": opts.get("recompute"),
+              "recompute_chunk": opts.get("recompute_chunk"), "frozen_dtype": opts.get("frozen_dtype", "as loaded")}
+    if "recompute_plan" in opts:  # --memory-budget: the budget and the plan chosen for it
+        record.update(memory_budget=opts["memory_budget"], recompute_plan=opts["recompute_plan"])
+    return record
 
 
 def _train_classify(args, info, parts, method) -> int:
@@ -217,8 +220,9 @@ def _train_classify(args, info, parts, method) -> int:
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
     templates = _templates(args, data["dataset"], method_template_set(method))
-    prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute,
-            recompute_chunk=args.recompute_chunk, tower=args.tower, classnames=data["classnames"], tokenizer=tok,
+    recompute = recompute_kwargs(args, pick("batch_size"), len(data["classnames"]) * len(templates))
+    prepare(model, method, lean=False if args.no_lean else None, **recompute,
+            tower=args.tower, classnames=data["classnames"], tokenizer=tok,
             model_name=args.model, init_from=init_from, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
             **({"templates": templates} if any("templates" in method_options(p) for p in parts) else {}))
     cfg = TrainConfig(

@@ -31,6 +31,7 @@ import torch
 from leanclip import utils, weights
 from leanclip.checkpoint import load_trainable
 from leanclip.checkpoint import verify as verify_checkpoint
+from leanclip.budget import resolve_budget
 from leanclip.configs import register_tiny_config
 from leanclip.data import clip_transform
 from leanclip.feature_cache import active_cache as active_feature_cache
@@ -71,10 +72,30 @@ def check_numbers(args) -> None:
 
 
 def check_recompute_flags(args) -> None:
-    """``--recompute-chunk`` splits the ``block`` policy's work; with any other policy it would do nothing."""
+    """``--recompute-chunk`` splits the ``block`` policy's work; with any other policy it would do nothing.
+    ``--memory-budget`` chooses the policy and the chunk itself, and needs the lean modules."""
+    budget = getattr(args, "memory_budget", None)
+    if budget is not None:
+        if args.recompute != "none" or args.recompute_chunk is not None:
+            raise UsageError("--memory-budget chooses the recompute policy and chunk itself; drop --recompute and "
+                             "--recompute-chunk")
+        if args.no_lean:
+            raise UsageError("--memory-budget plans the lean modules' recompute; it cannot go with --no-lean")
+        try:
+            resolve_budget(budget, 1)
+        except ValueError as e:
+            raise UsageError(f"--memory-budget: {e}") from None
     if args.recompute_chunk is not None and args.recompute != "block":
         raise UsageError(f"--recompute-chunk runs a block's forward and backward over chunks of samples; it needs "
                          f"--recompute block, got --recompute {args.recompute}")
+
+
+def recompute_kwargs(args, batch_size: int, text_batch_size: int | None = None) -> dict:
+    """``prepare``'s recompute arguments from the flags: a policy (and chunk), or a budget to plan for."""
+    if getattr(args, "memory_budget", None) is not None:
+        return {"recompute": "auto", "memory_budget": args.memory_budget, "batch_size": batch_size,
+                "text_batch_size": text_batch_size}
+    return {"recompute": args.recompute, "recompute_chunk": args.recompute_chunk}
 
 
 def check_backend_env(device) -> None:

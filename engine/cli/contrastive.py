@@ -20,7 +20,7 @@ from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
     UsageError, build_model, clear_run, emit, method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta,
-    restore_inputs, run_folder, setup_device, stop_together, weights_record,
+    recompute_kwargs, restore_inputs, run_folder, setup_device, stop_together, weights_record,
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
@@ -265,8 +265,8 @@ def cmd_train_contrastive(args) -> int:
         size = _image_size(model)
         train_pairs, eval_pairs = _train_and_eval_pairs(args, size)
         zs_set = _zeroshot_set(args, model)
-        prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute,
-                recompute_chunk=args.recompute_chunk, tower=args.tower, tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
+        prepare(model, method, lean=False if args.no_lean else None,
+                **recompute_kwargs(args, args.batch_size or DEFAULTS["batch_size"]), tower=args.tower, tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
                 **opts)
         cfg = _contrastive_config(args, method, info.device, weights)
         cfg.validate()

@@ -11,7 +11,8 @@
    trainer (``leanclip.trainer``, ``lean=True``) and evaluated on base and new classes (H = harmonic mean).
 4. Per method, side by side in this process: the step time of the lean model relative to the same method on open_clip's
    plain modules (``prepare(..., lean=False)``; interleaved repetitions, medians) and the bytes autograd saves for one
-   training step's forward (``leanclip.memory.saved_activation_bytes``; lean with the recompute policy, vs plain).
+   training step's forward (``leanclip.memory.saved_activation_bytes``; lean under the recompute plan its memory
+   budget gets from ``leanclip.budget``, vs plain).
 5. One table on stdout; ``demo.json`` and ``demo.png`` under ``--output`` (atomic writes). Nothing else touches disk.
 
 Ratios are lean / plain: below 1 means faster / less memory. Every number is seeded; two runs with the same seed,
@@ -28,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -111,7 +113,9 @@ class DemoConfig:
                             options={"gamma": 5.0}),
         "full": MethodRecipe(lr=2e-4, epochs=20),
     })
-    recompute: str = "mlp+qkv"
+    # the lean trainer's memory budget, a fraction of plain open_clip's predicted step peak (leanclip.budget): 1.0 is
+    # plain's own peak, so the planner keeps every block without recompute (the fastest lean plan)
+    memory_budget: float = 1.0
     # measurements
     timing_reps: int = 7              # at least this many interleaved repetitions per side ...
     timing_min_seconds: float = 1.0   # ... and enough of them to spend this long per side (cheap llu head steps)
@@ -304,26 +308,35 @@ def _time_once(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _lean_options(cfg: DemoConfig, method: str, batch: int, n_prompts: int) -> dict:
+    """``prepare``'s memory arguments for the lean side: the budget planner (a cached-feature method runs no tower
+    backward: nothing to plan)."""
+    if method_trainer(method) == "cached":
+        return {}
+    return {"recompute": "auto", "memory_budget": cfg.memory_budget, "batch_size": batch, "text_batch_size": n_prompts}
+
+
 def measure_method(base_model, method: str, task: dict, templates, tokenizer, cfg: DemoConfig, seed: int) -> dict:
-    """Step-time ratio and saved-activation ratio of ``method``: lean (``cfg.recompute``) vs open_clip's plain
-    modules (``prepare(..., lean=False)``), same batch, same starting weights. Also times the lean model without
-    recompute (``lean_no_recompute``), to show what the recompute costs. llu trains its heads on cached features, so
-    both sides run the same head step (its ratios are 1 up to timing noise)."""
+    """Step-time ratio and saved-activation ratio of ``method``: lean (the plan for ``cfg.memory_budget``) vs open_clip's
+    plain modules (``prepare(..., lean=False)``), same batch, same starting weights. Where the plan recomputes, also
+    times the lean model without recompute (``lean_no_recompute``), to show what the recompute costs. llu trains its
+    heads on cached features, so both sides run the same head step (its ratios are 1 up to timing noise)."""
     names = task["base_names"]
     r = cfg.recipes[method]
     cached = method_trainer(method) == "cached"
     bs = r.batch_size if not cached else cfg.recipes["ln"].batch_size
     images, labels = _train_batch(task["train"], bs, _seed(seed, 21))
-    variants = {"lean": (True, cfg.recompute), "plain": (False, "none")}
-    if not cached and cfg.recompute != "none":
-        variants["lean_no_recompute"] = (True, "none")
     sides = {}
-    for side, (lean, policy) in variants.items():
+    for side in ("lean", "plain", "lean_no_recompute"):
         m = copy.deepcopy(base_model)
+        if side == "lean_no_recompute" and (cached or _plan_is_none(sides["lean"]["model"])):
+            continue
         kw = dict(r.options)
-        if lean and not cached:
-            kw["recompute"] = policy
-        prepare(m, method, lean=lean, classnames=names, tokenizer=tokenizer, **kw)
+        if side == "lean":
+            kw.update(_lean_options(cfg, method, int(images.shape[0]), len(names) * len(templates)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the plan is reported with the results
+            prepare(m, method, lean=side != "plain", classnames=names, tokenizer=tokenizer, **kw)
         fwd, step = _step_fns(m, method, images, labels, names, templates, tokenizer, llu_lambda=r.llu_lambda)
         _, nbytes = saved_activation_bytes(fwd, exclude=m)
         sides[side] = {"model": m, "step": step, "saved_bytes": nbytes}
@@ -341,7 +354,15 @@ def measure_method(base_model, method: str, task: dict, templates, tokenizer, cf
     }
     if "lean_no_recompute" in med:
         out["step_time_ratio_no_recompute"] = med["lean_no_recompute"] / med["plain"]
+    plan = sides["lean"]["model"].leanclip_info["options"].get("recompute_plan")
+    if plan is not None:
+        out["recompute_plan"] = plan["summary"]
     return out
+
+
+def _plan_is_none(model) -> bool:
+    plan = model.leanclip_info["options"].get("recompute_plan")
+    return plan is None or all(p == "none" for pols in plan["policies"].values() for p in pols)
 
 
 # ---------------------------------------------------------------------------------------------------------- outputs
@@ -436,8 +457,10 @@ def finetune(model, method: str, task: dict, templates, tok, cfg: DemoConfig, se
     tm = time.perf_counter()
     r = cfg.recipes[method]
     m = copy.deepcopy(model)
-    kw = dict(r.options) if method_trainer(method) == "cached" else {"recompute": cfg.recompute, **r.options}
-    prepare(m, method, lean=True, classnames=task["base_names"], tokenizer=tok, model_name=model_name, **kw)
+    kw = {**r.options, **_lean_options(cfg, method, r.batch_size, len(task["base_names"]) * len(templates))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plan is reported with the results
+        prepare(m, method, lean=True, classnames=task["base_names"], tokenizer=tok, model_name=model_name, **kw)
     tcfg = TrainConfig(method=method, epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer,
                        weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs, warmup_lr=r.warmup_lr,
                        seed=_seed(seed, 31), output=None, progress=progress, device=device, llu_lambda=r.llu_lambda,
@@ -498,7 +521,8 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
 
         # 3. fine-tuning
         t0 = time.perf_counter()
-        _log(f"[3/4] fine-tuning {', '.join(cfg.methods)} (lean trainer, recompute={cfg.recompute!r})", progress)
+        _log(f"[3/4] fine-tuning {', '.join(cfg.methods)} (lean trainer, memory budget {cfg.memory_budget:g} of "
+             f"plain's step peak)", progress)
         for method in cfg.methods:
             results[method] = finetune(model, method, task, templates, tok, cfg, seed, name, str(dev), progress)
         timings["fine_tuning"] = time.perf_counter() - t0
@@ -540,7 +564,7 @@ def _payload(results, cfg: DemoConfig, seed: int, losses, task, templates, machi
             "peft_methods_beating_zero_shot": [m for m in cfg.methods if m in PEFT_METHODS
                                                and results[m]["beats_zero_shot"]],
             "notes": notes,
-            "ratios": f"lean (recompute={cfg.recompute!r}) / plain (open_clip modules, prepare(lean=False)); "
+            "ratios": f"lean (memory budget {cfg.memory_budget:g} of plain's step peak) / plain (open_clip modules, prepare(lean=False)); "
                       f"< 1 = faster / fewer saved bytes",
         },
         "pretrain": {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
@@ -565,8 +589,11 @@ def _print_report(results, payload, cfg: DemoConfig, measure: bool) -> None:
     if not notes:
         print(f"All PEFT methods ({', '.join(m for m in cfg.methods if m in PEFT_METHODS)}) beat zero-shot H "
               f"({100 * zs_h:.1f}%) on the shifted-domain task.")
-    print(f"ratios = lean (recompute={cfg.recompute!r}) / plain PyTorch (same method, open_clip modules, "
-          f"prepare(lean=False)); < 1 = faster / fewer saved bytes")
+    print(f"ratios = lean (memory budget {cfg.memory_budget:g} of plain's step peak) / plain PyTorch (same method, "
+          f"open_clip modules, prepare(lean=False)); < 1 = faster / fewer saved bytes")
+    plans = [f"{m}: {results[m]['recompute_plan']}" for m in cfg.methods if results[m].get("recompute_plan")]
+    if plans:
+        print("recompute plans: " + "; ".join(plans))
     no_rc = [f"{m} {results[m]['step_time_ratio_no_recompute']:.2f}x" for m in cfg.methods
              if results[m].get("step_time_ratio_no_recompute") is not None]
     if no_rc:

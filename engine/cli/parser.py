@@ -156,6 +156,10 @@ def _add_train_parser(sub, selected: str | None) -> None:
                    help="with --recompute block: run each block's forward and backward N samples at a time, so the "
                         "backward holds one chunk's activations instead of the batch's (same gradients; default: "
                         "the whole batch)")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="the step peak the lean blocks must fit: bytes such as 12GiB, or a fraction of plain "
+                        "open_clip's predicted step peak such as 0.2; chooses each block's recompute policy and the "
+                        "chunk at the least recompute work (printed, and recorded in result.json)")
     g.add_argument("--no-lean", action="store_true", help="keep open_clip's plain modules (baseline)")
     g.add_argument("--frozen-bf16", action="store_true", help="keep frozen tower weights in bf16")
     g.add_argument("--epochs", type=int, default=None, help="epochs (default 10)")

@@ -40,6 +40,7 @@ from torch import nn
 
 # the method modules register themselves on import; they depend on the registry and the selection, not on this module
 from leanclip.methods import compacter, houlsby, lilt, lora  # noqa: F401
+from leanclip import budget as _budget
 from leanclip import heads as _heads
 from leanclip import lean as _lean
 from leanclip import utils
@@ -376,13 +377,13 @@ def _check_recompute_args(lean, recompute, memory_budget, batch_size, recompute_
     if memory_budget is not None:
         if recompute != "auto":
             raise ValueError(f"memory_budget is only used with recompute='auto' (got recompute={recompute!r})")
-        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
-            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        _budget.resolve_budget(memory_budget, 1)  # its form; a fraction is resolved against plain's peak later
     if recompute == "auto":
         if memory_budget is None:
-            raise ValueError("recompute='auto' needs memory_budget= (bytes)")
+            raise ValueError("recompute='auto' needs memory_budget= (a step peak: bytes, '12GiB', or a fraction of "
+                             "plain's)")
         if batch_size is None:
-            raise ValueError("recompute='auto' needs batch_size= (images per step) to predict saved bytes")
+            raise ValueError("recompute='auto' needs batch_size= (images per step) to predict the step's peak")
     if lean is False and recompute != "none":
         raise ValueError(f"recompute={recompute!r} needs lean=True (the plain model keeps what eager PyTorch keeps)")
 
@@ -418,6 +419,21 @@ def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dty
     if frozen_dtype is not None:
         raise ValueError(f"frozen_dtype needs the lean modules, which do not cover this model: {why}")
     return False, [f"lean=False for {class_name(model)}: {why}"]
+
+
+def _plan_for_budget(model: nn.Module, memory_budget, batch_size: int, sizes: dict) -> "_budget.RecomputePlan":
+    """Swap in the lean modules under the recompute plan that fits ``memory_budget`` (a step peak: bytes, or a
+    fraction of plain open_clip's predicted peak, taken before the swap) at the least recompute work; says the
+    plan in one line."""
+    plain = _budget.plain_peak(model, batch_size, **sizes)
+    limit = _budget.resolve_budget(memory_budget, plain)
+    _lean.apply_lean(model, "none")
+    plan = _budget.plan_recompute(model, limit, batch_size, **sizes)
+    _budget.apply_plan(model, plan)
+    plan.notes.update(budget_bytes=limit, plain_peak_bytes=plain)
+    notice(f"memory budget {_budget._mib(limit)} (plain's predicted step peak {_budget._mib(plain)}): "
+           f"recompute {plan.describe()}, predicted step peak {_budget._mib(plan.peak)}")
+    return plan
 
 
 def _check_classnames(classnames):
@@ -526,7 +542,7 @@ def _apply_methods(model: nn.Module, parts: list[str], per_opts: list[dict], ini
 
 
 def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recompute: str = "none",
-            recompute_chunk: int | None = None, memory_budget: int | None = None, tower: str = "both", classnames: Iterable[str] | None = None,
+            recompute_chunk: int | None = None, memory_budget: int | float | str | None = None, tower: str = "both", classnames: Iterable[str] | None = None,
             tokenizer: Callable | None = None, init_from: str | None = None,
             frozen_dtype: torch.dtype | None = None, model_name: str | None = None, batch_size: int | None = None,
             text_batch_size: int | None = None, text_len: int | None = None, **opts) -> nn.Module:
@@ -538,8 +554,11 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
                     else keep open_clip's modules with a one-line notice (timm towers, ModifiedResNet, Hugging Face
                     text towers, unknown block types); True: lean or a ValueError naming what is not covered;
                     False: open_clip's plain modules
-    recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` bytes and
-                    ``batch_size``; picks the fastest policy whose ``estimate_saved_bytes`` fits)
+    recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` and
+                    ``batch_size``: ``leanclip.budget`` picks each block's policy and the chunk whose predicted step
+                    peak fits, with the least recompute; the plan is printed and recorded)
+    memory_budget   with ``auto``: the step's peak, in bytes (an int, or a string such as ``"12GiB"``) or as a
+                    fraction in (0, 1] of plain open_clip's predicted peak for this model and batch
     recompute_chunk with ``recompute="block"``: samples per chunk of each block's forward and backward, so the
                     backward holds one chunk's activations instead of the batch's (None: the whole batch)
     tower           ``image`` | ``text`` | ``both`` for methods with a tower option (``ln``, ``bitfit``)
@@ -572,11 +591,11 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     state = _ModelState(model, loaded)
     try:
         added = _apply_methods(model, parts, per_opts, init_from)
-        chosen = recompute
-        if lean_on:
-            if recompute == "auto":
-                chosen = _lean.choose_recompute(model, memory_budget, batch_size, text_batch_size=text_batch_size,
-                                                text_len=text_len, dtype=frozen_dtype)
+        chosen, plan = recompute, None
+        if lean_on and recompute == "auto":
+            plan = _plan_for_budget(model, memory_budget, batch_size, dict(
+                text_batch_size=text_batch_size, text_len=text_len, dtype=frozen_dtype))
+        elif lean_on:
             _lean.apply_lean(model, chosen, recompute_chunk)
         else:
             _lean.remove_lean(model)
@@ -586,9 +605,10 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
         options.update(lean=lean_on, recompute=chosen, tower=tower)
         if recompute_chunk is not None:
             options["recompute_chunk"] = recompute_chunk
-        if recompute == "auto":
-            options.update(recompute_requested="auto", memory_budget=int(memory_budget), batch_size=batch_size,
-                           text_batch_size=text_batch_size, text_len=text_len)
+        if plan is not None:
+            options.update(recompute_requested="auto", memory_budget=_jsonable(memory_budget), batch_size=batch_size,
+                           text_batch_size=text_batch_size, text_len=text_len, recompute_plan=plan.as_record())
+            options["recompute"] = "auto"
         if classnames is not None:
             options["classnames"] = classnames
         if frozen_dtype is not None:

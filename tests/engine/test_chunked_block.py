@@ -42,22 +42,60 @@ def test_chunked_block_is_exact_in_float64(fresh_tiny, tokenizer):
         assert (ga[n] - gb[n]).abs().max() <= 1e-12 * ga[n].abs().max().clamp_min(1e-30), n
 
 
-def test_chunked_block_replays_dropout(fresh_tiny, tokenizer):
-    """LoRA's dropout in training mode: each chunk's recompute draws the masks its forward drew, so the chunked
-    gradients equal the whole-batch block's (same seed) to float32 rounding."""
+def test_chunked_replay_leaves_the_rng_as_the_whole_batch_does(fresh_tiny, tokenizer):
+    """The backward's replay of each chunk's dropout draws runs in a forked RNG: after a step the generator is where
+    the whole-batch step leaves it (both draw the same number of values), so the rest of a run is unchanged."""
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
     base = _prep(fresh_tiny(), "lora", {"dropout": 0.5}, tokenizer, True, "block").train()
-    results = []
+    after = []
     for chunk in (None, 1):
         m = lean.set_recompute(copy.deepcopy(base), "block", chunk=chunk)
         torch.manual_seed(11)
-        results.append((*_step(m, images, labels, tokenizer), torch.rand(4)))
-    (la, ga, after_a), (lb, gb, after_b) = results
-    assert torch.equal(after_a, after_b)  # the replay leaves the RNG where the whole-batch run left it
-    assert torch.allclose(la, lb, rtol=1e-5, atol=1e-6)
-    assert ga.keys() == gb.keys() and ga
-    for n in ga:
-        assert torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-6), n
+        _step(m, images, labels, tokenizer)
+        after.append(torch.rand(4))
+    assert torch.equal(after[0], after[1])
+
+
+def _loss(model, seed, images, tokens):
+    """A float64 scalar of a training forward of both towers (grad enabled: the chunked path and its dropout draws,
+    as in a step; the image tower's last block at the CLS rows)."""
+    torch.manual_seed(seed)
+    img, txt = model.encode_image(images), model.encode_text(tokens)
+    weights = torch.linspace(-1, 1, img.shape[-1], dtype=img.dtype)
+    return (img * weights).sum() + (txt * weights.flip(0)).sum() + (img @ txt.T).square().sum()
+
+
+def test_chunked_gradients_are_those_of_the_forward_that_ran(fresh_tiny, tokenizer):
+    """With dropout (LoRA, p=0.5, training mode) and one sample per chunk, in float64: the gradient agrees with a
+    central difference of the loss taken with the same seed, in every block the pooled-row last blocks included. A
+    recompute that drew other masks than its forward would differentiate another function and fail this."""
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    m = _chunked(_prep(fresh_tiny(), "lora", {"dropout": 0.5}, tokenizer, True, "block").double().train(), 1)
+    with torch.no_grad():  # LoRA's B starts at zero, where dropout does not reach the output: move off it
+        for n, p in m.named_parameters():
+            if p.requires_grad and n.endswith(".B"):
+                p.normal_(0, 0.3)
+    tokens = tokenizer(CLASSNAMES)
+    _loss(m, 5, images, tokens).backward()
+    grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+    params = dict(m.named_parameters())
+    names = [n for n in grads if n.startswith(("visual.transformer.resblocks.", "transformer.resblocks."))]
+    last = [n for n in names if ".resblocks.2." in n or ".resblocks.1." in n]
+    assert last, names
+    eps = 1e-6
+    for n in names:
+        direction = torch.randn_like(params[n])
+        with torch.no_grad():
+            params[n].add_(eps * direction)
+        up = _loss(m, 5, images, tokens).detach()
+        with torch.no_grad():
+            params[n].sub_(2 * eps * direction)
+        down = _loss(m, 5, images, tokens).detach()
+        with torch.no_grad():
+            params[n].add_(eps * direction)
+        numeric = (up - down) / (2 * eps)
+        analytic = (grads[n] * direction).sum()
+        assert torch.allclose(numeric, analytic, rtol=1e-5, atol=1e-9), (n, float(numeric), float(analytic))
 
 
 def test_backward_runs_one_chunk_at_a_time(fresh_tiny, tokenizer, monkeypatch):
@@ -73,12 +111,28 @@ def test_backward_runs_one_chunk_at_a_time(fresh_tiny, tokenizer, monkeypatch):
         if id(self) in image_tower:
             seen.append((x.shape[0], torch.is_grad_enabled()))
         return plain(self, x, mask, is_causal)
+    rows_core = lean.LeanResidualAttentionBlock._rows_core
+    rows_seen = []
+
+    def rows_spy(self, x, rows, mask):
+        if id(self) in image_tower:
+            rows_seen.append(x.shape[0])
+        return rows_core(self, x, rows, mask)
+    head = lean.LeanResidualAttentionBlock._block_head
+
+    def head_spy(self, x, mask, is_causal):  # a chunk's recompute where c_proj is frozen (stops at its input)
+        if id(self) in image_tower:
+            seen.append((x.shape[0], torch.is_grad_enabled()))
+        return head(self, x, mask, is_causal)
     monkeypatch.setattr(lean.LeanResidualAttentionBlock, "_plain", spy)
+    monkeypatch.setattr(lean.LeanResidualAttentionBlock, "_block_head", head_spy)
+    monkeypatch.setattr(lean.LeanResidualAttentionBlock, "_rows_core", rows_spy)
     _step(m, images, labels, tokenizer)
     # the image blocks but the last (run at the CLS rows only): 3 chunks forward, 3 recomputed under grad, each
     image_blocks = len(m.visual.transformer.resblocks) - 1
     assert len(seen) == 2 * 3 * image_blocks and all(b == 2 for b, _ in seen), seen
     assert sum(grad for _, grad in seen) == 3 * image_blocks
+    assert rows_seen == [2] * 6  # the last block too: its k, v and their gradients, one chunk at a time
 
 
 def test_chunk_needs_block_and_a_positive_size(fresh_tiny):
@@ -112,3 +166,19 @@ def test_train_result_records_how_memory_was_held(tmp_path, capsys):
     res = json.loads((out / "result.json").read_text())
     assert (res["lean"], res["recompute"], res["recompute_chunk"], res["frozen_dtype"]) == (True, "block", 4,
                                                                                           "bfloat16")
+
+
+@pytest.mark.parametrize("method,skips", [("ln", True), ("bitfit", False), ("lora", False)])
+def test_chunk_recompute_stops_at_a_frozen_c_proj(method, skips, fresh_tiny, tokenizer, monkeypatch):
+    """Where c_proj (weight and bias) is frozen and no delta sits on it, a chunk's backward takes c_proj's input
+    gradient from grad_y and the weight (no forward GEMM); a trainable c_proj bias or a LoRA delta recomputes it."""
+    m = _chunked(_prep(fresh_tiny(), method, {}, tokenizer, True, "block"), 2).eval()
+    calls = []
+    grad_of_input = lean.LeanResidualAttentionBlock._c_proj_input_grad
+
+    def spy(self, grad_y, g):
+        calls.append(g.shape[0])
+        return grad_of_input(self, grad_y, g)
+    monkeypatch.setattr(lean.LeanResidualAttentionBlock, "_c_proj_input_grad", spy)
+    _step(m, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]), tokenizer)
+    assert bool(calls) == skips and all(c <= 2 for c in calls), calls

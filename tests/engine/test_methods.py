@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip import checkpoint, features, heads, lean, methods
+from leanclip import budget, checkpoint, features, heads, lean, methods
 
 CLASSNAMES = ["cat", "dog", "golden_retriever"]
 
@@ -75,18 +75,23 @@ def test_prepare_info_and_reprepare(fresh_tiny, tokenizer):
 
 
 def test_auto_recompute(fresh_tiny):
+    """A budget is a step peak: each uniform policy's own predicted peak as the budget gets that policy or one
+    with less recompute; below the smallest prediction, a ValueError naming it."""
     m = fresh_tiny()
-    methods.prepare(m, "ln")
-    est = {p: lean.estimate_saved_bytes(m, p, 4) for p in lean.POLICIES}
-    assert est["none"] > est["mlp"] > est["mlp+qkv"] > est["block"] > 0
-    for budget, want in ((10 ** 12, "none"), (est["mlp"], "mlp"), (est["mlp+qkv"] + 1, "mlp+qkv"),
-                         (est["block"], "block")):
-        methods.prepare(m, "ln", recompute="auto", memory_budget=budget, batch_size=4)
-        assert m.leanclip_info["options"]["recompute"] == want
-        assert m.leanclip_info["options"]["recompute_requested"] == "auto"
-        assert m.visual.transformer.resblocks[1].leanclip_recompute == want
-    with pytest.raises(ValueError, match="smallest prediction is %d" % est["block"]):
-        methods.prepare(m, "ln", recompute="auto", memory_budget=est["block"] - 1, batch_size=4)
+    methods.prepare(m, "ln", lean=True, classnames=["a", "b"])
+    peak = {p: budget.predict_peak(m, 4, p, text_batch_size=2) for p in lean.POLICIES}
+    for policy in lean.POLICIES:
+        methods.prepare(m, "ln", recompute="auto", memory_budget=peak[policy], batch_size=4, text_batch_size=2,
+                        classnames=["a", "b"])
+        options = m.leanclip_info["options"]
+        assert options["recompute"] == "auto" and options["recompute_requested"] == "auto"
+        chosen = options["recompute_plan"]["policies"]["image"]
+        assert [b.leanclip_recompute for b in m.visual.transformer.resblocks] == chosen
+        plan = budget.plan_recompute(m, peak[policy], 4, text_batch_size=2)
+        uniform = budget.RecomputePlan({t: (policy,) * len(p) for t, p in plan.policies.items()})
+        assert plan.peak <= peak[policy] and plan.work <= budget.plan_work(m, uniform, 4, text_batch_size=2)
+    with pytest.raises(ValueError, match="below the smallest predicted step peak"):
+        methods.prepare(m, "ln", recompute="auto", memory_budget=1000, batch_size=4)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -102,8 +107,8 @@ def test_auto_recompute(fresh_tiny):
     (dict(method="ln", recompute="all"), "unknown recompute policy 'all'; valid:.*'mlp\\+qkv'"),
     (dict(method="ln", memory_budget=10 ** 9), "only used with recompute='auto'"),
     (dict(method="ln", recompute="auto"), "needs memory_budget"),
-    (dict(method="ln", recompute="auto", memory_budget=0, batch_size=2), "positive"),
-    (dict(method="ln", recompute="auto", memory_budget=-5, batch_size=2), "positive"),
+    (dict(method="ln", recompute="auto", memory_budget=0, batch_size=2), "memory_budget must be"),
+    (dict(method="ln", recompute="auto", memory_budget=-5, batch_size=2), "memory_budget must be"),
     (dict(method="ln", recompute="auto", memory_budget=10 ** 9), "batch_size"),
     (dict(method="ln", lean=False, recompute="mlp"), "needs lean=True"),
     (dict(method="ln", lean="yes"), "lean must be True, False or None"),
