@@ -19,8 +19,8 @@ import torch
 from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
-    UsageError, build_model, clear_run, emit, method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta,
-    restore_inputs, run_folder, setup_device, stop_together, weights_record,
+    UsageError, build_model, clear_run, emit, init_from_path, method_opts_from_flags, prepare_from_checkpoint,
+    read_checkpoint_meta, restore_inputs, run_folder, setup_device, stop_together, weights_record,
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
@@ -93,31 +93,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _usage(msg: str):
     return UsageError(msg)
-
-
-# flags of the contrastive task (dest, flag, default): given with --task classify they would change nothing
-_CONTRASTIVE_ONLY = (("pairs", "--pairs", None), ("pairs_split", "--pairs-split", None),
-                     ("eval_pairs", "--eval-pairs", None), ("eval_pairs_split", "--eval-pairs-split", None),
-                     ("max_steps", "--max-steps", None), ("warmup_steps", "--warmup-steps", 0),
-                     ("min_lr", "--min-lr", 0.0), ("max_pairs", "--max-pairs", None),
-                     ("zeroshot_data", "--zeroshot-data", None), ("zeroshot_dataset", "--zeroshot-dataset", None),
-                     ("randaugment", "--randaugment", False), ("temperature", "--temperature", None),
-                     ("reduction", "--reduction", None), ("deep_init", "--deep-init", None),
-                     ("no_projections", "--no-projections", False), ("augment", "--augment", False),
-                     ("no_initial_eval", "--no-initial-eval", False))
-
-
-def reject_contrastive_flags(args) -> None:
-    """A contrastive-task flag given to ``train --task classify`` is a usage error, not silently ignored."""
-    for dest, flag, default in _CONTRASTIVE_ONLY:
-        if getattr(args, dest, default) != default:
-            raise _usage(f"{flag} is for --task contrastive")
-
-
-def _reject_classify_data(args) -> None:
-    for flag, attr in (("--data", "data"), ("--split-file", "split_file"), ("--dataset", "dataset")):
-        if getattr(args, attr, None):
-            raise _usage(f"{flag} is for --task classify; give image-text pairs with --pairs FILE")
 
 
 def _load(path, root, split, allow_outside_root=False):
@@ -240,19 +215,14 @@ def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, be
 def cmd_train_contrastive(args) -> int:
     from leanclip.methods import parse_method, prepare
 
-    _reject_classify_data(args)
-    if args.grad_accum != 1:
-        raise _usage("--grad-accum is not supported with --task contrastive (it would shrink the set of negatives); "
-                     "use more processes (torchrun) for a bigger global batch")
     if args.optimizer not in (None, "adamw"):
         raise _usage("--task contrastive trains with AdamW (--optimizer sgd is not supported)")
-    if args.warmup_epochs is not None:
-        raise _usage("--task contrastive: use --warmup-steps (not --warmup-epochs)")
     parts = parse_method(args.method)
     method = "+".join(parts)
     opts = {**method_opts_from_flags(parts, args.opt), **_method_opts(args, parts)}
     if args.threads is not None:  # its range: check_numbers
         torch.set_num_threads(args.threads)
+    init_from = init_from_path(args.init_from)
     info = D.init_distributed(args.device)
     try:
         if info.is_main:
@@ -266,8 +236,8 @@ def cmd_train_contrastive(args) -> int:
         train_pairs, eval_pairs = _train_and_eval_pairs(args, size)
         zs_set = _zeroshot_set(args, model)
         prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute,
-                recompute_chunk=args.recompute_chunk, tower=args.tower, tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
-                **opts)
+                recompute_chunk=args.recompute_chunk, tower=args.tower, tokenizer=tok, model_name=args.model,
+                frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, init_from=init_from, **opts)
         cfg = _contrastive_config(args, method, info.device, weights)
         cfg.validate()
         D.check_batch_size(cfg.batch_size, info.world_size)
@@ -295,7 +265,6 @@ def cmd_train_contrastive(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------------- eval
 def cmd_eval_retrieval(args) -> int:
-    _reject_classify_data(args)
     device = setup_device(args)
     meta = read_checkpoint_meta(args.checkpoint)
     extra = meta.get("extra") or {}
