@@ -20,7 +20,8 @@ from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
     UsageError, build_model, clear_run, emit, init_from_path, method_opts_from_flags, prepare_from_checkpoint,
-    read_checkpoint_meta, restore_inputs, run_folder, setup_device, stop_together, weights_record,
+    read_checkpoint_meta, restore_inputs, run_folder, setup_device, stop_together, template_override,
+    weights_record,
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
@@ -148,20 +149,47 @@ def _train_and_eval_pairs(args, size: int):
 
 
 def _zeroshot_set(args, model):
-    """``--zeroshot-data`` / ``--zeroshot-dataset``: (dataset name, test images, classnames), read and checked before
-    any training; None when not asked for."""
-    if (args.zeroshot_data is None) != (args.zeroshot_dataset is None):
-        raise _usage("--zeroshot-data and --zeroshot-dataset go together")
+    """``--zeroshot-data`` (a CoOp-layout root, torchvision's CIFAR-100 / SVHN folder, or a CoOp split file) and
+    ``--zeroshot-dataset``: (dataset name, test images, classnames), read and checked before any training; None when
+    not asked for."""
+    from leanclip.zeroshot_sets import read_torchvision_set, torchvision_set
+
     if args.zeroshot_data is None:
+        if args.zeroshot_dataset is not None:
+            raise _usage("--zeroshot-data and --zeroshot-dataset go together")
+        if args.templates is not None or args.template_set is not None:
+            raise _usage("--templates / --template-set pick the zero-shot prompts: they need --zeroshot-data")
         return None
-    splits, classnames = D_data.load_dataset(args.zeroshot_data, args.zeroshot_dataset,
-                                             allow_outside_root=args.allow_outside_root)
-    if not splits.get("test"):
-        raise _usage(f"--zeroshot-dataset {args.zeroshot_dataset!r} has no test split under {args.zeroshot_data!r}")
+    is_file = os.path.isfile(args.zeroshot_data)
+    if args.zeroshot_dataset is None and not is_file:
+        raise _usage("--zeroshot-data and --zeroshot-dataset go together (a split file may go alone)")
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     kw = {k: tuple(pp[k]) for k in ("mean", "std") if pp.get(k)}
-    images = D_data.ImageDataset(splits["test"], D_data.clip_transform(_image_size(model), train=False, **kw))
-    return args.zeroshot_dataset, images, classnames
+    tf = D_data.clip_transform(_image_size(model), train=False, **kw)
+    name = args.zeroshot_dataset
+    if torchvision_set(name) and not is_file:
+        images, labels, classnames = read_torchvision_set(args.zeroshot_data, name)
+        return name, D_data.TensorImageDataset(images, labels, transform=tf), classnames
+    if is_file:
+        splits = D_data.read_split_file(args.zeroshot_data, args.image_root,
+                                        allow_outside_root=args.allow_outside_root)
+        classnames = D_data.classnames_from_samples(splits)
+        name = name or os.path.splitext(os.path.basename(args.zeroshot_data))[0].removeprefix("split_zhou_")
+    else:
+        splits, classnames = D_data.load_dataset(args.zeroshot_data, name,
+                                                 allow_outside_root=args.allow_outside_root)
+    if not splits.get("test"):
+        raise _usage(f"--zeroshot-data {args.zeroshot_data!r} has no test split")
+    return name, D_data.ImageDataset(splits["test"], tf), classnames
+
+
+def _zeroshot_templates(args, name) -> list[str]:
+    """LilT's prompt (``leanclip.zeroshot_sets.lilt_templates``) unless ``--templates`` or ``--template-set``."""
+    from leanclip.zeroshot_sets import lilt_templates
+
+    if args.templates is None and args.template_set is None:
+        return lilt_templates(name)
+    return get_templates(name, template_override(args), template_set=args.template_set or "coop")
 
 
 def _zeroshot(model, zs_set, tok, device, args) -> dict:
@@ -169,7 +197,7 @@ def _zeroshot(model, zs_set, tok, device, args) -> dict:
     from leanclip.trainer import evaluate
 
     name, images, classnames = zs_set
-    templates = get_templates(name)
+    templates = _zeroshot_templates(args, name)
     res = evaluate(model, images, classnames, templates, tok, args.batch_size or 256, device=device,
                    precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
     return {"dataset": name, "templates": templates, **_short(res)}

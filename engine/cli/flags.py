@@ -72,9 +72,11 @@ SCOPES: dict[str, Scope] = {
     "synthetic_classes": Scope(CLASSIFY), "synthetic_dir": Scope(CLASSIFY), "skip_bad_images": Scope(CLASSIFY),
     "seed": Scope((TRAIN, CONTRASTIVE)),
     "num_workers": Scope((TRAIN, CONTRASTIVE, EVAL, ZEROSHOT)),
-    # a prompt-learning method (CoOp) replaces the templates with its learned context
-    "templates": Scope(CLASSIFY, lambda parts: not _has_hook(parts, "prompts"), "methods without learned prompts"),
-    "template_set": Scope(CLASSIFY, lambda parts: not _has_hook(parts, "prompts"),
+    # a prompt-learning method (CoOp) replaces the templates with its learned context; the contrastive task reads
+    # them for its zero-shot evaluation (--zeroshot-data)
+    "templates": Scope((*CLASSIFY, CONTRASTIVE), lambda parts: not _has_hook(parts, "prompts"),
+                       "methods without learned prompts"),
+    "template_set": Scope((*CLASSIFY, CONTRASTIVE), lambda parts: not _has_hook(parts, "prompts"),
                           "methods without learned prompts"),
     # method and optimisation (train)
     "tower": Scope((TRAIN, CONTRASTIVE), lambda parts: _declares(parts, "tower"), "methods with a tower option"),

@@ -17,8 +17,8 @@ C = ("train", "--task", "contrastive", "--method", "lilt-ln")
 REFUSED = [
     # --task contrastive reads none of these
     (("--preset", "coop"), C, "--preset is not read by train --task contrastive"),
-    (("--templates", "a {}"), C, "--templates is not read by train --task contrastive"),
-    (("--template-set", "coop"), C, "--template-set is not read by train --task contrastive"),
+    (("--templates", "a {}"), C, "need --zeroshot-data"),  # the zero-shot prompts after alignment
+    (("--template-set", "coop"), C, "need --zeroshot-data"),
     (("--shots", "4"), C, "--shots is not read by train --task contrastive"),
     (("--subsample", "base"), C, "--subsample is not read by train --task contrastive"),
     (("--kd-lambda", "8"), C, "--kd-lambda is not read by train --task contrastive"),
