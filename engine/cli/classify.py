@@ -305,6 +305,8 @@ def preset_defaults(preset: str | None, args) -> dict:
     per shot count (the recipe LLU reports its few-shot results with)."""
     if preset is None:
         return {}
+    if preset != "coop":
+        raise UsageError(f"--preset {preset} is the contrastive alignment recipe: add --task contrastive")
     return {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
             "epochs": coop_epochs(args.shots, args.dataset)}
 

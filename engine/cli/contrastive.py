@@ -61,17 +61,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add_pair_args(g, train=True)
     g.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="run length in optimizer steps (overrides --epochs; the cosine schedule spans it)")
-    g.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warm-up steps (default 0)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule ends at this rate (default 0)")
+    g.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="linear warm-up steps (default 0; --warmup-epochs counts it in epochs instead)")
+    g.add_argument("--min-lr", type=float, default=None, help="the cosine schedule ends at this rate (default 0)")
     g.add_argument("--max-pairs", type=int, default=None, metavar="N",
                    help="train on a seeded subset of N training pairs (data-scaling runs; default: all)")
     g.add_argument("--zeroshot-data", metavar="ROOT", default=None,
                    help="after training, zero-shot classification accuracy (top-1/5) on the test split of "
                         "--zeroshot-dataset under ROOT (e.g. ImageNetV2), with the dataset's template")
     g.add_argument("--zeroshot-dataset", metavar="NAME", default=None, help="the dataset of --zeroshot-data")
-    g.add_argument("--randaugment", action="store_true",
-                   help="RandAugment after the random crops on the training images (LilT's recipe; implies "
-                        "--augment)")
+    g.add_argument("--randaugment", nargs="?", const="torchvision", choices=("torchvision", "albef"), default=None,
+                   help="RandAugment after the random crops on the training images (implies --augment): "
+                        "torchvision's (the default, colour operations included) or albef, ALBEF's colour-free "
+                        "N=2, M=7 that LilT trains with (--preset lilt)")
     g.add_argument("--temperature", type=float, default=None,
                    help="initial learnable temperature of the LilT methods (default 0.07, kept in [0.001, 0.5])")
     g.add_argument("--reduction", type=int, default=None, help="lilt-adapter bottleneck reduction r (default 4)")
@@ -203,7 +205,36 @@ def _zeroshot(model, zs_set, tok, device, args) -> dict:
     return {"dataset": name, "templates": templates, **_short(res)}
 
 
-def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig:
+# --preset lilt: LilT's recipe (its CLIPAdjustable config and pre-training script). The global batch is one step's
+# batch over every rank (torchrun splits it), so the InfoNCE negatives span all 512 pairs.
+LILT_PRESET = {"lr": 1e-4, "weight_decay": 0.02, "warmup_epochs": 1, "min_lr": 1e-5, "epochs": 15,
+               "batch_size": 512, "image_size": 256, "randaugment": "albef"}
+
+
+def apply_preset(args) -> dict:
+    """``--preset lilt``: fill every flag of :data:`LILT_PRESET` the user did not give (explicit flags win);
+    returns the values the run uses for them, which the run records. Before the model is built (``image_size``)."""
+    if args.preset not in (None, "lilt"):
+        raise _usage(f"--preset {args.preset} is a classification recipe; --task contrastive takes --preset lilt")
+    if args.preset is None:
+        return {}
+    for k, v in LILT_PRESET.items():
+        if getattr(args, k) is None and not (k == "warmup_epochs" and args.warmup_steps is not None):
+            setattr(args, k, v)
+    return {k: getattr(args, k) for k in LILT_PRESET}
+
+
+def _warmup_steps(args, n_pairs: int, batch_size: int) -> int:
+    """``--warmup-steps``, or ``--warmup-epochs`` in optimizer steps (an epoch is ``n_pairs // batch_size`` steps:
+    the last partial batch is dropped)."""
+    if args.warmup_epochs is not None and args.warmup_steps is not None:
+        raise _usage("--warmup-epochs and --warmup-steps both set the warm-up: give one")
+    if args.warmup_epochs is not None:
+        return args.warmup_epochs * max(1, n_pairs // batch_size)
+    return args.warmup_steps or 0
+
+
+def _contrastive_config(args, method: str, device, weights, n_pairs: int) -> ContrastiveConfig:
     """The run's config from the flags, the method's declared defaults and the task's (``DEFAULTS``)."""
     from leanclip.methods import method_contrastive_defaults
 
@@ -211,14 +242,14 @@ def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig
     lr = args.lr if args.lr is not None else method_contrastive_defaults(method).get("lr", DEFAULTS["lr"])
     return ContrastiveConfig(
         epochs=pick("epochs"), max_steps=args.max_steps, batch_size=pick("batch_size"), lr=lr,
-        weight_decay=pick("weight_decay"), warmup_steps=args.warmup_steps, min_lr=args.min_lr,
-        clip_grad_norm=args.clip_grad_norm,
+        weight_decay=pick("weight_decay"), warmup_steps=_warmup_steps(args, n_pairs, pick("batch_size")),
+        min_lr=args.min_lr or 0.0, clip_grad_norm=args.clip_grad_norm,
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
-        progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment or args.randaugment,
-        randaugment=args.randaugment,
+        progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment or bool(args.randaugment),
+        randaugment=args.randaugment or False,
         extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
                "image_size": args.image_size, "pairs": os.path.abspath(args.pairs) if args.pairs else None,
-               "pairs_split": args.pairs_split, "max_pairs": args.max_pairs})
+               "pairs_split": args.pairs_split, "max_pairs": args.max_pairs, "preset": args.preset})
 
 
 def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, world_size) -> dict:
@@ -245,6 +276,7 @@ def cmd_train_contrastive(args) -> int:
 
     if args.optimizer not in (None, "adamw"):
         raise _usage("--task contrastive trains with AdamW (--optimizer sgd is not supported)")
+    recipe = apply_preset(args)
     parts = parse_method(args.method)
     method = "+".join(parts)
     opts = {**method_opts_from_flags(parts, args.opt), **_method_opts(args, parts)}
@@ -266,7 +298,7 @@ def cmd_train_contrastive(args) -> int:
         prepare(model, method, lean=False if args.no_lean else None, recompute=args.recompute,
                 recompute_chunk=args.recompute_chunk, tower=args.tower, tokenizer=tok, model_name=args.model,
                 frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, init_from=init_from, **opts)
-        cfg = _contrastive_config(args, method, info.device, weights)
+        cfg = _contrastive_config(args, method, info.device, weights, len(train_pairs))
         cfg.validate()
         D.check_batch_size(cfg.batch_size, info.world_size)
         D.inputs_checked(info, final=True)
@@ -280,6 +312,8 @@ def cmd_train_contrastive(args) -> int:
         if info.is_main:
             result = _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before,
                                    info.world_size)
+            if recipe:
+                result.update(preset=args.preset, recipe=recipe, warmup_steps=cfg.warmup_steps)
             if zs_set is not None:
                 result["zeroshot"] = _zeroshot(model, zs_set, tok, info.device, args)
             emit(result, args, "result.json")

@@ -82,13 +82,13 @@ SCOPES: dict[str, Scope] = {
     "tower": Scope((TRAIN, CONTRASTIVE), lambda parts: _declares(parts, "tower"), "methods with a tower option"),
     "recompute": _BACKPROP, "recompute_chunk": _BACKPROP,
     "optimizer": Scope((TRAIN, CONTRASTIVE)),
-    "warmup_epochs": Scope((TRAIN,)), "warmup_lr": Scope((TRAIN,)),
+    "warmup_epochs": Scope((TRAIN, CONTRASTIVE)), "warmup_lr": Scope((TRAIN,)),
     "grad_accum": Scope((TRAIN,), lambda parts: _trainer(parts) == "backprop",
                         "methods that back-propagate through the towers"),
     "kd_lambda": Scope((TRAIN,), lambda parts: "clipfit" in parts, "method clipfit"),
     "llu_lambda": Scope((TRAIN,), lambda parts: "llu" in parts, "method llu"),
     "llu_clusters": Scope((TRAIN,), lambda parts: "llu" in parts, "method llu"),
-    "preset": Scope((TRAIN,)),
+    "preset": Scope((TRAIN, CONTRASTIVE)),  # coop for classification, lilt for the contrastive task
     "init_from": Scope((TRAIN, CONTRASTIVE)),
     # the contrastive task and retrieval
     "pairs": Scope(_PAIRS), "pairs_split": Scope(_PAIRS), "synthetic_eval_pairs": Scope(_PAIRS),

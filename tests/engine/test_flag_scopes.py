@@ -16,14 +16,14 @@ C = ("train", "--task", "contrastive", "--method", "lilt-ln")
 # (flag words, command words, the error's words): one row per flag and place where nothing reads it
 REFUSED = [
     # --task contrastive reads none of these
-    (("--preset", "coop"), C, "--preset is not read by train --task contrastive"),
+    (("--preset", "coop"), C, "--preset coop is a classification recipe"),
+    (("--preset", "lilt"), ("train", "--method", "ln"), "--preset lilt is the contrastive alignment recipe"),
     (("--templates", "a {}"), C, "need --zeroshot-data"),  # the zero-shot prompts after alignment
     (("--template-set", "coop"), C, "need --zeroshot-data"),
     (("--shots", "4"), C, "--shots is not read by train --task contrastive"),
     (("--subsample", "base"), C, "--subsample is not read by train --task contrastive"),
     (("--kd-lambda", "8"), C, "--kd-lambda is not read by train --task contrastive"),
     (("--warmup-lr", "1e-5"), C, "--warmup-lr is not read by train --task contrastive"),
-    (("--warmup-epochs", "1"), C, "--warmup-epochs is not read by train --task contrastive"),
     (("--grad-accum", "2"), C, "--grad-accum is not read by train --task contrastive"),
     (("--eval-split", "val"), C, "--eval-split is not read by train --task contrastive"),
     (("--synthetic-classes", "4"), C, "--synthetic-classes is not read by train --task contrastive"),
@@ -66,7 +66,7 @@ ACCEPTED = [
     ("train", "--method", "llu", "--llu-lambda", "10", "--llu-clusters", "0"),
     ("train", "--method", "ln", "--grad-accum", "2", "--warmup-lr", "1e-4", "--shots", "4", "--preset", "coop"),
     ("train", "--method", "ln", "--tower", "image", "--templates", "a {}", "--template-set", "clipfit"),
-    (*C, "--init-from", "x", "--max-steps", "2", "--seed", "3"),
+    (*C, "--init-from", "x", "--max-steps", "2", "--seed", "3", "--warmup-epochs", "1", "--preset", "lilt"),
     ("eval", "--task", "retrieval", "--checkpoint", "c", "--pairs", "p.csv"),
     ("zeroshot", "--shots", "4", "--subsample", "base"),
 ]
