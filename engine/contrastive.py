@@ -162,7 +162,7 @@ class ContrastiveConfig:
     progress: bool = True
     num_workers: int = 0
     augment: bool = False              # random resized crop (scale 0.5-1, no flip: captions say left/right)
-    randaugment: bool = False          # + RandAugment (LilT's recipe; with augment)
+    randaugment: bool | str = False    # + RandAugment: True / "torchvision", or "albef" (LilT's; with augment)
     gather: bool = True                # negatives from the global batch (all ranks)
     checkpoint_every_epoch: bool = True
     eval_batch_size: int = 256

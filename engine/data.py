@@ -868,9 +868,11 @@ def clip_transform(
     *,
     scale: tuple[float, float] = (0.08, 1.0),
     flip: bool = True,
-    randaugment: bool = False,
+    randaugment: bool | str = False,
 ):
     """CLIP preprocessing that accepts a PIL image or a uint8/float CHW tensor (torchvision.transforms.v2).
+    ``randaugment``: True or ``"torchvision"`` (torchvision's, colour operations included) or ``"albef"`` (ALBEF's
+    colour-free N=2, M=7, LilT's: ``leanclip.albef_augment``).
 
     Eval (train=False): resize the short side to `image_size` (bicubic) + centre crop + [0,1] + normalize (as
     open_clip's preprocess on PIL input). Train: CoOp's random_resized_crop(scale) + random horizontal flip (+ RandAugment
@@ -887,9 +889,21 @@ def clip_transform(
             geo.append(v2.RandomHorizontalFlip())
     else:
         geo = [v2.Resize(min(size), interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
-    colour = [v2.RandAugment()] if train and randaugment else []
+    colour = [_randaugment(randaugment)] if train and randaugment else []
     return v2.Compose([*geo, v2.ToImage(), *colour, v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(list(mean), list(std))])
+
+
+def _randaugment(kind):
+    from torchvision.transforms import v2
+
+    if kind == "albef":
+        from leanclip.albef_augment import AlbefRandAugment
+
+        return AlbefRandAugment(2, 7)
+    if kind in (True, "torchvision"):
+        return v2.RandAugment()
+    raise ValueError(f"randaugment must be False, True, 'torchvision' or 'albef', got {kind!r}")
 
 
 def _to_float_chw(x: torch.Tensor) -> torch.Tensor:

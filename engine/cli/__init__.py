@@ -33,6 +33,7 @@ from leanclip.cli.classify import (  # noqa: F401  (re-exported)
 from leanclip.cli.common import (  # noqa: F401  (re-exported)
     EXIT_USAGE, PROG, UsageError, build_model, check_numbers, synthetic_pretrained_weights,
 )
+from leanclip.cli.flags import check_command_line
 from leanclip.cli.parser import SUBCOMMANDS, build_parser, register_subcommand  # noqa: F401
 
 __all__ = ["main", "build_parser", "register_subcommand", "SUBCOMMANDS", "UsageError", "build_model", "load_data",
@@ -88,6 +89,7 @@ def _main(argv: Sequence[str] | None) -> int:
         if func is None:
             raise UsageError(f"unknown command {args.command!r}")
         check_numbers(args)
+        check_command_line(parser, argv, args)
         rc = func(args)
         return int(rc or 0)
     except Exception as e:

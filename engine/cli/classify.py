@@ -13,9 +13,9 @@ from leanclip import distributed as dist
 from leanclip import synthetic, utils
 from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
-    PROG, UsageError, build_model, check_recompute_flags, clear_run, recompute_kwargs, data_record, emit, method_opts_from_flags,
-    prepare_from_checkpoint, read_checkpoint_meta, restore_data, restore_inputs, run_folder, setup_device,
-    stop_together, template_override, weights_record,
+    PROG, UsageError, build_model, check_recompute_flags, clear_run, data_record, emit, init_from_path,
+    method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta, recompute_kwargs, restore_data,
+    restore_inputs, run_folder, setup_device, stop_together, template_override, weights_record,
 )
 from leanclip.data import BadImageError, check_images
 from leanclip.templates import get_templates
@@ -161,7 +161,6 @@ def cmd_train(args) -> int:
     check_recompute_flags(args)
     if getattr(args, "task", "classify") != "classify":
         return contrastive_cli.cmd_train_contrastive(args)
-    contrastive_cli.reject_contrastive_flags(args)
     from leanclip.methods import method_trainer, parse_method
 
     setup_device(args)  # --threads, and LEANCLIP_BACKEND checked against --device
@@ -210,7 +209,7 @@ def _train_classify(args, info, parts, method) -> int:
         resume = Path(args.resume) if args.resume is not None else None
         args.output = default_out if resume is None else str(resume if resume.is_dir() else resume.parent)
     _check_resume(args.resume, method)
-    init_from = _init_from(args.init_from)
+    init_from = init_from_path(args.init_from)
     if args.templates is not None:
         _templates(args, None)  # every template must hold "{}"
     dist.inputs_checked(info)  # the run folder only rank 0 checks: every rank stops here when it was refused
@@ -310,16 +309,10 @@ def preset_defaults(preset: str | None, args) -> dict:
     per shot count (the recipe LLU reports its few-shot results with)."""
     if preset is None:
         return {}
+    if preset != "coop":
+        raise UsageError(f"--preset {preset} is the contrastive alignment recipe: add --task contrastive")
     return {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
             "epochs": coop_epochs(args.shots, args.dataset)}
-
-
-def _init_from(run) -> str | None:
-    """``--init-from``: the absolute path of a leanclip checkpoint (file or run folder), checked before any work;
-    ``prepare`` checks that it belongs to this architecture."""
-    if run is None:
-        return None
-    return os.path.abspath(read_checkpoint_meta(run, flag="--init-from")["path"])
 
 
 def _check_resume(resume, method: str) -> None:

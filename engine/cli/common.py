@@ -582,6 +582,15 @@ def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
     return out
 
 
+def init_from_path(run) -> str | None:
+    """``--init-from``: the absolute path of a leanclip checkpoint (file or run folder), checked before any work;
+    ``prepare`` checks that it belongs to this architecture. Any task's run may start from any task's checkpoint
+    (LN tuned on a classification task as the initialisation of a contrastive alignment, and back)."""
+    if run is None:
+        return None
+    return os.path.abspath(read_checkpoint_meta(run, flag="--init-from")["path"])
+
+
 def run_record(meta: dict) -> dict:
     """What a checkpoint records of how its model was built (weights, pretrain_steps, image_size): the trainer's
     config ``extra`` for classification runs, the top-level extra for contrastive runs."""

@@ -19,8 +19,9 @@ import torch
 from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
-    UsageError, build_model, clear_run, emit, method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta,
-    recompute_kwargs, restore_inputs, run_folder, setup_device, stop_together, weights_record,
+    UsageError, build_model, clear_run, emit, init_from_path, method_opts_from_flags, prepare_from_checkpoint,
+    read_checkpoint_meta, recompute_kwargs, restore_inputs, run_folder, setup_device, stop_together,
+    template_override, weights_record,
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
@@ -60,17 +61,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add_pair_args(g, train=True)
     g.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="run length in optimizer steps (overrides --epochs; the cosine schedule spans it)")
-    g.add_argument("--warmup-steps", type=int, default=0, metavar="N", help="linear warm-up steps (default 0)")
-    g.add_argument("--min-lr", type=float, default=0.0, help="the cosine schedule ends at this rate (default 0)")
+    g.add_argument("--warmup-steps", type=int, default=None, metavar="N",
+                   help="linear warm-up steps (default 0; --warmup-epochs counts it in epochs instead)")
+    g.add_argument("--min-lr", type=float, default=None, help="the cosine schedule ends at this rate (default 0)")
     g.add_argument("--max-pairs", type=int, default=None, metavar="N",
                    help="train on a seeded subset of N training pairs (data-scaling runs; default: all)")
     g.add_argument("--zeroshot-data", metavar="ROOT", default=None,
                    help="after training, zero-shot classification accuracy (top-1/5) on the test split of "
                         "--zeroshot-dataset under ROOT (e.g. ImageNetV2), with the dataset's template")
     g.add_argument("--zeroshot-dataset", metavar="NAME", default=None, help="the dataset of --zeroshot-data")
-    g.add_argument("--randaugment", action="store_true",
-                   help="RandAugment after the random crops on the training images (LilT's recipe; implies "
-                        "--augment)")
+    g.add_argument("--randaugment", nargs="?", const="torchvision", choices=("torchvision", "albef"), default=None,
+                   help="RandAugment after the random crops on the training images (implies --augment): "
+                        "torchvision's (the default, colour operations included) or albef, ALBEF's colour-free "
+                        "N=2, M=7 that LilT trains with (--preset lilt)")
     g.add_argument("--temperature", type=float, default=None,
                    help="initial learnable temperature of the LilT methods (default 0.07, kept in [0.001, 0.5])")
     g.add_argument("--reduction", type=int, default=None, help="lilt-adapter bottleneck reduction r (default 4)")
@@ -93,31 +96,6 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------------------------------ helpers
 def _usage(msg: str):
     return UsageError(msg)
-
-
-# flags of the contrastive task (dest, flag, default): given with --task classify they would change nothing
-_CONTRASTIVE_ONLY = (("pairs", "--pairs", None), ("pairs_split", "--pairs-split", None),
-                     ("eval_pairs", "--eval-pairs", None), ("eval_pairs_split", "--eval-pairs-split", None),
-                     ("max_steps", "--max-steps", None), ("warmup_steps", "--warmup-steps", 0),
-                     ("min_lr", "--min-lr", 0.0), ("max_pairs", "--max-pairs", None),
-                     ("zeroshot_data", "--zeroshot-data", None), ("zeroshot_dataset", "--zeroshot-dataset", None),
-                     ("randaugment", "--randaugment", False), ("temperature", "--temperature", None),
-                     ("reduction", "--reduction", None), ("deep_init", "--deep-init", None),
-                     ("no_projections", "--no-projections", False), ("augment", "--augment", False),
-                     ("no_initial_eval", "--no-initial-eval", False))
-
-
-def reject_contrastive_flags(args) -> None:
-    """A contrastive-task flag given to ``train --task classify`` is a usage error, not silently ignored."""
-    for dest, flag, default in _CONTRASTIVE_ONLY:
-        if getattr(args, dest, default) != default:
-            raise _usage(f"{flag} is for --task contrastive")
-
-
-def _reject_classify_data(args) -> None:
-    for flag, attr in (("--data", "data"), ("--split-file", "split_file"), ("--dataset", "dataset")):
-        if getattr(args, attr, None):
-            raise _usage(f"{flag} is for --task classify; give image-text pairs with --pairs FILE")
 
 
 def _load(path, root, split, allow_outside_root=False):
@@ -173,20 +151,47 @@ def _train_and_eval_pairs(args, size: int):
 
 
 def _zeroshot_set(args, model):
-    """``--zeroshot-data`` / ``--zeroshot-dataset``: (dataset name, test images, classnames), read and checked before
-    any training; None when not asked for."""
-    if (args.zeroshot_data is None) != (args.zeroshot_dataset is None):
-        raise _usage("--zeroshot-data and --zeroshot-dataset go together")
+    """``--zeroshot-data`` (a CoOp-layout root, torchvision's CIFAR-100 / SVHN folder, or a CoOp split file) and
+    ``--zeroshot-dataset``: (dataset name, test images, classnames), read and checked before any training; None when
+    not asked for."""
+    from leanclip.zeroshot_sets import read_torchvision_set, torchvision_set
+
     if args.zeroshot_data is None:
+        if args.zeroshot_dataset is not None:
+            raise _usage("--zeroshot-data and --zeroshot-dataset go together")
+        if args.templates is not None or args.template_set is not None:
+            raise _usage("--templates / --template-set pick the zero-shot prompts: they need --zeroshot-data")
         return None
-    splits, classnames = D_data.load_dataset(args.zeroshot_data, args.zeroshot_dataset,
-                                             allow_outside_root=args.allow_outside_root)
-    if not splits.get("test"):
-        raise _usage(f"--zeroshot-dataset {args.zeroshot_dataset!r} has no test split under {args.zeroshot_data!r}")
+    is_file = os.path.isfile(args.zeroshot_data)
+    if args.zeroshot_dataset is None and not is_file:
+        raise _usage("--zeroshot-data and --zeroshot-dataset go together (a split file may go alone)")
     pp = getattr(model.visual, "preprocess_cfg", None) or {}
     kw = {k: tuple(pp[k]) for k in ("mean", "std") if pp.get(k)}
-    images = D_data.ImageDataset(splits["test"], D_data.clip_transform(_image_size(model), train=False, **kw))
-    return args.zeroshot_dataset, images, classnames
+    tf = D_data.clip_transform(_image_size(model), train=False, **kw)
+    name = args.zeroshot_dataset
+    if torchvision_set(name) and not is_file:
+        images, labels, classnames = read_torchvision_set(args.zeroshot_data, name)
+        return name, D_data.TensorImageDataset(images, labels, transform=tf), classnames
+    if is_file:
+        splits = D_data.read_split_file(args.zeroshot_data, args.image_root,
+                                        allow_outside_root=args.allow_outside_root)
+        classnames = D_data.classnames_from_samples(splits)
+        name = name or os.path.splitext(os.path.basename(args.zeroshot_data))[0].removeprefix("split_zhou_")
+    else:
+        splits, classnames = D_data.load_dataset(args.zeroshot_data, name,
+                                                 allow_outside_root=args.allow_outside_root)
+    if not splits.get("test"):
+        raise _usage(f"--zeroshot-data {args.zeroshot_data!r} has no test split")
+    return name, D_data.ImageDataset(splits["test"], tf), classnames
+
+
+def _zeroshot_templates(args, name) -> list[str]:
+    """LilT's prompt (``leanclip.zeroshot_sets.lilt_templates``) unless ``--templates`` or ``--template-set``."""
+    from leanclip.zeroshot_sets import lilt_templates
+
+    if args.templates is None and args.template_set is None:
+        return lilt_templates(name)
+    return get_templates(name, template_override(args), template_set=args.template_set or "coop")
 
 
 def _zeroshot(model, zs_set, tok, device, args) -> dict:
@@ -194,13 +199,42 @@ def _zeroshot(model, zs_set, tok, device, args) -> dict:
     from leanclip.trainer import evaluate
 
     name, images, classnames = zs_set
-    templates = get_templates(name)
+    templates = _zeroshot_templates(args, name)
     res = evaluate(model, images, classnames, templates, tok, args.batch_size or 256, device=device,
                    precision=args.precision, num_workers=args.num_workers, progress=not args.no_progress)
     return {"dataset": name, "templates": templates, **_short(res)}
 
 
-def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig:
+# --preset lilt: LilT's recipe (its CLIPAdjustable config and pre-training script). The global batch is one step's
+# batch over every rank (torchrun splits it), so the InfoNCE negatives span all 512 pairs.
+LILT_PRESET = {"lr": 1e-4, "weight_decay": 0.02, "warmup_epochs": 1, "min_lr": 1e-5, "epochs": 15,
+               "batch_size": 512, "image_size": 256, "randaugment": "albef"}
+
+
+def apply_preset(args) -> dict:
+    """``--preset lilt``: fill every flag of :data:`LILT_PRESET` the user did not give (explicit flags win);
+    returns the values the run uses for them, which the run records. Before the model is built (``image_size``)."""
+    if args.preset not in (None, "lilt"):
+        raise _usage(f"--preset {args.preset} is a classification recipe; --task contrastive takes --preset lilt")
+    if args.preset is None:
+        return {}
+    for k, v in LILT_PRESET.items():
+        if getattr(args, k) is None and not (k == "warmup_epochs" and args.warmup_steps is not None):
+            setattr(args, k, v)
+    return {k: getattr(args, k) for k in LILT_PRESET}
+
+
+def _warmup_steps(args, n_pairs: int, batch_size: int) -> int:
+    """``--warmup-steps``, or ``--warmup-epochs`` in optimizer steps (an epoch is ``n_pairs // batch_size`` steps:
+    the last partial batch is dropped)."""
+    if args.warmup_epochs is not None and args.warmup_steps is not None:
+        raise _usage("--warmup-epochs and --warmup-steps both set the warm-up: give one")
+    if args.warmup_epochs is not None:
+        return args.warmup_epochs * max(1, n_pairs // batch_size)
+    return args.warmup_steps or 0
+
+
+def _contrastive_config(args, method: str, device, weights, n_pairs: int) -> ContrastiveConfig:
     """The run's config from the flags, the method's declared defaults and the task's (``DEFAULTS``)."""
     from leanclip.methods import method_contrastive_defaults
 
@@ -208,14 +242,14 @@ def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig
     lr = args.lr if args.lr is not None else method_contrastive_defaults(method).get("lr", DEFAULTS["lr"])
     return ContrastiveConfig(
         epochs=pick("epochs"), max_steps=args.max_steps, batch_size=pick("batch_size"), lr=lr,
-        weight_decay=pick("weight_decay"), warmup_steps=args.warmup_steps, min_lr=args.min_lr,
-        clip_grad_norm=args.clip_grad_norm,
+        weight_decay=pick("weight_decay"), warmup_steps=_warmup_steps(args, n_pairs, pick("batch_size")),
+        min_lr=args.min_lr or 0.0, clip_grad_norm=args.clip_grad_norm,
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
-        progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment or args.randaugment,
-        randaugment=args.randaugment,
+        progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment or bool(args.randaugment),
+        randaugment=args.randaugment or False,
         extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
                "image_size": args.image_size, "pairs": os.path.abspath(args.pairs) if args.pairs else None,
-               "pairs_split": args.pairs_split, "max_pairs": args.max_pairs})
+               "pairs_split": args.pairs_split, "max_pairs": args.max_pairs, "preset": args.preset})
 
 
 def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, world_size) -> dict:
@@ -240,19 +274,15 @@ def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, be
 def cmd_train_contrastive(args) -> int:
     from leanclip.methods import parse_method, prepare
 
-    _reject_classify_data(args)
-    if args.grad_accum != 1:
-        raise _usage("--grad-accum is not supported with --task contrastive (it would shrink the set of negatives); "
-                     "use more processes (torchrun) for a bigger global batch")
     if args.optimizer not in (None, "adamw"):
         raise _usage("--task contrastive trains with AdamW (--optimizer sgd is not supported)")
-    if args.warmup_epochs is not None:
-        raise _usage("--task contrastive: use --warmup-steps (not --warmup-epochs)")
+    recipe = apply_preset(args)
     parts = parse_method(args.method)
     method = "+".join(parts)
     opts = {**method_opts_from_flags(parts, args.opt), **_method_opts(args, parts)}
     if args.threads is not None:  # its range: check_numbers
         torch.set_num_threads(args.threads)
+    init_from = init_from_path(args.init_from)
     info = D.init_distributed(args.device)
     try:
         if info.is_main:
@@ -265,10 +295,10 @@ def cmd_train_contrastive(args) -> int:
         size = _image_size(model)
         train_pairs, eval_pairs = _train_and_eval_pairs(args, size)
         zs_set = _zeroshot_set(args, model)
-        prepare(model, method, lean=False if args.no_lean else None,
-                **recompute_kwargs(args, args.batch_size or DEFAULTS["batch_size"]), tower=args.tower, tokenizer=tok, model_name=args.model, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None,
-                **opts)
-        cfg = _contrastive_config(args, method, info.device, weights)
+        cfg = _contrastive_config(args, method, info.device, weights, len(train_pairs))
+        prepare(model, method, lean=False if args.no_lean else None, **recompute_kwargs(args, cfg.batch_size),
+                tower=args.tower, tokenizer=tok, model_name=args.model,
+                frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, init_from=init_from, **opts)
         cfg.validate()
         D.check_batch_size(cfg.batch_size, info.world_size)
         D.inputs_checked(info, final=True)
@@ -282,6 +312,8 @@ def cmd_train_contrastive(args) -> int:
         if info.is_main:
             result = _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before,
                                    info.world_size)
+            if recipe:
+                result.update(preset=args.preset, recipe=recipe, warmup_steps=cfg.warmup_steps)
             if zs_set is not None:
                 result["zeroshot"] = _zeroshot(model, zs_set, tok, info.device, args)
             emit(result, args, "result.json")
@@ -295,7 +327,6 @@ def cmd_train_contrastive(args) -> int:
 
 # ------------------------------------------------------------------------------------------------------------- eval
 def cmd_eval_retrieval(args) -> int:
-    _reject_classify_data(args)
     device = setup_device(args)
     meta = read_checkpoint_meta(args.checkpoint)
     extra = meta.get("extra") or {}

@@ -44,6 +44,7 @@ from leanclip.cli.common import (
     DEFAULT_MODEL, RUN_FILES, SEED_MAX, UsageError, check_numbers, check_output, default_pretrain_steps,
     method_opts_from_flags, synthetic_pretrained_weights,
 )
+from leanclip.cli.flags import check_command_line
 from leanclip.data import DATASET_INFO, find_split_file
 from leanclip.feature_cache import ENV_VAR, count_events
 from leanclip.metrics import harmonic_mean
@@ -383,6 +384,10 @@ def _check_argv(argv: list[str]) -> None:
     except UsageError as e:
         raise UsageError(f"a cell command is invalid: {e}") from None
     check_numbers(args)
+    try:
+        check_command_line(_parser(argv[0]), argv, args)
+    except UsageError as e:
+        raise UsageError(f"a cell command is invalid: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------ steps

@@ -446,12 +446,14 @@ def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperatur
 
 
 @register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"), traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
-def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07, ln_tower="same"):
+def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07, ln_tower="same",
+               bitfit=False):
     """LilT deep: one extra block on top of each tower (zero-init out_proj / c_proj: exact identity at the start),
-    + the projections of ``tower`` + the LayerNorms of ``ln_tower`` (as for ``lilt-adapter``)."""
+    + the projections of ``tower`` + the LayerNorms of ``ln_tower`` and, with ``bitfit``, every non-LayerNorm bias
+    of ``tower`` (as for ``lilt-adapter``: the paper's BitFit + DA row)."""
     _begin(model)
     return _lilt(model, tower=tower, projections=projections, temperature=temperature, deep_init=deep_init,
-                 ln_tower=ln_tower)
+                 ln_tower=ln_tower, bitfit=bitfit)
 
 
 @register_method("lilt-proj", check=_check_proj, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)

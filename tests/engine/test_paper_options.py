@@ -234,7 +234,7 @@ def test_contrastive_run_reports_zero_shot_accuracy(capsys, tmp_path, weights):
 
 def test_contrastive_flags_refused_for_classification(capsys, tmp_path):
     rc, _, err = run(capsys, "train", "--method", "ln", "--randaugment", "--output", tmp_path / "x")
-    assert rc == 2 and "--randaugment is for --task contrastive" in err and not (tmp_path / "x").exists()
+    assert rc == 2 and "--randaugment is not read by train --task classify" in err and not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------------------ recipes
