@@ -74,6 +74,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from leanclip import kernels
+from leanclip.kernels._backend import resolve as _resolve_backend
 from leanclip.registry import method_hooks
 from leanclip.models.openclip import (  # noqa: F401  (text_tower, tower_blocks, class_name: re-exported)
     LayerNorm, LayerNormFp32, ResidualAttentionBlock, Transformer, VisionTransformer, block_supported, class_name,
@@ -95,6 +96,15 @@ def check_policy(policy, *, allow_auto: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- LayerNorm
+def _aten_path(x: torch.Tensor, *params) -> bool:
+    """Whether to call ATen's own op instead of ``kernels``: where kernels runs its torch backend (chosen for a CPU
+    tensor without the Triton interpreter, or asked for), in float32 / float64 with parameters of x's dtype. That
+    backend runs ATen's LayerNorm and GEMM itself, so the math is the same; the direct call saves a custom op's
+    per-call cost, and ATen, too, keeps no frozen linear's input."""
+    return (x.dtype in (torch.float32, torch.float64) and all(p is None or p.dtype == x.dtype for p in params)
+            and _resolve_backend("layer_norm", x.device, x.dtype) == "torch")
+
+
 def _ln_param(p: torch.Tensor | None, x: torch.Tensor):
     """kernels.layer_norm takes affine params in x's dtype or float32 (mixed precision); cast anything else."""
     if p is None or p.dtype == x.dtype or (p.dtype == torch.float32 and x.dtype in _HALF):
@@ -108,8 +118,10 @@ class LeanLayerNorm(LayerNorm):
     def forward(self, x: torch.Tensor):
         if len(self.normalized_shape) != 1:
             return super().forward(x)
-        y = kernels.layer_norm(x, _ln_param(self.weight, x), _ln_param(self.bias, x), self.eps)
-        return y.to(x.dtype)
+        weight, bias = _ln_param(self.weight, x), _ln_param(self.bias, x)
+        if _aten_path(x, weight, bias):
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return kernels.layer_norm(x, weight, bias, self.eps).to(x.dtype)
 
 
 class LeanLayerNormFp32(LayerNormFp32):
@@ -120,7 +132,10 @@ class LeanLayerNormFp32(LayerNormFp32):
             return super().forward(x)
         orig = x.dtype
         xf = x.to(torch.float32)
-        return kernels.layer_norm(xf, _ln_param(self.weight, xf), _ln_param(self.bias, xf), self.eps).to(orig)
+        weight, bias = _ln_param(self.weight, xf), _ln_param(self.bias, xf)
+        if _aten_path(xf, weight, bias):
+            return F.layer_norm(xf, self.normalized_shape, weight, bias, self.eps).to(orig)
+        return kernels.layer_norm(xf, weight, bias, self.eps).to(orig)
 
 
 # ----------------------------------------------------------------------------------------------------------- projections
@@ -145,6 +160,8 @@ def lean_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         x = x.to(weight.dtype)
     if bias is not None and bias.dtype != x.dtype and not (bias.dtype == torch.float32 and x.dtype in _HALF):
         bias = bias.to(x.dtype)
+    if _aten_path(x, weight, bias):
+        return F.linear(x, weight, bias)
     return kernels.frozen_linear(x, weight, bias)
 
 

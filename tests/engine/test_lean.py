@@ -435,3 +435,21 @@ def test_lean_block_on_triton_kernels():
     assert _rel(y, ref_y) < 1e-5
     for a, b in zip(got, ref):
         assert _rel(a, b) < 1e-5
+
+
+def test_cpu_lean_blocks_call_aten_where_kernels_would_run_its_torch_backend(fresh_tiny, tokenizer, monkeypatch):
+    """On CPU tensors kernels' torch backend runs ATen's LayerNorm and GEMM: the lean modules call them directly
+    (the same math without a custom op's per-call cost); a backend that is not torch keeps the kernels path."""
+    from leanclip import kernels
+
+    calls = []
+    for name in ("layer_norm", "frozen_linear"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    m = _prep(fresh_tiny(), "ln", {}, tokenizer, True, "none")
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    _step(m, images, labels, tokenizer)
+    assert calls == []
+    monkeypatch.setattr(lean, "_resolve_backend", lambda op, device, dtype=None: "triton")
+    assert lean._aten_path(torch.ones(2, 3)) is False
+    assert lean._aten_path(torch.ones(2, 3, dtype=torch.bfloat16)) is False

@@ -141,7 +141,10 @@ class _OpCounter(TorchDispatchMode):
     ("mlp+qkv", 0, 2, (1, 5)),    # + in_proj; the attention output is kept (SAC MUST_SAVE), out_proj not re-run
     ("block", 1, 3, (1, 5)),      # everything up to the GELU: in_proj, attention, out_proj, c_fc
 ])
-def test_what_backward_recomputes(policy, sdpa, linears, last, fresh_tiny):
+def test_what_backward_recomputes(policy, sdpa, linears, last, fresh_tiny, monkeypatch):
+    # frozen projections through kernels.frozen_linear (on CPU the lean blocks call ATen's GEMM directly): one op
+    # name per projection forward, whether it runs in the forward or a recompute
+    monkeypatch.setattr(lean, "_aten_path", lambda *a: False)
     m = fresh_tiny()
     methods.prepare(m, "ln", recompute=policy)
     x = torch.randn(2, 3, 32, 32)
