@@ -45,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--modes", default=None,
                    help="comma-separated modes to run instead of the default set: plain, plain+gc, plain+compile, "
                         "plain+compile+budget:<b>, lean:<policy>, lean:block/<c> (block over chunks of c samples), "
+                        "lean:budget:<b> (the recompute plan for a step peak b: a fraction of plain's, or 3GiB), "
                         "lean:<policy>+compile, floor:image")
     s.add_argument("--compile", action="store_true",
                    help="add the torch.compile peers (plain, plain with each --budgets, lean) to the default modes "

@@ -204,6 +204,12 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device) -> tuple[i
     return peak - before, "peak RSS (VmHWM, reset before the step) - RSS before the step"
 
 
+def rss_now() -> int:
+    """The resident bytes of this process now, freed heap pages handed back first (what is live)."""
+    _release_free_heap()
+    return _proc_status_bytes("VmRSS") or 0
+
+
 def rss_step_peak(step: Callable[[], object]) -> tuple[int, int] | None:
     """(resident bytes before, peak resident bytes during) one call of ``step`` on CPU, or None where the peak cannot
     be reset (no writable /proc/self/clear_refs). Freed heap pages go back to the OS first, so "before" is what is

@@ -43,7 +43,7 @@ from leanclip.bench.common import _proc_status_bytes, load_average, machine, rss
 from leanclip import utils
 from leanclip.utils import get_logger
 
-DEFAULT_MODES = ("plain", "plain+gc", "plain+compile+budget:0.1", "lean:block", "lean:block/4")
+DEFAULT_MODES = ("plain", "plain+gc", "plain+compile+budget:0.1", "lean:fit")
 START = 4  # first probe: cheap on any model, and two probes from it give the first slope
 GROWTH = 8  # an extrapolated probe goes at most this many times above the largest fit (a bad slope costs one probe)
 DEFAULT_MAX_BATCH = 1024
@@ -153,7 +153,7 @@ def measure_here(model_name, method, mode, batch, *, cap, n_classes=100, precisi
     try:
         step, _, _ = make_step(model_name, method, mode, batch_size=batch, n_classes=n_classes,
                                device=torch.device("cpu"), tokenizer=open_clip.get_tokenizer(model_name),
-                               precision=precision, scope=scope)
+                               precision=precision, scope=scope, cap=cap)
         t0 = time.perf_counter()
         step()
         record["warmup_seconds"] = time.perf_counter() - t0
@@ -165,6 +165,10 @@ def measure_here(model_name, method, mode, batch, *, cap, n_classes=100, precisi
         if not _out_of_memory(exc):
             raise
         return {**record, "fits": False, "peak_bytes": None, "stopped": f"out of memory: {str(exc)[:200]}"}
+    except ValueError as exc:  # lean:fit: no recompute plan is predicted to fit what the cap leaves
+        if "below the smallest predicted step peak" not in str(exc):
+            raise
+        return {**record, "fits": False, "peak_bytes": None, "stopped": f"no plan fits: {str(exc)[:200]}"}
     finally:
         watch.stop()
     if measured is None:
@@ -201,7 +205,7 @@ def probe_cpu(model_name, method, mode, batch, **kw) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- one probe on CUDA
-def probe_cuda(model_name, method, mode, batch, *, n_classes, precision, scope, tokenizer) -> dict:
+def probe_cuda(model_name, method, mode, batch, *, n_classes, precision, scope, tokenizer, cap=None) -> dict:
     """One probe in this process under the allocator cap (set by :func:`run`): the second step's allocator peak, or
     a non-fit on CUDA out-of-memory."""
     from leanclip.bench.step import make_step
@@ -209,7 +213,7 @@ def probe_cuda(model_name, method, mode, batch, *, n_classes, precision, scope, 
     device, step = torch.device("cuda"), None
     try:
         step, _, _ = make_step(model_name, method, mode, batch_size=batch, n_classes=n_classes, device=device,
-                               tokenizer=tokenizer, precision=precision, scope=scope)
+                               tokenizer=tokenizer, precision=precision, scope=scope, cap=cap)
         step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -220,6 +224,10 @@ def probe_cuda(model_name, method, mode, batch, *, n_classes, precision, scope, 
         return {"batch": batch, "fits": True, "peak_bytes": peak, "allocated_before_bytes": before, "stopped": None}
     except torch.OutOfMemoryError:
         return {"batch": batch, "fits": False, "peak_bytes": None, "stopped": "CUDA out of memory under the cap"}
+    except ValueError as exc:  # lean:fit: no recompute plan is predicted to fit what the cap leaves
+        if "below the smallest predicted step peak" not in str(exc):
+            raise
+        return {"batch": batch, "fits": False, "peak_bytes": None, "stopped": f"no plan fits: {str(exc)[:200]}"}
     finally:
         step = None
         gc.collect()
@@ -265,7 +273,7 @@ def run(model_name, method, mem_cap: int, *, modes=DEFAULT_MODES, device="cpu", 
         import open_clip
 
         torch.cuda.set_per_process_memory_fraction(mem_cap / torch.cuda.get_device_properties(0).total_memory)
-        kw["tokenizer"] = open_clip.get_tokenizer(model_name)
+        kw.update(tokenizer=open_clip.get_tokenizer(model_name), cap=mem_cap)
     else:
         kw.update(cap=mem_cap, threads=threads)
 

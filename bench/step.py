@@ -17,6 +17,10 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
                    (``leanclip.step.ClassifyStep``): fused ops, EOT-truncated text, text tower once per step
     lean:block/<c> the ``block`` policy over chunks of c samples (``leanclip.lean.set_recompute(..., chunk=c)``): a
                    block's backward holds one chunk's activations instead of the batch's
+    lean:budget:<b>  ``prepare(..., recompute="auto", memory_budget=b)``: the plan ``leanclip.budget`` makes for a step
+                   peak of b (a fraction of plain's predicted peak, or bytes such as 3GiB)
+    lean:fit       (``bench fit``) the plan for the cap: the cap less the resident set once the model is built, less
+                   the batch's images
     lean:<policy>+compile  the same step with its image-side forward under ``torch.compile``; a mode that does not
                    trace is reported with its reason under ``failed`` instead of stopping the run
     floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
@@ -53,8 +57,10 @@ from torch._dynamo.utils import counters
 
 from leanclip import utils
 from leanclip.bench.common import (
-    interleaved_times, load_average, machine, reliability_warnings, spread, step_peak_bytes, write_json, write_png,
+    interleaved_times, load_average, machine, reliability_warnings, rss_now, spread, step_peak_bytes, write_json,
+    write_png,
 )
+from leanclip.budget import resolve_budget
 from leanclip.configs import register_tiny_config
 from leanclip.lean import SAC_CACHE_COUNTED, set_recompute
 from leanclip.memory import saved_activation_bytes
@@ -70,16 +76,21 @@ DEFAULT_BUDGETS = (0.1, 0.5)
 _MODE = re.compile(r"^(?:(plain)(\+gc)?(\+compile(?:\+budget:([0-9.eE+-]+))?)?"
                    r"|lean:([a-z+]+?)(\+compile)?|(floor:image))$")
 _CHUNK = re.compile(r"^lean:block/([0-9]+)")  # lean:block/<samples per chunk>[+compile]
+_PLAN = re.compile(r"^lean:(?:budget:([^+]+)|(fit))(\+compile)?$")  # lean:budget:<b>, lean:fit
 
 
 def parse_mode(mode: str) -> dict:
     """``{"kind": plain|lean|floor, "policy", "gc", "compile", "budget"}`` of a mode name; ValueError naming the
     mode when it is not one of the forms in this module's docstring."""
+    plan = _PLAN.match(mode)
+    if plan:
+        return _plan_mode(mode, plan)
     chunk = _CHUNK.match(mode)
     m = _MODE.match(_CHUNK.sub("lean:block", mode))
     if not m or (m.group(5) and m.group(5) not in POLICIES) or (chunk and int(chunk.group(1)) < 1):
         raise ValueError(f"--modes: unknown mode {mode!r}; valid: plain, plain+gc, plain+compile, "
-                         f"plain+compile+budget:<0..1>, lean:<policy>, lean:block/<chunk>, lean:<policy>+compile, "
+                         f"plain+compile+budget:<0..1>, lean:<policy>, lean:block/<chunk>, lean:budget:<b>, "
+                         f"lean:fit, lean:<policy>+compile, "
                          f"floor:image (policies: {', '.join(POLICIES)}; chunk: samples per chunk, at least 1)")
     budget = None
     if m.group(4) is not None:
@@ -92,7 +103,19 @@ def parse_mode(mode: str) -> dict:
     kind = "plain" if m.group(1) else ("lean" if m.group(5) else "floor")
     return {"kind": kind, "policy": m.group(5) or "none", "gc": bool(m.group(2)),
             "compile": bool(m.group(3) or m.group(6)), "budget": budget,
-            "chunk": int(chunk.group(1)) if chunk else None}
+            "chunk": int(chunk.group(1)) if chunk else None, "memory_budget": None}
+
+
+def _plan_mode(mode: str, m) -> dict:
+    """``lean:budget:<b>`` (checked as ``prepare`` checks a budget) or ``lean:fit`` (the cap ``bench fit`` gives)."""
+    memory_budget = "fit" if m.group(2) else m.group(1)
+    if memory_budget != "fit":
+        try:
+            resolve_budget(memory_budget, 1)
+        except ValueError as e:
+            raise ValueError(f"--modes: {mode!r}: {e}") from None
+    return {"kind": "lean", "policy": "auto", "gc": False, "compile": bool(m.group(3)), "budget": None,
+            "chunk": None, "memory_budget": memory_budget}
 
 
 def default_modes(policies=POLICIES, *, compile=False, budgets=DEFAULT_BUDGETS, floor=False) -> list[str]:
@@ -109,15 +132,24 @@ def default_modes(policies=POLICIES, *, compile=False, budgets=DEFAULT_BUDGETS, 
 PRECISIONS = ("fp32", "bf16")
 
 
-def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None):
+def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None, plan=None):
+    """The model of one mode. ``plan``: ``prepare``'s budget arguments (``memory_budget`` may be a function of the
+    built model, called just before ``prepare``)."""
     import open_clip
 
     torch.manual_seed(0)
     with random_init():  # random weights are the point: no "No pretrained weights loaded" line per mode
         model = open_clip.create_model(model_name, pretrained=None)
     model = model.to(device)
-    prepare(model, method, lean=lean, recompute=policy if lean else "none", classnames=classnames,
-            tokenizer=tokenizer, model_name=model_name, frozen_dtype=frozen_dtype)
+    budget = {}
+    if plan is not None:
+        budget = dict(plan, recompute="auto")
+        if callable(budget["memory_budget"]):
+            budget["memory_budget"] = budget["memory_budget"]()
+    else:
+        budget = {"recompute": policy if lean else "none"}
+    prepare(model, method, lean=lean, classnames=classnames, tokenizer=tokenizer, model_name=model_name,
+            frozen_dtype=frozen_dtype, **budget)
     model.train()
     return model
 
@@ -159,8 +191,30 @@ def _plain_forward(model, method, images, labels, tokens, scope, classnames, tok
     return forward
 
 
+def _image_side(model_name: str) -> int:
+    import open_clip
+
+    size = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get("image_size", 224)
+    return size if isinstance(size, int) else max(size)
+
+
+def _plan_args(spec, batch_size, n_classes, scope, image_bytes, cap, device) -> dict | None:
+    """``prepare``'s budget arguments of a ``lean:budget:<b>`` / ``lean:fit`` mode (None for other modes)."""
+    if spec["memory_budget"] is None:
+        return None
+    text_batch = 0 if scope == "image" else n_classes * len(TEMPLATES)
+    budget = spec["memory_budget"]
+    if budget == "fit":
+        if cap is None:
+            raise ValueError("mode lean:fit plans for bench fit's --mem-cap; use lean:budget:<b> here")
+        def budget():  # called once the model is resident: what the cap leaves for the step
+            held = torch.cuda.memory_allocated() if torch.cuda.is_available() and device.type == "cuda" else rss_now()
+            return max(1, int(cap - held - image_bytes))  # nothing left: no plan fits (the planner says so)
+    return {"memory_budget": budget, "batch_size": batch_size, "text_batch_size": text_batch}
+
+
 def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokenizer, precision="fp32",
-              scope="full"):
+              scope="full", cap=None):
     """Return (step_fn, forward_fn, model) for one mode (see ``parse_mode``). ``precision="bf16"``: every mode under
     bf16 autocast (plain = PyTorch AMP with fp32 weights); lean modes also keep their frozen weights in bf16
     (trainable ones and the optimizer state stay fp32). ``scope="image"``: the image tower alone is trained, against
@@ -173,8 +227,10 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
     amp = precision == "bf16"
     classnames = [f"class number {i}" for i in range(n_classes)]
     lean = spec["kind"] != "plain"
+    image_bytes = batch_size * 3 * _image_side(model_name) ** 2 * 4
     model = _build(model_name, method, lean, spec["policy"], device, classnames, tokenizer,
-                   frozen_dtype=torch.bfloat16 if amp and lean else None)
+                   frozen_dtype=torch.bfloat16 if amp and lean else None,
+                   plan=_plan_args(spec, batch_size, n_classes, scope, image_bytes, cap, device))
     if spec["gc"]:
         model.set_grad_checkpointing(True)
     if spec["chunk"] is not None:

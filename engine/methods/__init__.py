@@ -557,6 +557,9 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` and
                     ``batch_size``: ``leanclip.budget`` picks each block's policy and the chunk whose predicted step
                     peak fits, with the least recompute; the plan is printed and recorded)
+    batch_size, text_batch_size, text_len   with ``auto``: images per step, class prompts per step (default
+                    ``batch_size``; 0: the text tower is not run in the step), and their token length (default the
+                    full context)
     memory_budget   with ``auto``: the step's peak, in bytes (an int, or a string such as ``"12GiB"``) or as a
                     fraction in (0, 1] of plain open_clip's predicted peak for this model and batch
     recompute_chunk with ``recompute="block"``: samples per chunk of each block's forward and backward, so the
@@ -578,7 +581,9 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     check_tower(tower)
     _check_recompute_args(lean, recompute, memory_budget, batch_size, recompute_chunk)
     for name, size in (("batch_size", batch_size), ("text_batch_size", text_batch_size), ("text_len", text_len)):
-        if size is not None:  # an int >= 1, the range the command line's --batch-size has (leanclip.utils)
+        # an int >= 1, the range the command line's --batch-size has (leanclip.utils); text_batch_size=0: the step
+        # does not run the text tower (class text features computed once)
+        if size is not None and not (name == "text_batch_size" and size == 0 and type(size) is int):
             utils.check_number(name, size, kind_of="batch_size")
     _check_frozen_dtype(frozen_dtype, lean)
     classnames = _check_classnames(classnames)

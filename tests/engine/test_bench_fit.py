@@ -275,3 +275,37 @@ def test_bench_fit_cpu_under_a_cap_below_the_runtime_fits_nothing(tmp_path, caps
     (p,) = r["probes"]
     assert not p["fits"] and p["peak_at_least_bytes"] > 64 * 2**20 and "passed" in p["stopped"]
     assert "| lean:block/4 | 0 |" in capsys.readouterr().out
+
+
+def test_lean_fit_plans_for_what_the_cap_leaves(monkeypatch):
+    """``lean:fit``: the budget is the cap less what is resident once the model is built, less the batch's images;
+    a cap that leaves less than the smallest plan is a non-fit record, not an error."""
+    from leanclip.bench import step as bench_step
+
+    monkeypatch.setattr(bench_step, "rss_now", lambda: 100 * 2**20)
+    spec = bench_step.parse_mode("lean:fit")
+    args = bench_step._plan_args(spec, 4, 3, "image", 12345, GiB, torch.device("cpu"))
+    assert args["batch_size"] == 4 and args["text_batch_size"] == 0
+    assert args["memory_budget"]() == GiB - 100 * 2**20 - 12345
+    with pytest.raises(ValueError, match="--mem-cap"):
+        bench_step._plan_args(spec, 4, 3, "image", 0, None, torch.device("cpu"))
+
+    class NoWatch:  # the probe's watchdog stops the process past 2x the cap: not in a test's process
+        def __init__(self, *a):
+            pass
+
+        def stop(self):
+            pass
+    monkeypatch.setattr(fit, "_Watchdog", NoWatch)
+    rec = fit.measure_here("leanclip-tiny", "ln", "lean:fit", 4, cap=100 * 2**20 + 1000, n_classes=3, scope="image")
+    assert rec["fits"] is False and rec["stopped"].startswith("no plan fits"), rec
+
+
+def test_budget_modes_parse():
+    from leanclip.bench.step import parse_mode
+
+    assert parse_mode("lean:budget:0.2")["memory_budget"] == "0.2"
+    assert parse_mode("lean:budget:3GiB+compile")["compile"] is True
+    assert parse_mode("lean:fit")["memory_budget"] == "fit"
+    with pytest.raises(ValueError, match="lean:budget:lots"):
+        parse_mode("lean:budget:lots")
