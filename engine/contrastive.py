@@ -5,17 +5,12 @@ retrieval evaluation.
     summary = train_contrastive(model, pairs, tokenizer, ContrastiveConfig(epochs=5, batch_size=256))
     evaluate_retrieval(model, test_pairs, tokenizer)                  # {"i2t_R@1", ..., "t2i_R@10", "mean"}
 
-Loss. With L2-normalized features, s = 1/tau and the global batch of W ranks x b pairs (features all-gathered WITH
-gradient), rank r scores its own b images against all W*b captions and its own b captions against all W*b images:
-
-    L_r = 1/2 * ( CE(s * I_r T^T, y_r) + CE(s * T_r I^T, y_r) ),   y_r = r*b + arange(b)
-
-mean_r L_r is exactly the single-process symmetric InfoNCE of the W*b batch, and because the all-gather's backward
-sums every rank's gradient for a slice, DDP's gradient average equals the single-process gradient.
+Loss: ``leanclip.losses.clip_loss`` with ``gather=cfg.gather`` (negatives from the global batch, all ranks), the
+learnable temperature's scale when the method added one, else ``model.logit_scale.exp()`` (capped in place after each
+step by ``leanclip.losses.clamp_logit_scale_``).
 
 The loop uses the shared training components (``leanclip.training``: schedule, AdamW with decay on matrices,
-checkpoint state with every RNG, run log); ``clip_loss`` and ``pretrain_contrastive`` (``leanclip.pretrain``) are
-re-exported here.
+checkpoint state with every RNG, run log).
 """
 from __future__ import annotations
 
@@ -35,16 +30,15 @@ from torch.utils.data.distributed import DistributedSampler
 from leanclip import distributed as D
 from leanclip import utils
 from leanclip.data import ItemSeeds, clip_transform, seeded_dataset
-from leanclip.distributed import all_gather_with_grad
+from leanclip.losses import clamp_logit_scale_, clip_loss
 from leanclip.metrics import retrieval_recall_from_features
 from leanclip.pairs import ImageListDataset, PairDataset, PairSet
-from leanclip.pretrain import clip_loss, pretrain_contrastive  # noqa: F401  (re-exported)
 from leanclip.registry import check_task, method_hooks
 from leanclip.training import (cosine_lr, load_run_state, matrix_decay_adamw, model_device, resume_log,
                                save_run_state, set_lr)
 
-__all__ = ["clip_loss", "pretrain_contrastive", "LearnableTemperature", "contrastive_loss", "gather_features",
-           "ContrastiveConfig", "train_contrastive", "evaluate_retrieval", "encode_pairs", "ContrastiveEncoder"]
+__all__ = ["LearnableTemperature", "ContrastiveConfig", "train_contrastive", "evaluate_retrieval", "encode_pairs",
+           "ContrastiveEncoder"]
 
 TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
 CONTRASTIVE_CHECKPOINT = "checkpoint.safetensors"
@@ -83,43 +77,11 @@ class LearnableTemperature(nn.Module):
         return 1.0 / (t + (t.clamp(self.min, self.max) - t).detach())
 
 
-def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``x`` concatenated in rank order, with gradient back to each rank's slice (identity on one
-    process). See ``leanclip.distributed.all_gather_with_grad``."""
-    return all_gather_with_grad(x)
-
-
-def contrastive_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale, *,
-                     gather: bool = True) -> torch.Tensor:
-    """Symmetric InfoNCE of this rank's pairs against the GLOBAL batch (all ranks' features gathered with gradient
-    when ``gather`` and a process group with >1 rank exist; otherwise the local batch, = ``clip_loss``).
-
-    ``img_feats``, ``txt_feats``: (b, E) L2-normalized features of matching pairs; ``logit_scale``: 1/tau (tensor or
-    float). Computed in float32; returns this rank's loss (the mean over ranks is the global-batch loss)."""
-    if not isinstance(img_feats, torch.Tensor) or not isinstance(txt_feats, torch.Tensor):
-        raise TypeError("img_feats and txt_feats must be tensors")
-    if img_feats.dim() != 2 or img_feats.shape != txt_feats.shape or img_feats.shape[0] == 0:
-        raise ValueError(f"img_feats and txt_feats must be non-empty (B, E) tensors of the same shape, got "
-                         f"{tuple(img_feats.shape)} and {tuple(txt_feats.shape)}")
-    img, txt = img_feats.float(), txt_feats.float()
-    b = img.shape[0]
-    if gather and D.is_distributed():
-        both = gather_features(torch.cat([img, txt], dim=1))
-        all_img, all_txt = both[:, :img.shape[1]], both[:, img.shape[1]:]
-        offset = D.get_rank() * b
-    else:
-        all_img, all_txt, offset = img, txt, 0
-    labels = torch.arange(offset, offset + b, device=img.device)
-    logits_i2t = logit_scale * (img @ all_txt.t())
-    logits_t2i = logit_scale * (txt @ all_img.t())
-    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-
-
 class ContrastiveEncoder(nn.Module):
     """``forward(images, tokens) -> (image features, text features, logit scale)`` of a prepared model: the unit
     DistributedDataParallel wraps (so DDP sees the forward). Features are float32 and L2-normalized (lean models
     encode text with the exact EOT-truncated context); the logit scale is ``model.lilt_temperature()`` when the method
-    added one, else ``model.logit_scale.exp()`` capped at 100 (open_clip)."""
+    added one, else ``model.logit_scale.exp()``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -129,7 +91,7 @@ class ContrastiveEncoder(nn.Module):
         temp = method_hooks(self.model).get("temperature")
         if temp is not None:
             return temp()
-        return self.model.logit_scale.float().exp().clamp(max=100.0)
+        return self.model.logit_scale.float().exp()
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         from leanclip.features import encode_tokens, image_features
@@ -394,7 +356,7 @@ def _contrastive_step(run: _ContrastiveRun, epoch: int, images, captions, t_step
     images = images.to(device, non_blocking=True)
     with utils.autocast(device, run.precision):
         img_f, txt_f, scale = run.net(images, tokens)
-    loss = contrastive_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
+    loss = clip_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
@@ -408,6 +370,8 @@ def _contrastive_step(run: _ContrastiveRun, epoch: int, images, captions, t_step
     temp = method_hooks(run.model).get("temperature")
     if temp is not None:
         temp.clamp_()
+    else:
+        clamp_logit_scale_(run.model)
     run.step += 1
     dt = time.perf_counter() - t_step
     run.pairs_seen += cfg.batch_size

@@ -13,9 +13,10 @@ import torch
 
 from leanclip import kernels
 from leanclip.contrastive import (
-    ContrastiveConfig, LearnableTemperature, clip_loss, contrastive_loss, evaluate_retrieval, train_contrastive,
+    ContrastiveConfig, LearnableTemperature, evaluate_retrieval, train_contrastive,
 )
 from leanclip.distributed import check_batch_size
+from leanclip.losses import clamp_logit_scale_, clip_loss
 from leanclip.methods import prepare
 from leanclip.pairs import PairDataset, from_lists, load_pairs, synthetic_pairs
 from tests.engine.cli_checks import run as _run
@@ -62,21 +63,34 @@ def test_learnable_temperature():
             LearnableTemperature(**bad)
 
 
-def test_contrastive_loss_matches_clip_loss_and_float64():
+def test_clip_loss_matches_the_formula_in_float32():
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(7, 16, generator=g, dtype=torch.float64), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(7, 16, generator=g, dtype=torch.float64), dim=-1)
     scale = torch.tensor(1 / 0.07, dtype=torch.float64)
     ref = 0.5 * (torch.nn.functional.cross_entropy(scale * img @ txt.T, torch.arange(7))
                  + torch.nn.functional.cross_entropy(scale * txt @ img.T, torch.arange(7)))
-    out = contrastive_loss(img.float(), txt.float(), scale.float())
+    out = clip_loss(img.float(), txt.float(), scale.float(), gather=True)  # one process: gather is a no-op
     assert out.dtype == torch.float32
     assert float(out) == pytest.approx(float(ref), rel=1e-5)
     assert float(out) == pytest.approx(float(clip_loss(img.float(), txt.float(), scale.float())), rel=1e-6)
     with pytest.raises(ValueError):
-        contrastive_loss(img[:3].float(), txt.float(), 1.0)
+        clip_loss(img[:3].float(), txt.float(), 1.0)
     with pytest.raises(ValueError):
-        contrastive_loss(img[:0].float(), txt[:0].float(), 1.0)
+        clip_loss(img[:0].float(), txt[:0].float(), 1.0)
+
+
+def test_clamp_logit_scale_caps_a_trained_scale_only():
+    m = torch.nn.Module()
+    m.logit_scale = torch.nn.Parameter(torch.tensor(7.0))
+    clamp_logit_scale_(m)
+    assert float(m.logit_scale) == pytest.approx(math.log(100.0))
+    m.logit_scale.data.fill_(-1.0)
+    clamp_logit_scale_(m)
+    assert float(m.logit_scale) == 0.0
+    m.logit_scale.requires_grad_(False).fill_(7.0)  # frozen: left as loaded
+    clamp_logit_scale_(m)
+    assert float(m.logit_scale) == 7.0
 
 
 def test_check_batch_size_names_batch_size():
@@ -324,7 +338,8 @@ def test_non_finite_loss_stops_and_keeps_last_finite_checkpoint(tiny_model, tok,
     """Epoch 1 finite (checkpoint), resumed with NaN images: one line at step 5 (epoch 2), the epoch-1 checkpoint
     and the interrupted run's summary kept byte for byte; pretrain_contrastive stops on NaN inputs at its first step."""
     from leanclip import utils
-    from leanclip.contrastive import _default_transform, pretrain_contrastive
+    from leanclip.contrastive import _default_transform
+    from leanclip.pretrain import pretrain_contrastive
 
     out = tmp_path / "run"
     train_contrastive(prepare(copy.deepcopy(tiny_model), "lilt-ln"), pairs64, tok,
