@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanclip.lifecycle import strip
 from leanclip.methods import houlsby as _houlsby
 from leanclip.methods import lilt as _lilt
 from leanclip.registry import OptionRange, register_method
@@ -105,7 +106,7 @@ def _check_compacter(model, reduction=8, n=4, tower="both", **_):
                  ranges={"reduction": _houlsby.REDUCTION_RANGE, "n": N_RANGE})
 def _compacter(model, reduction=8, n=4, tower="both"):
     """Compacter: Houlsby-placed adapters whose projections are LPHM layers, A_i shared across all of them."""
-    _houlsby.strip(model, CompacterAdapter)
+    strip(model, _houlsby.added(CompacterAdapter))
     rule = SharedRule(n).to(next(model.parameters()).device)
     _houlsby.add_adapters(model, tower, "compacter", lambda width: CompacterAdapter(width, reduction, rule))
     return {}
