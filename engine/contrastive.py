@@ -34,6 +34,7 @@ from leanclip.losses import clamp_logit_scale_, clip_loss
 from leanclip.metrics import retrieval_recall_from_features
 from leanclip.pairs import ImageListDataset, PairDataset, PairSet
 from leanclip.registry import check_task, method_hooks
+from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
 from leanclip.training import (cosine_lr, load_run_state, matrix_decay_adamw, model_device, resume_log,
                                save_run_state, set_lr)
 
@@ -41,9 +42,6 @@ __all__ = ["LearnableTemperature", "ContrastiveConfig", "train_contrastive", "ev
            "ContrastiveEncoder"]
 
 TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
-CONTRASTIVE_CHECKPOINT = "checkpoint.safetensors"
-CONTRASTIVE_LOG = "log.jsonl"
-CONTRASTIVE_SUMMARY = "summary.json"
 
 
 class LearnableTemperature(nn.Module):
@@ -265,7 +263,7 @@ class _ContrastiveRun:
 
     @property
     def checkpoint(self) -> Path | None:
-        return self.out_dir / CONTRASTIVE_CHECKPOINT if self.out_dir is not None else None
+        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
 
 
 def _run_length(cfg: ContrastiveConfig, n_pairs: int) -> tuple[int, int, int, int]:
@@ -307,8 +305,8 @@ def _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume) 
                           D.wrap_ddp(encoder, device), ds)
     if resume is not None:
         run.step, run.history = _resume_contrastive(model, opt, resume, cfg, steps_per_epoch)
-    elif out_dir is not None and rank == 0 and (out_dir / CONTRASTIVE_LOG).exists():
-        (out_dir / CONTRASTIVE_LOG).unlink()
+    elif out_dir is not None and rank == 0 and (out_dir / LOG_NAME).exists():
+        (out_dir / LOG_NAME).unlink()
     D.barrier()
     run.bar = utils.Progress(total, f"contrastive {method}", cfg.progress and rank == 0, initial=run.step)
     run.t_start = time.perf_counter()
@@ -339,7 +337,7 @@ def _contrastive_epoch(run: _ContrastiveRun, epoch: int) -> None:
         t_step = time.perf_counter()
         if run.main:
             if run.out_dir is not None and (run.step % run.cfg.log_every == 0 or run.step == run.stop):
-                utils.append_jsonl(run.out_dir / CONTRASTIVE_LOG, rec)
+                utils.append_jsonl(run.out_dir / LOG_NAME, rec)
             run.bar.update(1, loss=f"{rec['loss']:.4f}", tau=f"{rec['temperature']:.4f}", lr=f"{rec['lr']:.2e}")
     losses = [r["loss"] for r in run.history if r["epoch"] == epoch + 1]
     if losses and run.main:
@@ -395,12 +393,12 @@ def _save_contrastive(run: _ContrastiveRun, epoch_done: int) -> None:
                                            min_lr=cfg.min_lr))
     meta = {"leanclip_task": "contrastive", "method": run.method, "step": run.step,
             "steps_per_epoch": run.steps_per_epoch, "epoch": epoch_done, "world_size": run.world,
-            "config": cfg.to_dict(), **(cfg.extra or {})}
+            "config": cfg.to_dict()}
     save_run_state(run.model, run.opt, run.checkpoint, run.step, meta)
 
 
 def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, list]:
-    meta = load_run_state(model, opt, path, CONTRASTIVE_CHECKPOINT)
+    meta = load_run_state(model, opt, path, CHECKPOINT_NAME)
     if meta.get("leanclip_task") != "contrastive":
         raise ValueError(f"resume: {meta['path']!r} is not a contrastive-training checkpoint")
     if int(meta.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
@@ -409,7 +407,7 @@ def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, li
     if "rng" in meta:
         utils.set_rng_state(meta["rng"])
     step = int(meta.get("step") or 0)
-    return step, resume_log(cfg.output, step, CONTRASTIVE_LOG)
+    return step, resume_log(cfg.output, step, LOG_NAME)
 
 
 def _contrastive_summary(run: _ContrastiveRun, eval_pairs, transform) -> dict:
@@ -431,8 +429,8 @@ def _contrastive_summary(run: _ContrastiveRun, eval_pairs, transform) -> dict:
     }
     if run.out_dir is not None and run.main:
         summary["checkpoint"] = str(run.checkpoint)
-        summary["log"] = str(run.out_dir / CONTRASTIVE_LOG)
-        utils.atomic_write_json(run.out_dir / CONTRASTIVE_SUMMARY,
+        summary["log"] = str(run.out_dir / LOG_NAME)
+        utils.atomic_write_json(run.out_dir / SUMMARY_NAME,
                                 {k: v for k, v in summary.items() if k != "losses"})
     return summary
 

@@ -90,16 +90,22 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor, *, batch_size: int | N
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def image_features(model: nn.Module, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-    """(B, E) float32 image features (L2-normalized unless ``normalize=False``); CLIP-Adapter applied when the
-    method has one. Images are cast to the patch-embedding weight's dtype (bf16 frozen weights)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, E) float32 output of the bare image encoder (no method head, not normalized): what the feature cache
+    stores. Images are cast to the patch-embedding weight's dtype (bf16 frozen weights)."""
     conv = getattr(model.visual, "conv1", None)
     if conv is not None and images.dtype != conv.weight.dtype and images.is_floating_point():
         images = images.to(conv.weight.dtype)
-    f = model.encode_image(images).float()
+    return model.encode_image(images).float()
+
+
+def image_features(model: nn.Module, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """(B, E) float32 image features (L2-normalized unless ``normalize=False``): :func:`encode_images`, then
+    CLIP-Adapter when the method has one."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    f = encode_images(model, images)
     adapter = method_hooks(model).get("image_features")
     if adapter is not None:
         f = adapter(f)

@@ -65,14 +65,15 @@ from leanclip.feature_cache import cached_batches
 from leanclip.llu import run_llu
 from leanclip.metrics import AccuracyMeter, harmonic_mean
 from leanclip.registry import method_hooks, method_trainer
+from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME
 from leanclip.step import ClassifyStep
 from leanclip.training import (
-    CHECKPOINT_NAME, LOG_NAME, build_optimizer, check_labels, check_resume, dataset_labels,
+    build_optimizer, check_labels, check_resume, dataset_labels,
     epoch_loader, eval_loader, lr_at, model_device, resume_state, run_summary, save_state, steps_per_epoch,
     trainable_params,
 )
 
-__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
+__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at"]
 
 OPTIMIZERS = ("sgd", "adamw")
 

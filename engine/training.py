@@ -15,10 +15,7 @@ from leanclip import utils
 from leanclip.checkpoint import load_trainable, read_metadata, save_trainable
 from leanclip.data import make_loader
 from leanclip.registry import method_trainer
-
-CHECKPOINT_NAME = "checkpoint.safetensors"
-LOG_NAME = "log.jsonl"
-SUMMARY_NAME = "summary.json"
+from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
 
 
 # ----------------------------------------------------------------------------------------------- schedule, optimizer

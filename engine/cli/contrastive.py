@@ -20,10 +20,11 @@ from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
     UsageError, build_model, clear_run, emit, method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta,
-    restore_inputs, run_folder, setup_device, stop_together, weights_record,
+    restore_inputs, run_folder, run_provenance, setup_device, stop_together, weights_record,
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
+from leanclip.run_files import RESULT_FILES
 from leanclip.templates import get_templates
 
 TRAIN_TASKS = ("classify", "contrastive")
@@ -213,9 +214,8 @@ def _contrastive_config(args, method: str, device, weights) -> ContrastiveConfig
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
         progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment or args.randaugment,
         randaugment=args.randaugment,
-        extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
-               "image_size": args.image_size, "pairs": os.path.abspath(args.pairs) if args.pairs else None,
-               "pairs_split": args.pairs_split, "max_pairs": args.max_pairs})
+        extra=run_provenance(args, weights, pairs=os.path.abspath(args.pairs) if args.pairs else None,
+                             pairs_split=args.pairs_split, max_pairs=args.max_pairs))
 
 
 def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, world_size) -> dict:
@@ -284,7 +284,7 @@ def cmd_train_contrastive(args) -> int:
                                    info.world_size)
             if zs_set is not None:
                 result["zeroshot"] = _zeroshot(model, zs_set, tok, info.device, args)
-            emit(result, args, "result.json")
+            emit(result, args, RESULT_FILES["train"])
         return 0
     except Exception as e:
         stop_together(info, e)
@@ -302,7 +302,7 @@ def cmd_eval_retrieval(args) -> int:
     if extra.get("leanclip_task") != "contrastive":
         raise _usage(f"--checkpoint {meta['path']!r} was not written by 'train --task contrastive' (use --task "
                      f"classify for classification checkpoints)")
-    restore_inputs(args, meta, extra)
+    restore_inputs(args, meta)
     model, tok, size, _ = build_model(args)
     size = _image_size(model)
     if args.pairs is not None:
@@ -317,5 +317,5 @@ def cmd_eval_retrieval(args) -> int:
                              precision=args.precision, progress=not args.no_progress)
     result = {"command": "eval", "task": "retrieval", "method": meta["method"], "checkpoint": meta["path"],
               "pairs": args.pairs or "synthetic", **_short(res)}
-    emit(result, args, "eval.json")
+    emit(result, args, RESULT_FILES["eval"])
     return 0

@@ -311,6 +311,11 @@ def test_cli_train_contrastive_then_eval_retrieval(capsys, tmp_path):
     res = json.loads(out.strip().splitlines()[-1])
     assert res["task"] == "contrastive" and res["steps"] == 4 and res["world_size"] == 1
     assert res["metrics_before"] is not None and "i2t_R@1" in res["metrics"]
+    from leanclip.cli.common import read_checkpoint_meta, run_record
+
+    meta = read_checkpoint_meta(tmp_path)  # the provenance sits where a classification run keeps it
+    assert run_record(meta)["model_name"] == meta["model_name"] and "weights" in run_record(meta)
+    assert "weights" not in meta["extra"] and run_record(meta)["pairs"] is None  # one copy, synthetic pairs
     rc, out, err = _run(capsys, "eval", "--task", "retrieval", "--checkpoint", tmp_path, *common)
     assert rc == 0, err
     ev = json.loads(out.strip().splitlines()[-1])
