@@ -35,7 +35,8 @@ from leanclip.metrics import retrieval_recall_from_features
 from leanclip.pairs import ImageListDataset, PairDataset, PairSet
 from leanclip.registry import check_task, method_hooks
 from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
-from leanclip.training import (cosine_lr, load_run_state, matrix_decay_adamw, model_device, resume_log,
+from leanclip.select import model_device, trainable_parameters
+from leanclip.training import (cosine_lr, load_run_state, matrix_decay_adamw, resume_log,
                                save_run_state, set_lr)
 
 __all__ = ["LearnableTemperature", "ContrastiveConfig", "train_contrastive", "evaluate_retrieval", "encode_pairs",
@@ -292,7 +293,7 @@ def _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume) 
         utils.remove_stale_temps(out_dir)
     utils.seed_everything(cfg.seed)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
     opt = matrix_decay_adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)

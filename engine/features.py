@@ -21,6 +21,7 @@ from torch import nn
 from leanclip import lean as _lean
 from leanclip.models.openclip import text_tower
 from leanclip.registry import method_hooks
+from leanclip.select import model_device
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 _TOKEN_CACHE: dict = {}
@@ -77,13 +78,9 @@ def tokenize(tokenizer: Callable, texts: Sequence[str]) -> torch.Tensor:
     return tok
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def encode_tokens(model: nn.Module, tokens: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
     """Unnormalized text embeddings (N, E) of ``tokens`` (lean: EOT-truncated per chunk; plain: open_clip)."""
-    tokens = tokens.to(_model_device(model))
+    tokens = tokens.to(model_device(model))
     lean = _uses_lean(model)
     chunks = [tokens] if not batch_size or tokens.shape[0] <= batch_size else tokens.split(int(batch_size))
     outs = [(_lean.encode_text_lean(model, c) if lean else model.encode_text(c)) for c in chunks]

@@ -38,8 +38,9 @@ from leanclip import utils
 from leanclip.feature_cache import FeatureCache, encoder_features, encoder_pass
 from leanclip.metrics import AccuracyMeter
 from leanclip.run_files import CHECKPOINT_NAME, FEATURES_DIR, LOG_NAME
+from leanclip.select import model_device
 from leanclip.training import (
-    build_optimizer, lr_at, model_device, resume_state, run_summary, save_state, set_lr,
+    build_optimizer, lr_at, resume_state, run_summary, save_state, set_lr,
 )
 
 __all__ = [

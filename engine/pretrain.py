@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from leanclip import utils
 from leanclip.losses import clamp_logit_scale_, clip_loss
+from leanclip.select import model_device, trainable_parameters
 from leanclip.training import cosine_lr, matrix_decay_adamw, set_lr
 
 __all__ = ["pretrain_contrastive"]
@@ -51,13 +52,13 @@ def pretrain_contrastive(
         raise ValueError(f"steps must be >= 1 and batch_size >= 2; got steps={steps}, batch_size={batch_size}")
     n = images.shape[0]
     batch_size = min(batch_size, n)
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = tokenizer(list(captions))
     warmup = max(1, int(0.1 * steps)) if warmup is None else max(0, warmup)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("model has no trainable parameters")
     opt = matrix_decay_adamw(model, lr, weight_decay)

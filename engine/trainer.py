@@ -66,11 +66,11 @@ from leanclip.llu import run_llu
 from leanclip.metrics import AccuracyMeter, harmonic_mean
 from leanclip.registry import method_hooks, method_trainer
 from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME
+from leanclip.select import model_device, trainable_parameters
 from leanclip.step import ClassifyStep
 from leanclip.training import (
     build_optimizer, check_labels, check_resume, dataset_labels,
-    epoch_loader, eval_loader, lr_at, model_device, resume_state, run_summary, save_state, steps_per_epoch,
-    trainable_params,
+    epoch_loader, eval_loader, lr_at, resume_state, run_summary, save_state, steps_per_epoch,
 )
 
 __all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at"]
@@ -259,7 +259,7 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
         utils.remove_stale_temps(out_dir)
     utils.seed_everything(cfg.seed)
     model.to(device)
-    params = trainable_params(model)
+    params = [p for _, p in trainable_parameters(model)]
     opt = build_optimizer(params, cfg)
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     model.train()

@@ -75,11 +75,6 @@ def steps_per_epoch(n_train: int, cfg) -> int:
     return batches if method_trainer(cfg.method) == "cached" else math.ceil(batches / cfg.grad_accum)
 
 
-def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters with ``requires_grad``, in module order (the optimizer's and the checkpoint's order)."""
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 # ------------------------------------------------------------------------------------------------------------ labels
 def dataset_labels(dataset) -> torch.Tensor | None:
     """The labels of ``dataset`` as an int64 tensor without loading an image (``ImageDataset`` and
@@ -236,10 +231,3 @@ def trainer_meta(meta) -> dict:
         return {}
     extra = meta.get("extra") if isinstance(meta, dict) else None
     return dict(extra) if isinstance(extra, dict) else {}
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

@@ -55,7 +55,7 @@ from leanclip.registry import (  # noqa: F401
 )
 from leanclip.select import (  # noqa: F401
     BIAS_RE, CLIPFIT_TEXT_RE, IMAGE_RE, TEXT_RE, TOWERS, check_coverage, check_tower, count_trainable, embed_dim,
-    in_tower, layernorm_names, names_matching, notice, require_open_clip_tower, require_options, tower_class,
+    in_tower, layernorm_names, model_device, names_matching, notice, require_open_clip_tower, require_options, tower_class,
     tower_of, trainable_parameters, unlock, unlock_layernorms, unlock_names,
 )
 
@@ -290,7 +290,7 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
         zs = frozen_text_features(model, list(classnames), templates or ["a photo of a {}."], tokenizer)
         weight = (model.logit_scale.detach().float().exp() * zs.float()).cpu()
     head = _heads.LinearProbe(embed_dim(model), c, weight=weight)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     return {"linear_probe": head.to(dev)}
 
 
@@ -322,7 +322,7 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=N
 def _adapter(model, reduction=4, ratio=0.2):
     """CLIP-Adapter: residual bottleneck MLP E -> E/reduction -> E (ReLU) on image features, mixed with ``ratio``."""
     e = embed_dim(model)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     return {"clip_adapter": _heads.ClipAdapter(e, reduction, ratio).to(dev)}
 
 

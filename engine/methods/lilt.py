@@ -64,8 +64,8 @@ from leanclip.models.openclip import (
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import MethodTraits, OptionRange, register_method
 from leanclip.select import (
-    BIAS_RE, TOWERS, check_coverage, check_tower, layernorm_names, names_matching, require_open_clip_tower, tower_class,
-    tower_of, unlock, unlock_layernorms, unlock_names,
+    BIAS_RE, TOWERS, check_coverage, check_tower, layernorm_names, model_device, names_matching, require_open_clip_tower,
+    tower_class, tower_of, unlock, unlock_layernorms, unlock_names,
 )
 
 __all__ = ["Adapter", "add_adapters", "add_deep_blocks", "ADDED", "adapters", "deep_blocks", "unlock_projections",
@@ -292,7 +292,7 @@ def _temperature_module(model: nn.Module, temperature: float) -> dict:
 
     if TEMPERATURE_NAME in model._modules:  # a previous component of this combination added it
         return {}
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     return {TEMPERATURE_NAME: LearnableTemperature(temperature).to(dev)}
 
 
