@@ -38,7 +38,8 @@ def _clean(name) -> str:
     return " ".join(str(name).replace("_", " ").split())
 
 
-def _check_classnames(classnames) -> list[str]:
+def check_classnames(classnames) -> list[str]:
+    """``classnames`` as a list of strings; ValueError naming it when it is None, one string, or empty."""
     if classnames is None or isinstance(classnames, str):
         raise ValueError("classnames must be a non-empty list of strings")
     classnames = [str(c) for c in classnames]
@@ -118,7 +119,7 @@ def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequen
     templates and renormalized. A model whose method adds a ``prompts`` hook (CoOp) uses its learned prompts and ignores
     ``templates`` (unless ``use_prompt_learner=False``). Gradients flow when the text side has trainable
     parameters. ``batch_size`` chunks the prompts through the text tower (memory; no effect on the result)."""
-    classnames = _check_classnames(classnames)
+    classnames = check_classnames(classnames)
     learner = method_hooks(model).get("prompts") if use_prompt_learner else None
     if learner is not None:
         t = text_tower(model)
