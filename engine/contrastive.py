@@ -36,7 +36,7 @@ from leanclip.pairs import ImageListDataset, PairDataset, PairSet
 from leanclip.registry import check_task, method_hooks
 from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
 from leanclip.select import model_device, trainable_parameters
-from leanclip.training import (cosine_lr, load_run_state, matrix_decay_adamw, resume_log,
+from leanclip.training import (check_config, cosine_lr, load_run_state, matrix_decay_adamw, resume_log,
                                save_run_state, set_lr)
 
 __all__ = ["LearnableTemperature", "ContrastiveConfig", "train_contrastive", "evaluate_retrieval", "encode_pairs",
@@ -130,30 +130,13 @@ class ContrastiveConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "ContrastiveConfig":
-        def pos_int(name, v, minimum=1):
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-
-        pos_int("epochs", self.epochs)
-        pos_int("batch_size", self.batch_size)
-        pos_int("log_every", self.log_every)
-        pos_int("warmup_steps", self.warmup_steps, 0)
-        pos_int("num_workers", self.num_workers, 0)
-        pos_int("eval_batch_size", self.eval_batch_size)
-        if self.max_steps is not None:
-            pos_int("max_steps", self.max_steps)
-        if self.stop_after_step is not None:
-            pos_int("stop_after_step", self.stop_after_step)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
-        if self.precision not in utils.PRECISIONS:
-            raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
+        """ValueError naming the first field out of range (``leanclip.training.check_config``)."""
+        check_config(self, ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "log_every",
+                            "seed", "num_workers", "eval_batch_size"),
+                     optional=("max_steps", "stop_after_step", "clip_grad_norm"),
+                     kinds={"eval_batch_size": "batch_size", "stop_after_step": "max_steps"})
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr!r} with lr={self.lr!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -16,6 +16,23 @@ from leanclip.checkpoint import load_trainable, read_metadata, save_trainable
 from leanclip.data import make_loader
 from leanclip.registry import method_trainer
 from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+def check_config(cfg, numbers: Iterable[str], *, optional: Iterable[str] = (),
+                 kinds: Mapping[str, str] | None = None) -> None:
+    """The one validation of a loop's config (``TrainConfig``, ``ContrastiveConfig``): each field in ``numbers``, and
+    each in ``optional`` that is not None (off), against its row of ``leanclip.utils.NUMBER_RANGES`` (the command
+    line's table, so the API accepts exactly what the CLI accepts; ``kinds``: field -> the row it is checked as), then
+    ``precision``. ValueError naming the first field out of range."""
+    kinds = kinds or {}
+    for name in numbers:
+        utils.check_number(name, getattr(cfg, name), kind_of=kinds.get(name))
+    for name in optional:
+        if getattr(cfg, name) is not None:
+            utils.check_number(name, getattr(cfg, name), kind_of=kinds.get(name))
+    if cfg.precision not in utils.PRECISIONS:
+        raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {cfg.precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------- schedule, optimizer

@@ -93,6 +93,23 @@ def test_clamp_logit_scale_caps_a_trained_scale_only():
     assert float(m.logit_scale) == 7.0
 
 
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": True}, {"lr": 1e9}, {"lr": float("nan")},
+                                 {"seed": -1}, {"clip_grad_norm": 0.0}, {"weight_decay": -1.0}, {"num_workers": 1000},
+                                 {"precision": "fp16"}])
+def test_both_configs_validate_alike(bad):
+    """ContrastiveConfig and TrainConfig share one validation: the same bad value, the same one-line error."""
+    from leanclip.trainer import TrainConfig
+
+    errors = []
+    for cls in (ContrastiveConfig, TrainConfig):
+        with pytest.raises(ValueError) as e:
+            cls(**bad).validate()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and next(iter(bad)) in errors[0]
+    with pytest.raises(ValueError, match="min_lr"):
+        ContrastiveConfig(lr=1e-3, min_lr=1e-2).validate()
+
+
 def test_check_batch_size_names_batch_size():
     assert check_batch_size(16, 2) == 8
     with pytest.raises(ValueError, match="batch_size=15.*world size 2"):
