@@ -37,3 +37,6 @@ def test_a_planted_import_and_a_second_strip_are_counted(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("| measure | value |") and "| library -> command imports | 1: " in out
     assert tool.main([str(tmp_path / "nowhere")]) == 2
+    assert tool.main([str(tmp_path), "--before", str(ROOT)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| measure | before | after |") and "| library -> command imports | 0 | 1: " in out

@@ -2,6 +2,7 @@
 
     python tools/ast_report.py [ROOT]          # ROOT: a checkout or an exported tree (default: this repository)
     python tools/ast_report.py ROOT --json     # the same numbers as one JSON object
+    python tools/ast_report.py ROOT --before OLD   # two columns: the tree OLD, then ROOT
 
 Prints one Markdown table: modules per package, function-level imports, files over 600 lines, library -> command
 imports, and a count per concept that the code base should define once. The library is every ``leanclip`` module
@@ -222,7 +223,8 @@ def report(root: Path) -> dict:
             "concepts": {k: concepts.get(k, 0) for k in CONCEPTS}}
 
 
-def markdown(r: dict) -> str:
+def rows(r: dict) -> dict[str, str]:
+    """Measure -> value, in the table's order."""
     rows = [("modules", str(r["modules"]))]
     rows += [(f"modules in `{p}`", str(n)) for p, n in r["modules_per_package"].items()]
     rows.append(("function-level imports", str(r["function_level_imports"])))
@@ -232,8 +234,18 @@ def markdown(r: dict) -> str:
     cmd = r["library_to_command_imports"]
     rows.append(("library -> command imports", f"{len(cmd)}: " + ", ".join(cmd) if cmd else "0"))
     rows += [(f"concept: {k.replace('_', ' ')}", str(v)) for k, v in r["concepts"].items()]
-    out = ["| measure | value |", "|---|---|"]
-    out += [f"| {a} | {b} |" for a, b in rows]
+    return dict(rows)
+
+
+def markdown(*reports: dict) -> str:
+    """One column per report (a package a tree does not have reads 0)."""
+    packages = sorted(set().union(*(r["modules_per_package"] for r in reports)))
+    tables = [rows({**r, "modules_per_package": {p: r["modules_per_package"].get(p, 0) for p in packages}})
+              for r in reports]
+    measures = list(dict.fromkeys(m for t in tables for m in t))
+    heads = ["value"] if len(reports) == 1 else ["before", "after"][: len(reports)]
+    out = ["| measure | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    out += [f"| {m} | " + " | ".join(t.get(m, "0") for t in tables) + " |" for m in measures]
     return "\n".join(out)
 
 
@@ -241,13 +253,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("root", nargs="?", default=str(Path(__file__).resolve().parents[1]))
     ap.add_argument("--json", action="store_true", help="print the numbers as JSON instead of a Markdown table")
+    ap.add_argument("--before", metavar="OLD", help="another tree, reported in a first column")
     args = ap.parse_args(argv)
-    root = Path(args.root)
-    if not (root / "engine").is_dir():
-        print(f"ast_report: {str(root)!r} has no engine/ folder (not a leanclip tree)", file=sys.stderr)
-        return 2
-    r = report(root)
-    print(json.dumps(r, indent=1) if args.json else markdown(r))
+    roots = [Path(p) for p in ([args.before] if args.before else []) + [args.root]]
+    for root in roots:
+        if not (root / "engine").is_dir():
+            print(f"ast_report: {str(root)!r} has no engine/ folder (not a leanclip tree)", file=sys.stderr)
+            return 2
+    reports = [report(root) for root in roots]
+    print(json.dumps(reports[-1] if len(reports) == 1 else reports, indent=1) if args.json else markdown(*reports))
     return 0
 
 
