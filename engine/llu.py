@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import utils
-from leanclip.feature_cache import FeatureCache, encoder_features, encoder_pass
+from leanclip.feature_cache import FeatureCache, active_cache, encoder_features, encoder_pass
 from leanclip.metrics import AccuracyMeter
 from leanclip.run_files import CHECKPOINT_NAME, FEATURES_DIR, LOG_NAME
 from leanclip.select import model_device
@@ -71,13 +71,14 @@ def extract_image_features(model, dataset, batch_size: int = 256, *, device=None
 def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size: int = 256, *, device=None,
                           precision: str = "auto", num_workers: int = 0,
                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`extract_image_features` from the encoder features of ``leanclip.feature_cache`` (``cache``, else the
-    shared ``$LEANCLIP_FEATURE_CACHE`` one: one pass per image tower and split), computed there on a miss, or
-    computed directly when there is no cache."""
+    """:func:`extract_image_features` from the encoder features of ``leanclip.feature_cache`` (the shared
+    ``$LEANCLIP_FEATURE_CACHE`` one when set: one pass per image tower and split across a sweep's runs; else
+    ``cache``), computed there on a miss, or computed directly when there is no cache."""
     dev = utils.resolve_device(device if device is not None else model_device(model))
     prec = utils.resolve_precision(precision, dev)
     kw = dict(device=dev, precision=prec, num_workers=num_workers, progress=progress)
-    got = encoder_features(model, dataset, batch_size, cache=cache, **kw)
+    shared = active_cache()
+    got = encoder_features(model, dataset, batch_size, cache=shared if shared is not None else cache, **kw)
     raw, labels = got if got is not None else encoder_pass(model, dataset, batch_size, **kw)
     return F.normalize(raw.to(dev), dim=-1).float().cpu(), labels
 
