@@ -67,6 +67,7 @@ from leanclip.memory import saved_activation_bytes
 from leanclip.methods import prepare
 from leanclip.models.openclip import random_init
 from leanclip.registry import method_loss_terms
+from leanclip.select import trainable_parameters
 from leanclip.step import ClassifyStep, StepContext
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")
@@ -235,7 +236,7 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
         model.set_grad_checkpointing(True)
     if spec["chunk"] is not None:
         set_recompute(model, "block", chunk=spec["chunk"])
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
     g = torch.Generator().manual_seed(0)
     size = model.visual.image_size

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from leanclip import utils, weights
+from leanclip.select import model_device, trainable_parameters
 
 FORMAT = "leanclip-trainable/1"
 _OPT_PREFIX = "optim/"
@@ -47,10 +48,6 @@ _GROUP_PREFIX = "optim_group/"
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _added_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     """Persistent, non-None buffers of the modules the method added (name -> tensor)."""
     out = {}
@@ -251,7 +248,7 @@ def save_trainable(model: nn.Module, path, *, optimizer: torch.optim.Optimizer |
     info = getattr(model, "leanclip_info", None)
     if not info:
         raise ValueError("model was not prepared with leanclip.prepare (no model.leanclip_info)")
-    params = _trainable(model)
+    params = dict(trainable_parameters(model))
     buffers = _added_buffers(model)
     if not params and not buffers:
         raise ValueError("model has no trainable parameters to save")
@@ -315,7 +312,7 @@ def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: 
     all_params = dict(model.named_parameters())
     problems = []
     if strict:
-        want = set(_trainable(model))
+        want = set(dict(trainable_parameters(model)))
         have = set(fparams)
         if want - have:
             problems.append(f"missing from the checkpoint: {utils.name_list(want - have)}")
@@ -351,7 +348,7 @@ def _check_and_copy(model: nn.Module, fparams: dict, fbuffers: dict, *, strict: 
         for n, t in fbuffers.items():
             owner, attr = slots[n]
             cur = owner._buffers[attr]
-            dev = cur.device if cur is not None else next(model.parameters()).device
+            dev = cur.device if cur is not None else model_device(model)
             owner._buffers[attr] = t.to(dev).clone()
 
 

@@ -5,17 +5,12 @@ retrieval evaluation.
     summary = train_contrastive(model, pairs, tokenizer, ContrastiveConfig(epochs=5, batch_size=256))
     evaluate_retrieval(model, test_pairs, tokenizer)                  # {"i2t_R@1", ..., "t2i_R@10", "mean"}
 
-Loss. With L2-normalized features, s = 1/tau and the global batch of W ranks x b pairs (features all-gathered WITH
-gradient), rank r scores its own b images against all W*b captions and its own b captions against all W*b images:
-
-    L_r = 1/2 * ( CE(s * I_r T^T, y_r) + CE(s * T_r I^T, y_r) ),   y_r = r*b + arange(b)
-
-mean_r L_r is exactly the single-process symmetric InfoNCE of the W*b batch, and because the all-gather's backward
-sums every rank's gradient for a slice, DDP's gradient average equals the single-process gradient.
+Loss: ``leanclip.losses.clip_loss`` with ``gather=cfg.gather`` (negatives from the global batch, all ranks), the
+learnable temperature's scale when the method added one, else ``model.logit_scale.exp()`` (capped in place after each
+step by ``leanclip.losses.clamp_logit_scale_``).
 
 The loop uses the shared training components (``leanclip.training``: schedule, AdamW with decay on matrices,
-checkpoint state with every RNG, run log); ``clip_loss`` and ``pretrain_contrastive`` (``leanclip.pretrain``) are
-re-exported here.
+checkpoint state with every RNG, run log).
 """
 from __future__ import annotations
 
@@ -35,21 +30,19 @@ from torch.utils.data.distributed import DistributedSampler
 from leanclip import distributed as D
 from leanclip import utils
 from leanclip.data import ItemSeeds, clip_transform, seeded_dataset
-from leanclip.distributed import all_gather_with_grad
+from leanclip.losses import clamp_logit_scale_, clip_loss
 from leanclip.metrics import retrieval_recall_from_features
 from leanclip.pairs import ImageListDataset, PairDataset, PairSet
-from leanclip.pretrain import clip_loss, pretrain_contrastive  # noqa: F401  (re-exported)
 from leanclip.registry import check_task, method_hooks
-from leanclip.training import (cosine_lr, load_run_state, matrix_decay_adamw, model_device, resume_log,
+from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
+from leanclip.select import model_device, trainable_parameters
+from leanclip.training import (check_config, cosine_lr, load_run_state, matrix_decay_adamw, resume_log,
                                save_run_state, set_lr)
 
-__all__ = ["clip_loss", "pretrain_contrastive", "LearnableTemperature", "contrastive_loss", "gather_features",
-           "ContrastiveConfig", "train_contrastive", "evaluate_retrieval", "encode_pairs", "ContrastiveEncoder"]
+__all__ = ["LearnableTemperature", "ContrastiveConfig", "train_contrastive", "evaluate_retrieval", "encode_pairs",
+           "ContrastiveEncoder"]
 
 TEMPERATURE_INIT, TEMPERATURE_MIN, TEMPERATURE_MAX = 0.07, 0.001, 0.5
-CONTRASTIVE_CHECKPOINT = "checkpoint.safetensors"
-CONTRASTIVE_LOG = "log.jsonl"
-CONTRASTIVE_SUMMARY = "summary.json"
 
 
 class LearnableTemperature(nn.Module):
@@ -83,43 +76,11 @@ class LearnableTemperature(nn.Module):
         return 1.0 / (t + (t.clamp(self.min, self.max) - t).detach())
 
 
-def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``x`` concatenated in rank order, with gradient back to each rank's slice (identity on one
-    process). See ``leanclip.distributed.all_gather_with_grad``."""
-    return all_gather_with_grad(x)
-
-
-def contrastive_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale, *,
-                     gather: bool = True) -> torch.Tensor:
-    """Symmetric InfoNCE of this rank's pairs against the GLOBAL batch (all ranks' features gathered with gradient
-    when ``gather`` and a process group with >1 rank exist; otherwise the local batch, = ``clip_loss``).
-
-    ``img_feats``, ``txt_feats``: (b, E) L2-normalized features of matching pairs; ``logit_scale``: 1/tau (tensor or
-    float). Computed in float32; returns this rank's loss (the mean over ranks is the global-batch loss)."""
-    if not isinstance(img_feats, torch.Tensor) or not isinstance(txt_feats, torch.Tensor):
-        raise TypeError("img_feats and txt_feats must be tensors")
-    if img_feats.dim() != 2 or img_feats.shape != txt_feats.shape or img_feats.shape[0] == 0:
-        raise ValueError(f"img_feats and txt_feats must be non-empty (B, E) tensors of the same shape, got "
-                         f"{tuple(img_feats.shape)} and {tuple(txt_feats.shape)}")
-    img, txt = img_feats.float(), txt_feats.float()
-    b = img.shape[0]
-    if gather and D.is_distributed():
-        both = gather_features(torch.cat([img, txt], dim=1))
-        all_img, all_txt = both[:, :img.shape[1]], both[:, img.shape[1]:]
-        offset = D.get_rank() * b
-    else:
-        all_img, all_txt, offset = img, txt, 0
-    labels = torch.arange(offset, offset + b, device=img.device)
-    logits_i2t = logit_scale * (img @ all_txt.t())
-    logits_t2i = logit_scale * (txt @ all_img.t())
-    return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-
-
 class ContrastiveEncoder(nn.Module):
     """``forward(images, tokens) -> (image features, text features, logit scale)`` of a prepared model: the unit
     DistributedDataParallel wraps (so DDP sees the forward). Features are float32 and L2-normalized (lean models
     encode text with the exact EOT-truncated context); the logit scale is ``model.lilt_temperature()`` when the method
-    added one, else ``model.logit_scale.exp()`` capped at 100 (open_clip)."""
+    added one, else ``model.logit_scale.exp()``."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -129,7 +90,7 @@ class ContrastiveEncoder(nn.Module):
         temp = method_hooks(self.model).get("temperature")
         if temp is not None:
             return temp()
-        return self.model.logit_scale.float().exp().clamp(max=100.0)
+        return self.model.logit_scale.float().exp()
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         from leanclip.features import encode_tokens, image_features
@@ -169,30 +130,13 @@ class ContrastiveConfig:
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "ContrastiveConfig":
-        def pos_int(name, v, minimum=1):
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-
-        pos_int("epochs", self.epochs)
-        pos_int("batch_size", self.batch_size)
-        pos_int("log_every", self.log_every)
-        pos_int("warmup_steps", self.warmup_steps, 0)
-        pos_int("num_workers", self.num_workers, 0)
-        pos_int("eval_batch_size", self.eval_batch_size)
-        if self.max_steps is not None:
-            pos_int("max_steps", self.max_steps)
-        if self.stop_after_step is not None:
-            pos_int("stop_after_step", self.stop_after_step)
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.min_lr, (int, float)) and 0 <= self.min_lr <= self.lr):
-            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(f"clip_grad_norm must be > 0 or None, got {self.clip_grad_norm!r}")
-        if self.precision not in utils.PRECISIONS:
-            raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
+        """ValueError naming the first field out of range (``leanclip.training.check_config``)."""
+        check_config(self, ("epochs", "batch_size", "lr", "min_lr", "weight_decay", "warmup_steps", "log_every",
+                            "seed", "num_workers", "eval_batch_size"),
+                     optional=("max_steps", "stop_after_step", "clip_grad_norm"),
+                     kinds={"eval_batch_size": "batch_size", "stop_after_step": "max_steps"})
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr!r} with lr={self.lr!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -303,7 +247,7 @@ class _ContrastiveRun:
 
     @property
     def checkpoint(self) -> Path | None:
-        return self.out_dir / CONTRASTIVE_CHECKPOINT if self.out_dir is not None else None
+        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
 
 
 def _run_length(cfg: ContrastiveConfig, n_pairs: int) -> tuple[int, int, int, int]:
@@ -332,7 +276,7 @@ def _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume) 
         utils.remove_stale_temps(out_dir)
     utils.seed_everything(cfg.seed)
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("model has no trainable parameters: call leanclip.prepare(model, method) first")
     opt = matrix_decay_adamw(model, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
@@ -345,8 +289,8 @@ def _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume) 
                           D.wrap_ddp(encoder, device), ds)
     if resume is not None:
         run.step, run.history = _resume_contrastive(model, opt, resume, cfg, steps_per_epoch)
-    elif out_dir is not None and rank == 0 and (out_dir / CONTRASTIVE_LOG).exists():
-        (out_dir / CONTRASTIVE_LOG).unlink()
+    elif out_dir is not None and rank == 0 and (out_dir / LOG_NAME).exists():
+        (out_dir / LOG_NAME).unlink()
     D.barrier()
     run.bar = utils.Progress(total, f"contrastive {method}", cfg.progress and rank == 0, initial=run.step)
     run.t_start = time.perf_counter()
@@ -377,7 +321,7 @@ def _contrastive_epoch(run: _ContrastiveRun, epoch: int) -> None:
         t_step = time.perf_counter()
         if run.main:
             if run.out_dir is not None and (run.step % run.cfg.log_every == 0 or run.step == run.stop):
-                utils.append_jsonl(run.out_dir / CONTRASTIVE_LOG, rec)
+                utils.append_jsonl(run.out_dir / LOG_NAME, rec)
             run.bar.update(1, loss=f"{rec['loss']:.4f}", tau=f"{rec['temperature']:.4f}", lr=f"{rec['lr']:.2e}")
     losses = [r["loss"] for r in run.history if r["epoch"] == epoch + 1]
     if losses and run.main:
@@ -394,7 +338,7 @@ def _contrastive_step(run: _ContrastiveRun, epoch: int, images, captions, t_step
     images = images.to(device, non_blocking=True)
     with utils.autocast(device, run.precision):
         img_f, txt_f, scale = run.net(images, tokens)
-    loss = contrastive_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
+    loss = clip_loss(img_f, txt_f, scale.float(), gather=cfg.gather)
     run.opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is
@@ -408,6 +352,8 @@ def _contrastive_step(run: _ContrastiveRun, epoch: int, images, captions, t_step
     temp = method_hooks(run.model).get("temperature")
     if temp is not None:
         temp.clamp_()
+    else:
+        clamp_logit_scale_(run.model)
     run.step += 1
     dt = time.perf_counter() - t_step
     run.pairs_seen += cfg.batch_size
@@ -431,12 +377,12 @@ def _save_contrastive(run: _ContrastiveRun, epoch_done: int) -> None:
                                            min_lr=cfg.min_lr))
     meta = {"leanclip_task": "contrastive", "method": run.method, "step": run.step,
             "steps_per_epoch": run.steps_per_epoch, "epoch": epoch_done, "world_size": run.world,
-            "config": cfg.to_dict(), **(cfg.extra or {})}
+            "config": cfg.to_dict()}
     save_run_state(run.model, run.opt, run.checkpoint, run.step, meta)
 
 
 def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, list]:
-    meta = load_run_state(model, opt, path, CONTRASTIVE_CHECKPOINT)
+    meta = load_run_state(model, opt, path, CHECKPOINT_NAME)
     if meta.get("leanclip_task") != "contrastive":
         raise ValueError(f"resume: {meta['path']!r} is not a contrastive-training checkpoint")
     if int(meta.get("steps_per_epoch", steps_per_epoch)) != steps_per_epoch:
@@ -445,7 +391,7 @@ def _resume_contrastive(model, opt, path, cfg, steps_per_epoch) -> tuple[int, li
     if "rng" in meta:
         utils.set_rng_state(meta["rng"])
     step = int(meta.get("step") or 0)
-    return step, resume_log(cfg.output, step, CONTRASTIVE_LOG)
+    return step, resume_log(cfg.output, step, LOG_NAME)
 
 
 def _contrastive_summary(run: _ContrastiveRun, eval_pairs, transform) -> dict:
@@ -467,8 +413,8 @@ def _contrastive_summary(run: _ContrastiveRun, eval_pairs, transform) -> dict:
     }
     if run.out_dir is not None and run.main:
         summary["checkpoint"] = str(run.checkpoint)
-        summary["log"] = str(run.out_dir / CONTRASTIVE_LOG)
-        utils.atomic_write_json(run.out_dir / CONTRASTIVE_SUMMARY,
+        summary["log"] = str(run.out_dir / LOG_NAME)
+        utils.atomic_write_json(run.out_dir / SUMMARY_NAME,
                                 {k: v for k, v in summary.items() if k != "losses"})
     return summary
 

@@ -4,10 +4,8 @@
 
 ``init_distributed()`` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``) and joins the process group (NCCL on GPUs, gloo on CPU); without those variables it is a no-op
-(world size 1). ``all_gather_with_grad`` concatenates a tensor from every rank and lets the gradient flow back to
-every rank's own slice, so an InfoNCE loss sees the global batch as negatives. ``wrap_ddp`` puts a module under
-``DistributedDataParallel``: DDP only buckets and all-reduces parameters that require grad, so with a PEFT method
-only the trainable parameters travel. Rank 0 logs and writes checkpoints; ``barrier()`` keeps the others in step.
+(world size 1). ``wrap_ddp`` puts a module under ``DistributedDataParallel``: DDP only buckets and all-reduces
+parameters that require grad, so with a PEFT method only the trainable parameters travel. Rank 0 logs and writes checkpoints; ``barrier()`` keeps the others in step.
 
 Bad input under torchrun: every rank checks its inputs, and ``inputs_checked`` makes them stop together. A rank that
 gave up on its own (rank 0 alone checks the run folder) would leave the others waiting in their next collective until
@@ -28,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from leanclip.utils import resolve_device
 
 __all__ = ["DistInfo", "init_distributed", "cleanup", "is_distributed", "get_rank", "get_world_size", "is_main",
-           "barrier", "all_reduce_mean", "all_gather_with_grad", "check_batch_size", "wrap_ddp", "find_free_port",
+           "barrier", "all_reduce_mean", "check_batch_size", "wrap_ddp", "find_free_port",
            "current", "inputs_checked"]
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -160,43 +158,6 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
-
-
-class _AllGatherGrad(torch.autograd.Function):
-    """Forward: concatenate ``x`` (same shape on every rank) from all ranks along dim 0.
-    Backward: every rank's loss may depend on every slice, so the gradient of this rank's slice is the SUM over
-    ranks of the incoming gradients for that slice (reduce-scatter; all-reduce + slice on backends without it)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        world = dist.get_world_size()
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        x = x.contiguous()
-        if dist.get_backend() == "nccl":
-            out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-            dist.all_gather_into_tensor(out, x)
-            return out
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x)
-        return torch.cat(parts, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        if dist.get_backend() == "nccl":
-            out = torch.empty((ctx.n,) + tuple(grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-            dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM)
-            return out
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n].clone()
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(b, ...) on each of W ranks -> (W*b, ...) in rank order, differentiable (see ``_AllGatherGrad``).
-    Identity on one process. Every rank must pass the same shape."""
-    if not is_distributed():
-        return x
-    return _AllGatherGrad.apply(x)
 
 
 def check_batch_size(batch_size, world_size: int) -> int:

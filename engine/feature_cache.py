@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from leanclip import utils
+from leanclip.features import encode_images
 from leanclip.registry import method_hooks
 from leanclip.synthetic import private_dir
 from leanclip.training import dataset_labels, eval_loader
@@ -48,7 +49,7 @@ from leanclip.training import dataset_labels, eval_loader
 ENV_VAR = "LEANCLIP_FEATURE_CACHE"
 EVENTS_NAME = "events.jsonl"
 
-__all__ = ["ENV_VAR", "FeatureCache", "SharedFeatureCache", "active_cache", "expected_entry", "image_tower_frozen",
+__all__ = ["ENV_VAR", "FeatureCache", "active_cache", "expected_entry", "image_tower_frozen",
            "image_tower_fingerprint", "encoder_pass", "encoder_features", "cached_batches", "count_events"]
 
 
@@ -56,10 +57,12 @@ _CACHE_VERSION = 2  # 2: entries record their key and sha256; the dataset key co
 
 
 class FeatureCache:
-    """Directory of ``<sha256>.safetensors`` files, each holding the tensors of one (model, dataset, transform, dtype)
-    combination. Files are written atomically (temp file + ``os.replace``) with their key and digest; an entry that
-    does not pass :meth:`load`'s checks is a miss and is rewritten. The folder must be private (module docstring).
-    ``hits`` / ``misses`` count lookups of this instance."""
+    """Directory of ``<sha256>.safetensors`` files, each holding the tensors of one (image tower, dataset, transform,
+    precision, batch size) combination: the run's own folder (``leanclip.llu``) or the one a sweep shares
+    (:func:`active_cache`), safe for concurrent processes (a lock per key, write-once) and counted (``events.jsonl``).
+    Files are written atomically (temp file + ``os.replace``) with their key and digest; an entry that does not pass
+    :meth:`load`'s checks is a miss and is rewritten. The folder must be private (module docstring). ``hits`` /
+    ``misses`` count lookups of this instance."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -104,17 +107,21 @@ class FeatureCache:
         return utils.atomic_write_bytes(self.path(key), save(tensors, metadata=metadata))
 
     def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
-                       meta: Mapping[str, Any] | None = None,
-                       expect: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+                       meta: Mapping | None = None, expect: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+        """The entry of ``key``, or ``compute()`` written there: one process computes, the others wait and read
+        (a lock per key); each pass and each reuse is a line of ``events.jsonl``."""
         self.check_root()
-        got = self.load(key, expect)
-        if got is not None:
-            self.hits += 1
-            return got
-        self.misses += 1
-        out = {k: v.detach().cpu() for k, v in compute().items()}
-        self.save(key, out, meta)
-        return out
+        with _locked(self.root / f"{key}.lock"):
+            got = self.load(key, expect)
+            if got is not None:
+                self.hits += 1
+                utils.append_jsonl(self.root / EVENTS_NAME, {"event": "hit", "key": key, **(meta or {})})
+                return got
+            self.misses += 1
+            out = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
+            self.save(key, out, meta)
+            utils.append_jsonl(self.root / EVENTS_NAME, {"event": "pass", "key": key, **(meta or {})})
+            return out
 
 
 def _entry_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> str:
@@ -150,24 +157,6 @@ def _hash_tensor(h, t: torch.Tensor) -> None:
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     if t.numel():
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
-def model_fingerprint(model: torch.nn.Module, weights_path: str | os.PathLike | None = None,
-                      exclude: Sequence[str] = ("llu_",)) -> str:
-    """Identity of the frozen encoders: sha256 of the weights file (plus the parameter dtypes) when given, else of
-    every state_dict tensor's name, dtype, shape and bytes (random-init models), leaving out the LLU heads."""
-    h = hashlib.sha256()
-    if weights_path is not None:
-        h.update(b"file:" + utils.sha256_file(weights_path).encode())
-        h.update(json.dumps(sorted({str(p.dtype) for p in model.parameters()})).encode())
-        return h.hexdigest()
-    for name, t in model.state_dict().items():
-        if any(name.startswith(e) or f".{e}" in name for e in exclude):
-            continue
-        h.update(name.encode())
-        if isinstance(t, torch.Tensor):
-            _hash_tensor(h, t)
-    return h.hexdigest()
 
 
 def _file_identity(path) -> list | None:
@@ -210,26 +199,6 @@ def feature_key(model_name: str, model_id: str, dataset_id: str, dtype: str, kin
 # -------------------------------------------------------------------------------------------------- feature extraction
 
 
-class SharedFeatureCache(FeatureCache):
-    """:class:`FeatureCache` made safe for concurrent processes (a lock per key, write-once) and
-    counted (``events.jsonl``)."""
-
-    def get_or_compute(self, key: str, compute: Callable[[], Mapping[str, torch.Tensor]],
-                       meta: Mapping | None = None, expect: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
-        self.check_root()
-        with _locked(self.root / f"{key}.lock"):
-            got = self.load(key, expect)
-            if got is not None:
-                self.hits += 1
-                utils.append_jsonl(self.root / EVENTS_NAME, {"event": "hit", "key": key, **(meta or {})})
-                return got
-            self.misses += 1
-            out = {k: v.detach().cpu().contiguous() for k, v in compute().items()}
-            self.save(key, out, meta)
-            utils.append_jsonl(self.root / EVENTS_NAME, {"event": "pass", "key": key, **(meta or {})})
-            return out
-
-
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive ``flock`` on ``path`` for the block (no lock where fcntl does not exist)."""
@@ -246,14 +215,14 @@ def _locked(path: Path):
         os.close(fd)
 
 
-def active_cache() -> SharedFeatureCache | None:
+def active_cache() -> FeatureCache | None:
     """The cache ``$LEANCLIP_FEATURE_CACHE`` names (created 0700 if needed), or None when it is unset or empty;
     ValueError naming the variable when the folder is not private (another user's, or writable by others)."""
     root = os.environ.get(ENV_VAR)
     if not root:
         return None
     private_dir(root, f"feature cache ${ENV_VAR}")
-    return SharedFeatureCache(root)
+    return FeatureCache(root)
 
 
 def count_events(root) -> dict:
@@ -272,15 +241,6 @@ def image_tower_frozen(model) -> bool:
     return not any(p.requires_grad for p in model.visual.parameters())
 
 
-def _encode(model, images):
-    """``model.encode_image`` in fp32, images cast to the patch embedding's dtype (frozen bf16 weights), as
-    ``leanclip.features.image_features`` feeds the encoder."""
-    conv = getattr(model.visual, "conv1", None)
-    if conv is not None and images.dtype != conv.weight.dtype and images.is_floating_point():
-        images = images.to(conv.weight.dtype)
-    return model.encode_image(images).float()
-
-
 def image_tower_fingerprint(model) -> str:
     """sha256 of the image tower's structure (``repr``) and state (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256(repr(model.visual).encode())
@@ -292,16 +252,16 @@ def image_tower_fingerprint(model) -> str:
 
 @torch.no_grad()
 def encoder_pass(model, dataset, batch_size: int, *, device, precision: str, num_workers: int = 0,
-                 progress: bool = False, encode: Callable = _encode, post: Callable | None = None):
-    """One pass of the image tower over ``dataset`` in order (eval mode, no grad): ``encode(model, images)`` per
-    batch under autocast, then ``post`` (outside autocast) -> ``(features (N, E) on CPU, labels (N,) int64)``."""
+                 progress: bool = False, post: Callable | None = None):
+    """One pass of the image tower over ``dataset`` in order (eval mode, no grad): ``encode_images`` per batch under
+    autocast, then ``post`` (outside autocast) -> ``(features (N, E) on CPU, labels (N,) int64)``."""
     was = model.training
     model.eval()
     feats, labels = [], []
     try:
         for images, y in utils.track(eval_loader(dataset, batch_size, num_workers), "features", progress):
             with utils.autocast(device, precision):
-                f = encode(model, images.to(device, non_blocking=True))
+                f = encode_images(model, images.to(device, non_blocking=True))
             feats.append((post(f) if post is not None else f).cpu())
             labels.append(torch.as_tensor(y).long().cpu())
     finally:
@@ -312,7 +272,7 @@ def encoder_pass(model, dataset, batch_size: int, *, device, precision: str, num
 
 
 def encoder_features(model, dataset, batch_size: int, *, device, precision: str, num_workers: int = 0,
-                     progress: bool = False, encoder_only: bool = False, cache: SharedFeatureCache | None = None):
+                     progress: bool = False, encoder_only: bool = False, cache: FeatureCache | None = None):
     """``(raw image-encoder features (N, E) fp32 on CPU, labels (N,))`` of ``dataset`` in order, from the shared
     cache (``cache`` or :func:`active_cache`), computed there on a miss; None when there is no cache or when the
     model's image features depend on trainable parameters (:func:`image_tower_frozen`; ``encoder_only=True``: the

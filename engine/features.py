@@ -21,6 +21,7 @@ from torch import nn
 from leanclip import lean as _lean
 from leanclip.models.openclip import text_tower
 from leanclip.registry import method_hooks
+from leanclip.select import model_device
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 _TOKEN_CACHE: dict = {}
@@ -37,7 +38,8 @@ def _clean(name) -> str:
     return " ".join(str(name).replace("_", " ").split())
 
 
-def _check_classnames(classnames) -> list[str]:
+def check_classnames(classnames) -> list[str]:
+    """``classnames`` as a list of strings; ValueError naming it when it is None, one string, or empty."""
     if classnames is None or isinstance(classnames, str):
         raise ValueError("classnames must be a non-empty list of strings")
     classnames = [str(c) for c in classnames]
@@ -77,29 +79,31 @@ def tokenize(tokenizer: Callable, texts: Sequence[str]) -> torch.Tensor:
     return tok
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def encode_tokens(model: nn.Module, tokens: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
     """Unnormalized text embeddings (N, E) of ``tokens`` (lean: EOT-truncated per chunk; plain: open_clip)."""
-    tokens = tokens.to(_model_device(model))
+    tokens = tokens.to(model_device(model))
     lean = _uses_lean(model)
     chunks = [tokens] if not batch_size or tokens.shape[0] <= batch_size else tokens.split(int(batch_size))
     outs = [(_lean.encode_text_lean(model, c) if lean else model.encode_text(c)) for c in chunks]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def image_features(model: nn.Module, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-    """(B, E) float32 image features (L2-normalized unless ``normalize=False``); CLIP-Adapter applied when the
-    method has one. Images are cast to the patch-embedding weight's dtype (bf16 frozen weights)."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+def encode_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """(B, E) float32 output of the bare image encoder (no method head, not normalized): what the feature cache
+    stores. Images are cast to the patch-embedding weight's dtype (bf16 frozen weights)."""
     conv = getattr(model.visual, "conv1", None)
     if conv is not None and images.dtype != conv.weight.dtype and images.is_floating_point():
         images = images.to(conv.weight.dtype)
-    f = model.encode_image(images).float()
+    return model.encode_image(images).float()
+
+
+def image_features(model: nn.Module, images: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """(B, E) float32 image features (L2-normalized unless ``normalize=False``): :func:`encode_images`, then
+    CLIP-Adapter when the method has one."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
+    f = encode_images(model, images)
     adapter = method_hooks(model).get("image_features")
     if adapter is not None:
         f = adapter(f)
@@ -115,7 +119,7 @@ def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequen
     templates and renormalized. A model whose method adds a ``prompts`` hook (CoOp) uses its learned prompts and ignores
     ``templates`` (unless ``use_prompt_learner=False``). Gradients flow when the text side has trainable
     parameters. ``batch_size`` chunks the prompts through the text tower (memory; no effect on the result)."""
-    classnames = _check_classnames(classnames)
+    classnames = check_classnames(classnames)
     learner = method_hooks(model).get("prompts") if use_prompt_learner else None
     if learner is not None:
         t = text_tower(model)

@@ -76,6 +76,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from leanclip import kernels
 from leanclip.kernels._backend import resolve as _resolve_backend
 from leanclip.registry import method_hooks
+from leanclip.select import trainable_parameters
 from leanclip.models.openclip import (  # noqa: F401  (text_tower, tower_blocks, class_name: re-exported)
     LayerNorm, LayerNormFp32, ResidualAttentionBlock, Transformer, VisionTransformer, block_supported, class_name,
     pool_index, pools_at_eot, text_global_pool, text_tower, tower_blocks,
@@ -850,7 +851,7 @@ def _tower_bytes(blocks, policy, first, stage, post_units, batch, length, width,
 
 
 def _trainable_names(model: nn.Module, prefix: str) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(prefix)]
+    return [n for n, _ in trainable_parameters(model) if n.startswith(prefix)]
 
 
 def _top(names: list[str], prefix: str) -> set:

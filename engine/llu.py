@@ -12,12 +12,12 @@ with ``reg = mean((W-I)^2) + mean(b^2)`` (the authors' code; the default) or, wi
 ``leanclip.heads.LLUHead``): ``gate=dirac`` / ``gate=none``, ``init=random``, ``shared=true`` (one map, one
 regulariser term).
 
-The encoders never back-propagate: image features of every dataset are computed once (``FeatureCache``), class text
-features once per class set. Banks: image head D = the training image features, or (``clusters=k``) the normalized
-means of ``min(k, n)`` agglomerative clusters (complete linkage, cosine); text head D = the training classes' text
-features. At test time new classes / far-away images get a small alpha, i.e. stay close to zero-shot CLIP.
+The encoders never back-propagate: image features of every dataset are computed once (``leanclip.feature_cache``),
+class text features once per class set. Banks: image head D = the training image features, or (``clusters=k``) the
+normalized means of ``min(k, n)`` agglomerative clusters (complete linkage, cosine); text head D = the training
+classes' text features. At test time new classes / far-away images get a small alpha, i.e. stay close to zero-shot CLIP.
 
-    cache = FeatureCache("runs/features")
+    cache = leanclip.feature_cache.FeatureCache("runs/features")
     feats, labels = cached_image_features(model, train_set, cache)               # (N, E) fp32 normalized, (N,)
     txt = class_text_features(model, classnames, templates, tokenizer)           # (C, E) frozen, normalized
     summary = train_llu(model, feats, labels, txt, cfg)                          # heads trained in place
@@ -35,19 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import utils
-from leanclip.feature_cache import (  # noqa: F401  (the per-run cache, re-exported)
-    FeatureCache, dataset_fingerprint, encoder_features, encoder_pass, expected_entry, feature_key, model_fingerprint,
-)
+from leanclip.feature_cache import FeatureCache, active_cache, encoder_features, encoder_pass
 from leanclip.metrics import AccuracyMeter
+from leanclip.run_files import CHECKPOINT_NAME, FEATURES_DIR, LOG_NAME
+from leanclip.select import model_device
 from leanclip.training import (
-    CHECKPOINT_NAME, LOG_NAME, build_optimizer, lr_at, model_device, resume_state, run_summary, save_state, set_lr,
+    build_optimizer, lr_at, resume_state, run_summary, save_state, set_lr,
 )
 
 __all__ = [
-    "FeatureCache",
-    "model_fingerprint",
-    "dataset_fingerprint",
-    "feature_key",
     "extract_image_features",
     "cached_image_features",
     "class_text_features",
@@ -63,51 +59,28 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------------ feature cache
-def _encode_images(model, images: torch.Tensor) -> torch.Tensor:
-    """Frozen image-encoder features (L2-normalized, fp32). For an ``llu`` model ``leanclip.features.image_features``
-    is the bare encoder (the LLU heads act in ``class_logits``)."""
-    from leanclip.features import image_features
-
-    return image_features(model, images).float()
-
-
 @torch.no_grad()
 def extract_image_features(model, dataset, batch_size: int = 256, *, device=None, precision: str = "auto",
                            num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order."""
-    device = utils.resolve_device(device if device is not None else model_device(model))
-    precision = utils.resolve_precision(precision, device)
-    return encoder_pass(model, dataset, batch_size, device=device, precision=precision, num_workers=num_workers,
-                        progress=progress, encode=_encode_images, post=lambda f: F.normalize(f.float(), dim=-1))
+    """(features (N, E) fp32 L2-normalized on CPU, labels (N,) int64) of the frozen image encoder, in dataset order.
+    For an ``llu`` model this is ``leanclip.features.image_features`` (the LLU heads act in ``class_logits``)."""
+    return cached_image_features(model, dataset, None, batch_size, device=device, precision=precision,
+                                 num_workers=num_workers, progress=progress)
 
 
-def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size: int = 256, *,
-                          model_name: str | None = None, weights_path=None, device=None, precision: str = "auto",
-                          num_workers: int = 0, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`extract_image_features`, memoised in ``cache`` (None: compute), or derived from the shared encoder
-    features when ``$LEANCLIP_FEATURE_CACHE`` is set (``leanclip.feature_cache``: one pass per weights and split)."""
-    dev = utils.resolve_device(device if device is not None else next(model.parameters()).device)
-    shared = encoder_features(model, dataset, batch_size, device=dev, num_workers=num_workers, progress=progress,
-                              precision=utils.resolve_precision(precision, dev))
-    if shared is not None:  # what extract_image_features computes (on the device) from the same encoder output
-        raw, labels = shared
-        return F.normalize(F.normalize(raw.to(dev), dim=-1), dim=-1).cpu(), labels
-
-    def compute():
-        f, y = extract_image_features(model, dataset, batch_size, device=device, precision=precision,
-                                      num_workers=num_workers, progress=progress)
-        return {"features": f, "labels": y}
-
-    if cache is None:
-        out = compute()
-    else:
-        dev = utils.resolve_device(device if device is not None else next(model.parameters()).device)
-        prec = utils.resolve_precision(precision, dev)
-        name = model_name or (getattr(model, "leanclip_info", None) or {}).get("model_name") or type(model).__name__
-        key = feature_key(name, model_fingerprint(model, weights_path), dataset_fingerprint(dataset), prec)
-        out = cache.get_or_compute(key, compute, meta={"model": name, "n": len(dataset), "precision": prec},
-                                   expect=expected_entry(dataset))
-    return out["features"].float(), out["labels"].long()
+def cached_image_features(model, dataset, cache: FeatureCache | None, batch_size: int = 256, *, device=None,
+                          precision: str = "auto", num_workers: int = 0,
+                          progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_image_features` from the encoder features of ``leanclip.feature_cache`` (the shared
+    ``$LEANCLIP_FEATURE_CACHE`` one when set: one pass per image tower and split across a sweep's runs; else
+    ``cache``), computed there on a miss, or computed directly when there is no cache."""
+    dev = utils.resolve_device(device if device is not None else model_device(model))
+    prec = utils.resolve_precision(precision, dev)
+    kw = dict(device=dev, precision=prec, num_workers=num_workers, progress=progress)
+    shared = active_cache()
+    got = encoder_features(model, dataset, batch_size, cache=shared if shared is not None else cache, **kw)
+    raw, labels = got if got is not None else encoder_pass(model, dataset, batch_size, **kw)
+    return F.normalize(raw.to(dev), dim=-1).float().cpu(), labels
 
 
 @torch.no_grad()
@@ -328,13 +301,12 @@ def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=N
     device = utils.resolve_device(cfg.device)
     precision = utils.resolve_precision(cfg.precision, device)
     model.to(device)
-    cache_dir = cfg.cache_dir or (str(Path(cfg.output) / "features") if cfg.output else None)
+    cache_dir = cfg.cache_dir or (str(Path(cfg.output) / FEATURES_DIR) if cfg.output else None)
     for folder in (cfg.output, cache_dir):  # temps of writes killed in an earlier run (checkpoint, features)
         if folder:
             utils.remove_stale_temps(folder)
     cache = FeatureCache(cache_dir) if cache_dir else None
-    kw = dict(model_name=cfg.extra.get("model_name"), weights_path=cfg.extra.get("weights_path"), device=device,
-              precision=precision, num_workers=cfg.num_workers, progress=cfg.progress)
+    kw = dict(device=device, precision=precision, num_workers=cfg.num_workers, progress=cfg.progress)
     feats, labels = cached_image_features(model, train_set, cache, cfg.eval_batch_size, **kw)
     txt = class_text_features(model, classnames, templates, tokenizer, device=device, precision=precision)
     cfg.extra.setdefault("classnames", list(classnames))

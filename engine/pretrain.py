@@ -1,52 +1,24 @@
 """Contrastive pre-training of a whole CLIP on an in-memory corpus (the demo's and the tests' synthetic weights).
 
-    loss = clip_loss(img_feats, txt_feats, logit_scale)          # symmetric InfoNCE on a batch of pairs
     losses = pretrain_contrastive(model, images, captions, tokenizer, steps=300, batch_size=64, lr=1e-3, seed=0)
 
-``clip_loss`` is the loss of Radford et al. (2021): with ``S = logit_scale · I·Tᵀ`` for L2-normalized image features
-``I`` (B×E) and text features ``T`` (B×E), pair ``i`` is the positive of row ``i`` and column ``i``:
-
-    L = ½ · ( CE(S, arange(B)) + CE(Sᵀ, arange(B)) )
-
-``pretrain_contrastive`` is a plain, seeded full-training loop (AdamW, linear warm-up then cosine decay, logit scale
-clamped at 100 as in open_clip) that every parameter of ``model`` takes part in. It is meant for small in-memory
+``pretrain_contrastive`` is a plain, seeded full-training loop (AdamW, linear warm-up then cosine decay, the
+symmetric InfoNCE and logit-scale cap of ``leanclip.losses``) that every parameter of ``model`` takes part in. It is meant for small in-memory
 corpora (the demo's synthetic one); it does not change which parameters are trainable.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from leanclip import utils
+from leanclip.losses import clamp_logit_scale_, clip_loss
+from leanclip.select import model_device, trainable_parameters
 from leanclip.training import cosine_lr, matrix_decay_adamw, set_lr
 
-__all__ = ["clip_loss", "pretrain_contrastive"]
-
-_MAX_LOGIT_SCALE = math.log(100.0)
-
-
-def clip_loss(img_feats: torch.Tensor, txt_feats: torch.Tensor, logit_scale) -> torch.Tensor:
-    """Symmetric InfoNCE of a batch of matching pairs (row ``i`` of each is one pair).
-
-    ``img_feats``, ``txt_feats``: (B, E) features, L2-normalized by the caller (as open_clip's ``CLIP.forward``
-    returns them); ``logit_scale``: the multiplier itself (``model.logit_scale.exp()``), a float or a scalar tensor.
-    Computed and returned in float32 (16-bit inputs are upcast; float64 inputs stay float64, for gradcheck)."""
-    if not isinstance(img_feats, torch.Tensor) or not isinstance(txt_feats, torch.Tensor):
-        raise TypeError("img_feats and txt_feats must be tensors")
-    if img_feats.dim() != 2 or txt_feats.dim() != 2:
-        raise ValueError(f"img_feats and txt_feats must be 2-D (B, E); got {tuple(img_feats.shape)} and "
-                         f"{tuple(txt_feats.shape)}")
-    if img_feats.shape != txt_feats.shape:
-        raise ValueError(f"img_feats {tuple(img_feats.shape)} and txt_feats {tuple(txt_feats.shape)} must match")
-    if img_feats.shape[0] == 0:
-        raise ValueError("img_feats: empty batch")
-    dt = torch.float64 if torch.float64 in (img_feats.dtype, txt_feats.dtype) else torch.float32
-    logits = logit_scale * (img_feats.to(dt) @ txt_feats.to(dt).t())
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+__all__ = ["pretrain_contrastive"]
 
 
 def pretrain_contrastive(
@@ -80,13 +52,13 @@ def pretrain_contrastive(
         raise ValueError(f"steps must be >= 1 and batch_size >= 2; got steps={steps}, batch_size={batch_size}")
     n = images.shape[0]
     batch_size = min(batch_size, n)
-    device = next(model.parameters()).device
+    device = model_device(model)
     tokens = tokenizer(list(captions))
     warmup = max(1, int(0.1 * steps)) if warmup is None else max(0, warmup)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trainable_parameters(model)]
     if not params:
         raise ValueError("model has no trainable parameters")
     opt = matrix_decay_adamw(model, lr, weight_decay)
@@ -115,8 +87,7 @@ def pretrain_contrastive(
             loss_v, gn = torch.stack([loss.detach().float(), utils.grad_norm(params).float().to(loss.device)]).tolist()
             utils.check_finite_step(loss_v, gn, step=step + 1, epoch=step * batch_size // n + 1, lr=lr_at(step))
             opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+            clamp_logit_scale_(model)
             losses.append(loss_v)
             bar.update(1, loss=f"{loss_v:.3f}")
     finally:

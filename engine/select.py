@@ -10,6 +10,7 @@ import sys
 import warnings
 from typing import Iterable
 
+import torch
 from torch import nn
 
 from leanclip.models.openclip import (  # noqa: F401  (the patterns are re-exported for the method modules)
@@ -112,8 +113,16 @@ def embed_dim(model: nn.Module) -> int:
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) pairs that require grad, in ``named_parameters`` order."""
+    """(name, parameter) pairs that require grad, in ``named_parameters`` order (the optimizer's and the
+    checkpoint's order)."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 def count_trainable(model: nn.Module) -> int:

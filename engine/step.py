@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from leanclip import utils
 from leanclip.features import class_logits, image_features, text_features
 from leanclip.registry import method_loss_terms
+from leanclip.select import model_device
 
 __all__ = ["StepContext", "ClassifyStep"]
 
@@ -58,7 +59,7 @@ class ClassifyStep:
             raise ValueError("model was not prepared: call leanclip.prepare(model, method) first")
         self.model = model
         self.classnames, self.templates, self.tokenizer = list(classnames), list(templates), tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.precision = precision
         ctx = StepContext(model, self.classnames, self.templates, tokenizer, cfg, self.device, precision)
         self.terms = [t for t in (make(ctx) for make in method_loss_terms(info["method"])) if t is not None]

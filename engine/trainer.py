@@ -65,14 +65,15 @@ from leanclip.feature_cache import cached_batches
 from leanclip.llu import run_llu
 from leanclip.metrics import AccuracyMeter, harmonic_mean
 from leanclip.registry import method_hooks, method_trainer
+from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME
+from leanclip.select import model_device, trainable_parameters
 from leanclip.step import ClassifyStep
 from leanclip.training import (
-    CHECKPOINT_NAME, LOG_NAME, build_optimizer, check_labels, check_resume, dataset_labels,
-    epoch_loader, eval_loader, lr_at, model_device, resume_state, run_summary, save_state, steps_per_epoch,
-    trainable_params,
+    build_optimizer, check_config, check_labels, check_resume, dataset_labels,
+    epoch_loader, eval_loader, lr_at, resume_state, run_summary, save_state, steps_per_epoch,
 )
 
-__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "CHECKPOINT_NAME", "LOG_NAME"]
+__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at"]
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -111,23 +112,16 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """ValueError naming the first field out of range: the numbers the command line also takes are checked
         against its table (``leanclip.utils.NUMBER_RANGES``), so the API accepts exactly what the CLI accepts."""
-        for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "grad_accum",
-                     "kd_lambda", "llu_lambda", "log_every", "seed", "num_workers"):
-            utils.check_number(name, getattr(self, name))
-        for name in ("clip_grad_norm", "llu_clusters"):  # None: off
-            if getattr(self, name) is not None:
-                utils.check_number(name, getattr(self, name))
-        utils.check_number("eval_batch_size", self.eval_batch_size, kind_of="batch_size")
-        utils.check_number("eval_every", self.eval_every, kind_of="warmup_epochs")  # an int >= 0
-        if self.stop_after_epoch is not None:
-            utils.check_number("stop_after_epoch", self.stop_after_epoch, kind_of="epochs")
-        utils.check_number("momentum", self.momentum, kind_of="weight_decay")  # a finite float >= 0
+        check_config(self, ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "grad_accum",
+                            "kd_lambda", "llu_lambda", "log_every", "seed", "num_workers", "eval_batch_size",
+                            "eval_every", "momentum"),
+                     optional=("clip_grad_norm", "llu_clusters", "stop_after_epoch"),
+                     kinds={"eval_batch_size": "batch_size", "eval_every": "warmup_epochs",  # an int >= 0
+                            "stop_after_epoch": "epochs", "momentum": "weight_decay"})  # a finite float >= 0
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.scheduler not in ("cosine", "constant"):
             raise ValueError(f"scheduler must be 'cosine' or 'constant', got {self.scheduler!r}")
-        if self.precision not in utils.PRECISIONS:
-            raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {self.precision!r}")
         return self
 
     def to_dict(self) -> dict:
@@ -258,7 +252,7 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
         utils.remove_stale_temps(out_dir)
     utils.seed_everything(cfg.seed)
     model.to(device)
-    params = trainable_params(model)
+    params = [p for _, p in trainable_parameters(model)]
     opt = build_optimizer(params, cfg)
     micro_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     model.train()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -15,10 +15,24 @@ from leanclip import utils
 from leanclip.checkpoint import load_trainable, read_metadata, save_trainable
 from leanclip.data import make_loader
 from leanclip.registry import method_trainer
+from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME, SUMMARY_NAME
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-LOG_NAME = "log.jsonl"
-SUMMARY_NAME = "summary.json"
+
+# ------------------------------------------------------------------------------------------------------------ config
+def check_config(cfg, numbers: Iterable[str], *, optional: Iterable[str] = (),
+                 kinds: Mapping[str, str] | None = None) -> None:
+    """The one validation of a loop's config (``TrainConfig``, ``ContrastiveConfig``): each field in ``numbers``, and
+    each in ``optional`` that is not None (off), against its row of ``leanclip.utils.NUMBER_RANGES`` (the command
+    line's table, so the API accepts exactly what the CLI accepts; ``kinds``: field -> the row it is checked as), then
+    ``precision``. ValueError naming the first field out of range."""
+    kinds = kinds or {}
+    for name in numbers:
+        utils.check_number(name, getattr(cfg, name), kind_of=kinds.get(name))
+    for name in optional:
+        if getattr(cfg, name) is not None:
+            utils.check_number(name, getattr(cfg, name), kind_of=kinds.get(name))
+    if cfg.precision not in utils.PRECISIONS:
+        raise ValueError(f"precision must be one of {utils.PRECISIONS}, got {cfg.precision!r}")
 
 
 # ----------------------------------------------------------------------------------------------- schedule, optimizer
@@ -76,11 +90,6 @@ def steps_per_epoch(n_train: int, cfg) -> int:
     cached-feature trainer (LLU), one per ``grad_accum`` batches for the back-propagating one."""
     batches = math.ceil(n_train / cfg.batch_size)
     return batches if method_trainer(cfg.method) == "cached" else math.ceil(batches / cfg.grad_accum)
-
-
-def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The parameters with ``requires_grad``, in module order (the optimizer's and the checkpoint's order)."""
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 # ------------------------------------------------------------------------------------------------------------ labels
@@ -239,10 +248,3 @@ def trainer_meta(meta) -> dict:
         return {}
     extra = meta.get("extra") if isinstance(meta, dict) else None
     return dict(extra) if isinstance(extra, dict) else {}
-
-
-def model_device(model) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")

@@ -266,7 +266,7 @@ def _initial_params(run_: dict, args) -> dict[str, torch.Tensor]:
     rec = run_record(meta)
     # a run that records no weights started from its model's seeded init plus the synthetic pre-training steps it
     # records: that start is what --use-recorded-weights asks for, and it is rebuilt without reading any file
-    recorded = bool((rec.get("weights") or {}).get("source") or rec.get("pretrained"))
+    recorded = bool((rec.get("weights") or {}).get("source"))
     ns = argparse.Namespace(model=args.model or DEFAULT_MODEL, pretrained=args.pretrained,
                             use_recorded_weights=args.use_recorded_weights and recorded, image_size=None,
                             pretrain_steps=None, trust_torchscript=False, no_progress=True)

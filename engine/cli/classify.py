@@ -15,9 +15,10 @@ from leanclip.cli import contrastive as contrastive_cli
 from leanclip.cli.common import (
     PROG, UsageError, build_model, check_recompute_flags, clear_run, data_record, emit, init_from_path,
     method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta, recompute_kwargs, restore_data,
-    restore_inputs, run_folder, setup_device, stop_together, template_override, weights_record,
+    restore_inputs, run_folder, run_provenance, setup_device, stop_together, template_override, weights_record,
 )
 from leanclip.data import BadImageError, check_images
+from leanclip.run_files import RESULT_FILES
 from leanclip.templates import get_templates
 
 FEWSHOT_DIR = "fewshot"  # under --output: the few-shot selections a run made, reused by later runs there
@@ -231,8 +232,7 @@ def _train_classify(args, info, parts, method) -> int:
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
         kd_lambda=args.kd_lambda, num_workers=args.num_workers, progress=not args.no_progress,
         llu_lambda=args.llu_lambda, llu_clusters=args.llu_clusters or None,
-        extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
-               "image_size": args.image_size, "data": data_record(args, data["dataset"])},
+        extra=run_provenance(args, weights, data=data_record(args, data["dataset"])),
     )
     eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}
     if data["new"] is not None and not is_closed_set(method):
@@ -257,7 +257,7 @@ def _train_classify(args, info, parts, method) -> int:
     if info.world_size > 1:
         result["world_size"] = info.world_size
     if info.is_main:
-        emit(result, args, "result.json")
+        emit(result, args, RESULT_FILES["train"])
     return 0
 
 
@@ -333,8 +333,7 @@ def cmd_eval(args) -> int:
     device = setup_device(args)
     meta = read_checkpoint_meta(args.checkpoint)
     extra = meta.get("extra") or {}
-    run_cfg = (extra.get("config") or {}).get("extra") or {}  # what `leanclip train` built the model from
-    restore_inputs(args, meta, run_cfg)
+    run_cfg = restore_inputs(args, meta)  # what `leanclip train` built the model from
     cross_dataset = restore_data(args, run_cfg.get("data"))
     model, tok, size, (mean, std) = build_model(args)
     data = load_data(args, size, mean, std, train_transform=False, need_train=False)
@@ -357,7 +356,7 @@ def cmd_eval(args) -> int:
               "cross_dataset": cross_dataset,
               "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
               "skipped_images": len(data["bad_images"]), **res}
-    emit(result, args, "eval.json")
+    emit(result, args, RESULT_FILES["eval"])
     return 0
 
 
@@ -374,7 +373,7 @@ def cmd_zeroshot(args) -> int:
     result = {"command": "zeroshot", "model": args.model, "pretrained": args.pretrained, "dataset": data["dataset"],
               "split": args.eval_split, "subsample": args.subsample, "classes": len(data["classnames"]),
               "templates": templates, "skipped_images": len(data["bad_images"]), **res}
-    emit(result, args, "zeroshot.json")
+    emit(result, args, RESULT_FILES["zeroshot"])
     return 0
 
 

@@ -37,6 +37,7 @@ from leanclip.data import clip_transform
 from leanclip.feature_cache import active_cache as active_feature_cache
 from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_options, option_range
+from leanclip.run_files import CHECKPOINT_NAME, RUN_DIRS, RUN_FILES
 from leanclip.synthetic import cache_dir, make_caption_corpus, private_dir
 from leanclip.templates import canonical_dataset_name
 from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source
@@ -113,8 +114,6 @@ def check_backend_env(device) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ run folder
-RUN_FILES = ("checkpoint.safetensors", "log.jsonl", "result.json", "summary.json")
-RUN_DIRS = ("features",)  # the few-shot records are keyed by shots, seed and data: a new run reuses or adds its own
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -201,12 +200,10 @@ def restore_model(args, saved_model: str | None, default_model: str) -> None:
     args.model = saved_model
 
 
-def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = None) -> None:
+def restore_weights(args, recorded: dict | None) -> None:
     """Set ``args.pretrained`` for ``eval`` from the checkpoint's record, under the rule of the module docstring."""
     if args.pretrained is not None:
         return
-    if recorded is None and legacy_path:
-        recorded = {"source": legacy_path, "sha256": None}
     if not recorded or not recorded.get("source"):
         if getattr(args, "use_recorded_weights", False):
             raise UsageError("--use-recorded-weights: the checkpoint records no weights (it started from the "
@@ -225,15 +222,35 @@ def restore_weights(args, recorded: dict | None, *, legacy_path: str | None = No
     args.pretrained = source
 
 
-def restore_inputs(args, meta: dict, record: dict) -> None:
+def run_provenance(args, weights: dict | None, **task) -> dict:
+    """What a training command records of how its model was built (the config's ``extra``, so the checkpoint holds
+    it at ``extra.config.extra``): ``--model``, the ``weights_record`` of ``--pretrained``, ``--pretrain-steps``,
+    ``--image-size``, and the task's own inputs (``task``: the dataset record, the pair file...)."""
+    return {"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
+            "image_size": args.image_size, **task}
+
+
+def run_record(meta: dict) -> dict:
+    """A checkpoint's :func:`run_provenance` (``{}`` for a checkpoint written by the library API without one)."""
+    return (((meta.get("extra") or {}).get("config") or {}).get("extra")) or {}
+
+
+def restore_inputs(args, meta: dict) -> dict:
     """What ``eval`` takes from the run a checkpoint belongs to when the flag is not given: the architecture, the
-    weights (under the rule of the module docstring), the synthetic pre-training steps and the image size."""
+    weights (under the rule of the module docstring), the synthetic pre-training steps and the image size. Returns
+    the run's record (:func:`run_record`). Weights recorded in another shape than ``weights_record``'s are refused,
+    not guessed at."""
+    record = run_record(meta)
+    if args.pretrained is None and "pretrained" in record and "weights" not in record:
+        raise UsageError(f"--checkpoint {meta.get('path')!r} records its weights as 'pretrained', a form this "
+                         f"version does not read: pass --pretrained explicitly")
     restore_model(args, meta.get("model_name"), DEFAULT_MODEL)
-    restore_weights(args, record.get("weights"), legacy_path=record.get("pretrained"))
+    restore_weights(args, record.get("weights"))
     if args.pretrain_steps is None:  # the recorded number (0 for a run that records none), never the default
         args.pretrain_steps = int(record.get("pretrain_steps") or 0)
     if args.image_size is None and record.get("image_size"):
         args.image_size = int(record["image_size"])
+    return record
 
 
 def prepare_from_checkpoint(model, meta: dict, tokenizer, model_name: str, *, classnames=None) -> None:
@@ -562,7 +579,7 @@ def read_checkpoint_meta(path, *, flag: str = "--checkpoint") -> dict:
 
     p = Path(path)
     if p.is_dir():
-        p = p / "checkpoint.safetensors"
+        p = p / CHECKPOINT_NAME
     if not p.is_file():
         raise FileNotFoundError(f"{flag}: no such file {str(p)!r}")
     try:
@@ -591,25 +608,11 @@ def init_from_path(run) -> str | None:
     return os.path.abspath(read_checkpoint_meta(run, flag="--init-from")["path"])
 
 
-def run_record(meta: dict) -> dict:
-    """What a checkpoint records of how its model was built (weights, pretrain_steps, image_size): the trainer's
-    config ``extra`` for classification runs, the top-level extra for contrastive runs."""
-    extra = meta.get("extra") or {}
-    return (extra.get("config") or {}).get("extra") or extra
-
-
 def build_recorded_model(args, meta: dict):
     """``build_model`` for the architecture and starting weights a checkpoint records, under the rules of
-    ``leanclip eval`` (:func:`restore_model`, :func:`restore_weights`; the recorded ``--pretrain-steps`` and
-    ``--image-size`` unless given). ``args`` needs model, pretrained, use_recorded_weights, image_size,
+    ``leanclip eval`` (:func:`restore_inputs`). ``args`` needs model, pretrained, use_recorded_weights, image_size,
     pretrain_steps, trust_torchscript and no_progress."""
-    restore_model(args, meta.get("model_name"), DEFAULT_MODEL)
-    rec = run_record(meta)
-    restore_weights(args, rec.get("weights"), legacy_path=rec.get("pretrained"))
-    if args.pretrain_steps is None:  # the recorded number (0 for a run that records none), never the default
-        args.pretrain_steps = int(rec.get("pretrain_steps") or 0)
-    if args.image_size is None and rec.get("image_size"):
-        args.image_size = int(rec["image_size"])
+    restore_inputs(args, meta)
     return build_model(args)
 
 

@@ -20,11 +20,12 @@ from leanclip import data as D_data
 from leanclip import distributed as D
 from leanclip.cli.common import (
     UsageError, build_model, clear_run, emit, init_from_path, method_opts_from_flags, prepare_from_checkpoint,
-    read_checkpoint_meta, recompute_kwargs, restore_inputs, run_folder, setup_device, stop_together,
-    template_override, weights_record,
+    read_checkpoint_meta, recompute_kwargs, restore_inputs, run_folder, run_provenance, setup_device,
+    stop_together, template_override, weights_record,
 )
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
 from leanclip.pairs import load_pairs, synthetic_pairs
+from leanclip.run_files import RESULT_FILES
 from leanclip.templates import get_templates
 
 TRAIN_TASKS = ("classify", "contrastive")
@@ -247,9 +248,8 @@ def _contrastive_config(args, method: str, device, weights, n_pairs: int) -> Con
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
         progress=not args.no_progress, num_workers=args.num_workers, augment=args.augment or bool(args.randaugment),
         randaugment=args.randaugment or False,
-        extra={"model_name": args.model, "weights": weights, "pretrain_steps": args.pretrain_steps,
-               "image_size": args.image_size, "pairs": os.path.abspath(args.pairs) if args.pairs else None,
-               "pairs_split": args.pairs_split, "max_pairs": args.max_pairs, "preset": args.preset})
+        extra=run_provenance(args, weights, pairs=os.path.abspath(args.pairs) if args.pairs else None,
+                             pairs_split=args.pairs_split, max_pairs=args.max_pairs, preset=args.preset))
 
 
 def _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before, world_size) -> dict:
@@ -316,7 +316,7 @@ def cmd_train_contrastive(args) -> int:
                 result.update(preset=args.preset, recipe=recipe, warmup_steps=cfg.warmup_steps)
             if zs_set is not None:
                 result["zeroshot"] = _zeroshot(model, zs_set, tok, info.device, args)
-            emit(result, args, "result.json")
+            emit(result, args, RESULT_FILES["train"])
         return 0
     except Exception as e:
         stop_together(info, e)
@@ -333,7 +333,7 @@ def cmd_eval_retrieval(args) -> int:
     if extra.get("leanclip_task") != "contrastive":
         raise _usage(f"--checkpoint {meta['path']!r} was not written by 'train --task contrastive' (use --task "
                      f"classify for classification checkpoints)")
-    restore_inputs(args, meta, extra)
+    restore_inputs(args, meta)
     model, tok, size, _ = build_model(args)
     size = _image_size(model)
     if args.pairs is not None:
@@ -348,5 +348,5 @@ def cmd_eval_retrieval(args) -> int:
                              precision=args.precision, progress=not args.no_progress)
     result = {"command": "eval", "task": "retrieval", "method": meta["method"], "checkpoint": meta["path"],
               "pairs": args.pairs or "synthetic", **_short(res)}
-    emit(result, args, "eval.json")
+    emit(result, args, RESULT_FILES["eval"])
     return 0

@@ -50,6 +50,7 @@ from leanclip.methods import count_trainable, prepare
 from leanclip.metrics import harmonic_mean
 from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_trainer
+from leanclip.select import model_device, trainable_parameters
 from leanclip.step import ClassifyStep
 from leanclip.templates import get_templates
 from leanclip.trainer import TrainConfig, train, zeroshot
@@ -251,7 +252,7 @@ def pretrain(model, tokenizer, cfg: DemoConfig, seed: int, normalize: Callable, 
         x2, caps2 = S.make_caption_corpus(n_shift, size=cfg.image_size, seed=_seed(seed, 2), domain="shifted")
         x, caps = torch.cat([x, x2]), list(caps) + list(caps2)
     x = normalize(x)
-    device = next(model.parameters()).device
+    device = model_device(model)
     return pretrain_contrastive(model.to(device), x, caps, tokenizer, steps=cfg.pretrain_steps,
                                 batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, seed=_seed(seed, 3),
                                 progress=progress, desc="pre-training")
@@ -269,10 +270,10 @@ def _step_fns(model, method: str, images, labels, classnames, templates, tokeniz
     """(forward_loss, train_step) closures of one training step of ``model``: the trainer's own step
     (``leanclip.step.ClassifyStep``), or for a cached-feature method the head step on cached features
     (``leanclip.llu.llu_loss``, as ``leanclip.llu`` runs it)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     images, labels = images.to(device), labels.to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)  # the step's cost, not its effect, is measured
     if method_trainer(method) == "cached":
         with torch.no_grad():

@@ -37,7 +37,8 @@ from leanclip.cli.common import (
     setup_device, template_override,
 )
 from leanclip.templates import get_templates
-from leanclip.training import eval_loader, model_device
+from leanclip.select import model_device
+from leanclip.training import eval_loader
 
 __all__ = ["Episode", "sample_episodes", "eligible_classes", "prototype_logits", "mean_ci95", "episode_accuracies",
            "split_features", "add_model_arguments", "add_run_arguments", "check_model_arguments",

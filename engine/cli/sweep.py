@@ -41,7 +41,7 @@ import torch
 from leanclip import utils
 from leanclip.cli import build_parser, main
 from leanclip.cli.common import (
-    DEFAULT_MODEL, RUN_FILES, SEED_MAX, UsageError, check_numbers, check_output, default_pretrain_steps,
+    DEFAULT_MODEL, SEED_MAX, UsageError, check_numbers, check_output, default_pretrain_steps,
     method_opts_from_flags, synthetic_pretrained_weights,
 )
 from leanclip.cli.flags import check_command_line
@@ -50,14 +50,13 @@ from leanclip.feature_cache import ENV_VAR, count_events
 from leanclip.metrics import harmonic_mean
 from leanclip.registry import method_options
 from leanclip.templates import canonical_dataset_name
-from leanclip.training import CHECKPOINT_NAME
+from leanclip.run_files import CHECKPOINT_NAME, FEATURES_DIR, RESULT_FILES, RUN_FILES
 from leanclip.weights import HF_HUB_PREFIX, LOCAL_DIR_PREFIX, recordable_source, resolve_pretrained
 
 PROG = "leanclip"
 PROTOCOLS = ("fewshot", "base2new", "xd", "dg")
 ZEROSHOT = "zeroshot"  # the zero-shot CLIP row: `leanclip zeroshot`, one cell per dataset (no shots, no seed)
 MANIFEST = "sweep.json"
-FEATURES = "features"
 LOCK = ".sweep.lock"
 SYNTHETIC = "Synthetic"
 IMAGENET_VARIANTS = ["ImageNetV2", "ImageNetSketch", "ImageNetA", "ImageNetR"]
@@ -66,7 +65,6 @@ COOP10 = ["Caltech101", "OxfordPets", "StanfordCars", "Flowers102", "Food101", "
 DATASET_SETS = {"coop11": ["ImageNet", *COOP10], "coop10": COOP10, "imagenet-variants": IMAGENET_VARIANTS}
 DEFAULT_SHOTS = {"fewshot": [1, 2, 4, 8, 16], "base2new": [16], "xd": [16], "dg": [16]}
 DEFAULT_TARGETS = {"xd": "coop10", "dg": "imagenet-variants"}
-RESULT_FILES = {"train": "result.json", "zeroshot": "zeroshot.json", "eval": "eval.json"}
 # a method, dataset or protocol name becomes a folder of the sweep: one path component that cannot climb out of it
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
 STATES = ("pending", "running", "done", "failed")
@@ -650,8 +648,8 @@ def reconcile(manifest: dict, whole: Spec, retry_failed: bool) -> None:
 
 
 def write_manifest(manifest: dict, output: Path) -> None:
-    if (output / FEATURES).is_dir():
-        manifest["feature_cache"] = {"dir": FEATURES, **count_events(output / FEATURES)}
+    if (output / FEATURES_DIR).is_dir():
+        manifest["feature_cache"] = {"dir": FEATURES_DIR, **count_events(output / FEATURES_DIR)}
     utils.atomic_write_json(output / MANIFEST, manifest)
 
 
@@ -696,7 +694,7 @@ class Runner:
     """Runs one ``leanclip`` command: in this process (``workers == 0``) or as a child process on ``device``."""
 
     def __init__(self, spec: Spec, in_process: bool, lock_fd: int | None):
-        self.env = {ENV_VAR: str(spec.output / FEATURES) if spec.features else ""}
+        self.env = {ENV_VAR: str(spec.output / FEATURES_DIR) if spec.features else ""}
         self.in_process, self.lock_fd = in_process, lock_fd
         self.children: set = set()
         self.stopping = False
@@ -758,7 +756,7 @@ def run_cell(cell: Cell, spec: Spec, runner: Runner, device: int | None) -> str 
 
 def plan_line(cell: Cell, spec: Spec) -> str:
     """One shell line that makes ``cell`` (its pending steps joined with ``&&``)."""
-    env = f"{ENV_VAR}={shlex.quote(str(spec.output / FEATURES)) if spec.features else ''} "
+    env = f"{ENV_VAR}={shlex.quote(str(spec.output / FEATURES_DIR)) if spec.features else ''} "
     return " && ".join(env + shlex.join([PROG, *s.argv, *resume_words(s)])
                        for s in steps_of(cell, spec) if read_result(s) is None)
 

@@ -45,7 +45,7 @@ from leanclip import heads as _heads
 from leanclip import lean as _lean
 from leanclip import utils
 from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
-from leanclip.features import clipfit_kd_loss, frozen_text_features
+from leanclip.features import check_classnames, clipfit_kd_loss, frozen_text_features
 from leanclip.models.openclip import class_name, text_tower
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
@@ -56,7 +56,7 @@ from leanclip.registry import (  # noqa: F401
 )
 from leanclip.select import (  # noqa: F401
     BIAS_RE, CLIPFIT_TEXT_RE, IMAGE_RE, TEXT_RE, TOWERS, check_coverage, check_tower, count_trainable, embed_dim,
-    in_tower, layernorm_names, names_matching, notice, require_open_clip_tower, require_options, tower_class,
+    in_tower, layernorm_names, model_device, names_matching, notice, require_open_clip_tower, require_options, tower_class,
     tower_of, trainable_parameters, unlock, unlock_layernorms, unlock_names,
 )
 
@@ -159,8 +159,6 @@ def _init_text_tokens(tokenizer, text: str) -> tuple[torch.Tensor, int, bool]:
 
 def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None, **_):
     require_options("coop", classnames=classnames, tokenizer=tokenizer)
-    if not list(classnames):
-        raise ValueError("classnames must not be empty")
     if init_text is not None and not isinstance(init_text, str):
         raise ValueError(f"init_text must be a string or None, got {type(init_text).__name__}")
     require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
@@ -291,7 +289,7 @@ def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, temp
         zs = frozen_text_features(model, list(classnames), templates or ["a photo of a {}."], tokenizer)
         weight = (model.logit_scale.detach().float().exp() * zs.float()).cpu()
     head = _heads.LinearProbe(embed_dim(model), c, weight=weight)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     return {"linear_probe": head.to(dev)}
 
 
@@ -302,8 +300,7 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=N
     ``init_text``, which must have exactly n_ctx tokens, or from N(0, std^2) (``std`` default 0.02) when
     ``init_text`` is empty; unset, CoOp's rule applies: "a photo of a" for n_ctx=4, a random start otherwise. An
     option that would have no effect (an init_text of another length, a std beside an init_text) is refused. Needs
-    classnames, a tokenizer and an open_clip transformer text tower."""
-    _check_coop(model, classnames, tokenizer, n_ctx, init_text, std)
+    classnames, a tokenizer and an open_clip transformer text tower (``_check_coop``, which ``prepare`` runs first)."""
     classnames = list(classnames)
     t = text_tower(model)
     width = t.token_embedding.weight.shape[1]
@@ -323,7 +320,7 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=N
 def _adapter(model, reduction=4, ratio=0.2):
     """CLIP-Adapter: residual bottleneck MLP E -> E/reduction -> E (ReLU) on image features, mixed with ``ratio``."""
     e = embed_dim(model)
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     return {"clip_adapter": _heads.ClipAdapter(e, reduction, ratio).to(dev)}
 
 
@@ -434,14 +431,6 @@ def _plan_for_budget(model: nn.Module, memory_budget, batch_size: int, sizes: di
     notice(f"memory budget {_budget._mib(limit)} (plain's predicted step peak {_budget._mib(plain)}): "
            f"recompute {plan.describe()}, predicted step peak {_budget._mib(plan.peak)}")
     return plan
-
-
-def _check_classnames(classnames):
-    if classnames is None:
-        return None
-    if isinstance(classnames, str):
-        raise ValueError("classnames must be a list of strings, not one string")
-    return [str(c) for c in classnames]
 
 
 def _check_methods(model: nn.Module, parts: list[str], per_opts: list[dict]) -> list[str]:
@@ -586,7 +575,7 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
         if size is not None and not (name == "text_batch_size" and size == 0 and type(size) is int):
             utils.check_number(name, size, kind_of="batch_size")
     _check_frozen_dtype(frozen_dtype, lean)
-    classnames = _check_classnames(classnames)
+    classnames = None if classnames is None else check_classnames(classnames)
     per_opts = _split_options(parts, method, opts, {"tower": tower, "classnames": classnames, "tokenizer": tokenizer})
     notices = _check_methods(model, parts, per_opts)
     loaded = _init_from_names(model, init_from) if init_from is not None else []

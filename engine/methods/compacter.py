@@ -28,9 +28,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanclip.lifecycle import strip
 from leanclip.methods import houlsby as _houlsby
 from leanclip.methods import lilt as _lilt
 from leanclip.registry import OptionRange, register_method
+from leanclip.select import model_device
 
 __all__ = ["SharedRule", "PHMLinear", "CompacterAdapter", "compacter_count"]
 
@@ -105,8 +107,8 @@ def _check_compacter(model, reduction=8, n=4, tower="both", **_):
                  ranges={"reduction": _houlsby.REDUCTION_RANGE, "n": N_RANGE})
 def _compacter(model, reduction=8, n=4, tower="both"):
     """Compacter: Houlsby-placed adapters whose projections are LPHM layers, A_i shared across all of them."""
-    _houlsby.strip(model, CompacterAdapter)
-    rule = SharedRule(n).to(next(model.parameters()).device)
+    strip(model, _houlsby.added(CompacterAdapter))
+    rule = SharedRule(n).to(model_device(model))
     _houlsby.add_adapters(model, tower, "compacter", lambda width: CompacterAdapter(width, reduction, rule))
     return {}
 

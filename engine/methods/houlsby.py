@@ -22,7 +22,8 @@ a forward pre-hook on that module, so it runs wherever the block calls ``ls_1(..
 lean block alike (``lean=False`` works), every recompute policy included (the lean block checkpoints ``ls_1`` /
 ``ls_2`` with the branch once it holds trainable parameters, so the adapters are recomputed exactly). The frozen
 projections stay on ``kernels.frozen_linear``. Re-preparing with ``houlsby`` replaces earlier Houlsby adapters;
-another method leaves them in place, frozen (``strip``).
+another method leaves them in place, frozen (``leanclip.lifecycle.strip(model, houlsby.added())`` removes
+them).
 """
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanclip.lifecycle import Added, strip
 from leanclip.methods import lilt as _lilt
 from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import OptionRange, register_method
 from leanclip.select import check_tower, require_open_clip_tower
 
-__all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "strip", "inlayer_adapters", "block_widths"]
+__all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "added", "inlayer_adapters", "block_widths"]
 
 SITES = ("ls_1", "ls_2")  # after the attention, after the MLP
 # the bottleneck is width / reduction: no reduction beyond the widest tower a model config may have divides a width
@@ -118,18 +120,11 @@ def inlayer_adapters(model: nn.Module, cls: type | None = None) -> list[tuple[st
     return [(n, m) for n, m in model.named_modules() if is_adapter(m) and (cls is None or isinstance(m, cls))]
 
 
-def strip(model: nn.Module, cls: type | None = None) -> nn.Module:
-    """Remove every in-layer adapter (of class ``cls`` when given) and the hook once a module holds none. Returns
-    ``model``."""
-    for m in list(model.modules()):
-        for name, child in list(m._modules.items()):
-            if is_adapter(child) and (cls is None or isinstance(child, cls)):
-                del m._modules[name]
-        if not any(is_adapter(c) for c in m._modules.values()):
-            for k, fn in list(m._forward_pre_hooks.items()):
-                if fn is _run_adapters:
-                    del m._forward_pre_hooks[k]
-    return model
+def added(cls: type | None = None) -> Added:
+    """The in-layer adapters (of class ``cls`` when given) for ``leanclip.lifecycle.strip``; the ``ls_*`` pre-hook
+    goes once a module holds no adapter of any class."""
+    return Added(owns=lambda m: is_adapter(m) and (cls is None or isinstance(m, cls)),
+                 hooks={_run_adapters: is_adapter})
 
 
 # ----------------------------------------------------------------------------------------------------------- method
@@ -142,6 +137,6 @@ def _check_houlsby(model, reduction=8, tower="both", **_):
 def _houlsby(model, reduction=8, tower="both"):
     """Houlsby bottleneck adapters (d -> d/reduction -> d, GELU, zero-init up) after the attention and the MLP of
     every block of ``tower``."""
-    strip(model, HoulsbyAdapter)
+    strip(model, added(HoulsbyAdapter))
     add_adapters(model, tower, "houlsby", lambda width: HoulsbyAdapter(width, reduction))
     return {}

@@ -43,8 +43,9 @@ one), its parameter names (``...ln_1.weight``) and works in both plain and lean 
 parameters are named ``...resblocks.<i>.ln_1.adapter.down.weight`` etc. The extra block is appended to
 ``<tower>.transformer.resblocks`` (so it is index ``layers``: ``visual.transformer.resblocks.12.*`` on ViT-B-16),
 gets the tower's attention mask (causal for text: EOT truncation stays exact) and is swapped for the lean block like
-the others. Re-preparing with a LilT method removes previous adapters / extra blocks first; ``strip(model)`` does it
-by hand (``prepare`` with a non-LilT method leaves them in place, frozen).
+the others. Re-preparing with a LilT method removes previous adapters / extra blocks first;
+``leanclip.lifecycle.strip(model, lilt.ADDED)`` does it by hand (``prepare`` with a non-LilT method leaves them in
+place, frozen).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanclip.lifecycle import Added, strip
 from leanclip.models.openclip import (
     ResidualAttentionBlock, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
     text_tower, timm_image_tower,
@@ -62,11 +64,11 @@ from leanclip.models.openclip import (
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import MethodTraits, OptionRange, register_method
 from leanclip.select import (
-    BIAS_RE, TOWERS, check_coverage, check_tower, layernorm_names, names_matching, require_open_clip_tower, tower_class,
-    tower_of, unlock, unlock_layernorms, unlock_names,
+    BIAS_RE, TOWERS, check_coverage, check_tower, layernorm_names, model_device, names_matching, require_open_clip_tower,
+    tower_class, tower_of, unlock, unlock_layernorms, unlock_names,
 )
 
-__all__ = ["Adapter", "add_adapters", "add_deep_blocks", "strip", "adapters", "deep_blocks", "unlock_projections",
+__all__ = ["Adapter", "add_adapters", "add_deep_blocks", "ADDED", "adapters", "deep_blocks", "unlock_projections",
            "projection_names", "trainable_summary", "check_reduction", "LILT_METHODS"]
 
 LILT_METHODS = ("lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lilt-proj", "lit")
@@ -163,23 +165,13 @@ def deep_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if getattr(m, "leanclip_lilt_deep", False)]
 
 
-def strip(model: nn.Module) -> nn.Module:
-    """Remove every LilT adapter (and its hook) and appended block. Returns ``model``."""
-    for _, m in list(model.named_modules()):
-        if isinstance(m._modules.get("adapter"), Adapter):
-            del m._modules["adapter"]
-            handle = m.__dict__.pop("_lilt_adapter_hook", None)
-            if handle is not None:
-                handle.remove()
-            for k, fn in list(m._forward_pre_hooks.items()):
-                if fn is _adapter_pre_hook:
-                    del m._forward_pre_hooks[k]
-        rb = m._modules.get("resblocks")
-        if isinstance(rb, nn.ModuleList):
-            keep = [b for b in rb if not getattr(b, "leanclip_lilt_deep", False)]
-            if len(keep) != len(rb):
-                m.resblocks = nn.ModuleList(keep)
-    return model
+def _is_adapter(module: nn.Module) -> bool:
+    return isinstance(module, Adapter)
+
+
+# the adapters (and the LayerNorm pre-hook that runs each) and the appended blocks: what ``strip`` removes
+ADDED = Added(owns=lambda m: _is_adapter(m) or getattr(m, "leanclip_lilt_deep", False),
+              hooks={_adapter_pre_hook: _is_adapter})
 
 
 def _adapter_layernorms(model: nn.Module, tower: str) -> list[nn.Module]:
@@ -222,7 +214,7 @@ def add_adapters(model: nn.Module, reduction: int = 4, tower: str = "both") -> l
         if p is not None:
             ad = ad.to(p.device)
         ln.add_module("adapter", ad)
-        ln.__dict__["_lilt_adapter_hook"] = ln.register_forward_pre_hook(_adapter_pre_hook)
+        ln.register_forward_pre_hook(_adapter_pre_hook)
         added.append(ad)
     return added
 
@@ -251,11 +243,7 @@ def _new_block_like(blk: nn.Module, init: str) -> nn.Module:
         if mod.bias is not None:
             nn.init.zeros_(mod.bias)
     new.float()
-    for m in new.modules():  # a copy of a block that carried adapters must not keep them
-        if isinstance(m._modules.get("adapter"), Adapter):
-            del m._modules["adapter"]
-            m._forward_pre_hooks.clear()
-            m.__dict__.pop("_lilt_adapter_hook", None)
+    strip(new, ADDED)  # a copy of a block that carried adapters must not keep them
     new.leanclip_lilt_deep = True
     return new
 
@@ -304,7 +292,7 @@ def _temperature_module(model: nn.Module, temperature: float) -> dict:
 
     if TEMPERATURE_NAME in model._modules:  # a previous component of this combination added it
         return {}
-    dev = next(model.parameters()).device
+    dev = model_device(model)
     return {TEMPERATURE_NAME: LearnableTemperature(temperature).to(dev)}
 
 
@@ -486,7 +474,7 @@ def _begin(model) -> None:
     added them (``prepare`` drops the previous run's ``lilt_temperature`` before applying the first component, so its
     presence means we are the 2nd+ component of ``a+b``)."""
     if TEMPERATURE_NAME not in model._modules:
-        strip(model)
+        strip(model, ADDED)
 
 
 # ----------------------------------------------------------------------------------------------------------- counts

@@ -27,7 +27,7 @@ trainable-only (``save_trainable`` writes the A/B pairs and whatever else is tra
 ``ln+lora``).
 
 Re-preparing with ``lora`` replaces earlier LoRA modules; ``prepare`` with another method leaves them in place,
-frozen (``strip`` removes them).
+frozen (``leanclip.lifecycle.strip(model, lora.ADDED)`` removes them).
 """
 from __future__ import annotations
 
@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.lifecycle import Added, strip
 from leanclip.models.openclip import tower_blocks
 from leanclip.registry import OptionRange, register_method
 from leanclip.select import check_tower, require_open_clip_tower
 
-__all__ = ["LowRank", "LoRA", "merge", "strip", "lora_modules", "TARGETS"]
+__all__ = ["LowRank", "LoRA", "merge", "ADDED", "lora_modules", "TARGETS"]
 
 TARGETS = ("q", "k", "v", "out", "fc", "proj")
 _IN_PROJ = ("q", "k", "v")  # output slices 0:d, d:2d, 2d:3d of attn.in_proj_weight
@@ -120,13 +121,8 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRA]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRA)]
 
 
-def strip(model: nn.Module) -> nn.Module:
-    """Remove every LoRA module (without folding it in). Returns ``model``."""
-    for m in list(model.modules()):
-        for name, child in list(m._modules.items()):
-            if isinstance(child, LoRA):
-                del m._modules[name]
-    return model
+# the LoRA pairs, children of the blocks they adapt: what ``leanclip.lifecycle.strip`` removes (without folding)
+ADDED = Added(owns=lambda m: isinstance(m, LoRA))
 
 
 def _targets(targets) -> tuple[str, ...]:
@@ -172,7 +168,7 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
 def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"):
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)
-    strip(model)
+    strip(model, ADDED)
     for blk in tower_blocks(model, tower):
         ref = blk.mlp.c_fc.weight
         blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))

@@ -27,6 +27,7 @@ from open_clip import pretrained as pretrained_tables  # noqa: F401  (tag tables
 from open_clip.coca_model import CoCa, MultimodalCfg  # noqa: F401  (the config fields openclip_config checks)
 from open_clip.constants import HF_CONFIG_NAME  # noqa: F401
 from open_clip.convert import convert_state_dict  # noqa: F401
+from open_clip.loss import ClipLoss  # noqa: F401  (leanclip.losses)
 from open_clip.model import (  # noqa: F401
     CLIP, CLIPTextCfg, CLIPVisionCfg, convert_to_custom_text_state_dict, get_model_preprocess_cfg, resize_pos_embed, resize_text_pos_embed,
     set_model_preprocess_cfg,

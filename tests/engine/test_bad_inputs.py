@@ -372,6 +372,16 @@ def test_eval_on_another_model_names_both(files, capsys):
     assert "trained on model 'leanclip-tiny', not 'ViT-B-32'" in err and len(err) < 1500
 
 
+def test_weights_recorded_in_another_shape_are_refused():
+    import argparse
+
+    from leanclip.cli.common import UsageError, restore_inputs
+
+    meta = {"path": "run/checkpoint.safetensors", "extra": {"config": {"extra": {"pretrained": "w.pt"}}}}
+    with pytest.raises(UsageError, match="records its weights as 'pretrained'.*--pretrained"):
+        restore_inputs(argparse.Namespace(pretrained=None, model="ViT-B-32"), meta)
+
+
 def test_recorded_weights_only_hashed_files_or_names(tmp_path, monkeypatch):
     """--use-recorded-weights never reads a recorded path without its hash (a checkpoint is untrusted metadata)."""
     import argparse

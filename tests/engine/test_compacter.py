@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from leanclip import lean
+from leanclip.lifecycle import strip
 from leanclip.methods import compacter, houlsby
 from leanclip.checkpoint import save_trainable
 from leanclip.methods import count_trainable, layernorm_names, prepare, trainable_parameters
@@ -87,7 +88,7 @@ def test_reprepare_and_strip(fresh_tiny, batch):
     m = prepare(fresh_tiny(), "compacter")
     prepare(m, "compacter", reduction=4)  # replaces the earlier adapters
     assert count_trainable(m) == 2 * _compacter_count(64, 2, 4) + 64
-    houlsby.strip(m)
+    strip(m, houlsby.added())
     assert not houlsby.inlayer_adapters(m)
     assert not any(m2._forward_pre_hooks for m2 in m.modules() if isinstance(m2, torch.nn.Identity))
 

@@ -13,9 +13,10 @@ import torch
 
 from leanclip import kernels
 from leanclip.contrastive import (
-    ContrastiveConfig, LearnableTemperature, clip_loss, contrastive_loss, evaluate_retrieval, train_contrastive,
+    ContrastiveConfig, LearnableTemperature, evaluate_retrieval, train_contrastive,
 )
 from leanclip.distributed import check_batch_size
+from leanclip.losses import clamp_logit_scale_, clip_loss
 from leanclip.methods import prepare
 from leanclip.pairs import PairDataset, from_lists, load_pairs, synthetic_pairs
 from tests.engine.cli_checks import run as _run
@@ -62,21 +63,51 @@ def test_learnable_temperature():
             LearnableTemperature(**bad)
 
 
-def test_contrastive_loss_matches_clip_loss_and_float64():
+def test_clip_loss_matches_the_formula_in_float32():
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(7, 16, generator=g, dtype=torch.float64), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(7, 16, generator=g, dtype=torch.float64), dim=-1)
     scale = torch.tensor(1 / 0.07, dtype=torch.float64)
     ref = 0.5 * (torch.nn.functional.cross_entropy(scale * img @ txt.T, torch.arange(7))
                  + torch.nn.functional.cross_entropy(scale * txt @ img.T, torch.arange(7)))
-    out = contrastive_loss(img.float(), txt.float(), scale.float())
+    out = clip_loss(img.float(), txt.float(), scale.float(), gather=True)  # one process: gather is a no-op
     assert out.dtype == torch.float32
     assert float(out) == pytest.approx(float(ref), rel=1e-5)
     assert float(out) == pytest.approx(float(clip_loss(img.float(), txt.float(), scale.float())), rel=1e-6)
     with pytest.raises(ValueError):
-        contrastive_loss(img[:3].float(), txt.float(), 1.0)
+        clip_loss(img[:3].float(), txt.float(), 1.0)
     with pytest.raises(ValueError):
-        contrastive_loss(img[:0].float(), txt[:0].float(), 1.0)
+        clip_loss(img[:0].float(), txt[:0].float(), 1.0)
+
+
+def test_clamp_logit_scale_caps_a_trained_scale_only():
+    m = torch.nn.Module()
+    m.logit_scale = torch.nn.Parameter(torch.tensor(7.0))
+    clamp_logit_scale_(m)
+    assert float(m.logit_scale) == pytest.approx(math.log(100.0))
+    m.logit_scale.data.fill_(-1.0)
+    clamp_logit_scale_(m)
+    assert float(m.logit_scale) == 0.0
+    m.logit_scale.requires_grad_(False).fill_(7.0)  # frozen: left as loaded
+    clamp_logit_scale_(m)
+    assert float(m.logit_scale) == 7.0
+
+
+@pytest.mark.parametrize("bad", [{"epochs": 0}, {"batch_size": True}, {"lr": 1e9}, {"lr": float("nan")},
+                                 {"seed": -1}, {"clip_grad_norm": 0.0}, {"weight_decay": -1.0}, {"num_workers": 1000},
+                                 {"precision": "fp16"}])
+def test_both_configs_validate_alike(bad):
+    """ContrastiveConfig and TrainConfig share one validation: the same bad value, the same one-line error."""
+    from leanclip.trainer import TrainConfig
+
+    errors = []
+    for cls in (ContrastiveConfig, TrainConfig):
+        with pytest.raises(ValueError) as e:
+            cls(**bad).validate()
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and next(iter(bad)) in errors[0]
+    with pytest.raises(ValueError, match="min_lr"):
+        ContrastiveConfig(lr=1e-3, min_lr=1e-2).validate()
 
 
 def test_check_batch_size_names_batch_size():
@@ -297,6 +328,11 @@ def test_cli_train_contrastive_then_eval_retrieval(capsys, tmp_path):
     res = json.loads(out.strip().splitlines()[-1])
     assert res["task"] == "contrastive" and res["steps"] == 4 and res["world_size"] == 1
     assert res["metrics_before"] is not None and "i2t_R@1" in res["metrics"]
+    from leanclip.cli.common import read_checkpoint_meta, run_record
+
+    meta = read_checkpoint_meta(tmp_path)  # the provenance sits where a classification run keeps it
+    assert run_record(meta)["model_name"] == meta["model_name"] and "weights" in run_record(meta)
+    assert "weights" not in meta["extra"] and run_record(meta)["pairs"] is None  # one copy, synthetic pairs
     rc, out, err = _run(capsys, "eval", "--task", "retrieval", "--checkpoint", tmp_path, *common)
     assert rc == 0, err
     ev = json.loads(out.strip().splitlines()[-1])
@@ -324,7 +360,8 @@ def test_non_finite_loss_stops_and_keeps_last_finite_checkpoint(tiny_model, tok,
     """Epoch 1 finite (checkpoint), resumed with NaN images: one line at step 5 (epoch 2), the epoch-1 checkpoint
     and the interrupted run's summary kept byte for byte; pretrain_contrastive stops on NaN inputs at its first step."""
     from leanclip import utils
-    from leanclip.contrastive import _default_transform, pretrain_contrastive
+    from leanclip.contrastive import _default_transform
+    from leanclip.pretrain import pretrain_contrastive
 
     out = tmp_path / "run"
     train_contrastive(prepare(copy.deepcopy(tiny_model), "lilt-ln"), pairs64, tok,

@@ -11,7 +11,8 @@ import torch
 
 from leanclip import cli, kernels
 from leanclip.cli import demo
-from leanclip.contrastive import clip_loss, pretrain_contrastive
+from leanclip.losses import clip_loss
+from leanclip.pretrain import pretrain_contrastive
 
 PER_METHOD_KEYS = {"trainable_params", "base_acc", "new_acc", "H", "step_time_ratio", "saved_act_ratio"}
 

@@ -26,7 +26,7 @@ def setup(tmp_path, fresh_tiny, tok):
         Image.new("RGB", (32, 32), (40 * i, 200 - 30 * i, 90)).save(path)
         samples.append(data.Sample(str(path), i % 3, "abc"[i % 3]))
     ds = data.ImageDataset(samples, data.clip_transform(32, train=False))
-    cache = fc.SharedFeatureCache(tmp_path / "cache")
+    cache = fc.FeatureCache(tmp_path / "cache")
     return model, ds, cache
 
 

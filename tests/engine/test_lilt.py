@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leanclip import kernels
+from leanclip.lifecycle import strip
 from leanclip.methods import lilt
 from leanclip.checkpoint import load_trainable, save_trainable
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive
@@ -251,7 +252,7 @@ def test_reprepare_replaces_lilt_modules(tiny):
     prepare(m, "lilt-ln")
     assert not lilt.adapters(m)
     prepare(m, "lilt-adapter")
-    lilt.strip(m)
+    strip(m, lilt.ADDED)
     assert not lilt.adapters(m)
     assert not any(m.visual.transformer.resblocks[0].ln_1._forward_pre_hooks.values())
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from leanclip import data, kernels, llu
 from leanclip.checkpoint import load_trainable, read_trainable
+from leanclip.feature_cache import FeatureCache
 from leanclip.methods import prepare
 from leanclip.trainer import TrainConfig, evaluate, train, zeroshot
 
@@ -124,7 +125,7 @@ def test_cluster_bank():
 # ----------------------------------------------------------------------------------------------------- cache
 def test_feature_cache_hit_and_miss(pretrained_base, shapes, tmp_path):
     m = prepare(copy.deepcopy(pretrained_base), "llu")
-    cache = llu.FeatureCache(tmp_path / "feats")
+    cache = FeatureCache(tmp_path / "feats")
     f1, y1 = llu.cached_image_features(m, shapes["train"], cache, 32)
     assert (cache.hits, cache.misses) == (0, 1)
     assert f1.shape == (64, 64) and f1.dtype == torch.float32 and y1.tolist() == shapes["train"].labels.tolist()
@@ -148,19 +149,19 @@ def test_feature_cache_hit_and_miss(pretrained_base, shapes, tmp_path):
         m.visual.ln_post.bias.add_(0.1)
     f3, _ = llu.cached_image_features(m, shapes["train"], cache, 32)
     assert cache.misses == 4 and not torch.equal(f3, f1)
-    files = sorted((tmp_path / "feats").iterdir())
-    assert len(files) == 4 and all(p.suffix == ".safetensors" for p in files)
+    files = sorted((tmp_path / "feats").glob("*.safetensors"))
+    assert len(files) == 4
     # a corrupt file is a miss and gets rewritten
     key_file = files[0]
     key_file.write_bytes(b"garbage")
-    c2 = llu.FeatureCache(tmp_path / "feats")
+    c2 = FeatureCache(tmp_path / "feats")
     assert c2.load(key_file.stem) is None
 
 
 def test_cache_matches_uncached(pretrained_base, shapes, tmp_path):
     m = prepare(copy.deepcopy(pretrained_base), "llu")
     a, _ = llu.extract_image_features(m, shapes["test"], 50)
-    b, _ = llu.cached_image_features(m, shapes["test"], llu.FeatureCache(tmp_path), 128)
+    b, _ = llu.cached_image_features(m, shapes["test"], FeatureCache(tmp_path), 128)
     torch.testing.assert_close(a, b)
     ref = F.normalize(pretrained_base.encode_image(torch.stack([shapes["test"][i][0] for i in range(128)])), dim=-1)
     torch.testing.assert_close(a, ref.detach(), rtol=1e-5, atol=1e-5)
@@ -256,7 +257,7 @@ def test_llu_non_finite_stops_and_keeps_last_finite_checkpoint(pretrained_base, 
     line, the epoch-1 checkpoint untouched and the heads in memory as they were; a diverging lr stops before a
     checkpoint holding inf is written."""
     from leanclip import utils
-    from leanclip.trainer import CHECKPOINT_NAME, LOG_NAME
+    from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME
 
     feats, labels, txt = _unit(64, 64, seed=1), torch.arange(64) % 8, _unit(8, 64, seed=2)
     cfg = _cfg(epochs=3, output=str(tmp_path / "a"))

@@ -202,6 +202,21 @@ def test_linear_probe_zero_shot_init(fresh_tiny, tokenizer):
     assert m2.linear_probe.fc.weight.abs().sum() == 0
 
 
+def test_coop_options_are_checked_once(fresh_tiny, tokenizer):
+    """prepare runs coop's check (which tokenizes init_text) once; the method then tokenizes it once to start from."""
+    seen = []
+
+    def counting(texts):
+        seen.append(list(texts))
+        return tokenizer(texts)
+
+    methods.prepare(fresh_tiny(), "coop", classnames=CLASSNAMES, tokenizer=counting, n_ctx=4)
+    assert seen == [["a photo of a"], ["a photo of a"]]
+    for bad in ("dog", [], None):
+        with pytest.raises(ValueError, match="classnames"):
+            methods.prepare(fresh_tiny(), "coop", classnames=bad, tokenizer=tokenizer)
+
+
 def test_coop_prompt_learner(fresh_tiny, tokenizer):
     m = fresh_tiny()
     methods.prepare(m, "coop", classnames=CLASSNAMES, tokenizer=tokenizer, n_ctx=4)

@@ -259,7 +259,7 @@ def test_feature_cache_counts_passes_and_follows_the_weights(tmp_path, fresh_tin
     prepare(model, "coop", classnames=["a", "b"], tokenizer=tok)
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     ds = TensorImageDataset(images, torch.tensor([0, 1] * 3))
-    cache = fc.SharedFeatureCache(tmp_path)
+    cache = fc.FeatureCache(tmp_path)
     kw = dict(device=torch.device("cpu"), precision="fp32", cache=cache)
     first, labels = fc.encoder_features(model, ds, 4, **kw)
     again, _ = fc.encoder_features(model, ds, 4, **kw)

@@ -24,6 +24,7 @@ timm = pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
 from leanclip import lean, methods  # noqa: E402
+from leanclip.lifecycle import strip  # noqa: E402
 from leanclip.methods import lilt
 from leanclip.configs import create_random_model, register_unaligned_config  # noqa: E402
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive  # noqa: E402
@@ -219,7 +220,7 @@ def test_options_on_custom_towers(base):
     assert {n.split(".adapter")[0] for n, _ in lilt.adapters(m)} == {
         f"text.transformer.encoder.layer.{i}.{w}LayerNorm" for i in range(2) for w in ("attention.output.", "output.")}
     assert all(p.requires_grad for n, p in m.named_parameters() if n.startswith("visual."))
-    lilt.strip(m)
+    strip(m, lilt.ADDED)
     assert not lilt.adapters(m)
 
 

@@ -9,7 +9,8 @@ import torch
 
 from leanclip import data, kernels, utils
 from leanclip.methods import prepare
-from leanclip.trainer import CHECKPOINT_NAME, LOG_NAME, TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
+from leanclip.run_files import CHECKPOINT_NAME, LOG_NAME
+from leanclip.trainer import TrainConfig, base_to_new, evaluate, lr_at, train, zeroshot
 
 TEMPLATES = ["a photo of a {}."]
 PRETRAIN_STEPS = 40
