@@ -15,11 +15,14 @@ its term to each frozen projection (``in_proj``, ``out_proj``, ``c_fc``, ``c_pro
 so the frozen GEMM keeps ``kernels.frozen_linear`` and every recompute policy stays exact.
 
 The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`` names, ``deepcopy`` and open_clip's
-own forward code (``encode_image``, ``encode_text``) keep working. It is never a silent no-op: a tower, block or
-attention class it does not know (timm towers, ModifiedResNet, Hugging Face text towers, open_clip's
-``CustomResidualAttentionBlock``, an attention that is not ``nn.MultiheadAttention``) is named by
-``lean_obstacles`` and ``apply_lean`` raises before changing anything; ``leanclip.prepare`` with the default
-``lean=None`` then keeps open_clip's modules and says why in one line.
+own forward code (``encode_image``, ``encode_text``) keep working. timm image towers (SigLIP / SigLIP2, EVA02,
+PE-Core: ``vision_transformer.Block`` and ``eva.EvaBlock``) get lean blocks from ``leanclip.models.timm``, which
+registers them here (``register_lean_classes``) and shares the recompute policies (``LeanBlockMixin``). It is never a
+silent no-op: a tower, block or attention class it does not know (ModifiedResNet, ConvNeXt and other convolutional
+timm trunks, Hugging Face text towers, open_clip's ``CustomResidualAttentionBlock``, an attention that is not
+``nn.MultiheadAttention``) is named by ``tower_obstacles`` and ``apply_lean`` raises before changing anything;
+``leanclip.prepare`` with the default ``lean=None`` then makes the other tower lean (``apply_lean(towers=...)``) and
+names the class that stays on its own modules in one line.
 
 Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
 
@@ -101,14 +104,20 @@ def _ln_param(p: torch.Tensor | None, x: torch.Tensor):
     return p.to(x.dtype)
 
 
+def fused_layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
+    """``ln(x)`` through ``kernels.layer_norm`` (output in x's dtype), or None where the kernel does not apply (a
+    normalized shape over several dims, no affine weight): the caller then runs the module's own forward."""
+    if len(ln.normalized_shape) != 1 or ln.weight is None:
+        return None
+    return kernels.layer_norm(x, _ln_param(ln.weight, x), _ln_param(ln.bias, x), ln.eps).to(x.dtype)
+
+
 class LeanLayerNorm(LayerNorm):
     """open_clip ``LayerNorm`` through ``kernels.layer_norm`` (output cast back to the input dtype)."""
 
     def forward(self, x: torch.Tensor):
-        if len(self.normalized_shape) != 1:
-            return super().forward(x)
-        y = kernels.layer_norm(x, _ln_param(self.weight, x), _ln_param(self.bias, x), self.eps)
-        return y.to(x.dtype)
+        y = fused_layer_norm(self, x)
+        return super().forward(x) if y is None else y
 
 
 class LeanLayerNormFp32(LayerNormFp32):
@@ -252,9 +261,13 @@ class ProjectionDelta(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------- chunks
-def _mask_rows(mask: torch.Tensor | None, start: int, stop: int, batch: int):
-    """An SDPA mask for samples [start, stop): per-sample masks (B, H, L, L) are sliced, shared ones broadcast."""
-    if mask is not None and mask.dim() == 4 and mask.shape[0] == batch:
+def _mask_rows(mask, start: int, stop: int, batch: int):
+    """An SDPA mask for samples [start, stop): per-sample masks (B, H, L, L) are sliced, shared ones broadcast. A
+    tuple (a timm block's mask and rotary embedding) is sliced item by item; a per-sample rotary embedding is
+    (B, L, D)."""
+    if isinstance(mask, tuple):
+        return tuple(_mask_rows(m, start, stop, batch) for m in mask)
+    if isinstance(mask, torch.Tensor) and mask.dim() >= 3 and mask.shape[0] == batch:
         return mask[start:stop]
     return mask
 
@@ -322,10 +335,16 @@ class _ChunkedBlock(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------- block
-class LeanResidualAttentionBlock(ResidualAttentionBlock):
-    """open_clip ``ResidualAttentionBlock`` with SDPA attention, fused frozen projections and a recompute policy
-    (``self.leanclip_recompute``). Parameters, names and math are those of the original block."""
-    lean_block = True  # the layout leanclip.models.openclip.block_supported accepts
+class LeanBlockMixin:
+    """The recompute policies of a lean pre-LN transformer block, over branch functions the block defines:
+
+    ``_attn_core(x, mask, is_causal)`` LN1 -> q/k/v -> SDPA output; ``_attn_out(o)`` the rest of the attention branch
+    (output projection, layer scale); ``_mlp_core(x)`` LN2 -> first MLP projection -> activation; ``_mlp_out(g)`` the
+    last MLP projection and layer scale; ``_branch_parts()`` the modules / parameters of each piece (``attn_core``,
+    ``attn_out``, ``attn``, ``mlp_core``, ``mlp_out``, ``mlp``: whether a piece holds a trainable parameter decides
+    what is checkpointed, and a frozen output projection stays outside the checkpoints); ``_needs_rng()``.
+    ``mask`` is passed through untouched (open_clip's blocks: an SDPA mask; timm's: the pair (mask, rotary
+    embedding)). ``leanclip.models.timm`` implements the same branches for timm blocks."""
 
     leanclip_recompute = "none"
     leanclip_chunk = None  # samples per chunk under "block" (None: the whole batch at once)
@@ -334,20 +353,97 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
     def _deltas(self) -> list:
         return [m for m in self._modules.values() if isinstance(m, ProjectionDelta)]
 
-    def _proj(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
-        """``lean_linear`` over output features [start, stop) of projection ``site``, plus every attached delta."""
-        stop = weight.shape[0] if stop is None else stop
-        if (start, stop) != (0, weight.shape[0]):
-            weight, bias = weight[start:stop], None if bias is None else bias[start:stop]
+    def _project(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
+        """``lean_linear(x, weight, bias)`` plus every attached delta for output features [start, stop) of
+        ``site`` (``weight`` holds exactly those features)."""
         y = lean_linear(x, weight, bias)
+        stop = start + weight.shape[0] if stop is None else stop
         for m in self._deltas():
             d = m.delta(site, x, start, stop)
             if d is not None:
                 y = y + d.to(y.dtype)
         return y
 
+    def _attn(self, x, mask, is_causal: bool):
+        return self._attn_out(self._attn_core(x, mask, is_causal))
+
+    def _mlp(self, x):
+        return self._mlp_out(self._mlp_core(x))
+
+    def _plain(self, x, mask, is_causal: bool):
+        x = x + self._attn(x, mask, is_causal)
+        return x + self._mlp(x)
+
+    def _block_head(self, x, mask, is_causal: bool):
+        x1 = x + self._attn(x, mask, is_causal)
+        return x1, self._mlp_core(x1)
+
+    def _recompute(self, x, mask, is_causal: bool, policy: str):
+        """Forward under a recompute policy. A branch is checkpointed only when gradients flow through it (its input
+        needs grad or it holds a trainable parameter): elsewhere nothing is saved anyway and checkpointing would
+        only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
+        the checkpoints: they save nothing, so recomputing them would be wasted."""
+        parts = self._branch_parts()
+        rng = self._needs_rng()
+        out_proj_outside = _frozen(*parts["attn_out"])
+        c_proj_outside = _frozen(*parts["mlp_out"])
+        if policy == "block":
+            inside = parts["attn"] + parts["mlp_core"] + ([] if c_proj_outside else parts["mlp"])
+            if not (x.requires_grad or not _frozen(*inside)):
+                return self._plain(x, mask, is_causal)
+            if self.leanclip_chunk is not None and x.shape[0] > self.leanclip_chunk:
+                trainable = [p for p in self.parameters() if p.requires_grad]
+                return _ChunkedBlock.apply(self, x, mask, is_causal, self.leanclip_chunk, rng, *trainable)
+            if c_proj_outside:
+                x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
+                return x1 + self._mlp_out(g)
+            return _ckpt(self._plain, x, mask, is_causal, rng=rng)
+        # attention branch
+        if policy == "mlp+qkv":
+            core = parts["attn_core"]
+            if out_proj_outside:
+                if x.requires_grad or not _frozen(*core):
+                    a = self._attn_out(_ckpt(self._attn_core, x, mask, is_causal, rng=rng, sac=True))
+                else:
+                    a = self._attn(x, mask, is_causal)
+            elif x.requires_grad or not _frozen(*core, *parts["attn"]):
+                a = _ckpt(self._attn, x, mask, is_causal, rng=rng, sac=True)
+            else:
+                a = self._attn(x, mask, is_causal)
+        else:
+            a = self._attn(x, mask, is_causal)
+        x = x + a
+        # MLP branch
+        if c_proj_outside:
+            if x.requires_grad or not _frozen(*parts["mlp_core"]):
+                return x + self._mlp_out(_ckpt(self._mlp_core, x))
+            return x + self._mlp(x)
+        if x.requires_grad or not _frozen(*parts["mlp"]):
+            return x + _ckpt(self._mlp, x)
+        return x + self._mlp(x)
+
+
+class LeanResidualAttentionBlock(LeanBlockMixin, ResidualAttentionBlock):
+    """open_clip ``ResidualAttentionBlock`` with SDPA attention, fused frozen projections and a recompute policy
+    (``self.leanclip_recompute``). Parameters, names and math are those of the original block."""
+    lean_block = True  # the layout leanclip.models.openclip.block_supported accepts
+
+    def _proj(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
+        """``_project`` over output features [start, stop) of the full projection ``weight`` of ``site``."""
+        stop = weight.shape[0] if stop is None else stop
+        if (start, stop) != (0, weight.shape[0]):
+            weight, bias = weight[start:stop], None if bias is None else bias[start:stop]
+        return self._project(site, x, weight, bias, start, stop)
+
     def _needs_rng(self) -> bool:
         return self.training and (self.attn.dropout > 0 or any(m.needs_rng() for m in self._deltas()))
+
+    def _branch_parts(self) -> dict:
+        attn, mlp = self.attn, self.mlp
+        return {"attn_core": [self.ln_1, attn.in_proj_weight, attn.in_proj_bias],
+                "attn_out": [attn.out_proj.weight, self.ls_1], "attn": [self.ln_1, attn, self.ls_1],
+                "mlp_core": [self.ln_2, mlp.c_fc], "mlp_out": [mlp.c_proj.weight, self.ls_2],
+                "mlp": [self.ln_2, mlp, self.ls_2]}
 
     # -- branches (x is (B, L, D) batch-first) --
     def _attn_core(self, x, mask, is_causal: bool):
@@ -366,71 +462,11 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         o = o.transpose(1, 2).reshape(b, n, h * hd)
         return self.ls_1(self._proj("out_proj", o, self.attn.out_proj.weight, self.attn.out_proj.bias))
 
-    def _attn(self, x, mask, is_causal: bool):
-        return self._attn_out(self._attn_core(x, mask, is_causal))
-
     def _mlp_core(self, x):
         return self.mlp.gelu(self._proj("c_fc", self.ln_2(x), self.mlp.c_fc.weight, self.mlp.c_fc.bias))
 
     def _mlp_out(self, g):
         return self.ls_2(self._proj("c_proj", g, self.mlp.c_proj.weight, self.mlp.c_proj.bias))
-
-    def _mlp(self, x):
-        return self._mlp_out(self._mlp_core(x))
-
-    def _plain(self, x, mask, is_causal: bool):
-        x = x + self._attn(x, mask, is_causal)
-        return x + self._mlp(x)
-
-    def _block_head(self, x, mask, is_causal: bool):
-        x1 = x + self._attn(x, mask, is_causal)
-        return x1, self._mlp_core(x1)
-
-    def _recompute(self, x, mask, is_causal: bool, policy: str):
-        """Forward under a recompute policy. A branch is checkpointed only when gradients flow through it (its input
-        needs grad or it holds a trainable parameter): elsewhere nothing is saved anyway and checkpointing would
-        only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
-        the checkpoints: they save nothing, so recomputing them would be wasted."""
-        attn, mlp = self.attn, self.mlp
-        rng = self._needs_rng()
-        out_proj_outside = _frozen(attn.out_proj.weight, self.ls_1)
-        c_proj_outside = _frozen(mlp.c_proj.weight, self.ls_2)
-        if policy == "block":
-            inside = [self.ln_1, attn, self.ls_1, self.ln_2, mlp.c_fc]
-            if not c_proj_outside:
-                inside += [mlp.c_proj, self.ls_2]
-            if not (x.requires_grad or not _frozen(*inside)):
-                return self._plain(x, mask, is_causal)
-            if self.leanclip_chunk is not None and x.shape[0] > self.leanclip_chunk:
-                trainable = [p for p in self.parameters() if p.requires_grad]
-                return _ChunkedBlock.apply(self, x, mask, is_causal, self.leanclip_chunk, rng, *trainable)
-            if c_proj_outside:
-                x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
-                return x1 + self._mlp_out(g)
-            return _ckpt(self._plain, x, mask, is_causal, rng=rng)
-        # attention branch
-        if policy == "mlp+qkv":
-            core = [self.ln_1, attn.in_proj_weight, attn.in_proj_bias]
-            if out_proj_outside:
-                if x.requires_grad or not _frozen(*core):
-                    a = self._attn_out(_ckpt(self._attn_core, x, mask, is_causal, rng=rng, sac=True))
-                else:
-                    a = self._attn(x, mask, is_causal)
-            elif x.requires_grad or not _frozen(*core, attn, self.ls_1):
-                a = _ckpt(self._attn, x, mask, is_causal, rng=rng, sac=True)
-            else:
-                a = self._attn(x, mask, is_causal)
-        else:
-            a = self._attn(x, mask, is_causal)
-        x = x + a
-        # MLP branch
-        if c_proj_outside:
-            if x.requires_grad or not _frozen(self.ln_2, mlp.c_fc):
-                return x + self._mlp_out(_ckpt(self._mlp_core, x))
-            return x + self._mlp(x)
-        if x.requires_grad or not _frozen(self.ln_2, mlp, self.ls_2):
-            return x + _ckpt(self._mlp, x)
-        return x + self._mlp(x)
 
     # -- the last block, at one query position per sample --
     def _rows_core(self, x, rows, mask):
@@ -526,31 +562,61 @@ def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
     return []
 
 
+# Other model families register their lean classes here (``leanclip.models.timm``): plain class -> lean class, a
+# predicate a module must pass to be swapped, and a function naming what keeps an image tower of theirs from the lean
+# modules (None: not their tower).
+_SUPPORTED: list = []
+_IMAGE_TOWERS: list = []
+
+
+def register_lean_classes(swap: dict, *, supported, image_tower) -> None:
+    """Add ``swap`` (plain class -> lean class, a ``__class__`` swap keeping names and parameters) to what
+    ``apply_lean`` swaps and ``remove_lean`` undoes; ``supported(module)`` must hold for a module to be swapped,
+    ``image_tower(model)`` returns the obstacles of an image tower of this family (empty: covered) or None."""
+    _SWAP.update(swap)
+    _UNSWAP.update({v: k for k, v in swap.items()})
+    _SUPPORTED.append(supported)
+    _IMAGE_TOWERS.append(image_tower)
+
+
+def tower_obstacles(model: nn.Module, tower: str) -> list[str]:
+    """What keeps the ``"image"`` or ``"text"`` tower of a CLIP-style model from the lean modules, one line each
+    naming the class; empty when they cover it: an open_clip ``VisionTransformer`` or transformer text tower of
+    default ``ResidualAttentionBlock`` s, or a timm tower of blocks ``leanclip.models.timm`` implements."""
+    if tower == "image":
+        vis = model.visual
+        if isinstance(vis, VisionTransformer):
+            return _block_obstacles("image tower", vis.transformer)
+        for family in _IMAGE_TOWERS:
+            found = family(model)
+            if found is not None:
+                return found
+        return [f"image tower {class_name(vis)} (not an open_clip VisionTransformer or a timm transformer)"]
+    t = text_tower(model)
+    if t is None:
+        src = getattr(model, "text", None)
+        return [f"text tower {class_name(src if src is not None else model)} (not an open_clip transformer text "
+                f"tower)"]
+    return _block_obstacles("text tower", t.transformer)
+
+
+def covered_towers(model: nn.Module) -> list[str]:
+    """The towers of a CLIP-style model the lean modules cover (``tower_obstacles`` empty), image first."""
+    return [t for t in ("image", "text") if not tower_obstacles(model, t)]
+
+
 def lean_obstacles(model: nn.Module) -> list[str]:
     """What keeps ``model`` from running on the lean modules, one line each; empty when ``apply_lean`` covers it.
 
-    The lean modules cover open_clip ``VisionTransformer`` image towers and open_clip transformer text towers whose
-    blocks are all default ``ResidualAttentionBlock`` s with ``nn.MultiheadAttention`` (``_block_supported``). A
-    CLIP-style model (one with ``visual``) needs both towers covered: anything else (timm towers such as SigLIP or
-    EVA, ModifiedResNet, Hugging Face text encoders, open_clip's ``CustomResidualAttentionBlock`` or an attention
-    class a newer open_clip brings) is named here rather than skipped, because a half-swapped model would run slower
-    paths silently and break the memory estimates. Outside the towers (CoCa's decoder), blocks the swap does not
-    know keep open_clip's forward by design."""
+    A CLIP-style model (one with ``visual``) needs both towers covered (``tower_obstacles``): anything else
+    (ModifiedResNet, convolutional timm trunks, Hugging Face text encoders, open_clip's
+    ``CustomResidualAttentionBlock``, a block or attention class a newer release brings) is named here rather than
+    skipped, because a half-swapped tower would run slower paths silently and break the memory estimates.
+    ``apply_lean(model, towers=...)`` makes the covered towers lean on their own. Outside the towers (CoCa's
+    decoder), blocks the swap does not know keep open_clip's forward by design."""
     out = []
     if hasattr(model, "visual"):
-        vis = model.visual
-        if not isinstance(vis, VisionTransformer):
-            out.append(f"image tower {class_name(vis)} (not an open_clip VisionTransformer)")
-        else:
-            out += _block_obstacles("image tower", vis.transformer)
-        t = text_tower(model)
-        if t is None:
-            src = getattr(model, "text", None)
-            out.append(f"text tower {class_name(src if src is not None else model)} "
-                       f"(not an open_clip transformer text tower)")
-        else:
-            out += _block_obstacles("text tower", t.transformer)
-        return out
+        return tower_obstacles(model, "image") + tower_obstacles(model, "text")
     if type(model) in (ResidualAttentionBlock, LeanResidualAttentionBlock) and not block_supported(model):
         if not hasattr(model, "ln_1_kv"):  # a cross-attention block keeps open_clip's forward by design
             out.append(f"{class_name(model)} with attn {class_name(getattr(model, 'attn', None))}")
@@ -565,32 +631,53 @@ _SWAP = {LayerNorm: LeanLayerNorm, LayerNormFp32: LeanLayerNormFp32, ResidualAtt
 _UNSWAP = {v: k for k, v in _SWAP.items()}
 
 
-def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = None) -> nn.Module:
-    """Swap open_clip LayerNorms and default residual blocks for their lean versions (in place; names, parameters
-    and buffers unchanged) and set the recompute policy (and the chunk of ``block``, :func:`set_recompute`).
-    Returns ``model``.
+def _tower_modules(model: nn.Module, towers) -> list[nn.Module]:
+    """The modules of the selected towers (None: the whole model)."""
+    if towers is None:
+        return list(model.modules())
+    out = []
+    if "image" in towers:
+        out += list(model.visual.modules())
+    if "text" in towers:
+        t = text_tower(model)
+        roots = [t.module] if t.module is not model else [t.transformer, t.ln_final]
+        out += [m for r in roots for m in r.modules()]
+    return out
 
-    Never a silent no-op: ValueError naming the class when ``lean_obstacles`` finds a tower, block or attention the
-    swap does not know, or when ``model`` holds nothing to swap at all. Nothing is changed before that check."""
+
+def _swappable(m: nn.Module) -> bool:
+    if type(m) is ResidualAttentionBlock and not block_supported(m):
+        return False
+    return all(ok(m) for ok in _SUPPORTED)
+
+
+def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = None, towers=None) -> nn.Module:
+    """Swap open_clip LayerNorms and default residual blocks (and the timm classes ``leanclip.models.timm``
+    registers) for their lean versions (in place; names, parameters and buffers unchanged) and set the recompute
+    policy (and the chunk of ``block``, :func:`set_recompute`). ``towers`` (a list of ``"image"`` / ``"text"``)
+    swaps those towers only, each of which must be covered; None: the whole model. Returns ``model``.
+
+    Never a silent no-op: ValueError naming the class when ``lean_obstacles`` (``tower_obstacles`` for ``towers``)
+    finds a tower, block or attention the swap does not know, or when there is nothing to swap at all. Nothing is
+    changed before that check."""
     check_policy(recompute)
     check_chunk(recompute, chunk)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lean needs an nn.Module, got {type(model).__name__}")
-    obstacles = lean_obstacles(model)
+    if towers is not None and (not towers or not set(towers) <= {"image", "text"} or not hasattr(model, "visual")):
+        raise ValueError(f"towers must name 'image' and / or 'text' of a CLIP-style model, got {towers!r}")
+    obstacles = lean_obstacles(model) if towers is None else [o for t in towers for o in tower_obstacles(model, t)]
     if obstacles:
         raise ValueError(f"cannot make {class_name(model)} lean: {'; '.join(obstacles)} (the lean modules cover "
                          f"open_clip ViT and transformer text towers of ResidualAttentionBlocks with "
-                         f"nn.MultiheadAttention); use lean=False")
-    todo = [m for m in model.modules() if type(m) in _SWAP or type(m) in _UNSWAP]
+                         f"nn.MultiheadAttention, and timm ViT / EVA blocks); use lean=False")
+    todo = [m for m in _tower_modules(model, towers) if type(m) in _SWAP or type(m) in _UNSWAP]
     if not todo:
         raise ValueError(f"found nothing to make lean in {class_name(model)} (no open_clip LayerNorm, "
                          f"ResidualAttentionBlock or VisionTransformer)")
     for m in todo:
-        cls = type(m)
-        if cls in (LayerNorm, LayerNormFp32, VisionTransformer):
-            m.__class__ = _SWAP[cls]
-        elif cls is ResidualAttentionBlock and block_supported(m):
-            m.__class__ = LeanResidualAttentionBlock
+        if type(m) in _SWAP and _swappable(m):
+            m.__class__ = _SWAP[type(m)]
     set_recompute(model, recompute, chunk)
     return model
 
@@ -616,7 +703,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
 
 
 def is_lean(model: nn.Module) -> bool:
-    return any(isinstance(m, LeanResidualAttentionBlock) for m in model.modules())
+    return any(isinstance(m, LeanBlockMixin) for m in model.modules())
 
 
 def check_chunk(policy: str, chunk) -> int | None:
@@ -637,7 +724,7 @@ def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> nn
     check_policy(policy)
     check_chunk(policy, chunk)
     for m in model.modules():
-        if isinstance(m, LeanResidualAttentionBlock):
+        if isinstance(m, LeanBlockMixin):
             m.leanclip_recompute = policy
             m.leanclip_chunk = chunk
     model.leanclip_recompute = policy
@@ -872,3 +959,7 @@ def choose_recompute(model: nn.Module, memory_budget: int, batch_size: int, **kw
             return p
     raise ValueError(f"memory_budget={int(memory_budget)} bytes is too small for batch_size={batch_size}: the "
                      f"smallest prediction is {est['block']} bytes (recompute='block'); predictions: {est}")
+
+
+# timm's blocks register their lean versions on import (the module imports this one: it is imported last)
+from leanclip.models import timm as _timm_family  # noqa: E402,F401
