@@ -69,8 +69,9 @@ def register_tiny_config(name: str = TINY_NAME, **overrides) -> str:
 _TINY_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 _SIGLIP_TEXT = {"no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
                 "act_kwargs": {"approximate": "tanh"}}
+# (no family name holds "siglip": open_clip would pick its SigLIP tokenizer for the name, which downloads a vocabulary)
 TINY_TIMM_FAMILIES = {  # family: (timm model, timm_pool, timm_proj, text_cfg extras, top-level extras)
-    "siglip2": ("leanclip_tiny_siglip2", "map", "none", _SIGLIP_TEXT, {"init_logit_bias": -10}),
+    "vit-map": ("leanclip_tiny_siglip2", "map", "none", _SIGLIP_TEXT, {"init_logit_bias": -10}),
     "vit-qknorm": ("leanclip_tiny_vit_qknorm", "map", "none", _SIGLIP_TEXT, {"init_logit_bias": -10}),
     "eva02": ("leanclip_tiny_eva02", "token", None, {}, {}),
     "eva02-fused": ("leanclip_tiny_eva02_fused", "token", None, {}, {}),
@@ -81,7 +82,7 @@ TINY_TIMM_FAMILIES = {  # family: (timm model, timm_pool, timm_proj, text_cfg ex
 
 def register_tiny_timm_config(family: str, name: str | None = None) -> str:
     """Register a tiny open_clip config whose image tower is a timm trunk of ``family`` (``TINY_TIMM_FAMILIES``:
-    siglip2, vit-qknorm, eva02, eva02-fused, pe-core, convnext) and whose text tower is a tiny open_clip transformer
+    vit-map: SigLIP / SigLIP2's, vit-qknorm, eva02, eva02-fused, pe-core, convnext) and whose text tower is a tiny open_clip transformer
     (embed 64). Returns the name (default ``f"leanclip-tiny-{family}"``)."""
     from leanclip.models.timm import register_tiny_models
 

@@ -238,7 +238,11 @@ def _clipfit_l2(ctx):
                  traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit"))
 def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):
     """Text ``transformer.resblocks.*.mlp.c_proj.bias`` (``text_bias``) + every image LayerNorm (ln_pre, ln_1, ln_2,
-    ln_post; ``image_ln``): either alone is the paper's ablation. ``l2_reg``: weight of the L2 penalty on each
+    ln_post; ``image_ln``): either alone is the paper's ablation. On a timm image tower (SigLIP / SigLIP2, EVA02,
+    PE-Core: open_clip ``CustomTextCLIP``) CLIPFit's parts map to: the text tower is open_clip's own, so its
+    ``mlp.c_proj.bias`` stays; the image LayerNorms are every LayerNorm of the timm tower - ``norm_pre``, each block's
+    ``norm1`` / ``norm2``, EVA's sub-LNs ``attn.norm`` / ``mlp.norm``, q/k norms where present, the final ``norm`` /
+    ``fc_norm`` and the MAP head's ``attn_pool.norm``. ``l2_reg``: weight of the L2 penalty on each
     trainable group's distance from its starting values (0 = off, the paper's default recipe)."""
     if text_bias:
         unlock(model, CLIPFIT_TEXT_RE, "text")

@@ -45,7 +45,7 @@ from torch import nn
 IMAGE_RE = re.compile(r"^visual\.")
 TEXT_RE = re.compile(r"^(?:text\.|transformer\.|token_embedding\.|positional_embedding$|ln_final\.|"
                      r"text_projection(?:$|\.))")
-BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias)$")
+BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias|q_bias|v_bias)$")  # q_bias / v_bias: EVA's fused qkv
 CLIPFIT_TEXT_RE = re.compile(r"^(?:text\.)?transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
 
 
@@ -100,7 +100,9 @@ def tower_blocks(model: nn.Module, tower: str) -> list[nn.Module]:
     in-layer methods (LoRA, Houlsby, Compacter) attach."""
     out = []
     if tower in ("image", "both"):
-        out += list(model.visual.transformer.resblocks)
+        vis = model.visual
+        out += list(vis.transformer.resblocks) if isinstance(vis, VisionTransformer) else [
+            b for _, b in custom_tower_blocks(model, "image")]
     if tower in ("text", "both"):
         out += list(text_tower(model).transformer.resblocks)
     return out
