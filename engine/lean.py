@@ -255,6 +255,11 @@ class ProjectionDelta(nn.Module):
     def delta(self, site: str, x: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def sites(self) -> tuple[str, ...]:
+        """The ``PROJECTION_SITES`` this module adds to (default: all of them): where its trainable parameters sit
+        in the block, for the recompute policies' choice of what to checkpoint."""
+        return PROJECTION_SITES
+
     def needs_rng(self) -> bool:
         """Whether the forward draws random numbers (dropout in training mode): recompute must replay them."""
         return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
@@ -367,6 +372,19 @@ class LeanBlockMixin:
     def _attn(self, x, mask, is_causal: bool):
         return self._attn_out(self._attn_core(x, mask, is_causal))
 
+    def _parts_with_deltas(self) -> dict:
+        """``_branch_parts`` with each attached delta counted in the pieces whose projections it adds to (a LoRA
+        pair is a child of the block, not of the projection: without this its trainable parameters would not make
+        their branch checkpointed, and the branch would keep eager PyTorch's activations)."""
+        parts = {k: list(v) for k, v in self._branch_parts().items()}
+        where = {"in_proj": ("attn_core", "attn"), "out_proj": ("attn_out", "attn"), "c_fc": ("mlp_core", "mlp"),
+                 "c_proj": ("mlp_out", "mlp")}
+        for m in self._deltas():
+            for site in m.sites():
+                for key in where[site]:
+                    parts[key].append(m)
+        return parts
+
     def _mlp(self, x):
         return self._mlp_out(self._mlp_core(x))
 
@@ -383,7 +401,7 @@ class LeanBlockMixin:
         needs grad or it holds a trainable parameter): elsewhere nothing is saved anyway and checkpointing would
         only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
         the checkpoints: they save nothing, so recomputing them would be wasted."""
-        parts = self._branch_parts()
+        parts = self._parts_with_deltas()
         rng = self._needs_rng()
         out_proj_outside = _frozen(*parts["attn_out"])
         c_proj_outside = _frozen(*parts["mlp_out"])
@@ -567,16 +585,19 @@ def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
 # modules (None: not their tower).
 _SUPPORTED: list = []
 _IMAGE_TOWERS: list = []
+_IMAGE_ESTIMATES: list = []
 
 
-def register_lean_classes(swap: dict, *, supported, image_tower) -> None:
+def register_lean_classes(swap: dict, *, supported, image_tower, image_estimate) -> None:
     """Add ``swap`` (plain class -> lean class, a ``__class__`` swap keeping names and parameters) to what
     ``apply_lean`` swaps and ``remove_lean`` undoes; ``supported(module)`` must hold for a module to be swapped,
-    ``image_tower(model)`` returns the obstacles of an image tower of this family (empty: covered) or None."""
+    ``image_tower(model)`` returns the obstacles of an image tower of this family (empty: covered) or None, and
+    ``image_estimate(model, policy, batch, dtype)`` its ``estimate_saved_bytes`` part (None: not its tower)."""
     _SWAP.update(swap)
     _UNSWAP.update({v: k for k, v in swap.items()})
     _SUPPORTED.append(supported)
     _IMAGE_TOWERS.append(image_tower)
+    _IMAGE_ESTIMATES.append(image_estimate)
 
 
 def tower_obstacles(model: nn.Module, tower: str) -> list[str]:
@@ -921,6 +942,8 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
             total += batch_size * (1 if rows else length) * vis.transformer.width * elem
         if on_path:  # features are L2-normalized in fp32
             total += batch_size * (vis.output_dim * 4 + 8)
+    else:  # a tower of another family (timm), when it has an estimate
+        total += next((b for b in (f(model, policy, batch_size, dtype) for f in _IMAGE_ESTIMATES) if b is not None), 0)
     t = text_tower(model)
     if t is not None:
         blocks = t.transformer.resblocks

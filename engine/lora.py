@@ -108,6 +108,9 @@ class LoRA(_lean.ProjectionDelta):
     def extra_repr(self) -> str:
         return f"targets={self.targets}, rank={self.rank}, alpha={self.alpha}"
 
+    def sites(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys("in_proj" if t in _IN_PROJ else _SITE[t] for t in self.targets))
+
     def _term(self, target: str, x: torch.Tensor) -> torch.Tensor:
         pair = self._modules[target]
         return self.scaling * pair(self.dropout(x.to(pair.A.dtype)))

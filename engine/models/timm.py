@@ -289,6 +289,72 @@ def prenorms(blk: nn.Module) -> list[nn.Module] | None:
     return [blk.norm1, blk.norm2] if is_timm_block(blk) else None
 
 
+# ----------------------------------------------------------------------------------------------------------- estimates
+def block_units(blk: nn.Module, policy: str) -> float:
+    """Activation units (B*L*D elements) a lean timm block keeps for backward under ``policy`` when gradients flow
+    through all of it (every ``leanclip.lean.POLICIES`` entry; measured with ``leanclip.memory`` on the tiny
+    families). Without recompute: LN1's input (1); SDPA's q, k, v and output - a fused qkv stays alive whole (3)
+    while v is a view of it, and q, k made anew by q/k norm or rotary embeddings add 2 (separate projections: 3, and
+    2 more with q/k norm, whose inputs are kept); the sub-LN ``attn.norm`` input (1); LN2's input (1); the MLP's
+    hidden activations at ratio r = hidden / D: GELU's input (r) or a gated MLP's three (3r), plus ``mlp.norm``'s
+    input (r). ``mlp`` keeps the attention part and LN2's input, ``mlp+qkv`` the block input, the SDPA output, the
+    sub-LN input and LN2's input, ``block`` the block input."""
+    attn, mlp = blk.attn, blk.mlp
+    width = attn.proj.out_features
+    sub_ln = float(not isinstance(attn.norm, nn.Identity))
+    if policy == "block":
+        return 1.0
+    if policy == "mlp+qkv":
+        return 3.0 + sub_ln
+    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, EvaBlock)  # q/k norm or rotary
+    if attn.qkv is not None:
+        qkv = 3.0 + 2.0 * qk_new
+    else:
+        qkv = 3.0 + 2.0 * (not isinstance(attn.q_norm, nn.Identity))
+    attention = 1.0 + qkv + 1.0 + sub_ln
+    if policy == "mlp":
+        return attention + 1.0
+    hidden = mlp.fc2.in_features / width
+    gated = isinstance(mlp, (GluMlp, SwiGLU))
+    return attention + 1.0 + (3.0 if gated else 1.0) * hidden + hidden * (not isinstance(mlp.norm, nn.Identity))
+
+
+def _tokens(trunk: nn.Module) -> int:
+    return int(trunk.patch_embed.num_patches) + int(getattr(trunk, "num_prefix_tokens", 0))
+
+
+def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> int | None:
+    """Predicted bytes a lean timm image tower keeps for backward (``leanclip.lean.estimate_saved_bytes``'s image
+    part), or None when ``model.visual`` is not a covered timm tower. Every block from the first one holding a
+    trainable parameter (all of them when the embeddings or ``norm_pre`` train) counts ``block_units`` - the whole
+    block, an upper bound when gradients enter it midway - plus its LayerNorm statistics and the attention's
+    logsumexp; after the blocks, the final norm's input and, with MAP pooling, the pooled attention's keys and
+    values over every token."""
+    if tower_obstacles(model) != []:
+        return None
+    trunk = model.visual.trunk
+    blocks = list(trunk.blocks)
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.")]
+    embeds = ("visual.trunk.patch_embed.", "visual.trunk.pos_embed", "visual.trunk.cls_token", "visual.trunk.reg_token",
+              "visual.trunk.norm_pre.")
+    first = 0 if any(n.startswith(embeds) for n in names) else next(
+        (i for i in range(len(blocks)) if any(n.startswith(f"visual.trunk.blocks.{i}.") for n in names)), None)
+    if first is None and not names:
+        return 0
+    elem = torch.empty((), dtype=dtype or blocks[0].attn.proj.weight.dtype).element_size()
+    rows = batch * _tokens(trunk)
+    unit = rows * trunk.embed_dim * elem
+    total = 0.0
+    for blk in blocks[first if first is not None else len(blocks):]:
+        total += block_units(blk, policy) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
+    total += unit + rows * 8  # the final norm's input
+    if any(n.startswith("visual.trunk.norm_pre.") for n in names):  # PE-Core's pre-transformer norm keeps its input
+        total += unit + rows * 8
+    if getattr(trunk, "attn_pool", None) is not None:
+        total += 2 * unit  # the pool's keys and values over every token
+    return int(total)
+
+
 # ----------------------------------------------------------------------------------------------------------- tiny models
 # Tiny trunks: the released SigLIP2 / EVA02 / PE-Core model functions with width, depth, heads and image size shrunk
 # (every block option - rotary embeddings, SwiGLU, sub-LN, fused / separate qkv, MAP pooling - kept).
@@ -329,4 +395,4 @@ def register_tiny_models() -> list[str]:
 if Block is not None:
     _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock},
                                 supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
-                                image_tower=tower_obstacles)
+                                image_tower=tower_obstacles, image_estimate=estimate_image_bytes)

@@ -44,9 +44,11 @@ def test_chunked_block_is_exact_in_float64(fresh_tiny, tokenizer):
 
 def test_chunked_block_replays_dropout(fresh_tiny, tokenizer):
     """LoRA's dropout in training mode: each chunk's recompute draws the masks its forward drew, so the chunked
-    gradients equal the whole-batch block's (same seed) to float32 rounding."""
+    gradients equal the whole-batch block's (same seed) to float32 rounding. One target, so one dropout per block:
+    the chunks' forwards then draw, in order, the numbers the whole batch's one draw takes (with q, k and v each
+    drawing, chunks interleave the three masks and the whole-batch run is no reference)."""
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
-    base = _prep(fresh_tiny(), "lora", {"dropout": 0.5}, tokenizer, True, "block").train()
+    base = _prep(fresh_tiny(), "lora", {"dropout": 0.5, "targets": "q"}, tokenizer, True, "block").train()
     results = []
     for chunk in (None, 1):
         m = lean.set_recompute(copy.deepcopy(base), "block", chunk=chunk)

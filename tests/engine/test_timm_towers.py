@@ -254,3 +254,34 @@ def test_unknown_block_class_is_named():
     assert lean.is_lean(m.text)
     with pytest.raises(ValueError, match="method 'lora' needs transformer blocks.*_OtherAttention"):
         methods.prepare(m, "lora")
+
+
+# ----------------------------------------------------------------------------------------------------------- memory
+def _saved(model, images):
+    from leanclip.memory import saved_activation_bytes
+
+    return saved_activation_bytes(lambda: model.train().visual(images), exclude=model)[1]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimate_matches_measured_image_tower(family, batch):
+    """``estimate_saved_bytes`` gives the timm image tower per-block units (``leanclip.models.timm.block_units``):
+    within 10% of the measured saved bytes under every policy (LN trained in every block)."""
+    for policy in lean.POLICIES:
+        m = methods.prepare(base(family), "ln", recompute=policy)
+        est = lean.estimate_saved_bytes(m, policy, 3, text_batch_size=0)
+        measured = _saved(m, batch[0])
+        assert 0.9 * measured <= est <= 1.1 * measured, (policy, est, measured)
+
+
+@pytest.mark.parametrize("name", ["vit-map", "eva02", "open_clip"])
+def test_lora_terms_are_recomputed_with_their_branch(name, batch):
+    """A LoRA pair is a child of the block, not of its projection: its trainable parameters still make the branch
+    they add to checkpointed, so ``block`` keeps the block inputs only (a few units), not eager PyTorch's ~10+."""
+    from leanclip.configs import register_tiny_config
+
+    make = (lambda: create_random_model(register_tiny_config(), seed=0)) if name == "open_clip" else (
+        lambda: base(name))
+    saved = {p: _saved(methods.prepare(make(), "lora", dropout=0.0, recompute=p), batch[0]) for p in lean.POLICIES}
+    assert saved["block"] < saved["mlp+qkv"] < saved["mlp"] < saved["none"], saved
+    assert saved["block"] < 0.3 * saved["none"], saved
