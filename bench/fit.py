@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from leanclip.bench.common import _proc_status_bytes, load_average, machine, rss_step_peak
+from leanclip.bench.common import _proc_status_bytes, bench_tokenizer, load_average, machine, rss_step_peak
 from leanclip.utils import get_logger
 
 DEFAULT_MODES = ("plain", "plain+gc", "plain+compile+budget:0.1", "lean:block", "lean:block/4")
@@ -151,8 +151,6 @@ def _out_of_memory(exc: BaseException) -> bool:
 def measure_here(model_name, method, mode, batch, *, cap, n_classes=100, precision="fp32", scope="full") -> dict:
     """One CPU probe in this process (run by ``leanclip bench fit --probe``): build ``mode`` at ``batch``, one
     warm-up step, then the second step's peak resident set (``rss_step_peak``) against ``cap``."""
-    import open_clip
-
     from leanclip.bench.step import make_step
     from leanclip.configs import register_tiny_config
 
@@ -162,7 +160,7 @@ def measure_here(model_name, method, mode, batch, *, cap, n_classes=100, precisi
     watch = _Watchdog(record, LIMIT_FACTOR * cap)
     try:
         step, _, _ = make_step(model_name, method, mode, batch_size=batch, n_classes=n_classes,
-                               device=torch.device("cpu"), tokenizer=open_clip.get_tokenizer(model_name),
+                               device=torch.device("cpu"), tokenizer=bench_tokenizer(model_name),
                                precision=precision, scope=scope)
         t0 = time.perf_counter()
         step()
@@ -272,10 +270,8 @@ def run(model_name, method, mem_cap: int, *, modes=DEFAULT_MODES, device="cpu", 
         torch.set_num_threads(threads)
     kw = dict(n_classes=n_classes, precision=precision, scope=scope)
     if device == "cuda":
-        import open_clip
-
         torch.cuda.set_per_process_memory_fraction(mem_cap / torch.cuda.get_device_properties(0).total_memory)
-        kw["tokenizer"] = open_clip.get_tokenizer(model_name)
+        kw["tokenizer"] = bench_tokenizer(model_name)
     else:
         kw.update(cap=mem_cap, threads=threads)
 

@@ -53,7 +53,7 @@ from torch._dynamo.utils import counters
 
 from leanclip import utils
 from leanclip.bench.common import (
-    interleaved_times, load_average, machine, reliability_warnings, spread, step_peak_bytes, write_json, write_png,
+    bench_tokenizer, interleaved_times, load_average, machine, reliability_warnings, spread, step_peak_bytes, write_json, write_png,
 )
 from leanclip.configs import register_tiny_config
 from leanclip.lean import SAC_CACHE_COUNTED, set_recompute
@@ -265,9 +265,7 @@ def _ratios(values: dict, base: str) -> dict:
 
 
 def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps, precision="fp32", scope="full"):
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(model_name)
+    tokenizer = bench_tokenizer(model_name)
     steps, saved, peak, warmup, failed, breaks, how = {}, {}, {}, {}, {}, {}, None
     for mode in modes:
         try:
