@@ -229,4 +229,6 @@ def bench_tokenizer(model_name: str):
         warnings.warn(f"leanclip: bench: the tokenizer of {model_name} is not available ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:120]}); using open_clip's SimpleTokenizer with its {ctx}-token "
                       f"context (random weights: the token ids do not change what is measured)", UserWarning)
-        return open_clip.tokenizer.SimpleTokenizer(context_length=ctx)
+        from leanclip.models.openclip import SimpleTokenizer
+
+        return SimpleTokenizer(context_length=ctx)

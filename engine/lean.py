@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import weakref
 
@@ -586,6 +587,12 @@ def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
 _SUPPORTED: list = []
 _IMAGE_TOWERS: list = []
 _IMAGE_ESTIMATES: list = []
+_FAMILIES = ("leanclip.models.timm",)  # imported on first use: each imports this module to register itself
+
+
+def _load_families() -> None:
+    for name in _FAMILIES:
+        importlib.import_module(name)
 
 
 def register_lean_classes(swap: dict, *, supported, image_tower, image_estimate) -> None:
@@ -604,6 +611,7 @@ def tower_obstacles(model: nn.Module, tower: str) -> list[str]:
     """What keeps the ``"image"`` or ``"text"`` tower of a CLIP-style model from the lean modules, one line each
     naming the class; empty when they cover it: an open_clip ``VisionTransformer`` or transformer text tower of
     default ``ResidualAttentionBlock`` s, or a timm tower of blocks ``leanclip.models.timm`` implements."""
+    _load_families()
     if tower == "image":
         vis = model.visual
         if isinstance(vis, VisionTransformer):
@@ -685,6 +693,7 @@ def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = No
     check_chunk(recompute, chunk)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lean needs an nn.Module, got {type(model).__name__}")
+    _load_families()
     if towers is not None and (not towers or not set(towers) <= {"image", "text"} or not hasattr(model, "visual")):
         raise ValueError(f"towers must name 'image' and / or 'text' of a CLIP-style model, got {towers!r}")
     obstacles = lean_obstacles(model) if towers is None else [o for t in towers for o in tower_obstacles(model, t)]
@@ -943,6 +952,7 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
         if on_path:  # features are L2-normalized in fp32
             total += batch_size * (vis.output_dim * 4 + 8)
     else:  # a tower of another family (timm), when it has an estimate
+        _load_families()
         total += next((b for b in (f(model, policy, batch_size, dtype) for f in _IMAGE_ESTIMATES) if b is not None), 0)
     t = text_tower(model)
     if t is not None:
@@ -983,6 +993,3 @@ def choose_recompute(model: nn.Module, memory_budget: int, batch_size: int, **kw
     raise ValueError(f"memory_budget={int(memory_budget)} bytes is too small for batch_size={batch_size}: the "
                      f"smallest prediction is {est['block']} bytes (recompute='block'); predictions: {est}")
 
-
-# timm's blocks register their lean versions on import (the module imports this one: it is imported last)
-from leanclip.models import timm as _timm_family  # noqa: E402,F401

@@ -34,6 +34,7 @@ from open_clip.model import (  # noqa: F401
 from open_clip.pretrained import (  # noqa: F401
     download_pretrained_from_hf, is_pretrained_cfg, list_pretrained_tags_by_model,
 )
+from open_clip.tokenizer import SimpleTokenizer  # noqa: F401  (the benchmarks' fallback tokenizer)
 from open_clip.transform import merge_preprocess_dict  # noqa: F401
 from open_clip.transformer import (  # noqa: F401
     LayerNorm, LayerNormFp32, QuickGELU, ResidualAttentionBlock, Transformer, VisionTransformer, text_global_pool,
