@@ -547,10 +547,11 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
 
     method          one of ``METHODS`` (``ln``, ``bitfit``, ``clipfit``, ``llu``, ``linear-probe``, ``coop``,
                     ``adapter``, ``full``, ...) or a ``+`` combination (``ln+linear-probe``, ``ln+coop``, ``ln+adapter``)
-    lean            None (default): swap in the fused / SDPA modules (``leanclip.lean``) where they cover the model,
-                    else keep open_clip's modules with a one-line notice (timm towers, ModifiedResNet, Hugging Face
-                    text towers, unknown block types); True: lean or a ValueError naming what is not covered;
-                    False: open_clip's plain modules
+    lean            None (default): swap in the fused / SDPA modules (``leanclip.lean``) on every tower they cover
+                    (open_clip ViT and text towers, timm ViT / EVA towers); a tower they do not cover (ConvNeXt,
+                    ModifiedResNet, Hugging Face text towers, unknown block types) keeps its modules, named in a
+                    one-line notice; True: lean everywhere or a ValueError naming what is not covered; False: the
+                    plain modules
     recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` bytes and
                     ``batch_size``; picks the fastest policy whose ``estimate_saved_bytes`` fits)
     recompute_chunk with ``recompute="block"``: samples per chunk of each block's forward and backward, so the
