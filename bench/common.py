@@ -220,3 +220,21 @@ def rss_step_peak(step: Callable[[], object]) -> tuple[int, int] | None:
     before = _proc_status_bytes("VmRSS")
     step()
     return before, _proc_status_bytes("VmHWM")
+
+
+def bench_tokenizer(model_name: str):
+    """``open_clip.get_tokenizer(model_name)``, or - where that tokenizer cannot be had (SigLIP / SigLIP2 read theirs
+    from the Hugging Face hub, offline here) - open_clip's ``SimpleTokenizer`` at the model's context length, with a
+    warning: the benchmarks run random weights, so what matters is the token count per prompt, not which ids."""
+    import open_clip
+
+    try:
+        return open_clip.get_tokenizer(model_name)
+    except (OSError, ImportError) as e:
+        ctx = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {}).get("context_length", 77)
+        warnings.warn(f"leanclip: bench: the tokenizer of {model_name} is not available ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:120]}); using open_clip's SimpleTokenizer with its {ctx}-token "
+                      f"context (random weights: the token ids do not change what is measured)", UserWarning)
+        from leanclip.models.openclip import SimpleTokenizer
+
+        return SimpleTokenizer(context_length=ctx)

@@ -39,8 +39,8 @@ from typing import Callable
 
 import torch
 
-from leanclip.bench.common import _proc_status_bytes, load_average, machine, rss_step_peak
 from leanclip import utils
+from leanclip.bench.common import _proc_status_bytes, bench_tokenizer, load_average, machine, rss_step_peak
 from leanclip.utils import get_logger
 
 DEFAULT_MODES = ("plain", "plain+gc", "plain+compile+budget:0.1", "lean:fit")
@@ -141,8 +141,6 @@ def _out_of_memory(exc: BaseException) -> bool:
 def measure_here(model_name, method, mode, batch, *, cap, n_classes=100, precision="fp32", scope="full") -> dict:
     """One CPU probe in this process (run by ``leanclip bench fit --probe``): build ``mode`` at ``batch``, one
     warm-up step, then the second step's peak resident set (``rss_step_peak``) against ``cap``."""
-    import open_clip
-
     from leanclip.bench.step import make_step
     from leanclip.configs import register_tiny_config
 
@@ -152,7 +150,7 @@ def measure_here(model_name, method, mode, batch, *, cap, n_classes=100, precisi
     watch = _Watchdog(record, LIMIT_FACTOR * cap)
     try:
         step, _, _ = make_step(model_name, method, mode, batch_size=batch, n_classes=n_classes,
-                               device=torch.device("cpu"), tokenizer=open_clip.get_tokenizer(model_name),
+                               device=torch.device("cpu"), tokenizer=bench_tokenizer(model_name),
                                precision=precision, scope=scope, cap=cap)
         t0 = time.perf_counter()
         step()
@@ -270,10 +268,8 @@ def run(model_name, method, mem_cap: int, *, modes=DEFAULT_MODES, device="cpu", 
         torch.set_num_threads(threads)
     kw = dict(n_classes=n_classes, precision=precision, scope=scope)
     if device == "cuda":
-        import open_clip
-
         torch.cuda.set_per_process_memory_fraction(mem_cap / torch.cuda.get_device_properties(0).total_memory)
-        kw.update(tokenizer=open_clip.get_tokenizer(model_name), cap=mem_cap)
+        kw.update(tokenizer=bench_tokenizer(model_name), cap=mem_cap)
     else:
         kw.update(cap=mem_cap, threads=threads)
 

@@ -57,8 +57,8 @@ from torch._dynamo.utils import counters
 
 from leanclip import utils
 from leanclip.bench.common import (
-    interleaved_times, load_average, machine, reliability_warnings, rss_now, spread, step_peak_bytes, write_json,
-    write_png,
+    bench_tokenizer, interleaved_times, load_average, machine, reliability_warnings, rss_now, spread,
+    step_peak_bytes, write_json, write_png,
 )
 from leanclip.budget import resolve_budget
 from leanclip.configs import register_tiny_config
@@ -322,9 +322,7 @@ def _ratios(values: dict, base: str) -> dict:
 
 
 def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps, precision="fp32", scope="full"):
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(model_name)
+    tokenizer = bench_tokenizer(model_name)
     steps, saved, peak, warmup, failed, breaks, how = {}, {}, {}, {}, {}, {}, None
     for mode in modes:
         try:

@@ -63,6 +63,40 @@ def register_tiny_config(name: str = TINY_NAME, **overrides) -> str:
     return register_config(name, _merged(cfg, overrides))
 
 
+# Tiny open_clip configs with a timm image tower (``CustomTextCLIP``), each built from a released family's timm model
+# function with width 64, 2 blocks, 2 heads, patch 8 at 32 px (``leanclip.models.timm.TINY_TIMM_MODELS``) and an open_clip
+# text tower as in the released config (SigLIP2's: no causal mask, last-token pooling, projection bias, tanh GELU).
+_TINY_TEXT = {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+_SIGLIP_TEXT = {"no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
+                "act_kwargs": {"approximate": "tanh"}}
+# (no family name holds "siglip": open_clip would pick its SigLIP tokenizer for the name, which downloads a vocabulary)
+TINY_TIMM_FAMILIES = {  # family: (timm model, timm_pool, timm_proj, text_cfg extras, top-level extras)
+    "vit-map": ("leanclip_tiny_siglip2", "map", "none", _SIGLIP_TEXT, {"init_logit_bias": -10}),
+    "vit-qknorm": ("leanclip_tiny_vit_qknorm", "map", "none", _SIGLIP_TEXT, {"init_logit_bias": -10}),
+    "eva02": ("leanclip_tiny_eva02", "token", None, {}, {}),
+    "eva02-fused": ("leanclip_tiny_eva02_fused", "token", None, {}, {}),
+    "pe-core": ("leanclip_tiny_pe_core", "map", None, {}, {}),
+    "convnext": ("convnext_atto", "avg", "linear", {}, {}),
+}
+
+
+def register_tiny_timm_config(family: str, name: str | None = None) -> str:
+    """Register a tiny open_clip config whose image tower is a timm trunk of ``family`` (``TINY_TIMM_FAMILIES``:
+    vit-map: SigLIP / SigLIP2's, vit-qknorm, eva02, eva02-fused, pe-core, convnext) and whose text tower is a tiny open_clip transformer
+    (embed 64). Returns the name (default ``f"leanclip-tiny-{family}"``)."""
+    from leanclip.models.timm import register_tiny_models
+
+    if family not in TINY_TIMM_FAMILIES:
+        raise ValueError(f"unknown tiny timm family {family!r}; valid: {', '.join(TINY_TIMM_FAMILIES)}")
+    register_tiny_models()
+    model, pool, proj, text, top = TINY_TIMM_FAMILIES[family]
+    cfg = {"embed_dim": 64, "custom_text": True, **top,
+           "vision_cfg": {"image_size": 32, "timm_model_name": model, "timm_model_pretrained": False,
+                          "timm_pool": pool, "timm_proj": proj},
+           "text_cfg": {**_TINY_TEXT, **copy.deepcopy(text)}}
+    return register_config(name or f"leanclip-tiny-{family}", cfg)
+
+
 def register_reduced_config(base: str = "ViT-B-16", layers: int = 2, *, text_layers: int | None = None,
                             name: str | None = None) -> str:
     """Register a copy of open_clip config ``base`` with ``layers`` vision blocks and ``text_layers`` (default

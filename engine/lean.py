@@ -15,11 +15,14 @@ its term to each frozen projection (``in_proj``, ``out_proj``, ``c_fc``, ``c_pro
 so the frozen GEMM keeps ``kernels.frozen_linear`` and every recompute policy stays exact.
 
 The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`` names, ``deepcopy`` and open_clip's
-own forward code (``encode_image``, ``encode_text``) keep working. It is never a silent no-op: a tower, block or
-attention class it does not know (timm towers, ModifiedResNet, Hugging Face text towers, open_clip's
-``CustomResidualAttentionBlock``, an attention that is not ``nn.MultiheadAttention``) is named by
-``lean_obstacles`` and ``apply_lean`` raises before changing anything; ``leanclip.prepare`` with the default
-``lean=None`` then keeps open_clip's modules and says why in one line.
+own forward code (``encode_image``, ``encode_text``) keep working. timm image towers (SigLIP / SigLIP2, EVA02,
+PE-Core: ``vision_transformer.Block`` and ``eva.EvaBlock``) get lean blocks from ``leanclip.models.timm``, which
+registers them here (``register_lean_classes``) and shares the recompute policies (``LeanBlockMixin``). It is never a
+silent no-op: a tower, block or attention class it does not know (ModifiedResNet, ConvNeXt and other convolutional
+timm trunks, Hugging Face text towers, open_clip's ``CustomResidualAttentionBlock``, an attention that is not
+``nn.MultiheadAttention``) is named by ``tower_obstacles`` and ``apply_lean`` raises before changing anything;
+``leanclip.prepare`` with the default ``lean=None`` then makes the other tower lean (``apply_lean(towers=...)``) and
+names the class that stays on its own modules in one line.
 
 Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
 
@@ -65,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import inspect
 import weakref
 
@@ -113,16 +117,23 @@ def _ln_param(p: torch.Tensor | None, x: torch.Tensor):
     return p.to(x.dtype)
 
 
+def fused_layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor | None:
+    """``ln(x)`` through ``kernels.layer_norm`` (output in x's dtype), or None where the kernel does not apply (a
+    normalized shape over several dims, no affine weight): the caller then runs the module's own forward."""
+    if len(ln.normalized_shape) != 1 or ln.weight is None:
+        return None
+    weight, bias = _ln_param(ln.weight, x), _ln_param(ln.bias, x)
+    if _aten_path(x, weight, bias):
+        return F.layer_norm(x, ln.normalized_shape, weight, bias, ln.eps)
+    return kernels.layer_norm(x, weight, bias, ln.eps).to(x.dtype)
+
+
 class LeanLayerNorm(LayerNorm):
     """open_clip ``LayerNorm`` through ``kernels.layer_norm`` (output cast back to the input dtype)."""
 
     def forward(self, x: torch.Tensor):
-        if len(self.normalized_shape) != 1:
-            return super().forward(x)
-        weight, bias = _ln_param(self.weight, x), _ln_param(self.bias, x)
-        if _aten_path(x, weight, bias):
-            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-        return kernels.layer_norm(x, weight, bias, self.eps).to(x.dtype)
+        y = fused_layer_norm(self, x)
+        return super().forward(x) if y is None else y
 
 
 class LeanLayerNormFp32(LayerNormFp32):
@@ -265,15 +276,24 @@ class ProjectionDelta(nn.Module):
     def delta(self, site: str, x: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def sites(self) -> tuple[str, ...]:
+        """The ``PROJECTION_SITES`` this module adds to (default: all of them): where its trainable parameters sit
+        in the block, for the recompute policies' choice of what to checkpoint."""
+        return PROJECTION_SITES
+
     def needs_rng(self) -> bool:
         """Whether the forward draws random numbers (dropout in training mode): recompute must replay them."""
         return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
 
 
 # ----------------------------------------------------------------------------------------------------------- chunks
-def _mask_rows(mask: torch.Tensor | None, start: int, stop: int, batch: int):
-    """An SDPA mask for samples [start, stop): per-sample masks (B, H, L, L) are sliced, shared ones broadcast."""
-    if mask is not None and mask.dim() == 4 and mask.shape[0] == batch:
+def _mask_rows(mask, start: int, stop: int, batch: int):
+    """An SDPA mask for samples [start, stop): per-sample masks (B, H, L, L) are sliced, shared ones broadcast. A
+    tuple (a timm block's mask and rotary embedding) is sliced item by item; a per-sample rotary embedding is
+    (B, L, D)."""
+    if isinstance(mask, tuple):
+        return tuple(_mask_rows(m, start, stop, batch) for m in mask)
+    if isinstance(mask, torch.Tensor) and mask.dim() >= 3 and mask.shape[0] == batch:
         return mask[start:stop]
     return mask
 
@@ -350,10 +370,16 @@ class _Chunked(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------------- block
-class LeanResidualAttentionBlock(ResidualAttentionBlock):
-    """open_clip ``ResidualAttentionBlock`` with SDPA attention, fused frozen projections and a recompute policy
-    (``self.leanclip_recompute``). Parameters, names and math are those of the original block."""
-    lean_block = True  # the layout leanclip.models.openclip.block_supported accepts
+class LeanBlockMixin:
+    """The recompute policies of a lean pre-LN transformer block, over branch functions the block defines:
+
+    ``_attn_core(x, mask, is_causal)`` LN1 -> q/k/v -> SDPA output; ``_attn_out(o)`` the rest of the attention branch
+    (output projection, layer scale); ``_mlp_core(x)`` LN2 -> first MLP projection -> activation; ``_mlp_out(g)`` the
+    last MLP projection and layer scale; ``_branch_parts()`` the modules / parameters of each piece (``attn_core``,
+    ``attn_out``, ``attn``, ``mlp_core``, ``mlp_out``, ``mlp``: whether a piece holds a trainable parameter decides
+    what is checkpointed, and a frozen output projection stays outside the checkpoints); ``_needs_rng()``.
+    ``mask`` is passed through untouched (open_clip's blocks: an SDPA mask; timm's: the pair (mask, rotary
+    embedding)). ``leanclip.models.timm`` implements the same branches for timm blocks."""
 
     leanclip_recompute = "none"
     leanclip_chunk = None  # samples per chunk under "block" (None: the whole batch at once)
@@ -362,20 +388,136 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
     def _deltas(self) -> list:
         return [m for m in self._modules.values() if isinstance(m, ProjectionDelta)]
 
-    def _proj(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
-        """``lean_linear`` over output features [start, stop) of projection ``site``, plus every attached delta."""
-        stop = weight.shape[0] if stop is None else stop
-        if (start, stop) != (0, weight.shape[0]):
-            weight, bias = weight[start:stop], None if bias is None else bias[start:stop]
+    def _project(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
+        """``lean_linear(x, weight, bias)`` plus every attached delta for output features [start, stop) of
+        ``site`` (``weight`` holds exactly those features)."""
         y = lean_linear(x, weight, bias)
+        stop = start + weight.shape[0] if stop is None else stop
         for m in self._deltas():
             d = m.delta(site, x, start, stop)
             if d is not None:
                 y = y + d.to(y.dtype)
         return y
 
+    def _attn(self, x, mask, is_causal: bool):
+        return self._attn_out(self._attn_core(x, mask, is_causal))
+
+    def _parts_with_deltas(self) -> dict:
+        """``_branch_parts`` with each attached delta counted in the pieces whose projections it adds to (a LoRA
+        pair is a child of the block, not of the projection: without this its trainable parameters would not make
+        their branch checkpointed, and the branch would keep eager PyTorch's activations)."""
+        parts = {k: list(v) for k, v in self._branch_parts().items()}
+        where = {"in_proj": ("attn_core", "attn"), "out_proj": ("attn_out", "attn"), "c_fc": ("mlp_core", "mlp"),
+                 "c_proj": ("mlp_out", "mlp")}
+        for m in self._deltas():
+            for site in m.sites():
+                for key in where[site]:
+                    parts[key].append(m)
+        return parts
+
+    def _mlp(self, x):
+        return self._mlp_out(self._mlp_core(x))
+
+    def _plain(self, x, mask, is_causal: bool):
+        x = x + self._attn(x, mask, is_causal)
+        return x + self._mlp(x)
+
+    def _block_head(self, x, mask, is_causal: bool):
+        x1 = x + self._attn(x, mask, is_causal)
+        return x1, self._mlp_core(x1)
+
+    def _recompute(self, x, mask, is_causal: bool, policy: str):
+        """Forward under a recompute policy. A branch is checkpointed only when gradients flow through it (its input
+        needs grad or it holds a trainable parameter): elsewhere nothing is saved anyway and checkpointing would
+        only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
+        the checkpoints: they save nothing, so recomputing them would be wasted."""
+        parts = self._parts_with_deltas()
+        rng = self._needs_rng()
+        out_proj_outside = _frozen(*parts["attn_out"])
+        c_proj_outside = _frozen(*parts["mlp_out"])
+        if policy == "block":
+            inside = parts["attn"] + parts["mlp_core"] + ([] if c_proj_outside else parts["mlp"])
+            if not (x.requires_grad or not _frozen(*inside)):
+                return self._plain(x, mask, is_causal)
+            if self.leanclip_chunk is not None and x.shape[0] > self.leanclip_chunk:
+                return self._chunked(x, mask, is_causal, rng, skip_mlp_out=c_proj_outside)
+            if c_proj_outside:
+                x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
+                return x1 + self._mlp_out(g)
+            return _ckpt(self._plain, x, mask, is_causal, rng=rng)
+        # attention branch
+        if policy == "mlp+qkv":
+            core = parts["attn_core"]
+            if out_proj_outside:
+                if x.requires_grad or not _frozen(*core):
+                    a = self._attn_out(_ckpt(self._attn_core, x, mask, is_causal, rng=rng, sac=True))
+                else:
+                    a = self._attn(x, mask, is_causal)
+            elif x.requires_grad or not _frozen(*core, *parts["attn"]):
+                a = _ckpt(self._attn, x, mask, is_causal, rng=rng, sac=True)
+            else:
+                a = self._attn(x, mask, is_causal)
+        else:
+            a = self._attn(x, mask, is_causal)
+        x = x + a
+        # MLP branch
+        if c_proj_outside:
+            if x.requires_grad or not _frozen(*parts["mlp_core"]):
+                return x + self._mlp_out(_ckpt(self._mlp_core, x))
+            return x + self._mlp(x)
+        if x.requires_grad or not _frozen(*parts["mlp"]):
+            return x + _ckpt(self._mlp, x)
+        return x + self._mlp(x)
+
+
+    # -- chunks of samples (``block`` with ``leanclip_chunk``) --
+    def _mlp_out_input_grad(self, grad_y: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+        """d loss / d g for ``y = x1 + _mlp_out(g)`` where the last MLP projection and its layer scale are frozen,
+        from ``grad_y`` and the weight alone (no forward GEMM), or None where the block does not provide it (a
+        chunk's recompute then runs ``_mlp_out`` too)."""
+        return None
+
+    def _chunked(self, x, mask, is_causal: bool, rng: bool, skip_mlp_out: bool):
+        """The block over chunks of ``leanclip_chunk`` samples (``_Chunked``): the transient of its backward is one
+        chunk's activations. Where the last MLP projection is frozen (``skip_mlp_out``) and the block gives its input
+        gradient, a chunk's recompute stops at that projection's input: its output is needed by no gradient."""
+        batch = x.shape[0]
+
+        def forward(xc, start, stop):
+            return self._plain(xc, _mask_rows(mask, start, stop, batch), is_causal)
+
+        def recompute(xc, start, stop, grad_yc):
+            x1, g = self._block_head(xc, _mask_rows(mask, start, stop, batch), is_causal)
+            dg = self._mlp_out_input_grad(grad_yc, g)
+            if dg is None:
+                return (x1 + self._mlp_out(g),), (grad_yc,)
+            return (x1, g), (grad_yc, dg)
+
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return _Chunked.apply(forward, recompute if skip_mlp_out else None, x, self.leanclip_chunk, rng, *trainable)
+
+
+class LeanResidualAttentionBlock(LeanBlockMixin, ResidualAttentionBlock):
+    """open_clip ``ResidualAttentionBlock`` with SDPA attention, fused frozen projections and a recompute policy
+    (``self.leanclip_recompute``). Parameters, names and math are those of the original block."""
+    lean_block = True  # the layout leanclip.models.openclip.block_supported accepts
+
+    def _proj(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
+        """``_project`` over output features [start, stop) of the full projection ``weight`` of ``site``."""
+        stop = weight.shape[0] if stop is None else stop
+        if (start, stop) != (0, weight.shape[0]):
+            weight, bias = weight[start:stop], None if bias is None else bias[start:stop]
+        return self._project(site, x, weight, bias, start, stop)
+
     def _needs_rng(self) -> bool:
         return self.training and (self.attn.dropout > 0 or any(m.needs_rng() for m in self._deltas()))
+
+    def _branch_parts(self) -> dict:
+        attn, mlp = self.attn, self.mlp
+        return {"attn_core": [self.ln_1, attn.in_proj_weight, attn.in_proj_bias],
+                "attn_out": [attn.out_proj.weight, self.ls_1], "attn": [self.ln_1, attn, self.ls_1],
+                "mlp_core": [self.ln_2, mlp.c_fc], "mlp_out": [mlp.c_proj.weight, self.ls_2],
+                "mlp": [self.ln_2, mlp, self.ls_2]}
 
     # -- branches (x is (B, L, D) batch-first) --
     def _attn_core(self, x, mask, is_causal: bool):
@@ -394,106 +536,26 @@ class LeanResidualAttentionBlock(ResidualAttentionBlock):
         o = o.transpose(1, 2).reshape(b, n, h * hd)
         return self.ls_1(self._proj("out_proj", o, self.attn.out_proj.weight, self.attn.out_proj.bias))
 
-    def _attn(self, x, mask, is_causal: bool):
-        return self._attn_out(self._attn_core(x, mask, is_causal))
-
     def _mlp_core(self, x):
         return self.mlp.gelu(self._proj("c_fc", self.ln_2(x), self.mlp.c_fc.weight, self.mlp.c_fc.bias))
 
     def _mlp_out(self, g):
         return self.ls_2(self._proj("c_proj", g, self.mlp.c_proj.weight, self.mlp.c_proj.bias))
 
-    def _mlp(self, x):
-        return self._mlp_out(self._mlp_core(x))
-
-    def _plain(self, x, mask, is_causal: bool):
-        x = x + self._attn(x, mask, is_causal)
-        return x + self._mlp(x)
-
-    def _block_head(self, x, mask, is_causal: bool):
-        x1 = x + self._attn(x, mask, is_causal)
-        return x1, self._mlp_core(x1)
-
-    def _recompute(self, x, mask, is_causal: bool, policy: str):
-        """Forward under a recompute policy. A branch is checkpointed only when gradients flow through it (its input
-        needs grad or it holds a trainable parameter): elsewhere nothing is saved anyway and checkpointing would
-        only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
-        the checkpoints: they save nothing, so recomputing them would be wasted."""
-        attn, mlp = self.attn, self.mlp
-        rng = self._needs_rng()
-        out_proj_outside = _frozen(attn.out_proj.weight, self.ls_1)
-        c_proj_outside = _frozen(mlp.c_proj.weight, self.ls_2)
-        if policy == "block":
-            inside = [self.ln_1, attn, self.ls_1, self.ln_2, mlp.c_fc]
-            if not c_proj_outside:
-                inside += [mlp.c_proj, self.ls_2]
-            if not (x.requires_grad or not _frozen(*inside)):
-                return self._plain(x, mask, is_causal)
-            if self.leanclip_chunk is not None and x.shape[0] > self.leanclip_chunk:
-                return self._chunked(x, mask, is_causal, rng)
-            if c_proj_outside:
-                x1, g = _ckpt(self._block_head, x, mask, is_causal, rng=rng)
-                return x1 + self._mlp_out(g)
-            return _ckpt(self._plain, x, mask, is_causal, rng=rng)
-        # attention branch
-        if policy == "mlp+qkv":
-            core = [self.ln_1, attn.in_proj_weight, attn.in_proj_bias]
-            if out_proj_outside:
-                if x.requires_grad or not _frozen(*core):
-                    a = self._attn_out(_ckpt(self._attn_core, x, mask, is_causal, rng=rng, sac=True))
-                else:
-                    a = self._attn(x, mask, is_causal)
-            elif x.requires_grad or not _frozen(*core, attn, self.ls_1):
-                a = _ckpt(self._attn, x, mask, is_causal, rng=rng, sac=True)
-            else:
-                a = self._attn(x, mask, is_causal)
-        else:
-            a = self._attn(x, mask, is_causal)
-        x = x + a
-        # MLP branch
-        if c_proj_outside:
-            if x.requires_grad or not _frozen(self.ln_2, mlp.c_fc):
-                return x + self._mlp_out(_ckpt(self._mlp_core, x))
-            return x + self._mlp(x)
-        if x.requires_grad or not _frozen(self.ln_2, mlp, self.ls_2):
-            return x + _ckpt(self._mlp, x)
-        return x + self._mlp(x)
-
-    # -- chunks of samples (``block`` with ``leanclip_chunk``) --
-    def _c_proj_skippable(self) -> bool:
-        """Whether a chunk's backward may skip the c_proj forward GEMM: c_proj (weight and bias) and ls_2 frozen, ls_2
-        an Identity or a LayerScale, and no delta that could add a term at c_proj."""
+    def _mlp_out_input_grad(self, grad_y: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
+        """The product autograd's backward of ``lean_linear`` forms for c_proj's input (in the dtype the forward's
+        GEMM ran in): c_proj's bias frozen too, ls_2 an Identity or a LayerScale, and no delta on c_proj."""
         ls = self.ls_2
-        return (_frozen(self.mlp.c_proj, ls) and not self._deltas()
-                and (isinstance(ls, nn.Identity) or isinstance(getattr(ls, "gamma", None), torch.Tensor)))
-
-    def _c_proj_input_grad(self, grad_y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """d loss / d g for ``y = x1 + ls_2(c_proj(g))`` with c_proj and ls_2 frozen: the product autograd's backward
-        of ``lean_linear`` forms (in the dtype the forward's GEMM ran in), without re-running the forward GEMM, whose
-        output no gradient needs."""
-        ls = self.ls_2
+        if not _frozen(self.mlp.c_proj.bias) or any("c_proj" in m.sites() for m in self._deltas()):
+            return None
+        if not (isinstance(ls, nn.Identity) or isinstance(getattr(ls, "gamma", None), torch.Tensor)):
+            return None
         gy = grad_y if isinstance(ls, nn.Identity) else grad_y * ls.gamma
         w = self.mlp.c_proj.weight
         ac = _autocast_dtype(gy.device.type)
         if ac is not None and w.dtype != ac and w.dtype.is_floating_point:
             w = w.to(ac)
         return (gy.to(w.dtype) @ w).to(g.dtype)
-
-    def _chunked(self, x, mask, is_causal: bool, rng: bool):
-        """The block over chunks of ``leanclip_chunk`` samples (``_Chunked``): the transient of its backward is one
-        chunk's activations. Where c_proj is frozen, a chunk's recompute stops at c_proj's input."""
-        batch = x.shape[0]
-
-        def forward(xc, start, stop):
-            return self._plain(xc, _mask_rows(mask, start, stop, batch), is_causal)
-
-        def recompute(xc, start, stop, grad_yc):
-            x1, g = self._block_head(xc, _mask_rows(mask, start, stop, batch), is_causal)
-            return (x1, g), (grad_yc, self._c_proj_input_grad(grad_yc, g))
-
-        trainable = [p for p in self.parameters() if p.requires_grad]
-        return _Chunked.apply(forward, recompute if self._c_proj_skippable() else None, x, self.leanclip_chunk, rng,
-                              *trainable)
 
     # -- the last block, at one query position per sample --
     def _rows_core(self, x, rows, mask):
@@ -595,31 +657,71 @@ def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
     return []
 
 
+# Other model families register their lean classes here (``leanclip.models.timm``): plain class -> lean class, a
+# predicate a module must pass to be swapped, and a function naming what keeps an image tower of theirs from the lean
+# modules (None: not their tower).
+_SUPPORTED: list = []
+_IMAGE_TOWERS: list = []
+_IMAGE_ESTIMATES: list = []
+_FAMILIES = ("leanclip.models.timm",)  # imported on first use: each imports this module to register itself
+
+
+def _load_families() -> None:
+    for name in _FAMILIES:
+        importlib.import_module(name)
+
+
+def register_lean_classes(swap: dict, *, supported, image_tower, image_estimate) -> None:
+    """Add ``swap`` (plain class -> lean class, a ``__class__`` swap keeping names and parameters) to what
+    ``apply_lean`` swaps and ``remove_lean`` undoes; ``supported(module)`` must hold for a module to be swapped,
+    ``image_tower(model)`` returns the obstacles of an image tower of this family (empty: covered) or None, and
+    ``image_estimate(model, policy, batch, dtype)`` its ``estimate_saved_bytes`` part (None: not its tower)."""
+    _SWAP.update(swap)
+    _UNSWAP.update({v: k for k, v in swap.items()})
+    _SUPPORTED.append(supported)
+    _IMAGE_TOWERS.append(image_tower)
+    _IMAGE_ESTIMATES.append(image_estimate)
+
+
+def tower_obstacles(model: nn.Module, tower: str) -> list[str]:
+    """What keeps the ``"image"`` or ``"text"`` tower of a CLIP-style model from the lean modules, one line each
+    naming the class; empty when they cover it: an open_clip ``VisionTransformer`` or transformer text tower of
+    default ``ResidualAttentionBlock`` s, or a timm tower of blocks ``leanclip.models.timm`` implements."""
+    _load_families()
+    if tower == "image":
+        vis = model.visual
+        if isinstance(vis, VisionTransformer):
+            return _block_obstacles("image tower", vis.transformer)
+        for family in _IMAGE_TOWERS:
+            found = family(model)
+            if found is not None:
+                return found
+        return [f"image tower {class_name(vis)} (not an open_clip VisionTransformer or a timm transformer)"]
+    t = text_tower(model)
+    if t is None:
+        src = getattr(model, "text", None)
+        return [f"text tower {class_name(src if src is not None else model)} (not an open_clip transformer text "
+                f"tower)"]
+    return _block_obstacles("text tower", t.transformer)
+
+
+def covered_towers(model: nn.Module) -> list[str]:
+    """The towers of a CLIP-style model the lean modules cover (``tower_obstacles`` empty), image first."""
+    return [t for t in ("image", "text") if not tower_obstacles(model, t)]
+
+
 def lean_obstacles(model: nn.Module) -> list[str]:
     """What keeps ``model`` from running on the lean modules, one line each; empty when ``apply_lean`` covers it.
 
-    The lean modules cover open_clip ``VisionTransformer`` image towers and open_clip transformer text towers whose
-    blocks are all default ``ResidualAttentionBlock`` s with ``nn.MultiheadAttention`` (``_block_supported``). A
-    CLIP-style model (one with ``visual``) needs both towers covered: anything else (timm towers such as SigLIP or
-    EVA, ModifiedResNet, Hugging Face text encoders, open_clip's ``CustomResidualAttentionBlock`` or an attention
-    class a newer open_clip brings) is named here rather than skipped, because a half-swapped model would run slower
-    paths silently and break the memory estimates. Outside the towers (CoCa's decoder), blocks the swap does not
-    know keep open_clip's forward by design."""
+    A CLIP-style model (one with ``visual``) needs both towers covered (``tower_obstacles``): anything else
+    (ModifiedResNet, convolutional timm trunks, Hugging Face text encoders, open_clip's
+    ``CustomResidualAttentionBlock``, a block or attention class a newer release brings) is named here rather than
+    skipped, because a half-swapped tower would run slower paths silently and break the memory estimates.
+    ``apply_lean(model, towers=...)`` makes the covered towers lean on their own. Outside the towers (CoCa's
+    decoder), blocks the swap does not know keep open_clip's forward by design."""
     out = []
     if hasattr(model, "visual"):
-        vis = model.visual
-        if not isinstance(vis, VisionTransformer):
-            out.append(f"image tower {class_name(vis)} (not an open_clip VisionTransformer)")
-        else:
-            out += _block_obstacles("image tower", vis.transformer)
-        t = text_tower(model)
-        if t is None:
-            src = getattr(model, "text", None)
-            out.append(f"text tower {class_name(src if src is not None else model)} "
-                       f"(not an open_clip transformer text tower)")
-        else:
-            out += _block_obstacles("text tower", t.transformer)
-        return out
+        return tower_obstacles(model, "image") + tower_obstacles(model, "text")
     if type(model) in (ResidualAttentionBlock, LeanResidualAttentionBlock) and not block_supported(model):
         if not hasattr(model, "ln_1_kv"):  # a cross-attention block keeps open_clip's forward by design
             out.append(f"{class_name(model)} with attn {class_name(getattr(model, 'attn', None))}")
@@ -634,32 +736,54 @@ _SWAP = {LayerNorm: LeanLayerNorm, LayerNormFp32: LeanLayerNormFp32, ResidualAtt
 _UNSWAP = {v: k for k, v in _SWAP.items()}
 
 
-def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = None) -> nn.Module:
-    """Swap open_clip LayerNorms and default residual blocks for their lean versions (in place; names, parameters
-    and buffers unchanged) and set the recompute policy (and the chunk of ``block``, :func:`set_recompute`).
-    Returns ``model``.
+def _tower_modules(model: nn.Module, towers) -> list[nn.Module]:
+    """The modules of the selected towers (None: the whole model)."""
+    if towers is None:
+        return list(model.modules())
+    out = []
+    if "image" in towers:
+        out += list(model.visual.modules())
+    if "text" in towers:
+        t = text_tower(model)
+        roots = [t.module] if t.module is not model else [t.transformer, t.ln_final]
+        out += [m for r in roots for m in r.modules()]
+    return out
 
-    Never a silent no-op: ValueError naming the class when ``lean_obstacles`` finds a tower, block or attention the
-    swap does not know, or when ``model`` holds nothing to swap at all. Nothing is changed before that check."""
+
+def _swappable(m: nn.Module) -> bool:
+    if type(m) is ResidualAttentionBlock and not block_supported(m):
+        return False
+    return all(ok(m) for ok in _SUPPORTED)
+
+
+def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = None, towers=None) -> nn.Module:
+    """Swap open_clip LayerNorms and default residual blocks (and the timm classes ``leanclip.models.timm``
+    registers) for their lean versions (in place; names, parameters and buffers unchanged) and set the recompute
+    policy (and the chunk of ``block``, :func:`set_recompute`). ``towers`` (a list of ``"image"`` / ``"text"``)
+    swaps those towers only, each of which must be covered; None: the whole model. Returns ``model``.
+
+    Never a silent no-op: ValueError naming the class when ``lean_obstacles`` (``tower_obstacles`` for ``towers``)
+    finds a tower, block or attention the swap does not know, or when there is nothing to swap at all. Nothing is
+    changed before that check."""
     check_policy(recompute)
     check_chunk(recompute, chunk)
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_lean needs an nn.Module, got {type(model).__name__}")
-    obstacles = lean_obstacles(model)
+    _load_families()
+    if towers is not None and (not towers or not set(towers) <= {"image", "text"} or not hasattr(model, "visual")):
+        raise ValueError(f"towers must name 'image' and / or 'text' of a CLIP-style model, got {towers!r}")
+    obstacles = lean_obstacles(model) if towers is None else [o for t in towers for o in tower_obstacles(model, t)]
     if obstacles:
         raise ValueError(f"cannot make {class_name(model)} lean: {'; '.join(obstacles)} (the lean modules cover "
                          f"open_clip ViT and transformer text towers of ResidualAttentionBlocks with "
-                         f"nn.MultiheadAttention); use lean=False")
-    todo = [m for m in model.modules() if type(m) in _SWAP or type(m) in _UNSWAP]
+                         f"nn.MultiheadAttention, and timm ViT / EVA blocks); use lean=False")
+    todo = [m for m in _tower_modules(model, towers) if type(m) in _SWAP or type(m) in _UNSWAP]
     if not todo:
         raise ValueError(f"found nothing to make lean in {class_name(model)} (no open_clip LayerNorm, "
                          f"ResidualAttentionBlock or VisionTransformer)")
     for m in todo:
-        cls = type(m)
-        if cls in (LayerNorm, LayerNormFp32, VisionTransformer):
-            m.__class__ = _SWAP[cls]
-        elif cls is ResidualAttentionBlock and block_supported(m):
-            m.__class__ = LeanResidualAttentionBlock
+        if type(m) in _SWAP and _swappable(m):
+            m.__class__ = _SWAP[type(m)]
     set_recompute(model, recompute, chunk)
     return model
 
@@ -685,7 +809,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
 
 
 def is_lean(model: nn.Module) -> bool:
-    return any(isinstance(m, LeanResidualAttentionBlock) for m in model.modules())
+    return any(isinstance(m, LeanBlockMixin) for m in model.modules())
 
 
 def check_chunk(policy: str, chunk) -> int | None:
@@ -706,7 +830,7 @@ def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> nn
     check_policy(policy)
     check_chunk(policy, chunk)
     for m in model.modules():
-        if isinstance(m, LeanResidualAttentionBlock):
+        if isinstance(m, LeanBlockMixin):
             m.leanclip_recompute = policy
             m.leanclip_chunk = chunk
     model.leanclip_recompute = policy
@@ -903,6 +1027,9 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
             total += batch_size * (1 if rows else length) * vis.transformer.width * elem
         if on_path:  # features are L2-normalized in fp32
             total += batch_size * (vis.output_dim * 4 + 8)
+    else:  # a tower of another family (timm), when it has an estimate
+        _load_families()
+        total += next((b for b in (f(model, policy, batch_size, dtype) for f in _IMAGE_ESTIMATES) if b is not None), 0)
     t = text_tower(model)
     if t is not None:
         blocks = t.transformer.resblocks

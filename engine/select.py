@@ -103,6 +103,18 @@ def require_open_clip_tower(model: nn.Module, method: str, tower: str, why: str)
             raise ValueError(f"method {method!r} needs {kind} ({why}); the {t} tower is {tower_class(model, t)}")
 
 
+def require_block_tower(model: nn.Module, method: str, tower: str, why: str) -> None:
+    """ValueError naming the class unless every tower in ``tower`` is made of transformer blocks the lean engine
+    implements (``leanclip.lean.tower_obstacles``: open_clip ViT and text transformers, timm ViT / EVA trunks)."""
+    from leanclip import lean
+
+    for t in ("image", "text") if tower == "both" else (tower,):
+        obstacles = lean.tower_obstacles(model, t)
+        if obstacles:
+            raise ValueError(f"method {method!r} needs transformer blocks leanclip implements ({why}); "
+                             f"{'; '.join(obstacles)}")
+
+
 def embed_dim(model: nn.Module) -> int:
     """The joint embedding width (``leanclip.models.openclip.embed_dim``); ValueError when the model does not say."""
     dim = _embed_dim(model)

@@ -265,7 +265,8 @@ def prepare_from_checkpoint(model, meta: dict, tokenizer, model_name: str, *, cl
     if init_from is not None and not os.path.isfile(init_from):
         raise UsageError(f"--checkpoint {meta['path']!r} was trained from --init-from {init_from!r}, which is gone: "
                          f"its frozen initial weights are needed to evaluate it")
-    prepare(model, meta["method"], lean=bool(opts.get("lean", True)), tower=opts.get("tower", "both"),
+    lean = None if opts.get("lean_towers") else bool(opts.get("lean", True))  # one tower lean: as prepare chose
+    prepare(model, meta["method"], lean=lean, tower=opts.get("tower", "both"),
             classnames=classnames, tokenizer=tokenizer, model_name=model_name, init_from=init_from,
             frozen_dtype=recorded_frozen_dtype(opts), **method_opts)
     load_trainable(model, meta["path"])

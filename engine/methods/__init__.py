@@ -6,9 +6,10 @@ checkpoint (``init_from``, "LN as initialization"), lets the method unlock param
 lean modules (``leanclip.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``. An error
 after the model was touched (e.g. no recompute policy fits the budget) restores it exactly.
 
-Towers: ViT towers of open_clip get the lean modules. Other towers (timm towers such as SigLIP / EVA / ConvNeXt,
-ModifiedResNet, Hugging Face text encoders) get every method that is defined on them with open_clip's plain modules
-(``lean=None`` falls back with a one-line notice); a method that is not defined on a tower (``clipfit`` without image
+Towers: ViT towers of open_clip and timm transformer towers (SigLIP / SigLIP2, EVA02, PE-Core) get the lean modules,
+each tower on its own. Other towers (ConvNeXt and other convolutional timm trunks, ModifiedResNet, Hugging Face text
+encoders) get every method that is defined on them with their plain modules (``lean=None`` makes the other tower lean
+and names the class that stays plain in a one-line notice); a method that is not defined on a tower (``clipfit`` without image
 LayerNorms or text ``mlp.c_proj.bias``, ``coop`` without open_clip token embeddings, ``lilt-adapter`` without open_clip
 blocks, ``ln`` on a tower without LayerNorms) is a ValueError naming the tower class.
 
@@ -236,7 +237,11 @@ def _clipfit_l2(ctx):
                  traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit"))
 def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):
     """Text ``transformer.resblocks.*.mlp.c_proj.bias`` (``text_bias``) + every image LayerNorm (ln_pre, ln_1, ln_2,
-    ln_post; ``image_ln``): either alone is the paper's ablation. ``l2_reg``: weight of the L2 penalty on each
+    ln_post; ``image_ln``): either alone is the paper's ablation. On a timm image tower (SigLIP / SigLIP2, EVA02,
+    PE-Core: open_clip ``CustomTextCLIP``) CLIPFit's parts map to: the text tower is open_clip's own, so its
+    ``mlp.c_proj.bias`` stays; the image LayerNorms are every LayerNorm of the timm tower - ``norm_pre``, each block's
+    ``norm1`` / ``norm2``, EVA's sub-LNs ``attn.norm`` / ``mlp.norm``, q/k norms where present, the final ``norm`` /
+    ``fc_norm`` and the MAP head's ``attn_pool.norm``. ``l2_reg``: weight of the L2 penalty on each
     trainable group's distance from its starting values (0 = off, the paper's default recipe)."""
     if text_bias:
         unlock(model, CLIPFIT_TEXT_RE, "text")
@@ -398,33 +403,42 @@ def _check_frozen_dtype(frozen_dtype, lean) -> None:
         raise ValueError("frozen_dtype needs lean=True (open_clip's plain modules cannot mix dtypes)")
 
 
-def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dtype) -> tuple[bool, list[str]]:
-    """(whether prepare swaps in the lean modules, notices). ``lean=None`` (automatic) falls back to open_clip's
-    plain modules with a one-line notice naming what the lean modules do not cover (``leanclip.lean.lean_obstacles``);
-    ``lean=True``, a recompute policy or ``frozen_dtype`` on such a model is a ValueError naming it."""
+def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dtype) -> tuple[bool, list[str], list | None]:
+    """(whether prepare swaps in the lean modules, notices, the towers to swap: None for the whole model).
+
+    ``lean=None`` (automatic) makes every covered tower lean: when one tower is not covered (a ConvNeXt or
+    ModifiedResNet image tower, a Hugging Face text tower), the other tower still goes lean and a one-line notice
+    names the class that stays on its own modules (``leanclip.lean.tower_obstacles``); with neither covered the
+    model keeps its plain modules, with a notice. ``lean=True`` needs the whole model covered, and ``frozen_dtype``
+    too (a plain tower cannot mix dtypes); a recompute policy applies to the lean towers. Otherwise a ValueError
+    naming what is not covered."""
     if lean is False:
-        return False, []
+        return False, [], None
     obstacles = _lean.lean_obstacles(model)
     if not obstacles:
-        return True, []
+        return True, [], None
     why = "; ".join(obstacles)
     if lean is True:
         raise ValueError(f"lean=True: the lean modules do not cover this model: {why} (pass lean=False, or leave lean "
                          f"unset to fall back to open_clip's modules)")
-    if recompute != "none":
-        raise ValueError(f"recompute={recompute!r} needs the lean modules, which do not cover this model: {why}")
     if frozen_dtype is not None:
         raise ValueError(f"frozen_dtype needs the lean modules, which do not cover this model: {why}")
-    return False, [f"lean=False for {class_name(model)}: {why}"]
+    towers = _lean.covered_towers(model) if hasattr(model, "visual") else []
+    if towers:
+        return True, [f"lean on the {' and '.join(towers)} tower only: {why} (it keeps its own modules)"], towers
+    if recompute != "none":
+        raise ValueError(f"recompute={recompute!r} needs the lean modules, which do not cover this model: {why}")
+    return False, [f"lean=False for {class_name(model)}: {why}"], None
 
 
-def _plan_for_budget(model: nn.Module, memory_budget, batch_size: int, sizes: dict) -> "_budget.RecomputePlan":
+def _plan_for_budget(model: nn.Module, memory_budget, batch_size: int, sizes: dict,
+                     towers=None) -> "_budget.RecomputePlan":
     """Swap in the lean modules under the recompute plan that fits ``memory_budget`` (a step peak: bytes, or a
     fraction of plain open_clip's predicted peak, taken before the swap) at the least recompute work; says the
     plan in one line."""
     plain = _budget.plain_peak(model, batch_size, **sizes)
     limit = _budget.resolve_budget(memory_budget, plain)
-    _lean.apply_lean(model, "none")
+    _lean.apply_lean(model, "none", towers=towers)
     plan = _budget.plan_recompute(model, limit, batch_size, **sizes)
     _budget.apply_plan(model, plan)
     plan.notes.update(budget_bytes=limit, plain_peak_bytes=plain)
@@ -539,10 +553,11 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
 
     method          one of ``METHODS`` (``ln``, ``bitfit``, ``clipfit``, ``llu``, ``linear-probe``, ``coop``,
                     ``adapter``, ``full``, ...) or a ``+`` combination (``ln+linear-probe``, ``ln+coop``, ``ln+adapter``)
-    lean            None (default): swap in the fused / SDPA modules (``leanclip.lean``) where they cover the model,
-                    else keep open_clip's modules with a one-line notice (timm towers, ModifiedResNet, Hugging Face
-                    text towers, unknown block types); True: lean or a ValueError naming what is not covered;
-                    False: open_clip's plain modules
+    lean            None (default): swap in the fused / SDPA modules (``leanclip.lean``) on every tower they cover
+                    (open_clip ViT and text towers, timm ViT / EVA towers); a tower they do not cover (ConvNeXt,
+                    ModifiedResNet, Hugging Face text towers, unknown block types) keeps its modules, named in a
+                    one-line notice; True: lean everywhere or a ValueError naming what is not covered; False: the
+                    plain modules
     recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` and
                     ``batch_size``: ``leanclip.budget`` picks each block's policy and the chunk whose predicted step
                     peak fits, with the least recompute; the plan is printed and recorded)
@@ -579,7 +594,7 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     per_opts = _split_options(parts, method, opts, {"tower": tower, "classnames": classnames, "tokenizer": tokenizer})
     notices = _check_methods(model, parts, per_opts)
     loaded = _init_from_names(model, init_from) if init_from is not None else []
-    lean_on, lean_notices = _choose_lean(model, lean, recompute, frozen_dtype)
+    lean_on, lean_notices, lean_towers = _choose_lean(model, lean, recompute, frozen_dtype)
     for message in notices + lean_notices:  # everything is validated: say what will differ from the usual
         notice(message)
     state = _ModelState(model, loaded)
@@ -588,15 +603,17 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
         chosen, plan = recompute, None
         if lean_on and recompute == "auto":
             plan = _plan_for_budget(model, memory_budget, batch_size, dict(
-                text_batch_size=text_batch_size, text_len=text_len, dtype=frozen_dtype))
+                text_batch_size=text_batch_size, text_len=text_len, dtype=frozen_dtype), lean_towers)
         elif lean_on:
-            _lean.apply_lean(model, chosen, recompute_chunk)
+            _lean.apply_lean(model, chosen, recompute_chunk, towers=lean_towers)
         else:
             _lean.remove_lean(model)
         if frozen_dtype is not None:
             _cast_frozen(model, frozen_dtype)
         options = {k: _jsonable(v) for k, v in opts.items()}
         options.update(lean=lean_on, recompute=chosen, tower=tower)
+        if lean_towers is not None:
+            options["lean_towers"] = lean_towers
         if recompute_chunk is not None:
             options["recompute_chunk"] = recompute_chunk
         if plan is not None:

@@ -17,7 +17,8 @@ Default ``reduction=8``: Houlsby et al. sweep bottleneck sizes 8 to 256 for BERT
 Pathak do not fix one for CLIP in anything at hand, so 8 (the width / 8 bottleneck) is this engine's choice, kept
 the same for ``compacter`` so the two rows differ only in how the projections are parameterised.
 
-Placement: an adapter is a child of the block's ``ls_1`` / ``ls_2`` module (``...resblocks.<i>.ls_1.houlsby``) with
+Placement (timm blocks: ``attn.proj_drop`` / ``mlp.drop2`` in place of ``ls_1`` / ``ls_2``, ``adapter_sites``): an
+adapter is a child of the block's ``ls_1`` / ``ls_2`` module (``...resblocks.<i>.ls_1.houlsby``) with
 a forward pre-hook on that module, so it runs wherever the block calls ``ls_1(...)``: open_clip's plain block and the
 lean block alike (``lean=False`` works), every recompute policy included (the lean block checkpoints ``ls_1`` /
 ``ls_2`` with the branch once it holds trainable parameters, so the adapters are recomputed exactly). The frozen
@@ -33,10 +34,11 @@ from torch import nn
 
 from leanclip.lifecycle import Added, strip
 from leanclip.methods import lilt as _lilt
+from leanclip.models import timm as _timm
 from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import OptionRange, register_method
-from leanclip.select import check_tower, require_open_clip_tower
+from leanclip.select import check_tower, require_block_tower
 
 __all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "added", "inlayer_adapters", "block_widths"]
 
@@ -88,30 +90,37 @@ def _run_adapters(module: nn.Module, args):
 
 
 # ----------------------------------------------------------------------------------------------------------- placement
+def adapter_sites(blk: nn.Module) -> list[tuple[nn.Module, int]]:
+    """(module, width) of the two places an adapter goes in ``blk``: ``ls_1`` / ``ls_2`` of an open_clip block, the
+    attention's ``proj_drop`` and the MLP's ``drop2`` of a timm block (``leanclip.models.timm.adapter_sites``: each
+    sees its sub-layer's output before the layer scale and the residual add, Houlsby's placement); ValueError
+    naming the class when the block has neither."""
+    found = _timm.adapter_sites(blk)
+    if found is not None:
+        return found
+    if not all(isinstance(getattr(blk, s, None), nn.Module) for s in SITES):
+        raise ValueError(f"in-layer adapters need ls_1 / ls_2 in every block; got {class_name(blk)}")
+    return [(getattr(blk, s), blk.attn.embed_dim) for s in SITES]
+
+
 def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
-    """The residual widths of the selected towers' blocks, after checking that they are open_clip transformer
-    towers whose blocks have ``ls_1`` / ``ls_2`` (the method's check uses it)."""
-    require_open_clip_tower(model, method, check_tower(tower), "it inserts adapters into the transformer blocks")
-    widths = []
-    for blk in tower_blocks(model, tower):
-        if not all(isinstance(getattr(blk, s, None), nn.Module) for s in SITES):
-            raise ValueError(f"method {method!r} needs ls_1 / ls_2 in every block; got {class_name(blk)}")
-        widths.append(blk.attn.embed_dim)
-    return widths
+    """The residual widths of the selected towers' blocks, after checking that they are transformer towers the lean
+    engine implements (open_clip's, timm ViT / EVA) with adapter sites (the method's check uses it)."""
+    require_block_tower(model, method, check_tower(tower), "it inserts adapters into the transformer blocks")
+    return [width for blk in tower_blocks(model, tower) for _, width in adapter_sites(blk)]
 
 
 def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Module]:
-    """Insert ``make(width)`` as child ``name`` of ``ls_1`` and ``ls_2`` of every block of ``tower`` (replacing one
+    """Insert ``make(width)`` as child ``name`` of both adapter sites of every block of ``tower`` (replacing one
     already there) and hook it in. Returns the adapters."""
     added = []
     for blk in tower_blocks(model, tower):
-        ref = blk.mlp.c_fc.weight
-        for site in SITES:
-            ls = getattr(blk, site)
-            ls.add_module(name, make(blk.attn.embed_dim).to(ref.device))
-            if _run_adapters not in ls._forward_pre_hooks.values():
-                ls.register_forward_pre_hook(_run_adapters)
-            added.append(ls._modules[name])
+        ref = next(blk.parameters())
+        for site, width in adapter_sites(blk):
+            site.add_module(name, make(width).to(ref.device))
+            if _run_adapters not in site._forward_pre_hooks.values():
+                site.register_forward_pre_hook(_run_adapters)
+            added.append(site._modules[name])
     return added
 
 

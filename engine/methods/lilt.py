@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip.lifecycle import Added, strip
+from leanclip.models import timm as _timm
 from leanclip.models.openclip import (
     ResidualAttentionBlock, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
     text_tower, timm_image_tower,
@@ -176,8 +177,8 @@ ADDED = Added(owns=lambda m: _is_adapter(m) or getattr(m, "leanclip_lilt_deep", 
 
 def _adapter_layernorms(model: nn.Module, tower: str) -> list[nn.Module]:
     """The LayerNorms an adapter goes before, in ``tower``: ``ln_1`` / ``ln_2`` of every open_clip block; on a timm
-    image tower or a Hugging Face text tower (open_clip custom towers), every LayerNorm inside each transformer block
-    (timm ViT: ``norm1`` / ``norm2``, pre-LN as open_clip's; BERT: ``attention.output.LayerNorm`` /
+    image tower the pre-norms ``norm1`` / ``norm2`` of each block (as open_clip's; not EVA's sub-LNs or q/k norms); on
+    a Hugging Face text tower every LayerNorm inside each transformer block (BERT: ``attention.output.LayerNorm`` /
     ``output.LayerNorm``, post-LN: there the adapter acts on the residual sum the LayerNorm normalises)."""
     out = []
     for t in ("image", "text") if tower == "both" else (tower,):
@@ -192,8 +193,8 @@ def _adapter_layernorms(model: nn.Module, tower: str) -> list[nn.Module]:
                         out.append(ln)
             continue
         blocks = custom_tower_blocks(model, t)
-        lns = [[m for m in blk.modules() if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1]
-               for _, blk in blocks]
+        lns = [_timm.prenorms(blk) or [m for m in blk.modules() if isinstance(m, nn.LayerNorm)
+                                       and len(m.normalized_shape) == 1] for _, blk in blocks]
         if not blocks or not all(lns):
             raise ValueError(f"method 'lilt-adapter' needs transformer blocks with LayerNorms (an open_clip tower, a "
                              f"timm ViT or a Hugging Face encoder); the {t} tower is {tower_class(model, t)}")

@@ -5,7 +5,10 @@ block of the selected towers a ``LoRA`` module (``<block>.lora``) holding one lo
 
     y = x W^T + b + (alpha / rank) * dropout(x) A^T B^T        A: (rank, in), B: (out, rank)
 
-targets ⊆ {q, k, v (slices of attn.in_proj_weight), out (attn.out_proj), fc (mlp.c_fc), proj (mlp.c_proj)}. A is
+targets ⊆ {q, k, v (slices of attn.in_proj_weight), out (attn.out_proj), fc (mlp.c_fc), proj (mlp.c_proj)}; on timm
+blocks (SigLIP, EVA02, PE-Core) q, k, v are the row thirds of a fused ``attn.qkv`` or the separate ``attn.q_proj`` /
+``k_proj`` / ``v_proj``, out ``attn.proj``, fc ``mlp.fc1`` (SwiGLU: ``fc1_g`` | ``fc1_x``, one pair over both),
+proj ``mlp.fc2`` (``projection_slices``). A is
 kaiming-uniform (a=sqrt(5), as in CLIP-LoRA and Hugging Face peft), B is zero, so the prepared model computes
 exactly what the unprepared one did. Dropout acts on the LoRA input only, in training mode; q, k and v each draw
 their own mask (CLIP-LoRA's separate q/k/v layers). Parameters are named
@@ -40,9 +43,10 @@ from torch import nn
 
 from leanclip import lean as _lean
 from leanclip.lifecycle import Added, strip
+from leanclip.models import timm as _timm
 from leanclip.models.openclip import tower_blocks
 from leanclip.registry import OptionRange, register_method
-from leanclip.select import check_tower, require_open_clip_tower
+from leanclip.select import check_tower, require_block_tower
 
 __all__ = ["LowRank", "LoRA", "merge", "ADDED", "lora_modules", "TARGETS"]
 
@@ -67,16 +71,36 @@ class LowRank(nn.Module):
         return self.B @ self.A
 
 
+def projection_slices(block: nn.Module) -> dict:
+    """{target: [(frozen weight or row slice of it, lo, hi), ...]}: where rows lo:hi of a target's update ``B A``
+    fold in. open_clip blocks: q / k / v are the row thirds of ``attn.in_proj_weight``, out / fc / proj
+    ``attn.out_proj`` / ``mlp.c_fc`` / ``mlp.c_proj``; timm blocks: ``leanclip.models.timm.projection_slices``."""
+    found = _timm.projection_slices(block)
+    if found is not None:
+        return found
+    d = block.attn.embed_dim
+    w = block.attn.in_proj_weight
+    out = {t: [(w[i * d:(i + 1) * d], 0, d)] for i, t in enumerate(_IN_PROJ)}
+    for t, lin in (("out", block.attn.out_proj), ("fc", block.mlp.c_fc), ("proj", block.mlp.c_proj)):
+        out[t] = [(lin.weight, 0, lin.out_features)]
+    return out
+
+
+def target_shapes(block: nn.Module) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each target's update on ``block``."""
+    return {t: (parts[0][0].shape[1], max(hi for _, _, hi in parts)) for t, parts in projection_slices(block).items()}
+
+
 class LoRA(_lean.ProjectionDelta):
-    """The LoRA pairs of one block (children named after their targets), applied by the lean block."""
+    """The LoRA pairs of one block (children named after their targets), applied by the lean block. A projection
+    the block computes in pieces (q / k / v of a fused qkv, SwiGLU's two input projections) asks for the output
+    features [start, stop) it computes, and gets that slice of the term."""
 
     def __init__(self, block: nn.Module, targets, rank: int, alpha: float, dropout: float):
         super().__init__()
-        d = block.attn.embed_dim
-        hidden = block.mlp.c_fc.out_features
-        shapes = {"q": (d, d), "k": (d, d), "v": (d, d), "out": (d, d), "fc": (d, hidden), "proj": (hidden, d)}
+        shapes = target_shapes(block)
         self.targets = tuple(targets)
-        self.rank, self.alpha, self.width = rank, float(alpha), d
+        self.rank, self.alpha, self.width = rank, float(alpha), shapes["q"][1]
         self.scaling = self.alpha / rank
         self.dropout = nn.Dropout(dropout)
         for t in self.targets:
@@ -85,6 +109,9 @@ class LoRA(_lean.ProjectionDelta):
     def extra_repr(self) -> str:
         return f"targets={self.targets}, rank={self.rank}, alpha={self.alpha}"
 
+    def sites(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys("in_proj" if t in _IN_PROJ else _SITE[t] for t in self.targets))
+
     def _term(self, target: str, x: torch.Tensor) -> torch.Tensor:
         pair = self._modules[target]
         return self.scaling * pair(self.dropout(x.to(pair.A.dtype)))
@@ -92,7 +119,10 @@ class LoRA(_lean.ProjectionDelta):
     def delta(self, site: str, x: torch.Tensor, start: int, stop: int):
         if site != "in_proj":
             target = next((t for t, s in _SITE.items() if s == site), None)
-            return self._term(target, x) if target in self._modules else None
+            if target not in self._modules:
+                return None
+            term = self._term(target, x)
+            return term if (start, stop) == (0, term.shape[-1]) else term[..., start:stop]
         d = self.width
         parts = [t for i, t in enumerate(_IN_PROJ) if start <= i * d and (i + 1) * d <= stop]
         if not any(t in self._modules for t in parts):
@@ -104,15 +134,11 @@ class LoRA(_lean.ProjectionDelta):
     @torch.no_grad()
     def fold_into(self, block: nn.Module) -> None:
         """Add ``scaling * B A`` to the block's frozen weights (computed in float32, stored in the weight dtype)."""
-        d = self.width
+        slices = projection_slices(block)
         for t in self.targets:
             delta = self.scaling * self._modules[t].weight_delta().float()
-            if t in _IN_PROJ:
-                i = _IN_PROJ.index(t)
-                w = block.attn.in_proj_weight[i * d:(i + 1) * d]
-            else:
-                w = {"out": block.attn.out_proj, "fc": block.mlp.c_fc, "proj": block.mlp.c_proj}[t].weight
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
+            for w, lo, hi in slices[t]:
+                w.copy_((w.float() + delta[lo:hi].to(w.device)).to(w.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -151,13 +177,8 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
     the towers: open_clip blocks the lean modules cover, and a rank no larger than the narrowest targeted
     projection (a pair of rank min(in, out) already spans every update of that projection)."""
     targets = _targets(targets)
-    require_open_clip_tower(model, "lora", check_tower(tower), "it adds low-rank terms to the blocks' projections")
-    obstacles = _lean.lean_obstacles(model)
-    if obstacles:
-        raise ValueError(f"method 'lora' runs in the lean blocks, which do not cover this model: "
-                         f"{'; '.join(obstacles)}")
-    widths = {min(blk.attn.embed_dim, blk.mlp.c_fc.out_features) if {"fc", "proj"} & set(targets)
-              else blk.attn.embed_dim for blk in tower_blocks(model, tower)}
+    require_block_tower(model, "lora", check_tower(tower), "it adds low-rank terms to the blocks' projections")
+    widths = {min(min(target_shapes(blk)[t]) for t in targets) for blk in tower_blocks(model, tower)}
     if widths and rank > min(widths):
         raise ValueError(f"method 'lora': rank={rank} exceeds the width {min(widths)} of the targeted projections "
                          f"(a LoRA pair of that rank is no longer low-rank)")
@@ -170,7 +191,7 @@ def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"
     targets = _targets(targets)
     strip(model, ADDED)
     for blk in tower_blocks(model, tower):
-        ref = blk.mlp.c_fc.weight
+        ref = projection_slices(blk)["q"][0][0]
         blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))
     return {}
 

@@ -35,6 +35,7 @@ from open_clip.model import (  # noqa: F401
 from open_clip.pretrained import (  # noqa: F401
     download_pretrained_from_hf, is_pretrained_cfg, list_pretrained_tags_by_model,
 )
+from open_clip.tokenizer import SimpleTokenizer  # noqa: F401  (the benchmarks' fallback tokenizer)
 from open_clip.transform import merge_preprocess_dict  # noqa: F401
 from open_clip.transformer import (  # noqa: F401
     LayerNorm, LayerNormFp32, QuickGELU, ResidualAttentionBlock, Transformer, VisionTransformer, text_global_pool,
@@ -46,7 +47,7 @@ from torch import nn
 IMAGE_RE = re.compile(r"^visual\.")
 TEXT_RE = re.compile(r"^(?:text\.|transformer\.|token_embedding\.|positional_embedding$|ln_final\.|"
                      r"text_projection(?:$|\.))")
-BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias)$")
+BIAS_RE = re.compile(r"(?:^|\.)(?:bias|in_proj_bias|q_bias|v_bias)$")  # q_bias / v_bias: EVA's fused qkv
 CLIPFIT_TEXT_RE = re.compile(r"^(?:text\.)?transformer\.resblocks\.\d+\.mlp\.c_proj\.bias$")
 
 
@@ -101,7 +102,9 @@ def tower_blocks(model: nn.Module, tower: str) -> list[nn.Module]:
     in-layer methods (LoRA, Houlsby, Compacter) attach."""
     out = []
     if tower in ("image", "both"):
-        out += list(model.visual.transformer.resblocks)
+        vis = model.visual
+        out += list(vis.transformer.resblocks) if isinstance(vis, VisionTransformer) else [
+            b for _, b in custom_tower_blocks(model, "image")]
     if tower in ("text", "both"):
         out += list(text_tower(model).transformer.resblocks)
     return out

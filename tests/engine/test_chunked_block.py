@@ -168,17 +168,21 @@ def test_train_result_records_how_memory_was_held(tmp_path, capsys):
                                                                                           "bfloat16")
 
 
-@pytest.mark.parametrize("method,skips", [("ln", True), ("bitfit", False), ("lora", False)])
-def test_chunk_recompute_stops_at_a_frozen_c_proj(method, skips, fresh_tiny, tokenizer, monkeypatch):
+@pytest.mark.parametrize("method,opts,skips", [("ln", {}, True), ("bitfit", {}, False), ("lora", {}, True),
+                                               ("lora", {"targets": "q,proj"}, False)])
+def test_chunk_recompute_stops_at_a_frozen_c_proj(method, opts, skips, fresh_tiny, tokenizer, monkeypatch):
     """Where c_proj (weight and bias) is frozen and no delta sits on it, a chunk's backward takes c_proj's input
-    gradient from grad_y and the weight (no forward GEMM); a trainable c_proj bias or a LoRA delta recomputes it."""
-    m = _chunked(_prep(fresh_tiny(), method, {}, tokenizer, True, "block"), 2).eval()
+    gradient from grad_y and the weight (no forward GEMM); a trainable c_proj bias or a LoRA pair on c_proj
+    recomputes it."""
+    m = _chunked(_prep(fresh_tiny(), method, opts, tokenizer, True, "block"), 2).eval()
     calls = []
-    grad_of_input = lean.LeanResidualAttentionBlock._c_proj_input_grad
+    grad_of_input = lean.LeanResidualAttentionBlock._mlp_out_input_grad
 
     def spy(self, grad_y, g):
-        calls.append(g.shape[0])
-        return grad_of_input(self, grad_y, g)
-    monkeypatch.setattr(lean.LeanResidualAttentionBlock, "_c_proj_input_grad", spy)
+        dg = grad_of_input(self, grad_y, g)
+        if dg is not None:
+            calls.append(g.shape[0])
+        return dg
+    monkeypatch.setattr(lean.LeanResidualAttentionBlock, "_mlp_out_input_grad", spy)
     _step(m, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1]), tokenizer)
     assert bool(calls) == skips and all(c <= 2 for c in calls), calls

@@ -174,10 +174,14 @@ def test_unknown_attention_is_never_a_silent_no_op(fresh_tiny, tokenizer, where)
     with pytest.raises(ValueError, match="lean=True.*_ForeignAttention"):
         methods.prepare(m, "ln", lean=True)
     assert {n: type(x) for n, x in m.named_modules()} == classes
-    with pytest.warns(UserWarning, match=r"leanclip: lean=False for open_clip.model.CLIP: .*_ForeignAttention"):
-        methods.prepare(m, "ln")  # automatic: open_clip's modules, and a notice saying why
-    assert not lean.is_lean(m) and m.leanclip_info["options"]["lean"] is False
-    assert {n: type(x) for n, x in m.named_modules()} == classes
+    other = "text" if tower == "image" else "image"
+    with pytest.warns(UserWarning, match=rf"leanclip: lean on the {other} tower only: .*_ForeignAttention"):
+        methods.prepare(m, "ln")  # automatic: the other tower goes lean, and a notice names what stays plain
+    assert lean.is_lean(m) and m.leanclip_info["options"]["lean_towers"] == [other]
+    own = "visual." if tower == "image" else ("transformer.", "ln_final")  # this tower keeps open_clip's modules
+    assert all(type(x) is classes[n] for n, x in m.named_modules() if n.startswith(own))
+    assert all(type(x) is not classes[n] for n, x in m.named_modules() if n == (
+        "transformer.resblocks.0" if tower == "image" else "visual.transformer.resblocks.0"))
     features.text_features(m, CLASSNAMES, None, tokenizer).sum().backward()
     assert m.ln_final.weight.grad is not None
 

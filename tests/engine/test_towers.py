@@ -3,8 +3,8 @@ and a Hugging Face BERT text tower - assembled as an open_clip CustomTextCLIP wi
 (``leanclip.configs.register_unaligned_config``). Built offline: a timm ViT registered small (img 32, width 32, 2
 blocks) and a tiny BERT from a local folder (config.json + a vocab.txt written here), random weights,
 HF_HUB_OFFLINE=1. Every LilT method prepares (lilt-deep is a ValueError naming the tower: it appends an open_clip
-block), trains on the plain PyTorch path (the lean modules cover open_clip's own blocks only: prepare says so), with
-gradients equal to plain autograd on an unprepared copy; train_contrastive / evaluate_retrieval and the CLI run on
+block), trains with the timm image tower on the lean modules and the Hugging Face text tower on its own (prepare says
+so), with gradients equal to plain autograd on an unprepared copy; train_contrastive / evaluate_retrieval and the CLI run on
 it."""
 import os
 
@@ -126,8 +126,10 @@ def test_pretrained_flags_are_the_towers_own_weights(name):
 def test_methods_prepare_on_plain_modules(base, method):
     m = copy.deepcopy(base)
     notes = prepare_with_notices(m, method)
-    assert any("lean=False" in s and "TimmModel" in s for s in notes), notes
-    assert not lean.is_lean(m) and m.leanclip_info["method"] == method
+    assert any("lean on the image tower only" in s and "HFTextEncoder" in s for s in notes), notes
+    assert lean.is_lean(m) and m.leanclip_info["method"] == method
+    assert type(m.visual.trunk.blocks[0]).__name__ == "LeanTimmBlock" and m.leanclip_info["options"]["lean_towers"] == [
+        "image"]
     names = {n for n, _ in methods.trainable_parameters(m)}
     proj = {"visual.head.proj.weight", "text.proj.weight"}
     if method == "lit":
@@ -194,12 +196,13 @@ def test_lilt_deep_names_the_tower(base):
 
 
 def test_lean_only_options_name_the_towers(base):
-    with pytest.raises(ValueError, match="lean=True.*TimmModel"):
+    with pytest.raises(ValueError, match="lean=True.*HFTextEncoder"):
         methods.prepare(copy.deepcopy(base), "lilt-ln", lean=True)
-    with pytest.raises(ValueError, match="recompute='mlp' needs the lean modules.*TimmModel"):
-        methods.prepare(copy.deepcopy(base), "lilt-adapter", recompute="mlp")
-    with pytest.raises(ValueError, match="frozen_dtype needs the lean modules.*TimmModel"):
+    with pytest.raises(ValueError, match="frozen_dtype needs the lean modules.*HFTextEncoder"):
         methods.prepare(copy.deepcopy(base), "lilt-bitfit", frozen_dtype=torch.bfloat16)
+    m = copy.deepcopy(base)  # a recompute policy applies to the lean (image) tower
+    prepare_with_notices(m, "lilt-adapter", recompute="mlp")
+    assert {b.leanclip_recompute for b in m.visual.trunk.blocks} == {"mlp"}
 
 
 def test_options_on_custom_towers(base):

@@ -1,0 +1,398 @@
+"""The timm boundary: every timm internal the engine touches, in one module (as ``models/openclip.py`` is for
+open_clip).
+
+open_clip builds SigLIP / SigLIP2, EVA01 / EVA02 and PE-Core image towers as ``open_clip.timm_model.TimmModel``
+around a timm trunk (``visual.trunk``); its transformer blocks are ``visual.trunk.blocks.<i>``. What lives here:
+
+- which timm blocks the lean engine implements (``block_supported``): ``vision_transformer.Block`` (SigLIP, SigLIP2:
+  fused ``Attention`` with optional q/k norm and sub-LN ``scale_norm``, ``Mlp`` / ``GluMlp`` / ``SwiGLU``,
+  ``LayerScale``) and ``eva.EvaBlock`` (EVA02: ``EvaAttention`` with rotary embeddings, separate q/k/v or fused qkv
+  with its q/v bias, ``SwiGLU`` with the sub-LN ``mlp.norm``; PE-Core: ``AttentionRope``, ``Mlp``). Gated attention,
+  grouped-query attention and convolutional MLPs are named as obstacles, never run half-lean;
+- the lean versions of those blocks (``LeanTimmBlock``, ``LeanEvaBlock``) and of timm's ``LayerNorm``;
+- the sites the in-layer methods use on a timm block: the projections LoRA adds to (``projection_slices``), where
+  Houlsby / Compacter adapters go (``adapter_sites``) and the LayerNorms LilT's adapters precede (``prenorms``);
+- tiny timm trunks built from the released model definitions (``register_tiny_models``) for the tests.
+
+The lean blocks reuse ``leanclip.lean``'s machinery: ``LeanBlockMixin`` holds the recompute policies (none / mlp /
+mlp+qkv / block, block over chunks of samples with ``_ChunkedBlock``) and runs them on the branch functions defined
+here, which call ``lean_linear`` (``kernels.frozen_linear`` for frozen weights) and apply attached
+``ProjectionDelta`` s (LoRA). Gradients equal plain autograd under every policy.
+
+Pooling. timm's ``map`` pooling (``AttentionPoolLatent``, SigLIP / PE-Core) runs a latent query's attention over
+every token of the last block, and ``avg`` reads every token too, so the pooled-row last block of open_clip towers
+does not apply: every block, the last included, runs at all tokens. ``token`` pooling (EVA02) reads the class token
+only; the rows trick is not implemented for timm trunks (the last block runs in full), which costs time, never
+exactness.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # timm is optional for open_clip; without it no timm tower can be built, and nothing here is needed
+    from timm.layers import AttentionRope, GluMlp, LayerScale, Mlp, SwiGLU, apply_rot_embed_cat
+    from timm.layers import LayerNorm as TimmLayerNorm
+    from timm.layers.attention import Attention
+    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.vision_transformer import Block
+except ImportError:  # pragma: no cover
+    Block = EvaBlock = None
+
+from leanclip import lean as _lean
+from leanclip.models.openclip import class_name, timm_image_tower
+
+_MLPS = () if Block is None else (Mlp, GluMlp, SwiGLU)
+_ATTNS = () if Block is None else (Attention, EvaAttention, AttentionRope)
+
+
+# ----------------------------------------------------------------------------------------------------------- support
+def _attn_obstacle(attn: nn.Module) -> str | None:
+    if type(attn) not in _ATTNS:
+        return f"attn {class_name(attn)}"
+    if getattr(attn, "gate", None) is not None:
+        return f"gated attention {class_name(attn)}"
+    if getattr(attn, "num_kv_groups", 1) != 1:
+        return f"grouped-query attention {class_name(attn)}"
+    if attn.head_dim * attn.num_heads != attn.proj.in_features:
+        return f"attention {class_name(attn)} with head_dim * heads != proj input"
+    return None
+
+
+def _mlp_obstacle(mlp: nn.Module) -> str | None:
+    if type(mlp) not in _MLPS:
+        return f"mlp {class_name(mlp)}"
+    linears = [getattr(mlp, n) for n in ("fc1", "fc1_g", "fc1_x", "fc2") if hasattr(mlp, n)]
+    if not all(type(m) is nn.Linear for m in linears):
+        return f"mlp {class_name(mlp)} with convolutional projections"
+    if isinstance(mlp, GluMlp) and mlp.chunk_dim != -1:
+        return f"mlp {class_name(mlp)} chunked along dim {mlp.chunk_dim}"
+    return None
+
+
+def block_obstacle(blk: nn.Module) -> str | None:
+    """Why the lean engine cannot run ``blk`` (one phrase naming the class), or None when it can: a timm ViT
+    ``Block`` or ``EvaBlock`` (or their lean versions) with a supported attention and MLP."""
+    if Block is None or type(blk) not in (Block, EvaBlock, LeanTimmBlock, LeanEvaBlock):
+        return class_name(blk)
+    why = _attn_obstacle(blk.attn) or _mlp_obstacle(blk.mlp)
+    if why is None and isinstance(blk, Block) and not all(
+            type(m) in (nn.Identity, LayerScale) for m in (blk.ls1, blk.ls2)):
+        why = f"layer scale {class_name(blk.ls1)}"
+    return None if why is None else f"{class_name(blk)} with {why}"
+
+
+def trunk_blocks(visual: nn.Module) -> list[nn.Module] | None:
+    """The transformer blocks of a ``TimmModel``'s trunk (``trunk.blocks``), or None when it has none (ConvNeXt,
+    FastViT and other convolutional trunks keep stages instead)."""
+    blocks = getattr(getattr(visual, "trunk", None), "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+        return None
+    return list(blocks)
+
+
+def tower_obstacles(model: nn.Module) -> list[str] | None:
+    """What keeps a timm image tower from the lean engine (one line each, empty when every block is supported), or
+    None when ``model.visual`` is not a timm tower."""
+    v = timm_image_tower(model)
+    if v is None:
+        return None
+    blocks = trunk_blocks(v)
+    if blocks is None:
+        return [f"image tower {class_name(v)} with trunk {class_name(v.trunk)} has no transformer blocks"]
+    for i, blk in enumerate(blocks):
+        why = block_obstacle(blk)
+        if why is not None:
+            return [f"image tower block {i} is {why}"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------- LayerNorm
+if Block is not None:
+    class LeanTimmLayerNorm(TimmLayerNorm):
+        """timm ``LayerNorm`` through ``kernels.layer_norm`` (same math; output in the input dtype)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = _lean.fused_layer_norm(self, x)
+            return super().forward(x) if y is None else y
+
+
+# ----------------------------------------------------------------------------------------------------------- blocks
+def _fused_qkv_bias(attn: nn.Module):
+    """The bias of a fused qkv projection: ``qkv.bias``, or EVA's ``q_bias | k_bias (a zero buffer) | v_bias``."""
+    if getattr(attn, "q_bias", None) is not None:
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv.bias
+
+
+class _LeanTimmMixin(_lean.LeanBlockMixin):
+    """The branch functions of a lean timm block. ``ctx`` (the ``mask`` argument of ``LeanBlockMixin``) is the pair
+    (SDPA attention mask or None, rotary embedding or None)."""
+
+    def _qkv(self, y: torch.Tensor):
+        attn = self.attn
+        b, n, _ = y.shape
+        h, hd = attn.num_heads, attn.head_dim
+        a = h * hd
+        if attn.qkv is not None:
+            qkv = self._project("in_proj", y, attn.qkv.weight, _fused_qkv_bias(attn), 0, 3 * a)
+            return qkv.reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out = []
+        for i, lin in enumerate((attn.q_proj, attn.k_proj, attn.v_proj)):
+            t = self._project("in_proj", y, lin.weight, lin.bias, i * a, (i + 1) * a)
+            out.append(t.reshape(b, n, h, hd).transpose(1, 2))
+        return out
+
+    def _attn_core(self, x, ctx, is_causal: bool):
+        attn = self.attn
+        mask, rope = ctx
+        q, k, v = self._qkv(self.norm1(x))
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if rope is not None:
+            npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        p = attn.attn_drop.p if self.training else 0.0
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+
+    def _attn_out(self, o):
+        attn = self.attn
+        b, h, n, hd = o.shape
+        o = attn.norm(o.transpose(1, 2).reshape(b, n, h * hd))
+        o = attn.proj_drop(self._project("out_proj", o, attn.proj.weight, attn.proj.bias))
+        return self.drop_path1(self._scale(1, o))
+
+    def _mlp_core(self, x):
+        mlp = self.mlp
+        y = self.norm2(x)
+        if isinstance(mlp, SwiGLU):
+            h = mlp.fc1_g.out_features
+            g = mlp.act(self._project("c_fc", y, mlp.fc1_g.weight, mlp.fc1_g.bias, 0, h))
+            g = g * self._project("c_fc", y, mlp.fc1_x.weight, mlp.fc1_x.bias, h, 2 * h)
+        elif isinstance(mlp, GluMlp):
+            x1, x2 = self._project("c_fc", y, mlp.fc1.weight, mlp.fc1.bias).chunk(2, dim=-1)
+            g = x1 * mlp.act(x2) if mlp.gate_last else mlp.act(x1) * x2
+        else:
+            g = mlp.act(self._project("c_fc", y, mlp.fc1.weight, mlp.fc1.bias))
+        return mlp.norm(mlp.drop1(g))
+
+    def _mlp_out(self, g):
+        mlp = self.mlp
+        y = mlp.drop2(self._project("c_proj", g, mlp.fc2.weight, mlp.fc2.bias))
+        return self.drop_path2(self._scale(2, y))
+
+    def _branch_parts(self) -> dict:
+        attn, mlp = self.attn, self.mlp
+        core = [self.norm1, attn.q_norm, attn.k_norm] + [getattr(attn, n, None) for n in (
+            "qkv", "q_proj", "k_proj", "v_proj", "q_bias", "v_bias")]
+        return {"attn_core": core, "attn_out": [attn.proj.weight, attn.proj_drop, self._scale_part(1)],
+                "attn": [self.norm1, attn, self._scale_part(1)],
+                "mlp_core": [self.norm2, mlp.norm] + [getattr(mlp, n) for n in ("fc1", "fc1_g", "fc1_x")
+                                                      if hasattr(mlp, n)],
+                "mlp_out": [mlp.fc2.weight, mlp.drop2, self._scale_part(2)],
+                "mlp": [self.norm2, mlp, self._scale_part(2)]}
+
+    def _needs_rng(self) -> bool:
+        if not self.training:
+            return False
+        drops = [self.attn.attn_drop, self.attn.proj_drop, self.mlp.drop1, self.mlp.drop2]
+        if any(d.p > 0 for d in drops if isinstance(d, nn.Dropout)):
+            return True
+        if any(getattr(d, "drop_prob", 0) > 0 for d in (self.drop_path1, self.drop_path2)):
+            return True
+        return any(m.needs_rng() for m in self._deltas())
+
+    def _forward(self, x, attn_mask, rope, is_causal: bool):
+        policy = self.leanclip_recompute
+        ctx = (attn_mask, rope)
+        if policy == "none" or not torch.is_grad_enabled():
+            return self._plain(x, ctx, is_causal)
+        return self._recompute(x, ctx, is_causal, policy)
+
+
+if Block is not None:
+    class LeanTimmBlock(_LeanTimmMixin, Block):
+        """timm ``vision_transformer.Block`` on the lean engine (same parameters, names and math)."""
+
+        def _scale(self, i: int, y):
+            return (self.ls1 if i == 1 else self.ls2)(y)
+
+        def _scale_part(self, i: int):
+            return self.ls1 if i == 1 else self.ls2
+
+        def forward(self, x, attn_mask=None, is_causal: bool = False):
+            return self._forward(x, attn_mask, None, is_causal)
+
+    class LeanEvaBlock(_LeanTimmMixin, EvaBlock):
+        """timm ``eva.EvaBlock`` on the lean engine (same parameters, names and math; rotary embeddings)."""
+
+        def _scale(self, i: int, y):
+            gamma = self.gamma_1 if i == 1 else self.gamma_2
+            return y if gamma is None else gamma * y
+
+        def _scale_part(self, i: int):
+            return self.gamma_1 if i == 1 else self.gamma_2
+
+        def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
+            return self._forward(x, attn_mask, rope, is_causal)
+else:  # pragma: no cover
+    LeanTimmBlock = LeanEvaBlock = None
+
+
+# ----------------------------------------------------------------------------------------------------------- sites
+def is_timm_block(blk: nn.Module) -> bool:
+    return Block is not None and isinstance(blk, (Block, EvaBlock))
+
+
+def projection_slices(blk: nn.Module) -> dict | None:
+    """LoRA's targets on a timm block: {target: [(weight, lo, hi), ...]}, the frozen weight (or row slice of a fused
+    one) that rows lo:hi of the target's update fold into; None for other blocks. q / k / v are the row thirds of a
+    fused ``qkv.weight`` or the separate ``q_proj`` / ``k_proj`` / ``v_proj``; ``fc`` is ``mlp.fc1`` (SwiGLU: its
+    ``fc1_g`` | ``fc1_x`` pair, rows 0:h and h:2h of one update), ``proj`` ``mlp.fc2``, ``out`` ``attn.proj``."""
+    if not is_timm_block(blk):
+        return None
+    attn, mlp = blk.attn, blk.mlp
+    a = attn.num_heads * attn.head_dim
+    if attn.qkv is not None:
+        w = attn.qkv.weight
+        out = {t: [(w[i * a:(i + 1) * a], 0, a)] for i, t in enumerate(("q", "k", "v"))}
+    else:
+        out = {t: [(lin.weight, 0, a)] for t, lin in zip(("q", "k", "v"), (attn.q_proj, attn.k_proj, attn.v_proj))}
+    out["out"] = [(attn.proj.weight, 0, attn.proj.out_features)]
+    if isinstance(mlp, SwiGLU):
+        h = mlp.fc1_g.out_features
+        out["fc"] = [(mlp.fc1_g.weight, 0, h), (mlp.fc1_x.weight, h, 2 * h)]
+    else:
+        out["fc"] = [(mlp.fc1.weight, 0, mlp.fc1.out_features)]
+    out["proj"] = [(mlp.fc2.weight, 0, mlp.fc2.out_features)]
+    return out
+
+
+def qkv_width(blk: nn.Module) -> int:
+    """The width of one of q / k / v (heads x head_dim)."""
+    return blk.attn.num_heads * blk.attn.head_dim
+
+
+def adapter_sites(blk: nn.Module) -> list[tuple[nn.Module, int]] | None:
+    """Where Houlsby / Compacter adapters go in a timm block, with the width they see: the attention's output
+    dropout ``attn.proj_drop`` and the MLP's ``mlp.drop2`` (each called on its sub-layer's output, before the layer
+    scale and the residual add: Houlsby's placement). None for other blocks."""
+    if not is_timm_block(blk):
+        return None
+    return [(blk.attn.proj_drop, blk.attn.proj.out_features), (blk.mlp.drop2, blk.mlp.fc2.out_features)]
+
+
+def prenorms(blk: nn.Module) -> list[nn.Module] | None:
+    """The pre-LayerNorms of a timm block (``norm1`` / ``norm2``: before the attention and the MLP, as open_clip's
+    ``ln_1`` / ``ln_2``); None for other blocks."""
+    return [blk.norm1, blk.norm2] if is_timm_block(blk) else None
+
+
+# ----------------------------------------------------------------------------------------------------------- estimates
+def block_units(blk: nn.Module, policy: str) -> float:
+    """Activation units (B*L*D elements) a lean timm block keeps for backward under ``policy`` when gradients flow
+    through all of it (every ``leanclip.lean.POLICIES`` entry; measured with ``leanclip.memory`` on the tiny
+    families). Without recompute: LN1's input (1); SDPA's q, k, v and output - a fused qkv stays alive whole (3)
+    while v is a view of it, and q, k made anew by q/k norm or rotary embeddings add 2 (separate projections: 3, and
+    2 more with q/k norm, whose inputs are kept); the sub-LN ``attn.norm`` input (1); LN2's input (1); the MLP's
+    hidden activations at ratio r = hidden / D: GELU's input (r) or a gated MLP's three (3r), plus ``mlp.norm``'s
+    input (r). ``mlp`` keeps the attention part and LN2's input, ``mlp+qkv`` the block input, the SDPA output, the
+    sub-LN input and LN2's input, ``block`` the block input."""
+    attn, mlp = blk.attn, blk.mlp
+    width = attn.proj.out_features
+    sub_ln = float(not isinstance(attn.norm, nn.Identity))
+    if policy == "block":
+        return 1.0
+    if policy == "mlp+qkv":
+        return 3.0 + sub_ln
+    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, EvaBlock)  # q/k norm or rotary
+    if attn.qkv is not None:
+        qkv = 3.0 + 2.0 * qk_new
+    else:
+        qkv = 3.0 + 2.0 * (not isinstance(attn.q_norm, nn.Identity))
+    attention = 1.0 + qkv + 1.0 + sub_ln
+    if policy == "mlp":
+        return attention + 1.0
+    hidden = mlp.fc2.in_features / width
+    gated = isinstance(mlp, (GluMlp, SwiGLU))
+    return attention + 1.0 + (3.0 if gated else 1.0) * hidden + hidden * (not isinstance(mlp.norm, nn.Identity))
+
+
+def _tokens(trunk: nn.Module) -> int:
+    return int(trunk.patch_embed.num_patches) + int(getattr(trunk, "num_prefix_tokens", 0))
+
+
+def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> int | None:
+    """Predicted bytes a lean timm image tower keeps for backward (``leanclip.lean.estimate_saved_bytes``'s image
+    part), or None when ``model.visual`` is not a covered timm tower. Every block from the first one holding a
+    trainable parameter (all of them when the embeddings or ``norm_pre`` train) counts ``block_units`` - the whole
+    block, an upper bound when gradients enter it midway - plus its LayerNorm statistics and the attention's
+    logsumexp; after the blocks, the final norm's input and, with MAP pooling, the pooled attention's keys and
+    values over every token."""
+    if tower_obstacles(model) != []:
+        return None
+    trunk = model.visual.trunk
+    blocks = list(trunk.blocks)
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.")]
+    embeds = ("visual.trunk.patch_embed.", "visual.trunk.pos_embed", "visual.trunk.cls_token", "visual.trunk.reg_token",
+              "visual.trunk.norm_pre.")
+    first = 0 if any(n.startswith(embeds) for n in names) else next(
+        (i for i in range(len(blocks)) if any(n.startswith(f"visual.trunk.blocks.{i}.") for n in names)), None)
+    if first is None and not names:
+        return 0
+    elem = torch.empty((), dtype=dtype or blocks[0].attn.proj.weight.dtype).element_size()
+    rows = batch * _tokens(trunk)
+    unit = rows * trunk.embed_dim * elem
+    total = 0.0
+    for blk in blocks[first if first is not None else len(blocks):]:
+        total += block_units(blk, policy) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
+    total += unit + rows * 8  # the final norm's input
+    if any(n.startswith("visual.trunk.norm_pre.") for n in names):  # PE-Core's pre-transformer norm keeps its input
+        total += unit + rows * 8
+    if getattr(trunk, "attn_pool", None) is not None:
+        total += 2 * unit  # the pool's keys and values over every token
+    return int(total)
+
+
+# ----------------------------------------------------------------------------------------------------------- tiny models
+# Tiny trunks: the released SigLIP2 / EVA02 / PE-Core model functions with width, depth, heads and image size shrunk
+# (every block option - rotary embeddings, SwiGLU, sub-LN, fused / separate qkv, MAP pooling - kept).
+_TINY = {"dim": 64, "depth": 2, "heads": 2, "img": 32, "patch": 8}
+TINY_TIMM_MODELS = {
+    "leanclip_tiny_siglip2": ("vit_base_patch16_siglip_224", {}),
+    "leanclip_tiny_vit_qknorm": ("vit_base_patch16_siglip_224", {"qk_norm": True, "init_values": 0.1,
+                                                                 "scale_attn_norm": True, "scale_mlp_norm": True}),
+    "leanclip_tiny_eva02": ("eva02_base_patch16_clip_224", {"ref_feat_shape": (4, 4)}),
+    "leanclip_tiny_eva02_fused": ("eva02_base_patch16_clip_224", {"ref_feat_shape": (4, 4), "qkv_fused": True,
+                                                                  "scale_mlp": False, "init_values": 0.1}),
+    "leanclip_tiny_pe_core": ("vit_pe_core_base_patch16_224", {"ref_feat_shape": (4, 4), "attn_pool_num_heads": 2}),
+}
+
+
+def register_tiny_models() -> list[str]:
+    """Register the ``TINY_TIMM_MODELS`` with timm (idempotent) so open_clip's ``TimmModel`` can build them by
+    name. Returns their names."""
+    import timm
+    from timm.models import is_model, model_entrypoint, register_model
+
+    for name, (base, extra) in TINY_TIMM_MODELS.items():
+        if is_model(name):
+            continue
+        kw = dict(img_size=_TINY["img"], patch_size=_TINY["patch"], embed_dim=_TINY["dim"], depth=_TINY["depth"],
+                  num_heads=_TINY["heads"], **extra)
+
+        def build(pretrained: bool = False, _base=base, _kw=kw, **kwargs):
+            return model_entrypoint(_base)(pretrained=False, **{**_kw, **kwargs})
+
+        build.__name__ = name
+        build.__module__ = timm.models.vision_transformer.__name__
+        register_model(build)
+    return list(TINY_TIMM_MODELS)
+
+
+# ----------------------------------------------------------------------------------------------------------- registration
+if Block is not None:
+    _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock},
+                                supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
+                                image_tower=tower_obstacles, image_estimate=estimate_image_bytes)
