@@ -76,7 +76,7 @@ from leanclip import kernels
 from leanclip.registry import method_hooks
 from leanclip.models.openclip import (  # noqa: F401  (text_tower, tower_blocks, class_name: re-exported)
     LayerNorm, LayerNormFp32, ResidualAttentionBlock, Transformer, VisionTransformer, block_supported, class_name,
-    pool_index, pools_at_eot, text_global_pool, text_tower, tower_blocks,
+    pool_index, pools_at_eot, text_global_pool, text_tower, tower_blocks, tower_class,
 )
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")  # fastest first
@@ -540,14 +540,12 @@ def lean_obstacles(model: nn.Module) -> list[str]:
     if hasattr(model, "visual"):
         vis = model.visual
         if not isinstance(vis, VisionTransformer):
-            out.append(f"image tower {class_name(vis)} (not an open_clip VisionTransformer)")
+            out.append(f"image tower {tower_class(model, 'image')} (not an open_clip VisionTransformer)")
         else:
             out += _block_obstacles("image tower", vis.transformer)
         t = text_tower(model)
         if t is None:
-            src = getattr(model, "text", None)
-            out.append(f"text tower {class_name(src if src is not None else model)} "
-                       f"(not an open_clip transformer text tower)")
+            out.append(f"text tower {tower_class(model, 'text')} (not an open_clip transformer text tower)")
         else:
             out += _block_obstacles("text tower", t.transformer)
         return out

@@ -1,0 +1,254 @@
+"""The Hugging Face ``transformers`` boundary: CLIP and SigLIP models of ``transformers`` as a second model family.
+
+Users name them ``transformers:<hub id>`` (``transformers:openai/clip-vit-base-patch16``) wherever a model name is
+taken (``--model``, ``leanclip.weights.create_model``). The hub id IS the weights: they come from the Hugging Face
+cache through ``transformers``' own ``from_pretrained`` (safetensors only, ``use_safetensors=True``: no pickle is
+ever read), offline when ``HF_HUB_OFFLINE=1``; a separate ``pretrained`` source is refused.
+
+Every ``transformers`` internal the engine touches lives here: the model classes, their module layout, the names of
+the parameters the methods train (CLIPFit's text biases, LoRA's projections), the tokenizer and the image
+preprocessing config, and the way back to a plain ``transformers`` model.
+
+The wrapper :class:`TransformersCLIP` shows the engine what an open_clip model shows it:
+
+- ``encode_image`` / ``encode_text`` (unnormalized embeddings; ``normalize=True`` as open_clip), ``forward`` returning
+  open_clip's ``(image_features, text_features, logit_scale.exp()[, logit_bias])``;
+- ``logit_scale`` (and ``logit_bias`` for SigLIP): the very parameters of the ``transformers`` model;
+- ``visual`` (``image_size``, ``preprocess_cfg``, ``output_dim``) and ``text`` (``context_length``): the towers, so
+  parameter names start with ``visual.`` / ``text.`` and every name-based method selection (LayerNorms, biases,
+  the tower option) works unchanged.
+
+The towers hold the ``transformers`` modules themselves (no copy): ``visual.model`` is the ``CLIPVisionModel`` /
+``SiglipVisionModel``, ``visual.proj`` CLIP's ``visual_projection`` (SigLIP has none), ``text.model`` / ``text.proj``
+likewise. The wrapped ``transformers`` model is kept outside the module tree (its parameters are the towers'), so
+:func:`to_transformers` hands it back with whatever the methods changed in place.
+
+Not covered: the lean modules (the notice of ``prepare`` names the tower classes), and the in-block methods other
+than LoRA (Houlsby, Compacter, LiLT's adapters / extra block), which refuse with one line naming the tower class.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PREFIX = "transformers:"
+# model_type of the config -> the transformers class that holds both towers
+_CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+# what preprocessing the model card's processor config does not say: the families' published statistics
+_DEFAULT_NORM = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                 "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+# CLIPFit's text biases: the output bias of every text MLP (open_clip's ``mlp.c_proj.bias``)
+CLIPFIT_TEXT_RE = re.compile(r"^text\.model\.encoder\.layers\.\d+\.mlp\.fc2\.bias$")
+# LoRA targets (leanclip.lora.TARGETS) -> the projection inside each encoder layer
+LINEAR_SITES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "out": "self_attn.out_proj", "fc": "mlp.fc1", "proj": "mlp.fc2"}
+
+
+def is_name(name) -> bool:
+    """Whether ``name`` names a ``transformers`` model (``transformers:<hub id>``)."""
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def is_transformers(model) -> bool:
+    return isinstance(model, TransformersCLIP)
+
+
+def hub_id(name: str) -> str:
+    """The hub id of ``transformers:<id>``; ValueError (one line) for an empty or path-like one."""
+    model_id = name[len(PREFIX):].strip("/")
+    if not model_id:
+        raise ValueError(f"model {name!r}: empty hub id after {PREFIX!r}")
+    if ".." in model_id.split("/") or model_id.startswith(("~", ".")):
+        raise ValueError(f"model {name!r}: a Hugging Face hub id (org/name) is expected after {PREFIX!r}")
+    return model_id
+
+
+# ----------------------------------------------------------------------------------------------------------- towers
+class ImageTower(nn.Module):
+    """A ``transformers`` vision model and its projection (CLIP's ``visual_projection``; SigLIP pools and projects
+    inside the vision model). ``forward(images)`` gives the unnormalized image embedding."""
+
+    def __init__(self, model: nn.Module, proj: nn.Module | None, image_size: int, preprocess_cfg: dict,
+                 output_dim: int):
+        super().__init__()
+        self.model = model
+        self.proj = proj
+        self.image_size = image_size
+        self.preprocess_cfg = preprocess_cfg
+        self.output_dim = output_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.model(pixel_values=images).pooler_output
+        return self.proj(pooled) if self.proj is not None else pooled
+
+
+class TextTower(nn.Module):
+    """A ``transformers`` text model and its projection. ``forward(tokens)`` runs the model on token ids alone, as
+    the model was trained: CLIP pools causally at the end-of-text token (padding after it cannot reach it), SigLIP at
+    the last position of the fixed-length padded sequence."""
+
+    def __init__(self, model: nn.Module, proj: nn.Module | None, context_length: int):
+        super().__init__()
+        self.model = model
+        self.proj = proj
+        self.context_length = context_length
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.model(input_ids=tokens).pooler_output
+        return self.proj(pooled) if self.proj is not None else pooled
+
+
+class TransformersCLIP(nn.Module):
+    """A ``transformers`` ``CLIPModel`` / ``SiglipModel`` seen as an open_clip model (module docstring)."""
+
+    def __init__(self, hf_model: nn.Module, name: str, preprocess_cfg: dict):
+        super().__init__()
+        cfg = hf_model.config
+        vis_cfg, txt_cfg = cfg.vision_config, cfg.text_config
+        vproj = getattr(hf_model, "visual_projection", None)
+        tproj = getattr(hf_model, "text_projection", None)
+        width = vproj.out_features if vproj is not None else txt_cfg.projection_size
+        self.visual = ImageTower(hf_model.vision_model, vproj, int(vis_cfg.image_size), preprocess_cfg, width)
+        self.text = TextTower(hf_model.text_model, tproj, int(txt_cfg.max_position_embeddings))
+        self.logit_scale = hf_model.logit_scale
+        self.logit_bias = getattr(hf_model, "logit_bias", None)
+        self.family = cfg.model_type
+        self.name = name
+        object.__setattr__(self, "_hf", hf_model)  # outside the module tree: its parameters are the towers'
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        f = self.visual(image)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        f = self.text(text)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        img = self.encode_image(image, normalize=True) if image is not None else None
+        txt = self.encode_text(text, normalize=True) if text is not None else None
+        out = (img, txt, self.logit_scale.exp())
+        return out + (self.logit_bias,) if self.logit_bias is not None else out
+
+    def tower_class(self, tower: str) -> str:
+        """How errors and notices name a tower: the ``transformers`` class it wraps."""
+        m = self.visual.model if tower == "image" else self.text.model
+        return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def tower_layers(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Module]]:
+    """(name, encoder layer) of the image and / or text tower (``tower``: image, text or both), image first."""
+    out = []
+    for t, prefix, m in (("image", "visual.model", model.visual.model), ("text", "text.model", model.text.model)):
+        if tower in (t, "both"):
+            out += [(f"{prefix}.encoder.layers.{i}", layer) for i, layer in enumerate(m.encoder.layers)]
+    return out
+
+
+def linear_sites(model: TransformersCLIP, tower: str, targets) -> list[tuple[str, str, nn.Linear]]:
+    """(target, name, ``nn.Linear``) of each LoRA target (``LINEAR_SITES``) in every encoder layer of ``tower``."""
+    out = []
+    for name, layer in tower_layers(model, tower):
+        for t in targets:
+            out.append((t, f"{name}.{LINEAR_SITES[t]}", layer.get_submodule(LINEAR_SITES[t])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_call(name: str, what: str, call):
+    """``call()`` (a ``from_pretrained``); a missing cache entry or download failure becomes one line naming
+    ``name`` and what was being read."""
+    try:
+        return call()
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = " (HF_HUB_OFFLINE is set: it must be downloaded once on a machine with network)" if _offline() else ""
+        raise ValueError(f"model {name!r}: cannot read its {what} from the Hugging Face cache or hub{where}: "
+                         f"{_one_line(e)}") from None
+
+
+def _preprocess_cfg(name: str, model_id: str, family: str, image_size: int, cache_dir) -> dict:
+    """mean / std / size of the model's image processor config; the family's published values when the repo has
+    none (a model saved without its processor)."""
+    from transformers import AutoImageProcessor
+
+    mean, std = _DEFAULT_NORM[family]
+    try:
+        proc = AutoImageProcessor.from_pretrained(model_id, cache_dir=cache_dir)
+    except (OSError, ValueError):
+        proc = None
+    if proc is not None and getattr(proc, "image_mean", None) and getattr(proc, "image_std", None):
+        mean, std = tuple(float(v) for v in proc.image_mean), tuple(float(v) for v in proc.image_std)
+    return {"size": (image_size, image_size), "mean": tuple(mean), "std": tuple(std), "interpolation": "bicubic",
+            "resize_mode": "shortest"}
+
+
+def create_model(name: str, pretrained=None, *, image_size: int | None = None, cache_dir=None) -> TransformersCLIP:
+    """``transformers:<id>``: config and weights through ``transformers``' ``from_pretrained`` (safetensors only),
+    wrapped in :class:`TransformersCLIP`. ``pretrained`` must be None (the id is the weights); ``image_size`` None
+    or the model's own (``transformers`` models keep the resolution they were made at)."""
+    import transformers
+
+    model_id = hub_id(name)
+    if pretrained is not None:
+        raise ValueError(f"model {name!r} carries its own weights (the Hugging Face id is the weights); drop "
+                         f"pretrained={pretrained!r}")
+    config = _hub_call(name, "config", lambda: transformers.AutoConfig.from_pretrained(model_id, cache_dir=cache_dir))
+    family = getattr(config, "model_type", None)
+    if family not in _CLASSES:
+        raise ValueError(f"model {name!r} is a {family!r} model ({type(config).__name__}); leanclip runs transformers "
+                         f"models of type {', '.join(sorted(_CLASSES))}")
+    size = int(config.vision_config.image_size)
+    if image_size is not None and int(image_size) != size:
+        raise ValueError(f"image_size={image_size}: model {name!r} runs at its own {size}x{size} (transformers "
+                         f"models are not resized here)")
+    cls = getattr(transformers, _CLASSES[family])
+    hf = _hub_call(name, "safetensors weights", lambda: cls.from_pretrained(
+        model_id, config=config, use_safetensors=True, cache_dir=cache_dir))
+    hf.eval()
+    return TransformersCLIP(hf, name, _preprocess_cfg(name, model_id, family, size, cache_dir))
+
+
+class Tokenizer:
+    """The model's ``transformers`` tokenizer as open_clip's are called: ``tok(texts) -> LongTensor (N, context)``,
+    padded to the text tower's context (SigLIP was trained on that fixed length) and truncated to it."""
+
+    def __init__(self, hf_tokenizer, context_length: int):
+        self.tokenizer = hf_tokenizer
+        self.context_length = context_length
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=context_length or self.context_length, return_tensors="pt")
+        return enc["input_ids"].long()
+
+
+def get_tokenizer(model: TransformersCLIP, cache_dir=None) -> Tokenizer:
+    """The tokenizer of the hub repo ``model`` was read from."""
+    from transformers import AutoTokenizer
+
+    hf_tok = _hub_call(model.name, "tokenizer", lambda: AutoTokenizer.from_pretrained(hub_id(model.name),
+                                                                                      cache_dir=cache_dir))
+    return Tokenizer(hf_tok, model.text.context_length)
+
+
+def to_transformers(model: TransformersCLIP) -> nn.Module:
+    """The wrapped ``transformers`` model (its parameters are the wrapper's, so what a method trained is in it). A
+    method that swapped module classes (LoRA) must be folded back first (``leanclip.merge``)."""
+    if not is_transformers(model):
+        raise TypeError(f"to_transformers needs a leanclip TransformersCLIP, got {type(model).__name__}")
+    return model._hf

@@ -1,0 +1,99 @@
+"""Tiny Hugging Face ``transformers`` CLIP and SigLIP models laid out in a Hugging Face cache under a test's tmp_path
+(``models--org--name/refs/main`` + ``snapshots/<rev>/``: config.json, model.safetensors, a word-level tokenizer,
+the image processor config), read offline (``HF_HUB_OFFLINE=1``), as ``transformers:<org/name>`` names them."""
+import json
+
+import torch
+
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "bird", "car", "red", "blue", "class", "tiny", "image", "this",
+         "is", "an", "object", "shape", "circle", "square"]
+CLIP_ID, SIGLIP_ID = "leanclip-test/tiny-clip", "leanclip-test/tiny-siglip"
+_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+
+
+def _vocab(family: str) -> dict:
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"] if family == "clip" else ["<pad>", "</s>", "<unk>"]
+    return {w: i for i, w in enumerate(specials + WORDS)}
+
+
+def tiny_config(family: str):
+    """A 2-layer, width-32 CLIPConfig / SiglipConfig (images 32x32, patches 8, context 16)."""
+    from transformers import CLIPConfig, SiglipConfig
+
+    vocab = _vocab(family)
+    vis = dict(_TOWER, image_size=32, patch_size=8)
+    if family == "clip":
+        txt = dict(_TOWER, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)
+        return CLIPConfig(text_config=txt, vision_config=vis, projection_dim=24)
+    txt = dict(_TOWER, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0, eos_token_id=1,
+               projection_size=32)
+    return SiglipConfig(text_config=txt, vision_config=vis)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """The transformers model of :func:`tiny_config`, seeded random weights (logit_bias non-zero for SigLIP)."""
+    from transformers import CLIPModel, SiglipModel
+
+    torch.manual_seed(seed)
+    m = (CLIPModel if family == "clip" else SiglipModel)(tiny_config(family)).eval()
+    if family == "siglip":
+        with torch.no_grad():
+            m.logit_bias.fill_(-1.5)
+    return m
+
+
+def _tokenizer(family: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _vocab(family)
+    unk = "<unk>"
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if family == "clip":  # <bos> text <eos>, as CLIP's tokenizer
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                           special_tokens=[("<bos>", 1), ("<eos>", 2)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                       unk_token=unk)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token=unk)
+
+
+def lay_out_cache(root, monkeypatch, families=("clip", "siglip"), seed: int = 0) -> dict:
+    """Save each family's tiny model (safetensors), tokenizer and image processor config into a Hugging Face cache
+    under ``root``; point HF_HOME / HF_HUB_CACHE there and set HF_HUB_OFFLINE=1. Returns {family: transformers model}."""
+    from huggingface_hub import constants
+    from transformers import CLIPImageProcessor
+
+    home, cache = root / "hf", root / "hf" / "hub"
+    made = {}
+    for family in families:
+        repo_id = CLIP_ID if family == "clip" else SIGLIP_ID
+        repo = cache / ("models--" + repo_id.replace("/", "--"))
+        rev = "0" * 40
+        snap = repo / "snapshots" / rev
+        snap.mkdir(parents=True)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(rev)
+        made[family] = tiny_model(family, seed)
+        made[family].save_pretrained(snap, safe_serialization=True)
+        _tokenizer(family).save_pretrained(snap)
+        mean, std = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]) \
+            if family == "clip" else ([0.5] * 3, [0.5] * 3)
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32, image_mean=mean,
+                           image_std=std).save_pretrained(snap)
+    for k, v in {"HF_HOME": str(home), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return made
+
+
+def model_files(root) -> list:
+    return sorted(p.name for p in (root / "hf" / "hub").rglob("*") if p.is_file())
+
+
+def read_json(path):
+    return json.loads(path.read_text())
