@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip import lora_linear
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import tower_blocks
 from leanclip.registry import OptionRange, register_method
 from leanclip.select import check_tower, require_open_clip_tower
@@ -122,6 +124,7 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRA]]:
 
 def strip(model: nn.Module) -> nn.Module:
     """Remove every LoRA module (without folding it in). Returns ``model``."""
+    lora_linear.strip(model)
     for m in list(model.modules()):
         for name, child in list(m._modules.items()):
             if isinstance(child, LoRA):
@@ -155,6 +158,8 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
     the towers: open_clip blocks the lean modules cover, and a rank no larger than the narrowest targeted
     projection (a pair of rank min(in, out) already spans every update of that projection)."""
     targets = _targets(targets)
+    if _hf.is_transformers(model):  # separate q / k / v projections: leanclip.lora_linear
+        return lora_linear.check_rank([m for *_, m in _hf.linear_sites(model, check_tower(tower), targets)], rank)
     require_open_clip_tower(model, "lora", check_tower(tower), "it adds low-rank terms to the blocks' projections")
     obstacles = _lean.lean_obstacles(model)
     if obstacles:
@@ -173,6 +178,9 @@ def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)
     strip(model)
+    if _hf.is_transformers(model):
+        lora_linear.attach([m for *_, m in _hf.linear_sites(model, tower, targets)], rank, alpha, float(dropout))
+        return {}
     for blk in tower_blocks(model, tower):
         ref = blk.mlp.c_fc.weight
         blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))
@@ -188,6 +196,10 @@ def merge(model: nn.Module) -> nn.Module:
     bits come back in the trainable parameters' dtype, since open_clip's plain modules cannot mix dtypes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge needs an nn.Module, got {type(model).__name__}")
+    if _hf.is_transformers(model):  # a plain transformers model back
+        if not lora_linear.sites(model):
+            raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
+        return _hf.to_transformers(lora_linear.merge(model))
     if not lora_modules(model):
         raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
     out = copy.deepcopy(model)

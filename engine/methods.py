@@ -45,6 +45,7 @@ from leanclip import lean as _lean
 from leanclip import utils
 from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
 from leanclip.features import clipfit_kd_loss, frozen_text_features
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, text_tower
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
@@ -162,8 +163,11 @@ def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None,
         raise ValueError("classnames must not be empty")
     if init_text is not None and not isinstance(init_text, str):
         raise ValueError(f"init_text must be a string or None, got {type(init_text).__name__}")
-    require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
-    context = text_tower(model).positional_embedding.shape[0]
+    if _hf.is_transformers(model):
+        context = _hf.coop_context(model)
+    else:
+        require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
+        context = text_tower(model).positional_embedding.shape[0]
     if n_ctx > context - 3:  # [SOS] ctx_1..ctx_n, at least one class-name token, [EOT]
         raise ValueError(f"n_ctx={n_ctx} leaves no room for a class name in the text tower's {context}-token "
                          f"context (at most {context - 3})")
@@ -304,17 +308,17 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=N
     classnames, a tokenizer and an open_clip transformer text tower."""
     _check_coop(model, classnames, tokenizer, n_ctx, init_text, std)
     classnames = list(classnames)
-    t = text_tower(model)
-    width = t.token_embedding.weight.shape[1]
+    embedding = _hf.token_embedding(model) if _hf.is_transformers(model) else text_tower(model).token_embedding
+    width = embedding.weight.shape[1]
     init = None
     text = _coop_init_text(n_ctx, init_text)
     if text:
         tok, _, _ = _init_text_tokens(tokenizer, text)
         with torch.no_grad():
-            init = t.token_embedding(tok.to(t.token_embedding.weight.device))[0, 1:1 + n_ctx].float().cpu()
+            init = embedding(tok.to(embedding.weight.device))[0, 1:1 + n_ctx].float().cpu()
     learner = _heads.PromptLearner(n_ctx, width, init_embeddings=init, std=COOP_STD if std is None else std)
     learner.classnames = classnames
-    return {"prompt_learner": learner.to(t.token_embedding.weight.device)}
+    return {"prompt_learner": learner.to(embedding.weight.device)}
 
 
 @register_method("adapter", check=_check_adapter, traits=MethodTraits(hooks={"image_features": "clip_adapter"}),

@@ -252,3 +252,32 @@ def to_transformers(model: TransformersCLIP) -> nn.Module:
     if not is_transformers(model):
         raise TypeError(f"to_transformers needs a leanclip TransformersCLIP, got {type(model).__name__}")
     return model._hf
+
+
+# ----------------------------------------------------------------------------------------------------------- CoOp
+def token_embedding(model: TransformersCLIP) -> nn.Embedding:
+    """The text tower's token embedding (where CoOp's learned context is spliced in)."""
+    return model.text.model.embeddings.token_embedding
+
+
+def coop_context(model: TransformersCLIP) -> int:
+    """The text context a CoOp prompt fills. CoOp splices its context after the start token, which CLIP's tokenizer
+    writes and SigLIP's does not: SigLIP is refused with one line naming the tower class."""
+    if model.family != "clip":
+        raise ValueError(f"method 'coop' splices its context after a start-of-text token, which the text tower "
+                         f"{model.tower_class('text')} is not given")
+    return model.text.context_length
+
+
+def encode_text_embeddings(model: TransformersCLIP, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Text features of ``tokens`` with the token-embedding lookup replaced by ``embeddings`` (B, L, width): the
+    lookup's output is swapped by a forward hook for this one call, so the rest is ``transformers``' own forward
+    (positions, causal mask, end-of-text pooling, projection) and gradients reach ``embeddings``."""
+    if embeddings.shape[:2] != tokens.shape:
+        raise ValueError(f"prompt embeddings must have shape {tuple(tokens.shape)} + (width,), got "
+                         f"{tuple(embeddings.shape)}")
+    handle = token_embedding(model).register_forward_hook(lambda _m, _i, out: embeddings.to(out.dtype))
+    try:
+        return model.encode_text(tokens.to(embeddings.device))
+    finally:
+        handle.remove()

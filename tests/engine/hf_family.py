@@ -12,8 +12,9 @@ _TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_att
 
 
 def _vocab(family: str) -> dict:
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"] if family == "clip" else ["<pad>", "</s>", "<unk>"]
-    return {w: i for i, w in enumerate(specials + WORDS)}
+    """CLIP's layout: start and end of text are the two highest ids (open_clip and CoOp find the end by argmax)."""
+    words = ["<pad>", "<unk>"] + WORDS + (["<bos>", "<eos>"] if family == "clip" else ["</s>"])
+    return {w: i for i, w in enumerate(words)}
 
 
 def tiny_config(family: str):
@@ -23,10 +24,10 @@ def tiny_config(family: str):
     vocab = _vocab(family)
     vis = dict(_TOWER, image_size=32, patch_size=8)
     if family == "clip":
-        txt = dict(_TOWER, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0, bos_token_id=1,
-                   eos_token_id=2)
+        txt = dict(_TOWER, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0,
+                   bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"])
         return CLIPConfig(text_config=txt, vision_config=vis, projection_dim=24)
-    txt = dict(_TOWER, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0, eos_token_id=1,
+    txt = dict(_TOWER, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0, eos_token_id=vocab["</s>"],
                projection_size=32)
     return SiglipConfig(text_config=txt, vision_config=vis)
 
@@ -48,15 +49,15 @@ def _tokenizer(family: str):
     from transformers import PreTrainedTokenizerFast
 
     vocab = _vocab(family)
-    unk = "<unk>"
+    unk, last = "<unk>", len(vocab) - 1
     tok = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if family == "clip":  # <bos> text <eos>, as CLIP's tokenizer
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                           special_tokens=[("<bos>", 1), ("<eos>", 2)])
+                                                           special_tokens=[("<bos>", last - 1), ("<eos>", last)])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                        unk_token=unk)
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", last)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token=unk)
 
 
