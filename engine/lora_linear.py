@@ -92,11 +92,12 @@ def attach(linears, rank: int, alpha: float, dropout: float) -> None:
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every pair folded into its weight (computed in float32) and the sites plain
+    """A copy of ``model`` with every pair folded into its weight (computed in float32 at least) and the sites plain
     ``nn.Linear`` again; ``model`` is left unchanged."""
     out = copy.deepcopy(model)
     for _, m in sites(out):
-        m.weight.copy_((m.weight.float() + m.lora.weight_delta().float()).to(m.weight.dtype))
+        wide = torch.promote_types(m.weight.dtype, torch.float32)
+        m.weight.copy_((m.weight.to(wide) + m.lora.weight_delta().to(wide)).to(m.weight.dtype))
         _unswap(m)
     out.__dict__.pop("leanclip_info", None)
     return out

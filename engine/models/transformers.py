@@ -67,37 +67,24 @@ def hub_id(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------- towers
-class ImageTower(nn.Module):
-    """A ``transformers`` vision model and its projection (CLIP's ``visual_projection``; SigLIP pools and projects
-    inside the vision model). ``forward(images)`` gives the unnormalized image embedding."""
+class Tower(nn.Module):
+    """A ``transformers`` vision or text model and its projection (CLIP's ``visual_projection`` /
+    ``text_projection``; SigLIP pools and projects inside each model). ``forward(x)`` gives the unnormalized
+    embedding of images (``input_name="pixel_values"``) or token ids (``"input_ids"``, alone, as the models were
+    trained: CLIP pools causally at the end-of-text token, so padding after it cannot reach it; SigLIP at the last
+    position of its fixed-length padded sequence). ``attrs`` are what the engine reads of a tower (``image_size``,
+    ``preprocess_cfg``, ``output_dim``; ``context_length``)."""
 
-    def __init__(self, model: nn.Module, proj: nn.Module | None, image_size: int, preprocess_cfg: dict,
-                 output_dim: int):
+    def __init__(self, model: nn.Module, proj: nn.Module | None, input_name: str, **attrs):
         super().__init__()
         self.model = model
         self.proj = proj
-        self.image_size = image_size
-        self.preprocess_cfg = preprocess_cfg
-        self.output_dim = output_dim
+        self.input_name = input_name
+        for k, v in attrs.items():
+            setattr(self, k, v)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        pooled = self.model(pixel_values=images).pooler_output
-        return self.proj(pooled) if self.proj is not None else pooled
-
-
-class TextTower(nn.Module):
-    """A ``transformers`` text model and its projection. ``forward(tokens)`` runs the model on token ids alone, as
-    the model was trained: CLIP pools causally at the end-of-text token (padding after it cannot reach it), SigLIP at
-    the last position of the fixed-length padded sequence."""
-
-    def __init__(self, model: nn.Module, proj: nn.Module | None, context_length: int):
-        super().__init__()
-        self.model = model
-        self.proj = proj
-        self.context_length = context_length
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pooled = self.model(input_ids=tokens).pooler_output
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.model(**{self.input_name: x}).pooler_output
         return self.proj(pooled) if self.proj is not None else pooled
 
 
@@ -111,8 +98,9 @@ class TransformersCLIP(nn.Module):
         vproj = getattr(hf_model, "visual_projection", None)
         tproj = getattr(hf_model, "text_projection", None)
         width = vproj.out_features if vproj is not None else txt_cfg.projection_size
-        self.visual = ImageTower(hf_model.vision_model, vproj, int(vis_cfg.image_size), preprocess_cfg, width)
-        self.text = TextTower(hf_model.text_model, tproj, int(txt_cfg.max_position_embeddings))
+        self.visual = Tower(hf_model.vision_model, vproj, "pixel_values", image_size=int(vis_cfg.image_size),
+                            preprocess_cfg=preprocess_cfg, output_dim=width)
+        self.text = Tower(hf_model.text_model, tproj, "input_ids", context_length=int(txt_cfg.max_position_embeddings))
         self.logit_scale = hf_model.logit_scale
         self.logit_bias = getattr(hf_model, "logit_bias", None)
         self.family = cfg.model_type

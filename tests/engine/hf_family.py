@@ -1,8 +1,6 @@
 """Tiny Hugging Face ``transformers`` CLIP and SigLIP models laid out in a Hugging Face cache under a test's tmp_path
 (``models--org--name/refs/main`` + ``snapshots/<rev>/``: config.json, model.safetensors, a word-level tokenizer,
 the image processor config), read offline (``HF_HUB_OFFLINE=1``), as ``transformers:<org/name>`` names them."""
-import json
-
 import torch
 
 WORDS = ["a", "photo", "of", "the", "cat", "dog", "bird", "car", "red", "blue", "class", "tiny", "image", "this",
@@ -61,13 +59,12 @@ def _tokenizer(family: str):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token=unk)
 
 
-def lay_out_cache(root, monkeypatch, families=("clip", "siglip"), seed: int = 0) -> dict:
-    """Save each family's tiny model (safetensors), tokenizer and image processor config into a Hugging Face cache
-    under ``root``; point HF_HOME / HF_HUB_CACHE there and set HF_HUB_OFFLINE=1. Returns {family: transformers model}."""
-    from huggingface_hub import constants
+def lay_out_cache(cache, families=("clip", "siglip"), seed: int = 0) -> dict:
+    """Save each family's tiny model (safetensors), tokenizer and image processor config into the Hugging Face cache
+    folder ``cache`` (the ``hf_cache`` fixture: offline, the cache variables pointing there). Returns {family:
+    transformers model}."""
     from transformers import CLIPImageProcessor
 
-    home, cache = root / "hf", root / "hf" / "hub"
     made = {}
     for family in families:
         repo_id = CLIP_ID if family == "clip" else SIGLIP_ID
@@ -84,17 +81,4 @@ def lay_out_cache(root, monkeypatch, families=("clip", "siglip"), seed: int = 0)
             if family == "clip" else ([0.5] * 3, [0.5] * 3)
         CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32, image_mean=mean,
                            image_std=std).save_pretrained(snap)
-    for k, v in {"HF_HOME": str(home), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return made
-
-
-def model_files(root) -> list:
-    return sorted(p.name for p in (root / "hf" / "hub").rglob("*") if p.is_file())
-
-
-def read_json(path):
-    return json.loads(path.read_text())
