@@ -121,6 +121,14 @@ class TransformersCLIP(nn.Module):
         out = (img, txt, self.logit_scale.exp())
         return out + (self.logit_bias,) if self.logit_bias is not None else out
 
+    def architecture_fingerprint(self) -> dict:
+        """What the parameter shapes do not show of the architecture (``leanclip.checkpoint.architecture``): the
+        ``transformers`` class and, per tower, the activation and LayerNorm eps."""
+        cfg = self._hf.config
+        return {"class": type(self._hf).__name__,
+                **{f"{t}_{k}": getattr(getattr(cfg, f"{t}_config"), k, None)
+                   for t in ("vision", "text") for k in ("hidden_act", "layer_norm_eps")}}
+
     def tower_class(self, tower: str) -> str:
         """How errors and notices name a tower: the ``transformers`` class it wraps."""
         m = self.visual.model if tower == "image" else self.text.model

@@ -67,18 +67,25 @@ def lay_out_cache(cache, families=("clip", "siglip"), seed: int = 0) -> dict:
 
     made = {}
     for family in families:
-        repo_id = CLIP_ID if family == "clip" else SIGLIP_ID
-        repo = cache / ("models--" + repo_id.replace("/", "--"))
-        rev = "0" * 40
-        snap = repo / "snapshots" / rev
-        snap.mkdir(parents=True)
-        (repo / "refs").mkdir()
-        (repo / "refs" / "main").write_text(rev)
         made[family] = tiny_model(family, seed)
-        made[family].save_pretrained(snap, safe_serialization=True)
-        _tokenizer(family).save_pretrained(snap)
-        mean, std = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]) \
-            if family == "clip" else ([0.5] * 3, [0.5] * 3)
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32, image_mean=mean,
-                           image_std=std).save_pretrained(snap)
+        save_repo(cache, CLIP_ID if family == "clip" else SIGLIP_ID, made[family])
     return made
+
+
+def save_repo(cache, repo_id: str, model) -> None:
+    """``model`` (a tiny CLIP or SigLIP), its tokenizer and image processor config as hub repo ``repo_id`` of the
+    Hugging Face cache folder ``cache``."""
+    from transformers import CLIPImageProcessor
+
+    family = model.config.model_type
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    rev = "0" * 40
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    model.save_pretrained(snap, safe_serialization=True)
+    _tokenizer(family).save_pretrained(snap)
+    mean, std = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]) \
+        if family == "clip" else ([0.5] * 3, [0.5] * 3)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32, image_mean=mean, image_std=std).save_pretrained(snap)

@@ -21,7 +21,7 @@ from leanclip.features import class_logits, image_features, text_features  # noq
 from leanclip.methods import prepare, trainable_parameters  # noqa: E402
 from leanclip.models import transformers as hf  # noqa: E402
 from tests.engine.cli_checks import last_json, run  # noqa: E402
-from tests.engine.hf_family import CLIP_ID, SIGLIP_ID, lay_out_cache  # noqa: E402
+from tests.engine.hf_family import CLIP_ID, SIGLIP_ID, lay_out_cache, save_repo, tiny_model  # noqa: E402
 
 NAMES = {"clip": "transformers:" + CLIP_ID, "siglip": "transformers:" + SIGLIP_ID}
 CLASSES = ["cat", "dog", "bird"]
@@ -236,7 +236,7 @@ def test_lora_merge_gives_back_an_equal_transformers_model(cache, family):
 
 
 # ----------------------------------------------------------------------------------------------------------- checkpoints
-def test_checkpoint_refuses_another_architecture(cache, tmp_path):
+def test_checkpoint_refuses_another_architecture(cache, hf_cache, tmp_path):
     m = prepared("clip", "ln")
     path = save_trainable(m, tmp_path / "ln.safetensors")
     other = prepared("clip", "ln")
@@ -244,6 +244,16 @@ def test_checkpoint_refuses_another_architecture(cache, tmp_path):
     with pytest.raises(ValueError, match="does not match the model|another architecture") as e:
         load_trainable(prepared("siglip", "ln"), path)
     assert "\n" not in str(e.value) and "ln.safetensors" in str(e.value)
+    # the same shapes, another activation: only the stated fingerprint tells them apart
+    gelu = tiny_model("clip")
+    gelu.config.text_config.hidden_act = "gelu"
+    save_repo(hf_cache, "leanclip-test/tiny-clip-gelu", gelu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        target = prepare(weights.create_model("transformers:leanclip-test/tiny-clip-gelu").double(), "ln")
+    with pytest.raises(ValueError, match="another architecture") as e:
+        load_trainable(target, path)
+    assert "\n" not in str(e.value)
     from leanclip.configs import create_random_model, register_tiny_config
 
     register_tiny_config()
@@ -271,3 +281,19 @@ def test_cli_train_eval_zeroshot_round_trip(cache, capsys, tmp_path, synth_dir):
     assert last_json(out)["command"] == "zeroshot" and last_json(out)["n"] > 0
     rc, out, err = run(capsys, "train", "--model", NAMES["clip"], "--pretrained", "openai", "--method", "ln", *data)
     assert rc == 2 and "carries its own weights" in err and len(err.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------- boundary
+def test_transformers_internals_only_in_the_boundary():
+    """Only leanclip.models.transformers imports transformers (the rest of the engine goes through it)."""
+    import ast
+    from pathlib import Path
+
+    engine = Path(__file__).resolve().parents[2] / "engine"
+    for path in engine.rglob("*.py"):
+        if path == engine / "models" / "transformers.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name}:{node.lineno}"
