@@ -73,6 +73,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from leanclip import kernels
+from leanclip.models import transformers as _hf
 from leanclip.registry import method_hooks
 from leanclip.models.openclip import (  # noqa: F401  (text_tower, tower_blocks, class_name: re-exported)
     LayerNorm, LayerNormFp32, ResidualAttentionBlock, Transformer, VisionTransformer, block_supported, class_name,
@@ -536,6 +537,8 @@ def lean_obstacles(model: nn.Module) -> list[str]:
     class a newer open_clip brings) is named here rather than skipped, because a half-swapped model would run slower
     paths silently and break the memory estimates. Outside the towers (CoCa's decoder), blocks the swap does not
     know keep open_clip's forward by design."""
+    if _hf.is_transformers(model):  # its encoder layers: leanclip.models.transformers
+        return _hf.lean_obstacles(model)
     out = []
     if hasattr(model, "visual"):
         vis = model.visual
@@ -579,6 +582,9 @@ def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = No
         raise ValueError(f"cannot make {class_name(model)} lean: {'; '.join(obstacles)} (the lean modules cover "
                          f"open_clip ViT and transformer text towers of ResidualAttentionBlocks with "
                          f"nn.MultiheadAttention); use lean=False")
+    if _hf.is_transformers(model):
+        _hf.apply_lean(model, recompute, chunk)
+        return model
     todo = [m for m in model.modules() if type(m) in _SWAP or type(m) in _UNSWAP]
     if not todo:
         raise ValueError(f"found nothing to make lean in {class_name(model)} (no open_clip LayerNorm, "
@@ -602,6 +608,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
         raise ValueError(f"the lean blocks hold projection deltas that open_clip's plain blocks would ignore: "
                          f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (they need lean=True or the "
                          f"automatic lean; leanclip.merge folds LoRA into a plain model)")
+    _hf.remove_lean(model)
     for m in model.modules():
         cls = type(m)
         if cls in _UNSWAP:
@@ -614,7 +621,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
 
 
 def is_lean(model: nn.Module) -> bool:
-    return any(isinstance(m, LeanResidualAttentionBlock) for m in model.modules())
+    return any(isinstance(m, LeanResidualAttentionBlock) for m in model.modules()) or _hf.is_lean(model)
 
 
 def check_chunk(policy: str, chunk) -> int | None:
@@ -638,6 +645,7 @@ def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> nn
         if isinstance(m, LeanResidualAttentionBlock):
             m.leanclip_recompute = policy
             m.leanclip_chunk = chunk
+    _hf.set_recompute(model, policy)
     model.leanclip_recompute = policy
     model.leanclip_chunk = chunk
     return model
@@ -864,6 +872,9 @@ def choose_recompute(model: nn.Module, memory_budget: int, batch_size: int, **kw
     bytes; ValueError naming the smallest prediction when none does."""
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
         raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if _hf.is_transformers(model):
+        raise ValueError(f"recompute='auto': saved bytes are predicted for open_clip towers; for {model.name} "
+                         f"({model.tower_class('image')}) give a policy ({', '.join(POLICIES)})")
     est = {p: estimate_saved_bytes(model, p, batch_size, **kw) for p in POLICIES}
     for p in POLICIES:
         if est[p] <= memory_budget:

@@ -199,7 +199,7 @@ def merge(model: nn.Module) -> nn.Module:
     if _hf.is_transformers(model):  # a plain transformers model back
         if not lora_linear.sites(model):
             raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
-        return _hf.to_transformers(lora_linear.merge(model))
+        return _hf.to_transformers(_lean.remove_lean(lora_linear.merge(model)))
     if not lora_modules(model):
         raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
     out = copy.deepcopy(model)

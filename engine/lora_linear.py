@@ -80,10 +80,10 @@ def check_rank(linears, rank: int) -> None:
 
 def attach(linears, rank: int, alpha: float, dropout: float) -> None:
     """Swap each ``nn.Linear`` of ``linears`` to :class:`LoRALinear` with a fresh pair."""
-    for m in linears:
-        if type(m) is not nn.Linear:
-            raise ValueError(f"method 'lora': the site {type(m).__module__}.{type(m).__qualname__} is not a plain "
-                             f"nn.Linear")
+    for m in linears:  # a plain projection or a lean one (nn.Linear subclasses computing x W^T + b)
+        if not isinstance(m, nn.Linear) or isinstance(m, LoRALinear):
+            raise ValueError(f"method 'lora': the site {type(m).__module__}.{type(m).__qualname__} is not an "
+                             f"nn.Linear without LoRA")
     for m in linears:
         pair = LinearLoRA(m.in_features, m.out_features, rank, alpha, dropout).to(m.weight.device)
         m.__class__ = LoRALinear

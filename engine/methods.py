@@ -411,6 +411,9 @@ def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dty
     if lean is False:
         return False, []
     obstacles = _lean.lean_obstacles(model)
+    if frozen_dtype is not None and _hf.is_transformers(model):  # its attention and LayerNorms are transformers'
+        raise ValueError(f"frozen_dtype: the frozen weights of {model.name} stay in their dtype (transformers' own "
+                         f"attention and LayerNorms run them); use --precision bf16 autocast instead")
     if not obstacles:
         return True, []
     why = "; ".join(obstacles)

@@ -28,6 +28,7 @@ than LoRA (Houlsby, Compacter, LiLT's adapters / extra block), which refuse with
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -277,3 +278,114 @@ def encode_text_embeddings(model: TransformersCLIP, tokens: torch.Tensor, embedd
         return model.encode_text(tokens.to(embeddings.device))
     finally:
         handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------- lean
+# CLIP's and SigLIP's encoder layers share one layout: x + self_attn(layer_norm1(x)), then x + mlp(layer_norm2(x)),
+# mlp = fc2(activation_fn(fc1(.))). The lean layer runs the same modules in the same order; what it changes is
+# what autograd keeps (the recompute policy) and that frozen projections run on kernels.frozen_linear.
+_LAYER_CHILDREN = {"self_attn": ("q_proj", "k_proj", "v_proj", "out_proj"), "mlp": ("fc1", "fc2", "activation_fn")}
+_LAYER_CLASSES = {"CLIPEncoderLayer", "SiglipEncoderLayer"}
+
+
+def _leanlib():
+    from leanclip import lean  # leanclip.lean dispatches here: imported when first used, not at import time
+
+    return lean
+
+
+class LeanLinear(nn.Linear):
+    """A projection of a lean encoder layer: ``leanclip.lean.lean_linear`` (``kernels.frozen_linear`` for a frozen
+    weight: its input is not saved, the bias gradient fused; ``F.linear`` for a trainable one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _leanlib().lean_linear(x, self.weight, self.bias)
+
+
+class LeanEncoderLayer(nn.Module):
+    """Mixed into a ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` by a ``__class__`` swap (names, values and the
+    layer's own attention code kept). Recompute policies, exact (the same ops replayed): ``mlp`` checkpoints
+    layer_norm2 -> fc1 -> activation (fc2 outside); ``mlp+qkv`` also layer_norm1 -> attention with a
+    selective-checkpoint policy that keeps the SDPA outputs; ``block`` keeps only the layer input."""
+
+    leanclip_recompute = "none"
+
+    def _mlp_in(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp.activation_fn(self.mlp.fc1(self.layer_norm2(h)))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+        lean = _leanlib()
+        policy = self.leanclip_recompute
+        grad = torch.is_grad_enabled() and (hidden_states.requires_grad
+                                            or any(p.requires_grad for p in self.parameters()))
+        rng = self.training  # dropout (attention, LoRA) replays its mask on recompute
+        if grad and policy == "block":
+            return lean._ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
+                              attention_mask, rng=rng)
+
+        def attention(h):
+            return self.self_attn(hidden_states=self.layer_norm1(h), attention_mask=attention_mask, **kwargs)[0]
+
+        h = hidden_states + (lean._ckpt(attention, hidden_states, rng=rng, sac=True)
+                             if grad and policy == "mlp+qkv" else attention(hidden_states))
+        m = lean._ckpt(self._mlp_in, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else self._mlp_in(h)
+        return h + self.mlp.fc2(m)
+
+
+_LEAN_CLASSES: dict = {}
+
+
+def _lean_class(cls: type) -> type:
+    if cls not in _LEAN_CLASSES:
+        _LEAN_CLASSES[cls] = type(f"Lean{cls.__name__}", (LeanEncoderLayer, cls), {"leanclip_base": cls})
+    return _LEAN_CLASSES[cls]
+
+
+def lean_obstacles(model: TransformersCLIP) -> list[str]:
+    """What keeps the lean encoder layer from a tower: a layer class or layout it does not know, one line each."""
+    out = []
+    for name, layer in tower_layers(model, "both"):
+        base = getattr(type(layer), "leanclip_base", type(layer))
+        ok = base.__name__ in _LAYER_CLASSES and all(
+            hasattr(getattr(layer, part, None), c) for part, cs in _LAYER_CHILDREN.items() for c in cs)
+        if not ok:
+            out.append(f"{name}: {base.__module__}.{base.__qualname__} (not a CLIP / SigLIP encoder layer)")
+    return out
+
+
+def apply_lean(model: TransformersCLIP, policy: str, chunk=None) -> None:
+    """Swap every encoder layer to its lean class with ``policy``, and its plain ``nn.Linear`` projections to
+    :class:`LeanLinear` (LoRA's projections keep their own class). ``chunk`` is refused: the chunked block is the
+    open_clip block's."""
+    if chunk is not None:
+        raise ValueError(f"recompute_chunk: the chunked block backward runs on open_clip blocks; {model.name}'s "
+                         f"encoder layers ({model.tower_class('image')}) take recompute='block' without a chunk")
+    for _, layer in tower_layers(model, "both"):
+        if not isinstance(layer, LeanEncoderLayer):
+            layer.__class__ = _lean_class(type(layer))
+        layer.leanclip_recompute = policy
+        for part, children in _LAYER_CHILDREN.items():
+            for c in children:
+                m = getattr(getattr(layer, part), c)
+                if type(m) is nn.Linear:
+                    m.__class__ = LeanLinear
+
+
+def remove_lean(model: nn.Module) -> None:
+    """Undo :func:`apply_lean` anywhere in ``model`` (a no-op where it was not applied)."""
+    for m in model.modules():
+        if isinstance(m, LeanEncoderLayer):
+            m.__dict__.pop("leanclip_recompute", None)
+            m.__class__ = m.leanclip_base
+        elif type(m) is LeanLinear:
+            m.__class__ = nn.Linear
+
+
+def set_recompute(model: nn.Module, policy: str) -> None:
+    for m in model.modules():
+        if isinstance(m, LeanEncoderLayer):
+            m.leanclip_recompute = policy
+
+
+def is_lean(model: nn.Module) -> bool:
+    return any(isinstance(m, LeanEncoderLayer) for m in model.modules())

@@ -15,7 +15,7 @@ from torch.func import functional_call  # noqa: E402
 
 pytest.importorskip("transformers")
 
-from leanclip import kernels, merge, weights  # noqa: E402
+from leanclip import kernels, lean, merge, weights  # noqa: E402
 from leanclip.checkpoint import load_trainable, save_trainable  # noqa: E402
 from leanclip.features import class_logits, image_features, text_features  # noqa: E402
 from leanclip.methods import prepare, trainable_parameters  # noqa: E402
@@ -109,12 +109,48 @@ def test_user_errors_are_one_line(cache):
     assert "nobody/not-cached" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_lean_notice_names_the_class(cache):
-    m = weights.create_model(NAMES["clip"])
-    with pytest.warns(UserWarning, match=r"lean=False .*CLIPVisionModel .*CLIPTextModel"):
-        prepare(m, "ln")
-    with pytest.raises(ValueError, match="CLIPVisionModel"):
-        prepare(weights.create_model(NAMES["clip"]), "ln", lean=True)
+def test_lean_by_default_and_a_notice_naming_an_unknown_layer(cache):
+    m = prepared("clip", "ln")
+    assert lean.is_lean(m) and m.leanclip_info["options"]["lean"] is True
+    assert type(m.visual.model.encoder.layers[0].mlp.fc1).__name__ == "LeanLinear"
+    other = weights.create_model(NAMES["clip"])
+    layer = other.text.model.encoder.layers[1]
+    layer.__class__ = type("MyEncoderLayer", (type(layer),), {})
+    with pytest.warns(UserWarning, match=r"lean=False .*text\.model\.encoder\.layers\.1: .*MyEncoderLayer"):
+        prepare(other, "ln")
+    assert not lean.is_lean(other)
+    with pytest.raises(ValueError, match="MyEncoderLayer"):
+        prepare(other, "ln", lean=True)
+    with pytest.raises(ValueError, match="recompute_chunk.*recompute='block' without a chunk"):
+        prepare(weights.create_model(NAMES["clip"]), "ln", recompute="block", recompute_chunk=2)
+    with pytest.raises(ValueError, match="frozen_dtype"):
+        prepare(weights.create_model(NAMES["clip"]), "ln", frozen_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("method", ["ln", "lora", "full"])
+@pytest.mark.parametrize("policy", ["none", "mlp", "mlp+qkv", "block"])
+def test_lean_policies_equal_plain_gradients(cache, family, method, policy):
+    """Every recompute policy of the lean encoder layers gives the plain model's outputs and gradients (fp64; the
+    plain model runs transformers' own layers), and no frozen parameter gets one."""
+    kw = {"dropout": 0.0} if method == "lora" else {}
+    torch.manual_seed(0)
+    plain = prepared(family, method, lean=False, **kw).train()
+    torch.manual_seed(0)
+    m = prepared(family, method, recompute=policy, **kw).train()
+    assert lean.is_lean(m) and not lean.is_lean(plain)
+    for x in (plain, m):
+        _randomize(x)
+    images, tokens = batch(m)
+    ref, out = _logits(plain, images, tokens), _logits(m, images, tokens)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    _weighted(ref).backward()
+    _weighted(out).backward()
+    grads = dict(trainable_parameters(plain))
+    for n, p in trainable_parameters(m):
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+        torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-11, rtol=1e-9, msg=lambda s: f"{n}: {s}")
+    assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
 
 
 @pytest.mark.parametrize("method", ["houlsby", "compacter", "lilt-adapter"])
@@ -297,3 +333,19 @@ def test_transformers_internals_only_in_the_boundary():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
             assert not any(n.split(".")[0] == "transformers" for n in names), f"{path.name}:{node.lineno}"
+
+
+def test_lean_policies_keep_less(cache):
+    """What autograd keeps for backward (leanclip.memory) shrinks policy by policy: plain >= none (frozen projections
+    keep no input) > mlp > mlp+qkv > block, on the tiny CLIP with LN trained (fp32, train mode)."""
+    from leanclip.memory import saved_activation_bytes
+
+    images = torch.randn(4, 3, 32, 32)
+    kept = {}
+    for policy in ("plain", "none", "mlp", "mlp+qkv", "block"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = weights.create_model(NAMES["clip"])
+            prepare(m, "ln", tower="image", **({"lean": False} if policy == "plain" else {"recompute": policy}))
+        kept[policy] = saved_activation_bytes(lambda: m.encode_image(images), exclude=m)[1]
+    assert kept["plain"] >= kept["none"] > kept["mlp"] > kept["mlp+qkv"] > kept["block"] > 0, kept
