@@ -17,6 +17,10 @@ Default ``reduction=8``: Houlsby et al. sweep bottleneck sizes 8 to 256 for BERT
 Pathak do not fix one for CLIP in anything at hand, so 8 (the width / 8 bottleneck) is this engine's choice, kept
 the same for ``compacter`` so the two rows differ only in how the projections are parameterised.
 
+On a ``transformers`` CLIP / SigLIP (``leanclip.models.transformers``) the same two sites are the attention's
+``out_proj`` and the MLP's ``fc2`` (their outputs are the sub-layer outputs): the adapter is their child
+(``...layers.<i>.self_attn.out_proj.houlsby``) run by a forward hook on them.
+
 Placement: an adapter is a child of the block's ``ls_1`` / ``ls_2`` module (``...resblocks.<i>.ls_1.houlsby``) with
 a forward pre-hook on that module, so it runs wherever the block calls ``ls_1(...)``: open_clip's plain block and the
 lean block alike (``lean=False`` works), every recompute policy included (the lean block checkpoints ``ls_1`` /
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lilt as _lilt
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import OptionRange, register_method
@@ -85,10 +90,19 @@ def _run_adapters(module: nn.Module, args):
     return (h,) + tuple(args[1:])
 
 
+def _run_adapters_after(module: nn.Module, args, output):
+    """Forward hook on a projection whose output is a sub-layer's output (``leanclip.models.transformers``
+    ``adapter_sites``): the output passes the projection's in-layer adapter children."""
+    return _run_adapters(module, (output,))[0]
+
+
 # ----------------------------------------------------------------------------------------------------------- placement
 def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
     """The residual widths of the selected towers' blocks, after checking that they are open_clip transformer
-    towers whose blocks have ``ls_1`` / ``ls_2`` (the method's check uses it)."""
+    towers whose blocks have ``ls_1`` / ``ls_2`` (the method's check uses it), or a ``transformers`` model (its
+    sites: ``leanclip.models.transformers.adapter_sites``)."""
+    if _hf.is_transformers(model):
+        return [width for *_, width in _hf.adapter_sites(model, check_tower(tower))]
     require_open_clip_tower(model, method, check_tower(tower), "it inserts adapters into the transformer blocks")
     widths = []
     for blk in tower_blocks(model, tower):
@@ -102,6 +116,13 @@ def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Modul
     """Insert ``make(width)`` as child ``name`` of ``ls_1`` and ``ls_2`` of every block of ``tower`` (replacing one
     already there) and hook it in. Returns the adapters."""
     added = []
+    if _hf.is_transformers(model):  # on the sub-layers' output projections, after them
+        for _, site, width in _hf.adapter_sites(model, tower):
+            site.add_module(name, make(width).to(site.weight.device))
+            if _run_adapters_after not in site._forward_hooks.values():
+                site.register_forward_hook(_run_adapters_after)
+            added.append(site._modules[name])
+        return added
     for blk in tower_blocks(model, tower):
         ref = blk.mlp.c_fc.weight
         for site in SITES:
@@ -129,6 +150,9 @@ def strip(model: nn.Module, cls: type | None = None) -> nn.Module:
             for k, fn in list(m._forward_pre_hooks.items()):
                 if fn is _run_adapters:
                     del m._forward_pre_hooks[k]
+            for k, fn in list(m._forward_hooks.items()):
+                if fn is _run_adapters_after:
+                    del m._forward_hooks[k]
     return model
 
 

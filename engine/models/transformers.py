@@ -154,6 +154,17 @@ def linear_sites(model: TransformersCLIP, tower: str, targets) -> list[tuple[str
     return out
 
 
+def adapter_sites(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, width) where in-layer adapters go (Houlsby's placement: on each sub-layer's output before the
+    residual add): the attention's ``out_proj`` and the MLP's ``fc2`` of every encoder layer of ``tower``."""
+    out = []
+    for name, layer in tower_layers(model, tower):
+        for site in ("self_attn.out_proj", "mlp.fc2"):
+            m = layer.get_submodule(site)
+            out.append((f"{name}.{site}", m, m.out_features))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------------- loading
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()

@@ -128,7 +128,7 @@ def test_lean_by_default_and_a_notice_naming_an_unknown_layer(cache):
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-@pytest.mark.parametrize("method", ["ln", "lora", "full"])
+@pytest.mark.parametrize("method", ["ln", "lora", "full", "houlsby", "compacter"])
 @pytest.mark.parametrize("policy", ["none", "mlp", "mlp+qkv", "block"])
 def test_lean_policies_equal_plain_gradients(cache, family, method, policy):
     """Every recompute policy of the lean encoder layers gives the plain model's outputs and gradients (fp64; the
@@ -153,7 +153,22 @@ def test_lean_policies_equal_plain_gradients(cache, family, method, policy):
     assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
 
 
-@pytest.mark.parametrize("method", ["houlsby", "compacter", "lilt-adapter"])
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+@pytest.mark.parametrize("method", ["houlsby", "compacter"])
+def test_in_layer_adapters_start_at_the_plain_model(cache, family, method):
+    """Houlsby / Compacter adapters sit on each layer's out_proj and fc2 output (zero-initialised up projection):
+    the prepared model computes what the plain one does, on transformers' layers and on the lean ones."""
+    images, tokens = batch(build(family))
+    ref = _logits(build(family), images, tokens)
+    for lean_on in (False, True):
+        m = prepared(family, method, lean=lean_on)
+        assert len([n for n, _ in trainable_parameters(m) if f".{method}." in n]) > 0
+        assert all(f".{method}." in n for n, _ in trainable_parameters(m))
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(m, images, tokens), ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["lilt-adapter", "lilt-deep"])
 def test_in_block_methods_refused_naming_the_class(cache, method):
     with pytest.raises(ValueError, match="SiglipVisionModel") as e:
         prepare(weights.create_model(NAMES["siglip"]), method)
