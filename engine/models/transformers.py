@@ -154,6 +154,21 @@ def linear_sites(model: TransformersCLIP, tower: str, targets) -> list[tuple[str
     return out
 
 
+def projection_modules(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Module]]:
+    """(prefix, module) of the projection into the joint space of ``tower`` (image / text / both): CLIP's
+    ``visual_projection`` / ``text_projection``, SigLIP's text ``head`` (SigLIP's image tower ends in its attention-
+    pooling head, which is no projection: none there)."""
+    out = []
+    for t, tw in (("image", model.visual), ("text", model.text)):
+        if tower in (t, "both"):
+            prefix = "visual" if t == "image" else "text"
+            if tw.proj is not None:
+                out.append((f"{prefix}.proj.", tw.proj))
+            elif t == "text" and isinstance(getattr(tw.model, "head", None), nn.Linear):
+                out.append((f"{prefix}.model.head.", tw.model.head))
+    return out
+
+
 def adapter_sites(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Module, int]]:
     """(name, module, width) where in-layer adapters go (Houlsby's placement: on each sub-layer's output before the
     residual add): the attention's ``out_proj`` and the MLP's ``fc2`` of every encoder layer of ``tower``."""

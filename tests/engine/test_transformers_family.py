@@ -57,9 +57,9 @@ def prepared(family, method, **kw):
         warnings.simplefilter("ignore")  # the lean notice: checked in test_lean_notice
         m = build(family)
         m = prepare(m, method, classnames=CLASSES, tokenizer=hf.get_tokenizer(m), **kw)
-        # LoRA's pairs are made in float32 (trainable weights stay fp32): fp64 for the exact checks; the heads work
-        # on the float32 features the engine gives them
-        return (m.double() if method == "lora" else m).eval()
+        # LoRA's pairs and LilT's adapters are made in float32 (trainable weights stay fp32): fp64 for the exact
+        # checks; Houlsby / Compacter bottlenecks compute in float32 by design, the heads on float32 features
+        return (m.double() if method in ("lora", "lilt-adapter") else m).eval()
 
 
 # ----------------------------------------------------------------------------------------------------------- forward
@@ -128,12 +128,12 @@ def test_lean_by_default_and_a_notice_naming_an_unknown_layer(cache):
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-@pytest.mark.parametrize("method", ["ln", "lora", "full", "houlsby", "compacter"])
+@pytest.mark.parametrize("method", ["ln", "lora", "full", "houlsby", "compacter", "lilt-adapter"])
 @pytest.mark.parametrize("policy", ["none", "mlp", "mlp+qkv", "block"])
 def test_lean_policies_equal_plain_gradients(cache, family, method, policy):
     """Every recompute policy of the lean encoder layers gives the plain model's outputs and gradients (fp64; the
     plain model runs transformers' own layers), and no frozen parameter gets one."""
-    kw = {"dropout": 0.0} if method == "lora" else {}
+    kw = {"dropout": 0.0} if method == "lora" else {"projections": False} if method == "lilt-adapter" else {}
     torch.manual_seed(0)
     plain = prepared(family, method, lean=False, **kw).train()
     torch.manual_seed(0)
@@ -148,6 +148,8 @@ def test_lean_policies_equal_plain_gradients(cache, family, method, policy):
     _weighted(out).backward()
     grads = dict(trainable_parameters(plain))
     for n, p in trainable_parameters(m):
+        if n.startswith("lilt_temperature."):  # LilT's contrastive temperature: not in these logits
+            continue
         assert p.grad is not None and p.grad.abs().sum() > 0, n
         torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-11, rtol=1e-9, msg=lambda s: f"{n}: {s}")
     assert all(p.grad is None for p in m.parameters() if not p.requires_grad)
@@ -168,10 +170,27 @@ def test_in_layer_adapters_start_at_the_plain_model(cache, family, method):
             torch.testing.assert_close(_logits(m, images, tokens), ref, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["lilt-adapter", "lilt-deep"])
-def test_in_block_methods_refused_naming_the_class(cache, method):
-    with pytest.raises(ValueError, match="SiglipVisionModel") as e:
-        prepare(weights.create_model(NAMES["siglip"]), method)
+@pytest.mark.parametrize("method", ["lilt-ln", "lilt-bitfit", "lilt-proj", "lilt-adapter"])
+def test_lilt_methods_and_their_projections(cache, method):
+    """LilT's recipes train CLIP's visual / text projections (SigLIP: only its text head; its image tower has none,
+    so projections=False is asked for in one line); the adapters go before every layer_norm1 / layer_norm2."""
+    m = prepared("clip", method)
+    names = {n for n, _ in trainable_parameters(m)}
+    assert {"visual.proj.weight", "text.proj.weight", "lilt_temperature.log_t"} <= names or \
+        {"visual.proj.weight", "text.proj.weight"} <= names
+    if method == "lilt-adapter":
+        assert any(".layer_norm1.adapter." in n for n in names) and any(".layer_norm2.adapter." in n for n in names)
+    with pytest.raises(ValueError, match="SiglipVisionModel has none: pass projections=False") as e:
+        prepared("siglip", method)
+    assert "\n" not in str(e.value)
+    if method != "lilt-proj":
+        s = prepared("siglip", method, projections=False)
+        assert "text.model.head.weight" not in dict(trainable_parameters(s))
+
+
+def test_lilt_deep_refused_naming_the_class(cache):
+    with pytest.raises(ValueError, match="lilt-deep.*CLIPVisionModel") as e:
+        prepare(weights.create_model(NAMES["clip"]), "lilt-deep")
     assert "\n" not in str(e.value)
 
 
