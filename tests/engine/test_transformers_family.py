@@ -383,3 +383,26 @@ def test_lean_policies_keep_less(cache):
             prepare(m, "ln", tower="image", **({"lean": False} if policy == "plain" else {"recompute": policy}))
         kept[policy] = saved_activation_bytes(lambda: m.encode_image(images), exclude=m)[1]
     assert kept["plain"] >= kept["none"] > kept["mlp"] > kept["mlp+qkv"] > kept["block"] > 0, kept
+
+
+def test_cli_contrastive_task(cache, capsys, tmp_path):
+    """LilT's contrastive alignment (synthetic pairs) and retrieval evaluation on the tiny transformers CLIP."""
+    rc, out, err = run(capsys, "train", "--task", "contrastive", "--model", NAMES["clip"], "--method", "lilt-ln",
+                       "--synthetic-pairs", 16, "--synthetic-eval-pairs", 8, "--epochs", 1, "--batch-size", 8,
+                       "--no-progress", "--threads", 1, "--output", tmp_path / "lilt")
+    assert rc == 0, err
+    res = last_json(out)
+    assert res["method"] == "lilt-ln" and res["steps"] == 2
+
+
+def test_cli_sweep(cache, capsys, tmp_path, synth_dir):
+    """A few-shot sweep (in-process cells) on the tiny transformers CLIP; --pretrained beside it is refused first."""
+    grid = ["sweep", "--protocol", "fewshot", "--methods", "ln,zeroshot", "--datasets", "synthetic", "--shots", 1,
+            "--seeds", 1, "--epochs", 1, "--batch-size", 4, "--model", NAMES["clip"], "--workers", 0, "--threads", 1,
+            "--output", tmp_path / "s"]
+    rc, out, err = run(capsys, *grid)
+    assert rc == 0, err
+    summary = last_json(out)
+    assert summary["failed"] == 0 and summary["done"] == 2, summary
+    rc, out, err = run(capsys, *grid, "--pretrained", "openai")
+    assert rc == 2 and "carries its own weights" in err and len(err.strip().splitlines()) == 1
