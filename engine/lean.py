@@ -677,6 +677,8 @@ def encode_text_lean(model: nn.Module, tokens: torch.Tensor, *, prompt_embedding
         raise ValueError(f"tokens must be a 2-D LongTensor (B, L), got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     t = text_tower(model)
+    if _hf.is_transformers(model) and prompt_embeddings is None and truncate:
+        return _hf.encode_text_truncated(model, tokens, normalize)
     if t is None or t.cls_emb is not None or t.pad_mask:
         if prompt_embeddings is not None:
             raise ValueError("prompt_embeddings need a standard open_clip text tower (no CLS token / pad mask)")

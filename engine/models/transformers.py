@@ -23,8 +23,11 @@ The towers hold the ``transformers`` modules themselves (no copy): ``visual.mode
 likewise. The wrapped ``transformers`` model is kept outside the module tree (its parameters are the towers'), so
 :func:`to_transformers` hands it back with whatever the methods changed in place.
 
-Not covered: the lean modules (the notice of ``prepare`` names the tower classes), and the in-block methods other
-than LoRA (Houlsby, Compacter, LiLT's adapters / extra block), which refuse with one line naming the tower class.
+Methods find their sites here (``linear_sites``, ``adapter_sites``, ``projection_modules``, ``CLIPFIT_TEXT_RE``,
+the CoOp helpers), and the lean encoder layer (``LeanEncoderLayer``: the recompute policies on ``CLIPEncoderLayer`` /
+``SiglipEncoderLayer``) is swapped in by ``leanclip.lean``. Not covered, each refused in one line naming the class:
+``lilt-deep`` (it appends an open_clip block), CoOp on SigLIP (no start token), an encoder layer class other than
+CLIP's / SigLIP's (``prepare`` then keeps ``transformers``' layers with a notice).
 """
 from __future__ import annotations
 
@@ -197,7 +200,7 @@ def _hub_call(name: str, what: str, call):
     ``name`` and what was being read."""
     try:
         return call()
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:  # transformers raises OSError for what the cache / hub lacks
         where = " (HF_HUB_OFFLINE is set: it must be downloaded once on a machine with network)" if _offline() else ""
         raise ValueError(f"model {name!r}: cannot read its {what} from the Hugging Face cache or hub{where}: "
                          f"{_one_line(e)}") from None
@@ -365,6 +368,20 @@ def _lean_class(cls: type) -> type:
     if cls not in _LEAN_CLASSES:
         _LEAN_CLASSES[cls] = type(f"Lean{cls.__name__}", (LeanEncoderLayer, cls), {"leanclip_base": cls})
     return _LEAN_CLASSES[cls]
+
+
+def encode_text_truncated(model: TransformersCLIP, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``encode_text`` with the context cut after the last end-of-text token of the batch (exact): CLIP's text
+    attention is causal and it reads one token per row, the first end-of-text token (``eos_token_id``; the highest
+    id where the config keeps the old ``eos_token_id == 2``, as ``transformers`` does), which the cut keeps with
+    everything before it. SigLIP reads the last position of the padded sequence: its context stays whole."""
+    tm = model.text.model
+    if model.family == "clip" and tokens.dim() == 2 and tokens.numel():
+        legacy = tm.eos_token_id == 2
+        if legacy or bool((tokens == tm.eos_token_id).any(-1).all()):
+            rows = tokens.argmax(-1) if legacy else (tokens == tm.eos_token_id).int().argmax(-1)
+            tokens = tokens[:, :int(rows.max()) + 1]
+    return model.encode_text(tokens, normalize=normalize)
 
 
 def lean_obstacles(model: TransformersCLIP) -> list[str]:

@@ -406,3 +406,17 @@ def test_cli_sweep(cache, capsys, tmp_path, synth_dir):
     assert summary["failed"] == 0 and summary["done"] == 2, summary
     rc, out, err = run(capsys, *grid, "--pretrained", "openai")
     assert rc == 2 and "carries its own weights" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_lean_text_reads_the_context_up_to_the_last_end_of_text(cache, family):
+    """A lean CLIP runs its text tower on the tokens up to the batch's last end-of-text token (exact: causal attention,
+    pooled there); SigLIP, pooled at the last padded position, keeps the whole context."""
+    m = prepared(family, "ln")
+    _, tokens = batch(m)
+    seen = []
+    m.text.model.embeddings.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[1]))
+    with torch.no_grad():
+        torch.testing.assert_close(lean.encode_text_lean(m, tokens), m.encode_text(tokens), atol=1e-12, rtol=0)
+    eot = int((tokens == hf.get_tokenizer(m).tokenizer.eos_token_id).int().argmax(-1).max()) + 1
+    assert seen == ([eot, 16] if family == "clip" else [16, 16]) and eot < 16
