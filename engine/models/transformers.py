@@ -195,15 +195,19 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def _hub_error(name: str, what: str, e: BaseException) -> ValueError:
+    """One line naming ``name`` and what was being read, for a missing cache entry or a failed download."""
+    where = " (HF_HUB_OFFLINE is set: it must be downloaded once on a machine with network)" if _offline() else ""
+    return ValueError(f"model {name!r}: cannot read its {what} from the Hugging Face cache or hub{where}: "
+                      f"{_one_line(e)}")
+
+
 def _hub_call(name: str, what: str, call):
-    """``call()`` (a ``from_pretrained``); a missing cache entry or download failure becomes one line naming
-    ``name`` and what was being read."""
+    """``call()`` (a ``from_pretrained``), its failure as :func:`_hub_error`."""
     try:
         return call()
     except (OSError, ValueError) as e:  # transformers raises OSError for what the cache / hub lacks
-        where = " (HF_HUB_OFFLINE is set: it must be downloaded once on a machine with network)" if _offline() else ""
-        raise ValueError(f"model {name!r}: cannot read its {what} from the Hugging Face cache or hub{where}: "
-                         f"{_one_line(e)}") from None
+        raise _hub_error(name, what, e) from None
 
 
 def _preprocess_cfg(name: str, model_id: str, family: str, image_size: int, cache_dir) -> dict:
@@ -242,8 +246,13 @@ def create_model(name: str, pretrained=None, *, image_size: int | None = None, c
         raise ValueError(f"image_size={image_size}: model {name!r} runs at its own {size}x{size} (transformers "
                          f"models are not resized here)")
     cls = getattr(transformers, _CLASSES[family])
-    hf = _hub_call(name, "safetensors weights", lambda: cls.from_pretrained(
-        model_id, config=config, use_safetensors=True, cache_dir=cache_dir))
+    try:
+        hf = cls.from_pretrained(model_id, config=config, use_safetensors=True, cache_dir=cache_dir)
+    except OSError as e:
+        if "safetensors" in str(e):  # the repo has weights, but not as safetensors
+            raise ValueError(f"model {name!r} has no safetensors weights (model.safetensors); leanclip never reads "
+                             f"pickled weights (pytorch_model.bin): convert them to safetensors") from None
+        raise _hub_error(name, "weights", e) from None
     hf.eval()
     return TransformersCLIP(hf, name, _preprocess_cfg(name, model_id, family, size, cache_dir))
 

@@ -109,6 +109,21 @@ def test_user_errors_are_one_line(cache):
     assert "nobody/not-cached" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_pickle_weights_are_never_read(cache, hf_cache):
+    """A repo holding only pytorch_model.bin (a pickle) is refused in one line, before anything is unpickled."""
+    save_repo(hf_cache, "leanclip-test/pickle-only", tiny_model("clip"))
+    snap = next((hf_cache / "models--leanclip-test--pickle-only" / "snapshots").iterdir())
+    torch.save({k: v for k, v in tiny_model("clip").state_dict().items()}, snap / "pytorch_model.bin")
+    (snap / "model.safetensors").unlink()
+    loads = []
+    real_load = torch.load
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+        with pytest.raises(ValueError, match="pickle-only.* has no safetensors weights .*never reads pickled") as e:
+            weights.create_model("transformers:leanclip-test/pickle-only")
+    assert "\n" not in str(e.value) and not loads
+
+
 def test_lean_by_default_and_a_notice_naming_an_unknown_layer(cache):
     m = prepared("clip", "ln")
     assert lean.is_lean(m) and m.leanclip_info["options"]["lean"] is True
