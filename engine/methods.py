@@ -286,14 +286,18 @@ def _llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity"
                                                      "warmup_epochs": 0}))
 def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None):
     """Linear head E -> C on normalized image features, initialised from the zero-shot class text weights
-    (``logit_scale.exp() * text_features``, so it starts at zero-shot accuracy) when classnames and tokenizer are
-    given, else zeros. C = len(classnames) or ``num_classes``."""
+    (``logit_scale.exp() * text_features``, and a SigLIP model's ``logit_bias`` as its bias, so it starts at the
+    zero-shot logits) when classnames and tokenizer are given, else zeros. C = len(classnames) or ``num_classes``."""
     c = _probe_classes(classnames, num_classes)
     weight = None
     if classnames is not None and tokenizer is not None:
         zs = frozen_text_features(model, list(classnames), templates or ["a photo of a {}."], tokenizer)
         weight = (model.logit_scale.detach().float().exp() * zs.float()).cpu()
     head = _heads.LinearProbe(embed_dim(model), c, weight=weight)
+    bias = getattr(model, "logit_bias", None)
+    if weight is not None and isinstance(bias, torch.Tensor):  # SigLIP's logits: scale * cos + logit_bias
+        with torch.no_grad():
+            head.fc.bias.fill_(float(bias))
     dev = next(model.parameters()).device
     return {"linear_probe": head.to(dev)}
 
