@@ -365,6 +365,10 @@ def test_cli_train_eval_zeroshot_round_trip(cache, capsys, tmp_path, synth_dir):
     assert last_json(out)["command"] == "zeroshot" and last_json(out)["n"] > 0
     rc, out, err = run(capsys, "train", "--model", NAMES["clip"], "--pretrained", "openai", "--method", "ln", *data)
     assert rc == 2 and "carries its own weights" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = run(capsys, "zeroshot", "--model", "transformers:nobody/not-cached", *data)
+    assert rc == 2 and "nobody/not-cached" in err and len(err.strip().splitlines()) == 1
+    rc, out, err = run(capsys, "zeroshot", "--model", NAMES["clip"], "--image-size", 64, *data)
+    assert rc == 2 and "runs at its own 32x32" in err and len(err.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------- boundary
