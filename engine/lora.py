@@ -26,6 +26,10 @@ and the lean modules removed: a plain open_clip model computing the same outputs
 trainable-only (``save_trainable`` writes the A/B pairs and whatever else is trained, e.g. LayerNorms in
 ``ln+lora``).
 
+On a ``transformers`` CLIP / SigLIP (``leanclip.models.transformers``) the targets are its separate projections
+(``q_proj`` / ``k_proj`` / ``v_proj``, ``out_proj``, ``fc1``, ``fc2``) and the pairs live in ``leanclip.lora_linear``
+(with or without the lean layers); ``merge`` then gives back the plain ``transformers`` model.
+
 Re-preparing with ``lora`` replaces earlier LoRA modules; ``prepare`` with another method leaves them in place,
 frozen (``strip`` removes them).
 """
