@@ -238,6 +238,11 @@ def plan_recompute(model: nn.Module, budget: int, batch_size: int, **kw) -> Reco
     shapes = tower_shapes(model, batch_size, **kw)
     if not shapes:
         raise ValueError("a memory budget needs lean blocks to plan for; this model has none")
+    known = {id(b) for s in shapes for b in s.blocks}
+    other = next((m for m in model.modules() if _is_lean_block(m) and id(m) not in known), None)
+    if other is not None:  # a planner that left a tower at "none" unasked would break the budget silently
+        raise ValueError(f"memory_budget: the step-peak estimate covers open_clip's ViT and text towers, not "
+                         f"{type(other).__module__}.{type(other).__qualname__} blocks; give a recompute policy")
     saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))
              for p in _lean.POLICIES}
     shapes = _with_backward(model, shapes, saved["none"])

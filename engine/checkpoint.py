@@ -193,12 +193,16 @@ def _optimizer_names(model: nn.Module, optimizer) -> list[list[str]]:
 
 def architecture(model: nn.Module) -> dict:
     """``{"model_name", "frozen_digest", "frozen_shapes"}`` of a prepared model: the names and shapes of its frozen
-    parameters outside the modules the method added (dtype and lean swaps do not change them)."""
+    parameters outside the modules the method added (dtype and lean swaps do not change them). A model family that
+    states what its shapes do not show (``architecture_fingerprint()``: a ``transformers`` model's class, activation
+    and LayerNorm eps) has that in the digest too."""
     info = getattr(model, "leanclip_info", None) or {}
     added = set(utils.added_modules(model))
     shapes = {n: list(p.shape) for n, p in model.named_parameters()
               if not p.requires_grad and n.split(".")[0] not in added}
-    digest = hashlib.sha256(utils.json_dumps(sorted(shapes.items())).encode()).hexdigest()[:16]
+    stated = getattr(model, "architecture_fingerprint", None)
+    key = sorted(shapes.items()) if not callable(stated) else [sorted(shapes.items()), stated()]
+    digest = hashlib.sha256(utils.json_dumps(key).encode()).hexdigest()[:16]
     return {"model_name": info.get("model_name"), "frozen_digest": digest, "frozen_shapes": shapes}
 
 

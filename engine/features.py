@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import text_tower
 from leanclip.registry import method_hooks
 from leanclip.select import model_device
@@ -121,6 +122,9 @@ def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequen
     parameters. ``batch_size`` chunks the prompts through the text tower (memory; no effect on the result)."""
     classnames = check_classnames(classnames)
     learner = method_hooks(model).get("prompts") if use_prompt_learner else None
+    if learner is not None and _hf.is_transformers(model):  # the family's own forward, context spliced in
+        emb, tok = learner(_hf.token_embedding(model), classnames, tokenizer)
+        return F.normalize(_hf.encode_text_embeddings(model, tok, emb).float(), dim=-1)
     if learner is not None:
         t = text_tower(model)
         tok = learner.tokens(classnames, tokenizer)

@@ -79,11 +79,12 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from leanclip import kernels
 from leanclip.kernels._backend import resolve as _resolve_backend
+from leanclip.models import transformers as _hf
 from leanclip.registry import method_hooks
 from leanclip.select import trainable_parameters
 from leanclip.models.openclip import (  # noqa: F401  (text_tower, tower_blocks, class_name: re-exported)
     LayerNorm, LayerNormFp32, ResidualAttentionBlock, Transformer, VisionTransformer, block_supported, class_name,
-    pool_index, pools_at_eot, text_global_pool, text_tower, tower_blocks,
+    pool_index, pools_at_eot, text_global_pool, text_tower, tower_blocks, tower_class,
 )
 
 POLICIES = ("none", "mlp", "mlp+qkv", "block")  # fastest first
@@ -719,6 +720,8 @@ def lean_obstacles(model: nn.Module) -> list[str]:
     skipped, because a half-swapped tower would run slower paths silently and break the memory estimates.
     ``apply_lean(model, towers=...)`` makes the covered towers lean on their own. Outside the towers (CoCa's
     decoder), blocks the swap does not know keep open_clip's forward by design."""
+    if _hf.is_transformers(model):  # its encoder layers: leanclip.models.transformers
+        return _hf.lean_obstacles(model)
     out = []
     if hasattr(model, "visual"):
         return tower_obstacles(model, "image") + tower_obstacles(model, "text")
@@ -777,6 +780,9 @@ def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = No
         raise ValueError(f"cannot make {class_name(model)} lean: {'; '.join(obstacles)} (the lean modules cover "
                          f"open_clip ViT and transformer text towers of ResidualAttentionBlocks with "
                          f"nn.MultiheadAttention, and timm ViT / EVA blocks); use lean=False")
+    if _hf.is_transformers(model):
+        _hf.apply_lean(model, recompute, chunk)
+        return model
     todo = [m for m in _tower_modules(model, towers) if type(m) in _SWAP or type(m) in _UNSWAP]
     if not todo:
         raise ValueError(f"found nothing to make lean in {class_name(model)} (no open_clip LayerNorm, "
@@ -797,6 +803,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
         raise ValueError(f"the lean blocks hold projection deltas that open_clip's plain blocks would ignore: "
                          f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (they need lean=True or the "
                          f"automatic lean; leanclip.merge folds LoRA into a plain model)")
+    _hf.remove_lean(model)
     for m in model.modules():
         cls = type(m)
         if cls in _UNSWAP:
@@ -809,7 +816,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
 
 
 def is_lean(model: nn.Module) -> bool:
-    return any(isinstance(m, LeanBlockMixin) for m in model.modules())
+    return any(isinstance(m, LeanBlockMixin) for m in model.modules()) or _hf.is_lean(model)
 
 
 def check_chunk(policy: str, chunk) -> int | None:
@@ -833,6 +840,7 @@ def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> nn
         if isinstance(m, LeanBlockMixin):
             m.leanclip_recompute = policy
             m.leanclip_chunk = chunk
+    _hf.set_recompute(model, policy)
     model.leanclip_recompute = policy
     model.leanclip_chunk = chunk
     return model
@@ -864,6 +872,8 @@ def encode_text_lean(model: nn.Module, tokens: torch.Tensor, *, prompt_embedding
         raise ValueError(f"tokens must be a 2-D LongTensor (B, L), got "
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     t = text_tower(model)
+    if _hf.is_transformers(model) and prompt_embeddings is None and truncate:
+        return _hf.encode_text_truncated(model, tokens, normalize)
     if t is None or t.cls_emb is not None or t.pad_mask:
         if prompt_embeddings is not None:
             raise ValueError("prompt_embeddings need a standard open_clip text tower (no CLS token / pad mask)")

@@ -6,7 +6,7 @@
 
 A method that inserts modules into the towers (LilT's adapters and appended blocks, LoRA pairs, Houlsby / Compacter
 adapters) declares them once as an ``Added``: which child modules are its own (``owns``) and which forward pre-hooks
-run them (``hooks``: hook function -> the children that keep it registered). ``strip`` then removes every owned
+run them (``hooks``: forward pre-hook or forward hook function -> the children that keep it registered). ``strip`` then removes every owned
 child, also from a ``ModuleList`` (renumbered in place), and unregisters each hook from a module that no longer holds a
 child it runs. Hooks are found by function identity, not by a handle, so a ``copy.deepcopy`` of a prepared model
 strips the same way. Re-preparing a method strips its own earlier modules first; other methods' modules stay.
@@ -44,7 +44,8 @@ def strip(model: nn.Module, added: Added) -> nn.Module:
                 del m._modules[name]
         for fn, runs in added.hooks.items():
             if not any(c is not None and runs(c) for c in m._modules.values()):
-                for k, hook in list(m._forward_pre_hooks.items()):
-                    if hook is fn:
-                        del m._forward_pre_hooks[k]
+                for hooks in (m._forward_pre_hooks, m._forward_hooks):
+                    for k, hook in list(hooks.items()):
+                        if hook is fn:
+                            del hooks[k]
     return model

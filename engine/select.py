@@ -13,10 +13,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from leanclip.models import openclip as _openclip
+from leanclip.models import transformers as _transformers
 from leanclip.models.openclip import (  # noqa: F401  (the patterns are re-exported for the method modules)
-    BIAS_RE, CLIPFIT_TEXT_RE, IMAGE_RE, TEXT_RE, class_name, is_vit_image_tower, text_tower, tower_class, tower_of,
+    BIAS_RE, IMAGE_RE, TEXT_RE, class_name, is_vit_image_tower, text_tower, tower_class, tower_of,
 )
 from leanclip.models.openclip import embed_dim as _embed_dim
+
+# CLIPFit's text biases in every model family (each family's names are anchored and cannot meet another's)
+CLIPFIT_TEXT_RE = re.compile(f"(?:{_openclip.CLIPFIT_TEXT_RE.pattern})|(?:{_transformers.CLIPFIT_TEXT_RE.pattern})")
 
 TOWERS = ("image", "text", "both")
 

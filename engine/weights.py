@@ -492,7 +492,8 @@ def _build(model_name: str, seed: int, config_file: str | None, kw: dict) -> nn.
 
 def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size: int | None = None, cache_dir=None,
                  trust_torchscript: bool = False, **kw) -> nn.Module:
-    """Build ``model_name`` (an open_clip config name, ``hf-hub:org/repo`` or ``local-dir:DIR``) with seeded random
+    """Build ``model_name`` (an open_clip config name, ``hf-hub:org/repo`` or ``local-dir:DIR``; ``transformers:<id>``
+    is built by ``leanclip.models.transformers.create_model`` from its own weights) with seeded random
     init (``leanclip.configs.create_random_model``), then load ``pretrained`` (any form :func:`resolve_pretrained`
     accepts) or the weights an ``hf-hub:``/``local-dir:`` name carries through :func:`load_pretrained`.
     ``image_size`` overrides the input resolution; the positional embedding of the weights is resized to it.
@@ -500,8 +501,13 @@ def create_model(model_name: str, pretrained=None, *, seed: int = 0, image_size:
     (:func:`check_config`)."""
     import open_clip
 
+    from leanclip.models import transformers as hf
+
+    if hf.is_name(model_name):  # a transformers model: the hub id is the weights (leanclip.models.transformers)
+        return hf.create_model(model_name, pretrained, image_size=image_size, cache_dir=cache_dir)
     if not isinstance(model_name, str) or not model_name:
-        raise ValueError(f"model must be an open_clip config name, hf-hub: id or local-dir: path, got {model_name!r}")
+        raise ValueError(f"model must be an open_clip config name, hf-hub: id, local-dir: path or transformers: id, "
+                         f"got {model_name!r}")
     config_file = None
     if model_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         pretrained, config_file = _schema_model(model_name, pretrained, cache_dir)

@@ -35,6 +35,7 @@ from leanclip.budget import resolve_budget
 from leanclip.configs import register_tiny_config
 from leanclip.data import clip_transform
 from leanclip.feature_cache import active_cache as active_feature_cache
+from leanclip.models import transformers as hf
 from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_options, option_range
 from leanclip.run_files import CHECKPOINT_NAME, RUN_DIRS, RUN_FILES
@@ -439,6 +440,8 @@ def build_model(args):
     import open_clip
 
     register_tiny_config()
+    if hf.is_name(args.model):
+        return build_transformers_model(args)
     schema = args.model.startswith((weights.HF_HUB_PREFIX, weights.LOCAL_DIR_PREFIX))
     if not schema and args.model not in open_clip.list_models():
         raise UsageError(f"--model: unknown open_clip config {args.model!r} (see open_clip.list_models(), or use "
@@ -461,6 +464,23 @@ def build_model(args):
     if steps and not cached:
         pretrain_synthetic(model, tokenizer, steps, size, seed=0, progress=not args.no_progress)
     return model, tokenizer, size, (tuple(pp.get("mean", ())) or None, tuple(pp.get("std", ())) or None)
+
+
+def build_transformers_model(args):
+    """:func:`build_model` for ``--model transformers:<id>``: the id is the weights, so ``--pretrained`` is refused;
+    ``--image-size`` may only restate the model's own; ``--pretrain-steps`` runs on top of the weights as for any
+    model carrying its own."""
+    if args.pretrained is not None:
+        raise UsageError(f"--pretrained: --model {args.model} carries its own weights (the Hugging Face id is the "
+                         f"weights); drop --pretrained")
+    steps = resolve_pretrain_steps(args)
+    model = weights.create_model(args.model, None, image_size=args.image_size)
+    tokenizer = hf.get_tokenizer(model)
+    size = model.visual.image_size
+    if steps:
+        pretrain_synthetic(model, tokenizer, steps, size, seed=0, progress=not args.no_progress)
+    pp = model.visual.preprocess_cfg
+    return model, tokenizer, size, (tuple(pp["mean"]), tuple(pp["std"]))
 
 
 # Smoke runs (synthetic data, the default tiny model, no --pretrained) start from this many steps of synthetic

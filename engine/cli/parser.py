@@ -46,7 +46,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"open_clip model config name, hf-hub:ORG/REPO or local-dir:DIR (config + weights, as "
-                        f"open_clip reads them; default: {DEFAULT_MODEL}, the tiny test config)")
+                        f"open_clip reads them), or transformers:ORG/REPO (a Hugging Face transformers CLIP / "
+                        f"SigLIP: the id is the weights); default: {DEFAULT_MODEL}, the tiny test config")
     g.add_argument("--pretrained", metavar="SOURCE", default=None,
                    help="weights: a pretrained tag of --model (e.g. laion2b_s34b_b79k, openai), hf-hub:ORG/REPO, a "
                         "hub folder or a local safetensors / torch file; tags and hub ids are downloaded once into "

@@ -48,6 +48,7 @@ from leanclip.cli.flags import check_command_line
 from leanclip.data import DATASET_INFO, find_split_file
 from leanclip.feature_cache import ENV_VAR, count_events
 from leanclip.metrics import harmonic_mean
+from leanclip.models import transformers as hf
 from leanclip.registry import method_options
 from leanclip.templates import canonical_dataset_name
 from leanclip.run_files import CHECKPOINT_NAME, FEATURES_DIR, RESULT_FILES, RUN_FILES
@@ -327,6 +328,9 @@ def _check_weights(pretrained: str, model: str | None) -> str:
     """``--pretrained`` resolved once here (a tag or hub id is fetched before the cells start), recorded in the form
     that resolves the same from any folder (absolute path for a file)."""
     model = model or DEFAULT_MODEL
+    if hf.is_name(model):
+        raise UsageError(f"--pretrained: --model {model} carries its own weights (the Hugging Face id is the "
+                         f"weights); drop --pretrained")
     try:
         resolve_pretrained(pretrained, model)
     except (ValueError, OSError) as e:
@@ -795,7 +799,7 @@ def _smoke_weights(todo: list[Cell], spec: Spec) -> None:
     the smoke-run default on synthetic data: ``leanclip.cli.common.default_pretrain_steps``), made once here before
     the cells start, rather than by each of N workers at the same time."""
     model, flags = spec.flags.get("model", DEFAULT_MODEL), spec.flags
-    if flags.get("pretrained") is not None or model.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
+    if flags.get("pretrained") is not None or model.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX, hf.PREFIX)):
         return  # named weights (pre-trained further in each cell) or a model that carries its own
     for synthetic in sorted({c.dataset == SYNTHETIC for c in todo}):
         steps = flags.get("pretrain_steps")

@@ -47,6 +47,7 @@ from leanclip import lean as _lean
 from leanclip import utils
 from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
 from leanclip.features import check_classnames, clipfit_kd_loss, frozen_text_features
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, text_tower
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
@@ -162,8 +163,11 @@ def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None,
     require_options("coop", classnames=classnames, tokenizer=tokenizer)
     if init_text is not None and not isinstance(init_text, str):
         raise ValueError(f"init_text must be a string or None, got {type(init_text).__name__}")
-    require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
-    context = text_tower(model).positional_embedding.shape[0]
+    if _hf.is_transformers(model):
+        context = _hf.coop_context(model)
+    else:
+        require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
+        context = text_tower(model).positional_embedding.shape[0]
     if n_ctx > context - 3:  # [SOS] ctx_1..ctx_n, at least one class-name token, [EOT]
         raise ValueError(f"n_ctx={n_ctx} leaves no room for a class name in the text tower's {context}-token "
                          f"context (at most {context - 3})")
@@ -286,14 +290,18 @@ def _llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity"
                                                      "warmup_epochs": 0}))
 def _linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None):
     """Linear head E -> C on normalized image features, initialised from the zero-shot class text weights
-    (``logit_scale.exp() * text_features``, so it starts at zero-shot accuracy) when classnames and tokenizer are
-    given, else zeros. C = len(classnames) or ``num_classes``."""
+    (``logit_scale.exp() * text_features``, and a SigLIP model's ``logit_bias`` as its bias, so it starts at the
+    zero-shot logits) when classnames and tokenizer are given, else zeros. C = len(classnames) or ``num_classes``."""
     c = _probe_classes(classnames, num_classes)
     weight = None
     if classnames is not None and tokenizer is not None:
         zs = frozen_text_features(model, list(classnames), templates or ["a photo of a {}."], tokenizer)
         weight = (model.logit_scale.detach().float().exp() * zs.float()).cpu()
     head = _heads.LinearProbe(embed_dim(model), c, weight=weight)
+    bias = getattr(model, "logit_bias", None)
+    if weight is not None and isinstance(bias, torch.Tensor):  # SigLIP's logits: scale * cos + logit_bias
+        with torch.no_grad():
+            head.fc.bias.fill_(float(bias))
     dev = model_device(model)
     return {"linear_probe": head.to(dev)}
 
@@ -307,17 +315,17 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=N
     option that would have no effect (an init_text of another length, a std beside an init_text) is refused. Needs
     classnames, a tokenizer and an open_clip transformer text tower (``_check_coop``, which ``prepare`` runs first)."""
     classnames = list(classnames)
-    t = text_tower(model)
-    width = t.token_embedding.weight.shape[1]
+    embedding = _hf.token_embedding(model) if _hf.is_transformers(model) else text_tower(model).token_embedding
+    width = embedding.weight.shape[1]
     init = None
     text = _coop_init_text(n_ctx, init_text)
     if text:
         tok, _, _ = _init_text_tokens(tokenizer, text)
         with torch.no_grad():
-            init = t.token_embedding(tok.to(t.token_embedding.weight.device))[0, 1:1 + n_ctx].float().cpu()
+            init = embedding(tok.to(embedding.weight.device))[0, 1:1 + n_ctx].float().cpu()
     learner = _heads.PromptLearner(n_ctx, width, init_embeddings=init, std=COOP_STD if std is None else std)
     learner.classnames = classnames
-    return {"prompt_learner": learner.to(t.token_embedding.weight.device)}
+    return {"prompt_learner": learner.to(embedding.weight.device)}
 
 
 @register_method("adapter", check=_check_adapter, traits=MethodTraits(hooks={"image_features": "clip_adapter"}),
@@ -415,6 +423,9 @@ def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dty
     if lean is False:
         return False, [], None
     obstacles = _lean.lean_obstacles(model)
+    if frozen_dtype is not None and _hf.is_transformers(model):  # its attention and LayerNorms are transformers'
+        raise ValueError(f"frozen_dtype: the frozen weights of {model.name} stay in their dtype (transformers' own "
+                         f"attention and LayerNorms run them); use --precision bf16 autocast instead")
     if not obstacles:
         return True, [], None
     why = "; ".join(obstacles)

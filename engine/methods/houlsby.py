@@ -17,6 +17,10 @@ Default ``reduction=8``: Houlsby et al. sweep bottleneck sizes 8 to 256 for BERT
 Pathak do not fix one for CLIP in anything at hand, so 8 (the width / 8 bottleneck) is this engine's choice, kept
 the same for ``compacter`` so the two rows differ only in how the projections are parameterised.
 
+On a ``transformers`` CLIP / SigLIP (``leanclip.models.transformers``) the same two sites are the attention's
+``out_proj`` and the MLP's ``fc2`` (their outputs are the sub-layer outputs): the adapter is their child
+(``...layers.<i>.self_attn.out_proj.houlsby``) run by a forward hook on them.
+
 Placement (timm blocks: ``attn.proj_drop`` / ``mlp.drop2`` in place of ``ls_1`` / ``ls_2``, ``adapter_sites``): an
 adapter is a child of the block's ``ls_1`` / ``ls_2`` module (``...resblocks.<i>.ls_1.houlsby``) with
 a forward pre-hook on that module, so it runs wherever the block calls ``ls_1(...)``: open_clip's plain block and the
@@ -35,6 +39,7 @@ from torch import nn
 from leanclip.lifecycle import Added, strip
 from leanclip.methods import lilt as _lilt
 from leanclip.models import timm as _timm
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import OptionRange, register_method
@@ -89,6 +94,12 @@ def _run_adapters(module: nn.Module, args):
     return (h,) + tuple(args[1:])
 
 
+def _run_adapters_after(module: nn.Module, args, output):
+    """Forward hook on a projection whose output is a sub-layer's output (``leanclip.models.transformers``
+    ``adapter_sites``): the output passes the projection's in-layer adapter children."""
+    return _run_adapters(module, (output,))[0]
+
+
 # ----------------------------------------------------------------------------------------------------------- placement
 def adapter_sites(blk: nn.Module) -> list[tuple[nn.Module, int]]:
     """(module, width) of the two places an adapter goes in ``blk``: ``ls_1`` / ``ls_2`` of an open_clip block, the
@@ -105,7 +116,10 @@ def adapter_sites(blk: nn.Module) -> list[tuple[nn.Module, int]]:
 
 def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
     """The residual widths of the selected towers' blocks, after checking that they are transformer towers the lean
-    engine implements (open_clip's, timm ViT / EVA) with adapter sites (the method's check uses it)."""
+    engine implements (open_clip's, timm ViT / EVA) with adapter sites, or a ``transformers`` model (its sites:
+    ``leanclip.models.transformers.adapter_sites``); the method's check uses it."""
+    if _hf.is_transformers(model):
+        return [width for *_, width in _hf.adapter_sites(model, check_tower(tower))]
     require_block_tower(model, method, check_tower(tower), "it inserts adapters into the transformer blocks")
     return [width for blk in tower_blocks(model, tower) for _, width in adapter_sites(blk)]
 
@@ -114,6 +128,13 @@ def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Modul
     """Insert ``make(width)`` as child ``name`` of both adapter sites of every block of ``tower`` (replacing one
     already there) and hook it in. Returns the adapters."""
     added = []
+    if _hf.is_transformers(model):  # on the sub-layers' output projections, after them
+        for _, site, width in _hf.adapter_sites(model, tower):
+            site.add_module(name, make(width).to(site.weight.device))
+            if _run_adapters_after not in site._forward_hooks.values():
+                site.register_forward_hook(_run_adapters_after)
+            added.append(site._modules[name])
+        return added
     for blk in tower_blocks(model, tower):
         ref = next(blk.parameters())
         for site, width in adapter_sites(blk):
@@ -131,9 +152,10 @@ def inlayer_adapters(model: nn.Module, cls: type | None = None) -> list[tuple[st
 
 def added(cls: type | None = None) -> Added:
     """The in-layer adapters (of class ``cls`` when given) for ``leanclip.lifecycle.strip``; the ``ls_*`` pre-hook
-    goes once a module holds no adapter of any class."""
+    (and on a ``transformers`` model the projections' forward hook) goes once a module holds no adapter of any
+    class."""
     return Added(owns=lambda m: is_adapter(m) and (cls is None or isinstance(m, cls)),
-                 hooks={_run_adapters: is_adapter})
+                 hooks={_run_adapters: is_adapter, _run_adapters_after: is_adapter})
 
 
 # ----------------------------------------------------------------------------------------------------------- method

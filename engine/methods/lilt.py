@@ -58,6 +58,7 @@ from torch import nn
 
 from leanclip.lifecycle import Added, strip
 from leanclip.models import timm as _timm
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import (
     ResidualAttentionBlock, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
     text_tower, timm_image_tower,
@@ -192,7 +193,7 @@ def _adapter_layernorms(model: nn.Module, tower: str) -> list[nn.Module]:
                                              f"{type(ln).__name__})")
                         out.append(ln)
             continue
-        blocks = custom_tower_blocks(model, t)
+        blocks = _hf.tower_layers(model, t) if _hf.is_transformers(model) else custom_tower_blocks(model, t)
         lns = [_timm.prenorms(blk) or [m for m in blk.modules() if isinstance(m, nn.LayerNorm)
                                        and len(m.normalized_shape) == 1] for _, blk in blocks]
         if not blocks or not all(lns):
@@ -278,7 +279,9 @@ def projection_names(model: nn.Module, tower: str = "both") -> list[str]:
     towers)."""
     out = names_matching(model, PROJ_RE, tower)
     params = {id(p): n for n, p in model.named_parameters()}
-    for _, mod in custom_projection_modules(model, tower):
+    custom = _hf.projection_modules(model, tower) if _hf.is_transformers(model) else \
+        custom_projection_modules(model, tower)
+    for _, mod in custom:
         out += [params[id(p)] for p in mod.parameters() if id(p) in params]
     return out
 
@@ -353,11 +356,11 @@ def _require_projection(model, method: str, tower: str) -> None:
     text tower (``text.proj``)."""
     for t in ("image", "text") if tower == "both" else (tower,):
         custom = timm_image_tower(model) if t == "image" else hf_text_tower(model)
-        if custom is not None:
+        if custom is not None or _hf.is_transformers(model):
             if not projection_names(model, t):
+                why = " (timm_proj / hf_proj_type none)" if custom is not None else ""
                 raise ValueError(f"method {method!r} trains the {t} tower's projection, and the {t} tower "
-                                 f"{tower_class(model, t)} has none (timm_proj / hf_proj_type none): pass "
-                                 f"projections=False")
+                                 f"{tower_class(model, t)} has none{why}: pass projections=False")
             continue
         require_open_clip_tower(model, method, t, "its projection visual.proj / text_projection is trained")
 

@@ -29,6 +29,10 @@ and the lean modules removed: a plain open_clip model computing the same outputs
 trainable-only (``save_trainable`` writes the A/B pairs and whatever else is trained, e.g. LayerNorms in
 ``ln+lora``).
 
+On a ``transformers`` CLIP / SigLIP (``leanclip.models.transformers``) the targets are its separate projections
+(``q_proj`` / ``k_proj`` / ``v_proj``, ``out_proj``, ``fc1``, ``fc2``) and the pairs live in ``leanclip.lora_linear``
+(with or without the lean layers); ``merge`` then gives back the plain ``transformers`` model.
+
 Re-preparing with ``lora`` replaces earlier LoRA modules; ``prepare`` with another method leaves them in place,
 frozen (``leanclip.lifecycle.strip(model, lora.ADDED)`` removes them).
 """
@@ -44,6 +48,8 @@ from torch import nn
 from leanclip import lean as _lean
 from leanclip.lifecycle import Added, strip
 from leanclip.models import timm as _timm
+from leanclip import lora_linear
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import tower_blocks
 from leanclip.registry import OptionRange, register_method
 from leanclip.select import check_tower, require_block_tower
@@ -147,7 +153,8 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRA]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRA)]
 
 
-# the LoRA pairs, children of the blocks they adapt: what ``leanclip.lifecycle.strip`` removes (without folding)
+# the LoRA pairs, children of the blocks they adapt: what ``leanclip.lifecycle.strip`` removes (without folding); on a
+# ``transformers`` model the pairs live in swapped projections instead (``leanclip.lora_linear.strip``)
 ADDED = Added(owns=lambda m: isinstance(m, LoRA))
 
 
@@ -177,6 +184,8 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
     the towers: open_clip blocks the lean modules cover, and a rank no larger than the narrowest targeted
     projection (a pair of rank min(in, out) already spans every update of that projection)."""
     targets = _targets(targets)
+    if _hf.is_transformers(model):  # separate q / k / v projections: leanclip.lora_linear
+        return lora_linear.check_rank([m for *_, m in _hf.linear_sites(model, check_tower(tower), targets)], rank)
     require_block_tower(model, "lora", check_tower(tower), "it adds low-rank terms to the blocks' projections")
     widths = {min(min(target_shapes(blk)[t]) for t in targets) for blk in tower_blocks(model, tower)}
     if widths and rank > min(widths):
@@ -190,6 +199,10 @@ def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)
     strip(model, ADDED)
+    lora_linear.strip(model)
+    if _hf.is_transformers(model):
+        lora_linear.attach([m for *_, m in _hf.linear_sites(model, tower, targets)], rank, alpha, float(dropout))
+        return {}
     for blk in tower_blocks(model, tower):
         ref = projection_slices(blk)["q"][0][0]
         blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))
@@ -205,6 +218,10 @@ def merge(model: nn.Module) -> nn.Module:
     bits come back in the trainable parameters' dtype, since open_clip's plain modules cannot mix dtypes."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"merge needs an nn.Module, got {type(model).__name__}")
+    if _hf.is_transformers(model):  # a plain transformers model back
+        if not lora_linear.sites(model):
+            raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
+        return _hf.to_transformers(_lean.remove_lean(lora_linear.merge(model)))
     if not lora_modules(model):
         raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
     out = copy.deepcopy(model)

@@ -204,7 +204,11 @@ def pool_index(tokens: torch.Tensor, pool_type: str, eos_id) -> torch.Tensor | N
 
 def tower_class(model: nn.Module, tower: str) -> str:
     """The class name (``module.QualName``) of ``model``'s ``"image"`` or ``"text"`` tower, as errors name it. CLIP
-    keeps its text transformer at top level, so its text tower is named by the model class."""
+    keeps its text transformer at top level, so its text tower is named by the model class. A model of another family
+    that names its own towers (a ``tower_class(tower)`` method, e.g. ``leanclip.models.transformers``) is asked."""
+    named = getattr(model, "tower_class", None)
+    if callable(named):
+        return named(tower)
     if tower == "image":
         return class_name(getattr(model, "visual", None))
     t = text_tower(model)

@@ -117,3 +117,20 @@ def batch(tok):
     """Three images and captions for feature-level checks of the in-layer methods (tests/engine/peft_checks.py)."""
     g = torch.Generator().manual_seed(3)
     return torch.randn(3, 3, 32, 32, generator=g), tok(["a photo of a cat", "a dog", "two red cubes on a table"])
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty, offline Hugging Face cache: env variables for new processes, huggingface_hub's constants (read at
+    its import) for this one."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    cache = home / "hub"
+    cache.mkdir(parents=True)
+    for k, v in {"HF_HOME": str(home), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache

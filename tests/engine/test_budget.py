@@ -136,3 +136,13 @@ def test_budget_flag_errors(extra, match, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and match in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_tower_the_estimate_does_not_cover_is_refused(fresh_tiny, monkeypatch):
+    """Lean blocks the step-peak estimate cannot see (another family's tower) make the planner refuse in one line
+    instead of leaving them at ``none`` under a budget they would break."""
+    m = _lean_ln(fresh_tiny)
+    real = budget.tower_shapes
+    monkeypatch.setattr(budget, "tower_shapes", lambda *a, **k: [s for s in real(*a, **k) if s.name == "text"])
+    with pytest.raises(ValueError, match="estimate covers open_clip's ViT and text towers, not .*LeanResidual"):
+        budget.plan_recompute(m, 10 ** 9, 4, text_batch_size=3)

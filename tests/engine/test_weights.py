@@ -63,23 +63,6 @@ def lay_out_repo(cache: Path, repo_id: str, sd, *, config=None, bin_only=False) 
 
 
 @pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """An empty, offline Hugging Face cache: env variables for new processes, huggingface_hub's constants (read at
-    its import) for this one."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    cache = home / "hub"
-    cache.mkdir(parents=True)
-    for k, v in {"HF_HOME": str(home), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
-
-
-@pytest.fixture
 def tiny_tag(tiny_name, monkeypatch):
     """Register pretrained tag ``tinytag`` of the tiny config in open_clip's registry, on hub repo org/tiny-tag."""
     from open_clip import pretrained as P

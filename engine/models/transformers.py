@@ -1,0 +1,443 @@
+"""The Hugging Face ``transformers`` boundary: CLIP and SigLIP models of ``transformers`` as a second model family.
+
+Users name them ``transformers:<hub id>`` (``transformers:openai/clip-vit-base-patch16``) wherever a model name is
+taken (``--model``, ``leanclip.weights.create_model``). The hub id IS the weights: they come from the Hugging Face
+cache through ``transformers``' own ``from_pretrained`` (safetensors only, ``use_safetensors=True``: no pickle is
+ever read), offline when ``HF_HUB_OFFLINE=1``; a separate ``pretrained`` source is refused.
+
+Every ``transformers`` internal the engine touches lives here: the model classes, their module layout, the names of
+the parameters the methods train (CLIPFit's text biases, LoRA's projections), the tokenizer and the image
+preprocessing config, and the way back to a plain ``transformers`` model.
+
+The wrapper :class:`TransformersCLIP` shows the engine what an open_clip model shows it:
+
+- ``encode_image`` / ``encode_text`` (unnormalized embeddings; ``normalize=True`` as open_clip), ``forward`` returning
+  open_clip's ``(image_features, text_features, logit_scale.exp()[, logit_bias])``;
+- ``logit_scale`` (and ``logit_bias`` for SigLIP): the very parameters of the ``transformers`` model;
+- ``visual`` (``image_size``, ``preprocess_cfg``, ``output_dim``) and ``text`` (``context_length``): the towers, so
+  parameter names start with ``visual.`` / ``text.`` and every name-based method selection (LayerNorms, biases,
+  the tower option) works unchanged.
+
+The towers hold the ``transformers`` modules themselves (no copy): ``visual.model`` is the ``CLIPVisionModel`` /
+``SiglipVisionModel``, ``visual.proj`` CLIP's ``visual_projection`` (SigLIP has none), ``text.model`` / ``text.proj``
+likewise. The wrapped ``transformers`` model is kept outside the module tree (its parameters are the towers'), so
+:func:`to_transformers` hands it back with whatever the methods changed in place.
+
+Methods find their sites here (``linear_sites``, ``adapter_sites``, ``projection_modules``, ``CLIPFIT_TEXT_RE``,
+the CoOp helpers), and the lean encoder layer (``LeanEncoderLayer``: the recompute policies on ``CLIPEncoderLayer`` /
+``SiglipEncoderLayer``) is swapped in by ``leanclip.lean``. Not covered, each refused in one line naming the class:
+``lilt-deep`` (it appends an open_clip block), CoOp on SigLIP (no start token), an encoder layer class other than
+CLIP's / SigLIP's (``prepare`` then keeps ``transformers``' layers with a notice).
+"""
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PREFIX = "transformers:"
+# model_type of the config -> the transformers class that holds both towers
+_CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
+# what preprocessing the model card's processor config does not say: the families' published statistics
+_DEFAULT_NORM = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+                 "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+# CLIPFit's text biases: the output bias of every text MLP (open_clip's ``mlp.c_proj.bias``)
+CLIPFIT_TEXT_RE = re.compile(r"^text\.model\.encoder\.layers\.\d+\.mlp\.fc2\.bias$")
+# LoRA targets (leanclip.methods.lora.TARGETS) -> the projection inside each encoder layer
+LINEAR_SITES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                "out": "self_attn.out_proj", "fc": "mlp.fc1", "proj": "mlp.fc2"}
+
+
+def is_name(name) -> bool:
+    """Whether ``name`` names a ``transformers`` model (``transformers:<hub id>``)."""
+    return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def is_transformers(model) -> bool:
+    return isinstance(model, TransformersCLIP)
+
+
+def hub_id(name: str) -> str:
+    """The hub id of ``transformers:<id>``; ValueError (one line) for an empty or path-like one."""
+    model_id = name[len(PREFIX):].strip("/")
+    if not model_id:
+        raise ValueError(f"model {name!r}: empty hub id after {PREFIX!r}")
+    if ".." in model_id.split("/") or model_id.startswith(("~", ".")):
+        raise ValueError(f"model {name!r}: a Hugging Face hub id (org/name) is expected after {PREFIX!r}")
+    return model_id
+
+
+# ----------------------------------------------------------------------------------------------------------- towers
+class Tower(nn.Module):
+    """A ``transformers`` vision or text model and its projection (CLIP's ``visual_projection`` /
+    ``text_projection``; SigLIP pools and projects inside each model). ``forward(x)`` gives the unnormalized
+    embedding of images (``input_name="pixel_values"``) or token ids (``"input_ids"``, alone, as the models were
+    trained: CLIP pools causally at the end-of-text token, so padding after it cannot reach it; SigLIP at the last
+    position of its fixed-length padded sequence). ``attrs`` are what the engine reads of a tower (``image_size``,
+    ``preprocess_cfg``, ``output_dim``; ``context_length``)."""
+
+    def __init__(self, model: nn.Module, proj: nn.Module | None, input_name: str, **attrs):
+        super().__init__()
+        self.model = model
+        self.proj = proj
+        self.input_name = input_name
+        for k, v in attrs.items():
+            setattr(self, k, v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.model(**{self.input_name: x}).pooler_output
+        return self.proj(pooled) if self.proj is not None else pooled
+
+
+class TransformersCLIP(nn.Module):
+    """A ``transformers`` ``CLIPModel`` / ``SiglipModel`` seen as an open_clip model (module docstring)."""
+
+    def __init__(self, hf_model: nn.Module, name: str, preprocess_cfg: dict):
+        super().__init__()
+        cfg = hf_model.config
+        vis_cfg, txt_cfg = cfg.vision_config, cfg.text_config
+        vproj = getattr(hf_model, "visual_projection", None)
+        tproj = getattr(hf_model, "text_projection", None)
+        width = vproj.out_features if vproj is not None else txt_cfg.projection_size
+        self.visual = Tower(hf_model.vision_model, vproj, "pixel_values", image_size=int(vis_cfg.image_size),
+                            preprocess_cfg=preprocess_cfg, output_dim=width)
+        self.text = Tower(hf_model.text_model, tproj, "input_ids", context_length=int(txt_cfg.max_position_embeddings))
+        self.logit_scale = hf_model.logit_scale
+        self.logit_bias = getattr(hf_model, "logit_bias", None)
+        self.family = cfg.model_type
+        self.name = name
+        object.__setattr__(self, "_hf", hf_model)  # outside the module tree: its parameters are the towers'
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        f = self.visual(image)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        f = self.text(text)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
+        img = self.encode_image(image, normalize=True) if image is not None else None
+        txt = self.encode_text(text, normalize=True) if text is not None else None
+        out = (img, txt, self.logit_scale.exp())
+        return out + (self.logit_bias,) if self.logit_bias is not None else out
+
+    def architecture_fingerprint(self) -> dict:
+        """What the parameter shapes do not show of the architecture (``leanclip.checkpoint.architecture``): the
+        ``transformers`` class and, per tower, the activation and LayerNorm eps."""
+        cfg = self._hf.config
+        return {"class": type(self._hf).__name__,
+                **{f"{t}_{k}": getattr(getattr(cfg, f"{t}_config"), k, None)
+                   for t in ("vision", "text") for k in ("hidden_act", "layer_norm_eps")}}
+
+    def tower_class(self, tower: str) -> str:
+        """How errors and notices name a tower: the ``transformers`` class it wraps."""
+        m = self.visual.model if tower == "image" else self.text.model
+        return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def tower_layers(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Module]]:
+    """(name, encoder layer) of the image and / or text tower (``tower``: image, text or both), image first."""
+    out = []
+    for t, prefix, m in (("image", "visual.model", model.visual.model), ("text", "text.model", model.text.model)):
+        if tower in (t, "both"):
+            out += [(f"{prefix}.encoder.layers.{i}", layer) for i, layer in enumerate(m.encoder.layers)]
+    return out
+
+
+def linear_sites(model: TransformersCLIP, tower: str, targets) -> list[tuple[str, str, nn.Linear]]:
+    """(target, name, ``nn.Linear``) of each LoRA target (``LINEAR_SITES``) in every encoder layer of ``tower``."""
+    out = []
+    for name, layer in tower_layers(model, tower):
+        for t in targets:
+            out.append((t, f"{name}.{LINEAR_SITES[t]}", layer.get_submodule(LINEAR_SITES[t])))
+    return out
+
+
+def projection_modules(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Module]]:
+    """(prefix, module) of the projection into the joint space of ``tower`` (image / text / both): CLIP's
+    ``visual_projection`` / ``text_projection``, SigLIP's text ``head`` (SigLIP's image tower ends in its attention-
+    pooling head, which is no projection: none there)."""
+    out = []
+    for t, tw in (("image", model.visual), ("text", model.text)):
+        if tower in (t, "both"):
+            prefix = "visual" if t == "image" else "text"
+            if tw.proj is not None:
+                out.append((f"{prefix}.proj.", tw.proj))
+            elif t == "text" and isinstance(getattr(tw.model, "head", None), nn.Linear):
+                out.append((f"{prefix}.model.head.", tw.model.head))
+    return out
+
+
+def adapter_sites(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, width) where in-layer adapters go (Houlsby's placement: on each sub-layer's output before the
+    residual add): the attention's ``out_proj`` and the MLP's ``fc2`` of every encoder layer of ``tower``."""
+    out = []
+    for name, layer in tower_layers(model, tower):
+        for site in ("self_attn.out_proj", "mlp.fc2"):
+            m = layer.get_submodule(site)
+            out.append((f"{name}.{site}", m, m.out_features))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_error(name: str, what: str, e: BaseException) -> ValueError:
+    """One line naming ``name`` and what was being read, for a missing cache entry or a failed download."""
+    where = " (HF_HUB_OFFLINE is set: it must be downloaded once on a machine with network)" if _offline() else ""
+    return ValueError(f"model {name!r}: cannot read its {what} from the Hugging Face cache or hub{where}: "
+                      f"{_one_line(e)}")
+
+
+def _hub_call(name: str, what: str, call):
+    """``call()`` (a ``from_pretrained``), its failure as :func:`_hub_error`."""
+    try:
+        return call()
+    except (OSError, ValueError) as e:  # transformers raises OSError for what the cache / hub lacks
+        raise _hub_error(name, what, e) from None
+
+
+def _preprocess_cfg(name: str, model_id: str, family: str, image_size: int, cache_dir) -> dict:
+    """mean / std / size of the model's image processor config; the family's published values when the repo has
+    none (a model saved without its processor)."""
+    from transformers import AutoImageProcessor
+
+    mean, std = _DEFAULT_NORM[family]
+    try:
+        proc = AutoImageProcessor.from_pretrained(model_id, cache_dir=cache_dir)
+    except (OSError, ValueError):
+        proc = None
+    if proc is not None and getattr(proc, "image_mean", None) and getattr(proc, "image_std", None):
+        mean, std = tuple(float(v) for v in proc.image_mean), tuple(float(v) for v in proc.image_std)
+    return {"size": (image_size, image_size), "mean": tuple(mean), "std": tuple(std), "interpolation": "bicubic",
+            "resize_mode": "shortest"}
+
+
+def create_model(name: str, pretrained=None, *, image_size: int | None = None, cache_dir=None) -> TransformersCLIP:
+    """``transformers:<id>``: config and weights through ``transformers``' ``from_pretrained`` (safetensors only),
+    wrapped in :class:`TransformersCLIP`. ``pretrained`` must be None (the id is the weights); ``image_size`` None
+    or the model's own (``transformers`` models keep the resolution they were made at)."""
+    import transformers
+
+    model_id = hub_id(name)
+    if pretrained is not None:
+        raise ValueError(f"model {name!r} carries its own weights (the Hugging Face id is the weights); drop "
+                         f"pretrained={pretrained!r}")
+    config = _hub_call(name, "config", lambda: transformers.AutoConfig.from_pretrained(model_id, cache_dir=cache_dir))
+    family = getattr(config, "model_type", None)
+    if family not in _CLASSES:
+        raise ValueError(f"model {name!r} is a {family!r} model ({type(config).__name__}); leanclip runs transformers "
+                         f"models of type {', '.join(sorted(_CLASSES))}")
+    size = int(config.vision_config.image_size)
+    if image_size is not None and int(image_size) != size:
+        raise ValueError(f"image_size={image_size}: model {name!r} runs at its own {size}x{size} (transformers "
+                         f"models are not resized here)")
+    cls = getattr(transformers, _CLASSES[family])
+    try:
+        hf = cls.from_pretrained(model_id, config=config, use_safetensors=True, cache_dir=cache_dir)
+    except OSError as e:
+        if "safetensors" in str(e):  # the repo has weights, but not as safetensors
+            raise ValueError(f"model {name!r} has no safetensors weights (model.safetensors); leanclip never reads "
+                             f"pickled weights (pytorch_model.bin): convert them to safetensors") from None
+        raise _hub_error(name, "weights", e) from None
+    hf.eval()
+    return TransformersCLIP(hf, name, _preprocess_cfg(name, model_id, family, size, cache_dir))
+
+
+class Tokenizer:
+    """The model's ``transformers`` tokenizer as open_clip's are called: ``tok(texts) -> LongTensor (N, context)``,
+    padded to the text tower's context (SigLIP was trained on that fixed length) and truncated to it."""
+
+    def __init__(self, hf_tokenizer, context_length: int):
+        self.tokenizer = hf_tokenizer
+        self.context_length = context_length
+
+    def __call__(self, texts, context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        enc = self.tokenizer(texts, padding="max_length", truncation=True,
+                             max_length=context_length or self.context_length, return_tensors="pt")
+        return enc["input_ids"].long()
+
+
+def get_tokenizer(model: TransformersCLIP, cache_dir=None) -> Tokenizer:
+    """The tokenizer of the hub repo ``model`` was read from."""
+    from transformers import AutoTokenizer
+
+    hf_tok = _hub_call(model.name, "tokenizer", lambda: AutoTokenizer.from_pretrained(hub_id(model.name),
+                                                                                      cache_dir=cache_dir))
+    return Tokenizer(hf_tok, model.text.context_length)
+
+
+def to_transformers(model: TransformersCLIP) -> nn.Module:
+    """The wrapped ``transformers`` model (its parameters are the wrapper's, so what a method trained is in it). A
+    method that swapped module classes (LoRA) must be folded back first (``leanclip.merge``)."""
+    if not is_transformers(model):
+        raise TypeError(f"to_transformers needs a leanclip TransformersCLIP, got {type(model).__name__}")
+    return model._hf
+
+
+# ----------------------------------------------------------------------------------------------------------- CoOp
+def token_embedding(model: TransformersCLIP) -> nn.Embedding:
+    """The text tower's token embedding (where CoOp's learned context is spliced in)."""
+    return model.text.model.embeddings.token_embedding
+
+
+def coop_context(model: TransformersCLIP) -> int:
+    """The text context a CoOp prompt fills. CoOp splices its context after the start token, which CLIP's tokenizer
+    writes and SigLIP's does not: SigLIP is refused with one line naming the tower class."""
+    if model.family != "clip":
+        raise ValueError(f"method 'coop' splices its context after a start-of-text token, which the text tower "
+                         f"{model.tower_class('text')} is not given")
+    return model.text.context_length
+
+
+def encode_text_embeddings(model: TransformersCLIP, tokens: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Text features of ``tokens`` with the token-embedding lookup replaced by ``embeddings`` (B, L, width): the
+    lookup's output is swapped by a forward hook for this one call, so the rest is ``transformers``' own forward
+    (positions, causal mask, end-of-text pooling, projection) and gradients reach ``embeddings``."""
+    if embeddings.shape[:2] != tokens.shape:
+        raise ValueError(f"prompt embeddings must have shape {tuple(tokens.shape)} + (width,), got "
+                         f"{tuple(embeddings.shape)}")
+    handle = token_embedding(model).register_forward_hook(lambda _m, _i, out: embeddings.to(out.dtype))
+    try:
+        return model.encode_text(tokens.to(embeddings.device))
+    finally:
+        handle.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------- lean
+# CLIP's and SigLIP's encoder layers share one layout: x + self_attn(layer_norm1(x)), then x + mlp(layer_norm2(x)),
+# mlp = fc2(activation_fn(fc1(.))). The lean layer runs the same modules in the same order; what it changes is
+# what autograd keeps (the recompute policy) and that frozen projections run on kernels.frozen_linear.
+_LAYER_CHILDREN = {"self_attn": ("q_proj", "k_proj", "v_proj", "out_proj"), "mlp": ("fc1", "fc2", "activation_fn")}
+_LAYER_CLASSES = {"CLIPEncoderLayer", "SiglipEncoderLayer"}
+
+
+def _leanlib():
+    from leanclip import lean  # leanclip.lean dispatches here: imported when first used, not at import time
+
+    return lean
+
+
+class LeanLinear(nn.Linear):
+    """A projection of a lean encoder layer: ``leanclip.lean.lean_linear`` (``kernels.frozen_linear`` for a frozen
+    weight: its input is not saved, the bias gradient fused; ``F.linear`` for a trainable one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _leanlib().lean_linear(x, self.weight, self.bias)
+
+
+class LeanEncoderLayer(nn.Module):
+    """Mixed into a ``CLIPEncoderLayer`` / ``SiglipEncoderLayer`` by a ``__class__`` swap (names, values and the
+    layer's own attention code kept). Recompute policies, exact (the same ops replayed): ``mlp`` checkpoints
+    layer_norm2 -> fc1 -> activation (fc2 outside); ``mlp+qkv`` also layer_norm1 -> attention with a
+    selective-checkpoint policy that keeps the SDPA outputs; ``block`` keeps only the layer input."""
+
+    leanclip_recompute = "none"
+
+    def _mlp_in(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp.activation_fn(self.mlp.fc1(self.layer_norm2(h)))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
+        lean = _leanlib()
+        policy = self.leanclip_recompute
+        grad = torch.is_grad_enabled() and (hidden_states.requires_grad
+                                            or any(p.requires_grad for p in self.parameters()))
+        rng = self.training  # dropout (attention, LoRA) replays its mask on recompute
+        if grad and policy == "block":
+            return lean._ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
+                              attention_mask, rng=rng)
+
+        def attention(h):
+            return self.self_attn(hidden_states=self.layer_norm1(h), attention_mask=attention_mask, **kwargs)[0]
+
+        h = hidden_states + (lean._ckpt(attention, hidden_states, rng=rng, sac=True)
+                             if grad and policy == "mlp+qkv" else attention(hidden_states))
+        m = lean._ckpt(self._mlp_in, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else self._mlp_in(h)
+        return h + self.mlp.fc2(m)
+
+
+_LEAN_CLASSES: dict = {}
+
+
+def _lean_class(cls: type) -> type:
+    if cls not in _LEAN_CLASSES:
+        _LEAN_CLASSES[cls] = type(f"Lean{cls.__name__}", (LeanEncoderLayer, cls), {"leanclip_base": cls})
+    return _LEAN_CLASSES[cls]
+
+
+def encode_text_truncated(model: TransformersCLIP, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``encode_text`` with the context cut after the last end-of-text token of the batch (exact): CLIP's text
+    attention is causal and it reads one token per row, the first end-of-text token (``eos_token_id``; the highest
+    id where the config keeps the old ``eos_token_id == 2``, as ``transformers`` does), which the cut keeps with
+    everything before it. SigLIP reads the last position of the padded sequence: its context stays whole."""
+    tm = model.text.model
+    if model.family == "clip" and tokens.dim() == 2 and tokens.numel():
+        legacy = tm.eos_token_id == 2
+        if legacy or bool((tokens == tm.eos_token_id).any(-1).all()):
+            rows = tokens.argmax(-1) if legacy else (tokens == tm.eos_token_id).int().argmax(-1)
+            tokens = tokens[:, :int(rows.max()) + 1]
+    return model.encode_text(tokens, normalize=normalize)
+
+
+def lean_obstacles(model: TransformersCLIP) -> list[str]:
+    """What keeps the lean encoder layer from a tower: a layer class or layout it does not know, one line each."""
+    out = []
+    for name, layer in tower_layers(model, "both"):
+        base = getattr(type(layer), "leanclip_base", type(layer))
+        ok = base.__name__ in _LAYER_CLASSES and all(
+            hasattr(getattr(layer, part, None), c) for part, cs in _LAYER_CHILDREN.items() for c in cs)
+        if not ok:
+            out.append(f"{name}: {base.__module__}.{base.__qualname__} (not a CLIP / SigLIP encoder layer)")
+    return out
+
+
+def apply_lean(model: TransformersCLIP, policy: str, chunk=None) -> None:
+    """Swap every encoder layer to its lean class with ``policy``, and its plain ``nn.Linear`` projections to
+    :class:`LeanLinear` (LoRA's projections keep their own class). ``chunk`` is refused: the chunked block is the
+    open_clip block's."""
+    if chunk is not None:
+        raise ValueError(f"recompute_chunk: the chunked block backward runs on open_clip blocks; {model.name}'s "
+                         f"encoder layers ({model.tower_class('image')}) take recompute='block' without a chunk")
+    for _, layer in tower_layers(model, "both"):
+        if not isinstance(layer, LeanEncoderLayer):
+            layer.__class__ = _lean_class(type(layer))
+        layer.leanclip_recompute = policy
+        for part, children in _LAYER_CHILDREN.items():
+            for c in children:
+                m = getattr(getattr(layer, part), c)
+                if type(m) is nn.Linear:
+                    m.__class__ = LeanLinear
+
+
+def remove_lean(model: nn.Module) -> None:
+    """Undo :func:`apply_lean` anywhere in ``model`` (a no-op where it was not applied)."""
+    for m in model.modules():
+        if isinstance(m, LeanEncoderLayer):
+            m.__dict__.pop("leanclip_recompute", None)
+            m.__class__ = m.leanclip_base
+        elif type(m) is LeanLinear:
+            m.__class__ = nn.Linear
+
+
+def set_recompute(model: nn.Module, policy: str) -> None:
+    for m in model.modules():
+        if isinstance(m, LeanEncoderLayer):
+            m.leanclip_recompute = policy
+
+
+def is_lean(model: nn.Module) -> bool:
+    return any(isinstance(m, LeanEncoderLayer) for m in model.modules())
