@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "prepare": "leanclip.methods",
-    "merge": "leanclip.methods.lora",
+    "merge": "leanclip.methods",
     "METHODS": "leanclip.methods",
     "trainable_parameters": "leanclip.methods",
     "count_trainable": "leanclip.methods",

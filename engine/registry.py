@@ -47,6 +47,9 @@ class MethodTraits:
     contrastive_defaults: optimisation defaults for the contrastive task (``lr``), as ``train_defaults``.
     template_set: the per-dataset prompt templates its paper's code trains with (``leanclip.templates.TEMPLATE_SETS``);
         None: CoOp's.
+    mergeable: what it trains folds into the model's own weights (``leanclip.merge`` gives a plain model with equal
+        outputs): the weights themselves (ln, bitfit, clipfit, full) or a weight delta (lora). A method that adds
+        modules a plain model has no place for (prompts, heads, adapters) is not.
     """
     trainer: str = "backprop"
     tasks: tuple = TASKS
@@ -57,6 +60,7 @@ class MethodTraits:
     loss_terms: tuple = ()
     contrastive_defaults: dict = field(default_factory=dict)
     template_set: str | None = None
+    mergeable: bool = False
 
 
 METHOD_TRAITS: dict[str, MethodTraits] = {}

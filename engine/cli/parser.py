@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "episodes": ("leanclip.cli.episodes", "evaluate on N-way K-shot episodes (mean accuracy, 95 percent CI)"),
     "sweep": ("leanclip.cli.sweep", "run a protocol grid (methods x datasets x shots x seeds) as resumable cells"),
     "report": ("leanclip.cli.report", "tabulate a sweep (Markdown, CSV, PNG): mean +- std over seeds"),
+    "export": ("leanclip.cli.export", "fold a run's trained parameters into its model: one plain state dict"),
     "wilds": ("leanclip.cli.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
 }
 

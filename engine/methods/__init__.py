@@ -191,14 +191,14 @@ def _check_adapter(model, reduction=4, ratio=0.2, **_):
 
 
 # ----------------------------------------------------------------------------------------------------------- methods
-@register_method("ln", check=_check_ln)
+@register_method("ln", check=_check_ln, traits=MethodTraits(mergeable=True))
 def _ln(model, tower="both"):
     """Every LayerNorm weight+bias (ln_pre, ln_1, ln_2, ln_post, ln_final) of ``tower``."""
     unlock_layernorms(model, check_tower(tower))
     return {}
 
 
-@register_method("bitfit", check=_check_bitfit)
+@register_method("bitfit", check=_check_bitfit, traits=MethodTraits(mergeable=True))
 def _bitfit(model, tower="both"):
     """Every bias of ``tower``, incl. ``attn.in_proj_bias`` and the LayerNorm biases."""
     unlock(model, BIAS_RE, check_tower(tower))
@@ -238,7 +238,8 @@ def _clipfit_l2(ctx):
 
 # l2_reg weighs a sum of squared parameter shifts against a cross-entropy of order 1
 @register_method("clipfit", check=_check_clipfit, ranges={"l2_reg": OptionRange(float, 0.0, 1e6)},
-                 traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit"))
+                 traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit",
+                                     mergeable=True))
 def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):
     """Text ``transformer.resblocks.*.mlp.c_proj.bias`` (``text_bias``) + every image LayerNorm (ln_pre, ln_1, ln_2,
     ln_post; ``image_ln``): either alone is the paper's ablation. On a timm image tower (SigLIP / SigLIP2, EVA02,
@@ -254,7 +255,7 @@ def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):
     return {}
 
 
-@register_method("full", traits=MethodTraits(alone=True, contrastive_defaults={"lr": 1e-4}))
+@register_method("full", traits=MethodTraits(alone=True, contrastive_defaults={"lr": 1e-4}, mergeable=True))
 def _full(model):
     """Every parameter (the baseline)."""
     for p in model.parameters():
@@ -644,3 +645,30 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
         state.restore()
         raise
     return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """A plain model holding what ``model`` trained, for export: open_clip's own modules (or the ``transformers``
+    model) with equal outputs; ``model`` is left unchanged. ln, bitfit, clipfit and full train weights the model
+    already has, so nothing is folded; LoRA's pairs are folded into their projections (``leanclip.methods.lora.merge``).
+    A method that adds modules a plain model has no place for (prompts, heads, adapters, LLU's maps) is a ValueError
+    naming it. Frozen weights kept in 16 bits come back in the trainable parameters' dtype."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"merge needs an nn.Module, got {type(model).__name__}")
+    info = getattr(model, "leanclip_info", None)
+    if not info:
+        raise ValueError("merge: the model was not prepared by leanclip.prepare (nothing to fold)")
+    parts = parse_method(info["method"])
+    kept = [p for p in parts if not METHOD_TRAITS[p].mergeable]
+    if kept:
+        raise ValueError(f"merge: method {info['method']!r}: {', '.join(kept)} adds modules a plain model has no "
+                         f"place for; keep its trainable parameters with leanclip.save_trainable instead")
+    if "lora" in parts:
+        return lora.merge(model)
+    out = copy.deepcopy(model)
+    _lean.remove_lean(out)
+    if info.get("options", {}).get("frozen_dtype"):
+        out.to(next(p.dtype for p in model.parameters() if p.requires_grad))
+    out.__dict__.pop("leanclip_info", None)
+    return _hf.to_transformers(out) if _hf.is_transformers(out) else out
+

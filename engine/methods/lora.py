@@ -51,7 +51,7 @@ from leanclip.models import timm as _timm
 from leanclip import lora_linear
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import tower_blocks
-from leanclip.registry import OptionRange, register_method
+from leanclip.registry import MethodTraits, OptionRange, register_method
 from leanclip.select import check_tower, require_block_tower
 
 __all__ = ["LowRank", "LoRA", "merge", "ADDED", "lora_modules", "TARGETS"]
@@ -194,7 +194,7 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
 
 
 # ----------------------------------------------------------------------------------------------------------- method
-@register_method("lora", check=_check_lora, ranges=LORA_RANGES)
+@register_method("lora", check=_check_lora, ranges=LORA_RANGES, traits=MethodTraits(mergeable=True))
 def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"):
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)

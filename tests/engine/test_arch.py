@@ -1,5 +1,5 @@
 """Towers the lean modules do not cover: ModifiedResNet (a tiny RN config), a timm tower (a test double of
-open_clip's TimmModel: timm is not a dependency) and a Hugging Face-style text tower. prepare picks lean=False with
+open_clip's TimmModel: timm is not a dependency) and a Hugging Face-style text tower. prepare keeps such a tower's modules with
 a one-line notice naming the tower class, every method that is defined on the towers trains the right parameters
 with exact gradients, and a method that is not defined there is a ValueError naming the class."""
 import copy
@@ -119,9 +119,12 @@ def _check_grads(base, prepared, tok):
 def test_modified_resnet_methods(rn_base, tok, method):
     m = copy.deepcopy(rn_base)
     notes = prepare_with_notices(m, method)
-    assert any("lean=False" in s and "open_clip.modified_resnet.ModifiedResNet" in s for s in notes), notes
+    # the image tower keeps its own modules, named in one line; the text tower still goes lean
+    assert any("open_clip.modified_resnet.ModifiedResNet" in s and "keeps its own modules" in s for s in notes), notes
     assert all(len(s.splitlines()) == 1 for s in notes)
-    assert m.leanclip_info["options"]["lean"] is False and not lean.is_lean(m)
+    assert m.leanclip_info["options"].get("lean_towers") == ["text"]
+    assert not any(isinstance(b, lean.LeanBlockMixin) for b in m.visual.modules())
+    assert any(isinstance(b, lean.LeanBlockMixin) for b in m.transformer.modules())
     names = {n for n, _ in methods.trainable_parameters(m)}
     if method == "ln":  # ModifiedResNet has no LayerNorm: the text tower's are trained, and a notice says so
         assert names and all(not n.startswith("visual.") for n in names)
@@ -148,7 +151,6 @@ def test_modified_resnet_other_methodsprepare_with_notices(rn_base, tok, method,
     ("clipfit", {}, "image tower open_clip.modified_resnet.ModifiedResNet has none"),
     ("ln", {"tower": "image"}, "image tower open_clip.modified_resnet.ModifiedResNet has none"),
     ("ln", {"lean": True}, "lean=True.*image tower open_clip.modified_resnet.ModifiedResNet"),
-    ("ln", {"recompute": "mlp"}, "recompute='mlp' needs the lean modules.*ModifiedResNet"),
     ("ln", {"frozen_dtype": torch.bfloat16}, "frozen_dtype needs the lean modules.*ModifiedResNet"),
     ("lilt-adapter", {}, "needs an open_clip VisionTransformer.*ModifiedResNet"),
     ("lilt-ln", {}, "needs an open_clip VisionTransformer.*ModifiedResNet"),
@@ -173,7 +175,7 @@ def test_modified_resnet_lilt_ln_without_projections_on_text(rn_base):
 def test_timm_tower_methods(timm_base, tok, method):
     m = copy.deepcopy(timm_base)
     notes = prepare_with_notices(m, method)
-    assert any("lean=False" in s and "TinyTimmModel" in s for s in notes), notes
+    assert any("TinyTimmModel" in s and "keeps its own modules" in s for s in notes), notes  # the text tower: lean
     names = {n for n, _ in methods.trainable_parameters(m)}
     if method == "ln":
         assert {"visual.trunk.norm.weight", "visual.trunk.norm_pre.bias", "ln_final.weight"} <= names
@@ -208,7 +210,8 @@ def test_hf_text_tower(hf_base, tok):
 # ----------------------------------------------------------------------------------------------------------- blocks
 def test_custom_block_type_is_named(tok):
     """open_clip's CustomResidualAttentionBlock (block_type='custom', qk_norm, scaled cosine attention...) uses
-    open_clip's own Attention, not nn.MultiheadAttention: lean=True names it, automatic lean falls back."""
+    open_clip's own Attention, not nn.MultiheadAttention: lean=True names it, automatic lean keeps that tower's
+    modules."""
     name = register_tiny_config("leanclip-tiny-custom-block", vision_cfg={"block_type": "custom"})
     m = create_random_model(name)
     with pytest.raises(ValueError, match="CustomResidualAttentionBlock with attn open_clip.transformer.Attention"):
@@ -218,5 +221,6 @@ def test_custom_block_type_is_named(tok):
     assert not any(type(x).__name__.startswith("Lean") for x in m.modules())
     base = copy.deepcopy(m)
     notes = prepare_with_notices(m, "ln")
-    assert any("CustomResidualAttentionBlock" in s for s in notes) and not lean.is_lean(m)
+    assert any("CustomResidualAttentionBlock" in s for s in notes)
+    assert not any(isinstance(b, lean.LeanBlockMixin) for b in m.visual.modules())  # the text tower goes lean
     _check_grads(base, m, tok)
