@@ -447,7 +447,10 @@ def _result(rows, modes, device, precision, isolate, threads, output, plot, *, r
            "memory_note": "peak_step_bytes: what one step adds on top of the resident model, optimizer state and "
                           "gradients (see peak_method); on CPU only --isolate gives each mode a clean process",
            "saved_bytes_note": "saved-tensor-hook bytes; None for compiled and grad-checkpointed modes, whose "
-                               "saved tensors do not pass through those hooks"}
+                               "saved tensors do not pass through those hooks",
+           # glibc hands large freed blocks back to the OS below this threshold, so peak RSS follows live tensors
+           # (docs/MEASURING.md); None: glibc's default, whose cached arenas add to the CPU peaks
+           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
     if not SAC_CACHE_COUNTED:
         res["saved_bytes_note"] += ("; this torch's checkpoint has no respect_saved_tensors_hooks: saved_bytes of "
                                     "lean:mlp+qkv miss the attention outputs its selective checkpoint caches")

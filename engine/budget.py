@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.select import trainable_parameters
 from leanclip.utils import parse_bytes
 
 # Transient of a block's backward in units of rows * L * D * elem, per policy; and the gradients in and out (batch).
@@ -162,7 +163,8 @@ def _tower_peak(shape: TowerShape, policies, chunk, saved: dict, one_row: bool) 
 
 
 def _trainable_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    """The trainable parameters' gradients, made during the backward."""
+    return sum(p.numel() * p.element_size() for _, p in trainable_parameters(model))
 
 
 def _peak(model, shapes, policies: dict, chunk, saved: dict, one_row: dict) -> int:
@@ -238,7 +240,7 @@ def plan_recompute(model: nn.Module, budget: int, batch_size: int, **kw) -> Reco
     shapes = tower_shapes(model, batch_size, **kw)
     if not shapes:
         raise ValueError("a memory budget needs lean blocks to plan for; this model has none")
-    known = {id(b) for s in shapes for b in s.blocks}
+    known = {id(b) for s in tower_shapes(model, 1, text_batch_size=1) for b in s.blocks}
     other = next((m for m in model.modules() if _is_lean_block(m) and id(m) not in known), None)
     if other is not None:  # a planner that left a tower at "none" unasked would break the budget silently
         raise ValueError(f"memory_budget: the step-peak estimate covers open_clip's ViT and text towers, not "

@@ -63,7 +63,7 @@ def _unswap(m: LoRALinear) -> None:
     m.__class__ = nn.Linear
 
 
-def strip(model: nn.Module) -> nn.Module:
+def remove_pairs(model: nn.Module) -> nn.Module:
     """Remove every pair (without folding it in). Returns ``model``."""
     for _, m in sites(model):
         _unswap(m)

@@ -154,7 +154,7 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRA]]:
 
 
 # the LoRA pairs, children of the blocks they adapt: what ``leanclip.lifecycle.strip`` removes (without folding); on a
-# ``transformers`` model the pairs live in swapped projections instead (``leanclip.lora_linear.strip``)
+# ``transformers`` model the pairs live in swapped projections instead (``leanclip.lora_linear.remove_pairs``)
 ADDED = Added(owns=lambda m: isinstance(m, LoRA))
 
 
@@ -199,7 +199,7 @@ def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)
     strip(model, ADDED)
-    lora_linear.strip(model)
+    lora_linear.remove_pairs(model)
     if _hf.is_transformers(model):
         lora_linear.attach([m for *_, m in _hf.linear_sites(model, tower, targets)], rank, alpha, float(dropout))
         return {}

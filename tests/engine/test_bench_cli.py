@@ -167,14 +167,15 @@ def test_parse_mode_grammar():
     from leanclip.bench.step import default_modes, parse_mode
 
     assert parse_mode("plain") == {"kind": "plain", "policy": "none", "gc": False, "compile": False, "budget": None,
-                                   "chunk": None}
+                                   "chunk": None, "memory_budget": None}
     assert parse_mode("plain+gc")["gc"]
     assert parse_mode("plain+compile+budget:0.25") == {"kind": "plain", "policy": "none", "gc": False,
-                                                        "compile": True, "budget": 0.25, "chunk": None}
+                                                        "compile": True, "budget": 0.25, "chunk": None,
+                                                        "memory_budget": None}
     assert parse_mode("lean:mlp+qkv+compile") == {"kind": "lean", "policy": "mlp+qkv", "gc": False, "compile": True,
-                                                  "budget": None, "chunk": None}
+                                                  "budget": None, "chunk": None, "memory_budget": None}
     assert parse_mode("lean:block/4+compile") == {"kind": "lean", "policy": "block", "gc": False, "compile": True,
-                                                  "budget": None, "chunk": 4}
+                                                  "budget": None, "chunk": 4, "memory_budget": None}
     assert parse_mode("lean:mlp+qkv")["policy"] == "mlp+qkv" and not parse_mode("lean:mlp+qkv")["compile"]
     for bad in ("plain+budget:0.1", "lean:block+gc", "lean:", "plain+compile+budget:nan", "floor:text", "PLAIN",
                 "lean:block/0", "lean:mlp/2", "lean:block/", "plain/2"):
@@ -366,4 +367,5 @@ def test_chunked_block_mode_trains_like_block():
         grads[mode] = (step(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     (la, ga), (lb, gb) = grads["lean:block"], grads["lean:block/1"]
     assert torch.allclose(la, lb, rtol=1e-5) and ga.keys() == gb.keys() and ga
-    assert all(torch.allclose(ga[n], gb[n], rtol=1e-4, atol=1e-7) for n in ga)
+    # fp32: chunks sum a gradient in another order (elementwise, near-zero entries differ by rounding)
+    assert all((ga[n] - gb[n]).norm() <= 1e-4 * ga[n].norm() + 1e-7 for n in ga)

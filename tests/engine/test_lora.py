@@ -138,7 +138,7 @@ def test_merge_folds_into_a_plain_model(fresh_tiny, batch):
     with torch.no_grad():
         for a, b in zip(checks.features(m.eval(), *batch, plain=False), checks.features(merged.eval(), *batch, plain=True)):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="no LoRA"):
+    with pytest.raises(ValueError, match="not prepared"):
         leanclip.merge(fresh_tiny())
 
 

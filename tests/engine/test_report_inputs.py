@@ -122,7 +122,7 @@ def test_a_malformed_manifest_is_one_line_naming_file_and_field(capsys, tmp_path
 def test_a_manifest_the_sweep_wrote_passes_the_check(capsys, tmp_path):
     out = tmp_path / "s"
     rc, _, err = run(capsys, "sweep", "--protocol", "base2new", "--methods", "zeroshot,coop,llu", "--seeds", "1,2",
-                     "--epochs", "1", "--lr", "0.01", "--templates", "a {}.", "--opt", "coop:n_ctx=2",
+                     "--epochs", "1", "--lr", "0.01", "--opt", "coop:n_ctx=2",
                      "--no-feature-cache", "--output", out, "--plan")
     assert rc == 0, err
     sweep.check_manifest(json.loads((out / "sweep.json").read_text()), out / "sweep.json")
