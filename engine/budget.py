@@ -286,24 +286,28 @@ def apply_plan(model: nn.Module, plan: RecomputePlan) -> nn.Module:
     return model
 
 
-def resolve_budget(budget, plain: int) -> int:
-    """A budget in bytes: an int (bytes), a string with a unit (``"12GiB"``, ``"800MB"``), or a float in (0, 1]:
-    that fraction of ``plain`` (plain open_clip's predicted step peak)."""
+def resolve_budget(budget, plain: int, name: str = "memory_budget") -> int:
+    """A budget in bytes: an int (bytes), a string with a unit (``"12GiB"``, ``"800MB"``), or a fraction in (0, 1] (a
+    float, or a string without a unit such as ``"0.2"``):
+    that fraction of ``plain`` (plain open_clip's predicted step peak). ``name``: the argument errors name."""
     if isinstance(budget, bool):
-        raise ValueError(f"memory_budget must be bytes (int or e.g. '12GiB') or a fraction in (0, 1], got {budget!r}")
+        raise ValueError(f"{name} must be bytes (int or e.g. '12GiB') or a fraction in (0, 1], got {budget!r}")
     if isinstance(budget, str):  # the command line's --memory-budget: "0.2" (a fraction) or "12GiB"
         try:
             number = float(budget)
         except ValueError:
-            return parse_bytes(budget, "memory_budget")
-        budget = number if number <= 1 else parse_bytes(budget, "memory_budget")
+            return parse_bytes(budget, name)
+        if not (math.isfinite(number) and 0 < number <= 1):
+            raise ValueError(f"{name}: a number without a unit is a fraction of plain's step peak in (0, 1], got "
+                             f"{budget!r}; give bytes with a unit, e.g. 12GiB or 800MB")
+        budget = number
     if isinstance(budget, float):
         if not (math.isfinite(budget) and 0 < budget <= 1):
-            raise ValueError(f"memory_budget as a float is a fraction of plain's step peak in (0, 1], got {budget!r}")
+            raise ValueError(f"{name} as a float is a fraction of plain's step peak in (0, 1], got {budget!r}")
         return int(budget * plain)
     if isinstance(budget, int) and budget > 0:
         return budget
-    raise ValueError(f"memory_budget must be bytes (int or e.g. '12GiB') or a fraction in (0, 1], got {budget!r}")
+    raise ValueError(f"{name} must be bytes (int or e.g. '12GiB') or a fraction in (0, 1], got {budget!r}")
 
 
 def _mib(n) -> str:

@@ -84,9 +84,9 @@ def check_recompute_flags(args) -> None:
         if args.no_lean:
             raise UsageError("--memory-budget plans the lean modules' recompute; it cannot go with --no-lean")
         try:
-            resolve_budget(budget, 1)
+            resolve_budget(budget, 1, "--memory-budget")
         except ValueError as e:
-            raise UsageError(f"--memory-budget: {e}") from None
+            raise UsageError(str(e)) from None
     if args.recompute_chunk is not None and args.recompute != "block":
         raise UsageError(f"--recompute-chunk runs a block's forward and backward over chunks of samples; it needs "
                          f"--recompute block, got --recompute {args.recompute}")

@@ -15,13 +15,14 @@ GiB = 2 ** 30
 
 @pytest.mark.parametrize("value,plain,want", [
     (12 * GiB, 1, 12 * GiB), ("12GiB", 1, 12 * GiB), ("800MB", 1, 800 * 10 ** 6), ("0.25", 1000, 250),
-    (0.5, 1000, 500), (1.0, 1000, 1000), ("5000", 1, 5000),
+    (0.5, 1000, 500), (1.0, 1000, 1000), ("5000B", 1, 5000),
 ])
 def test_budget_forms(value, plain, want):
     assert budget.resolve_budget(value, plain) == want
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, 0.0, float("nan"), True, "lots", "0", "-2GiB", "12XB", None])
+@pytest.mark.parametrize("value", [0, -1, 1.5, 0.0, float("nan"), True, "lots", "0", "-2GiB", "12XB", None, "1.5",
+                                   "5000", "nan"])
 def test_bad_budgets_are_named(value):
     with pytest.raises(ValueError, match="memory_budget"):
         budget.resolve_budget(value, 1000)
@@ -128,6 +129,7 @@ def test_train_plans_for_a_budget_and_records_it(tmp_path, capsys):
     (["--memory-budget", "0.3", "--no-lean"], "--no-lean"),
     (["--memory-budget", "lots"], "--memory-budget"),
     (["--memory-budget", "1.5GiBs"], "--memory-budget"),
+    (["--memory-budget", "1.5"], "a number without a unit is a fraction"),
 ])
 def test_budget_flag_errors(extra, match, tmp_path, capsys):
     from leanclip import cli
