@@ -19,8 +19,8 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
                    block's backward holds one chunk's activations instead of the batch's
     lean:budget:<b>  ``prepare(..., recompute="auto", memory_budget=b)``: the plan ``leanclip.budget`` makes for a step
                    peak of b (a fraction of plain's predicted peak, or bytes such as 3GiB)
-    lean:fit       (``bench fit``) the plan for the cap: the cap less the resident set once the model is built, less
-                   the batch's images
+    lean:fit       (``bench fit``) the plan for the cap: the cap less what is resident before the step (the model,
+                   the batch, and what a one-sample warm-up step leaves)
     lean:<policy>+compile  the same step with its image-side forward under ``torch.compile``; a mode that does not
                    trace is reported with its reason under ``failed`` instead of stopping the run
     floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
@@ -60,7 +60,7 @@ from leanclip.bench.common import (
     bench_tokenizer, interleaved_times, load_average, machine, reliability_warnings, rss_now, spread,
     step_peak_bytes, write_json, write_png,
 )
-from leanclip.budget import resolve_budget
+from leanclip.budget import apply_plan, plan_recompute, resolve_budget
 from leanclip.configs import register_tiny_config
 from leanclip.lean import SAC_CACHE_COUNTED, set_recompute
 from leanclip.memory import saved_activation_bytes
@@ -192,26 +192,29 @@ def _plain_forward(model, method, images, labels, tokens, scope, classnames, tok
     return forward
 
 
-def _image_side(model_name: str) -> int:
-    import open_clip
-
-    size = (open_clip.get_model_config(model_name) or {}).get("vision_cfg", {}).get("image_size", 224)
-    return size if isinstance(size, int) else max(size)
-
-
-def _plan_args(spec, batch_size, n_classes, scope, image_bytes, cap, device) -> dict | None:
-    """``prepare``'s budget arguments of a ``lean:budget:<b>`` / ``lean:fit`` mode (None for other modes)."""
-    if spec["memory_budget"] is None:
+def _plan_args(spec, batch_size, n_classes, scope) -> dict | None:
+    """``prepare``'s budget arguments of a ``lean:budget:<b>`` mode (None for other modes; ``lean:fit`` plans later,
+    :func:`_plan_for_cap`)."""
+    if spec["memory_budget"] in (None, "fit"):
         return None
-    text_batch = 0 if scope == "image" else n_classes * len(TEMPLATES)
-    budget = spec["memory_budget"]
-    if budget == "fit":
-        if cap is None:
-            raise ValueError("mode lean:fit plans for bench fit's --mem-cap; use lean:budget:<b> here")
-        def budget():  # called once the model is resident: what the cap leaves for the step
-            held = torch.cuda.memory_allocated() if torch.cuda.is_available() and device.type == "cuda" else rss_now()
-            return max(1, int(cap - held - image_bytes))  # nothing left: no plan fits (the planner says so)
-    return {"memory_budget": budget, "batch_size": batch_size, "text_batch_size": text_batch}
+    return {"memory_budget": spec["memory_budget"], "batch_size": batch_size,
+            "text_batch_size": _text_batch(n_classes, scope)}
+
+
+def _text_batch(n_classes: int, scope: str) -> int:
+    return 0 if scope == "image" else n_classes * len(TEMPLATES)
+
+
+def _plan_for_cap(model, warm_up, cap, batch_size, text_batch, device) -> None:
+    """``lean:fit``: plan the lean blocks for what the cap leaves once everything but the step is resident: the
+    model, its inputs, and what a first step leaves behind (optimizer state, the class text features, the runtime's
+    own first-call allocations), measured after a one-sample warm-up step."""
+    if cap is None:
+        raise ValueError("mode lean:fit plans for bench fit's --mem-cap; use lean:budget:<b> here")
+    warm_up()
+    held = torch.cuda.memory_allocated() if device.type == "cuda" else rss_now()
+    left = max(1, int(cap - held))  # nothing left: no plan fits (the planner says so)
+    apply_plan(model, plan_recompute(model, left, batch_size, text_batch_size=text_batch))
 
 
 def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokenizer, precision="fp32",
@@ -228,10 +231,10 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
     amp = precision == "bf16"
     classnames = [f"class number {i}" for i in range(n_classes)]
     lean = spec["kind"] != "plain"
-    image_bytes = batch_size * 3 * _image_side(model_name) ** 2 * 4
-    model = _build(model_name, method, lean, spec["policy"], device, classnames, tokenizer,
+    fit = spec["memory_budget"] == "fit"
+    model = _build(model_name, method, lean, "none" if fit else spec["policy"], device, classnames, tokenizer,
                    frozen_dtype=torch.bfloat16 if amp and lean else None,
-                   plan=_plan_args(spec, batch_size, n_classes, scope, image_bytes, cap, device))
+                   plan=_plan_args(spec, batch_size, n_classes, scope))
     if spec["gc"]:
         model.set_grad_checkpointing(True)
     if spec["chunk"] is not None:
@@ -246,6 +249,9 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
     if lean:  # the trainer's own step
         cstep = ClassifyStep(model, classnames, list(TEMPLATES), tokenizer, device=device, precision=precision,
                              compile=spec["compile"], fixed_text=spec["kind"] == "floor" or scope == "image")
+        if fit:
+            _plan_for_cap(model, lambda: cstep(images[:1], labels[:1]), cap, batch_size,
+                          _text_batch(n_classes, scope), device)
 
         def step():
             with _budget_context(spec["budget"]):

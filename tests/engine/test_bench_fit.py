@@ -278,17 +278,32 @@ def test_bench_fit_cpu_under_a_cap_below_the_runtime_fits_nothing(tmp_path, caps
 
 
 def test_lean_fit_plans_for_what_the_cap_leaves(monkeypatch):
-    """``lean:fit``: the budget is the cap less what is resident once the model is built, less the batch's images;
-    a cap that leaves less than the smallest plan is a non-fit record, not an error."""
-    from leanclip.bench import step as bench_step
+    """``lean:fit``: the blocks are planned for the cap less what is resident after a one-sample warm-up step (the
+    model, the batch, what a first step leaves); a cap that leaves less than the smallest plan is a non-fit record,
+    not an error."""
+    import open_clip
 
+    from leanclip import budget
+    from leanclip.bench import step as bench_step
+    from leanclip.configs import register_tiny_config
+
+    seen = {}
+    real_plan = budget.plan_recompute
+
+    def plan(model, limit, batch, **kw):
+        seen.update(limit=limit, batch=batch, warmed=any(p.grad is not None for p in model.parameters()), **kw)
+        return real_plan(model, limit, batch, **kw)
+    monkeypatch.setattr(bench_step, "plan_recompute", plan)
     monkeypatch.setattr(bench_step, "rss_now", lambda: 100 * 2**20)
-    spec = bench_step.parse_mode("lean:fit")
-    args = bench_step._plan_args(spec, 4, 3, "image", 12345, GiB, torch.device("cpu"))
-    assert args["batch_size"] == 4 and args["text_batch_size"] == 0
-    assert args["memory_budget"]() == GiB - 100 * 2**20 - 12345
+    step, _, model = bench_step.make_step(register_tiny_config(), "ln", "lean:fit", batch_size=4, n_classes=3,
+                                          device=torch.device("cpu"), tokenizer=open_clip.get_tokenizer("ViT-B-16"),
+                                          scope="image", cap=GiB)
+    assert seen == {"limit": GiB - 100 * 2**20, "batch": 4, "warmed": True, "text_batch_size": 0}
+    assert {b.leanclip_recompute for b in model.visual.transformer.resblocks} == {"none"}  # plenty left: no recompute
+    step()
     with pytest.raises(ValueError, match="--mem-cap"):
-        bench_step._plan_args(spec, 4, 3, "image", 0, None, torch.device("cpu"))
+        bench_step.make_step(register_tiny_config(), "ln", "lean:fit", batch_size=4, n_classes=3,
+                             device=torch.device("cpu"), tokenizer=open_clip.get_tokenizer("ViT-B-16"), scope="image")
 
     class NoWatch:  # the probe's watchdog stops the process past 2x the cap: not in a test's process
         def __init__(self, *a):
