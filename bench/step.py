@@ -134,21 +134,14 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None, plan=None):
-    """The model of one mode. ``plan``: ``prepare``'s budget arguments (``memory_budget`` may be a function of the
-    built model, called just before ``prepare``)."""
+    """The model of one mode. ``plan``: ``prepare``'s budget arguments (a ``lean:budget:<b>`` mode)."""
     import open_clip
 
     torch.manual_seed(0)
     with random_init():  # random weights are the point: no "No pretrained weights loaded" line per mode
         model = open_clip.create_model(model_name, pretrained=None)
     model = model.to(device)
-    budget = {}
-    if plan is not None:
-        budget = dict(plan, recompute="auto")
-        if callable(budget["memory_budget"]):
-            budget["memory_budget"] = budget["memory_budget"]()
-    else:
-        budget = {"recompute": policy if lean else "none"}
+    budget = dict(plan, recompute="auto") if plan is not None else {"recompute": policy if lean else "none"}
     prepare(model, method, lean=lean, classnames=classnames, tokenizer=tokenizer, model_name=model_name,
             frozen_dtype=frozen_dtype, **budget)
     model.train()

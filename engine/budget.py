@@ -93,7 +93,7 @@ def _is_lean_block(m: nn.Module) -> bool:
     return bool(getattr(type(m), "lean_block", False))
 
 
-def _with_backward(model, shapes, saved_none: dict) -> list:
+def _with_backward(shapes, saved_none: dict) -> list:
     """The towers a step back-propagates through (they keep something for backward without recompute)."""
     return [s for s in shapes if saved_none[s.name] > 0]
 
@@ -194,7 +194,7 @@ def plain_peak(model: nn.Module, batch_size: int, **kw) -> int:
     if not shapes:
         return _trainable_bytes(model)
     saved = {"none": _saved_by_tower(model, "none", shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))}
-    shapes = _with_backward(model, shapes, saved["none"])
+    shapes = _with_backward(shapes, saved["none"])
     policies = {s.name: ["none"] * len(s.blocks) for s in shapes}
     return _peak(model, shapes, policies, None, saved, {s.name: False for s in shapes})
 
@@ -206,7 +206,7 @@ def predict_peak(model: nn.Module, batch_size: int, policy: str = "none", chunk:
     shapes = tower_shapes(model, batch_size, **kw)
     saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))
              for p in {policy, "none"}}
-    shapes = _with_backward(model, shapes, saved["none"])
+    shapes = _with_backward(shapes, saved["none"])
     policies = {s.name: [policy] * len(s.blocks) for s in shapes}
     return _peak(model, shapes, policies, chunk, saved, {s.name: _reads_one_row(model, s.name) for s in shapes})
 
@@ -247,7 +247,7 @@ def plan_recompute(model: nn.Module, budget: int, batch_size: int, **kw) -> Reco
                          f"{type(other).__module__}.{type(other).__qualname__} blocks; give a recompute policy")
     saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))
              for p in _lean.POLICIES}
-    shapes = _with_backward(model, shapes, saved["none"])
+    shapes = _with_backward(shapes, saved["none"])
     if not shapes:  # nothing is back-propagated through a lean tower: nothing to recompute
         return RecomputePlan({}, None, _trainable_bytes(model), 0.0)
     one_row = {s.name: _reads_one_row(model, s.name) for s in shapes}
