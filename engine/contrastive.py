@@ -29,6 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from leanclip import distributed as D
 from leanclip import utils
+from leanclip.calibration import FirstStepCheck
 from leanclip.data import ItemSeeds, clip_transform, seeded_dataset
 from leanclip.losses import clamp_logit_scale_, clip_loss
 from leanclip.metrics import retrieval_recall_from_features
@@ -240,6 +241,7 @@ class _ContrastiveRun:
     history: list = field(default_factory=list)
     pairs_seen: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    peak_check: FirstStepCheck | None = None   # the first step's measured peak against the recompute plan (CUDA)
 
     @property
     def main(self) -> bool:
@@ -293,6 +295,7 @@ def _start_contrastive(model, method, pairs, tokenizer, cfg, transform, resume) 
         (out_dir / LOG_NAME).unlink()
     D.barrier()
     run.bar = utils.Progress(total, f"contrastive {method}", cfg.progress and rank == 0, initial=run.step)
+    run.peak_check = FirstStepCheck(model, device)
     run.t_start = time.perf_counter()
     return run
 
@@ -334,6 +337,7 @@ def _contrastive_step(run: _ContrastiveRun, epoch: int, images, captions, t_step
     cfg, device = run.cfg, run.device
     lr = cosine_lr(run.step, run.total, cfg.lr, warmup=cfg.warmup_steps, min_lr=cfg.min_lr)
     set_lr(run.opt, lr)
+    run.peak_check.begin()
     tokens = torch.as_tensor(run.tokenizer(list(captions))).to(device, non_blocking=True)
     images = images.to(device, non_blocking=True)
     with utils.autocast(device, run.precision):
@@ -348,6 +352,7 @@ def _contrastive_step(run: _ContrastiveRun, epoch: int, images, captions, t_step
     gloss, gn = torch.stack([D.all_reduce_mean(loss.detach().float()),
                              gnorm.detach().float().to(loss.device)]).tolist()
     utils.check_finite_step(gloss, gn, step=run.step + 1, epoch=epoch + 1, lr=lr, checkpoint=run.checkpoint)
+    run.peak_check.end()
     run.opt.step()
     temp = method_hooks(run.model).get("temperature")
     if temp is not None:

@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from leanclip import distributed as D
 from leanclip import features as feats
 from leanclip import utils
+from leanclip.calibration import FirstStepCheck
 from leanclip.data import check_classes
 from leanclip.feature_cache import cached_batches
 from leanclip.llu import run_llu
@@ -231,6 +232,7 @@ class _Run:
     history: list = field(default_factory=list)
     images_seen: int = 0
     t_start: float = field(default_factory=time.perf_counter)
+    peak_check: FirstStepCheck | None = None   # the first step's measured peak against the recompute plan (CUDA)
 
     @property
     def checkpoint(self) -> Path | None:
@@ -267,6 +269,7 @@ def _start_run(model, train_set, classnames, templates, tokenizer, cfg: TrainCon
         D.barrier()
     elif out_dir is not None and (out_dir / LOG_NAME).exists():
         (out_dir / LOG_NAME).unlink()
+    run.peak_check = FirstStepCheck(model, device)
     run.t_start = time.perf_counter()
     return run
 
@@ -286,6 +289,7 @@ def _train_epoch(run: _Run, epoch: int) -> None:
             group_n = sum(min(bs, n_data - j * bs) for j in range(i, last_mb))
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # CE * n, correct, n
             t_step = time.perf_counter()
+            run.peak_check.begin()
             run.step_fn.begin()
         if run.world > 1:  # this process's contiguous share of the global batch (possibly empty: no micro)
             share = -(-len(labels) // run.world)
@@ -325,6 +329,7 @@ def _finish_step(run: _Run, epoch: int, sums: torch.Tensor, t_step: float) -> di
     ce_sum, correct, n, *extra, gn = torch.cat([sums, extra_t, gn_t]).tolist()
     loss = ce_sum / n + sum(extra)
     utils.check_finite_step(loss, gn, step=run.step + 1, epoch=epoch + 1, lr=lr, checkpoint=run.checkpoint)
+    run.peak_check.end()  # the forward and backward are done: the step's activations have peaked
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     run.step += 1
