@@ -112,3 +112,31 @@ def test_a_chained_cell_whose_base_failed_is_failed_and_retried_with_it(tmp_path
     assert cells[CHAIN]["error"].startswith(f"its base cell {LN} is failed") and not (out / CHAIN).exists()
     rc, stdout, _ = _main(_grid(out, weights, "--retry-failed"), capsys)
     assert rc == 0 and json.loads(stdout)["ran"] == 2 and json.loads(stdout)["done"] == 2
+
+
+def test_parallel_workers_start_a_chained_cell_after_its_base_ended(tmp_path, weights, monkeypatch, capsys):
+    """--workers 2: the chained cell's thread waits for its base (cells replaced by a stub that writes a result)."""
+    import threading
+    import time
+
+    events, lock = [], threading.Lock()
+
+    def stub(cell, spec, runner, device):
+        with lock:
+            events.append(("start", cell.method, cell.seed))
+        time.sleep(0.3 if cell.method == "ln" else 0.0)
+        step = sweep.steps_of(cell, spec)[0]
+        step.out.mkdir(parents=True, exist_ok=True)
+        step.result.write_text(json.dumps({"command": "train", "metrics": {"test": {"top1": 50.0}}}))
+        with lock:
+            events.append(("end", cell.method, cell.seed))
+        return None
+
+    monkeypatch.setattr(sweep, "run_cell", stub)
+    argv = _grid(tmp_path / "s", weights)
+    argv[argv.index("--workers") + 1] = "2"
+    argv[argv.index("--seeds") + 1] = "1,2"
+    rc, stdout, _ = _main(argv, capsys)
+    assert rc == 0 and json.loads(stdout)["done"] == 4, stdout
+    for seed in (1, 2):
+        assert events.index(("end", "ln", seed)) < events.index(("start", "coop@ln", seed)), events
