@@ -7,8 +7,8 @@ data, rebuilt through ``leanclip eval``'s one restore path (``restore_inputs`` /
 
 ``--grad``: sums of squared gradients of the run's training loss (``leanclip.grad_stats``) over N training batches
 (the run's batch size, its first epoch's order and augmentation under its seed, the method's extra loss terms
-referenced to the weights the run started from, as in training), at the trained weights (``--at trained``) or at
-the start (``--at start``); per tensor, per block, and per group (``leanclip.cli.analyze.param_group``: image /
+referenced to the weights the run started from, as in training), in fp32 whatever precision the run trained in,
+at the trained weights (``--at trained``) or at the start (``--at start``); per tensor, per block, and per group (``leanclip.cli.analyze.param_group``: image /
 text LayerNorm, text ``mlp.c_proj.bias``, other image / text biases, other image / text parameters, each added
 module). Writes ``grad.json``, prints a table.
 
