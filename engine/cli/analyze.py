@@ -4,6 +4,8 @@ CLIPFit's parameter-change analysis).
     leanclip analyze runs/ln_pets                      # the run against the weights it started from
     leanclip analyze runs/ln_pets runs/ln_dtd          # two runs of the same architecture, parameters in common
     leanclip analyze runs/a runs/b --output runs/a_vs_b   # also analysis.json and ln_change.png there
+    leanclip analyze runs/clipfit --grad --output DIR     # squared gradients per group (leanclip.cli.analyze_runs)
+    leanclip analyze runs/clipfit --tsne --output DIR     # t-SNE of test features, zero-shot vs tuned
 
 A run is a run folder or its ``checkpoint.safetensors`` (trainable parameters only, ``leanclip.checkpoint``). With one
 run the reference is its initial weights: the model and weights the run records, rebuilt as ``leanclip eval`` rebuilds
@@ -34,11 +36,13 @@ import torch
 
 from leanclip import utils
 from leanclip.checkpoint import read_trainable
+from leanclip.cli import analyze_runs
 from leanclip.cli.common import (
     DEFAULT_MODEL, UsageError, build_recorded_model, check_output, emit, read_checkpoint_meta, run_record,
 )
 
-__all__ = ["analyze_params", "pearson", "spearman", "layernorm_position", "param_group", "add_arguments", "run"]
+__all__ = ["analyze_params", "pearson", "spearman", "layernorm_position", "param_group", "save_figure", "add_arguments",
+           "run"]
 
 JSON_NAME = "analysis.json"
 PLOT_NAME = "ln_change.png"
@@ -309,13 +313,20 @@ def _plot(profile: dict, path: Path, title: str) -> Path | None:
         ax.set_ylabel("mean |change| of LayerNorm")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    save_figure(fig, path, title)
+    return path
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, layout, and the PNG written atomically (a reader never sees half a file); the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     try:
         utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------- command
@@ -333,9 +344,13 @@ def add_arguments(p) -> None:
     p.add_argument("--use-recorded-weights", action="store_true",
                    help="one run: read the weights the checkpoint records (a file only if its sha256 still matches)")
     p.add_argument("--output", metavar="DIR", default=None, help=f"write {JSON_NAME} and {PLOT_NAME} here")
+    analyze_runs.add_arguments(p)
 
 
 def run(args) -> int:
+    analyze_runs.check(args)
+    if args.grad or args.tsne:
+        return analyze_runs.run(args)
     if len(args.runs) > 2:
         raise UsageError(f"analyze takes one or two runs, got {len(args.runs)}")
     two = len(args.runs) == 2

@@ -254,9 +254,10 @@ def restore_inputs(args, meta: dict) -> dict:
     return record
 
 
-def prepare_from_checkpoint(model, meta: dict, tokenizer, model_name: str, *, classnames=None) -> None:
+def prepare_from_checkpoint(model, meta: dict, tokenizer, model_name: str, *, classnames=None, load: bool = True) -> None:
     """Re-apply the checkpoint's method with the options it recorded (its ``init_from`` weights too), then load its
-    trainable parameters: the one restore path of ``eval`` for every task."""
+    trainable parameters: the one restore path of ``eval`` for every task. ``load=False`` stops before the load: the
+    model as the run started (what a method's loss terms take as their reference, e.g. CLIPFit's teacher)."""
     from leanclip.methods import PREPARE_OPTIONS, method_options, parse_method, prepare
 
     opts = dict(meta.get("options") or {})
@@ -270,7 +271,8 @@ def prepare_from_checkpoint(model, meta: dict, tokenizer, model_name: str, *, cl
     prepare(model, meta["method"], lean=lean, tower=opts.get("tower", "both"),
             classnames=classnames, tokenizer=tokenizer, model_name=model_name, init_from=init_from,
             frozen_dtype=recorded_frozen_dtype(opts), **method_opts)
-    load_trainable(model, meta["path"])
+    if load:
+        load_trainable(model, meta["path"])
 
 
 def _hashed_file(source: str, sha256) -> bool:

@@ -44,6 +44,7 @@ from leanclip.cli.common import (
     DEFAULT_MODEL, SEED_MAX, UsageError, check_numbers, check_output, default_pretrain_steps,
     method_opts_from_flags, synthetic_pretrained_weights,
 )
+from leanclip.cli.chain import chain_bases, dependency_order, split_chain
 from leanclip.cli.flags import check_command_line
 from leanclip.data import DATASET_INFO, find_split_file
 from leanclip.feature_cache import ENV_VAR, count_events
@@ -68,6 +69,7 @@ DEFAULT_SHOTS = {"fewshot": [1, 2, 4, 8, 16], "base2new": [16], "xd": [16], "dg"
 DEFAULT_TARGETS = {"xd": "coop10", "dg": "imagenet-variants"}
 # a method, dataset or protocol name becomes a folder of the sweep: one path component that cannot climb out of it
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}\Z")
+METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+@-]{0,127}\Z")  # a plain name, or chained: X@Y (leanclip.cli.chain)
 STATES = ("pending", "running", "done", "failed")
 # train flags the grid sets per cell, and the contrastive-task flags (a sweep classifies): not taken from the user
 GRID_DESTS = {"help", "method", "shots", "seed", "subsample", "data", "dataset", "split_file", "synthetic", "output",
@@ -202,16 +204,24 @@ class Cell:
     def id(self) -> str:
         return f"{self.protocol}/{self.dataset}/{self.method}/shots{self.shots}_seed{self.seed}"
 
+    @property
+    def base(self) -> "Cell | None":
+        """The cell a chained cell (``X@Y``) starts from: ``Y``'s, same protocol, dataset, shots and seed."""
+        base = split_chain(self.method)[1]
+        return None if base is None else Cell(self.protocol, self.dataset, base, self.shots, self.seed)
+
 
 def cells_of(spec: Spec) -> list[Cell]:
-    """The grid's cells: dataset-major, then shots, seed, method (cells sharing features run close together)."""
+    """The grid's cells: dataset-major, then shots, seed, method (cells sharing features run close together); the
+    methods in dependency order, so a chained cell (``X@Y``) comes after the cell it starts from."""
     out = []
+    methods = dependency_order(spec.methods, {m: split_chain(m)[1] for m in spec.methods if split_chain(m)[1]})
     for ds in ([spec.source] if spec.protocol in ("xd", "dg") else spec.datasets):
         if ZEROSHOT in spec.methods:
             out.append(Cell(spec.protocol, ds, ZEROSHOT, 0, 0))
         for k in spec.shots:
             for s in spec.seeds:
-                out += [Cell(spec.protocol, ds, m, k, s) for m in spec.methods if m != ZEROSHOT]
+                out += [Cell(spec.protocol, ds, m, k, s) for m in methods if m != ZEROSHOT]
     return out
 
 
@@ -268,22 +278,37 @@ def _check_methods(methods: list[str], protocol: str) -> list[str]:
 
     out = []
     for m in methods:
-        plain_name(m, "--methods")
-        if m == ZEROSHOT:
-            name = m
-        else:
+        _method_name(m)
+        names = [] if m == ZEROSHOT else m.split("@")
+        for i, n in enumerate(names):
+            if i and n == ZEROSHOT:
+                continue  # refused as a base by chain_bases, with the reason
             try:
-                name = "+".join(parse_method(m))
-                check_task(name, "classify")
+                names[i] = "+".join(parse_method(n))
+                if i == 0:  # the trained method; its bases are checked as entries of their own
+                    check_task(n, "classify")
             except ValueError as e:
-                raise UsageError(f"--methods: {e}") from None
-            if protocol != "fewshot" and is_closed_set(name):
-                raise UsageError(f"--methods: {name!r} classifies only its training classes; the {protocol} protocol "
-                                 f"evaluates other classes (use it with --protocol fewshot)")
+                raise UsageError(f"--methods: {e}" if not i else f"--methods: {m!r}: base {n!r}: {e}") from None
+        if names and protocol != "fewshot" and is_closed_set(names[0]):
+            raise UsageError(f"--methods: {names[0]!r} classifies only its training classes; the {protocol} protocol "
+                             f"evaluates other classes (use it with --protocol fewshot)")
+        name = "@".join(names) if names else m
         if name in out:
             raise UsageError(f"--methods: {name!r} is listed twice")
-        out.append(plain_name(name, "--methods"))
+        out.append(_method_name(name))
+    chain_bases(out, frozenset({ZEROSHOT}))
     return out
+
+
+def _method_name(name) -> str:
+    """A method of the grid: a plain name (:func:`plain_name`), or plain names joined by ``@`` (a chained method,
+    ``leanclip.cli.chain``); UsageError otherwise."""
+    if not (isinstance(name, str) and "@" in name):
+        return plain_name(name, "--methods")
+    if not METHOD_NAME.match(name) or any(not PLAIN_NAME.match(p) for p in name.split("@")):
+        raise UsageError(f"--methods: {_short(name)} is not a method name: plain names (letters, digits and . _ + - , "
+                         f"starting with a letter or digit), chained as X@Y")
+    return name
 
 
 def _dataset_names(names: list[str], data: str | None, flag: str) -> list[str]:
@@ -340,7 +365,8 @@ def _check_weights(pretrained: str, model: str | None) -> str:
 
 def _method_opts(methods: list[str], pairs) -> dict:
     """``--opt [METHOD:]KEY=VALUE`` -> ``{method: ["KEY=VALUE", ...]}``, each checked against what the method
-    declares; an unscoped KEY goes to every method that declares it (at least one must)."""
+    declares; an unscoped KEY goes to every method that declares it (at least one must). A chained method's options
+    are those of the method it trains (``X`` of ``X@Y``); ``Y``'s cell has its own."""
     out: dict[str, list[str]] = {m: [] for m in methods if m != ZEROSHOT}
     for pair in pairs or []:
         scope, sep, rest = pair.partition(":")
@@ -351,14 +377,19 @@ def _method_opts(methods: list[str], pairs) -> dict:
         else:
             kv = pair
             key = kv.partition("=")[0].strip().replace("-", "_")
-            targets = [m for m in out if any(key in method_options(p) for p in m.split("+"))]
+            targets = [m for m in out if any(key in method_options(p) for p in _parts(m))]
             if not targets:
                 raise UsageError(f"--opt {pair!r}: no method of --methods declares {key!r}")
         for m in targets:
             out[m].append(kv)
     for m, kvs in out.items():
-        method_opts_from_flags(m.split("+"), kvs)  # typed and checked; UsageError names the pair
+        method_opts_from_flags(_parts(m), kvs)  # typed and checked; UsageError names the pair
     return {m: kvs for m, kvs in out.items() if kvs}
+
+
+def _parts(method: str) -> list[str]:
+    """The components of the method a cell trains (``X`` of a chained ``X@Y``)."""
+    return split_chain(method)[0].split("+")
 
 
 def _check_workers(args) -> None:
@@ -452,10 +483,12 @@ def _steps(cell: Cell, spec: Spec) -> list[Step]:
                                   "--no-progress", *_flag_argv(spec.flags, "zeroshot")], folder)
                 for (sub, ds), folder in zip(runs, folders)]
     opts = [w for kv in spec.opts.get(cell.method, []) for w in ("--opt", kv)]
+    if cell.base is not None:  # a chained cell starts from its base cell's checkpoint
+        opts += ["--init-from", str(spec.output / cell.base.id)]
     sub = "base" if cell.protocol == "base2new" else "all"
-    out = [Step("train", ["train", "--method", cell.method, "--shots", str(cell.shots), "--seed", str(cell.seed),
-                          "--subsample", sub, *_data_argv(spec, cell.dataset), "--output", str(d), "--no-progress",
-                          *_flag_argv(spec.flags, "train"), *opts], d)]
+    out = [Step("train", ["train", "--method", split_chain(cell.method)[0], "--shots", str(cell.shots), "--seed",
+                          str(cell.seed), "--subsample", sub, *_data_argv(spec, cell.dataset), "--output", str(d),
+                          "--no-progress", *_flag_argv(spec.flags, "train"), *opts], d)]
     for t in targets:
         out.append(Step("eval", ["eval", "--checkpoint", str(d), *_data_argv(spec, t), "--output",
                                  str(d / "eval" / t), "--no-progress", *_flag_argv(spec.flags, "eval")],
@@ -583,7 +616,11 @@ def _check_grid_entry(entry: dict, where: str, cross: bool, bad) -> None:
             return all(isinstance(x, str) for x in v)
         return v is None or isinstance(v, (str, bool, int)) or (isinstance(v, float) and math.isfinite(v))
 
-    checks = [("methods", names, "a list of distinct plain names"),
+    def methods(v) -> bool:
+        return isinstance(v, list) and bool(v) and len(set(map(str, v))) == len(v) and all(
+            isinstance(n, str) and METHOD_NAME.match(n) and all(PLAIN_NAME.match(p) for p in n.split("@")) for n in v)
+
+    checks = [("methods", methods, "a list of distinct method names (plain, or chained as X@Y)"),
               ("datasets", names, "a list of distinct plain names"),
               ("source", (lambda v: isinstance(v, str) and bool(PLAIN_NAME.match(v))) if cross else
                (lambda v: v is None), "a plain name" if cross else "null"),
@@ -601,6 +638,10 @@ def _check_grid_entry(entry: dict, where: str, cross: bool, bad) -> None:
             bad(f"{where}.{key}", "is missing")
         if not ok(entry[key]):
             bad(f"{where}.{key}", f"must be {what}, got {_short(entry[key])}")
+    try:
+        chain_bases(entry["methods"], frozenset({ZEROSHOT}))
+    except UsageError as e:
+        bad(f"{where}.methods", str(e).removeprefix("--methods: "))
 
 
 def _grid_entry(spec: Spec) -> dict:
@@ -819,8 +860,33 @@ def _run_cells(todo: list[Cell], spec: Spec, manifest: dict, args, lock_fd: int)
     for d in args.devices[:args.workers] if args.devices else [None] * max(args.workers, 1):
         devices.put(d)
     log = utils.get_logger()
+    ended = {c.id: threading.Event() for c in todo}  # set when a cell of this invocation has ended, however
+
+    def base_unfinished(cell: Cell) -> bool:
+        """A chained cell waits for its base cell (queued before it: cells_of's dependency order); True when it
+        cannot run: recorded as failed when its base did not finish, left pending when the sweep is stopping."""
+        if cell.base is None:
+            return False
+        if cell.base.id in ended:
+            ended[cell.base.id].wait()
+        with guard:
+            state = manifest["cells"].get(cell.base.id, {}).get("state", "pending")
+            if runner.stopping or state == "done":
+                return runner.stopping
+            manifest["cells"][cell.id].update(state="failed", error=f"its base cell {cell.base.id} is {state}: "
+                                                                    f"it starts from that cell's checkpoint")
+            write_manifest(manifest, spec.output)
+        log.info("sweep: %s failed (base cell %s is %s)", cell.id, cell.base.id, state)
+        return True
 
     def one(cell: Cell) -> None:
+        try:
+            if not base_unfinished(cell):
+                run_one(cell)
+        finally:
+            ended[cell.id].set()
+
+    def run_one(cell: Cell) -> None:
         device = devices.get()
         try:
             with guard:
