@@ -106,9 +106,8 @@ setup(
         "ftfy",
     ],
     # towers: LilT's unaligned towers (open_clip custom towers: a timm image model, a Hugging Face text model)
-    extras_require={"test": ["pytest", "pytest-benchmark", "ninja", "timm", "transformers", "scikit-learn"],
-                    "triton": ["triton"], "towers": ["timm", "transformers"],
-                    "analysis": ["scikit-learn"]},  # leanclip analyze --tsne
+    extras_require={"test": ["pytest", "pytest-benchmark", "ninja", "timm", "transformers"],
+                    "triton": ["triton"], "towers": ["timm", "transformers"]},
     entry_points={"console_scripts": ["leanclip=leanclip.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

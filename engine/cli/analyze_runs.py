@@ -51,8 +51,8 @@ def add_arguments(p) -> None:
                       help=f"sums of squared gradients of the run's training loss per tensor and group over "
                            f"--batches training batches; writes {GRAD_JSON} and prints a table")
     what.add_argument("--tsne", action="store_true",
-                      help=f"t-SNE of the test features, zero-shot vs tuned, coloured by class ({TSNE_PNG}; needs "
-                           f"scikit-learn: pip install 'leanclip[analysis]')")
+                      help=f"t-SNE of the test features, zero-shot vs tuned, coloured by class ({TSNE_PNG}, "
+                           f"scikit-learn's TSNE)")
     g.add_argument("--batches", type=int, default=10, metavar="N", help="--grad: training batches (default 10)")
     g.add_argument("--at", choices=("trained", "start"), default="trained",
                    help="--grad: the gradients at the trained weights or at the weights the run started from")
@@ -85,11 +85,6 @@ def check(args) -> None:
     if args.tsne:
         if args.output is None:
             raise UsageError(f"--tsne draws {TSNE_PNG}: give --output DIR")
-        try:
-            import sklearn.manifold  # noqa: F401
-        except ImportError:
-            raise UsageError("--tsne needs scikit-learn, the optional 'analysis' extra: pip install "
-                             "'leanclip[analysis]' (or pip install scikit-learn)") from None
     if args.output is not None:
         check_output(args.output, resume=None, overwrite=True)
 
