@@ -77,12 +77,18 @@ def _common(synth_dir, *more):
     return ["--synthetic-dir", synth_dir, "--synthetic-classes", 5, "--no-progress", "--threads", 1, *more]
 
 
-def test_cli_deterministic_and_encodes_each_image_once(capsys, weights, synth_dir, tmp_path, monkeypatch):
-    from leanclip import features
+def _count_encoded(monkeypatch) -> list:
+    """Images through the image encoder (leanclip.feature_cache's one encode step), per batch."""
+    from leanclip import feature_cache
 
     calls = []
-    real = features.image_features
-    monkeypatch.setattr(features, "image_features", lambda m, x, **kw: calls.append(x.shape[0]) or real(m, x, **kw))
+    real = feature_cache.encode_images
+    monkeypatch.setattr(feature_cache, "encode_images", lambda m, x: calls.append(x.shape[0]) or real(m, x))
+    return calls
+
+
+def test_cli_deterministic_and_encodes_each_image_once(capsys, weights, synth_dir, tmp_path, monkeypatch):
+    calls = _count_encoded(monkeypatch)
     def argv(seed):
         return ["episodes", "--pretrained", weights, "--ways", 3, "--shots", 2, "--queries", 4, "--episodes", 25,
                 "--seed", seed, "--batch-size", 32, *_common(synth_dir)]

@@ -1,0 +1,86 @@
+"""Mini-ImageNet episodes over an ImageNet folder, with Ravi & Larochelle's class split.
+
+    samples, classnames = mini_imagenet_split(ROOT, "test")   # the 20 test classes of ROOT/train/<wnid>/*.JPEG
+    leanclip episodes --mini-imagenet ROOT --split test --ways 5 --shots 1 ...
+
+The class lists are Ravi & Larochelle's (ICLR 2017) ``train.csv`` / ``val.csv`` / ``test.csv``: 64 / 16 / 20 WordNet
+ids, the split every Mini-ImageNet few-shot result uses. They ship as ``mini_imagenet_splits.json`` beside this module
+(wnid -> class name per split; the names are open_clip's ImageNet class names, the ones CLIP's zero-shot prompts use).
+The csv files also pick 600 images per class, under renamed file names that do not map back to ImageNet's, so the
+images here are every image of the class's ImageNet train folder: the same classes, drawn from a larger pool.
+
+Layout: ``ROOT`` is an ImageNet folder holding ``train/<wnid>/`` (or CoOp's ``imagenet/`` folder, holding
+``images/train/<wnid>/``, or the ``train`` folder itself). Only the split's class folders are listed; the others may be
+absent. A ``classnames.txt`` in ``ROOT`` (CoOp's ``<wnid> <name>`` lines) replaces the shipped names, and must then
+name every class of the split. Labels follow the sorted wnids. Every image must resolve inside the train folder (a
+symlink leading out is refused unless ``allow_outside_root``), as for every other reader of ``leanclip.data``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+from leanclip.data import ImageFolderSource, Sample, read_classnames_file
+
+__all__ = ["MINI_IMAGENET_SPLITS", "split_classes", "find_train_dir", "mini_imagenet_split"]
+
+MINI_IMAGENET_SPLITS = ("train", "val", "test")
+_LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mini_imagenet_splits.json")
+_TRAIN_DIRS = ("train", os.path.join("images", "train"), "")
+
+
+@functools.lru_cache(maxsize=None)
+def _lists() -> dict[str, dict[str, str]]:
+    with open(_LISTS, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def split_classes(split: str) -> dict[str, str]:
+    """wnid -> class name of a Mini-ImageNet split (``train`` 64, ``val`` 16, ``test`` 20 classes), sorted by wnid."""
+    if split not in MINI_IMAGENET_SPLITS:
+        raise ValueError(f"Mini-ImageNet split must be one of {', '.join(MINI_IMAGENET_SPLITS)}, got {split!r}")
+    return dict(_lists()[split])
+
+
+def find_train_dir(root, wnids) -> str:
+    """The first of ``root/train``, ``root/images/train``, ``root`` that holds a folder of one of ``wnids``;
+    FileNotFoundError naming ``root`` when none does."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"Mini-ImageNet: ImageNet folder {root!r} does not exist")
+    for sub in _TRAIN_DIRS:
+        d = os.path.join(root, sub) if sub else root
+        if os.path.isdir(d) and any(os.path.isdir(os.path.join(d, w)) for w in wnids):
+            return d
+    raise FileNotFoundError(f"Mini-ImageNet: {root!r} holds no train/<wnid>/ folders of the split (looked in "
+                            f"{', '.join(repr(s + '/') for s in _TRAIN_DIRS if s)} and the folder itself)")
+
+
+def _classnames(root: str, classes: dict[str, str]) -> dict[str, str]:
+    """The shipped names, or those of ``root/classnames.txt`` where that file exists (it must list every class)."""
+    path = os.path.join(os.fspath(root), "classnames.txt")
+    if not os.path.isfile(path):
+        return classes
+    names = read_classnames_file(path)
+    missing = [w for w in classes if w not in names]
+    if missing:
+        raise ValueError(f"class-names file {path!r} does not list Mini-ImageNet class {missing[0]!r} "
+                         f"({len(missing)} missing)")
+    return {w: names[w] for w in classes}
+
+
+def mini_imagenet_split(root, split: str = "test", *, allow_outside_root: bool = False
+                        ) -> tuple[list[Sample], list[str]]:
+    """(samples, class names by label) of Mini-ImageNet ``split`` over the ImageNet folder ``root`` (module
+    docstring). A class folder that is missing is a FileNotFoundError naming its wnid."""
+    classes = split_classes(split)
+    train_dir = find_train_dir(root, classes)
+    missing = [w for w in classes if not os.path.isdir(os.path.join(train_dir, w))]
+    if missing:
+        raise FileNotFoundError(f"Mini-ImageNet {split} class {missing[0]!r} has no folder in {train_dir!r} "
+                                f"({len(missing)} of the split's {len(classes)} missing)")
+    names = _classnames(root, classes)
+    others = {e.name for e in os.scandir(train_dir) if e.is_dir() and e.name not in classes}
+    source = ImageFolderSource(train_dir, classname_map=names, ignore=others, allow_outside_root=allow_outside_root)
+    return source.samples, source.classnames
