@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from leanclip import utils
 from leanclip.features import class_logits, features_from_encoded, text_features
-from leanclip.registry import method_options, method_train_defaults
+from leanclip.methods import method_options, method_train_defaults, prepare  # the methods register on import
 from leanclip.select import trainable_parameters
 from leanclip.training import build_optimizer, lr_at, set_lr
 
@@ -66,8 +66,6 @@ def adapt_config(method: str, steps: int, lr: float | None = None):
 
 
 def _prepare_fresh(model, method: str, classnames: list[str], templates, tokenizer, seed: int) -> None:
-    from leanclip.methods import prepare
-
     utils.seed_everything(seed)
     info = getattr(model, "leanclip_info", None) or {}
     lean = (info.get("options") or {}).get("lean")  # keep the tower modules the model already runs

@@ -27,7 +27,7 @@ __all__ = ["MINI_IMAGENET_SPLITS", "split_classes", "find_train_dir", "mini_imag
 
 MINI_IMAGENET_SPLITS = ("train", "val", "test")
 _LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mini_imagenet_splits.json")
-_TRAIN_DIRS = ("train", os.path.join("images", "train"), "")
+_TRAIN_DIRS = ("train", os.path.join("images", "train"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,18 +43,16 @@ def split_classes(split: str) -> dict[str, str]:
     return dict(_lists()[split])
 
 
-def find_train_dir(root, wnids) -> str:
-    """The first of ``root/train``, ``root/images/train``, ``root`` that holds a folder of one of ``wnids``;
-    FileNotFoundError naming ``root`` when none does."""
+def find_train_dir(root) -> str:
+    """``root/train``, else ``root/images/train`` (CoOp's ``imagenet/`` folder), else ``root`` itself: the folder
+    whose ``<wnid>/`` sub-folders hold the images; FileNotFoundError naming ``root`` when it is not a folder."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"Mini-ImageNet: ImageNet folder {root!r} does not exist")
     for sub in _TRAIN_DIRS:
-        d = os.path.join(root, sub) if sub else root
-        if os.path.isdir(d) and any(os.path.isdir(os.path.join(d, w)) for w in wnids):
-            return d
-    raise FileNotFoundError(f"Mini-ImageNet: {root!r} holds no train/<wnid>/ folders of the split (looked in "
-                            f"{', '.join(repr(s + '/') for s in _TRAIN_DIRS if s)} and the folder itself)")
+        if os.path.isdir(os.path.join(root, sub)):
+            return os.path.join(root, sub)
+    return root
 
 
 def _classnames(root: str, classes: dict[str, str]) -> dict[str, str]:
@@ -75,7 +73,7 @@ def mini_imagenet_split(root, split: str = "test", *, allow_outside_root: bool =
     """(samples, class names by label) of Mini-ImageNet ``split`` over the ImageNet folder ``root`` (module
     docstring). A class folder that is missing is a FileNotFoundError naming its wnid."""
     classes = split_classes(split)
-    train_dir = find_train_dir(root, classes)
+    train_dir = find_train_dir(root)
     missing = [w for w in classes if not os.path.isdir(os.path.join(train_dir, w))]
     if missing:
         raise FileNotFoundError(f"Mini-ImageNet {split} class {missing[0]!r} has no folder in {train_dir!r} "

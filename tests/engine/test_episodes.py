@@ -3,6 +3,7 @@ against direct float64 computations, and ``leanclip episodes`` on synthetic data
 images encoded once, a checkpoint re-applied, bad arguments -> exit 2 before any write)."""
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 
 from leanclip import cli
 from leanclip.cli import episodes
+from tests.engine.cli_checks import last_json
 from tests.engine.cli_checks import run as _run
 
 
@@ -136,6 +138,15 @@ def test_cli_with_checkpoint(capsys, weights, synth_dir, tmp_path):
     (["--dataset", "dtd"], "--dataset needs --data"),
     (["--templates", "no placeholder"], "{}"),
     (["--use-recorded-weights"], "--use-recorded-weights needs --checkpoint"),
+    (["--adapt", "ln"], "--adapt must be one of coop, adapter, linear-probe"),
+    (["--adapt", "ln+coop"], "--adapt must be one of coop, adapter, linear-probe"),
+    (["--adapt-steps", 3], "--adapt-steps needs --adapt"),
+    (["--adapt-lr", 0.1], "--adapt-lr needs --adapt"),
+    (["--adapt", "coop", "--adapt-steps", 0], "--adapt-steps must be >= 1"),
+    (["--adapt", "adapter", "--adapt-lr", 0], "--adapt-lr must be > 0"),
+    (["--adapt", "linear-probe", "--adapt-lr", "nan"], "--adapt-lr must be a finite number"),
+    (["--mini-imagenet", "/nonexistent/imagenet"], "/nonexistent/imagenet"),
+    (["--mini-imagenet", "/nonexistent/imagenet", "--dataset", "x"], "drop --dataset"),
 ])
 def test_cli_bad_args_exit_2_without_writes(capsys, synth_dir, tmp_path, flags, needle):
     rc, out, err = _run(capsys, "episodes", *_common(synth_dir), *flags, "--output", tmp_path / "out")
@@ -174,3 +185,156 @@ def test_checkpoint_trained_from_init_from_is_scored_with_those_weights(capsys, 
     state = dict(scored[0][0].named_parameters())
     ln_trained = {k: v for k, v in load_file(str(ln_run / "checkpoint.safetensors")).items() if k in state}
     assert ln_trained and all(torch.equal(state[k].detach(), v) for k, v in ln_trained.items())
+
+
+# ------------------------------------------------------------------------------------------------ --adapt
+
+def _adapt_argv(weights, synth_dir, method, *more):
+    return ["episodes", "--pretrained", weights, "--ways", 3, "--shots", 1, "--queries", 2, "--episodes", 3,
+            "--seed", 4, "--adapt", method, "--adapt-steps", 3, "--batch-size", 4, *_common(synth_dir), *more]
+
+
+@pytest.mark.parametrize("method", ["coop", "adapter", "linear-probe"])
+def test_cli_adapt_reports_mean_ci_and_encodes_each_image_once(capsys, weights, synth_dir, monkeypatch, method):
+    calls = _count_encoded(monkeypatch)
+    rc, out, err = _run(capsys, *_adapt_argv(weights, synth_dir, method))
+    assert rc == 0, err
+    res = last_json(out)
+    assert sum(calls) == res["images_encoded"] <= 27  # 3 episodes x 3 ways x 3: one pass serves all
+    assert set(res["classifiers"]) == {"text", "prototype", "adapt"}
+    r = res["classifiers"]["adapt"]
+    assert r == episodes.mean_ci95(res["per_episode"]["adapt"]) and r["n"] == 3 and r["ci95"] is not None
+    assert res["adapt"]["method"] == method and res["adapt"]["steps"] == 3
+    assert res["adapt"]["optimizer"] == ("adamw" if method == "linear-probe" else "sgd")
+
+
+def test_cli_adapt_same_seed_same_numbers_whatever_the_worker_count(capsys, weights, synth_dir):
+    runs = []
+    for workers in (0, 1):
+        rc, out, err = _run(capsys, *_adapt_argv(weights, synth_dir, "coop", "--num-workers", workers))
+        assert rc == 0, err
+        runs.append(last_json(out)["per_episode"])
+    assert runs[0] == runs[1]
+
+
+def _adapt_reference(model, images, y, n_query, names, templates, tokenizer, cfg, seed):
+    """The same episode trained on images (the image encoder run at every step): what the cached path must equal."""
+    from leanclip import features, methods, utils
+    from leanclip.training import build_optimizer, lr_at, set_lr
+
+    utils.seed_everything(seed)
+    methods.prepare(model, "adapter", classnames=names, tokenizer=tokenizer, lean=model.leanclip_info["options"]["lean"])
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    txt = features.text_features(model, names, templates, tokenizer).detach()
+    sup, qry = images[:-n_query], images[-n_query:]
+    model.train()
+    for step in range(cfg.epochs):
+        set_lr(opt, lr_at(step, cfg, 1))
+        opt.zero_grad()
+        F.cross_entropy(features.class_logits(model, features.image_features(model, sup), txt), y).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        return features.class_logits(model, features.image_features(model, qry), txt)
+
+
+def test_adapt_episode_on_encoder_rows_equals_training_on_images(fresh_tiny, tokenizer):
+    """A fresh adapter per episode (same seed: same logits; another seed: another init), trained from cached encoder
+    rows exactly as from images; the scored model's tuned LayerNorms stay as they were, frozen."""
+    from leanclip import methods
+    from leanclip.episode_adapt import adapt_config, adapt_episode
+    from leanclip.features import encode_images
+
+    model = fresh_tiny()
+    methods.prepare(model, "ln")
+    ln = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(7, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        enc = encode_images(model.eval(), images)
+    names, templates, y = ["cat", "dog", "ship"], ["a photo of a {}."], torch.tensor([0, 1, 2, 0])
+    cfg = adapt_config("adapter", 4, lr=0.5)
+    kw = dict(seed=3, device=torch.device("cpu"), precision="fp32")
+    a = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **kw)
+    b = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **kw)
+    c = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **{**kw, "seed": 4})
+    assert a.shape == (3, 3) and torch.equal(a, b) and not torch.equal(a, c)
+    ref = _adapt_reference(model, images, y, 3, names, templates, tokenizer, cfg, 3)
+    torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
+    untrained = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer,
+                              adapt_config("adapter", 1, lr=1e-12), **kw)
+    assert not torch.allclose(a, untrained, atol=1e-3)  # the 4 steps moved the adapter
+    state = dict(model.named_parameters())
+    assert all(torch.equal(state[n].detach(), v) and not state[n].requires_grad for n, v in ln.items())
+    assert list(model.leanclip_info["modules"]) == ["clip_adapter"]
+
+
+# ------------------------------------------------------------------------------------------------ Mini-ImageNet
+
+def _fake_imagenet(root, wnids, per_class=2):
+    from PIL import Image
+
+    for i, w in enumerate(wnids):
+        d = root / "train" / w
+        d.mkdir(parents=True)
+        for j in range(per_class):
+            Image.new("RGB", (12, 12), (20 * i % 256, 60 * j % 256, 90)).save(d / f"{w}_{j}.JPEG")
+    return root
+
+
+def test_mini_imagenet_lists():
+    from leanclip.mini_imagenet import split_classes
+
+    lists = {s: split_classes(s) for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in lists.items()} == {"train": 64, "val": 16, "test": 20}
+    wnids = [w for v in lists.values() for w in v]
+    assert len(set(wnids)) == 100 and all(w.startswith("n") and len(w) == 9 for w in wnids)
+    assert "n01930112" in lists["test"] and "n01532829" in lists["train"] and "n01855672" in lists["val"]
+    assert all(list(v) == sorted(v) and all(v.values()) for v in lists.values())
+    with pytest.raises(ValueError, match="one of train, val, test"):
+        split_classes("trainval")
+
+
+def test_mini_imagenet_split_over_an_imagenet_folder(tmp_path):
+    from leanclip.mini_imagenet import mini_imagenet_split, split_classes
+
+    test = split_classes("test")
+    root = _fake_imagenet(tmp_path / "imagenet", [*test, "n01532829", "n09999999"])  # + a train and a foreign class
+    samples, names = mini_imagenet_split(root, "test")
+    assert names == list(test.values()) and len(samples) == 40
+    assert [s.label for s in samples] == [i for i in range(20) for _ in range(2)]
+    assert all(os.path.basename(os.path.dirname(s.path)) == list(test)[s.label] for s in samples)
+    assert mini_imagenet_split(root / "train", "test")[1] == names  # the train folder itself
+    (root / "classnames.txt").write_text("".join(f"{w} class {i}\n" for i, w in enumerate(test)))
+    assert mini_imagenet_split(root, "test")[1] == [f"class {i}" for i in range(20)]
+    (root / "classnames.txt").write_text("n01930112 nematode\n")
+    with pytest.raises(ValueError, match="does not list Mini-ImageNet class 'n01981276'"):
+        mini_imagenet_split(root, "test")
+    (root / "classnames.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="Mini-ImageNet val class 'n01855672' has no folder"):
+        mini_imagenet_split(root, "val")
+    outside = tmp_path / "elsewhere.JPEG"
+    outside.write_bytes((root / "train" / "n01930112" / "n01930112_0.JPEG").read_bytes())
+    os.symlink(outside, root / "train" / "n01930112" / "link.JPEG")
+    with pytest.raises(ValueError, match="outside"):
+        mini_imagenet_split(root, "test")
+
+
+def test_cli_mini_imagenet(capsys, weights, tmp_path):
+    from leanclip.mini_imagenet import split_classes
+
+    test = list(split_classes("test"))
+    root = _fake_imagenet(tmp_path / "imagenet", test)
+    argv = ["episodes", "--mini-imagenet", root, "--pretrained", weights, "--ways", 3, "--shots", 1, "--queries", 1,
+            "--episodes", 2, "--no-progress", "--threads", 1]
+    rc, out, err = _run(capsys, *argv)
+    assert rc == 0, err
+    res = last_json(out)
+    assert res["dataset"] == "MiniImageNet" and res["split"] == "test" and res["classes"] == 20
+    assert res["templates"] == ["a photo of a {}."]
+    (root / "train" / test[5] / f"{test[5]}_0.JPEG").unlink()
+    (root / "train" / test[5] / f"{test[5]}_1.JPEG").unlink()
+    (root / "train" / test[5]).rmdir()
+    rc, out, err = _run(capsys, *argv, "--output", tmp_path / "out")
+    assert rc == 2 and test[5] in err and len(err.strip().splitlines()) == 1 and out == ""
+    assert not (tmp_path / "out").exists()
