@@ -1,6 +1,7 @@
 """Mini-ImageNet episodes over an ImageNet folder, with Ravi & Larochelle's class split.
 
     samples, classnames = mini_imagenet_split(ROOT, "test")   # the 20 test classes of ROOT/train/<wnid>/*.JPEG
+    export_split_file(ROOT, "split_mini_train.json", "train")  # the 64 training classes as a CoOp split file
     leanclip episodes --mini-imagenet ROOT --split test --ways 5 --shots 1 ...
 
 The class lists are Ravi & Larochelle's (ICLR 2017) ``train.csv`` / ``val.csv`` / ``test.csv``: 64 / 16 / 20 WordNet
@@ -14,6 +15,11 @@ Layout: ``ROOT`` is an ImageNet folder holding ``train/<wnid>/`` (or CoOp's ``im
 absent. A ``classnames.txt`` in ``ROOT`` (CoOp's ``<wnid> <name>`` lines) replaces the shipped names, and must then
 name every class of the split. Labels follow the sorted wnids. Every image must resolve inside the train folder (a
 symlink leading out is refused unless ``allow_outside_root``), as for every other reader of ``leanclip.data``.
+
+``export_split_file`` writes a split's classes as a CoOp split file for ``leanclip train --split-file`` (the LN tuning
+on the 64 training classes that the "+ LN" rows start from): per class, every ``holdout``-th image of its sorted list
+(the 10th, 20th, ...) is held out as val = test (CoOp's ImageNet layout, val = test), the rest is train; paths are
+relative to the train folder, which is the ``--image-root`` to give.
 """
 from __future__ import annotations
 
@@ -21,9 +27,9 @@ import functools
 import json
 import os
 
-from leanclip.data import ImageFolderSource, Sample, read_classnames_file
+from leanclip.data import ImageFolderSource, Sample, read_classnames_file, write_split_json
 
-__all__ = ["MINI_IMAGENET_SPLITS", "split_classes", "find_train_dir", "mini_imagenet_split"]
+__all__ = ["MINI_IMAGENET_SPLITS", "split_classes", "find_train_dir", "mini_imagenet_split", "export_split_file"]
 
 MINI_IMAGENET_SPLITS = ("train", "val", "test")
 _LISTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mini_imagenet_splits.json")
@@ -82,3 +88,17 @@ def mini_imagenet_split(root, split: str = "test", *, allow_outside_root: bool =
     others = {e.name for e in os.scandir(train_dir) if e.is_dir() and e.name not in classes}
     source = ImageFolderSource(train_dir, classname_map=names, ignore=others, allow_outside_root=allow_outside_root)
     return source.samples, source.classnames
+
+
+def export_split_file(root, path, split: str = "train", *, holdout: int = 10, allow_outside_root: bool = False) -> str:
+    """Write Mini-ImageNet ``split``'s classes over ``root`` as a CoOp split file at ``path`` (module docstring):
+    per class, each ``holdout``-th image to val = test, the others to train. Returns the path; the images' root for
+    ``--image-root`` is :func:`find_train_dir` of ``root``."""
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 2:
+        raise ValueError(f"holdout must be an int >= 2, got {holdout!r}")
+    samples, _ = mini_imagenet_split(root, split, allow_outside_root=allow_outside_root)
+    train, test, seen = [], [], {}
+    for s in samples:
+        seen[s.label] = seen.get(s.label, 0) + 1
+        (test if seen[s.label] % holdout == 0 else train).append(s)
+    return write_split_json(path, {"train": train, "val": test, "test": test}, find_train_dir(root))

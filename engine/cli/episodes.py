@@ -265,6 +265,10 @@ def add_arguments(p) -> None:
     g.add_argument("--image-root", default=None, help="image folder for --split-file (default: next to the file)")
     g.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="the split episodes are drawn from (default test)")
+    g.add_argument("--export-split", metavar="FILE", default=None,
+                   help="with --mini-imagenet: write the --split classes as a CoOp split file (every 10th image of a "
+                        "class held out as val = test) and stop; train on it with --split-file FILE --image-root "
+                        "ROOT/train (--split train: the 64 training classes, for the LN-tuned checkpoint)")
     g.add_argument("--synthetic-classes", type=int, default=10, help="classes of the synthetic dataset (default 10)")
     g.add_argument("--synthetic-dir", default=None, help="where the synthetic dataset lives (default: the cache)")
     g.add_argument("--allow-outside-root", action="store_true",
@@ -304,6 +308,10 @@ def _check_args(args) -> None:
         raise UsageError("--data needs --dataset NAME")
     if args.mini_imagenet and args.dataset:
         raise UsageError("--mini-imagenet names its own classes: drop --dataset")
+    if args.export_split and not args.mini_imagenet:
+        raise UsageError("--export-split needs --mini-imagenet ROOT")
+    if args.export_split and (args.checkpoint or args.pretrained or args.adapt):
+        raise UsageError("--export-split writes a split file only: drop --checkpoint / --pretrained / --adapt")
     _check_adapt_args(args)
     if args.dataset and not (args.data or args.split_file):
         raise UsageError("--dataset needs --data ROOT")
@@ -376,6 +384,8 @@ def run(args) -> int:
     adapt_cfg = _adapt_config(args)
     if args.output is not None:
         check_output(args.output, resume=None, overwrite=True)
+    if args.export_split:
+        return _export_mini_imagenet(args)
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
     device = setup_device(args)
     precision = utils.resolve_precision(args.precision, device)
@@ -412,6 +422,18 @@ def run(args) -> int:
               "classifiers": {k: mean_ci95(v) for k, v in acc.items()},
               "per_episode": acc, "seconds": round(time.perf_counter() - t0, 3)}
     emit(result, args, "episodes.json")
+    return 0
+
+
+def _export_mini_imagenet(args) -> int:
+    from leanclip.mini_imagenet import export_split_file, find_train_dir
+
+    path = export_split_file(args.mini_imagenet, args.export_split, args.split,
+                             allow_outside_root=bool(args.allow_outside_root))
+    splits = D.read_split_file(path, find_train_dir(args.mini_imagenet), allow_outside_root=args.allow_outside_root)
+    emit({"command": "episodes", "dataset": "MiniImageNet", "split": args.split, "export": path,
+          "image_root": find_train_dir(args.mini_imagenet), "splits": {k: len(v) for k, v in splits.items()}},
+         args, "episodes.json")
     return 0
 
 

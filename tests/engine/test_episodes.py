@@ -338,3 +338,32 @@ def test_cli_mini_imagenet(capsys, weights, tmp_path):
     rc, out, err = _run(capsys, *argv, "--output", tmp_path / "out")
     assert rc == 2 and test[5] in err and len(err.strip().splitlines()) == 1 and out == ""
     assert not (tmp_path / "out").exists()
+
+
+def test_mini_imagenet_ln_then_adapt_per_episode(capsys, weights, tmp_path):
+    """The "+ LN" rows end to end: export the 64 training classes, LN-tune on them, then adapt CoOp per episode on
+    the test classes from that checkpoint (its LN weights, frozen)."""
+    from leanclip.mini_imagenet import split_classes
+
+    train, test = list(split_classes("train")), list(split_classes("test"))
+    root = _fake_imagenet(tmp_path / "imagenet", train, per_class=10)
+    _fake_imagenet(tmp_path / "imagenet", test)
+    split = tmp_path / "mini_train.json"
+    rc, out, err = _run(capsys, "episodes", "--mini-imagenet", root, "--split", "train", "--export-split", split)
+    assert rc == 0, err
+    assert last_json(out)["splits"] == {"train": 64 * 9, "val": 64, "test": 64}
+    saved = json.loads(split.read_text())
+    assert {os.path.dirname(p) for p, _, _ in saved["test"]} == set(train) and saved["val"] == saved["test"]
+    run_dir = tmp_path / "ln"
+    rc, _, err = _run(capsys, "train", "--method", "ln", "--pretrained", weights, "--split-file", split,
+                      "--image-root", root / "train", "--shots", 1, "--epochs", 1, "--output", run_dir,
+                      "--no-progress", "--threads", 1)
+    assert rc == 0, err
+    rc, out, err = _run(capsys, "episodes", "--checkpoint", run_dir, "--pretrained", weights, "--mini-imagenet",
+                        root, "--ways", 3, "--shots", 1, "--queries", 1, "--episodes", 2, "--adapt", "coop",
+                        "--adapt-steps", 2, "--no-progress", "--threads", 1)
+    assert rc == 0, err
+    res = last_json(out)
+    assert res["method"] == "ln" and res["classes"] == 20 and res["classifiers"]["adapt"]["n"] == 2
+    rc, _, err = _run(capsys, "episodes", "--export-split", split)
+    assert rc == 2 and "--export-split needs --mini-imagenet" in err
