@@ -11,8 +11,9 @@ trained on the episode's N*K support images and scored on its queries.
 (CoOp's prompt context on the text side, CLIP-Adapter and the linear probe on the image features), so every image is
 encoded once for all episodes, and each step applies the new method's feature hook to those rows
 (``leanclip.features.features_from_encoded``) exactly as it would to a fresh batch. CoOp's context back-propagates
-through the text tower, so its N class prompts run every step; the adapter and the probe get their class text
-features once per episode (decided from the autograd graph of one forward, as ``leanclip.step`` decides).
+through the text tower, so its N class prompts run every step; the adapter gets its class text features once per
+episode (decided from the autograd graph of one forward, as ``leanclip.step`` decides), and the probe, a head on the
+image features (initialised from the episode's zero-shot text weights by ``prepare``), needs none.
 
 Fresh per episode: ``leanclip.prepare`` drops the previous episode's module, freezes every parameter (the
 checkpoint's tuned LayerNorms included: the "+ LN" rows start from them and keep them) and adds a new module after
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from leanclip import utils
 from leanclip.features import class_logits, features_from_encoded, text_features
-from leanclip.methods import method_options, method_train_defaults, prepare  # the methods register on import
+from leanclip.methods import method_hooks, method_options, method_train_defaults, prepare  # registered on import
 from leanclip.select import trainable_parameters
 from leanclip.training import build_optimizer, lr_at, set_lr
 
@@ -86,23 +87,24 @@ def adapt_episode(model, method: str, support: torch.Tensor, support_labels: tor
     opt = build_optimizer([p for _, p in trainable_parameters(model)], cfg)
     x, y = support.to(device), torch.as_tensor(support_labels).long().to(device)
     model.train()
+    probe = method_hooks(model).get("logits") is not None  # a head on the image features: no text needed
     with utils.autocast(device, precision):
-        txt0 = text_features(model, classnames, templates, tokenizer)
-    fixed = None if txt0.requires_grad else txt0.detach()
+        txt = None if probe else text_features(model, classnames, templates, tokenizer)
+    text_trains = txt is not None and txt.requires_grad
     for step in range(cfg.epochs):
         set_lr(opt, lr_at(step, cfg, 1))
         opt.zero_grad(set_to_none=True)
         with utils.autocast(device, precision):
-            txt = fixed if fixed is not None else (txt0 if step == 0 else text_features(
-                model, classnames, templates, tokenizer))
+            if text_trains and step:  # the context moved: the class prompts through the text tower again
+                txt = text_features(model, classnames, templates, tokenizer)
             loss = F.cross_entropy(class_logits(model, features_from_encoded(model, x), txt).float(), y)
         if not torch.isfinite(loss):
             raise utils.NonFiniteLossError(f"adapting {method} to an episode (seed {seed}): non-finite loss at step "
                                            f"{step + 1}; lower the learning rate")
         loss.backward()
         opt.step()
-    del txt0
     model.eval()
     with torch.no_grad(), utils.autocast(device, precision):
-        txt = fixed if fixed is not None else text_features(model, classnames, templates, tokenizer)
+        if text_trains:
+            txt = text_features(model, classnames, templates, tokenizer)
         return class_logits(model, features_from_encoded(model, query.to(device)), txt).float()

@@ -217,30 +217,35 @@ def test_cli_adapt_same_seed_same_numbers_whatever_the_worker_count(capsys, weig
     assert runs[0] == runs[1]
 
 
-def _adapt_reference(model, images, y, n_query, names, templates, tokenizer, cfg, seed):
-    """The same episode trained on images (the image encoder run at every step): what the cached path must equal."""
+def _adapt_reference(model, method, images, y, n_query, names, templates, tokenizer, cfg, seed):
+    """The same episode trained on images, the image encoder and the text tower run at every step (plain autograd):
+    what the path on cached encoder rows must equal."""
     from leanclip import features, methods, utils
     from leanclip.training import build_optimizer, lr_at, set_lr
 
     utils.seed_everything(seed)
-    methods.prepare(model, "adapter", classnames=names, tokenizer=tokenizer, lean=model.leanclip_info["options"]["lean"])
+    extra = {"templates": templates} if method == "linear-probe" else {}
+    methods.prepare(model, method, classnames=names, tokenizer=tokenizer, lean=model.leanclip_info["options"]["lean"],
+                    **extra)
     opt = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    txt = features.text_features(model, names, templates, tokenizer).detach()
     sup, qry = images[:-n_query], images[-n_query:]
     model.train()
     for step in range(cfg.epochs):
         set_lr(opt, lr_at(step, cfg, 1))
         opt.zero_grad()
+        txt = features.text_features(model, names, templates, tokenizer)
         F.cross_entropy(features.class_logits(model, features.image_features(model, sup), txt), y).backward()
         opt.step()
     model.eval()
     with torch.no_grad():
+        txt = features.text_features(model, names, templates, tokenizer)
         return features.class_logits(model, features.image_features(model, qry), txt)
 
 
-def test_adapt_episode_on_encoder_rows_equals_training_on_images(fresh_tiny, tokenizer):
-    """A fresh adapter per episode (same seed: same logits; another seed: another init), trained from cached encoder
-    rows exactly as from images; the scored model's tuned LayerNorms stay as they were, frozen."""
+@pytest.mark.parametrize("method", ["coop", "adapter", "linear-probe"])
+def test_adapt_episode_on_encoder_rows_equals_training_on_images(fresh_tiny, tokenizer, method):
+    """A fresh module per episode (same seed: same logits), trained from cached encoder rows exactly as from images;
+    the scored model's tuned LayerNorms stay as they were, frozen."""
     from leanclip import methods
     from leanclip.episode_adapt import adapt_config, adapt_episode
     from leanclip.features import encode_images
@@ -253,20 +258,22 @@ def test_adapt_episode_on_encoder_rows_equals_training_on_images(fresh_tiny, tok
     with torch.no_grad():
         enc = encode_images(model.eval(), images)
     names, templates, y = ["cat", "dog", "ship"], ["a photo of a {}."], torch.tensor([0, 1, 2, 0])
-    cfg = adapt_config("adapter", 4, lr=0.5)
+    cfg = adapt_config(method, 4, lr=0.5)
     kw = dict(seed=3, device=torch.device("cpu"), precision="fp32")
-    a = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **kw)
-    b = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **kw)
-    c = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **{**kw, "seed": 4})
-    assert a.shape == (3, 3) and torch.equal(a, b) and not torch.equal(a, c)
-    ref = _adapt_reference(model, images, y, 3, names, templates, tokenizer, cfg, 3)
+    a = adapt_episode(model, method, enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **kw)
+    b = adapt_episode(model, method, enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **kw)
+    assert a.shape == (3, 3) and torch.equal(a, b)
+    if method == "adapter":  # its layers start random: another seed, another start
+        c = adapt_episode(model, method, enc[:4], y, enc[4:], names, templates, tokenizer, cfg, **{**kw, "seed": 4})
+        assert not torch.equal(a, c)
+    ref = _adapt_reference(model, method, images, y, 3, names, templates, tokenizer, cfg, 3)
     torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
-    untrained = adapt_episode(model, "adapter", enc[:4], y, enc[4:], names, templates, tokenizer,
-                              adapt_config("adapter", 1, lr=1e-12), **kw)
-    assert not torch.allclose(a, untrained, atol=1e-3)  # the 4 steps moved the adapter
+    untrained = adapt_episode(model, method, enc[:4], y, enc[4:], names, templates, tokenizer,
+                              adapt_config(method, 1, lr=1e-12), **kw)
+    assert not torch.allclose(a, untrained, atol=1e-3)  # the 4 steps moved the new module
     state = dict(model.named_parameters())
     assert all(torch.equal(state[n].detach(), v) and not state[n].requires_grad for n, v in ln.items())
-    assert list(model.leanclip_info["modules"]) == ["clip_adapter"]
+    assert len(model.leanclip_info["modules"]) == 1 and model.leanclip_info["method"] == method
 
 
 # ------------------------------------------------------------------------------------------------ Mini-ImageNet
@@ -367,3 +374,20 @@ def test_mini_imagenet_ln_then_adapt_per_episode(capsys, weights, tmp_path):
     assert res["method"] == "ln" and res["classes"] == 20 and res["classifiers"]["adapt"]["n"] == 2
     rc, _, err = _run(capsys, "episodes", "--export-split", split)
     assert rc == 2 and "--export-split needs --mini-imagenet" in err
+
+
+def test_cli_adapt_reads_the_shared_feature_cache(capsys, weights, synth_dir, tmp_path, monkeypatch):
+    """With $LEANCLIP_FEATURE_CACHE the one encoder pass is the cache's entry: a second run reuses it (no image
+    encoded) and gives the same numbers."""
+    from leanclip.feature_cache import ENV_VAR, count_events
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(ENV_VAR, str(cache))
+    results = []
+    for _ in range(2):
+        calls = _count_encoded(monkeypatch)
+        rc, out, err = _run(capsys, *_adapt_argv(weights, synth_dir, "adapter"))
+        assert rc == 0, err
+        results.append((sum(calls), last_json(out)["per_episode"]))
+    assert results[0][0] > 0 and results[1][0] == 0 and results[0][1] == results[1][1]
+    assert count_events(cache) == {"passes": 1, "hits": 1}
