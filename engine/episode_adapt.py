@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from leanclip import utils
 from leanclip.features import class_logits, features_from_encoded, text_features
 from leanclip.methods import method_hooks, method_options, method_train_defaults, prepare  # registered on import
+from leanclip.registry import METHOD_CHECKS
 from leanclip.select import trainable_parameters
 from leanclip.training import build_optimizer, lr_at, set_lr
 
-__all__ = ["ADAPT_METHODS", "check_adapt_method", "adapt_config", "adapt_episode"]
+__all__ = ["ADAPT_METHODS", "check_adapt_method", "check_adapt_model", "adapt_config", "adapt_episode"]
 
 # methods that train only modules after a frozen image encoder: images encoded once serve every episode
 ADAPT_METHODS = ("coop", "adapter", "linear-probe")
@@ -50,6 +51,19 @@ def check_adapt_method(method, flag: str = "adapt method") -> str:
         raise ValueError(f"{flag} must be one of {', '.join(ADAPT_METHODS)} (the methods trained after a frozen "
                          f"image encoder), got {method!r}")
     return method
+
+
+def check_adapt_model(model, method: str, classnames, templates, tokenizer) -> None:
+    """The method's own check (``leanclip.registry``: its towers, its options) on ``model`` with one episode's
+    ``classnames``, as ``prepare`` runs it, without changing the model: a method the model cannot take (CoOp on a
+    tower without token embeddings) is refused before any image is encoded."""
+    check_adapt_method(method)
+    check = METHOD_CHECKS.get(method)
+    if check is None:
+        return
+    given = {"classnames": list(classnames), "tokenizer": tokenizer, "templates": list(templates)}
+    options = method_options(method)
+    check(model, **{**options, **{k: v for k, v in given.items() if k in options}})
 
 
 def adapt_config(method: str, steps: int, lr: float | None = None):

@@ -399,6 +399,10 @@ def run(args) -> int:
     templates = get_templates("ImageNet" if name == "MiniImageNet" else name, template_override(args))
     model, tok, size, (mean, std) = eval_model(args, meta, train_names)
     model.to(device)
+    if adapt_cfg is not None:
+        from leanclip.episode_adapt import check_adapt_model
+
+        check_adapt_model(model, args.adapt, [classnames[c] for c in eps[0].classes.tolist()], templates, tok)
     tf = D.clip_transform(size, train=False, **{k: v for k, v in (("mean", mean), ("std", std)) if v})
     bs, progress = args.batch_size or 256, not args.no_progress
     encoded, _ = encode_split(model, D.ImageDataset([samples[i] for i in used], tf), batch_size=bs, device=device,

@@ -391,3 +391,22 @@ def test_cli_adapt_reads_the_shared_feature_cache(capsys, weights, synth_dir, tm
         results.append((sum(calls), last_json(out)["per_episode"]))
     assert results[0][0] > 0 and results[1][0] == 0 and results[0][1] == results[1][1]
     assert count_events(cache) == {"passes": 1, "hits": 1}
+
+
+def test_adapt_method_the_model_cannot_take_is_refused_before_any_work(hf_cache):
+    """CoOp on SigLIP's text tower (no start token to splice the context after): the method's own check, run on the
+    scored model with an episode's classes, without changing it."""
+    from leanclip import weights
+    from leanclip.episode_adapt import check_adapt_model
+    from leanclip.models import transformers as hf
+    from tests.engine.hf_family import SIGLIP_ID, lay_out_cache
+
+    lay_out_cache(hf_cache)
+    model = weights.create_model("transformers:" + SIGLIP_ID)
+    tok = hf.get_tokenizer(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="coop.*SiglipTextModel"):
+        check_adapt_model(model, "coop", ["cat", "dog"], ["a photo of a {}."], tok)
+    check_adapt_model(model, "adapter", ["cat", "dog"], ["a photo of a {}."], tok)
+    assert getattr(model, "leanclip_info", None) is None
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
