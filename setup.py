@@ -90,6 +90,7 @@ setup(
     # bench/ its subpackages (top-level `kernels` is Hugging Face's kernel hub and `engine` a common module name).
     packages=packages(),
     package_dir=PACKAGE_DIRS_BY_PACKAGE,
+    package_data={"leanclip": ["mini_imagenet_splits.json"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -104,7 +104,14 @@ def image_features(model: nn.Module, images: torch.Tensor, *, normalize: bool = 
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    f = encode_images(model, images)
+    return features_from_encoded(model, encode_images(model, images), normalize=normalize)
+
+
+def features_from_encoded(model: nn.Module, encoded: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """:func:`image_features` of images whose :func:`encode_images` output is ``encoded`` (B, E): the method's
+    feature hook (CLIP-Adapter) then the normalization, so features read from a cache of the bare encoder get exactly
+    the operations a fresh batch gets."""
+    f = encoded.float()
     adapter = method_hooks(model).get("image_features")
     if adapter is not None:
         f = adapter(f)

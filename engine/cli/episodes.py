@@ -3,6 +3,7 @@
     leanclip episodes --model ViT-B-16 --pretrained openai --data ROOT --dataset imagenet --ways 5 --shots 1 \\
         --queries 15 --episodes 600 --seed 1
     leanclip episodes --checkpoint runs/ln_pets --pretrained openai --data ROOT --dataset oxford_pets --shots 5
+    leanclip episodes --checkpoint runs/ln_mini --pretrained openai --mini-imagenet IMAGENET --adapt coop
 
 An episode draws ``ways`` classes among those with at least ``shots + queries`` images in the split, then for each
 class ``shots`` support and ``queries`` query images (disjoint), all with one ``torch.Generator`` seeded by
@@ -15,10 +16,19 @@ episode, both reported:
 - ``prototype``: nearest class prototype by cosine, prototype = normalized mean of the class's L2-normalized support
   image features (``leanclip.features.image_features``: the fine-tuned image tower, CLIP-Adapter applied).
 
+With ``--adapt METHOD`` (``coop``, ``adapter``, ``linear-probe``: ``leanclip.episode_adapt``) a third classifier,
+``adapt``, prepares a fresh METHOD on the scored model's weights (the checkpoint's tuned LayerNorms kept frozen) for
+each episode, trains it on the episode's support set (``--adapt-steps`` full-batch steps, default CoOp's epoch count
+for the shot count; ``--adapt-lr``, default the method's own) and scores its queries; each episode is seeded from
+``(--seed, episode index)``, so the numbers do not depend on the data-loader worker count. ``--mini-imagenet ROOT``
+draws the episodes from a Mini-ImageNet split (Ravi & Larochelle's classes, ``leanclip.mini_imagenet``) of an
+ImageNet folder.
+
 Accuracy is in percent per episode; the result is the mean over episodes with the 95% confidence half-width
 ``1.96 * s / sqrt(E)`` (s: sample standard deviation, ddof 1; null for one episode), the convention of the few-shot
 literature. The episodes are drawn first (from the labels alone); then every image they use is encoded once, in
-one pass (image features and text logits against all the split's classes), and each episode indexes those.
+one pass (the bare encoder output, read from the shared feature cache when ``$LEANCLIP_FEATURE_CACHE`` is set), and
+each classifier and each episode's adaptation indexes those rows.
 """
 from __future__ import annotations
 
@@ -38,10 +48,9 @@ from leanclip.cli.common import (
 )
 from leanclip.templates import get_templates
 from leanclip.select import model_device
-from leanclip.training import eval_loader
 
 __all__ = ["Episode", "sample_episodes", "eligible_classes", "prototype_logits", "mean_ci95", "episode_accuracies",
-           "split_features", "add_model_arguments", "add_run_arguments", "check_model_arguments",
+           "encode_split", "score_split", "split_features", "adapted_accuracies", "add_model_arguments", "add_run_arguments", "check_model_arguments",
            "add_arguments", "run"]
 
 Z95 = 1.96  # two-sided 95% quantile of the normal distribution
@@ -131,31 +140,69 @@ def episode_accuracies(eps: list[Episode], feats: torch.Tensor, text_logits: tor
 
 
 @torch.no_grad()
-def split_features(model, dataset, classnames, templates, tokenizer, *, batch_size: int = 256, device=None,
-                   precision: str = "auto", num_workers: int = 0, progress: bool = False):
-    """(image features (M, E) fp32 normalized, text logits (M, C), labels (M,)) of a whole split, on CPU, in one
-    pass: the class text features are computed once, each image once."""
+def encode_split(model, dataset, *, batch_size: int = 256, device, precision: str, num_workers: int = 0,
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bare image-encoder output (M, E) fp32, labels (M,)) of ``dataset`` on CPU: one pass, each image once, or the
+    shared feature cache's entry for these weights and images (``leanclip.feature_cache.encoder_features``).
+    ``device`` / ``precision``: resolved values."""
+    from leanclip import feature_cache
+
+    kw = dict(device=device, precision=precision, num_workers=num_workers, progress=progress)
+    got = feature_cache.encoder_features(model, dataset, batch_size, encoder_only=True, **kw)
+    return got if got is not None else feature_cache.encoder_pass(model, dataset, batch_size, **kw)
+
+
+@torch.no_grad()
+def score_split(model, encoded: torch.Tensor, classnames, templates, tokenizer, *, batch_size: int = 256, device,
+                precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features (M, E) fp32 normalized, text logits (M, C)) on CPU of the encoder rows ``encoded``: the
+    model's feature hook, and its ``class_logits`` against the class text features (computed once)."""
     from leanclip import features as feats
-    device = utils.resolve_device(device if device is not None else model_device(model))
-    precision = utils.resolve_precision(precision, device)
+
     was = model.training
     model.eval()
-    out_f, out_l, out_y = [], [], []
+    out_f, out_l = [], []
     try:
         with utils.autocast(device, precision):
             txt = feats.text_features(model, list(classnames), list(templates), tokenizer)
-        for images, y in utils.track(eval_loader(dataset, batch_size, num_workers), "features", progress):
-            with utils.autocast(device, precision):
-                img = feats.image_features(model, images.to(device, non_blocking=True))
-                logits = feats.class_logits(model, img, txt)
-            out_f.append(img.float().cpu())
-            out_l.append(logits.float().cpu())
-            out_y.append(torch.as_tensor(y).long().cpu())
+            for rows in encoded.split(batch_size):
+                img = feats.features_from_encoded(model, rows.to(device))
+                out_f.append(img.float().cpu())
+                out_l.append(feats.class_logits(model, img, txt).float().cpu())
     finally:
         model.train(was)
-    if not out_f:
-        raise ValueError("the split is empty")
-    return torch.cat(out_f), torch.cat(out_l), torch.cat(out_y)
+    return torch.cat(out_f), torch.cat(out_l)
+
+
+def split_features(model, dataset, classnames, templates, tokenizer, *, batch_size: int = 256, device=None,
+                   precision: str = "auto", num_workers: int = 0, progress: bool = False):
+    """(image features (M, E) fp32 normalized, text logits (M, C), labels (M,)) of a whole split, on CPU, in one
+    pass: the class text features are computed once, each image once (:func:`encode_split`, :func:`score_split`)."""
+    device = utils.resolve_device(device if device is not None else model_device(model))
+    precision = utils.resolve_precision(precision, device)
+    encoded, labels = encode_split(model, dataset, batch_size=batch_size, device=device, precision=precision,
+                                   num_workers=num_workers, progress=progress)
+    f, logits = score_split(model, encoded, classnames, templates, tokenizer, batch_size=batch_size, device=device,
+                            precision=precision)
+    return f, logits, labels
+
+
+def adapted_accuracies(model, method: str, eps: list[Episode], encoded: torch.Tensor, classnames, templates,
+                       tokenizer, cfg, *, seed: int, device, precision: str, progress: bool = False) -> list[float]:
+    """Per-episode query accuracy (%) of a fresh ``method`` trained on each episode's support rows of ``encoded``
+    (``leanclip.episode_adapt.adapt_episode``; episode ``i`` seeded with ``derive_seed(seed, i)``)."""
+    from leanclip.episode_adapt import adapt_episode
+
+    out = []
+    for i, ep in enumerate(utils.track(eps, f"adapt {method}", progress)):
+        ways = ep.classes.numel()
+        y_sup = torch.arange(ways).repeat_interleave(ep.support.numel() // ways)
+        y_q = torch.arange(ways).repeat_interleave(ep.query.numel() // ways)
+        names = [classnames[c] for c in ep.classes.tolist()]
+        logits = adapt_episode(model, method, encoded[ep.support], y_sup, encoded[ep.query], names, templates,
+                               tokenizer, cfg, seed=utils.derive_seed(seed, i), device=device, precision=precision)
+        out.append(100.0 * float((logits.argmax(1).cpu() == y_q).double().mean()))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- command
@@ -211,10 +258,17 @@ def add_arguments(p) -> None:
     src.add_argument("--data", metavar="ROOT", default=None, help="data root holding --dataset")
     src.add_argument("--split-file", metavar="F", default=None, help="a CoOp split JSON")
     src.add_argument("--synthetic", action="store_true", help="the synthetic dataset (the default)")
+    src.add_argument("--mini-imagenet", metavar="ROOT", default=None,
+                     help="an ImageNet folder (ROOT/train/<wnid>/): episodes from the Mini-ImageNet --split (Ravi & "
+                          "Larochelle's 64 / 16 / 20 classes)")
     g.add_argument("--dataset", default=None, help="dataset name under --data (also picks the prompt template)")
     g.add_argument("--image-root", default=None, help="image folder for --split-file (default: next to the file)")
     g.add_argument("--split", choices=("test", "val", "train"), default="test",
                    help="the split episodes are drawn from (default test)")
+    g.add_argument("--export-split", metavar="FILE", default=None,
+                   help="with --mini-imagenet: write the --split classes as a CoOp split file (every 10th image of a "
+                        "class held out as val = test) and stop; train on it with --split-file FILE --image-root "
+                        "ROOT/train (--split train: the 64 training classes, for the LN-tuned checkpoint)")
     g.add_argument("--synthetic-classes", type=int, default=10, help="classes of the synthetic dataset (default 10)")
     g.add_argument("--synthetic-dir", default=None, help="where the synthetic dataset lives (default: the cache)")
     g.add_argument("--allow-outside-root", action="store_true",
@@ -225,7 +279,21 @@ def add_arguments(p) -> None:
     g.add_argument("--queries", type=int, default=15, help="Q query images per class (default 15)")
     g.add_argument("--episodes", type=int, default=600, help="number of episodes E (default 600)")
     g.add_argument("--seed", type=int, default=1, help="episode sampling seed (default 1)")
+    add_adapt_arguments(p)
     add_run_arguments(p, "episodes.json")
+
+
+def add_adapt_arguments(p) -> None:
+    g = p.add_argument_group("per-episode adaptation")
+    g.add_argument("--adapt", metavar="METHOD", default=None,
+                   help="also train a fresh METHOD (coop, adapter, linear-probe) on each episode's support set, on "
+                        "the scored model's weights, and report its query accuracy as 'adapt'")
+    g.add_argument("--adapt-steps", type=int, default=None, metavar="N",
+                   help="full-batch optimizer steps per episode (default: CoOp's epochs for --shots: 50 for 1, 100 "
+                        "for 2-4, 200 beyond)")
+    g.add_argument("--adapt-lr", type=float, default=None, metavar="LR",
+                   help="learning rate (default: the method's own: 2e-3 SGD for coop and adapter, 1e-3 AdamW for "
+                        "linear-probe)")
 
 
 def _check_args(args) -> None:
@@ -238,14 +306,55 @@ def _check_args(args) -> None:
         raise UsageError(f"--episodes must be <= 1000000, got {args.episodes}")
     if args.data and not args.dataset:
         raise UsageError("--data needs --dataset NAME")
+    if args.mini_imagenet and args.dataset:
+        raise UsageError("--mini-imagenet names its own classes: drop --dataset")
+    if args.export_split and not args.mini_imagenet:
+        raise UsageError("--export-split needs --mini-imagenet ROOT")
+    if args.export_split and (args.checkpoint or args.pretrained or args.adapt):
+        raise UsageError("--export-split writes a split file only: drop --checkpoint / --pretrained / --adapt")
+    _check_adapt_args(args)
     if args.dataset and not (args.data or args.split_file):
         raise UsageError("--dataset needs --data ROOT")
     check_model_arguments(args)
 
 
+def _check_adapt_args(args) -> None:
+    from leanclip.episode_adapt import check_adapt_method
+
+    if args.adapt is None:
+        given = [f for f, v in (("--adapt-steps", args.adapt_steps), ("--adapt-lr", args.adapt_lr)) if v is not None]
+        if given:
+            raise UsageError(f"{given[0]} needs --adapt METHOD")
+        return
+    try:
+        check_adapt_method(args.adapt, "--adapt")
+        if args.adapt_steps is not None:
+            utils.check_number("epochs", args.adapt_steps, label="--adapt-steps")
+        if args.adapt_lr is not None:
+            utils.check_number("lr", args.adapt_lr, label="--adapt-lr")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _adapt_config(args):
+    """The per-episode training config of --adapt (None without it)."""
+    if args.adapt is None:
+        return None
+    from leanclip.cli.classify import coop_epochs
+    from leanclip.episode_adapt import adapt_config
+
+    steps = args.adapt_steps if args.adapt_steps is not None else coop_epochs(args.shots, None)
+    return adapt_config(args.adapt, steps, args.adapt_lr)
+
+
 def _split_samples(args) -> tuple[list, list[str], str]:
     """(samples of --split, class names by label, dataset name) from --data / --split-file / synthetic data."""
     outside = bool(args.allow_outside_root)
+    if args.mini_imagenet:
+        from leanclip.mini_imagenet import mini_imagenet_split
+
+        samples, classnames = mini_imagenet_split(args.mini_imagenet, args.split, allow_outside_root=outside)
+        return samples, classnames, "MiniImageNet"
     if args.data:
         splits, classnames = D.load_dataset(args.data, args.dataset, allow_outside_root=outside)
         name = args.dataset
@@ -272,10 +381,14 @@ def _split_samples(args) -> tuple[list, list[str], str]:
 def run(args) -> int:
     t0 = time.perf_counter()
     _check_args(args)
+    adapt_cfg = _adapt_config(args)
     if args.output is not None:
         check_output(args.output, resume=None, overwrite=True)
+    if args.export_split:
+        return _export_mini_imagenet(args)
     meta = read_checkpoint_meta(args.checkpoint) if args.checkpoint else None
     device = setup_device(args)
+    precision = utils.resolve_precision(args.precision, device)
     samples, classnames, name = _split_samples(args)
     train_names = checkpoint_classnames(meta, classnames)
     eps = sample_episodes([s.label for s in samples], args.ways, args.shots, args.queries, args.episodes, args.seed)
@@ -283,26 +396,56 @@ def run(args) -> int:
     _, bad = D.check_images([samples[i] for i in used], decode=False)
     if bad:
         raise bad[0]
-    templates = get_templates(name, template_override(args))
+    templates = get_templates("ImageNet" if name == "MiniImageNet" else name, template_override(args))
     model, tok, size, (mean, std) = eval_model(args, meta, train_names)
     model.to(device)
+    if adapt_cfg is not None:
+        from leanclip.episode_adapt import check_adapt_model
+
+        check_adapt_model(model, args.adapt, [classnames[c] for c in eps[0].classes.tolist()], templates, tok)
     tf = D.clip_transform(size, train=False, **{k: v for k, v in (("mean", mean), ("std", std)) if v})
-    feats, logits, _ = split_features(model, D.ImageDataset([samples[i] for i in used], tf), classnames, templates,
-                                      tok, batch_size=args.batch_size or 256, device=device,
-                                      precision=args.precision, num_workers=args.num_workers,
-                                      progress=not args.no_progress)
+    bs, progress = args.batch_size or 256, not args.no_progress
+    encoded, _ = encode_split(model, D.ImageDataset([samples[i] for i in used], tf), batch_size=bs, device=device,
+                              precision=precision, num_workers=args.num_workers, progress=progress)
+    feats, logits = score_split(model, encoded, classnames, templates, tok, batch_size=bs, device=device,
+                                precision=precision)
     where = torch.full((len(samples),), -1, dtype=torch.long)
     where[torch.tensor(used)] = torch.arange(len(used))
     local = [Episode(e.classes, where[e.support], where[e.query]) for e in eps]
     acc = episode_accuracies(local, feats, logits)
+    if adapt_cfg is not None:
+        acc["adapt"] = adapted_accuracies(model, args.adapt, local, encoded, classnames, templates, tok, adapt_cfg,
+                                          seed=args.seed, device=device, precision=precision, progress=progress)
     result = {"command": "episodes", "model": args.model, "checkpoint": meta["path"] if meta else None,
               "method": meta["method"] if meta else None,
               "dataset": name, "split": args.split, "ways": args.ways, "shots": args.shots, "queries": args.queries,
               "episodes": args.episodes, "seed": args.seed, "classes": len(classnames),
               "eligible_classes": len(eligible_classes(torch.tensor([s.label for s in samples]),
                                                        args.shots + args.queries)),
-              "images_encoded": len(used), "templates": templates,
+              "images_encoded": len(used), "templates": templates, "adapt": _adapt_record(args, adapt_cfg),
               "classifiers": {k: mean_ci95(v) for k, v in acc.items()},
               "per_episode": acc, "seconds": round(time.perf_counter() - t0, 3)}
     emit(result, args, "episodes.json")
     return 0
+
+
+def _export_mini_imagenet(args) -> int:
+    from leanclip.mini_imagenet import export_split_file, find_train_dir
+
+    path = export_split_file(args.mini_imagenet, args.export_split, args.split,
+                             allow_outside_root=bool(args.allow_outside_root))
+    splits = D.read_split_file(path, find_train_dir(args.mini_imagenet), allow_outside_root=args.allow_outside_root)
+    emit({"command": "episodes", "dataset": "MiniImageNet", "split": args.split, "export": path,
+          "image_root": find_train_dir(args.mini_imagenet), "splits": {k: len(v) for k, v in splits.items()}},
+         args, "episodes.json")
+    return 0
+
+
+def _adapt_record(args, cfg) -> dict | None:
+    """What --adapt trained per episode, with the values used (null without --adapt)."""
+    if cfg is None:
+        return None
+    return {"method": args.adapt, "steps": cfg.epochs, "lr": cfg.lr, "optimizer": cfg.optimizer,
+            "momentum": cfg.momentum if cfg.optimizer == "sgd" else None, "weight_decay": cfg.weight_decay,
+            "warmup_steps": cfg.warmup_epochs if cfg.warmup_epochs < cfg.epochs else 0, "warmup_lr": cfg.warmup_lr,
+            "scheduler": cfg.scheduler, "batch": "the whole support set"}
