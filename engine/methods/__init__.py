@@ -193,8 +193,9 @@ def check_prompt_options(model, method: str, classnames, tokenizer, n_ctx: int, 
         shown = text if len(text) <= 40 else text[:37] + "..."
         size = f"longer than the tokenizer's {count + 2}-token context" if cut else f"{count} tokens"
         instead = f"an init_text of {n_ctx} tokens" + ("" if cut else f", n_ctx={count}")
+        rule = "at most" if align_right else "exactly"
         raise ValueError(f"init_text {shown!r} is {size}, n_ctx={n_ctx}: the context starts from init_text only "
-                         f"when it has exactly n_ctx tokens (give {instead}, or init_text= empty for a random start)")
+                         f"when it has {rule} n_ctx tokens (give {instead}, or init_text= empty for a random start)")
 
 
 def _check_adapter(model, reduction=4, ratio=0.2, **_):
