@@ -30,6 +30,7 @@ from leanclip.registry import method_hooks
 from leanclip.select import model_device
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CONDITIONED_PROMPTS_PER_PASS = 1024  # image-conditioned prompts (CoCoOp) per text-tower pass
 _TOKEN_CACHE: dict = {}
 
 
@@ -148,10 +149,15 @@ def _prompted_text(model: nn.Module, learner: nn.Module, classnames: list, token
 def conditioned_text_features(model: nn.Module, img_feats: torch.Tensor, classnames: Sequence[str],
                               tokenizer: Callable) -> torch.Tensor:
     """(B, C, E) float32 normalized class text features of each image's prompts (the ``image_prompts`` hook, fed the
-    normalized image features ``img_feats`` (B, E)): B*C prompts through the text tower."""
+    normalized image features ``img_feats`` (B, E)): B*C prompts through the text tower, at most
+    ``CONDITIONED_PROMPTS_PER_PASS`` per pass (at least one image's C), so an evaluation batch of many images over
+    many classes holds one pass's activations (the features of each (image, class) do not depend on the others)."""
     learner = method_hooks(model)["image_prompts"]
-    f = _prompted_text(model, learner, list(classnames), tokenizer, image_features=img_feats.float())
-    return f.view(img_feats.shape[0], len(classnames), -1)
+    names = list(classnames)
+    per_pass = max(1, CONDITIONED_PROMPTS_PER_PASS // len(names))
+    out = [_prompted_text(model, learner, names, tokenizer, image_features=chunk.float())
+           for chunk in img_feats.split(per_pass)]
+    return torch.cat(out).view(img_feats.shape[0], len(names), -1)
 
 
 def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequence[str] | str | None = None,

@@ -72,6 +72,19 @@ def test_meta_net_conditioning_equals_the_direct_computation(fresh_tiny, tok):
     assert not torch.allclose(_features_logits(m, images, tok), got)
 
 
+def test_prompts_in_passes_give_the_same_logits(fresh_tiny, tok, monkeypatch):
+    torch.manual_seed(4)
+    m = _prepared(fresh_tiny, tok)
+    images = torch.randn(5, 3, 32, 32)
+    whole = _features_logits(m, images, tok)
+    calls = []
+    real = feats._prompted_text
+    monkeypatch.setattr(feats, "_prompted_text", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(feats, "CONDITIONED_PROMPTS_PER_PASS", 2 * len(CLASSNAMES))  # two images a pass
+    torch.testing.assert_close(_features_logits(m, images, tok), whole, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3
+
+
 def test_lean_cocoop_matches_plain(fresh_tiny, tok):
     torch.manual_seed(1)
     plain, lean = fresh_tiny(), fresh_tiny()
