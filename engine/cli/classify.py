@@ -195,7 +195,8 @@ def _memory_record(model) -> dict:
 def _train_classify(args, info, parts, method) -> int:
     """The classification run of ``leanclip train`` in this process (``info``: its place among torchrun's)."""
     from leanclip.methods import (
-        is_closed_set, method_options, method_template_set, method_train_defaults, method_trainer, prepare,
+        METHOD_TRAITS, is_closed_set, method_options, method_template_set, method_train_defaults, method_trainer,
+        prepare,
     )
     from leanclip.trainer import TrainConfig, train
 
@@ -220,7 +221,10 @@ def _train_classify(args, info, parts, method) -> int:
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
     templates = _templates(args, data["dataset"], method_template_set(method))
-    recompute = recompute_kwargs(args, pick("batch_size"), len(data["classnames"]) * len(templates))
+    # the step's text-tower batch: the class prompts, or each image's (image-conditioned prompts: CoCoOp)
+    per_image = any("image_prompts" in METHOD_TRAITS[p].hooks for p in parts)
+    prompts = len(data["classnames"]) * (pick("batch_size") if per_image else len(templates))
+    recompute = recompute_kwargs(args, pick("batch_size"), prompts)
     prepare(model, method, lean=False if args.no_lean else None, **recompute,
             tower=args.tower, classnames=data["classnames"], tokenizer=tok,
             model_name=args.model, init_from=init_from, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,

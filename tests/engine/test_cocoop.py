@@ -164,3 +164,34 @@ def test_cli_bad_options_exit_2_in_one_line(capsys, tmp_path, argv, msg):
     rc, _, err = run(capsys, "train", "--method", "cocoop", *argv, "--output", tmp_path / "x")
     assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_transformers_clip_family(hf_cache):
+    """On a transformers CLIP the image-conditioned prompts go through the family's own text forward: with pi = 0
+    the "a photo of a" context gives the zero-shot logits of that template, and a loss reaches every trainable
+    parameter."""
+    from leanclip import weights
+    from leanclip.models import transformers as hf
+    from tests.engine.hf_family import CLIP_ID, lay_out_cache
+
+    lay_out_cache(hf_cache)
+    names = ["cat", "dog", "bird"]
+    plain = weights.create_model("transformers:" + CLIP_ID)
+    m = weights.create_model("transformers:" + CLIP_ID)
+    tok = hf.get_tokenizer(m)
+    methods.prepare(m, "cocoop", classnames=names, tokenizer=tok)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m.prompt_learner.meta_net.linear2.weight.zero_()
+        m.prompt_learner.meta_net.linear2.bias.zero_()
+        zs = feats.class_logits(plain, feats.image_features(plain, images),
+                                feats.text_features(plain, names, ["a photo of a {}."], tok))
+    logits = feats.class_logits(m, feats.image_features(m, images), feats.text_features(m, names, None, tok))
+    torch.testing.assert_close(logits.detach(), zs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        m.prompt_learner.meta_net.linear2.weight.normal_(0, 0.1)
+    logits = feats.class_logits(m, feats.image_features(m, images), feats.text_features(m, names, None, tok))
+    F.cross_entropy(logits, torch.tensor([0, 2])).backward()
+    learner = m.prompt_learner  # the tiny model's E = 24 leaves the meta-net one hidden ReLU unit: it may be dead
+    assert all(p.grad is not None for p in learner.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in (learner.ctx, learner.meta_net.linear2.bias))
