@@ -13,6 +13,7 @@ One optimizer step (``grad_accum`` micro-batches)::
                                                              # (once per run when it is frozen: decided from the graph)
     for each micro-batch:  CE(class_logits(model, image_features(model, images), txt), y) -> backward
     [+ clipfit_kd_loss(txt, teacher, kd_lambda) for clipfit; teacher = frozen zero-shot features, once per run]
+    [a method's gradient rule (ProGrad's projection) then rewrites the step's gradients: ``leanclip.step``]
     the text tower back-propagates once per step (micro-batches fill the gradient of a detached copy of txt), so
     grad_accum=k x batch b gives the same update as batch k*b.
 
