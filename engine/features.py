@@ -6,12 +6,17 @@
     teacher = frozen_text_features(model, classnames, templates, tokenizer)   # no grad: CLIPFit teacher, zero-shot
     loss = CE(logits, y) + clipfit_kd_loss(txt, teacher, lam=8.0)
 
+A method whose prompts depend on the image (the ``image_prompts`` hook: CoCoOp) has no class text features of its
+own: ``text_features`` gives an :class:`ImageConditionedText` and ``class_logits`` runs the text tower on each image's
+prompts (``(B, C)`` logits from ``(B, C, E)`` text features), so the callers keep one code path.
+
 Lean models (``prepare(..., lean=True)``) encode text with the EOT-truncated context (``leanclip.lean.encode_text_lean``,
 exact); plain ones run open_clip's ``encode_text`` over the full context (the baseline). Features come back in
 float32 whatever the frozen-weight / autocast dtype.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -25,6 +30,7 @@ from leanclip.registry import method_hooks
 from leanclip.select import model_device
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CONDITIONED_PROMPTS_PER_PASS = 1024  # image-conditioned prompts (CoCoOp) per text-tower pass
 _TOKEN_CACHE: dict = {}
 
 
@@ -118,6 +124,49 @@ def features_from_encoded(model: nn.Module, encoded: torch.Tensor, *, normalize:
     return F.normalize(f, dim=-1) if normalize else f
 
 
+@dataclass(frozen=True)
+class ImageConditionedText:
+    """The class text side of a model whose prompts are conditioned on the image (``image_prompts`` hook): the class
+    names and tokenizer its prompts are built from. Nothing is computed until :func:`class_logits` sees the image
+    features, so it holds no graph (``requires_grad`` False, ``detach`` itself): the text tower runs, and its
+    gradient flows, inside each batch's forward."""
+    classnames: tuple
+    tokenizer: Callable
+    requires_grad = False
+
+    def detach(self) -> "ImageConditionedText":
+        return self
+
+
+def _prompted_text(model: nn.Module, learner: nn.Module, classnames: list, tokenizer, **kw) -> torch.Tensor:
+    """Normalized float32 text features of a prompt learner's prompts (``kw``: what the learner takes besides the
+    names, e.g. CoCoOp's image features): the family's own forward for ``transformers`` models, else the open_clip
+    text tower fed the learner's embeddings, cut to the prompts' end-of-text (lean) or the full context."""
+    if _hf.is_transformers(model):  # the family's own forward, context spliced in
+        emb, tok = learner(_hf.token_embedding(model), classnames, tokenizer, **kw)
+        return F.normalize(_hf.encode_text_embeddings(model, tok, emb).float(), dim=-1)
+    t = text_tower(model)
+    tok = learner.tokens(classnames, tokenizer)
+    length = _lean.eot_length(model, tok) if _uses_lean(model) else tok.shape[1]
+    emb, tok = learner(t.token_embedding, classnames, tokenizer, max_len=length, **kw)
+    f = _lean.encode_text_lean(model, tok, prompt_embeddings=emb, truncate=False)
+    return F.normalize(f.float(), dim=-1)
+
+
+def conditioned_text_features(model: nn.Module, img_feats: torch.Tensor, classnames: Sequence[str],
+                              tokenizer: Callable) -> torch.Tensor:
+    """(B, C, E) float32 normalized class text features of each image's prompts (the ``image_prompts`` hook, fed the
+    normalized image features ``img_feats`` (B, E)): B*C prompts through the text tower, at most
+    ``CONDITIONED_PROMPTS_PER_PASS`` per pass (at least one image's C), so an evaluation batch of many images over
+    many classes holds one pass's activations (the features of each (image, class) do not depend on the others)."""
+    learner = method_hooks(model)["image_prompts"]
+    names = list(classnames)
+    per_pass = max(1, CONDITIONED_PROMPTS_PER_PASS // len(names))
+    out = [_prompted_text(model, learner, names, tokenizer, image_features=chunk.float())
+           for chunk in img_feats.split(per_pass)]
+    return torch.cat(out).view(img_feats.shape[0], len(names), -1)
+
+
 def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequence[str] | str | None = None,
                   tokenizer: Callable | None = None, *, batch_size: int | None = None,
                   use_prompt_learner: bool = True) -> torch.Tensor:
@@ -125,20 +174,15 @@ def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequen
 
     Templates (strings with ``{}``) are ensembled: features of each prompt are normalized, averaged over the
     templates and renormalized. A model whose method adds a ``prompts`` hook (CoOp) uses its learned prompts and ignores
-    ``templates`` (unless ``use_prompt_learner=False``). Gradients flow when the text side has trainable
+    ``templates`` (unless ``use_prompt_learner=False``); one with an ``image_prompts`` hook (CoCoOp) gets an
+    :class:`ImageConditionedText` for :func:`class_logits`. Gradients flow when the text side has trainable
     parameters. ``batch_size`` chunks the prompts through the text tower (memory; no effect on the result)."""
     classnames = check_classnames(classnames)
-    learner = method_hooks(model).get("prompts") if use_prompt_learner else None
-    if learner is not None and _hf.is_transformers(model):  # the family's own forward, context spliced in
-        emb, tok = learner(_hf.token_embedding(model), classnames, tokenizer)
-        return F.normalize(_hf.encode_text_embeddings(model, tok, emb).float(), dim=-1)
-    if learner is not None:
-        t = text_tower(model)
-        tok = learner.tokens(classnames, tokenizer)
-        length = _lean.eot_length(model, tok) if _uses_lean(model) else tok.shape[1]
-        emb, tok = learner(t.token_embedding, classnames, tokenizer, max_len=length)
-        f = _lean.encode_text_lean(model, tok, prompt_embeddings=emb, truncate=False)
-        return F.normalize(f.float(), dim=-1)
+    hooks = method_hooks(model) if use_prompt_learner else {}
+    if "image_prompts" in hooks:
+        return ImageConditionedText(tuple(classnames), tokenizer)
+    if "prompts" in hooks:
+        return _prompted_text(model, hooks["prompts"], classnames, tokenizer)
     templates = _check_templates(templates)
     names = [_clean(c) for c in classnames]
     texts = [t.replace("{}", n) for t in templates for n in names]
@@ -170,6 +214,10 @@ def class_logits(model: nn.Module, img_feats: torch.Tensor, txt_feats: torch.Ten
         return probe(img_feats.float()).float()
     if txt_feats is None:
         raise ValueError("txt_feats is required (only linear-probe models classify without text features)")
+    if isinstance(txt_feats, ImageConditionedText):  # each image's own prompts: logits[b, c] = s * <img_b, t_bc>
+        img = F.normalize(img_feats.float(), dim=-1)
+        txt = conditioned_text_features(model, img, txt_feats.classnames, txt_feats.tokenizer)
+        return _scaled(model, torch.einsum("be,bce->bc", img, txt))
     img, txt = img_feats.float(), txt_feats.float()
     if img.dim() != 2 or txt.dim() != 2 or img.shape[1] != txt.shape[1]:
         raise ValueError(f"img_feats (B, E) and txt_feats (C, E) must share E, got {tuple(img.shape)} and "
@@ -178,7 +226,12 @@ def class_logits(model: nn.Module, img_feats: torch.Tensor, txt_feats: torch.Ten
         img = hooks["image_logit"](img)
     if "text_logit" in hooks:
         txt = hooks["text_logit"](txt)
-    logits = model.logit_scale.float().exp() * (img @ txt.t())
+    return _scaled(model, img @ txt.t())
+
+
+def _scaled(model: nn.Module, cos: torch.Tensor) -> torch.Tensor:
+    """``logit_scale.exp() * cos`` (+ ``logit_bias`` when the model has one)."""
+    logits = model.logit_scale.float().exp() * cos
     if getattr(model, "logit_bias", None) is not None:
         logits = logits + model.logit_bias.float()
     return logits

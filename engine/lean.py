@@ -1046,7 +1046,8 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
         elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
         names = _trainable_names(model, t.prefix)
         top = _top(names, t.prefix)
-        learner = method_hooks(model).get("prompts")
+        hooks = method_hooks(model)
+        learner = hooks.get("prompts", hooks.get("image_prompts"))
         input_grad = bool(top & {"token_embedding", "positional_embedding"}) or (
             learner is not None and any(p.requires_grad for p in learner.parameters()))
         first, stage = _grad_layout(names, f"{t.prefix}transformer.resblocks.", len(blocks), input_grad)

@@ -18,10 +18,14 @@ TASKS = ("classify", "contrastive")
 # Where a module a method adds plugs into the features (``leanclip.features``, ``leanclip.contrastive``):
 #   image_features  f -> f on the (unnormalized) image features (CLIP-Adapter)
 #   prompts         the class prompts of the text tower (a CoOp prompt learner)
+#   image_prompts   class prompts conditioned on each image's normalized feature (CoCoOp): logits per image; it
+#                   replaces the class prompts, so it excludes ``prompts``
 #   logits          image features -> class logits, replacing the cosine classifier (a linear probe)
 #   image_logit, text_logit   a map on each side before the scaled cosine (LLU)
 #   temperature     the contrastive logit scale (LilT's learnable temperature)
-HOOK_ROLES = ("image_features", "prompts", "logits", "image_logit", "text_logit", "temperature")
+HOOK_ROLES = ("image_features", "prompts", "image_prompts", "logits", "image_logit", "text_logit", "temperature")
+# roles that replace the same part of the model: a combination may give only one of each group
+_SAME_PART = {"image_prompts": "prompts"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class MethodTraits:
     mergeable: what it trains folds into the model's own weights (``leanclip.merge`` gives a plain model with equal
         outputs): the weights themselves (ln, bitfit, clipfit, full) or a weight delta (lora). A method that adds
         modules a plain model has no place for (prompts, heads, adapters) is not.
+    gradient_rule: a factory ``make(ctx) -> rule | None`` (``ctx`` as for ``loss_terms``) of a rule that changes the
+        step's gradient between the backward and the optimizer step (ProGrad's projection): ``rule.loss(img, logits)``
+        is an auxiliary loss on each micro-batch's normalized image features and logits whose gradient the step keeps
+        apart from the training loss's, and ``rule.apply(grads, aux_grads)`` returns the gradients the optimizer
+        uses (per trainable parameter, None where a parameter has none). At most one per combination.
     """
     trainer: str = "backprop"
     tasks: tuple = TASKS
@@ -61,6 +70,7 @@ class MethodTraits:
     contrastive_defaults: dict = field(default_factory=dict)
     template_set: str | None = None
     mergeable: bool = False
+    gradient_rule: Callable | None = None
 
 
 METHOD_TRAITS: dict[str, MethodTraits] = {}
@@ -122,6 +132,8 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
         raise ValueError(f"traits of {name!r}: trainer must be one of {TRAINERS}, tasks a subset of {TASKS}")
     if not set(traits.hooks) <= set(HOOK_ROLES) or not all(callable(f) for f in traits.loss_terms):
         raise ValueError(f"traits of {name!r}: hook roles must be among {HOOK_ROLES}, loss terms callables")
+    if traits.gradient_rule is not None and not callable(traits.gradient_rule):
+        raise ValueError(f"traits of {name!r}: gradient_rule must be a callable (a rule factory) or None")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
         raise ValueError(f"method name must be lowercase letters, digits, '-' or '_' (no '+'), got {name!r}")
     if check is not None and not callable(check):
@@ -176,10 +188,15 @@ def parse_method(method) -> list[str]:
     roles: dict[str, str] = {}
     for p in parts:
         for role in METHOD_TRAITS[p].hooks:
-            if role in roles and role != "temperature":  # one shared temperature: the components add it once
-                raise ValueError(f"method {method!r}: {roles[role]!r} and {p!r} both replace the {role} "
+            part = _SAME_PART.get(role, role)
+            if part in roles and role != "temperature":  # one shared temperature: the components add it once
+                raise ValueError(f"method {method!r}: {roles[part]!r} and {p!r} both replace the {part} "
                                  "of the model; combine at most one of them")
-            roles.setdefault(role, p)
+            roles.setdefault(part, p)
+    rules = [p for p in parts if METHOD_TRAITS[p].gradient_rule is not None]
+    if len(rules) > 1:
+        raise ValueError(f"method {method!r}: {rules[0]!r} and {rules[1]!r} each change the step's gradient; "
+                         "combine at most one of them")
     return parts
 
 
@@ -201,6 +218,12 @@ def method_hooks(model) -> dict:
 def method_loss_terms(method) -> list:
     """The extra-loss factories the components of ``method`` declare (see :class:`MethodTraits`), in order."""
     return [make for p in parse_method(method) for make in METHOD_TRAITS[p].loss_terms]
+
+
+def method_gradient_rule(method) -> Callable | None:
+    """The gradient-rule factory a component of ``method`` declares (see :class:`MethodTraits`), or None."""
+    return next((METHOD_TRAITS[p].gradient_rule for p in parse_method(method)
+                 if METHOD_TRAITS[p].gradient_rule is not None), None)
 
 
 def method_template_set(method) -> str | None:

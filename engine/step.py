@@ -16,6 +16,12 @@ trains (decided from the autograd graph of one forward, not from the method's na
 
 Extra loss terms come from the method's declaration (``MethodTraits.loss_terms``, e.g. CLIPFit's distillation to
 its zero-shot text features); they are built when the step is, i.e. from the weights the run starts from.
+
+A method's gradient rule (``MethodTraits.gradient_rule``, e.g. ProGrad's projection) adds an auxiliary loss on each
+micro-batch whose gradient is kept apart from the training loss's: ``torch.autograd.grad`` of it (weighted like the
+CE) into a buffer per trainable parameter, its text-side share through the text tower's graph at ``finish``; then
+``finish`` replaces each ``.grad`` with ``rule.apply(grads, aux_grads)`` before the caller's optimizer step
+(``apply_rule=False`` defers that, e.g. until the gradients of several processes are summed: :meth:`apply_rule`).
 """
 from __future__ import annotations
 
@@ -27,8 +33,8 @@ import torch.nn.functional as F
 
 from leanclip import utils
 from leanclip.features import class_logits, image_features, text_features
-from leanclip.registry import method_loss_terms
-from leanclip.select import model_device
+from leanclip.registry import method_gradient_rule, method_loss_terms
+from leanclip.select import model_device, trainable_parameters
 
 __all__ = ["StepContext", "ClassifyStep"]
 
@@ -63,6 +69,10 @@ class ClassifyStep:
         self.precision = precision
         ctx = StepContext(model, self.classnames, self.templates, tokenizer, cfg, self.device, precision)
         self.terms = [t for t in (make(ctx) for make in method_loss_terms(info["method"])) if t is not None]
+        make_rule = method_gradient_rule(info["method"])
+        self.rule = make_rule(ctx) if make_rule is not None else None
+        self.params = [p for _, p in trainable_parameters(model)] if self.rule is not None else []
+        self._aux = self._aux_txt = None
         with torch.set_grad_enabled(not fixed_text), utils.autocast(self.device, precision):
             txt0 = self._text()
         self.text_trains = txt0.requires_grad
@@ -76,8 +86,9 @@ class ClassifyStep:
 
     def _image_ce_eager(self, images, labels, txt):
         with utils.autocast(self.device, self.precision):
-            logits = class_logits(self.model, image_features(self.model, images), txt).float()
-        return F.cross_entropy(logits, labels), logits
+            img = image_features(self.model, images)
+            logits = class_logits(self.model, img, txt).float()
+        return F.cross_entropy(logits, labels), logits, img
 
     def begin(self) -> None:
         """Start a step: the class text features it uses (one text-tower forward when the text side trains)."""
@@ -87,33 +98,70 @@ class ClassifyStep:
             self._txt = self._txt_graph.detach().requires_grad_()
         else:
             self._txt_graph, self._txt = None, self.fixed_txt
+        if self.rule is not None:
+            self._aux, self._aux_txt = [torch.zeros_like(p) for p in self.params], None
 
     def micro(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
         """CE of one micro-batch, back-propagated scaled by ``weight`` (its share of the step's batch). Returns
         float64 ``[CE * n, correct, n]`` on the device (no host sync)."""
         images = images.to(self.device, non_blocking=True)
         labels = torch.as_tensor(labels).to(self.device, non_blocking=True)
-        ce, logits = self._image_ce(images, labels, self._txt)
+        ce, logits, img = self._image_ce(images, labels, self._txt)
+        if self.rule is not None:
+            self._aux_backward(self.rule.loss(img, logits) * weight)
         (ce * weight).backward()
         with torch.no_grad():
             n = labels.numel()
             return torch.stack([ce.detach().double() * n, (logits.argmax(1) == labels).sum().double(),
                                 torch.tensor(float(n), dtype=torch.float64, device=self.device)])
 
-    def finish(self, term_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    def _aux_backward(self, aux: torch.Tensor) -> None:
+        """Add the gradient of the rule's loss ``aux`` to its buffers: the trainable parameters it reaches directly,
+        and this step's text-feature leaf (taken through the text tower at ``finish``)."""
+        txt_leaf = self._txt_graph is not None
+        leaves = self.params + ([self._txt] if txt_leaf else [])
+        grads = torch.autograd.grad(aux, leaves, retain_graph=True, allow_unused=True)
+        for buf, g in zip(self._aux, grads):
+            if g is not None:
+                buf.add_(g)
+        if txt_leaf and grads[-1] is not None:
+            self._aux_txt = grads[-1] if self._aux_txt is None else self._aux_txt + grads[-1]
+
+    def finish(self, term_weight: float = 1.0, apply_rule: bool = True) -> dict[str, torch.Tensor]:
         """End the step: the extra loss terms on this step's text features (back-propagated scaled by
         ``term_weight``: ``1/W`` when W processes each compute them and their gradients are summed), then the text
-        tower's backward. Returns ``{term name: detached value}`` (unscaled)."""
+        tower's backward, then the method's gradient rule unless ``apply_rule=False``. Returns ``{term name:
+        detached value}`` (unscaled)."""
         txt, values = self._txt, {}
         for term in self.terms:
             name, value = term(txt)
             if value.requires_grad:
                 (value * term_weight if term_weight != 1.0 else value).backward()
             values[name] = value.detach()
+        aux_txt = self._aux_txt
         if self._txt_graph is not None and txt.grad is not None:
-            self._txt_graph.backward(txt.grad)
-        self._txt_graph = self._txt = None
+            self._txt_graph.backward(txt.grad, retain_graph=aux_txt is not None)
+        if self._txt_graph is not None and aux_txt is not None:
+            grads = torch.autograd.grad(self._txt_graph, self.params, grad_outputs=aux_txt, allow_unused=True)
+            for buf, g in zip(self._aux, grads):
+                if g is not None:
+                    buf.add_(g)
+        self._txt_graph = self._txt = self._aux_txt = None
+        if apply_rule:
+            self.apply_rule()
         return values
+
+    def apply_rule(self, reduce=None) -> None:
+        """Replace the trainable parameters' ``.grad`` with what the method's gradient rule makes of them and of
+        the auxiliary gradients (a no-op without a rule). ``reduce(tensors)``: sums the auxiliary gradients over
+        the processes in place first (their ``.grad`` already summed by the caller)."""
+        if self.rule is None or self._aux is None:
+            return
+        if reduce is not None:
+            reduce(self._aux)
+        for p, g in zip(self.params, self.rule.apply([p.grad for p in self.params], self._aux)):
+            p.grad = g
+        self._aux = None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A whole step on one batch (gradients accumulated into ``.grad``); returns its loss, detached."""
@@ -129,5 +177,5 @@ class ClassifyStep:
         if self.text_trains:
             with utils.autocast(self.device, self.precision):
                 txt = self._text()
-        ce, _ = self._image_ce_eager(images.to(self.device), torch.as_tensor(labels).to(self.device), txt)
+        ce, _, _ = self._image_ce_eager(images.to(self.device), torch.as_tensor(labels).to(self.device), txt)
         return ce + sum((term(txt)[1] for term in self.terms), torch.zeros((), device=self.device))

@@ -13,6 +13,7 @@ One optimizer step (``grad_accum`` micro-batches)::
                                                              # (once per run when it is frozen: decided from the graph)
     for each micro-batch:  CE(class_logits(model, image_features(model, images), txt), y) -> backward
     [+ clipfit_kd_loss(txt, teacher, kd_lambda) for clipfit; teacher = frozen zero-shot features, once per run]
+    [a method's gradient rule (ProGrad's projection) then rewrites the step's gradients: ``leanclip.step``]
     the text tower back-propagates once per step (micro-batches fill the gradient of a detached copy of txt), so
     grad_accum=k x batch b gives the same update as batch k*b.
 
@@ -314,9 +315,10 @@ def _train_epoch(run: _Run, epoch: int) -> None:
 def _finish_step(run: _Run, epoch: int, sums: torch.Tensor, t_step: float) -> dict:
     """End an optimizer step: extra loss terms and the text tower's backward, the finiteness check (the step's only
     host sync, BEFORE the update: a non-finite step never reaches the weights), the update; returns its log record."""
-    terms = run.step_fn.finish(term_weight=1.0 / run.world)
-    if run.world > 1:
+    terms = run.step_fn.finish(term_weight=1.0 / run.world, apply_rule=run.world == 1)
+    if run.world > 1:  # a gradient rule acts on the whole batch's gradients: after they are summed
         _all_reduce_grads(run.params, sums)
+        run.step_fn.apply_rule(reduce=_all_reduce_sum)
     lr = lr_at(run.step, run.cfg, run.steps_per_epoch)
     for g in run.opt.param_groups:
         g["lr"] = lr
@@ -342,6 +344,16 @@ def _finish_step(run: _Run, epoch: int, sums: torch.Tensor, t_step: float) -> di
     run.history.append(rec)
     run.images_seen += int(n)
     return rec
+
+
+def _all_reduce_sum(tensors: list) -> None:
+    """Sum ``tensors`` (same shapes and dtype on every process) over the processes, in place, as one buffer."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    off = 0
+    for t in tensors:
+        t.copy_(flat[off:off + t.numel()].view_as(t))
+        off += t.numel()
 
 
 def _all_reduce_grads(params: list, sums: torch.Tensor) -> None:

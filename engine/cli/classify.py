@@ -195,7 +195,8 @@ def _memory_record(model) -> dict:
 def _train_classify(args, info, parts, method) -> int:
     """The classification run of ``leanclip train`` in this process (``info``: its place among torchrun's)."""
     from leanclip.methods import (
-        is_closed_set, method_options, method_template_set, method_train_defaults, method_trainer, prepare,
+        METHOD_TRAITS, is_closed_set, method_options, method_template_set, method_train_defaults, method_trainer,
+        prepare,
     )
     from leanclip.trainer import TrainConfig, train
 
@@ -220,7 +221,10 @@ def _train_classify(args, info, parts, method) -> int:
     if data["train"] is None:
         raise UsageError(f"the train split of {data['dataset']!r} is empty")
     templates = _templates(args, data["dataset"], method_template_set(method))
-    recompute = recompute_kwargs(args, pick("batch_size"), len(data["classnames"]) * len(templates))
+    # the step's text-tower batch: the class prompts, or each image's (image-conditioned prompts: CoCoOp)
+    per_image = any("image_prompts" in METHOD_TRAITS[p].hooks for p in parts)
+    prompts = len(data["classnames"]) * (pick("batch_size") if per_image else len(templates))
+    recompute = recompute_kwargs(args, pick("batch_size"), prompts)
     prepare(model, method, lean=False if args.no_lean else None, **recompute,
             tower=args.tower, classnames=data["classnames"], tokenizer=tok,
             model_name=args.model, init_from=init_from, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,
@@ -303,16 +307,25 @@ def coop_epochs(shots: int, dataset: str | None) -> int:
     return 50 if shots == 1 else 100 if shots in (2, 4) else 200
 
 
+# the classification recipes --preset names (the papers' optimisation settings: preset_defaults)
+CLASSIFY_PRESETS = ("coop", "cocoop", "prograd")
+
+
 def preset_defaults(preset: str | None, args) -> dict:
     """``--preset``: a paper's optimisation recipe as defaults (flags given explicitly still win). ``coop``: SGD
     (momentum 0.9) at 0.002, weight decay 5e-4, batch 32, one constant warm-up epoch at 1e-5, cosine, CoOp's epochs
-    per shot count (the recipe LLU reports its few-shot results with)."""
+    per shot count (the recipe LLU reports its few-shot results with). ``prograd``: the same (ProGrad's configs
+    rn50 / rn50_ep100 / rn50_ep50 are CoOp's). ``cocoop``: the same at batch 1 for 10 epochs (KaiyangZhou/CoOp
+    configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml)."""
     if preset is None:
         return {}
-    if preset != "coop":
+    if preset not in CLASSIFY_PRESETS:
         raise UsageError(f"--preset {preset} is the contrastive alignment recipe: add --task contrastive")
-    return {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
-            "epochs": coop_epochs(args.shots, args.dataset)}
+    recipe = {"optimizer": "sgd", "lr": 2e-3, "weight_decay": 5e-4, "batch_size": 32, "warmup_epochs": 1,
+              "epochs": coop_epochs(args.shots, args.dataset)}
+    if preset == "cocoop":
+        recipe.update(batch_size=1, epochs=10)
+    return recipe
 
 
 def _check_resume(resume, method: str) -> None:

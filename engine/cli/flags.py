@@ -37,6 +37,11 @@ def _has_hook(parts, role: str) -> bool:
     return any(role in METHOD_TRAITS[p].hooks for p in parts)
 
 
+def _learns_prompts(parts) -> bool:
+    """A component replaces the class prompts (CoOp's, or CoCoOp's image-conditioned ones)."""
+    return _has_hook(parts, "prompts") or _has_hook(parts, "image_prompts")
+
+
 def _trainer(parts) -> str:
     from leanclip.registry import method_trainer
 
@@ -74,9 +79,9 @@ SCOPES: dict[str, Scope] = {
     "num_workers": Scope((TRAIN, CONTRASTIVE, EVAL, ZEROSHOT)),
     # a prompt-learning method (CoOp) replaces the templates with its learned context; the contrastive task reads
     # them for its zero-shot evaluation (--zeroshot-data)
-    "templates": Scope((*CLASSIFY, CONTRASTIVE), lambda parts: not _has_hook(parts, "prompts"),
+    "templates": Scope((*CLASSIFY, CONTRASTIVE), lambda parts: not _learns_prompts(parts),
                        "methods without learned prompts"),
-    "template_set": Scope((*CLASSIFY, CONTRASTIVE), lambda parts: not _has_hook(parts, "prompts"),
+    "template_set": Scope((*CLASSIFY, CONTRASTIVE), lambda parts: not _learns_prompts(parts),
                           "methods without learned prompts"),
     # method and optimisation (train)
     "tower": Scope((TRAIN, CONTRASTIVE), lambda parts: _declares(parts, "tower"), "methods with a tower option"),
@@ -88,7 +93,7 @@ SCOPES: dict[str, Scope] = {
     "kd_lambda": Scope((TRAIN,), lambda parts: "clipfit" in parts, "method clipfit"),
     "llu_lambda": Scope((TRAIN,), lambda parts: "llu" in parts, "method llu"),
     "llu_clusters": Scope((TRAIN,), lambda parts: "llu" in parts, "method llu"),
-    "preset": Scope((TRAIN, CONTRASTIVE)),  # coop for classification, lilt for the contrastive task
+    "preset": Scope((TRAIN, CONTRASTIVE)),  # coop, cocoop, prograd for classification, lilt for the contrastive task
     "init_from": Scope((TRAIN, CONTRASTIVE)),
     # the contrastive task and retrieval
     "pairs": Scope(_PAIRS), "pairs_split": Scope(_PAIRS), "synthetic_eval_pairs": Scope(_PAIRS),

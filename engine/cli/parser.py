@@ -181,11 +181,11 @@ def _add_train_parser(sub, selected: str | None) -> None:
     g.add_argument("--llu-clusters", type=int, default=512,
                    help="LLU image bank: at most this many agglomerative cluster centres (0 = all training features)")
     g.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines (default 1)")
-    g.add_argument("--preset", choices=("coop", "lilt"), default=None,
+    g.add_argument("--preset", choices=("coop", "cocoop", "prograd", "lilt"), default=None,
                    help="a paper's recipe as the defaults of the optimisation flags (explicit flags win; the run "
                         "records it): coop (classification) = SGD 0.002, wd 5e-4, batch 32, 1 warm-up epoch, "
                         "200/100/50 epochs for 16-8/4-2/1 shots (50 on ImageNet), the schedule LLU reports its "
-                        "few-shot results with; lilt (--task contrastive) = AdamW 1e-4, wd 0.02, 1 warm-up epoch, "
+                        "few-shot results with; prograd = coop's; cocoop = coop's at batch 1, 10 epochs; lilt (--task contrastive) = AdamW 1e-4, wd 0.02, 1 warm-up epoch, "
                         "cosine to 1e-5, 15 epochs, global batch 512, 256x256 crops, ALBEF's colour-free "
                         "RandAugment (N=2, M=7)")
     g.add_argument("--init-from", metavar="RUN", default=None,

@@ -41,6 +41,7 @@ from torch import nn
 
 # the method modules register themselves on import; they depend on the registry and the selection, not on this module
 from leanclip.methods import compacter, houlsby, lilt, lora  # noqa: F401
+from leanclip.methods import cocoop, prograd  # noqa: F401
 from leanclip import budget as _budget
 from leanclip import heads as _heads
 from leanclip import lean as _lean
@@ -160,13 +161,21 @@ def _init_text_tokens(tokenizer, text: str) -> tuple[torch.Tensor, int, bool]:
 
 
 def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None, **_):
-    require_options("coop", classnames=classnames, tokenizer=tokenizer)
+    check_prompt_options(model, "coop", classnames, tokenizer, n_ctx, init_text, std)
+
+
+def check_prompt_options(model, method: str, classnames, tokenizer, n_ctx: int, init_text, std,
+                         align_right: bool = False) -> None:
+    """The checks of a CoOp-style learned context (``coop``, and ``method``s built on it: ``cocoop``, ``prograd``):
+    class names and tokenizer given, room for the context in the text tower, an ``init_text`` of exactly ``n_ctx``
+    tokens (``align_right``: of at most ``n_ctx`` tokens, which start the last context vectors; ProGrad's rule)."""
+    require_options(method, classnames=classnames, tokenizer=tokenizer)
     if init_text is not None and not isinstance(init_text, str):
         raise ValueError(f"init_text must be a string or None, got {type(init_text).__name__}")
     if _hf.is_transformers(model):
         context = _hf.coop_context(model)
     else:
-        require_open_clip_tower(model, "coop", "text", "token embeddings to splice the learned context into")
+        require_open_clip_tower(model, method, "text", "token embeddings to splice the learned context into")
         context = text_tower(model).positional_embedding.shape[0]
     if n_ctx > context - 3:  # [SOS] ctx_1..ctx_n, at least one class-name token, [EOT]
         raise ValueError(f"n_ctx={n_ctx} leaves no room for a class name in the text tower's {context}-token "
@@ -178,12 +187,15 @@ def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None,
         raise ValueError(f"std={std} has no effect: the context starts from the token embeddings of init_text "
                          f"{text!r} (init_text= empty for a random start with std)")
     _, count, cut = _init_text_tokens(tokenizer, text)
+    if align_right and count <= n_ctx and not cut:
+        return
     if count != n_ctx:  # it would be ignored: say so rather than start from random vectors unasked
         shown = text if len(text) <= 40 else text[:37] + "..."
         size = f"longer than the tokenizer's {count + 2}-token context" if cut else f"{count} tokens"
         instead = f"an init_text of {n_ctx} tokens" + ("" if cut else f", n_ctx={count}")
+        rule = "at most" if align_right else "exactly"
         raise ValueError(f"init_text {shown!r} is {size}, n_ctx={n_ctx}: the context starts from init_text only "
-                         f"when it has exactly n_ctx tokens (give {instead}, or init_text= empty for a random start)")
+                         f"when it has {rule} n_ctx tokens (give {instead}, or init_text= empty for a random start)")
 
 
 def _check_adapter(model, reduction=4, ratio=0.2, **_):
@@ -315,18 +327,28 @@ def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=N
     ``init_text`` is empty; unset, CoOp's rule applies: "a photo of a" for n_ctx=4, a random start otherwise. An
     option that would have no effect (an init_text of another length, a std beside an init_text) is refused. Needs
     classnames, a tokenizer and an open_clip transformer text tower (``_check_coop``, which ``prepare`` runs first)."""
-    classnames = list(classnames)
-    embedding = _hf.token_embedding(model) if _hf.is_transformers(model) else text_tower(model).token_embedding
-    width = embedding.weight.shape[1]
-    init = None
-    text = _coop_init_text(n_ctx, init_text)
-    if text:
-        tok, _, _ = _init_text_tokens(tokenizer, text)
-        with torch.no_grad():
-            init = embedding(tok.to(embedding.weight.device))[0, 1:1 + n_ctx].float().cpu()
-    learner = _heads.PromptLearner(n_ctx, width, init_embeddings=init, std=COOP_STD if std is None else std)
-    learner.classnames = classnames
+    embedding, init = prompt_init(model, tokenizer, n_ctx, init_text)
+    learner = _heads.PromptLearner(n_ctx, embedding.weight.shape[1], init_embeddings=init,
+                                   std=COOP_STD if std is None else std)
+    learner.classnames = list(classnames)
     return {"prompt_learner": learner.to(embedding.weight.device)}
+
+
+def prompt_init(model, tokenizer, n_ctx: int, init_text) -> tuple[nn.Embedding, torch.Tensor | None]:
+    """(the text tower's token embedding, the context's starting vectors (n_ctx, width) or None for a random start)
+    under CoOp's rule (``_coop_init_text``): the token embeddings of the init text. An init text of k < n_ctx tokens
+    (which ``check_prompt_options`` admits with ``align_right``: ProGrad's rule) starts the last k vectors, the
+    others start at zero."""
+    embedding = _hf.token_embedding(model) if _hf.is_transformers(model) else text_tower(model).token_embedding
+    text = _coop_init_text(n_ctx, init_text)
+    if not text:
+        return embedding, None
+    tok, count, _ = _init_text_tokens(tokenizer, text)
+    with torch.no_grad():
+        vectors = embedding(tok.to(embedding.weight.device))[0, 1:1 + count].float().cpu()
+    init = torch.zeros(n_ctx, vectors.shape[1])
+    init[n_ctx - count:] = vectors
+    return embedding, init
 
 
 @register_method("adapter", check=_check_adapter, traits=MethodTraits(hooks={"image_features": "clip_adapter"}),
