@@ -57,10 +57,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip.lifecycle import Added, strip
+from leanclip.models import hf_text as _hftext
 from leanclip.models import timm as _timm
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import (
-    ResidualAttentionBlock, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
+    ResidualAttentionBlock, class_name, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
     text_tower, timm_image_tower,
 )
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
@@ -256,20 +257,55 @@ def _base_ln_class(ln: nn.Module):
     return _UNSWAP.get(type(ln), type(ln))
 
 
-def add_deep_blocks(model: nn.Module, tower: str = "both", init: str = "copy") -> list[nn.Module]:
-    """Append one identity-initialised block to ``resblocks`` of each selected tower; returns the new blocks."""
-    if init not in DEEP_INITS:
-        raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {init!r}")
-    added = []
-    for _, tr in _towers(model, tower):
+def _check_deep_towers(model: nn.Module, tower: str) -> None:
+    """ValueError naming the class unless every tower of ``tower`` takes an appended block: an open_clip transformer
+    tower, a timm ViT / EVA trunk or a Hugging Face BERT-style text tower."""
+    for t in ("image", "text") if tower == "both" else (tower,):
+        if t == "image" and timm_image_tower(model) is not None:
+            last = (_timm.trunk_blocks(model.visual) or [None])[-1]
+            if last is None or not _timm.is_timm_block(last):
+                raise ValueError(f"method 'lilt-deep' appends a timm ViT block; the image tower "
+                                 f"{tower_class(model, 'image')} ends in {class_name(last)}")
+        elif t == "text" and hf_text_tower(model) is not None:
+            last = (_hftext.layers(model) or [(None, None)])[-1][1]
+            if not _hftext.is_bert_layer(last):
+                raise ValueError(f"method 'lilt-deep' appends a BERT-style encoder layer; the text tower "
+                                 f"{tower_class(model, 'text')} is made of {class_name(last)}")
+        else:
+            require_open_clip_tower(model, "lilt-deep", t, "it appends an open_clip transformer block to the "
+                                    "tower; timm ViT and Hugging Face BERT-style towers take a block of their own")
+
+
+def _append_deep(model: nn.Module, which: str, init: str) -> nn.Module:
+    """Append the tower's extra block (``add_deep_blocks``) to the ``which`` tower; returns it."""
+    if which == "image" and timm_image_tower(model) is not None:
+        new = _timm.new_block_like(model.visual, init)
+        strip(new, ADDED)
+        _timm.append_block(model.visual, new)
+    elif which == "text" and hf_text_tower(model) is not None:
+        new = _hftext.new_layer_like(model, init)
+        strip(new, ADDED)
+        _hftext.append_layer(model, new)
+    else:
+        (_, tr), = _towers(model, which)
         base = [b for b in tr.resblocks if not getattr(b, "leanclip_lilt_deep", False)]
         if not base:
             raise ValueError("lilt-deep needs a tower with at least one block")
         new = _new_block_like(base[-1], init)
-        new.requires_grad_(True)
         tr.resblocks.append(new)
-        added.append(new)
-    return added
+    new.leanclip_lilt_deep = True
+    new.requires_grad_(True)
+    return new
+
+
+def add_deep_blocks(model: nn.Module, tower: str = "both", init: str = "copy") -> list[nn.Module]:
+    """Append one block to each selected tower; returns the new blocks. open_clip and timm towers (pre-LN) get a
+    block whose output projections are zero, the identity; a Hugging Face BERT-style tower (post-LN) a copy of its
+    last layer or a freshly initialised one (``leanclip.models.hf_text.new_layer_like``), which changes its output."""
+    if init not in DEEP_INITS:
+        raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {init!r}")
+    _check_deep_towers(model, tower)
+    return [_append_deep(model, t, init) for t in (("image", "text") if tower == "both" else (tower,))]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -387,8 +423,7 @@ def _check_lilt_blocks(method: str):
             for w in sorted({ln.normalized_shape[0] for ln in _adapter_layernorms(model, tower)}):
                 check_reduction(reduction, w)
             return
-        require_open_clip_tower(model, method, tower, "it appends an open_clip transformer block to the tower; "
-                                "timm and Hugging Face towers take lilt-adapter")
+        _check_deep_towers(model, tower)
         if deep_init not in DEEP_INITS:
             raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {deep_init!r}")
     return check
