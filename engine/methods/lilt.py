@@ -16,7 +16,8 @@ Registered with ``leanclip.registry.register_method`` (``leanclip.methods`` impo
 On open_clip's custom towers (LilT's unaligned setting, ``leanclip.configs.register_unaligned_config``: a timm image
 tower and a Hugging Face text tower) the projections are the fresh ``visual.head.*`` and ``text.proj.*``
 (``projection_names``), ``lilt-adapter`` puts an adapter before every LayerNorm inside each timm / Hugging Face block,
-and ``lilt-deep`` (an appended open_clip block) is a ValueError naming the tower; they run on plain modules.
+and ``lilt-deep`` appends a timm block (``leanclip.models.timm.new_block_like``) / a BERT-style layer
+(``leanclip.models.hf_text.new_layer_like``); mT5 and other text layers are a ValueError naming the class.
 
 Every method also adds ``model.lilt_temperature`` (``leanclip.contrastive.LearnableTemperature``: tau = 0.07 at start,
 clamped to [0.001, 0.5]), trained with the rest; ``leanclip.contrastive.train_contrastive`` uses it.
@@ -30,12 +31,16 @@ also every non-LayerNorm bias of ``tower``), ``locked`` (``lit``: ``image`` (def
 of the paper are these options (adapters without LN: ``ln_tower=none``; BitFit + adapters without LN:
 ``ln_tower=none, bitfit=True``; LN of one tower: ``ln_tower=text`` / ``image``), ``lilt-proj`` and ``locked="text"``.
 
-Initialisation (both exact identities at the start, so the prepared model computes what the unprepared one did):
+Initialisation (exact identities at the start, so the prepared model computes what the unprepared one did - except
+the extra layer of a post-LN Hugging Face tower, below):
 
 - adapters: ``up`` (d/r -> d) weight and bias are zero, so ``adapter(x) = x + up(gelu(down(x))) = x``; ``down`` has
   the default nn.Linear init. The gradient reaches ``up`` at once (its input gelu(down(x)) is non-zero) and ``down``
   from the second step on (the LoRA / Houlsby-style near-identity start, made exact).
-- extra block: ``attn.out_proj`` and ``mlp.c_proj`` weights and biases are zero, so ``x + 0 + 0 = x``.
+- extra block: ``attn.out_proj`` and ``mlp.c_proj`` weights and biases are zero, so ``x + 0 + 0 = x`` (timm:
+  ``attn.proj`` and ``mlp.fc2``). A BERT-style layer ends in ``LayerNorm(x + sub-layer(x))``, which no weights
+  make the identity on arbitrary x: it starts as a copy of the tower's last layer (the tower then applies that layer
+  twice) or, with ``deep_init="random"``, from BERT's initialisation; its output changes at the start either way.
 
 Adapters live in the LayerNorm they precede: ``blk.ln_1.adapter`` (an ``Adapter``) with a forward pre-hook on
 ``blk.ln_1`` (so ``ln_1(x)`` computes ``ln_1(adapter(x))``). The LayerNorm keeps its class (open_clip's or the lean

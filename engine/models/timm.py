@@ -11,7 +11,8 @@ around a timm trunk (``visual.trunk``); its transformer blocks are ``visual.trun
   grouped-query attention and convolutional MLPs are named as obstacles, never run half-lean;
 - the lean versions of those blocks (``LeanTimmBlock``, ``LeanEvaBlock``) and of timm's ``LayerNorm``;
 - the sites the in-layer methods use on a timm block: the projections LoRA adds to (``projection_slices``), where
-  Houlsby / Compacter adapters go (``adapter_sites``) and the LayerNorms LilT's adapters precede (``prenorms``);
+  Houlsby / Compacter adapters go (``adapter_sites``), the LayerNorms LilT's adapters precede (``prenorms``) and
+  the block ``lilt-deep`` appends (``new_block_like``: zero output projections, the identity in a pre-LN stream);
 - tiny timm trunks built from the released model definitions (``register_tiny_models``) for the tests.
 
 The lean blocks reuse ``leanclip.lean``'s machinery: ``LeanBlockMixin`` holds the recompute policies (none / mlp /
