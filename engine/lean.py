@@ -20,10 +20,11 @@ PE-Core: ``vision_transformer.Block`` and ``eva.EvaBlock``) get lean blocks from
 registers them here (``register_lean_classes``) and shares the recompute policies (``LeanBlockMixin``); open_clip's
 Hugging Face text towers of BERT / RoBERTa / XLM-RoBERTa layers get lean layers from ``leanclip.models.hf_text``. It
 is never a silent no-op: a tower, block or attention class it does not know (ModifiedResNet, ConvNeXt and other
-convolutional timm trunks, Hugging Face text towers of other layers such as mT5's ``MT5Block``, open_clip's ``CustomResidualAttentionBlock``, an attention that is not
-``nn.MultiheadAttention``) is named by ``tower_obstacles`` and ``apply_lean`` raises before changing anything;
-``leanclip.prepare`` with the default ``lean=None`` then makes the other tower lean (``apply_lean(towers=...)``) and
-names the class that stays on its own modules in one line.
+convolutional timm trunks, Hugging Face text towers of other layers such as mT5's ``MT5Block``, open_clip's
+``CustomResidualAttentionBlock``, an attention that is not ``nn.MultiheadAttention``) is named by
+``tower_obstacles`` and ``apply_lean`` raises before changing anything; ``leanclip.prepare`` with the default
+``lean=None`` then makes the other tower lean (``apply_lean(towers=...)``) and names the class that stays on its own
+modules in one line.
 
 Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
 
@@ -675,17 +676,19 @@ def _load_families() -> None:
         importlib.import_module(name)
 
 
-def register_lean_classes(swap: dict, *, supported, image_tower=None, image_estimate=None, text_tower=None) -> None:
+def register_lean_classes(swap: dict, *, supported=None, image_tower=None, image_estimate=None,
+                          text_tower=None) -> None:
     """Add ``swap`` (plain class -> lean class, a ``__class__`` swap keeping names and parameters) to what
-    ``apply_lean`` swaps and ``remove_lean`` undoes; ``supported(module)`` must hold for a module to be swapped,
+    ``apply_lean`` swaps and ``remove_lean`` undoes (called again with more classes, as a family loads them);
+    ``supported(module)`` must hold for a module to be swapped,
     ``image_tower(model)`` / ``text_tower(model)`` return the obstacles of an image / text tower of this family
     (empty: covered) or None (not its tower), and ``image_estimate(model, policy, batch, dtype)`` its
     ``estimate_saved_bytes`` part (None: not its tower). A swapped module with a ``leanclip_after_swap`` method gets
     it called (a lean layer moving its own children to the lean ops)."""
     _SWAP.update(swap)
     _UNSWAP.update({v: k for k, v in swap.items()})
-    _SUPPORTED.append(supported)
-    for found, fn in ((_IMAGE_TOWERS, image_tower), (_IMAGE_ESTIMATES, image_estimate), (_TEXT_TOWERS, text_tower)):
+    for found, fn in ((_SUPPORTED, supported), (_IMAGE_TOWERS, image_tower), (_IMAGE_ESTIMATES, image_estimate),
+                      (_TEXT_TOWERS, text_tower)):
         if fn is not None:
             found.append(fn)
 

@@ -8,10 +8,11 @@ after the model was touched (e.g. no recompute policy fits the budget) restores 
 
 Towers: ViT towers of open_clip, timm transformer towers (SigLIP / SigLIP2, EVA02, PE-Core) and Hugging Face BERT /
 RoBERTa / XLM-RoBERTa text towers get the lean modules, each tower on its own. Other towers (ConvNeXt and other
-convolutional timm trunks, ModifiedResNet, mT5 text encoders) get every method that is defined on them with their plain modules (``lean=None`` makes the other tower lean
-and names the class that stays plain in a one-line notice); a method that is not defined on a tower (``clipfit`` without image
-LayerNorms or text ``mlp.c_proj.bias``, ``coop`` without open_clip token embeddings, ``lilt-adapter`` without open_clip
-blocks, ``ln`` on a tower without LayerNorms) is a ValueError naming the tower class.
+convolutional timm trunks, ModifiedResNet, mT5 text encoders) get every method that is defined on them with their
+plain modules (``lean=None`` makes the other tower lean and names the class that stays plain in a one-line notice);
+a method that is not defined on a tower (``clipfit`` without image LayerNorms or text ``mlp.c_proj.bias``, ``coop``
+without open_clip token embeddings, ``lilt-adapter`` without LayerNorms in the blocks, ``ln`` on a tower without
+LayerNorms) is a ValueError naming the tower class.
 
 Method registry
 ---------------
@@ -573,8 +574,8 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     lean            None (default): swap in the fused / SDPA modules (``leanclip.lean``) on every tower they cover
                     (open_clip ViT and text towers, timm ViT / EVA towers, Hugging Face BERT-style text towers); a
                     tower they do not cover (ConvNeXt, ModifiedResNet, mT5, unknown block types) keeps its modules,
-                    named in a one-line notice; True: lean everywhere or a ValueError naming what is not covered; False: the
-                    plain modules
+                    named in a one-line notice; True: lean everywhere or a ValueError naming what is not covered;
+                    False: the plain modules
     recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` and
                     ``batch_size``: ``leanclip.budget`` picks each block's policy and the chunk whose predicted step
                     peak fits, with the least recompute; the plan is printed and recorded)

@@ -149,7 +149,8 @@ def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Modul
     if _hf.is_transformers(model):  # on the sub-layers' output projections, after them
         return _add_after(_hf.adapter_sites(model, tower), name, make, model_device(model))
     tower, hf_text = _hftext.split_tower(model, tower)
-    added = _add_after(_hftext.adapter_sites(model), name, make, model_device(model)) if hf_text else []  # after each output dropout
+    # a Hugging Face text tower: after each sub-layer's output dropout
+    added = _add_after(_hftext.adapter_sites(model), name, make, model_device(model)) if hf_text else []
     for blk in tower_blocks(model, tower) if tower is not None else []:
         ref = next(blk.parameters())
         for site, width in adapter_sites(blk):

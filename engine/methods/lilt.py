@@ -66,8 +66,8 @@ from leanclip.models import hf_text as _hftext
 from leanclip.models import timm as _timm
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import (
-    ResidualAttentionBlock, class_name, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
-    text_tower, timm_image_tower,
+    ResidualAttentionBlock, class_name, custom_projection_modules, custom_tower_blocks, hf_text_tower,
+    is_vit_image_tower, text_tower, timm_image_tower,
 )
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import MethodTraits, OptionRange, register_method

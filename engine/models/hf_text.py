@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import sys
 
 import torch
 from torch import nn
@@ -34,13 +35,11 @@ from leanclip import lean as _lean
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
 
-try:  # transformers is optional; without it no Hugging Face text tower can be built
-    from transformers.models.bert.modeling_bert import BertLayer
-    from transformers.models.roberta.modeling_roberta import RobertaLayer
-    from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaLayer
-    BERT_LAYERS = (BertLayer, RobertaLayer, XLMRobertaLayer)
-except ImportError:  # pragma: no cover
-    BERT_LAYERS = ()
+# The BERT-style layer classes, by module. Read from the modules already imported, never imported here: a layer
+# exists only once transformers has loaded its module, and importing the modeling code costs every start-up.
+_BERT_LAYER_CLASSES = (("transformers.models.bert.modeling_bert", "BertLayer"),
+                       ("transformers.models.roberta.modeling_roberta", "RobertaLayer"),
+                       ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaLayer"))
 
 # LoRA targets (leanclip.methods.lora.TARGETS) -> the nn.Linear in a layer
 BERT_LINEARS = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
@@ -71,8 +70,13 @@ def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return custom_tower_blocks(model, "text")
 
 
+def bert_layers() -> tuple[type, ...]:
+    """The BERT-style layer classes whose ``transformers`` modules are loaded."""
+    return tuple(getattr(sys.modules[mod], name) for mod, name in _BERT_LAYER_CLASSES if mod in sys.modules)
+
+
 def is_bert_layer(layer: nn.Module) -> bool:
-    return bool(BERT_LAYERS) and isinstance(layer, BERT_LAYERS)
+    return isinstance(layer, bert_layers())
 
 
 def _is_t5_block(layer: nn.Module) -> bool:
@@ -100,9 +104,11 @@ def layer_obstacle(layer: nn.Module) -> str | None:
 
 def tower_obstacles(model: nn.Module) -> list[str] | None:
     """What keeps the Hugging Face text tower from the lean engine (one line each, empty when every layer is
-    covered), or None when the text tower is not a Hugging Face one."""
+    covered), or None when the text tower is not a Hugging Face one. ``leanclip.lean.apply_lean`` asks before it
+    swaps anything, so the lean classes of the loaded layer classes are registered here."""
     if not is_hf_text(model):
         return None
+    _register_layers()
     found = layers(model)
     if not found:
         return [f"text tower {class_name(model.text.transformer)} has no encoder layer list"]
@@ -235,7 +241,16 @@ class LeanBertLayer(_hf.LeanEncoderLayer):
         return self.output(m, h)
 
 
-LEAN_LAYERS = {cls: type(f"Lean{cls.__name__}", (LeanBertLayer, cls), {"leanclip_base": cls}) for cls in BERT_LAYERS}
+LEAN_LAYERS: dict = {}  # BERT-style layer class -> its lean class (``leanclip_base``: the class it swaps back to)
+
+
+def _register_layers() -> None:
+    """Give ``leanclip.lean`` the lean class of every loaded BERT-style layer class it does not know yet."""
+    new = {cls: type(f"Lean{cls.__name__}", (LeanBertLayer, cls), {"leanclip_base": cls})
+           for cls in bert_layers() if cls not in LEAN_LAYERS}
+    if new:
+        LEAN_LAYERS.update(new)
+        _lean.register_lean_classes(new)
 
 
 def _supported(m: nn.Module) -> bool:
@@ -246,6 +261,5 @@ def _supported(m: nn.Module) -> bool:
     return layer_obstacle(m) is None if is_bert_layer(m) else True
 
 
-if BERT_LAYERS:
-    _lean.register_lean_classes({**LEAN_LAYERS, nn.LayerNorm: LeanHFLayerNorm}, supported=_supported,
-                                text_tower=tower_obstacles)
+# a plain nn.LayerNorm is never swapped on its own (``_supported``): the entry lets ``remove_lean`` swap it back
+_lean.register_lean_classes({nn.LayerNorm: LeanHFLayerNorm}, supported=_supported, text_tower=tower_obstacles)

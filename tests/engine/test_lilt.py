@@ -427,3 +427,19 @@ def test_deep_blocks_on_lilt_towers_train_with_plain_gradients(deit_bert):
         assert grads[policy].keys() == grads["plain"].keys()
         for n, g in grads["plain"].items():
             torch.testing.assert_close(grads[policy][n], g, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_deep_blocks_on_lilt_towers_round_trip(deit_bert, tmp_path):
+    """The appended blocks' trained values save and load by name into a freshly prepared model."""
+    from tests.engine.peft_checks import randomize_trainable
+
+    images, toks = _deit_bert_batch()
+    m = prepare(copy.deepcopy(deit_bert), "lilt-deep", deep_init="random")
+    randomize_trainable(m)
+    save_trainable(m, tmp_path / "deep.safetensors")
+    other = prepare(copy.deepcopy(deit_bert), "lilt-deep", deep_init="random")
+    load_trainable(other, tmp_path / "deep.safetensors")
+    with torch.no_grad():
+        for a, b in zip((m.eval().encode_image(images), m.encode_text(toks)),
+                        (other.eval().encode_image(images), other.encode_text(toks))):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
