@@ -9,7 +9,6 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it: nothing here may touch the network
 
 import copy  # noqa: E402
-import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -18,7 +17,7 @@ pytest.importorskip("transformers")
 
 from leanclip import lean, methods  # noqa: E402
 from leanclip.configs import create_random_model  # noqa: E402
-from leanclip.lora_linear import LoRALinear, sites as lora_sites  # noqa: E402
+from leanclip.lora_linear import sites as lora_sites  # noqa: E402
 from leanclip.methods import lilt, lora  # noqa: E402
 from leanclip.models import hf_text  # noqa: E402
 from leanclip.models.transformers import LeanLinear  # noqa: E402

@@ -14,7 +14,6 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
