@@ -17,12 +17,14 @@ so the frozen GEMM keeps ``kernels.frozen_linear`` and every recompute policy st
 The swap is a ``__class__`` change (``remove_lean`` undoes it), so ``state_dict`` names, ``deepcopy`` and open_clip's
 own forward code (``encode_image``, ``encode_text``) keep working. timm image towers (SigLIP / SigLIP2, EVA02,
 PE-Core: ``vision_transformer.Block`` and ``eva.EvaBlock``) get lean blocks from ``leanclip.models.timm``, which
-registers them here (``register_lean_classes``) and shares the recompute policies (``LeanBlockMixin``). It is never a
-silent no-op: a tower, block or attention class it does not know (ModifiedResNet, ConvNeXt and other convolutional
-timm trunks, Hugging Face text towers, open_clip's ``CustomResidualAttentionBlock``, an attention that is not
-``nn.MultiheadAttention``) is named by ``tower_obstacles`` and ``apply_lean`` raises before changing anything;
-``leanclip.prepare`` with the default ``lean=None`` then makes the other tower lean (``apply_lean(towers=...)``) and
-names the class that stays on its own modules in one line.
+registers them here (``register_lean_classes``) and shares the recompute policies (``LeanBlockMixin``); open_clip's
+Hugging Face text towers of BERT / RoBERTa / XLM-RoBERTa layers get lean layers from ``leanclip.models.hf_text``. It
+is never a silent no-op: a tower, block or attention class it does not know (ModifiedResNet, ConvNeXt and other
+convolutional timm trunks, Hugging Face text towers of other layers such as mT5's ``MT5Block``, open_clip's
+``CustomResidualAttentionBlock``, an attention that is not ``nn.MultiheadAttention``) is named by
+``tower_obstacles`` and ``apply_lean`` raises before changing anything; ``leanclip.prepare`` with the default
+``lean=None`` then makes the other tower lean (``apply_lean(towers=...)``) and names the class that stays on its own
+modules in one line.
 
 Recompute policies (per lean block, set with ``set_recompute``), all exact (bit-identical math, no compression):
 
@@ -664,7 +666,9 @@ def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
 _SUPPORTED: list = []
 _IMAGE_TOWERS: list = []
 _IMAGE_ESTIMATES: list = []
-_FAMILIES = ("leanclip.models.timm",)  # imported on first use: each imports this module to register itself
+_TEXT_TOWERS: list = []
+# imported on first use: each imports this module to register itself
+_FAMILIES = ("leanclip.models.timm", "leanclip.models.hf_text")
 
 
 def _load_families() -> None:
@@ -672,16 +676,21 @@ def _load_families() -> None:
         importlib.import_module(name)
 
 
-def register_lean_classes(swap: dict, *, supported, image_tower, image_estimate) -> None:
+def register_lean_classes(swap: dict, *, supported=None, image_tower=None, image_estimate=None,
+                          text_tower=None) -> None:
     """Add ``swap`` (plain class -> lean class, a ``__class__`` swap keeping names and parameters) to what
-    ``apply_lean`` swaps and ``remove_lean`` undoes; ``supported(module)`` must hold for a module to be swapped,
-    ``image_tower(model)`` returns the obstacles of an image tower of this family (empty: covered) or None, and
-    ``image_estimate(model, policy, batch, dtype)`` its ``estimate_saved_bytes`` part (None: not its tower)."""
+    ``apply_lean`` swaps and ``remove_lean`` undoes (called again with more classes, as a family loads them);
+    ``supported(module)`` must hold for a module to be swapped,
+    ``image_tower(model)`` / ``text_tower(model)`` return the obstacles of an image / text tower of this family
+    (empty: covered) or None (not its tower), and ``image_estimate(model, policy, batch, dtype)`` its
+    ``estimate_saved_bytes`` part (None: not its tower). A swapped module with a ``leanclip_after_swap`` method gets
+    it called (a lean layer moving its own children to the lean ops)."""
     _SWAP.update(swap)
     _UNSWAP.update({v: k for k, v in swap.items()})
-    _SUPPORTED.append(supported)
-    _IMAGE_TOWERS.append(image_tower)
-    _IMAGE_ESTIMATES.append(image_estimate)
+    for found, fn in ((_SUPPORTED, supported), (_IMAGE_TOWERS, image_tower), (_IMAGE_ESTIMATES, image_estimate),
+                      (_TEXT_TOWERS, text_tower)):
+        if fn is not None:
+            found.append(fn)
 
 
 def tower_obstacles(model: nn.Module, tower: str) -> list[str]:
@@ -700,6 +709,10 @@ def tower_obstacles(model: nn.Module, tower: str) -> list[str]:
         return [f"image tower {class_name(vis)} (not an open_clip VisionTransformer or a timm transformer)"]
     t = text_tower(model)
     if t is None:
+        for family in _TEXT_TOWERS:
+            found = family(model)
+            if found is not None:
+                return found
         src = getattr(model, "text", None)
         return [f"text tower {class_name(src if src is not None else model)} (not an open_clip transformer text "
                 f"tower)"]
@@ -715,7 +728,7 @@ def lean_obstacles(model: nn.Module) -> list[str]:
     """What keeps ``model`` from running on the lean modules, one line each; empty when ``apply_lean`` covers it.
 
     A CLIP-style model (one with ``visual``) needs both towers covered (``tower_obstacles``): anything else
-    (ModifiedResNet, convolutional timm trunks, Hugging Face text encoders, open_clip's
+    (ModifiedResNet, convolutional timm trunks, Hugging Face text encoders of other than BERT-style layers, open_clip's
     ``CustomResidualAttentionBlock``, a block or attention class a newer release brings) is named here rather than
     skipped, because a half-swapped tower would run slower paths silently and break the memory estimates.
     ``apply_lean(model, towers=...)`` makes the covered towers lean on their own. Outside the towers (CoCa's
@@ -748,7 +761,10 @@ def _tower_modules(model: nn.Module, towers) -> list[nn.Module]:
         out += list(model.visual.modules())
     if "text" in towers:
         t = text_tower(model)
-        roots = [t.module] if t.module is not model else [t.transformer, t.ln_final]
+        if t is None:  # a text tower of another family (Hugging Face): the whole model.text
+            roots = [model.text]
+        else:
+            roots = [t.module] if t.module is not model else [t.transformer, t.ln_final]
         out += [m for r in roots for m in r.modules()]
     return out
 
@@ -779,7 +795,8 @@ def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = No
     if obstacles:
         raise ValueError(f"cannot make {class_name(model)} lean: {'; '.join(obstacles)} (the lean modules cover "
                          f"open_clip ViT and transformer text towers of ResidualAttentionBlocks with "
-                         f"nn.MultiheadAttention, and timm ViT / EVA blocks); use lean=False")
+                         f"nn.MultiheadAttention, timm ViT / EVA blocks and Hugging Face BERT / RoBERTa / "
+                         f"XLM-RoBERTa text layers); use lean=False")
     if _hf.is_transformers(model):
         _hf.apply_lean(model, recompute, chunk)
         return model
@@ -790,6 +807,8 @@ def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = No
     for m in todo:
         if type(m) in _SWAP and _swappable(m):
             m.__class__ = _SWAP[type(m)]
+            if hasattr(m, "leanclip_after_swap"):
+                m.leanclip_after_swap()
     set_recompute(model, recompute, chunk)
     return model
 

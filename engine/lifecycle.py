@@ -6,10 +6,11 @@
 
 A method that inserts modules into the towers (LilT's adapters and appended blocks, LoRA pairs, Houlsby / Compacter
 adapters) declares them once as an ``Added``: which child modules are its own (``owns``) and which forward pre-hooks
-run them (``hooks``: forward pre-hook or forward hook function -> the children that keep it registered). ``strip`` then removes every owned
-child, also from a ``ModuleList`` (renumbered in place), and unregisters each hook from a module that no longer holds a
-child it runs. Hooks are found by function identity, not by a handle, so a ``copy.deepcopy`` of a prepared model
-strips the same way. Re-preparing a method strips its own earlier modules first; other methods' modules stay.
+run them (``hooks``: forward pre-hook or forward hook function -> the children that keep it registered). ``strip``
+then removes every owned child, also from a ``ModuleList`` or ``Sequential`` (renumbered in place), and unregisters
+each hook from a module that no longer holds a child it runs. Hooks are found by function identity, not by a
+handle, so a ``copy.deepcopy`` of a prepared model strips the same way. Re-preparing a method strips its own earlier
+modules first; other methods' modules stay.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def strip(model: nn.Module, added: Added) -> nn.Module:
     to run. Returns ``model``."""
     for m in list(model.modules()):
         owned = [name for name, child in m._modules.items() if child is not None and added.owns(child)]
-        if isinstance(m, nn.ModuleList) and owned:
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and owned:
             kept = [child for name, child in m._modules.items() if name not in owned]
             m._modules.clear()
             for i, child in enumerate(kept):

@@ -80,7 +80,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reduction", type=int, default=None, help="lilt-adapter bottleneck reduction r (default 4)")
     g.add_argument("--deep-init", choices=("copy", "random"), default=None,
                    help="lilt-deep: the extra block starts as a copy of the tower's last block (default) or "
-                        "randomly initialised; its output projections are zero either way")
+                        "randomly initialised; its output projections are zero either way (the identity), except "
+                        "on a post-LN BERT tower, whose extra layer changes the output from the start")
     g.add_argument("--no-projections", action="store_true",
                    help="LilT methods: keep visual.proj / text_projection frozen")
     g.add_argument("--augment", action="store_true", help="random resized crops (no flips) on the training images")

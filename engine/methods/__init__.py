@@ -6,12 +6,13 @@ checkpoint (``init_from``, "LN as initialization"), lets the method unlock param
 lean modules (``leanclip.lean``), optionally keeps frozen weights in bf16, and records ``model.leanclip_info``. An error
 after the model was touched (e.g. no recompute policy fits the budget) restores it exactly.
 
-Towers: ViT towers of open_clip and timm transformer towers (SigLIP / SigLIP2, EVA02, PE-Core) get the lean modules,
-each tower on its own. Other towers (ConvNeXt and other convolutional timm trunks, ModifiedResNet, Hugging Face text
-encoders) get every method that is defined on them with their plain modules (``lean=None`` makes the other tower lean
-and names the class that stays plain in a one-line notice); a method that is not defined on a tower (``clipfit`` without image
-LayerNorms or text ``mlp.c_proj.bias``, ``coop`` without open_clip token embeddings, ``lilt-adapter`` without open_clip
-blocks, ``ln`` on a tower without LayerNorms) is a ValueError naming the tower class.
+Towers: ViT towers of open_clip, timm transformer towers (SigLIP / SigLIP2, EVA02, PE-Core) and Hugging Face BERT /
+RoBERTa / XLM-RoBERTa text towers get the lean modules, each tower on its own. Other towers (ConvNeXt and other
+convolutional timm trunks, ModifiedResNet, mT5 text encoders) get every method that is defined on them with their
+plain modules (``lean=None`` makes the other tower lean and names the class that stays plain in a one-line notice);
+a method that is not defined on a tower (``clipfit`` without image LayerNorms or text ``mlp.c_proj.bias``, ``coop``
+without open_clip token embeddings, ``lilt-adapter`` without LayerNorms in the blocks, ``ln`` on a tower without
+LayerNorms) is a ValueError naming the tower class.
 
 Method registry
 ---------------
@@ -49,7 +50,7 @@ from leanclip import utils
 from leanclip.configs import register_tiny_config  # noqa: F401  (re-exported for convenience)
 from leanclip.features import check_classnames, clipfit_kd_loss, frozen_text_features
 from leanclip.models import transformers as _hf
-from leanclip.models.openclip import class_name, text_tower
+from leanclip.models.openclip import class_name, hf_text_tower, text_tower
 # the registry and the parameter selection, re-exported: ``from leanclip.methods import register_method`` keeps working
 from leanclip.registry import (  # noqa: F401
     METHOD_CHECKS, METHOD_TRAITS, METHODS, TASKS, TRAINERS, MethodTraits, OptionRange, check_option_ranges,
@@ -449,6 +450,11 @@ def _choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dty
     if frozen_dtype is not None and _hf.is_transformers(model):  # its attention and LayerNorms are transformers'
         raise ValueError(f"frozen_dtype: the frozen weights of {model.name} stay in their dtype (transformers' own "
                          f"attention and LayerNorms run them); use --precision bf16 autocast instead")
+    if hf_text_tower(model) is not None and (frozen_dtype is not None or recompute == "auto"):
+        what = "frozen_dtype" if frozen_dtype is not None else "recompute='auto'"
+        raise ValueError(f"{what} does not cover the text tower {tower_class(model, 'text')} (transformers' own "
+                         f"embeddings and attention run its frozen weights, and the memory planner has no estimate "
+                         f"of its layers): give a recompute policy and no frozen_dtype")
     if not obstacles:
         return True, [], None
     why = "; ".join(obstacles)
@@ -588,10 +594,10 @@ def prepare(model: nn.Module, method: str, *, lean: bool | None = None, recomput
     method          one of ``METHODS`` (``ln``, ``bitfit``, ``clipfit``, ``llu``, ``linear-probe``, ``coop``,
                     ``adapter``, ``full``, ...) or a ``+`` combination (``ln+linear-probe``, ``ln+coop``, ``ln+adapter``)
     lean            None (default): swap in the fused / SDPA modules (``leanclip.lean``) on every tower they cover
-                    (open_clip ViT and text towers, timm ViT / EVA towers); a tower they do not cover (ConvNeXt,
-                    ModifiedResNet, Hugging Face text towers, unknown block types) keeps its modules, named in a
-                    one-line notice; True: lean everywhere or a ValueError naming what is not covered; False: the
-                    plain modules
+                    (open_clip ViT and text towers, timm ViT / EVA towers, Hugging Face BERT-style text towers); a
+                    tower they do not cover (ConvNeXt, ModifiedResNet, mT5, unknown block types) keeps its modules,
+                    named in a one-line notice; True: lean everywhere or a ValueError naming what is not covered;
+                    False: the plain modules
     recompute       ``none`` | ``mlp`` | ``mlp+qkv`` | ``block`` | ``auto`` (needs ``memory_budget`` and
                     ``batch_size``: ``leanclip.budget`` picks each block's policy and the chunk whose predicted step
                     peak fits, with the least recompute; the plan is printed and recorded)

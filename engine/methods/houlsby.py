@@ -19,7 +19,10 @@ the same for ``compacter`` so the two rows differ only in how the projections ar
 
 On a ``transformers`` CLIP / SigLIP (``leanclip.models.transformers``) the same two sites are the attention's
 ``out_proj`` and the MLP's ``fc2`` (their outputs are the sub-layer outputs): the adapter is their child
-(``...layers.<i>.self_attn.out_proj.houlsby``) run by a forward hook on them.
+(``...layers.<i>.self_attn.out_proj.houlsby``) run by a forward hook on them. On an open_clip Hugging Face text tower
+(``leanclip.models.hf_text``) they are the dropouts after each sub-layer's output projection (BERT-style:
+``attention.output.dropout`` / ``output.dropout``, before the residual add and the post-LN, as in Houlsby et al.'s
+BERT code; mT5: ``layer.0.dropout`` / ``layer.1.dropout``), hooked the same way.
 
 Placement (timm blocks: ``attn.proj_drop`` / ``mlp.drop2`` in place of ``ls_1`` / ``ls_2``, ``adapter_sites``): an
 adapter is a child of the block's ``ls_1`` / ``ls_2`` module (``...resblocks.<i>.ls_1.houlsby``) with
@@ -38,12 +41,13 @@ from torch import nn
 
 from leanclip.lifecycle import Added, strip
 from leanclip.methods import lilt as _lilt
+from leanclip.models import hf_text as _hftext
 from leanclip.models import timm as _timm
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import OptionRange, register_method
-from leanclip.select import check_tower, require_block_tower
+from leanclip.select import check_tower, model_device, require_block_tower
 
 __all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "added", "inlayer_adapters", "block_widths"]
 
@@ -120,22 +124,34 @@ def block_widths(model: nn.Module, method: str, tower: str) -> list[int]:
     ``leanclip.models.transformers.adapter_sites``); the method's check uses it."""
     if _hf.is_transformers(model):
         return [width for *_, width in _hf.adapter_sites(model, check_tower(tower))]
-    require_block_tower(model, method, check_tower(tower), "it inserts adapters into the transformer blocks")
-    return [width for blk in tower_blocks(model, tower) for _, width in adapter_sites(blk)]
+    tower, hf_text = _hftext.split_tower(model, check_tower(tower))
+    widths = [width for *_, width in _hftext.adapter_sites(model)] if hf_text else []
+    if tower is None:
+        return widths
+    require_block_tower(model, method, tower, "it inserts adapters into the transformer blocks")
+    return widths + [width for blk in tower_blocks(model, tower) for _, width in adapter_sites(blk)]
+
+
+def _add_after(sites, name: str, make, device) -> list[nn.Module]:
+    """``make(width)`` as child ``name`` of each site module, run on its output by a forward hook."""
+    added = []
+    for _, site, width in sites:
+        site.add_module(name, make(width).to(device))
+        if _run_adapters_after not in site._forward_hooks.values():
+            site.register_forward_hook(_run_adapters_after)
+        added.append(site._modules[name])
+    return added
 
 
 def add_adapters(model: nn.Module, tower: str, name: str, make) -> list[nn.Module]:
     """Insert ``make(width)`` as child ``name`` of both adapter sites of every block of ``tower`` (replacing one
     already there) and hook it in. Returns the adapters."""
-    added = []
     if _hf.is_transformers(model):  # on the sub-layers' output projections, after them
-        for _, site, width in _hf.adapter_sites(model, tower):
-            site.add_module(name, make(width).to(site.weight.device))
-            if _run_adapters_after not in site._forward_hooks.values():
-                site.register_forward_hook(_run_adapters_after)
-            added.append(site._modules[name])
-        return added
-    for blk in tower_blocks(model, tower):
+        return _add_after(_hf.adapter_sites(model, tower), name, make, model_device(model))
+    tower, hf_text = _hftext.split_tower(model, tower)
+    # a Hugging Face text tower: after each sub-layer's output dropout
+    added = _add_after(_hftext.adapter_sites(model), name, make, model_device(model)) if hf_text else []
+    for blk in tower_blocks(model, tower) if tower is not None else []:
         ref = next(blk.parameters())
         for site, width in adapter_sites(blk):
             site.add_module(name, make(width).to(ref.device))

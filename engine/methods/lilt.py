@@ -16,7 +16,8 @@ Registered with ``leanclip.registry.register_method`` (``leanclip.methods`` impo
 On open_clip's custom towers (LilT's unaligned setting, ``leanclip.configs.register_unaligned_config``: a timm image
 tower and a Hugging Face text tower) the projections are the fresh ``visual.head.*`` and ``text.proj.*``
 (``projection_names``), ``lilt-adapter`` puts an adapter before every LayerNorm inside each timm / Hugging Face block,
-and ``lilt-deep`` (an appended open_clip block) is a ValueError naming the tower; they run on plain modules.
+and ``lilt-deep`` appends a timm block (``leanclip.models.timm.new_block_like``) / a BERT-style layer
+(``leanclip.models.hf_text.new_layer_like``); mT5 and other text layers are a ValueError naming the class.
 
 Every method also adds ``model.lilt_temperature`` (``leanclip.contrastive.LearnableTemperature``: tau = 0.07 at start,
 clamped to [0.001, 0.5]), trained with the rest; ``leanclip.contrastive.train_contrastive`` uses it.
@@ -30,12 +31,16 @@ also every non-LayerNorm bias of ``tower``), ``locked`` (``lit``: ``image`` (def
 of the paper are these options (adapters without LN: ``ln_tower=none``; BitFit + adapters without LN:
 ``ln_tower=none, bitfit=True``; LN of one tower: ``ln_tower=text`` / ``image``), ``lilt-proj`` and ``locked="text"``.
 
-Initialisation (both exact identities at the start, so the prepared model computes what the unprepared one did):
+Initialisation (exact identities at the start, so the prepared model computes what the unprepared one did - except
+the extra layer of a post-LN Hugging Face tower, below):
 
 - adapters: ``up`` (d/r -> d) weight and bias are zero, so ``adapter(x) = x + up(gelu(down(x))) = x``; ``down`` has
   the default nn.Linear init. The gradient reaches ``up`` at once (its input gelu(down(x)) is non-zero) and ``down``
   from the second step on (the LoRA / Houlsby-style near-identity start, made exact).
-- extra block: ``attn.out_proj`` and ``mlp.c_proj`` weights and biases are zero, so ``x + 0 + 0 = x``.
+- extra block: ``attn.out_proj`` and ``mlp.c_proj`` weights and biases are zero, so ``x + 0 + 0 = x`` (timm:
+  ``attn.proj`` and ``mlp.fc2``). A BERT-style layer ends in ``LayerNorm(x + sub-layer(x))``, which no weights
+  make the identity on arbitrary x: it starts as a copy of the tower's last layer (the tower then applies that layer
+  twice) or, with ``deep_init="random"``, from BERT's initialisation; its output changes at the start either way.
 
 Adapters live in the LayerNorm they precede: ``blk.ln_1.adapter`` (an ``Adapter``) with a forward pre-hook on
 ``blk.ln_1`` (so ``ln_1(x)`` computes ``ln_1(adapter(x))``). The LayerNorm keeps its class (open_clip's or the lean
@@ -57,11 +62,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip.lifecycle import Added, strip
+from leanclip.models import hf_text as _hftext
 from leanclip.models import timm as _timm
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import (
-    ResidualAttentionBlock, custom_projection_modules, custom_tower_blocks, hf_text_tower, is_vit_image_tower,
-    text_tower, timm_image_tower,
+    ResidualAttentionBlock, class_name, custom_projection_modules, custom_tower_blocks, hf_text_tower,
+    is_vit_image_tower, text_tower, timm_image_tower,
 )
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
 from leanclip.registry import MethodTraits, OptionRange, register_method
@@ -256,20 +262,55 @@ def _base_ln_class(ln: nn.Module):
     return _UNSWAP.get(type(ln), type(ln))
 
 
-def add_deep_blocks(model: nn.Module, tower: str = "both", init: str = "copy") -> list[nn.Module]:
-    """Append one identity-initialised block to ``resblocks`` of each selected tower; returns the new blocks."""
-    if init not in DEEP_INITS:
-        raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {init!r}")
-    added = []
-    for _, tr in _towers(model, tower):
+def _check_deep_towers(model: nn.Module, tower: str) -> None:
+    """ValueError naming the class unless every tower of ``tower`` takes an appended block: an open_clip transformer
+    tower, a timm ViT / EVA trunk or a Hugging Face BERT-style text tower."""
+    for t in ("image", "text") if tower == "both" else (tower,):
+        if t == "image" and timm_image_tower(model) is not None:
+            last = (_timm.trunk_blocks(model.visual) or [None])[-1]
+            if last is None or not _timm.is_timm_block(last):
+                raise ValueError(f"method 'lilt-deep' appends a timm ViT block; the image tower "
+                                 f"{tower_class(model, 'image')} ends in {class_name(last)}")
+        elif t == "text" and hf_text_tower(model) is not None:
+            last = (_hftext.layers(model) or [(None, None)])[-1][1]
+            if not _hftext.is_bert_layer(last):
+                raise ValueError(f"method 'lilt-deep' appends a BERT-style encoder layer; the text tower "
+                                 f"{tower_class(model, 'text')} is made of {class_name(last)}")
+        else:
+            require_open_clip_tower(model, "lilt-deep", t, "it appends an open_clip transformer block to the "
+                                    "tower; timm ViT and Hugging Face BERT-style towers take a block of their own")
+
+
+def _append_deep(model: nn.Module, which: str, init: str) -> nn.Module:
+    """Append the tower's extra block (``add_deep_blocks``) to the ``which`` tower; returns it."""
+    if which == "image" and timm_image_tower(model) is not None:
+        new = _timm.new_block_like(model.visual, init)
+        strip(new, ADDED)
+        _timm.append_block(model.visual, new)
+    elif which == "text" and hf_text_tower(model) is not None:
+        new = _hftext.new_layer_like(model, init)
+        strip(new, ADDED)
+        _hftext.append_layer(model, new)
+    else:
+        (_, tr), = _towers(model, which)
         base = [b for b in tr.resblocks if not getattr(b, "leanclip_lilt_deep", False)]
         if not base:
             raise ValueError("lilt-deep needs a tower with at least one block")
         new = _new_block_like(base[-1], init)
-        new.requires_grad_(True)
         tr.resblocks.append(new)
-        added.append(new)
-    return added
+    new.leanclip_lilt_deep = True
+    new.requires_grad_(True)
+    return new
+
+
+def add_deep_blocks(model: nn.Module, tower: str = "both", init: str = "copy") -> list[nn.Module]:
+    """Append one block to each selected tower; returns the new blocks. open_clip and timm towers (pre-LN) get a
+    block whose output projections are zero, the identity; a Hugging Face BERT-style tower (post-LN) a copy of its
+    last layer or a freshly initialised one (``leanclip.models.hf_text.new_layer_like``), which changes its output."""
+    if init not in DEEP_INITS:
+        raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {init!r}")
+    _check_deep_towers(model, tower)
+    return [_append_deep(model, t, init) for t in (("image", "text") if tower == "both" else (tower,))]
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -387,8 +428,7 @@ def _check_lilt_blocks(method: str):
             for w in sorted({ln.normalized_shape[0] for ln in _adapter_layernorms(model, tower)}):
                 check_reduction(reduction, w)
             return
-        require_open_clip_tower(model, method, tower, "it appends an open_clip transformer block to the tower; "
-                                "timm and Hugging Face towers take lilt-adapter")
+        _check_deep_towers(model, tower)
         if deep_init not in DEEP_INITS:
             raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {deep_init!r}")
     return check

@@ -31,7 +31,11 @@ trainable-only (``save_trainable`` writes the A/B pairs and whatever else is tra
 
 On a ``transformers`` CLIP / SigLIP (``leanclip.models.transformers``) the targets are its separate projections
 (``q_proj`` / ``k_proj`` / ``v_proj``, ``out_proj``, ``fc1``, ``fc2``) and the pairs live in ``leanclip.lora_linear``
-(with or without the lean layers); ``merge`` then gives back the plain ``transformers`` model.
+(with or without the lean layers); ``merge`` then gives back the plain ``transformers`` model. An open_clip Hugging
+Face text tower (``leanclip.models.hf_text``) takes its pairs the same way: BERT / RoBERTa / XLM-RoBERTa's
+``attention.self.query`` / ``key`` / ``value``, ``attention.output.dense``, ``intermediate.dense``,
+``output.dense``; mT5's ``SelfAttention.q`` / ``k`` / ``v`` / ``o`` and ``DenseReluDense.wo`` (its gated ``fc`` has
+no single projection: refused), on the lean layers or ``transformers``' own.
 
 Re-preparing with ``lora`` replaces earlier LoRA modules; ``prepare`` with another method leaves them in place,
 frozen (``leanclip.lifecycle.strip(model, lora.ADDED)`` removes them).
@@ -47,6 +51,7 @@ from torch import nn
 
 from leanclip import lean as _lean
 from leanclip.lifecycle import Added, strip
+from leanclip.models import hf_text as _hftext
 from leanclip.models import timm as _timm
 from leanclip import lora_linear
 from leanclip.models import transformers as _hf
@@ -186,7 +191,12 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
     targets = _targets(targets)
     if _hf.is_transformers(model):  # separate q / k / v projections: leanclip.lora_linear
         return lora_linear.check_rank([m for *_, m in _hf.linear_sites(model, check_tower(tower), targets)], rank)
-    require_block_tower(model, "lora", check_tower(tower), "it adds low-rank terms to the blocks' projections")
+    tower, hf_text = _hftext.split_tower(model, check_tower(tower))
+    if hf_text:  # a Hugging Face text tower: its nn.Linear projections (leanclip.lora_linear)
+        lora_linear.check_rank([m for *_, m in _hftext.linear_sites(model, targets)], rank)
+    if tower is None:
+        return
+    require_block_tower(model, "lora", tower, "it adds low-rank terms to the blocks' projections")
     widths = {min(min(target_shapes(blk)[t]) for t in targets) for blk in tower_blocks(model, tower)}
     if widths and rank > min(widths):
         raise ValueError(f"method 'lora': rank={rank} exceeds the width {min(widths)} of the targeted projections "
@@ -203,7 +213,10 @@ def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"
     if _hf.is_transformers(model):
         lora_linear.attach([m for *_, m in _hf.linear_sites(model, tower, targets)], rank, alpha, float(dropout))
         return {}
-    for blk in tower_blocks(model, tower):
+    tower, hf_text = _hftext.split_tower(model, tower)
+    if hf_text:
+        lora_linear.attach([m for *_, m in _hftext.linear_sites(model, targets)], rank, alpha, float(dropout))
+    for blk in tower_blocks(model, tower) if tower is not None else []:
         ref = projection_slices(blk)["q"][0][0]
         blk.add_module("lora", LoRA(blk, targets, rank, alpha, float(dropout)).to(ref.device))
     return {}
@@ -222,9 +235,10 @@ def merge(model: nn.Module) -> nn.Module:
         if not lora_linear.sites(model):
             raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
         return _hf.to_transformers(_lean.remove_lean(lora_linear.merge(model)))
-    if not lora_modules(model):
+    if not lora_modules(model) and not lora_linear.sites(model):
         raise ValueError("merge: the model holds no LoRA modules (prepare it with 'lora' first)")
-    out = copy.deepcopy(model)
+    # pairs on plain projections (a Hugging Face text tower) fold in the copy lora_linear.merge makes
+    out = lora_linear.merge(model) if lora_linear.sites(model) else copy.deepcopy(model)
     for blk in list(out.modules()):
         held = blk._modules.get("lora")
         if isinstance(held, LoRA):

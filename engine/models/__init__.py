@@ -3,6 +3,8 @@
 
 ``openclip``: open_clip's CLIP / CustomTextCLIP models (ViT and ModifiedResNet image towers, open_clip text
 transformers; timm and Hugging Face towers are recognised as "not ours" and get the plain-module path).
+``hf_text``: open_clip's Hugging Face text towers (``HFTextEncoder``): lean BERT / RoBERTa / XLM-RoBERTa layers and
+the sites the methods use on them (mT5 keeps its own modules).
 ``openclip_config``: open_clip model configs as untrusted input (the fields open_clip accepts, the bounds of every size
 and of the whole model), checked before a config from a file is built.
 """

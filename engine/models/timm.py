@@ -11,7 +11,8 @@ around a timm trunk (``visual.trunk``); its transformer blocks are ``visual.trun
   grouped-query attention and convolutional MLPs are named as obstacles, never run half-lean;
 - the lean versions of those blocks (``LeanTimmBlock``, ``LeanEvaBlock``) and of timm's ``LayerNorm``;
 - the sites the in-layer methods use on a timm block: the projections LoRA adds to (``projection_slices``), where
-  Houlsby / Compacter adapters go (``adapter_sites``) and the LayerNorms LilT's adapters precede (``prenorms``);
+  Houlsby / Compacter adapters go (``adapter_sites``), the LayerNorms LilT's adapters precede (``prenorms``) and
+  the block ``lilt-deep`` appends (``new_block_like``: zero output projections, the identity in a pre-LN stream);
 - tiny timm trunks built from the released model definitions (``register_tiny_models``) for the tests.
 
 The lean blocks reuse ``leanclip.lean``'s machinery: ``LeanBlockMixin`` holds the recompute policies (none / mlp /
@@ -26,6 +27,8 @@ only; the rows trick is not implemented for timm trunks (the last block runs in 
 exactness.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -287,6 +290,41 @@ def prenorms(blk: nn.Module) -> list[nn.Module] | None:
     """The pre-LayerNorms of a timm block (``norm1`` / ``norm2``: before the attention and the MLP, as open_clip's
     ``ln_1`` / ``ln_2``); None for other blocks."""
     return [blk.norm1, blk.norm2] if is_timm_block(blk) else None
+
+
+def new_block_like(visual: nn.Module, init: str) -> nn.Module:
+    """A block to append to a timm trunk (``lilt-deep``): a copy of its last block (``copy``) or one initialised as
+    timm initialises a ViT (``random``: linear weights truncated-normal std 0.02, biases zero, norms reset), with
+    the attention's ``proj`` and the MLP's ``fc2`` zero (weights and biases). In a pre-LN block both branches then
+    add zero, so the block is the identity and the tower computes exactly what it did. ValueError naming the class
+    when the last block is not a timm ViT / EVA block."""
+    blocks = trunk_blocks(visual)
+    last = blocks[-1] if blocks else None
+    if last is None or not is_timm_block(last):
+        raise ValueError(f"lilt-deep appends a timm ViT block; the image tower {class_name(visual)} ends in "
+                         f"{class_name(last) if last is not None else 'no transformer block'}")
+    new = copy.deepcopy(last)
+    if init == "random":
+        for m in new.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+        for name in ("q_bias", "v_bias"):  # EVA's fused qkv bias
+            if getattr(new.attn, name, None) is not None:
+                nn.init.zeros_(getattr(new.attn, name))
+    for lin in (new.attn.proj, new.mlp.fc2):
+        nn.init.zeros_(lin.weight)
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+    return new
+
+
+def append_block(visual: nn.Module, block: nn.Module) -> None:
+    """Append ``block`` to the trunk's ``blocks`` (``visual.trunk.blocks.<depth>``)."""
+    visual.trunk.blocks.append(block)
 
 
 # ----------------------------------------------------------------------------------------------------------- estimates

@@ -367,3 +367,79 @@ def test_ablation_options_through_the_cli(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert json.loads(out.strip().splitlines()[-1])["method"] == "lit+lilt-adapter"
+
+
+# --------------------------------------------------------------------------------------------------- LilT's towers
+@pytest.fixture(scope="module")
+def deit_bert(tmp_path_factory):
+    """LilT's unaligned setting in miniature: a DeiT-style timm ViT + a 2-layer BERT (random weights, offline)."""
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    from leanclip.configs import create_random_model
+    from tests.engine.hf_text_family import register_hf_text
+
+    return create_random_model(register_hf_text(tmp_path_factory.mktemp("deit-bert"), "bert", timm_image=True))
+
+
+def _deit_bert_batch():
+    from tests.engine.hf_text_family import tokens
+
+    g = torch.Generator().manual_seed(2)
+    return torch.randn(3, 3, 32, 32, generator=g), tokens(0)
+
+
+@pytest.mark.parametrize("deep_init", ["copy", "random"])
+def test_deep_block_on_a_timm_vit_starts_exact(deit_bert, deep_init):
+    """The appended timm block (zero attn.proj and mlp.fc2) is the identity: the image tower computes exactly what
+    it did, lean or plain; the whole block trains, and re-preparing removes it."""
+    images, _ = _deit_bert_batch()
+    with torch.no_grad():
+        want = copy.deepcopy(deit_bert).eval().encode_image(images)
+    for lean in (False, True):
+        m = prepare(copy.deepcopy(deit_bert), "lilt-deep", lean=lean, deep_init=deep_init)
+        names = [n for n, _ in lilt.deep_blocks(m)]
+        assert names == ["visual.trunk.blocks.2", "text.transformer.encoder.layer.2"]
+        blk = m.visual.trunk.blocks[2]
+        assert type(blk).__name__ == ("LeanTimmBlock" if lean else "Block")
+        assert all(p.requires_grad for p in blk.parameters()) and not blk.mlp.fc2.weight.any()
+        with torch.no_grad():
+            torch.testing.assert_close(m.eval().encode_image(images), want, rtol=0, atol=0)
+        prepare(m, "lilt-ln")
+        assert len(m.visual.trunk.blocks) == 2 and not lilt.deep_blocks(m)
+
+
+def test_deep_blocks_on_lilt_towers_train_with_plain_gradients(deit_bert):
+    """Both appended blocks on the lean modules, under each recompute policy, get plain autograd's gradients."""
+    from tests.engine.peft_checks import projection_loss, randomize_trainable
+
+    images, toks = _deit_bert_batch()
+    grads = {}
+    for policy in ("plain", "none", "mlp+qkv", "block"):
+        m = prepare(copy.deepcopy(deit_bert), "lilt-deep", **({"lean": False} if policy == "plain" else
+                                                              {"recompute": policy}))
+        randomize_trainable(m)
+        projection_loss(m.train().encode_image(images, normalize=True),
+                        m.encode_text(toks, normalize=True)).backward()
+        grads[policy] = {n: p.grad for n, p in m.named_parameters() if p.requires_grad and p.grad is not None}
+    assert "text.transformer.encoder.layer.2.output.dense.weight" in grads["plain"]
+    assert "visual.trunk.blocks.2.attn.qkv.weight" in grads["plain"]
+    for policy in ("none", "mlp+qkv", "block"):
+        assert grads[policy].keys() == grads["plain"].keys()
+        for n, g in grads["plain"].items():
+            torch.testing.assert_close(grads[policy][n], g, rtol=1e-5, atol=1e-5, msg=n)
+
+
+def test_deep_blocks_on_lilt_towers_round_trip(deit_bert, tmp_path):
+    """The appended blocks' trained values save and load by name into a freshly prepared model."""
+    from tests.engine.peft_checks import randomize_trainable
+
+    images, toks = _deit_bert_batch()
+    m = prepare(copy.deepcopy(deit_bert), "lilt-deep", deep_init="random")
+    randomize_trainable(m)
+    save_trainable(m, tmp_path / "deep.safetensors")
+    other = prepare(copy.deepcopy(deit_bert), "lilt-deep", deep_init="random")
+    load_trainable(other, tmp_path / "deep.safetensors")
+    with torch.no_grad():
+        for a, b in zip((m.eval().encode_image(images), m.encode_text(toks)),
+                        (other.eval().encode_image(images), other.encode_text(toks))):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

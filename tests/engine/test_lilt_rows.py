@@ -1,7 +1,8 @@
 """LilT's table rows (docs/PAPERS.md) pinned to their trainable counts: the command each row letter names must train
 what the paper's row trains. LilT's towers, DeiT-B (256 x 256 crops) + BERT-base joined by 256-d projections, are
-built on the meta device from a local BERT-base config (no download, no memory for the weights); the deep adapter
-(lilt-deep) appends an open_clip block, so its rows are pinned on open_clip's ViT-B-16 instead."""
+built on the meta device from a local BERT-base config (no download, no memory for the weights). The deep adapter
+(lilt-deep) appends one timm ViT block and one BERT layer (7,087,872 parameters each) and is pinned on those towers
+(Table 3's 14.65M) and on open_clip's ViT-B-16."""
 import copy
 import json
 
@@ -26,6 +27,11 @@ DEIT_BERT_ROWS = {
     # each tower has 25 LayerNorms of width 768: one tower's LN rows count the same
     "(n) LwA, LN of the text tower": ("lilt-adapter", {"ln_tower": "text"}, 14_633_473),
     "(o) LwA, LN of the image tower": ("lilt-adapter", {"ln_tower": "image"}, 14_633_473),
+    # one appended block per tower: a DeiT-B block and a BERT-base layer, 7,087,872 each, + LilT-LN's 470,017
+    "LilT-DA (Table 3: 14.65M)": ("lilt-deep", {}, 14_645_761),
+    "LilT-DA, blocks from BERT's / timm's init": ("lilt-deep", {"deep_init": "random"}, 14_645_761),
+    "(f) DA without LN": ("lilt-deep", {"ln_tower": "none"}, 14_568_961),
+    "(k) BitFit + DA without LN": ("lilt-deep", {"ln_tower": "none", "bitfit": True}, 14_735_617),
 }
 
 # row -> (method, options, trainable parameters on open_clip ViT-B-16)
@@ -76,6 +82,9 @@ def test_rows_differ_by_what_they_add(deit_bert, vit_b16):
     every LayerNorm: the counts agree with the LN-only and BitFit rows."""
     ln = DEIT_BERT_ROWS["LilT-LN"][2] - DEIT_BERT_ROWS["(c) projections only"][2]
     assert DEIT_BERT_ROWS["LilT-LwA (Table 3: 14.67M)"][2] - DEIT_BERT_ROWS["(h) LwA without LN"][2] == ln
+    assert DEIT_BERT_ROWS["LilT-DA (Table 3: 14.65M)"][2] - DEIT_BERT_ROWS["(f) DA without LN"][2] == ln
+    block = 4 * (768 * 768 + 768) + 2 * (768 * 3072) + 3072 + 768 + 2 * 2 * 768  # attention, MLP, two LayerNorms
+    assert DEIT_BERT_ROWS["LilT-DA (Table 3: 14.65M)"][2] == DEIT_BERT_ROWS["LilT-LN"][2] + 2 * block
     deep = _count(vit_b16, "lilt-deep", {})
     ln_vit = _count(vit_b16, "lilt-ln", {}) - _count(vit_b16, "lilt-proj", {})
     assert deep - _count(vit_b16, "lilt-deep", {"ln_tower": "none"}) == ln_vit

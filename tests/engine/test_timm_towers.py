@@ -21,7 +21,7 @@ from tests.engine.peft_checks import features, prepare_with_notices, projection_
 FAMILIES = ["vit-map", "vit-qknorm", "eva02", "eva02-fused", "pe-core"]
 POLICIES = [("none", None), ("mlp", None), ("mlp+qkv", None), ("block", None), ("block", 2)]
 METHODS = ["ln", "bitfit", "clipfit", "houlsby", "compacter", "full"]
-LILT = ["lilt-ln", "lilt-bitfit", "lilt-adapter", "lit"]
+LILT = ["lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit"]
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 _BASES: dict = {}
 
@@ -95,6 +95,12 @@ def test_lilt_methods_equal_plain(family, method, batch):
     ref = _loss_and_grads(methods.prepare(base(family), method, lean=False), batch, plain=True)
     m = methods.prepare(base(family), method, recompute="block", recompute_chunk=2)
     _assert_same(_loss_and_grads(m, batch, plain=False), ref)
+    if method == "lilt-deep":  # a copy of the last timm block with zero attn.proj / mlp.fc2: the identity at first
+        assert [n for n, _ in methods.lilt.deep_blocks(m)][0] == "visual.trunk.blocks.2"
+        fresh = methods.prepare(base(family), method, recompute="block")
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.eval().encode_image(batch[0]), base(family).eval().encode_image(batch[0]),
+                                       rtol=0, atol=0)
     if method == "lilt-adapter":  # before the pre-norms of each block only (not EVA's sub-LNs)
         assert {n.split(".adapter")[0] for n, _ in methods.lilt.adapters(m) if n.startswith("visual.")} == {
             f"visual.trunk.blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)}

@@ -2,10 +2,9 @@
 and a Hugging Face BERT text tower - assembled as an open_clip CustomTextCLIP with fresh projections
 (``leanclip.configs.register_unaligned_config``). Built offline: a timm ViT registered small (img 32, width 32, 2
 blocks) and a tiny BERT from a local folder (config.json + a vocab.txt written here), random weights,
-HF_HUB_OFFLINE=1. Every LilT method prepares (lilt-deep is a ValueError naming the tower: it appends an open_clip
-block), trains with the timm image tower on the lean modules and the Hugging Face text tower on its own (prepare says
-so), with gradients equal to plain autograd on an unprepared copy; train_contrastive / evaluate_retrieval and the CLI run on
-it."""
+HF_HUB_OFFLINE=1. Every LilT method prepares (lilt-deep: tests/engine/test_lilt.py), trains with both towers on the
+lean modules (the timm blocks and BERT's layers, ``leanclip.models.hf_text``), with gradients equal to plain autograd
+on an unprepared copy; train_contrastive / evaluate_retrieval and the CLI run on it."""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it: nothing here may touch the network
@@ -15,7 +14,6 @@ import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -29,27 +27,12 @@ from leanclip.methods import lilt
 from leanclip.configs import create_random_model, register_unaligned_config  # noqa: E402
 from leanclip.contrastive import ContrastiveConfig, evaluate_retrieval, train_contrastive  # noqa: E402
 from leanclip.pairs import synthetic_pairs  # noqa: E402
+from tests.engine.hf_text_family import TIMM_VIT as TIMM_NAME, register_timm_vit  # noqa: E402
 from tests.engine.peft_checks import clip_loss, prepare_with_notices  # noqa: E402
 
-TIMM_NAME = "leanclip_test_vit_tiny"
 MODEL_NAME = "leanclip-test-unaligned"
 EMBED = 16
 PLAIN_METHODS = ["lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-proj", "lit"]
-
-
-def _register_timm_vit():
-    """A DeiT-style timm ViT in miniature under its own timm name (timm's create_model builds it: pretrained cfg,
-    classifier reset and pooling as for deit_*/vit_*)."""
-    if timm.is_model(TIMM_NAME):
-        return
-    from timm.models import register_model
-
-    @register_model
-    def leanclip_test_vit_tiny(pretrained=False, **kw):
-        for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kw.pop(k, None)
-        return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
-                                 depth=2, num_heads=2, mlp_ratio=2, **kw)
 
 
 def _write_tiny_bert(folder, words):
@@ -73,7 +56,7 @@ def pairs():
 
 @pytest.fixture(scope="module")
 def name(tmp_path_factory):
-    _register_timm_vit()
+    register_timm_vit()
     words = {w for c in synthetic_pairs(2000, size=32, seed=0).captions for w in re.findall(r"\w+|[^\w\s]", c.lower())}
     folder = _write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), words)
     return register_unaligned_config(MODEL_NAME, timm_model=TIMM_NAME, hf_text=folder, embed_dim=EMBED,
@@ -125,11 +108,10 @@ def test_pretrained_flags_are_the_towers_own_weights(name):
 @pytest.mark.parametrize("method", PLAIN_METHODS)
 def test_methods_prepare_on_plain_modules(base, method):
     m = copy.deepcopy(base)
-    notes = prepare_with_notices(m, method)
-    assert any("lean on the image tower only" in s and "HFTextEncoder" in s for s in notes), notes
-    assert lean.is_lean(m) and m.leanclip_info["method"] == method
-    assert type(m.visual.trunk.blocks[0]).__name__ == "LeanTimmBlock" and m.leanclip_info["options"]["lean_towers"] == [
-        "image"]
+    assert prepare_with_notices(m, method) == []
+    assert lean.is_lean(m) and m.leanclip_info["method"] == method and "lean_towers" not in m.leanclip_info["options"]
+    assert type(m.visual.trunk.blocks[0]).__name__ == "LeanTimmBlock"
+    assert type(m.text.transformer.encoder.layer[0]).__name__ == "LeanBertLayer"
     names = {n for n, _ in methods.trainable_parameters(m)}
     proj = {"visual.head.proj.weight", "text.proj.weight"}
     if method == "lit":
@@ -184,25 +166,18 @@ def test_identity_at_init_and_exact_gradients(base, htok, method):
     assert compared > 0
 
 
-def test_lilt_deep_names_the_tower(base):
-    m = copy.deepcopy(base)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no notice before a rejected call
-        with pytest.raises(ValueError, match="lilt-deep.*open_clip VisionTransformer.*lilt-adapter.*TimmModel"):
-            methods.prepare(m, "lilt-deep")
-        with pytest.raises(ValueError, match="lilt-deep.*open_clip transformer text tower.*HFTextEncoder"):
-            methods.prepare(m, "lilt-deep", tower="text")
-    assert not hasattr(m, "leanclip_info")
-
-
-def test_lean_only_options_name_the_towers(base):
-    with pytest.raises(ValueError, match="lean=True.*HFTextEncoder"):
-        methods.prepare(copy.deepcopy(base), "lilt-ln", lean=True)
-    with pytest.raises(ValueError, match="frozen_dtype needs the lean modules.*HFTextEncoder"):
+def test_lean_only_options(base):
+    """Both towers are covered (lean=True), and a recompute policy reaches the BERT layers too; frozen_dtype and
+    the memory planner do not cover the BERT tower: one line naming it."""
+    prepare_with_notices(copy.deepcopy(base), "lilt-ln", lean=True)
+    with pytest.raises(ValueError, match="frozen_dtype does not cover the text tower .*HFTextEncoder"):
         methods.prepare(copy.deepcopy(base), "lilt-bitfit", frozen_dtype=torch.bfloat16)
-    m = copy.deepcopy(base)  # a recompute policy applies to the lean (image) tower
+    with pytest.raises(ValueError, match="recompute='auto' does not cover the text tower .*HFTextEncoder"):
+        methods.prepare(copy.deepcopy(base), "lilt-bitfit", recompute="auto", memory_budget=2 ** 30, batch_size=2)
+    m = copy.deepcopy(base)
     prepare_with_notices(m, "lilt-adapter", recompute="mlp")
     assert {b.leanclip_recompute for b in m.visual.trunk.blocks} == {"mlp"}
+    assert {b.leanclip_recompute for b in m.text.transformer.encoder.layer} == {"mlp"}
 
 
 def test_options_on_custom_towers(base):

@@ -1,0 +1,265 @@
+"""The boundary to open_clip's Hugging Face text towers (``open_clip.hf_model.HFTextEncoder``): every ``transformers``
+layer internal the engine touches on them, in one module (``models/transformers.py`` is the same for whole
+``transformers`` CLIP models).
+
+open_clip builds such a tower from ``text_cfg.hf_model_name`` (``roberta-ViT-B-32``, ``xlm-roberta-base-ViT-B-32``,
+``mt5-base-ViT-B-32``, LilT's BERT towers through ``leanclip.configs.register_unaligned_config``): ``text.transformer``
+is the ``transformers`` encoder (``BertModel``, ``RobertaModel``, ``XLMRobertaModel``; mT5's ``MT5Stack``), followed
+by open_clip's pooler and a fresh ``text.proj``. What lives here:
+
+- which encoder layers the lean engine implements: BERT's post-LN layer as ``BertLayer``, ``RobertaLayer`` and
+  ``XLMRobertaLayer`` write it (``layer_obstacle``); a decoder layer, cross-attention or chunked feed-forward is named
+  as an obstacle, and so is mT5's ``MT5Block`` (pre-RMSNorm T5 blocks with relative position bias), which keeps
+  ``transformers``' own modules;
+- the lean layer (``LeanBertLayer``): the same child modules in the same order, frozen projections on
+  ``kernels.frozen_linear`` (``LeanLinear``), its LayerNorms on ``kernels.layer_norm`` (``LeanHFLayerNorm``) and the
+  recompute policies: ``mlp`` checkpoints ``intermediate`` (dense -> activation), ``mlp+qkv`` also the
+  self-attention (q / k / v -> SDPA, keeping the SDPA outputs), ``block`` keeps the layer input only. Exact: the
+  same ops replayed, dropout with its RNG state. The chunked block is the open_clip block's (a chunk is ignored
+  here: the whole batch recomputes at once, which costs memory, never exactness);
+- the sites of the in-layer methods: LoRA's projections (``linear_sites``: q / k / v, the attention output, the MLP's
+  two projections, on BERT-style and T5 layers), where Houlsby / Compacter adapters go (``adapter_sites``: the
+  dropout after each sub-layer's output projection, before the residual add and the post-LN, as in Houlsby et al.'s
+  BERT code), and the appended layer of ``lilt-deep`` (``new_layer_like``).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import sys
+
+import torch
+from torch import nn
+
+from leanclip import lean as _lean
+from leanclip.models import transformers as _hf
+from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
+
+# The BERT-style layer classes, by module. Read from the modules already imported, never imported here: a layer
+# exists only once transformers has loaded its module, and importing the modeling code costs every start-up.
+_BERT_LAYER_CLASSES = (("transformers.models.bert.modeling_bert", "BertLayer"),
+                       ("transformers.models.roberta.modeling_roberta", "RobertaLayer"),
+                       ("transformers.models.xlm_roberta.modeling_xlm_roberta", "XLMRobertaLayer"))
+
+# LoRA targets (leanclip.methods.lora.TARGETS) -> the nn.Linear in a layer
+BERT_LINEARS = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                "out": "attention.output.dense", "fc": "intermediate.dense", "proj": "output.dense"}
+T5_LINEARS = {"q": "layer.0.SelfAttention.q", "k": "layer.0.SelfAttention.k", "v": "layer.0.SelfAttention.v",
+              "out": "layer.0.SelfAttention.o", "fc": "layer.1.DenseReluDense.wi", "proj": "layer.1.DenseReluDense.wo"}
+# Houlsby's placement: each sub-layer's output after its projection and dropout, before the residual add
+BERT_ADAPTER_SITES = ("attention.output.dropout", "output.dropout")
+T5_ADAPTER_SITES = ("layer.0.dropout", "layer.1.dropout")
+
+
+def is_hf_text(model: nn.Module) -> bool:
+    """Whether ``model``'s text tower is open_clip's ``HFTextEncoder``."""
+    return hf_text_tower(model) is not None
+
+
+def split_tower(model: nn.Module, tower: str) -> tuple[str | None, bool]:
+    """``tower`` (image / text / both) as (the towers of open_clip / timm blocks, or None; whether it includes a
+    Hugging Face text tower)."""
+    hf = tower in ("text", "both") and is_hf_text(model)
+    if not hf:
+        return tower, False
+    return ("image" if tower == "both" else None), True
+
+
+def layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, encoder layer) of the Hugging Face text tower (empty for other towers)."""
+    return custom_tower_blocks(model, "text")
+
+
+def bert_layers() -> tuple[type, ...]:
+    """The BERT-style layer classes whose ``transformers`` modules are loaded."""
+    return tuple(getattr(sys.modules[mod], name) for mod, name in _BERT_LAYER_CLASSES if mod in sys.modules)
+
+
+def is_bert_layer(layer: nn.Module) -> bool:
+    return isinstance(layer, bert_layers())
+
+
+def _is_t5_block(layer: nn.Module) -> bool:
+    return type(layer).__name__ in ("T5Block", "MT5Block") and isinstance(getattr(layer, "layer", None),
+                                                                          nn.ModuleList)
+
+
+def layer_obstacle(layer: nn.Module) -> str | None:
+    """Why the lean layer cannot run ``layer`` (one phrase naming its class), or None when it can: a BERT-style
+    encoder layer (self-attention only, no chunked feed-forward) with ``nn.Linear`` projections and ``nn.LayerNorm``
+    s."""
+    if not is_bert_layer(layer):
+        return class_name(layer)
+    if layer.is_decoder or getattr(layer, "add_cross_attention", False):
+        return f"{class_name(layer)} as a decoder layer"
+    if layer.chunk_size_feed_forward:
+        return f"{class_name(layer)} with a chunked feed-forward"
+    parts = [layer.get_submodule(s) for s in BERT_LINEARS.values()]
+    if not all(isinstance(m, nn.Linear) for m in parts):
+        return f"{class_name(layer)} with projections that are not nn.Linear"
+    if not all(type(ln) in (nn.LayerNorm, LeanHFLayerNorm) for ln in _layernorms(layer)):
+        return f"{class_name(layer)} with LayerNorm {class_name(layer.output.LayerNorm)}"
+    return None
+
+
+def tower_obstacles(model: nn.Module) -> list[str] | None:
+    """What keeps the Hugging Face text tower from the lean engine (one line each, empty when every layer is
+    covered), or None when the text tower is not a Hugging Face one. ``leanclip.lean.apply_lean`` asks before it
+    swaps anything, so the lean classes of the loaded layer classes are registered here."""
+    if not is_hf_text(model):
+        return None
+    _register_layers()
+    found = layers(model)
+    if not found:
+        return [f"text tower {class_name(model.text.transformer)} has no encoder layer list"]
+    for i, (_, layer) in enumerate(found):
+        why = layer_obstacle(layer)
+        if why is not None:
+            return [f"text tower layer {i} is {why}"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------------------- sites
+def _linear_table(layer: nn.Module) -> dict | None:
+    if is_bert_layer(layer):
+        return BERT_LINEARS
+    return T5_LINEARS if _is_t5_block(layer) else None
+
+
+def linear_sites(model: nn.Module, targets) -> list[tuple[str, str, nn.Linear]]:
+    """(target, name, ``nn.Linear``) of each LoRA target in every layer of the Hugging Face text tower; ValueError
+    naming the layer class where a target has no ``nn.Linear`` (mT5's gated ``fc`` is ``wi_0`` | ``wi_1``)."""
+    out = []
+    for name, layer in layers(model):
+        table = _linear_table(layer)
+        if table is None:
+            raise ValueError(f"method 'lora' needs the projections of a BERT-style or T5 layer; the text tower layer "
+                             f"{name} is {class_name(layer)}")
+        for t in targets:
+            try:
+                m = layer.get_submodule(table[t])
+            except AttributeError:
+                m = None
+            if not isinstance(m, nn.Linear):
+                raise ValueError(f"method 'lora': target {t!r} has no single nn.Linear in {class_name(layer)} "
+                                 f"({table[t]}); the targets q, k, v, out and proj do")
+            out.append((t, f"{name}.{table[t]}", m))
+    return out
+
+
+def adapter_sites(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """(name, module, width) where Houlsby / Compacter adapters go in the Hugging Face text tower: the dropout after
+    each sub-layer's output projection (its output passes the adapter, then the residual add; BERT's post-LN
+    follows); ValueError naming the class for another layer."""
+    out = []
+    for name, layer in layers(model):
+        sites = BERT_ADAPTER_SITES if is_bert_layer(layer) else T5_ADAPTER_SITES if _is_t5_block(layer) else None
+        if sites is None:
+            raise ValueError(f"in-layer adapters need a BERT-style or T5 layer; the text tower layer {name} is "
+                             f"{class_name(layer)}")
+        width = int(getattr(model.text.config, "hidden_size", None) or model.text.config.d_model)
+        out += [(f"{name}.{s}", layer.get_submodule(s), width) for s in sites]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- lilt-deep
+def new_layer_like(model: nn.Module, init: str) -> nn.Module:
+    """A layer to append to the Hugging Face text tower (``lilt-deep``): a copy of its last layer (``copy``) or one
+    initialised as ``transformers`` initialises BERT (``random``: linear weights N(0, initializer_range), biases
+    zero, LayerNorms 1 / 0). A post-LN layer ends in LayerNorm(x + sub-layer(x)), which no weights make the identity
+    on arbitrary x, so the tower's output changes at the start either way (with ``copy``: the last layer applied
+    twice). ValueError naming the class for a layer other than BERT-style."""
+    found = layers(model)
+    last = found[-1][1] if found else None
+    if last is None or not is_bert_layer(last):
+        raise ValueError(f"lilt-deep appends a BERT-style encoder layer; the text tower layer is "
+                         f"{class_name(last) if last is not None else class_name(model.text.transformer)}")
+    new = copy.deepcopy(last)
+    if init == "random":
+        std = float(getattr(model.text.config, "initializer_range", 0.02))
+        for m in new.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+    return new
+
+
+def append_layer(model: nn.Module, layer: nn.Module) -> None:
+    """Append ``layer`` to the Hugging Face text tower's encoder layer list."""
+    name = layers(model)[-1][0].rsplit(".", 1)[0]
+    model.get_submodule(name).append(layer)
+
+
+# ----------------------------------------------------------------------------------------------------------- lean
+class LeanHFLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` of a lean layer through ``kernels.layer_norm`` (same math; output in the input dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _lean.fused_layer_norm(self, x)
+        return super().forward(x) if y is None else y
+
+
+def _layernorms(layer: nn.Module) -> list[nn.Module]:
+    return [layer.attention.output.LayerNorm, layer.output.LayerNorm]
+
+
+class LeanBertLayer(_hf.LeanEncoderLayer):
+    """Mixed into a BERT-style layer by a ``__class__`` swap (names, values and ``transformers``' attention code
+    kept; see the module docstring). ``leanclip_after_swap`` moves its projections and LayerNorms to the lean ops;
+    ``leanclip.lean.remove_lean`` undoes both."""
+
+    def leanclip_after_swap(self) -> None:
+        for path in BERT_LINEARS.values():
+            m = self.get_submodule(path)
+            if type(m) is nn.Linear:
+                m.__class__ = _hf.LeanLinear
+        for ln in _layernorms(self):
+            if type(ln) is nn.LayerNorm:
+                ln.__class__ = LeanHFLayerNorm
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs) -> torch.Tensor:
+        policy = self.leanclip_recompute
+        grad = torch.is_grad_enabled() and (hidden_states.requires_grad
+                                            or any(p.requires_grad for p in self.parameters()))
+        rng = self.training  # dropout (hidden, attention, LoRA) replays its mask on recompute
+        if grad and policy == "block":
+            return _lean._ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
+                               attention_mask, *args, rng=rng)
+
+        def attention(h):
+            return self.attention.self(h, attention_mask=attention_mask, **kwargs)[0]
+
+        a = (_lean._ckpt(attention, hidden_states, rng=rng, sac=True) if grad and policy == "mlp+qkv"
+             else attention(hidden_states))
+        h = self.attention.output(a, hidden_states)
+        m = _lean._ckpt(self.intermediate, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else \
+            self.intermediate(h)
+        return self.output(m, h)
+
+
+LEAN_LAYERS: dict = {}  # BERT-style layer class -> its lean class (``leanclip_base``: the class it swaps back to)
+
+
+def _register_layers() -> None:
+    """Give ``leanclip.lean`` the lean class of every loaded BERT-style layer class it does not know yet."""
+    new = {cls: type(f"Lean{cls.__name__}", (LeanBertLayer, cls), {"leanclip_base": cls})
+           for cls in bert_layers() if cls not in LEAN_LAYERS}
+    if new:
+        LEAN_LAYERS.update(new)
+        _lean.register_lean_classes(new)
+
+
+def _supported(m: nn.Module) -> bool:
+    """What ``leanclip.lean.apply_lean`` may swap: a covered BERT-style layer; never a LayerNorm on its own (only a
+    lean layer's own, in ``leanclip_after_swap``)."""
+    if type(m) is nn.LayerNorm:
+        return False
+    return layer_obstacle(m) is None if is_bert_layer(m) else True
+
+
+# a plain nn.LayerNorm is never swapped on its own (``_supported``): the entry lets ``remove_lean`` swap it back
+_lean.register_lean_classes({nn.LayerNorm: LeanHFLayerNorm}, supported=_supported, text_tower=tower_obstacles)
