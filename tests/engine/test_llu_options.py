@@ -136,6 +136,7 @@ ABLATIONS = {
     "dirac": ["gate=dirac", "threshold=0.2"],
     "linear": ["gate=none", "init=random"],
     "shared": ["shared=true"],
+    "paper-blend": ["blend=paper"],
 }
 
 
