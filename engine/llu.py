@@ -53,6 +53,7 @@ __all__ = [
     "identity_distances",
     "identity_reference",
     "train_llu",
+    "head_loss_fn",
     "llu_logits",
     "evaluate_llu",
     "run_llu",
@@ -200,6 +201,25 @@ def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Te
     logits = llu_forward(model, x, class_txt)
     ce = F.cross_entropy(logits, y)
     return ce + lam * llu_reg(model), ce, logits
+
+
+def head_loss_fn(model, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
+                 templates: Sequence[str], tokenizer, llu_lambda: float = 1e3):
+    """The loss closure of one LLU training step on a batch of images, for timing it (``leanclip demo``,
+    ``leanclip bench step``): the frozen towers encode the batch and the class prompts once, here, as a run encodes
+    every image once before training; the closure is what each of :func:`train_llu`'s steps computes on those cached
+    features (the heads' forward and regulariser; the encoders never run in it). Banks: the batch's image features,
+    the class text features."""
+    from leanclip.features import image_features
+
+    with torch.no_grad():
+        feats = image_features(model, images)
+        txt = class_text_features(model, classnames, templates, tokenizer)
+    image_head, text_head = llu_heads(model)
+    image_head.set_bank(feats)
+    text_head.set_bank(txt)
+    labels = torch.as_tensor(labels).to(feats.device)
+    return lambda: llu_loss(model, feats, labels, txt, llu_lambda)[0]
 
 
 # -------------------------------------------------------------------------------------------------------------- train
