@@ -26,6 +26,10 @@ DEIT_BERT_ROWS = {
     # each tower has 25 LayerNorms of width 768: one tower's LN rows count the same
     "(n) LwA, LN of the text tower": ("lilt-adapter", {"ln_tower": "text"}, 14_633_473),
     "(o) LwA, LN of the image tower": ("lilt-adapter", {"ln_tower": "image"}, 14_633_473),
+    # Fig. 5: LN unlocked in six of the twelve blocks of each tower (2 LayerNorms of width 768 per block; the
+    # LayerNorms outside the blocks stay locked), + the projections and the temperature
+    "Fig. 5 pattern A": ("lilt-ln", {"image_layers": "6-11", "text_layers": "0-5"}, 430_081),
+    "Fig. 5 pattern B": ("lilt-ln", {"image_layers": "0-5", "text_layers": "6-11"}, 430_081),
 }
 
 # row -> (method, options, trainable parameters on open_clip ViT-B-16)
