@@ -4,7 +4,7 @@ top half of one tower and the bottom half of the other).
     parse_layers("6-11", "image_layers")            # (6, 7, 8, 9, 10, 11)
     parse_layers("0-2,5", "text_layers")            # (0, 1, 2, 5); also an int (5) or a list of ints
     check_layers(model, "image_layers", "6-11", "image")    # ValueError naming the option and the tower's depth
-    selected_layernorms(model, "both", {"image": "6-11", "text": None})   # LayerNorm parameter names
+    selected_layernorms(model, "both", {"image": "6-11", "text": "all"})  # LayerNorm parameter names
 
 A spec is ``A-B`` (inclusive), a single ``N``, or a comma list of those; blocks are numbered from 0 at the input, as
 the tower's own module list numbers them (open_clip ``transformer.resblocks``, timm ``trunk.blocks``, Hugging Face
@@ -22,7 +22,9 @@ from leanclip.models import transformers as _hf
 from leanclip.models.openclip import custom_tower_blocks, is_vit_image_tower, text_tower
 from leanclip.select import layernorm_names, tower_class
 
-__all__ = ["parse_layers", "tower_block_names", "check_layers", "selected_layernorms"]
+__all__ = ["ALL", "parse_layers", "tower_block_names", "check_layers", "selected_layernorms"]
+
+ALL = "all"  # the spec that names no range: every LayerNorm of the tower, those outside the blocks included
 
 _PART = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -82,13 +84,14 @@ def check_layers(model: nn.Module, option: str, spec, tower: str) -> tuple[int, 
 
 
 def selected_layernorms(model: nn.Module, tower: str, layers: dict) -> list[str]:
-    """LayerNorm parameter names of ``tower`` (image, text or both): for a tower with a spec in ``layers``
-    (``{"image": spec or None, "text": ...}``) those inside the named blocks, else every LayerNorm of the tower."""
+    """LayerNorm parameter names of ``tower`` (image, text or both): for a tower with a range in ``layers``
+    (``{"image": spec, "text": ...}``) those inside the named blocks; for one without (``ALL``, or None / absent)
+    every LayerNorm of the tower."""
     out = []
     for t in ("image", "text") if tower == "both" else (tower,):
         names = layernorm_names(model, t)
         spec = layers.get(t)
-        if spec is not None:
+        if spec not in (None, ALL):
             blocks = tower_block_names(model, t)
             prefixes = tuple(f"{blocks[i]}." for i in check_layers(model, f"{t}_layers", spec, t))
             names = [n for n in names if n.startswith(prefixes)]

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanclip.layer_ranges import selected_layernorms
+from leanclip.layer_ranges import ALL, selected_layernorms
 from leanclip.lifecycle import Added, strip
 from leanclip.models import timm as _timm
 from leanclip.models import transformers as _hf
@@ -367,12 +367,12 @@ def _require_projection(model, method: str, tower: str) -> None:
         require_open_clip_tower(model, method, t, "its projection visual.proj / text_projection is trained")
 
 
-def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, image_layers=None, text_layers=None,
+def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, image_layers=ALL, text_layers=ALL,
                    **_):
     _check_lilt_common(model, "lilt-ln", tower, projections, temperature)
     layers = {"image": image_layers, "text": text_layers}
     for t, spec in layers.items():
-        if spec is not None and tower not in (t, "both"):
+        if spec != ALL and tower not in (t, "both"):
             raise ValueError(f"{t}_layers: method 'lilt-ln' with tower={tower} leaves the {t} tower locked")
     return check_coverage(model, "lilt-ln", selected_layernorms(model, tower, layers), tower, "LayerNorms")
 
@@ -419,10 +419,10 @@ def _check_lit(model, temperature=0.07, locked="image", **_):
 
 # ----------------------------------------------------------------------------------------------------------- methods
 @register_method("lilt-ln", check=_check_lilt_ln, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
-def _lilt_ln(model, tower="both", projections=True, temperature=0.07, image_layers=None, text_layers=None):
+def _lilt_ln(model, tower="both", projections=True, temperature=0.07, image_layers=ALL, text_layers=ALL):
     """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature).
-    ``image_layers`` / ``text_layers`` (``leanclip.layer_ranges``: ``"6-11"``, ``"0-5"``, ``"0-2,5"``): that tower's
-    LayerNorms inside those blocks only (LilT's Fig. 5 patterns)."""
+    ``image_layers`` / ``text_layers`` (``leanclip.layer_ranges``: ``"6-11"``, ``"0-5"``, ``"0-2,5"``; ``"all"``, the
+    default: every LayerNorm): that tower's LayerNorms inside those blocks only (LilT's Fig. 5 patterns)."""
     _begin(model)
     layers = {"image": image_layers, "text": text_layers}
 

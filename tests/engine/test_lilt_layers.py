@@ -68,6 +68,8 @@ def test_one_tower_ranged_other_tower_whole(deep):
     text_lns = {n for n in _trainable(prepare(copy.deepcopy(deep), "lilt-ln")) if not n.startswith("visual.")}
     assert _trainable(m) == _block_lns("visual.", (1, 3)) | text_lns | {"visual.proj"}
     assert "ln_final.weight" in text_lns
+    everything = prepare(copy.deepcopy(deep), "lilt-ln", image_layers="all", text_layers="all")  # the default
+    assert _trainable(everything) == _trainable(prepare(copy.deepcopy(deep), "lilt-ln"))
     full = prepare(copy.deepcopy(deep), "lilt-ln", image_layers="0-3", text_layers="0-3")
     assert _trainable(full) == _trainable(prepare(copy.deepcopy(deep), "lilt-ln")) - {
         "visual.ln_pre.weight", "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias",
