@@ -23,6 +23,8 @@ classes' text features. At test time new classes / far-away images get a small a
     summary = train_llu(model, feats, labels, txt, cfg)                          # heads trained in place
     logits = llu_logits(model, test_feats, txt)                                  # chunked over test rows
     run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets)  # all of the above (used by train())
+    identity_distances(model)   # each map's ||W - I||_F, ||b|| and both regulariser forms (logged at each epoch's
+                                # end; the run's result holds them as identity_distance: final and per_epoch)
 """
 from __future__ import annotations
 
