@@ -26,6 +26,13 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
     floor:image    (``--floor``) the lean image tower's forward + backward alone, against fixed class text features:
                    a lower bound for any exact step of a method that trains image-tower parameters
 
+A cached-feature method (``llu``: the towers never back-propagate, and a run encodes each image once before training)
+is timed as its training step is: the heads' update on a batch of features the frozen towers encoded before timing
+(``leanclip.llu.head_loss_fn``). The encoding is left out, as it is of every step of a run; every mode then times the
+same step (a compiled mode compiles the head loss), and the row says so under ``step``. Methods that add modules to
+the features (CoOp's prompts, CLIP-Adapter, a linear probe) run them in the plain modes too (``leanclip.features``:
+the prompts at the full context, the towers as open_clip runs them).
+
 Time: all modes of a run are timed side by side in one process (interleaved, medians, with each mode's min and max
 under ``spread``); the 1-minute load average at the start and the end of the run is recorded, and ``warnings`` says
 when a mode's repetitions spread too far or the machine was loaded (``leanclip.bench.common.reliability_warnings``);
@@ -62,11 +69,13 @@ from leanclip.bench.common import (
 )
 from leanclip.budget import apply_plan, plan_recompute, resolve_budget
 from leanclip.configs import register_tiny_config
+from leanclip.features import class_logits, image_features, text_features
 from leanclip.lean import SAC_CACHE_COUNTED, set_recompute
+from leanclip.llu import head_loss_fn
 from leanclip.memory import saved_activation_bytes
 from leanclip.methods import prepare
 from leanclip.models.openclip import random_init
-from leanclip.registry import method_loss_terms
+from leanclip.registry import method_hooks, method_loss_terms, method_trainer
 from leanclip.select import trainable_parameters
 from leanclip.step import ClassifyStep, StepContext
 
@@ -176,11 +185,28 @@ def _plain_forward(model, method, images, labels, tokens, scope, classnames, tok
         return forward
     ctx = StepContext(model, classnames, list(TEMPLATES), tokenizer, None, images.device, "fp32")
     terms = [t for t in (make(ctx) for make in method_loss_terms(method)) if t is not None]
+    if method_hooks(model):
+        return _plain_hooked_forward(model, images, labels, tokens, classnames, tokenizer, terms)
 
     def forward():
         img = F.normalize(model.encode_image(images), dim=-1)
         txt = F.normalize(model.encode_text(tokens), dim=-1)
         loss = F.cross_entropy(model.logit_scale.exp() * img @ txt.T, labels)
+        return loss + sum(term(txt)[1] for term in terms)
+    return forward
+
+
+def _plain_hooked_forward(model, images, labels, tokens, classnames, tokenizer, terms):
+    """The plain step of a method that adds modules to the features: its modules as ``leanclip.features`` runs
+    them (CLIP-Adapter on the image features, CoOp's prompts through the text tower at the full context, a linear
+    probe's logits) on the towers open_clip runs, not lean."""
+    hooks = method_hooks(model)
+
+    def forward():
+        img = image_features(model, images)
+        txt = (text_features(model, classnames, list(TEMPLATES), tokenizer) if "prompts" in hooks
+               else F.normalize(model.encode_text(tokens), dim=-1))
+        loss = F.cross_entropy(class_logits(model, img, txt), labels)
         return loss + sum(term(txt)[1] for term in terms)
     return forward
 
@@ -229,6 +255,8 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
     spec = parse_mode(mode)
     amp = precision == "bf16"
     classnames = [f"class number {i}" for i in range(n_classes)]
+    if method_trainer(method) == "cached":
+        return _cached_step(model_name, method, mode, spec, batch_size, n_classes, device, tokenizer, classnames)
     lean = spec["kind"] != "plain"
     fit = spec["memory_budget"] == "fit"
     model = _build(model_name, method, lean, "none" if fit else spec["policy"], device, classnames, tokenizer,
@@ -240,11 +268,8 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
         set_recompute(model, "block", chunk=spec["chunk"])
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
     size = model.visual.image_size
-    size = size if isinstance(size, int) else size[0]
-    images = torch.randn(batch_size, 3, size, size, generator=g).to(device)
-    labels = torch.randint(0, n_classes, (batch_size,), generator=g).to(device)
+    images, labels = _inputs(batch_size, n_classes, size if isinstance(size, int) else size[0], device)
     if lean:  # the trainer's own step
         cstep = ClassifyStep(model, classnames, list(TEMPLATES), tokenizer, device=device, precision=precision,
                              compile=spec["compile"], fixed_text=spec["kind"] == "floor" or scope == "image")
@@ -271,15 +296,48 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 return inner()
 
+    return _backward_step(opt, forward, spec["budget"]), forward, model
+
+
+def _backward_step(opt, forward, budget=None):
+    """One optimizer step of ``forward``'s loss (under the compiler's activation memory ``budget``, if any)."""
     def step():
-        with _budget_context(spec["budget"]):
+        with _budget_context(budget):
             opt.zero_grad(set_to_none=True)
             loss = forward()
             loss.backward()
             opt.step()
         return loss.detach()
+    return step
 
-    return step, forward, model
+
+CACHED_STEP_NOTE = ("the heads' update on a batch of features the frozen towers encoded before timing (a run "
+                    "encodes each image once, before its first step); every mode times this same step, a compiled "
+                    "mode with the head loss compiled")
+
+
+def _inputs(batch_size, n_classes, size, device):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, size, size, generator=g).to(device)
+    return images, torch.randint(0, n_classes, (batch_size,), generator=g).to(device)
+
+
+def _cached_step(model_name, method, mode, spec, batch_size, n_classes, device, tokenizer, classnames):
+    """(step, forward, model) of a cached-feature method (see the module docstring): the towers are frozen and
+    never run in the step, so the model is built as open_clip's and the mode's recompute policy does not apply."""
+    model = _build(model_name, method, False, "none", device, classnames, tokenizer)
+    size = model.visual.image_size
+    images, labels = _inputs(batch_size, n_classes, size if isinstance(size, int) else size[0], device)
+    forward = head_loss_fn(model, images, labels, classnames, list(TEMPLATES), tokenizer)
+    if spec["compile"]:
+        forward = _compiled(forward, mode)
+    opt = torch.optim.SGD([p for _, p in trainable_parameters(model)], lr=1e-3, momentum=0.9)
+    return _backward_step(opt, forward), forward, model
+
+
+def step_note(method) -> str | None:
+    """What a row's step is when it is not the towers' step (a cached-feature method), else None."""
+    return CACHED_STEP_NOTE if method_trainer(method) == "cached" else None
 
 
 def _first_lines(exc: BaseException, n: int = 3) -> str:
@@ -348,6 +406,8 @@ def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps,
            "images_per_s": {k: batch_size / v for k, v in times.items()},
            "warmup_seconds": warmup, "peak_step_bytes": peak, "peak_method": how,
            "saved_bytes": saved, "graph_breaks": breaks, "failed": failed}
+    if step_note(method):
+        row["step"] = step_note(method)
     return finish_row(row)
 
 
@@ -416,6 +476,8 @@ def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
             row[key].update(child.get(key, {}))
         row.update({k: child[k] for k in ("model", "method", "batch_size", "n_classes", "precision", "scope",
                                           "peak_method")})
+    if step_note(method):
+        row["step"] = step_note(method)
     return finish_row(row)
 
 
@@ -522,7 +584,8 @@ def summarize(res) -> str:
              f"time: {res.get('time_source')}, {res.get('reps')} repetitions per mode", ""]
     for r in res["rows"]:
         lines += [f"**{r['model']} {r['method']}** batch {r['batch_size']}, {r['n_classes']} classes, "
-                  f"{r['precision']}, scope {r['scope']}; memory: {r.get('peak_method')}", "",
+                  f"{r['precision']}, scope {r['scope']}; memory: {r.get('peak_method')}"
+                  + (f"; step: {r['step']}" if r.get("step") else ""), "",
                   "| mode | median s/step | min s | max s | time / plain | step MiB | memory / plain | saved MiB | "
                   "warm-up s | graph breaks |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -43,6 +43,9 @@ LLU_GATES = ("exp", "dirac", "none")
 LLU_GAMMA_MAX = 1e4
 LLU_INITS = ("identity", "random")
 LLU_REGS = ("mse", "norm")
+# blend: "normalized" mixes normalize(g(x)) with x (the default: two unit vectors); "paper" mixes g(x) itself, as the
+# paper's eq. 4 writes it
+LLU_BLENDS = ("normalized", "paper")
 
 
 def _check_choice(name: str, v, choices) -> str:
@@ -52,12 +55,12 @@ def _check_choice(name: str, v, choices) -> str:
 
 
 def check_llu_options(beta, gamma, gate="exp", threshold=0.1, init="identity", reg="mse",
-                      init_seed=0) -> tuple[float, float]:
+                      init_seed=0, blend="normalized") -> tuple[float, float]:
     """Validate the options of an ``LLUHead`` (ValueError naming the option); returns ``(beta, gamma)`` as floats:
-    beta in [0, 1], gamma in [0, ``LLU_GAMMA_MAX``], gate / init / reg one of their choices, threshold a cosine
-    distance in [0, 2],
-    init_seed an int >= 0."""
+    beta in [0, 1], gamma in [0, ``LLU_GAMMA_MAX``], gate / init / reg / blend one of their choices, threshold a
+    cosine distance in [0, 2], init_seed an int >= 0."""
     _check_choice("gate", gate, LLU_GATES)
+    _check_choice("blend", blend, LLU_BLENDS)
     _check_choice("init", init, LLU_INITS)
     _check_choice("reg", reg, LLU_REGS)
     _check_real("threshold", threshold, lo=0.0, hi=2.0)
@@ -88,7 +91,12 @@ class LLUHead(nn.Module):
         alpha[n] = beta * exp(-gamma * (1 - vals[n]))          gate="exp" (the method)
                  = 1 if 1 - vals[n] <= threshold else 0         gate="dirac" (ablation: a hard mask, beta/gamma unused)
                  = 1                                            gate="none" (ablation: no gate, no bank needed)
-        out[n]  = normalize(alpha[n] * normalize(g(x[n])) + (1 - alpha[n]) * x[n])
+        out[n]  = normalize(alpha[n] * normalize(g(x[n])) + (1 - alpha[n]) * x[n])   blend="normalized" (default)
+                = normalize(alpha[n] * g(x[n]) + (1 - alpha[n]) * x[n])              blend="paper" (eq. 4)
+
+    ``blend="normalized"`` (the default) puts g(x) back on the sphere before the blend, so alpha weighs two unit
+    vectors. ``blend="paper"`` is eq. 4 as printed, the blend of g(x) itself (its norm then shifts the weight
+    between the two); the outer normalize is CLIP's own cosine, not part of the blend. With W = I, b = 0 both give x.
 
     ``init="identity"`` starts at W = I, b = 0 (the output is then x for any gate); ``init="random"`` (ablation)
     draws W and b from U(-1/sqrt(E), 1/sqrt(E)) (``nn.Linear``'s default) with ``generator``. ``gate="none"`` with
@@ -102,13 +110,14 @@ class LLUHead(nn.Module):
     at this scale); ``reg="norm"``: ||W - I||_F + ||b||_2, the paper's formula (subgradient 0 at the identity)."""
 
     def __init__(self, dim: int, beta: float = 0.5, gamma: float = 20.0, *, gate: str = "exp",
-                 threshold: float = 0.1, init: str = "identity", reg: str = "mse",
+                 threshold: float = 0.1, init: str = "identity", reg: str = "mse", blend: str = "normalized",
                  generator: torch.Generator | None = None):
         super().__init__()
         dim = _check_dim("dim", dim)
         self.dim = dim
-        self.beta, self.gamma = check_llu_options(beta, gamma, gate, threshold, init, reg)
+        self.beta, self.gamma = check_llu_options(beta, gamma, gate, threshold, init, reg, blend=blend)
         self.gate, self.threshold, self.init, self.reg_form = gate, float(threshold), init, reg
+        self.blend = blend
         self.tied = False
         if init == "identity":
             w, b = torch.eye(dim), torch.zeros(dim)
@@ -123,7 +132,8 @@ class LLUHead(nn.Module):
     def extra_repr(self) -> str:
         gate = {"exp": f"beta={self.beta}, gamma={self.gamma}", "dirac": f"dirac threshold={self.threshold}",
                 "none": "no gate"}[self.gate]
-        return f"dim={self.dim}, {gate}, init={self.init}, reg={self.reg_form}" + (", tied" if self.tied else "")
+        return (f"dim={self.dim}, {gate}, init={self.init}, reg={self.reg_form}, blend={self.blend}"
+                + (", tied" if self.tied else ""))
 
     def tie_to(self, other: "LLUHead") -> "LLUHead":
         """Share ``other``'s W and b (one set of parameters, counted and saved once under ``other``'s name)."""
@@ -173,7 +183,9 @@ class LLUHead(nn.Module):
     def forward(self, x: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
         xf = x.float()
         a = self.alpha(xf, d).unsqueeze(-1)
-        g = F.normalize(F.linear(xf, self.weight, self.bias), dim=-1)
+        g = F.linear(xf, self.weight, self.bias)
+        if self.blend == "normalized":
+            g = F.normalize(g, dim=-1)
         return F.normalize(a * g + (1.0 - a) * xf, dim=-1)
 
     def reg(self) -> torch.Tensor:

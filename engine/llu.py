@@ -23,6 +23,8 @@ classes' text features. At test time new classes / far-away images get a small a
     summary = train_llu(model, feats, labels, txt, cfg)                          # heads trained in place
     logits = llu_logits(model, test_feats, txt)                                  # chunked over test rows
     run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets)  # all of the above (used by train())
+    identity_distances(model)   # each map's ||W - I||_F, ||b|| and both regulariser forms (logged at each epoch's
+                                # end; the run's result holds them as identity_distance: final and per_epoch)
 """
 from __future__ import annotations
 
@@ -50,7 +52,10 @@ __all__ = [
     "cluster_bank",
     "llu_heads",
     "llu_reg",
+    "identity_distances",
+    "identity_reference",
     "train_llu",
+    "head_loss_fn",
     "llu_logits",
     "evaluate_llu",
     "run_llu",
@@ -143,6 +148,45 @@ def llu_reg(model) -> torch.Tensor:
     return img.reg() if txt.tied else img.reg() + txt.reg()
 
 
+@torch.no_grad()
+def identity_distances(model) -> dict:
+    """How far each map is from the identity (I, 0), in float64 (the paper's Table 4 column): per head
+    ``{"w_minus_i_fro": ||W - I||_F, "b_norm": ||b||_2, "reg_mse": mean((W - I)^2) + mean(b^2),
+    "reg_norm": ||W - I||_F + ||b||_2}`` (both regulariser forms, whichever the run trains with), under ``image`` and
+    ``text``; a shared map (``shared=True``) is one map, reported once as ``shared``."""
+    img, txt = llu_heads(model)
+    heads = {"shared": img} if txt.tied else {"image": img, "text": txt}
+    out = {}
+    for name, head in heads.items():
+        w, b = head.weight.detach().double(), head.bias.detach().double()
+        d = w - torch.eye(head.dim, dtype=torch.float64, device=w.device)
+        fro, bn = float(torch.linalg.matrix_norm(d)), float(torch.linalg.vector_norm(b))
+        out[name] = {"w_minus_i_fro": fro, "b_norm": bn, "reg_mse": float(d.square().mean() + b.square().mean()),
+                     "reg_norm": fro + bn}
+    return out
+
+
+def identity_reference(method: str, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(I, 0) for the maps among ``params`` (a checkpoint's trainable tensors of a ``method`` run): the ``weight`` /
+    ``bias`` of each module the method adds in an ``image_logit`` / ``text_logit`` role (LLU's heads; a shared map is
+    saved once, under the image head). What ``leanclip analyze`` measures them against: the regulariser's origin, also
+    for ``init=random``."""
+    from leanclip.registry import METHOD_TRAITS, parse_method
+
+    if not method:
+        return {}
+    heads = {name for p in parse_method(method) for role, name in METHOD_TRAITS[p].hooks.items()
+             if role in ("image_logit", "text_logit")}
+    out = {}
+    for name, t in params.items():
+        head, _, leaf = name.partition(".")
+        if head in heads and leaf == "weight" and t.dim() == 2 and t.shape[0] == t.shape[1]:
+            out[name] = torch.eye(t.shape[0], dtype=t.dtype)
+        elif head in heads and leaf == "bias":
+            out[name] = torch.zeros_like(t)
+    return out
+
+
 def _logit_scale(model) -> torch.Tensor:
     return model.logit_scale.detach().float().exp()
 
@@ -159,6 +203,25 @@ def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Te
     logits = llu_forward(model, x, class_txt)
     ce = F.cross_entropy(logits, y)
     return ce + lam * llu_reg(model), ce, logits
+
+
+def head_loss_fn(model, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
+                 templates: Sequence[str], tokenizer, llu_lambda: float = 1e3):
+    """The loss closure of one LLU training step on a batch of images, for timing it (``leanclip demo``,
+    ``leanclip bench step``): the frozen towers encode the batch and the class prompts once, here, as a run encodes
+    every image once before training; the closure is what each of :func:`train_llu`'s steps computes on those cached
+    features (the heads' forward and regulariser; the encoders never run in it). Banks: the batch's image features,
+    the class text features."""
+    from leanclip.features import image_features
+
+    with torch.no_grad():
+        feats = image_features(model, images)
+        txt = class_text_features(model, classnames, templates, tokenizer)
+    image_head, text_head = llu_heads(model)
+    image_head.set_bank(feats)
+    text_head.set_bank(txt)
+    labels = torch.as_tensor(labels).to(feats.device)
+    return lambda: llu_loss(model, feats, labels, txt, llu_lambda)[0]
 
 
 # -------------------------------------------------------------------------------------------------------------- train
@@ -202,6 +265,8 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
             rec = _llu_step(model, opt, params, x_all[idx], y_all[idx], t_all, cfg,
                             lr_at(step, cfg, steps_per_epoch), step, epoch, ckpt)
             step, images_seen = step + 1, images_seen + idx.numel()
+            if b0 + cfg.batch_size >= n:  # the epoch's last step: where the maps stand after it
+                rec["identity_distance"] = identity_distances(model)
             history.append(rec)
             if out_dir is not None and (step % cfg.log_every == 0 or b0 + cfg.batch_size >= n):
                 utils.append_jsonl(out_dir / LOG_NAME, rec)
@@ -215,7 +280,14 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     img_head.eval()
     txt_head.eval()
     return {"history": history, "steps": step, "bank_size": int(bank.shape[0]), "images_seen": images_seen,
-            "seconds": time.perf_counter() - t_run}
+            "seconds": time.perf_counter() - t_run, "identity_distance": identity_record(history, model)}
+
+
+def identity_record(history: list, model) -> dict:
+    """The run's identity distances: ``final`` (the maps now) and ``per_epoch`` (``[{"epoch", **distances}]`` from
+    the epoch-end records of ``history``, a resumed run's earlier epochs included)."""
+    per_epoch = [{"epoch": r["epoch"], **r["identity_distance"]} for r in history if "identity_distance" in r]
+    return {"final": identity_distances(model), "per_epoch": per_epoch}
 
 
 def _checked_features(train_feats, train_labels, class_text_feats, device):
@@ -261,9 +333,11 @@ def _log_epoch(history: list, epoch: int, epochs: int) -> None:
     """About ten progress lines per run."""
     ep = [r for r in history if r["epoch"] == epoch + 1]
     if ep and (epoch + 1 == epochs or (epoch + 1) % max(1, epochs // 10) == 0):
-        utils.get_logger().info("llu epoch %d/%d: loss %.4f ce %.4f acc %.3f", epoch + 1, epochs,
+        dist = ep[-1].get("identity_distance", {})
+        far = ", ".join(f"{k} |W-I| {v['w_minus_i_fro']:.4g} |b| {v['b_norm']:.4g}" for k, v in dist.items())
+        utils.get_logger().info("llu epoch %d/%d: loss %.4f ce %.4f acc %.3f%s", epoch + 1, epochs,
                                 sum(r["loss"] for r in ep) / len(ep), sum(r["ce"] for r in ep) / len(ep),
-                                sum(r["acc"] for r in ep) / len(ep))
+                                sum(r["acc"] for r in ep) / len(ep), f"; {far}" if far else "")
 
 
 # --------------------------------------------------------------------------------------------------------------- eval
@@ -333,6 +407,8 @@ def run_llu(model, train_set, classnames, templates, tokenizer, cfg, eval_sets=N
                  device, precision)
     s["train_seconds"] = res["seconds"]  # the heads alone (features cached)
     s["bank_size"] = res["bank_size"]
+    s["identity_distance"] = res["identity_distance"]
+    s["result_extra"] = {"bank_size": res["bank_size"], "identity_distance": res["identity_distance"]}
     if cache is not None:
         s["feature_cache"] = {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses}
     return s

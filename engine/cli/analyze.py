@@ -11,8 +11,9 @@ A run is a run folder or its ``checkpoint.safetensors`` (trainable parameters on
 run the reference is its initial weights: the model and weights the run records, rebuilt as ``leanclip eval`` rebuilds
 them (``--pretrained`` or ``--use-recorded-weights``, the recorded ``--pretrain-steps`` and ``--image-size``). A run
 trained without ``--pretrained`` (a smoke run) records no weights: its start, the seeded init plus the synthetic
-pre-training it records, is rebuilt with or without ``--use-recorded-weights``. Modules a method added (LLU heads,
-adapters, ...) have no pretrained value and are listed as not compared. A run initialised
+pre-training it records, is rebuilt with or without ``--use-recorded-weights``. LLU's maps are measured against
+(I, 0), the identity their regulariser pulls them to (``leanclip.llu.identity_reference``); other modules a method
+added (adapters, prompts, ...) have no pretrained value and are listed as not compared. A run initialised
 from another run (``init_from``) is compared with that run by naming both.
 
 What is measured, for every parameter both sides hold (``delta = after - before``, float64):
@@ -282,7 +283,9 @@ def _initial_params(run_: dict, args) -> dict[str, torch.Tensor]:
     if unknown:
         raise UsageError(f"RUN_A {run_['path']!r} holds {unknown[0]}, which --model {ns.model} does not have: runs "
                          f"of different architectures cannot be compared")
-    return {n: current[n].detach() for n in base}
+    from leanclip.llu import identity_reference
+
+    return {**{n: current[n].detach() for n in base}, **identity_reference(run_["method"], run_["params"])}
 
 
 # ---------------------------------------------------------------------------------------------------- plot

@@ -257,6 +257,7 @@ def _train_classify(args, info, parts, method) -> int:
         "final_train_loss": summary["final_train_loss"], "metrics": summary["metrics"],
         "seconds": round(summary["seconds"], 3), "device": summary["device"], "precision": summary["precision"],
         **_memory_record(model), "checkpoint": summary.get("checkpoint"), "output": args.output,
+        **summary.get("result_extra", {}),  # what a trainer adds to the result (llu: its maps' identity distances)
     }
     if info.world_size > 1:
         result["world_size"] = info.world_size

@@ -313,6 +313,7 @@ def cmd_train_contrastive(args) -> int:
         if info.is_main:
             result = _train_result(args, method, model, cfg, summary, train_pairs, eval_pairs, before,
                                    info.world_size)
+            result["options"] = opts  # the method options given (--opt and the flags that set one)
             if recipe:
                 result.update(preset=args.preset, recipe=recipe, warmup_steps=cfg.warmup_steps)
             if zs_set is not None:

@@ -43,8 +43,7 @@ from leanclip import synthetic as S
 from leanclip.bench.common import interleaved_medians, machine
 from leanclip.configs import create_random_model, register_config
 from leanclip.data import CLIP_MEAN, CLIP_STD
-from leanclip.features import image_features
-from leanclip.llu import class_text_features, llu_heads, llu_loss
+from leanclip.llu import head_loss_fn
 from leanclip.memory import saved_activation_bytes
 from leanclip.methods import count_trainable, prepare
 from leanclip.metrics import harmonic_mean
@@ -269,22 +268,14 @@ def _step_fns(model, method: str, images, labels, classnames, templates, tokeniz
               llu_lambda: float = 1e3):
     """(forward_loss, train_step) closures of one training step of ``model``: the trainer's own step
     (``leanclip.step.ClassifyStep``), or for a cached-feature method the head step on cached features
-    (``leanclip.llu.llu_loss``, as ``leanclip.llu`` runs it)."""
+    (``leanclip.llu.head_loss_fn``: the heads on features encoded once)."""
     device = model_device(model)
     images, labels = images.to(device), labels.to(device)
     model.train()
     params = [p for _, p in trainable_parameters(model)]
     opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)  # the step's cost, not its effect, is measured
     if method_trainer(method) == "cached":
-        with torch.no_grad():
-            feats = image_features(model, images)
-            txt = class_text_features(model, classnames, templates, tokenizer)
-        image_head, text_head = llu_heads(model)
-        image_head.set_bank(feats)
-        text_head.set_bank(txt)
-
-        def forward_loss():
-            return llu_loss(model, feats, labels, txt, llu_lambda)[0]
+        forward_loss = head_loss_fn(model, images, labels, classnames, templates, tokenizer, llu_lambda)
 
         def train_step():
             loss = forward_loss()

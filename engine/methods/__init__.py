@@ -105,8 +105,8 @@ def _check_clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0, **_):
 
 
 def _check_llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity", reg="mse", shared=False,
-               init_seed=0, **_):
-    _heads.check_llu_options(beta, gamma, gate, threshold, init, reg, init_seed)
+               init_seed=0, blend="normalized", **_):
+    _heads.check_llu_options(beta, gamma, gate, threshold, init, reg, init_seed, blend)
     if not isinstance(shared, bool):
         raise ValueError(f"shared must be true or false, got {shared!r}")
     embed_dim(model)
@@ -285,14 +285,15 @@ LLU_RANGES = {"beta": OptionRange(float, 0.0, 1.0), "gamma": OptionRange(float, 
     trainer="cached", tasks=("classify",), alone=True, hooks={"image_logit": "llu_image", "text_logit": "llu_text"},
     train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0}))
 def _llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity", reg="mse", shared=False,
-         init_seed=0):
+         init_seed=0, blend="normalized"):
     """Encoders frozen; identity-initialised affine maps on the image and text embeddings (``heads.LLUHead``).
     Ablations (``heads.LLUHead``): ``gate`` exp | dirac (alpha = 1 iff cosine distance <= ``threshold``) | none;
     ``init`` identity | random (seeded by ``init_seed``); ``shared``: one map for both towers (g_I = g_T);
-    ``reg`` mse (the authors' code, default) | norm (the paper's ||W - I|| + ||b||)."""
+    ``reg`` mse (the authors' code, default) | norm (the paper's ||W - I|| + ||b||); ``blend`` normalized (default)
+    | paper (eq. 4: g(x) blended without normalizing it first)."""
     e = embed_dim(model)
     g = torch.Generator().manual_seed(init_seed)
-    kw = dict(gate=gate, threshold=threshold, init=init, reg=reg, generator=g)
+    kw = dict(gate=gate, threshold=threshold, init=init, reg=reg, blend=blend, generator=g)
     img = _heads.LLUHead(e, beta, gamma, **kw)
     txt = _heads.LLUHead(e, beta, gamma, **kw)
     return {"llu_image": img, "llu_text": txt.tie_to(img) if shared else txt}

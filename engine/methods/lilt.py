@@ -27,8 +27,9 @@ part touches), ``projections`` (default True), ``temperature`` (default 0.07), `
 ``deep_init`` (``copy``: the extra block starts as a copy of the tower's last block, ``random``: open_clip's init),
 ``ln_tower`` (``lilt-adapter`` / ``lilt-deep``: whose LayerNorms are unlocked, separately from where the adapters or
 the block go: ``same`` = ``tower`` (default), ``both``, ``image``, ``text``, ``none``), ``bitfit`` (``lilt-adapter``:
-also every non-LayerNorm bias of ``tower``), ``locked`` (``lit``: ``image`` (default) or ``text``). The ablation rows
-of the paper are these options (adapters without LN: ``ln_tower=none``; BitFit + adapters without LN:
+also every non-LayerNorm bias of ``tower``), ``locked`` (``lit``: ``image`` (default) or ``text``),
+``image_layers`` / ``text_layers`` (``lilt-ln``: the blocks whose LayerNorms are unlocked, ``leanclip.layer_ranges``;
+LilT's Fig. 5). The ablation rows of the paper are these options (adapters without LN: ``ln_tower=none``; BitFit + adapters without LN:
 ``ln_tower=none, bitfit=True``; LN of one tower: ``ln_tower=text`` / ``image``), ``lilt-proj`` and ``locked="text"``.
 
 Initialisation (exact identities at the start, so the prepared model computes what the unprepared one did - except
@@ -61,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanclip.layer_ranges import ALL, selected_layernorms
 from leanclip.lifecycle import Added, strip
 from leanclip.models import hf_text as _hftext
 from leanclip.models import timm as _timm
@@ -406,9 +408,14 @@ def _require_projection(model, method: str, tower: str) -> None:
         require_open_clip_tower(model, method, t, "its projection visual.proj / text_projection is trained")
 
 
-def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, **_):
+def _check_lilt_ln(model, tower="both", projections=True, temperature=0.07, image_layers=ALL, text_layers=ALL,
+                   **_):
     _check_lilt_common(model, "lilt-ln", tower, projections, temperature)
-    return check_coverage(model, "lilt-ln", layernorm_names(model, tower), tower, "LayerNorms")
+    layers = {"image": image_layers, "text": text_layers}
+    for t, spec in layers.items():
+        if spec != ALL and tower not in (t, "both"):
+            raise ValueError(f"{t}_layers: method 'lilt-ln' with tower={tower} leaves the {t} tower locked")
+    return check_coverage(model, "lilt-ln", selected_layernorms(model, tower, layers), tower, "LayerNorms")
 
 
 def _check_lilt_bitfit(model, tower="both", projections=True, temperature=0.07, **_):
@@ -452,10 +459,16 @@ def _check_lit(model, temperature=0.07, locked="image", **_):
 
 # ----------------------------------------------------------------------------------------------------------- methods
 @register_method("lilt-ln", check=_check_lilt_ln, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
-def _lilt_ln(model, tower="both", projections=True, temperature=0.07):
-    """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature)."""
+def _lilt_ln(model, tower="both", projections=True, temperature=0.07, image_layers=ALL, text_layers=ALL):
+    """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature).
+    ``image_layers`` / ``text_layers`` (``leanclip.layer_ranges``: ``"6-11"``, ``"0-5"``, ``"0-2,5"``; ``"all"``, the
+    default: every LayerNorm): that tower's LayerNorms inside those blocks only (LilT's Fig. 5 patterns)."""
     _begin(model)
-    return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_layernorms)
+    layers = {"image": image_layers, "text": text_layers}
+
+    def unlock_fn(m, tw):
+        unlock_names(m, selected_layernorms(m, tw, layers))
+    return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_fn)
 
 
 @register_method("lilt-bitfit", check=_check_lilt_bitfit, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)

@@ -138,11 +138,28 @@ def test_one_run_against_initial_weights(capsys, runs, weights):
     want = (run["visual.ln_post.bias"].double() - init["visual.ln_post.bias"].double()).abs().sum()
     assert res["reference"] == "initial weights" and entry["beta_l1"] == pytest.approx(float(want), rel=1e-9)
     assert entry["beta_l1"] > 0
+
+
+def test_llu_maps_against_identity(capsys, runs):
+    """LLU's maps have no pretrained value: analyze measures them against (I, 0), the regulariser's origin."""
     rc, out, err = _run(capsys, "analyze", runs / "llu", "--use-recorded-weights")
     assert rc == 0, err
     res = json.loads(out.strip().splitlines()[-1])
-    assert res["compared"] == 0 and res["not_compared"] == ["llu_image.bias", "llu_image.weight", "llu_text.bias",
-                                                             "llu_text.weight"]
+    run = load_file(str(runs / "llu" / "checkpoint.safetensors"))
+    names = ["llu_image.bias", "llu_image.weight", "llu_text.bias", "llu_text.weight"]
+    assert res["compared"] == 4 and res["not_compared"] == [] and sorted(p["name"] for p in res["parameters"]) == names
+    for p in res["parameters"]:
+        t = run[p["name"]].double()
+        ref = torch.eye(t.shape[0], dtype=torch.float64) if t.dim() == 2 else torch.zeros_like(t)
+        assert p["l2"] == pytest.approx(float((t - ref).norm()), rel=1e-12) and p["l2"] > 0
+        assert p["l1"] == pytest.approx(float((t - ref).abs().sum()), rel=1e-12)
+        assert p["group"] == f"added: {p['name'].split('.')[0]}"
+    # the same distances the run's result.json reports for its maps
+    final = json.loads((runs / "llu" / "result.json").read_text())["identity_distance"]["final"]
+    by_name = {p["name"]: p["l2"] for p in res["parameters"]}
+    for head in ("image", "text"):
+        assert final[head]["w_minus_i_fro"] == pytest.approx(by_name[f"llu_{head}.weight"], rel=1e-9)
+        assert final[head]["b_norm"] == pytest.approx(by_name[f"llu_{head}.bias"], rel=1e-9)
 
 
 def test_smoke_run_against_its_recorded_start(capsys, runs, tiny_name):

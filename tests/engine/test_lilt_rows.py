@@ -32,6 +32,10 @@ DEIT_BERT_ROWS = {
     "LilT-DA, blocks from BERT's / timm's init": ("lilt-deep", {"deep_init": "random"}, 14_645_761),
     "(f) DA without LN": ("lilt-deep", {"ln_tower": "none"}, 14_568_961),
     "(k) BitFit + DA without LN": ("lilt-deep", {"ln_tower": "none", "bitfit": True}, 14_735_617),
+    # Fig. 5: LN unlocked in six of the twelve blocks of each tower (2 LayerNorms of width 768 per block; the
+    # LayerNorms outside the blocks stay locked), + the projections and the temperature
+    "Fig. 5 pattern A": ("lilt-ln", {"image_layers": "6-11", "text_layers": "0-5"}, 430_081),
+    "Fig. 5 pattern B": ("lilt-ln", {"image_layers": "0-5", "text_layers": "6-11"}, 430_081),
 }
 
 # row -> (method, options, trainable parameters on open_clip ViT-B-16)

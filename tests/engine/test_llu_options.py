@@ -136,7 +136,9 @@ ABLATIONS = {
     "dirac": ["gate=dirac", "threshold=0.2"],
     "linear": ["gate=none", "init=random"],
     "shared": ["shared=true"],
+    "paper-blend": ["blend=paper"],
 }
+LAMBDA = {"linear": 0}  # the linear ablation as docs/PAPERS.md writes it: no pull towards the identity
 
 
 @pytest.mark.parametrize("name", sorted(ABLATIONS))
@@ -146,9 +148,12 @@ def test_cli_train_then_eval_reapplies(capsys, tmp_path, weights, synth_dir, mon
     opts = [a for o in ABLATIONS[name] for a in ("--opt", o)]
     data = ["--synthetic-classes", 4, "--synthetic-dir", synth_dir, "--no-progress", "--threads", 1]
     rc, out, err = _run(capsys, "train", "--method", "llu", *opts, "--pretrained", weights, "--shots", 4,
-                        "--epochs", 2, "--lr", 0.01, "--llu-lambda", 0.1, "--output", tmp_path, *data)
+                        "--epochs", 2, "--lr", 0.01, "--llu-lambda", LAMBDA.get(name, 0.1), "--output", tmp_path,
+                        *data)
     assert rc == 0, err
     res = json.loads(out.strip().splitlines()[-1])
+    assert [r["epoch"] for r in res["identity_distance"]["per_epoch"]] == [1, 2]
+    assert list(res["identity_distance"]["final"]) == (["shared"] if name == "shared" else ["image", "text"])
     want = dict(o.split("=") for o in ABLATIONS[name])
     meta = cli.common.read_checkpoint_meta(tmp_path)
     assert {k: str(meta["options"][k]).lower() for k in want} == want  # recorded in the checkpoint
