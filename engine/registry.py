@@ -193,6 +193,11 @@ def parse_method(method) -> list[str]:
                 raise ValueError(f"method {method!r}: {roles[part]!r} and {p!r} both replace the {part} "
                                  "of the model; combine at most one of them")
             roles.setdefault(part, p)
+    per_image = next((p for p in parts if "image_prompts" in METHOD_TRAITS[p].hooks), None)
+    terms = [p for p in parts if METHOD_TRAITS[p].loss_terms]
+    if per_image and terms:  # a loss term reads the step's one set of class text features; these are per image
+        raise ValueError(f"method {method!r}: {terms[0]!r} adds loss terms on the class text features, which "
+                         f"{per_image!r} makes per image; combine at most one of them")
     rules = [p for p in parts if METHOD_TRAITS[p].gradient_rule is not None]
     if len(rules) > 1:
         raise ValueError(f"method {method!r}: {rules[0]!r} and {rules[1]!r} each change the step's gradient; "

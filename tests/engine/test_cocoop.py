@@ -131,6 +131,15 @@ def test_cocoop_does_not_combine_with_coop(fresh_tiny, tok):
         methods.prepare(fresh_tiny(), "coop+cocoop", classnames=CLASSNAMES, tokenizer=tok)
 
 
+@pytest.mark.parametrize("method", ["cocoop+clipfit", "clipfit+cocoop"])
+def test_cocoop_does_not_combine_with_a_loss_on_the_class_text_features(fresh_tiny, tok, method):
+    """CLIPFit's distillation reads one set of class text features per step; CoCoOp's are per image."""
+    m = fresh_tiny()
+    with pytest.raises(ValueError, match="'clipfit' adds loss terms on the class text features, which 'cocoop'"):
+        methods.prepare(m, method, classnames=["a", "b"], tokenizer=tok)
+    assert not any(p.requires_grad is False for p in m.parameters())  # refused before anything was frozen
+
+
 def test_preset_cocoop_is_the_authors_recipe():
     from leanclip.cli.classify import preset_defaults
     from leanclip.cli.parser import build_parser
