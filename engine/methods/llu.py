@@ -1,0 +1,40 @@
+"""``llu`` (LLU): frozen encoders and two identity-initialised affine maps on the embeddings, gated by the
+similarity to the training features. This module registers the method and builds its maps; the cached-feature
+training loop is ``leanclip.llu``."""
+from __future__ import annotations
+
+import torch
+
+from leanclip import heads as _heads
+from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.select import embed_dim
+
+
+def _check_llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity", reg="mse", shared=False,
+               init_seed=0, **_):
+    _heads.check_llu_options(beta, gamma, gate, threshold, init, reg, init_seed)
+    if not isinstance(shared, bool):
+        raise ValueError(f"shared must be true or false, got {shared!r}")
+    embed_dim(model)
+
+
+# gamma: see heads.LLU_GAMMA_MAX; init_seed: numpy's seed range, as --seed
+LLU_RANGES = {"beta": OptionRange(float, 0.0, 1.0), "gamma": OptionRange(float, 0.0, _heads.LLU_GAMMA_MAX),
+              "threshold": OptionRange(float, 0.0, 2.0), "init_seed": OptionRange(int, 0, 2 ** 32 - 1)}
+
+
+@register_method("llu", check=_check_llu, ranges=LLU_RANGES, traits=MethodTraits(
+    trainer="cached", tasks=("classify",), alone=True, hooks={"image_logit": "llu_image", "text_logit": "llu_text"},
+    train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0}))
+def _llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity", reg="mse", shared=False,
+         init_seed=0):
+    """Encoders frozen; identity-initialised affine maps on the image and text embeddings (``heads.LLUHead``).
+    Ablations (``heads.LLUHead``): ``gate`` exp | dirac (alpha = 1 iff cosine distance <= ``threshold``) | none;
+    ``init`` identity | random (seeded by ``init_seed``); ``shared``: one map for both towers (g_I = g_T);
+    ``reg`` mse (the authors' code, default) | norm (the paper's ||W - I|| + ||b||)."""
+    e = embed_dim(model)
+    g = torch.Generator().manual_seed(init_seed)
+    kw = dict(gate=gate, threshold=threshold, init=init, reg=reg, generator=g)
+    img = _heads.LLUHead(e, beta, gamma, **kw)
+    txt = _heads.LLUHead(e, beta, gamma, **kw)
+    return {"llu_image": img, "llu_text": txt.tie_to(img) if shared else txt}
