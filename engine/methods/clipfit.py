@@ -3,11 +3,14 @@ paper's two regularisers as loss terms: distillation to the zero-shot class text
 the starting values."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from leanclip import utils
 from leanclip.features import clipfit_kd_loss, frozen_text_features
-from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.options import OptionRange, option
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import CLIPFIT_TEXT_RE, layernorm_names, names_matching, tower_class, unlock, unlock_layernorms
 
 
@@ -58,8 +61,16 @@ def _clipfit_l2(ctx):
     return term
 
 
-# l2_reg weighs a sum of squared parameter shifts against a cross-entropy of order 1
-@register_method("clipfit", check=_check_clipfit, ranges={"l2_reg": OptionRange(float, 0.0, 1e6)},
+@dataclass(frozen=True)
+class ClipfitOptions:
+    text_bias: bool = option(True, "train the text tower's mlp.c_proj biases")
+    image_ln: bool = option(True, "train the image tower's LayerNorms")
+    # l2_reg weighs a sum of squared parameter shifts against a cross-entropy of order 1
+    l2_reg: float = option(0.0, "weight of the L2 pull of each trained group towards its start (0: off)",
+                           range=OptionRange(float, 0.0, 1e6))
+
+
+@register_method("clipfit", check=_check_clipfit, options=ClipfitOptions,
                  traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit",
                                      mergeable=True))
 def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):

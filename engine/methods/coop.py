@@ -2,12 +2,17 @@
 started from the token embeddings of an init text or at random."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from leanclip import heads as _heads
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import text_tower
-from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.methods._options import context_option
+from leanclip.options import OptionRange, option
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import require_open_clip_tower, require_options
 
 
@@ -61,7 +66,17 @@ def _check_coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None,
                          f"when it has exactly n_ctx tokens (give {instead}, or init_text= empty for a random start)")
 
 
-@register_method("coop", check=_check_coop, ranges=COOP_RANGES,
+@dataclass(frozen=True)
+class CoopOptions:
+    classnames: Any = context_option("classnames", "the class names the context is prepended to")
+    tokenizer: Any = context_option("tokenizer", "tokenizes the class prompts and init_text")
+    n_ctx: int = option(4, "learned context vectors", range=COOP_RANGES["n_ctx"])
+    init_text: str | None = option(None, "the text whose token embeddings start the context (empty: random; "
+                                         "unset: 'a photo of a' for n_ctx=4)")
+    std: float | None = option(None, f"the random start's std (default {COOP_STD})", range=COOP_RANGES["std"])
+
+
+@register_method("coop", check=_check_coop, options=CoopOptions,
                  traits=MethodTraits(tasks=("classify",), hooks={"prompts": "prompt_learner"}))
 def _coop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None):
     """CoOp learned prompt context: n_ctx vectors, class names appended. They start from the token embeddings of

@@ -2,11 +2,16 @@
 classnames and a tokenizer are given (closed-set: it classifies only its training classes)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from leanclip import heads as _heads
 from leanclip.features import frozen_text_features
-from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.methods._options import context_option
+from leanclip.options import OptionRange, option
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import embed_dim, model_device
 
 
@@ -36,7 +41,16 @@ def _check_linear_probe(model, classnames=None, tokenizer=None, num_classes=None
     embed_dim(model)
 
 
-@register_method("linear-probe", check=_check_linear_probe, ranges={"num_classes": OptionRange(int, 1, 10 ** 6)},
+@dataclass(frozen=True)
+class LinearProbeOptions:
+    classnames: Any = context_option("classnames", "the classes: the head's size and its zero-shot start")
+    tokenizer: Any = context_option("tokenizer", "encodes the class prompts of the zero-shot start")
+    num_classes: int | None = option(None, "the head's size without classnames (a zero start)",
+                                     range=OptionRange(int, 1, 10 ** 6))
+    templates: Any = context_option("templates", "the prompts of the zero-shot start")
+
+
+@register_method("linear-probe", check=_check_linear_probe, options=LinearProbeOptions,
                  traits=MethodTraits(tasks=("classify",), closed_set=True, hooks={"logits": "linear_probe"},
                                      train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0,
                                                      "warmup_epochs": 0}))

@@ -3,10 +3,15 @@ similarity to the training features. This module registers the method and builds
 training loop is ``leanclip.llu``."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
 from leanclip import heads as _heads
-from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.heads import LLU_GATES, LLU_INITS, LLU_REGS
+from leanclip.options import OptionRange, option
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import embed_dim
 
 
@@ -18,12 +23,21 @@ def _check_llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="ide
     embed_dim(model)
 
 
-# gamma: see heads.LLU_GAMMA_MAX; init_seed: numpy's seed range, as --seed
-LLU_RANGES = {"beta": OptionRange(float, 0.0, 1.0), "gamma": OptionRange(float, 0.0, _heads.LLU_GAMMA_MAX),
-              "threshold": OptionRange(float, 0.0, 2.0), "init_seed": OptionRange(int, 0, 2 ** 32 - 1)}
+@dataclass(frozen=True)
+class LluOptions:
+    beta: float = option(0.5, "the gate's scale: how much of the mapped feature is mixed in",
+                         range=OptionRange(float, 0.0, 1.0))
+    gamma: float = option(20.0, "the gate's sharpness in the distance to the nearest training feature",
+                          range=OptionRange(float, 0.0, _heads.LLU_GAMMA_MAX))  # see heads.LLU_GAMMA_MAX
+    gate: Literal[LLU_GATES] = option("exp", "exp: the paper's gate; dirac: 1 within threshold; none: always 1")
+    threshold: float = option(0.1, "the dirac gate's cosine distance", range=OptionRange(float, 0.0, 2.0))
+    init: Literal[LLU_INITS] = option("identity", "start the maps at the identity or at random (init_seed)")
+    reg: Literal[LLU_REGS] = option("mse", "mse: the authors' code; norm: the paper's ||W - I|| + ||b||")
+    shared: bool = option(False, "one map for both towers")
+    init_seed: int = option(0, "the seed of init=random", range=OptionRange(int, 0, 2 ** 32 - 1))  # as --seed
 
 
-@register_method("llu", check=_check_llu, ranges=LLU_RANGES, traits=MethodTraits(
+@register_method("llu", check=_check_llu, options=LluOptions, traits=MethodTraits(
     trainer="cached", tasks=("classify",), alone=True, hooks={"image_logit": "llu_image", "text_logit": "llu_text"},
     train_defaults={"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "batch_size": 256, "warmup_epochs": 0}))
 def _llu(model, beta=0.5, gamma=20.0, gate="exp", threshold=0.1, init="identity", reg="mse", shared=False,
