@@ -10,6 +10,9 @@ import json
 import re
 
 from leanclip.cli.common import UsageError
+from leanclip.methods import METHOD_OPTIONS, METHOD_TRAITS, METHODS, parse_method  # importing it registers every method
+from leanclip.options import describe, option_fields, option_types
+from leanclip.registry import option_range
 
 
 def add_arguments(p) -> None:
@@ -22,16 +25,12 @@ def add_arguments(p) -> None:
 
 def _summary(name: str) -> str:
     """The first sentence of the method function's docstring: what it trains."""
-    from leanclip.registry import METHODS
-
     doc = " ".join((METHODS[name].__doc__ or "").replace("``", "").split())
     first = re.split(r"\.\s+(?=[A-Z(])", doc)[0].rstrip(".")
     return first if len(first) <= 100 else first[:97] + "..."
 
 
 def _traits(name: str) -> dict:
-    from leanclip.registry import METHOD_TRAITS
-
     t = METHOD_TRAITS[name]
     return {"trainer": t.trainer, "tasks": list(t.tasks), "mergeable": t.mergeable, "alone": t.alone,
             "closed_set": t.closed_set}
@@ -39,9 +38,6 @@ def _traits(name: str) -> dict:
 
 def _options(name: str) -> list[dict]:
     """One row per option of ``name``: what ``--opt`` reads (or what sets it instead)."""
-    from leanclip.options import describe, option_fields, option_types
-    from leanclip.registry import METHOD_OPTIONS, option_range
-
     cls = METHOD_OPTIONS[name]
     types = option_types(cls)
     rows = []
@@ -83,8 +79,6 @@ def _shown(value) -> str:
 
 
 def run(args) -> int:
-    from leanclip.methods import METHODS, parse_method
-
     if args.name is None:
         names = sorted(METHODS)
         if args.json:
