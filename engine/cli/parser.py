@@ -150,8 +150,8 @@ def _add_train_parser(sub, selected: str | None) -> None:
                    help=method_help)
     g.add_argument("--opt", action="append", default=None, metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. --opt rank=4 --opt targets=q,v for lora, --opt beta=0.5 "
-                        "for llu, --opt reduction=16 for houlsby); typed and checked against the options the method declares "
-                        "(leanclip methods NAME lists them)")
+                        "for llu, --opt reduction=16 for houlsby); typed and checked against the options the method "
+                        "declares (leanclip methods NAME lists them)")
     g.add_argument("--tower", choices=("image", "text", "both"), default="both",
                    help="tower for ln / bitfit (default both)")
     g.add_argument("--recompute", choices=("none", "mlp", "mlp+qkv", "block"), default="none",
