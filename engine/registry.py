@@ -1,16 +1,18 @@
 """The method registry: which PEFT methods exist, their option checks and their traits (which trainer runs them,
 which tasks use them, their optimisation defaults), and how a ``a+b`` combination is parsed and checked.
 
-It imports no other leanclip module, so every method module can register itself here without a cycle;
+It imports no other leanclip module but ``leanclip.options`` (typed options, which imports none), so every method module can register itself here without a cycle;
 ``leanclip.methods`` imports the method modules and applies them (``prepare``).
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Callable
+
+from leanclip.options import OptionRange, option_defaults, ranges_of, signature_options
 
 METHODS: dict[str, Callable[..., dict]] = {}
 TRAINERS = ("backprop", "cached")
@@ -78,44 +80,19 @@ METHOD_TRAITS: dict[str, MethodTraits] = {}
 METHOD_CHECKS: dict[str, Callable[..., None]] = {}
 
 
-@dataclass(frozen=True)
-class OptionRange:
-    """The values a numeric method option may take, declared with the method (``register_method(ranges=...)``):
-    ``kind`` int or float, bounds ``lo`` / ``hi`` (inclusive unless ``lo_open`` / ``hi_open``); a float must also be
-    finite, and a bool is neither. None passes (the option's "not given"). The ranges hold what needs no model:
-    every size an option can make must be bounded here, so that the command line refuses it before the model is
-    built; what depends on the towers (a LoRA rank against the width) stays in the method's check."""
-    kind: type
-    lo: float
-    hi: float
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def __str__(self) -> str:
-        name, lo, hi = ("an int", int(self.lo), int(self.hi)) if self.kind is int else \
-            ("a finite number", f"{self.lo:g}", f"{self.hi:g}")
-        return f"{name} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
-
-    def admits(self, value) -> bool:
-        if value is None:
-            return True
-        if isinstance(value, bool) or not isinstance(value, (int, float) if self.kind is float else int):
-            return False
-        if self.kind is float and not math.isfinite(value):
-            return False
-        above = value > self.lo if self.lo_open else value >= self.lo
-        below = value < self.hi if self.hi_open else value <= self.hi
-        return above and below
-
-
 # Per method: {option: OptionRange}; prepare checks them before the method's check, the command line when it reads
 # ``--opt KEY=VALUE``.
 METHOD_RANGES: dict[str, dict[str, OptionRange]] = {}
+# Per method: its options dataclass (``leanclip.options``), declared or made from its signature.
+METHOD_OPTIONS: dict[str, type] = {}
+# What sets the options a method may take that ``--opt`` does not: a method registered without a dataclass gets these.
+CONTEXT_OPTIONS = {"tower": "--tower", "classnames": "the dataset's class names", "tokenizer": "the model's tokenizer",
+                   "templates": "the prompt templates of the run"}
 
 
 def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = False,
                     check: Callable | None = None, traits: MethodTraits | None = None,
-                    ranges: dict[str, OptionRange] | None = None):
+                    ranges: dict[str, OptionRange] | None = None, options: type | None = None):
     """Register ``fn(model, **opts) -> dict[str, nn.Module]`` as method ``name`` (usable as a decorator).
 
     ``check(model, **opts)`` (optional) validates the options and the model's towers for the method without
@@ -123,7 +100,10 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
     everything is validated; ``prepare`` runs the checks of every component before it changes the model. It
     receives every option of ``fn`` (defaults filled in). ``traits`` (:class:`MethodTraits`, default: a backprop
     method for every task) tells the trainers and the CLI how to run it. ``ranges`` (``{option: OptionRange}``)
-    bounds its numeric options (:func:`check_option_ranges`)."""
+    bounds its numeric options (:func:`check_option_ranges`). ``options`` is a dataclass of the same options
+    (``leanclip.options.option``: type, default, help, range), held equal to ``fn``'s keyword parameters, names and
+    defaults: the command line types ``--opt`` from it and ``leanclip methods NAME`` lists it. Without one, the
+    options are typed from their defaults."""
     traits = traits or MethodTraits()
     ranges = dict(ranges or {})
     if not all(isinstance(r, OptionRange) for r in ranges.values()):
@@ -147,9 +127,11 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
         undeclared = sorted(set(ranges) - set(_keyword_options(f)))
         if undeclared:
             raise ValueError(f"ranges of {name!r} name options the method does not take: {undeclared}")
+        declared = _options_class(name, f, options, ranges)
         METHODS[name] = f
         METHOD_TRAITS[name] = traits
-        METHOD_RANGES[name] = ranges
+        METHOD_RANGES[name] = {**ranges_of(declared), **ranges}
+        METHOD_OPTIONS[name] = declared
         if check is not None:
             METHOD_CHECKS[name] = check
         elif overwrite:
@@ -157,6 +139,25 @@ def register_method(name: str, fn: Callable | None = None, *, overwrite: bool = 
         return f
 
     return deco(fn) if fn is not None else deco
+
+
+def _options_class(name: str, fn: Callable, options: type | None, ranges: dict) -> type:
+    """``options`` checked against ``fn``'s keyword options (the same names, in any order, and the same defaults),
+    or a dataclass made from them."""
+    keywords = _keyword_options(fn)
+    if options is None:
+        return signature_options(name, keywords, ranges, CONTEXT_OPTIONS)
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise TypeError(f"options of {name!r} must be a dataclass, got {options!r}")
+    declared = option_defaults(options)
+    if set(declared) != set(keywords):
+        raise ValueError(f"options of {name!r}: {options.__name__} declares {sorted(declared)}, the method takes "
+                         f"{sorted(keywords)}")
+    differ = [k for k in keywords if declared[k] != keywords[k]]
+    if differ:
+        raise ValueError(f"options of {name!r}: {options.__name__} and the method default {differ[0]} differently "
+                         f"({declared[differ[0]]!r} and {keywords[differ[0]]!r})")
+    return options
 
 
 def set_method_check(name: str, check: Callable) -> None:

@@ -21,7 +21,6 @@ the command line (``--data`` / ``--split-file``) and its split file must hash to
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -37,7 +36,8 @@ from leanclip.data import clip_transform
 from leanclip.feature_cache import active_cache as active_feature_cache
 from leanclip.models import transformers as hf
 from leanclip.pretrain import pretrain_contrastive
-from leanclip.registry import method_options, option_range
+from leanclip.options import option_fields, option_types, parse_value
+from leanclip.registry import METHOD_OPTIONS, method_options, option_range
 from leanclip.run_files import CHECKPOINT_NAME, RUN_DIRS, RUN_FILES
 from leanclip.synthetic import cache_dir, make_caption_corpus, private_dir
 from leanclip.templates import canonical_dataset_name
@@ -299,56 +299,41 @@ def _named_weights(source: str, model_name: str) -> bool:
     return bool(is_pretrained_cfg(model_name.replace("/", "-"), source))
 
 
-# options a method declares that the command line sets elsewhere (or that name Python objects)
-_NOT_FROM_OPT = ("tower", "classnames", "tokenizer", "templates")
-
-
 def method_opts_from_flags(parts: list[str], pairs) -> dict:
     """``--opt KEY=VALUE`` (repeatable) -> keyword options for ``prepare``: each key must be an option one of the
-    method's components declares (``leanclip.registry.method_options``), and each value is read with the type of
-    that option's default (int, float, true/false, or a comma-separated list where the default is a tuple; the kind
-    of its declared range where the default is None) and must lie in the range every component declaring it gives
+    method's components declares in its options dataclass (``leanclip.registry.METHOD_OPTIONS``) and that the
+    command line does not set itself (``set_by``: ``--tower``, the class names...); each value is read with that
+    field's type (``leanclip.options.parse_value``: int, float, true/false, a choice, a comma-separated list,
+    ``none`` where None is allowed) and must lie in the range every component declaring it gives
     (``leanclip.registry.OptionRange``): all before the model is built."""
-    declared = {}
+    declared, set_elsewhere = {}, {}
     for p in parts:
-        declared.update({k: v for k, v in method_options(p).items() if k not in _NOT_FROM_OPT})
+        types = option_types(METHOD_OPTIONS[p])
+        for key, f in option_fields(METHOD_OPTIONS[p]).items():
+            if f.metadata.get("set_by"):
+                set_elsewhere.setdefault(key, f.metadata["set_by"])
+            else:
+                declared.setdefault(key, types[key])
     out = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise UsageError(f"--opt {pair!r}: expected KEY=VALUE")
+        if key in set_elsewhere and key not in declared:
+            raise UsageError(f"--opt {pair!r}: {key} is set by {set_elsewhere[key]}, not by --opt")
         if key not in declared:
             raise UsageError(f"--opt {pair!r}: method {'+'.join(parts)!r} has no option {key!r} (options: "
                              f"{', '.join(sorted(declared)) or 'none'})")
-        ranges = [(p, r) for p in parts if (r := option_range(p, key)) is not None]
-        out[key] = _option_value(pair, raw.strip(), declared[key], ranges[0][1].kind if ranges else None)
-        for p, r in ranges:
-            if not r.admits(out[key]):
+        try:
+            out[key] = parse_value(declared[key], raw.strip())
+        except ValueError as e:
+            raise UsageError(f"--opt {pair!r}: {e} for {key}") from None
+        for p in parts:
+            r = option_range(p, key)
+            if r is not None and not r.admits(out[key]):
                 raise UsageError(f"--opt {pair!r}: {key} of method {p!r} must be {r}")
     return out
-
-
-def _option_value(pair: str, raw: str, default, kind=None):
-    """``raw`` as the type of ``default``, or as ``kind`` (the option's declared range) where the default is None."""
-    try:
-        if isinstance(default, bool):
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if isinstance(default, int) or (default is None and kind is int):
-            return int(raw)
-        if isinstance(default, float) or (default is None and kind is float):
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ValueError(raw)
-            return value
-        if isinstance(default, (tuple, list)):
-            return tuple(x.strip() for x in raw.split(",") if x.strip())
-    except ValueError:
-        like = f" like the default {default!r}" if default is not None else ""
-        raise UsageError(f"--opt {pair!r}: expected {(kind or type(default)).__name__}{like}") from None
-    return raw  # a string option (or one without a default): the method's own check validates it
 
 
 def recorded_frozen_dtype(options: dict):

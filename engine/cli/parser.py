@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("leanclip.cli.report", "tabulate a sweep (Markdown, CSV, PNG): mean +- std over seeds"),
     "export": ("leanclip.cli.export", "fold a run's trained parameters into its model: one plain state dict"),
     "wilds": ("leanclip.cli.wilds", "evaluate on FMoW / Camelyon17 / iWildCam (WILDS layout) with their metrics"),
+    "methods": ("leanclip.cli.methods", "list the PEFT methods, or one method's options (--opt) and traits"),
 }
 
 def register_subcommand(name: str, module: str, help: str = "") -> None:
@@ -149,7 +150,8 @@ def _add_train_parser(sub, selected: str | None) -> None:
                    help=method_help)
     g.add_argument("--opt", action="append", default=None, metavar="KEY=VALUE",
                    help="a method option, repeatable (e.g. --opt rank=4 --opt targets=q,v for lora, --opt beta=0.5 "
-                        "for llu, --opt reduction=16 for houlsby); checked against the options the method declares")
+                        "for llu, --opt reduction=16 for houlsby); typed and checked against the options the method "
+                        "declares (leanclip methods NAME lists them)")
     g.add_argument("--tower", choices=("image", "text", "both"), default="both",
                    help="tower for ln / bitfit (default both)")
     g.add_argument("--recompute", choices=("none", "mlp", "mlp+qkv", "block"), default="none",

@@ -17,13 +17,17 @@ batch 1, 10 epochs, cosine, one constant warm-up epoch at 1e-5, n_ctx 4, init "a
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from leanclip.heads import PromptLearner
-from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.methods._options import context_option
+from leanclip.methods.coop import COOP_RANGES, COOP_STD, check_prompt_options, prompt_init
+from leanclip.options import option
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import embed_dim, model_device
 
 META_REDUCTION = 16  # the meta-net's bottleneck: E -> E/16 -> width (the authors' code)
@@ -54,22 +58,25 @@ class MetaPromptLearner(PromptLearner):
 
 
 def _check_cocoop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None, **_):
-    from leanclip.methods import check_prompt_options  # the package imports this module first
-
     check_prompt_options(model, "cocoop", classnames, tokenizer, n_ctx, init_text, std)
     embed_dim(model)
 
 
-# as CoOp's (leanclip.methods.COOP_RANGES): the check holds n_ctx to the text tower's context
-RANGES = {"n_ctx": OptionRange(int, 1, 4096), "std": OptionRange(float, 0.0, 1.0, lo_open=True)}
+@dataclass(frozen=True)
+class CocoopOptions:
+    classnames: Any = context_option("classnames", "the class names the context is prepended to")
+    tokenizer: Any = context_option("tokenizer", "tokenizes the class prompts and init_text")
+    n_ctx: int = option(4, "learned context vectors, each shifted by the meta-net's output for the image",
+                        range=COOP_RANGES["n_ctx"])
+    init_text: str | None = option(None, "the text whose token embeddings start the context (empty: random; "
+                                         "unset: 'a photo of a' for n_ctx=4)")
+    std: float | None = option(None, f"the random start's std (default {COOP_STD})", range=COOP_RANGES["std"])
 
 
-@register_method("cocoop", check=_check_cocoop, ranges=RANGES,
+@register_method("cocoop", check=_check_cocoop, options=CocoopOptions,
                  traits=MethodTraits(tasks=("classify",), hooks={"image_prompts": "prompt_learner"}))
 def _cocoop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None):
     """CoCoOp's conditional context (see the module docstring); ``n_ctx``, ``init_text`` and ``std`` as for ``coop``."""
-    from leanclip.methods import COOP_STD, prompt_init
-
     embedding, init = prompt_init(model, tokenizer, n_ctx, init_text)
     learner = MetaPromptLearner(n_ctx, embedding.weight.shape[1], embed_dim(model), init_embeddings=init,
                                 std=COOP_STD if std is None else std)

@@ -25,13 +25,17 @@ shared 64: 103,744 (houlsby with the same bottleneck: 5,146,368).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from leanclip.lifecycle import strip
 from leanclip.methods import houlsby as _houlsby
 from leanclip.methods import lilt as _lilt
-from leanclip.registry import OptionRange, register_method
+from leanclip.methods._options import Tower, tower_option
+from leanclip.options import OptionRange, option
+from leanclip.registry import register_method
 from leanclip.select import model_device
 
 __all__ = ["SharedRule", "PHMLinear", "CompacterAdapter", "compacter_count"]
@@ -103,8 +107,14 @@ def _check_compacter(model, reduction=8, n=4, tower="both", **_):
                              f"(PHM layers are built from n x n blocks)")
 
 
-@register_method("compacter", check=_check_compacter,
-                 ranges={"reduction": _houlsby.REDUCTION_RANGE, "n": N_RANGE})
+@dataclass(frozen=True)
+class CompacterOptions:
+    reduction: int = option(8, "the bottleneck is the block's width / reduction", range=_houlsby.REDUCTION_RANGE)
+    n: int = option(4, "the PHM rule's size: n matrices A_i of n x n, shared by every layer", range=N_RANGE)
+    tower: Tower = tower_option("that gets the adapters")
+
+
+@register_method("compacter", check=_check_compacter, options=CompacterOptions)
 def _compacter(model, reduction=8, n=4, tower="both"):
     """Compacter: Houlsby-placed adapters whose projections are LPHM layers, A_i shared across all of them."""
     strip(model, _houlsby.added(CompacterAdapter))

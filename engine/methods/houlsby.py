@@ -35,6 +35,8 @@ them).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,7 +48,9 @@ from leanclip.models import timm as _timm
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, tower_blocks
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
-from leanclip.registry import OptionRange, register_method
+from leanclip.methods._options import Tower, tower_option
+from leanclip.options import OptionRange, option
+from leanclip.registry import register_method
 from leanclip.select import check_tower, model_device, require_block_tower
 
 __all__ = ["bottleneck", "is_adapter", "Bottleneck", "HoulsbyAdapter", "add_adapters", "added", "inlayer_adapters", "block_widths"]
@@ -180,7 +184,13 @@ def _check_houlsby(model, reduction=8, tower="both", **_):
         _lilt.check_reduction(reduction, width)
 
 
-@register_method("houlsby", check=_check_houlsby, ranges={"reduction": REDUCTION_RANGE})
+@dataclass(frozen=True)
+class HoulsbyOptions:
+    reduction: int = option(8, "the bottleneck is the block's width / reduction", range=REDUCTION_RANGE)
+    tower: Tower = tower_option("that gets the adapters")
+
+
+@register_method("houlsby", check=_check_houlsby, options=HoulsbyOptions)
 def _houlsby(model, reduction=8, tower="both"):
     """Houlsby bottleneck adapters (d -> d/reduction -> d, GELU, zero-init up) after the attention and the MLP of
     every block of ``tower``."""

@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +74,9 @@ from leanclip.models.openclip import (
     is_vit_image_tower, text_tower, timm_image_tower,
 )
 from leanclip.models.openclip_config import CONFIG_WIDTH_MAX
-from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.methods._options import Tower, tower_option
+from leanclip.options import OptionRange, option
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import (
     BIAS_RE, TOWERS, check_coverage, check_tower, layernorm_names, model_device, names_matching, require_open_clip_tower,
     tower_class, tower_of, unlock, unlock_layernorms, unlock_names,
@@ -457,8 +461,60 @@ def _check_lit(model, temperature=0.07, locked="image", **_):
                          f"{tower_class(model, trained)} has no parameters")
 
 
+# ----------------------------------------------------------------------------------------------------------- options
+def _projections() -> Any:
+    return option(True, "also train the projections (visual.proj, text_projection) of tower")
+
+
+def _temperature() -> Any:
+    return option(0.07, "the learnable temperature's start", range=TEMPERATURE_RANGE["temperature"])
+
+
+@dataclass(frozen=True)
+class LiltUnlockOptions:
+    tower: Tower = tower_option("that trains (and gets the added modules)")
+    projections: bool = _projections()
+    temperature: float = _temperature()
+
+
+@dataclass(frozen=True)
+class LiltLnOptions(LiltUnlockOptions):
+    image_layers: str = option(ALL, "the image tower's blocks whose LayerNorms train: 'all', 'N', 'A-B' (inclusive) "
+                                    "or a comma list; a range leaves ln_pre / ln_post locked")
+    text_layers: str = option(ALL, "the text tower's blocks whose LayerNorms train, as image_layers")
+
+
+@dataclass(frozen=True)
+class _LiltModulesOptions(LiltUnlockOptions):
+    ln_tower: Literal[LN_TOWERS] = option("same", "whose LayerNorms train beside the added modules (same: tower's; "
+                                                  "none: no LayerNorm)")
+    bitfit: bool = option(False, "also train every non-LayerNorm bias of tower")
+
+
+@dataclass(frozen=True)
+class LiltAdapterOptions(_LiltModulesOptions):
+    reduction: int = option(4, "the bottleneck is the width / reduction", range=ADAPTER_RANGES["reduction"])
+
+
+@dataclass(frozen=True)
+class LiltDeepOptions(_LiltModulesOptions):
+    deep_init: Literal[DEEP_INITS] = option("copy", "start the extra block as a copy of the last one, or at random")
+
+
+@dataclass(frozen=True)
+class LiltProjOptions:
+    tower: Tower = tower_option("whose projection trains")
+    temperature: float = _temperature()
+
+
+@dataclass(frozen=True)
+class LitOptions:
+    temperature: float = _temperature()
+    locked: Literal["image", "text"] = option("image", "the tower that stays frozen; the other trains in full")
+
+
 # ----------------------------------------------------------------------------------------------------------- methods
-@register_method("lilt-ln", check=_check_lilt_ln, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
+@register_method("lilt-ln", check=_check_lilt_ln, traits=LILT_TRAITS, options=LiltLnOptions)
 def _lilt_ln(model, tower="both", projections=True, temperature=0.07, image_layers=ALL, text_layers=ALL):
     """LilT-LN: every LayerNorm weight+bias of ``tower`` + the projections (+ the learnable temperature).
     ``image_layers`` / ``text_layers`` (``leanclip.layer_ranges``: ``"6-11"``, ``"0-5"``, ``"0-2,5"``; ``"all"``, the
@@ -471,7 +527,7 @@ def _lilt_ln(model, tower="both", projections=True, temperature=0.07, image_laye
     return _lilt(model, tower=tower, projections=projections, temperature=temperature, unlock_fn=unlock_fn)
 
 
-@register_method("lilt-bitfit", check=_check_lilt_bitfit, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
+@register_method("lilt-bitfit", check=_check_lilt_bitfit, traits=LILT_TRAITS, options=LiltUnlockOptions)
 def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
     """LilT-BitFit: every bias of ``tower`` (incl. attn.in_proj_bias and LN biases) + the projections."""
     _begin(model)
@@ -479,7 +535,8 @@ def _lilt_bitfit(model, tower="both", projections=True, temperature=0.07):
                  unlock_fn=lambda m, t: unlock(m, BIAS_RE, t))
 
 
-@register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"), traits=LILT_TRAITS, ranges=ADAPTER_RANGES)
+@register_method("lilt-adapter", check=_check_lilt_blocks("lilt-adapter"), traits=LILT_TRAITS,
+                 options=LiltAdapterOptions)
 def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperature=0.07, ln_tower="same",
                   bitfit=False):
     """LilT adapters: bottleneck adapters before ln_1 / ln_2 of every block (zero-init up-projection) + the
@@ -490,7 +547,7 @@ def _lilt_adapter(model, tower="both", reduction=4, projections=True, temperatur
                  ln_tower=ln_tower, bitfit=bitfit)
 
 
-@register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"), traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
+@register_method("lilt-deep", check=_check_lilt_blocks("lilt-deep"), traits=LILT_TRAITS, options=LiltDeepOptions)
 def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperature=0.07, ln_tower="same",
                bitfit=False):
     """LilT deep: one extra block on top of each tower (zero-init out_proj / c_proj: exact identity at the start),
@@ -501,14 +558,14 @@ def _lilt_deep(model, tower="both", deep_init="copy", projections=True, temperat
                  ln_tower=ln_tower, bitfit=bitfit)
 
 
-@register_method("lilt-proj", check=_check_proj, traits=LILT_TRAITS, ranges=TEMPERATURE_RANGE)
+@register_method("lilt-proj", check=_check_proj, traits=LILT_TRAITS, options=LiltProjOptions)
 def _lilt_proj(model, tower="both", temperature=0.07):
     """Projections only (LilT's row c): ``visual.proj`` / ``text_projection`` of ``tower`` + the temperature."""
     _begin(model)
     return _lilt(model, tower=tower, projections=True, temperature=temperature)
 
 
-@register_method("lit", check=_check_lit, traits=FULL_TOWER_TRAITS, ranges=TEMPERATURE_RANGE)
+@register_method("lit", check=_check_lit, traits=FULL_TOWER_TRAITS, options=LitOptions)
 def _lit(model, temperature=0.07, locked="image"):
     """LiT: the ``locked`` tower (default image) stays frozen, the other one is trained in full (text: token /
     positional embeddings, blocks, ln_final, text_projection; image: every visual parameter) (+ the learnable

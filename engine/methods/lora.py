@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,9 @@ from leanclip.models import timm as _timm
 from leanclip import lora_linear
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import tower_blocks
-from leanclip.registry import MethodTraits, OptionRange, register_method
+from leanclip.methods._options import Tower, tower_option
+from leanclip.options import OptionRange, option
+from leanclip.registry import MethodTraits, register_method
 from leanclip.select import check_tower, require_block_tower
 
 __all__ = ["LowRank", "LoRA", "merge", "ADDED", "lora_modules", "TARGETS"]
@@ -204,7 +208,16 @@ def _check_lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower=
 
 
 # ----------------------------------------------------------------------------------------------------------- method
-@register_method("lora", check=_check_lora, ranges=LORA_RANGES, traits=MethodTraits(mergeable=True))
+@dataclass(frozen=True)
+class LoraOptions:
+    rank: int = option(2, "the rank of each A·B pair", range=LORA_RANGES["rank"])
+    alpha: float = option(1.0, "the pair's output is scaled by alpha / rank", range=LORA_RANGES["alpha"])
+    dropout: float = option(0.25, "dropout on the pair's input", range=LORA_RANGES["dropout"])
+    targets: tuple[Literal[TARGETS], ...] = option(_IN_PROJ, "the projections of each block that get a pair")
+    tower: Tower = tower_option("whose blocks get the pairs")
+
+
+@register_method("lora", check=_check_lora, options=LoraOptions, traits=MethodTraits(mergeable=True))
 def _lora(model, rank=2, alpha=1.0, dropout=0.25, targets=_IN_PROJ, tower="both"):
     """CLIP-LoRA: low-rank A·B (B = 0 at start) on ``targets`` of every block of ``tower``."""
     targets = _targets(targets)

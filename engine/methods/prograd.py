@@ -28,13 +28,19 @@ Recipe (``--preset prograd``): CoOp's schedule - SGD lr 0.002, batch 32, cosine,
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from leanclip import utils
 from leanclip.features import frozen_text_features
 from leanclip.heads import PromptLearner
-from leanclip.registry import MethodTraits, OptionRange, method_options, register_method
+from leanclip.methods._options import context_option
+from leanclip.methods.coop import COOP_RANGES, COOP_STD, check_prompt_options, prompt_init
+from leanclip.options import OptionRange, option
+from leanclip.registry import MethodTraits, method_options, register_method
 
 INIT_TEXT = "a photo of a"
 
@@ -84,25 +90,31 @@ def _prograd_rule(ctx):
 
 
 def _check_prograd(model, classnames=None, tokenizer=None, n_ctx=16, init_text=INIT_TEXT, std=None, **_):
-    from leanclip.methods import check_prompt_options  # the package imports this module first
-
     check_prompt_options(model, "prograd", classnames, tokenizer, n_ctx, init_text, std, align_right=True)
 
 
-# n_ctx as CoOp's; lam beyond 1 would turn the conflicting component around instead of removing it
-RANGES = {"n_ctx": OptionRange(int, 1, 4096), "std": OptionRange(float, 0.0, 1.0, lo_open=True),
-          "lam": OptionRange(float, 0.0, 1.0), "temperature": OptionRange(float, 0.0, 100.0, lo_open=True)}
+@dataclass(frozen=True)
+class ProgradOptions:
+    classnames: Any = context_option("classnames", "the class names the context is prepended to")
+    tokenizer: Any = context_option("tokenizer", "tokenizes the class prompts and init_text")
+    n_ctx: int = option(16, "learned context vectors", range=COOP_RANGES["n_ctx"])
+    init_text: str | None = option(INIT_TEXT, "the text whose token embeddings start the last context vectors "
+                                              "(the rest start at zero; empty: random)")
+    std: float | None = option(None, f"the random start's std (default {COOP_STD})", range=COOP_RANGES["std"])
+    # lam beyond 1 would turn the conflicting component around instead of removing it
+    lam: float = option(1.0, "how much of the conflicting component of the CE gradient is removed",
+                        range=OptionRange(float, 0.0, 1.0))
+    temperature: float = option(1.0, "the KL's temperature T (the loss is T^2 KL)",
+                                range=OptionRange(float, 0.0, 100.0, lo_open=True))
 
 
-@register_method("prograd", check=_check_prograd, ranges=RANGES,
+@register_method("prograd", check=_check_prograd, options=ProgradOptions,
                  traits=MethodTraits(tasks=("classify",), hooks={"prompts": "prompt_learner"},
                                      gradient_rule=_prograd_rule))
 def _prograd(model, classnames=None, tokenizer=None, n_ctx=16, init_text=INIT_TEXT, std=None, lam=1.0,
              temperature=1.0):
     """CoOp's context trained under ProGrad's projection (see the module docstring). ``init_text`` of at most
     ``n_ctx`` tokens starts the last context vectors (the rest at zero); empty: N(0, std^2) (std default 0.02)."""
-    from leanclip.methods import COOP_STD, prompt_init
-
     embedding, init = prompt_init(model, tokenizer, n_ctx, init_text)
     learner = PromptLearner(n_ctx, embedding.weight.shape[1], init_embeddings=init,
                             std=COOP_STD if std is None else std)

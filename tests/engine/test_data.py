@@ -250,7 +250,7 @@ def test_few_shot_cached(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("few_shot should not be called when the cache is valid")
 
-    monkeypatch.setattr(D, "few_shot", boom)
+    monkeypatch.setattr(D.fewshot, "few_shot", boom)  # the module few_shot_cached calls it from
     assert D.few_shot_cached(samples, 2, 1, cache) == first
     # ... and honours what it says: hand-edit the selection to other valid samples
     other = [s for s in samples if s not in first]
