@@ -39,6 +39,12 @@ from torch import nn
 
 from leanclip import utils
 from leanclip.configs import create_random_model
+from leanclip.models.openclip import (  # open_clip's loading internals, behind the one boundary module
+    HF_CONFIG_NAME, QuickGELU, convert_state_dict, convert_to_custom_text_state_dict, download_pretrained_from_hf,
+    find_checkpoint_in_dir, get_model_preprocess_cfg, is_pretrained_cfg, list_pretrained_tags_by_model,
+    merge_preprocess_dict, resize_pos_embed, resize_text_pos_embed, set_model_preprocess_cfg,
+)
+from leanclip.models.openclip import pretrained_tables as P
 
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -98,7 +104,6 @@ def _hub_errors(what: str, model_id: str, cache_dir, call):
 def hub_file(model_id: str, filename: str | None = None, *, cache_dir=None, what: str | None = None) -> str:
     """Local path of ``filename`` (default: open_clip's weights file, safetensors preferred) of hub repo
     ``model_id``, through ``open_clip.pretrained.download_pretrained_from_hf`` and the Hugging Face cache."""
-    from leanclip.models.openclip import download_pretrained_from_hf
 
     return _hub_errors(what or f"hf-hub:{model_id}", model_id, cache_dir,
                        lambda: download_pretrained_from_hf(model_id, filename=filename, cache_dir=cache_dir))
@@ -107,7 +112,6 @@ def hub_file(model_id: str, filename: str | None = None, *, cache_dir=None, what
 def folder_weights(folder) -> str:
     """The weights file open_clip picks in a hub-style folder (``open_clip_model.safetensors`` first, then
     ``open_clip_pytorch_model.bin``, ...; ``open_clip.factory._find_checkpoint_in_dir``)."""
-    from leanclip.models.openclip import find_checkpoint_in_dir
 
     found = find_checkpoint_in_dir(Path(folder))
     if found is None:
@@ -117,7 +121,6 @@ def folder_weights(folder) -> str:
 
 
 def _resolve_tag(source: str, model_name: str | None, cache_dir) -> ResolvedWeights | None:
-    from leanclip.models.openclip import pretrained_tables as P
 
     if not model_name or model_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
         return None
@@ -179,7 +182,6 @@ def recordable_source(source, model_name: str | None = None) -> str | None:
     if s.startswith(HF_HUB_PREFIX):
         return s
     if model_name and not model_name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX)):
-        from leanclip.models.openclip import is_pretrained_cfg
 
         if is_pretrained_cfg(model_name.replace("/", "-"), s):
             return s
@@ -188,7 +190,6 @@ def recordable_source(source, model_name: str | None = None) -> str | None:
 
 
 def _unknown_tag_message(tag: str, model_name: str | None) -> str:
-    from leanclip.models.openclip import list_pretrained_tags_by_model
 
     if not model_name:
         return (f"pretrained {tag!r} is not a file, folder or hf-hub: id; to use it as an open_clip pretrained tag, "
@@ -203,7 +204,6 @@ def _unknown_tag_message(tag: str, model_name: str | None) -> str:
 def _fetch_sidecar_config(model_id: str, cache_dir) -> None:
     """Bring the repo's ``open_clip_config.json`` next to its weights when it can be had (it tells whether the
     weights were trained with QuickGELU and their preprocessing); its absence is not an error."""
-    from leanclip.models.openclip import HF_CONFIG_NAME
 
     try:
         hub_file(model_id, HF_CONFIG_NAME, cache_dir=cache_dir)
@@ -213,7 +213,6 @@ def _fetch_sidecar_config(model_id: str, cache_dir) -> None:
 
 def _sidecar_config(weights_path: str) -> dict:
     """``open_clip_config.json`` beside a weights file (hub snapshot or folder), or {}."""
-    from leanclip.models.openclip import HF_CONFIG_NAME
 
     cfg_path = os.path.join(os.path.dirname(os.path.abspath(weights_path)), HF_CONFIG_NAME)
     try:
@@ -282,7 +281,6 @@ def _read_torchscript(path: str, trust: bool) -> dict:
 def _resize_visual_pos_embed(sd: dict, model: nn.Module) -> None:
     """open_clip's ``resize_pos_embed`` (bicubic, antialiased, class token kept) when the file's square grid
     differs from the model's; other differences are left for the shape check to report."""
-    from leanclip.models.openclip import resize_pos_embed
 
     old = sd.get("visual.positional_embedding")
     cur = getattr(getattr(model, "visual", None), "positional_embedding", None)
@@ -298,7 +296,6 @@ def to_model_layout(sd: dict, model: nn.Module) -> dict:
     """The steps of ``open_clip.factory.load_checkpoint`` between reading and ``load_state_dict``, with open_clip's
     helpers: ``module.`` prefixes and OpenAI's extra scalars dropped, third-party layouts converted, the old text
     layout mapped to CustomTextCLIP's, ``logit_scale``/``logit_bias`` shapes matched, positional embeddings resized."""
-    from leanclip.models.openclip import convert_state_dict, convert_to_custom_text_state_dict, resize_text_pos_embed
 
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
@@ -324,7 +321,6 @@ def to_model_layout(sd: dict, model: nn.Module) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ loading
 def _uses_quickgelu(model: nn.Module) -> bool:
-    from leanclip.models.openclip import QuickGELU
 
     return any(isinstance(m, QuickGELU) for m in model.modules())
 
@@ -356,7 +352,6 @@ def _warn_activation(resolved: ResolvedWeights, trained_quickgelu: bool | None, 
 
 def _apply_preprocess(model: nn.Module, resolved: ResolvedWeights) -> None:
     """Attach the weights' preprocessing (mean/std/interpolation of the tag or the repo config) as open_clip does."""
-    from leanclip.models.openclip import get_model_preprocess_cfg, merge_preprocess_dict, set_model_preprocess_cfg
 
     extra = resolved.pretrained_cfg if resolved.kind == "tag" else _sidecar_config(resolved.path).get("preprocess_cfg")
     if not isinstance(extra, dict) or not extra or not hasattr(model, "visual"):
@@ -421,7 +416,6 @@ CONFIG_FILE_MAX_BYTES = 1 << 20  # an open_clip_config.json is a few KB; a large
 def _schema_model(model_name: str, pretrained, cache_dir) -> tuple[str, str]:
     """For ``hf-hub:``/``local-dir:`` model names: (the weights source the name carries, its config file), both
     checked to exist (one-line errors) before anything is built."""
-    from leanclip.models.openclip import HF_CONFIG_NAME
 
     if pretrained is not None:
         raise ValueError(f"model {model_name!r} carries its own weights; drop pretrained={pretrained!r} (open_clip "

@@ -26,9 +26,17 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from leanclip import utils
+from leanclip.checkpoint import load_trainable
+from leanclip.cli.classify import load_data
+from leanclip.features import image_features
+from leanclip.grad_stats import squared_grad_sums
+from leanclip.methods import method_trainer
+from leanclip.step import ClassifyStep
+from leanclip.training import dataset_labels, epoch_loader
 from leanclip.cli.common import (
     DATA_DEFAULTS, DEFAULT_MODEL, UsageError, build_recorded_model, check_output, emit, prepare_from_checkpoint,
     read_checkpoint_meta, restore_data, run_record,
@@ -97,8 +105,6 @@ def run(args) -> int:
 # --------------------------------------------------------------------------------------------------------- restore
 def _restore(args) -> dict:
     """The run's checkpoint, the eval-style namespace its model and data are rebuilt from, and the data."""
-    from leanclip.cli.classify import load_data
-    from leanclip.methods import method_trainer
 
     meta = read_checkpoint_meta(args.runs[0], flag="RUN")
     record = run_record(meta)
@@ -138,7 +144,6 @@ def _tuned(ctx: dict, *, load: bool = True):
 # ------------------------------------------------------------------------------------------------------------ grad
 def _batches(dataset, batch_size: int, seed: int, n: int):
     """The first ``n`` batches the run trained on: its epochs' seeded order, as many epochs as needed."""
-    from leanclip.training import epoch_loader
 
     epoch, done = 0, 0
     while done < n:
@@ -151,9 +156,6 @@ def _batches(dataset, batch_size: int, seed: int, n: int):
 
 
 def _grad(args, ctx: dict) -> int:
-    from leanclip.checkpoint import load_trainable
-    from leanclip.grad_stats import squared_grad_sums
-    from leanclip.step import ClassifyStep
 
     meta, cfg, data = ctx["meta"], ctx["config"], ctx["data"]
     if data["train"] is None:
@@ -211,9 +213,7 @@ def _grad_table(result: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------------ t-SNE
 def _tsne(args, ctx: dict) -> int:
-    import numpy as np
 
-    from leanclip.training import dataset_labels
 
     data, seed = ctx["data"], int(ctx["ns"].seed)
     dataset = data["eval"]
@@ -234,7 +234,6 @@ def _tsne(args, ctx: dict) -> int:
 
 
 def _features(model, dataset, idx, device):
-    from leanclip.features import image_features
 
     model.eval()
     subset = torch.utils.data.Subset(dataset, [int(i) for i in idx])

@@ -41,11 +41,17 @@ import torch
 import torch.nn.functional as F
 
 from leanclip import data as D
+from leanclip import feature_cache
+from leanclip import features as feats
+from leanclip import synthetic
 from leanclip import utils
+from leanclip.cli.classify import coop_epochs
 from leanclip.cli.common import (
     DEFAULT_MODEL, UsageError, check_output, checkpoint_classnames, emit, eval_model, read_checkpoint_meta,
     setup_device, template_override,
 )
+from leanclip.episode_adapt import adapt_config, adapt_episode, check_adapt_method, check_adapt_model
+from leanclip.mini_imagenet import export_split_file, find_train_dir, mini_imagenet_split
 from leanclip.templates import get_templates
 from leanclip.select import model_device
 
@@ -145,7 +151,6 @@ def encode_split(model, dataset, *, batch_size: int = 256, device, precision: st
     """(bare image-encoder output (M, E) fp32, labels (M,)) of ``dataset`` on CPU: one pass, each image once, or the
     shared feature cache's entry for these weights and images (``leanclip.feature_cache.encoder_features``).
     ``device`` / ``precision``: resolved values."""
-    from leanclip import feature_cache
 
     kw = dict(device=device, precision=precision, num_workers=num_workers, progress=progress)
     got = feature_cache.encoder_features(model, dataset, batch_size, encoder_only=True, **kw)
@@ -157,7 +162,6 @@ def score_split(model, encoded: torch.Tensor, classnames, templates, tokenizer, 
                 precision: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(image features (M, E) fp32 normalized, text logits (M, C)) on CPU of the encoder rows ``encoded``: the
     model's feature hook, and its ``class_logits`` against the class text features (computed once)."""
-    from leanclip import features as feats
 
     was = model.training
     model.eval()
@@ -191,7 +195,6 @@ def adapted_accuracies(model, method: str, eps: list[Episode], encoded: torch.Te
                        tokenizer, cfg, *, seed: int, device, precision: str, progress: bool = False) -> list[float]:
     """Per-episode query accuracy (%) of a fresh ``method`` trained on each episode's support rows of ``encoded``
     (``leanclip.episode_adapt.adapt_episode``; episode ``i`` seeded with ``derive_seed(seed, i)``)."""
-    from leanclip.episode_adapt import adapt_episode
 
     out = []
     for i, ep in enumerate(utils.track(eps, f"adapt {method}", progress)):
@@ -243,7 +246,6 @@ def check_model_arguments(args) -> None:
     if args.use_recorded_weights and not args.checkpoint:
         raise UsageError("--use-recorded-weights needs --checkpoint")
     if args.templates is not None:
-        from leanclip.templates import get_templates
 
         get_templates(None, template_override(args))
 
@@ -319,7 +321,6 @@ def _check_args(args) -> None:
 
 
 def _check_adapt_args(args) -> None:
-    from leanclip.episode_adapt import check_adapt_method
 
     if args.adapt is None:
         given = [f for f, v in (("--adapt-steps", args.adapt_steps), ("--adapt-lr", args.adapt_lr)) if v is not None]
@@ -340,8 +341,6 @@ def _adapt_config(args):
     """The per-episode training config of --adapt (None without it)."""
     if args.adapt is None:
         return None
-    from leanclip.cli.classify import coop_epochs
-    from leanclip.episode_adapt import adapt_config
 
     steps = args.adapt_steps if args.adapt_steps is not None else coop_epochs(args.shots, None)
     return adapt_config(args.adapt, steps, args.adapt_lr)
@@ -351,7 +350,6 @@ def _split_samples(args) -> tuple[list, list[str], str]:
     """(samples of --split, class names by label, dataset name) from --data / --split-file / synthetic data."""
     outside = bool(args.allow_outside_root)
     if args.mini_imagenet:
-        from leanclip.mini_imagenet import mini_imagenet_split
 
         samples, classnames = mini_imagenet_split(args.mini_imagenet, args.split, allow_outside_root=outside)
         return samples, classnames, "MiniImageNet"
@@ -364,7 +362,6 @@ def _split_samples(args) -> tuple[list, list[str], str]:
         stem = os.path.splitext(os.path.basename(args.split_file))[0]
         name = args.dataset or (stem[len("split_zhou_"):] if stem.startswith("split_zhou_") else None)
     else:
-        from leanclip import synthetic
 
         base = synthetic.private_dir(args.synthetic_dir or os.path.join(synthetic.cache_dir(), "synthetic"),
                                      "--synthetic-dir" if args.synthetic_dir else "synthetic-data cache")
@@ -400,7 +397,6 @@ def run(args) -> int:
     model, tok, size, (mean, std) = eval_model(args, meta, train_names)
     model.to(device)
     if adapt_cfg is not None:
-        from leanclip.episode_adapt import check_adapt_model
 
         check_adapt_model(model, args.adapt, [classnames[c] for c in eps[0].classes.tolist()], templates, tok)
     tf = D.clip_transform(size, train=False, **{k: v for k, v in (("mean", mean), ("std", std)) if v})
@@ -430,7 +426,6 @@ def run(args) -> int:
 
 
 def _export_mini_imagenet(args) -> int:
-    from leanclip.mini_imagenet import export_split_file, find_train_dir
 
     path = export_split_file(args.mini_imagenet, args.export_split, args.split,
                              allow_outside_root=bool(args.allow_outside_root))
