@@ -41,6 +41,7 @@ except ImportError:  # pragma: no cover
     Block = EvaBlock = None
 
 from leanclip import lean as _lean
+from leanclip.geometry import TowerGeometry, elem_size, register_family
 from leanclip.models.openclip import class_name, timm_image_tower
 
 _MLPS = () if Block is None else (Mlp, GluMlp, SwiGLU)
@@ -330,10 +331,11 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
     block, an upper bound when gradients enter it midway - plus its LayerNorm statistics and the attention's
     logsumexp; after the blocks, the final norm's input and, with MAP pooling, the pooled attention's keys and
     values over every token."""
-    if tower_obstacles(model) != []:
+    g = image_geometry(model, "image", dtype, None)
+    if g is None:
         return None
     trunk = model.visual.trunk
-    blocks = list(trunk.blocks)
+    blocks = list(g.blocks)
     names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.")]
     embeds = ("visual.trunk.patch_embed.", "visual.trunk.pos_embed", "visual.trunk.cls_token", "visual.trunk.reg_token",
               "visual.trunk.norm_pre.")
@@ -341,18 +343,33 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
         (i for i in range(len(blocks)) if any(n.startswith(f"visual.trunk.blocks.{i}.") for n in names)), None)
     if first is None and not names:
         return 0
-    elem = torch.empty((), dtype=dtype or blocks[0].attn.proj.weight.dtype).element_size()
-    rows = batch * _tokens(trunk)
-    unit = rows * trunk.embed_dim * elem
+    rows = batch * g.tokens
+    unit = g.unit(batch)
     total = 0.0
     for blk in blocks[first if first is not None else len(blocks):]:
         total += block_units(blk, policy) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
     total += unit + rows * 8  # the final norm's input
     if any(n.startswith("visual.trunk.norm_pre.") for n in names):  # PE-Core's pre-transformer norm keeps its input
         total += unit + rows * 8
-    if getattr(trunk, "attn_pool", None) is not None:
+    if g.map_head:
         total += 2 * unit  # the pool's keys and values over every token
     return int(total)
+
+
+def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
+    """The ``leanclip.geometry`` reader of a covered timm image tower (None for anything else): tokens with the
+    prefix tokens, width, the MLP's hidden width (SwiGLU / GluMlp: one half), heads, MAP pooling, and each
+    policy's ``block_units``."""
+    if tower != "image" or tower_obstacles(model) != []:
+        return None
+    trunk = model.visual.trunk
+    blk = trunk.blocks[0]
+    mlp = blk.mlp
+    return TowerGeometry("image", "timm", tuple(trunk.blocks), _tokens(trunk), blk.attn.proj.out_features,
+                         mlp.fc2.in_features, isinstance(mlp, (GluMlp, SwiGLU)), blk.attn.num_heads,
+                         elem_size(dtype, blk.attn.proj.weight), False,
+                         getattr(trunk, "attn_pool", None) is not None,
+                         {p: block_units(blk, p) for p in _lean.POLICIES})
 
 
 # ----------------------------------------------------------------------------------------------------------- tiny models
@@ -396,3 +413,4 @@ if Block is not None:
     _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock},
                                 supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
                                 image_tower=tower_obstacles, image_estimate=estimate_image_bytes)
+    register_family(image_geometry)
