@@ -184,16 +184,34 @@ def plain_peak(model: nn.Module, batch_size: int, **kw) -> int:
     return _peak(model, shapes, policies, None, saved)
 
 
-def predict_peak(model: nn.Module, batch_size: int, policy: str = "none", chunk: int | None = None, **kw) -> int:
-    """Predicted step peak of a lean ``model`` with every lean block under ``policy`` (and ``chunk``)."""
+def predict_peak(model: nn.Module, batch_size: int, policy: str = "none", chunk: int | None = None, *,
+                 lean_only: bool = True, **kw) -> int:
+    """Predicted step peak of a lean ``model`` with every lean block under ``policy`` (and ``chunk``).
+    ``lean_only=False`` counts every block of a plain model: ``policy="block"`` then stands for the tower's own
+    gradient checkpointing (open_clip's / timm's ``set_grad_checkpointing``, ``transformers``'
+    ``gradient_checkpointing_enable``: each block keeps its input and is recomputed whole in the backward)."""
     _lean.check_policy(policy)
     _lean.check_chunk(policy, chunk)
+    shapes = tower_shapes(model, batch_size, lean_only=lean_only, **kw)
+    return _predict(model, shapes, {s.name: [policy] * len(s.blocks) for s in shapes}, chunk, kw)
+
+
+def current_peak(model: nn.Module, batch_size: int, **kw) -> int:
+    """Predicted step peak of a lean ``model`` under the policies (and chunk) its blocks hold now: one policy, or a
+    plan ``apply_plan`` set."""
     shapes = tower_shapes(model, batch_size, **kw)
-    saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))
-             for p in {policy, "none"}}
+    policies = {s.name: [b.leanclip_recompute for b in s.blocks] for s in shapes}
+    chunks = {b.leanclip_chunk for s in shapes for b in s.blocks if b.leanclip_recompute == "block"} - {None}
+    return _predict(model, shapes, policies, min(chunks) if chunks else None, kw)
+
+
+def _predict(model, shapes, policies: dict, chunk, kw) -> int:
+    if not shapes:
+        return _trainable_bytes(model)
+    used = {p for pols in policies.values() for p in pols} | {"none"}
+    saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype")) for p in used}
     shapes = _with_backward(shapes, saved["none"])
-    policies = {s.name: [policy] * len(s.blocks) for s in shapes}
-    return _peak(model, shapes, policies, chunk, saved)
+    return _peak(model, shapes, {s.name: policies[s.name] for s in shapes}, chunk, saved)
 
 
 def _chunks(batch: int) -> list:

@@ -35,10 +35,10 @@ try:  # timm is optional for open_clip; without it no timm tower can be built, a
     from timm.layers import AttentionRope, GluMlp, LayerScale, Mlp, SwiGLU, apply_rot_embed_cat
     from timm.layers import LayerNorm as TimmLayerNorm
     from timm.layers.attention import Attention
-    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
     from timm.models.vision_transformer import Block
 except ImportError:  # pragma: no cover
-    Block = EvaBlock = None
+    Block = EvaBlock = EvaBlockPostNorm = None
 
 from leanclip import lean as _lean
 from leanclip.geometry import TowerGeometry, elem_size, register_family
@@ -307,7 +307,7 @@ def block_units(blk: nn.Module, policy: str) -> float:
         return 1.0
     if policy == "mlp+qkv":
         return 3.0 + sub_ln
-    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, EvaBlock)  # q/k norm or rotary
+    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, (EvaBlock, EvaBlockPostNorm))  # rotary
     if attn.qkv is not None:
         qkv = 3.0 + 2.0 * qk_new
     else:
@@ -356,13 +356,23 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
     return int(total)
 
 
+def _estimable(blk: nn.Module) -> bool:
+    """Whether the estimates know ``blk``: a block the lean engine runs, or EVA's post-norm block (EVA02-E: the
+    same attention and MLP, its LayerNorms on the branch outputs; plain estimates only, it has no lean version)."""
+    if EvaBlockPostNorm is not None and type(blk) is EvaBlockPostNorm:
+        return _attn_obstacle(blk.attn) is None and _mlp_obstacle(blk.mlp) is None
+    return block_obstacle(blk) is None
+
+
 def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
-    """The ``leanclip.geometry`` reader of a covered timm image tower (None for anything else): tokens with the
-    prefix tokens, width, the MLP's hidden width (SwiGLU / GluMlp: one half), heads, MAP pooling, and each
-    policy's ``block_units``."""
-    if tower != "image" or tower_obstacles(model) != []:
+    """The ``leanclip.geometry`` reader of a timm image tower the estimates know (``_estimable`` blocks; None for
+    anything else): tokens with the prefix tokens, width, the MLP's hidden width (SwiGLU / GluMlp: one half),
+    heads, MAP pooling, and each policy's ``block_units``."""
+    v = timm_image_tower(model) if tower == "image" else None
+    blocks = None if v is None else trunk_blocks(v)
+    if blocks is None or not all(_estimable(b) for b in blocks):
         return None
-    trunk = model.visual.trunk
+    trunk = v.trunk
     blk = trunk.blocks[0]
     mlp = blk.mlp
     return TowerGeometry("image", "timm", tuple(trunk.blocks), _tokens(trunk), blk.attn.proj.out_features,

@@ -135,6 +135,14 @@ class TransformersCLIP(nn.Module):
                 **{f"{t}_{k}": getattr(getattr(cfg, f"{t}_config"), k, None)
                    for t in ("vision", "text") for k in ("hidden_act", "layer_norm_eps")}}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """open_clip's call for ``transformers``' own gradient checkpointing of both towers (non-reentrant, so
+        frozen inputs and trainable LayerNorms inside a checkpoint get their gradients)."""
+        if enable:
+            self._hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self._hf.gradient_checkpointing_disable()
+
     def tower_class(self, tower: str) -> str:
         """How errors and notices name a tower: the ``transformers`` class it wraps."""
         m = self.visual.model if tower == "image" else self.text.model
@@ -257,6 +265,52 @@ def create_model(name: str, pretrained=None, *, image_size: int | None = None, c
         raise _hub_error(name, "weights", e) from None
     hf.eval()
     return TransformersCLIP(hf, name, _preprocess_cfg(name, model_id, family, size, cache_dir))
+
+
+# Configs of released models, for a model with random weights built offline (benchmarks: time and memory do not
+# depend on the weights): the hub id -> (model_type, config arguments beside transformers' defaults).
+RELEASED_CONFIGS = {"openai/clip-vit-base-patch16": ("clip", {"vision_config": {"patch_size": 16}}),
+                    "openai/clip-vit-base-patch32": ("clip", {}),
+                    "openai/clip-vit-large-patch14": ("clip", {
+                        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                          "num_attention_heads": 16, "patch_size": 14},
+                        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+                        "projection_dim": 768})}
+
+
+def random_config(name: str, *, cache_dir=None):
+    """The config of ``transformers:<id>`` without a download: from the Hugging Face cache when it is there, else
+    from ``RELEASED_CONFIGS``; ValueError (one line) for an id found in neither or of another model type."""
+    import transformers
+
+    model_id = hub_id(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_id, cache_dir=cache_dir, local_files_only=True)
+    except (OSError, ValueError):
+        if model_id not in RELEASED_CONFIGS:
+            raise ValueError(f"model {name!r}: its config is not in the Hugging Face cache and leanclip knows no "
+                             f"built-in config for it (known: {', '.join(sorted(RELEASED_CONFIGS))})") from None
+        family, kw = RELEASED_CONFIGS[model_id]
+        config = getattr(transformers, _CLASSES[family].replace("Model", "Config"))(**kw)
+    family = getattr(config, "model_type", None)
+    if family not in _CLASSES:
+        raise ValueError(f"model {name!r} is a {family!r} model; leanclip runs transformers models of type "
+                         f"{', '.join(sorted(_CLASSES))}")
+    return config
+
+
+def create_random(name: str, *, cache_dir=None) -> TransformersCLIP:
+    """``transformers:<id>`` with random weights (``random_config``; no download, no weights read): for
+    benchmarks, whose time and memory do not depend on the weights."""
+    import transformers
+
+    config = random_config(name, cache_dir=cache_dir)
+    family = config.model_type
+    hf = getattr(transformers, _CLASSES[family])(config).eval()
+    size = int(config.vision_config.image_size)
+    mean, std = _DEFAULT_NORM[family]
+    return TransformersCLIP(hf, name, {"size": (size, size), "mean": mean, "std": std, "interpolation": "bicubic",
+                                       "resize_mode": "shortest"})
 
 
 class Tokenizer:
