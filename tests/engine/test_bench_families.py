@@ -40,3 +40,42 @@ def test_random_transformers_model_needs_a_known_config(monkeypatch):
     vis = m.visual.model
     assert vis.embeddings.patch_embedding.kernel_size == (16, 16) and len(vis.encoder.layers) == 12
     assert vis.encoder.layers[0].mlp.fc1.weight.is_meta
+
+
+def test_largest_batch_is_the_brute_force_boundary():
+    from leanclip.bench.estimate import largest_batch
+
+    for edge in (0, 1, 2, 7, 64, 100):
+        assert largest_batch(lambda b, e=edge: b <= e, 100) == edge
+    assert largest_batch(lambda b: True, 37) == 37
+
+
+@pytest.mark.parametrize("family", ["eva02", "vit-map"])
+def test_fit_estimate_prints_estimates_per_mode(family, tmp_path, capsys):
+    """``bench fit --estimate``: nothing runs; per mode the estimator's largest batch, which grows with the cap, is
+    larger with the tower's checkpointing than plain and at least plain's under a lean plan; the JSON says it is an
+    estimate."""
+    import json
+
+    from leanclip.cli import main
+    from leanclip.configs import register_tiny_timm_config
+
+    name = register_tiny_timm_config(family)
+    rc = main(["bench", "fit", "--estimate", "--model", name, "--method", "ln", "--scope", "image",
+               "--mem-cap", "20MB,40MB", "--max-batch", "4096", "--output", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("ESTIMATES (nothing was run)")
+    res = json.loads(open(out.strip().splitlines()[-1].split("wrote ")[1]).read())
+    assert res["kind"] == "estimate"
+    got = {m: [r["largest_batch"] for r in res["results"][m].values()] for m in ("plain", "plain+gc", "lean:fit")}
+    assert all(0 < a < b for a, b in got.values()), got
+    assert got["lean:fit"][1] >= got["plain"][1] and got["plain+gc"][1] > got["plain"][1], got
+
+
+def test_fit_estimate_refuses_modes_it_does_not_cover(tmp_path, capsys):
+    from leanclip.cli import main
+
+    rc = main(["bench", "fit", "--estimate", "--model", "ViT-B-16", "--modes", "lean:block", "--output",
+               str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--estimate covers plain, plain+gc, lean:fit" in err and len(err.strip().splitlines()) == 1
