@@ -152,13 +152,15 @@ def _trainable_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for _, p in trainable_parameters(model))
 
 
-def _peak(model, shapes, policies: dict, chunk, saved: dict) -> int:
+def _peak(grads: int, shapes, policies: dict, chunk, saved: dict) -> int:
+    """The step peak of a plan: ``grads`` (``_trainable_bytes``, computed once by the caller: the planner weighs
+    thousands of plans) plus the worst tower's peak beside what the other towers keep."""
     totals = {s.name: sum(saved[p][s.name] for p in policies[s.name]) / len(s.blocks) for s in shapes}
     worst = 0.0
     for s in shapes:
         others = sum(v for k, v in totals.items() if k != s.name)
         worst = max(worst, others + _tower_peak(s, policies[s.name], chunk, saved))
-    return int(worst + _trainable_bytes(model))
+    return int(worst + grads)
 
 
 def _work(shapes, policies: dict) -> float:
@@ -181,7 +183,7 @@ def plain_peak(model: nn.Module, batch_size: int, **kw) -> int:
     saved = {"none": _saved_by_tower(model, "none", shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))}
     shapes = _with_backward(shapes, saved["none"])
     policies = {s.name: ["none"] * len(s.blocks) for s in shapes}
-    return _peak(model, shapes, policies, None, saved)
+    return _peak(_trainable_bytes(model), shapes, policies, None, saved)
 
 
 def predict_peak(model: nn.Module, batch_size: int, policy: str = "none", chunk: int | None = None, *,
@@ -211,7 +213,7 @@ def _predict(model, shapes, policies: dict, chunk, kw) -> int:
     used = {p for pols in policies.values() for p in pols} | {"none"}
     saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype")) for p in used}
     shapes = _with_backward(shapes, saved["none"])
-    return _peak(model, shapes, {s.name: policies[s.name] for s in shapes}, chunk, saved)
+    return _peak(_trainable_bytes(model), shapes, {s.name: policies[s.name] for s in shapes}, chunk, saved)
 
 
 def _chunks(batch: int) -> list:
@@ -253,9 +255,9 @@ def plan_recompute(model: nn.Module, budget: int, batch_size: int, **kw) -> Reco
     shapes = _with_backward(shapes, saved["none"])
     if not shapes:  # nothing is back-propagated through a lean tower: nothing to recompute
         return RecomputePlan({}, None, _trainable_bytes(model), 0.0)
-    best, smallest = None, None
+    best, smallest, grads = None, None, _trainable_bytes(model)
     for policies, chunk in _candidates(shapes, batch_size):
-        peak = _peak(model, shapes, policies, chunk, saved)
+        peak = _peak(grads, shapes, policies, chunk, saved)
         smallest = peak if smallest is None else min(smallest, peak)
         if peak > budget:
             continue
