@@ -10,6 +10,7 @@ import torch
 from leanclip.bench.common import warn_all, write_json
 from leanclip.configs import register_tiny_config
 from leanclip.methods import METHODS
+from leanclip.models import transformers as _hf
 
 # Results go to a folder of the user's, under the current directory, never into the repository: bench/results/ holds
 # the numbers the README quotes and takes a run only on purpose (--output bench/results).
@@ -91,6 +92,10 @@ def _add_fit_arguments(sub) -> None:
                    help="largest batch probed: a mode that fits it is reported as fitting at least it "
                         "(default: %(default)s)")
     f.add_argument("--batch", type=int, default=None, help="only check whether this batch fits (no search)")
+    f.add_argument("--estimate", action="store_true",
+                   help="run nothing: the step-peak estimator's largest batch per mode (plain, plain+gc, lean:fit) "
+                        "for a model built on the meta device; --mem-cap may list caps (16GiB,24GiB,40GiB); "
+                        "precision auto is bf16, the GPU's")
     f.add_argument("--probe", type=int, default=None, metavar="BATCH",
                    help="measure one CPU probe (the one mode of --modes at this batch) in this process and print it "
                         "as one JSON line; what each probe process of a CPU search runs")
@@ -103,7 +108,10 @@ def _check_names(models, methods):
 
     register_tiny_config()
     known = set(open_clip.list_models())
-    bad = [m for m in models if m not in known]
+    for m in models:
+        if _hf.is_name(m):  # built from its config with random weights (leanclip.bench.step.create_random)
+            _hf.random_config(m)
+    bad = [m for m in models if m not in known and not _hf.is_name(m)]
     if bad:
         raise ValueError(f"--models: unknown open_clip model(s) {bad}")
     bad = [m for m in methods if m not in METHODS]
@@ -177,9 +185,35 @@ def _run_step(args) -> int:
     return 0
 
 
+def _run_estimate(args) -> int:
+    """``bench fit --estimate``: the estimator's numbers, labelled as estimates (nothing runs)."""
+    from leanclip.bench import estimate, fit
+
+    caps = {c: fit.parse_bytes(c) for c in args.mem_cap.split(",") if c}
+    if not caps:
+        raise ValueError("--mem-cap: give at least one cap")
+    modes = [m for m in args.modes.split(",") if m] if args.modes != ",".join(fit.DEFAULT_MODES) else estimate.MODES
+    bad = [m for m in modes if m not in estimate.MODES]
+    if bad:
+        raise ValueError(f"--modes: --estimate covers {', '.join(estimate.MODES)}, not {', '.join(bad)}")
+    if args.classes <= 0 or args.max_batch <= 0:
+        raise ValueError("--classes and --max-batch must be positive")
+    _check_names([args.model], [args.method])
+    output = _output_folder(args.output)
+    res = estimate.estimate(args.model, args.method, caps, modes=modes, n_classes=args.classes,
+                            precision="bf16" if args.precision == "auto" else args.precision, scope=args.scope,
+                            max_batch=args.max_batch)
+    print(estimate.summarize(res))
+    name = fit.result_name({**res, "device": "cpu", "machine": {"device": "cpu"}}, "-".join(caps))
+    print(f"wrote {write_json(os.path.join(output, name.replace('fit-cpu-', 'fit-estimate-')), res)}")
+    return 0
+
+
 def _run_fit(args) -> int:
     from leanclip.bench import fit
 
+    if args.estimate:
+        return _run_estimate(args)
     cap = fit.parse_bytes(args.mem_cap)
     for flag, v in (("--batch", args.batch), ("--probe", args.probe), ("--max-batch", args.max_batch),
                     ("--threads", args.threads), ("--classes", args.classes)):

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from leanclip.models import transformers as _hf
 from leanclip.utils import atomic_write, atomic_write_text
 
 
@@ -229,6 +230,8 @@ def bench_tokenizer(model_name: str):
     import open_clip
 
     try:
+        if _hf.is_name(model_name):  # CLIP's BPE is open_clip's SimpleTokenizer; the 77-token context is CLIP's
+            raise OSError("the benchmarks build transformers models from a config, without the hub repo")
         return open_clip.get_tokenizer(model_name)
     except (OSError, ImportError) as e:
         ctx = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {}).get("context_length", 77)

@@ -8,7 +8,9 @@ Modes (``--modes``; the grammar is checked by ``parse_mode``):
 
     plain          open_clip as is, ``requires_grad_`` on the method's parameters, both towers at the full 77-token
                    context every step; the method's extra loss terms (CLIPFit's distillation) as leanclip builds them
-    plain+gc       the same with open_clip's own ``model.set_grad_checkpointing(True)`` (every block recomputed)
+    plain+gc       the same with the tower's own gradient checkpointing, ``model.set_grad_checkpointing(True)``:
+                   open_clip's, timm's for a timm trunk, ``transformers``' ``gradient_checkpointing_enable`` for a
+                   ``transformers:`` model (every block recomputed)
     plain+compile  the plain step's forward under ``torch.compile`` (CPU or CUDA; compiling is timed apart from the
                    step)
     plain+compile+budget:<b>  the same with ``torch._functorch.config.activation_memory_budget = b`` (0 < b <= 1), the
@@ -67,13 +69,14 @@ from leanclip.bench.common import (
     bench_tokenizer, interleaved_times, load_average, machine, reliability_warnings, rss_now, spread,
     step_peak_bytes, write_json, write_png,
 )
-from leanclip.budget import apply_plan, plan_recompute, resolve_budget
+from leanclip.budget import apply_plan, current_peak, plain_peak, plan_recompute, predict_peak, resolve_budget
 from leanclip.configs import register_tiny_config
 from leanclip.features import class_logits, image_features, text_features
 from leanclip.lean import SAC_CACHE_COUNTED, set_recompute
 from leanclip.llu import head_loss_fn
 from leanclip.memory import saved_activation_bytes
 from leanclip.methods import prepare
+from leanclip.models import transformers as _hf
 from leanclip.models.openclip import random_init
 from leanclip.registry import method_hooks, method_loss_terms, method_trainer
 from leanclip.select import trainable_parameters
@@ -142,14 +145,23 @@ def default_modes(policies=POLICIES, *, compile=False, budgets=DEFAULT_BUDGETS, 
 PRECISIONS = ("fp32", "bf16")
 
 
-def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None, plan=None):
-    """The model of one mode. ``plan``: ``prepare``'s budget arguments (a ``lean:budget:<b>`` mode)."""
+def create_random(model_name, device=None):
+    """``model_name`` with random weights (time and memory do not depend on them): open_clip's model, or for
+    ``transformers:<id>`` the ``transformers`` model built from its config, with no download
+    (``leanclip.models.transformers.create_random``). ``device="meta"``: shapes only, no memory."""
     import open_clip
 
     torch.manual_seed(0)
-    with random_init():  # random weights are the point: no "No pretrained weights loaded" line per mode
-        model = open_clip.create_model(model_name, pretrained=None)
-    model = model.to(device)
+    with torch.device(device or "cpu"):  # built there: a meta model never holds its weights in memory
+        if _hf.is_name(model_name):
+            return _hf.create_random(model_name)
+        with random_init():  # random weights are the point: no "No pretrained weights loaded" line per mode
+            return open_clip.create_model(model_name, pretrained=None, device=device or "cpu")
+
+
+def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None, plan=None):
+    """The model of one mode. ``plan``: ``prepare``'s budget arguments (a ``lean:budget:<b>`` mode)."""
+    model = create_random(model_name).to(device)
     budget = dict(plan, recompute="auto") if plan is not None else {"recompute": policy if lean else "none"}
     prepare(model, method, lean=lean, classnames=classnames, tokenizer=tokenizer, model_name=model_name,
             frozen_dtype=frozen_dtype, **budget)
@@ -362,6 +374,8 @@ def _warm_up(step, device):
 def _prepare_mode(mode, model_name, method, *, device, tokenizer, **kw):
     """Build and warm up one mode: (step, saved bytes or None, warm-up seconds, peak bytes, how peak was measured)."""
     step, forward, model = make_step(model_name, method, mode, device=device, tokenizer=tokenizer, **kw)
+    sizes = {k: kw[k] for k in ("batch_size", "n_classes", "scope")}
+    sizes["precision"] = kw.get("precision", "fp32")
     breaks = _graph_breaks()
     warm = _warm_up(step, device)
     spec = parse_mode(mode)
@@ -371,7 +385,22 @@ def _prepare_mode(mode, model_name, method, *, device, tokenizer, **kw):
         with _budget_context(spec["budget"]):
             saved = saved_activation_bytes(forward, exclude=model)[1]
     peak, how = step_peak_bytes(step, device)
-    return step, saved, warm, peak, how, breaks
+    return step, saved, warm, peak, how, breaks, predicted_peak(model, spec, **sizes)
+
+
+def predicted_peak(model, spec: dict, *, batch_size: int, n_classes: int, scope: str, precision: str) -> int | None:
+    """``leanclip.budget``'s prediction of what one step of this mode adds (``peak_step_bytes`` measures it):
+    ``plain_peak`` for plain, the ``block`` policy over every block for the tower's own gradient checkpointing,
+    ``current_peak`` (the policies the lean blocks hold) for a lean mode; None for compiled modes and the floor
+    (the estimate models eager autograd)."""
+    if spec["compile"] or spec["kind"] == "floor":
+        return None
+    kw = {"text_batch_size": _text_batch(n_classes, scope), "dtype": torch.bfloat16 if precision == "bf16" else None}
+    if spec["kind"] == "lean":
+        return current_peak(model, batch_size, **kw)
+    if spec["gc"]:
+        return predict_peak(model, batch_size, "block", lean_only=False, **kw)
+    return plain_peak(model, batch_size, **kw)
 
 
 def _graph_breaks() -> int:
@@ -386,10 +415,10 @@ def _ratios(values: dict, base: str) -> dict:
 
 def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps, precision="fp32", scope="full"):
     tokenizer = bench_tokenizer(model_name)
-    steps, saved, peak, warmup, failed, breaks, how = {}, {}, {}, {}, {}, {}, None
+    steps, saved, peak, warmup, failed, breaks, how, predicted = {}, {}, {}, {}, {}, {}, None, {}
     for mode in modes:
         try:
-            step, saved[mode], warmup[mode], peak[mode], how, breaks[mode] = _prepare_mode(
+            step, saved[mode], warmup[mode], peak[mode], how, breaks[mode], predicted[mode] = _prepare_mode(
                 mode, model_name, method, device=device, tokenizer=tokenizer, batch_size=batch_size,
                 n_classes=n_classes, precision=precision, scope=scope)
         except Exception as exc:  # noqa: BLE001 - a compiled mode that does not trace is a result, not a crash
@@ -405,7 +434,7 @@ def bench_one(model_name, method, modes, *, batch_size, n_classes, device, reps,
            "spread": {k: spread(v) for k, v in samples.items()},
            "images_per_s": {k: batch_size / v for k, v in times.items()},
            "warmup_seconds": warmup, "peak_step_bytes": peak, "peak_method": how,
-           "saved_bytes": saved, "graph_breaks": breaks, "failed": failed}
+           "saved_bytes": saved, "graph_breaks": breaks, "failed": failed, "predicted_peak_bytes": predicted}
     if step_note(method):
         row["step"] = step_note(method)
     return finish_row(row)
@@ -417,6 +446,9 @@ def finish_row(row: dict) -> dict:
     row["peak_ratio_vs_plain"] = _ratios(row["peak_step_bytes"], "plain")
     row["saved_ratio_vs_plain"] = _ratios(row["saved_bytes"], "plain")
     row["best_peer"] = best_peers(row["seconds"], row["peak_step_bytes"])
+    predicted = row.get("predicted_peak_bytes") or {}
+    row["predicted_vs_measured"] = {m: (v / row["peak_step_bytes"][m] if v and row["peak_step_bytes"].get(m) else None)
+                                    for m, v in predicted.items()}
     return row
 
 
@@ -460,7 +492,7 @@ def _child_env():
 def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
     """Each mode in its own process (``--json``); the per-mode numbers gathered into one row."""
     keys = ("seconds", "spread", "images_per_s", "warmup_seconds", "peak_step_bytes", "saved_bytes", "graph_breaks",
-            "failed")
+            "failed", "predicted_peak_bytes")
     row = {k: {} for k in keys}
     for mode in modes:
         argv = _child_argv(model_name, method, mode, threads=threads, **kw)
@@ -508,6 +540,7 @@ def run(models, methods, *, batch_size, n_classes, modes=None, policies=POLICIES
 
 def _result(rows, modes, device, precision, isolate, threads, output, plot, *, reps, load):
     res = {"machine": machine(), "device": str(device), "modes": modes, "rows": rows, "precision": precision,
+           "weights": "random init: no pretrained weights are read (step time and memory do not depend on them)",
            "isolate": isolate, "threads": threads or torch.get_num_threads(), "reps": reps, "load_average": load,
            "time_source": ("per-process medians: each mode alone in its own process, one after another" if isolate
                            else "medians measured side by side (interleaved) in one process"),

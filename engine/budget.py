@@ -15,6 +15,9 @@ plus the gradient entering and the one leaving the block over the whole batch:
 
     transient_i = TRANSIENT_UNITS[policy_i] * rows_i * L * D * elem + GRADIENT_UNITS * B * L * D * elem
 
+A tower's geometry (tokens, width, its blocks' activation units per policy) comes from ``leanclip.geometry``, the
+reader ``estimate_saved_bytes`` uses too; for timm and Hugging Face blocks (SwiGLU, quick-GELU, sub-LayerNorms,
+rotary q/k) the transient is scaled by the block's units without recompute against the open_clip block's 10.
 The constants come from CPU measurements (``leanclip bench step --isolate``, glibc's mmap threshold lowered so RSS
 follows live tensors; ViT-B-16 image tower, LayerNorm tuning, batch 16, fp32); docs/MEASURED.md lists the
 estimate beside the measured peak for ViT-B-16 and ViT-L-14. A budget is a step peak: bytes, or a fraction of plain
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from leanclip import geometry as _geometry
 from leanclip import lean as _lean
 from leanclip.select import trainable_parameters
 from leanclip.utils import parse_bytes
@@ -50,14 +54,18 @@ _EXTRA_WORK = {"none": (0.0, 0.0), "mlp": (8.0, 0.0), "mlp+qkv": (14.0, 0.0), "b
 
 @dataclass(frozen=True)
 class TowerShape:
-    """What the estimate needs of a tower: its lean blocks (bottom first), tokens per sample, width, element size,
-    and the batch it runs at in a step (images, or class prompts for the text tower)."""
+    """What the estimate needs of a tower (``leanclip.geometry`` reads it): its lean blocks (bottom first), tokens per
+    sample, width, element size, the batch it runs at in a step (images, or class prompts for the text tower), the
+    scale of its blocks' transients against the open_clip block the constants were measured on, and whether its
+    last block runs at the pooled rows only."""
     name: str
     blocks: tuple
     length: int
     width: int
     elem: int
     batch: int
+    scale: float = 1.0
+    one_row: bool = False
 
     def unit(self, rows: int) -> float:
         return float(rows) * self.length * self.width * self.elem
@@ -89,10 +97,6 @@ class RecomputePlan:
 ROWS_TRANSIENT_UNITS = {"none": 1.0, "mlp": 1.0, "mlp+qkv": 6.0, "block": 6.0}
 
 
-def _is_lean_block(m: nn.Module) -> bool:
-    return bool(getattr(type(m), "lean_block", False))
-
-
 def _with_backward(shapes, saved_none: dict) -> list:
     """The towers a step back-propagates through (they keep something for backward without recompute)."""
     return [s for s in shapes if saved_none[s.name] > 0]
@@ -101,36 +105,17 @@ def _with_backward(shapes, saved_none: dict) -> list:
 def tower_shapes(model: nn.Module, batch_size: int, *, text_batch_size: int | None = None,
                  text_len: int | None = None, dtype: torch.dtype | None = None,
                  lean_only: bool = True) -> list[TowerShape]:
-    """The towers of ``model`` as the estimate sees them (image first), with their lean blocks (``lean_only``) or
-    all their blocks; a tower without such blocks is left out (nothing of it is recomputed)."""
+    """The towers of ``model`` as the estimate sees them (image first; open_clip, timm and Hugging Face towers, see
+    ``leanclip.geometry``), with their lean blocks (``lean_only``) or all their blocks; a tower without such blocks,
+    or that runs at batch 0, is left out (nothing of it is recomputed)."""
     shapes = []
-    vis = getattr(model, "visual", None)
-    if isinstance(vis, _lean.VisionTransformer):
-        blocks = tuple(m for m in vis.transformer.resblocks if lean_only is False or _is_lean_block(m))
-        if blocks:
-            shapes.append(TowerShape("image", blocks, vis.grid_size[0] * vis.grid_size[1] + 1, vis.transformer.width,
-                                     _elem(blocks, dtype), batch_size))
-    t = _lean.text_tower(model)
-    if t is not None:
-        blocks = tuple(m for m in t.transformer.resblocks if lean_only is False or _is_lean_block(m))
-        length = t.positional_embedding.shape[0] if text_len is None else int(text_len)
-        tb = batch_size if text_batch_size is None else text_batch_size
-        if blocks and tb:
-            shapes.append(TowerShape("text", blocks, length, t.transformer.width, _elem(blocks, dtype), tb))
+    for g in _geometry.towers(model, dtype=dtype, text_len=text_len):
+        blocks = tuple(b for b in g.blocks if not lean_only or _geometry.is_lean_block(b))
+        batch = batch_size if g.name == "image" or text_batch_size is None else text_batch_size
+        if blocks and batch:
+            shapes.append(TowerShape(g.name, blocks, g.tokens, g.width, g.elem, batch, g.transient_scale(),
+                                     g.rows_last))
     return shapes
-
-
-def _elem(blocks, dtype) -> int:
-    return torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
-
-
-def _reads_one_row(model: nn.Module, tower: str) -> bool:
-    if tower == "image":
-        vis = model.visual
-        return isinstance(vis, _lean.LeanVisionTransformer) and vis.reads_cls_only()
-    t = _lean.text_tower(model)
-    return (t.cls_emb is None and not t.pad_mask and _lean.pools_at_eot(t.pool_type, t.eos_id)
-            and _lean.rows_ok(t.transformer))
 
 
 def _saved_by_tower(model, policy, shapes, *, text_len, dtype) -> dict:
@@ -144,7 +129,7 @@ def _saved_by_tower(model, policy, shapes, *, text_len, dtype) -> dict:
     return out
 
 
-def _tower_peak(shape: TowerShape, policies, chunk, saved: dict, one_row: bool) -> float:
+def _tower_peak(shape: TowerShape, policies, chunk, saved: dict) -> float:
     """saved(blocks 0..i) + transient_i, largest over the blocks, walked from the top as the backward does. A
     tower's saved bytes under one policy are shared evenly by its blocks (what the blocks keep outside them, the
     final LayerNorm's input and the features, is small beside them)."""
@@ -155,8 +140,8 @@ def _tower_peak(shape: TowerShape, policies, chunk, saved: dict, one_row: bool) 
     for i in reversed(range(n)):
         p = policies[i]
         rows = chunk if p == "block" and chunk is not None and chunk < shape.batch else shape.batch
-        units = ROWS_TRANSIENT_UNITS[p] if (i == n - 1 and one_row) else TRANSIENT_UNITS[p]
-        transient = units * shape.unit(rows) + GRADIENT_UNITS * shape.unit(shape.batch)
+        units = ROWS_TRANSIENT_UNITS[p] if (i == n - 1 and shape.one_row) else TRANSIENT_UNITS[p]
+        transient = units * shape.scale * shape.unit(rows) + GRADIENT_UNITS * shape.unit(shape.batch)
         worst = max(worst, remaining + transient)
         remaining -= per_block[i]
     return worst
@@ -167,13 +152,15 @@ def _trainable_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for _, p in trainable_parameters(model))
 
 
-def _peak(model, shapes, policies: dict, chunk, saved: dict, one_row: dict) -> int:
+def _peak(grads: int, shapes, policies: dict, chunk, saved: dict) -> int:
+    """The step peak of a plan: ``grads`` (``_trainable_bytes``, computed once by the caller: the planner weighs
+    thousands of plans) plus the worst tower's peak beside what the other towers keep."""
     totals = {s.name: sum(saved[p][s.name] for p in policies[s.name]) / len(s.blocks) for s in shapes}
     worst = 0.0
     for s in shapes:
         others = sum(v for k, v in totals.items() if k != s.name)
-        worst = max(worst, others + _tower_peak(s, policies[s.name], chunk, saved, one_row[s.name]))
-    return int(worst + _trainable_bytes(model))
+        worst = max(worst, others + _tower_peak(s, policies[s.name], chunk, saved))
+    return int(worst + grads)
 
 
 def _work(shapes, policies: dict) -> float:
@@ -196,19 +183,37 @@ def plain_peak(model: nn.Module, batch_size: int, **kw) -> int:
     saved = {"none": _saved_by_tower(model, "none", shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))}
     shapes = _with_backward(shapes, saved["none"])
     policies = {s.name: ["none"] * len(s.blocks) for s in shapes}
-    return _peak(model, shapes, policies, None, saved, {s.name: False for s in shapes})
+    return _peak(_trainable_bytes(model), shapes, policies, None, saved)
 
 
-def predict_peak(model: nn.Module, batch_size: int, policy: str = "none", chunk: int | None = None, **kw) -> int:
-    """Predicted step peak of a lean ``model`` with every lean block under ``policy`` (and ``chunk``)."""
+def predict_peak(model: nn.Module, batch_size: int, policy: str = "none", chunk: int | None = None, *,
+                 lean_only: bool = True, **kw) -> int:
+    """Predicted step peak of a lean ``model`` with every lean block under ``policy`` (and ``chunk``).
+    ``lean_only=False`` counts every block of a plain model: ``policy="block"`` then stands for the tower's own
+    gradient checkpointing (open_clip's / timm's ``set_grad_checkpointing``, ``transformers``'
+    ``gradient_checkpointing_enable``: each block keeps its input and is recomputed whole in the backward)."""
     _lean.check_policy(policy)
     _lean.check_chunk(policy, chunk)
+    shapes = tower_shapes(model, batch_size, lean_only=lean_only, **kw)
+    return _predict(model, shapes, {s.name: [policy] * len(s.blocks) for s in shapes}, chunk, kw)
+
+
+def current_peak(model: nn.Module, batch_size: int, **kw) -> int:
+    """Predicted step peak of a lean ``model`` under the policies (and chunk) its blocks hold now: one policy, or a
+    plan ``apply_plan`` set."""
     shapes = tower_shapes(model, batch_size, **kw)
-    saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))
-             for p in {policy, "none"}}
+    policies = {s.name: [b.leanclip_recompute for b in s.blocks] for s in shapes}
+    chunks = {b.leanclip_chunk for s in shapes for b in s.blocks if b.leanclip_recompute == "block"} - {None}
+    return _predict(model, shapes, policies, min(chunks) if chunks else None, kw)
+
+
+def _predict(model, shapes, policies: dict, chunk, kw) -> int:
+    if not shapes:
+        return _trainable_bytes(model)
+    used = {p for pols in policies.values() for p in pols} | {"none"}
+    saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype")) for p in used}
     shapes = _with_backward(shapes, saved["none"])
-    policies = {s.name: [policy] * len(s.blocks) for s in shapes}
-    return _peak(model, shapes, policies, chunk, saved, {s.name: _reads_one_row(model, s.name) for s in shapes})
+    return _peak(_trainable_bytes(model), shapes, {s.name: policies[s.name] for s in shapes}, chunk, saved)
 
 
 def _chunks(batch: int) -> list:
@@ -241,19 +246,18 @@ def plan_recompute(model: nn.Module, budget: int, batch_size: int, **kw) -> Reco
     if not shapes:
         raise ValueError("a memory budget needs lean blocks to plan for; this model has none")
     known = {id(b) for s in tower_shapes(model, 1, text_batch_size=1) for b in s.blocks}
-    other = next((m for m in model.modules() if _is_lean_block(m) and id(m) not in known), None)
+    other = next((m for m in model.modules() if _geometry.is_lean_block(m) and id(m) not in known), None)
     if other is not None:  # a planner that left a tower at "none" unasked would break the budget silently
-        raise ValueError(f"memory_budget: the step-peak estimate covers open_clip's ViT and text towers, not "
+        raise ValueError(f"memory_budget: the step-peak estimate covers open_clip, timm and Hugging Face towers, not "
                          f"{type(other).__module__}.{type(other).__qualname__} blocks; give a recompute policy")
     saved = {p: _saved_by_tower(model, p, shapes, text_len=kw.get("text_len"), dtype=kw.get("dtype"))
              for p in _lean.POLICIES}
     shapes = _with_backward(shapes, saved["none"])
     if not shapes:  # nothing is back-propagated through a lean tower: nothing to recompute
         return RecomputePlan({}, None, _trainable_bytes(model), 0.0)
-    one_row = {s.name: _reads_one_row(model, s.name) for s in shapes}
-    best, smallest = None, None
+    best, smallest, grads = None, None, _trainable_bytes(model)
     for policies, chunk in _candidates(shapes, batch_size):
-        peak = _peak(model, shapes, policies, chunk, saved, one_row)
+        peak = _peak(grads, shapes, policies, chunk, saved)
         smallest = peak if smallest is None else min(smallest, peak)
         if peak > budget:
             continue

@@ -79,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from leanclip import geometry as _geometry
 from leanclip import kernels
 from leanclip.kernels._backend import resolve as _resolve_backend
 from leanclip.models import transformers as _hf
@@ -859,7 +860,7 @@ def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> nn
         if isinstance(m, LeanBlockMixin):
             m.leanclip_recompute = policy
             m.leanclip_chunk = chunk
-    _hf.set_recompute(model, policy)
+    _hf.set_recompute(model, policy, chunk)
     model.leanclip_recompute = policy
     model.leanclip_chunk = chunk
     return model
@@ -1034,20 +1035,18 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
         raise ValueError(f"text_len must be a positive int, got {text_len!r}")
     total = 0
     vis = getattr(model, "visual", None)
-    if isinstance(vis, VisionTransformer):
-        blocks = vis.transformer.resblocks
-        elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
+    g = _geometry.tower_geometry(model, "image", dtype=dtype)
+    if g is not None and g.family == "openclip":
+        blocks, length, elem, rows = g.blocks, g.tokens, g.elem, g.rows_last
         names = _trainable_names(model, "visual.")
         top = _top(names, "visual.")
         input_grad = bool(top & {"conv1", "class_embedding", "positional_embedding", "ln_pre"})
         first, stage = _grad_layout(names, "visual.transformer.resblocks.", len(blocks), input_grad)
         on_path = first is not None or bool(top & {"ln_post", "proj"})
-        length = vis.grid_size[0] * vis.grid_size[1] + 1
-        rows = isinstance(vis, LeanVisionTransformer) and vis.reads_cls_only()
         pre = first is not None and not isinstance(vis.ln_pre, nn.Identity) and (
             input_grad and "conv1" in top or "ln_pre" in top)
         total += _tower_bytes(blocks, policy, first, stage, on_path + (0 if rows else pre), batch_size, length,
-                              vis.transformer.width, blocks[0].attn.num_heads, elem, rows_last=rows)
+                              g.width, g.heads, elem, rows_last=rows)
         if rows and pre:  # ln_pre's input is full-length either way
             total += batch_size * length * (vis.transformer.width * elem + 8)
         if "conv1" in top:  # the patch conv keeps its input images
@@ -1056,13 +1055,15 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
             total += batch_size * (1 if rows else length) * vis.transformer.width * elem
         if on_path:  # features are L2-normalized in fp32
             total += batch_size * (vis.output_dim * 4 + 8)
+    elif _hf.is_transformers(model):  # both towers: leanclip.models.transformers
+        return _hf.estimate_saved_bytes(model, policy, batch_size, tb, text_len, dtype)
     else:  # a tower of another family (timm), when it has an estimate
         _load_families()
         total += next((b for b in (f(model, policy, batch_size, dtype) for f in _IMAGE_ESTIMATES) if b is not None), 0)
     t = text_tower(model)
-    if t is not None:
-        blocks = t.transformer.resblocks
-        elem = torch.empty((), dtype=dtype or blocks[0].mlp.c_fc.weight.dtype).element_size()
+    tg = _geometry.tower_geometry(model, "text", dtype=dtype, text_len=text_len)
+    if t is not None and tg is not None:
+        blocks, elem, length, rows = tg.blocks, tg.elem, tg.tokens, tg.rows_last
         names = _trainable_names(model, t.prefix)
         top = _top(names, t.prefix)
         hooks = method_hooks(model)
@@ -1071,10 +1072,8 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
             learner is not None and any(p.requires_grad for p in learner.parameters()))
         first, stage = _grad_layout(names, f"{t.prefix}transformer.resblocks.", len(blocks), input_grad)
         on_path = first is not None or bool(top & {"ln_final", "text_projection"})
-        length = t.positional_embedding.shape[0] if text_len is None else int(text_len)
-        rows = t.cls_emb is None and not t.pad_mask and pools_at_eot(t.pool_type, t.eos_id) and rows_ok(t.transformer)
-        total += _tower_bytes(blocks, policy, first, stage, int(on_path), tb, length, t.transformer.width,
-                              blocks[0].attn.num_heads, elem, rows_last=rows)
+        total += _tower_bytes(blocks, policy, first, stage, int(on_path), tb, length, tg.width, tg.heads, elem,
+                              rows_last=rows)
         if "token_embedding" in top:
             total += tb * length * 8  # the embedding backward keeps the token ids
         if "text_projection" in top:

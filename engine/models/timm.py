@@ -38,12 +38,13 @@ try:  # timm is optional for open_clip; without it no timm tower can be built, a
     from timm.layers import AttentionRope, GluMlp, LayerScale, Mlp, SwiGLU, apply_rot_embed_cat
     from timm.layers import LayerNorm as TimmLayerNorm
     from timm.layers.attention import Attention
-    from timm.models.eva import EvaAttention, EvaBlock
+    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
     from timm.models.vision_transformer import Block
 except ImportError:  # pragma: no cover
-    Block = EvaBlock = None
+    Block = EvaBlock = EvaBlockPostNorm = None
 
 from leanclip import lean as _lean
+from leanclip.geometry import TowerGeometry, elem_size, register_family
 from leanclip.models.openclip import class_name, timm_image_tower
 
 _MLPS = () if Block is None else (Mlp, GluMlp, SwiGLU)
@@ -344,7 +345,7 @@ def block_units(blk: nn.Module, policy: str) -> float:
         return 1.0
     if policy == "mlp+qkv":
         return 3.0 + sub_ln
-    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, EvaBlock)  # q/k norm or rotary
+    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, (EvaBlock, EvaBlockPostNorm))  # rotary
     if attn.qkv is not None:
         qkv = 3.0 + 2.0 * qk_new
     else:
@@ -368,10 +369,11 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
     block, an upper bound when gradients enter it midway - plus its LayerNorm statistics and the attention's
     logsumexp; after the blocks, the final norm's input and, with MAP pooling, the pooled attention's keys and
     values over every token."""
-    if tower_obstacles(model) != []:
+    g = image_geometry(model, "image", dtype, None)
+    if g is None:
         return None
     trunk = model.visual.trunk
-    blocks = list(trunk.blocks)
+    blocks = list(g.blocks)
     names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.")]
     embeds = ("visual.trunk.patch_embed.", "visual.trunk.pos_embed", "visual.trunk.cls_token", "visual.trunk.reg_token",
               "visual.trunk.norm_pre.")
@@ -379,18 +381,43 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
         (i for i in range(len(blocks)) if any(n.startswith(f"visual.trunk.blocks.{i}.") for n in names)), None)
     if first is None and not names:
         return 0
-    elem = torch.empty((), dtype=dtype or blocks[0].attn.proj.weight.dtype).element_size()
-    rows = batch * _tokens(trunk)
-    unit = rows * trunk.embed_dim * elem
+    rows = batch * g.tokens
+    unit = g.unit(batch)
     total = 0.0
     for blk in blocks[first if first is not None else len(blocks):]:
         total += block_units(blk, policy) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
     total += unit + rows * 8  # the final norm's input
     if any(n.startswith("visual.trunk.norm_pre.") for n in names):  # PE-Core's pre-transformer norm keeps its input
         total += unit + rows * 8
-    if getattr(trunk, "attn_pool", None) is not None:
+    if g.map_head:
         total += 2 * unit  # the pool's keys and values over every token
     return int(total)
+
+
+def _estimable(blk: nn.Module) -> bool:
+    """Whether the estimates know ``blk``: a block the lean engine runs, or EVA's post-norm block (EVA02-E: the
+    same attention and MLP, its LayerNorms on the branch outputs; plain estimates only, it has no lean version)."""
+    if EvaBlockPostNorm is not None and type(blk) is EvaBlockPostNorm:
+        return _attn_obstacle(blk.attn) is None and _mlp_obstacle(blk.mlp) is None
+    return block_obstacle(blk) is None
+
+
+def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
+    """The ``leanclip.geometry`` reader of a timm image tower the estimates know (``_estimable`` blocks; None for
+    anything else): tokens with the prefix tokens, width, the MLP's hidden width (SwiGLU / GluMlp: one half),
+    heads, MAP pooling, and each policy's ``block_units``."""
+    v = timm_image_tower(model) if tower == "image" else None
+    blocks = None if v is None else trunk_blocks(v)
+    if blocks is None or not all(_estimable(b) for b in blocks):
+        return None
+    trunk = v.trunk
+    blk = trunk.blocks[0]
+    mlp = blk.mlp
+    return TowerGeometry("image", "timm", tuple(trunk.blocks), _tokens(trunk), blk.attn.proj.out_features,
+                         mlp.fc2.in_features, isinstance(mlp, (GluMlp, SwiGLU)), blk.attn.num_heads,
+                         elem_size(dtype, blk.attn.proj.weight), False,
+                         getattr(trunk, "attn_pool", None) is not None,
+                         {p: block_units(blk, p) for p in _lean.POLICIES})
 
 
 # ----------------------------------------------------------------------------------------------------------- tiny models
@@ -434,3 +461,4 @@ if Block is not None:
     _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock},
                                 supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
                                 image_tower=tower_obstacles, image_estimate=estimate_image_bytes)
+    register_family(image_geometry)

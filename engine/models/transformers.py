@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanclip.geometry import TowerGeometry, elem_size, register_family
+
 PREFIX = "transformers:"
 # model_type of the config -> the transformers class that holds both towers
 _CLASSES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
@@ -132,6 +134,14 @@ class TransformersCLIP(nn.Module):
         return {"class": type(self._hf).__name__,
                 **{f"{t}_{k}": getattr(getattr(cfg, f"{t}_config"), k, None)
                    for t in ("vision", "text") for k in ("hidden_act", "layer_norm_eps")}}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """open_clip's call for ``transformers``' own gradient checkpointing of both towers (non-reentrant, so
+        frozen inputs and trainable LayerNorms inside a checkpoint get their gradients)."""
+        if enable:
+            self._hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self._hf.gradient_checkpointing_disable()
 
     def tower_class(self, tower: str) -> str:
         """How errors and notices name a tower: the ``transformers`` class it wraps."""
@@ -257,6 +267,52 @@ def create_model(name: str, pretrained=None, *, image_size: int | None = None, c
     return TransformersCLIP(hf, name, _preprocess_cfg(name, model_id, family, size, cache_dir))
 
 
+# Configs of released models, for a model with random weights built offline (benchmarks: time and memory do not
+# depend on the weights): the hub id -> (model_type, config arguments beside transformers' defaults).
+RELEASED_CONFIGS = {"openai/clip-vit-base-patch16": ("clip", {"vision_config": {"patch_size": 16}}),
+                    "openai/clip-vit-base-patch32": ("clip", {}),
+                    "openai/clip-vit-large-patch14": ("clip", {
+                        "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                          "num_attention_heads": 16, "patch_size": 14},
+                        "text_config": {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12},
+                        "projection_dim": 768})}
+
+
+def random_config(name: str, *, cache_dir=None):
+    """The config of ``transformers:<id>`` without a download: from the Hugging Face cache when it is there, else
+    from ``RELEASED_CONFIGS``; ValueError (one line) for an id found in neither or of another model type."""
+    import transformers
+
+    model_id = hub_id(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_id, cache_dir=cache_dir, local_files_only=True)
+    except (OSError, ValueError):
+        if model_id not in RELEASED_CONFIGS:
+            raise ValueError(f"model {name!r}: its config is not in the Hugging Face cache and leanclip knows no "
+                             f"built-in config for it (known: {', '.join(sorted(RELEASED_CONFIGS))})") from None
+        family, kw = RELEASED_CONFIGS[model_id]
+        config = getattr(transformers, _CLASSES[family].replace("Model", "Config"))(**kw)
+    family = getattr(config, "model_type", None)
+    if family not in _CLASSES:
+        raise ValueError(f"model {name!r} is a {family!r} model; leanclip runs transformers models of type "
+                         f"{', '.join(sorted(_CLASSES))}")
+    return config
+
+
+def create_random(name: str, *, cache_dir=None) -> TransformersCLIP:
+    """``transformers:<id>`` with random weights (``random_config``; no download, no weights read): for
+    benchmarks, whose time and memory do not depend on the weights."""
+    import transformers
+
+    config = random_config(name, cache_dir=cache_dir)
+    family = config.model_type
+    hf = getattr(transformers, _CLASSES[family])(config).eval()
+    size = int(config.vision_config.image_size)
+    mean, std = _DEFAULT_NORM[family]
+    return TransformersCLIP(hf, name, {"size": (size, size), "mean": mean, "std": std, "interpolation": "bicubic",
+                                       "resize_mode": "shortest"})
+
+
 class Tokenizer:
     """The model's ``transformers`` tokenizer as open_clip's are called: ``tok(texts) -> LongTensor (N, context)``,
     padded to the text tower's context (SigLIP was trained on that fixed length) and truncated to it."""
@@ -347,9 +403,23 @@ class LeanEncoderLayer(nn.Module):
     selective-checkpoint policy that keeps the SDPA outputs; ``block`` keeps only the layer input."""
 
     leanclip_recompute = "none"
+    leanclip_chunk = None  # samples per chunk under "block" (None: the whole batch at once)
 
     def _mlp_in(self, h: torch.Tensor) -> torch.Tensor:
         return self.mlp.activation_fn(self.mlp.fc1(self.layer_norm2(h)))
+
+    def _block(self, hidden_states, attention_mask, rng: bool, kwargs):
+        """``block``: the layer's own forward checkpointed, or over chunks of ``leanclip_chunk`` samples
+        (``leanclip.lean._Chunked``: the backward holds one chunk's activations; a per-sample mask is sliced)."""
+        lean = _leanlib()
+        base = functools.partial(self.leanclip_base.forward, self, **kwargs)
+        batch, chunk = hidden_states.shape[0], self.leanclip_chunk
+        if chunk is None or batch <= chunk:
+            return lean._ckpt(base, hidden_states, attention_mask, rng=rng)
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return lean._Chunked.apply(lambda xc, start, stop: base(xc, lean._mask_rows(attention_mask, start, stop,
+                                                                                      batch)),
+                                   None, hidden_states, chunk, rng, *trainable)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
         lean = _leanlib()
@@ -358,8 +428,7 @@ class LeanEncoderLayer(nn.Module):
                                             or any(p.requires_grad for p in self.parameters()))
         rng = self.training  # dropout (attention, LoRA) replays its mask on recompute
         if grad and policy == "block":
-            return lean._ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
-                              attention_mask, rng=rng)
+            return self._block(hidden_states, attention_mask, rng, kwargs)
 
         def attention(h):
             return self.self_attn(hidden_states=self.layer_norm1(h), attention_mask=attention_mask, **kwargs)[0]
@@ -406,16 +475,14 @@ def lean_obstacles(model: TransformersCLIP) -> list[str]:
 
 
 def apply_lean(model: TransformersCLIP, policy: str, chunk=None) -> None:
-    """Swap every encoder layer to its lean class with ``policy``, and its plain ``nn.Linear`` projections to
-    :class:`LeanLinear` (LoRA's projections keep their own class). ``chunk`` is refused: the chunked block is the
-    open_clip block's."""
-    if chunk is not None:
-        raise ValueError(f"recompute_chunk: the chunked block backward runs on open_clip blocks; {model.name}'s "
-                         f"encoder layers ({model.tower_class('image')}) take recompute='block' without a chunk")
+    """Swap every encoder layer to its lean class with ``policy`` (and, for ``block``, ``chunk`` samples per
+    chunk), and its plain ``nn.Linear`` projections to :class:`LeanLinear` (LoRA's projections keep their own
+    class)."""
     for _, layer in tower_layers(model, "both"):
         if not isinstance(layer, LeanEncoderLayer):
             layer.__class__ = _lean_class(type(layer))
         layer.leanclip_recompute = policy
+        layer.leanclip_chunk = chunk
         for part, children in _LAYER_CHILDREN.items():
             for c in children:
                 m = getattr(getattr(layer, part), c)
@@ -428,16 +495,110 @@ def remove_lean(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, LeanEncoderLayer):
             m.__dict__.pop("leanclip_recompute", None)
+            m.__dict__.pop("leanclip_chunk", None)
             m.__class__ = m.leanclip_base
         elif type(m) is LeanLinear:
             m.__class__ = nn.Linear
 
 
-def set_recompute(model: nn.Module, policy: str) -> None:
+def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> None:
     for m in model.modules():
         if isinstance(m, LeanEncoderLayer):
             m.leanclip_recompute = policy
+            m.leanclip_chunk = chunk
 
 
 def is_lean(model: nn.Module) -> bool:
     return any(isinstance(m, LeanEncoderLayer) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------------------------------------- estimates
+# Activations an activation function keeps per element of its input: quick-GELU (x * sigmoid(1.702 x)) keeps x and
+# the sigmoid; GELU and its tanh form keep x.
+_ACT_KEEPS = {"quick_gelu": 2.0}
+
+
+def block_units(layer: nn.Module, policy: str) -> float:
+    """Activation units (B*L*D elements) a lean encoder layer keeps for backward under ``policy`` when gradients
+    flow through all of it. Without recompute: layer_norm1's input (1), q, k, v and the SDPA output (4: the
+    projections' outputs are SDPA's inputs, frozen projections keep no input), layer_norm2's input (1) and the
+    activation's input at ratio r = intermediate / hidden (quick-GELU keeps its sigmoid too: 2r). ``mlp`` keeps the
+    attention part and the MLP checkpoint's input, ``mlp+qkv`` the layer input, the SDPA output and the MLP
+    checkpoint's input, ``block`` the layer input."""
+    if policy == "block":
+        return 1.0
+    if policy == "mlp+qkv":
+        return 3.0
+    if policy == "mlp":
+        return 6.0
+    cfg = layer.self_attn.config
+    r = layer.mlp.fc1.out_features / layer.mlp.fc1.in_features
+    return 6.0 + r * _ACT_KEEPS.get(getattr(cfg, "hidden_act", "gelu"), 1.0)
+
+
+def _tower_model(model: TransformersCLIP, tower: str) -> nn.Module:
+    return model.visual.model if tower == "image" else model.text.model
+
+
+def tower_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
+    """The ``leanclip.geometry`` reader of a ``TransformersCLIP`` tower (None for other models): tokens (image:
+    the embedding's positions; text: ``text_len`` or the context), width, MLP hidden width, heads, and SigLIP's
+    attention-pooling image head (``map_head``)."""
+    if not is_transformers(model):
+        return None
+    tm = _tower_model(model, tower)
+    layers = list(tm.encoder.layers)
+    if not layers:
+        return None
+    cfg = layers[0].self_attn.config
+    if tower == "image":
+        tokens = int(tm.embeddings.num_positions)
+    else:
+        tokens = int(text_len) if text_len is not None else model.text.context_length
+    lead = layers[0]
+    return TowerGeometry(tower, "transformers", tuple(layers), tokens, cfg.hidden_size, cfg.intermediate_size, False,
+                         cfg.num_attention_heads, elem_size(dtype, lead.mlp.fc1.weight), False,
+                         tower == "image" and getattr(tm, "head", None) is not None,
+                         {p: block_units(lead, p) for p in ("none", "mlp", "mlp+qkv", "block")})
+
+
+def _first_grad_layer(names: list[str], prefix: str, depth: int, embeds: tuple) -> int | None:
+    """The first encoder layer gradients flow through: 0 when the embeddings (or the pre-LayerNorm) train, else the
+    first layer holding a trainable parameter; None when no layer does."""
+    if any(n.startswith(tuple(prefix + e for e in embeds)) for n in names):
+        return 0
+    return next((i for i in range(depth) if any(n.startswith(f"{prefix}encoder.layers.{i}.") for n in names)), None)
+
+
+def _tower_saved(model: TransformersCLIP, tower: str, policy: str, batch: int, text_len, dtype) -> int:
+    """Bytes one tower keeps for backward: ``block_units`` per layer from the first one gradients flow through (an
+    upper bound when they enter it midway) with the LayerNorm statistics and SDPA's logsumexp, then the final
+    LayerNorm's input (CLIP's image tower normalizes the pooled row only) and SigLIP's pooling head's keys and
+    values, and the fp32-normalized features."""
+    g = tower_geometry(model, tower, dtype, text_len)
+    top = "visual." if tower == "image" else "text."
+    prefix = top + "model."
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith(top)]
+    if g is None or batch == 0 or not names:
+        return 0
+    first = _first_grad_layer(names, prefix, g.depth, ("embeddings.", "pre_layrnorm."))
+    rows, unit = batch * g.tokens, g.unit(batch)
+    total = sum(g.units[policy] * unit + rows * (2 * 8 + g.heads * 4) for _ in g.blocks[first or 0:]) \
+        if first is not None else 0.0
+    if any(n.startswith(prefix + "pre_layrnorm.") for n in names):  # CLIP's pre-LayerNorm keeps its input
+        total += rows * (g.width * g.elem + 8)
+    pooled_norm = tower == "image" and model.family == "clip"
+    total += (batch if pooled_norm else rows) * (g.width * g.elem + 8)
+    if g.map_head:
+        total += 2 * unit
+    return int(total + batch * (model.visual.output_dim * 4 + 8))
+
+
+def estimate_saved_bytes(model: TransformersCLIP, policy: str, batch: int, text_batch: int, text_len, dtype) -> int:
+    """``leanclip.lean.estimate_saved_bytes`` for a ``TransformersCLIP``: both towers (text at ``text_len`` tokens,
+    default its whole context: an upper bound where the lean CLIP text tower cuts it after the last end of text)."""
+    return (_tower_saved(model, "image", policy, batch, None, dtype)
+            + _tower_saved(model, "text", policy, text_batch, text_len, dtype))
+
+
+register_family(tower_geometry)

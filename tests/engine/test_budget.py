@@ -146,5 +146,6 @@ def test_a_tower_the_estimate_does_not_cover_is_refused(fresh_tiny, monkeypatch)
     m = _lean_ln(fresh_tiny)
     real = budget.tower_shapes
     monkeypatch.setattr(budget, "tower_shapes", lambda *a, **k: [s for s in real(*a, **k) if s.name == "text"])
-    with pytest.raises(ValueError, match="estimate covers open_clip's ViT and text towers, not .*LeanResidual"):
+    with pytest.raises(ValueError, match="estimate covers open_clip, timm and Hugging Face towers, not "
+                                         ".*LeanResidual"):
         budget.plan_recompute(m, 10 ** 9, 4, text_batch_size=3)

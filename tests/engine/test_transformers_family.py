@@ -136,8 +136,6 @@ def test_lean_by_default_and_a_notice_naming_an_unknown_layer(cache):
     assert not lean.is_lean(other)
     with pytest.raises(ValueError, match="MyEncoderLayer"):
         prepare(other, "ln", lean=True)
-    with pytest.raises(ValueError, match="recompute_chunk.*recompute='block' without a chunk"):
-        prepare(weights.create_model(NAMES["clip"]), "ln", recompute="block", recompute_chunk=2)
     with pytest.raises(ValueError, match="frozen_dtype"):
         prepare(weights.create_model(NAMES["clip"]), "ln", frozen_dtype=torch.bfloat16)
 
