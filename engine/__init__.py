@@ -30,7 +30,7 @@ _EXPORTS = {
     "evaluate": "leanclip.trainer",
     "zeroshot": "leanclip.trainer",
     "base_to_new": "leanclip.trainer",
-    "estimate_saved_bytes": "leanclip.lean",
+    "estimate_saved_bytes": "leanclip.saved_bytes",
     "register_method": "leanclip.methods",
     "frozen_text_features": "leanclip.features",
     "clipfit_kd_loss": "leanclip.features",

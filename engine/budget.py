@@ -8,7 +8,7 @@ peak RSS on CPU, ``max_memory_allocated`` on CUDA):
                                   + max over T's blocks i, from the top (the backward's order), of
                                     ( saved(T's blocks 0..i) + saved(T outside its blocks) + transient_i ) ]
 
-``saved`` is what the forward keeps for backward (``leanclip.lean.estimate_saved_bytes``, per tower and policy).
+``saved`` is what the forward keeps for backward (``leanclip.saved_bytes.estimate_saved_bytes``, per tower and policy).
 When the backward reaches block i, the blocks above it have freed what they kept, and block i holds a transient:
 its recomputed activations and their gradients over its rows (the batch, or one chunk of ``block`` over chunks),
 plus the gradient entering and the one leaving the block over the whole batch:
@@ -42,6 +42,7 @@ from torch import nn
 
 from leanclip import geometry as _geometry
 from leanclip import lean as _lean
+from leanclip.saved_bytes import estimate_saved_bytes
 from leanclip.select import trainable_parameters
 from leanclip.utils import parse_bytes
 
@@ -124,7 +125,7 @@ def _saved_by_tower(model, policy, shapes, *, text_len, dtype) -> dict:
     out = {}
     for s in shapes:
         image_batch, text_batch = (s.batch, 0) if s.name == "image" else (0, s.batch)
-        out[s.name] = _lean.estimate_saved_bytes(model, policy, image_batch, text_batch_size=text_batch,
+        out[s.name] = estimate_saved_bytes(model, policy, image_batch, text_batch_size=text_batch,
                                                  text_len=text_len, dtype=dtype)
     return out
 

@@ -1,6 +1,6 @@
 """Tower geometry: what the memory estimates need to know of a transformer tower, read in one place per family.
 
-``leanclip.lean.estimate_saved_bytes`` (bytes kept for backward) and ``leanclip.budget`` (a step's peak and the
+``leanclip.saved_bytes.estimate_saved_bytes`` (bytes kept for backward) and ``leanclip.budget`` (a step's peak and the
 recompute plan) both need, per tower, its blocks, tokens per sample, width, MLP hidden width, heads, element size,
 whether its last block runs at the pooled rows only and whether an attention-pooling (MAP) head reads every token.
 They read it here, so the two estimates cannot disagree about a tower.

@@ -363,7 +363,7 @@ def _tokens(trunk: nn.Module) -> int:
 
 
 def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> int | None:
-    """Predicted bytes a lean timm image tower keeps for backward (``leanclip.lean.estimate_saved_bytes``'s image
+    """Predicted bytes a lean timm image tower keeps for backward (``leanclip.saved_bytes.estimate_saved_bytes``'s image
     part), or None when ``model.visual`` is not a covered timm tower. Every block from the first one holding a
     trainable parameter (all of them when the embeddings or ``norm_pre`` train) counts ``block_units`` - the whole
     block, an upper bound when gradients enter it midway - plus its LayerNorm statistics and the attention's

@@ -595,7 +595,7 @@ def _tower_saved(model: TransformersCLIP, tower: str, policy: str, batch: int, t
 
 
 def estimate_saved_bytes(model: TransformersCLIP, policy: str, batch: int, text_batch: int, text_len, dtype) -> int:
-    """``leanclip.lean.estimate_saved_bytes`` for a ``TransformersCLIP``: both towers (text at ``text_len`` tokens,
+    """``leanclip.saved_bytes.estimate_saved_bytes`` for a ``TransformersCLIP``: both towers (text at ``text_len`` tokens,
     default its whole context: an upper bound where the lean CLIP text tower cuts it after the last end of text)."""
     return (_tower_saved(model, "image", policy, batch, None, dtype)
             + _tower_saved(model, "text", policy, text_batch, text_len, dtype))

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from leanclip import budget, geometry, lean, methods, weights  # noqa: E402
+from leanclip import budget, geometry, lean, methods, saved_bytes, weights  # noqa: E402
 from leanclip.memory import saved_activation_bytes  # noqa: E402
 from tests.engine.test_timm_towers import _assert_same, _loss_and_grads, base  # noqa: E402
 from tests.engine.test_timm_towers import batch as timm_batch  # noqa: E402,F401  (the fixture)
@@ -53,7 +53,7 @@ def _assert_estimate_follows(m, tol):
     for policy in lean.POLICIES:
         lean.set_recompute(m, policy)
         kept = saved_activation_bytes(lambda: m.encode_image(images), exclude=m)[1]
-        est = lean.estimate_saved_bytes(m, policy, 4, text_batch_size=0)
+        est = saved_bytes.estimate_saved_bytes(m, policy, 4, text_batch_size=0)
         assert abs(est - kept) <= tol * kept, (policy, est, kept)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from leanclip import features, lean, methods
+from leanclip import features, lean, methods, saved_bytes
 from leanclip.configs import register_reduced_config
 from leanclip.memory import peak_cuda_bytes, saved_activation_bytes
 
@@ -65,7 +65,7 @@ def _measure(base, method, policies, images, tokenizer):
         methods.prepare(m, method, recompute=p)
         out[p] = saved_activation_bytes(lambda: _fwd(m, images, tokenizer), exclude=m)[1]
         tl = lean.eot_length(m, tokenizer([f"a photo of a {c}." for c in CLASSNAMES]))
-        est = lean.estimate_saved_bytes(m, p, images.shape[0], text_batch_size=len(CLASSNAMES), text_len=tl)
+        est = saved_bytes.estimate_saved_bytes(m, p, images.shape[0], text_batch_size=len(CLASSNAMES), text_len=tl)
         assert abs(est - out[p]) <= 0.03 * out[p], (method, p, est, out[p])
     return out
 
@@ -95,11 +95,11 @@ def test_estimate_matches_counter_tiny(method, fresh_tiny, tokenizer):
         meas = saved_activation_bytes(lambda: _fwd(m, images, tokenizer), exclude=m)[1]
         tok = (m.prompt_learner.tokens(CLASSNAMES, tokenizer) if hasattr(m, "prompt_learner")
                else tokenizer([f"a photo of a {c}." for c in CLASSNAMES]))
-        est = lean.estimate_saved_bytes(m, p, 3, text_batch_size=len(CLASSNAMES), text_len=lean.eot_length(m, tok))
+        est = saved_bytes.estimate_saved_bytes(m, p, 3, text_batch_size=len(CLASSNAMES), text_len=lean.eot_length(m, tok))
         assert abs(est - meas) <= 0.06 * meas, (method, p, est, meas)
     methods.prepare(m, method, lean=False, classnames=CLASSNAMES, tokenizer=tokenizer)
     meas = saved_activation_bytes(lambda: _fwd(m, images, tokenizer), exclude=m)[1]
-    est = lean.estimate_saved_bytes(m, "none", 3, text_batch_size=len(CLASSNAMES))  # plain: full 77-token text
+    est = saved_bytes.estimate_saved_bytes(m, "none", 3, text_batch_size=len(CLASSNAMES))  # plain: full 77-token text
     assert abs(est - meas) <= 0.06 * meas, (method, "plain", est, meas)
 
 
@@ -107,15 +107,15 @@ def test_estimate_bad_input(fresh_tiny):
     m = fresh_tiny()
     methods.prepare(m, "ln")
     with pytest.raises(ValueError, match="unknown recompute policy"):
-        lean.estimate_saved_bytes(m, "auto", 2)
+        saved_bytes.estimate_saved_bytes(m, "auto", 2)
     with pytest.raises(ValueError, match="batch_size"):
-        lean.estimate_saved_bytes(m, "none", -1)
+        saved_bytes.estimate_saved_bytes(m, "none", -1)
     with pytest.raises(ValueError, match="text_len"):
-        lean.estimate_saved_bytes(m, "none", 2, text_len=0)
-    bf = lean.estimate_saved_bytes(m, "mlp", 2, dtype=torch.bfloat16)
-    assert bf < lean.estimate_saved_bytes(m, "mlp", 2)
+        saved_bytes.estimate_saved_bytes(m, "none", 2, text_len=0)
+    bf = saved_bytes.estimate_saved_bytes(m, "mlp", 2, dtype=torch.bfloat16)
+    assert bf < saved_bytes.estimate_saved_bytes(m, "mlp", 2)
     methods.prepare(m, "llu")  # encoders frozen: nothing in the towers is saved
-    assert lean.estimate_saved_bytes(m, "none", 8) == 0
+    assert saved_bytes.estimate_saved_bytes(m, "none", 8) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------- recompute

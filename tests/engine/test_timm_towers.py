@@ -12,7 +12,7 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from leanclip import lean, methods  # noqa: E402
+from leanclip import lean, methods, saved_bytes  # noqa: E402
 from leanclip.methods import lora
 from leanclip.configs import create_random_model, register_tiny_timm_config  # noqa: E402
 from leanclip.models import timm as timm_family  # noqa: E402
@@ -240,7 +240,7 @@ def test_convnext_is_named_in_one_line():
     assert "\n" not in notes[0]
     assert {type(b).__name__ for b in m.text.transformer.resblocks} == {"LeanResidualAttentionBlock"}
     assert all(b.leanclip_recompute == "mlp" for b in m.text.transformer.resblocks)
-    assert lean.estimate_saved_bytes(m, "mlp", 2) > 0
+    assert saved_bytes.estimate_saved_bytes(m, "mlp", 2) > 0
 
 
 class _OtherAttention(timm.layers.attention.Attention):
@@ -276,7 +276,7 @@ def test_estimate_matches_measured_image_tower(family, batch):
     within 10% of the measured saved bytes under every policy (LN trained in every block)."""
     for policy in lean.POLICIES:
         m = methods.prepare(base(family), "ln", recompute=policy)
-        est = lean.estimate_saved_bytes(m, policy, 3, text_batch_size=0)
+        est = saved_bytes.estimate_saved_bytes(m, policy, 3, text_batch_size=0)
         measured = _saved(m, batch[0])
         assert 0.9 * measured <= est <= 1.1 * measured, (policy, est, measured)
 
