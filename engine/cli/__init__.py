@@ -92,6 +92,9 @@ def _main(argv: Sequence[str] | None) -> int:
         check_command_line(parser, argv, args)
         rc = func(args)
         return int(rc or 0)
+    except BrokenPipeError:  # the reader went away (`leanclip methods | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail
+        return 128 + 13  # SIGPIPE
     except Exception as e:
         diverged = isinstance(e, utils.NonFiniteLossError)
         if not (diverged or isinstance(e, USER_ERRORS)) or os.environ.get("LEANCLIP_TRACEBACK") == "1":
