@@ -39,3 +39,39 @@ def test_bench_tokenizer_falls_back_offline(monkeypatch):
                                          r"connect.*SimpleTokenizer with its 24-token context"):
         tok = common.bench_tokenizer(name)
     assert tok(["a photo of a cat"]).shape == (1, 24)
+
+
+def test_a_mode_refused_for_the_model_is_a_result_not_a_crash():
+    """Plain LoRA on a timm tower does not exist (its deltas live in the lean blocks): the refusal is recorded under
+    ``failed`` and the other modes still run, in one process and with --isolate (the child exits 2)."""
+    name = register_tiny_timm_config("eva02")
+    row = step.bench_one(name, "lora", ["plain", "lean:none"], batch_size=2, n_classes=3,
+                         device=torch.device("cpu"), reps=1, scope="image")
+    assert "projection deltas" in row["failed"]["plain"] and "lean:none" in row["seconds"]
+    assert row["time_ratio_vs_plain"] == {"lean:none": None}  # no plain to compare with
+
+
+def test_isolate_records_a_refused_mode(monkeypatch):
+    import subprocess
+    import types
+
+    def fake(argv, **_):
+        mode = argv[argv.index("--modes") + 1]
+        if mode == "plain":
+            return types.SimpleNamespace(returncode=2, stdout="", stderr="leanclip: error: refused for this model\n")
+        row = {"seconds": {mode: 1.0}, "peak_step_bytes": {mode: 10}, "model": "m", "method": "lora",
+               "batch_size": 2, "n_classes": 3, "precision": "fp32", "scope": "image", "peak_method": "rss"}
+        return types.SimpleNamespace(returncode=0, stdout=__import__("json").dumps({"rows": [row]}), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake)
+    row = step.bench_isolated("m", "lora", ["plain", "lean:none"], batch_size=2, n_classes=3,
+                              device=torch.device("cpu"), reps=1, precision="fp32", scope="image")
+    assert row["failed"] == {"plain": "leanclip: error: refused for this model"} and row["seconds"] == {"lean:none": 1.0}
+
+    def crash(argv, **_):
+        return types.SimpleNamespace(returncode=1, stdout="", stderr="Traceback ...\nKeyError: 'x'\n")
+
+    monkeypatch.setattr(subprocess, "run", crash)
+    with pytest.raises(RuntimeError, match="failed in its own process: KeyError"):
+        step.bench_isolated("m", "lora", ["plain"], batch_size=2, n_classes=3, device=torch.device("cpu"), reps=1,
+                            precision="fp32", scope="image")
