@@ -11,6 +11,7 @@ registry (``leanclip.registry``), where its own module registered them.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 from typing import Callable, Iterable
