@@ -76,7 +76,8 @@ class CocoopOptions:
 @register_method("cocoop", check=_check_cocoop, options=CocoopOptions,
                  traits=MethodTraits(tasks=("classify",), hooks={"image_prompts": "prompt_learner"}))
 def _cocoop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=None, std=None):
-    """CoCoOp's conditional context (see the module docstring); ``n_ctx``, ``init_text`` and ``std`` as for ``coop``."""
+    """CoOp's learned context shifted per image by a meta-net on the image feature; ``n_ctx``, ``init_text`` and
+    ``std`` as for ``coop`` (the module docstring has the formula)."""
     embedding, init = prompt_init(model, tokenizer, n_ctx, init_text)
     learner = MetaPromptLearner(n_ctx, embedding.weight.shape[1], embed_dim(model), init_embeddings=init,
                                 std=COOP_STD if std is None else std)

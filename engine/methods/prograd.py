@@ -113,7 +113,8 @@ class ProgradOptions:
                                      gradient_rule=_prograd_rule))
 def _prograd(model, classnames=None, tokenizer=None, n_ctx=16, init_text=INIT_TEXT, std=None, lam=1.0,
              temperature=1.0):
-    """CoOp's context trained under ProGrad's projection (see the module docstring). ``init_text`` of at most
+    """CoOp's context whose CE gradient is projected off the zero-shot KL gradient where they conflict (the module
+    docstring has the rule). ``init_text`` of at most
     ``n_ctx`` tokens starts the last context vectors (the rest at zero); empty: N(0, std^2) (std default 0.02)."""
     embedding, init = prompt_init(model, tokenizer, n_ctx, init_text)
     learner = PromptLearner(n_ctx, embedding.weight.shape[1], init_embeddings=init,
