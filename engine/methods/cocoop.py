@@ -18,15 +18,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from leanclip.heads import PromptLearner
-from leanclip.methods._options import context_option
-from leanclip.methods.coop import COOP_RANGES, COOP_STD, check_prompt_options, prompt_init
-from leanclip.options import option
+from leanclip.methods.coop import COOP_STD, CoopOptions, check_prompt_options, prompt_init
 from leanclip.registry import MethodTraits, register_method
 from leanclip.select import embed_dim, model_device
 
@@ -63,14 +61,8 @@ def _check_cocoop(model, classnames=None, tokenizer=None, n_ctx=4, init_text=Non
 
 
 @dataclass(frozen=True)
-class CocoopOptions:
-    classnames: Any = context_option("classnames", "the class names the context is prepended to")
-    tokenizer: Any = context_option("tokenizer", "tokenizes the class prompts and init_text")
-    n_ctx: int = option(4, "learned context vectors, each shifted by the meta-net's output for the image",
-                        range=COOP_RANGES["n_ctx"])
-    init_text: str | None = option(None, "the text whose token embeddings start the context (empty: random; "
-                                         "unset: 'a photo of a' for n_ctx=4)")
-    std: float | None = option(None, f"the random start's std (default {COOP_STD})", range=COOP_RANGES["std"])
+class CocoopOptions(CoopOptions):
+    """CoOp's options; the meta-net's output shifts each of the ``n_ctx`` context vectors per image."""
 
 
 @register_method("cocoop", check=_check_cocoop, options=CocoopOptions,

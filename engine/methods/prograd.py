@@ -29,7 +29,6 @@ Recipe (``--preset prograd``): CoOp's schedule - SGD lr 0.002, batch 32, cosine,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,7 @@ import torch.nn.functional as F
 from leanclip import utils
 from leanclip.features import frozen_text_features
 from leanclip.heads import PromptLearner
-from leanclip.methods._options import context_option
-from leanclip.methods.coop import COOP_RANGES, COOP_STD, check_prompt_options, prompt_init
+from leanclip.methods.coop import COOP_RANGES, COOP_STD, CoopOptions, check_prompt_options, prompt_init
 from leanclip.options import OptionRange, option
 from leanclip.registry import MethodTraits, method_options, register_method
 
@@ -94,13 +92,10 @@ def _check_prograd(model, classnames=None, tokenizer=None, n_ctx=16, init_text=I
 
 
 @dataclass(frozen=True)
-class ProgradOptions:
-    classnames: Any = context_option("classnames", "the class names the context is prepended to")
-    tokenizer: Any = context_option("tokenizer", "tokenizes the class prompts and init_text")
+class ProgradOptions(CoopOptions):
     n_ctx: int = option(16, "learned context vectors", range=COOP_RANGES["n_ctx"])
     init_text: str | None = option(INIT_TEXT, "the text whose token embeddings start the last context vectors "
                                               "(the rest start at zero; empty: random)")
-    std: float | None = option(None, f"the random start's std (default {COOP_STD})", range=COOP_RANGES["std"])
     # lam beyond 1 would turn the conflicting component around instead of removing it
     lam: float = option(1.0, "how much of the conflicting component of the CE gradient is removed",
                         range=OptionRange(float, 0.0, 1.0))
