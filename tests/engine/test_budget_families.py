@@ -14,9 +14,8 @@ from leanclip.memory import saved_activation_bytes  # noqa: E402
 from tests.engine.test_timm_towers import _assert_same, _loss_and_grads, base  # noqa: E402
 from tests.engine.test_timm_towers import batch as timm_batch  # noqa: E402,F401  (the fixture)
 from tests.engine.test_transformers_family import (  # noqa: E402,F401  (_torch_backend, cache: fixtures)
-    NAMES, _logits, _randomize, _torch_backend, _weighted, cache, prepared,
+    NAMES, _torch_backend, backward_beside_plain, cache, prepared,
 )
-from tests.engine.test_transformers_family import batch as hf_batch  # noqa: E402
 
 batch = timm_batch
 TIMM = ["vit-map", "eva02", "eva02-fused", "pe-core"]
@@ -85,14 +84,7 @@ def test_hf_geometry_and_saved_estimate(cache, family):
 
 def _assert_equal_to_plain(plain, m):
     """Logits and every trainable gradient of ``m`` equal ``plain``'s (fp64)."""
-    for x in (plain, m):
-        _randomize(x)
-    images, tokens = hf_batch(m)
-    ref, out = _logits(plain, images, tokens), _logits(m, images, tokens)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    _weighted(ref).backward()
-    _weighted(out).backward()
-    grads = dict(methods.trainable_parameters(plain))
+    grads = backward_beside_plain(plain, m)
     for n, p in methods.trainable_parameters(m):
         torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-11, rtol=1e-9, msg=lambda s: f"{n}: {s}")
 

@@ -152,14 +152,7 @@ def test_lean_policies_equal_plain_gradients(cache, family, method, policy):
     torch.manual_seed(0)
     m = prepared(family, method, recompute=policy, **kw).train()
     assert lean.is_lean(m) and not lean.is_lean(plain)
-    for x in (plain, m):
-        _randomize(x)
-    images, tokens = batch(m)
-    ref, out = _logits(plain, images, tokens), _logits(m, images, tokens)
-    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
-    _weighted(ref).backward()
-    _weighted(out).backward()
-    grads = dict(trainable_parameters(plain))
+    grads = backward_beside_plain(plain, m)
     for n, p in trainable_parameters(m):
         if n.startswith("lilt_temperature."):  # LilT's contrastive temperature: not in these logits
             continue
@@ -214,6 +207,19 @@ def test_coop_on_siglip_refused(cache):
 
 
 # ----------------------------------------------------------------------------------------------------------- methods
+def backward_beside_plain(plain, m) -> dict:
+    """Randomise both models alike, check ``m``'s logits equal ``plain``'s (fp64), back-propagate the same weighted
+    loss through each, and return ``plain``'s trainable parameters by name (their ``.grad`` to compare with)."""
+    for x in (plain, m):
+        _randomize(x)
+    images, tokens = batch(m)
+    ref, out = _logits(plain, images, tokens), _logits(m, images, tokens)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    _weighted(ref).backward()
+    _weighted(out).backward()
+    return dict(trainable_parameters(plain))
+
+
 def _randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
