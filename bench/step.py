@@ -78,7 +78,7 @@ from leanclip.memory import saved_activation_bytes
 from leanclip.methods import prepare
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import random_init
-from leanclip.registry import method_hooks, method_loss_terms, method_trainer
+from leanclip.registry import method_hooks, method_loss_terms, method_options, method_trainer, parse_method
 from leanclip.select import trainable_parameters
 from leanclip.step import ClassifyStep, StepContext
 
@@ -159,12 +159,17 @@ def create_random(model_name, device=None):
             return open_clip.create_model(model_name, pretrained=None, device=device or "cpu")
 
 
-def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None, plan=None):
-    """The model of one mode. ``plan``: ``prepare``'s budget arguments (a ``lean:budget:<b>`` mode)."""
+def _build(model_name, method, lean, policy, device, classnames, tokenizer, frozen_dtype=None, plan=None,
+           scope="full"):
+    """The model of one mode. ``plan``: ``prepare``'s budget arguments (a ``lean:budget:<b>`` mode). With
+    ``scope="image"`` a method with a tower option is applied to the image tower only (the text tower is frozen and
+    its features fixed: nothing it would add there is trained)."""
     model = create_random(model_name).to(device)
     budget = dict(plan, recompute="auto") if plan is not None else {"recompute": policy if lean else "none"}
+    towered = all("tower" in method_options(p) for p in parse_method(method))
+    tower = {"tower": "image"} if scope == "image" and towered else {}
     prepare(model, method, lean=lean, classnames=classnames, tokenizer=tokenizer, model_name=model_name,
-            frozen_dtype=frozen_dtype, **budget)
+            frozen_dtype=frozen_dtype, **budget, **tower)
     model.train()
     return model
 
@@ -273,7 +278,7 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
     fit = spec["memory_budget"] == "fit"
     model = _build(model_name, method, lean, "none" if fit else spec["policy"], device, classnames, tokenizer,
                    frozen_dtype=torch.bfloat16 if amp and lean else None,
-                   plan=_plan_args(spec, batch_size, n_classes, scope))
+                   plan=_plan_args(spec, batch_size, n_classes, scope), scope=scope)
     if spec["gc"]:
         model.set_grad_checkpointing(True)
     if spec["chunk"] is not None:
@@ -499,8 +504,8 @@ def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
         proc = subprocess.run(argv, capture_output=True, text=True, env=_child_env())
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            # exit 2 is a one-line refusal of this mode for this model (e.g. plain LoRA on a timm tower, whose
-            # deltas live in the lean blocks): a result, as a compiled mode that does not trace is
+            # exit 2 is a one-line refusal of this mode for this model (e.g. plain LoRA on open_clip's text blocks,
+            # whose attention reads in_proj_weight itself): a result, as a compiled mode that does not trace is
             if not (parse_mode(mode)["compile"] or proc.returncode == 2):
                 raise RuntimeError(f"bench step --modes {mode} failed in its own process: {tail}")
             row["failed"][mode] = tail

@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from leanclip import kernels
+from leanclip import delta_hooks, kernels
 from leanclip.kernels._backend import resolve as _resolve_backend
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import (  # noqa: F401  (text_tower, tower_blocks, class_name: re-exported)
@@ -272,7 +272,8 @@ class ProjectionDelta(nn.Module):
     last block's pooled rows compute q and k|v apart). ``delta`` returns None where it adds nothing. The frozen
     weight stays on ``kernels.frozen_linear`` (no weight gradient), and because the term is computed inside the same
     branch functions as the projection, every recompute policy recomputes it exactly (the RNG state is preserved
-    when ``needs_rng()``). Only the lean block applies it: ``remove_lean`` refuses a block that holds one."""
+    when ``needs_rng()``). A plain block applies it only where its family says where it calls its projections
+    (timm's blocks: ``leanclip.delta_hooks``); ``remove_lean`` refuses any other block that holds one."""
 
     def delta(self, site: str, x: torch.Tensor, start: int, stop: int) -> torch.Tensor | None:
         raise NotImplementedError
@@ -664,6 +665,7 @@ def _block_obstacles(where: str, transformer: nn.Module) -> list[str]:
 _SUPPORTED: list = []
 _IMAGE_TOWERS: list = []
 _IMAGE_ESTIMATES: list = []
+_PLAIN_SITES: list = []
 _TEXT_TOWERS: list = []
 # imported on first use: each imports this module to register itself
 _FAMILIES = ("leanclip.models.timm", "leanclip.models.hf_text")
@@ -682,18 +684,21 @@ def image_estimates() -> tuple:
 
 
 def register_lean_classes(swap: dict, *, supported=None, image_tower=None, image_estimate=None,
-                          text_tower=None) -> None:
+                          text_tower=None, plain_sites=None) -> None:
     """Add ``swap`` (plain class -> lean class, a ``__class__`` swap keeping names and parameters) to what
     ``apply_lean`` swaps and ``remove_lean`` undoes (called again with more classes, as a family loads them);
     ``supported(module)`` must hold for a module to be swapped,
     ``image_tower(model)`` / ``text_tower(model)`` return the obstacles of an image / text tower of this family
     (empty: covered) or None (not its tower), and ``image_estimate(model, policy, batch, dtype)`` its
-    ``leanclip.saved_bytes.estimate_saved_bytes`` part (None: not its tower). A swapped module with a ``leanclip_after_swap`` method gets
-    it called (a lean layer moving its own children to the lean ops)."""
+    ``leanclip.saved_bytes.estimate_saved_bytes`` part (None: not its tower). A swapped module with a
+    ``leanclip_after_swap`` method gets it called (a lean layer moving its own children to the lean ops).
+    ``plain_sites(block)``: where a plain block of this family calls its projections as modules
+    (``leanclip.delta_hooks``: such a block takes a ``ProjectionDelta`` without the lean modules), None for other
+    blocks."""
     _SWAP.update(swap)
     _UNSWAP.update({v: k for k, v in swap.items()})
     for found, fn in ((_SUPPORTED, supported), (_IMAGE_TOWERS, image_tower), (_IMAGE_ESTIMATES, image_estimate),
-                      (_TEXT_TOWERS, text_tower)):
+                      (_TEXT_TOWERS, text_tower), (_PLAIN_SITES, plain_sites)):
         if fn is not None:
             found.append(fn)
 
@@ -815,6 +820,7 @@ def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = No
             if hasattr(m, "leanclip_after_swap"):
                 m.leanclip_after_swap()
     set_recompute(model, recompute, chunk)
+    sync_delta_hooks(model)
     return model
 
 
@@ -822,7 +828,8 @@ def remove_lean(model: nn.Module) -> nn.Module:
     """Undo ``apply_lean`` (back to open_clip's plain modules). Returns ``model``. ValueError (nothing changed) when
     a block holds a ``ProjectionDelta``: open_clip's block would silently ignore it (``leanclip.merge`` folds LoRA in
     first)."""
-    held = [f"{n} ({class_name(m)})" for n, m in model.named_modules() if isinstance(m, ProjectionDelta)]
+    held = [f"{n}.{c} ({class_name(d)})" for n, m in model.named_modules() if plain_sites(m) is None
+            for c, d in m._modules.items() if isinstance(d, ProjectionDelta)]
     if held:
         raise ValueError(f"the lean blocks hold projection deltas that open_clip's plain blocks would ignore: "
                          f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (they need lean=True or the "
@@ -836,7 +843,29 @@ def remove_lean(model: nn.Module) -> nn.Module:
             m.__class__ = _UNSWAP[cls]
     for attr in ("leanclip_recompute", "leanclip_chunk"):
         model.__dict__.pop(attr, None)
+    sync_delta_hooks(model)
     return model
+
+
+def plain_sites(block: nn.Module):
+    """Where ``block``'s plain form calls its projections as modules (``leanclip.delta_hooks``), or None when no
+    family's plain block of that class can take a ``ProjectionDelta``."""
+    for family in _PLAIN_SITES:
+        found = family(block)
+        if found is not None:
+            return found
+    return None
+
+
+def _deltas(block: nn.Module) -> list:
+    return [m for m in block._modules.values() if isinstance(m, ProjectionDelta)]
+
+
+def sync_delta_hooks(model: nn.Module) -> None:
+    """Forward hooks that add the deltas of every plain block holding one (``leanclip.delta_hooks``); a lean block
+    adds its own, so it has none."""
+    plain = [m for m in model.modules() if not isinstance(m, LeanBlockMixin) and _deltas(m)]
+    delta_hooks.sync(model, plain, _deltas, plain_sites)
 
 
 def is_lean(model: nn.Module) -> bool:

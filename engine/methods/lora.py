@@ -20,9 +20,11 @@ rank 2) that is 12 d per block. ViT-B-16: image 12 blocks x 12 x 768 = 110,592, 
 
 The frozen weights stay on the lean path: ``LoRA`` is an ``leanclip.lean.ProjectionDelta``, so the lean block computes
 ``kernels.frozen_linear(x, W, b)`` (no weight gradient, bf16 frozen weights allowed) plus the low-rank term, inside
-the same branch functions, which every recompute policy replays exactly. open_clip's plain blocks cannot apply it
-(``nn.MultiheadAttention`` reads ``in_proj_weight`` itself), so ``lora`` needs the lean modules: ``lean=False`` is
-a ValueError, as is a model they do not cover.
+the same branch functions, which every recompute policy replays exactly. timm's plain blocks apply the same terms
+through forward hooks on their projections (``leanclip.delta_hooks``), so ``lean=False`` on a timm tower runs timm's
+own modules (its gradient checkpointing, ``torch.compile``) with equal outputs and gradients. open_clip's plain
+blocks cannot (``nn.MultiheadAttention`` reads ``in_proj_weight`` itself): there ``lora`` needs the lean modules, and
+``lean=False`` is a ValueError naming the blocks.
 
 ``merge(model)`` returns a copy with ``W += (alpha / rank) B A`` folded into the frozen weights, the LoRA modules
 and the lean modules removed: a plain open_clip model computing the same outputs (for export). Checkpoints stay

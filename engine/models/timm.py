@@ -273,6 +273,31 @@ def projection_slices(blk: nn.Module) -> dict | None:
     return out
 
 
+def hook_sites(blk: nn.Module) -> list[tuple[nn.Module, str, int, int]] | None:
+    """Where a plain timm block calls its projections as modules, for ``leanclip.delta_hooks``: ``(module, site,
+    start, stop)`` with the ``leanclip.lean.PROJECTION_SITES`` name and the output features the lean block asks a
+    delta for there; None for other blocks. EVA's fused qkv with separate q / v biases computes
+    ``F.linear(x, qkv.weight, q_bias | k_bias | v_bias)`` unless ``qkv_bias_separate``: that flag is set here, so the
+    block calls ``attn.qkv`` and adds the biases after it (the same sum)."""
+    if not is_timm_block(blk):
+        return None
+    attn, mlp = blk.attn, blk.mlp
+    a = qkv_width(blk)
+    if attn.qkv is not None:
+        if getattr(attn, "q_bias", None) is not None:
+            attn.qkv_bias_separate = True
+        out = [(attn.qkv, "in_proj", 0, 3 * a)]
+    else:
+        out = [(lin, "in_proj", i * a, (i + 1) * a) for i, lin in enumerate((attn.q_proj, attn.k_proj, attn.v_proj))]
+    out.append((attn.proj, "out_proj", 0, attn.proj.out_features))
+    if isinstance(mlp, SwiGLU):
+        h = mlp.fc1_g.out_features
+        out += [(mlp.fc1_g, "c_fc", 0, h), (mlp.fc1_x, "c_fc", h, 2 * h)]
+    else:
+        out.append((mlp.fc1, "c_fc", 0, mlp.fc1.out_features))
+    return out + [(mlp.fc2, "c_proj", 0, mlp.fc2.out_features)]
+
+
 def qkv_width(blk: nn.Module) -> int:
     """The width of one of q / k / v (heads x head_dim)."""
     return blk.attn.num_heads * blk.attn.head_dim
@@ -372,7 +397,6 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
     g = image_geometry(model, "image", dtype, None)
     if g is None:
         return None
-    trunk = model.visual.trunk
     blocks = list(g.blocks)
     names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("visual.")]
     embeds = ("visual.trunk.patch_embed.", "visual.trunk.pos_embed", "visual.trunk.cls_token", "visual.trunk.reg_token",
@@ -460,5 +484,6 @@ def register_tiny_models() -> list[str]:
 if Block is not None:
     _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock},
                                 supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
-                                image_tower=tower_obstacles, image_estimate=estimate_image_bytes)
+                                image_tower=tower_obstacles, image_estimate=estimate_image_bytes,
+                                plain_sites=hook_sites)
     register_family(image_geometry)

@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("timm")
 
 from leanclip.bench import common, step  # noqa: E402
-from leanclip.configs import register_tiny_timm_config  # noqa: E402
+from leanclip.configs import register_tiny_config, register_tiny_timm_config  # noqa: E402
 
 
 @pytest.mark.parametrize("mode", ["plain", "plain+gc", "lean:mlp+qkv", "lean:block/1"])
@@ -42,13 +42,21 @@ def test_bench_tokenizer_falls_back_offline(monkeypatch):
 
 
 def test_a_mode_refused_for_the_model_is_a_result_not_a_crash():
-    """Plain LoRA on a timm tower does not exist (its deltas live in the lean blocks): the refusal is recorded under
-    ``failed`` and the other modes still run, in one process and with --isolate (the child exits 2)."""
-    name = register_tiny_timm_config("eva02")
-    row = step.bench_one(name, "lora", ["plain", "lean:none"], batch_size=2, n_classes=3,
+    """Plain LoRA on open_clip's own ViT blocks does not exist (``nn.MultiheadAttention`` reads ``in_proj_weight``
+    itself; the deltas live in the lean blocks): the refusal is recorded under ``failed`` and the other modes still
+    run, in one process and with --isolate (the child exits 2)."""
+    row = step.bench_one(register_tiny_config(), "lora", ["plain", "lean:none"], batch_size=2, n_classes=3,
                          device=torch.device("cpu"), reps=1, scope="image")
     assert "projection deltas" in row["failed"]["plain"] and "lean:none" in row["seconds"]
     assert row["time_ratio_vs_plain"] == {"lean:none": None}  # no plain to compare with
+
+
+def test_plain_lora_peers_run_on_a_timm_tower():
+    """On a timm tower plain LoRA is timm's own blocks with hooked projections: plain, the tower's checkpointing and
+    the lean policies all run (the image tower alone gets the pairs: scope image)."""
+    row = step.bench_one(register_tiny_timm_config("pe-core"), "lora", ["plain", "plain+gc", "lean:block"],
+                         batch_size=2, n_classes=3, device=torch.device("cpu"), reps=1, scope="image")
+    assert row["failed"] == {} and set(row["seconds"]) == {"plain", "plain+gc", "lean:block"}
 
 
 def test_isolate_records_a_refused_mode(monkeypatch):

@@ -194,6 +194,68 @@ def test_merge_is_exact(family, batch):
             torch.testing.assert_close(a, b, **TOL)
 
 
+def _image_grads(model, images, seed: int = 3):
+    """Image features and the trainable gradients of one training-mode forward, dropout drawn from ``seed``."""
+    torch.manual_seed(seed)
+    img = model.train().encode_image(images, normalize=True)
+    projection_loss(img, torch.zeros(1, img.shape[1])).backward()
+    return img.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plain_lora_equals_lean_lora(family, batch):
+    """``lean=False`` LoRA on a timm tower: the tower's own blocks add the pairs' terms through forward hooks on
+    their projections (``leanclip.delta_hooks``) and compute exactly what the lean blocks do, dropout masks included
+    (drawn in the same order), with timm's own gradient checkpointing and after a deepcopy."""
+    kw = dict(tower="image", targets="q,k,v,out,fc,proj", dropout=0.25)
+    ref = methods.prepare(base(family), "lora", **kw)
+    randomize_trainable(ref)
+    plain = methods.prepare(base(family), "lora", lean=False, **kw)
+    plain.load_state_dict(ref.state_dict())
+    assert not lean.is_lean(plain)
+    want = _image_grads(ref, batch[0])
+    _assert_same(_image_grads(plain, batch[0]), want)
+    gc = copy.deepcopy(plain)
+    gc.zero_grad(set_to_none=True)
+    gc.set_grad_checkpointing(True)
+    _assert_same(_image_grads(gc, batch[0]), want)
+
+
+def test_plain_lora_hooks_follow_the_pairs(batch):
+    """Stripping the pairs leaves the tower computing what it did before LoRA; merging gives hooks-free plain
+    blocks with the same outputs; making the model lean moves the terms into the lean blocks (no hook left, no term
+    added twice)."""
+    from leanclip import delta_hooks
+    from leanclip.lifecycle import strip
+
+    def hooks(model):
+        return sum(isinstance(h, delta_hooks.DeltaHook) for m in model.modules() for h in m._forward_hooks.values())
+
+    before = base("eva02-fused").eval()
+    m = methods.prepare(base("eva02-fused"), "lora", tower="image", lean=False).eval()
+    randomize_trainable(m)
+    assert hooks(m) == 2 * 4  # qkv, proj, fc1, fc2 of each block
+    with torch.no_grad():
+        want = m.encode_image(batch[0])
+        merged = lora.merge(m)
+        assert hooks(merged) == 0
+        torch.testing.assert_close(merged.encode_image(batch[0]), want, **TOL)
+        lean.apply_lean(m)
+        assert hooks(m) == 0
+        torch.testing.assert_close(m.encode_image(batch[0]), want, **TOL)
+        lean.remove_lean(m)
+        torch.testing.assert_close(m.encode_image(batch[0]), want, **TOL)
+        strip(m, lora.ADDED)
+        torch.testing.assert_close(m.encode_image(batch[0]), before.encode_image(batch[0]), **TOL)
+
+
+def test_plain_lora_refuses_open_clip_blocks():
+    """open_clip's text blocks read ``in_proj_weight`` inside ``nn.MultiheadAttention``: no hook reaches it, so
+    plain LoRA on them stays refused, naming the blocks."""
+    with pytest.raises(ValueError, match="text.transformer.resblocks.0.lora"):
+        methods.prepare(base("vit-map"), "lora", lean=False)
+
+
 def test_lora_sites_on_timm_blocks():
     blk = base("eva02").visual.trunk.blocks[0]  # separate q / k / v, SwiGLU
     sites = lora.projection_slices(blk)
