@@ -147,7 +147,7 @@ def write_png(path: str, fig) -> str:
     return str(atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110)))
 
 
-def _proc_status_bytes(field: str) -> int | None:
+def proc_status_bytes(field: str) -> int | None:
     """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in bytes (None off Linux)."""
     try:
         with open("/proc/self/status") as f:
@@ -208,7 +208,7 @@ def step_peak_bytes(step: Callable[[], object], device: torch.device) -> tuple[i
 def rss_now() -> int:
     """The resident bytes of this process now, freed heap pages handed back first (what is live)."""
     _release_free_heap()
-    return _proc_status_bytes("VmRSS") or 0
+    return proc_status_bytes("VmRSS") or 0
 
 
 def rss_step_peak(step: Callable[[], object]) -> tuple[int, int] | None:
@@ -218,9 +218,9 @@ def rss_step_peak(step: Callable[[], object]) -> tuple[int, int] | None:
     _release_free_heap()
     if not _reset_rss_peak():
         return None
-    before = _proc_status_bytes("VmRSS")
+    before = proc_status_bytes("VmRSS")
     step()
-    return before, _proc_status_bytes("VmHWM")
+    return before, proc_status_bytes("VmHWM")
 
 
 def bench_tokenizer(model_name: str):

@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from leanclip import utils
-from leanclip.bench.common import _proc_status_bytes, bench_tokenizer, load_average, machine, rss_step_peak
+from leanclip.bench.common import proc_status_bytes, bench_tokenizer, load_average, machine, rss_step_peak
 from leanclip.utils import get_logger
 
 DEFAULT_MODES = ("plain", "plain+gc", "plain+compile+budget:0.1", "lean:fit")
@@ -125,7 +125,7 @@ class _Watchdog:
 
     def _watch(self) -> None:
         while (limit := self.limit) is not None:
-            peak = _proc_status_bytes("VmHWM")
+            peak = proc_status_bytes("VmHWM")
             if peak is not None and peak > limit:
                 print(json.dumps({**self.record, "fits": False, "peak_bytes": None, "peak_at_least_bytes": peak,
                                   "stopped": f"peak RSS passed {limit} bytes ({LIMIT_FACTOR} x the cap)"}),
@@ -155,7 +155,7 @@ def measure_here(model_name, method, mode, batch, *, cap, n_classes=100, precisi
         t0 = time.perf_counter()
         step()
         record["warmup_seconds"] = time.perf_counter() - t0
-        record["warmup_peak_bytes"] = _proc_status_bytes("VmHWM")
+        record["warmup_peak_bytes"] = proc_status_bytes("VmHWM")
         t0 = time.perf_counter()
         measured = rss_step_peak(step)
         record["step_seconds"] = time.perf_counter() - t0

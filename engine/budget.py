@@ -266,8 +266,8 @@ def plan_recompute(model: nn.Module, budget: int, batch_size: int, **kw) -> Reco
         if best is None or key < best[0]:
             best = (key, policies, chunk, peak)
     if best is None:
-        raise ValueError(f"memory budget {_mib(budget)} is below the smallest predicted step peak for batch "
-                         f"{batch_size}: {_mib(smallest)} (every block recomputed over one-sample chunks); "
+        raise ValueError(f"memory budget {mib(budget)} is below the smallest predicted step peak for batch "
+                         f"{batch_size}: {mib(smallest)} (every block recomputed over one-sample chunks); "
                          f"lower the batch size or raise the budget")
     (work, _, _), policies, chunk, peak = best
     return RecomputePlan({k: tuple(v) for k, v in policies.items()}, chunk, peak, work)
@@ -315,5 +315,5 @@ def resolve_budget(budget, plain: int, name: str = "memory_budget") -> int:
     raise ValueError(f"{name} must be bytes (int or e.g. '12GiB') or a fraction in (0, 1], got {budget!r}")
 
 
-def _mib(n) -> str:
+def mib(n) -> str:
     return f"{n / 2**20:,.1f} MiB"

@@ -54,13 +54,13 @@ def calibrate(model: nn.Module, measured_peak: int) -> dict:
     try:
         new = _budget.plan_recompute(model, scaled, opts["batch_size"], **sizes)
     except ValueError as e:
-        raise ValueError(f"memory budget {_budget._mib(limit)}: the first step measured {_budget._mib(measured_peak)} "
-                         f"against a predicted {_budget._mib(predicted)}, and scaled by that no plan fits: {e}") from None
+        raise ValueError(f"memory budget {_budget.mib(limit)}: the first step measured {_budget.mib(measured_peak)} "
+                         f"against a predicted {_budget.mib(predicted)}, and scaled by that no plan fits: {e}") from None
     _budget.apply_plan(model, new)
     record.update(replanned=True, scaled_budget_bytes=scaled, previous=plan["summary"])
     opts["recompute_plan"] = {**new.as_record(), "budget_bytes": limit,
                               "plain_peak_bytes": plan.get("plain_peak_bytes"), "calibration": record}
-    notice(f"memory budget {_budget._mib(limit)}: the first step peaked at {_budget._mib(measured_peak)} "
+    notice(f"memory budget {_budget.mib(limit)}: the first step peaked at {_budget.mib(measured_peak)} "
            f"({record['ratio']:.2f}x the estimate); recompute re-planned for the rest of the run: {new.describe()}")
     return record
 

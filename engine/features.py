@@ -55,7 +55,7 @@ def check_classnames(classnames) -> list[str]:
     return classnames
 
 
-def _check_templates(templates) -> list[str]:
+def check_templates(templates) -> list[str]:
     if templates is None:
         return list(DEFAULT_TEMPLATES)
     if isinstance(templates, str):
@@ -183,7 +183,7 @@ def text_features(model: nn.Module, classnames: Sequence[str], templates: Sequen
         return ImageConditionedText(tuple(classnames), tokenizer)
     if "prompts" in hooks:
         return _prompted_text(model, hooks["prompts"], classnames, tokenizer)
-    templates = _check_templates(templates)
+    templates = check_templates(templates)
     names = [_clean(c) for c in classnames]
     texts = [t.replace("{}", n) for t in templates for n in names]
     tokens = tokenize(tokenizer, texts)

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from leanclip import utils
 from leanclip.feature_cache import FeatureCache, active_cache, encoder_features, encoder_pass
 from leanclip.metrics import AccuracyMeter
+from leanclip.options import recorded_option
+from leanclip.registry import METHOD_OPTIONS
 from leanclip.run_files import CHECKPOINT_NAME, FEATURES_DIR, LOG_NAME
 from leanclip.select import model_device
 from leanclip.training import (
@@ -52,6 +54,7 @@ __all__ = [
     "cluster_bank",
     "llu_heads",
     "llu_reg",
+    "llu_option",
     "identity_distances",
     "identity_reference",
     "train_llu",
@@ -199,6 +202,12 @@ def llu_forward(model, x: torch.Tensor, class_txt: torch.Tensor) -> torch.Tensor
     return _logit_scale(model).to(out_i.device) * out_i.float() @ out_t.float().t()
 
 
+def llu_option(model, name: str):
+    """``llu_lambda`` or ``llu_clusters`` of a model prepared with ``llu``: the method's options, given to
+    ``prepare`` (``leanclip.methods.llu.LluOptions``), set the trainer's regulariser weight and image bank."""
+    return recorded_option(model, METHOD_OPTIONS["llu"], name)
+
+
 def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = llu_forward(model, x, class_txt)
     ce = F.cross_entropy(logits, y)
@@ -206,12 +215,12 @@ def llu_loss(model, x, y, class_txt, lam: float) -> tuple[torch.Tensor, torch.Te
 
 
 def head_loss_fn(model, images: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
-                 templates: Sequence[str], tokenizer, llu_lambda: float = 1e3):
+                 templates: Sequence[str], tokenizer):
     """The loss closure of one LLU training step on a batch of images, for timing it (``leanclip demo``,
     ``leanclip bench step``): the frozen towers encode the batch and the class prompts once, here, as a run encodes
     every image once before training; the closure is what each of :func:`train_llu`'s steps computes on those cached
-    features (the heads' forward and regulariser; the encoders never run in it). Banks: the batch's image features,
-    the class text features."""
+    features (the heads' forward and regulariser, weighted by the model's ``llu_lambda``; the encoders never run in
+    it). Banks: the batch's image features, the class text features."""
     from leanclip.features import image_features
 
     with torch.no_grad():
@@ -221,16 +230,18 @@ def head_loss_fn(model, images: torch.Tensor, labels: torch.Tensor, classnames: 
     image_head.set_bank(feats)
     text_head.set_bank(txt)
     labels = torch.as_tensor(labels).to(feats.device)
-    return lambda: llu_loss(model, feats, labels, txt, llu_lambda)[0]
+    lam = llu_option(model, "llu_lambda")
+    return lambda: llu_loss(model, feats, labels, txt, lam)[0]
 
 
 # -------------------------------------------------------------------------------------------------------------- train
 def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, class_text_feats: torch.Tensor, cfg,
               *, bank: torch.Tensor | None = None, resume=None) -> dict:
     """Train ``model.llu_image`` / ``model.llu_text`` on cached features (cfg: ``leanclip.trainer.TrainConfig``; uses
-    epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_*, scheduler, seed, device, llu_lambda,
-    llu_clusters, output, log_every, clip_grad_norm). Banks are set on the heads (image: ``bank`` or
-    ``cluster_bank(train_feats, cfg.llu_clusters)``; text: ``class_text_feats``). Returns the per-step history."""
+    epochs, batch_size, lr, optimizer, momentum, weight_decay, warmup_*, scheduler, seed, device, output, log_every,
+    clip_grad_norm; the regulariser weight and the bank size are the model's ``llu`` options ``llu_lambda`` and
+    ``llu_clusters``). Banks are set on the heads (image: ``bank`` or ``cluster_bank(train_feats, llu_clusters)``;
+    text: ``class_text_feats``). Returns the per-step history."""
     cfg.validate()
     device = utils.resolve_device(cfg.device)
     x_all, y_all, t_all = _checked_features(train_feats, train_labels, class_text_feats, device)
@@ -238,7 +249,7 @@ def train_llu(model, train_feats: torch.Tensor, train_labels: torch.Tensor, clas
     model.to(device)
     img_head, txt_head = llu_heads(model)
     if bank is None:
-        bank = cluster_bank(x_all, cfg.llu_clusters)
+        bank = cluster_bank(x_all, llu_option(model, "llu_clusters"))
     img_head.set_bank(bank.to(device))
     txt_head.set_bank(t_all)
     params = _head_params(model)
@@ -308,7 +319,7 @@ def _llu_step(model, opt, params, x, y, t_all, cfg, lr: float, step: int, epoch:
     before the update: a non-finite step never reaches the heads."""
     t0 = time.perf_counter()
     set_lr(opt, lr)
-    loss, ce, logits = llu_loss(model, x, y, t_all, cfg.llu_lambda)
+    loss, ce, logits = llu_loss(model, x, y, t_all, llu_option(model, "llu_lambda"))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if cfg.clip_grad_norm is not None:  # the norm before clipping: non-finite iff a gradient is

@@ -74,6 +74,14 @@ def option_defaults(options: type) -> dict[str, Any]:
     return {name: f.default for name, f in option_fields(options).items()}
 
 
+def recorded_option(model, options: type, name: str):
+    """The value of option ``name`` (a field of ``options``) that ``model`` was prepared with: the one given to
+    ``prepare`` (which records only the options given, in ``model.leanclip_info["options"]``), else the field's
+    default. For what reads an option after ``prepare`` returned: a loss term, a trainer."""
+    given = (getattr(model, "leanclip_info", None) or {}).get("options") or {}
+    return given[name] if name in given else option_fields(options)[name].default
+
+
 def ranges_of(options: type) -> dict[str, OptionRange]:
     """The ranges the fields of ``options`` declare."""
     return {name: f.metadata["range"] for name, f in option_fields(options).items()

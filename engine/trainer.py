@@ -12,7 +12,8 @@ One optimizer step (``grad_accum`` micro-batches)::
     txt = text_features(model, classnames, templates, tok)   # all classes, ONCE per step when the text side trains
                                                              # (once per run when it is frozen: decided from the graph)
     for each micro-batch:  CE(class_logits(model, image_features(model, images), txt), y) -> backward
-    [+ clipfit_kd_loss(txt, teacher, kd_lambda) for clipfit; teacher = frozen zero-shot features, once per run]
+    [+ a method's loss terms: CLIPFit's clipfit_kd_loss(txt, teacher, kd_lambda), teacher = frozen zero-shot
+       features, once per run; its weights are the method's options (``leanclip methods clipfit``), not the config's]
     [a method's gradient rule (ProGrad's projection) then rewrites the step's gradients: ``leanclip.step``]
     the text tower back-propagates once per step (micro-batches fill the gradient of a detached copy of txt), so
     grad_accum=k x batch b gives the same update as batch k*b.
@@ -75,7 +76,7 @@ from leanclip.training import (
     epoch_loader, eval_loader, lr_at, resume_state, run_summary, save_state, steps_per_epoch,
 )
 
-__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at"]
+__all__ = ["TrainConfig", "train", "evaluate", "zeroshot", "base_to_new", "lr_at", "saved_run_options"]
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -99,25 +100,21 @@ class TrainConfig:
     seed: int = 1
     output: str | None = None         # run directory (log, checkpoint, summary); None = write nothing
     log_every: int = 1                # optimizer steps between JSONL log lines
-    kd_lambda: float = 8.0            # CLIPFit's text-feature distillation weight
     num_workers: int = 0
     eval_batch_size: int = 256
     eval_every: int = 0               # epochs between evaluations of eval_sets (0: only after the last epoch)
     progress: bool = True             # a bar on a terminal, plain log lines elsewhere (never changes the run)
     stop_after_epoch: int | None = None  # end this invocation after that epoch (checkpoint written): pre-emption/tests
-    # LLU (leanclip.llu): trained on cached features; the encoders never back-propagate
-    llu_lambda: float = 1e3
-    llu_clusters: int | None = 512    # D = agglomerative cluster centres (<= this many); None/0 = all training features
-    cache_dir: str | None = None      # feature cache (default <output>/features, or none without an output)
+    cache_dir: str | None = None      # cached-feature trainers (LLU): default <output>/features, none without output
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         """ValueError naming the first field out of range: the numbers the command line also takes are checked
         against its table (``leanclip.utils.NUMBER_RANGES``), so the API accepts exactly what the CLI accepts."""
         check_config(self, ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "warmup_lr", "grad_accum",
-                            "kd_lambda", "llu_lambda", "log_every", "seed", "num_workers", "eval_batch_size",
+                            "log_every", "seed", "num_workers", "eval_batch_size",
                             "eval_every", "momentum"),
-                     optional=("clip_grad_norm", "llu_clusters", "stop_after_epoch"),
+                     optional=("clip_grad_norm", "stop_after_epoch"),
                      kinds={"eval_batch_size": "batch_size", "eval_every": "warmup_epochs",  # an int >= 0
                             "stop_after_epoch": "epochs", "momentum": "weight_decay"})  # a finite float >= 0
         if self.optimizer not in OPTIMIZERS:
@@ -128,6 +125,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# config fields that are now a method's options -> that method. A run saved while TrainConfig carried them records
+# them in its config (every run, whatever its method), never in its method options.
+CONFIG_FIELDS_NOW_OPTIONS = {"kd_lambda": "clipfit", "llu_lambda": "llu", "llu_clusters": "llu"}
+
+
+def saved_run_options(method: str, options: Mapping | None, config: Mapping | None) -> dict:
+    """The method options a saved run trained with: those its checkpoint records, plus each field of its saved
+    ``config`` (``TrainConfig.to_dict``) that is now an option of one of ``method``'s ``+`` components and that the
+    options do not hold. What reads a run (eval, analyze, report) passes these to ``prepare``, so a run saved with
+    ``kd_lambda`` in its config rebuilds its loss terms with that weight."""
+    out = dict(options or {})
+    parts = set(str(method).split("+"))
+    for key, owner in CONFIG_FIELDS_NOW_OPTIONS.items():
+        if owner in parts and key not in out and key in (config or {}):
+            out[key] = config[key]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ schedule, optimizer

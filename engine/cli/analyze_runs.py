@@ -34,8 +34,9 @@ from leanclip.checkpoint import load_trainable
 from leanclip.cli.classify import load_data
 from leanclip.features import image_features
 from leanclip.grad_stats import squared_grad_sums
-from leanclip.methods import method_trainer
+from leanclip.methods import method_options, method_trainer
 from leanclip.step import ClassifyStep
+from leanclip.trainer import saved_run_options
 from leanclip.training import dataset_labels, epoch_loader
 from leanclip.cli.common import (
     DATA_DEFAULTS, DEFAULT_MODEL, UsageError, build_recorded_model, check_output, emit, prepare_from_checkpoint,
@@ -107,6 +108,8 @@ def _restore(args) -> dict:
     """The run's checkpoint, the eval-style namespace its model and data are rebuilt from, and the data."""
 
     meta = read_checkpoint_meta(args.runs[0], flag="RUN")
+    meta["options"] = saved_run_options(meta["method"], meta.get("options"),
+                                        (meta.get("extra") or {}).get("config"))
     record = run_record(meta)
     if not record.get("data"):
         raise UsageError(f"RUN {meta['path']!r} records no classification data (a contrastive run?): --grad / --tsne "
@@ -176,10 +179,17 @@ def _grad(args, ctx: dict) -> int:
     sums, n = squared_grad_sums(model, step, _batches(data["train"], batch, seed, args.batches))
     result = _grad_result(meta, sums, dict(model.named_parameters()), set(model.leanclip_info.get("modules") or ()))
     result.update(at=args.at, batches=n, batch_size=batch, seed=seed, dataset=data["dataset"],
-                  extra_loss_terms=len(step.terms), kd_lambda=cfg.get("kd_lambda"))
+                  extra_loss_terms=len(step.terms), kd_lambda=_kd_lambda(meta))
     print(_grad_table(result))
     emit(result, args, GRAD_JSON)
     return 0
+
+
+def _kd_lambda(meta: dict) -> float | None:
+    """The distillation weight the run trained with (None: its method has no such term)."""
+    declared = [method_options(p) for p in meta["method"].split("+")]
+    default = next((d["kd_lambda"] for d in declared if "kd_lambda" in d), None)
+    return None if default is None else meta["options"].get("kd_lambda", default)
 
 
 def _grad_result(meta: dict, sums: dict, params: dict, added: set) -> dict:

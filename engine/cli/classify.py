@@ -17,6 +17,7 @@ from leanclip.cli.common import (
     method_opts_from_flags, prepare_from_checkpoint, read_checkpoint_meta, recompute_kwargs, restore_data,
     restore_inputs, run_folder, run_provenance, setup_device, stop_together, template_override, weights_record,
 )
+from leanclip.cli.option_flags import options_from_flags
 from leanclip.data import BadImageError, check_images
 from leanclip.run_files import RESULT_FILES
 from leanclip.templates import get_templates
@@ -204,6 +205,7 @@ def _train_classify(args, info, parts, method) -> int:
     defaults = {**BASE_DEFAULTS, **method_train_defaults(method), **preset_defaults(args.preset, args)}
     pick = lambda k: getattr(args, k) if getattr(args, k) is not None else defaults[k]  # noqa: E731
     method_opts = method_opts_from_flags(parts, args.opt)
+    method_opts.update(options_from_flags(args, parts, method_opts))  # --kd-lambda, --llu-*: the method's options
     default_out = os.path.join("runs", f"{method}_{args.dataset or 'synthetic'}_{args.shots}shot_seed{args.seed}")
     if info.is_main:
         run_folder(args, default_out)
@@ -234,8 +236,7 @@ def _train_classify(args, info, parts, method) -> int:
         optimizer=pick("optimizer"), weight_decay=pick("weight_decay"), warmup_epochs=pick("warmup_epochs"),
         warmup_lr=args.warmup_lr, grad_accum=args.grad_accum, clip_grad_norm=args.clip_grad_norm,
         precision=args.precision, device=str(device), seed=args.seed, output=args.output, log_every=args.log_every,
-        kd_lambda=args.kd_lambda, num_workers=args.num_workers, progress=not args.no_progress,
-        llu_lambda=args.llu_lambda, llu_clusters=args.llu_clusters or None,
+        num_workers=args.num_workers, progress=not args.no_progress,
         extra=run_provenance(args, weights, data=data_record(args, data["dataset"])),
     )
     eval_sets = {("base" if args.subsample == "base" else args.eval_split): data["eval"]}

@@ -12,7 +12,7 @@
 4. Per method, side by side in this process: the step time of the lean model relative to the same method on open_clip's
    plain modules (``prepare(..., lean=False)``; interleaved repetitions, medians) and the bytes autograd saves for one
    training step's forward (``leanclip.memory.saved_activation_bytes``; lean under the recompute plan its memory
-   budget gets from ``leanclip.budget``, vs plain).
+   budget gets from ``leanclip.budget``, vs plain): ``leanclip.cli.demo_measure``.
 5. One table on stdout; ``demo.json`` and ``demo.png`` under ``--output`` (atomic writes). Nothing else touches disk.
 
 Ratios are lean / plain: below 1 means faster / less memory. Every number is seeded; two runs with the same seed,
@@ -25,7 +25,6 @@ import argparse
 import copy
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -40,17 +39,15 @@ import torch
 from leanclip import kernels, utils
 from leanclip import data as D
 from leanclip import synthetic as S
-from leanclip.bench.common import interleaved_medians, machine
+from leanclip.bench.common import machine
+from leanclip.cli.demo_measure import lean_options, measure_method
 from leanclip.configs import create_random_model, register_config
 from leanclip.data import CLIP_MEAN, CLIP_STD
-from leanclip.llu import head_loss_fn
-from leanclip.memory import saved_activation_bytes
 from leanclip.methods import count_trainable, prepare
 from leanclip.metrics import harmonic_mean
 from leanclip.pretrain import pretrain_contrastive
 from leanclip.registry import method_trainer
-from leanclip.select import model_device, trainable_parameters
-from leanclip.step import ClassifyStep
+from leanclip.select import model_device
 from leanclip.templates import get_templates
 from leanclip.trainer import TrainConfig, train, zeroshot
 from leanclip.utils import SEED_MAX, atomic_write, atomic_write_json, derive_seed
@@ -73,7 +70,6 @@ class MethodRecipe:
     batch_size: int = 32
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
-    llu_lambda: float = 1e3                                   # llu only (TrainConfig.llu_lambda)
     options: dict = field(default_factory=dict)               # extra prepare() options of the method
 
 
@@ -109,8 +105,8 @@ class DemoConfig:
         "ln": MethodRecipe(lr=2e-2, epochs=20),
         "bitfit": MethodRecipe(lr=1e-2, epochs=20),
         "clipfit": MethodRecipe(lr=2e-2, epochs=20),
-        "llu": MethodRecipe(lr=1e-2, epochs=50, batch_size=256, warmup_epochs=0, llu_lambda=10.0,
-                            options={"gamma": 5.0}),
+        "llu": MethodRecipe(lr=1e-2, epochs=50, batch_size=256, warmup_epochs=0,
+                            options={"gamma": 5.0, "llu_lambda": 10.0, "llu_clusters": 0}),
         "full": MethodRecipe(lr=2e-4, epochs=20),
     })
     # the lean trainer's memory budget, a fraction of plain open_clip's predicted step peak (leanclip.budget): 1.0 is
@@ -144,8 +140,8 @@ QUICK = dataclasses.replace(
         "ln": MethodRecipe(lr=2e-2, epochs=2, batch_size=8),
         "bitfit": MethodRecipe(lr=1e-2, epochs=2, batch_size=8),
         "clipfit": MethodRecipe(lr=2e-2, epochs=2, batch_size=8),
-        "llu": MethodRecipe(lr=1e-2, epochs=3, batch_size=16, warmup_epochs=0, llu_lambda=10.0,
-                            options={"gamma": 5.0}),
+        "llu": MethodRecipe(lr=1e-2, epochs=3, batch_size=16, warmup_epochs=0,
+                            options={"gamma": 5.0, "llu_lambda": 10.0, "llu_clusters": 0}),
         "full": MethodRecipe(lr=2e-4, epochs=2, batch_size=8),
     },
     timing_reps=3,
@@ -257,106 +253,6 @@ def pretrain(model, tokenizer, cfg: DemoConfig, seed: int, normalize: Callable, 
                                 progress=progress, desc="pre-training")
 
 
-# ----------------------------------------------------------------------------------------------------- measurements
-def _train_batch(dataset, batch_size: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(dataset), generator=g)[:batch_size]
-    return dataset.images[idx].float(), dataset.labels[idx]
-
-
-def _step_fns(model, method: str, images, labels, classnames, templates, tokenizer, kd_lambda: float = 8.0,
-              llu_lambda: float = 1e3):
-    """(forward_loss, train_step) closures of one training step of ``model``: the trainer's own step
-    (``leanclip.step.ClassifyStep``), or for a cached-feature method the head step on cached features
-    (``leanclip.llu.head_loss_fn``: the heads on features encoded once)."""
-    device = model_device(model)
-    images, labels = images.to(device), labels.to(device)
-    model.train()
-    params = [p for _, p in trainable_parameters(model)]
-    opt = torch.optim.SGD(params, lr=1e-8, momentum=0.9)  # the step's cost, not its effect, is measured
-    if method_trainer(method) == "cached":
-        forward_loss = head_loss_fn(model, images, labels, classnames, templates, tokenizer, llu_lambda)
-
-        def train_step():
-            loss = forward_loss()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss
-        return forward_loss, train_step
-    step = ClassifyStep(model, classnames, templates, tokenizer, cfg=TrainConfig(kd_lambda=kd_lambda), device=device)
-
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        loss = step(images, labels)
-        opt.step()
-        return loss
-    return (lambda: step.loss(images, labels)), train_step
-
-
-def _time_once(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _lean_options(cfg: DemoConfig, method: str, batch: int, n_prompts: int) -> dict:
-    """``prepare``'s memory arguments for the lean side: the budget planner (a cached-feature method runs no tower
-    backward: nothing to plan)."""
-    if method_trainer(method) == "cached":
-        return {}
-    return {"recompute": "auto", "memory_budget": cfg.memory_budget, "batch_size": batch, "text_batch_size": n_prompts}
-
-
-def measure_method(base_model, method: str, task: dict, templates, tokenizer, cfg: DemoConfig, seed: int) -> dict:
-    """Step-time ratio and saved-activation ratio of ``method``: lean (the plan for ``cfg.memory_budget``) vs open_clip's
-    plain modules (``prepare(..., lean=False)``), same batch, same starting weights. Where the plan recomputes, also
-    times the lean model without recompute (``lean_no_recompute``), to show what the recompute costs. llu trains its
-    heads on cached features, so both sides run the same head step (its ratios are 1 up to timing noise)."""
-    names = task["base_names"]
-    r = cfg.recipes[method]
-    cached = method_trainer(method) == "cached"
-    bs = r.batch_size if not cached else cfg.recipes["ln"].batch_size
-    images, labels = _train_batch(task["train"], bs, _seed(seed, 21))
-    sides = {}
-    for side in ("lean", "plain", "lean_no_recompute"):
-        m = copy.deepcopy(base_model)
-        if side == "lean_no_recompute" and (cached or _plan_is_none(sides["lean"]["model"])):
-            continue
-        kw = dict(r.options)
-        if side == "lean":
-            kw.update(_lean_options(cfg, method, int(images.shape[0]), len(names) * len(templates)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the plan is reported with the results
-            prepare(m, method, lean=side != "plain", classnames=names, tokenizer=tokenizer, **kw)
-        fwd, step = _step_fns(m, method, images, labels, names, templates, tokenizer, llu_lambda=r.llu_lambda)
-        _, nbytes = saved_activation_bytes(fwd, exclude=m)
-        sides[side] = {"model": m, "step": step, "saved_bytes": nbytes}
-    one = max(_time_once(v["step"]) for v in sides.values())
-    reps = int(min(200, max(cfg.timing_reps, math.ceil(cfg.timing_min_seconds / max(one, 1e-6)))))
-    med = interleaved_medians({k: v["step"] for k, v in sides.items()}, reps=reps, warmup=cfg.timing_warmup)
-    saved = {k: v["saved_bytes"] for k, v in sides.items()}
-    out = {
-        "step_time_ratio": med["lean"] / med["plain"],
-        "saved_act_ratio": saved["lean"] / saved["plain"] if saved["plain"] else None,
-        "step_seconds": med,
-        "saved_act_bytes": saved,
-        "timing_batch": int(images.shape[0]),
-        "timing_reps": reps,
-    }
-    if "lean_no_recompute" in med:
-        out["step_time_ratio_no_recompute"] = med["lean_no_recompute"] / med["plain"]
-    plan = sides["lean"]["model"].leanclip_info["options"].get("recompute_plan")
-    if plan is not None:
-        out["recompute_plan"] = plan["summary"]
-    return out
-
-
-def _plan_is_none(model) -> bool:
-    plan = model.leanclip_info["options"].get("recompute_plan")
-    return plan is None or all(p == "none" for pols in plan["policies"].values() for p in pols)
-
-
 # ---------------------------------------------------------------------------------------------------------- outputs
 COLUMNS = ("method", "trainable params", "base acc", "new acc", "H", "step time (lean/plain)",
            "saved act (lean/plain)")
@@ -449,14 +345,13 @@ def finetune(model, method: str, task: dict, templates, tok, cfg: DemoConfig, se
     tm = time.perf_counter()
     r = cfg.recipes[method]
     m = copy.deepcopy(model)
-    kw = {**r.options, **_lean_options(cfg, method, r.batch_size, len(task["base_names"]) * len(templates))}
+    kw = {**r.options, **lean_options(cfg, method, r.batch_size, len(task["base_names"]) * len(templates))}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plan is reported with the results
         prepare(m, method, lean=True, classnames=task["base_names"], tokenizer=tok, model_name=model_name, **kw)
     tcfg = TrainConfig(method=method, epochs=r.epochs, batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer,
                        weight_decay=r.weight_decay, warmup_epochs=r.warmup_epochs, warmup_lr=r.warmup_lr,
-                       seed=_seed(seed, 31), output=None, progress=progress, device=device, llu_lambda=r.llu_lambda,
-                       llu_clusters=None)
+                       seed=_seed(seed, 31), output=None, progress=progress, device=device)
     summary = train(m, task["train"], task["base_names"], templates, tok, tcfg,
                     eval_sets={"base": task["base_test"], "new": (task["new_test"], task["new_names"])})
     b = summary["metrics"]["base"]["top1"] / 100
@@ -525,7 +420,7 @@ def run_demo(cfg: DemoConfig = FULL, output: str | os.PathLike | None = DEFAULT_
             _log(f"[4/4] lean vs plain PyTorch: step time (>= {cfg.timing_reps} interleaved reps, medians) and saved "
                  f"activations", progress)
             for method in utils.track(cfg.methods, "lean vs plain", enabled=progress):
-                results[method].update(measure_method(model, method, task, templates, tok, cfg, seed))
+                results[method].update(measure_method(model, method, task, templates, tok, cfg, _seed(seed, 21)))
             timings["lean_vs_plain"] = time.perf_counter() - t0
         else:
             for method in cfg.methods:

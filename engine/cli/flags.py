@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from leanclip.cli.common import UsageError
+from leanclip.cli.option_flags import OPTION_FLAGS
 
 TRAIN, CONTRASTIVE = ("train", "classify"), ("train", "contrastive")
 EVAL, RETRIEVAL = ("eval", "classify"), ("eval", "retrieval")
@@ -90,9 +91,9 @@ SCOPES: dict[str, Scope] = {
     "warmup_epochs": Scope((TRAIN, CONTRASTIVE)), "warmup_lr": Scope((TRAIN,)),
     "grad_accum": Scope((TRAIN,), lambda parts: _trainer(parts) == "backprop",
                         "methods that back-propagate through the towers"),
-    "kd_lambda": Scope((TRAIN,), lambda parts: "clipfit" in parts, "method clipfit"),
-    "llu_lambda": Scope((TRAIN,), lambda parts: "llu" in parts, "method llu"),
-    "llu_clusters": Scope((TRAIN,), lambda parts: "llu" in parts, "method llu"),
+    # shorthands for a method option (leanclip.cli.option_flags): read by the methods that declare it
+    **{dest: Scope((TRAIN,), lambda parts, o=option: _declares(parts, o), f"the methods with option {option}")
+       for dest, option in OPTION_FLAGS.items()},
     "preset": Scope((TRAIN, CONTRASTIVE)),  # coop, cocoop, prograd for classification, lilt for the contrastive task
     "init_from": Scope((TRAIN, CONTRASTIVE)),
     # the contrastive task and retrieval

@@ -176,12 +176,16 @@ def _add_train_parser(sub, selected: str | None) -> None:
     g.add_argument("--warmup-lr", type=float, default=1e-5, help="warm-up learning rate (default 1e-5)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--clip-grad-norm", type=float, default=None, help="clip the gradient norm (default off)")
-    g.add_argument("--kd-lambda", type=float, default=8.0, help="CLIPFit distillation weight (default 8)")
-    g.add_argument("--llu-lambda", type=float, default=1e3,
-                   help="LLU regulariser weight (default 1e3, the authors' value) on mean((W-I)^2)+mean(b^2), the "
-                        "authors' code's form and the default; --opt reg=norm uses the paper's ||W-I||+||b||")
-    g.add_argument("--llu-clusters", type=int, default=512,
-                   help="LLU image bank: at most this many agglomerative cluster centres (0 = all training features)")
+    # shorthands for method options (leanclip.cli.option_flags): None = the method's default
+    g.add_argument("--kd-lambda", type=float, default=None,
+                   help="CLIPFit distillation weight: the option kd_lambda (default 8)")
+    g.add_argument("--llu-lambda", type=float, default=None,
+                   help="LLU regulariser weight: the option llu_lambda (default 1e3, the authors' value) on "
+                        "mean((W-I)^2)+mean(b^2), the authors' code's form and the default; --opt reg=norm uses the "
+                        "paper's ||W-I||+||b||")
+    g.add_argument("--llu-clusters", type=int, default=None,
+                   help="LLU image bank: at most this many agglomerative cluster centres (0 = all training "
+                        "features): the option llu_clusters (default 512)")
     g.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines (default 1)")
     g.add_argument("--preset", choices=("coop", "cocoop", "prograd", "lilt"), default=None,
                    help="a paper's recipe as the defaults of the optimisation flags (explicit flags win; the run "

@@ -13,9 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from leanclip.data.records import Sample, _MAX_REPORTED
-from leanclip.data.sources import _read_json
-from leanclip.data.splits import _check_label_names
+from leanclip.data.records import Sample, MAX_REPORTED
+from leanclip.data.sources import read_json
+from leanclip.data.splits import check_label_names
 from leanclip.utils import atomic_write_json
 
 
@@ -32,12 +32,12 @@ def _all_samples(samples_or_splits) -> list[Sample]:
 def classnames_from_samples(samples_or_splits) -> list[str]:
     """Class names indexed by label from a Sample list or a {split: samples} dict. Labels must be 0..C-1 with no gap
     and one name per label (ValueError otherwise)."""
-    label2name = _check_label_names(((s.label, s.classname) for s in _all_samples(samples_or_splits)), "samples")
+    label2name = check_label_names(((s.label, s.classname) for s in _all_samples(samples_or_splits)), "samples")
     if not label2name:
         raise ValueError("no samples")
     n = max(label2name) + 1
     if len(label2name) != n:  # labels come from data files: find the first gaps without walking range(n)
-        gaps = list(itertools.islice((y for y in itertools.count() if y not in label2name), _MAX_REPORTED))
+        gaps = list(itertools.islice((y for y in itertools.count() if y not in label2name), MAX_REPORTED))
         raise ValueError(f"labels are not contiguous 0..{n - 1}: no sample for label(s) {gaps}")
     return [label2name[y] for y in range(n)]
 
@@ -59,7 +59,7 @@ def _check_shots(shots) -> int:
     return int(shots)
 
 
-def _check_seed(seed) -> int:
+def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an int, got {seed!r}")
     return int(seed)
@@ -74,7 +74,7 @@ def few_shot(samples: Sequence[Sample], shots: int, seed: int) -> list[Sample]:
     would silently keep fewer).
     """
     shots = _check_shots(shots)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     by_label: dict[int, list[Sample]] = {}
     for s in samples:
         by_label.setdefault(s.label, []).append(s)
@@ -109,7 +109,7 @@ _CACHE_VERSION = 1
 
 def few_shot_cache_path(samples: Sequence[Sample], shots: int, seed: int, cache_dir: str | os.PathLike) -> str:
     """Where `few_shot_cached` keeps the selection for these arguments."""
-    shots, seed = _check_shots(shots), _check_seed(seed)
+    shots, seed = _check_shots(shots), check_seed(seed)
     return _cache_file(cache_dir, shots, seed, _cache_key(list(samples), shots, seed))
 
 
@@ -139,7 +139,7 @@ def few_shot_cached(
     A present, valid file is re-used; a corrupt or inconsistent one is regenerated (RuntimeWarning).
     """
     shots = _check_shots(shots)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     samples = list(samples)
     rel = _relpaths([s.path for s in samples])
     key = _cache_key(samples, shots, seed, rel)
@@ -166,7 +166,7 @@ def few_shot_cached(
 
 
 def _load_cached_selection(path, key, shots, samples, rel) -> list[Sample]:
-    data = _read_json(path, "few-shot cache")
+    data = read_json(path, "few-shot cache")
     if not isinstance(data, dict) or data.get("key") != key or data.get("version") != _CACHE_VERSION:
         raise ValueError("key/version mismatch")
     by_rel = {(r, int(s.label)): s for s, r in zip(samples, rel)}
@@ -193,7 +193,7 @@ def subsample_classes(samples_by_split, which: str = "all"):
         raise ValueError(f"which must be 'all', 'base' or 'new', got {which!r}")
     single = not isinstance(samples_by_split, Mapping)
     splits = {"_": list(samples_by_split)} if single else {k: list(v) for k, v in samples_by_split.items()}
-    label2name = _check_label_names(((s.label, s.classname) for v in splits.values() for s in v), "samples")
+    label2name = check_label_names(((s.label, s.classname) for v in splits.values() for s in v), "samples")
     labels = sorted(label2name)
     m = math.ceil(len(labels) / 2)
     selected = labels if which == "all" else labels[:m] if which == "base" else labels[m:]

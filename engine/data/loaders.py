@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from leanclip.data.fewshot import _check_seed
+from leanclip.data.fewshot import check_seed
 
 
 def _seed_worker(worker_id: int) -> None:  # runs inside each worker process only
@@ -86,7 +86,7 @@ class ItemSeeds(torch.utils.data.Sampler):
     augmentation depends on the item and the pass only, not on the worker count or the global RNG."""
 
     def __init__(self, sampler, seed: int, epoch: int):
-        self.sampler, self.seed, self.epoch = sampler, _check_seed(seed), _check_seed(epoch)
+        self.sampler, self.seed, self.epoch = sampler, check_seed(seed), check_seed(epoch)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -126,9 +126,9 @@ def make_loader(
     the pass to produce on every ``iter()`` (what a trainer passes); None: iteration e of this loader is pass e."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     if epoch is not None:
-        epoch = _check_seed(epoch)
+        epoch = check_seed(epoch)
     if persistent_workers is None:
         persistent_workers = num_workers > 0
     return DataLoader(

@@ -6,9 +6,9 @@ import os
 from collections.abc import Sequence
 
 from leanclip.data.fewshot import classnames_from_samples
-from leanclip.data.records import DATASET_INFO, IMG_EXTENSIONS, SPLITS, Sample, _MAX_REPORTED, _canonical_or_none
-from leanclip.data.sources import ImageFolderSource, ImageRoot, _list_images, _read_lines, _require_dir, _require_file
-from leanclip.data.splits import _locate_split, _no_split_file, _parse_split, _short_repr
+from leanclip.data.records import DATASET_INFO, IMG_EXTENSIONS, SPLITS, Sample, MAX_REPORTED, canonical_or_none
+from leanclip.data.sources import ImageFolderSource, ImageRoot, list_images, read_lines, require_dir, require_file
+from leanclip.data.splits import locate_split, no_split_file, parse_split, short_repr
 
 
 def read_classnames_file(path: str | os.PathLike) -> dict[str, str]:
@@ -16,13 +16,13 @@ def read_classnames_file(path: str | os.PathLike) -> dict[str, str]:
 
     ValueError naming the file and line for a line without a name, a folder listed twice, or no line at all."""
     path = os.fspath(path)
-    _require_file(path, "class-names file")
+    require_file(path, "class-names file")
     out: dict[str, str] = {}
-    for n, line in _read_lines(path, "class-names file"):
+    for n, line in read_lines(path, "class-names file"):
         parts = line.split(maxsplit=1)
         if len(parts) != 2:
             raise ValueError(f"class-names file {path!r} line {n}: expected '<folder> <class name>', got "
-                             f"{_short_repr(line)}")
+                             f"{short_repr(line)}")
         if parts[0] in out:
             raise ValueError(f"class-names file {path!r} line {n}: folder {parts[0]!r} is listed twice")
         out[parts[0]] = parts[1].strip()
@@ -39,13 +39,13 @@ def read_imagenet_folders(
     Files must resolve inside `image_dir` unless `allow_outside_root` (see `ImageFolderSource`)."""
     names = read_classnames_file(classnames_file)
     image_dir = os.fspath(image_dir)
-    _require_dir(image_dir, "image folder")
+    require_dir(image_dir, "image folder")
     folders = sorted(e.name for e in os.scandir(image_dir) if e.is_dir() and not e.name.startswith("."))
     unknown = [f for f in folders if f not in names]
     if unknown:
         raise ValueError(
             f"{len(unknown)} folder(s) of {image_dir!r} are missing from class-names file "
-            f"{os.fspath(classnames_file)!r}: {', '.join(unknown[:_MAX_REPORTED])}"
+            f"{os.fspath(classnames_file)!r}: {', '.join(unknown[:MAX_REPORTED])}"
         )
     return ImageFolderSource(image_dir, classname_map=names, allow_outside_root=allow_outside_root).samples
 
@@ -53,13 +53,13 @@ def read_imagenet_folders(
 def _read_imagenet_v2(image_dir: str, classnames_file: str, allow_outside_root: bool = False) -> list[Sample]:
     """ImageNetV2 (matched-frequency format): folders "0".."999" = labels in classnames.txt order."""
     names = list(read_classnames_file(classnames_file).values())
-    _require_dir(image_dir, "image folder")
+    require_dir(image_dir, "image folder")
     guard = ImageRoot(image_dir, f"image folder {image_dir!r}", allow_outside_root)
     samples = []
     for label, name in enumerate(names):
         folder = os.path.join(image_dir, str(label))
         if os.path.isdir(folder):
-            samples.extend(Sample(p, label, name) for p in _list_images(folder, IMG_EXTENSIONS, guard))
+            samples.extend(Sample(p, label, name) for p in list_images(folder, IMG_EXTENSIONS, guard))
     if not samples:
         raise ValueError(f"no images under {image_dir!r} (expected folders 0..{len(names) - 1})")
     return samples
@@ -67,13 +67,13 @@ def _read_imagenet_v2(image_dir: str, classnames_file: str, allow_outside_root: 
 
 def _read_fgvc_variants(d: str) -> list[str]:
     vfile = os.path.join(d, "variants.txt")
-    _require_file(vfile, "FGVCAircraft class list")
-    classnames = [line for _, line in _read_lines(vfile, "FGVCAircraft class list")]
+    require_file(vfile, "FGVCAircraft class list")
+    classnames = [line for _, line in read_lines(vfile, "FGVCAircraft class list")]
     if not classnames:
         raise ValueError(f"FGVCAircraft class list {vfile!r} is empty")
     if len(set(classnames)) != len(classnames):
         twice = sorted({c for c in classnames if classnames.count(c) > 1})
-        raise ValueError(f"FGVCAircraft class list {vfile!r} lists {twice[:_MAX_REPORTED]} more than once")
+        raise ValueError(f"FGVCAircraft class list {vfile!r} lists {twice[:MAX_REPORTED]} more than once")
     return classnames
 
 
@@ -84,19 +84,19 @@ def read_fgvc_aircraft(
     "<image id> <variant>" lines, images at ``images/<id>.jpg``. Image ids must resolve inside ``images/`` unless
     `allow_outside_root` (see `read_split_file`)."""
     d = os.fspath(dataset_dir)
-    _require_dir(d, "FGVCAircraft folder")
+    require_dir(d, "FGVCAircraft folder")
     name2label = {c: i for i, c in enumerate(_read_fgvc_variants(d))}
     out: dict[str, list[Sample]] = {}
     missing: list[str] = []
     for split in SPLITS:
         lst = os.path.join(d, f"images_variant_{split}.txt")
-        _require_file(lst, "FGVCAircraft split list")
+        require_file(lst, "FGVCAircraft split list")
         root = ImageRoot(os.path.join(d, "images"), f"FGVCAircraft split list {lst!r}", allow_outside_root)
         samples = []
-        for n, line in _read_lines(lst, "FGVCAircraft split list"):
+        for n, line in read_lines(lst, "FGVCAircraft split list"):
             parts = line.split(" ", 1)
             if len(parts) != 2 or parts[1] not in name2label or "\x00" in parts[0]:
-                raise ValueError(f"FGVCAircraft split list {lst!r} line {n}: unknown variant in {_short_repr(line)}")
+                raise ValueError(f"FGVCAircraft split list {lst!r} line {n}: unknown variant in {short_repr(line)}")
             p = root.join(parts[0] + ".jpg", f"line {n}")
             if check_exists and not os.path.isfile(p):
                 missing.append(p)
@@ -104,7 +104,7 @@ def read_fgvc_aircraft(
         out[split] = samples
     if missing:
         raise FileNotFoundError(
-            f"FGVCAircraft lists {len(missing)} missing image(s), e.g. " + ", ".join(map(repr, missing[:_MAX_REPORTED]))
+            f"FGVCAircraft lists {len(missing)} missing image(s), e.g. " + ", ".join(map(repr, missing[:MAX_REPORTED]))
         )
     return out
 
@@ -120,15 +120,15 @@ def load_dataset(
     the image root unless `allow_outside_root`.
     """
     data_root = os.fspath(data_root)
-    _require_dir(data_root, "data root")
-    canonical = _canonical_or_none(dataset)
+    require_dir(data_root, "data root")
+    canonical = canonical_or_none(dataset)
     info = DATASET_INFO.get(canonical) if canonical else None
     if info is None or info.split_name is not None:
-        found, tried = _locate_split(data_root, dataset)
+        found, tried = locate_split(data_root, dataset)
         if found is None:
-            raise _no_split_file(dataset, data_root, tried)
+            raise no_split_file(dataset, data_root, tried)
         path, image_root, raw = found
-        splits = _parse_split(raw, path, image_root, check_exists, allow_outside_root)
+        splits = parse_split(raw, path, image_root, check_exists, allow_outside_root)
         return splits, classnames_from_samples(splits)
 
     d = _first_dir([os.path.join(data_root, info.dataset_dir), data_root])

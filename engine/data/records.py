@@ -11,7 +11,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tif
 SPLITS = ("train", "val", "test")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip OPENAI_DATASET_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip OPENAI_DATASET_STD
-_MAX_REPORTED = 5  # how many missing images an error message lists
+MAX_REPORTED = 5  # how many missing images an error message lists
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +54,7 @@ DATASET_INFO: dict[str, DatasetInfo] = {
 }
 
 
-def _canonical_or_none(dataset: str) -> str | None:
+def canonical_or_none(dataset: str) -> str | None:
     try:
         return canonical_dataset_name(dataset)
     except KeyError:

@@ -19,7 +19,7 @@ def _is_image(name: str, extensions: Sequence[str]) -> bool:
     return not name.startswith(".") and name.lower().endswith(tuple(extensions))
 
 
-def _list_images(folder: str, extensions: Sequence[str], root: ImageRoot | None = None) -> list[str]:
+def list_images(folder: str, extensions: Sequence[str], root: ImageRoot | None = None) -> list[str]:
     """All image files under `folder` (recursive, hidden entries skipped), sorted for determinism.
 
     Symlinked folders are followed, each real folder once (a link back up the tree would otherwise repeat it until
@@ -40,14 +40,14 @@ def _list_images(folder: str, extensions: Sequence[str], root: ImageRoot | None 
     return out
 
 
-def _require_dir(path: str, what: str) -> None:
+def require_dir(path: str, what: str) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     if not os.path.isdir(path):
         raise NotADirectoryError(f"{what} {path!r} is not a directory")
 
 
-def _require_file(path: str, what: str) -> None:
+def require_file(path: str, what: str) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     if not os.path.isfile(path):
@@ -66,7 +66,7 @@ def _read_text(path: str, what: str) -> str:
         raise ValueError(f"cannot read {what} {path!r}: {e.strerror or e}") from None
 
 
-def _read_json(path: str, what: str = "split file"):
+def read_json(path: str, what: str = "split file"):
     text = _read_text(path, what)
     try:
         return json.loads(text)
@@ -76,7 +76,7 @@ def _read_json(path: str, what: str = "split file"):
         raise ValueError(f"{what} {path!r} nests too deeply to be a {what}") from None
 
 
-def _read_lines(path: str, what: str) -> list[tuple[int, str]]:
+def read_lines(path: str, what: str) -> list[tuple[int, str]]:
     """(line number, stripped line) of the non-blank lines of a text list file."""
     return [(n, ln.strip()) for n, ln in enumerate(_read_text(path, what).splitlines(), 1) if ln.strip()]
 
@@ -151,7 +151,7 @@ class ImageFolderSource:
         allow_outside_root: bool = False,
     ):
         self.root = os.fspath(root)
-        _require_dir(self.root, "image folder root")
+        require_dir(self.root, "image folder root")
         guard = ImageRoot(self.root, f"image folder {self.root!r}", allow_outside_root)
         ignore = set(ignore)
         folders = sorted(
@@ -168,7 +168,7 @@ class ImageFolderSource:
                 name = classname_map[folder]
             else:
                 name = clean_classname(folder) if clean_names else folder
-            files = _list_images(os.path.join(self.root, folder), extensions, guard)
+            files = list_images(os.path.join(self.root, folder), extensions, guard)
             if not files:
                 raise ValueError(
                     f"class folder {folder!r} in {self.root!r} holds no images (extensions {', '.join(extensions)})"

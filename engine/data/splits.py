@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
-from leanclip.data.records import DATASET_INFO, SPLITS, Sample, _MAX_REPORTED, _canonical_or_none
-from leanclip.data.sources import ImageRoot, _read_json, _require_dir, _require_file
+from leanclip.data.records import DATASET_INFO, SPLITS, Sample, MAX_REPORTED, canonical_or_none
+from leanclip.data.sources import ImageRoot, read_json, require_dir, require_file
 from leanclip.utils import atomic_write_json
 
 
@@ -14,7 +14,7 @@ from leanclip.utils import atomic_write_json
 # CoOp split files
 
 
-def _check_label_names(pairs: Iterable[tuple[int, str]], where: str) -> dict[int, str]:
+def check_label_names(pairs: Iterable[tuple[int, str]], where: str) -> dict[int, str]:
     """label -> classname, checking the map is one-to-one."""
     label2name: dict[int, str] = {}
     name2label: dict[str, int] = {}
@@ -46,13 +46,13 @@ def read_split_file(
     few).
     """
     path = os.fspath(path)
-    _require_file(path, "split file")
+    require_file(path, "split file")
     if image_root is None:
         base = os.path.dirname(os.path.abspath(path))
         image_root = os.path.join(base, "images") if os.path.isdir(os.path.join(base, "images")) else base
     image_root = os.fspath(image_root)
-    raw = _read_json(path)
-    return _parse_split(raw, path, image_root, check_exists, allow_outside_root)
+    raw = read_json(path)
+    return parse_split(raw, path, image_root, check_exists, allow_outside_root)
 
 
 def _split_entry(entry, where: str) -> tuple[str, int, str]:
@@ -65,7 +65,7 @@ def _split_entry(entry, where: str) -> tuple[str, int, str]:
         or not isinstance(entry[1], int)
         or not isinstance(entry[2], str)
     ):
-        raise ValueError(f"{where} = {_short_repr(entry)} is not [relpath, int label, classname]")
+        raise ValueError(f"{where} = {short_repr(entry)} is not [relpath, int label, classname]")
     rel, label, name = entry
     if not rel or "\x00" in rel:
         raise ValueError(f"{where} has an empty path or one with a NUL byte: {rel!r}")
@@ -76,19 +76,19 @@ def _split_entry(entry, where: str) -> tuple[str, int, str]:
     return rel, label, name
 
 
-def _short_repr(value, limit: int = 200) -> str:
+def short_repr(value, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _parse_split(
+def parse_split(
     raw, path: str, image_root: str, check_exists: bool, allow_outside_root: bool = False
 ) -> dict[str, list[Sample]]:
     if not isinstance(raw, dict):
         raise ValueError(f"split file {path!r}: expected an object with train/val/test lists, got {type(raw).__name__}")
     for key in ("train", "test"):
         if key not in raw:
-            raise ValueError(f"split file {path!r} has no {key!r} list (keys: {_short_repr(sorted(raw))})")
+            raise ValueError(f"split file {path!r} has no {key!r} list (keys: {short_repr(sorted(raw))})")
     root = ImageRoot(image_root, f"split file {path!r}", allow_outside_root)
     out: dict[str, list[Sample]] = {}
     pairs: list[tuple[int, str]] = []
@@ -104,7 +104,7 @@ def _parse_split(
             full = root.join(rel, f"{split}[{i}]")
             if check_exists and not os.path.isfile(full):
                 n_missing += 1
-                if len(missing) < _MAX_REPORTED:
+                if len(missing) < MAX_REPORTED:
                     missing.append(full)
             samples.append(Sample(full, label, name))
             pairs.append((label, name))
@@ -114,7 +114,7 @@ def _parse_split(
             f"split file {path!r} lists {n_missing} image(s) missing under image root {image_root!r}, e.g. "
             + ", ".join(repr(m) for m in missing)
         )
-    _check_label_names(pairs, f"split file {path!r}")
+    check_label_names(pairs, f"split file {path!r}")
     return out
 
 
@@ -141,9 +141,9 @@ def _split_file_names(dataset: str, canonical: str | None) -> list[str]:
     return [f"split_zhou_{n}.json" for n in dict.fromkeys(names)]
 
 
-def _locate_split(data_root: str, dataset: str) -> tuple[tuple[str, str, dict] | None, list[str]]:
+def locate_split(data_root: str, dataset: str) -> tuple[tuple[str, str, dict] | None, list[str]]:
     """Find the split file and the image root -> ((split_path, image_root, parsed JSON) or None, paths tried)."""
-    canonical = _canonical_or_none(dataset)
+    canonical = canonical_or_none(dataset)
     info = DATASET_INFO.get(canonical) if canonical else None
     dirs = []
     if info is not None:
@@ -156,7 +156,7 @@ def _locate_split(data_root: str, dataset: str) -> tuple[tuple[str, str, dict] |
             tried.append(p)
             if not os.path.isfile(p):
                 continue
-            raw = _read_json(p)
+            raw = read_json(p)
             first = None
             if isinstance(raw, dict):
                 for split in SPLITS:
@@ -179,7 +179,7 @@ def _locate_split(data_root: str, dataset: str) -> tuple[tuple[str, str, dict] |
     return None, tried
 
 
-def _no_split_file(dataset: str, data_root: str, tried: list[str]) -> FileNotFoundError:
+def no_split_file(dataset: str, data_root: str, tried: list[str]) -> FileNotFoundError:
     return FileNotFoundError(f"no split file for dataset {dataset!r} under {data_root!r}; tried: " + ", ".join(tried))
 
 
@@ -189,8 +189,8 @@ def find_split_file(data_root: str | os.PathLike, dataset: str) -> tuple[str, st
     See the module docstring for the layouts tried. FileNotFoundError lists every path tried.
     """
     data_root = os.fspath(data_root)
-    _require_dir(data_root, "data root")
-    found, tried = _locate_split(data_root, dataset)
+    require_dir(data_root, "data root")
+    found, tried = locate_split(data_root, dataset)
     if found is None:
-        raise _no_split_file(dataset, data_root, tried)
+        raise no_split_file(dataset, data_root, tried)
     return found[0], found[1]

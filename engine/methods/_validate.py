@@ -105,6 +105,6 @@ def plan_for_budget(model: nn.Module, memory_budget, batch_size: int, sizes: dic
     plan = _budget.plan_recompute(model, limit, batch_size, **sizes)
     _budget.apply_plan(model, plan)
     plan.notes.update(budget_bytes=limit, plain_peak_bytes=plain)
-    notice(f"memory budget {_budget._mib(limit)} (plain's predicted step peak {_budget._mib(plain)}): "
-           f"recompute {plan.describe()}, predicted step peak {_budget._mib(plan.peak)}")
+    notice(f"memory budget {_budget.mib(limit)} (plain's predicted step peak {_budget.mib(plain)}): "
+           f"recompute {plan.describe()}, predicted step peak {_budget.mib(plan.peak)}")
     return plan

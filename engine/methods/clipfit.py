@@ -9,7 +9,7 @@ import torch
 
 from leanclip import utils
 from leanclip.features import clipfit_kd_loss, frozen_text_features
-from leanclip.options import OptionRange, option
+from leanclip.options import OptionRange, option, recorded_option
 from leanclip.registry import MethodTraits, register_method
 from leanclip.select import CLIPFIT_TEXT_RE, layernorm_names, names_matching, tower_class, unlock, unlock_layernorms
 
@@ -33,7 +33,7 @@ def _check_clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0, **_):
 def _clipfit_distillation(ctx):
     """CLIPFit's loss term ``kd_lambda * (1 - mean_k cos(t_k, t0_k))``, t0 the zero-shot class text features of the
     weights the run starts from (constant: computed once)."""
-    lam = getattr(ctx.cfg, "kd_lambda", 8.0)
+    lam = float(recorded_option(ctx.model, ClipfitOptions, "kd_lambda"))
     if not lam:
         return None
     with torch.no_grad(), utils.autocast(ctx.device, ctx.precision):
@@ -44,7 +44,7 @@ def _clipfit_distillation(ctx):
 def _clipfit_l2(ctx):
     """CLIPFit's second regulariser: ``l2_reg * sum_g mean_{t in g} ||t - t0||^2`` over its three parameter groups
     (text ``c_proj`` biases, image LayerNorm biases, image LayerNorm weights), t0 the values the run starts from."""
-    lam = float((ctx.model.leanclip_info.get("options") or {}).get("l2_reg", 0.0))
+    lam = float(recorded_option(ctx.model, ClipfitOptions, "l2_reg"))
     if not lam:
         return None
     groups: dict[str, list] = {}
@@ -68,19 +68,23 @@ class ClipfitOptions:
     # l2_reg weighs a sum of squared parameter shifts against a cross-entropy of order 1
     l2_reg: float = option(0.0, "weight of the L2 pull of each trained group towards its start (0: off)",
                            range=OptionRange(float, 0.0, 1e6))
+    # a loss-term weight like l2_reg: the distillation loss is at most 2
+    kd_lambda: float = option(8.0, "weight of the distillation to the zero-shot class text features (0: off); "
+                                   "--kd-lambda sets it", range=OptionRange(float, 0.0, 1e6))
 
 
 @register_method("clipfit", check=_check_clipfit, options=ClipfitOptions,
                  traits=MethodTraits(loss_terms=(_clipfit_distillation, _clipfit_l2), template_set="clipfit",
                                      mergeable=True))
-def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0):
+def _clipfit(model, text_bias=True, image_ln=True, l2_reg=0.0, kd_lambda=8.0):
     """Text ``transformer.resblocks.*.mlp.c_proj.bias`` (``text_bias``) + every image LayerNorm (ln_pre, ln_1, ln_2,
     ln_post; ``image_ln``): either alone is the paper's ablation. On a timm image tower (SigLIP / SigLIP2, EVA02,
     PE-Core: open_clip ``CustomTextCLIP``) CLIPFit's parts map to: the text tower is open_clip's own, so its
     ``mlp.c_proj.bias`` stays; the image LayerNorms are every LayerNorm of the timm tower - ``norm_pre``, each block's
     ``norm1`` / ``norm2``, EVA's sub-LNs ``attn.norm`` / ``mlp.norm``, q/k norms where present, the final ``norm`` /
     ``fc_norm`` and the MAP head's ``attn_pool.norm``. ``l2_reg``: weight of the L2 penalty on each
-    trainable group's distance from its starting values (0 = off, the paper's default recipe)."""
+    trainable group's distance from its starting values (0 = off, the paper's default recipe). ``kd_lambda``: the
+    weight of the distillation term (both weights are read by the loss terms, not here)."""
     if text_bias:
         unlock(model, CLIPFIT_TEXT_RE, "text")
     if image_ln:

@@ -34,10 +34,10 @@ def _probe_classes(classnames, num_classes) -> int:
 
 
 def _check_linear_probe(model, classnames=None, tokenizer=None, num_classes=None, templates=None, **_):
-    from leanclip.features import _check_templates
+    from leanclip.features import check_templates
 
     _probe_classes(classnames, num_classes)
-    _check_templates(templates or ["a photo of a {}."])
+    check_templates(templates or ["a photo of a {}."])
     embed_dim(model)
 
 

@@ -28,7 +28,7 @@ def _size_word(meta: dict) -> str:
     return "small" if meta["radius"] < 0.24 else "large" if meta["radius"] > 0.28 else ""
 
 
-def _caption_variants(spec: ClassSpec, meta: dict) -> list[str]:
+def caption_variants(spec: ClassSpec, meta: dict) -> list[str]:
     tex_adj = "" if spec.texture == "plain" else spec.texture + " "
     size = _size_word(meta)
     bg = "dark" if meta["domain"] == "source" else "light patterned"
@@ -49,5 +49,5 @@ def caption_for(spec: ClassSpec, meta: dict | None = None, variant: int = 0) -> 
         if variant != 0:
             raise ValueError("caption variants other than 0 need the image's meta (render_with_meta)")
         return _a(spec.name)
-    variants = _caption_variants(spec, meta)
+    variants = caption_variants(spec, meta)
     return variants[variant % len(variants)]

@@ -23,8 +23,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 TEXTURES: tuple[str, ...] = ("plain", "striped", "dotted")
 DOMAINS: tuple[str, ...] = ("source", "shifted")
-_DOMAIN_CODE = {d: i for i, d in enumerate(DOMAINS)}
-_SPLIT_CODE = {"classification": 0, "train": 1, "val": 2, "test": 3, "folder": 4, "captions": 5}
+DOMAIN_CODE = {d: i for i, d in enumerate(DOMAINS)}
+SPLIT_CODE = {"classification": 0, "train": 1, "val": 2, "test": 3, "folder": 4, "captions": 5}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from leanclip.synthetic.classes import COLOURS, ClassSpec, DOMAINS, _DOMAIN_CODE
+from leanclip.synthetic.classes import COLOURS, ClassSpec, DOMAINS, DOMAIN_CODE
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -63,19 +63,19 @@ def _texture_mask(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray | No
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _check_domain(domain: str) -> str:
-    if domain not in _DOMAIN_CODE:
+def check_domain(domain: str) -> str:
+    if domain not in DOMAIN_CODE:
         raise ValueError(f"unknown domain {domain!r}; known: {', '.join(DOMAINS)}")
     return domain
 
 
-def _check_size(size) -> int:
+def check_size(size) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
         raise ValueError(f"size must be an int >= 8, got {size!r}")
     return int(size)
 
 
-def _draw_batch(spec: ClassSpec, rng: np.random.Generator, n: int, size: int, domain: str):
+def draw_batch(spec: ClassSpec, rng: np.random.Generator, n: int, size: int, domain: str):
     """n images of one class -> (uint8 n×3×H×W, list of meta dicts). All randomness from `rng`, in a fixed order.
 
     Channel-first float32 work on n×H×W planes (the 3-channel arrays are built once, by the composite)."""
@@ -142,7 +142,7 @@ def _draw_batch(spec: ClassSpec, rng: np.random.Generator, n: int, size: int, do
 
 def _draw(spec: ClassSpec, rng: np.random.Generator, size: int, domain: str) -> tuple[np.ndarray, dict]:
     """One image, uint8 H×W×3."""
-    imgs, metas = _draw_batch(spec, rng, 1, size, domain)
+    imgs, metas = draw_batch(spec, rng, 1, size, domain)
     return np.ascontiguousarray(imgs[0].transpose(1, 2, 0)), metas[0]
 
 
@@ -156,9 +156,9 @@ def _as_rng(rng) -> np.random.Generator:
 
 def render(spec: ClassSpec, rng: np.random.Generator | int, size: int = 64, domain: str = "source") -> np.ndarray:
     """One image of class `spec` as uint8 H×W×3 (H = W = size). `rng`: a numpy Generator (advanced) or an int seed."""
-    return _draw(spec, _as_rng(rng), _check_size(size), _check_domain(domain))[0]
+    return _draw(spec, _as_rng(rng), check_size(size), check_domain(domain))[0]
 
 
 def render_with_meta(spec: ClassSpec, rng, size: int = 64, domain: str = "source") -> tuple[np.ndarray, dict]:
     """`render` plus its geometry: cx, cy, radius (fractions of the size), angle (rad), domain."""
-    return _draw(spec, _as_rng(rng), _check_size(size), _check_domain(domain))
+    return _draw(spec, _as_rng(rng), check_size(size), check_domain(domain))

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from leanclip.synthetic.captions import _caption_variants
-from leanclip.synthetic.classes import COLOURS, ClassSpec, SHAPES, TEXTURES, _DOMAIN_CODE, _SPLIT_CODE
-from leanclip.synthetic.render import _check_domain, _check_size, _draw_batch
+from leanclip.synthetic.captions import caption_variants
+from leanclip.synthetic.classes import COLOURS, ClassSpec, SHAPES, TEXTURES, DOMAIN_CODE, SPLIT_CODE
+from leanclip.synthetic.render import check_domain, check_size, draw_batch
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -50,12 +50,12 @@ def make_classification_set(
     labels int64 = index into `classes`). Class-major order. Each class has its own generator seeded by (seed, class
     index, domain, purpose), so sets of different sizes share their prefixes per class."""
     n_per_class = _check_count(n_per_class, "n_per_class")
-    size, domain = _check_size(size), _check_domain(domain)
+    size, domain = check_size(size), check_domain(domain)
     images, labels = [], []
     for ci, spec in enumerate(classes):
-        rng = _rng(seed, ci, _DOMAIN_CODE[domain], _SPLIT_CODE[_purpose])
+        rng = _rng(seed, ci, DOMAIN_CODE[domain], SPLIT_CODE[_purpose])
         for start in range(0, n_per_class, _CHUNK):  # chunks bound the float32 temporaries
-            images.append(_draw_batch(spec, rng, min(_CHUNK, n_per_class - start), size, domain)[0])
+            images.append(draw_batch(spec, rng, min(_CHUNK, n_per_class - start), size, domain)[0])
         labels += [ci] * n_per_class
     return _to_tensor(images, size, as_float), torch.tensor(labels, dtype=torch.long)
 
@@ -77,10 +77,10 @@ def make_caption_corpus(
     colour, shape and texture, and some also size, position or background. With return_specs, a third element lists
     each image's ClassSpec."""
     n = _check_count(n, "n")
-    size, domain = _check_size(size), _check_domain(domain)
+    size, domain = check_size(size), check_domain(domain)
     if not 1 <= captions_per_image <= 6:
         raise ValueError(f"captions_per_image must be in 1..6, got {captions_per_image}")
-    rng = _rng(seed, _DOMAIN_CODE[domain], _SPLIT_CODE["captions"])
+    rng = _rng(seed, DOMAIN_CODE[domain], SPLIT_CODE["captions"])
     colours = tuple(COLOURS)
     attrs = np.stack(
         [rng.integers(len(SHAPES), size=n), rng.integers(len(colours), size=n), rng.integers(len(TEXTURES), size=n)], 1
@@ -95,13 +95,13 @@ def make_caption_corpus(
         idx = groups[spec]
         for start in range(0, len(idx), _CHUNK):
             part = idx[start : start + _CHUNK]
-            imgs, ms = _draw_batch(spec, rng, len(part), size, domain)
+            imgs, ms = draw_batch(spec, rng, len(part), size, domain)
             arr[part] = imgs
             for i, m in zip(part, ms):
                 metas[i] = m
     captions = []
     for i in range(n):
-        variants = _caption_variants(specs[i], metas[i])
+        variants = caption_variants(specs[i], metas[i])
         caps = [variants[j] for j in rng.permutation(len(variants))[:captions_per_image]]
         captions.append(caps[0] if captions_per_image == 1 else caps)
     images = torch.from_numpy(arr)

@@ -41,7 +41,7 @@ def test_squared_grad_sums_equal_plain_autograd(fresh_tiny, tok):
     base = fresh_tiny()
     model = copy.deepcopy(base)
     prepare(model, "clipfit", classnames=CLASSES, tokenizer=tok)
-    cfg = SimpleNamespace(kd_lambda=8.0)
+    cfg = SimpleNamespace()  # the weight of CLIPFit's distillation is the method option kd_lambda (default 8)
     start_step = ClassifyStep(model, CLASSES, [TEMPLATE], tok, cfg=cfg)
     g = torch.Generator().manual_seed(0)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -109,6 +109,37 @@ def test_grad_command(capsys, runs, tmp_path):
     assert rc == 0 and _json(out)["parameters"] == res["parameters"]
     rc, out, err = _run(capsys, *args, "--at", "start")
     assert rc == 0 and _json(out)["parameters"] != res["parameters"]
+
+
+def _as_saved_before_options_moved(run, folder, **config):
+    """A copy of ``run`` whose checkpoint looks as one written while ``kd_lambda`` / ``llu_*`` were TrainConfig
+    fields: its config holds them (``config``), its method options do not."""
+    import shutil
+
+    from leanclip.checkpoint import _atomic_save, _read
+
+    shutil.copytree(run, folder)
+    path = str(folder / "checkpoint.safetensors")
+    meta, tensors = _read(path)
+    extra, options = json.loads(meta["extra"]), json.loads(meta["options"])
+    extra["config"].update(config)
+    meta.pop("sha256")
+    meta.update(extra=json.dumps(extra), options=json.dumps({k: v for k, v in options.items() if k not in config}))
+    _atomic_save(tensors, meta, path)
+
+
+def test_a_run_saved_with_the_weights_in_its_config_keeps_them(capsys, runs, tmp_path):
+    old = tmp_path / "old_clipfit"
+    _as_saved_before_options_moved(runs / "clipfit", old, kd_lambda=0.0, llu_lambda=1e3, llu_clusters=512)
+    rc, out, err = _run(capsys, "analyze", old, "--grad", "--batches", 1, "--synthetic-dir", runs / "syn")
+    assert rc == 0, err
+    res = _json(out)
+    assert res["kd_lambda"] == 0.0 and res["extra_loss_terms"] == 0  # its weight 0: no distillation term
+    old_llu = tmp_path / "old_llu"
+    _as_saved_before_options_moved(runs / "llu", old_llu, kd_lambda=8.0, llu_lambda=10.0, llu_clusters=None)
+    rc, out, err = _run(capsys, "eval", "--checkpoint", old_llu, "--synthetic-dir", runs / "syn", "--no-progress")
+    assert rc == 0, err
+    assert _json(out)["method"] == "llu"
 
 
 def test_tsne_command(capsys, runs, tmp_path):

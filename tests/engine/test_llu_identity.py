@@ -70,10 +70,10 @@ def _features(n=24, e=64, classes=4, seed=0):
 
 
 def test_distance_logged_per_epoch_and_in_summary(fresh_tiny, tmp_path):
-    m = prepare(fresh_tiny(), "llu")
+    m = prepare(fresh_tiny(), "llu", llu_lambda=1.0, llu_clusters=0)
     x, y, txt = _features(e=m.llu_image.dim)
     cfg = TrainConfig(method="llu", epochs=3, batch_size=10, lr=1e-2, optimizer="adamw", weight_decay=0.0,
-                      warmup_epochs=0, progress=False, seed=1, llu_lambda=1.0, llu_clusters=None,
+                      warmup_epochs=0, progress=False, seed=1,
                       output=str(tmp_path))
     res = llu.train_llu(m, x, y, txt, cfg)
     rec = res["identity_distance"]

@@ -105,8 +105,8 @@ def test_clipfit_l2_term_is_the_distance_from_the_start(tiny_base, tok):
     """l2 = lam * sum over the three groups of the mean squared distance of its tensors from their start values;
     its gradient is 2 * lam * (t - t0) / |group| on every trainable tensor."""
     lam = 0.5
-    model = prepare(copy.deepcopy(tiny_base), "clipfit", l2_reg=lam)
-    cfg = TrainConfig(kd_lambda=0.0)
+    model = prepare(copy.deepcopy(tiny_base), "clipfit", l2_reg=lam, kd_lambda=0.0)
+    cfg = TrainConfig()
     step = ClassifyStep(model, ["cube", "ball"], ["a photo of a {}."], tok, cfg=cfg)
     (term,) = step.terms
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
