@@ -34,6 +34,7 @@ from torch import nn
 from leanclip import lean as _lean
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
+from leanclip.recompute import ckpt
 
 # The BERT-style layer classes, by module. Read from the modules already imported, never imported here: a layer
 # exists only once transformers has loaded its module, and importing the modeling code costs every start-up.
@@ -227,16 +228,16 @@ class LeanBertLayer(_hf.LeanEncoderLayer):
                                             or any(p.requires_grad for p in self.parameters()))
         rng = self.training  # dropout (hidden, attention, LoRA) replays its mask on recompute
         if grad and policy == "block":
-            return _lean._ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
-                               attention_mask, *args, rng=rng)
+            return ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
+                        attention_mask, *args, rng=rng)
 
         def attention(h):
             return self.attention.self(h, attention_mask=attention_mask, **kwargs)[0]
 
-        a = (_lean._ckpt(attention, hidden_states, rng=rng, sac=True) if grad and policy == "mlp+qkv"
+        a = (ckpt(attention, hidden_states, rng=rng, sac=True) if grad and policy == "mlp+qkv"
              else attention(hidden_states))
         h = self.attention.output(a, hidden_states)
-        m = _lean._ckpt(self.intermediate, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else \
+        m = ckpt(self.intermediate, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else \
             self.intermediate(h)
         return self.output(m, h)
 

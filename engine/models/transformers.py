@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip.geometry import TowerGeometry, elem_size, register_family
+from leanclip.lean_ops import lean_linear
+from leanclip.recompute import Chunked, ckpt, mask_rows
 
 PREFIX = "transformers:"
 # model_type of the config -> the transformers class that holds both towers
@@ -382,18 +384,12 @@ _LAYER_CHILDREN = {"self_attn": ("q_proj", "k_proj", "v_proj", "out_proj"), "mlp
 _LAYER_CLASSES = {"CLIPEncoderLayer", "SiglipEncoderLayer"}
 
 
-def _leanlib():
-    from leanclip import lean  # leanclip.lean dispatches here: imported when first used, not at import time
-
-    return lean
-
-
 class LeanLinear(nn.Linear):
     """A projection of a lean encoder layer: ``leanclip.lean.lean_linear`` (``kernels.frozen_linear`` for a frozen
     weight: its input is not saved, the bias gradient fused; ``F.linear`` for a trainable one)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _leanlib().lean_linear(x, self.weight, self.bias)
+        return lean_linear(x, self.weight, self.bias)
 
 
 class LeanEncoderLayer(nn.Module):
@@ -410,19 +406,16 @@ class LeanEncoderLayer(nn.Module):
 
     def _block(self, hidden_states, attention_mask, rng: bool, kwargs):
         """``block``: the layer's own forward checkpointed, or over chunks of ``leanclip_chunk`` samples
-        (``leanclip.lean._Chunked``: the backward holds one chunk's activations; a per-sample mask is sliced)."""
-        lean = _leanlib()
+        (``leanclip.recompute.Chunked``: the backward holds one chunk's activations; a per-sample mask is sliced)."""
         base = functools.partial(self.leanclip_base.forward, self, **kwargs)
         batch, chunk = hidden_states.shape[0], self.leanclip_chunk
         if chunk is None or batch <= chunk:
-            return lean._ckpt(base, hidden_states, attention_mask, rng=rng)
+            return ckpt(base, hidden_states, attention_mask, rng=rng)
         trainable = [p for p in self.parameters() if p.requires_grad]
-        return lean._Chunked.apply(lambda xc, start, stop: base(xc, lean._mask_rows(attention_mask, start, stop,
-                                                                                      batch)),
-                                   None, hidden_states, chunk, rng, *trainable)
+        return Chunked.apply(lambda xc, start, stop: base(xc, mask_rows(attention_mask, start, stop, batch)),
+                             None, hidden_states, chunk, rng, *trainable)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
-        lean = _leanlib()
         policy = self.leanclip_recompute
         grad = torch.is_grad_enabled() and (hidden_states.requires_grad
                                             or any(p.requires_grad for p in self.parameters()))
@@ -433,9 +426,9 @@ class LeanEncoderLayer(nn.Module):
         def attention(h):
             return self.self_attn(hidden_states=self.layer_norm1(h), attention_mask=attention_mask, **kwargs)[0]
 
-        h = hidden_states + (lean._ckpt(attention, hidden_states, rng=rng, sac=True)
+        h = hidden_states + (ckpt(attention, hidden_states, rng=rng, sac=True)
                              if grad and policy == "mlp+qkv" else attention(hidden_states))
-        m = lean._ckpt(self._mlp_in, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else self._mlp_in(h)
+        m = ckpt(self._mlp_in, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else self._mlp_in(h)
         return h + self.mlp.fc2(m)
 
 
