@@ -51,6 +51,7 @@ from torch import nn
 from leanclip.lean_ops import LeanLayerNorm, LeanLayerNormFp32, fused_layer_norm, is_causal_mask, lean_linear
 from leanclip.lean_openclip import LeanResidualAttentionBlock, LeanVisionTransformer, rows_ok
 from leanclip.models import transformers as _hf
+from leanclip.models import transformers_lean as _hf_lean
 from leanclip.models.openclip import (
     LayerNorm, LayerNormFp32, ResidualAttentionBlock, VisionTransformer, block_supported, class_name,
     pool_index, text_global_pool, text_tower, tower_blocks,
@@ -161,8 +162,8 @@ def lean_obstacles(model: nn.Module) -> list[str]:
     skipped, because a half-swapped tower would run slower paths silently and break the memory estimates.
     ``apply_lean(model, towers=...)`` makes the covered towers lean on their own. Outside the towers (CoCa's
     decoder), blocks the swap does not know keep open_clip's forward by design."""
-    if _hf.is_transformers(model):  # its encoder layers: leanclip.models.transformers
-        return _hf.lean_obstacles(model)
+    if _hf.is_transformers(model):  # its encoder layers: leanclip.models.transformers_lean
+        return _hf_lean.lean_obstacles(model)
     out = []
     if hasattr(model, "visual"):
         return tower_obstacles(model, "image") + tower_obstacles(model, "text")
@@ -226,7 +227,7 @@ def apply_lean(model: nn.Module, recompute: str = "none", chunk: int | None = No
                          f"nn.MultiheadAttention, timm ViT / EVA blocks and Hugging Face BERT / RoBERTa / "
                          f"XLM-RoBERTa text layers); use lean=False")
     if _hf.is_transformers(model):
-        _hf.apply_lean(model, recompute, chunk)
+        _hf_lean.apply_lean(model, recompute, chunk)
         return model
     todo = [m for m in _tower_modules(model, towers) if type(m) in _SWAP or type(m) in _UNSWAP]
     if not todo:
@@ -250,7 +251,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
         raise ValueError(f"the lean blocks hold projection deltas that open_clip's plain blocks would ignore: "
                          f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (they need lean=True or the "
                          f"automatic lean; leanclip.merge folds LoRA into a plain model)")
-    _hf.remove_lean(model)
+    _hf_lean.remove_lean(model)
     for m in model.modules():
         cls = type(m)
         if cls in _UNSWAP:
@@ -263,7 +264,7 @@ def remove_lean(model: nn.Module) -> nn.Module:
 
 
 def is_lean(model: nn.Module) -> bool:
-    return any(isinstance(m, LeanBlockMixin) for m in model.modules()) or _hf.is_lean(model)
+    return any(isinstance(m, LeanBlockMixin) for m in model.modules()) or _hf_lean.is_lean(model)
 
 
 def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> nn.Module:
@@ -275,7 +276,7 @@ def set_recompute(model: nn.Module, policy: str, chunk: int | None = None) -> nn
         if isinstance(m, LeanBlockMixin):
             m.leanclip_recompute = policy
             m.leanclip_chunk = chunk
-    _hf.set_recompute(model, policy, chunk)
+    _hf_lean.set_recompute(model, policy, chunk)
     model.leanclip_recompute = policy
     model.leanclip_chunk = chunk
     return model
@@ -308,7 +309,7 @@ def encode_text_lean(model: nn.Module, tokens: torch.Tensor, *, prompt_embedding
                          f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
     t = text_tower(model)
     if _hf.is_transformers(model) and prompt_embeddings is None and truncate:
-        return _hf.encode_text_truncated(model, tokens, normalize)
+        return _hf_lean.encode_text_truncated(model, tokens, normalize)
     if t is None or t.cls_emb is not None or t.pad_mask:
         if prompt_embeddings is not None:
             raise ValueError("prompt_embeddings need a standard open_clip text tower (no CLS token / pad mask)")

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from leanclip import lean as _lean
-from leanclip.models import transformers as _hf
+from leanclip.models import transformers_lean as _hf_lean
 from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
 from leanclip.recompute import ckpt
 
@@ -208,7 +208,7 @@ def _layernorms(layer: nn.Module) -> list[nn.Module]:
     return [layer.attention.output.LayerNorm, layer.output.LayerNorm]
 
 
-class LeanBertLayer(_hf.LeanEncoderLayer):
+class LeanBertLayer(_hf_lean.LeanEncoderLayer):
     """Mixed into a BERT-style layer by a ``__class__`` swap (names, values and ``transformers``' attention code
     kept; see the module docstring). ``leanclip_after_swap`` moves its projections and LayerNorms to the lean ops;
     ``leanclip.lean.remove_lean`` undoes both."""
@@ -217,7 +217,7 @@ class LeanBertLayer(_hf.LeanEncoderLayer):
         for path in BERT_LINEARS.values():
             m = self.get_submodule(path)
             if type(m) is nn.Linear:
-                m.__class__ = _hf.LeanLinear
+                m.__class__ = _hf_lean.LeanLinear
         for ln in _layernorms(self):
             if type(ln) is nn.LayerNorm:
                 ln.__class__ = LeanHFLayerNorm
