@@ -151,7 +151,7 @@ def _output_folder(path: str) -> str:
 
 
 def _run_step(args) -> int:
-    from leanclip.bench import step
+    from leanclip.bench import step, step_report
 
     if args.device == "cuda" and not _cuda():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -179,7 +179,7 @@ def _run_step(args) -> int:
         print(json.dumps(res, default=str))
         warn_all(res["warnings"])
         return 0
-    print(step.summarize(res))
+    print(step_report.summarize(res))
     warn_all(res["warnings"])
     print(f"wrote {res['path']}" + (f" and {res['plot']}" if res.get("plot") else ""))
     return 0

@@ -23,7 +23,8 @@ from pathlib import Path
 from leanclip import utils
 from leanclip.cli.common import UsageError
 from leanclip.metrics import harmonic_mean
-from leanclip.cli.sweep import ZEROSHOT, InvalidResult, cell_metrics, cells_of, load_manifest, spec_from_manifest
+from leanclip.cli.sweep_grid import ZEROSHOT, cells_of
+from leanclip.cli.sweep_state import InvalidResult, cell_metrics, load_manifest, spec_from_manifest
 
 DASH = "—"
 

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from leanclip import lean as _lean
-from leanclip.models import transformers as _hf
+from leanclip.models import transformers_lean as _hf_lean
 from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
+from leanclip.recompute import ckpt
 
 # The BERT-style layer classes, by module. Read from the modules already imported, never imported here: a layer
 # exists only once transformers has loaded its module, and importing the modeling code costs every start-up.
@@ -207,7 +208,7 @@ def _layernorms(layer: nn.Module) -> list[nn.Module]:
     return [layer.attention.output.LayerNorm, layer.output.LayerNorm]
 
 
-class LeanBertLayer(_hf.LeanEncoderLayer):
+class LeanBertLayer(_hf_lean.LeanEncoderLayer):
     """Mixed into a BERT-style layer by a ``__class__`` swap (names, values and ``transformers``' attention code
     kept; see the module docstring). ``leanclip_after_swap`` moves its projections and LayerNorms to the lean ops;
     ``leanclip.lean.remove_lean`` undoes both."""
@@ -216,7 +217,7 @@ class LeanBertLayer(_hf.LeanEncoderLayer):
         for path in BERT_LINEARS.values():
             m = self.get_submodule(path)
             if type(m) is nn.Linear:
-                m.__class__ = _hf.LeanLinear
+                m.__class__ = _hf_lean.LeanLinear
         for ln in _layernorms(self):
             if type(ln) is nn.LayerNorm:
                 ln.__class__ = LeanHFLayerNorm
@@ -227,16 +228,16 @@ class LeanBertLayer(_hf.LeanEncoderLayer):
                                             or any(p.requires_grad for p in self.parameters()))
         rng = self.training  # dropout (hidden, attention, LoRA) replays its mask on recompute
         if grad and policy == "block":
-            return _lean._ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
-                               attention_mask, *args, rng=rng)
+            return ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
+                        attention_mask, *args, rng=rng)
 
         def attention(h):
             return self.attention.self(h, attention_mask=attention_mask, **kwargs)[0]
 
-        a = (_lean._ckpt(attention, hidden_states, rng=rng, sac=True) if grad and policy == "mlp+qkv"
+        a = (ckpt(attention, hidden_states, rng=rng, sac=True) if grad and policy == "mlp+qkv"
              else attention(hidden_states))
         h = self.attention.output(a, hidden_states)
-        m = _lean._ckpt(self.intermediate, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else \
+        m = ckpt(self.intermediate, h, rng=rng) if grad and policy in ("mlp", "mlp+qkv") else \
             self.intermediate(h)
         return self.output(m, h)
 

@@ -88,7 +88,7 @@ def test_reliability_warnings_flag_a_loaded_machine(start, end, threads, cpus, f
 
 
 def test_step_timing_warnings_name_model_and_method_when_there_are_several_rows():
-    from leanclip.bench.step import timing_warnings
+    from leanclip.bench.step_report import timing_warnings
 
     rows = [{"model": "m", "method": me, "spread": {"plain": _spread(1.0, hi)}} for me, hi in (("ln", 1.1),
                                                                                                ("bitfit", 2))]
@@ -187,7 +187,7 @@ def test_parse_mode_grammar():
 
 
 def test_best_peers_picks_fastest_within_memory_and_smallest_within_time():
-    from leanclip.bench.step import best_peers
+    from leanclip.bench.step_report import best_peers
 
     seconds = {"plain": 1.0, "plain+gc": 1.3, "plain+compile+budget:0.1": 1.4, "lean:block": 1.1, "lean:none": 0.9}
     peak = {"plain": 100, "plain+gc": 13, "plain+compile+budget:0.1": 10, "lean:block": 12, "lean:none": 94}
@@ -280,6 +280,7 @@ def test_budget_is_set_only_inside_its_mode():
 def test_compiled_mode_that_fails_is_reported_not_raised(monkeypatch):
     """A compiled mode that does not trace becomes a ``failed`` entry with its reason; the other modes still run."""
     import bench.step as step
+    from leanclip.bench import step_report
 
     real = step.make_step
 
@@ -294,7 +295,7 @@ def test_compiled_mode_that_fails_is_reported_not_raised(monkeypatch):
     row = res["rows"][0]
     assert list(row["seconds"]) == ["plain"]
     assert row["failed"] == {"lean:none+compile": "RuntimeError: Unsupported: cannot trace this | second line"}
-    assert "did not run" in step.summarize(res)
+    assert "did not run" in step_report.summarize(res)
 
 
 def test_isolate_runs_each_mode_in_its_own_process(tmp_path):
@@ -314,7 +315,7 @@ def test_isolate_runs_each_mode_in_its_own_process(tmp_path):
 
 def test_summarize_prints_compiled_rows_with_graph_breaks():
     """The markdown table of an isolated run: numbers come back from JSON, graph breaks are integers."""
-    from leanclip.bench.step import finish_row, summarize
+    from leanclip.bench.step_report import finish_row, summarize
 
     row = finish_row({"model": "m", "method": "ln", "batch_size": 2, "n_classes": 3, "precision": "fp32",
                       "scope": "image", "peak_method": "rss", "seconds": {"plain": 2.0, "lean:block+compile": 1.0},

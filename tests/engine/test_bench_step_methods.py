@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from leanclip import llu
-from leanclip.bench import common, step
+from leanclip.bench import common, step, step_report
 from leanclip.configs import register_tiny_config
 
 MODES = ["plain", "plain+gc", "lean:none", "lean:block"]
@@ -58,4 +58,4 @@ def test_bench_one_runs_and_notes_a_cached_step(tiny, method):
     assert ("step" in row) == (method == "llu")
     if method == "llu":
         assert "encoded before timing" in row["step"]
-        assert "step:" in step.summarize({"machine": {"device": "cpu", "cpu": "x", "torch": "t"}, "rows": [row]})
+        assert "step:" in step_report.summarize({"machine": {"device": "cpu", "cpu": "x", "torch": "t"}, "rows": [row]})

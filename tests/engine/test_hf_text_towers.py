@@ -20,7 +20,7 @@ from leanclip.configs import create_random_model  # noqa: E402
 from leanclip.lora_linear import sites as lora_sites  # noqa: E402
 from leanclip.methods import lilt, lora  # noqa: E402
 from leanclip.models import hf_text  # noqa: E402
-from leanclip.models.transformers import LeanLinear  # noqa: E402
+from leanclip.models.transformers_lean import LeanLinear  # noqa: E402
 from tests.engine.hf_text_family import register_hf_text, tokens  # noqa: E402
 from tests.engine.peft_checks import prepare_with_notices, projection_loss, randomize_trainable  # noqa: E402
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from leanclip import features, kernels, lean, methods
+from leanclip import features, kernels, lean, lean_ops, methods
 from leanclip.configs import register_reduced_config, register_tiny_config
 
 CLASSNAMES = ["cat", "golden retriever", "airbus a320 aircraft"]
@@ -230,9 +230,9 @@ def test_non_causal_and_bool_masks():
     with torch.no_grad():
         for mask in (None, float_mask, bool_mask, causal):
             assert _rel(lblk(x, attn_mask=mask), blk(x, attn_mask=mask)) < 1e-5
-    assert lean._is_causal_mask(causal, 6) and lean._is_causal_mask(causal, 3)
-    assert not lean._is_causal_mask(float_mask, 6)
-    assert not lean._is_causal_mask(torch.ones(6, 6, dtype=torch.bool).triu_(1), 6)  # open_clip: additive 0/1
+    assert lean_ops.is_causal_mask(causal, 6) and lean_ops.is_causal_mask(causal, 3)
+    assert not lean_ops.is_causal_mask(float_mask, 6)
+    assert not lean_ops.is_causal_mask(torch.ones(6, 6, dtype=torch.bool).triu_(1), 6)  # open_clip: additive 0/1
 
 
 def test_batch_first_false_block():
@@ -454,6 +454,6 @@ def test_cpu_lean_blocks_call_aten_where_kernels_would_run_its_torch_backend(fre
     images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     _step(m, images, labels, tokenizer)
     assert calls == []
-    monkeypatch.setattr(lean, "_resolve_backend", lambda op, device, dtype=None: "triton")
-    assert lean._aten_path(torch.ones(2, 3)) is False
-    assert lean._aten_path(torch.ones(2, 3, dtype=torch.bfloat16)) is False
+    monkeypatch.setattr(lean_ops, "_resolve_backend", lambda op, device, dtype=None: "triton")
+    assert lean_ops._aten_path(torch.ones(2, 3)) is False
+    assert lean_ops._aten_path(torch.ones(2, 3, dtype=torch.bfloat16)) is False

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from leanclip import features, lean, methods, saved_bytes
+from leanclip import features, lean, lean_ops, methods, saved_bytes
 from leanclip.configs import register_reduced_config
 from leanclip.memory import peak_cuda_bytes, saved_activation_bytes
 
@@ -144,7 +144,7 @@ class _OpCounter(TorchDispatchMode):
 def test_what_backward_recomputes(policy, sdpa, linears, last, fresh_tiny, monkeypatch):
     # frozen projections through kernels.frozen_linear (on CPU the lean blocks call ATen's GEMM directly): one op
     # name per projection forward, whether it runs in the forward or a recompute
-    monkeypatch.setattr(lean, "_aten_path", lambda *a: False)
+    monkeypatch.setattr(lean_ops, "_aten_path", lambda *a: False)
     m = fresh_tiny()
     methods.prepare(m, "ln", recompute=policy)
     x = torch.randn(2, 3, 32, 32)

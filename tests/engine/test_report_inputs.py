@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from leanclip.cli import sweep
+from leanclip.cli import sweep_state
 from tests.engine.cli_checks import run
 
 CELL = "fewshot/Synthetic/coop/shots1_seed{}"
@@ -125,4 +125,4 @@ def test_a_manifest_the_sweep_wrote_passes_the_check(capsys, tmp_path):
                      "--epochs", "1", "--lr", "0.01", "--opt", "coop:n_ctx=2",
                      "--no-feature-cache", "--output", out, "--plan")
     assert rc == 0, err
-    sweep.check_manifest(json.loads((out / "sweep.json").read_text()), out / "sweep.json")
+    sweep_state.check_manifest(json.loads((out / "sweep.json").read_text()), out / "sweep.json")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from leanclip import cli
-from leanclip.cli import sweep
+from leanclip.cli import sweep, sweep_grid, sweep_state
 from leanclip import feature_cache as fc
 from leanclip.data import Sample, write_split_json
+from leanclip.run_files import RESULT_FILES
 
 TOY_CLASSES = ["red", "green", "blue", "yellow", "purple", "orange"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (150, 30, 160), (240, 140, 20)]
@@ -96,7 +97,7 @@ def _alone(cell_line: str, scratch: Path) -> list[dict]:
                 argv[i] = str(scratch / Path(argv[i]).relative_to(Path(argv[i]).anchor))
         assert cli.main(argv) == 0
         out = Path(argv[argv.index("--output") + 1])
-        results.append(json.loads((out / sweep.RESULT_FILES[argv[0]]).read_text()))
+        results.append(json.loads((out / RESULT_FILES[argv[0]]).read_text()))
     return results
 
 
@@ -131,8 +132,8 @@ def _interrupt_one_cell(out: Path, cell_id: str, monkeypatch) -> None:
 
 def _plan_lines(out) -> list[str]:
     m = _manifest(out)
-    spec = sweep.spec_from_manifest(Path(out), "base2new", m["protocols"]["base2new"])
-    return [sweep.plan_line(c, spec) for c in sweep.cells_of(spec) if m["cells"][c.id]["state"] != "done"]
+    spec = sweep_state.spec_from_manifest(Path(out), "base2new", m["protocols"]["base2new"])
+    return [sweep.plan_line(c, spec) for c in sweep_grid.cells_of(spec) if m["cells"][c.id]["state"] != "done"]
 
 
 def test_sweep_interrupted_and_resumed_equals_cells_alone(tmp_path, weights, data_root, monkeypatch, capsys):
@@ -161,11 +162,11 @@ def test_sweep_interrupted_and_resumed_equals_cells_alone(tmp_path, weights, dat
     assert rc == 0 and json.loads(stdout)["ran"] == 0
     # 4. every cell equals the same commands run alone (fresh folder, no feature cache)
     manifest = _manifest(out)
-    spec = sweep.spec_from_manifest(out, "base2new", manifest["protocols"]["base2new"])
-    for cell in sweep.cells_of(spec):
+    spec = sweep_state.spec_from_manifest(out, "base2new", manifest["protocols"]["base2new"])
+    for cell in sweep_grid.cells_of(spec):
         alone = _alone(sweep.plan_line(cell, _fresh(spec)), tmp_path / "alone")
-        for step, mine in zip(sweep.steps_of(cell, spec), alone):
-            _same(sweep.read_result(step), mine)
+        for step, mine in zip(sweep_grid.steps_of(cell, spec), alone):
+            _same(sweep_state.read_result(step), mine)
     # 5. feature cache: one image-tower pass per (tower, split); frozen-tower cells reuse it
     events = [json.loads(l) for l in (out / "features" / fc.EVENTS_NAME).read_text().splitlines()]
     passes = [e["key"] for e in events if e["event"] == "pass"]
@@ -415,8 +416,8 @@ def test_names_that_would_leave_the_sweep_folder_are_refused_before_any_write(tm
     assert rc == 2 and "outside the sweep folder" in err and err.count("\n") == 1, err
     assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["fewshot"]
     with pytest.raises(cli.UsageError, match="outside the sweep folder"):
-        sweep._inside(out, out / "x" / ".." / ".." / "y")
-    assert sweep._inside(out, out / "x" / ".." / "y") == out / "x" / ".." / "y"
+        sweep_grid._inside(out, out / "x" / ".." / ".." / "y")
+    assert sweep_grid._inside(out, out / "x" / ".." / "y") == out / "x" / ".." / "y"
 
 
 def test_a_smoke_sweep_starts_from_the_cached_synthetic_pretraining(tmp_path, weights, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from leanclip import cli
-from leanclip.cli import sweep
+from leanclip.cli import sweep, sweep_grid
 from leanclip.cli.chain import dependency_order, split_chain
 from leanclip.cli.common import UsageError, read_checkpoint_meta
 
@@ -125,7 +125,7 @@ def test_parallel_workers_start_a_chained_cell_after_its_base_ended(tmp_path, we
         with lock:
             events.append(("start", cell.method, cell.seed))
         time.sleep(0.3 if cell.method == "ln" else 0.0)
-        step = sweep.steps_of(cell, spec)[0]
+        step = sweep_grid.steps_of(cell, spec)[0]
         step.out.mkdir(parents=True, exist_ok=True)
         step.result.write_text(json.dumps({"command": "train", "metrics": {"test": {"top1": 50.0}}}))
         with lock:
