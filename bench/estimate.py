@@ -25,7 +25,7 @@ import torch
 
 from leanclip import budget
 from leanclip.bench.common import machine
-from leanclip.bench.step import _text_batch, create_random
+from leanclip.bench.step import text_batch, create_random
 from leanclip.methods import prepare
 from leanclip.select import trainable_parameters
 
@@ -85,7 +85,7 @@ def estimate(model_name, method, caps: dict, *, modes=MODES, n_classes=100, prec
              max_batch=4096) -> dict:
     """Per mode and cap (``{"16GiB": bytes, ...}``): the estimator's largest batch, its predicted total, and for
     ``lean:fit`` the plan. ``scope="image"``: the image tower alone trains against fixed class text features."""
-    kw = {"text_batch_size": _text_batch(n_classes, scope), "dtype": torch.bfloat16 if precision == "bf16" else None}
+    kw = {"text_batch_size": text_batch(n_classes, scope), "dtype": torch.bfloat16 if precision == "bf16" else None}
     t0 = time.perf_counter()
     built = {}
     out = {}

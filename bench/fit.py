@@ -186,11 +186,11 @@ def _probe_argv(model_name, method, mode, batch, *, cap, n_classes, precision, s
 def probe_cpu(model_name, method, mode, batch, **kw) -> dict:
     """One CPU probe in a fresh process (``measure_here``'s record; OOM-killed: a non-fit), environment as
     ``bench step --isolate`` gives its children plus ``PROBE_ENV``. RuntimeError when the probe failed otherwise."""
-    from leanclip.bench.step import _child_env
+    from leanclip.bench.step import child_env
 
     t0 = time.perf_counter()
     proc = subprocess.run(_probe_argv(model_name, method, mode, batch, **kw), capture_output=True, text=True,
-                          env={**_child_env(), **PROBE_ENV})
+                          env={**child_env(), **PROBE_ENV})
     wall = time.perf_counter() - t0
     if proc.returncode == -9:  # SIGKILL: the kernel's OOM killer
         return {"batch": batch, "fits": False, "peak_bytes": None, "stopped": "killed (SIGKILL, the OOM killer)",

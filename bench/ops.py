@@ -163,7 +163,7 @@ def run(quick: bool = False, output: str | None = None) -> dict:
                "time_source": ("triton.testing.do_bench samples (warm-up, L2 flushed between calls), medians" if cuda
                                else f"{CPU_REPS} repetitions interleaved in one process, medians")}
     for op in ("layer_norm", "frozen_linear", "max_sim"):  # the backend in force (kernels.set_backend) or auto
-        results["backend_per_op"][op] = kernels._backend.resolve(op, device)
+        results["backend_per_op"][op] = kernels.resolve_backend(op, device)
     for dtype in dtypes:
         results["rows"] += bench_layer_norm(device, dtype, ln_shapes, timer)
         results["rows"] += bench_frozen_linear(device, dtype, fl_shapes, timer)

@@ -234,10 +234,10 @@ def _plan_args(spec, batch_size, n_classes, scope) -> dict | None:
     if spec["memory_budget"] in (None, "fit"):
         return None
     return {"memory_budget": spec["memory_budget"], "batch_size": batch_size,
-            "text_batch_size": _text_batch(n_classes, scope)}
+            "text_batch_size": text_batch(n_classes, scope)}
 
 
-def _text_batch(n_classes: int, scope: str) -> int:
+def text_batch(n_classes: int, scope: str) -> int:
     return 0 if scope == "image" else n_classes * len(TEMPLATES)
 
 
@@ -292,7 +292,7 @@ def make_step(model_name, method, mode, *, batch_size, n_classes, device, tokeni
                              compile=spec["compile"], fixed_text=spec["kind"] == "floor" or scope == "image")
         if fit:
             _plan_for_cap(model, lambda: cstep(images[:1], labels[:1]), cap, batch_size,
-                          _text_batch(n_classes, scope), device)
+                          text_batch(n_classes, scope), device)
 
         def step():
             with _budget_context(spec["budget"]):
@@ -400,7 +400,7 @@ def predicted_peak(model, spec: dict, *, batch_size: int, n_classes: int, scope:
     (the estimate models eager autograd)."""
     if spec["compile"] or spec["kind"] == "floor":
         return None
-    kw = {"text_batch_size": _text_batch(n_classes, scope), "dtype": torch.bfloat16 if precision == "bf16" else None}
+    kw = {"text_batch_size": text_batch(n_classes, scope), "dtype": torch.bfloat16 if precision == "bf16" else None}
     if spec["kind"] == "lean":
         return current_peak(model, batch_size, **kw)
     if spec["gc"]:
@@ -447,7 +447,7 @@ def _child_argv(model_name, method, mode, *, batch_size, n_classes, device, reps
     return argv + (["--threads", str(threads)] if threads else [])
 
 
-def _child_env():
+def child_env():
     """The parent's environment with the repository root first on the path (the installed ``leanclip`` package
     maps its folders), so the child runs the same code as the parent."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -463,7 +463,7 @@ def bench_isolated(model_name, method, modes, *, threads=None, **kw) -> dict:
     row = {k: {} for k in keys}
     for mode in modes:
         argv = _child_argv(model_name, method, mode, threads=threads, **kw)
-        proc = subprocess.run(argv, capture_output=True, text=True, env=_child_env())
+        proc = subprocess.run(argv, capture_output=True, text=True, env=child_env())
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             # exit 2 is a one-line refusal of this mode for this model (e.g. plain LoRA on open_clip's text blocks,

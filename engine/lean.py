@@ -68,7 +68,7 @@ __all__ = [
     "LeanBlockMixin", "LeanLayerNorm", "LeanLayerNormFp32", "LeanResidualAttentionBlock", "LeanVisionTransformer",
     "ProjectionDelta", "apply_lean", "check_chunk", "check_policy", "class_name", "covered_towers",
     "encode_text_lean", "eot_length", "fused_layer_norm", "image_estimates", "is_lean", "lean_linear",
-    "lean_obstacles", "plain_sites", "register_lean_classes", "remove_lean", "rows_ok", "set_recompute",
+    "lean_obstacles", "plain_class", "plain_sites", "register_lean_classes", "remove_lean", "rows_ok", "set_recompute",
     "sync_delta_hooks", "text_tower",
     "tower_blocks", "tower_obstacles",
 ]
@@ -270,6 +270,11 @@ def remove_lean(model: nn.Module) -> nn.Module:
         model.__dict__.pop(attr, None)
     sync_delta_hooks(model)
     return model
+
+
+def plain_class(cls: type) -> type:
+    """The plain class a lean class was swapped from (``cls`` itself when it is not a lean class)."""
+    return _UNSWAP.get(cls, cls)
 
 
 def plain_sites(block: nn.Module):

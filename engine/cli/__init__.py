@@ -56,7 +56,7 @@ EXIT_DIVERGED = utils.NonFiniteLossError.exit_code  # a run stopped on a non-fin
 
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
         msg = f"{e.filename}: {msg}"
@@ -99,7 +99,7 @@ def _main(argv: Sequence[str] | None) -> int:
         diverged = isinstance(e, utils.NonFiniteLossError)
         if not (diverged or isinstance(e, USER_ERRORS)) or os.environ.get("LEANCLIP_TRACEBACK") == "1":
             raise
-        print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_DIVERGED if diverged else EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

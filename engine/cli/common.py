@@ -103,14 +103,14 @@ def recompute_kwargs(args, batch_size: int, text_batch_size: int | None = None) 
 
 def check_backend_env(device) -> None:
     """``LEANCLIP_BACKEND`` must name a backend that runs on ``device`` (a torch.device)."""
-    from leanclip.kernels import _backend
+    from leanclip import kernels
 
     wanted = os.environ.get("LEANCLIP_BACKEND") or None
     if wanted is None or wanted == "auto":
         return
-    if wanted not in _backend.BACKENDS:
-        raise UsageError(f"LEANCLIP_BACKEND={wanted!r}: must be one of {', '.join(_backend.BACKENDS)} or auto")
-    problem = _backend.backend_problem(wanted, device)
+    if wanted not in kernels.BACKENDS:
+        raise UsageError(f"LEANCLIP_BACKEND={wanted!r}: must be one of {', '.join(kernels.BACKENDS)} or auto")
+    problem = kernels.backend_problem(wanted, device)
     if problem:
         raise UsageError(f"LEANCLIP_BACKEND={wanted}: cannot run on {device.type}: {problem}")
 
@@ -322,10 +322,10 @@ def stop_together(info, error: BaseException) -> None:
     (``leanclip.distributed.inputs_checked``): every rank learns of it and raises one, each printing the same line.
     Nothing otherwise: the caller re-raises ``error``."""
     from leanclip import distributed
-    from leanclip.cli import USER_ERRORS, _one_line
+    from leanclip.cli import USER_ERRORS, one_line
 
     if isinstance(error, USER_ERRORS):
-        distributed.inputs_checked(info, error=error, describe=_one_line)
+        distributed.inputs_checked(info, error=error, describe=one_line)
 
 
 def emit(result: dict, args, name: str) -> None:

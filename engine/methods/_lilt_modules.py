@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanclip import lean
 from leanclip.lifecycle import Added, strip
 from leanclip.models import hf_text as _hftext
 from leanclip.models import timm as _timm
@@ -170,9 +171,7 @@ def _new_block_like(blk: nn.Module, init: str) -> nn.Module:
 
 
 def _base_ln_class(ln: nn.Module):
-    from leanclip.lean import _UNSWAP
-
-    return _UNSWAP.get(type(ln), type(ln))
+    return lean.plain_class(type(ln))
 
 
 def check_deep_towers(model: nn.Module, tower: str) -> None:

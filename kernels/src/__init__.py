@@ -7,9 +7,11 @@
 Each op lives in ``kernels/ops/<op>.py``: torch reference (``*_ref``), Triton kernels, launchers, and a
 ``torch.library`` custom op with autograd, so ``torch.compile`` can trace callers. Backends: see ``_backend``.
 """
-from leanclip.kernels._backend import available_backends, get_backend, set_backend
+from leanclip.kernels._backend import BACKENDS, available_backends, backend_problem, get_backend, set_backend
+from leanclip.kernels._backend import resolve as resolve_backend
 from leanclip.kernels.ops.frozen_linear import frozen_linear
 from leanclip.kernels.ops.layer_norm import layer_norm
 from leanclip.kernels.ops.max_sim import max_sim
 
-__all__ = ["layer_norm", "frozen_linear", "max_sim", "available_backends", "set_backend", "get_backend"]
+__all__ = ["layer_norm", "frozen_linear", "max_sim", "available_backends", "set_backend", "get_backend", "BACKENDS",
+           "backend_problem", "resolve_backend"]
