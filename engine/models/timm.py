@@ -77,14 +77,20 @@ def _mlp_obstacle(mlp: nn.Module) -> str | None:
 
 def block_obstacle(blk: nn.Module) -> str | None:
     """Why the lean engine cannot run ``blk`` (one phrase naming the class), or None when it can: a timm ViT
-    ``Block`` or ``EvaBlock`` (or their lean versions) with a supported attention and MLP."""
-    if Block is None or type(blk) not in (Block, EvaBlock, LeanTimmBlock, LeanEvaBlock):
+    ``Block``, an ``EvaBlock`` or an ``EvaBlockPostNorm`` (or their lean versions) with a supported attention and
+    MLP."""
+    if Block is None or type(blk) not in _blocks():
         return class_name(blk)
     why = _attn_obstacle(blk.attn) or _mlp_obstacle(blk.mlp)
     if why is None and isinstance(blk, Block) and not all(
             type(m) in (nn.Identity, LayerScale) for m in (blk.ls1, blk.ls2)):
         why = f"layer scale {class_name(blk.ls1)}"
     return None if why is None else f"{class_name(blk)} with {why}"
+
+
+def _blocks() -> tuple:
+    """The timm block classes the lean engine runs, plain and lean (defined below)."""
+    return (Block, EvaBlock, EvaBlockPostNorm, LeanTimmBlock, LeanEvaBlock, LeanEvaPostNormBlock)
 
 
 def trunk_blocks(visual: nn.Module) -> list[nn.Module] | None:
@@ -151,7 +157,7 @@ class _LeanTimmMixin(_lean.LeanBlockMixin):
     def _attn_core(self, x, ctx, is_causal: bool):
         attn = self.attn
         mask, rope = ctx
-        q, k, v = self._qkv(self.norm1(x))
+        q, k, v = self._qkv(self._prenorm(1, x))
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
             npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
@@ -169,7 +175,7 @@ class _LeanTimmMixin(_lean.LeanBlockMixin):
 
     def _mlp_core(self, x):
         mlp = self.mlp
-        y = self.norm2(x)
+        y = self._prenorm(2, x)
         if isinstance(mlp, SwiGLU):
             h = mlp.fc1_g.out_features
             g = mlp.act(self._project("c_fc", y, mlp.fc1_g.weight, mlp.fc1_g.bias, 0, h))
@@ -186,16 +192,24 @@ class _LeanTimmMixin(_lean.LeanBlockMixin):
         y = mlp.drop2(self._project("c_proj", g, mlp.fc2.weight, mlp.fc2.bias))
         return self.drop_path2(self._scale(2, y))
 
+    def _prenorm(self, i: int, x):
+        """The branch input: ``norm1`` / ``norm2`` of the residual stream (pre-LN blocks)."""
+        return (self.norm1 if i == 1 else self.norm2)(x)
+
+    def _prenorm_part(self, i: int):
+        return self.norm1 if i == 1 else self.norm2
+
     def _branch_parts(self) -> dict:
         attn, mlp = self.attn, self.mlp
-        core = [self.norm1, attn.q_norm, attn.k_norm] + [getattr(attn, n, None) for n in (
+        pre1, pre2 = self._prenorm_part(1), self._prenorm_part(2)
+        core = [pre1, attn.q_norm, attn.k_norm] + [getattr(attn, n, None) for n in (
             "qkv", "q_proj", "k_proj", "v_proj", "q_bias", "v_bias")]
         return {"attn_core": core, "attn_out": [attn.proj.weight, attn.proj_drop, self._scale_part(1)],
-                "attn": [self.norm1, attn, self._scale_part(1)],
-                "mlp_core": [self.norm2, mlp.norm] + [getattr(mlp, n) for n in ("fc1", "fc1_g", "fc1_x")
-                                                      if hasattr(mlp, n)],
+                "attn": [pre1, attn, self._scale_part(1)],
+                "mlp_core": [pre2, mlp.norm] + [getattr(mlp, n) for n in ("fc1", "fc1_g", "fc1_x")
+                                                if hasattr(mlp, n)],
                 "mlp_out": [mlp.fc2.weight, mlp.drop2, self._scale_part(2)],
-                "mlp": [self.norm2, mlp, self._scale_part(2)]}
+                "mlp": [pre2, mlp, self._scale_part(2)]}
 
     def _needs_rng(self) -> bool:
         if not self.training:
@@ -240,13 +254,35 @@ if Block is not None:
 
         def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
             return self._forward(x, attn_mask, rope, is_causal)
+
+    class LeanEvaPostNormBlock(_LeanTimmMixin, EvaBlockPostNorm):
+        """timm ``eva.EvaBlockPostNorm`` (EVA02-E) on the lean engine: ``x + drop_path(norm1(attn(x)))``, then the
+        same with ``norm2`` and the MLP. The branches read the residual stream itself (no pre-norm) and each
+        LayerNorm takes the place of the layer scale, on the branch output after the projection and its dropout,
+        so every recompute policy and the chunked block run the shared branch functions unchanged. A trainable
+        norm puts its output projection inside the checkpoints (the norm's input would otherwise be kept); a
+        frozen one leaves the projection outside and keeps that input (``block_units`` counts it)."""
+
+        def _prenorm(self, i: int, x):
+            return x
+
+        def _prenorm_part(self, i: int):
+            return None
+
+        def _scale(self, i: int, y):
+            return (self.norm1 if i == 1 else self.norm2)(y)
+
+        def _scale_part(self, i: int):
+            return self.norm1 if i == 1 else self.norm2
+
+        forward = LeanEvaBlock.forward
 else:  # pragma: no cover
-    LeanTimmBlock = LeanEvaBlock = None
+    LeanTimmBlock = LeanEvaBlock = LeanEvaPostNormBlock = None
 
 
 # ----------------------------------------------------------------------------------------------------------- sites
 def is_timm_block(blk: nn.Module) -> bool:
-    return Block is not None and isinstance(blk, (Block, EvaBlock))
+    return Block is not None and isinstance(blk, (Block, EvaBlock, EvaBlockPostNorm))
 
 
 def projection_slices(blk: nn.Module) -> dict | None:
@@ -313,17 +349,24 @@ def adapter_sites(blk: nn.Module) -> list[tuple[nn.Module, int]] | None:
 
 
 def prenorms(blk: nn.Module) -> list[nn.Module] | None:
-    """The pre-LayerNorms of a timm block (``norm1`` / ``norm2``: before the attention and the MLP, as open_clip's
-    ``ln_1`` / ``ln_2``); None for other blocks."""
+    """The block LayerNorms LilT's adapters precede: ``norm1`` / ``norm2`` of a timm block; None for other blocks.
+    In a pre-LN block they sit before the attention and the MLP (as open_clip's ``ln_1`` / ``ln_2``), so the
+    adapter acts on the branch input. A post-norm ``EvaBlockPostNorm`` has no pre-norm: its ``norm1`` / ``norm2``
+    normalise the branch outputs, and an adapter before them acts on the branch output before it is normalised and
+    added - LilT's rule "before each LayerNorm of the block", as on BERT's post-LN layers. The adapter starts as the
+    identity either way."""
     return [blk.norm1, blk.norm2] if is_timm_block(blk) else None
 
 
 def new_block_like(visual: nn.Module, init: str) -> nn.Module:
     """A block to append to a timm trunk (``lilt-deep``): a copy of its last block (``copy``) or one initialised as
-    timm initialises a ViT (``random``: linear weights truncated-normal std 0.02, biases zero, norms reset), with
-    the attention's ``proj`` and the MLP's ``fc2`` zero (weights and biases). In a pre-LN block both branches then
-    add zero, so the block is the identity and the tower computes exactly what it did. ValueError naming the class
-    when the last block is not a timm ViT / EVA block."""
+    timm initialises a ViT (``random``: linear weights truncated-normal std 0.02, biases zero, norms reset), made
+    the identity so the tower computes exactly what it did: in a pre-LN block the attention's ``proj`` and the
+    MLP's ``fc2`` are zero (weights and biases), so both branches add zero. In a post-norm block (EVA02-E) that
+    would not do - each branch ends in its LayerNorm, and the norm of zero is its bias - so there ``norm1`` and
+    ``norm2`` are zero instead (weights and biases): both branches add exactly zero, and the norms' weights still
+    get a gradient (the normalised branch output), as zero projections do in a pre-LN block. ValueError naming the
+    class when the last block is not a timm ViT / EVA block."""
     blocks = trunk_blocks(visual)
     last = blocks[-1] if blocks else None
     if last is None or not is_timm_block(last):
@@ -341,10 +384,11 @@ def new_block_like(visual: nn.Module, init: str) -> nn.Module:
         for name in ("q_bias", "v_bias"):  # EVA's fused qkv bias
             if getattr(new.attn, name, None) is not None:
                 nn.init.zeros_(getattr(new.attn, name))
-    for lin in (new.attn.proj, new.mlp.fc2):
-        nn.init.zeros_(lin.weight)
-        if lin.bias is not None:
-            nn.init.zeros_(lin.bias)
+    post = isinstance(new, EvaBlockPostNorm)
+    for last_op in (new.norm1, new.norm2) if post else (new.attn.proj, new.mlp.fc2):
+        nn.init.zeros_(last_op.weight)
+        if last_op.bias is not None:
+            nn.init.zeros_(last_op.bias)
     return new
 
 
@@ -445,7 +489,7 @@ def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeomet
 
 
 # ----------------------------------------------------------------------------------------------------------- tiny models
-# Tiny trunks: the released SigLIP2 / EVA02 / PE-Core model functions with width, depth, heads and image size shrunk
+# Tiny trunks: the released SigLIP2 / EVA02 / EVA02-E / PE-Core model functions with width, depth, heads and image size shrunk
 # (every block option - rotary embeddings, SwiGLU, sub-LN, fused / separate qkv, MAP pooling - kept).
 _TINY = {"dim": 64, "depth": 2, "heads": 2, "img": 32, "patch": 8}
 TINY_TIMM_MODELS = {
@@ -456,6 +500,7 @@ TINY_TIMM_MODELS = {
     "leanclip_tiny_eva02_fused": ("eva02_base_patch16_clip_224", {"ref_feat_shape": (4, 4), "qkv_fused": True,
                                                                   "scale_mlp": False, "init_values": 0.1}),
     "leanclip_tiny_pe_core": ("vit_pe_core_base_patch16_224", {"ref_feat_shape": (4, 4), "attn_pool_num_heads": 2}),
+    "leanclip_tiny_eva02_postnorm": ("eva02_enormous_patch14_clip_224", {}),  # EVA02-E: post-norm, fused qkv, GELU
 }
 
 
@@ -482,7 +527,8 @@ def register_tiny_models() -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------- registration
 if Block is not None:
-    _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock},
+    _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock,
+                                 EvaBlockPostNorm: LeanEvaPostNormBlock},
                                 supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
                                 image_tower=tower_obstacles, image_estimate=estimate_image_bytes,
                                 plain_sites=hook_sites)

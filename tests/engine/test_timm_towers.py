@@ -18,7 +18,7 @@ from leanclip.configs import create_random_model, register_tiny_timm_config  # n
 from leanclip.models import timm as timm_family  # noqa: E402
 from tests.engine.peft_checks import features, prepare_with_notices, projection_loss, randomize_trainable  # noqa: E402
 
-FAMILIES = ["vit-map", "vit-qknorm", "eva02", "eva02-fused", "pe-core"]
+FAMILIES = ["vit-map", "vit-qknorm", "eva02", "eva02-fused", "pe-core", "eva-postnorm"]
 POLICIES = [("none", None), ("mlp", None), ("mlp+qkv", None), ("block", None), ("block", 2)]
 METHODS = ["ln", "bitfit", "clipfit", "houlsby", "compacter", "full"]
 LILT = ["lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit"]
@@ -69,8 +69,9 @@ def test_both_towers_go_lean(family):
     assert prepare_with_notices(m, "ln") == []
     assert m.leanclip_info["options"]["lean"] is True and "lean_towers" not in m.leanclip_info["options"]
     blocks = m.visual.trunk.blocks
-    assert {type(b).__name__ for b in blocks} == {"LeanEvaBlock" if "eva" in family or "pe" in family
-                                                  else "LeanTimmBlock"}
+    lean_class = "LeanEvaPostNormBlock" if "postnorm" in family else (
+        "LeanEvaBlock" if "eva" in family or "pe" in family else "LeanTimmBlock")
+    assert {type(b).__name__ for b in blocks} == {lean_class}
     assert {type(b).__name__ for b in m.text.transformer.resblocks} == {"LeanResidualAttentionBlock"}
     assert type(blocks[0].norm1) is timm_family.LeanTimmLayerNorm
     lean.remove_lean(m)
