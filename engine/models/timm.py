@@ -398,33 +398,70 @@ def append_block(visual: nn.Module, block: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- estimates
-def block_units(blk: nn.Module, policy: str) -> float:
+def _attention_core_units(blk: nn.Module, rope: bool | None) -> float:
+    """Units the attention keeps from q / k / v to the sub-LN: SDPA's q, k, v and output - a fused qkv stays alive
+    whole (3) while v is a view of it, and q, k made anew by q/k norm or rotary embeddings add 2 (separate
+    projections: 3, and 2 more with q/k norm, whose inputs are kept); the sub-LN ``attn.norm`` input (1).
+    ``rope`` None: an EVA block is taken to run rotary embeddings (the block alone does not say)."""
+    attn = blk.attn
+    q_norm = not isinstance(attn.q_norm, nn.Identity)
+    if rope is None:
+        rope = isinstance(blk, (EvaBlock, EvaBlockPostNorm))
+    qkv = 3.0 + 2.0 * (q_norm or rope) if attn.qkv is not None else 3.0 + 2.0 * q_norm
+    return qkv + 1.0 + float(not isinstance(attn.norm, nn.Identity))
+
+
+def _frozen_post_norms(blk: nn.Module) -> tuple[float, float]:
+    """For a post-norm block, whether each branch's output part (projection, its dropout and adapters, LoRA terms,
+    the norm) is frozen, as 1.0 / 0.0: the lean block then runs it outside the checkpoints, where the norm keeps its
+    input (one unit); (0, 0) for other blocks."""
+    if not isinstance(blk, EvaBlockPostNorm):
+        return 0.0, 0.0
+    if isinstance(blk, _lean.LeanBlockMixin):
+        parts = blk._parts_with_deltas()
+        return tuple(float(_lean._frozen(*parts[k])) for k in ("attn_out", "mlp_out"))
+    return tuple(float(_lean._frozen(*mods)) for mods in ((blk.attn.proj, blk.attn.proj_drop, blk.norm1),
+                                                          (blk.mlp.fc2, blk.mlp.drop2, blk.norm2)))
+
+
+def block_units(blk: nn.Module, policy: str, rope: bool | None = None) -> float:
     """Activation units (B*L*D elements) a lean timm block keeps for backward under ``policy`` when gradients flow
     through all of it (every ``leanclip.lean.POLICIES`` entry; measured with ``leanclip.memory`` on the tiny
-    families). Without recompute: LN1's input (1); SDPA's q, k, v and output - a fused qkv stays alive whole (3)
-    while v is a view of it, and q, k made anew by q/k norm or rotary embeddings add 2 (separate projections: 3, and
-    2 more with q/k norm, whose inputs are kept); the sub-LN ``attn.norm`` input (1); LN2's input (1); the MLP's
-    hidden activations at ratio r = hidden / D: GELU's input (r) or a gated MLP's three (3r), plus ``mlp.norm``'s
-    input (r). ``mlp`` keeps the attention part and LN2's input, ``mlp+qkv`` the block input, the SDPA output, the
-    sub-LN input and LN2's input, ``block`` the block input."""
-    attn, mlp = blk.attn, blk.mlp
-    width = attn.proj.out_features
-    sub_ln = float(not isinstance(attn.norm, nn.Identity))
+    families; ``rope``: whether the trunk runs rotary embeddings, see ``_attention_core_units``). Without
+    recompute: LN1's input (1); the attention core (``_attention_core_units``); LN2's input (1); the MLP's hidden
+    activations at ratio r = hidden / D: GELU's input (r) or a gated MLP's three (3r), plus ``mlp.norm``'s input
+    (r). ``mlp`` keeps the attention part and LN2's input, ``mlp+qkv`` the block input, the SDPA output, the
+    sub-LN input and LN2's input, ``block`` the block input. A post-norm block (EVA02-E) keeps the same count: its
+    norms' inputs (the branch outputs) take the place of the pre-norms' (the block input and the MLP's input are
+    kept by no frozen projection); a frozen post-norm adds its input under the policies that would otherwise
+    recompute it (``_frozen_post_norms``)."""
+    mlp = blk.mlp
+    width = blk.attn.proj.out_features
+    frozen1, frozen2 = _frozen_post_norms(blk)
+    sub_ln = float(not isinstance(blk.attn.norm, nn.Identity))
     if policy == "block":
-        return 1.0
+        return 1.0 + frozen2
     if policy == "mlp+qkv":
-        return 3.0 + sub_ln
-    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, (EvaBlock, EvaBlockPostNorm))  # rotary
-    if attn.qkv is not None:
-        qkv = 3.0 + 2.0 * qk_new
-    else:
-        qkv = 3.0 + 2.0 * (not isinstance(attn.q_norm, nn.Identity))
-    attention = 1.0 + qkv + 1.0 + sub_ln
+        return 3.0 + sub_ln + frozen1 + frozen2
+    attention = 1.0 + _attention_core_units(blk, rope)
     if policy == "mlp":
-        return attention + 1.0
+        return attention + 1.0 + frozen2
     hidden = mlp.fc2.in_features / width
     gated = isinstance(mlp, (GluMlp, SwiGLU))
     return attention + 1.0 + (3.0 if gated else 1.0) * hidden + hidden * (not isinstance(mlp.norm, nn.Identity))
+
+
+def _entry_units(blk: nn.Module, policy: str, rope: bool) -> float:
+    """Units the first block gradients reach does not keep when they enter a post-norm block after its attention
+    core (the block input needs no gradient, and q / k / v, their LoRA terms and the output projection's weight are
+    frozen: the first thing that trains is ``norm1`` or what follows it): under ``none`` / ``mlp`` the attention
+    core keeps nothing then. 0 elsewhere (``mlp+qkv`` / ``block`` keep the block input either way)."""
+    if not isinstance(blk, EvaBlockPostNorm) or policy not in ("none", "mlp"):
+        return 0.0
+    parts = blk._parts_with_deltas()["attn_core"] if isinstance(blk, _lean.LeanBlockMixin) else [blk.attn]
+    if not _lean._frozen(*parts, blk.attn.proj.weight):
+        return 0.0
+    return _attention_core_units(blk, rope)
 
 
 def _tokens(trunk: nn.Module) -> int:
@@ -451,9 +488,13 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
         return 0
     rows = batch * g.tokens
     unit = g.unit(batch)
+    rope = _has_rope(model.visual.trunk)
     total = 0.0
-    for blk in blocks[first if first is not None else len(blocks):]:
-        total += block_units(blk, policy) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
+    start = first if first is not None else len(blocks)
+    if start < len(blocks) and not any(n.startswith(embeds) for n in names):
+        total -= _entry_units(blocks[start], policy, rope) * unit
+    for blk in blocks[start:]:
+        total += block_units(blk, policy, rope) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
     total += unit + rows * 8  # the final norm's input
     if any(n.startswith("visual.trunk.norm_pre.") for n in names):  # PE-Core's pre-transformer norm keeps its input
         total += unit + rows * 8
@@ -462,21 +503,18 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
     return int(total)
 
 
-def _estimable(blk: nn.Module) -> bool:
-    """Whether the estimates know ``blk``: a block the lean engine runs, or EVA's post-norm block (EVA02-E: the
-    same attention and MLP, its LayerNorms on the branch outputs; plain estimates only, it has no lean version)."""
-    if EvaBlockPostNorm is not None and type(blk) is EvaBlockPostNorm:
-        return _attn_obstacle(blk.attn) is None and _mlp_obstacle(blk.mlp) is None
-    return block_obstacle(blk) is None
+def _has_rope(trunk: nn.Module) -> bool:
+    """Whether a timm trunk runs rotary embeddings (EVA02, PE-Core; not EVA01 or timm's EVA02-E)."""
+    return getattr(trunk, "rope", None) is not None
 
 
 def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
-    """The ``leanclip.geometry`` reader of a timm image tower the estimates know (``_estimable`` blocks; None for
+    """The ``leanclip.geometry`` reader of a timm image tower the estimates know (blocks the lean engine runs; None for
     anything else): tokens with the prefix tokens, width, the MLP's hidden width (SwiGLU / GluMlp: one half),
     heads, MAP pooling, and each policy's ``block_units``."""
     v = timm_image_tower(model) if tower == "image" else None
     blocks = None if v is None else trunk_blocks(v)
-    if blocks is None or not all(_estimable(b) for b in blocks):
+    if blocks is None or not all(block_obstacle(b) is None for b in blocks):
         return None
     trunk = v.trunk
     blk = trunk.blocks[0]
@@ -485,7 +523,7 @@ def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeomet
                          mlp.fc2.in_features, isinstance(mlp, (GluMlp, SwiGLU)), blk.attn.num_heads,
                          elem_size(dtype, blk.attn.proj.weight), False,
                          getattr(trunk, "attn_pool", None) is not None,
-                         {p: block_units(blk, p) for p in _lean.POLICIES})
+                         {p: block_units(blk, p, _has_rope(trunk)) for p in _lean.POLICIES})
 
 
 # ----------------------------------------------------------------------------------------------------------- tiny models
