@@ -91,20 +91,56 @@ def test_prepared_equals_plain(family, method, policy, chunk, batch):
 
 
 @pytest.mark.parametrize("method", LILT)
-@pytest.mark.parametrize("family", ["eva02", "pe-core"])
+@pytest.mark.parametrize("family", ["eva02", "pe-core", "eva-postnorm"])
 def test_lilt_methods_equal_plain(family, method, batch):
     ref = _loss_and_grads(methods.prepare(base(family), method, lean=False), batch, plain=True)
     m = methods.prepare(base(family), method, recompute="block", recompute_chunk=2)
     _assert_same(_loss_and_grads(m, batch, plain=False), ref)
-    if method == "lilt-deep":  # a copy of the last timm block with zero attn.proj / mlp.fc2: the identity at first
-        assert [n for n, _ in methods.lilt.deep_blocks(m)][0] == "visual.trunk.blocks.2"
-        fresh = methods.prepare(base(family), method, recompute="block")
-        with torch.no_grad():
-            torch.testing.assert_close(fresh.eval().encode_image(batch[0]), base(family).eval().encode_image(batch[0]),
-                                       rtol=0, atol=0)
+    if method == "lilt-deep":  # a copy of the last timm block, made the identity: zero attn.proj / mlp.fc2 (pre-LN)
+        assert [n for n, _ in methods.lilt.deep_blocks(m)][0] == "visual.trunk.blocks.2"  # or zero norms (post-norm)
+        for init in ("copy", "random"):
+            fresh = methods.prepare(base(family), method, recompute="block", deep_init=init)
+            with torch.no_grad():
+                torch.testing.assert_close(fresh.eval().encode_image(batch[0]),
+                                           base(family).eval().encode_image(batch[0]), rtol=0, atol=0)
     if method == "lilt-adapter":  # before the pre-norms of each block only (not EVA's sub-LNs)
         assert {n.split(".adapter")[0] for n, _ in methods.lilt.adapters(m) if n.startswith("visual.")} == {
             f"visual.trunk.blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)}
+
+
+def _post_norm_model():
+    """The tiny EVA02-E model with non-zero norm biases, as trained weights have (timm initialises them to zero)."""
+    m = base("eva-postnorm")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for blk in m.visual.trunk.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                norm.bias.copy_(0.1 * torch.randn(norm.bias.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("init", ["copy", "random"])
+def test_post_norm_deep_block_starts_as_the_identity_and_learns(init, batch):
+    """lilt-deep on a post-norm trunk (EVA02-E): the appended block's norms are zero, so it adds exactly zero;
+    zero projections would not do (each branch ends in its LayerNorm, whose output at zero is its bias). At the
+    first step the zero norms get a gradient."""
+    m = methods.prepare(_post_norm_model(), "lilt-deep", tower="image", recompute="mlp", deep_init=init)
+    (_, blk), = methods.lilt.deep_blocks(m)
+    assert type(blk).__name__ == "LeanEvaPostNormBlock" and blk.attn.proj.weight.abs().sum() > 0
+    assert all(p.abs().sum() == 0 for n in (blk.norm1, blk.norm2) for p in n.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval().encode_image(batch[0]), _post_norm_model().eval().encode_image(batch[0]),
+                                   rtol=0, atol=0)
+    img = m.train().encode_image(batch[0], normalize=True)
+    projection_loss(img, torch.zeros(1, img.shape[1])).backward()
+    assert all(n.weight.grad.abs().sum() > 0 for n in (blk.norm1, blk.norm2))
+    zero_proj = copy.deepcopy(_post_norm_model().visual.trunk.blocks[-1])
+    for lin in (zero_proj.attn.proj, zero_proj.mlp.fc2):
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    with torch.no_grad():
+        x = torch.randn(2, 5, 64)
+        assert not torch.allclose(zero_proj(x), x)
 
 
 @pytest.mark.parametrize("family", ["vit-map", "eva02"])
