@@ -7,12 +7,16 @@ around a timm trunk (``visual.trunk``); its transformer blocks are ``visual.trun
 - which timm blocks the lean engine implements (``block_supported``): ``vision_transformer.Block`` (SigLIP, SigLIP2:
   fused ``Attention`` with optional q/k norm and sub-LN ``scale_norm``, ``Mlp`` / ``GluMlp`` / ``SwiGLU``,
   ``LayerScale``) and ``eva.EvaBlock`` (EVA02: ``EvaAttention`` with rotary embeddings, separate q/k/v or fused qkv
-  with its q/v bias, ``SwiGLU`` with the sub-LN ``mlp.norm``; PE-Core: ``AttentionRope``, ``Mlp``). Gated attention,
+  with its q/v bias, ``SwiGLU`` with the sub-LN ``mlp.norm``; PE-Core: ``AttentionRope``, ``Mlp``) and
+  ``eva.EvaBlockPostNorm`` (EVA02-E: the same attention and MLP, each branch's LayerNorm on its output before the
+  residual add, no layer scale). Gated attention,
   grouped-query attention and convolutional MLPs are named as obstacles, never run half-lean;
-- the lean versions of those blocks (``LeanTimmBlock``, ``LeanEvaBlock``) and of timm's ``LayerNorm``;
+- the lean versions of those blocks (``LeanTimmBlock``, ``LeanEvaBlock``, ``LeanEvaPostNormBlock``) and of timm's
+  ``LayerNorm``;
 - the sites the in-layer methods use on a timm block: the projections LoRA adds to (``projection_slices``), where
   Houlsby / Compacter adapters go (``adapter_sites``), the LayerNorms LilT's adapters precede (``prenorms``) and
-  the block ``lilt-deep`` appends (``new_block_like``: zero output projections, the identity in a pre-LN stream);
+  the block ``lilt-deep`` appends (``new_block_like``: the identity at the start - zero output projections in a
+  pre-LN block, zero branch norms in a post-norm one);
 - tiny timm trunks built from the released model definitions (``register_tiny_models``) for the tests.
 
 The lean blocks reuse ``leanclip.lean``'s machinery: ``LeanBlockMixin`` holds the recompute policies (none / mlp /
@@ -342,7 +346,8 @@ def qkv_width(blk: nn.Module) -> int:
 def adapter_sites(blk: nn.Module) -> list[tuple[nn.Module, int]] | None:
     """Where Houlsby / Compacter adapters go in a timm block, with the width they see: the attention's output
     dropout ``attn.proj_drop`` and the MLP's ``mlp.drop2`` (each called on its sub-layer's output, before the layer
-    scale and the residual add: Houlsby's placement). None for other blocks."""
+    scale and the residual add: Houlsby's placement; in a post-norm block before the branch's LayerNorm too, as in
+    Houlsby's post-LN BERT). None for other blocks."""
     if not is_timm_block(blk):
         return None
     return [(blk.attn.proj_drop, blk.attn.proj.out_features), (blk.mlp.drop2, blk.mlp.fc2.out_features)]
