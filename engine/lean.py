@@ -465,10 +465,10 @@ class LeanBlockMixin:
         # MLP branch
         if c_proj_outside:
             if x.requires_grad or not _frozen(*parts["mlp_core"]):
-                return x + self._mlp_out(_ckpt(self._mlp_core, x))
+                return x + self._mlp_out(_ckpt(self._mlp_core, x, rng=rng))
             return x + self._mlp(x)
         if x.requires_grad or not _frozen(*parts["mlp"]):
-            return x + _ckpt(self._mlp, x)
+            return x + _ckpt(self._mlp, x, rng=rng)
         return x + self._mlp(x)
 
 

@@ -108,6 +108,40 @@ def test_lilt_methods_equal_plain(family, method, batch):
             f"visual.trunk.blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)}
 
 
+def _blocks_run(blocks, x0, seed: int = 5):
+    """Output and input / trainable gradients of ``blocks`` run in sequence in training mode, dropout from ``seed``."""
+    blocks.train()
+    x = x0.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = x
+    for b in blocks:
+        y = b(y)
+    y.sin().sum().backward()
+    return y.detach(), [x.grad] + [p.grad for p in blocks.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("policy", ["mlp", "mlp+qkv", "block"])
+@pytest.mark.parametrize("base_model,lean_class", [("eva02_base_patch16_clip_224", "LeanEvaBlock"),
+                                                   ("eva02_enormous_patch14_clip_224", "LeanEvaPostNormBlock")])
+def test_dropout_and_drop_path_are_replayed(base_model, lean_class, policy):
+    """With attention / projection dropout and stochastic depth, a recomputed branch draws the masks of the forward
+    (fp64, exact): the lean blocks equal timm's under every unchunked policy, the MLP checkpoint included."""
+    torch.manual_seed(0)
+    net = timm.create_model(base_model, pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                            num_heads=2, drop_path_rate=0.3, proj_drop_rate=0.1, attn_drop_rate=0.1,
+                            **({"ref_feat_shape": (4, 4)} if "base" in base_model else {})).double()
+    x0 = torch.randn(3, 17, 64, dtype=torch.float64)
+    ref = _blocks_run(copy.deepcopy(net.blocks), x0)
+    blocks = copy.deepcopy(net.blocks)
+    for b in blocks:
+        b.__class__ = getattr(timm_family, lean_class)
+        b.leanclip_recompute = policy
+    got = _blocks_run(blocks, x0)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-12)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def _post_norm_model():
     """The tiny EVA02-E model with non-zero norm biases, as trained weights have (timm initialises them to zero)."""
     m = base("eva-postnorm")
