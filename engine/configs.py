@@ -76,13 +76,14 @@ TINY_TIMM_FAMILIES = {  # family: (timm model, timm_pool, timm_proj, text_cfg ex
     "eva02": ("leanclip_tiny_eva02", "token", None, {}, {}),
     "eva02-fused": ("leanclip_tiny_eva02_fused", "token", None, {}, {}),
     "pe-core": ("leanclip_tiny_pe_core", "map", None, {}, {}),
+    "eva-postnorm": ("leanclip_tiny_eva02_postnorm", "token", None, {}, {}),
     "convnext": ("convnext_atto", "avg", "linear", {}, {}),
 }
 
 
 def register_tiny_timm_config(family: str, name: str | None = None) -> str:
     """Register a tiny open_clip config whose image tower is a timm trunk of ``family`` (``TINY_TIMM_FAMILIES``:
-    vit-map: SigLIP / SigLIP2's, vit-qknorm, eva02, eva02-fused, pe-core, convnext) and whose text tower is a tiny open_clip transformer
+    vit-map: SigLIP / SigLIP2's, vit-qknorm, eva02, eva02-fused, eva-postnorm: EVA02-E's, pe-core, convnext) and whose text tower is a tiny open_clip transformer
     (embed 64). Returns the name (default ``f"leanclip-tiny-{family}"``)."""
     from leanclip.models.timm import register_tiny_models
 

@@ -260,7 +260,7 @@ class LeanBlockMixin:
     def _attn(self, x, mask, is_causal: bool):
         return self._attn_out(self._attn_core(x, mask, is_causal))
 
-    def _parts_with_deltas(self) -> dict:
+    def parts_with_deltas(self) -> dict:
         """``_branch_parts`` with each attached delta counted in the pieces whose projections it adds to (a LoRA
         pair is a child of the block, not of the projection: without this its trainable parameters would not make
         their branch checkpointed, and the branch would keep eager PyTorch's activations)."""
@@ -289,7 +289,7 @@ class LeanBlockMixin:
         needs grad or it holds a trainable parameter): elsewhere nothing is saved anyway and checkpointing would
         only add work (and keep its input). Projections with a frozen weight (and frozen LayerScale) stay outside
         the checkpoints: they save nothing, so recomputing them would be wasted."""
-        parts = self._parts_with_deltas()
+        parts = self.parts_with_deltas()
         rng = self._needs_rng()
         out_proj_outside = frozen(*parts["attn_out"])
         c_proj_outside = frozen(*parts["mlp_out"])
@@ -321,10 +321,10 @@ class LeanBlockMixin:
         # MLP branch
         if c_proj_outside:
             if x.requires_grad or not frozen(*parts["mlp_core"]):
-                return x + self._mlp_out(ckpt(self._mlp_core, x))
+                return x + self._mlp_out(ckpt(self._mlp_core, x, rng=rng))
             return x + self._mlp(x)
         if x.requires_grad or not frozen(*parts["mlp"]):
-            return x + ckpt(self._mlp, x)
+            return x + ckpt(self._mlp, x, rng=rng)
         return x + self._mlp(x)
 
 

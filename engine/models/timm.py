@@ -7,12 +7,16 @@ around a timm trunk (``visual.trunk``); its transformer blocks are ``visual.trun
 - which timm blocks the lean engine implements (``block_supported``): ``vision_transformer.Block`` (SigLIP, SigLIP2:
   fused ``Attention`` with optional q/k norm and sub-LN ``scale_norm``, ``Mlp`` / ``GluMlp`` / ``SwiGLU``,
   ``LayerScale``) and ``eva.EvaBlock`` (EVA02: ``EvaAttention`` with rotary embeddings, separate q/k/v or fused qkv
-  with its q/v bias, ``SwiGLU`` with the sub-LN ``mlp.norm``; PE-Core: ``AttentionRope``, ``Mlp``). Gated attention,
+  with its q/v bias, ``SwiGLU`` with the sub-LN ``mlp.norm``; PE-Core: ``AttentionRope``, ``Mlp``) and
+  ``eva.EvaBlockPostNorm`` (EVA02-E: the same attention and MLP, each branch's LayerNorm on its output before the
+  residual add, no layer scale). Gated attention,
   grouped-query attention and convolutional MLPs are named as obstacles, never run half-lean;
-- the lean versions of those blocks (``LeanTimmBlock``, ``LeanEvaBlock``) and of timm's ``LayerNorm``;
+- the lean versions of those blocks (``LeanTimmBlock``, ``LeanEvaBlock``, ``LeanEvaPostNormBlock``) and of timm's
+  ``LayerNorm``;
 - the sites the in-layer methods use on a timm block: the projections LoRA adds to (``projection_slices``), where
   Houlsby / Compacter adapters go (``adapter_sites``), the LayerNorms LilT's adapters precede (``prenorms``) and
-  the block ``lilt-deep`` appends (``new_block_like``: zero output projections, the identity in a pre-LN stream);
+  the block ``lilt-deep`` appends (``new_block_like``: the identity at the start - zero output projections in a
+  pre-LN block, zero branch norms in a post-norm one);
 - tiny timm trunks built from the released model definitions (``register_tiny_models``) for the tests.
 
 The lean blocks reuse ``leanclip.lean``'s machinery: ``LeanBlockMixin`` holds the recompute policies (none / mlp /
@@ -46,6 +50,7 @@ except ImportError:  # pragma: no cover
 from leanclip import lean as _lean
 from leanclip.geometry import TowerGeometry, elem_size, register_family
 from leanclip.models.openclip import class_name, timm_image_tower
+from leanclip.recompute import frozen
 
 _MLPS = () if Block is None else (Mlp, GluMlp, SwiGLU)
 _ATTNS = () if Block is None else (Attention, EvaAttention, AttentionRope)
@@ -77,14 +82,20 @@ def _mlp_obstacle(mlp: nn.Module) -> str | None:
 
 def block_obstacle(blk: nn.Module) -> str | None:
     """Why the lean engine cannot run ``blk`` (one phrase naming the class), or None when it can: a timm ViT
-    ``Block`` or ``EvaBlock`` (or their lean versions) with a supported attention and MLP."""
-    if Block is None or type(blk) not in (Block, EvaBlock, LeanTimmBlock, LeanEvaBlock):
+    ``Block``, an ``EvaBlock`` or an ``EvaBlockPostNorm`` (or their lean versions) with a supported attention and
+    MLP."""
+    if Block is None or type(blk) not in _blocks():
         return class_name(blk)
     why = _attn_obstacle(blk.attn) or _mlp_obstacle(blk.mlp)
     if why is None and isinstance(blk, Block) and not all(
             type(m) in (nn.Identity, LayerScale) for m in (blk.ls1, blk.ls2)):
         why = f"layer scale {class_name(blk.ls1)}"
     return None if why is None else f"{class_name(blk)} with {why}"
+
+
+def _blocks() -> tuple:
+    """The timm block classes the lean engine runs, plain and lean (defined below)."""
+    return (Block, EvaBlock, EvaBlockPostNorm, LeanTimmBlock, LeanEvaBlock, LeanEvaPostNormBlock)
 
 
 def trunk_blocks(visual: nn.Module) -> list[nn.Module] | None:
@@ -151,7 +162,7 @@ class _LeanTimmMixin(_lean.LeanBlockMixin):
     def _attn_core(self, x, ctx, is_causal: bool):
         attn = self.attn
         mask, rope = ctx
-        q, k, v = self._qkv(self.norm1(x))
+        q, k, v = self._qkv(self._prenorm(1, x))
         q, k = attn.q_norm(q), attn.k_norm(k)
         if rope is not None:
             npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
@@ -169,7 +180,7 @@ class _LeanTimmMixin(_lean.LeanBlockMixin):
 
     def _mlp_core(self, x):
         mlp = self.mlp
-        y = self.norm2(x)
+        y = self._prenorm(2, x)
         if isinstance(mlp, SwiGLU):
             h = mlp.fc1_g.out_features
             g = mlp.act(self._project("c_fc", y, mlp.fc1_g.weight, mlp.fc1_g.bias, 0, h))
@@ -186,16 +197,24 @@ class _LeanTimmMixin(_lean.LeanBlockMixin):
         y = mlp.drop2(self._project("c_proj", g, mlp.fc2.weight, mlp.fc2.bias))
         return self.drop_path2(self._scale(2, y))
 
+    def _prenorm(self, i: int, x):
+        """The branch input: ``norm1`` / ``norm2`` of the residual stream (pre-LN blocks)."""
+        return (self.norm1 if i == 1 else self.norm2)(x)
+
+    def _prenorm_part(self, i: int):
+        return self.norm1 if i == 1 else self.norm2
+
     def _branch_parts(self) -> dict:
         attn, mlp = self.attn, self.mlp
-        core = [self.norm1, attn.q_norm, attn.k_norm] + [getattr(attn, n, None) for n in (
+        pre1, pre2 = self._prenorm_part(1), self._prenorm_part(2)
+        core = [pre1, attn.q_norm, attn.k_norm] + [getattr(attn, n, None) for n in (
             "qkv", "q_proj", "k_proj", "v_proj", "q_bias", "v_bias")]
         return {"attn_core": core, "attn_out": [attn.proj.weight, attn.proj_drop, self._scale_part(1)],
-                "attn": [self.norm1, attn, self._scale_part(1)],
-                "mlp_core": [self.norm2, mlp.norm] + [getattr(mlp, n) for n in ("fc1", "fc1_g", "fc1_x")
-                                                      if hasattr(mlp, n)],
+                "attn": [pre1, attn, self._scale_part(1)],
+                "mlp_core": [pre2, mlp.norm] + [getattr(mlp, n) for n in ("fc1", "fc1_g", "fc1_x")
+                                                if hasattr(mlp, n)],
                 "mlp_out": [mlp.fc2.weight, mlp.drop2, self._scale_part(2)],
-                "mlp": [self.norm2, mlp, self._scale_part(2)]}
+                "mlp": [pre2, mlp, self._scale_part(2)]}
 
     def _needs_rng(self) -> bool:
         if not self.training:
@@ -240,13 +259,35 @@ if Block is not None:
 
         def forward(self, x, rope=None, attn_mask=None, is_causal: bool = False):
             return self._forward(x, attn_mask, rope, is_causal)
+
+    class LeanEvaPostNormBlock(_LeanTimmMixin, EvaBlockPostNorm):
+        """timm ``eva.EvaBlockPostNorm`` (EVA02-E) on the lean engine: ``x + drop_path(norm1(attn(x)))``, then the
+        same with ``norm2`` and the MLP. The branches read the residual stream itself (no pre-norm) and each
+        LayerNorm takes the place of the layer scale, on the branch output after the projection and its dropout,
+        so every recompute policy and the chunked block run the shared branch functions unchanged. A trainable
+        norm puts its output projection inside the checkpoints (the norm's input would otherwise be kept); a
+        frozen one leaves the projection outside and keeps that input (``block_units`` counts it)."""
+
+        def _prenorm(self, i: int, x):
+            return x
+
+        def _prenorm_part(self, i: int):
+            return None
+
+        def _scale(self, i: int, y):
+            return (self.norm1 if i == 1 else self.norm2)(y)
+
+        def _scale_part(self, i: int):
+            return self.norm1 if i == 1 else self.norm2
+
+        forward = LeanEvaBlock.forward
 else:  # pragma: no cover
-    LeanTimmBlock = LeanEvaBlock = None
+    LeanTimmBlock = LeanEvaBlock = LeanEvaPostNormBlock = None
 
 
 # ----------------------------------------------------------------------------------------------------------- sites
 def is_timm_block(blk: nn.Module) -> bool:
-    return Block is not None and isinstance(blk, (Block, EvaBlock))
+    return Block is not None and isinstance(blk, (Block, EvaBlock, EvaBlockPostNorm))
 
 
 def projection_slices(blk: nn.Module) -> dict | None:
@@ -306,24 +347,32 @@ def qkv_width(blk: nn.Module) -> int:
 def adapter_sites(blk: nn.Module) -> list[tuple[nn.Module, int]] | None:
     """Where Houlsby / Compacter adapters go in a timm block, with the width they see: the attention's output
     dropout ``attn.proj_drop`` and the MLP's ``mlp.drop2`` (each called on its sub-layer's output, before the layer
-    scale and the residual add: Houlsby's placement). None for other blocks."""
+    scale and the residual add: Houlsby's placement; in a post-norm block before the branch's LayerNorm too, as in
+    Houlsby's post-LN BERT). None for other blocks."""
     if not is_timm_block(blk):
         return None
     return [(blk.attn.proj_drop, blk.attn.proj.out_features), (blk.mlp.drop2, blk.mlp.fc2.out_features)]
 
 
 def prenorms(blk: nn.Module) -> list[nn.Module] | None:
-    """The pre-LayerNorms of a timm block (``norm1`` / ``norm2``: before the attention and the MLP, as open_clip's
-    ``ln_1`` / ``ln_2``); None for other blocks."""
+    """The block LayerNorms LilT's adapters precede: ``norm1`` / ``norm2`` of a timm block; None for other blocks.
+    In a pre-LN block they sit before the attention and the MLP (as open_clip's ``ln_1`` / ``ln_2``), so the
+    adapter acts on the branch input. A post-norm ``EvaBlockPostNorm`` has no pre-norm: its ``norm1`` / ``norm2``
+    normalise the branch outputs, and an adapter before them acts on the branch output before it is normalised and
+    added - LilT's rule "before each LayerNorm of the block", as on BERT's post-LN layers. The adapter starts as the
+    identity either way."""
     return [blk.norm1, blk.norm2] if is_timm_block(blk) else None
 
 
 def new_block_like(visual: nn.Module, init: str) -> nn.Module:
     """A block to append to a timm trunk (``lilt-deep``): a copy of its last block (``copy``) or one initialised as
-    timm initialises a ViT (``random``: linear weights truncated-normal std 0.02, biases zero, norms reset), with
-    the attention's ``proj`` and the MLP's ``fc2`` zero (weights and biases). In a pre-LN block both branches then
-    add zero, so the block is the identity and the tower computes exactly what it did. ValueError naming the class
-    when the last block is not a timm ViT / EVA block."""
+    timm initialises a ViT (``random``: linear weights truncated-normal std 0.02, biases zero, norms reset), made
+    the identity so the tower computes exactly what it did: in a pre-LN block the attention's ``proj`` and the
+    MLP's ``fc2`` are zero (weights and biases), so both branches add zero. In a post-norm block (EVA02-E) that
+    would not do - each branch ends in its LayerNorm, and the norm of zero is its bias - so there ``norm1`` and
+    ``norm2`` are zero instead (weights and biases): both branches add exactly zero, and the norms' weights still
+    get a gradient (the normalised branch output), as zero projections do in a pre-LN block. ValueError naming the
+    class when the last block is not a timm ViT / EVA block."""
     blocks = trunk_blocks(visual)
     last = blocks[-1] if blocks else None
     if last is None or not is_timm_block(last):
@@ -341,10 +390,11 @@ def new_block_like(visual: nn.Module, init: str) -> nn.Module:
         for name in ("q_bias", "v_bias"):  # EVA's fused qkv bias
             if getattr(new.attn, name, None) is not None:
                 nn.init.zeros_(getattr(new.attn, name))
-    for lin in (new.attn.proj, new.mlp.fc2):
-        nn.init.zeros_(lin.weight)
-        if lin.bias is not None:
-            nn.init.zeros_(lin.bias)
+    post = isinstance(new, EvaBlockPostNorm)
+    for last_op in (new.norm1, new.norm2) if post else (new.attn.proj, new.mlp.fc2):
+        nn.init.zeros_(last_op.weight)
+        if last_op.bias is not None:
+            nn.init.zeros_(last_op.bias)
     return new
 
 
@@ -354,33 +404,70 @@ def append_block(visual: nn.Module, block: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- estimates
-def block_units(blk: nn.Module, policy: str) -> float:
+def _attention_core_units(blk: nn.Module, rope: bool | None) -> float:
+    """Units the attention keeps from q / k / v to the sub-LN: SDPA's q, k, v and output - a fused qkv stays alive
+    whole (3) while v is a view of it, and q, k made anew by q/k norm or rotary embeddings add 2 (separate
+    projections: 3, and 2 more with q/k norm, whose inputs are kept); the sub-LN ``attn.norm`` input (1).
+    ``rope`` None: an EVA block is taken to run rotary embeddings (the block alone does not say)."""
+    attn = blk.attn
+    q_norm = not isinstance(attn.q_norm, nn.Identity)
+    if rope is None:
+        rope = isinstance(blk, (EvaBlock, EvaBlockPostNorm))
+    qkv = 3.0 + 2.0 * (q_norm or rope) if attn.qkv is not None else 3.0 + 2.0 * q_norm
+    return qkv + 1.0 + float(not isinstance(attn.norm, nn.Identity))
+
+
+def _frozen_post_norms(blk: nn.Module) -> tuple[float, float]:
+    """For a post-norm block, whether each branch's output part (projection, its dropout and adapters, LoRA terms,
+    the norm) is frozen, as 1.0 / 0.0: the lean block then runs it outside the checkpoints, where the norm keeps its
+    input (one unit); (0, 0) for other blocks."""
+    if not isinstance(blk, EvaBlockPostNorm):
+        return 0.0, 0.0
+    if isinstance(blk, _lean.LeanBlockMixin):
+        parts = blk.parts_with_deltas()
+        return tuple(float(frozen(*parts[k])) for k in ("attn_out", "mlp_out"))
+    return tuple(float(frozen(*mods)) for mods in ((blk.attn.proj, blk.attn.proj_drop, blk.norm1),
+                                                          (blk.mlp.fc2, blk.mlp.drop2, blk.norm2)))
+
+
+def block_units(blk: nn.Module, policy: str, rope: bool | None = None) -> float:
     """Activation units (B*L*D elements) a lean timm block keeps for backward under ``policy`` when gradients flow
     through all of it (every ``leanclip.lean.POLICIES`` entry; measured with ``leanclip.memory`` on the tiny
-    families). Without recompute: LN1's input (1); SDPA's q, k, v and output - a fused qkv stays alive whole (3)
-    while v is a view of it, and q, k made anew by q/k norm or rotary embeddings add 2 (separate projections: 3, and
-    2 more with q/k norm, whose inputs are kept); the sub-LN ``attn.norm`` input (1); LN2's input (1); the MLP's
-    hidden activations at ratio r = hidden / D: GELU's input (r) or a gated MLP's three (3r), plus ``mlp.norm``'s
-    input (r). ``mlp`` keeps the attention part and LN2's input, ``mlp+qkv`` the block input, the SDPA output, the
-    sub-LN input and LN2's input, ``block`` the block input."""
-    attn, mlp = blk.attn, blk.mlp
-    width = attn.proj.out_features
-    sub_ln = float(not isinstance(attn.norm, nn.Identity))
+    families; ``rope``: whether the trunk runs rotary embeddings, see ``_attention_core_units``). Without
+    recompute: LN1's input (1); the attention core (``_attention_core_units``); LN2's input (1); the MLP's hidden
+    activations at ratio r = hidden / D: GELU's input (r) or a gated MLP's three (3r), plus ``mlp.norm``'s input
+    (r). ``mlp`` keeps the attention part and LN2's input, ``mlp+qkv`` the block input, the SDPA output, the
+    sub-LN input and LN2's input, ``block`` the block input. A post-norm block (EVA02-E) keeps the same count: its
+    norms' inputs (the branch outputs) take the place of the pre-norms' (the block input and the MLP's input are
+    kept by no frozen projection); a frozen post-norm adds its input under the policies that would otherwise
+    recompute it (``_frozen_post_norms``)."""
+    mlp = blk.mlp
+    width = blk.attn.proj.out_features
+    frozen1, frozen2 = _frozen_post_norms(blk)
+    sub_ln = float(not isinstance(blk.attn.norm, nn.Identity))
     if policy == "block":
-        return 1.0
+        return 1.0 + frozen2
     if policy == "mlp+qkv":
-        return 3.0 + sub_ln
-    qk_new = not isinstance(attn.q_norm, nn.Identity) or isinstance(blk, (EvaBlock, EvaBlockPostNorm))  # rotary
-    if attn.qkv is not None:
-        qkv = 3.0 + 2.0 * qk_new
-    else:
-        qkv = 3.0 + 2.0 * (not isinstance(attn.q_norm, nn.Identity))
-    attention = 1.0 + qkv + 1.0 + sub_ln
+        return 3.0 + sub_ln + frozen1 + frozen2
+    attention = 1.0 + _attention_core_units(blk, rope)
     if policy == "mlp":
-        return attention + 1.0
+        return attention + 1.0 + frozen2
     hidden = mlp.fc2.in_features / width
     gated = isinstance(mlp, (GluMlp, SwiGLU))
     return attention + 1.0 + (3.0 if gated else 1.0) * hidden + hidden * (not isinstance(mlp.norm, nn.Identity))
+
+
+def _entry_units(blk: nn.Module, policy: str, rope: bool) -> float:
+    """Units the first block gradients reach does not keep when they enter a post-norm block after its attention
+    core (the block input needs no gradient, and q / k / v, their LoRA terms and the output projection's weight are
+    frozen: the first thing that trains is ``norm1`` or what follows it): under ``none`` / ``mlp`` the attention
+    core keeps nothing then. 0 elsewhere (``mlp+qkv`` / ``block`` keep the block input either way)."""
+    if not isinstance(blk, EvaBlockPostNorm) or policy not in ("none", "mlp"):
+        return 0.0
+    parts = blk.parts_with_deltas()["attn_core"] if isinstance(blk, _lean.LeanBlockMixin) else [blk.attn]
+    if not frozen(*parts, blk.attn.proj.weight):
+        return 0.0
+    return _attention_core_units(blk, rope)
 
 
 def _tokens(trunk: nn.Module) -> int:
@@ -407,9 +494,13 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
         return 0
     rows = batch * g.tokens
     unit = g.unit(batch)
+    rope = _has_rope(model.visual.trunk)
     total = 0.0
-    for blk in blocks[first if first is not None else len(blocks):]:
-        total += block_units(blk, policy) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
+    start = first if first is not None else len(blocks)
+    if start < len(blocks) and not any(n.startswith(embeds) for n in names):
+        total -= _entry_units(blocks[start], policy, rope) * unit
+    for blk in blocks[start:]:
+        total += block_units(blk, policy, rope) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
     total += unit + rows * 8  # the final norm's input
     if any(n.startswith("visual.trunk.norm_pre.") for n in names):  # PE-Core's pre-transformer norm keeps its input
         total += unit + rows * 8
@@ -418,21 +509,18 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
     return int(total)
 
 
-def _estimable(blk: nn.Module) -> bool:
-    """Whether the estimates know ``blk``: a block the lean engine runs, or EVA's post-norm block (EVA02-E: the
-    same attention and MLP, its LayerNorms on the branch outputs; plain estimates only, it has no lean version)."""
-    if EvaBlockPostNorm is not None and type(blk) is EvaBlockPostNorm:
-        return _attn_obstacle(blk.attn) is None and _mlp_obstacle(blk.mlp) is None
-    return block_obstacle(blk) is None
+def _has_rope(trunk: nn.Module) -> bool:
+    """Whether a timm trunk runs rotary embeddings (EVA02, PE-Core; not EVA01 or timm's EVA02-E)."""
+    return getattr(trunk, "rope", None) is not None
 
 
 def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
-    """The ``leanclip.geometry`` reader of a timm image tower the estimates know (``_estimable`` blocks; None for
+    """The ``leanclip.geometry`` reader of a timm image tower the estimates know (blocks the lean engine runs; None for
     anything else): tokens with the prefix tokens, width, the MLP's hidden width (SwiGLU / GluMlp: one half),
     heads, MAP pooling, and each policy's ``block_units``."""
     v = timm_image_tower(model) if tower == "image" else None
     blocks = None if v is None else trunk_blocks(v)
-    if blocks is None or not all(_estimable(b) for b in blocks):
+    if blocks is None or not all(block_obstacle(b) is None for b in blocks):
         return None
     trunk = v.trunk
     blk = trunk.blocks[0]
@@ -441,11 +529,11 @@ def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeomet
                          mlp.fc2.in_features, isinstance(mlp, (GluMlp, SwiGLU)), blk.attn.num_heads,
                          elem_size(dtype, blk.attn.proj.weight), False,
                          getattr(trunk, "attn_pool", None) is not None,
-                         {p: block_units(blk, p) for p in _lean.POLICIES})
+                         {p: block_units(blk, p, _has_rope(trunk)) for p in _lean.POLICIES})
 
 
 # ----------------------------------------------------------------------------------------------------------- tiny models
-# Tiny trunks: the released SigLIP2 / EVA02 / PE-Core model functions with width, depth, heads and image size shrunk
+# Tiny trunks: the released SigLIP2 / EVA02 / EVA02-E / PE-Core model functions with width, depth, heads and image size shrunk
 # (every block option - rotary embeddings, SwiGLU, sub-LN, fused / separate qkv, MAP pooling - kept).
 _TINY = {"dim": 64, "depth": 2, "heads": 2, "img": 32, "patch": 8}
 TINY_TIMM_MODELS = {
@@ -456,6 +544,7 @@ TINY_TIMM_MODELS = {
     "leanclip_tiny_eva02_fused": ("eva02_base_patch16_clip_224", {"ref_feat_shape": (4, 4), "qkv_fused": True,
                                                                   "scale_mlp": False, "init_values": 0.1}),
     "leanclip_tiny_pe_core": ("vit_pe_core_base_patch16_224", {"ref_feat_shape": (4, 4), "attn_pool_num_heads": 2}),
+    "leanclip_tiny_eva02_postnorm": ("eva02_enormous_patch14_clip_224", {}),  # EVA02-E: post-norm, fused qkv, GELU
 }
 
 
@@ -482,7 +571,8 @@ def register_tiny_models() -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------- registration
 if Block is not None:
-    _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock},
+    _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock,
+                                 EvaBlockPostNorm: LeanEvaPostNormBlock},
                                 supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
                                 image_tower=tower_obstacles, image_estimate=estimate_image_bytes,
                                 plain_sites=hook_sites)

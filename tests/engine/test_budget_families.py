@@ -18,7 +18,7 @@ from tests.engine.test_transformers_family import (  # noqa: E402,F401  (_torch_
 )
 
 batch = timm_batch
-TIMM = ["vit-map", "eva02", "eva02-fused", "pe-core"]
+TIMM = ["vit-map", "eva02", "eva02-fused", "pe-core", "eva-postnorm"]
 
 
 def _timm(family, **kw):
@@ -56,7 +56,7 @@ def _assert_estimate_follows(m, tol):
         assert abs(est - kept) <= tol * kept, (policy, est, kept)
 
 
-@pytest.mark.parametrize("family", ["vit-map", "eva02"])
+@pytest.mark.parametrize("family", ["vit-map", "eva02", "eva-postnorm"])
 def test_timm_budget_plan_fits_and_a_mixed_plan_is_exact(family, batch):
     m = _timm(family)
     top = budget.predict_peak(m, 3, "none", text_batch_size=0)

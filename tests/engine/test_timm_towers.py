@@ -18,7 +18,7 @@ from leanclip.configs import create_random_model, register_tiny_timm_config  # n
 from leanclip.models import timm as timm_family  # noqa: E402
 from tests.engine.peft_checks import features, prepare_with_notices, projection_loss, randomize_trainable  # noqa: E402
 
-FAMILIES = ["vit-map", "vit-qknorm", "eva02", "eva02-fused", "pe-core"]
+FAMILIES = ["vit-map", "vit-qknorm", "eva02", "eva02-fused", "pe-core", "eva-postnorm"]
 POLICIES = [("none", None), ("mlp", None), ("mlp+qkv", None), ("block", None), ("block", 2)]
 METHODS = ["ln", "bitfit", "clipfit", "houlsby", "compacter", "full"]
 LILT = ["lilt-ln", "lilt-bitfit", "lilt-adapter", "lilt-deep", "lit"]
@@ -69,8 +69,9 @@ def test_both_towers_go_lean(family):
     assert prepare_with_notices(m, "ln") == []
     assert m.leanclip_info["options"]["lean"] is True and "lean_towers" not in m.leanclip_info["options"]
     blocks = m.visual.trunk.blocks
-    assert {type(b).__name__ for b in blocks} == {"LeanEvaBlock" if "eva" in family or "pe" in family
-                                                  else "LeanTimmBlock"}
+    lean_class = "LeanEvaPostNormBlock" if "postnorm" in family else (
+        "LeanEvaBlock" if "eva" in family or "pe" in family else "LeanTimmBlock")
+    assert {type(b).__name__ for b in blocks} == {lean_class}
     assert {type(b).__name__ for b in m.text.transformer.resblocks} == {"LeanResidualAttentionBlock"}
     assert type(blocks[0].norm1) is timm_family.LeanTimmLayerNorm
     lean.remove_lean(m)
@@ -90,20 +91,90 @@ def test_prepared_equals_plain(family, method, policy, chunk, batch):
 
 
 @pytest.mark.parametrize("method", LILT)
-@pytest.mark.parametrize("family", ["eva02", "pe-core"])
+@pytest.mark.parametrize("family", ["eva02", "pe-core", "eva-postnorm"])
 def test_lilt_methods_equal_plain(family, method, batch):
     ref = _loss_and_grads(methods.prepare(base(family), method, lean=False), batch, plain=True)
     m = methods.prepare(base(family), method, recompute="block", recompute_chunk=2)
     _assert_same(_loss_and_grads(m, batch, plain=False), ref)
-    if method == "lilt-deep":  # a copy of the last timm block with zero attn.proj / mlp.fc2: the identity at first
-        assert [n for n, _ in methods.lilt.deep_blocks(m)][0] == "visual.trunk.blocks.2"
-        fresh = methods.prepare(base(family), method, recompute="block")
-        with torch.no_grad():
-            torch.testing.assert_close(fresh.eval().encode_image(batch[0]), base(family).eval().encode_image(batch[0]),
-                                       rtol=0, atol=0)
+    if method == "lilt-deep":  # a copy of the last timm block, made the identity: zero attn.proj / mlp.fc2 (pre-LN)
+        assert [n for n, _ in methods.lilt.deep_blocks(m)][0] == "visual.trunk.blocks.2"  # or zero norms (post-norm)
+        for init in ("copy", "random"):
+            fresh = methods.prepare(base(family), method, recompute="block", deep_init=init)
+            with torch.no_grad():
+                torch.testing.assert_close(fresh.eval().encode_image(batch[0]),
+                                           base(family).eval().encode_image(batch[0]), rtol=0, atol=0)
     if method == "lilt-adapter":  # before the pre-norms of each block only (not EVA's sub-LNs)
         assert {n.split(".adapter")[0] for n, _ in methods.lilt.adapters(m) if n.startswith("visual.")} == {
             f"visual.trunk.blocks.{i}.norm{j}" for i in range(2) for j in (1, 2)}
+
+
+def _blocks_run(blocks, x0, seed: int = 5):
+    """Output and input / trainable gradients of ``blocks`` run in sequence in training mode, dropout from ``seed``."""
+    blocks.train()
+    x = x0.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = x
+    for b in blocks:
+        y = b(y)
+    y.sin().sum().backward()
+    return y.detach(), [x.grad] + [p.grad for p in blocks.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("policy", ["mlp", "mlp+qkv", "block"])
+@pytest.mark.parametrize("base_model,lean_class", [("eva02_base_patch16_clip_224", "LeanEvaBlock"),
+                                                   ("eva02_enormous_patch14_clip_224", "LeanEvaPostNormBlock")])
+def test_dropout_and_drop_path_are_replayed(base_model, lean_class, policy):
+    """With attention / projection dropout and stochastic depth, a recomputed branch draws the masks of the forward
+    (fp64, exact): the lean blocks equal timm's under every unchunked policy, the MLP checkpoint included."""
+    torch.manual_seed(0)
+    net = timm.create_model(base_model, pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=2,
+                            num_heads=2, drop_path_rate=0.3, proj_drop_rate=0.1, attn_drop_rate=0.1,
+                            **({"ref_feat_shape": (4, 4)} if "base" in base_model else {})).double()
+    x0 = torch.randn(3, 17, 64, dtype=torch.float64)
+    ref = _blocks_run(copy.deepcopy(net.blocks), x0)
+    blocks = copy.deepcopy(net.blocks)
+    for b in blocks:
+        b.__class__ = getattr(timm_family, lean_class)
+        b.leanclip_recompute = policy
+    got = _blocks_run(blocks, x0)
+    torch.testing.assert_close(got[0], ref[0], rtol=0, atol=1e-12)
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def _post_norm_model():
+    """The tiny EVA02-E model with non-zero norm biases, as trained weights have (timm initialises them to zero)."""
+    m = base("eva-postnorm")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for blk in m.visual.trunk.blocks:
+            for norm in (blk.norm1, blk.norm2):
+                norm.bias.copy_(0.1 * torch.randn(norm.bias.shape, generator=g))
+    return m
+
+
+@pytest.mark.parametrize("init", ["copy", "random"])
+def test_post_norm_deep_block_starts_as_the_identity_and_learns(init, batch):
+    """lilt-deep on a post-norm trunk (EVA02-E): the appended block's norms are zero, so it adds exactly zero;
+    zero projections would not do (each branch ends in its LayerNorm, whose output at zero is its bias). At the
+    first step the zero norms get a gradient."""
+    m = methods.prepare(_post_norm_model(), "lilt-deep", tower="image", recompute="mlp", deep_init=init)
+    (_, blk), = methods.lilt.deep_blocks(m)
+    assert type(blk).__name__ == "LeanEvaPostNormBlock" and blk.attn.proj.weight.abs().sum() > 0
+    assert all(p.abs().sum() == 0 for n in (blk.norm1, blk.norm2) for p in n.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(m.eval().encode_image(batch[0]), _post_norm_model().eval().encode_image(batch[0]),
+                                   rtol=0, atol=0)
+    img = m.train().encode_image(batch[0], normalize=True)
+    projection_loss(img, torch.zeros(1, img.shape[1])).backward()
+    assert all(n.weight.grad.abs().sum() > 0 for n in (blk.norm1, blk.norm2))
+    zero_proj = copy.deepcopy(_post_norm_model().visual.trunk.blocks[-1])
+    for lin in (zero_proj.attn.proj, zero_proj.mlp.fc2):
+        torch.nn.init.zeros_(lin.weight)
+        torch.nn.init.zeros_(lin.bias)
+    with torch.no_grad():
+        x = torch.randn(2, 5, 64)
+        assert not torch.allclose(zero_proj(x), x)
 
 
 @pytest.mark.parametrize("family", ["vit-map", "eva02"])
