@@ -14,9 +14,12 @@ by open_clip's pooler and a fresh ``text.proj``. What lives here:
 - the lean layer (``LeanBertLayer``): the same child modules in the same order, frozen projections on
   ``kernels.frozen_linear`` (``LeanLinear``), its LayerNorms on ``kernels.layer_norm`` (``LeanHFLayerNorm``) and the
   recompute policies: ``mlp`` checkpoints ``intermediate`` (dense -> activation), ``mlp+qkv`` also the
-  self-attention (q / k / v -> SDPA, keeping the SDPA outputs), ``block`` keeps the layer input only. Exact: the
-  same ops replayed, dropout with its RNG state. The chunked block is the open_clip block's (a chunk is ignored
-  here: the whole batch recomputes at once, which costs memory, never exactness);
+  self-attention (q / k / v -> SDPA, keeping the SDPA outputs), ``block`` keeps the layer input only, over chunks
+  of ``leanclip_chunk`` samples when set (``leanclip.models.transformers.LeanEncoderLayer._block``: a per-sample
+  attention mask is sliced). Exact: the same ops replayed, dropout with its RNG state (over chunks, each chunk draws
+  its own masks and its backward replays them);
+- the estimates' view of the tower (``tower_geometry``, a ``leanclip.geometry`` reader, and ``estimate_text_bytes``
+  for ``leanclip.saved_bytes``): what the post-LN layer keeps for backward under each policy (``layer_units``);
 - the sites of the in-layer methods: LoRA's projections (``linear_sites``: q / k / v, the attention output, the MLP's
   two projections, on BERT-style and T5 layers), where Houlsby / Compacter adapters go (``adapter_sites``: the
   dropout after each sub-layer's output projection, before the residual add and the post-LN, as in Houlsby et al.'s
@@ -25,13 +28,13 @@ by open_clip's pooler and a fresh ``text.proj``. What lives here:
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 
 import torch
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.geometry import TowerGeometry, elem_size, register_family
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
 
@@ -194,6 +197,102 @@ def append_layer(model: nn.Module, layer: nn.Module) -> None:
     model.get_submodule(name).append(layer)
 
 
+# ----------------------------------------------------------------------------------------------------------- estimates
+def _dropout_units(drops, elem: int, weight: torch.Tensor) -> float:
+    """Units (B*L*D*elem) the dropouts ``drops`` keep for backward in training: a mask per element, a bool (1 byte)
+    on CUDA (``native_dropout``), elsewhere a scaled noise tensor in the input's dtype (``elem`` bytes). Counted
+    whenever ``p > 0``: a training step runs them."""
+    live = sum(1 for d in drops if isinstance(d, nn.Dropout) and d.p > 0)
+    return live * (1.0 / elem if weight.device.type == "cuda" else 1.0)
+
+
+def layer_units(layer: nn.Module, policy: str, elem: int, act: str = "gelu") -> float:
+    """Activation units (B*L*D) a lean BERT-style layer keeps for backward under ``policy`` when gradients flow
+    through all of it (post-LN: each sub-layer ends in LayerNorm(x + dropout(dense(.)))). Frozen projections keep
+    no input (``kernels.frozen_linear``). Without recompute: q, k, v and the SDPA output (4), the attention's
+    LayerNorm input (1), the activation's input at ratio r = intermediate / hidden (quick-GELU keeps its sigmoid
+    too: 2r) and the output LayerNorm's input (1). ``mlp`` checkpoints dense -> activation: its input h replaces the
+    r units (7). ``mlp+qkv`` also checkpoints the self-attention, keeping the layer input and the SDPA output for
+    q, k, v and SDPA (5). Both LayerNorms and both hidden dropouts sit outside the checkpoints, so their inputs and
+    masks stay under every policy but ``block``, which keeps the layer input only (1)."""
+    if policy == "block":
+        return 1.0
+    drop = _dropout_units((layer.attention.output.dropout, layer.output.dropout), elem, layer.output.dense.weight)
+    if policy == "mlp+qkv":
+        return 5.0 + drop
+    if policy == "mlp":
+        return 7.0 + drop
+    dense = layer.intermediate.dense
+    return 6.0 + dense.out_features / dense.in_features * _hf._ACT_KEEPS.get(act, 1.0) + drop
+
+
+def tower_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
+    """The ``leanclip.geometry`` reader of a Hugging Face text tower of BERT-style layers (None otherwise: mT5's
+    blocks keep ``transformers``' modules and have no estimate). Tokens: ``text_len``, else the tower's context
+    (``max_position_embeddings``: an upper bound, the tokenizer's context is often shorter, e.g. 77 of RoBERTa's
+    514)."""
+    if tower != "text" or not is_hf_text(model):
+        return None
+    found = [layer for _, layer in layers(model)]
+    if not found or not all(is_bert_layer(layer) for layer in found):
+        return None
+    cfg, lead = model.text.config, found[0]
+    elem = elem_size(dtype, lead.attention.self.query.weight)
+    tokens = int(text_len) if text_len is not None else int(model.text.context_length)
+    act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else "gelu"
+    return TowerGeometry("text", "hf_text", tuple(found), tokens, cfg.hidden_size, cfg.intermediate_size, False,
+                         cfg.num_attention_heads, elem, False, False,
+                         {p: layer_units(lead, p, elem, act) for p in ("none", "mlp", "mlp+qkv", "block")})
+
+
+def _first_grad_layer(model: nn.Module, names: list[str]) -> int | None:
+    """The first layer gradients flow through: 0 when the embeddings train, else the first layer holding a
+    trainable parameter; None when none does."""
+    if any(n.startswith("text.transformer.embeddings.") for n in names):
+        return 0
+    prefixes = [f"{name}." for name, _ in layers(model)]
+    return next((i for i, pre in enumerate(prefixes) if any(n.startswith(pre) for n in names)), None)
+
+
+def _head_bytes(t: nn.Module, batch: int, rows: int, elem: int) -> int:
+    """What open_clip's pooler and projection keep: the mean pooler's int64 mask; the inputs of the projection's
+    trainable linears and of its activation (pooled rows only)."""
+    from open_clip.hf_model import MeanPooler
+
+    total = rows * 8 if isinstance(t.pooler, MeanPooler) else 0
+    parts = list(t.proj) if isinstance(t.proj, nn.Sequential) else [t.proj]
+    width = 0
+    for m in parts:
+        if isinstance(m, nn.Linear):
+            total += batch * m.in_features * elem * int(m.weight.requires_grad)
+            width = m.out_features
+        elif not any(True for _ in m.parameters()) and not isinstance(m, (nn.Dropout, nn.Identity)):
+            total += batch * width * elem  # the activation's input
+    return total
+
+
+def estimate_text_bytes(model: nn.Module, policy: str, batch: int, text_len, dtype) -> int | None:
+    """Bytes the Hugging Face text tower keeps for backward under ``policy`` (None: not such a tower with an
+    estimate): ``layer_units`` per layer from the first one gradients flow through (an upper bound when they enter
+    it midway) with both LayerNorms' statistics and SDPA's logsumexp (none under ``block``); the embeddings'
+    LayerNorm input and dropout mask when it trains; the pooler and projection; the fp32-normalized features."""
+    g = tower_geometry(model, "text", dtype, text_len)
+    if g is None:
+        return None
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("text.")]
+    if batch == 0 or not names:
+        return 0
+    first = _first_grad_layer(model, names)
+    rows, unit = batch * g.tokens, g.unit(batch)
+    stats = 0 if policy == "block" else rows * (2 * 8 + g.heads * 4)
+    total = (g.depth - first) * (g.units[policy] * unit + stats) if first is not None else 0.0
+    emb = model.text.transformer.embeddings
+    if any(p.requires_grad for p in emb.LayerNorm.parameters()):
+        total += rows * (g.width * g.elem + 8) + _dropout_units((emb.dropout,), g.elem, emb.LayerNorm.weight) * unit
+    total += _head_bytes(model.text, batch, rows, g.elem)
+    return int(total + batch * (model.text.output_dim * 4 + 8))
+
+
 # ----------------------------------------------------------------------------------------------------------- lean
 class LeanHFLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` of a lean layer through ``kernels.layer_norm`` (same math; output in the input dtype)."""
@@ -226,9 +325,8 @@ class LeanBertLayer(_hf.LeanEncoderLayer):
         grad = torch.is_grad_enabled() and (hidden_states.requires_grad
                                             or any(p.requires_grad for p in self.parameters()))
         rng = self.training  # dropout (hidden, attention, LoRA) replays its mask on recompute
-        if grad and policy == "block":
-            return _lean._ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
-                               attention_mask, *args, rng=rng)
+        if grad and policy == "block":  # args: the encoder_hidden_states slot, None for an encoder layer
+            return self._block(hidden_states, attention_mask, rng, kwargs)
 
         def attention(h):
             return self.attention.self(h, attention_mask=attention_mask, **kwargs)[0]
@@ -263,3 +361,4 @@ def _supported(m: nn.Module) -> bool:
 
 # a plain nn.LayerNorm is never swapped on its own (``_supported``): the entry lets ``remove_lean`` swap it back
 _lean.register_lean_classes({nn.LayerNorm: LeanHFLayerNorm}, supported=_supported, text_tower=tower_obstacles)
+register_family(tower_geometry)
