@@ -36,7 +36,7 @@ from torch import nn
 from leanclip import lean as _lean
 from leanclip.geometry import TowerGeometry, elem_size, register_family
 from leanclip.models import transformers as _hf
-from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
+from leanclip.models.openclip import class_name, custom_tower_blocks, hf_mean_pools, hf_text_tower
 
 # The BERT-style layer classes, by module. Read from the modules already imported, never imported here: a layer
 # exists only once transformers has loaded its module, and importing the modeling code costs every start-up.
@@ -257,9 +257,7 @@ def _first_grad_layer(model: nn.Module, names: list[str]) -> int | None:
 def _head_bytes(t: nn.Module, batch: int, rows: int, elem: int) -> int:
     """What open_clip's pooler and projection keep: the mean pooler's int64 mask; the inputs of the projection's
     trainable linears and of its activation (pooled rows only)."""
-    from open_clip.hf_model import MeanPooler
-
-    total = rows * 8 if isinstance(t.pooler, MeanPooler) else 0
+    total = rows * 8 if hf_mean_pools(t) else 0
     parts = list(t.proj) if isinstance(t.proj, nn.Sequential) else [t.proj]
     width = 0
     for m in parts:
