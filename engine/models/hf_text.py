@@ -226,6 +226,60 @@ def layer_units(layer: nn.Module, policy: str, elem: int, act: str = "gelu") -> 
     return 6.0 + dense.out_features / dense.in_features * _hf._ACT_KEEPS.get(act, 1.0) + drop
 
 
+# What each projection reads (q, k and v share the layer input; the output projection reads a view of the SDPA
+# output, which every policy but block keeps), and the projections each policy's checkpoints hold
+_PROJECTION_INPUT = {"q": "x", "k": "x", "v": "x", "out": "o", "fc": "h", "proj": "g"}
+_FREE_INPUTS = ("o",)
+_CHECKPOINTED = {"none": (), "mlp": ("fc",), "mlp+qkv": ("q", "k", "v", "fc")}
+
+
+def _trainable(m: nn.Module | None) -> bool:
+    return m is not None and any(p.requires_grad for p in m.parameters())
+
+
+def method_units(layer: nn.Module, policy: str, elem: int, width: int, entered: bool = False) -> float:
+    """Units a layer's trainable pieces keep on top of ``layer_units``, outside the policy's checkpoints (none under
+    ``block``): a trainable projection weight keeps its input, and so does a LoRA pair (``leanclip.lora_linear``)
+    without dropout (one input per group of projections reading the same tensor), with dropout the pair's own
+    dropout output, and its mask unless its input needs no gradient (``entered``: gradients start in this layer, so
+    the layer input does not, nor the attention output when q, k, v hold nothing trainable); a pair keeps its
+    rank-sized middle too. An in-layer adapter after a sub-layer's output
+    dropout (Houlsby, Compacter: ``h + up(gelu(down(h)))`` in float32) keeps h, the GELU's input and output."""
+    if policy == "block":
+        return 0.0
+    units, inputs = 0.0, {}
+    no_grad = ({"x"} | ({"o"} if _entry_units(layer, "none") else set())) if entered else set()
+    for key, path in BERT_LINEARS.items():
+        m = layer.get_submodule(path)
+        if key in _CHECKPOINTED[policy]:
+            continue
+        lora = getattr(m, "lora", None)
+        share = m.weight.requires_grad
+        if _trainable(lora):
+            units += lora.rank / width
+            drop = _dropout_units((lora.dropout,), elem, m.weight)
+            mask = 0.0 if _PROJECTION_INPUT[key] in no_grad else drop
+            units += (1.0 + mask) * m.in_features / width if drop else 0.0
+            share = share or not drop
+        if share and _PROJECTION_INPUT[key] not in _FREE_INPUTS:
+            inputs[_PROJECTION_INPUT[key]] = m.in_features / width
+    units += sum(inputs.values())
+    for site in BERT_ADAPTER_SITES:
+        for a in layer.get_submodule(site).children():
+            if getattr(type(a), "inlayer_adapter", False) and _trainable(a):
+                units += (width + 2 * a.down.out_features) * 4 / (width * elem)
+    return units
+
+
+def _entry_units(layer: nn.Module, policy: str) -> float:
+    """Units the first layer gradients flow through does not keep when they enter it after its self-attention
+    (nothing trainable in q, k, v): q, k, v and the SDPA output. ``mlp+qkv``'s attention checkpoint keeps its input
+    and the SDPA outputs either way (what the selective checkpoint caches does not depend on gradients)."""
+    if policy in ("block", "mlp+qkv") or any(_trainable(layer.get_submodule(BERT_LINEARS[k])) for k in "qkv"):
+        return 0.0
+    return 4.0
+
+
 def tower_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
     """The ``leanclip.geometry`` reader of a Hugging Face text tower of BERT-style layers (None otherwise: mT5's
     blocks keep ``transformers``' modules and have no estimate). Tokens: ``text_len``, else the tower's context
@@ -245,10 +299,10 @@ def tower_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeomet
                          {p: layer_units(lead, p, elem, act) for p in ("none", "mlp", "mlp+qkv", "block")})
 
 
-def _first_grad_layer(model: nn.Module, names: list[str]) -> int | None:
-    """The first layer gradients flow through: 0 when the embeddings train, else the first layer holding a
-    trainable parameter; None when none does."""
-    if any(n.startswith("text.transformer.embeddings.") for n in names):
+def _first_grad_layer(model: nn.Module, names: list[str], input_grad: bool) -> int | None:
+    """The first layer gradients flow through: 0 when the embeddings train (``input_grad``), else the first layer
+    holding a trainable parameter; None when none does."""
+    if input_grad:
         return 0
     prefixes = [f"{name}." for name, _ in layers(model)]
     return next((i for i, pre in enumerate(prefixes) if any(n.startswith(pre) for n in names)), None)
@@ -271,8 +325,8 @@ def _head_bytes(t: nn.Module, batch: int, rows: int, elem: int) -> int:
 
 def estimate_text_bytes(model: nn.Module, policy: str, batch: int, text_len, dtype) -> int | None:
     """Bytes the Hugging Face text tower keeps for backward under ``policy`` (None: not such a tower with an
-    estimate): ``layer_units`` per layer from the first one gradients flow through (an upper bound when they enter
-    it midway) with both LayerNorms' statistics and SDPA's logsumexp (none under ``block``); the embeddings'
+    estimate): ``layer_units`` and ``method_units`` per layer from the first one gradients flow through (less
+    ``_entry_units`` when they enter it after its attention; an upper bound when they enter further up) with both LayerNorms' statistics and SDPA's logsumexp (none under ``block``); the embeddings'
     LayerNorm input and dropout mask when it trains; the pooler and projection; the fp32-normalized features."""
     g = tower_geometry(model, "text", dtype, text_len)
     if g is None:
@@ -280,10 +334,16 @@ def estimate_text_bytes(model: nn.Module, policy: str, batch: int, text_len, dty
     names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("text.")]
     if batch == 0 or not names:
         return 0
-    first = _first_grad_layer(model, names)
+    input_grad = any(n.startswith("text.transformer.embeddings.") for n in names)
+    first = _first_grad_layer(model, names, input_grad)
     rows, unit = batch * g.tokens, g.unit(batch)
     stats = 0 if policy == "block" else rows * (2 * 8 + g.heads * 4)
-    total = (g.depth - first) * (g.units[policy] * unit + stats) if first is not None else 0.0
+    total = 0.0
+    for i, layer in enumerate(g.blocks[first:] if first is not None else ()):
+        entered = i == 0 and not input_grad  # gradients start inside this layer
+        units = g.units[policy] + method_units(layer, policy, g.elem, g.width, entered)
+        skipped = _entry_units(layer, policy) if entered else 0.0
+        total += (units - skipped) * unit + stats - (rows * g.heads * 4 if skipped else 0)
     emb = model.text.transformer.embeddings
     if any(p.requires_grad for p in emb.LayerNorm.parameters()):
         total += rows * (g.width * g.elem + 8) + _dropout_units((emb.dropout,), g.elem, emb.LayerNorm.weight) * unit

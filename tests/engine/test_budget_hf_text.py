@@ -65,6 +65,22 @@ def test_estimate_matches_saved_bytes(folder, family):
     _assert_text_estimate_follows(m, 0.1)
 
 
+# methods whose trainable pieces sit inside the layers: LoRA's pairs (with dropout on q / k / v; without dropout on
+# every projection; with dropout after the attention only) and Houlsby / Compacter adapters after each sub-layer
+IN_LAYER = {"lora": ("lora", {}),
+            "lora-every-projection": ("lora", {"targets": "q,k,v,out,fc,proj", "dropout": 0.0}),
+            "lora-out-fc": ("lora", {"targets": "out,fc", "dropout": 0.1}),
+            "houlsby": ("houlsby", {}), "compacter": ("compacter", {})}
+
+
+@pytest.mark.parametrize("run", list(IN_LAYER))
+def test_estimate_counts_in_layer_methods(folder, run):
+    method, opts = IN_LAYER[run]
+    m = base(folder, "roberta")
+    prepare_with_notices(m, method, **opts)
+    _assert_text_estimate_follows(m, 0.1)
+
+
 def test_estimate_counts_hidden_dropout_masks(tmp_path):
     """With hidden dropout on, each layer keeps two masks more (and the embeddings one) under every policy but
     block."""
