@@ -8,9 +8,11 @@ They read it here, so the two estimates cannot disagree about a tower.
 open_clip towers (``VisionTransformer``, the transformer text tower) are read here; other families register a reader
 (``register_family``): ``leanclip.models.timm`` for timm trunks inside open_clip's ``TimmModel`` (ViT ``Block`` /
 ``EvaBlock``: SigLIP / SigLIP2, EVA02, PE-Core), ``leanclip.models.transformers`` for Hugging Face CLIP / SigLIP
-towers. A reader also gives ``units``: the activation units (B*L*D elements) one block keeps for backward under each
+towers, ``leanclip.models.hf_text`` for open_clip's Hugging Face text towers (BERT / RoBERTa / XLM-R layers). A
+reader also gives ``units``: the activation units (B*L*D elements) one block keeps for backward under each
 recompute policy, the block's layout decided (fused or separate qkv, q/k norm or rotary, GELU, quick-GELU or gated
-MLP, sub-LayerNorms): the budget scales the measured transient of a block's backward by them.
+MLP, sub-LayerNorms, post-LN with dropouts): the budget scales the measured transient of a block's backward by
+them.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from leanclip.models.openclip import VisionTransformer, pools_at_eot, text_tower
 # open_clip's block (c_fc -> GELU -> c_proj): saved units per policy at MLP ratio r = hidden / width (r = 4: 10, 6, 3,
 # 1): LN1 in 1, q/k/v 3, attention out 1, LN2 in 1, GELU in r.
 _FAMILIES: list = []
-_FAMILY_MODULES = ("leanclip.models.timm", "leanclip.models.transformers")
+_FAMILY_MODULES = ("leanclip.models.timm", "leanclip.models.transformers", "leanclip.models.hf_text")
 
 
 @dataclass(frozen=True)

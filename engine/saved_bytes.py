@@ -12,6 +12,7 @@ from torch import nn
 
 from leanclip import geometry as _geometry
 from leanclip.lean import check_policy, image_estimates
+from leanclip.models import hf_text as _hftext
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import text_tower
 from leanclip.registry import method_hooks
@@ -168,4 +169,6 @@ def estimate_saved_bytes(model: nn.Module, policy: str, batch_size: int, *, text
             out_dim = proj.out_features if isinstance(proj, nn.Linear) else (
                 proj.shape[1] if proj is not None else t.transformer.width)
             total += tb * (out_dim * 4 + 8)
+    elif t is None:  # a Hugging Face text tower (HFTextEncoder), when it has an estimate
+        total += _hftext.estimate_text_bytes(model, policy, tb, text_len, dtype) or 0
     return int(total)

@@ -226,7 +226,7 @@ def _train_classify(args, info, parts, method) -> int:
     # the step's text-tower batch: the class prompts, or each image's (image-conditioned prompts: CoCoOp)
     per_image = any("image_prompts" in METHOD_TRAITS[p].hooks for p in parts)
     prompts = len(data["classnames"]) * (pick("batch_size") if per_image else len(templates))
-    recompute = recompute_kwargs(args, pick("batch_size"), prompts)
+    recompute = recompute_kwargs(args, pick("batch_size"), prompts, tok)
     prepare(model, method, lean=False if args.no_lean else None, **recompute,
             tower=args.tower, classnames=data["classnames"], tokenizer=tok,
             model_name=args.model, init_from=init_from, frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, **method_opts,

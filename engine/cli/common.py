@@ -93,11 +93,13 @@ def check_recompute_flags(args) -> None:
                          f"--recompute block, got --recompute {args.recompute}")
 
 
-def recompute_kwargs(args, batch_size: int, text_batch_size: int | None = None) -> dict:
-    """``prepare``'s recompute arguments from the flags: a policy (and chunk), or a budget to plan for."""
+def recompute_kwargs(args, batch_size: int, text_batch_size: int | None = None, tokenizer=None) -> dict:
+    """``prepare``'s recompute arguments from the flags: a policy (and chunk), or a budget to plan for. The plan's
+    text length is the tokenizer's context (a Hugging Face text tower's own context, ``max_position_embeddings``,
+    is often far longer than what open_clip's tokenizer feeds it: 514 against 77 for RoBERTa)."""
     if getattr(args, "memory_budget", None) is not None:
         return {"recompute": "auto", "memory_budget": args.memory_budget, "batch_size": batch_size,
-                "text_batch_size": text_batch_size}
+                "text_batch_size": text_batch_size, "text_len": getattr(tokenizer, "context_length", None)}
     return {"recompute": args.recompute, "recompute_chunk": args.recompute_chunk}
 
 

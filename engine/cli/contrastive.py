@@ -297,7 +297,8 @@ def cmd_train_contrastive(args) -> int:
         train_pairs, eval_pairs = _train_and_eval_pairs(args, size)
         zs_set = _zeroshot_set(args, model)
         cfg = _contrastive_config(args, method, info.device, weights, len(train_pairs))
-        prepare(model, method, lean=False if args.no_lean else None, **recompute_kwargs(args, cfg.batch_size),
+        prepare(model, method, lean=False if args.no_lean else None,
+                **recompute_kwargs(args, cfg.batch_size, tokenizer=tok),
                 tower=args.tower, tokenizer=tok, model_name=args.model,
                 frozen_dtype=torch.bfloat16 if args.frozen_bf16 else None, init_from=init_from, **opts)
         cfg.validate()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from leanclip import budget as _budget
+from leanclip import geometry as _geometry
 from leanclip import lean as _lean
 from leanclip.models import transformers as _hf
 from leanclip.models.openclip import class_name, hf_text_tower, text_tower
@@ -73,11 +74,13 @@ def choose_lean(model: nn.Module, lean: bool | None, recompute: str, frozen_dtyp
     if frozen_dtype is not None and _hf.is_transformers(model):  # its attention and LayerNorms are transformers'
         raise ValueError(f"frozen_dtype: the frozen weights of {model.name} stay in their dtype (transformers' own "
                          f"attention and LayerNorms run them); use --precision bf16 autocast instead")
-    if hf_text_tower(model) is not None and (frozen_dtype is not None or recompute == "auto"):
-        what = "frozen_dtype" if frozen_dtype is not None else "recompute='auto'"
-        raise ValueError(f"{what} does not cover the text tower {tower_class(model, 'text')} (transformers' own "
-                         f"embeddings and attention run its frozen weights, and the memory planner has no estimate "
-                         f"of its layers): give a recompute policy and no frozen_dtype")
+    if hf_text_tower(model) is not None and frozen_dtype is not None:
+        raise ValueError(f"frozen_dtype does not cover the text tower {tower_class(model, 'text')} (transformers' "
+                         f"own embeddings and attention run its frozen weights): give no frozen_dtype")
+    if recompute == "auto" and hf_text_tower(model) is not None and _geometry.tower_geometry(model, "text") is None:
+        # planning the image tower alone would leave the text tower's memory out of the budget without saying so
+        raise ValueError(f"recompute='auto' does not cover the text tower {tower_class(model, 'text')} (the memory "
+                         f"planner has no estimate of its layers): give a recompute policy")
     if not obstacles:
         return True, [], None
     why = "; ".join(obstacles)

@@ -14,9 +14,12 @@ by open_clip's pooler and a fresh ``text.proj``. What lives here:
 - the lean layer (``LeanBertLayer``): the same child modules in the same order, frozen projections on
   ``kernels.frozen_linear`` (``LeanLinear``), its LayerNorms on ``kernels.layer_norm`` (``LeanHFLayerNorm``) and the
   recompute policies: ``mlp`` checkpoints ``intermediate`` (dense -> activation), ``mlp+qkv`` also the
-  self-attention (q / k / v -> SDPA, keeping the SDPA outputs), ``block`` keeps the layer input only. Exact: the
-  same ops replayed, dropout with its RNG state. The chunked block is the open_clip block's (a chunk is ignored
-  here: the whole batch recomputes at once, which costs memory, never exactness);
+  self-attention (q / k / v -> SDPA, keeping the SDPA outputs), ``block`` keeps the layer input only, over chunks
+  of ``leanclip_chunk`` samples when set (``leanclip.models.transformers.LeanEncoderLayer._block``: a per-sample
+  attention mask is sliced). Exact: the same ops replayed, dropout with its RNG state (over chunks, each chunk draws
+  its own masks and its backward replays them);
+- the estimates' view of the tower (``tower_geometry``, a ``leanclip.geometry`` reader, and ``estimate_text_bytes``
+  for ``leanclip.saved_bytes``): what the post-LN layer keeps for backward under each policy (``layer_units``);
 - the sites of the in-layer methods: LoRA's projections (``linear_sites``: q / k / v, the attention output, the MLP's
   two projections, on BERT-style and T5 layers), where Houlsby / Compacter adapters go (``adapter_sites``: the
   dropout after each sub-layer's output projection, before the residual add and the post-LN, as in Houlsby et al.'s
@@ -25,15 +28,16 @@ by open_clip's pooler and a fresh ``text.proj``. What lives here:
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 
 import torch
 from torch import nn
 
 from leanclip import lean as _lean
+from leanclip.geometry import TowerGeometry, elem_size, register_family
+from leanclip.models import transformers as _hf
 from leanclip.models import transformers_lean as _hf_lean
-from leanclip.models.openclip import class_name, custom_tower_blocks, hf_text_tower
+from leanclip.models.openclip import class_name, custom_tower_blocks, hf_mean_pools, hf_text_tower
 from leanclip.recompute import ckpt
 
 # The BERT-style layer classes, by module. Read from the modules already imported, never imported here: a layer
@@ -195,6 +199,160 @@ def append_layer(model: nn.Module, layer: nn.Module) -> None:
     model.get_submodule(name).append(layer)
 
 
+# ----------------------------------------------------------------------------------------------------------- estimates
+def _dropout_units(drops, elem: int, weight: torch.Tensor) -> float:
+    """Units (B*L*D*elem) the dropouts ``drops`` keep for backward in training: a mask per element, a bool (1 byte)
+    on CUDA (``native_dropout``), elsewhere a scaled noise tensor in the input's dtype (``elem`` bytes). Counted
+    whenever ``p > 0``: a training step runs them."""
+    live = sum(1 for d in drops if isinstance(d, nn.Dropout) and d.p > 0)
+    return live * (1.0 / elem if weight.device.type == "cuda" else 1.0)
+
+
+def layer_units(layer: nn.Module, policy: str, elem: int, act: str = "gelu") -> float:
+    """Activation units (B*L*D) a lean BERT-style layer keeps for backward under ``policy`` when gradients flow
+    through all of it (post-LN: each sub-layer ends in LayerNorm(x + dropout(dense(.)))). Frozen projections keep
+    no input (``kernels.frozen_linear``). Without recompute: q, k, v and the SDPA output (4), the attention's
+    LayerNorm input (1), the activation's input at ratio r = intermediate / hidden (quick-GELU keeps its sigmoid
+    too: 2r) and the output LayerNorm's input (1). ``mlp`` checkpoints dense -> activation: its input h replaces the
+    r units (7). ``mlp+qkv`` also checkpoints the self-attention, keeping the layer input and the SDPA output for
+    q, k, v and SDPA (5). Both LayerNorms and both hidden dropouts sit outside the checkpoints, so their inputs and
+    masks stay under every policy but ``block``, which keeps the layer input only (1)."""
+    if policy == "block":
+        return 1.0
+    drop = _dropout_units((layer.attention.output.dropout, layer.output.dropout), elem, layer.output.dense.weight)
+    if policy == "mlp+qkv":
+        return 5.0 + drop
+    if policy == "mlp":
+        return 7.0 + drop
+    dense = layer.intermediate.dense
+    return 6.0 + dense.out_features / dense.in_features * _hf.ACT_KEEPS.get(act, 1.0) + drop
+
+
+# What each projection reads (q, k and v share the layer input; the output projection reads a view of the SDPA
+# output, which every policy but block keeps), and the projections each policy's checkpoints hold
+_PROJECTION_INPUT = {"q": "x", "k": "x", "v": "x", "out": "o", "fc": "h", "proj": "g"}
+_FREE_INPUTS = ("o",)
+_CHECKPOINTED = {"none": (), "mlp": ("fc",), "mlp+qkv": ("q", "k", "v", "fc")}
+
+
+def _trainable(m: nn.Module | None) -> bool:
+    return m is not None and any(p.requires_grad for p in m.parameters())
+
+
+def method_units(layer: nn.Module, policy: str, elem: int, width: int, entered: bool = False) -> float:
+    """Units a layer's trainable pieces keep on top of ``layer_units``, outside the policy's checkpoints (none under
+    ``block``): a trainable projection weight keeps its input, and so does a LoRA pair (``leanclip.lora_linear``)
+    without dropout (one input per group of projections reading the same tensor), with dropout the pair's own
+    dropout output, and its mask unless its input needs no gradient (``entered``: gradients start in this layer, so
+    the layer input does not, nor the attention output when q, k, v hold nothing trainable); a pair keeps its
+    rank-sized middle too. An in-layer adapter after a sub-layer's output
+    dropout (Houlsby, Compacter: ``h + up(gelu(down(h)))`` in float32) keeps h, the GELU's input and output."""
+    if policy == "block":
+        return 0.0
+    units, inputs = 0.0, {}
+    no_grad = ({"x"} | ({"o"} if _entry_units(layer, "none") else set())) if entered else set()
+    for key, path in BERT_LINEARS.items():
+        m = layer.get_submodule(path)
+        if key in _CHECKPOINTED[policy]:
+            continue
+        lora = getattr(m, "lora", None)
+        share = m.weight.requires_grad
+        if _trainable(lora):
+            units += lora.rank / width
+            drop = _dropout_units((lora.dropout,), elem, m.weight)
+            mask = 0.0 if _PROJECTION_INPUT[key] in no_grad else drop
+            units += (1.0 + mask) * m.in_features / width if drop else 0.0
+            share = share or not drop
+        if share and _PROJECTION_INPUT[key] not in _FREE_INPUTS:
+            inputs[_PROJECTION_INPUT[key]] = m.in_features / width
+    units += sum(inputs.values())
+    for site in BERT_ADAPTER_SITES:
+        for a in layer.get_submodule(site).children():
+            if getattr(type(a), "inlayer_adapter", False) and _trainable(a):
+                units += (width + 2 * a.down.out_features) * 4 / (width * elem)
+    return units
+
+
+def _entry_units(layer: nn.Module, policy: str) -> float:
+    """Units the first layer gradients flow through does not keep when they enter it after its self-attention
+    (nothing trainable in q, k, v): q, k, v and the SDPA output. ``mlp+qkv``'s attention checkpoint keeps its input
+    and the SDPA outputs either way (what the selective checkpoint caches does not depend on gradients)."""
+    if policy in ("block", "mlp+qkv") or any(_trainable(layer.get_submodule(BERT_LINEARS[k])) for k in "qkv"):
+        return 0.0
+    return 4.0
+
+
+def tower_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:
+    """The ``leanclip.geometry`` reader of a Hugging Face text tower of BERT-style layers (None otherwise: mT5's
+    blocks keep ``transformers``' modules and have no estimate). Tokens: ``text_len``, else the tower's context
+    (``max_position_embeddings``: an upper bound, the tokenizer's context is often shorter, e.g. 77 of RoBERTa's
+    514)."""
+    if tower != "text" or not is_hf_text(model):
+        return None
+    found = [layer for _, layer in layers(model)]
+    if not found or not all(is_bert_layer(layer) for layer in found):
+        return None
+    cfg, lead = model.text.config, found[0]
+    elem = elem_size(dtype, lead.attention.self.query.weight)
+    tokens = int(text_len) if text_len is not None else int(model.text.context_length)
+    act = cfg.hidden_act if isinstance(cfg.hidden_act, str) else "gelu"
+    return TowerGeometry("text", "hf_text", tuple(found), tokens, cfg.hidden_size, cfg.intermediate_size, False,
+                         cfg.num_attention_heads, elem, False, False,
+                         {p: layer_units(lead, p, elem, act) for p in ("none", "mlp", "mlp+qkv", "block")})
+
+
+def _first_grad_layer(model: nn.Module, names: list[str], input_grad: bool) -> int | None:
+    """The first layer gradients flow through: 0 when the embeddings train (``input_grad``), else the first layer
+    holding a trainable parameter; None when none does."""
+    if input_grad:
+        return 0
+    prefixes = [f"{name}." for name, _ in layers(model)]
+    return next((i for i, pre in enumerate(prefixes) if any(n.startswith(pre) for n in names)), None)
+
+
+def _head_bytes(t: nn.Module, batch: int, rows: int, elem: int) -> int:
+    """What open_clip's pooler and projection keep: the mean pooler's int64 mask; the inputs of the projection's
+    trainable linears and of its activation (pooled rows only)."""
+    total = rows * 8 if hf_mean_pools(t) else 0
+    parts = list(t.proj) if isinstance(t.proj, nn.Sequential) else [t.proj]
+    width = 0
+    for m in parts:
+        if isinstance(m, nn.Linear):
+            total += batch * m.in_features * elem * int(m.weight.requires_grad)
+            width = m.out_features
+        elif not any(True for _ in m.parameters()) and not isinstance(m, (nn.Dropout, nn.Identity)):
+            total += batch * width * elem  # the activation's input
+    return total
+
+
+def estimate_text_bytes(model: nn.Module, policy: str, batch: int, text_len, dtype) -> int | None:
+    """Bytes the Hugging Face text tower keeps for backward under ``policy`` (None: not such a tower with an
+    estimate): ``layer_units`` and ``method_units`` per layer from the first one gradients flow through (less
+    ``_entry_units`` when they enter it after its attention; an upper bound when they enter further up) with both LayerNorms' statistics and SDPA's logsumexp (none under ``block``); the embeddings'
+    LayerNorm input and dropout mask when it trains; the pooler and projection; the fp32-normalized features."""
+    g = tower_geometry(model, "text", dtype, text_len)
+    if g is None:
+        return None
+    names = [n for n, p in model.named_parameters() if p.requires_grad and n.startswith("text.")]
+    if batch == 0 or not names:
+        return 0
+    input_grad = any(n.startswith("text.transformer.embeddings.") for n in names)
+    first = _first_grad_layer(model, names, input_grad)
+    rows, unit = batch * g.tokens, g.unit(batch)
+    stats = 0 if policy == "block" else rows * (2 * 8 + g.heads * 4)
+    total = 0.0
+    for i, layer in enumerate(g.blocks[first:] if first is not None else ()):
+        entered = i == 0 and not input_grad  # gradients start inside this layer
+        units = g.units[policy] + method_units(layer, policy, g.elem, g.width, entered)
+        skipped = _entry_units(layer, policy) if entered else 0.0
+        total += (units - skipped) * unit + stats - (rows * g.heads * 4 if skipped else 0)
+    emb = model.text.transformer.embeddings
+    if any(p.requires_grad for p in emb.LayerNorm.parameters()):
+        total += rows * (g.width * g.elem + 8) + _dropout_units((emb.dropout,), g.elem, emb.LayerNorm.weight) * unit
+    total += _head_bytes(model.text, batch, rows, g.elem)
+    return int(total + batch * (model.text.output_dim * 4 + 8))
+
+
 # ----------------------------------------------------------------------------------------------------------- lean
 class LeanHFLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` of a lean layer through ``kernels.layer_norm`` (same math; output in the input dtype)."""
@@ -227,9 +385,8 @@ class LeanBertLayer(_hf_lean.LeanEncoderLayer):
         grad = torch.is_grad_enabled() and (hidden_states.requires_grad
                                             or any(p.requires_grad for p in self.parameters()))
         rng = self.training  # dropout (hidden, attention, LoRA) replays its mask on recompute
-        if grad and policy == "block":
-            return ckpt(functools.partial(self.leanclip_base.forward, self, **kwargs), hidden_states,
-                        attention_mask, *args, rng=rng)
+        if grad and policy == "block":  # args: the encoder_hidden_states slot, None for an encoder layer
+            return self._block(hidden_states, attention_mask, rng, kwargs)
 
         def attention(h):
             return self.attention.self(h, attention_mask=attention_mask, **kwargs)[0]
@@ -264,3 +421,4 @@ def _supported(m: nn.Module) -> bool:
 
 # a plain nn.LayerNorm is never swapped on its own (``_supported``): the entry lets ``remove_lean`` swap it back
 _lean.register_lean_classes({nn.LayerNorm: LeanHFLayerNorm}, supported=_supported, text_tower=tower_obstacles)
+register_family(tower_geometry)

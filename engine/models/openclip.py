@@ -131,6 +131,13 @@ def hf_text_tower(model: nn.Module) -> nn.Module | None:
     return t if isinstance(t, HFTextEncoder) else None
 
 
+def hf_mean_pools(tower: nn.Module) -> bool:
+    """Whether a Hugging Face text tower mean-pools its tokens (open_clip's ``MeanPooler``)."""
+    from open_clip.hf_model import MeanPooler
+
+    return isinstance(tower.pooler, MeanPooler)
+
+
 def custom_projection_modules(model: nn.Module, tower: str) -> list[tuple[str, nn.Module]]:
     """(prefix, module) of the fresh projection of a timm image tower (``visual.head``: its linear / MLP projection;
     with ``timm_proj="none"`` the trunk's classifier sized to the embedding) or a Hugging Face text tower

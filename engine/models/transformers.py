@@ -377,7 +377,7 @@ def encode_text_embeddings(model: TransformersCLIP, tokens: torch.Tensor, embedd
 # ----------------------------------------------------------------------------------------------------------- estimates
 # Activations an activation function keeps per element of its input: quick-GELU (x * sigmoid(1.702 x)) keeps x and
 # the sigmoid; GELU and its tanh form keep x.
-_ACT_KEEPS = {"quick_gelu": 2.0}
+ACT_KEEPS = {"quick_gelu": 2.0}
 
 
 def block_units(layer: nn.Module, policy: str) -> float:
@@ -395,7 +395,7 @@ def block_units(layer: nn.Module, policy: str) -> float:
         return 6.0
     cfg = layer.self_attn.config
     r = layer.mlp.fc1.out_features / layer.mlp.fc1.in_features
-    return 6.0 + r * _ACT_KEEPS.get(getattr(cfg, "hidden_act", "gelu"), 1.0)
+    return 6.0 + r * ACT_KEEPS.get(getattr(cfg, "hidden_act", "gelu"), 1.0)
 
 
 def _tower_model(model: TransformersCLIP, tower: str) -> nn.Module:

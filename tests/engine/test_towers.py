@@ -168,12 +168,13 @@ def test_identity_at_init_and_exact_gradients(base, htok, method):
 
 def test_lean_only_options(base):
     """Both towers are covered (lean=True), and a recompute policy reaches the BERT layers too; frozen_dtype and
-    the memory planner do not cover the BERT tower: one line naming it."""
+    the memory planner plans both towers; frozen_dtype does not cover the BERT tower: one line naming it."""
     prepare_with_notices(copy.deepcopy(base), "lilt-ln", lean=True)
     with pytest.raises(ValueError, match="frozen_dtype does not cover the text tower .*HFTextEncoder"):
         methods.prepare(copy.deepcopy(base), "lilt-bitfit", frozen_dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="recompute='auto' does not cover the text tower .*HFTextEncoder"):
-        methods.prepare(copy.deepcopy(base), "lilt-bitfit", recompute="auto", memory_budget=2 ** 30, batch_size=2)
+    planned = methods.prepare(copy.deepcopy(base), "lilt-bitfit", recompute="auto", memory_budget=2 ** 30,
+                              batch_size=2)
+    assert {"image", "text"} <= set(planned.leanclip_info["options"]["recompute_plan"]["policies"])
     m = copy.deepcopy(base)
     prepare_with_notices(m, "lilt-adapter", recompute="mlp")
     assert {b.leanclip_recompute for b in m.visual.trunk.blocks} == {"mlp"}
