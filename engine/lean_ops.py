@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanclip import kernels
-from leanclip.kernels._backend import resolve as _resolve_backend
+from leanclip.kernels import resolve_backend as _resolve_backend
 from leanclip.models.openclip import LayerNorm, LayerNormFp32
 
 _HALF = (torch.bfloat16, torch.float16)

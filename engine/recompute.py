@@ -108,6 +108,7 @@ def ckpt(fn, *args, rng: bool = False, sac: bool = False):
 
 
 def frozen(*mods_or_params) -> bool:
+    """Whether none of these modules' parameters (or these parameters; None skipped) needs a gradient."""
     for m in mods_or_params:
         if isinstance(m, nn.Module):
             if any(p.requires_grad for p in m.parameters()):

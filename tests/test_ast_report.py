@@ -1,5 +1,6 @@
 """tools/ast_report.py on this repository: the library imports no command module (at any level), each concept the
-report counts is defined once, and a planted library -> command import or a second ``strip`` is found."""
+report counts is defined once, no private name is read outside its package, and a planted library -> command import,
+private read or second ``strip`` is found."""
 import importlib.util
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ def _tool():
 
 def test_the_library_imports_no_command_and_each_concept_is_defined_once():
     r = _tool().report(ROOT)
-    assert r["library_to_command_imports"] == []
+    assert r["library_to_command_imports"] == [] and r["private_crossings"] == []
     assert r["modules_per_package"]["leanclip.cli"] >= 1 and r["modules"] > 30
     once = {k: v for k, v in r["concepts"].items() if k not in ("run_file_literals", "inline_device",
                                                                    "checks_rerun_in_method")}
@@ -29,9 +30,13 @@ def test_a_planted_import_and_a_second_strip_are_counted(tmp_path, capsys):
     for folder in ("engine", "kernels/src", "bench"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
     planted = tmp_path / "engine" / "planted.py"
-    planted.write_text("def strip(model):\n    from leanclip.cli.common import UsageError\n    return model\n")
+    planted.write_text("from leanclip import lean\nfrom leanclip.methods import _prepare\n\n\n"
+                       "def strip(model):\n    from leanclip.cli.common import UsageError\n"
+                       "    return lean._deltas(model)\n")
     r = tool.report(tmp_path)
     assert r["library_to_command_imports"] == ["leanclip.planted -> leanclip.cli.common"]
+    assert r["private_crossings"] == ["leanclip.planted -> leanclip.lean._deltas",
+                                      "leanclip.planted -> leanclip.methods._prepare"]
     assert r["concepts"]["strip_defs"] == 2
     assert tool.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -5,9 +5,12 @@
     python tools/ast_report.py ROOT --before OLD   # two columns: the tree OLD, then ROOT
 
 Prints one Markdown table: modules per package, function-level imports, files over 600 lines, library -> command
-imports, and a count per concept that the code base should define once. The library is every ``leanclip`` module
+imports, private names read across modules, and a count per concept that the code base should define once. The library is every ``leanclip`` module
 outside ``leanclip.cli``, ``leanclip.bench`` and ``leanclip.__main__`` (the commands); it must import no command
-module, at any level (a function-level import counts too).
+module, at any level (a function-level import counts too). A private name (``_x``: a function, a class, a constant or
+a module) is read only inside the package that holds it: ``from leanclip.a import _x`` or ``a._x`` from a module
+outside ``leanclip.a``'s package is a crossing (a package's own private modules, such as ``leanclip.methods._prepare``
+read by ``leanclip.methods``, are not).
 
 Each concept is found by a simple signature, so that trees of different layouts (before and after a restructuring)
 are measured by the same rule:
@@ -195,11 +198,44 @@ def function_level_imports(tree: ast.AST) -> int:
     return count
 
 
+def _private_owner(dotted: str) -> str | None:
+    """The package a private name of ``dotted`` belongs to (the part before its first ``_x`` segment), or None."""
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def private_crossings(tree: ast.AST, name: str, is_pkg: bool) -> list[str]:
+    """``name -> leanclip.x._y`` for each private name module ``name`` reads from outside the package owning it."""
+    home = name if is_pkg else name.rpartition(".")[0]
+    inside = (lambda owner: home == owner or home.startswith(owner + "."))
+    bound, out = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            targets = imported(node, name, is_pkg)
+            for target in targets[1:] if isinstance(node, ast.ImportFrom) else targets:
+                owner = _private_owner(target)
+                if target.startswith("leanclip") and owner is not None and not inside(owner):
+                    out.append(f"{name} -> {target}")
+            for a, target in zip(node.names, targets[1:] if isinstance(node, ast.ImportFrom) else targets):
+                if target.startswith("leanclip"):
+                    bound[a.asname or a.name.split(".")[0]] = target if a.asname or "." not in a.name else "leanclip"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound:
+            target = f"{bound[node.value.id]}.{node.attr}"
+            owner = _private_owner(target)
+            if owner is not None and not inside(owner):
+                out.append(f"{name} -> {target}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------ report
 def report(root: Path) -> dict:
     known = modules(root)
     per_package, long_files, concepts = Counter(), [], Counter()
-    lib_to_cmd, fn_imports = [], 0
+    lib_to_cmd, fn_imports, crossings = [], 0, []
     for name, path in known.items():
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text, filename=str(path))
@@ -209,6 +245,7 @@ def report(root: Path) -> dict:
             long_files.append((str(path.relative_to(root)), lines))
         fn_imports += function_level_imports(tree)
         concepts.update(concept_counts(tree))
+        crossings += private_crossings(tree, name, path.name == "__init__.py")
         if is_command(name):
             continue
         for node in ast.walk(tree):
@@ -220,6 +257,7 @@ def report(root: Path) -> dict:
     return {"modules_per_package": dict(sorted(per_package.items())), "modules": len(known),
             "function_level_imports": fn_imports, "files_over_600_lines": sorted(long_files),
             "library_to_command_imports": sorted(set(lib_to_cmd)),
+            "private_crossings": sorted(set(crossings)),
             "concepts": {k: concepts.get(k, 0) for k in CONCEPTS}}
 
 
@@ -233,6 +271,8 @@ def rows(r: dict) -> dict[str, str]:
                  if long_files else "0"))
     cmd = r["library_to_command_imports"]
     rows.append(("library -> command imports", f"{len(cmd)}: " + ", ".join(cmd) if cmd else "0"))
+    cross = r.get("private_crossings", [])
+    rows.append(("private names read across modules", f"{len(cross)}: " + ", ".join(cross) if cross else "0"))
     rows += [(f"concept: {k.replace('_', ' ')}", str(v)) for k, v in r["concepts"].items()]
     return dict(rows)
 

@@ -38,7 +38,7 @@ from leanclip.geometry import TowerGeometry, elem_size, register_family
 from leanclip.models import transformers as _hf
 from leanclip.models import transformers_lean as _hf_lean
 from leanclip.models.openclip import class_name, custom_tower_blocks, hf_mean_pools, hf_text_tower
-from leanclip.recompute import ckpt
+from leanclip.recompute import ckpt, frozen
 
 # The BERT-style layer classes, by module. Read from the modules already imported, never imported here: a layer
 # exists only once transformers has loaded its module, and importing the modeling code costs every start-up.
@@ -236,7 +236,7 @@ _CHECKPOINTED = {"none": (), "mlp": ("fc",), "mlp+qkv": ("q", "k", "v", "fc")}
 
 
 def _trainable(m: nn.Module | None) -> bool:
-    return m is not None and any(p.requires_grad for p in m.parameters())
+    return m is not None and not frozen(m)
 
 
 def method_units(layer: nn.Module, policy: str, elem: int, width: int, entered: bool = False) -> float:
