@@ -26,9 +26,10 @@ here, which call ``lean_linear`` (``kernels.frozen_linear`` for frozen weights) 
 
 Pooling. timm's ``map`` pooling (``AttentionPoolLatent``, SigLIP / PE-Core) runs a latent query's attention over
 every token of the last block, and ``avg`` reads every token too, so the pooled-row last block of open_clip towers
-does not apply: every block, the last included, runs at all tokens. ``token`` pooling (EVA02) reads the class token
-only; the rows trick is not implemented for timm trunks (the last block runs in full), which costs time, never
-exactness.
+does not apply: every block, the last included, runs at all tokens. ``token`` pooling (EVA02, EVA01, EVA02-E) reads
+the class token only: the lean trunk (``LeanEva``) runs its last block at that row (``forward_rows``: q, the
+attention output and the MLP at row 0, k and v at every token), exactly, unless the block draws random numbers
+(dropout or drop path in training: the row computation would draw other masks than the full block).
 """
 from __future__ import annotations
 
@@ -42,15 +43,15 @@ try:  # timm is optional for open_clip; without it no timm tower can be built, a
     from timm.layers import AttentionRope, GluMlp, LayerScale, Mlp, SwiGLU, apply_rot_embed_cat
     from timm.layers import LayerNorm as TimmLayerNorm
     from timm.layers.attention import Attention
-    from timm.models.eva import EvaAttention, EvaBlock, EvaBlockPostNorm
+    from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
     from timm.models.vision_transformer import Block
 except ImportError:  # pragma: no cover
-    Block = EvaBlock = EvaBlockPostNorm = None
+    Block = Eva = EvaBlock = EvaBlockPostNorm = None
 
 from leanclip import lean as _lean
 from leanclip.geometry import TowerGeometry, elem_size, register_family
 from leanclip.models.openclip import class_name, timm_image_tower
-from leanclip.recompute import frozen
+from leanclip.recompute import Chunked, ckpt, frozen, mask_rows
 
 _MLPS = () if Block is None else (Mlp, GluMlp, SwiGLU)
 _ATTNS = () if Block is None else (Attention, EvaAttention, AttentionRope)
@@ -226,6 +227,47 @@ class _LeanTimmMixin(_lean.LeanBlockMixin):
             return True
         return any(m.needs_rng() for m in self._deltas())
 
+    def _rows_core(self, x, ctx):
+        """The block's output at the class token alone, (B, 1, D): q, the attention output and the MLP at row 0,
+        k and v at every token. Row 0 is a prefix token, so the rotary embedding leaves its q as it is."""
+        attn = self.attn
+        mask, rope = ctx
+        b, n, _ = x.shape
+        h, hd = attn.num_heads, attn.head_dim
+        a = h * hd
+        y = self._prenorm(1, x)
+        if attn.qkv is not None:
+            w, bias = attn.qkv.weight, _fused_qkv_bias(attn)
+            q = self._project("in_proj", y[:, :1], w[:a], None if bias is None else bias[:a], 0, a)
+            kv = self._project("in_proj", y, w[a:], None if bias is None else bias[a:], a, 3 * a)
+            k, v = kv.reshape(b, n, 2, h, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = self._project("in_proj", y[:, :1], attn.q_proj.weight, attn.q_proj.bias, 0, a)
+            k, v = (self._project("in_proj", y, lin.weight, lin.bias, i * a, (i + 1) * a).reshape(b, n, h, hd)
+                    .transpose(1, 2) for i, lin in ((1, attn.k_proj), (2, attn.v_proj)))
+        q, k = attn.q_norm(q.reshape(b, 1, h, hd).transpose(1, 2)), attn.k_norm(k)
+        if rope is not None:
+            npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], dim=2).type_as(v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # no dropout: forward_rows' caller checks
+        x_r = x[:, :1] + self._attn_out(o)
+        return x_r + self._mlp_out(self._mlp_core(x_r))
+
+    def forward_rows(self, x: torch.Tensor, rope=None) -> torch.Tensor:
+        """``self(x, rope=rope)[:, :1]`` without computing the other rows' outputs: the last block of a trunk that
+        reads the class token alone (``LeanEva``). Under ``mlp+qkv`` / ``block`` the whole row computation is
+        recomputed in backward (only ``x`` is kept); ``block`` over chunks runs it a chunk of samples at a time."""
+        ctx, b = (None, rope), x.shape[0]
+        policy = self.leanclip_recompute
+        if torch.is_grad_enabled() and policy in ("mlp+qkv", "block") and (x.requires_grad or not frozen(self)):
+            chunk = self.leanclip_chunk if policy == "block" else None
+            if chunk is not None and b > chunk:
+                trainable = [p for p in self.parameters() if p.requires_grad]
+                return Chunked.apply(lambda xc, start, stop: self._rows_core(xc, mask_rows(ctx, start, stop, b)),
+                                     None, x, chunk, False, *trainable)
+            return ckpt(self._rows_core, x, ctx)
+        return self._rows_core(x, ctx)
+
     def _forward(self, x, attn_mask, rope, is_causal: bool):
         policy = self.leanclip_recompute
         ctx = (attn_mask, rope)
@@ -281,8 +323,30 @@ if Block is not None:
             return self.norm1 if i == 1 else self.norm2
 
         forward = LeanEvaBlock.forward
+    class LeanEva(Eva):
+        """timm ``eva.Eva`` trunk (EVA02, EVA01, EVA02-E) whose forward runs its last block at the class token
+        alone when that is all that is read: ``token`` pooling, no attention pooling, a lean last block drawing no
+        random numbers (so every other block draws what the plain forward draws), no checkpointing or per-block
+        rotary embeddings. The final norm works per token and the pool reads row 0, so the output is the plain
+        forward's; otherwise timm's own forward."""
+
+        def reads_cls_only(self) -> bool:
+            last = self.blocks[-1] if len(self.blocks) else None
+            return (self.global_pool == "token" and self.attn_pool is None and self.cls_token is not None
+                    and not self.grad_checkpointing and not getattr(self, "rope_mixed", False)
+                    and isinstance(last, _LeanTimmMixin) and not last._needs_rng())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.reads_cls_only():
+                return super().forward(x)
+            x = self.patch_embed(x)
+            x, rope = self._pos_embed(x)
+            x = self.norm_pre(x)
+            for blk in self.blocks[:-1]:
+                x = blk(x, rope=rope)
+            return self.forward_head(self.norm(self.blocks[-1].forward_rows(x, rope)))
 else:  # pragma: no cover
-    LeanTimmBlock = LeanEvaBlock = LeanEvaPostNormBlock = None
+    LeanTimmBlock = LeanEvaBlock = LeanEvaPostNormBlock = LeanEva = None
 
 
 # ----------------------------------------------------------------------------------------------------------- sites
@@ -457,6 +521,21 @@ def block_units(blk: nn.Module, policy: str, rope: bool | None = None) -> float:
     return attention + 1.0 + (3.0 if gated else 1.0) * hidden + hidden * (not isinstance(mlp.norm, nn.Identity))
 
 
+def rows_units(blk: nn.Module, policy: str, rope: bool, tokens: int) -> float:
+    """Units the last block keeps when it runs at the class token alone (``forward_rows``): its input under
+    ``mlp+qkv`` / ``block`` (the whole row computation is recomputed); otherwise the pre-norm's input (1), k and v
+    at every token (a fused projection's k | v output stays alive whole, 2, and a k made anew by rotary embeddings
+    or k-norm adds 1; separate k and v projections: 2, and 1 more with a k-norm, whose input is kept) and the
+    row-0 activations, one token of ``block_units``."""
+    if policy in ("mlp+qkv", "block"):
+        return 1.0
+    attn = blk.attn
+    k_norm = not isinstance(attn.k_norm, nn.Identity)
+    kv = 2.0 + (k_norm or rope if attn.qkv is not None else k_norm)
+    prenorm = 0.0 if isinstance(blk, EvaBlockPostNorm) else 1.0
+    return prenorm + kv + block_units(blk, policy, rope) / tokens
+
+
 def _entry_units(blk: nn.Module, policy: str, rope: bool) -> float:
     """Units the first block gradients reach does not keep when they enter a post-norm block after its attention
     core (the block input needs no gradient, and q / k / v, their LoRA terms and the output projection's weight are
@@ -499,9 +578,11 @@ def estimate_image_bytes(model: nn.Module, policy: str, batch: int, dtype) -> in
     start = first if first is not None else len(blocks)
     if start < len(blocks) and not any(n.startswith(embeds) for n in names):
         total -= _entry_units(blocks[start], policy, rope) * unit
-    for blk in blocks[start:]:
-        total += block_units(blk, policy, rope) * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
-    total += unit + rows * 8  # the final norm's input
+    for i, blk in enumerate(blocks[start:], start):
+        units = rows_units(blk, policy, rope, g.tokens) if g.rows_last and i == len(blocks) - 1 else \
+            block_units(blk, policy, rope)
+        total += units * unit + rows * (2 * 8 + blk.attn.num_heads * 4)
+    total += (unit / g.tokens + batch * 8) if g.rows_last else (unit + rows * 8)  # the final norm's input
     if any(n.startswith("visual.trunk.norm_pre.") for n in names):  # PE-Core's pre-transformer norm keeps its input
         total += unit + rows * 8
     if g.map_head:
@@ -527,7 +608,8 @@ def image_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeomet
     mlp = blk.mlp
     return TowerGeometry("image", "timm", tuple(trunk.blocks), _tokens(trunk), blk.attn.proj.out_features,
                          mlp.fc2.in_features, isinstance(mlp, (GluMlp, SwiGLU)), blk.attn.num_heads,
-                         elem_size(dtype, blk.attn.proj.weight), False,
+                         elem_size(dtype, blk.attn.proj.weight),
+                         bool(getattr(trunk, "reads_cls_only", lambda: False)()),  # LeanEva: the last block at row 0
                          getattr(trunk, "attn_pool", None) is not None,
                          {p: block_units(blk, p, _has_rope(trunk)) for p in _lean.POLICIES})
 
@@ -572,7 +654,7 @@ def register_tiny_models() -> list[str]:
 # ----------------------------------------------------------------------------------------------------------- registration
 if Block is not None:
     _lean.register_lean_classes({TimmLayerNorm: LeanTimmLayerNorm, Block: LeanTimmBlock, EvaBlock: LeanEvaBlock,
-                                 EvaBlockPostNorm: LeanEvaPostNormBlock},
+                                 EvaBlockPostNorm: LeanEvaPostNormBlock, Eva: LeanEva},
                                 supported=lambda m: block_obstacle(m) is None if is_timm_block(m) else True,
                                 image_tower=tower_obstacles, image_estimate=estimate_image_bytes,
                                 plain_sites=hook_sites)

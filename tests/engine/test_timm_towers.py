@@ -358,6 +358,27 @@ def test_map_pooling_runs_the_last_block_at_every_token(family, batch):
     assert (seen["out"].grad.abs().sum(-1) > 0).all()
 
 
+@pytest.mark.parametrize("family", ["eva02", "eva02-fused", "eva-postnorm"])
+def test_token_pooling_runs_the_last_block_at_the_class_token(family, batch):
+    """An EVA trunk pools the class token: the lean trunk runs its last block at that row alone (the block's own
+    forward is not called, its class-token output is), exactly (the families' prepared-equals-plain tests run
+    through it); with dropout in the last block the full forward runs, so every mask is the plain forward's."""
+    m = methods.prepare(base(family), "ln", recompute="none")
+    trunk = m.visual.trunk
+    assert type(trunk) is timm_family.LeanEva and trunk.reads_cls_only()
+    calls = []
+    trunk.blocks[-1].register_forward_hook(lambda *_: calls.append(1))
+    want = base(family).train().encode_image(batch[0])
+    torch.testing.assert_close(m.train().encode_image(batch[0]), want, **TOL)
+    assert calls == []
+    trunk.blocks[-1].drop_path1 = timm.layers.DropPath(0.1)
+    assert not trunk.reads_cls_only()
+    m.encode_image(batch[0])
+    assert calls == [1]
+    lean.remove_lean(m)
+    assert type(m.visual.trunk) is timm.models.eva.Eva
+
+
 # ----------------------------------------------------------------------------------------------------------- refusals
 def test_convnext_is_named_in_one_line():
     m = base("convnext")
