@@ -405,7 +405,6 @@ def to_transformers(model: TransformersCLIP) -> nn.Module:
     method that swapped module classes (LoRA) must be folded back first (``leanclip.merge``)."""
     if not is_transformers(model):
         raise TypeError(f"to_transformers needs a leanclip TransformersCLIP, got {type(model).__name__}")
-    sync_layer_counts(model)  # a prepare that failed midway may have restored the layers, not the config
     return model._hf
 
 

@@ -132,6 +132,16 @@ def test_checkpoint_carries_the_layer_and_save_pretrained_the_depth(cache, tmp_p
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
+def test_failed_prepare_restores_the_layer_count(cache):
+    """A prepare that fails after the layers were appended (no recompute plan fits the budget) puts back the layers
+    and the config's count of them."""
+    m = build("clip")
+    with pytest.raises(ValueError, match="memory budget"):
+        prepare(m, "lilt-deep", recompute="auto", memory_budget=1000, batch_size=4)
+    for tm in _towers(m).values():
+        assert len(tm.encoder.layers) == DEPTH and tm.config.num_hidden_layers == DEPTH
+
+
 def test_unknown_layer_class_refused_in_one_line(cache):
     m = weights.create_model(NAMES["clip"])
     layer = m.visual.model.encoder.layers[-1]
