@@ -25,9 +25,11 @@ __all__ = ["Added", "strip"]
 @dataclass(frozen=True)
 class Added:
     """What a method adds: ``owns(child)`` picks its modules; ``hooks`` maps each forward pre-hook function it
-    registers to the test of the children that hook runs (the hook stays while the module holds one)."""
+    registers to the test of the children that hook runs (the hook stays while the module holds one); ``after``,
+    called with the model once its modules are gone, puts back what counted them (a config's layer count)."""
     owns: Callable[[nn.Module], bool]
     hooks: Mapping[Callable, Callable[[nn.Module], bool]] = field(default_factory=dict)
+    after: Callable[[nn.Module], None] | None = None
 
 
 def strip(model: nn.Module, added: Added) -> nn.Module:
@@ -49,4 +51,6 @@ def strip(model: nn.Module, added: Added) -> nn.Module:
                     for k, hook in list(hooks.items()):
                         if hook is fn:
                             del hooks[k]
+    if added.after is not None:
+        added.after(model)
     return model

@@ -91,9 +91,10 @@ def _is_adapter(module: nn.Module) -> bool:
     return isinstance(module, Adapter)
 
 
-# the adapters (and the LayerNorm pre-hook that runs each) and the appended blocks: what ``strip`` removes
+# the adapters (and the LayerNorm pre-hook that runs each) and the appended blocks: what ``strip`` removes (a
+# ``transformers`` tower config then counts its layers again)
 ADDED = Added(owns=lambda m: _is_adapter(m) or getattr(m, "leanclip_lilt_deep", False),
-              hooks={_adapter_pre_hook: _is_adapter})
+              hooks={_adapter_pre_hook: _is_adapter}, after=_hf.sync_layer_counts)
 
 
 def adapter_layernorms(model: nn.Module, tower: str) -> list[nn.Module]:
@@ -176,13 +177,15 @@ def _base_ln_class(ln: nn.Module):
 
 def check_deep_towers(model: nn.Module, tower: str) -> None:
     """ValueError naming the class unless every tower of ``tower`` takes an appended block: an open_clip transformer
-    tower, a timm ViT / EVA trunk or a Hugging Face BERT-style text tower."""
+    tower, a timm ViT / EVA trunk, a Hugging Face BERT-style text tower or a ``transformers`` CLIP / SigLIP tower."""
     for t in ("image", "text") if tower == "both" else (tower,):
         if t == "image" and timm_image_tower(model) is not None:
             last = (_timm.trunk_blocks(model.visual) or [None])[-1]
             if last is None or not _timm.is_timm_block(last):
                 raise ValueError(f"method 'lilt-deep' appends a timm ViT block; the image tower "
                                  f"{tower_class(model, 'image')} ends in {class_name(last)}")
+        elif _hf.is_transformers(model):
+            _hf.check_deep_tower(model, t)
         elif t == "text" and hf_text_tower(model) is not None:
             last = (_hftext.layers(model) or [(None, None)])[-1][1]
             if not _hftext.is_bert_layer(last):
@@ -195,7 +198,12 @@ def check_deep_towers(model: nn.Module, tower: str) -> None:
 
 def _append_deep(model: nn.Module, which: str, init: str) -> nn.Module:
     """Append the tower's extra block (``add_deep_blocks``) to the ``which`` tower; returns it."""
-    if which == "image" and timm_image_tower(model) is not None:
+    if _hf.is_transformers(model):
+        new = _hf.new_layer_like(model, which, init)
+        strip(new, ADDED)
+        new.leanclip_lilt_deep = True
+        _hf.append_layer(model, which, new)
+    elif which == "image" and timm_image_tower(model) is not None:
         new = _timm.new_block_like(model.visual, init)
         strip(new, ADDED)
         _timm.append_block(model.visual, new)
@@ -216,8 +224,8 @@ def _append_deep(model: nn.Module, which: str, init: str) -> nn.Module:
 
 
 def add_deep_blocks(model: nn.Module, tower: str = "both", init: str = "copy") -> list[nn.Module]:
-    """Append one block to each selected tower; returns the new blocks. open_clip and timm towers (pre-LN) get a
-    block whose output projections are zero, the identity; a Hugging Face BERT-style tower (post-LN) a copy of its
+    """Append one block to each selected tower; returns the new blocks. open_clip, timm and ``transformers`` CLIP /
+    SigLIP towers (pre-LN) get a block whose output projections are zero, the identity; a Hugging Face BERT-style tower (post-LN) a copy of its
     last layer or a freshly initialised one (``leanclip.models.hf_text.new_layer_like``), which changes its output."""
     if init not in DEEP_INITS:
         raise ValueError(f"deep_init must be one of {DEEP_INITS}, got {init!r}")

@@ -17,12 +17,16 @@ class ModelState:
     class (lean swaps), attribute dict (``leanclip_info``, recompute policy, hook handles) and the contents of its
     dict/set attributes (parameters, buffers, submodules - added or removed ones -, hooks); per parameter its tensor
     (a ``frozen_dtype`` cast replaces ``.data``) and ``requires_grad``; copies of the values ``init_from``
-    overwrites in place. Only the init_from values are copied: the rest is references (no second model in memory)."""
+    overwrites in place; the attributes of the modules' ``config`` objects (``transformers`` keeps a tower's layer
+    count there, which ``lilt-deep`` changes). Only the init_from values are copied: the rest is references (no
+    second model in memory)."""
 
     def __init__(self, model: nn.Module, overwritten: Iterable[str] = ()):
         self.modules = [(m, type(m), dict(m.__dict__),
                          {k: copy.copy(v) for k, v in m.__dict__.items() if isinstance(v, (dict, set))})
                         for m in model.modules()]
+        configs = {id(c): c for m in model.modules() if hasattr(c := m.__dict__.get("config"), "__dict__")}
+        self.configs = [(c, dict(c.__dict__)) for c in configs.values()]
         self.params = [(p, p.data, p.requires_grad) for p in model.parameters()]
         self.values = [(p, p.detach().clone()) for p in map(model.get_parameter, overwritten)]
 
@@ -34,6 +38,9 @@ class ModelState:
             for k, saved in containers.items():
                 attrs[k].clear()
                 attrs[k].update(saved)
+        for c, attrs in self.configs:
+            c.__dict__.clear()
+            c.__dict__.update(attrs)
         for p, data, flag in self.params:
             p.data = data
             p.requires_grad_(flag)

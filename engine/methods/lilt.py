@@ -17,7 +17,9 @@ On open_clip's custom towers (LilT's unaligned setting, ``leanclip.configs.regis
 tower and a Hugging Face text tower) the projections are the fresh ``visual.head.*`` and ``text.proj.*``
 (``projection_names``), ``lilt-adapter`` puts an adapter before every LayerNorm inside each timm / Hugging Face block,
 and ``lilt-deep`` appends a timm block (``leanclip.models.timm.new_block_like``) / a BERT-style layer
-(``leanclip.models.hf_text.new_layer_like``); mT5 and other text layers are a ValueError naming the class.
+(``leanclip.models.hf_text.new_layer_like``); mT5 and other text layers are a ValueError naming the class. On a
+``transformers`` CLIP / SigLIP model (``transformers:<id>``) it appends a ``CLIPEncoderLayer`` / ``SiglipEncoderLayer``
+to each tower's ``encoder.layers`` (``leanclip.models.transformers.new_layer_like``), counted in the tower config.
 
 Every method also adds ``model.lilt_temperature`` (``leanclip.contrastive.LearnableTemperature``: tau = 0.07 at start,
 clamped to [0.001, 0.5]), trained with the rest; ``leanclip.contrastive.train_contrastive`` uses it.
@@ -39,7 +41,7 @@ the extra layer of a post-LN Hugging Face tower, below):
   the default nn.Linear init. The gradient reaches ``up`` at once (its input gelu(down(x)) is non-zero) and ``down``
   from the second step on (the LoRA / Houlsby-style near-identity start, made exact).
 - extra block: ``attn.out_proj`` and ``mlp.c_proj`` weights and biases are zero, so ``x + 0 + 0 = x`` (timm:
-  ``attn.proj`` and ``mlp.fc2``). A BERT-style layer ends in ``LayerNorm(x + sub-layer(x))``, which no weights
+  ``attn.proj`` and ``mlp.fc2``; ``transformers``: ``self_attn.out_proj`` and ``mlp.fc2``). A BERT-style layer ends in ``LayerNorm(x + sub-layer(x))``, which no weights
   make the identity on arbitrary x: it starts as a copy of the tower's last layer (the tower then applies that layer
   twice) or, with ``deep_init="random"``, from BERT's initialisation; its output changes at the start either way.
 

@@ -24,14 +24,15 @@ likewise. The wrapped ``transformers`` model is kept outside the module tree (it
 :func:`to_transformers` hands it back with whatever the methods changed in place.
 
 Methods find their sites here (``linear_sites``, ``adapter_sites``, ``projection_modules``, ``CLIPFIT_TEXT_RE``,
-the CoOp helpers), and the lean encoder layer (``LeanEncoderLayer``: the recompute policies on ``CLIPEncoderLayer`` /
+the CoOp helpers, the layer ``lilt-deep`` appends: ``new_layer_like`` / ``append_layer``), and the lean encoder layer (``LeanEncoderLayer``: the recompute policies on ``CLIPEncoderLayer`` /
 ``SiglipEncoderLayer``; in ``leanclip.models.transformers_lean``, the other module that touches ``transformers``'
-layers) is swapped in by ``leanclip.lean``. Not covered, each refused in one line naming the class:
-``lilt-deep`` (it appends an open_clip block), CoOp on SigLIP (no start token), an encoder layer class other than
-CLIP's / SigLIP's (``prepare`` then keeps ``transformers``' layers with a notice).
+layers) is swapped in by ``leanclip.lean``. Not covered, each refused in one line naming the class: CoOp on SigLIP
+(no start token), an encoder layer class other than CLIP's / SigLIP's (``prepare`` then keeps ``transformers``'
+layers with a notice; ``lilt-deep`` refuses to append to it).
 """
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -51,6 +52,8 @@ CLIPFIT_TEXT_RE = re.compile(r"^text\.model\.encoder\.layers\.\d+\.mlp\.fc2\.bia
 # LoRA targets (leanclip.methods.lora.TARGETS) -> the projection inside each encoder layer
 LINEAR_SITES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
                 "out": "self_attn.out_proj", "fc": "mlp.fc1", "proj": "mlp.fc2"}
+# the encoder layers the engine knows (pre-LN: x + self_attn(layer_norm1(x)), then x + mlp(layer_norm2(x)))
+LAYER_CLASSES = frozenset({"CLIPEncoderLayer", "SiglipEncoderLayer"})
 
 
 def is_name(name) -> bool:
@@ -191,6 +194,66 @@ def adapter_sites(model: TransformersCLIP, tower: str) -> list[tuple[str, nn.Mod
             m = layer.get_submodule(site)
             out.append((f"{name}.{site}", m, m.out_features))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------- lilt-deep
+def _tower_model(model: TransformersCLIP, tower: str) -> nn.Module:
+    return model.visual.model if tower == "image" else model.text.model
+
+
+def _layer_class(layer: nn.Module | None) -> type | None:
+    """The ``transformers`` class of an encoder layer (the lean swap's base class for a lean one)."""
+    return None if layer is None else getattr(type(layer), "leanclip_base", type(layer))
+
+
+def check_deep_tower(model: TransformersCLIP, tower: str) -> None:
+    """ValueError naming the class unless the ``tower`` (image / text) ends in a CLIP / SigLIP encoder layer, the
+    pre-LN layer ``new_layer_like`` makes the identity."""
+    layers = list(_tower_model(model, tower).encoder.layers)
+    cls = _layer_class(layers[-1] if layers else None)
+    if cls is None or cls.__name__ not in LAYER_CLASSES:
+        what = f"{cls.__module__}.{cls.__qualname__}" if cls is not None else "no encoder layer"
+        raise ValueError(f"method 'lilt-deep' appends a CLIP / SigLIP encoder layer; the {tower} tower "
+                         f"{model.tower_class(tower)} ends in {what}")
+
+
+def new_layer_like(model: TransformersCLIP, tower: str, init: str) -> nn.Module:
+    """A layer to append to the ``tower``'s encoder (``lilt-deep``): a copy of its last layer (``copy``) or one
+    initialised as ``transformers`` initialises it (``random``: the model's own ``_init_weights`` applied to each
+    module of the layer, children first, as ``initialize_weights`` does), made the identity so the tower computes
+    exactly what it did: the layer is pre-LN, so with ``self_attn.out_proj`` and ``mlp.fc2`` zero (weights and
+    biases) both branches add zero, and the gradient still reaches them at once (their inputs are non-zero). It is
+    a copy in either case (then re-initialised), so it shares the tower's config object and keeps the forward hooks
+    ``transformers`` records ``hidden_states`` with. ValueError naming the class (``check_deep_tower``)."""
+    check_deep_tower(model, tower)
+    tm = _tower_model(model, tower)
+    new = copy.deepcopy(tm.encoder.layers[-1], memo={id(tm.config): tm.config})
+    if init == "random":
+        with torch.no_grad():
+            new.apply(model._hf._init_weights)
+    for lin in (new.self_attn.out_proj, new.mlp.fc2):
+        nn.init.zeros_(lin.weight)
+        if lin.bias is not None:
+            nn.init.zeros_(lin.bias)
+    return new
+
+
+def append_layer(model: TransformersCLIP, tower: str, layer: nn.Module) -> None:
+    """Append ``layer`` to the ``tower``'s ``encoder.layers`` (``visual.model.encoder.layers.<depth>``) and count it
+    in the config (``sync_layer_counts``)."""
+    _tower_model(model, tower).encoder.layers.append(layer)
+    sync_layer_counts(model)
+
+
+def sync_layer_counts(model: nn.Module) -> None:
+    """Set ``num_hidden_layers`` of each tower config to its encoder's layer count, in every ``TransformersCLIP`` of
+    ``model``: ``transformers`` reads it to resolve negative ``output_hidden_states`` indices (the hidden states are
+    recorded per layer, so there are layers + 1) and ``save_pretrained`` writes it, so a layer ``lilt-deep`` appends
+    or strips must be counted. The towers' configs are the model config's ``vision_config`` / ``text_config``."""
+    for m in model.modules():
+        if is_transformers(m):
+            for tm in (m.visual.model, m.text.model):
+                tm.config.num_hidden_layers = len(tm.encoder.layers)
 
 
 # ----------------------------------------------------------------------------------------------------------- loading
@@ -396,10 +459,6 @@ def block_units(layer: nn.Module, policy: str) -> float:
     cfg = layer.self_attn.config
     r = layer.mlp.fc1.out_features / layer.mlp.fc1.in_features
     return 6.0 + r * ACT_KEEPS.get(getattr(cfg, "hidden_act", "gelu"), 1.0)
-
-
-def _tower_model(model: TransformersCLIP, tower: str) -> nn.Module:
-    return model.visual.model if tower == "image" else model.text.model
 
 
 def tower_geometry(model: nn.Module, tower: str, dtype, text_len) -> TowerGeometry | None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from leanclip.lean_ops import lean_linear
-from leanclip.models.transformers import TransformersCLIP, tower_layers
+from leanclip.models.transformers import LAYER_CLASSES, TransformersCLIP, tower_layers
 from leanclip.recompute import Chunked, ckpt, mask_rows
 
 
@@ -20,7 +20,6 @@ from leanclip.recompute import Chunked, ckpt, mask_rows
 # mlp = fc2(activation_fn(fc1(.))). The lean layer runs the same modules in the same order; what it changes is
 # what autograd keeps (the recompute policy) and that frozen projections run on kernels.frozen_linear.
 _LAYER_CHILDREN = {"self_attn": ("q_proj", "k_proj", "v_proj", "out_proj"), "mlp": ("fc1", "fc2", "activation_fn")}
-_LAYER_CLASSES = {"CLIPEncoderLayer", "SiglipEncoderLayer"}
 
 
 class LeanLinear(nn.Linear):
@@ -99,7 +98,7 @@ def lean_obstacles(model: TransformersCLIP) -> list[str]:
     out = []
     for name, layer in tower_layers(model, "both"):
         base = getattr(type(layer), "leanclip_base", type(layer))
-        ok = base.__name__ in _LAYER_CLASSES and all(
+        ok = base.__name__ in LAYER_CLASSES and all(
             hasattr(getattr(layer, part, None), c) for part, cs in _LAYER_CHILDREN.items() for c in cs)
         if not ok:
             out.append(f"{name}: {base.__module__}.{base.__qualname__} (not a CLIP / SigLIP encoder layer)")

@@ -194,12 +194,6 @@ def test_lilt_methods_and_their_projections(cache, method):
         assert "text.model.head.weight" not in dict(trainable_parameters(s))
 
 
-def test_lilt_deep_refused_naming_the_class(cache):
-    with pytest.raises(ValueError, match="lilt-deep.*CLIPVisionModel") as e:
-        prepare(weights.create_model(NAMES["clip"]), "lilt-deep")
-    assert "\n" not in str(e.value)
-
-
 def test_coop_on_siglip_refused(cache):
     m = weights.create_model(NAMES["siglip"])
     with pytest.raises(ValueError, match="coop.*SiglipTextModel"):
