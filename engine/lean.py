@@ -59,7 +59,7 @@ from leanclip.models.openclip import (
 )
 from leanclip.recompute import (
     BLOCK_UNITS, POLICIES, PROJECTION_SITES, RECOMPUTE_CHOICES, SAC_CACHE_COUNTED, SDPA_OPS, LeanBlockMixin,
-    ProjectionDelta, check_chunk, check_policy,
+    ProjectionDelta, check_chunk, check_policy, deltas_of,
 )
 
 # The public names of the lean modules, wherever they live (imported as ``lean.X`` across leanclip).
@@ -287,15 +287,11 @@ def plain_sites(block: nn.Module):
     return None
 
 
-def _deltas(block: nn.Module) -> list:
-    return [m for m in block._modules.values() if isinstance(m, ProjectionDelta)]
-
-
 def sync_delta_hooks(model: nn.Module) -> None:
     """Forward hooks that add the deltas of every plain block holding one (``leanclip.delta_hooks``); a lean block
     adds its own, so it has none."""
-    plain = [m for m in model.modules() if not isinstance(m, LeanBlockMixin) and _deltas(m)]
-    delta_hooks.sync(model, plain, _deltas, plain_sites)
+    plain = [m for m in model.modules() if not isinstance(m, LeanBlockMixin) and deltas_of(m)]
+    delta_hooks.sync(model, plain, deltas_of, plain_sites)
 
 
 def is_lean(model: nn.Module) -> bool:

@@ -145,6 +145,11 @@ class ProjectionDelta(nn.Module):
         return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
 
 
+def deltas_of(block: nn.Module) -> list:
+    """The ``ProjectionDelta`` children of ``block``, the terms its projections add (lean or hooked plain)."""
+    return [m for m in block._modules.values() if isinstance(m, ProjectionDelta)]
+
+
 # ----------------------------------------------------------------------------------------------------------- chunks
 def mask_rows(mask, start: int, stop: int, batch: int):
     """An SDPA mask for samples [start, stop): per-sample masks (B, H, L, L) are sliced, shared ones broadcast. A
@@ -245,7 +250,7 @@ class LeanBlockMixin:
 
     # -- projections: frozen GEMM + the deltas of attached ProjectionDelta modules --
     def _deltas(self) -> list:
-        return [m for m in self._modules.values() if isinstance(m, ProjectionDelta)]
+        return deltas_of(self)
 
     def _project(self, site: str, x, weight, bias, start: int = 0, stop: int | None = None):
         """``lean_linear(x, weight, bias)`` plus every attached delta for output features [start, stop) of
